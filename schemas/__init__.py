@@ -1,0 +1,19 @@
+"""JSON Schemas of tagstream's topics and the typed records checked against them."""
+
+from schemas.registry import SCHEMA_NAMES, decode_event, encode_event, load_schema, validate
+from schemas.records import BehaviorEvent, DeadLetter, ModelUpdate, ProductChange, SourceRef, Tag, TagUpdate
+
+__all__ = [
+    "SCHEMA_NAMES",
+    "BehaviorEvent",
+    "DeadLetter",
+    "ModelUpdate",
+    "ProductChange",
+    "SourceRef",
+    "Tag",
+    "TagUpdate",
+    "decode_event",
+    "encode_event",
+    "load_schema",
+    "validate",
+]

@@ -1,0 +1,57 @@
+"""Load, compile and apply the versioned JSON Schemas in this folder (one per topic)."""
+
+from __future__ import annotations
+
+import json
+from functools import cache
+from pathlib import Path
+from typing import Any, Callable
+
+import fastjsonschema
+import orjson
+
+from tagstream.errors import EventDecodeError, SchemaValidationError
+
+SCHEMA_DIR = Path(__file__).resolve().parent
+SCHEMA_VERSION = 1
+SCHEMA_NAMES = ("product-change", "click", "tag-update", "model-update", "dead-letter")
+
+
+@cache
+def load_schema(name: str, version: int = SCHEMA_VERSION) -> dict[str, Any]:
+    """Return the parsed JSON Schema `name` (one of SCHEMA_NAMES) at `version`."""
+    if name not in SCHEMA_NAMES:
+        raise KeyError(f"unknown schema {name!r}; known: {', '.join(SCHEMA_NAMES)}")
+    return json.loads((SCHEMA_DIR / f"{name}.v{version}.json").read_text(encoding="utf-8"))
+
+
+@cache
+def _validator(name: str) -> Callable[[Any], Any]:
+    return fastjsonschema.compile(load_schema(name))
+
+
+def validate(name: str, obj: Any) -> dict[str, Any]:
+    """Check `obj` against schema `name`; raise SchemaValidationError naming the failing field."""
+    try:
+        _validator(name)(obj)
+    except fastjsonschema.JsonSchemaValueException as exc:
+        raise SchemaValidationError(f"{name}: {exc.message}") from None
+    return obj
+
+
+def decode_event(name: str, raw: bytes | None) -> dict[str, Any]:
+    """Decode one message value (UTF-8 JSON object) and validate it against schema `name`."""
+    if raw is None:
+        raise EventDecodeError(f"{name}: empty message value (tombstone)")
+    try:
+        obj = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise EventDecodeError(f"{name}: not UTF-8 JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise EventDecodeError(f"{name}: expected a JSON object, got {type(obj).__name__}")
+    return validate(name, obj)
+
+
+def encode_event(obj: dict[str, Any]) -> bytes:
+    """Serialise an event as compact UTF-8 JSON (the wire format of every topic)."""
+    return orjson.dumps(obj)

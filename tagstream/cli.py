@@ -1,0 +1,51 @@
+"""The `tagstream` console command: one entry point with a subcommand for everything a user runs."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from tagstream.errors import TagstreamError
+
+# Each module contributes its subcommands through `register(subparsers)`; none of them imports TensorFlow at import
+# time (training imports it inside its commands), so `tagstream worker` never loads it.
+COMMAND_MODULES = (
+    "tagstream.stack",  # stack up | down | status
+    "streams.cli",  # worker, topics, replay, model status | rollback | promote
+    "serving.cli",  # lookup (HTTP tag lookup)
+    "training.cli",  # train, evaluate, publish
+    "tagstream.demo",  # demo
+    "tagstream.bench",  # bench
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full argument parser, with every module's subcommands."""
+    parser = argparse.ArgumentParser(prog="tagstream", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for module_name in COMMAND_MODULES:
+        importlib.import_module(module_name).register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one subcommand; a TagstreamError prints one clear line and exits 2."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.func(args) or 0)
+    except TagstreamError as exc:
+        print(f"tagstream {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

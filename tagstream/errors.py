@@ -1,0 +1,85 @@
+"""The one exception hierarchy of tagstream: every error the project raises on purpose derives from TagstreamError."""
+
+from __future__ import annotations
+
+__all__ = [
+    "BundleError",
+    "ConfigError",
+    "DataError",
+    "EventDecodeError",
+    "ExportError",
+    "FeaturizerError",
+    "ModelLoadError",
+    "ModelNotLoadedError",
+    "ModelRejectedError",
+    "ParityError",
+    "SchemaValidationError",
+    "ScoringError",
+    "StackError",
+    "StateError",
+    "TagstreamError",
+]
+
+
+class TagstreamError(Exception):
+    """Base class of every error tagstream raises on purpose."""
+
+
+class ConfigError(TagstreamError):
+    """Settings or command-line arguments are invalid or inconsistent."""
+
+
+class StackError(TagstreamError):
+    """The local Kafka/Redis stack cannot be installed, started, checked or stopped."""
+
+
+class EventDecodeError(TagstreamError):
+    """An event's bytes are not UTF-8 JSON of an object."""
+
+
+class SchemaValidationError(EventDecodeError):
+    """An event decodes but does not satisfy its topic's JSON Schema."""
+
+
+class StateError(TagstreamError):
+    """Redis state could not be read or written (after bounded retries)."""
+
+
+class DataError(TagstreamError):
+    """Training input cannot be read: names the file, line and reason."""
+
+
+class FeaturizerError(TagstreamError):
+    """A featurizer spec is invalid or does not match the inputs."""
+
+
+class BundleError(TagstreamError):
+    """A model bundle is missing files, has bad checksums or an invalid manifest."""
+
+
+class ModelRejectedError(BundleError):
+    """A bundle failed validation before a swap; carries the list of reasons."""
+
+    def __init__(self, reasons: list[str]) -> None:
+        super().__init__("; ".join(reasons))
+        self.reasons = list(reasons)
+
+
+class ModelLoadError(TagstreamError):
+    """An ONNX session could not be created from a bundle."""
+
+
+class ModelNotLoadedError(TagstreamError):
+    """Scoring was attempted on a scorer with no loaded model."""
+
+
+class ScoringError(TagstreamError):
+    """ONNX Runtime failed or returned invalid (NaN, inf, wrong shape) scores."""
+
+
+class ExportError(TagstreamError):
+    """A trained Keras model could not be exported to ONNX."""
+
+
+class ParityError(ExportError):
+    """The exported ONNX model's outputs differ from Keras beyond tolerance or flip decisions."""
