@@ -1,0 +1,43 @@
+"""The canonical catalog record that every loader produces and `--format jsonl` reads (no TensorFlow here)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class CatalogProduct:
+    """One product of a training catalog.
+
+    JSONL form, one object per line: {"product_id", "title", "description", "brand", "price", "currency",
+    "category_path": [L1, L2, ...], "attributes": {name: value}, "tags": [extra tag, ...]}; only product_id and
+    title are required.
+    """
+
+    product_id: str
+    title: str
+    description: str | None = None
+    brand: str | None = None
+    price: float | None = None
+    currency: str | None = None
+    category_path: tuple[str, ...] = ()
+    attributes: dict[str, str] = field(default_factory=dict)
+    tags: tuple[str, ...] = ()
+    # Where the product came from (shop, merchant, site): used for out-of-domain splits, never as a feature.
+    source: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """The canonical JSONL object of this product."""
+        return {
+            "product_id": self.product_id,
+            "title": self.title,
+            "description": self.description,
+            "brand": self.brand,
+            "price": self.price,
+            "currency": self.currency,
+            "category_path": list(self.category_path),
+            "attributes": dict(self.attributes),
+            "tags": list(self.tags),
+            "source": self.source,
+        }
