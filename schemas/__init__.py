@@ -1,7 +1,7 @@
 """JSON Schemas of tagstream's topics and the typed records checked against them."""
 
-from schemas.registry import SCHEMA_NAMES, decode_event, encode_event, load_schema, validate
 from schemas.records import BehaviorEvent, DeadLetter, ModelUpdate, ProductChange, SourceRef, Tag, TagUpdate
+from schemas.registry import SCHEMA_NAMES, decode_event, encode_event, load_schema, validate
 
 __all__ = [
     "SCHEMA_NAMES",

@@ -1,0 +1,460 @@
+"""The worker's event logic, independent of Faust: a micro-batch of raw messages in, tag updates and dead letters out.
+
+Per batch: decode and validate every message (bad ones become dead letters), read the touched products' state in
+one pipelined round trip, compute each event's effect in order (scoring all upserts of the batch in one ONNX call off
+the event loop), write every effect with one offset-fenced Lua call per event (one more round trip), and hand back
+the tag updates to publish. The caller acknowledges the messages only after the updates are delivered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from schemas import BehaviorEvent, DeadLetter, ProductChange, SourceRef, Tag, TagUpdate
+from serving.behaviour import BehaviourConfig, WindowCounts, decode_behaviour, next_check_at
+from serving.decoding import catalog_tags, diff_tags, merge_tags
+from streams.privacy import hash_user_id
+from streams.state import Ops, ProductKeys, ProductState, StateStore, Write
+from streams.windows import event_fields, hll_buckets, hll_marker, next_change_at, stale_fields, window_sums
+from tagstream.errors import EventDecodeError, TagstreamError
+
+log = logging.getLogger(__name__)
+
+_METRIC = {"view": "view", "click": "click", "add_to_cart": "add_to_cart", "purchase": "purchase"}
+
+
+def now_ms() -> int:
+    """Wall-clock time in epoch milliseconds."""
+    return time.time_ns() // 1_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class InMessage:
+    """One consumed message, independent of the Kafka client that read it."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    timestamp_ms: int = 0
+
+    @property
+    def fence_field(self) -> str:
+        """The fence field of this message's partition (`<topic>:<partition>`)."""
+        return f"{self.topic}:{self.partition}"
+
+    @property
+    def source(self) -> SourceRef:
+        """Where this message came from."""
+        return SourceRef(self.topic, self.partition, self.offset)
+
+
+@dataclass(slots=True)
+class BatchOutput:
+    """What one batch produced: tag updates to publish (key, value) and dead letters (key, value)."""
+
+    updates: list[tuple[bytes, bytes]] = field(default_factory=list)
+    dead_letters: list[tuple[bytes | None, bytes]] = field(default_factory=list)
+    applied: int = 0
+    redelivered: int = 0
+
+
+class ScoringModel:
+    """What the processor needs from a model: a version and batch scoring of product texts into model tags."""
+
+    version: str
+
+    def score(self, products: Sequence[ProductChange]) -> list[list[Tag]]:  # pragma: no cover - protocol
+        raise NotImplementedError
+
+
+def dead_letter(msg: InMessage, exc: BaseException) -> tuple[bytes | None, bytes]:
+    """A dead-letter record keeping the whole message, the reason and where it came from."""
+    record = DeadLetter(
+        reason=str(exc) or type(exc).__name__,
+        error_type=type(exc).__name__,
+        source=msg.source,
+        key_b64=base64.b64encode(msg.key).decode() if msg.key is not None else None,
+        value_b64=base64.b64encode(msg.value).decode() if msg.value is not None else None,
+        failed_at=now_ms(),
+    )
+    return msg.key, orjson.dumps(record.to_dict())
+
+
+def _tag_dicts(tags: Sequence[Tag]) -> list[dict[str, Any]]:
+    return [{"tag": t.tag, "group": t.group, "score": round(float(t.score), 6), "origin": t.origin} for t in tags]
+
+
+def _tags(dicts: Sequence[dict[str, Any]] | None) -> list[Tag]:
+    return [Tag(**d) for d in dicts or ()]
+
+
+def _empty_tag_state() -> dict[str, Any]:
+    return {
+        "tags": [],
+        "model": [],
+        "catalog": [],
+        "behaviour_tags": [],
+        "behaviour": {},
+        "model_version": None,
+        "deleted": False,
+        "updated_at": 0,
+    }
+
+
+class Processor:
+    """Applies micro-batches of product and behaviour messages to the state store and derives tag updates."""
+
+    def __init__(
+        self,
+        store: StateStore,
+        *,
+        user_hash_key: bytes,
+        score_delta: float = 0.05,
+        behaviour: BehaviourConfig | None = None,
+        executor: Executor | None = None,
+        model_provider: Callable[[], ScoringModel | None] = lambda: None,
+    ) -> None:
+        self.store = store
+        self.user_hash_key = user_hash_key
+        self.score_delta = score_delta
+        self.behaviour = behaviour or BehaviourConfig()
+        self.executor = executor
+        self.model_provider = model_provider
+
+    # ------------------------------------------------------------------ shared
+    def _update(
+        self,
+        state: ProductState,
+        tag_state: dict[str, Any],
+        merged: list[Tag],
+        reason: str,
+        source: SourceRef,
+        event_time: int,
+        force: bool = False,
+    ) -> bytes | None:
+        """Store the merged tags in `tag_state`; return the tag-update JSON if the tag set changed (or `force`)."""
+        old = _tags(tag_state.get("tags"))
+        added, removed, changed = diff_tags(old, merged, self.score_delta)
+        tag_state["tags"] = _tag_dicts(merged)
+        if not (changed or force):
+            return None
+        update = TagUpdate(
+            product_id=state.product_id,
+            tags=tuple(merged),
+            added=tuple(added),
+            removed=tuple(removed),
+            model_version=tag_state.get("model_version"),
+            reason=reason,  # type: ignore[arg-type]
+            source=source,
+            event_time=event_time,
+            emit_time=now_ms(),
+            deleted=bool(tag_state.get("deleted")),
+        )
+        return orjson.dumps(update.to_dict())
+
+    @staticmethod
+    def _merge(tag_state: dict[str, Any]) -> list[Tag]:
+        if tag_state.get("deleted"):
+            return []
+        return merge_tags(
+            _tags(tag_state.get("model")), _tags(tag_state.get("catalog")), _tags(tag_state.get("behaviour_tags"))
+        )
+
+    def _decode_all(
+        self, messages: Sequence[InMessage], decode: Callable[[bytes | None], Any], out: BatchOutput
+    ) -> list[tuple[InMessage, Any]]:
+        good = []
+        for msg in messages:
+            try:
+                good.append((msg, decode(msg.value)))
+            except EventDecodeError as exc:
+                out.dead_letters.append(dead_letter(msg, exc))
+        return good
+
+    async def _read(self, items: Sequence[tuple[InMessage, Any]]) -> dict[str, ProductState]:
+        return await self.store.read(sorted({ev.product_id for _, ev in items}))
+
+    async def _finish(
+        self,
+        writes: list[Write],
+        emitted: list[tuple[str, bytes | None]],
+        redelivered: dict[tuple[str, str], int],
+        states: dict[str, ProductState],
+        out: BatchOutput,
+    ) -> None:
+        """Write every effect; collect updates, re-sending the stored update of redelivered messages."""
+        results = await self.store.apply(writes)
+        for write, (pid, payload), result in zip(writes, emitted, results, strict=True):
+            if result.applied:
+                out.applied += 1
+                if payload is not None:
+                    out.updates.append((pid.encode(), payload))
+            else:  # applied meanwhile by another delivery (a rebalance race): re-send what that one produced
+                self._resend(pid, write.offset, result.stored_emit, out)
+        for (pid, fence_field), offset in redelivered.items():
+            self._resend(pid, offset, states[pid].stored_emit(fence_field), out)
+
+    @staticmethod
+    def _resend(pid: str, offset: int, stored: bytes | None, out: BatchOutput) -> None:
+        """Re-send the update an already applied offset produced, if it was produced at or after that offset."""
+        out.redelivered += 1
+        if stored is not None and orjson.loads(stored)["source"]["offset"] >= offset:
+            out.updates.append((pid.encode(), stored))
+
+    # ---------------------------------------------------------------- products
+    async def process_products(self, messages: Sequence[InMessage]) -> BatchOutput:
+        """Apply a batch of product upserts and deletes."""
+        out = BatchOutput()
+        items = self._decode_all(messages, ProductChange.decode, out)
+        if not items:
+            return out
+        states = await self._read(items)
+        model = self.model_provider()
+        upserts = [
+            ev
+            for msg, ev in items
+            if ev.op == "upsert" and msg.offset > states[ev.product_id].applied_offset(msg.fence_field)
+        ]
+        model_tags: list[list[Tag]] = []
+        if upserts and model is not None:
+            loop = asyncio.get_running_loop()
+            model_tags = await loop.run_in_executor(self.executor, model.score, upserts)
+        scored = iter(model_tags)
+
+        writes: list[Write] = []
+        emitted: list[tuple[str, bytes | None]] = []
+        redelivered: dict[tuple[str, str], int] = {}
+        for msg, ev in items:
+            state = states[ev.product_id]
+            if msg.offset <= state.applied_offset(msg.fence_field):
+                redelivered.setdefault((ev.product_id, msg.fence_field), msg.offset)
+                continue
+            tags_for_event = next(scored, None) if ev.op == "upsert" and model is not None else None
+            keys = ProductKeys(self.store.prefix, ev.product_id)
+            ops = Ops(keys)
+            payload = self._apply_product(state, keys, ops, msg, ev, tags_for_event, model)
+            state.fence[msg.fence_field] = str(msg.offset)
+            if payload is not None:
+                state.fence[f"emit:{msg.fence_field}"] = payload.decode()
+            writes.append(Write(ev.product_id, msg.fence_field, msg.offset, ops, payload))
+            emitted.append((ev.product_id, payload))
+        await self._finish(writes, emitted, redelivered, states, out)
+        return out
+
+    def _apply_product(
+        self,
+        state: ProductState,
+        keys: ProductKeys,
+        ops: Ops,
+        msg: InMessage,
+        ev: ProductChange,
+        model_tags: list[Tag] | None,
+        model: ScoringModel | None,
+    ) -> bytes | None:
+        stored_version = int(state.doc.get("version", -1))
+        if ev.version < stored_version:
+            log.info("stale %s of %s: version %d < %d, ignored", ev.op, ev.product_id, ev.version, stored_version)
+            return None
+        tag_state = state.tags or _empty_tag_state()
+        doc: dict[str, Any] = {"version": ev.version, "updated_at": ev.updated_at}
+        if "first_seen" not in state.doc:
+            doc["first_seen"] = ev.updated_at
+        if ev.op == "delete":
+            doc["deleted"] = 1
+            tag_state.update(deleted=True, model=[], catalog=[], behaviour_tags=[], behaviour={})
+            reason = "product-delete"
+        else:
+            doc.update(
+                deleted=0,
+                title=ev.title,
+                description=ev.description or "",
+                brand=ev.brand or "",
+                price="" if ev.price is None else ev.price,
+                currency=ev.currency or "",
+                category_hints=orjson.dumps(list(ev.category_hints)).decode(),
+                attributes=orjson.dumps(ev.attributes).decode(),
+            )
+            tag_state.update(
+                deleted=False,
+                model=_tag_dicts(model_tags or []),
+                catalog=_tag_dicts(catalog_tags(ev.attributes)),
+                model_version=model.version if model is not None else None,
+            )
+            reason = "product-upsert"
+        state.doc.update({k: str(v) for k, v in doc.items()})
+        merged = self._merge(tag_state)
+        payload = self._update(
+            state, tag_state, merged, reason, msg.source, ev.updated_at, force=ev.op == "delete" or state.tags is None
+        )
+        tag_state["updated_at"] = ev.updated_at
+        state.tags = tag_state
+        ops.hset(keys.doc, doc)
+        ops.set(keys.tags, orjson.dumps(tag_state))
+        return payload
+
+    # --------------------------------------------------------------- behaviour
+    def _counts(self, state: ProductState, now: int) -> WindowCounts:
+        sums = window_sums(state.beh, now)
+        first_seen = int(state.doc["first_seen"]) if "first_seen" in state.doc else None
+        return WindowCounts.from_sums(sums, now=now, first_seen=first_seen)
+
+    def _behaviour_tags(self, state: ProductState, tag_state: dict[str, Any], now: int) -> None:
+        tags, new_state = decode_behaviour(self._counts(state, now), tag_state.get("behaviour") or {}, self.behaviour)
+        tag_state["behaviour"] = new_state
+        tag_state["behaviour_tags"] = _tag_dicts(tags)
+
+    async def process_behaviour(self, messages: Sequence[InMessage]) -> BatchOutput:
+        """Apply a batch of behaviour events, then expire behaviour tags whose windows passed."""
+        out = BatchOutput()
+        items = self._decode_all(messages, BehaviorEvent.decode, out)
+        if not items:
+            return out
+        states = await self._read(items)
+        writes: list[Write] = []
+        emitted: list[tuple[str, bytes | None]] = []
+        redelivered: dict[tuple[str, str], int] = {}
+        for msg, ev in items:
+            state = states[ev.product_id]
+            if msg.offset <= state.applied_offset(msg.fence_field):
+                redelivered.setdefault((ev.product_id, msg.fence_field), msg.offset)
+                continue
+            keys = ProductKeys(self.store.prefix, ev.product_id)
+            ops = Ops(keys)
+            payload = self._apply_behaviour(state, keys, ops, msg, ev)
+            state.fence[msg.fence_field] = str(msg.offset)
+            if payload is not None:
+                state.fence[f"emit:{msg.fence_field}"] = payload.decode()
+            writes.append(Write(ev.product_id, msg.fence_field, msg.offset, ops, payload))
+            emitted.append((ev.product_id, payload))
+        await self._finish(writes, emitted, redelivered, states, out)
+        by_partition: dict[tuple[str, int], int] = {}
+        for msg, ev in items:
+            key = (msg.topic, msg.partition)
+            by_partition[key] = max(by_partition.get(key, 0), ev.ts)
+        for (topic, partition), watermark in by_partition.items():
+            await self.store.set_watermark(topic, partition, watermark)
+            await self._index(topic, partition, states, [(m, e) for m, e in items if m.partition == partition])
+            await self._expire(topic, partition, watermark, out)
+        return out
+
+    def _apply_behaviour(
+        self, state: ProductState, keys: ProductKeys, ops: Ops, msg: InMessage, ev: BehaviorEvent
+    ) -> bytes | None:
+        metric = _METRIC[ev.event_type]
+        user = hash_user_id(self.user_hash_key, ev.user_id)
+        beh = state.beh
+        for name in event_fields(ev.ts, metric):
+            beh[name] = beh.get(name, 0) + 1
+            ops.hincrby(keys.beh, name, 1)
+        markers = {}
+        for code, bucket in hll_buckets(ev.ts):
+            ops.pfadd(keys.hll(code, bucket), user)
+            marker = hll_marker(code, bucket)
+            if marker not in beh:
+                markers[marker] = beh[marker] = 1
+        ops.hset(keys.beh, markers)
+        now = max(ev.ts, beh.get("last_ts", 0))
+        if now != beh.get("last_ts"):
+            beh["last_ts"] = now
+            ops.hset(keys.beh, {"last_ts": now})
+        self._prune(beh, keys, ops, now)
+        tag_state = state.tags or _empty_tag_state()
+        if tag_state.get("deleted"):
+            state.tags = tag_state
+            return None
+        self._behaviour_tags(state, tag_state, now)
+        payload = self._update(state, tag_state, self._merge(tag_state), "behaviour", msg.source, ev.ts)
+        tag_state["updated_at"] = max(int(tag_state.get("updated_at") or 0), ev.ts)
+        state.tags = tag_state
+        ops.set(keys.tags, orjson.dumps(tag_state))
+        return payload
+
+    @staticmethod
+    def _prune(beh: dict[str, int], keys: ProductKeys, ops: Ops, now: int) -> None:
+        stale = stale_fields(beh, now)
+        if not stale:
+            return
+        for name in stale:
+            del beh[name]
+            if name.startswith("u:"):
+                _, bucket, code = name.split(":")
+                ops.delete(keys.hll(code, int(bucket)))
+        ops.hdel(keys.beh, stale)
+
+    def _due(self, state: ProductState) -> int | None:
+        """When this product's behaviour tags next need a look (None when none is on)."""
+        tag_state = state.tags or {}
+        if tag_state.get("deleted") or not any(s.get("on") for s in (tag_state.get("behaviour") or {}).values()):
+            return None
+        now = int(state.beh.get("last_ts", 0))
+        return next_check_at(self._counts(state, now), tag_state.get("behaviour") or {}, next_change_at(state.beh, now))
+
+    async def _index(
+        self, topic: str, partition: int, states: dict[str, ProductState], items: Sequence[tuple[InMessage, Any]]
+    ) -> None:
+        touched = {ev.product_id for _, ev in items}
+        await self.store.index_active(topic, partition, {pid: self._due(states[pid]) for pid in touched})
+
+    async def _expire(self, topic: str, partition: int, watermark: int, out: BatchOutput) -> None:
+        """Re-evaluate behaviour tags of products whose windows moved past them by event time `watermark`."""
+        due = await self.store.due(topic, partition, watermark)
+        if not due:
+            return
+        states = await self.store.read(due)
+        writes, emitted, index = [], [], {}
+        for pid in due:
+            state = states[pid]
+            tag_state = state.tags or _empty_tag_state()
+            keys = ProductKeys(self.store.prefix, pid)
+            ops = Ops(keys)
+            now = max(watermark, int(state.beh.get("last_ts", 0)))
+            self._prune(state.beh, keys, ops, now)
+            self._behaviour_tags(state, tag_state, now)
+            payload = self._update(
+                state, tag_state, self._merge(tag_state), "window-expired", SourceRef(topic, -1, -1), now
+            )
+            state.tags = tag_state
+            ops.set(keys.tags, orjson.dumps(tag_state))
+            writes.append(Write(pid, f"sweep:{topic}:{partition}", now, ops, payload))
+            emitted.append((pid, payload))
+            index[pid] = self._due(state)
+            if index[pid] is not None and index[pid] <= watermark:
+                index[pid] = watermark + 1
+        results = await self.store.apply(writes)
+        for (pid, payload), result in zip(emitted, results, strict=True):
+            if result.applied and payload is not None:
+                out.updates.append((pid.encode(), payload))
+        await self.store.index_active(topic, partition, index)
+
+    # --------------------------------------------------------------- fallback
+    async def process_each(
+        self, messages: Sequence[InMessage], process: Callable[[Sequence[InMessage]], Any]
+    ) -> BatchOutput:
+        """Process one message at a time, dead-lettering any whose processing raises (after a batch failed)."""
+        out = BatchOutput()
+        for msg in messages:
+            try:
+                one = await process([msg])
+            except TagstreamError as exc:
+                out.dead_letters.append(dead_letter(msg, exc))
+                continue
+            except Exception as exc:
+                log.exception("processing %s:%d@%d failed; dead-lettered", msg.topic, msg.partition, msg.offset)
+                out.dead_letters.append(dead_letter(msg, exc))
+                continue
+            out.updates += one.updates
+            out.dead_letters += one.dead_letters
+            out.applied += one.applied
+            out.redelivered += one.redelivered
+        return out

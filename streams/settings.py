@@ -1,0 +1,51 @@
+"""Settings of the worker service (env prefix `TAGSTREAM_`)."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEV_USER_HASH_KEY = "tagstream-dev-key-change-me"
+
+
+class WorkerSettings(BaseSettings):
+    """Everything a tagstream worker reads from its environment."""
+
+    model_config = SettingsConfigDict(env_prefix="TAGSTREAM_", extra="ignore")
+
+    kafka_bootstrap: str = Field("127.0.0.1:9092", description="Kafka bootstrap servers, host:port[,host:port].")
+    redis_url: SecretStr = Field(
+        SecretStr("redis://127.0.0.1:6379/0"), description="Redis URL (may hold a password, hence secret)."
+    )
+    redis_prefix: str = Field("ts", description="Prefix of every Redis key (SPEC.md §3).")
+    topic_prefix: str = Field("", description="Prefix of every topic name; tests use a fresh one per test.")
+    partitions: int = Field(4, ge=1, description="Partitions of the products, behavior and tag-updates topics.")
+    app_id: str = Field("tagstream-worker", description="Faust app id = Kafka consumer group of the agents.")
+    worker_id: str = Field(
+        default_factory=lambda: f"worker@{socket.gethostname()}", description="Name of this worker in model events."
+    )
+    user_hash_key: SecretStr = Field(
+        SecretStr(DEV_USER_HASH_KEY), description="Key of the HMAC that replaces user ids before Redis or logs."
+    )
+    model_path: Path | None = Field(None, description="Model bundle directory loaded at start.")
+    model_registry: Path = Field(Path("models"), description="Directory of versioned model bundles.")
+    model_verify_key: SecretStr | None = Field(
+        None, description="Base64 Ed25519 public key; when set, unsigned or wrongly signed bundles are refused."
+    )
+    ort_intra_op_threads: int = Field(1, ge=1, description="ONNX Runtime intra-op threads.")
+    ort_inter_op_threads: int = Field(1, ge=1, description="ONNX Runtime inter-op threads.")
+    batch_max: int = Field(512, ge=1, description="Most events processed (and scored) as one micro-batch.")
+    score_delta: float = Field(0.05, ge=0, le=1, description="A score move larger than this re-emits the tags.")
+    redis_retry_max_backoff: float = Field(5.0, gt=0, description="Longest wait between Redis retries (s).")
+    auto_offset_reset: str = Field("earliest", description="Where a new consumer group starts reading.")
+    web_port: int | None = Field(None, description="Faust web port; None disables Faust's web server.")
+    dead_letter_all_errors: bool = Field(
+        True, description="Dead-letter an event whose processing raised an unexpected error (else crash)."
+    )
+
+    def topic(self, name: str) -> str:
+        """Full topic name of logical topic `name`."""
+        return f"{self.topic_prefix}{name}"

@@ -1,0 +1,365 @@
+"""Per-product state in Redis (SPEC.md §3): pipelined reads and offset-fenced, idempotent writes via one Lua script.
+
+`MemoryStateStore` has the same semantics without a server; the agents' in-memory test harness uses it, and an
+integration test checks that both stores end in the same state for the same events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import defaultdict
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any, Protocol
+
+import orjson
+import redis.asyncio as aioredis
+from redis.exceptions import BusyLoadingError, ConnectionError, TimeoutError
+
+from tagstream.errors import StateError
+
+log = logging.getLogger(__name__)
+
+STATE_FORMAT = 1
+_RETRYABLE = (ConnectionError, TimeoutError, BusyLoadingError, ConnectionResetError, OSError)
+
+
+class ProductKeys:
+    """Key names of one product; all share the hash tag `{product_id}` (Redis Cluster safe)."""
+
+    __slots__ = ("beh", "doc", "fence", "prefix", "product_id", "tags")
+
+    def __init__(self, prefix: str, product_id: str) -> None:
+        self.prefix = prefix
+        self.product_id = product_id
+        base = f"{prefix}:{{{product_id}}}"
+        self.doc = f"{base}:doc"
+        self.beh = f"{base}:beh"
+        self.tags = f"{base}:tags"
+        self.fence = f"{base}:fence"
+
+    def hll(self, granularity: str, bucket: int) -> str:
+        """HyperLogLog of hashed user ids seen in one time bucket."""
+        return f"{self.prefix}:{{{self.product_id}}}:uu:{granularity}:{bucket}"
+
+
+def active_key(prefix: str, topic: str, partition: int) -> str:
+    """Sorted set of products with a behaviour tag on, scored by when their windows next need a look."""
+    return f"{prefix}:active:{topic}:{partition}"
+
+
+def watermark_key(prefix: str) -> str:
+    """Hash `<topic>:<partition>` → newest event time seen."""
+    return f"{prefix}:watermark"
+
+
+@dataclass(slots=True)
+class ProductState:
+    """What Redis holds for one product (empty collections when the product is unknown)."""
+
+    product_id: str
+    doc: dict[str, str] = field(default_factory=dict)
+    beh: dict[str, int] = field(default_factory=dict)
+    tags: dict[str, Any] | None = None
+    fence: dict[str, str] = field(default_factory=dict)
+
+    def applied_offset(self, fence_field: str) -> int:
+        """Last offset applied from `fence_field` (`<topic>:<partition>`), -1 if none."""
+        value = self.fence.get(fence_field)
+        return int(value) if value is not None else -1
+
+    def stored_emit(self, fence_field: str) -> bytes | None:
+        """The tag update produced by the last applied offset of `fence_field`, if any."""
+        value = self.fence.get(f"emit:{fence_field}")
+        return value.encode() if value else None
+
+
+class Ops:
+    """Builds the op list of one fenced write; KEYS[1] is always the product's fence key."""
+
+    def __init__(self, keys: ProductKeys) -> None:
+        self.keys: list[str] = [keys.fence]
+        self.ops: list[list[Any]] = []
+
+    def _k(self, key: str) -> int:
+        if key not in self.keys:
+            self.keys.append(key)
+        return self.keys.index(key) + 1
+
+    def hset(self, key: str, mapping: dict[str, Any]) -> None:
+        """Set hash fields."""
+        if mapping:
+            flat: list[Any] = [self._k(key)]
+            for name, value in mapping.items():
+                flat += [name, str(value)]
+            self.ops.append(["hset", *flat])
+
+    def hincrby(self, key: str, name: str, amount: int) -> None:
+        """Add to a hash counter."""
+        self.ops.append(["hincrby", self._k(key), name, int(amount)])
+
+    def hdel(self, key: str, names: list[str]) -> None:
+        """Delete hash fields."""
+        if names:
+            self.ops.append(["hdel", self._k(key), *names])
+
+    def set(self, key: str, value: str | bytes) -> None:
+        """Set a string key."""
+        self.ops.append(["set", self._k(key), value.decode() if isinstance(value, bytes) else value])
+
+    def delete(self, key: str) -> None:
+        """Delete a key."""
+        self.ops.append(["del", self._k(key)])
+
+    def pfadd(self, key: str, element: str) -> None:
+        """Add an element to a HyperLogLog."""
+        self.ops.append(["pfadd", self._k(key), element])
+
+
+@dataclass(slots=True)
+class Write:
+    """One fenced effect on one product: applied at most once per (fence_field, offset)."""
+
+    product_id: str
+    fence_field: str
+    offset: int
+    ops: Ops
+    emit: bytes | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class WriteResult:
+    """Whether a write was applied, or was a redelivery (then the update its offset produced before)."""
+
+    applied: bool
+    stored_emit: bytes | None = None
+
+
+class StateStore(Protocol):
+    """Where per-product state lives: Redis in production, memory in the agents' test harness."""
+
+    prefix: str
+
+    async def read(self, product_ids: list[str]) -> dict[str, ProductState]: ...
+
+    async def apply(self, writes: list[Write]) -> list[WriteResult]: ...
+
+    async def index_active(self, topic: str, partition: int, entries: dict[str, int | None]) -> None: ...
+
+    async def due(self, topic: str, partition: int, until: int) -> list[str]: ...
+
+    async def get_watermark(self, topic: str, partition: int) -> int: ...
+
+    async def set_watermark(self, topic: str, partition: int, ts: int) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+def _decode_tags(raw: bytes | str | None) -> dict[str, Any] | None:
+    return orjson.loads(raw) if raw else None
+
+
+class RedisStateStore:
+    """State in Redis: one pipelined round trip to read a batch, one to write it (Lua, offset-fenced)."""
+
+    def __init__(self, client: aioredis.Redis, prefix: str, max_backoff: float = 5.0) -> None:
+        self.client = client
+        self.prefix = prefix
+        self.max_backoff = max_backoff
+        self._script = client.register_script(resources.files("streams").joinpath("state.lua").read_text())
+
+    @classmethod
+    def from_url(cls, url: str, prefix: str, max_backoff: float = 5.0) -> RedisStateStore:
+        """Connect lazily to `url`."""
+        client = aioredis.from_url(url, decode_responses=True, health_check_interval=30)
+        return cls(client, prefix, max_backoff)
+
+    async def _retry(self, what: str, fn: Any) -> Any:
+        """Run `fn()` until it succeeds, backing off exponentially up to `max_backoff` between attempts."""
+        delay = 0.05
+        attempt = 0
+        while True:
+            try:
+                return await fn()
+            except _RETRYABLE as exc:
+                attempt += 1
+                log.warning("redis %s failed (attempt %d): %s; retrying in %.2fs", what, attempt, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.max_backoff)
+
+    async def check_format(self) -> None:
+        """Write the state format on an empty keyspace; refuse to run on another format."""
+
+        async def run() -> Any:
+            await self.client.hsetnx(f"{self.prefix}:meta", "state_format", STATE_FORMAT)
+            return await self.client.hget(f"{self.prefix}:meta", "state_format")
+
+        found = await self._retry("check_format", run)
+        if int(found) != STATE_FORMAT:
+            raise StateError(f"Redis holds state format {found}, this worker writes format {STATE_FORMAT}")
+
+    async def read(self, product_ids: list[str]) -> dict[str, ProductState]:
+        """Read the state of every product in one pipelined round trip."""
+
+        async def run() -> list[Any]:
+            pipe = self.client.pipeline(transaction=False)
+            for pid in product_ids:
+                keys = ProductKeys(self.prefix, pid)
+                pipe.hgetall(keys.doc)
+                pipe.hgetall(keys.beh)
+                pipe.get(keys.tags)
+                pipe.hgetall(keys.fence)
+            return await pipe.execute()
+
+        replies = await self._retry("read", run) if product_ids else []
+        out: dict[str, ProductState] = {}
+        for i, pid in enumerate(product_ids):
+            doc, beh, tags, fence = replies[4 * i : 4 * i + 4]
+            out[pid] = ProductState(pid, doc, {k: int(v) for k, v in beh.items()}, _decode_tags(tags), fence)
+        return out
+
+    async def apply(self, writes: list[Write]) -> list[WriteResult]:
+        """Apply the writes in order in one pipelined round trip; each is a no-op if its offset was applied."""
+
+        async def run() -> list[Any]:
+            pipe = self.client.pipeline(transaction=False)
+            for w in writes:
+                args = [w.fence_field, w.offset, w.emit.decode() if w.emit else "", orjson.dumps(w.ops.ops).decode()]
+                await self._script(keys=w.ops.keys, args=args, client=pipe)
+            return await pipe.execute()
+
+        replies = await self._retry("apply", run) if writes else []
+        return [
+            WriteResult(True) if int(r[0]) == 1 else WriteResult(False, r[2].encode() if r[2] else None)
+            for r in replies
+        ]
+
+    async def index_active(self, topic: str, partition: int, entries: dict[str, int | None]) -> None:
+        """Record when each product's behaviour tags next need a look (None = nothing active: drop it)."""
+        key = active_key(self.prefix, topic, partition)
+        add = {pid: due for pid, due in entries.items() if due is not None}
+        drop = [pid for pid, due in entries.items() if due is None]
+
+        async def run() -> None:
+            pipe = self.client.pipeline(transaction=False)
+            if add:
+                pipe.zadd(key, add)
+            if drop:
+                pipe.zrem(key, *drop)
+            await pipe.execute()
+
+        if entries:
+            await self._retry("index_active", run)
+
+    async def due(self, topic: str, partition: int, until: int) -> list[str]:
+        """Products whose behaviour windows need a look at or before event time `until`."""
+        key = active_key(self.prefix, topic, partition)
+        return await self._retry("due", lambda: self.client.zrangebyscore(key, "-inf", until, start=0, num=1000))
+
+    async def get_watermark(self, topic: str, partition: int) -> int:
+        """Newest event time seen on a partition (0 if none)."""
+        value = await self._retry(
+            "watermark", lambda: self.client.hget(watermark_key(self.prefix), f"{topic}:{partition}")
+        )
+        return int(value) if value else 0
+
+    async def set_watermark(self, topic: str, partition: int, ts: int) -> None:
+        """Raise a partition's watermark to `ts` (never lowers it)."""
+        script = (
+            "local v = redis.call('HGET', KEYS[1], ARGV[1]); "
+            "if (not v) or tonumber(v) < tonumber(ARGV[2]) then redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end"
+        )
+        await self._retry(
+            "watermark", lambda: self.client.eval(script, 1, watermark_key(self.prefix), f"{topic}:{partition}", ts)
+        )
+
+    async def close(self) -> None:
+        """Close the connection pool."""
+        await self.client.aclose()
+
+
+class MemoryStateStore:
+    """The same state semantics as RedisStateStore, in process memory (for the agents' test harness)."""
+
+    def __init__(self, prefix: str = "ts") -> None:
+        self.prefix = prefix
+        self.hashes: dict[str, dict[str, str]] = defaultdict(dict)
+        self.strings: dict[str, str] = {}
+        self.hlls: dict[str, set[str]] = defaultdict(set)
+        self.zsets: dict[str, dict[str, int]] = defaultdict(dict)
+
+    async def read(self, product_ids: list[str]) -> dict[str, ProductState]:
+        """Read the state of every product."""
+        out = {}
+        for pid in product_ids:
+            keys = ProductKeys(self.prefix, pid)
+            out[pid] = ProductState(
+                pid,
+                dict(self.hashes.get(keys.doc, {})),
+                {k: int(v) for k, v in self.hashes.get(keys.beh, {}).items()},
+                _decode_tags(self.strings.get(keys.tags)),
+                dict(self.hashes.get(keys.fence, {})),
+            )
+        return out
+
+    async def apply(self, writes: list[Write]) -> list[WriteResult]:
+        """Apply the writes in order; each is a no-op if its offset was applied."""
+        results = []
+        for w in writes:
+            fence = self.hashes[w.ops.keys[0]]
+            stored = fence.get(w.fence_field)
+            if stored is not None and int(stored) >= w.offset:
+                emit = fence.get(f"emit:{w.fence_field}")
+                results.append(WriteResult(False, emit.encode() if emit else None))
+                continue
+            for op in w.ops.ops:
+                name, key = op[0], w.ops.keys[op[1] - 1]
+                if name == "hset":
+                    pairs = op[2:]
+                    self.hashes[key].update({pairs[i]: pairs[i + 1] for i in range(0, len(pairs), 2)})
+                elif name == "hincrby":
+                    h = self.hashes[key]
+                    h[op[2]] = str(int(h.get(op[2], 0)) + op[3])
+                elif name == "hdel":
+                    for f in op[2:]:
+                        self.hashes[key].pop(f, None)
+                elif name == "set":
+                    self.strings[key] = op[2]
+                elif name == "del":
+                    self.hashes.pop(key, None)
+                    self.strings.pop(key, None)
+                    self.hlls.pop(key, None)
+                elif name == "pfadd":
+                    self.hlls[key].add(op[2])
+            fence[w.fence_field] = str(w.offset)
+            if w.emit:
+                fence[f"emit:{w.fence_field}"] = w.emit.decode()
+            results.append(WriteResult(True))
+        return results
+
+    async def index_active(self, topic: str, partition: int, entries: dict[str, int | None]) -> None:
+        """Record when each product's behaviour tags next need a look (None drops it)."""
+        zset = self.zsets[active_key(self.prefix, topic, partition)]
+        for pid, due in entries.items():
+            if due is None:
+                zset.pop(pid, None)
+            else:
+                zset[pid] = due
+
+    async def due(self, topic: str, partition: int, until: int) -> list[str]:
+        """Products whose behaviour windows need a look at or before `until`."""
+        zset = self.zsets[active_key(self.prefix, topic, partition)]
+        return sorted((p for p, due in zset.items() if due <= until), key=lambda p: (zset[p], p))[:1000]
+
+    async def get_watermark(self, topic: str, partition: int) -> int:
+        """Newest event time seen on a partition (0 if none)."""
+        return int(self.hashes[watermark_key(self.prefix)].get(f"{topic}:{partition}", 0))
+
+    async def set_watermark(self, topic: str, partition: int, ts: int) -> None:
+        """Raise a partition's watermark to `ts`."""
+        h = self.hashes[watermark_key(self.prefix)]
+        h[f"{topic}:{partition}"] = str(max(ts, int(h.get(f"{topic}:{partition}", 0))))
+
+    async def close(self) -> None:
+        """Nothing to close."""

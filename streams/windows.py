@@ -1,0 +1,96 @@
+"""Time-bucketed behaviour counters (SPEC.md §3, key `P:{pid}:beh`): which fields an event touches, window sums."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+METRICS = ("view", "click", "add_to_cart", "purchase")
+
+
+@dataclass(frozen=True, slots=True)
+class Granularity:
+    """Buckets of `width_ms`; the window it feeds covers the newest `keep` buckets (the current one included)."""
+
+    code: str
+    width_ms: int
+    keep: int
+    window: str
+
+
+GRANULARITIES = (
+    Granularity("m", 300_000, 12, "1h"),
+    Granularity("h", 3_600_000, 24, "24h"),
+    Granularity("d", 86_400_000, 7, "7d"),
+)
+WINDOWS = tuple(g.window for g in GRANULARITIES)
+
+
+def event_fields(ts: int, metric: str) -> list[str]:
+    """The counter fields an event of `metric` at event time `ts` increments (one per granularity)."""
+    return [f"{g.code}:{ts // g.width_ms}:{metric}" for g in GRANULARITIES]
+
+
+def hll_buckets(ts: int) -> list[tuple[str, int]]:
+    """(granularity, bucket) of the unique-user HyperLogLogs an event at `ts` adds to."""
+    return [(g.code, ts // g.width_ms) for g in GRANULARITIES]
+
+
+def _parse(name: str) -> tuple[str, int, str] | None:
+    parts = name.split(":")
+    if len(parts) != 3 or parts[0] not in ("m", "h", "d", "u"):
+        return None
+    return parts[0], int(parts[1]), parts[2]
+
+
+def _oldest_kept(g: Granularity, now: int) -> int:
+    return now // g.width_ms - g.keep + 1
+
+
+def window_sums(beh: dict[str, int], now: int) -> dict[str, dict[str, int]]:
+    """Per window ("1h", "24h", "7d") and metric, the sum of the buckets the window covers at event time `now`."""
+    sums = {g.window: dict.fromkeys(METRICS, 0) for g in GRANULARITIES}
+    by_code = {g.code: g for g in GRANULARITIES}
+    for name, value in beh.items():
+        parsed = _parse(name)
+        if parsed is None or parsed[0] == "u":
+            continue
+        code, bucket, metric = parsed
+        g = by_code[code]
+        if _oldest_kept(g, now) <= bucket <= now // g.width_ms and metric in sums[g.window]:
+            sums[g.window][metric] += value
+    return sums
+
+
+def stale_fields(beh: dict[str, int], now: int) -> list[str]:
+    """Counter (and HLL marker) fields whose bucket has left its window at event time `now`."""
+    by_code = {g.code: g for g in GRANULARITIES}
+    stale = []
+    for name in beh:
+        parsed = _parse(name)
+        if parsed is None:
+            continue
+        code, bucket, rest = parsed
+        g = by_code[rest] if code == "u" else by_code[code]
+        if bucket < _oldest_kept(g, now):
+            stale.append(name)
+    return stale
+
+
+def hll_marker(code: str, bucket: int) -> str:
+    """The `beh` field that records an HLL key exists, so the key can be deleted when its bucket goes stale."""
+    return f"u:{bucket}:{code}"
+
+
+def next_change_at(beh: dict[str, int], now: int) -> int | None:
+    """The earliest event time after `now` at which some window sum drops (a non-empty bucket leaves it)."""
+    by_code = {g.code: g for g in GRANULARITIES}
+    best: int | None = None
+    for name, value in beh.items():
+        parsed = _parse(name)
+        if parsed is None or parsed[0] == "u" or value == 0:
+            continue
+        g = by_code[parsed[0]]
+        leaves_at = (parsed[1] + g.keep) * g.width_ms
+        if leaves_at > now and (best is None or leaves_at < best):
+            best = leaves_at
+    return best
