@@ -20,16 +20,14 @@ from typing import Any
 import orjson
 
 from schemas import BehaviorEvent, DeadLetter, ProductChange, SourceRef, Tag, TagUpdate
-from serving.behaviour import BehaviourConfig, WindowCounts, decode_behaviour, next_check_at
+from serving.behaviour import BehaviourConfig, WindowCounts, WindowStats, decode_behaviour, next_check_at
 from serving.decoding import catalog_tags, diff_tags, merge_tags
 from streams.privacy import hash_user_id
 from streams.state import Ops, ProductKeys, ProductState, StateStore, Write
-from streams.windows import event_fields, hll_buckets, hll_marker, next_change_at, stale_fields, window_sums
+from streams.windows import event_fields, hll_buckets, hll_marker, stale_fields, window_stats
 from tagstream.errors import EventDecodeError, TagstreamError
 
 log = logging.getLogger(__name__)
-
-_METRIC = {"view": "view", "click": "click", "add_to_cart": "add_to_cart", "purchase": "purchase"}
 
 
 def now_ms() -> int:
@@ -304,13 +302,26 @@ class Processor:
         return payload
 
     # --------------------------------------------------------------- behaviour
-    def _counts(self, state: ProductState, now: int) -> WindowCounts:
-        sums = window_sums(state.beh, now)
+    def _counts(self, state: ProductState, now: int, batch_users: int = 0) -> WindowCounts:
+        """Window counts at `now`; unique users = the stored HLL count plus this batch's distinct users so far."""
+        stats = window_stats(state.beh, now)
         first_seen = int(state.doc["first_seen"]) if "first_seen" in state.doc else None
-        return WindowCounts.from_sums(sums, now=now, first_seen=first_seen)
+        windows = {
+            w: WindowStats(
+                views=s["view"],
+                clicks=s["click"],
+                add_to_carts=s["add_to_cart"],
+                purchases=s["purchase"],
+                users=state.users.get(w, 0) + batch_users,
+                oldest=s["oldest"],
+            )
+            for w, s in stats.items()
+        }
+        return WindowCounts(now=now, first_seen=first_seen, **windows)
 
-    def _behaviour_tags(self, state: ProductState, tag_state: dict[str, Any], now: int) -> None:
-        tags, new_state = decode_behaviour(self._counts(state, now), tag_state.get("behaviour") or {}, self.behaviour)
+    def _behaviour_tags(self, state: ProductState, tag_state: dict[str, Any], now: int, batch_users: int = 0) -> None:
+        counts = self._counts(state, now, batch_users)
+        tags, new_state = decode_behaviour(counts, tag_state.get("behaviour") or {}, self.behaviour)
         tag_state["behaviour"] = new_state
         tag_state["behaviour_tags"] = _tag_dicts(tags)
 
@@ -320,7 +331,11 @@ class Processor:
         items = self._decode_all(messages, BehaviorEvent.decode, out)
         if not items:
             return out
-        states = await self._read(items)
+        latest: dict[str, int] = {}
+        for _, ev in items:
+            latest[ev.product_id] = max(latest.get(ev.product_id, 0), ev.ts)
+        states = await self.store.read(sorted(latest), now=latest)
+        batch_users: dict[str, set[str]] = {}
         writes: list[Write] = []
         emitted: list[tuple[str, bytes | None]] = []
         redelivered: dict[tuple[str, str], int] = {}
@@ -331,7 +346,10 @@ class Processor:
                 continue
             keys = ProductKeys(self.store.prefix, ev.product_id)
             ops = Ops(keys)
-            payload = self._apply_behaviour(state, keys, ops, msg, ev)
+            user = hash_user_id(self.user_hash_key, ev.user_id)
+            users = batch_users.setdefault(ev.product_id, set())
+            users.add(user)
+            payload = self._apply_behaviour(state, keys, ops, msg, ev, user, len(users))
             state.fence[msg.fence_field] = str(msg.offset)
             if payload is not None:
                 state.fence[f"emit:{msg.fence_field}"] = payload.decode()
@@ -349,10 +367,16 @@ class Processor:
         return out
 
     def _apply_behaviour(
-        self, state: ProductState, keys: ProductKeys, ops: Ops, msg: InMessage, ev: BehaviorEvent
+        self,
+        state: ProductState,
+        keys: ProductKeys,
+        ops: Ops,
+        msg: InMessage,
+        ev: BehaviorEvent,
+        user: str,
+        batch_users: int,
     ) -> bytes | None:
-        metric = _METRIC[ev.event_type]
-        user = hash_user_id(self.user_hash_key, ev.user_id)
+        metric = ev.event_type
         beh = state.beh
         for name in event_fields(ev.ts, metric):
             beh[name] = beh.get(name, 0) + 1
@@ -373,7 +397,7 @@ class Processor:
         if tag_state.get("deleted"):
             state.tags = tag_state
             return None
-        self._behaviour_tags(state, tag_state, now)
+        self._behaviour_tags(state, tag_state, now, batch_users)
         payload = self._update(state, tag_state, self._merge(tag_state), "behaviour", msg.source, ev.ts)
         tag_state["updated_at"] = max(int(tag_state.get("updated_at") or 0), ev.ts)
         state.tags = tag_state
@@ -398,7 +422,7 @@ class Processor:
         if tag_state.get("deleted") or not any(s.get("on") for s in (tag_state.get("behaviour") or {}).values()):
             return None
         now = int(state.beh.get("last_ts", 0))
-        return next_check_at(self._counts(state, now), tag_state.get("behaviour") or {}, next_change_at(state.beh, now))
+        return next_check_at(self._counts(state, now), tag_state.get("behaviour") or {}, self.behaviour)
 
     async def _index(
         self, topic: str, partition: int, states: dict[str, ProductState], items: Sequence[tuple[InMessage, Any]]
@@ -411,7 +435,7 @@ class Processor:
         due = await self.store.due(topic, partition, watermark)
         if not due:
             return
-        states = await self.store.read(due)
+        states = await self.store.read(due, now=dict.fromkeys(due, watermark))
         writes, emitted, index = [], [], {}
         for pid in due:
             state = states[pid]

@@ -17,6 +17,7 @@ import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import BusyLoadingError, ConnectionError, TimeoutError
 
+from streams.windows import GRANULARITIES, window_buckets
 from tagstream.errors import StateError
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,8 @@ class ProductState:
     beh: dict[str, int] = field(default_factory=dict)
     tags: dict[str, Any] | None = None
     fence: dict[str, str] = field(default_factory=dict)
+    # Approximate unique users per window ("h1", "h24", "d7") at the time the read was asked for.
+    users: dict[str, int] = field(default_factory=dict)
 
     def applied_offset(self, fence_field: str) -> int:
         """Last offset applied from `fence_field` (`<topic>:<partition>`), -1 if none."""
@@ -141,7 +144,7 @@ class StateStore(Protocol):
 
     prefix: str
 
-    async def read(self, product_ids: list[str]) -> dict[str, ProductState]: ...
+    async def read(self, product_ids: list[str], now: dict[str, int] | None = None) -> dict[str, ProductState]: ...
 
     async def apply(self, writes: list[Write]) -> list[WriteResult]: ...
 
@@ -199,8 +202,10 @@ class RedisStateStore:
         if int(found) != STATE_FORMAT:
             raise StateError(f"Redis holds state format {found}, this worker writes format {STATE_FORMAT}")
 
-    async def read(self, product_ids: list[str]) -> dict[str, ProductState]:
-        """Read the state of every product in one pipelined round trip."""
+    async def read(self, product_ids: list[str], now: dict[str, int] | None = None) -> dict[str, ProductState]:
+        """Read the state of every product in one pipelined round trip (unique users per window at `now[pid]`)."""
+        now = now or {}
+        per_product = 4 + len(GRANULARITIES)
 
         async def run() -> list[Any]:
             pipe = self.client.pipeline(transaction=False)
@@ -210,13 +215,25 @@ class RedisStateStore:
                 pipe.hgetall(keys.beh)
                 pipe.get(keys.tags)
                 pipe.hgetall(keys.fence)
+                for g in GRANULARITIES:
+                    if pid in now:
+                        pipe.pfcount(*[keys.hll(g.code, b) for b in window_buckets(g, now[pid])])
+                    else:
+                        pipe.echo("0")
             return await pipe.execute()
 
         replies = await self._retry("read", run) if product_ids else []
         out: dict[str, ProductState] = {}
         for i, pid in enumerate(product_ids):
-            doc, beh, tags, fence = replies[4 * i : 4 * i + 4]
-            out[pid] = ProductState(pid, doc, {k: int(v) for k, v in beh.items()}, _decode_tags(tags), fence)
+            doc, beh, tags, fence, *users = replies[per_product * i : per_product * (i + 1)]
+            out[pid] = ProductState(
+                pid,
+                doc,
+                {k: int(v) for k, v in beh.items()},
+                _decode_tags(tags),
+                fence,
+                {g.window: int(u) for g, u in zip(GRANULARITIES, users, strict=True)},
+            )
         return out
 
     async def apply(self, writes: list[Write]) -> list[WriteResult]:
@@ -289,17 +306,26 @@ class MemoryStateStore:
         self.hlls: dict[str, set[str]] = defaultdict(set)
         self.zsets: dict[str, dict[str, int]] = defaultdict(dict)
 
-    async def read(self, product_ids: list[str]) -> dict[str, ProductState]:
-        """Read the state of every product."""
+    async def read(self, product_ids: list[str], now: dict[str, int] | None = None) -> dict[str, ProductState]:
+        """Read the state of every product (exact unique users per window at `now[pid]`)."""
+        now = now or {}
         out = {}
         for pid in product_ids:
             keys = ProductKeys(self.prefix, pid)
+            users = {g.window: 0 for g in GRANULARITIES}
+            if pid in now:
+                for g in GRANULARITIES:
+                    seen: set[str] = set()
+                    for b in window_buckets(g, now[pid]):
+                        seen |= self.hlls.get(keys.hll(g.code, b), set())
+                    users[g.window] = len(seen)
             out[pid] = ProductState(
                 pid,
                 dict(self.hashes.get(keys.doc, {})),
                 {k: int(v) for k, v in self.hashes.get(keys.beh, {}).items()},
                 _decode_tags(self.strings.get(keys.tags)),
                 dict(self.hashes.get(keys.fence, {})),
+                users,
             )
         return out
 

@@ -18,9 +18,9 @@ class Granularity:
 
 
 GRANULARITIES = (
-    Granularity("m", 300_000, 12, "1h"),
-    Granularity("h", 3_600_000, 24, "24h"),
-    Granularity("d", 86_400_000, 7, "7d"),
+    Granularity("m", 300_000, 12, "h1"),
+    Granularity("h", 3_600_000, 24, "h24"),
+    Granularity("d", 86_400_000, 7, "d7"),
 )
 WINDOWS = tuple(g.window for g in GRANULARITIES)
 
@@ -35,6 +35,11 @@ def hll_buckets(ts: int) -> list[tuple[str, int]]:
     return [(g.code, ts // g.width_ms) for g in GRANULARITIES]
 
 
+def window_buckets(g: Granularity, now: int) -> range:
+    """The buckets of granularity `g` its window covers at event time `now`."""
+    return range(now // g.width_ms - g.keep + 1, now // g.width_ms + 1)
+
+
 def _parse(name: str) -> tuple[str, int, str] | None:
     parts = name.split(":")
     if len(parts) != 3 or parts[0] not in ("m", "h", "d", "u"):
@@ -46,19 +51,26 @@ def _oldest_kept(g: Granularity, now: int) -> int:
     return now // g.width_ms - g.keep + 1
 
 
-def window_sums(beh: dict[str, int], now: int) -> dict[str, dict[str, int]]:
-    """Per window ("1h", "24h", "7d") and metric, the sum of the buckets the window covers at event time `now`."""
-    sums = {g.window: dict.fromkeys(METRICS, 0) for g in GRANULARITIES}
+def window_stats(beh: dict[str, int], now: int) -> dict[str, dict[str, int | None]]:
+    """Per window ("h1", "h24", "d7"): each metric's sum over the buckets it covers at event time `now`, and
+    `oldest`, the start (ms) of its oldest non-empty bucket (None when empty)."""
+    out: dict[str, dict[str, int | None]] = {
+        g.window: {**dict.fromkeys(METRICS, 0), "oldest": None} for g in GRANULARITIES
+    }
     by_code = {g.code: g for g in GRANULARITIES}
     for name, value in beh.items():
         parsed = _parse(name)
-        if parsed is None or parsed[0] == "u":
+        if parsed is None or parsed[0] == "u" or not value:
             continue
         code, bucket, metric = parsed
         g = by_code[code]
-        if _oldest_kept(g, now) <= bucket <= now // g.width_ms and metric in sums[g.window]:
-            sums[g.window][metric] += value
-    return sums
+        if _oldest_kept(g, now) <= bucket <= now // g.width_ms and metric in METRICS:
+            stats = out[g.window]
+            stats[metric] += value  # type: ignore[operator]
+            start = bucket * g.width_ms
+            if stats["oldest"] is None or start < stats["oldest"]:  # type: ignore[operator]
+                stats["oldest"] = start
+    return out
 
 
 def stale_fields(beh: dict[str, int], now: int) -> list[str]:
@@ -79,18 +91,3 @@ def stale_fields(beh: dict[str, int], now: int) -> list[str]:
 def hll_marker(code: str, bucket: int) -> str:
     """The `beh` field that records an HLL key exists, so the key can be deleted when its bucket goes stale."""
     return f"u:{bucket}:{code}"
-
-
-def next_change_at(beh: dict[str, int], now: int) -> int | None:
-    """The earliest event time after `now` at which some window sum drops (a non-empty bucket leaves it)."""
-    by_code = {g.code: g for g in GRANULARITIES}
-    best: int | None = None
-    for name, value in beh.items():
-        parsed = _parse(name)
-        if parsed is None or parsed[0] == "u" or value == 0:
-            continue
-        g = by_code[parsed[0]]
-        leaves_at = (parsed[1] + g.keep) * g.width_ms
-        if leaves_at > now and (best is None or leaves_at < best):
-            best = leaves_at
-    return best

@@ -1,0 +1,204 @@
+"""The Faust app: topics declared once, one agent per input topic, micro-batches acknowledged only when done.
+
+Every agent runs at concurrency 1 (its effects are offset-fenced in Redis; faust #606 can commit past an unfinished
+message at higher concurrency) and acknowledges a batch only after its state is stored and its tag updates and dead
+letters are delivered (acks=all, idempotent producer).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import faust
+from faust.transport.drivers import aiokafka as faust_aiokafka
+
+from streams.model import ModelHolder
+from streams.processor import BatchOutput, InMessage, Processor
+from streams.settings import DEV_USER_HASH_KEY, WorkerSettings
+from streams.state import RedisStateStore, StateStore
+from streams.topics import BEHAVIOR, DEAD_LETTER, MODEL_UPDATES, PRODUCTS, TAG_UPDATES, TOPICS, partitions_of
+
+log = logging.getLogger(__name__)
+
+
+class IdempotentProducer(faust_aiokafka.Producer):
+    """Faust's aiokafka producer with acks=all and idempotence (Faust enables them only in exactly-once mode)."""
+
+    def _settings_extra(self) -> dict[str, Any]:
+        return {"acks": "all", "enable_idempotence": True}
+
+
+class IdempotentTransport(faust_aiokafka.Transport):
+    """The aiokafka transport, producing through IdempotentProducer."""
+
+    Producer = IdempotentProducer
+
+
+class TagstreamApp(faust.App):
+    """A Faust app whose producer is idempotent with acks=all."""
+
+    def _new_transport(self) -> IdempotentTransport:
+        return IdempotentTransport(self.conf.broker_consumer, self)
+
+    def _new_producer_transport(self) -> IdempotentTransport:
+        return IdempotentTransport(self.conf.broker_producer, self)
+
+
+@dataclass(slots=True)
+class WorkerStats:
+    """Counters a running worker keeps (logged periodically, read by tests and benchmarks)."""
+
+    consumed: int = 0
+    updates: int = 0
+    dead_letters: int = 0
+    redelivered: int = 0
+    batches: int = 0
+    batch_sizes: list[int] = field(default_factory=list)
+
+
+class Worker:
+    """A tagstream worker: the Faust app, its topics and agents, state store, model and processor."""
+
+    def __init__(
+        self,
+        settings: WorkerSettings,
+        *,
+        store_factory: Callable[[], StateStore] | None = None,
+        model_holder: ModelHolder | None = None,
+    ) -> None:
+        self.settings = settings
+        if settings.user_hash_key.get_secret_value() == DEV_USER_HASH_KEY:
+            log.warning("TAGSTREAM_USER_HASH_KEY is the development default; set a secret key in production")
+        self.stats = WorkerStats()
+        self.executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tagstream-score")
+        self.models = model_holder or ModelHolder(settings, self.executor)
+        self._store_factory = store_factory or (
+            lambda: RedisStateStore.from_url(
+                settings.redis_url.get_secret_value(), settings.redis_prefix, settings.redis_retry_max_backoff
+            )
+        )
+        self._processor: Processor | None = None
+        self._ready_lock = asyncio.Lock()
+        self.app = TagstreamApp(
+            settings.app_id,
+            broker=f"kafka://{settings.kafka_bootstrap}",
+            store="memory://",
+            web_enabled=settings.web_port is not None,
+            web_port=settings.web_port or 6066,
+            topic_partitions=settings.partitions,
+            topic_allow_declare=False,
+            topic_disable_leader=True,
+            producer_acks=-1,
+            consumer_auto_offset_reset=settings.auto_offset_reset,
+            broker_commit_every=1000,
+            broker_commit_interval=0.5,
+            stream_wait_empty=False,
+        )
+        self.topics = {
+            spec.name: self.app.topic(
+                settings.topic(spec.name),
+                key_type=bytes,
+                value_type=bytes,
+                key_serializer="raw",
+                value_serializer="raw",
+                partitions=partitions_of(spec, settings),
+            )
+            for spec in TOPICS
+        }
+        self._define_agents()
+
+    # ---------------------------------------------------------------- startup
+    async def processor(self) -> Processor:
+        """The processor, created on first use inside the running event loop (connects Redis, loads the model)."""
+        async with self._ready_lock:
+            if self._processor is None:
+                store = self._store_factory()
+                if isinstance(store, RedisStateStore):
+                    await store.check_format()
+                await self.models.start()
+                self._processor = Processor(
+                    store,
+                    user_hash_key=self.settings.user_hash_key.get_secret_value().encode(),
+                    score_delta=self.settings.score_delta,
+                    executor=self.executor,
+                    model_provider=self.models.get,
+                )
+            return self._processor
+
+    # ----------------------------------------------------------------- agents
+    def _define_agents(self) -> None:
+        app, topics = self.app, self.topics
+
+        @app.agent(topics[PRODUCTS.name], name="tagstream.products", concurrency=1)
+        async def products(stream: faust.StreamT) -> None:
+            processor = await self.processor()
+            await self._run_batches(stream, processor.process_products)
+
+        @app.agent(topics[BEHAVIOR.name], name="tagstream.behavior", concurrency=1)
+        async def behavior(stream: faust.StreamT) -> None:
+            processor = await self.processor()
+            await self._run_batches(stream, processor.process_behaviour)
+
+        self.products_agent = products
+        self.behavior_agent = behavior
+        self.models.attach(self)
+
+    async def _run_batches(
+        self, stream: faust.StreamT, process: Callable[[Sequence[InMessage]], Awaitable[BatchOutput]]
+    ) -> None:
+        """Consume in micro-batches: take what is buffered (up to batch_max), process, publish, then ack."""
+        manual = stream.noack()
+        queue = getattr(manual.channel, "queue", None)
+        batch: list[faust.EventT] = []
+        async for event in manual.events():
+            batch.append(event)
+            if len(batch) < self.settings.batch_max and queue is not None and not queue.empty():
+                continue
+            await self._process_batch(batch, process)
+            for done in batch:
+                await manual.ack(done)
+            batch = []
+
+    async def _process_batch(
+        self, batch: list[faust.EventT], process: Callable[[Sequence[InMessage]], Awaitable[BatchOutput]]
+    ) -> None:
+        messages = [
+            InMessage(m.topic, m.partition, m.offset, m.key, m.value, int((m.timestamp or 0) * 1000))
+            for m in (event.message for event in batch)
+        ]
+        try:
+            out = await process(messages)
+        except Exception:
+            if not self.settings.dead_letter_all_errors:
+                raise
+            log.exception("batch of %d failed; retrying its messages one at a time", len(messages))
+            processor = await self.processor()
+            out = await processor.process_each(messages, process)
+        await self.publish(out)
+        self.stats.consumed += len(messages)
+        self.stats.batches += 1
+        self.stats.batch_sizes.append(len(messages))
+        del self.stats.batch_sizes[:-1000]
+
+    async def publish(self, out: BatchOutput) -> None:
+        """Send the batch's tag updates and dead letters and wait until Kafka has them all."""
+        pending = []
+        for key, value in out.updates:
+            pending.append(await self.topics[TAG_UPDATES.name].send(key=key, value=value))
+        for key, value in out.dead_letters:
+            pending.append(await self.topics[DEAD_LETTER.name].send(key=key, value=value))
+        if pending:
+            await asyncio.gather(*pending)
+        self.stats.updates += len(out.updates)
+        self.stats.dead_letters += len(out.dead_letters)
+        self.stats.redelivered += out.redelivered
+
+    @property
+    def model_updates_topic(self) -> faust.TopicT:
+        """The topic model updates arrive on."""
+        return self.topics[MODEL_UPDATES.name]

@@ -1,0 +1,115 @@
+"""Subcommands of the streaming side: `worker`, `topics`, `replay`, `tail`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from pathlib import Path
+
+import orjson
+
+from streams.settings import WorkerSettings
+from streams.topics import ensure_topics
+from tagstream.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from streams.app import Worker
+
+    overrides = {}
+    if args.model:
+        overrides["model_path"] = Path(args.model)
+    settings = WorkerSettings(**overrides)
+    asyncio.run(ensure_topics(settings))
+    worker = Worker(settings)
+    import faust
+
+    faust.Worker(worker.app, loglevel=args.loglevel.upper(), quiet=True).execute_from_commandline()
+    return 0
+
+
+def _topics(args: argparse.Namespace) -> int:
+    created = asyncio.run(ensure_topics(WorkerSettings()))
+    print("created: " + (", ".join(created) if created else "nothing (all topics exist)"))
+    return 0
+
+
+async def _replay(path: Path, topic: str, settings: WorkerSettings) -> int:
+    from aiokafka import AIOKafkaProducer
+
+    producer = AIOKafkaProducer(
+        bootstrap_servers=settings.kafka_bootstrap, acks="all", enable_idempotence=True, linger_ms=5
+    )
+    await producer.start()
+    sent = 0
+    try:
+        with path.open("rb") as fh:
+            for line_no, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    key = orjson.loads(line).get("product_id")
+                except (orjson.JSONDecodeError, AttributeError):
+                    key = None  # sent as is: the worker dead-letters it with the reason
+                    log.warning("%s:%d is not a JSON object; sent anyway", path, line_no)
+                await producer.send(settings.topic(topic), line.rstrip(b"\n"), key=key.encode() if key else None)
+                sent += 1
+        await producer.flush()
+    finally:
+        await producer.stop()
+    return sent
+
+
+def _replay_cmd(args: argparse.Namespace) -> int:
+    path = Path(args.file)
+    if not path.is_file():
+        raise ConfigError(f"no such file: {path}")
+    settings = WorkerSettings()
+    asyncio.run(ensure_topics(settings))
+    sent = asyncio.run(_replay(path, args.topic, settings))
+    print(f"sent {sent} events to {settings.topic(args.topic)}")
+    return 0
+
+
+async def _tail(settings: WorkerSettings, topic: str, limit: int | None) -> None:
+    from aiokafka import AIOKafkaConsumer
+
+    consumer = AIOKafkaConsumer(
+        settings.topic(topic), bootstrap_servers=settings.kafka_bootstrap, auto_offset_reset="earliest"
+    )
+    await consumer.start()
+    seen = 0
+    try:
+        async for msg in consumer:
+            sys.stdout.write(msg.value.decode("utf-8", "replace") + "\n")
+            sys.stdout.flush()
+            seen += 1
+            if limit is not None and seen >= limit:
+                break
+    finally:
+        await consumer.stop()
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add `worker`, `topics`, `replay` and `tail`."""
+    p = subparsers.add_parser("worker", help="run a streaming worker (settings from TAGSTREAM_* variables)")
+    p.add_argument("--model", help="model bundle directory (overrides TAGSTREAM_MODEL_PATH)")
+    p.add_argument("--loglevel", default="info", choices=["debug", "info", "warning", "error"])
+    p.set_defaults(func=_worker)
+
+    p = subparsers.add_parser("topics", help="create tagstream's topics that do not exist yet")
+    p.set_defaults(func=_topics)
+
+    p = subparsers.add_parser("replay", help="send a JSONL file of events to a topic (keyed by product_id)")
+    p.add_argument("file", help="JSONL file, one event per line")
+    p.add_argument("--topic", required=True, choices=["products", "behavior"])
+    p.set_defaults(func=_replay_cmd)
+
+    p = subparsers.add_parser("tail", help="print a topic's messages (e.g. tag-updates, dead-letter)")
+    p.add_argument("topic", help="logical topic name: tag-updates, dead-letter, model-updates, ...")
+    p.add_argument("-n", "--limit", type=int, default=None, help="stop after N messages")
+    p.set_defaults(func=lambda a: asyncio.run(_tail(WorkerSettings(), a.topic, a.limit)) or 0)
