@@ -70,8 +70,13 @@ class Worker:
         *,
         store_factory: Callable[[], StateStore] | None = None,
         model_holder: ModelHolder | None = None,
+        capture_output: bool = False,
     ) -> None:
+        """`capture_output=True` keeps the tag updates and dead letters in `self.captured` instead of sending them
+        (the in-memory harness: `agent.test_context()` with a MemoryStateStore needs no broker at all)."""
         self.settings = settings
+        self.capture_output = capture_output
+        self.captured: dict[str, list[tuple[bytes | None, bytes]]] = {TAG_UPDATES.name: [], DEAD_LETTER.name: []}
         if settings.user_hash_key.get_secret_value() == DEV_USER_HASH_KEY:
             log.warning("TAGSTREAM_USER_HASH_KEY is the development default; set a secret key in production")
         self.stats = WorkerStats()
@@ -187,6 +192,10 @@ class Worker:
 
     async def publish(self, out: BatchOutput) -> None:
         """Send the batch's tag updates and dead letters and wait until Kafka has them all."""
+        if self.capture_output:
+            self.captured[TAG_UPDATES.name] += out.updates
+            self.captured[DEAD_LETTER.name] += out.dead_letters
+            out = BatchOutput(redelivered=out.redelivered)
         pending = []
         for key, value in out.updates:
             pending.append(await self.topics[TAG_UPDATES.name].send(key=key, value=value))

@@ -13,7 +13,8 @@ from tagstream.errors import TagstreamError
 # time (training imports it inside its commands), so `tagstream worker` never loads it.
 COMMAND_MODULES = (
     "tagstream.stack",  # stack up | down | status
-    "streams.cli",  # worker, topics, replay, model status | rollback | promote
+    "streams.cli",  # worker, topics, replay, tail
+    "streams.model_cli",  # model status | rollback | promote
     "serving.cli",  # lookup (HTTP tag lookup)
     "training.cli",  # train, evaluate, publish
     "tagstream.demo",  # demo
