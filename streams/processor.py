@@ -129,6 +129,9 @@ class Processor:
         self.behaviour = behaviour or BehaviourConfig()
         self.executor = executor
         self.model_provider = model_provider
+        # Product and behaviour batches both read-modify-write a product's tag state: one at a time, so neither
+        # overwrites the other's effect with a stale read.
+        self._lock = asyncio.Lock()
 
     # ------------------------------------------------------------------ shared
     def _update(
@@ -213,6 +216,10 @@ class Processor:
     # ---------------------------------------------------------------- products
     async def process_products(self, messages: Sequence[InMessage]) -> BatchOutput:
         """Apply a batch of product upserts and deletes."""
+        async with self._lock:
+            return await self._process_products(messages)
+
+    async def _process_products(self, messages: Sequence[InMessage]) -> BatchOutput:
         out = BatchOutput()
         items = self._decode_all(messages, ProductChange.decode, out)
         if not items:
@@ -327,6 +334,10 @@ class Processor:
 
     async def process_behaviour(self, messages: Sequence[InMessage]) -> BatchOutput:
         """Apply a batch of behaviour events, then expire behaviour tags whose windows passed."""
+        async with self._lock:
+            return await self._process_behaviour(messages)
+
+    async def _process_behaviour(self, messages: Sequence[InMessage]) -> BatchOutput:
         out = BatchOutput()
         items = self._decode_all(messages, BehaviorEvent.decode, out)
         if not items:

@@ -1,0 +1,76 @@
+"""`tagstream lookup`: serve the HTTP tag lookup (serving.http) over the Redis tag state."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from typing import Any
+
+from pydantic import Field, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from tagstream.errors import ConfigError
+
+__all__ = ["LookupSettings", "register"]
+
+log = logging.getLogger(__name__)
+
+
+class LookupSettings(BaseSettings):
+    """Settings of `tagstream lookup`, from the environment (`TAGSTREAM_<FIELD>`) or command-line flags."""
+
+    model_config = SettingsConfigDict(env_prefix="TAGSTREAM_", extra="ignore")
+
+    redis_url: str = Field(
+        default="redis://127.0.0.1:6379/0", description="Redis URL of the tag state (TAGSTREAM_REDIS_URL)"
+    )
+    redis_prefix: str = Field(
+        default="ts", min_length=1, description="key prefix P of the state layout (TAGSTREAM_REDIS_PREFIX)"
+    )
+    http_host: str = Field(default="127.0.0.1", description="address to listen on (TAGSTREAM_HTTP_HOST)")
+    http_port: int = Field(default=8080, ge=1, le=65535, description="port to listen on (TAGSTREAM_HTTP_PORT)")
+
+
+def load_settings(**overrides: Any) -> LookupSettings:
+    """Settings from the environment, with non-None `overrides` (command-line flags) on top."""
+    try:
+        return LookupSettings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise ConfigError(f"lookup settings: {problems}") from None
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """Add `lookup` to the `tagstream` command."""
+    p = subparsers.add_parser(
+        "lookup",
+        help="serve GET /products/{id}/tags and /healthz over HTTP from the Redis tag state",
+        description=__doc__,
+    )
+    p.add_argument("--port", type=int, default=None, help="port (default: TAGSTREAM_HTTP_PORT or 8080)")
+    p.add_argument("--host", default=None, help="address (default: TAGSTREAM_HTTP_HOST or 127.0.0.1)")
+    p.add_argument("--redis-url", default=None, help="Redis URL (default: TAGSTREAM_REDIS_URL)")
+    p.add_argument("--redis-prefix", default=None, help="key prefix (default: TAGSTREAM_REDIS_PREFIX or ts)")
+    p.set_defaults(func=run_lookup)
+
+
+def run_lookup(args: argparse.Namespace) -> int:
+    """Serve until interrupted."""
+    import redis.asyncio as aioredis
+    from aiohttp import web
+
+    from serving.http import create_app
+
+    settings = load_settings(
+        http_port=args.port, http_host=args.host, redis_url=args.redis_url, redis_prefix=args.redis_prefix
+    )
+    client = aioredis.from_url(settings.redis_url)
+    app = create_app(client, settings.redis_prefix)
+
+    async def close_client(_: web.Application) -> None:
+        await client.aclose()
+
+    app.on_cleanup.append(close_client)
+    log.info("tag lookup on http://%s:%d (prefix %s)", settings.http_host, settings.http_port, settings.redis_prefix)
+    web.run_app(app, host=settings.http_host, port=settings.http_port, print=None)
+    return 0

@@ -1,0 +1,213 @@
+"""Scores → tags: model tags from a scores matrix, catalog tags from product attributes, merge and diff.
+
+Model decoding rules (per row; `s(x)` is label x's score, `θ(x)` its threshold from thresholds.json, a label
+"passes" when s(x) >= θ(x)):
+
+1. Groups are decoded top-down (a group after its `parent_group`). A label is a candidate only if it passes and
+   its parent tag (if any) has been emitted, so a child is never emitted without its parent.
+2. Multi-label group: every candidate is emitted.
+3. Exclusive group: at most one label is emitted — the candidate with the largest *path value*
+   V(x) = s(x) · Π over exclusive child groups C of max{V(c) : c in C, parent(c) = x, c passes} (a factor of 1 when
+   no child in C passes). In a flat exclusive group V = s, so this is the argmax among passing labels. Down a
+   hierarchy it chooses the most probable complete threshold-passing path (product of level probabilities): a branch
+   is always followed as deep as thresholds allow, and branches are compared by their products.
+4. Emitted scores are made hierarchy-consistent: an emitted parent's score is raised to the largest score of its
+   emitted children (a child implies its parent, so P(parent) >= P(child)).
+
+Tags come out in label index order. Catalog tags (`<attribute>:<value>`, group = the attribute, score 1.0) replace
+model tags of the same group in `merge_tags`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import numpy as np
+
+from schemas.records import Tag
+from serving.bundle import LabelMap, ModelBundle, Thresholds
+from tagstream.errors import ConfigError, ScoringError
+
+__all__ = ["TagDecoder", "catalog_tags", "diff_tags", "merge_tags", "tags_from_json", "tags_to_json"]
+
+_ROOT = -1  # parent key of labels without a parent
+
+
+class TagDecoder:
+    """Decodes score rows of one bundle into model tags (see the module docstring for the rules)."""
+
+    def __init__(self, labels: LabelMap, thresholds: Thresholds) -> None:
+        self.labels = labels
+        self.thresholds = thresholds
+        T = labels.T
+        self._tags = [x.tag for x in labels.labels]
+        self._groups = [x.group for x in labels.labels]
+        self._thr = np.array([thresholds.for_tag(t) for t in self._tags], dtype=np.float32)
+        index = {x.tag: x.index for x in labels.labels}
+        self._parent = np.array([index[x.parent] if x.parent else _ROOT for x in labels.labels], dtype=np.int64)
+        depth = np.zeros(T, dtype=np.int64)
+        for i in range(T):
+            p = self._parent[i]
+            while p != _ROOT:
+                depth[i] += 1
+                p = self._parent[p]
+        self._depth = depth
+
+        # Groups top-down; per group its labels keyed by parent label (or _ROOT).
+        gdepth: dict[str, int] = {}
+        for g in labels.groups:
+            d, cur = 0, g.parent_group
+            while cur is not None:
+                d += 1
+                cur = labels.group_by_name[cur].parent_group
+            gdepth[g.name] = d
+        self._group_order = sorted(labels.groups, key=lambda g: gdepth[g.name])
+        self._members: dict[str, dict[int, np.ndarray]] = {}
+        for g in labels.groups:
+            by_parent: dict[int, list[int]] = {}
+            for x in labels.labels:
+                if x.group == g.name:
+                    by_parent.setdefault(int(self._parent[x.index]), []).append(x.index)
+            self._members[g.name] = {p: np.array(v, dtype=np.int64) for p, v in by_parent.items()}
+
+        # Path values: (parent label, its children in one exclusive group), deepest parents first.
+        pairs: list[tuple[int, int, np.ndarray]] = []
+        for g in labels.groups:
+            if g.kind != "exclusive" or g.parent_group is None:
+                continue
+            for p, kids in self._members[g.name].items():
+                if p != _ROOT:
+                    pairs.append((int(depth[p]), p, kids))
+        pairs.sort(key=lambda x: -x[0])
+        self._pairs = [(p, kids) for _, p, kids in pairs]
+
+    @classmethod
+    def from_bundle(cls, bundle: ModelBundle) -> TagDecoder:
+        """The decoder of a loaded bundle (its labels and thresholds)."""
+        return cls(bundle.labels, bundle.thresholds)
+
+    def decode(self, scores: np.ndarray) -> list[list[Tag]]:
+        """Model tags for each row of a [N, T] scores matrix."""
+        scores = np.asarray(scores, dtype=np.float32)
+        if scores.ndim != 2 or scores.shape[1] != self.labels.T:
+            raise ScoringError(f"decode: scores shape {list(scores.shape)}, expected [N, {self.labels.T}]")
+        passed = scores >= self._thr[None, :]
+        value = scores.astype(np.float64)
+        for p, kids in self._pairs:
+            cand = np.where(passed[:, kids], value[:, kids], -1.0).max(axis=1)
+            value[:, p] *= np.where(cand >= 0.0, cand, 1.0)
+        return [self._decode_row(scores[r], passed[r], value[r]) for r in range(scores.shape[0])]
+
+    def decode_row(self, row: np.ndarray) -> list[Tag]:
+        """Model tags of one score row [T]."""
+        return self.decode(np.asarray(row, dtype=np.float32)[None, :])[0]
+
+    def _decode_row(self, row: np.ndarray, passed: np.ndarray, value: np.ndarray) -> list[Tag]:
+        chosen: dict[str, list[int]] = {}  # group -> emitted label indices
+        for g in self._group_order:
+            members = self._members[g.name]
+            if g.parent_group is None:
+                cand = members.get(_ROOT)
+            else:
+                parts = [members[p] for p in chosen.get(g.parent_group, ()) if p in members]
+                cand = (parts[0] if len(parts) == 1 else np.concatenate(parts)) if parts else None
+            if cand is None or cand.size == 0:
+                continue
+            cand = cand[passed[cand]]
+            if cand.size == 0:
+                continue
+            if g.kind == "exclusive":
+                chosen[g.name] = [int(cand[int(np.argmax(value[cand]))])]
+            else:
+                chosen[g.name] = [int(i) for i in cand]
+        emitted = sorted(i for picks in chosen.values() for i in picks)
+        score = {i: float(row[i]) for i in emitted}
+        for i in sorted(emitted, key=lambda i: -self._depth[i]):  # children before parents
+            p = int(self._parent[i])
+            if p != _ROOT:
+                score[p] = max(score[p], score[i])
+        return [Tag(tag=self._tags[i], group=self._groups[i], score=_score(score[i]), origin="model") for i in emitted]
+
+
+def _score(x: float) -> float:
+    return round(min(1.0, max(0.0, float(x))), 6)
+
+
+def catalog_tags(attributes: Mapping[str, str] | None) -> list[Tag]:
+    """Catalog tags `<attribute>:<value>` (group = attribute, score 1.0), sorted by attribute; blank ones skipped."""
+    out: list[Tag] = []
+    for name, value in sorted((attributes or {}).items()):
+        if not isinstance(name, str) or not isinstance(value, str):
+            continue
+        name, value = name.strip(), value.strip()
+        if name and value:
+            out.append(Tag(tag=f"{name}:{value}", group=name, score=1.0, origin="catalog"))
+    return out
+
+
+def merge_tags(
+    model: Iterable[Tag], catalog: Iterable[Tag], behaviour: Iterable[Tag], *, labels: LabelMap | None = None
+) -> list[Tag]:
+    """The full tag set: model tags, then catalog tags, then behaviour tags, each tag name once.
+
+    A catalog tag's group replaces the model's tags of that group. With `labels`, model tags whose parent tag was
+    dropped that way are dropped too (so no child is left without its parent). On a repeated tag name, catalog
+    wins over behaviour, which wins over model.
+    """
+    catalog, behaviour = list(catalog), list(behaviour)
+    overridden = {t.group for t in catalog}
+    kept = [t for t in model if t.group not in overridden]
+    if labels is not None:
+        changed = True
+        while changed:
+            names = {t.tag for t in kept}
+            before = len(kept)
+            kept = [
+                t
+                for t in kept
+                if (lab := labels.by_tag.get(t.tag)) is None or lab.parent is None or lab.parent in names
+            ]
+            changed = len(kept) != before
+    taken: set[str] = set()
+    chosen: dict[str, list[Tag]] = {"catalog": [], "behaviour": [], "model": []}
+    for origin, tags in (("catalog", catalog), ("behaviour", behaviour), ("model", kept)):
+        for t in tags:
+            if t.tag not in taken:
+                taken.add(t.tag)
+                chosen[origin].append(t)
+    return [*chosen["model"], *chosen["catalog"], *chosen["behaviour"]]
+
+
+def diff_tags(
+    old: Iterable[Tag], new: Iterable[Tag], score_delta: float
+) -> tuple[tuple[str, ...], tuple[str, ...], bool]:
+    """(added, removed, changed): tag names new minus old, old minus new, and whether an update is due.
+
+    `changed` is true when a tag was added or removed, or a tag present in both moved its score by more than
+    `score_delta` or changed its group or origin.
+    """
+    if score_delta < 0:
+        raise ConfigError(f"score_delta {score_delta} < 0")
+    old_by = {t.tag: t for t in old}
+    new_by = {t.tag: t for t in new}
+    added = tuple(t for t in new_by if t not in old_by)
+    removed = tuple(t for t in old_by if t not in new_by)
+    changed = bool(added or removed)
+    if not changed:
+        for name, n in new_by.items():
+            o = old_by[name]
+            if abs(n.score - o.score) > score_delta or n.group != o.group or n.origin != o.origin:
+                changed = True
+                break
+    return added, removed, changed
+
+
+def tags_from_json(items: Iterable[Mapping[str, Any]]) -> list[Tag]:
+    """Tags from their JSON objects (as stored in Redis or carried by tag-update events)."""
+    return [Tag(tag=d["tag"], group=d["group"], score=float(d["score"]), origin=d["origin"]) for d in items]
+
+
+def tags_to_json(tags: Iterable[Tag]) -> list[dict[str, Any]]:
+    """The JSON objects of tags."""
+    return [{"tag": t.tag, "group": t.group, "score": t.score, "origin": t.origin} for t in tags]

@@ -1,0 +1,93 @@
+"""HTTP tag lookup: `GET /products/{product_id}/tags` returns a product's current tag state from Redis.
+
+The state is the JSON string at `<prefix>:{<product_id>}:tags` (SPEC §3) written by the worker; the response is that
+object with `product_id` added. `GET /healthz` answers 200 when Redis answers a PING, 503 otherwise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from typing import Any, Protocol
+
+import orjson
+from aiohttp import web
+
+__all__ = ["create_app", "tags_key"]
+
+log = logging.getLogger(__name__)
+
+PRODUCT_ID_RE = re.compile(r"^[^{}\s]{1,128}$")  # as in the event schemas
+PING_TIMEOUT_S = 2.0
+
+
+class TagStore(Protocol):
+    """The part of a `redis.asyncio.Redis` client the app uses (`ping` is optional)."""
+
+    async def get(self, name: str) -> bytes | str | None: ...
+
+
+REDIS = web.AppKey("redis", TagStore)
+PREFIX = web.AppKey("prefix", str)
+_REDIS_ERRORS: tuple[type[BaseException], ...] = (OSError, TimeoutError, ConnectionError)
+try:  # redis is a dependency, but the HTTP layer only needs `get`
+    from redis.exceptions import RedisError
+
+    _REDIS_ERRORS = (*_REDIS_ERRORS, RedisError)
+except ImportError:  # pragma: no cover
+    pass
+
+
+def tags_key(prefix: str, product_id: str) -> str:
+    """The Redis key of a product's tag state: `<prefix>:{<product_id>}:tags`."""
+    return f"{prefix}:{{{product_id}}}:tags"
+
+
+def _json(obj: Any, status: int = 200) -> web.Response:
+    return web.Response(
+        body=orjson.dumps(obj), status=status, content_type="application/json", headers={"Cache-Control": "no-store"}
+    )
+
+
+async def get_tags(request: web.Request) -> web.Response:
+    """The product's tag state, 404 when there is none, 400 for a malformed id, 503 when Redis fails."""
+    product_id = request.match_info["product_id"]
+    if not PRODUCT_ID_RE.match(product_id):
+        return _json({"error": "invalid product id", "product_id": product_id}, status=400)
+    try:
+        raw = await request.app[REDIS].get(tags_key(request.app[PREFIX], product_id))
+    except _REDIS_ERRORS as exc:
+        log.warning("tag lookup of %s failed: %s", product_id, exc)
+        return _json({"error": "tag store unavailable"}, status=503)
+    if raw is None:
+        return _json({"error": "no tags for this product", "product_id": product_id}, status=404)
+    try:
+        state = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        log.error("tag state of %s is not JSON", product_id)
+        return _json({"error": "corrupt tag state", "product_id": product_id}, status=500)
+    if not isinstance(state, dict):
+        return _json({"error": "corrupt tag state", "product_id": product_id}, status=500)
+    return _json({"product_id": product_id, **state})
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """200 {"status": "ok"} when Redis answers PING (or the store has no ping), else 503."""
+    ping = getattr(request.app[REDIS], "ping", None)
+    if ping is not None:
+        try:
+            await asyncio.wait_for(ping(), PING_TIMEOUT_S)
+        except (TimeoutError, *_REDIS_ERRORS) as exc:
+            return _json({"status": "unavailable", "redis": str(exc) or type(exc).__name__}, status=503)
+    return _json({"status": "ok"})
+
+
+def create_app(redis_client: TagStore, prefix: str = "ts") -> web.Application:
+    """The lookup application over a `redis.asyncio` client (or anything with an async `get`)."""
+    app = web.Application()
+    app[REDIS] = redis_client
+    app[PREFIX] = prefix
+    app.router.add_get("/products/{product_id:[^/]+}/tags", get_tags)
+    app.router.add_get("/healthz", healthz)
+    return app

@@ -1,0 +1,260 @@
+"""The core loop against real Kafka and Redis, with real `tagstream worker` processes."""
+
+from __future__ import annotations
+
+import base64
+import random
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from aiokafka.partitioner import DefaultPartitioner
+
+from schemas import ProductChange, TagUpdate
+from streams.model import BundleModel
+from streams.settings import WorkerSettings
+from tests.events import behaviour, delete, upsert
+from tests.integration.conftest import StreamEnv
+from tests.models import featurized_bundle
+
+pytestmark = pytest.mark.integration
+
+T0 = 1_764_316_800_000  # event time of the scenarios (ms)
+MINUTE = 60_000
+HOUR = 60 * MINUTE
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model bundle over the real featurizer."""
+    return featurized_bundle(tmp_path_factory.mktemp("registry"))
+
+
+def updates_for(messages: list[dict[str, Any]], pid: str) -> list[dict[str, Any]]:
+    return [m for m in messages if m["product_id"] == pid]
+
+
+def tag_names(update: dict[str, Any]) -> set[str]:
+    return {t["tag"] for t in update["tags"]}
+
+
+def partition_of(pid: str, partitions: int) -> int:
+    """The partition Kafka's default partitioner (murmur2 of the key) puts a product on."""
+    return DefaultPartitioner()(pid.encode(), list(range(partitions)), list(range(partitions)))
+
+
+def test_product_upsert_emits_the_models_tags(stream_env: StreamEnv, bundle: Path) -> None:
+    stream_env.start_worker(TAGSTREAM_MODEL_PATH=str(bundle))
+    event = upsert("p-1", "Turtle Check Men Navy Blue Shirt", brand="Turtle", price=1299, attributes={"colour": "Red"})
+    [(partition, offset)] = stream_env.produce("products", [event])
+
+    [update] = updates_for(stream_env.consume("tag-updates", lambda m: bool(updates_for(m, "p-1"))), "p-1")
+
+    model = BundleModel.load(bundle, WorkerSettings())
+    # The catalog's own colour replaces the model's colour guess; every other model tag is emitted as scored.
+    expected = {t.tag: t.score for t in model.score([ProductChange.from_dict(event)])[0] if t.group != "colour"}
+    got = {t["tag"]: t["score"] for t in update["tags"] if t["origin"] == "model"}
+    assert got.keys() == expected.keys() and expected
+    assert all(abs(got[k] - expected[k]) < 1e-5 for k in got)
+    assert {"tag": "colour:Red", "group": "colour", "score": 1.0, "origin": "catalog"} in update["tags"]
+    assert update["model_version"] == model.version
+    assert update["reason"] == "product-upsert"
+    assert update["source"] == {
+        "topic": stream_env.settings.topic("products"),
+        "partition": partition,
+        "offset": offset,
+    }
+    assert sorted(update["added"]) == sorted(tag_names(update))
+    TagUpdate.from_dict(update)  # schema-valid on the wire
+    # The current tags are kept in Redis too.
+    stored = orjson.loads(stream_env.redis().get(f"{stream_env.settings.redis_prefix}:{{p-1}}:tags"))
+    assert {t["tag"] for t in stored["tags"]} == tag_names(update)
+
+
+def test_click_burst_adds_trending_and_the_window_passing_removes_it(stream_env: StreamEnv, bundle: Path) -> None:
+    stream_env.start_worker(TAGSTREAM_MODEL_PATH=str(bundle))
+    hot, other = (
+        "burst-1",
+        next(f"other-{i}" for i in range(100) if partition_of(f"other-{i}", 2) == partition_of("burst-1", 2)),
+    )
+    stream_env.produce(
+        "products", [upsert(hot, "Nike Women Red Running Shoes"), upsert(other, "Levis Men Black Jeans")]
+    )
+    burst = [behaviour(hot, f"user-{i % 12}", T0 + i * 5_000) for i in range(40)]  # 40 clicks, 12 users, 200 s
+    stream_env.produce("behavior", burst)
+
+    messages = stream_env.consume("tag-updates", lambda m: any("trending" in u["added"] for u in updates_for(m, hot)))
+    first = next(u for u in updates_for(messages, hot) if "trending" in u["added"])
+    assert first["reason"] == "behaviour" and "trending" in tag_names(first)
+
+    # Two hours later (event time) on the same partition: the burst has left the 1 h window.
+    stream_env.produce("behavior", [behaviour(other, "user-x", T0 + 2 * HOUR)])
+    messages = stream_env.consume("tag-updates", lambda m: any("trending" in u["removed"] for u in updates_for(m, hot)))
+    gone = next(u for u in updates_for(messages, hot) if "trending" in u["removed"])
+    assert gone["reason"] == "window-expired"
+    assert "trending" not in tag_names(gone)
+    assert gone["source"]["offset"] == -1
+
+
+def test_delete_emits_the_removal(stream_env: StreamEnv, bundle: Path) -> None:
+    stream_env.start_worker(TAGSTREAM_MODEL_PATH=str(bundle))
+    stream_env.produce("products", [upsert("gone-1", "小米 充电宝 20000mAh", attributes={"colour": "White"})])
+    first = stream_env.consume("tag-updates", lambda m: bool(updates_for(m, "gone-1")))
+    before = tag_names(updates_for(first, "gone-1")[0])
+    stream_env.produce("products", [delete("gone-1")])
+
+    messages = stream_env.consume("tag-updates", lambda m: any(u["deleted"] for u in updates_for(m, "gone-1")))
+    last = updates_for(messages, "gone-1")[-1]
+    assert last["deleted"] is True and last["reason"] == "product-delete"
+    assert last["tags"] == [] and set(last["removed"]) == before and "colour:White" in before
+    doc = stream_env.redis().hgetall(f"{stream_env.settings.redis_prefix}:{{gone-1}}:doc")
+    assert doc["deleted"] == "1" and doc["version"] == "2"
+
+
+def test_bad_events_go_to_the_dead_letter_topic_and_good_ones_still_flow(stream_env: StreamEnv, bundle: Path) -> None:
+    stream_env.start_worker(TAGSTREAM_MODEL_PATH=str(bundle))
+    missing_title = {"schema_version": 1, "op": "upsert", "product_id": "bad-2", "updated_at": 1, "version": 1}
+    product_sent = stream_env.produce(
+        "products", [b"\xff\xfe not json", missing_title, upsert("good-1", "Levis Men Black Jeans")]
+    )
+    bad_click = behaviour("good-1", "u1", -5)
+    stream_env.produce("behavior", [bad_click, behaviour("good-1", "u1", T0)])
+
+    dead = stream_env.consume("dead-letter", lambda m: len(m) >= 3)
+    assert len(dead) == 3
+    by_type = {d["source"]["topic"].removeprefix(stream_env.settings.topic_prefix): d for d in dead}
+    raw = [d for d in dead if d["error_type"] == "EventDecodeError"]
+    assert len(raw) == 1 and base64.b64decode(raw[0]["value_b64"]) == b"\xff\xfe not json"
+    assert raw[0]["source"]["offset"] == product_sent[0][1]
+    schema = [d for d in dead if d["error_type"] == "SchemaValidationError"]
+    assert len(schema) == 2
+    assert any("title" in d["reason"] for d in schema)
+    assert orjson.loads(base64.b64decode(by_type["behavior"]["value_b64"])) == bad_click
+    assert any(u["product_id"] == "good-1" for u in stream_env.consume("tag-updates", lambda m: len(m) >= 1))
+
+
+def _replay_events(n_products: int = 30, n_behaviour: int = 2500, seed: int = 7) -> tuple[list[dict], list[dict]]:
+    rng = random.Random(seed)
+    titles = ["华为 Mate 60 Pro 5G手机", "Turtle Men Navy Blue Shirt", "苹果 iPhone 15", "Nike Women Red Shoes"]
+    products = [upsert(f"r-{i}", f"{rng.choice(titles)} {i}", attributes={"colour": "Blue"}) for i in range(n_products)]
+    products += [upsert(f"r-{i}", f"{titles[i % 4]} v2", version=2) for i in range(0, n_products, 3)]
+    products += [delete(f"r-{i}", version=3) for i in range(0, n_products, 10)]
+    kinds = ["view"] * 8 + ["click"] * 3 + ["add_to_cart", "purchase"]
+    events = []
+    for i in range(n_behaviour):
+        pid = f"r-{rng.choice([1, 2, 2, 5, 5, 5]) if i % 3 == 0 else rng.randrange(n_products)}"
+        events.append(behaviour(pid, f"user-{rng.randrange(200)}", T0 + i * 2_000, rng.choice(kinds)))
+    return products, events
+
+
+def _state(se: StreamEnv) -> dict[str, Any]:
+    """Everything Redis holds for a slice, with the slice's prefixes taken out so two slices compare."""
+    client = se.redis()
+    prefix, topics = se.settings.redis_prefix, se.settings.topic_prefix
+    out: dict[str, Any] = {}
+    for key in client.scan_iter(f"{prefix}:{{*", count=1000):
+        name = key.removeprefix(prefix)
+        kind = client.type(key)
+        if kind == "hash":
+            value: Any = {k.replace(topics, ""): v for k, v in client.hgetall(key).items()}
+            value = {k: (_strip_emit(v, topics) if k.startswith("emit:") else v) for k, v in value.items()}
+        elif kind == "string" and key.endswith(":tags"):
+            value = orjson.loads(client.get(key))
+        else:
+            value = client.pfcount(key)
+        out[name] = value
+    return out
+
+
+def _strip_emit(payload: str, topic_prefix: str) -> dict[str, Any]:
+    update = orjson.loads(payload)
+    update["source"]["topic"] = update["source"]["topic"].replace(topic_prefix, "")
+    update.pop("emit_time")
+    return update
+
+
+def _caught_up(se: StreamEnv, expected: dict[str, int]) -> bool:
+    """True when the fences in Redis cover the last offset of every input partition."""
+    client = se.redis()
+    applied: dict[str, int] = {}
+    for key in client.scan_iter(f"{se.settings.redis_prefix}:{{*}}:fence", count=1000):
+        for field, value in client.hgetall(key).items():
+            if not field.startswith("emit:"):
+                applied[field] = max(applied.get(field, -1), int(value))
+    return all(applied.get(f, -1) >= last for f, last in expected.items())
+
+
+def _applied(se: StreamEnv) -> int:
+    """How many input messages the fences in Redis say were applied."""
+    client = se.redis()
+    applied: dict[str, int] = {}
+    for key in client.scan_iter(f"{se.settings.redis_prefix}:{{*}}:fence", count=1000):
+        for field, value in client.hgetall(key).items():
+            if not field.startswith(("emit:", "sweep:")):
+                applied[field] = max(applied.get(field, -1), int(value))
+    return sum(v + 1 for v in applied.values())
+
+
+def _wait_applied(se: StreamEnv, at_least: int, timeout: float = 90) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while _applied(se) < at_least:
+        if time.monotonic() > deadline:
+            pytest.fail(f"fewer than {at_least} messages applied in {timeout}s")
+        time.sleep(0.02)
+
+
+def _wait_caught_up(se: StreamEnv, sent: dict[str, list[tuple[int, int]]], timeout: float = 120) -> None:
+    import time
+
+    expected: dict[str, int] = {}
+    for topic, metas in sent.items():
+        for partition, offset in metas:
+            field = f"{se.settings.topic(topic)}:{partition}"
+            expected[field] = max(expected.get(field, -1), offset)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if _caught_up(se, expected):
+            return
+        time.sleep(0.3)
+    pytest.fail(f"worker did not catch up within {timeout}s; logs:\n" + "\n".join(w.log()[-2000:] for w in se.workers))
+
+
+def test_kill9_mid_replay_then_restart_equals_a_clean_replay(make_stream_env: Any, bundle: Path) -> None:
+    products, events = _replay_events()
+    crashed, clean = make_stream_env(), make_stream_env()
+    for se in (crashed, clean):
+        se.sent = {"products": se.produce("products", products), "behavior": se.produce("behavior", events)}
+
+    # Crash run: small batches so the kill lands mid-replay, SIGKILL once a part is applied, restart to the end.
+    first = crashed.start_worker(TAGSTREAM_MODEL_PATH=str(bundle), TAGSTREAM_BATCH_MAX="8")
+    _wait_applied(crashed, at_least=300)
+    first.kill9()
+    partial = _state(crashed)
+    crashed.start_worker(TAGSTREAM_MODEL_PATH=str(bundle), TAGSTREAM_BATCH_MAX="16")
+    _wait_caught_up(crashed, crashed.sent)
+
+    clean.start_worker(TAGSTREAM_MODEL_PATH=str(bundle))
+    _wait_caught_up(clean, clean.sent)
+
+    after_crash, reference = _state(crashed), _state(clean)
+    assert len(partial) > 0 and partial != after_crash, "the kill did not land mid-replay"
+    counters = {k: v for k, v in reference.items() if k.endswith(":beh")}
+    assert {k: after_crash.get(k) for k in counters} == counters, "behaviour counters differ (lost or doubled)"
+    docs = {k: v for k, v in reference.items() if k.endswith(":doc")}
+    assert {k: after_crash.get(k) for k in docs} == docs
+    tags = {k: sorted(t["tag"] for t in v["tags"]) for k, v in reference.items() if k.endswith(":tags")}
+    assert {k: sorted(t["tag"] for t in after_crash[k]["tags"]) for k in tags} == tags
+    assert after_crash.keys() == reference.keys()
+
+    # Nothing lost downstream either: each product's last tag update carries its final tags.
+    updates = crashed.consume("tag-updates", lambda m: True, timeout=10)
+    last: dict[str, dict[str, Any]] = {}
+    for u in updates:
+        last[u["product_id"]] = u
+    for key, names in tags.items():
+        pid = key.split("{")[1].split("}")[0]
+        if pid in last:
+            assert sorted(tag_names(last[pid])) == names, pid

@@ -1,0 +1,36 @@
+"""Test helper: bundles whose featurizer is the real one (fitted on a few products), so a worker can load them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from schemas import ProductChange
+from serving.featurizer import Featurizer, FeaturizerConfig
+from tests.tinymodel import make_bundle
+
+TITLES = [
+    "华为 Mate 60 Pro 5G手机 黑色",
+    "Turtle Check Men Navy Blue Shirt",
+    "苹果 iPhone 15 128GB 蓝色",
+    "Nike Women Red Running Shoes",
+    "小米 充电宝 20000mAh",
+    "Levis Men Black Jeans",
+]
+
+
+def featurized_bundle(registry: Path, *, seed: int = 0) -> Path:
+    """A tiny random-weight ONNX bundle over the real featurizer (hash_bits=10, L=32); different seeds give
+    different models with the same input and label layout."""
+    products = [
+        ProductChange("upsert", f"fit-{i}", 0, 0, title=t, brand="brand", price=10.0 + i)
+        for i, t in enumerate(TITLES * 3)
+    ]
+    featurizer = Featurizer.fit(products, FeaturizerConfig(hash_bits=10, max_features=32, min_df=1))
+    return make_bundle(
+        registry,
+        L=featurizer.max_features,
+        K=featurizer.n_numeric,
+        buckets=featurizer.n_buckets,
+        featurizer_spec=featurizer.spec,
+        seed=seed,
+    )

@@ -1,0 +1,381 @@
+"""Bundles: written atomically and immutably, loaded only when every check passes, each tampering named."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import stat
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from onnx import TensorProto, helper
+from onnx.external_data_helper import set_external_data
+
+from serving.bundle import (
+    DEFAULT_LIMITS,
+    BundleLimits,
+    LabelMap,
+    list_versions,
+    load_bundle,
+    write_bundle,
+)
+from tagstream.errors import BundleError, ModelRejectedError
+from tests.tinymodel import (
+    DEFAULT_LABELS,
+    DEFAULT_THRESHOLDS,
+    make_bundle,
+    make_featurizer_spec,
+    make_model,
+    rewrite_manifest,
+    tamper,
+)
+
+T = len(DEFAULT_LABELS["labels"])
+
+
+def rejected(path: Path, **kwargs: object) -> list[str]:
+    """The reasons load_bundle gives for refusing `path` (fails the test if it accepts it)."""
+    with pytest.raises(ModelRejectedError) as info:
+        load_bundle(path, **kwargs)  # type: ignore[arg-type]
+    assert info.value.reasons, "a rejection must carry reasons"
+    return info.value.reasons
+
+
+def has(reasons: list[str], *fragments: str) -> bool:
+    return any(all(f in r for f in fragments) for r in reasons)
+
+
+@pytest.fixture
+def registry(tmp_path: Path) -> Path:
+    return tmp_path / "registry"
+
+
+@pytest.fixture
+def bundle_dir(registry: Path) -> Path:
+    return make_bundle(registry)
+
+
+# ------------------------------------------------------------------------------------------------ round trip
+
+
+def test_round_trip(bundle_dir: Path, registry: Path) -> None:
+    b = load_bundle(bundle_dir)
+    onnx_sha = hashlib.sha256((bundle_dir / "model.onnx").read_bytes()).hexdigest()
+    assert b.model_version == bundle_dir.name == f"20260102T030405Z-{onnx_sha[:8]}"
+    assert b.sha256 == hashlib.sha256((bundle_dir / "manifest.json").read_bytes()).hexdigest()
+    assert b.onnx_bytes == (bundle_dir / "model.onnx").read_bytes()
+    assert (b.L, b.K, b.T) == (16, 2, T)
+    assert [x.tag for x in b.labels.labels][:3] == ["category:手机通讯", "category:Clothing", "category:手机通讯/手机"]
+    assert b.labels.by_tag["category:手机通讯/手机"].parent == "category:手机通讯"
+    assert b.thresholds.for_tag("style:sport") == 0.4 and b.thresholds.for_tag("style:casual") == 0.5
+    assert b.golden.ids.shape == (64, 16) and b.golden.scores.shape == (64, T)
+    assert not b.golden.scores.flags.writeable
+    assert b.manifest["inputs"] == {"ids": ["int64", ["N", 16]], "weights": ["float32", ["N", 16]],
+                                    "numeric": ["float32", ["N", 2]]}  # fmt: skip
+    assert b.manifest["output"] == {"name": "scores", "shape": ["N", T]}
+    assert b.manifest["onnx_opset"] == 17 and b.manifest["featurizer_version"] == "tiny-1"
+    assert set(b.manifest["files"]) == {
+        "model.onnx", "labels.json", "thresholds.json", "featurizer.json", "idf.npy", "metrics.json", "golden.npz"
+    }  # fmt: skip
+    assert not b.signed
+    assert list_versions(registry) == [b.model_version]
+    # written read-only and nothing left behind
+    assert not (bundle_dir / "model.onnx").stat().st_mode & stat.S_IWUSR
+    assert [p.name for p in registry.iterdir()] == [b.model_version]
+
+
+def test_label_map_round_trips() -> None:
+    labels = LabelMap.from_json(DEFAULT_LABELS)
+    assert labels.to_json() == DEFAULT_LABELS
+    assert labels.group_by_name["category_l2"].parent_group == "category_l1"
+
+
+def test_versions_are_immutable(bundle_dir: Path, registry: Path) -> None:
+    before = (bundle_dir / "manifest.json").read_bytes()
+    with pytest.raises(BundleError, match="already exists"):
+        make_bundle(registry)  # same time, same model: same version
+    assert (bundle_dir / "manifest.json").read_bytes() == before
+    assert [p.name for p in registry.iterdir()] == [bundle_dir.name]
+
+
+def test_new_model_gets_new_version(bundle_dir: Path, registry: Path) -> None:
+    other = make_bundle(registry, seed=5)
+    assert other.name != bundle_dir.name
+    assert list_versions(registry) == sorted([bundle_dir.name, other.name])
+
+
+def test_write_refuses_invalid_bundle_and_leaves_nothing(registry: Path) -> None:
+    bad = copy.deepcopy(DEFAULT_THRESHOLDS)
+    bad["per_tag"]["colour:Purple"] = 0.7
+    with pytest.raises(ModelRejectedError) as info:
+        make_bundle(registry, thresholds=bad)
+    assert has(info.value.reasons, "unknown tag", "colour:Purple")
+    assert list(registry.iterdir()) == []
+
+
+def test_write_with_featurizer_callable(registry: Path) -> None:
+    spec = make_featurizer_spec()
+
+    def save(directory: Path) -> list[str]:
+        (directory / "featurizer.json").write_text(json.dumps(spec))
+        np.save(directory / "idf.npy", np.ones(64, dtype=np.float32))
+        return ["featurizer.json", "idf.npy"]
+
+    src = load_bundle(make_bundle(registry / "a"))
+    path = write_bundle(
+        registry / "b",
+        onnx_bytes=src.onnx_bytes,
+        labels=src.labels,
+        thresholds=src.thresholds,
+        featurizer_files=save,
+        metrics={"micro_f1": 0.4},
+        golden=src.golden,
+        meta={"model_name": "tiny", "training_data_sha256": "ab" * 32, "git_commit": "abc123"},
+    )
+    b = load_bundle(path)
+    assert "idf.npy" in b.manifest["files"] and b.manifest["git_commit"] == "abc123"
+    assert b.featurizer_spec["max_features"] == 16
+
+
+def test_meta_cannot_override_computed_fields(registry: Path) -> None:
+    src = load_bundle(make_bundle(registry / "a"))
+    with pytest.raises(BundleError, match="model_version"):
+        write_bundle(
+            registry / "b",
+            onnx_bytes=src.onnx_bytes,
+            labels=src.labels,
+            thresholds=src.thresholds,
+            featurizer_files={"featurizer.json": json.dumps(make_featurizer_spec()).encode()},
+            metrics={},
+            golden=src.golden,
+            meta={"model_name": "x", "training_data_sha256": "0" * 64, "model_version": "mine"},
+        )
+
+
+# ------------------------------------------------------------------------------------------------ signatures
+
+
+def test_signed_bundle_verifies(registry: Path) -> None:
+    key = Ed25519PrivateKey.generate()
+    path = make_bundle(registry, signing_key=key)
+    assert load_bundle(path, verify_key=key.public_key()).signed
+    pem = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    assert load_bundle(path, verify_key=pem).signed
+    raw = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    assert load_bundle(path, verify_key=raw).signed
+
+
+def test_unsigned_refused_when_key_configured(bundle_dir: Path) -> None:
+    key = Ed25519PrivateKey.generate()
+    assert has(rejected(bundle_dir, verify_key=key.public_key()), "manifest.sig", "unsigned")
+
+
+def test_wrong_key_refused(registry: Path) -> None:
+    path = make_bundle(registry, signing_key=Ed25519PrivateKey.generate())
+    other = Ed25519PrivateKey.generate().public_key()
+    assert has(rejected(path, verify_key=other), "manifest.sig", "does not verify")
+
+
+def test_manifest_changed_after_signing_refused(registry: Path) -> None:
+    key = Ed25519PrivateKey.generate()
+    path = make_bundle(registry, signing_key=key)
+    manifest = path / "manifest.json"
+    data = json.loads(manifest.read_bytes())
+    data["model_name"] = "evil"
+    manifest.chmod(0o644)
+    manifest.write_text(json.dumps(data))
+    assert has(rejected(path, verify_key=key.public_key()), "manifest.sig", "does not verify")
+
+
+def test_expected_sha256_must_match(bundle_dir: Path) -> None:
+    good = hashlib.sha256((bundle_dir / "manifest.json").read_bytes()).hexdigest()
+    assert load_bundle(bundle_dir, expected_sha256=good).sha256 == good
+    assert has(rejected(bundle_dir, expected_sha256="0" * 64), "manifest.json", "expected")
+
+
+# ------------------------------------------------------------------------------------------------ tampering
+
+
+def test_wrong_checksum(bundle_dir: Path) -> None:
+    tamper(bundle_dir, "thresholds.json", json.dumps({**DEFAULT_THRESHOLDS, "default": 0.1}).encode(),
+           fix_manifest=False)  # fmt: skip
+    reasons = rejected(bundle_dir)
+    assert has(reasons, "thresholds.json", "sha256 mismatch")
+    assert len(reasons) == 1
+
+
+def test_unlisted_file(bundle_dir: Path) -> None:
+    (bundle_dir / "extra.bin").write_bytes(b"x")
+    assert has(rejected(bundle_dir), "extra.bin", "not listed")
+
+
+def test_listed_file_missing(bundle_dir: Path) -> None:
+    (bundle_dir / "metrics.json").unlink()
+    assert has(rejected(bundle_dir), "metrics.json", "missing")
+
+
+def test_missing_manifest(bundle_dir: Path) -> None:
+    (bundle_dir / "manifest.json").unlink()
+    assert has(rejected(bundle_dir), "manifest.json", "missing")
+
+
+@pytest.mark.parametrize("field", ["training_data_sha256", "model_version", "files", "output"])
+def test_missing_manifest_field(bundle_dir: Path, field: str) -> None:
+    rewrite_manifest(bundle_dir, mutate=lambda m: m.pop(field), fix_checksums=False)
+    assert has(rejected(bundle_dir), "manifest.json", f"missing field '{field}'")
+
+
+def test_model_version_must_match_onnx(bundle_dir: Path) -> None:
+    rewrite_manifest(bundle_dir, mutate=lambda m: m.update(model_version="20260102T030405Z-00000000"))
+    assert has(rejected(bundle_dir), "model_version", "sha256 prefix")
+
+
+def test_truncated_onnx(bundle_dir: Path) -> None:
+    data = (bundle_dir / "model.onnx").read_bytes()
+    tamper(bundle_dir, "model.onnx", data[: len(data) // 2])
+    reasons = rejected(bundle_dir)
+    assert has(reasons, "model.onnx", "does not parse")
+
+
+def _bad_model_bundle(registry: Path, model: onnx.ModelProto, **kwargs: object) -> Path:
+    return make_bundle(registry, model=model, golden_scores=np.full((64, T), 0.5, np.float32), validate=False,
+                       **kwargs)  # type: ignore[arg-type]  # fmt: skip
+
+
+def test_external_data(registry: Path) -> None:
+    model = make_model()
+    tensor = next(t for t in model.graph.initializer if t.name == "dense_b")
+    set_external_data(tensor, location="weights.bin")
+    tensor.data_location = TensorProto.EXTERNAL
+    tensor.ClearField("raw_data")
+    assert has(rejected(_bad_model_bundle(registry, model)), "dense_b", "external data")
+
+
+def test_unknown_operator_domain(registry: Path) -> None:
+    model = make_model()
+    last = next(n for n in model.graph.node if "scores" in n.output)
+    last.output[0] = "pre"
+    model.graph.node.append(helper.make_node("Boost", ["pre"], ["scores"], domain="com.example"))
+    model.opset_import.append(helper.make_opsetid("com.example", 1))
+    reasons = rejected(_bad_model_bundle(registry, model))
+    assert has(reasons, "domain", "com.example")
+
+
+def test_opset_too_new(registry: Path) -> None:
+    model = make_model(opset=DEFAULT_LIMITS.max_opset + 1)
+    reasons = rejected(_bad_model_bundle(registry, model))
+    assert has(reasons, f"opset {DEFAULT_LIMITS.max_opset + 1} outside")
+
+
+def test_opset_limits_are_configurable(bundle_dir: Path) -> None:
+    assert has(rejected(bundle_dir, limits=BundleLimits(max_opset=16)), "opset 17 outside the allowed 13..16")
+
+
+def test_onnx_size_limit(bundle_dir: Path) -> None:
+    assert has(rejected(bundle_dir, limits=BundleLimits(max_onnx_bytes=100)), "model.onnx", "exceeds the limit")
+
+
+def test_input_width_must_match_featurizer(registry: Path) -> None:
+    model = make_model(L=8)  # the featurizer says L=16
+    reasons = rejected(_bad_model_bundle(registry, model))
+    assert has(reasons, "'ids' has width 8 but featurizer says 16")
+    assert has(reasons, "'weights' has width 8 but featurizer says 16")
+
+
+def test_numeric_width_must_match_featurizer(bundle_dir: Path) -> None:
+    spec = make_featurizer_spec(K=3)
+    tamper(bundle_dir, "featurizer.json", json.dumps(spec).encode())
+    assert has(rejected(bundle_dir), "'numeric' has width 2 but featurizer says 3")
+
+
+def test_label_count_must_match_output(bundle_dir: Path) -> None:
+    labels = copy.deepcopy(DEFAULT_LABELS)
+    labels["labels"] = [x for x in labels["labels"] if x["tag"] != "colour:Navy Blue"]
+    for i, x in enumerate(labels["labels"]):
+        x["index"] = i
+    tamper(bundle_dir, "labels.json", json.dumps(labels).encode())
+    assert has(rejected(bundle_dir), f"'scores' has width {T} but labels.json says {T - 1}")
+
+
+def test_huge_declared_dims(registry: Path) -> None:
+    model = make_model()
+    model.graph.value_info.append(helper.make_tensor_value_info("pooled", TensorProto.FLOAT, ["N", 2**40]))
+    assert has(rejected(_bad_model_bundle(registry, model)), "'pooled'", "beyond the limit")
+
+
+def test_huge_constant_shape(registry: Path) -> None:
+    model = make_model()
+    model.graph.initializer.append(onnx.numpy_helper.from_array(np.array([2**40], dtype=np.int64), "big_shape"))
+    model.graph.node.append(helper.make_node("ConstantOfShape", ["big_shape"], ["boom"]))
+    assert has(rejected(_bad_model_bundle(registry, model)), "ConstantOfShape", "beyond")
+
+
+def test_fixed_batch_dimension_refused(registry: Path) -> None:
+    model = make_model()
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 1
+    assert has(rejected(_bad_model_bundle(registry, model)), "'ids'", "fixed batch dimension")
+
+
+# ------------------------------------------------------------------------------------------------ labels, thresholds
+
+
+def _labels_with(mutate: object) -> dict[str, object]:
+    labels = copy.deepcopy(DEFAULT_LABELS)
+    mutate(labels)  # type: ignore[operator]
+    return labels
+
+
+@pytest.mark.parametrize(
+    ("mutate", "fragment"),
+    [
+        (lambda x: x["labels"][2].update(parent="category:Nope"), "unknown parent"),
+        (lambda x: x["labels"][2].update(parent=None), "needs a parent"),
+        (lambda x: x["labels"][5].update(group="material"), "unknown group"),
+        (lambda x: x["labels"][3].update(index=7), "indices must be exactly 0..8"),
+        (lambda x: x["labels"][6].update(tag="colour:Black"), "appears twice"),
+        (lambda x: x["groups"][1].update(parent_group="shape"), "unknown parent_group"),
+        (lambda x: x["groups"][3].update(kind="ranked"), "unknown kind"),
+        (lambda x: x["labels"][2].update(parent="colour:Black"), "not in its group's parent_group"),
+    ],
+)
+def test_label_map_inconsistencies(bundle_dir: Path, mutate: object, fragment: str) -> None:
+    tamper(bundle_dir, "labels.json", json.dumps(_labels_with(mutate)).encode())
+    assert has(rejected(bundle_dir), "labels.json", fragment)
+
+
+@pytest.mark.parametrize(
+    ("thresholds", "fragment"),
+    [
+        ({"format_version": 1, "default": 1.5, "per_tag": {}}, "default 1.5 is not a number in [0, 1]"),
+        ({"format_version": 1, "default": 0.5, "per_tag": {"style:sport": -0.1}}, "-0.1 of 'style:sport'"),
+        ({"format_version": 1, "default": 0.5, "per_tag": {"style:boho": 0.5}}, "unknown tag 'style:boho'"),
+    ],
+)
+def test_bad_thresholds(bundle_dir: Path, thresholds: dict[str, object], fragment: str) -> None:
+    tamper(bundle_dir, "thresholds.json", json.dumps(thresholds).encode())
+    assert has(rejected(bundle_dir), "thresholds.json", fragment)
+
+
+def test_golden_must_match_dims(bundle_dir: Path) -> None:
+    import io
+
+    buf = io.BytesIO()
+    g = load_bundle(bundle_dir).golden
+    np.savez(buf, ids=g.ids[:, :8], weights=g.weights, numeric=g.numeric, scores=g.scores)
+    tamper(bundle_dir, "golden.npz", buf.getvalue())
+    assert has(rejected(bundle_dir), "golden.npz", "ids has 8 columns, expected 16")
+
+
+def test_all_reasons_are_collected(bundle_dir: Path) -> None:
+    tamper(bundle_dir, "thresholds.json", b"{}", fix_manifest=False)
+    (bundle_dir / "stray.txt").write_text("hi")
+    rewrite_manifest(bundle_dir, mutate=lambda m: m.pop("created_at"), fix_checksums=False)
+    reasons = rejected(bundle_dir)
+    assert has(reasons, "thresholds.json", "sha256 mismatch")
+    assert has(reasons, "stray.txt", "not listed")
+    assert has(reasons, "missing field 'created_at'")

@@ -1,0 +1,142 @@
+"""HTTP tag lookup over an in-memory stand-in for the Redis client (the HTTP layer only), and its settings."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from serving.cli import LookupSettings, load_settings, register
+from serving.http import create_app, tags_key
+from tagstream.errors import ConfigError
+
+STATE = {
+    "tags": [
+        {"tag": "category:手机通讯", "group": "category_l1", "score": 0.98, "origin": "model"},
+        {"tag": "trending", "group": "behaviour", "score": 1.0, "origin": "behaviour"},
+    ],
+    "model_version": "20260102T030405Z-8122ca35",
+    "behaviour": {"trending": {"on": True, "since": 1764316805123}},
+    "updated_at": 1764316805131,
+}
+
+
+class MemoryStore:
+    """Stand-in for redis.asyncio.Redis: `get` and `ping` over a dict; `down` makes both fail."""
+
+    def __init__(self, data: dict[str, bytes] | None = None) -> None:
+        self.data = data or {}
+        self.down = False
+        self.asked: list[str] = []
+
+    async def get(self, name: str) -> bytes | None:
+        self.asked.append(name)
+        if self.down:
+            raise ConnectionError("connection refused")
+        return self.data.get(name)
+
+    async def ping(self) -> bool:
+        if self.down:
+            raise ConnectionError("connection refused")
+        return True
+
+
+MakeClient = Callable[..., Awaitable[TestClient]]
+
+
+@pytest.fixture
+async def make_client() -> AsyncIterator[MakeClient]:
+    clients: list[TestClient] = []
+
+    async def make(store: MemoryStore, prefix: str = "ts") -> TestClient:
+        client = TestClient(TestServer(create_app(store, prefix)))
+        await client.start_server()
+        clients.append(client)
+        return client
+
+    yield make
+    for c in clients:
+        await c.close()
+
+
+async def test_returns_stored_tags(make_client: MakeClient) -> None:
+    store = MemoryStore({"ts:{jd-100231}:tags": json.dumps(STATE).encode()})
+    client = await make_client(store)
+    resp = await client.get("/products/jd-100231/tags")
+    assert resp.status == 200
+    assert resp.headers["Content-Type"].startswith("application/json")
+    body = await resp.json()
+    assert body == {"product_id": "jd-100231", **STATE}
+
+
+async def test_key_uses_prefix_and_hash_tag(make_client: MakeClient) -> None:
+    store = MemoryStore({"other:{p1}:tags": b'{"tags": []}'})
+    client = await make_client(store, prefix="other")
+    assert (await client.get("/products/p1/tags")).status == 200
+    assert store.asked == ["other:{p1}:tags"] == [tags_key("other", "p1")]
+
+
+async def test_absent_product_is_404(make_client: MakeClient) -> None:
+    client = await make_client(MemoryStore())
+    resp = await client.get("/products/nope/tags")
+    assert resp.status == 404
+    assert (await resp.json())["product_id"] == "nope"
+
+
+@pytest.mark.parametrize("bad_id", ["a%7Bb", "a%20b", "x" * 129])
+async def test_malformed_product_id_is_400(make_client: MakeClient, bad_id: str) -> None:
+    store = MemoryStore()
+    client = await make_client(store)
+    assert (await client.get(f"/products/{bad_id}/tags")).status == 400
+    assert store.asked == []  # never reaches Redis (no key injection across hash tags)
+
+
+async def test_store_failure_is_503(make_client: MakeClient) -> None:
+    store = MemoryStore({"ts:{p1}:tags": b"{}"})
+    store.down = True
+    client = await make_client(store)
+    assert (await client.get("/products/p1/tags")).status == 503
+
+
+async def test_corrupt_state_is_500(make_client: MakeClient) -> None:
+    client = await make_client(MemoryStore({"ts:{p1}:tags": b"{not json", "ts:{p2}:tags": b"[1]"}))
+    assert (await client.get("/products/p1/tags")).status == 500
+    assert (await client.get("/products/p2/tags")).status == 500
+
+
+async def test_healthz(make_client: MakeClient) -> None:
+    store = MemoryStore()
+    client = await make_client(store)
+    resp = await client.get("/healthz")
+    assert resp.status == 200 and (await resp.json())["status"] == "ok"
+    store.down = True
+    assert (await client.get("/healthz")).status == 503
+
+
+# ------------------------------------------------------------------------------------------------ settings, command
+
+
+def test_settings_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TAGSTREAM_HTTP_PORT", "9001")
+    monkeypatch.setenv("TAGSTREAM_REDIS_PREFIX", "shop")
+    s = load_settings()
+    assert (s.http_port, s.redis_prefix, s.http_host) == (9001, "shop", "127.0.0.1")
+    assert load_settings(http_port=8081).http_port == 8081  # a flag beats the environment
+
+
+def test_bad_settings_are_config_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TAGSTREAM_HTTP_PORT", "70000")
+    with pytest.raises(ConfigError, match="http_port"):
+        load_settings()
+
+
+def test_lookup_command_registered() -> None:
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="command"))
+    args: Any = parser.parse_args(["lookup", "--port", "8081"])
+    assert args.port == 8081 and callable(args.func)
+    assert {"redis_url", "redis_prefix", "http_port"} <= set(LookupSettings.model_fields)
