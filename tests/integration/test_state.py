@@ -1,0 +1,120 @@
+"""The Redis state store (Lua, offset-fenced) and the in-memory one end in the same state for the same events."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Any
+
+import orjson
+import pytest
+import redis.asyncio as aioredis
+
+from streams.processor import InMessage, Processor
+from streams.state import MemoryStateStore, RedisStateStore, StateStore
+from tagstream.errors import StateError
+from tagstream.stack import StackSettings
+from tests.events import behaviour, delete, upsert
+
+pytestmark = pytest.mark.integration
+T0 = 1_764_316_800_000
+
+
+def _messages() -> tuple[list[InMessage], list[InMessage]]:
+    products = [upsert(f"s{i}", f"title {i}", attributes={"colour": "Blue"}) for i in range(5)] + [delete("s3")]
+    clicks = [behaviour(f"s{i % 5}", f"user{i % 11}", T0 + i * 40_000, "view") for i in range(300)]
+    clicks += [behaviour("s1", f"burst{i}", T0 + 300 * 40_000 + i * 500) for i in range(40)]
+    pm = [InMessage("products", 0, i, None, orjson.dumps(e)) for i, e in enumerate(products)]
+    bm = [InMessage("behavior", 0, i, None, orjson.dumps(e)) for i, e in enumerate(clicks)]
+    return pm, bm
+
+
+async def _run(store: StateStore, batch: int) -> list[bytes]:
+    processor = Processor(store, user_hash_key=b"k")
+    pm, bm = _messages()
+    emitted = [v for _, v in (await processor.process_products(pm)).updates]
+    for i in range(0, len(bm), batch):
+        emitted += [v for _, v in (await processor.process_behaviour(bm[i : i + batch])).updates]
+    # Redelivering everything changes nothing.
+    await processor.process_products(pm)
+    await processor.process_behaviour(bm)
+    return emitted
+
+
+async def _dump_redis(client: aioredis.Redis, prefix: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    async for key in client.scan_iter(f"{prefix}:{{*", count=500):
+        kind = await client.type(key)
+        name = key.removeprefix(prefix)
+        if kind == "hash":
+            out[name] = await client.hgetall(key)
+        elif kind == "string" and key.endswith(":tags"):
+            out[name] = orjson.loads(await client.get(key))
+        else:
+            out[name] = await client.pfcount(key)
+    return out
+
+
+def _dump_memory(store: MemoryStateStore) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, h in store.hashes.items():
+        if h and "{" in key:
+            out[key.removeprefix(store.prefix)] = h
+    for key, s in store.strings.items():
+        out[key.removeprefix(store.prefix)] = orjson.loads(s)
+    for key, members in store.hlls.items():
+        out[key.removeprefix(store.prefix)] = len(members)
+    return out
+
+
+def _strip_times(state: dict[str, Any]) -> dict[str, Any]:
+    clean = {}
+    for k, v in state.items():
+        if k.endswith(":fence"):
+            v = {f: (orjson.loads(x) | {"emit_time": 0} if f.startswith("emit:") else x) for f, x in v.items()}
+        clean[k] = v
+    return clean
+
+
+def test_redis_and_memory_stores_agree_and_redelivery_is_a_no_op(stack: StackSettings) -> None:
+    async def main() -> None:
+        prefix = f"st{uuid.uuid4().hex[:8]}"
+        client = aioredis.from_url(stack.redis_url, decode_responses=True)
+        try:
+            redis_store = RedisStateStore(client, prefix)
+            await redis_store.check_format()
+            memory = MemoryStateStore(prefix)
+            from_redis = await _run(redis_store, batch=16)
+            from_memory = await _run(memory, batch=16)
+            assert [orjson.loads(u) | {"emit_time": 0} for u in from_redis] == [
+                orjson.loads(u) | {"emit_time": 0} for u in from_memory
+            ]
+            assert any("trending" in orjson.loads(u)["added"] for u in from_redis)
+            in_redis, in_memory = _strip_times(await _dump_redis(client, prefix)), _strip_times(_dump_memory(memory))
+            assert in_redis.keys() == in_memory.keys()
+            exact = [k for k in in_redis if ":uu:" not in k]
+            assert {k: in_redis[k] for k in exact} == {k: in_memory[k] for k in exact}
+            for k in in_redis.keys() - set(exact):  # HyperLogLog estimates against exact counts: within 3%
+                assert abs(in_redis[k] - in_memory[k]) <= max(1, 0.03 * in_memory[k]), k
+        finally:
+            keys = [k async for k in client.scan_iter(f"{prefix}:*")]
+            if keys:
+                await client.delete(*keys)
+            await client.aclose()
+
+    asyncio.run(main())
+
+
+def test_a_worker_refuses_another_state_format(stack: StackSettings) -> None:
+    async def main() -> None:
+        prefix = f"sf{uuid.uuid4().hex[:8]}"
+        client = aioredis.from_url(stack.redis_url, decode_responses=True)
+        try:
+            await client.hset(f"{prefix}:meta", "state_format", 99)
+            with pytest.raises(StateError, match="format 99"):
+                await RedisStateStore(client, prefix).check_format()
+        finally:
+            await client.delete(f"{prefix}:meta")
+            await client.aclose()
+
+    asyncio.run(main())

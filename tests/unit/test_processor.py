@@ -1,0 +1,140 @@
+"""The worker's event logic with the in-memory state store: no Kafka, no Redis."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from schemas import ProductChange, TagUpdate
+from streams.model import BundleModel
+from streams.processor import InMessage, Processor
+from streams.settings import WorkerSettings
+from streams.state import MemoryStateStore
+from tests.events import behaviour, delete, upsert
+from tests.models import featurized_bundle
+
+T0 = 1_764_316_800_000
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> BundleModel:
+    return BundleModel.load(featurized_bundle(tmp_path_factory.mktemp("reg")), WorkerSettings())
+
+
+@pytest.fixture
+def processor(model: BundleModel) -> Processor:
+    return Processor(MemoryStateStore("t"), user_hash_key=b"secret", model_provider=lambda: model)
+
+
+class Feed:
+    """Numbers messages per topic partition like Kafka does."""
+
+    def __init__(self) -> None:
+        self.offsets: dict[str, int] = {}
+
+    def __call__(self, topic: str, *events: Any, partition: int = 0) -> list[InMessage]:
+        out = []
+        for ev in events:
+            offset = self.offsets.get(topic, 0)
+            self.offsets[topic] = offset + 1
+            value = ev if isinstance(ev, bytes) else orjson.dumps(ev)
+            key = ev["product_id"].encode() if isinstance(ev, dict) and "product_id" in ev else None
+            out.append(InMessage(topic, partition, offset, key, value))
+        return out
+
+
+def updates(out: Any) -> list[dict[str, Any]]:
+    return [orjson.loads(v) for _, v in out.updates]
+
+
+async def test_an_upsert_emits_the_model_and_catalog_tags(processor: Processor, model: BundleModel) -> None:
+    feed = Feed()
+    event = upsert("p1", "Nike Women Red Running Shoes", attributes={"gender": "Women"})
+    out = await processor.process_products(feed("products", event))
+    [update] = updates(out)
+    TagUpdate.from_dict(update)
+    expected = {t.tag for t in model.score([ProductChange.from_dict(event)])[0]} | {"gender:Women"}
+    assert {t["tag"] for t in update["tags"]} == expected
+    assert update["model_version"] == model.version and update["source"]["offset"] == 0
+
+
+async def test_an_unchanged_upsert_emits_nothing_and_a_stale_version_is_ignored(processor: Processor) -> None:
+    feed = Feed()
+    await processor.process_products(feed("products", upsert("p1", "Levis Men Black Jeans", version=5)))
+    again = await processor.process_products(feed("products", upsert("p1", "Levis Men Black Jeans", version=6)))
+    assert again.updates == [] and again.applied == 1
+    stale = await processor.process_products(feed("products", upsert("p1", "Totally different", version=4)))
+    assert stale.updates == []
+    state = (await processor.store.read(["p1"]))["p1"]
+    assert state.doc["title"] == "Levis Men Black Jeans" and state.doc["version"] == "6"
+
+
+async def test_a_redelivered_batch_is_a_no_op_that_resends_the_last_update(processor: Processor) -> None:
+    feed = Feed()
+    batch = feed("behavior", *[behaviour("p9", f"u{i % 7}", T0 + i * 1000) for i in range(30)])
+    first = await processor.process_behaviour(batch)
+    before = await processor.store.read(["p9"])
+    again = await processor.process_behaviour(batch)
+    after = await processor.store.read(["p9"])
+    assert again.applied == 0 and again.redelivered == 1
+    assert after["p9"].beh == before["p9"].beh  # nothing counted twice
+    assert [u for _, u in again.updates] == [first.updates[-1][1]]  # the last update is sent again
+
+
+async def test_a_click_burst_turns_trending_on_and_it_expires_with_event_time(processor: Processor) -> None:
+    feed = Feed()
+    out = await processor.process_behaviour(
+        feed("behavior", *[behaviour("hot", f"u{i % 9}", T0 + i * 5000) for i in range(30)])
+    )
+    assert any("trending" in u["added"] for u in updates(out))
+    later = await processor.process_behaviour(feed("behavior", behaviour("other", "u1", T0 + 3 * 3_600_000)))
+    expired = [u for u in updates(later) if u["product_id"] == "hot"]
+    assert expired and expired[0]["reason"] == "window-expired" and "trending" in expired[0]["removed"]
+
+
+async def test_few_users_cannot_make_a_product_trend(processor: Processor) -> None:
+    feed = Feed()
+    out = await processor.process_behaviour(
+        feed("behavior", *[behaviour("bot", f"u{i % 2}", T0 + i * 1000) for i in range(60)])
+    )
+    assert not any("trending" in u["added"] for u in updates(out))
+
+
+async def test_a_delete_removes_every_tag_and_later_clicks_add_none(processor: Processor) -> None:
+    feed = Feed()
+    await processor.process_products(feed("products", upsert("d1", "小米 充电宝", attributes={"colour": "White"})))
+    out = await processor.process_products(feed("products", delete("d1")))
+    [update] = updates(out)
+    assert update["deleted"] and update["tags"] == [] and "colour:White" in update["removed"]
+    clicks = await processor.process_behaviour(feed("behavior", *[behaviour("d1", f"u{i}", T0 + i) for i in range(40)]))
+    assert clicks.updates == []
+
+
+async def test_bad_messages_become_dead_letters_and_the_rest_is_applied(processor: Processor) -> None:
+    feed = Feed()
+    msgs = feed("products", b"{not json", upsert("ok", "Levis Men Black Jeans"), {"schema_version": 1, "op": "x"})
+    out = await processor.process_products(msgs)
+    assert [orjson.loads(u)["product_id"] for _, u in out.updates] == ["ok"]
+    dead = [orjson.loads(v) for _, v in out.dead_letters]
+    assert [d["source"]["offset"] for d in dead] == [0, 2]
+    assert dead[0]["error_type"] == "EventDecodeError" and dead[1]["error_type"] == "SchemaValidationError"
+
+
+async def test_user_ids_never_reach_the_state_store_in_clear(processor: Processor) -> None:
+    feed = Feed()
+    await processor.process_behaviour(feed("behavior", behaviour("p", "alice@example.com", T0)))
+    store = processor.store
+    assert isinstance(store, MemoryStateStore)
+    dumped = repr(store.hashes) + repr(store.strings) + repr(store.hlls)
+    assert "alice" not in dumped
+    assert any(members for members in store.hlls.values())
+
+
+async def test_a_batch_needs_no_model_to_give_catalog_and_behaviour_tags(tmp_path: Path) -> None:
+    processor = Processor(MemoryStateStore("t"), user_hash_key=b"k")
+    out = await processor.process_products(Feed()("products", upsert("p", "x", attributes={"size": "M"})))
+    [update] = updates(out)
+    assert [t["tag"] for t in update["tags"]] == ["size:M"] and update["model_version"] is None
