@@ -1,0 +1,367 @@
+"""`tagstream demo`: the whole loop on this machine in a few minutes, with no data files needed.
+
+Brings the local stack up, takes a catalog (generated, or `--catalog PATH`), trains a small model, starts a worker,
+replays product events and a behaviour stream (with a few bad events), shows tag updates live, and ends with a
+summary: events in, tag updates out, dead-lettered, p50/p99 event-to-tag latency.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+
+from tagstream.errors import ConfigError, StackError
+
+DEMO_START_MS = 1_764_316_800_000  # event time the replayed behaviour starts at
+
+
+@dataclass
+class DemoSummary:
+    """What the demo measured."""
+
+    products_in: int = 0
+    behaviour_in: int = 0
+    bad_in: int = 0
+    updates_out: int = 0
+    dead_lettered: int = 0
+    latencies_ms: list[float] = field(default_factory=list)
+    reasons: Counter[str] = field(default_factory=Counter)
+    tags: Counter[str] = field(default_factory=Counter)
+    model_version: str | None = None
+    train_seconds: float = 0.0
+    model_metrics: dict[str, Any] = field(default_factory=dict)
+
+    def percentile(self, q: float) -> float | None:
+        """Latency percentile in ms (None when nothing was measured)."""
+        return float(np.percentile(self.latencies_ms, q)) if self.latencies_ms else None
+
+    def to_json(self) -> dict[str, Any]:
+        """The summary as a JSON object."""
+        return {
+            "events_in": self.products_in + self.behaviour_in + self.bad_in,
+            "products_in": self.products_in,
+            "behaviour_in": self.behaviour_in,
+            "bad_events_in": self.bad_in,
+            "tag_updates_out": self.updates_out,
+            "dead_lettered": self.dead_lettered,
+            "latency_ms": {"p50": self.percentile(50), "p99": self.percentile(99), "n": len(self.latencies_ms)},
+            "reasons": dict(self.reasons),
+            "model_version": self.model_version,
+            "train_seconds": round(self.train_seconds, 1),
+            "model_metrics": self.model_metrics,
+        }
+
+
+def _load_catalog(args: argparse.Namespace) -> list[Any]:
+    if args.catalog:
+        from training.loaders import load_catalog
+
+        result = load_catalog(Path(args.catalog), args.format)
+        products = result.products
+        if args.limit:
+            products = products[: args.limit]
+        return products
+    from tagstream.synth import generate_catalog
+
+    return generate_catalog(args.products, seed=args.seed)
+
+
+def _train(products: list[Any], registry: Path, args: argparse.Namespace) -> tuple[Path, dict[str, Any]]:
+    from training.settings import TrainerSettings
+    from training.train import train
+
+    settings = TrainerSettings(
+        epochs=args.epochs, hash_bits=16, embed_dim=64, hidden=(128,), batch_size=128, min_support=3, baseline=False
+    )
+    bundle = train(products, settings, registry=registry, progress=False)
+    metrics = orjson.loads((bundle / "metrics.json").read_bytes())
+    groups = metrics.get("at_thresholds", {}).get("groups", metrics.get("top1", {}).get("groups", {}))
+    summary = {g: round(v.get("weighted_f1", v.get("micro_f1", 0.0)), 3) for g, v in groups.items()}
+    return bundle, summary
+
+
+def _product_event(p: Any, version: int = 1) -> dict[str, Any]:
+    return {
+        "schema_version": 1,
+        "op": "upsert",
+        "product_id": p.product_id,
+        "title": p.title,
+        "description": p.description,
+        "brand": p.brand,
+        "price": p.price,
+        "currency": p.currency,
+        "category_hints": [],
+        "attributes": {},
+        "updated_at": DEMO_START_MS,
+        "version": version,
+    }
+
+
+def _bad_events() -> list[bytes]:
+    return [
+        b"{this is not json",
+        orjson.dumps({"schema_version": 1, "op": "upsert", "product_id": "no-title", "updated_at": 1, "version": 1}),
+        orjson.dumps({"schema_version": 1, "event_type": "stare", "product_id": "x", "user_id": "u", "ts": 1}),
+    ]
+
+
+class LiveView:
+    """A terminal table of the latest tag updates (rich), refreshed as they arrive."""
+
+    def __init__(self, titles: dict[str, str], enabled: bool) -> None:
+        self.titles = titles
+        self.rows: deque[dict[str, Any]] = deque(maxlen=14)
+        self.enabled = enabled
+        self.live: Any = None
+
+    def __enter__(self) -> LiveView:
+        if self.enabled:
+            from rich.live import Live
+
+            self.live = Live(self.render(), refresh_per_second=4, transient=False)
+            self.live.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.live is not None:
+            self.live.update(self.render())
+            self.live.__exit__(*exc)
+
+    def add(self, update: dict[str, Any], latency: float | None) -> None:
+        self.rows.appendleft({**update, "_latency": latency})
+        if self.live is not None:
+            self.live.update(self.render())
+
+    def render(self) -> Any:
+        from rich.table import Table
+
+        table = Table(title="tag-updates (live)", expand=True)
+        for col in ("product", "title", "reason", "added", "removed", "tags", "ms"):
+            table.add_column(col, overflow="fold")
+        for u in self.rows:
+            tags = ", ".join(t["tag"] for t in u["tags"])
+            latency = u["_latency"]
+            table.add_row(
+                u["product_id"],
+                self.titles.get(u["product_id"], "")[:40],
+                u["reason"],
+                ", ".join(u["added"]),
+                ", ".join(u["removed"]),
+                tags,
+                f"{latency:.1f}" if latency is not None else "",
+            )
+        return table
+
+
+async def _replay_and_watch(
+    settings: Any, products: list[Any], behaviour: list[dict[str, Any]], rate: float, view: LiveView, s: DemoSummary
+) -> None:
+    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+    produced_at: dict[tuple[str, int, int], int] = {}
+    producer = AIOKafkaProducer(
+        bootstrap_servers=settings.kafka_bootstrap, acks="all", enable_idempotence=True, linger_ms=1
+    )
+    consumer = AIOKafkaConsumer(
+        settings.topic("tag-updates"),
+        settings.topic("dead-letter"),
+        bootstrap_servers=settings.kafka_bootstrap,
+        auto_offset_reset="earliest",
+    )
+    await producer.start()
+    await consumer.start()
+    stop = asyncio.Event()
+    last_seen = time.monotonic()
+
+    async def watch() -> None:
+        nonlocal last_seen
+        while not stop.is_set():
+            batches = await consumer.getmany(timeout_ms=200)
+            for tp, records in batches.items():
+                for r in records:
+                    last_seen = time.monotonic()
+                    if tp.topic == settings.topic("dead-letter"):
+                        s.dead_lettered += 1
+                        continue
+                    update = orjson.loads(r.value)
+                    s.updates_out += 1
+                    s.reasons[update["reason"]] += 1
+                    src = update["source"]
+                    sent = produced_at.get((src["topic"], src["partition"], src["offset"]))
+                    latency = update["emit_time"] - sent if sent is not None else None
+                    if latency is not None:
+                        s.latencies_ms.append(latency)
+                    view.add(update, latency)
+
+    async def send(topic: str, value: bytes, key: bytes | None) -> None:
+        fut = await producer.send(settings.topic(topic), value, key=key)
+
+        def record(done: asyncio.Future) -> None:
+            if not done.cancelled() and done.exception() is None:
+                meta = done.result()
+                produced_at[(settings.topic(topic), meta.partition, meta.offset)] = meta.timestamp
+
+        fut.add_done_callback(record)
+
+    watcher = asyncio.create_task(watch())
+    try:
+        interval = 1.0 / rate
+        t_next = time.monotonic()
+        stream: list[tuple[str, bytes, bytes | None]] = [
+            ("products", orjson.dumps(_product_event(p)), p.product_id.encode()) for p in products
+        ]
+        bad = _bad_events()
+        stream += [("products", bad[0], None), ("products", bad[1], b"no-title")]
+        stream += [("behavior", orjson.dumps(e), e["product_id"].encode()) for e in behaviour]
+        stream.insert(len(stream) // 2, ("behavior", bad[2], b"x"))
+        for topic, value, key in stream:
+            await send(topic, value, key)
+            t_next += interval
+            delay = t_next - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+        await producer.flush()
+        s.products_in = len(products)
+        s.behaviour_in = len(behaviour)
+        s.bad_in = len(bad)
+        # Wait until the worker has been quiet for a while (it emits only on change).
+        while time.monotonic() - last_seen < 3.0:
+            await asyncio.sleep(0.2)
+    finally:
+        stop.set()
+        await watcher
+        await consumer.stop()
+        await producer.stop()
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    """Run the demo end to end; prints the summary (and writes it as JSON with --json-out)."""
+    from rich.console import Console
+
+    from streams.settings import WorkerSettings
+    from streams.topics import ensure_topics
+    from tagstream.stack import StackSettings, stack_up
+    from tagstream.synth import Burst, generate_behaviour
+
+    console = Console()
+    console.rule("tagstream demo")
+    stack = StackSettings()
+    status = stack_up(stack)
+    console.print(f"stack: {status.describe() if hasattr(status, 'describe') else status}")
+
+    work = Path(args.workdir or Path.cwd() / "runs" / f"demo-{time.strftime('%Y%m%d-%H%M%S')}")
+    work.mkdir(parents=True, exist_ok=True)
+    products = _load_catalog(args)
+    if len(products) < 50:
+        raise ConfigError(f"the catalog has {len(products)} products; the demo needs at least 50")
+    console.print(f"catalog: {len(products)} products ({'generated' if not args.catalog else args.catalog})")
+
+    summary = DemoSummary()
+    console.print("training a model (Keras → tf2onnx → parity gate → bundle) ...")
+    t0 = time.perf_counter()
+    bundle, metrics = _train(products, work / "models", args)
+    summary.train_seconds = time.perf_counter() - t0
+    summary.model_metrics = metrics
+    summary.model_version = bundle.name
+    console.print(f"model {bundle.name} in {summary.train_seconds:.0f} s; test weighted F1 per group: {metrics}")
+
+    tag = uuid.uuid4().hex[:6]
+    env = {
+        "TAGSTREAM_KAFKA_BOOTSTRAP": stack.kafka_bootstrap,
+        "TAGSTREAM_REDIS_URL": stack.redis_url,
+        "TAGSTREAM_TOPIC_PREFIX": f"demo-{tag}-",
+        "TAGSTREAM_APP_ID": f"tagstream-demo-{tag}",
+        "TAGSTREAM_REDIS_PREFIX": f"demo-{tag}",
+        "TAGSTREAM_MODEL_PATH": str(bundle),
+    }
+    settings = WorkerSettings(**{k.removeprefix("TAGSTREAM_").lower(): v for k, v in env.items()})
+    asyncio.run(ensure_topics(settings))
+    log_path = work / "worker.log"
+    with log_path.open("wb") as log:
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "tagstream.cli", "worker"],
+            env={**os.environ, **env},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + 90
+        while b"Ready" not in log_path.read_bytes():
+            if worker.poll() is not None or time.monotonic() > deadline:
+                raise StackError(f"the worker did not start; see {log_path}")
+            time.sleep(0.2)
+        console.print(f"worker up (log: {log_path}); replaying at {args.rate:.0f} events/s ...")
+
+        rng = np.random.default_rng(args.seed)
+        hot = [products[int(i)].product_id for i in rng.choice(len(products), size=3, replace=False)]
+        bursts = [Burst(pid, DEMO_START_MS + (20 + 10 * i) * 60_000, 8 * 60_000, 120) for i, pid in enumerate(hot)]
+        behaviour = generate_behaviour(
+            products, args.events, DEMO_START_MS, seed=args.seed, duration_ms=3 * 3_600_000, bursts=bursts
+        )
+        titles = {p.product_id: p.title for p in products}
+        with LiveView(titles, enabled=not args.no_live) as view:
+            asyncio.run(_replay_and_watch(settings, products, behaviour, args.rate, view, summary))
+    finally:
+        worker.terminate()
+        try:
+            worker.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+
+    result = summary.to_json()
+    (work / "summary.json").write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
+    _print_summary(console, result, work)
+    return 0
+
+
+def _print_summary(console: Any, result: dict[str, Any], work: Path) -> None:
+    from rich.table import Table
+
+    table = Table(title="demo summary")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    lat = result["latency_ms"]
+    for name, value in [
+        ("events in", result["events_in"]),
+        ("  product events", result["products_in"]),
+        ("  behaviour events", result["behaviour_in"]),
+        ("  bad events", result["bad_events_in"]),
+        ("tag updates out", result["tag_updates_out"]),
+        ("dead-lettered", result["dead_lettered"]),
+        ("event→tag latency p50 (ms)", f"{lat['p50']:.1f}" if lat["p50"] is not None else "-"),
+        ("event→tag latency p99 (ms)", f"{lat['p99']:.1f}" if lat["p99"] is not None else "-"),
+        ("model", result["model_version"]),
+        ("training time (s)", result["train_seconds"]),
+    ]:
+        table.add_row(name, str(value))
+    console.print(table)
+    console.print(f"updates by reason: {result['reasons']}")
+    console.print(f"summary written to {work / 'summary.json'}; stop the stack with `tagstream stack down`")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add `demo`."""
+    p = subparsers.add_parser("demo", help="run the whole loop locally: stack, training, worker, replay, summary")
+    p.add_argument("--catalog", help="catalog file to train on and replay (default: a generated one)")
+    p.add_argument("--format", default="jsonl", choices=["cn-jd", "myntra", "bigbasket", "jsonl"])
+    p.add_argument("--limit", type=int, default=3000, help="at most this many catalog products")
+    p.add_argument("--products", type=int, default=1500, help="size of the generated catalog")
+    p.add_argument("--events", type=int, default=12000, help="behaviour events to replay")
+    p.add_argument("--rate", type=float, default=1500.0, help="replay rate (events/s)")
+    p.add_argument("--epochs", type=int, default=8, help="training epochs")
+    p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--workdir", help="where the model, logs and summary go (default: runs/demo-<time>)")
+    p.add_argument("--no-live", action="store_true", help="no live table (for logs and CI)")
+    p.set_defaults(func=run_demo)
