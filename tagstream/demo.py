@@ -165,8 +165,38 @@ class LiveView:
         return table
 
 
+async def group_lag(settings: Any) -> int:
+    """Messages of the input topics the worker's consumer group has not committed yet."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap)
+    await admin.start()
+    await consumer.start()
+    try:
+        committed = await admin.list_consumer_group_offsets(settings.app_id)
+        topics = [settings.topic(t) for t in ("products", "behavior")]
+        parts = [
+            TopicPartition(d["topic"], p["partition"])
+            for d in await admin.describe_topics(topics)
+            for p in d["partitions"]
+        ]
+        ends = await consumer.end_offsets(parts)
+        return sum(max(0, end - (committed[tp].offset if tp in committed else 0)) for tp, end in ends.items())
+    finally:
+        await consumer.stop()
+        await admin.close()
+
+
 async def _replay_and_watch(
-    settings: Any, products: list[Any], behaviour: list[dict[str, Any]], rate: float, view: LiveView, s: DemoSummary
+    settings: Any,
+    products: list[Any],
+    behaviour: list[dict[str, Any]],
+    rate: float,
+    view: LiveView,
+    s: DemoSummary,
+    timeout: float = 300.0,
 ) -> None:
     from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
@@ -236,8 +266,13 @@ async def _replay_and_watch(
         s.products_in = len(products)
         s.behaviour_in = len(behaviour)
         s.bad_in = len(bad)
-        # Wait until the worker has been quiet for a while (it emits only on change).
-        while time.monotonic() - last_seen < 3.0:
+        # Wait until the worker has committed every input message, then for the last updates to arrive.
+        deadline = time.monotonic() + timeout
+        while await group_lag(settings) > 0:
+            if time.monotonic() > deadline:
+                raise StackError(f"the worker did not catch up within {timeout:.0f} s")
+            await asyncio.sleep(0.5)
+        while time.monotonic() - last_seen < 1.0:
             await asyncio.sleep(0.2)
     finally:
         stop.set()

@@ -1,0 +1,183 @@
+"""Evaluation metrics against hand-computed values and sklearn, the report shape, the baseline and report files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sklearn.metrics import average_precision_score, precision_recall_fscore_support
+
+from tagstream.synth import generate_catalog
+from training.baseline import baseline_scores, run_baseline
+from training.catalog import CatalogProduct
+from training.evaluate import GroupPredictions, evaluate_bundle_scores, evaluate_group, evaluate_groups
+from training.report import write_report
+from training.splits import stratified_split
+
+GROUP_KEYS = {
+    "n",
+    "n_labels",
+    "accuracy",
+    "coverage",
+    "micro_precision",
+    "micro_recall",
+    "micro_f1",
+    "macro_precision",
+    "macro_recall",
+    "macro_f1",
+    "weighted_precision",
+    "weighted_recall",
+    "weighted_f1",
+    "per_tag",
+    "confused_pairs",
+}
+
+
+def test_hand_computed_example() -> None:
+    # labels a, b, c; one row unlabelled (-1), one abstention (-1 prediction)
+    g = GroupPredictions(
+        labels=["a", "b", "c"],
+        y_true=np.array([0, 0, 0, 1, 1, 2, -1]),
+        y_pred=np.array([0, 0, 1, 1, -1, 2, 0]),
+    )
+    r = evaluate_group(g)
+    assert r["n"] == 6
+    assert r["accuracy"] == pytest.approx(4 / 6)
+    assert r["coverage"] == pytest.approx(5 / 6)
+    # a: tp 2, pred 2, sup 3 → P 1, R 2/3; b: tp 1, pred 2, sup 2 → P .5, R .5; c: P 1, R 1
+    assert r["per_tag"]["a"] == {
+        "precision": 1.0,
+        "recall": pytest.approx(2 / 3),
+        "f1": 0.8,
+        "support": 3,
+        "predicted": 2,
+    }
+    assert r["per_tag"]["b"]["precision"] == 0.5 and r["per_tag"]["b"]["recall"] == 0.5
+    assert r["micro_precision"] == pytest.approx(4 / 5)  # abstention is not a wrong prediction
+    assert r["micro_recall"] == pytest.approx(4 / 6)
+    assert r["macro_f1"] == pytest.approx((0.8 + 0.5 + 1.0) / 3)
+    assert r["weighted_f1"] == pytest.approx((3 * 0.8 + 2 * 0.5 + 1 * 1.0) / 6)
+    assert r["confused_pairs"] == [{"true": "a", "pred": "b", "count": 1, "rate": pytest.approx(1 / 3)}]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_matches_sklearn(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    k, n = 7, 400
+    y_true = rng.integers(0, k - 1, n)  # label 6 never true: only predicted
+    y_pred = np.where(rng.random(n) < 0.6, y_true, rng.integers(-1, k, n))
+    r = evaluate_group(GroupPredictions([f"t{i}" for i in range(k)], y_true, y_pred))
+    labels = sorted((set(y_true) | set(y_pred)) - {-1})
+    for avg in ("micro", "macro", "weighted"):
+        p, rec, f, _ = precision_recall_fscore_support(y_true, y_pred, labels=labels, average=avg, zero_division=0)
+        assert r[f"{avg}_precision"] == pytest.approx(p, abs=1e-6)
+        assert r[f"{avg}_recall"] == pytest.approx(rec, abs=1e-6)
+        assert r[f"{avg}_f1"] == pytest.approx(f, abs=1e-6)
+    p, rec, f, s = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
+    for j, lab in enumerate(labels):
+        t = r["per_tag"][f"t{lab}"]
+        assert (t["precision"], t["recall"], t["f1"], t["support"]) == pytest.approx((p[j], rec[j], f[j], s[j]))
+
+
+def test_scores_thresholds_calibration_and_pr() -> None:
+    rng = np.random.default_rng(0)
+    n, k = 500, 4
+    y = rng.integers(0, k, n)
+    logits = rng.normal(size=(n, k))
+    logits[np.arange(n), y] += 1.5
+    s = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    g = GroupPredictions.from_scores(y, s, ["w", "x", "y", "z"], thresholds=0.5)
+    assert np.all((g.y_pred == -1) == (s.max(1) < 0.5))
+    r = evaluate_group(g)
+    assert r["coverage"] == pytest.approx((s.max(1) >= 0.5).mean())
+    cal = r["calibration"]
+    assert sum(b["count"] for b in cal["bins"]) == n and 0 <= cal["ece"] <= 1
+    assert len(r["pr_curves"]) == 4
+    for tag, c in r["pr_curves"].items():
+        j = "wxyz".index(tag)
+        assert c["average_precision"] == pytest.approx(average_precision_score(y == j, s[:, j]), abs=1e-6)
+        assert len(c["precision"]) == len(c["recall"]) <= 50
+
+
+def test_evaluate_groups_shape_and_json() -> None:
+    g1 = GroupPredictions(["a", "b"], [0, 1, 1], [0, 1, 0], np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]]))
+    g2 = GroupPredictions(["colour:Red", "colour:Blue"], [0, -1, 1], [0, 1, -1])
+    rep = evaluate_groups({"category_l1": g1, "colour": g2})
+    assert rep["n"] == 3 and set(rep["groups"]) == {"category_l1", "colour"}
+    assert set(rep["groups"]["category_l1"]) >= GROUP_KEYS and set(rep["groups"]["colour"]) >= GROUP_KEYS
+    assert {"calibration", "pr_curves"} <= set(rep["groups"]["category_l1"])
+    json.dumps(rep)
+    with pytest.raises(ValueError, match="different numbers"):
+        evaluate_groups({"a": g1, "b": GroupPredictions(["a"], [0], [0])})
+    with pytest.raises(ValueError, match="outside"):
+        GroupPredictions(["a"], [0, 1], [0, 0])
+
+
+def test_evaluate_bundle_scores() -> None:
+    labels_json = {
+        "format_version": 1,
+        "groups": [
+            {"name": "category_l1", "kind": "exclusive", "parent_group": None},
+            {"name": "colour", "kind": "exclusive", "parent_group": None},
+        ],
+        "labels": [
+            {"index": 0, "tag": "category:A", "group": "category_l1", "value": "A", "parent": None},
+            {"index": 1, "tag": "category:B", "group": "category_l1", "value": "B", "parent": None},
+            {"index": 2, "tag": "colour:Red", "group": "colour", "value": "Red", "parent": None},
+            {"index": 3, "tag": "colour:Blue", "group": "colour", "value": "Blue", "parent": None},
+        ],
+    }
+    products = [
+        CatalogProduct("p1", "x", category_path=("A", "a1"), attributes={"colour": "Red"}),
+        CatalogProduct("p2", "y", category_path=("B",), attributes={}),
+        CatalogProduct("p3", "z", category_path=("B",), attributes={"colour": "Blue"}),
+    ]
+    scores = np.array([[0.9, 0.1, 0.7, 0.3], [0.4, 0.6, 0.5, 0.5], [0.8, 0.2, 0.45, 0.55]])
+    rep = evaluate_bundle_scores(scores, labels_json, products, {"default": 0.5, "per_tag": {"category:B": 0.7}})
+    l1, col = rep["groups"]["category_l1"], rep["groups"]["colour"]
+    assert l1["n"] == 3 and l1["accuracy"] == pytest.approx(1 / 3)  # p2 below B's 0.7 threshold, p3 wrong
+    assert l1["coverage"] == pytest.approx(2 / 3)
+    assert col["n"] == 2 and col["accuracy"] == 1.0
+
+
+@pytest.fixture(scope="module")
+def synth_split() -> tuple[list[CatalogProduct], list[CatalogProduct]]:
+    sp = stratified_split(generate_catalog(1500, seed=5), validation=0.0, test=0.25, seed=0)
+    return sp.train, sp.test
+
+
+def test_baseline_beats_chance_with_the_same_report_shape(synth_split, tmp_path: Path) -> None:
+    train, test = synth_split
+    rep = run_baseline(train, test)
+    assert set(rep["groups"]) == {"category_l1", "category_l2", "category_leaf", "colour", "gender"}
+    assert rep["n"] == len(test)
+    for name, g in rep["groups"].items():
+        assert set(g) >= GROUP_KEYS, name
+        assert g["coverage"] == 1.0
+        assert g["accuracy"] > 2.0 / g["n_labels"], name  # well above chance
+    assert rep["groups"]["category_leaf"]["weighted_f1"] > 0.6
+    assert rep["groups"]["category_l1"]["accuracy"] > 0.9
+    json.dumps(rep)
+
+    files = write_report(tmp_path / "rep", model=rep, baseline=rep, data={"path": "x", "rows_read": 1}, extra={"a": 1})
+    assert files.json.exists() and files.html.exists() and files.images
+    page = files.html.read_text(encoding="utf-8")
+    for img in files.images:
+        assert img.exists() and img.suffix == ".png" and f"src='{img.name}'" in page
+    kinds = {p.stem.rsplit("_", 1)[-1] for p in files.images}
+    assert {"support", "pr", "confused", "calibration"} <= kinds
+    doc = json.loads(files.json.read_text(encoding="utf-8"))
+    assert set(doc) >= {"model", "baseline", "data"} and "category_leaf" in page
+
+
+def test_baseline_scores_in_label_map_layout(synth_split) -> None:
+    labels = pytest.importorskip("training.labels")
+    train, test = synth_split
+    lm = labels.build_label_map(train)
+    s = baseline_scores(train, test, lm)
+    assert s.shape == (len(test), len(lm.labels)) and s.dtype == np.float32
+    slices = lm.slices()
+    s0, e0 = slices["category_l1"]
+    assert np.allclose(s[:, s0:e0].sum(1), 1.0, atol=1e-4)

@@ -1,0 +1,248 @@
+"""Loaders, cleaning and splits on small hand-written inputs (malformed rows, wrong formats, duplicates)."""
+
+from __future__ import annotations
+
+import zipfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tagstream.errors import DataError
+from training.catalog import CatalogProduct
+from training.cleaning import DataReport, clean_products, clean_text, normalize_text
+from training.loaders import LOADERS, load_catalog
+from training.splits import group_split, stratified_split
+
+JD_ROWS = [
+    "1005009003,运动|运动鞋|跑步鞋,ERKE/鸿星尔克 跑步鞋 黑色 37,服饰内衣>运动>跑步鞋>ERKE...,京东商城,俊林运动专营店",
+    "1005009004,运动|运动鞋|篮球鞋,李宁 篮球鞋 (防滑,耐磨) 白色,服饰内衣>运动>篮球鞋>李宁 (防滑,耐磨),京东商城,李宁店",
+    "1025002006,出版物|图书|小说,图书>小说>中国当代小说,滚打人生,京东商城,",
+    "1025002007,出版物|电子书|旅游,首页>电子书>Travel>Rome,Italy:Fromme…,Rome, Italy: Frommer's ShortCuts,京东商城,\\N",
+    "1005009003,运动|运动鞋,只有五个字段,京东商城,x",
+    "1019006008,家居|家具|晾衣架,双庆 晾衣架,所有分类>家居>收纳架,1号店,收纳架,,世家 晾衣架,世家>晾衣架,京东商城,世家",
+    "1005009003,运动|运动鞋|跑步鞋,   ,服饰内衣>运动>跑步鞋,京东商城,某店",
+    "1005009003,运动|运动鞋|跑步鞋,ＥＲＫＥ/鸿星尔克   跑步鞋 黑色 37,服饰内衣>运动>跑步鞋>ERKE...,京东商城,另一店",
+    "abc,运动|运动鞋|跑步鞋,标题,服饰内衣>运动,京东商城,店",
+]
+
+
+def write(tmp_path: Path, name: str, lines: list[str]) -> Path:
+    p = tmp_path / name
+    p.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return p
+
+
+def test_jd_commas_swaps_and_malformed_rows(tmp_path: Path) -> None:
+    res = load_catalog(write(tmp_path, "products.csv", JD_ROWS), "cn-jd")
+    by_id = {p.product_id: p for p in res.products}
+    assert by_id["jd-1"].title == "ERKE/鸿星尔克 跑步鞋 黑色 37"
+    assert by_id["jd-1"].category_path == ("运动", "运动鞋", "跑步鞋")
+    assert by_id["jd-1"].source == "俊林运动专营店"
+    assert by_id["jd-2"].title == "李宁 篮球鞋 (防滑,耐磨) 白色"  # comma inside title and breadcrumb
+    assert by_id["jd-3"].title == "滚打人生"  # breadcrumb first: swapped back
+    assert by_id["jd-3"].source is None
+    assert by_id["jd-4"].title == "Rome, Italy: Frommer's ShortCuts"
+    assert by_id["jd-4"].source is None  # \N
+    assert by_id["jd-1"].description is None  # the breadcrumb leaks the label: never used
+    r = res.report
+    assert r.rows_read == 9
+    assert r.skipped["too_few_fields"] == 1
+    assert r.skipped["concatenated_records"] == 1
+    assert r.skipped["empty_title"] == 1
+    assert r.skipped["bad_category_id"] == 1
+    assert r.skipped["duplicate"] == 1  # line 8 = line 1 after NFKC + whitespace normalisation
+    assert r.repaired["title_breadcrumb_swapped"] == 2
+    lines = {(e["line"], e["reason"]) for e in r.examples}
+    assert (5, "too_few_fields") in lines and (6, "concatenated_records") in lines and (9, "bad_category_id") in lines
+    assert r.rows_kept == len(res.products) == 4
+    d = r.to_dict()
+    assert d["skipped"]["too_few_fields"] == 1 and d["n_labels"]["category_leaf"] == 4
+    assert "too_few_fields" in r.to_markdown()
+
+
+def test_wrong_format_and_missing_file_raise_data_error(tmp_path: Path) -> None:
+    jd = write(tmp_path, "products.csv", JD_ROWS)
+    with pytest.raises(DataError, match=r"products.csv: line 1: invalid_json"):
+        load_catalog(jd, "jsonl")
+    with pytest.raises(DataError, match=r"line 1: header"):
+        load_catalog(jd, "myntra")
+    with pytest.raises(DataError, match=r"line 1: header"):
+        load_catalog(jd, "bigbasket")
+    myn = write(tmp_path, "styles.csv", MYNTRA)
+    with pytest.raises(DataError, match=r"styles.csv: line 1: bad_category_id"):
+        load_catalog(myn, "cn-jd")
+    with pytest.raises(DataError, match="file not found"):
+        load_catalog(tmp_path / "nope.csv", "cn-jd")
+    with pytest.raises(DataError, match="unknown format"):
+        load_catalog(jd, "xml")
+    (tmp_path / "bin.jsonl").write_bytes(b"\xff\xfe\x00garbage\n")
+    with pytest.raises(DataError, match="line 1: not UTF-8"):
+        load_catalog(tmp_path / "bin.jsonl", "jsonl")
+    assert set(LOADERS) == {"cn-jd", "myntra", "bigbasket", "jsonl"}
+
+
+def test_mostly_malformed_file_is_rejected(tmp_path: Path) -> None:
+    lines = [JD_ROWS[0]] + ["1,2,3"] * 5
+    with pytest.raises(DataError, match=r"line 2: too_few_fields .* 5 of 6 rows malformed"):
+        load_catalog(write(tmp_path, "p.csv", lines), "cn-jd")
+
+
+MYNTRA = [
+    "id,gender,masterCategory,subCategory,articleType,baseColour,season,year,usage,productDisplayName",
+    "15970,Men,Apparel,Topwear,Shirts,Navy Blue,Fall,2011,Casual,Turtle Check Men Navy Blue Shirt",
+    "23124,Unisex,Footwear,Flip Flops,Flip Flops,Navy Blue,Spring,2013,Casual,Converse Liv,Laugh,Love Flip-flops",
+    "7491,Women,Apparel,Bottomwear,Shorts,Pink,Summer,2011,Sports,Nike Women's EM Tempo 3.5\" Pink Short",
+    "30991,Women,Personal Care,Fragrance,Perfume and Body Mist,NA,Spring,2017,NA,Davidoff Women Cool Water",
+    "42878,Women,Accessories,Bags,Clutches,Maroon,Summer,2012,Casual,NA",
+    "x1,Men,Apparel",
+]
+
+
+def test_myntra_plain_and_zip(tmp_path: Path) -> None:
+    plain = write(tmp_path, "styles.csv", MYNTRA)
+    zpath = tmp_path / "styles.csv.zip"
+    with zipfile.ZipFile(zpath, "w") as z:
+        z.write(plain, "styles.csv")
+    for path in (plain, zpath):
+        res = load_catalog(path, "myntra")
+        by_id = {p.product_id: p for p in res.products}
+        assert by_id["myntra-23124"].title == "Converse Liv,Laugh,Love Flip-flops"
+        assert by_id["myntra-7491"].title.endswith('3.5" Pink Short')
+        assert by_id["myntra-15970"].category_path == ("Apparel", "Topwear", "Shirts")
+        assert by_id["myntra-15970"].attributes == {
+            "gender": "Men",
+            "colour": "Navy Blue",
+            "season": "Fall",
+            "usage": "Casual",
+        }
+        assert by_id["myntra-30991"].attributes == {"gender": "Women", "season": "Spring"}  # NA → absent
+        assert res.report.skipped == Counter({"empty_title": 1, "too_few_fields": 1})
+        assert res.report.repaired["unquoted_comma_in_title"] == 1
+
+
+def test_bigbasket_quoted_fields_and_prices(tmp_path: Path) -> None:
+    rows = [
+        "index,product,category,sub_category,brand,sale_price,market_price,type,rating,,",
+        "1,Garlic Oil - Capsule 500 mg,Beauty & Hygiene,Hair Care,Sri Sri Ayurveda ,220,220,Hair Oil & Serum,4.1,,4.1",
+        '2,Water Bottle - Orange,"Kitchen, Garden & Pets",Storage,Mastercook,,180,Water Bottles,2.3,,',
+        '3,Bad Price,"Kitchen, Garden & Pets",Storage,Mastercook,abc,180,Water Bottles,2.3,,',
+        '4,"Multi ""quoted"" name",Beverages,Coffee,Cothas,200,240,Ground Coffee,4.2,,',
+    ]
+    res = load_catalog(write(tmp_path, "bb.csv", rows), "bigbasket")
+    by_id = {p.product_id: p for p in res.products}
+    assert by_id["bigbasket-1"].brand == "Sri Sri Ayurveda" and by_id["bigbasket-1"].price == 220.0
+    assert by_id["bigbasket-1"].currency == "INR"
+    assert by_id["bigbasket-2"].category_path == ("Kitchen, Garden & Pets", "Storage", "Water Bottles")
+    assert by_id["bigbasket-2"].price is None  # missing price → None
+    assert by_id["bigbasket-4"].title == 'Multi "quoted" name'
+    assert res.report.skipped["bad_price"] == 1
+
+
+def test_jsonl_round_trip_and_bad_lines(tmp_path: Path) -> None:
+    from tagstream.synth import write_jsonl
+
+    prods = [
+        CatalogProduct("a-1", "Red Shirt", brand="X", price=9.5, category_path=("A", "B", "C"), attributes={"c": "r"}),
+        CatalogProduct("a-2", "Blue Shirt", category_path=("A", "B", "D"), source="shop"),
+    ]
+    path = tmp_path / "c.jsonl"
+    write_jsonl(prods, path)
+    with path.open("a", encoding="utf-8") as f:
+        f.write("{not json\n")
+        f.write('["a list"]\n')
+        f.write('{"product_id": "a-1", "title": "dup"}\n')
+        f.write('{"title": "no id"}\n')
+        f.write('{"product_id": "has space", "title": "x"}\n')
+        f.write("\n")
+        f.write('{"product_id": "a-3", "title": "Green Shirt", "price": "12.0"}\n')
+        for i in range(4, 8):
+            f.write(f'{{"product_id": "a-{i}", "title": "Shirt {i}"}}\n')
+    res = load_catalog(path, "jsonl")
+    assert [p.product_id for p in res.products] == [f"a-{i}" for i in range(1, 8)]
+    assert res.products[0] == prods[0] and res.products[1] == prods[1]
+    assert res.products[2].price == 12.0
+    sk = res.report.skipped
+    assert sk["invalid_json"] == 1 and sk["not_an_object"] == 1 and sk["duplicate_product_id"] == 1
+    assert sk["missing_product_id"] == 1 and sk["bad_product_id"] == 1 and sk["blank_line"] == 1
+    assert {"line": 3, "kind": "skipped", "reason": "invalid_json"}.items() <= res.report.examples[0].items()
+
+
+def test_cleaning_normalises_and_dedupes() -> None:
+    assert clean_text("  ＡＢＣ\u3000１２３\x0e  x ") == "ABC 123 x"
+    assert normalize_text("ＡＢＣ  Def") == "abc def"
+
+    def p(i: int, title: str, path: tuple[str, ...], **attrs: str) -> tuple[int, CatalogProduct]:
+        return i, CatalogProduct(f"p-{i}", title, category_path=path, attributes=dict(attrs))
+
+    rows = [
+        p(1, "Red Shirt", ("A", "B")),
+        p(2, "ＲＥＤ  shirt", ("A", "B")),  # exact duplicate after normalisation
+        p(3, "Blue Jeans", ("A", "C"), colour="Blue"),
+        p(4, "blue jeans", ("A", "C"), colour="Navy"),
+        p(5, "BLUE JEANS", ("A", "D"), colour="Green"),  # path majority A/C, colour 3-way tie → dropped
+        p(6, "Tie Title", ("X", "Y")),
+        p(7, "tie title", ("X", "Z")),  # tie on the path → both dropped
+        p(8, "", ("A", "B")),
+        p(9, "Brand ", ("A", "")),
+    ]
+    report = DataReport()
+    out = clean_products(rows, report)
+    assert [q.product_id for q in out] == ["p-1", "p-3"]
+    assert out[1].category_path == ("A", "C") and out[1].attributes == {}
+    assert report.skipped["duplicate"] == 1
+    assert report.skipped["duplicate_conflict_tie"] == 2
+    assert report.skipped["duplicate_conflict_merged"] == 2
+    assert report.skipped["empty_title"] == 1 and report.skipped["empty_category_level"] == 1
+    assert report.duplicate_conflicts_resolved == 1 and report.duplicate_conflicts_dropped == 1
+
+
+def test_attribute_majority() -> None:
+    rows = [
+        (1, CatalogProduct("p-1", "Jeans", category_path=("A",), attributes={"colour": "Blue"})),
+        (2, CatalogProduct("p-2", "jeans", category_path=("A",), attributes={"colour": "Blue"})),
+        (3, CatalogProduct("p-3", "JEANS", category_path=("B",), attributes={"colour": "Navy"})),
+    ]
+    report = DataReport()
+    out = clean_products(rows, report)
+    assert len(out) == 1 and out[0].category_path == ("A",) and out[0].attributes == {"colour": "Blue"}
+
+
+def _catalog(n_per: dict[str, int], sources: int = 7) -> list[CatalogProduct]:
+    out = []
+    for leaf, n in n_per.items():
+        for i in range(n):
+            out.append(
+                CatalogProduct(f"{leaf}-{i}", f"t {leaf} {i}", category_path=("R", leaf), source=f"s{i % sources}")
+            )
+    return out
+
+
+def test_stratified_split() -> None:
+    prods = _catalog({"a": 100, "b": 50, "c": 10, "rare": 2})
+    sp = stratified_split(prods, validation=0.1, test=0.2, seed=3)
+    all_idx = np.concatenate([sp.train_idx, sp.validation_idx, sp.test_idx])
+    assert sorted(all_idx.tolist()) == list(range(len(prods)))
+    test_counts = Counter(p.category_path[1] for p in sp.test)
+    assert test_counts["a"] == 20 and test_counts["b"] == 10 and test_counts["c"] == 2
+    assert Counter(p.category_path[1] for p in sp.validation)["a"] == 10
+    assert all(p.category_path[1] == "rare" for p in sp.train if p.category_path[1] == "rare")
+    assert Counter(p.category_path[1] for p in sp.train)["rare"] == 2
+    again = stratified_split(prods, validation=0.1, test=0.2, seed=3)
+    assert np.array_equal(again.test_idx, sp.test_idx)
+    other = stratified_split(prods, validation=0.1, test=0.2, seed=4)
+    assert not np.array_equal(other.test_idx, sp.test_idx)
+    three = stratified_split(_catalog({"x": 3}), validation=0.1, test=0.1)
+    assert three.sizes() == {"train": 1, "validation": 1, "test": 1}
+
+
+def test_group_split_holds_out_whole_sources() -> None:
+    prods = _catalog({"a": 200, "b": 100}, sources=20)
+    prods += [CatalogProduct(f"n-{i}", f"no source {i}", category_path=("R", "a")) for i in range(10)]
+    sp = group_split(prods, validation=0.1, test=0.2, seed=1)
+    parts = [{p.source for p in part} for part in (sp.train, sp.validation, sp.test)]
+    assert not (parts[0] & parts[1]) and not (parts[0] & parts[2]) and not (parts[1] & parts[2])
+    assert all(p.source is not None for p in sp.test + sp.validation)
+    assert 0.1 <= len(sp.test) / len(prods) <= 0.25
+    assert sum(sp.sizes().values()) == len(prods)

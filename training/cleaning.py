@@ -1,0 +1,295 @@
+"""Cleaning of loaded catalogs: text normalisation, missing values, de-duplication and the per-run `DataReport`.
+
+Policy (applied by `clean_products`, in this order):
+
+1. Text: every title/brand/description gets `clean_text` (NFKC, so full-width ASCII becomes half-width, control
+   characters removed, white space collapsed). Case is kept in the stored title (it stays readable); the featurizer
+   casefolds, and the duplicate key below is the fully normalised text (`normalize_text`: NFKC + casefold + space).
+   Label values (category levels, attribute values) get white-space cleanup only, so tags keep the source's spelling.
+2. Missing values: a row whose title is empty after cleaning is skipped (reason `empty_title`); an empty brand or
+   description becomes None; a missing price stays None; empty attribute values are dropped from `attributes`.
+3. Duplicates: rows with the same normalised title are one product (identical titles in train and test would
+   inflate every metric).
+   - same labels (category path + attributes + tags) → the first row is kept, the others are skipped as
+     `duplicate` (`duplicates_exact`);
+   - conflicting labels → one row is kept with labels voted field by field: the category path by strict majority
+     (a tie makes the title ambiguous: all its rows are dropped, `duplicate_conflict_tie`), each attribute by strict
+     majority among the rows that have it (a tie drops just that attribute, `attribute_conflicts_dropped`). The
+     other rows are skipped as `duplicate_conflict_merged` (`duplicate_conflicts_resolved` counts titles).
+"""
+
+from __future__ import annotations
+
+import re
+import statistics
+import unicodedata
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from serving.featurizer import normalize_text as _featurizer_normalize
+from training.catalog import CatalogProduct
+
+__all__ = [
+    "LEVEL_NAMES",
+    "DataReport",
+    "clean_label",
+    "clean_products",
+    "clean_text",
+    "label_signature",
+    "normalize_text",
+]
+
+_CONTROL_RE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b-\u200f\u2028\u2029\ufeff]")
+_SPACE_RE = re.compile(r"\s+")
+
+
+def clean_text(s: str | None) -> str:
+    """NFKC (full → half width), control characters removed, white space collapsed and stripped; case kept."""
+    if not s:
+        return ""
+    s = unicodedata.normalize("NFKC", s)
+    s = _CONTROL_RE.sub(" ", s)
+    return _SPACE_RE.sub(" ", s).strip()
+
+
+def normalize_text(s: str | None) -> str:
+    """The featurizer's normalisation (NFKC, casefold, white space collapse); used as the duplicate key."""
+    return _featurizer_normalize(clean_text(s))
+
+
+def clean_label(s: str | None) -> str:
+    """A label value: control characters removed and white space collapsed, otherwise spelled as in the source."""
+    if not s:
+        return ""
+    return _SPACE_RE.sub(" ", _CONTROL_RE.sub(" ", s)).strip()
+
+
+def label_signature(p: CatalogProduct) -> tuple[Any, ...]:
+    """What counts as 'the labels' of a product when comparing duplicates."""
+    return (p.category_path, tuple(sorted(p.attributes.items())), tuple(sorted(p.tags)))
+
+
+LEVEL_NAMES = ("category_l1", "category_l2", "category_leaf")
+
+
+def _level_name(i: int, depth: int) -> str:
+    if i == depth - 1 and depth >= 3:
+        return "category_leaf"
+    return f"category_l{i + 1}"
+
+
+@dataclass
+class DataReport:
+    """What happened to one input file: rows read, kept, skipped by reason, repairs, duplicates and label stats."""
+
+    path: str = ""
+    fmt: str = ""
+    rows_read: int = 0
+    rows_parsed: int = 0
+    rows_kept: int = 0
+    skipped: Counter[str] = field(default_factory=Counter)
+    repaired: Counter[str] = field(default_factory=Counter)
+    examples: list[dict[str, Any]] = field(default_factory=list)
+    duplicates_exact: int = 0
+    duplicate_conflicts_resolved: int = 0
+    duplicate_conflicts_dropped: int = 0
+    duplicate_rows_dropped: int = 0
+    attribute_conflicts_dropped: Counter[str] = field(default_factory=Counter)
+    label_counts: dict[str, dict[str, int]] = field(default_factory=dict)
+    title_length: dict[str, float] = field(default_factory=dict)
+    max_examples: int = 5
+
+    def skip(self, line: int, reason: str, detail: str = "") -> None:
+        """Count a skipped row under `reason`, keeping the first few examples (line number + reason)."""
+        self.skipped[reason] += 1
+        self._example(line, reason, detail, "skipped")
+
+    def repair(self, line: int, reason: str, detail: str = "") -> None:
+        """Count a row that was kept after a documented repair (e.g. title and breadcrumb swapped)."""
+        self.repaired[reason] += 1
+        self._example(line, reason, detail, "repaired")
+
+    def _example(self, line: int, reason: str, detail: str, kind: str) -> None:
+        seen = sum(1 for e in self.examples if e["reason"] == reason)
+        if seen < self.max_examples:
+            self.examples.append({"line": line, "kind": kind, "reason": reason, "detail": detail[:160]})
+
+    @property
+    def rows_skipped(self) -> int:
+        """Rows skipped for any reason (malformed, empty title, duplicates)."""
+        return sum(self.skipped.values())
+
+    def finish(self, products: list[CatalogProduct]) -> None:
+        """Fill label counts per level and title length stats from the kept products."""
+        self.rows_kept = len(products)
+        counts: dict[str, Counter[str]] = {}
+        for p in products:
+            depth = len(p.category_path)
+            for i in range(depth):
+                name = _level_name(i, depth)
+                counts.setdefault(name, Counter())["/".join(p.category_path[: i + 1])] += 1
+            for k, v in p.attributes.items():
+                counts.setdefault(k, Counter())[v] += 1
+        self.label_counts = {k: dict(c.most_common()) for k, c in counts.items()}
+        lengths = sorted(len(p.title) for p in products)
+        if lengths:
+            self.title_length = {
+                "min": float(lengths[0]),
+                "median": float(statistics.median(lengths)),
+                "mean": round(statistics.fmean(lengths), 2),
+                "p95": float(lengths[min(len(lengths) - 1, int(0.95 * len(lengths)))]),
+                "max": float(lengths[-1]),
+            }
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able form (label counts in full, most common first)."""
+        return {
+            "path": self.path,
+            "format": self.fmt,
+            "rows_read": self.rows_read,
+            "rows_parsed": self.rows_parsed,
+            "rows_kept": self.rows_kept,
+            "rows_skipped": self.rows_skipped,
+            "skipped": dict(self.skipped.most_common()),
+            "repaired": dict(self.repaired.most_common()),
+            "examples": list(self.examples),
+            "duplicates": {
+                "exact": self.duplicates_exact,
+                "conflicts_resolved": self.duplicate_conflicts_resolved,
+                "conflicts_dropped": self.duplicate_conflicts_dropped,
+                "rows_dropped_in_conflicts": self.duplicate_rows_dropped,
+                "attribute_ties_dropped": dict(self.attribute_conflicts_dropped),
+            },
+            "n_labels": {k: len(v) for k, v in self.label_counts.items()},
+            "label_counts": self.label_counts,
+            "title_length": self.title_length,
+        }
+
+    def to_markdown(self) -> str:
+        """A short human-readable summary."""
+        lines = [
+            f"### Data report: `{self.path}` ({self.fmt})",
+            "",
+            f"- rows read: {self.rows_read}, parsed: {self.rows_parsed}, kept: {self.rows_kept}, "
+            f"skipped: {self.rows_skipped}",
+        ]
+        if self.skipped:
+            lines.append("- skipped by reason: " + ", ".join(f"{k} {v}" for k, v in self.skipped.most_common()))
+        if self.repaired:
+            lines.append("- repaired: " + ", ".join(f"{k} {v}" for k, v in self.repaired.most_common()))
+        lines.append(
+            f"- duplicates: exact {self.duplicates_exact}, conflicts resolved by majority "
+            f"{self.duplicate_conflicts_resolved}, conflicting titles dropped {self.duplicate_conflicts_dropped} "
+            f"({self.duplicate_rows_dropped} rows)"
+            + (
+                "; attribute ties dropped: "
+                + ", ".join(f"{k} {v}" for k, v in self.attribute_conflicts_dropped.most_common())
+                if self.attribute_conflicts_dropped
+                else ""
+            )
+        )
+        if self.title_length:
+            tl = self.title_length
+            lines.append(
+                f"- title length (chars): min {tl['min']:.0f}, median {tl['median']:.0f}, mean {tl['mean']}, "
+                f"p95 {tl['p95']:.0f}, max {tl['max']:.0f}"
+            )
+        if self.label_counts:
+            lines += ["", "| level | labels | largest | smallest | labels with < 3 rows |", "|---|---|---|---|---|"]
+            for k, c in self.label_counts.items():
+                vals = list(c.values())
+                top = next(iter(c.items()))
+                rare = sum(1 for v in vals if v < 3)
+                lines.append(f"| {k} | {len(c)} | {top[0]} ({top[1]}) | {min(vals)} | {rare} |")
+        if self.examples:
+            lines += ["", "Examples:"]
+            lines += [f"- line {e['line']}: {e['kind']} `{e['reason']}` {e['detail']}" for e in self.examples[:15]]
+        return "\n".join(lines) + "\n"
+
+
+def _clean_product(p: CatalogProduct) -> CatalogProduct:
+    attrs = {clean_label(k): clean_label(v) for k, v in p.attributes.items()}
+    return replace(
+        p,
+        title=clean_text(p.title),
+        description=clean_text(p.description) or None,
+        brand=clean_text(p.brand) or None,
+        category_path=tuple(clean_label(c) for c in p.category_path),
+        attributes={k: v for k, v in attrs.items() if k and v},
+        tags=tuple(t for t in (clean_label(t) for t in p.tags) if t),
+        source=clean_label(p.source) or None,
+    )
+
+
+def _majority(values: list[Any]) -> tuple[Any, bool]:
+    """The most common value and whether it wins strictly (no tie)."""
+    ranked = Counter(values).most_common(2)
+    return ranked[0][0], len(ranked) == 1 or ranked[0][1] > ranked[1][1]
+
+
+def _resolve_conflict(members: list[CatalogProduct], report: DataReport) -> CatalogProduct | None:
+    """Per-field majority over rows with one title: category path (tie → None), each attribute (tie → absent)."""
+    path, ok = _majority([p.category_path for p in members])
+    if not ok:
+        return None
+    attrs: dict[str, str] = {}
+    for name in sorted({k for p in members for k in p.attributes}):
+        value, ok = _majority([p.attributes[name] for p in members if name in p.attributes])
+        if ok:
+            attrs[name] = value
+        else:
+            report.attribute_conflicts_dropped[name] += 1
+    tags, _ = _majority([p.tags for p in members])
+    return replace(members[0], category_path=path, attributes=attrs, tags=tags)
+
+
+def clean_products(
+    rows: Iterable[tuple[int, CatalogProduct]], report: DataReport, *, dedupe: bool = True
+) -> list[CatalogProduct]:
+    """Normalise text, skip empty titles and resolve duplicates (see module docstring); fills `report`."""
+    cleaned: list[tuple[int, CatalogProduct]] = []
+    for line, p in rows:
+        q = _clean_product(p)
+        if not q.title:
+            report.skip(line, "empty_title")
+            continue
+        if any(not c for c in q.category_path):
+            report.skip(line, "empty_category_level", "/".join(q.category_path))
+            continue
+        cleaned.append((line, q))
+    if not dedupe:
+        products = [p for _, p in cleaned]
+        report.finish(products)
+        return products
+
+    by_key: dict[str, list[tuple[int, CatalogProduct]]] = {}
+    for line, p in cleaned:
+        by_key.setdefault(normalize_text(p.title), []).append((line, p))
+    keep: dict[int, CatalogProduct] = {}
+    for members in by_key.values():
+        first_line, first = members[0]
+        if len(members) == 1:
+            keep[first_line] = first
+            continue
+        if len({label_signature(p) for _, p in members}) == 1:
+            keep[first_line] = first
+            report.duplicates_exact += len(members) - 1
+            for line, _ in members[1:]:
+                report.skip(line, "duplicate", "same title and labels as an earlier row")
+            continue
+        resolved = _resolve_conflict([p for _, p in members], report)
+        if resolved is None:
+            report.duplicate_conflicts_dropped += 1
+            report.duplicate_rows_dropped += len(members)
+            for line, _ in members:
+                report.skip(line, "duplicate_conflict_tie", "same title, category paths tie: dropped")
+            continue
+        report.duplicate_conflicts_resolved += 1
+        keep[first_line] = resolved
+        for line, _ in members[1:]:
+            report.skip(line, "duplicate_conflict_merged", "same title, labels resolved by majority")
+    products = [keep[line] for line, _ in cleaned if line in keep]
+    report.finish(products)
+    return products

@@ -1,0 +1,228 @@
+"""Run report: `report.json` + `report.html` with PNG plots (matplotlib Agg), model vs baseline per group.
+
+Plots (per group, from the model's report, else the baseline's): per-tag F1 against support (log x), PR curves of
+the 6 largest tags, the most-confused pairs (bar chart), and the reliability diagram (model and baseline).
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+from training.cleaning import DataReport
+
+__all__ = ["HEADLINE_METRICS", "ReportFiles", "write_report"]
+
+HEADLINE_METRICS = (
+    "accuracy",
+    "coverage",
+    "micro_precision",
+    "micro_recall",
+    "micro_f1",
+    "macro_precision",
+    "macro_recall",
+    "macro_f1",
+    "weighted_f1",
+)
+
+
+@dataclass
+class ReportFiles:
+    """Paths of what `write_report` wrote."""
+
+    json: Path
+    html: Path
+    images: list[Path]
+
+
+def _slug(s: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", s).strip("_") or "group"
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.3f}"
+    return html.escape(str(v))
+
+
+def _font() -> bool:
+    """Prefer a CJK-capable font when one is installed; returns whether one is. Silences missing-glyph noise."""
+    import logging
+    import warnings
+
+    from matplotlib import font_manager
+
+    names = {f.name for f in font_manager.fontManager.ttflist}
+    cjk = [
+        n for n in ("Noto Sans CJK SC", "Noto Sans SC", "WenQuanYi Zen Hei", "SimHei", "Microsoft YaHei") if n in names
+    ]
+    plt.rcParams["font.sans-serif"] = [*cjk, "DejaVu Sans"]
+    plt.rcParams["axes.unicode_minus"] = False
+    warnings.filterwarnings("ignore", message="Glyph .* missing from")
+    logging.getLogger("matplotlib.font_manager").setLevel(logging.ERROR)
+    return bool(cjk)
+
+
+class _Keys:
+    """Plot labels: the tag itself when the font can draw it, else a short key listed under the images."""
+
+    def __init__(self, prefix: str, cjk_font: bool) -> None:
+        self.prefix, self.cjk_font, self.keys = prefix, cjk_font, {}
+
+    def __call__(self, tag: str, width: int = 28) -> str:
+        if self.cjk_font or all(ord(c) < 0x2E80 for c in tag):
+            return tag if len(tag) <= width else "…" + tag[-(width - 1) :]
+        if tag not in self.keys:
+            self.keys[tag] = f"{self.prefix}{len(self.keys) + 1}"
+        return self.keys[tag]
+
+
+def _save(fig: Any, path: Path, images: list[Path]) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    images.append(path)
+
+
+def _plots(name: str, g: Mapping[str, Any], base: Mapping[str, Any] | None, out: Path, key: _Keys) -> list[Path]:
+    images: list[Path] = []
+    slug = _slug(name)
+    per_tag = g.get("per_tag") or {}
+    if per_tag:
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        sup = [max(v["support"], 0.8) for v in per_tag.values()]
+        ax.scatter(sup, [v["f1"] for v in per_tag.values()], s=10, alpha=0.6)
+        ax.set_xscale("log")
+        ax.set(xlabel="support (test rows)", ylabel="F1", title=f"{name}: per-tag F1 vs support", ylim=(-0.02, 1.02))
+        _save(fig, out / f"{slug}_f1_support.png", images)
+    curves = g.get("pr_curves") or {}
+    if curves:
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        for tag, c in curves.items():
+            ax.plot(c["recall"], c["precision"], label=f"{key(tag)} (AP {c['average_precision']:.2f})")
+        ax.set(xlabel="recall", ylabel="precision", title=f"{name}: PR, largest tags", xlim=(0, 1), ylim=(0, 1.02))
+        ax.legend(fontsize=6, loc="lower left")
+        _save(fig, out / f"{slug}_pr.png", images)
+    pairs = g.get("confused_pairs") or []
+    if pairs:
+        fig, ax = plt.subplots(figsize=(6, 0.3 * len(pairs) + 1.2))
+        labels = [f"{key(p['true'], 22)} → {key(p['pred'], 22)}" for p in pairs][::-1]
+        ax.barh(range(len(pairs)), [p["count"] for p in pairs][::-1])
+        ax.set_yticks(range(len(pairs)), labels, fontsize=7)
+        ax.set(xlabel="test rows", title=f"{name}: most confused (true → predicted)")
+        _save(fig, out / f"{slug}_confused.png", images)
+    if g.get("calibration"):
+        fig, ax = plt.subplots(figsize=(4, 4))
+        ax.plot([0, 1], [0, 1], "k--", lw=0.8)
+        for label, rep in (("model", g), ("baseline", base)):
+            cal = (rep or {}).get("calibration")
+            if not cal:
+                continue
+            pts = [(b["mean_confidence"], b["accuracy"]) for b in cal["bins"] if b["count"]]
+            ax.plot(*zip(*pts, strict=True), "o-", ms=3, label=f"{label} (ECE {cal['ece']:.3f})")
+        ax.set(xlabel="top-1 confidence", ylabel="accuracy", title=f"{name}: reliability", xlim=(0, 1), ylim=(0, 1))
+        ax.legend(fontsize=7)
+        _save(fig, out / f"{slug}_calibration.png", images)
+    return images
+
+
+def _table(model: Mapping[str, Any] | None, baseline: Mapping[str, Any] | None, group: str) -> str:
+    m = ((model or {}).get("groups") or {}).get(group, {})
+    b = ((baseline or {}).get("groups") or {}).get(group, {})
+    rows = "".join(
+        f"<tr><td>{k}</td><td>{_fmt(m.get(k))}</td><td>{_fmt(b.get(k))}</td></tr>" for k in ("n", *HEADLINE_METRICS)
+    )
+    return f"<table><tr><th>metric</th><th>model</th><th>baseline</th></tr>{rows}</table>"
+
+
+def _data_html(data: Mapping[str, Any]) -> str:
+    skipped = "".join(f"<li>{html.escape(k)}: {v}</li>" for k, v in (data.get("skipped") or {}).items())
+    repaired = "".join(f"<li>{html.escape(k)}: {v}</li>" for k, v in (data.get("repaired") or {}).items())
+    n_labels = ", ".join(f"{html.escape(k)} {v}" for k, v in (data.get("n_labels") or {}).items())
+    tl = ", ".join(f"{k} {v}" for k, v in (data.get("title_length") or {}).items())
+    dup = ", ".join(f"{k} {v}" for k, v in (data.get("duplicates") or {}).items())
+    return (
+        f"<p><code>{html.escape(str(data.get('path', '')))}</code> ({html.escape(str(data.get('format', '')))}): "
+        f"rows read {data.get('rows_read')}, kept {data.get('rows_kept')}, skipped {data.get('rows_skipped')}</p>"
+        f"<p>skipped by reason:</p><ul>{skipped or '<li>none</li>'}</ul>"
+        f"<p>repaired:</p><ul>{repaired or '<li>none</li>'}</ul>"
+        f"<p>duplicates: {html.escape(dup)}</p><p>labels per level: {n_labels}</p>"
+        f"<p>title length: {html.escape(tl)}</p>"
+    )
+
+
+_CSS = (
+    "body{font-family:sans-serif;max-width:1100px;margin:auto}table{border-collapse:collapse;margin:6px 0}"
+    "td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}td:first-child{text-align:left}"
+    "img{max-width:48%;margin:4px;border:1px solid #eee}"
+)
+
+
+def write_report(
+    out_dir: str | Path,
+    *,
+    model: Mapping[str, Any] | None = None,
+    baseline: Mapping[str, Any] | None = None,
+    data: DataReport | Mapping[str, Any] | Sequence[Any] | None = None,
+    title: str = "tagstream training report",
+    extra: Mapping[str, Any] | None = None,
+) -> ReportFiles:
+    """Write `report.json`, `report.html` and the PNGs into `out_dir` (created); returns the paths.
+
+    `model` / `baseline` are `evaluate_groups` reports (either may be None); `data` a `DataReport` (or its dict, or a
+    list of them); `extra` is stored under `"extra"` in the JSON (e.g. split sizes, the command line).
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cjk_font = _font()
+    if data is None:
+        datas: list[Mapping[str, Any]] = []
+    elif isinstance(data, DataReport | Mapping):
+        datas = [data.to_dict() if isinstance(data, DataReport) else data]
+    else:
+        datas = [d.to_dict() if isinstance(d, DataReport) else d for d in data]
+    doc = {"title": title, "model": model, "baseline": baseline, "data": datas, "extra": dict(extra or {})}
+    json_path = out / "report.json"
+    json_path.write_text(json.dumps(doc, ensure_ascii=False, indent=1, default=str), encoding="utf-8")
+
+    main = model or baseline or {"groups": {}}
+    groups = list(main.get("groups", {}))
+    for name in (baseline or {}).get("groups", {}):
+        if name not in groups:
+            groups.append(name)
+    images: list[Path] = []
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"]
+    parts.append(f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>")
+    if extra:
+        parts.append(
+            "<pre>" + html.escape(json.dumps(dict(extra), ensure_ascii=False, indent=1, default=str)) + "</pre>"
+        )
+    for d in datas:
+        parts.append("<h2>Data</h2>" + _data_html(d))
+    parts.append(f"<h2>Groups (test rows: {main.get('n')})</h2>")
+    for name in groups:
+        g = main.get("groups", {}).get(name) or (baseline or {}).get("groups", {}).get(name, {})
+        base = (baseline or {}).get("groups", {}).get(name) if model else None
+        key = _Keys("T", cjk_font)
+        imgs = _plots(name, g, base, out, key)
+        images += imgs
+        parts.append(f"<h3>{html.escape(name)}</h3>" + _table(model, baseline, name))
+        parts += [f"<img src='{html.escape(p.name)}' alt='{html.escape(p.stem)}'>" for p in imgs]
+        if key.keys:
+            parts.append("<p>plot keys: " + "; ".join(f"{k} = {html.escape(t)}" for t, k in key.keys.items()) + "</p>")
+    parts.append("</body></html>")
+    html_path = out / "report.html"
+    html_path.write_text("\n".join(parts), encoding="utf-8")
+    return ReportFiles(json=json_path, html=html_path, images=images)
