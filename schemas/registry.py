@@ -15,7 +15,7 @@ from tagstream.errors import EventDecodeError, SchemaValidationError
 
 SCHEMA_DIR = Path(__file__).resolve().parent
 SCHEMA_VERSION = 1
-SCHEMA_NAMES = ("product-change", "click", "tag-update", "model-update", "dead-letter")
+SCHEMA_NAMES = ("product-change", "click", "tag-update", "model-update", "dead-letter", "shadow-diff")
 
 
 @cache

@@ -35,6 +35,38 @@ class WorkerSettings(BaseSettings):
     model_verify_key: SecretStr | None = Field(
         None, description="Base64 Ed25519 public key; when set, unsigned or wrongly signed bundles are refused."
     )
+    model_updates_enabled: bool = Field(
+        True, description="Consume model-updates (every worker reads all of it, no consumer group) and hot swap."
+    )
+    model_catchup_timeout: float = Field(
+        60.0, ge=0, description="Longest wait (s) at start for the model-updates backlog before scoring events."
+    )
+    model_isolated_validation: bool = Field(
+        True, description="Validate candidates in a child process (ONNX parsing holds the GIL: no loop stalls)."
+    )
+    model_canary_atol: float = Field(1e-4, gt=0, description="Largest |score - golden score| a candidate may have.")
+    model_latency_budget_1_ms: float = Field(
+        50.0, gt=0, description="Budget of a candidate's median predict latency at batch 1 (ms)."
+    )
+    model_latency_budget_64_ms: float = Field(
+        250.0, gt=0, description="Budget of a candidate's median predict latency at batch 64 (ms)."
+    )
+    model_latency_runs: int = Field(10, ge=1, description="Timed predict runs per batch size when validating.")
+    model_golden_set: Path | None = Field(
+        None, description="Labelled golden set (catalog JSONL); when set, candidates may not regress on it."
+    )
+    model_max_quality_drop: float = Field(
+        0.02, ge=0, le=1, description="Largest micro-F1 drop on the golden set vs the active model."
+    )
+    shadow_flush_interval: float = Field(0.5, gt=0, description="Seconds between publishes of buffered shadow diffs.")
+    shadow_buffer_max: int = Field(
+        20_000, ge=1, description="Most shadow diffs buffered; older ones are dropped (and counted) beyond it."
+    )
+    retag_on_swap: bool = Field(
+        False, description="Re-score the stored catalog after a swap (products of this worker's partitions)."
+    )
+    retag_rate: float = Field(200.0, gt=0, description="Re-tag rate limit (products per second).")
+    retag_batch: int = Field(32, ge=1, description="Products re-scored per step; the loop is yielded between steps.")
     ort_intra_op_threads: int = Field(1, ge=1, description="ONNX Runtime intra-op threads.")
     ort_inter_op_threads: int = Field(1, ge=1, description="ONNX Runtime inter-op threads.")
     batch_max: int = Field(512, ge=1, description="Most events processed (and scored) as one micro-batch.")

@@ -28,7 +28,7 @@ BEHAVIOR = TopicSpec("behavior", "click", by_product=True)
 TAG_UPDATES = TopicSpec("tag-updates", "tag-update", by_product=True)
 MODEL_UPDATES = TopicSpec("model-updates", "model-update", by_product=False)
 DEAD_LETTER = TopicSpec("dead-letter", "dead-letter", by_product=False)
-TAG_SHADOW_DIFFS = TopicSpec("tag-shadow-diffs", "tag-update", by_product=True)
+TAG_SHADOW_DIFFS = TopicSpec("tag-shadow-diffs", "shadow-diff", by_product=True)
 
 TOPICS: tuple[TopicSpec, ...] = (PRODUCTS, BEHAVIOR, TAG_UPDATES, MODEL_UPDATES, DEAD_LETTER, TAG_SHADOW_DIFFS)
 

@@ -18,6 +18,7 @@ from schemas import (
     load_schema,
     validate,
 )
+from streams.model import ShadowDiff
 from tagstream.errors import EventDecodeError, SchemaValidationError
 
 RECORDS = {
@@ -26,6 +27,7 @@ RECORDS = {
     "tag-update": TagUpdate,
     "model-update": ModelUpdate,
     "dead-letter": DeadLetter,
+    "shadow-diff": ShadowDiff,
 }
 
 

@@ -1,0 +1,516 @@
+"""Validation of a candidate model before a worker swaps it in (builds on `serving.bundle.load_bundle`).
+
+Stages, in order; the first failing stage raises `ModelRejectedError` with every reason it found:
+
+1. **integrity** — `load_bundle`: manifest sha256 against the request's, every file's sha256, the Ed25519 signature
+   when a verification key is configured (unsigned or wrongly signed bundles are refused; a signature carried by the
+   request must verify too), the ONNX graph (no external data, allowed opsets and operator domains, size and
+   dimension limits, I/O names, dtypes and shapes against the featurizer's L/K and the label map's T), labels,
+   thresholds, golden rows; the request's model_version must be the manifest's.
+2. **session** — the featurizer loads and ONNX Runtime creates a session.
+3. **canary** — the golden rows score within `canary_atol` of the recorded scores (NaN/inf refused); a few
+   featurized products score end to end (featurizer → session → decoder).
+4. **latency** — the median `predict` latency at batch 1 and 64 is within budget.
+5. **quality** — with a labelled golden set, the candidate's micro-F1 may not drop more than `max_quality_drop`
+   below the active model's.
+
+Everything here is CPU-bound and blocking. Parsing and checking an ONNX graph holds the GIL for tens of ms, which
+would stall a worker's event loop even from another thread, so a worker runs the stages in a child process
+(`validate_isolated`: spawn, one long-lived process) and then only re-opens the validated bytes in its own process
+(`open_validated`: sha256 of every file again — hashing releases the GIL —, small JSON files, the ONNX Runtime
+session, whose creation releases the GIL, and one more canary run on the golden rows).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import hashlib
+import io
+import json
+import math
+from collections.abc import Mapping, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from schemas.records import ProductChange, Tag
+from serving.bundle import (
+    DEFAULT_LIMITS,
+    MANIFEST_FILE,
+    BundleLimits,
+    GoldenSet,
+    LabelMap,
+    ModelBundle,
+    Thresholds,
+    load_bundle,
+    load_verify_key,
+)
+from serving.decoding import TagDecoder
+from serving.scorer import LatencyStats, OnnxScorer
+from tagstream.errors import BundleError, ConfigError, ModelLoadError, ModelRejectedError, ScoringError
+
+__all__ = [
+    "LabelledProduct",
+    "QualityReport",
+    "TagScorer",
+    "ValidatedBundle",
+    "ValidationPolicy",
+    "ValidationReport",
+    "child_init",
+    "load_golden_set",
+    "micro_f1",
+    "open_validated",
+    "parse_verify_key",
+    "validate_bundle",
+    "validate_isolated",
+    "warm_up",
+]
+
+# Products scored end to end when no labelled golden set is configured (catches featurizer/embedding mismatches).
+_SMOKE_TITLES = (
+    "华为 Mate 60 Pro 5G手机 黑色",
+    "Turtle Check Men Navy Blue Shirt",
+    "Nike Women Red Running Shoes 运动鞋",
+    "",
+)
+
+
+class TagScorer(Protocol):
+    """A model that turns products into model tags (streams.model.BundleModel)."""
+
+    version: str
+
+    def score(self, products: Sequence[Any]) -> list[list[Tag]]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class LabelledProduct:
+    """A product of the labelled golden set and its true tags."""
+
+    product: ProductChange
+    tags: frozenset[str]
+
+
+@dataclass(frozen=True, slots=True)
+class QualityReport:
+    """Micro-F1 of the candidate (and the active model) on the labelled golden set."""
+
+    products: int
+    candidate_f1: float
+    active_f1: float | None
+    active_version: str | None
+
+
+@dataclass(frozen=True)
+class ValidationPolicy:
+    """What a candidate must pass (a worker builds it from its settings with `from_settings`)."""
+
+    verify_key: Ed25519PublicKey | None = None
+    limits: BundleLimits = DEFAULT_LIMITS
+    canary_atol: float = 1e-4
+    latency_budget_ms: Mapping[int, float] = field(default_factory=lambda: {1: 50.0, 64: 250.0})
+    latency_runs: int = 10
+    golden_set: Sequence[LabelledProduct] = ()
+    max_quality_drop: float = 0.02
+    intra_op_threads: int = 1
+    inter_op_threads: int = 1
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> ValidationPolicy:
+        """The policy of a `streams.settings.WorkerSettings` (reads the golden set file once)."""
+        key = settings.model_verify_key
+        return cls(
+            verify_key=parse_verify_key(key.get_secret_value()) if key is not None else None,
+            canary_atol=settings.model_canary_atol,
+            latency_budget_ms={1: settings.model_latency_budget_1_ms, 64: settings.model_latency_budget_64_ms},
+            latency_runs=settings.model_latency_runs,
+            golden_set=load_golden_set(settings.model_golden_set) if settings.model_golden_set else (),
+            max_quality_drop=settings.model_max_quality_drop,
+            intra_op_threads=settings.ort_intra_op_threads,
+            inter_op_threads=settings.ort_inter_op_threads,
+        )
+
+
+@dataclass
+class ValidatedBundle:
+    """A candidate that passed every stage: its bundle, a loaded scorer and the figures measured."""
+
+    bundle: ModelBundle
+    scorer: OnnxScorer
+    canary_max_diff: float
+    latency: dict[int, LatencyStats]
+    quality: QualityReport | None = None
+
+    @property
+    def model_version(self) -> str:
+        """The candidate's model version."""
+        return self.bundle.model_version
+
+
+@dataclass(frozen=True)
+class ValidationReport:
+    """The picklable outcome of validation in a child process: identity and figures, or the reasons of a refusal."""
+
+    reasons: tuple[str, ...] = ()
+    model_version: str | None = None
+    sha256: str | None = None
+    canary_max_diff: float = 0.0
+    latency: dict[int, LatencyStats] = field(default_factory=dict)
+    quality: QualityReport | None = None
+
+
+def parse_verify_key(text: str) -> Ed25519PublicKey:
+    """An Ed25519 public key from base64 of its 32 raw bytes, PEM text, or the path of a file holding either."""
+    text = text.strip()
+    if text.startswith("-----BEGIN"):
+        return load_verify_key(text.encode())
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raw = b""
+    if len(raw) == 32:
+        return load_verify_key(raw)
+    path = Path(text)
+    if path.is_file():
+        data = path.read_bytes().strip()
+        if not data.startswith(b"-----BEGIN"):
+            try:
+                data = base64.b64decode(data, validate=True)
+            except (binascii.Error, ValueError):
+                raise ConfigError(f"model verify key file {path}: neither PEM nor base64") from None
+        return load_verify_key(data)
+    raise ConfigError("model verify key: expected base64 of 32 raw Ed25519 bytes, PEM, or a key file path")
+
+
+def load_golden_set(path: str | Path) -> list[LabelledProduct]:
+    """Read a labelled golden set: catalog JSONL (`training.catalog.CatalogProduct` form), one product per line.
+
+    True tags are `gold_tags` when a line has it, else the tags training derives: the category path's tags, the
+    attribute tags and `tags`.
+    """
+    from training.labels import attribute_tag, category_tags  # numpy only; no TensorFlow
+
+    p = Path(path)
+    out: list[LabelledProduct] = []
+    try:
+        lines = p.read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise ConfigError(f"golden set {p}: cannot be read ({exc})") from None
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+            pid, title = str(obj["product_id"]), str(obj["title"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ConfigError(f"golden set {p}:{n}: not a catalog product ({exc})") from None
+        if "gold_tags" in obj:
+            gold = set(obj["gold_tags"])
+        else:
+            attrs = obj.get("attributes") or {}
+            gold = {*category_tags(obj.get("category_path") or []), *(obj.get("tags") or [])}
+            gold |= {attribute_tag(k, v) for k, v in attrs.items() if v}
+        price = obj.get("price")
+        product = ProductChange(
+            "upsert",
+            pid,
+            0,
+            0,
+            title=title,
+            description=obj.get("description"),
+            brand=obj.get("brand"),
+            price=float(price) if isinstance(price, int | float) else None,
+            currency=obj.get("currency"),
+        )
+        out.append(LabelledProduct(product, frozenset(gold)))
+    if not out:
+        raise ConfigError(f"golden set {p}: no products")
+    return out
+
+
+def micro_f1(predicted: Sequence[set[str]], gold: Sequence[frozenset[str] | set[str]], vocab: set[str]) -> float:
+    """Micro-F1 over (product, tag) pairs, both sides restricted to `vocab` (1.0 when both are empty)."""
+    tp = fp = fn = 0
+    for pred, true in zip(predicted, gold, strict=True):
+        p, t = pred & vocab, set(true) & vocab
+        tp += len(p & t)
+        fp += len(p - t)
+        fn += len(t - p)
+    if tp + fp + fn == 0:
+        return 1.0
+    return 2 * tp / (2 * tp + fp + fn)
+
+
+def _verify_request_signature(bundle: ModelBundle, signature: str, key: Ed25519PublicKey) -> list[str]:
+    manifest_bytes = (bundle.path / MANIFEST_FILE).read_bytes()
+    if hashlib.sha256(manifest_bytes).hexdigest() != bundle.sha256:
+        return ["manifest.json: changed while it was being validated"]
+    try:
+        key.verify(base64.b64decode("".join(signature.split()), validate=True), manifest_bytes)
+    except (binascii.Error, ValueError):
+        return ["request signature: not base64"]
+    except InvalidSignature:
+        return ["request signature: does not verify with the configured key"]
+    return []
+
+
+def _tags_of(bundle: ModelBundle, scorer: OnnxScorer, products: Sequence[Any]) -> list[set[str]]:
+    decoder = TagDecoder.from_bundle(bundle)
+    rows = decoder.decode(scorer.predict(bundle.featurizer.transform(products)))
+    return [{t.tag for t in row} for row in rows]
+
+
+def validate_bundle(
+    path: str | Path,
+    *,
+    expected_sha256: str | None = None,
+    expected_version: str | None = None,
+    signature: str | None = None,
+    policy: ValidationPolicy | None = None,
+    active: TagScorer | None = None,
+) -> ValidatedBundle:
+    """Run every stage on the bundle at `path`; return it with a loaded scorer or raise ModelRejectedError."""
+    policy = policy or ValidationPolicy()
+    # 1. integrity
+    bundle = load_bundle(path, verify_key=policy.verify_key, expected_sha256=expected_sha256, limits=policy.limits)
+    reasons: list[str] = []
+    if expected_version is not None and bundle.model_version != expected_version:
+        reasons.append(f"model_version: the request names {expected_version!r}, the manifest {bundle.model_version!r}")
+    if signature and policy.verify_key is not None:
+        reasons += _verify_request_signature(bundle, signature, policy.verify_key)
+    if reasons:
+        raise ModelRejectedError(reasons)
+
+    # 2. session
+    try:
+        featurizer = bundle.featurizer
+    except Exception as exc:  # FeaturizerError, OSError, ValueError from a bad spec or asset
+        raise ModelRejectedError([f"featurizer: cannot be loaded ({exc})"]) from None
+    if (featurizer.max_features, featurizer.n_numeric) != (bundle.L, bundle.K):
+        raise ModelRejectedError(
+            [f"featurizer: L={featurizer.max_features} K={featurizer.n_numeric}, bundle L={bundle.L} K={bundle.K}"]
+        )
+    scorer = OnnxScorer(intra_op_num_threads=policy.intra_op_threads, inter_op_num_threads=policy.inter_op_threads)
+    try:
+        scorer.load(bundle)
+    except ModelLoadError as exc:
+        raise ModelRejectedError([f"session: {exc}"]) from None
+
+    # 3. canary: golden rows, then products through the whole path
+    canary = scorer.check_golden(bundle, atol=policy.canary_atol)
+    products = [lp.product for lp in policy.golden_set] or [
+        ProductChange("upsert", f"smoke-{i}", 0, 0, title=t, brand="brand", price=9.9)
+        for i, t in enumerate(_SMOKE_TITLES)
+    ]
+    try:
+        candidate_tags = _tags_of(bundle, scorer, products)
+    except (ScoringError, BundleError, ValueError, IndexError) as exc:
+        raise ModelRejectedError([f"canary: scoring featurized products failed ({exc})"]) from None
+
+    # 4. latency
+    latency = scorer.measure_latency(tuple(policy.latency_budget_ms), runs=policy.latency_runs)
+    for size, budget in sorted(policy.latency_budget_ms.items()):
+        got = latency[size].p50_ms
+        if not got <= budget:
+            reasons.append(f"latency: batch {size} median {got:.2f} ms exceeds the budget of {budget:g} ms")
+
+    # 5. quality
+    quality = None
+    if policy.golden_set:
+        gold = [lp.tags for lp in policy.golden_set]
+        vocab = set(bundle.labels.by_tag)
+        active_tags: list[set[str]] | None = None
+        if active is not None:
+            active_tags = [{t.tag for t in row} for row in active.score(products)]
+            decoder = getattr(active, "decoder", None)
+            if decoder is not None:
+                vocab |= {x.tag for x in decoder.labels.labels}
+        cand_f1 = micro_f1(candidate_tags, gold, vocab)
+        act_f1 = micro_f1(active_tags, gold, vocab) if active_tags is not None else None
+        quality = QualityReport(len(products), cand_f1, act_f1, getattr(active, "version", None))
+        if act_f1 is not None and act_f1 - cand_f1 > policy.max_quality_drop + 1e-12:
+            reasons.append(
+                f"quality: micro-F1 {cand_f1:.4f} vs the active model's {act_f1:.4f} on {len(products)} golden "
+                f"products: a drop of {act_f1 - cand_f1:.4f} > {policy.max_quality_drop:g}"
+            )
+        if math.isnan(cand_f1):
+            reasons.append("quality: micro-F1 is NaN")
+    if reasons:
+        raise ModelRejectedError(reasons)
+    return ValidatedBundle(bundle, scorer, canary, latency, quality)
+
+
+# --------------------------------------------------------------------------------------------------- isolated
+
+
+class _BundleScorer:
+    """A bundle's whole scoring path (the active model as the child process sees it, for the quality stage)."""
+
+    def __init__(self, bundle: ModelBundle, scorer: OnnxScorer) -> None:
+        self.version = bundle.model_version
+        self.bundle = bundle
+        self.scorer = scorer
+        self.decoder = TagDecoder.from_bundle(bundle)
+
+    def score(self, products: Sequence[Any]) -> list[list[Tag]]:
+        return self.decoder.decode(self.scorer.predict(self.bundle.featurizer.transform(products)))
+
+
+_child_active: dict[tuple[str, str], _BundleScorer] = {}
+
+
+def child_init(niceness: int = 10) -> None:
+    """Initializer of the validation process: a lower CPU priority, so that on a busy machine the worker's own
+    threads win the cores and validation takes the slack."""
+    import os
+
+    with contextlib.suppress(OSError, AttributeError):
+        os.nice(niceness)
+
+
+def warm_up() -> bool:
+    """Run in a fresh child process to import this module (and ONNX, ONNX Runtime) before the first request."""
+    return True
+
+
+def _child_validate(
+    path: str,
+    expected_sha256: str | None,
+    expected_version: str | None,
+    signature: str | None,
+    policy: ValidationPolicy,
+    verify_key_raw: bytes | None,
+    active: tuple[str, str] | None,
+) -> ValidationReport:
+    """Runs in the child process: every stage; the active model (path, sha256) is loaded once and cached."""
+    if verify_key_raw is not None:
+        policy = replace(policy, verify_key=load_verify_key(verify_key_raw))
+    try:
+        active_model = None
+        if active is not None and policy.golden_set:
+            active_model = _child_active.get(active)
+            if active_model is None:
+                bundle = load_bundle(active[0], expected_sha256=active[1], limits=policy.limits)
+                scorer = OnnxScorer(
+                    intra_op_num_threads=policy.intra_op_threads, inter_op_num_threads=policy.inter_op_threads
+                )
+                scorer.load(bundle)
+                _child_active.clear()
+                active_model = _child_active[active] = _BundleScorer(bundle, scorer)
+        v = validate_bundle(
+            path,
+            expected_sha256=expected_sha256,
+            expected_version=expected_version,
+            signature=signature,
+            policy=policy,
+            active=active_model,
+        )
+    except ModelRejectedError as exc:
+        return ValidationReport(reasons=tuple(exc.reasons))
+    except Exception as exc:  # never let an unexpected error cross the process boundary as a crash
+        return ValidationReport(reasons=(f"validation failed: {type(exc).__name__}: {exc}",))
+    return ValidationReport(
+        model_version=v.model_version,
+        sha256=v.bundle.sha256,
+        canary_max_diff=v.canary_max_diff,
+        latency=v.latency,
+        quality=v.quality,
+    )
+
+
+def validate_isolated(
+    executor: Executor,
+    path: str | Path,
+    *,
+    expected_sha256: str | None = None,
+    expected_version: str | None = None,
+    signature: str | None = None,
+    policy: ValidationPolicy | None = None,
+    active: ModelBundle | None = None,
+) -> ValidationReport:
+    """`validate_bundle` in `executor` (a spawn ProcessPoolExecutor); blocks until the child answers."""
+    policy = policy or ValidationPolicy()
+    raw = (
+        policy.verify_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        if policy.verify_key is not None
+        else None
+    )
+    future = executor.submit(
+        _child_validate,
+        str(path),
+        expected_sha256,
+        expected_version,
+        signature,
+        replace(policy, verify_key=None),
+        raw,
+        (str(active.path), active.sha256) if active is not None else None,
+    )
+    return future.result()
+
+
+def _reread(path: Path, name: str, expected: str | None, limit: int) -> bytes:
+    try:
+        data = (path / name).read_bytes()
+    except OSError as exc:
+        raise ModelRejectedError([f"{name}: unreadable after validation ({exc})"]) from None
+    if len(data) > limit or expected is None or hashlib.sha256(data).hexdigest() != expected:
+        raise ModelRejectedError([f"{name}: changed after validation"])
+    return data
+
+
+def open_validated(
+    path: str | Path, report: ValidationReport, policy: ValidationPolicy | None = None
+) -> ValidatedBundle:
+    """Re-open a bundle a child process validated (`report`): the same bytes, checked by sha256, a session, and the
+    canary once more. Raises ModelRejectedError when anything changed since."""
+    policy = policy or ValidationPolicy()
+    if report.reasons or report.sha256 is None:
+        raise ModelRejectedError(list(report.reasons) or ["not validated"])
+    root = Path(path)
+    limit = policy.limits.max_file_bytes
+    manifest_bytes = _reread(root, MANIFEST_FILE, report.sha256, limit)
+    manifest = json.loads(manifest_bytes)
+    files: dict[str, str] = manifest["files"]
+    data = {
+        name: _reread(root, name, files.get(name), policy.limits.max_onnx_bytes if name == "model.onnx" else limit)
+        for name in ("model.onnx", "labels.json", "thresholds.json", "featurizer.json", "metrics.json", "golden.npz")
+    }
+    thresholds = json.loads(data["thresholds.json"])
+    with np.load(io.BytesIO(data["golden.npz"]), allow_pickle=False) as npz:
+        arrays = {k: npz[k] for k in ("ids", "weights", "numeric", "scores")}
+    for a in arrays.values():
+        a.setflags(write=False)
+    bundle = ModelBundle(
+        path=root,
+        manifest=manifest,
+        labels=LabelMap.from_json(json.loads(data["labels.json"])),
+        thresholds=Thresholds(default=float(thresholds["default"]), per_tag=dict(thresholds.get("per_tag") or {})),
+        sha256=report.sha256,
+        model_version=str(manifest["model_version"]),
+        featurizer_spec=json.loads(data["featurizer.json"]),
+        golden=GoldenSet(**arrays),
+        metrics=json.loads(data["metrics.json"]),
+        onnx_bytes=data["model.onnx"],
+        signed=policy.verify_key is not None,
+    )
+    if bundle.model_version != report.model_version:
+        raise ModelRejectedError(["manifest.json: changed after validation"])
+    try:
+        bundle.featurizer  # noqa: B018 - load it now, not on the first batch
+    except Exception as exc:
+        raise ModelRejectedError([f"featurizer: cannot be loaded ({exc})"]) from None
+    scorer = OnnxScorer(intra_op_num_threads=policy.intra_op_threads, inter_op_num_threads=policy.inter_op_threads)
+    try:
+        scorer.load(bundle)
+    except ModelLoadError as exc:
+        raise ModelRejectedError([f"session: {exc}"]) from None
+    canary = scorer.check_golden(bundle, atol=policy.canary_atol)
+    return ValidatedBundle(bundle, scorer, canary, report.latency, report.quality)

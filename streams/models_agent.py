@@ -1,0 +1,274 @@
+"""The Kafka side of model hot swap: every worker reads ALL of `model-updates` and answers on it.
+
+`install(worker, holder)` (called by `ModelHolder.attach`) registers one Faust app task that runs, per worker:
+
+- a consumer of `model-updates` with **no consumer group** (aiokafka, every partition assigned, read from the
+  beginning): the backlog is replayed without answering, so a (re)started worker converges to the last activated
+  model (requests emitted after this worker started are answered even from the backlog), then `holder.caught_up` is
+  set and the worker announces its active model; live requests are validated off
+  the event loop and answered with `model-activated` / `model-rejected` (worker_id, reasons);
+- a publisher of the shadow diffs buffered by `ShadowScoring` to `tag-shadow-diffs`;
+- a status writer: Redis hash `<prefix>:workers`, field worker_id → JSON of `ModelHolder.status()`;
+- after a swap, when `retag_on_swap` is set, a rate-limited re-tag of the stored catalog (`streams.retag`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+import orjson
+import redis.asyncio as aioredis
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from schemas import ModelUpdate
+from streams.model import ModelHolder
+from streams.model_cli import workers_key
+from streams.topics import MODEL_UPDATES, PRODUCTS, TAG_SHADOW_DIFFS
+from tagstream.errors import EventDecodeError
+
+if TYPE_CHECKING:
+    from streams.app import Worker
+    from streams.retag import Retagger
+
+__all__ = ["ModelUpdatesAgent", "install", "workers_key"]
+
+log = logging.getLogger(__name__)
+
+STATUS_EVERY_S = 5.0
+
+
+def install(worker: Worker, holder: ModelHolder) -> ModelUpdatesAgent | None:
+    """Register the model-updates task on the worker's app (not for the in-memory harness or when disabled)."""
+    if not worker.settings.model_updates_enabled or worker.capture_output:
+        return None
+    agent = ModelUpdatesAgent(worker, holder)
+    holder.consuming = True
+
+    async def tagstream_models() -> None:
+        await agent.run()
+
+    worker.app.task(tagstream_models)
+    return agent
+
+
+class ModelUpdatesAgent:
+    """Consumes model-updates for one worker, applies requests through its ModelHolder and publishes the answers."""
+
+    def __init__(self, worker: Worker, holder: ModelHolder) -> None:
+        self.worker = worker
+        self.holder = holder
+        self.settings = worker.settings
+        self.topic = self.settings.topic(MODEL_UPDATES.name)
+        self.redis: aioredis.Redis | None = None
+        self.retag_task: asyncio.Task[Any] | None = None
+        self.retagger: Retagger | None = None
+        self.handled = 0
+        self.started_ms = time.time_ns() // 1_000_000
+        self._status_dirty = True
+        self._status_at = 0.0
+
+    # ------------------------------------------------------------------------------------------ main
+
+    async def run(self) -> None:
+        """Load the configured model, then consume model-updates and publish diffs/status until cancelled."""
+        self.redis = aioredis.from_url(self.settings.redis_url.get_secret_value(), decode_responses=True)
+        tasks: list[asyncio.Task[Any]] = []
+        try:
+            await self.holder.load_initial()
+            self.holder.warm_up()
+            tasks = [
+                asyncio.create_task(self._consume(), name="tagstream-model-updates"),
+                asyncio.create_task(self._publish_loop(), name="tagstream-shadow-diffs"),
+            ]
+            await asyncio.gather(*tasks)
+        finally:
+            for task in [*tasks, self.retag_task]:
+                if task is not None:
+                    task.cancel()
+            for task in [*tasks, self.retag_task]:
+                if task is not None:
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await task
+            with contextlib.suppress(Exception):
+                await self.redis.aclose()
+            self.holder.close()
+
+    async def _consume(self) -> None:
+        # Subscribed with no group: aiokafka assigns every partition (and new ones) to this consumer alone, and with
+        # no committed offsets it starts at the beginning.
+        consumer = AIOKafkaConsumer(
+            self.topic,
+            bootstrap_servers=self.settings.kafka_bootstrap,
+            group_id=None,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            client_id=f"tagstream-models-{self.holder.worker_id}",
+        )
+        await consumer.start()
+        try:
+            tps = await self._assignment(consumer)
+            end = await consumer.end_offsets(tps)
+            pending = {tp for tp in tps if end[tp] > 0}
+            log.info("model-updates: replaying %d events of %s", sum(end.values()), self.topic)
+            if not pending:
+                await self._caught_up()
+            while True:
+                batches = await consumer.getmany(timeout_ms=500, max_records=50)
+                for tp, records in batches.items():
+                    for record in records:
+                        replay = tp in pending
+                        await self._on_record(record.key, record.value, record.offset, replay=replay)
+                        if replay and record.offset >= end[tp] - 1:
+                            pending.discard(tp)
+                            if not pending:
+                                await self._caught_up()
+        finally:
+            await consumer.stop()
+
+    async def _assignment(self, consumer: AIOKafkaConsumer) -> list[TopicPartition]:
+        """The partitions of model-updates, once aiokafka has assigned them."""
+        waited = 0.0
+        while not consumer.assignment():
+            await asyncio.sleep(0.1)
+            waited += 0.1
+            if waited > 30 and waited % 30 < 0.1:
+                log.error("no partition of %s assigned after %.0fs; model updates are not received", self.topic, waited)
+        return sorted(consumer.assignment())
+
+    async def _caught_up(self) -> None:
+        if self.holder.caught_up.is_set():
+            return
+        self.holder.caught_up.set()
+        active = self.holder.active
+        log.info("model-updates backlog applied: active model %s", active.version if active else None)
+        if active is not None:
+            await self._send_answer(
+                ModelUpdate(
+                    kind="model-activated",
+                    model_version=active.version,
+                    emitted_at=time.time_ns() // 1_000_000,
+                    bundle_uri=str(active.bundle.path),
+                    sha256=active.bundle.sha256,
+                    worker_id=self.holder.worker_id,
+                ),
+                key=active.bundle.model_name.encode(),
+            )
+        await self._write_status(force=True)
+
+    async def _on_record(self, key: bytes | None, value: bytes | None, offset: int, *, replay: bool) -> None:
+        try:
+            event = ModelUpdate.decode(value)
+        except EventDecodeError as exc:
+            log.warning("model-updates offset %d ignored: %s", offset, exc)
+            return
+        if event.kind in ("model-activated", "model-rejected"):
+            return
+        log.info(
+            "model-updates offset %d: %s %s%s", offset, event.kind, event.model_version, " (replay)" if replay else ""
+        )
+        outcome = await self.holder.handle(event)
+        self.handled += 1
+        if outcome.changed or outcome.answer is not None:
+            self._status_dirty = True
+        if replay and event.emitted_at < self.started_ms:
+            return  # answered before, by this worker's earlier run or by nobody it concerns
+        if outcome.answer is not None:
+            await self._send_answer(outcome.answer, key=key)
+        await self._write_status()
+        if outcome.swapped_to is not None and self.settings.retag_on_swap:
+            self._start_retag(offset)
+
+    async def _send_answer(self, answer: ModelUpdate, *, key: bytes | None) -> None:
+        value = orjson.dumps(answer.to_dict())
+        try:
+            fut = await self.worker.topics[MODEL_UPDATES.name].send(key=key, value=value)
+            await fut
+        except Exception:
+            log.exception("could not publish the %s answer for %s", answer.kind, answer.model_version)
+
+    # ------------------------------------------------------------------------------------------ diffs and status
+
+    async def _publish_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.shadow_flush_interval)
+            try:
+                await self.flush_diffs()
+                await self._write_status()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("publishing shadow diffs / status failed; retrying")
+
+    async def flush_diffs(self, limit: int = 5000) -> int:
+        """Publish up to `limit` buffered shadow diffs to tag-shadow-diffs; returns how many."""
+        buffer = self.holder.shadow_buffer
+        topic = self.worker.topics[TAG_SHADOW_DIFFS.name]
+        pending = []
+        while buffer and len(pending) < limit:
+            diff = buffer.popleft()
+            pending.append(await topic.send(key=diff.product_id.encode(), value=orjson.dumps(diff.to_dict())))
+            if len(pending) % 256 == 0:
+                await asyncio.sleep(0)
+        if pending:
+            await asyncio.gather(*pending)
+            self._status_dirty = True
+        return len(pending)
+
+    async def _write_status(self, *, force: bool = False) -> None:
+        now = time.monotonic()
+        if not (force or self._status_dirty or now - self._status_at >= STATUS_EVERY_S) or self.redis is None:
+            return
+        status = self.holder.status()
+        if self.retagger is not None:
+            status["retag"] = self.retagger.stats.to_json()
+        try:
+            await self.redis.hset(workers_key(self.settings.redis_prefix), self.holder.worker_id, orjson.dumps(status))
+        except Exception as exc:  # Redis down: the answers on the topic still tell the story
+            log.warning("could not write the worker status to Redis: %s", exc)
+            return
+        self._status_dirty = False
+        self._status_at = now
+
+    # ------------------------------------------------------------------------------------------ re-tag
+
+    def _start_retag(self, run_offset: int) -> None:
+        from streams.retag import Retagger
+
+        if self.retag_task is not None and not self.retag_task.done():
+            self.retag_task.cancel()
+        model = self.holder.active
+        if model is None:
+            return
+
+        async def run() -> None:
+            processor = await self.worker.processor()
+            self.retagger = Retagger(
+                processor.store,
+                rate=self.settings.retag_rate,
+                batch=self.settings.retag_batch,
+                score_delta=self.settings.score_delta,
+                executor=self.worker.executor,
+                publish=self.worker.publish,
+                topic=self.settings.topic(MODEL_UPDATES.name),
+                partitions=self._assigned_partitions(),
+                partition_count=self.settings.partitions,
+            )
+            stats = await self.retagger.run(model, run_offset)
+            self._status_dirty = True
+            log.info("re-tag with %s done: %s", model.version, stats.to_json())
+
+        self.retag_task = asyncio.create_task(run(), name="tagstream-retag")
+
+    def _assigned_partitions(self) -> set[int] | None:
+        """Partitions of `products` this worker owns (None when unknown: then every product is re-tagged)."""
+        products = self.settings.topic(PRODUCTS.name)
+        try:
+            assignment = self.worker.app.consumer.assignment()
+        except Exception:
+            return None
+        parts = {tp.partition for tp in assignment if tp.topic == products}
+        return parts or None

@@ -1,0 +1,229 @@
+"""Re-tag the stored catalog after a model swap, rate-limited, without starving live events.
+
+SCAN `<prefix>:{*}:doc`, take small batches, re-score the products whose stored tags come from another model
+version, and write the new model tags through the same offset-fenced Lua path as live events: fence field
+`retag:<model_version>`, offset = the model-updates offset of the request that made the model active (monotonic;
+a second run for the same activation — another worker, a restart — is a no-op per product). A tag-update with reason
+`retag` is emitted only where the merged tag set changed (or a score moved more than `score_delta`).
+
+A product changed by a live event while its batch was being scored is skipped (its state is read again just before
+the write); products of partitions another worker owns are skipped when `partitions` is given.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from aiokafka.partitioner import DefaultPartitioner
+
+from schemas import ProductChange, SourceRef, Tag, TagUpdate
+from serving.decoding import diff_tags, merge_tags
+from streams.processor import BatchOutput, ScoringModel
+from streams.state import Ops, ProductKeys, ProductState, StateStore, Write
+
+__all__ = ["RetagStats", "Retagger", "product_from_doc"]
+
+log = logging.getLogger(__name__)
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def _tag_dicts(tags: Sequence[Tag]) -> list[dict[str, Any]]:
+    return [{"tag": t.tag, "group": t.group, "score": round(float(t.score), 6), "origin": t.origin} for t in tags]
+
+
+def _tags(dicts: Sequence[dict[str, Any]] | None) -> list[Tag]:
+    return [Tag(**d) for d in dicts or ()]
+
+
+def product_from_doc(pid: str, doc: dict[str, str]) -> ProductChange | None:
+    """The product upsert a stored `doc` hash describes (None for deleted or never upserted products)."""
+    if doc.get("deleted") == "1" or "title" not in doc:
+        return None
+    price = doc.get("price") or ""
+    try:
+        price_value = float(price) if price != "" else None
+    except ValueError:
+        price_value = None
+    return ProductChange(
+        "upsert",
+        pid,
+        int(doc.get("updated_at") or 0),
+        int(doc.get("version") or 0),
+        title=doc.get("title") or "",
+        description=doc.get("description") or None,
+        brand=doc.get("brand") or None,
+        price=price_value,
+        currency=doc.get("currency") or None,
+        category_hints=tuple(orjson.loads(doc.get("category_hints") or "[]")),
+        attributes=dict(orjson.loads(doc.get("attributes") or "{}")),
+    )
+
+
+@dataclass
+class RetagStats:
+    """What a re-tag run did."""
+
+    model_version: str
+    scanned: int = 0
+    scored: int = 0
+    written: int = 0
+    updates: int = 0
+    skipped_current: int = 0
+    skipped_raced: int = 0
+    skipped_other_partition: int = 0
+    started_at: int = 0
+    finished_at: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain dict."""
+        return dict(self.__dict__)
+
+
+class Retagger:
+    """Re-scores a store's products with one model at `rate` products/s in batches of `batch`."""
+
+    def __init__(
+        self,
+        store: StateStore,
+        *,
+        rate: float,
+        batch: int,
+        score_delta: float,
+        publish: Callable[[BatchOutput], Awaitable[None]],
+        topic: str,
+        executor: Executor | None = None,
+        partitions: set[int] | None = None,
+        partition_count: int = 1,
+    ) -> None:
+        self.store = store
+        self.rate = rate
+        self.batch = batch
+        self.score_delta = score_delta
+        self.publish = publish
+        self.topic = topic
+        self.executor = executor
+        self.partitions = partitions
+        self.partition_count = partition_count
+        self._partitioner = DefaultPartitioner()
+        self.stats = RetagStats("-")
+
+    def _owned(self, pid: str) -> bool:
+        if self.partitions is None:
+            return True
+        all_parts = list(range(self.partition_count))
+        return self._partitioner(pid.encode(), all_parts, all_parts) in self.partitions
+
+    async def _product_ids(self) -> Any:
+        """Every product id with a doc, in SCAN order (MemoryStateStore: its hash keys)."""
+        prefix = self.store.prefix
+        head, tail = f"{prefix}:{{", "}:doc"
+        client = getattr(self.store, "client", None)
+        if client is not None:
+            async for key in client.scan_iter(match=f"{prefix}:{{*}}:doc", count=500):
+                key = key.decode() if isinstance(key, bytes) else key
+                yield key[len(head) : -len(tail)]
+        else:
+            for key in list(getattr(self.store, "hashes", {})):
+                if key.startswith(head) and key.endswith(tail):
+                    yield key[len(head) : -len(tail)]
+
+    async def run(self, model: ScoringModel, run_offset: int) -> RetagStats:
+        """Re-tag every stored product with `model`; `run_offset` fences the writes (see the module docstring)."""
+        self.stats = stats = RetagStats(model.version, started_at=_now_ms())
+        started = time.monotonic()
+        chunk: list[str] = []
+        async for pid in self._product_ids():
+            stats.scanned += 1
+            if not self._owned(pid):
+                stats.skipped_other_partition += 1
+                continue
+            chunk.append(pid)
+            if len(chunk) >= self.batch:
+                await self._step(model, chunk, run_offset)
+                chunk = []
+                await self._pace(started)
+        if chunk:
+            await self._step(model, chunk, run_offset)
+        stats.finished_at = _now_ms()
+        return stats
+
+    async def _pace(self, started: float) -> None:
+        """Sleep so that at most `rate` products/s are scored; always yield to the loop between batches."""
+        due = started + self.stats.scored / self.rate
+        await asyncio.sleep(max(0.0, due - time.monotonic()))
+
+    async def _step(self, model: ScoringModel, pids: list[str], run_offset: int) -> None:
+        stats = self.stats
+        states = await self.store.read(pids)
+        todo: list[tuple[ProductState, ProductChange]] = []
+        for pid in pids:
+            state = states[pid]
+            tag_state = state.tags
+            product = product_from_doc(pid, state.doc)
+            if product is None or tag_state is None or tag_state.get("deleted"):
+                continue
+            if tag_state.get("model_version") == model.version:
+                stats.skipped_current += 1
+                continue
+            todo.append((state, product))
+        if not todo:
+            return
+        loop = asyncio.get_running_loop()
+        scored = await loop.run_in_executor(self.executor, model.score, [p for _, p in todo])
+        stats.scored += len(todo)
+        fresh = await self.store.read([s.product_id for s, _ in todo])
+        writes: list[Write] = []
+        emitted: list[bytes | None] = []
+        for (state, _product), model_tags in zip(todo, scored, strict=True):
+            pid = state.product_id
+            if fresh[pid].tags != state.tags or fresh[pid].doc != state.doc:
+                stats.skipped_raced += 1  # a live event got there first, with the active model
+                continue
+            tag_state = dict(state.tags or {})
+            old = _tags(tag_state.get("tags"))
+            model_dicts = _tag_dicts(model_tags)
+            catalog, behaviour = _tags(tag_state.get("catalog")), _tags(tag_state.get("behaviour_tags"))
+            merged = merge_tags(_tags(model_dicts), catalog, behaviour)
+            added, removed, changed = diff_tags(old, merged, self.score_delta)
+            tag_state.update(model=model_dicts, model_version=model.version, tags=_tag_dicts(merged))
+            payload = None
+            if changed:
+                now = _now_ms()
+                update = TagUpdate(
+                    product_id=pid,
+                    tags=tuple(merged),
+                    added=tuple(added),
+                    removed=tuple(removed),
+                    model_version=model.version,
+                    reason="retag",
+                    source=SourceRef(self.topic, -1, -1),
+                    event_time=now,
+                    emit_time=now,
+                    deleted=False,
+                )
+                payload = orjson.dumps(update.to_dict())
+            keys = ProductKeys(self.store.prefix, pid)
+            ops = Ops(keys)
+            ops.set(keys.tags, orjson.dumps(tag_state))
+            writes.append(Write(pid, f"retag:{model.version}", run_offset, ops, payload))
+            emitted.append(payload)
+        results = await self.store.apply(writes)
+        out = BatchOutput()
+        for write, payload, result in zip(writes, emitted, results, strict=True):
+            if result.applied:
+                stats.written += 1
+                if payload is not None:
+                    out.updates.append((write.product_id.encode(), payload))
+        stats.updates += len(out.updates)
+        if out.updates:
+            await self.publish(out)

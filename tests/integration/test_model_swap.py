@@ -1,0 +1,378 @@
+"""Model hot swap against the real stack: `tagstream worker` processes, model-updates requests and answers.
+
+- a corpus of bad bundles, each refused with its reason in a `model-rejected` answer while the old model keeps
+  tagging live events;
+- a good model swapped under live load with no event failed or lost, versions switching once per partition;
+- rollback, and a worker started later converging to the last activated model;
+- shadow scoring whose diffs match an offline comparison of the two models, then promote;
+- re-tag of the stored catalog after a swap, emitting `retag` updates only where tags changed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from aiokafka import AIOKafkaProducer
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from schemas import ModelUpdate, ProductChange
+from serving.decoding import catalog_tags, diff_tags, merge_tags
+from serving.validate import validate_bundle
+from streams.model import BundleModel, ShadowDiff
+from streams.model_cli import build_request, send_request, workers_key
+from streams.settings import WorkerSettings
+from tests.events import upsert
+from tests.integration.conftest import REPO, StreamEnv
+from tests.unit.test_validate import (
+    TITLES,
+    BadCase,
+    golden_set_of,
+    make_corpus,
+    public_b64,
+    real_bundle,
+    write_golden_jsonl,
+)
+
+pytestmark = pytest.mark.integration
+
+ANSWERS = ("model-activated", "model-rejected")
+
+
+# --------------------------------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def key() -> Ed25519PrivateKey:
+    return Ed25519PrivateKey.generate()
+
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory: pytest.TempPathFactory, key: Ed25519PrivateKey) -> dict[str, Path]:
+    """Three good signed bundles over the real featurizer (different weights, same layout)."""
+    root = tmp_path_factory.mktemp("registry")
+    return {name: real_bundle(root / name, seed=seed, signing_key=key) for seed, name in enumerate("abc")}
+
+
+@pytest.fixture(scope="module")
+def models(bundles: dict[str, Path]) -> dict[str, BundleModel]:
+    """The same bundles loaded offline (the reference the worker's output is compared with)."""
+    return {name: BundleModel.from_validated(validate_bundle(path)) for name, path in bundles.items()}
+
+
+# --------------------------------------------------------------------------------------------------- helpers
+
+
+def send(se: StreamEnv, event: ModelUpdate, key: bytes = b"tiny") -> int:
+    """Send a model-updates request; returns its offset."""
+    return asyncio.run(send_request(se.settings, event, key))
+
+
+def request(kind: str, path: Path | None = None, version: str | None = None) -> ModelUpdate:
+    if path is None:
+        return ModelUpdate(kind=kind, model_version=version or "previous", emitted_at=time.time_ns() // 10**6)  # type: ignore[arg-type]
+    event, _ = build_request(kind, WorkerSettings(), model=path)
+    return event
+
+
+def answers_of(messages: list[dict[str, Any]], worker: str, after: int = -1) -> list[dict[str, Any]]:
+    return [m for m in messages if m["kind"] in ANSWERS and m.get("worker_id") == worker and m["_offset"] > after]
+
+
+def wait_answers(se: StreamEnv, worker: str, n: int, after: int = -1, timeout: float = 60) -> list[dict[str, Any]]:
+    """The first `n` answers of `worker` after offset `after` on model-updates."""
+    seen = se.consume("model-updates", lambda m: len(answers_of(m, worker, after)) >= n, timeout=timeout)
+    return answers_of(seen, worker, after)[:n]
+
+
+def start(se: StreamEnv, worker: str, **env: str) -> Any:
+    """Start a `tagstream worker` named `worker` (it answers on model-updates under that id)."""
+    return se.start_worker(TAGSTREAM_WORKER_ID=worker, **env)
+
+
+def upserts(prefix: str, n: int, **fields: Any) -> list[dict[str, Any]]:
+    return [upsert(f"{prefix}-{i}", TITLES[i % len(TITLES)], **fields) for i in range(n)]
+
+
+def updates_by_pid(se: StreamEnv, pids: set[str], timeout: float = 60) -> dict[str, list[dict[str, Any]]]:
+    """Tag updates of `pids` once every one of them has at least one."""
+    seen = se.consume("tag-updates", lambda m: pids <= {u["product_id"] for u in m}, timeout=timeout)
+    out: dict[str, list[dict[str, Any]]] = {}
+    for u in seen:
+        if u["product_id"] in pids:
+            out.setdefault(u["product_id"], []).append(u)
+    return out
+
+
+def redis_status(se: StreamEnv, worker: str) -> dict[str, Any] | None:
+    raw = se.redis().hget(workers_key(se.settings.redis_prefix), worker)
+    return json.loads(raw) if raw else None
+
+
+def wait_status(se: StreamEnv, worker: str, pred: Any, timeout: float = 30) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    status = None
+    while time.monotonic() < deadline:
+        status = redis_status(se, worker)
+        if status is not None and pred(status):
+            return status
+        time.sleep(0.2)
+    pytest.fail(f"status of {worker} never matched; last: {status}")
+
+
+def model_tag_names(model: BundleModel, event: dict[str, Any]) -> list[str]:
+    return [t.tag for t in model.score([ProductChange.from_dict(event)])[0]]
+
+
+# --------------------------------------------------------------------------------------------------- tests
+
+
+def test_bad_bundles_are_refused_with_their_reason_while_the_old_model_keeps_serving(
+    make_stream_env: Any, tmp_path: Path, key: Ed25519PrivateKey, bundles: dict[str, Path], models: dict[str, Any]
+) -> None:
+    corpus: list[BadCase] = make_corpus(tmp_path / "corpus", key)
+    assert len(corpus) >= 15
+    golden = write_golden_jsonl(tmp_path / "golden.jsonl", golden_set_of(models["a"]))
+    se = make_stream_env()
+    start(
+        se,
+        "w-bad",
+        TAGSTREAM_MODEL_PATH=str(bundles["a"]),
+        TAGSTREAM_MODEL_VERIFY_KEY=public_b64(key),
+        TAGSTREAM_MODEL_GOLDEN_SET=str(golden),
+    )
+    [hello] = wait_answers(se, "w-bad", 1)
+    assert hello["kind"] == "model-activated" and hello["model_version"] == bundles["a"].name
+
+    events: list[dict[str, Any]] = []
+    first = None
+    for i, case in enumerate(corpus):
+        event = ModelUpdate(
+            kind="activate",
+            model_version=case.model_version,
+            emitted_at=time.time_ns() // 10**6,
+            bundle_uri=str(case.path),
+            sha256=case.sha256,
+        )
+        offset = send(se, event)
+        first = offset if first is None else first
+        batch = upserts(f"bad{i}", 2)
+        se.produce("products", batch)
+        events += batch
+
+    got = wait_answers(se, "w-bad", len(corpus), after=first - 1, timeout=120)  # type: ignore[operator]
+    by_uri = {a["bundle_uri"]: a for a in got}
+    for case in corpus:
+        answer = by_uri.get(str(case.path))
+        assert answer is not None, f"{case.name}: no answer"
+        assert answer["kind"] == "model-rejected", f"{case.name} was accepted"
+        ModelUpdate.from_dict({k: v for k, v in answer.items() if not k.startswith("_")}).to_dict()
+        text = " | ".join(answer["reasons"])
+        assert case.reason in text, f"{case.name}: {text}"
+
+    # Events kept flowing, every one tagged by the old model.
+    updates = updates_by_pid(se, {e["product_id"] for e in events})
+    for event in events:
+        [update] = updates[event["product_id"]]
+        assert update["model_version"] == bundles["a"].name
+        assert [t["tag"] for t in update["tags"] if t["origin"] == "model"] == model_tag_names(models["a"], event)
+    assert redis_status(se, "w-bad")["active"] == bundles["a"].name  # type: ignore[index]
+    assert "rejected by w-bad" in se.workers[0].log()
+
+
+class LoadProducer(threading.Thread):
+    """Produces `n` upserts with unique ids at a steady pace from its own event loop; records where each landed."""
+
+    def __init__(self, se: StreamEnv, prefix: str, n: int, chunk: int, pause: float) -> None:
+        super().__init__(daemon=True)
+        self.se, self.prefix, self.n, self.chunk, self.pause = se, prefix, n, chunk, pause
+        self.sent: list[tuple[str, int, int, int]] = []  # pid, partition, offset, acked at (ms)
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            asyncio.run(self._run())
+        except BaseException as exc:  # reported by the test
+            self.error = exc
+
+    async def _run(self) -> None:
+        producer = AIOKafkaProducer(
+            bootstrap_servers=self.se.settings.kafka_bootstrap, acks="all", enable_idempotence=True
+        )
+        await producer.start()
+        try:
+            topic = self.se.settings.topic("products")
+            for start in range(0, self.n, self.chunk):
+                events = [
+                    upsert(f"{self.prefix}-{i}", TITLES[i % len(TITLES)])
+                    for i in range(start, min(self.n, start + self.chunk))
+                ]
+                futures = [await producer.send(topic, orjson.dumps(e), key=e["product_id"].encode()) for e in events]
+                for e, meta in zip(events, await asyncio.gather(*futures), strict=True):
+                    self.sent.append((e["product_id"], meta.partition, meta.offset, time.time_ns() // 10**6))
+                await asyncio.sleep(self.pause)
+        finally:
+            await producer.stop()
+
+
+def test_hot_swap_under_load_rollback_and_a_late_worker_converges(
+    make_stream_env: Any, bundles: dict[str, Path]
+) -> None:
+    a, b, c = (bundles[x].name for x in "abc")
+    se = make_stream_env()
+    start(se, "w-1", TAGSTREAM_MODEL_PATH=str(bundles["a"]))
+    wait_answers(se, "w-1", 1)
+
+    load = LoadProducer(se, "L", n=1500, chunk=25, pause=0.04)
+    load.start()
+    time.sleep(1.0)
+    offset = send(se, request("activate", bundles["b"]))
+    [answer] = wait_answers(se, "w-1", 1, after=offset)
+    assert (answer["kind"], answer["model_version"]) == ("model-activated", b)
+    load.join(timeout=120)
+    assert load.error is None and len(load.sent) == 1500
+
+    # Every produced event is accounted for by exactly its update, none failed.
+    wanted = {(p, o) for _, p, o, _ in load.sent}
+    seen = se.consume(
+        "tag-updates",
+        lambda m: wanted <= {(u["source"]["partition"], u["source"]["offset"]) for u in m if u["product_id"][0] == "L"},
+        timeout=120,
+    )
+    by_source = {(u["source"]["partition"], u["source"]["offset"]): u for u in seen if u["product_id"][0] == "L"}
+    assert all(by_source[(p, o)]["product_id"] == pid for pid, p, o, _ in load.sent)
+    dead = se.consume("dead-letter", lambda m: True, timeout=3)
+    assert not dead
+    # Per partition the version switches exactly once, from a to b; events acked after the answer carry b.
+    for partition in {p for _, p, _, _ in load.sent}:
+        versions = [
+            by_source[(p, o)]["model_version"] for _, p, o, _ in sorted(load.sent, key=lambda r: r[2]) if p == partition
+        ]
+        switch = versions.index(b) if b in versions else len(versions)
+        assert set(versions[:switch]) <= {a} and set(versions[switch:]) == {b}, versions
+    assert {by_source[(p, o)]["model_version"] for _, p, o, at in load.sent if at > answer["emitted_at"]} == {b}
+    assert {by_source[(p, o)]["model_version"] for _, p, o, _ in load.sent} == {a, b}
+
+    # Rollback: back to a.
+    offset = send(se, request("rollback"), key=b"tagstream-control")
+    [answer] = wait_answers(se, "w-1", 1, after=offset)
+    assert (answer["kind"], answer["model_version"]) == ("model-activated", a)
+    after_rollback = upserts("R", 10)
+    se.produce("products", after_rollback)
+    updates = updates_by_pid(se, {e["product_id"] for e in after_rollback})
+    assert {u["model_version"] for us in updates.values() for u in us} == {a}
+    status = wait_status(se, "w-1", lambda s: s["active"] == a)
+    assert status["previous"] == b
+
+    # A third model, then a worker started later (from the same configured bundle a) converges to it.
+    offset = send(se, request("activate", bundles["c"]))
+    [answer] = wait_answers(se, "w-1", 1, after=offset)
+    assert answer["model_version"] == c
+    start(se, "w-2", TAGSTREAM_MODEL_PATH=str(bundles["a"]))
+    [hello] = wait_answers(se, "w-2", 1)
+    assert (hello["kind"], hello["model_version"]) == ("model-activated", c)
+    assert wait_status(se, "w-2", lambda s: s["active"] == c)["previous"] == a
+
+    # `tagstream model status` shows both workers.
+    env = {**os.environ, **se.env}
+    out = subprocess.run(
+        [sys.executable, "-m", "tagstream.cli", "model", "status", "--json"],
+        env=env, cwd=REPO, capture_output=True, text=True, check=True, timeout=60,
+    )  # fmt: skip
+    report = json.loads(out.stdout)
+    assert report["w-1"]["active"] == c and report["w-2"]["active"] == c
+    assert report["w-2"]["last_answer"]["model_version"] == c
+
+
+def test_shadow_diffs_match_an_offline_comparison_then_promote(
+    make_stream_env: Any, bundles: dict[str, Path], models: dict[str, BundleModel]
+) -> None:
+    a, b = bundles["a"].name, bundles["b"].name
+    se = make_stream_env()
+    start(se, "w-s", TAGSTREAM_MODEL_PATH=str(bundles["a"]))
+    wait_answers(se, "w-s", 1)
+    send(se, request("shadow", bundles["b"]))
+    wait_status(se, "w-s", lambda s: s["shadow"] == b)
+
+    events = upserts("S", 30, attributes={"colour": "Red"})
+    se.produce("products", events)
+    pids = {e["product_id"] for e in events}
+    diffs = se.consume("tag-shadow-diffs", lambda m: pids <= {d["product_id"] for d in m}, timeout=60)
+    by_pid = {
+        d["product_id"]: ShadowDiff.from_dict({k: v for k, v in d.items() if not k.startswith("_")}) for d in diffs
+    }
+    agreement = []
+    for event in events:
+        diff = by_pid[event["product_id"]]
+        diff.to_dict()  # schema-valid
+        active_tags = set(model_tag_names(models["a"], event))
+        shadow_tags = set(model_tag_names(models["b"], event))
+        assert (diff.active_version, diff.shadow_version) == (a, b)
+        assert set(diff.added) == shadow_tags - active_tags
+        assert set(diff.removed) == active_tags - shadow_tags
+        union = active_tags | shadow_tags
+        assert diff.agreement == pytest.approx(len(active_tags & shadow_tags) / len(union) if union else 1.0)
+        agreement.append(diff.agreement)
+    updates = updates_by_pid(se, pids)
+    assert {u["model_version"] for us in updates.values() for u in us} == {a}  # the shadow never tags
+    stats = wait_status(se, "w-s", lambda s: (s["shadow_stats"] or {}).get("compared", 0) >= 30)["shadow_stats"]
+    assert stats["agreement"] == pytest.approx(sum(agreement) / len(agreement))
+
+    offset = send(se, request("promote", version="shadow"), key=b"tagstream-control")
+    [answer] = wait_answers(se, "w-s", 1, after=offset)
+    assert (answer["kind"], answer["model_version"]) == ("model-activated", b)
+    after = upserts("P", 5)
+    se.produce("products", after)
+    updates = updates_by_pid(se, {e["product_id"] for e in after})
+    assert {u["model_version"] for us in updates.values() for u in us} == {b}
+    status = wait_status(se, "w-s", lambda s: s["active"] == b)
+    assert status["shadow"] is None and status["previous"] == a
+
+
+def test_retag_after_a_swap_updates_only_changed_products(
+    make_stream_env: Any, bundles: dict[str, Path], models: dict[str, BundleModel]
+) -> None:
+    b = bundles["b"].name
+    se = make_stream_env()
+    start(se, "w-r", TAGSTREAM_MODEL_PATH=str(bundles["a"]), TAGSTREAM_RETAG_ON_SWAP="true", TAGSTREAM_RETAG_RATE="500")
+    wait_answers(se, "w-r", 1)
+    events = [
+        upsert(f"T-{i}", TITLES[i % len(TITLES)], attributes={"colour": "Red"} if i % 3 == 0 else {}) for i in range(40)
+    ]
+    se.produce("products", events)
+    pids = {e["product_id"] for e in events}
+    updates_by_pid(se, pids)
+
+    expected = set()
+    for e in events:
+        catalog = catalog_tags(e.get("attributes") or {})
+        old = merge_tags(models["a"].score([ProductChange.from_dict(e)])[0], catalog, [])
+        new = merge_tags(models["b"].score([ProductChange.from_dict(e)])[0], catalog, [])
+        if diff_tags(old, new, se.settings.score_delta)[2]:
+            expected.add(e["product_id"])
+    assert expected  # different weights: some products change
+
+    offset = send(se, request("activate", bundles["b"]))
+    wait_answers(se, "w-r", 1, after=offset)
+    seen = se.consume(
+        "tag-updates", lambda m: expected <= {u["product_id"] for u in m if u["reason"] == "retag"}, timeout=60
+    )
+    status = wait_status(se, "w-r", lambda s: (s.get("retag") or {}).get("finished_at") is not None)
+    seen = se.consume("tag-updates", lambda m: len(m) >= len(seen), timeout=10)
+    retags = [u for u in seen if u["reason"] == "retag"]
+    assert {u["product_id"] for u in retags} == expected and len(retags) == len(expected)
+    assert all(u["model_version"] == b and u["source"]["offset"] == -1 for u in retags)
+    assert status["retag"]["scored"] == 40 and status["retag"]["updates"] == len(expected)
+    r = se.redis()
+    for pid in pids:
+        stored = orjson.loads(r.get(f"{se.settings.redis_prefix}:{{{pid}}}:tags"))
+        assert stored["model_version"] == b

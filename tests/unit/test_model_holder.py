@@ -1,0 +1,292 @@
+"""ModelHolder (no services): activate / refuse / rollback / shadow / promote, batches never mixed, re-tag."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from pathlib import Path
+
+import orjson
+import pytest
+
+from schemas import ModelUpdate, ProductChange, TagUpdate
+from serving.validate import ValidationPolicy
+from streams.model import BundleModel, ModelHolder, ShadowDiff, ShadowScoring, diff_model_tags
+from streams.model_cli import build_request
+from streams.processor import BatchOutput, InMessage, Processor
+from streams.retag import Retagger, product_from_doc
+from streams.settings import WorkerSettings
+from streams.state import MemoryStateStore
+from tests.events import upsert
+from tests.unit.test_validate import TITLES, real_bundle
+
+POLICY = ValidationPolicy(latency_budget_ms={1: 1000.0, 64: 1000.0}, latency_runs=2)
+
+
+def request(kind: str, path: Path | None = None, version: str | None = None) -> ModelUpdate:
+    """A model-update request for the bundle at `path` (sha256 and version from its manifest)."""
+    if path is None:
+        return ModelUpdate(kind=kind, model_version=version or "previous", emitted_at=1)  # type: ignore[arg-type]
+    sha = hashlib.sha256((path / "manifest.json").read_bytes()).hexdigest()
+    return ModelUpdate(kind=kind, model_version=version or path.name, emitted_at=1, bundle_uri=str(path), sha256=sha)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("bundles")
+    return {
+        "a": real_bundle(root / "a", seed=0),
+        "b": real_bundle(root / "b", seed=1),
+        "c": real_bundle(root / "c", seed=2),
+    }
+
+
+def products(n: int = 8, prefix: str = "p") -> list[ProductChange]:
+    return [ProductChange("upsert", f"{prefix}-{i}", 1000, 1, title=t) for i, t in enumerate((TITLES * 4)[:n])]
+
+
+async def holder_with(bundles: dict[str, Path], isolated: bool = False, **settings: object) -> ModelHolder:
+    holder = ModelHolder(
+        WorkerSettings(model_path=bundles["a"], worker_id="w-1", **settings), policy=POLICY, isolated=isolated
+    )
+    await holder.start()
+    return holder
+
+
+async def test_no_model_configured_gives_none() -> None:
+    holder = ModelHolder(WorkerSettings(worker_id="w"), policy=POLICY)
+    await holder.start()
+    assert holder.get() is None
+
+
+async def test_activate_swaps_and_keeps_the_previous(bundles: dict[str, Path]) -> None:
+    holder = await holder_with(bundles)
+    old = holder.get()
+    assert isinstance(old, BundleModel) and old.version == bundles["a"].name
+    outcome = await holder.handle(request("activate", bundles["b"]))
+    assert outcome.answer is not None and outcome.answer.kind == "model-activated"
+    assert outcome.answer.model_version == bundles["b"].name and outcome.answer.worker_id == "w-1"
+    assert outcome.swapped_to == bundles["b"].name
+    outcome.answer.to_dict()  # schema-valid
+    assert holder.get().version == bundles["b"].name  # type: ignore[union-attr]
+    assert holder.previous is old
+    # A batch that took the old model before the swap still scores with it, whole.
+    assert len(old.score(products())) == 8
+    # The same request again is answered without a second swap.
+    again = await holder.handle(request("activate", bundles["b"]))
+    assert again.answer is not None and again.answer.kind == "model-activated" and not again.changed
+    assert holder.swaps == 1
+
+
+async def test_validation_in_a_child_process(bundles: dict[str, Path], tmp_path: Path) -> None:
+    """The worker's default: stages in a spawned process, then the same bytes re-opened here."""
+    holder = await holder_with(bundles, isolated=True)
+    try:
+        ok = await holder.handle(request("activate", bundles["b"]))
+        assert ok.answer is not None and ok.answer.kind == "model-activated"
+        assert holder.get().version == bundles["b"].name  # type: ignore[union-attr]
+        assert len(holder.get().score(products(4))) == 4  # type: ignore[union-attr]
+        bad = await holder.handle(ModelUpdate(**_replace(request("activate", bundles["c"]), sha256="1" * 64)))  # type: ignore[arg-type]
+        assert bad.answer is not None and bad.answer.kind == "model-rejected"
+        assert any("differs from the expected" in r for r in bad.answer.reasons)
+        assert holder.get().version == bundles["b"].name  # type: ignore[union-attr]
+    finally:
+        holder.close()
+
+
+async def test_a_refused_model_keeps_the_active_one(bundles: dict[str, Path]) -> None:
+    holder = await holder_with(bundles)
+    bad = request("activate", bundles["b"])
+    bad = ModelUpdate(**_replace(bad, sha256="0" * 64))  # type: ignore[arg-type]
+    outcome = await holder.handle(bad)
+    assert outcome.answer is not None and outcome.answer.kind == "model-rejected"
+    assert any("differs from the expected" in r for r in outcome.answer.reasons)
+    outcome.answer.to_dict()
+    assert holder.get().version == bundles["a"].name  # type: ignore[union-attr]
+    assert holder.rejections == 1 and holder.status()["last_rejected"]["model_version"] == bundles["b"].name
+
+
+def _replace(event: ModelUpdate, **changes: object) -> dict[str, object]:
+    from dataclasses import asdict
+
+    return {**asdict(event), **changes}
+
+
+async def test_a_missing_bundle_uri_is_refused(bundles: dict[str, Path]) -> None:
+    holder = await holder_with(bundles)
+    outcome = await holder.handle(ModelUpdate(kind="activate", model_version="x", emitted_at=1))
+    assert outcome.answer is not None and outcome.answer.reasons == ("request: no bundle_uri",)
+
+
+async def test_rollback_returns_to_the_previous_model(bundles: dict[str, Path]) -> None:
+    holder = await holder_with(bundles)
+    no_previous = await holder.handle(request("rollback"))
+    assert no_previous.answer is not None and no_previous.answer.kind == "model-rejected"
+    assert no_previous.answer.reasons == ("rollback: no previous model",)
+    await holder.handle(request("activate", bundles["b"]))
+    wrong = await holder.handle(request("rollback", version="nope"))
+    assert wrong.answer is not None and wrong.answer.kind == "model-rejected"
+    done = await holder.handle(request("rollback", version=bundles["a"].name))
+    assert done.answer is not None and done.answer.kind == "model-activated"
+    assert done.answer.model_version == bundles["a"].name
+    assert holder.get().version == bundles["a"].name  # type: ignore[union-attr]
+    assert holder.previous is not None and holder.previous.version == bundles["b"].name
+
+
+async def test_shadow_scores_beside_the_active_model_and_promote(bundles: dict[str, Path]) -> None:
+    holder = await holder_with(bundles)
+    shadow = await holder.handle(request("shadow", bundles["b"]))
+    assert shadow.answer is None and shadow.changed
+    view = holder.get()
+    assert isinstance(view, ShadowScoring) and view.version == bundles["a"].name
+    batch = products(12)
+    tags = view.score(batch)
+    active, candidate = holder.active, holder.shadow
+    assert active is not None and candidate is not None
+    assert tags == active.score(batch)  # the batch gets the active model's tags
+    diffs = list(holder.shadow_buffer)
+    assert [d.product_id for d in diffs] == [p.product_id for p in batch]
+    for diff, a, s in zip(diffs, active.score(batch), candidate.score(batch), strict=True):
+        added, removed, agreement = diff_model_tags(a, s)
+        assert (list(diff.added), list(diff.removed), diff.agreement) == (added, removed, agreement)
+        assert ShadowDiff.decode(orjson.dumps(diff.to_dict())) == diff
+    stats = holder.status()["shadow_stats"]
+    assert stats["compared"] == 12 and stats["shadow_version"] == bundles["b"].name
+    assert stats["agreement"] == pytest.approx(sum(d.agreement for d in diffs) / 12)
+
+    wrong = await holder.handle(request("promote", version="nope"))
+    assert wrong.answer is not None and wrong.answer.kind == "model-rejected"
+    promoted = await holder.handle(request("promote", version="shadow"))
+    assert promoted.answer is not None and promoted.answer.kind == "model-activated"
+    assert promoted.answer.model_version == bundles["b"].name
+    assert isinstance(holder.get(), BundleModel) and holder.shadow is None
+    assert holder.previous is not None and holder.previous.version == bundles["a"].name
+    none_left = await holder.handle(request("promote", version="shadow"))
+    assert none_left.answer is not None and none_left.answer.reasons == ("promote: no shadow model",)
+
+
+async def test_a_failing_shadow_never_fails_the_batch(bundles: dict[str, Path]) -> None:
+    holder = await holder_with(bundles)
+    await holder.handle(request("shadow", bundles["b"]))
+    assert holder.shadow is not None
+    holder.shadow.scorer.unload()  # the shadow now raises on every batch
+    view = holder.get()
+    assert view is not None and len(view.score(products(3))) == 3
+    assert holder.status()["shadow_stats"]["errors"] == 1
+
+
+async def test_answers_on_the_topic_are_ignored(bundles: dict[str, Path]) -> None:
+    holder = await holder_with(bundles)
+    answer = ModelUpdate(kind="model-activated", model_version="x", emitted_at=1, worker_id="w-2")
+    assert (await holder.handle(answer)).answer is None
+    assert holder.get().version == bundles["a"].name  # type: ignore[union-attr]
+
+
+async def test_swaps_between_batches_never_mix_versions(bundles: dict[str, Path]) -> None:
+    """Batches score in the executor while swaps happen on the loop: each batch's tags come from one version."""
+    holder = await holder_with(bundles)
+    store = MemoryStateStore("t")
+    processor = Processor(store, user_hash_key=b"k", model_provider=holder.get)
+    versions: list[set[str]] = []
+    offset = 0
+
+    async def feed() -> None:
+        nonlocal offset
+        for _ in range(30):
+            msgs = []
+            for _ in range(16):
+                ev = upsert(f"p{offset}", TITLES[offset % len(TITLES)])
+                msgs.append(InMessage("products", 0, offset, ev["product_id"].encode(), orjson.dumps(ev)))
+                offset += 1
+            out = await processor.process_products(msgs)
+            versions.append({orjson.loads(v)["model_version"] for _, v in out.updates})
+            assert len(out.updates) == 16 and not out.dead_letters
+            await asyncio.sleep(0)
+
+    async def swap() -> None:
+        for path in (bundles["b"], bundles["c"], bundles["a"]):
+            await asyncio.sleep(0.005)
+            await holder.handle(request("activate", path))
+
+    await asyncio.gather(feed(), swap())
+    assert all(len(v) == 1 for v in versions)
+    assert len({next(iter(v)) for v in versions}) >= 2
+
+
+async def test_retag_rescores_changed_products_once(bundles: dict[str, Path]) -> None:
+    holder = await holder_with(bundles)
+    store = MemoryStateStore("t")
+    processor = Processor(store, user_hash_key=b"k", model_provider=holder.get)
+    msgs = []
+    for i in range(20):
+        ev = upsert(f"p{i}", TITLES[i % len(TITLES)], attributes={"colour": "Red"} if i % 2 else {})
+        msgs.append(InMessage("products", 0, i, ev["product_id"].encode(), orjson.dumps(ev)))
+    await processor.process_products(msgs)
+    await processor.process_products([InMessage("products", 0, 20, b"p0", orjson.dumps({"bad": 1}))])
+    await holder.handle(request("activate", bundles["b"]))
+    new = holder.active
+    assert new is not None
+
+    published: list[BatchOutput] = []
+
+    async def publish(out: BatchOutput) -> None:
+        published.append(out)
+
+    retagger = Retagger(store, rate=1000, batch=6, score_delta=0.05, publish=publish, topic="model-updates")
+    stats = await retagger.run(new, run_offset=7)
+    assert stats.scanned == 20 and stats.scored == 20 and stats.written == 20
+    updates = [TagUpdate.decode(v) for out in published for _, v in out.updates]
+    assert stats.updates == len(updates) > 0
+    states = await store.read([f"p{i}" for i in range(20)])
+    for u in updates:
+        assert u.reason == "retag" and u.model_version == new.version and u.source.offset == -1
+        assert [t.tag for t in u.tags] == [t["tag"] for t in states[u.product_id].tags["tags"]]  # type: ignore[index]
+    for pid, st in states.items():
+        assert st.tags is not None and st.tags["model_version"] == new.version
+        expected = new.score([product_from_doc(pid, st.doc)])[0]
+        assert [t["tag"] for t in st.tags["model"]] == [t.tag for t in expected]
+    # Run again: everything is already on the new version, nothing written or emitted.
+    published.clear()
+    again = await Retagger(store, rate=1000, batch=6, score_delta=0.05, publish=publish, topic="m").run(new, 7)
+    assert again.skipped_current == 20 and again.written == 0 and not published
+
+
+async def test_retag_only_touches_owned_partitions(bundles: dict[str, Path]) -> None:
+    holder = await holder_with(bundles)
+    store = MemoryStateStore("t")
+    processor = Processor(store, user_hash_key=b"k", model_provider=holder.get)
+    msgs = [
+        InMessage("products", 0, i, f"p{i}".encode(), orjson.dumps(upsert(f"p{i}", TITLES[i % len(TITLES)])))
+        for i in range(20)
+    ]
+    await processor.process_products(msgs)
+    await holder.handle(request("activate", bundles["b"]))
+
+    async def publish(out: BatchOutput) -> None:
+        return None
+
+    retagger = Retagger(
+        store, rate=1000, batch=4, score_delta=0.05, publish=publish, topic="m", partitions={0}, partition_count=2
+    )
+    stats = await retagger.run(holder.active, 3)  # type: ignore[arg-type]
+    assert stats.skipped_other_partition > 0 and stats.scored + stats.skipped_other_partition == 20
+
+
+def test_cli_requests(bundles: dict[str, Path]) -> None:
+    settings = WorkerSettings()
+    event, key = build_request("activate", settings, model=bundles["a"])
+    assert event.kind == "activate" and event.model_version == bundles["a"].name and key == b"tiny"
+    assert event.sha256 is not None and len(event.sha256) == 64
+    event, _ = build_request("rollback", settings)
+    assert (event.kind, event.model_version) == ("rollback", "previous")
+    event, _ = build_request("promote", settings, version="v1")
+    assert (event.kind, event.model_version) == ("promote", "v1")
+
+
+def test_worker_installs_the_model_updates_task_unless_in_memory() -> None:
+    from streams.app import Worker
+
+    live = Worker(WorkerSettings(worker_id="w"))
+    assert live.models.consuming and len(live.app._app_tasks) == 1
+    harness = Worker(WorkerSettings(worker_id="w"), capture_output=True)
+    assert not harness.models.consuming and not harness.app._app_tasks
