@@ -24,10 +24,11 @@ from serving.behaviour import BehaviourConfig, WindowCounts, WindowStats, decode
 from serving.decoding import catalog_tags, diff_tags, merge_tags
 from streams.privacy import hash_user_id
 from streams.state import Ops, ProductKeys, ProductState, StateStore, Write
-from streams.windows import event_fields, hll_buckets, hll_marker, stale_fields, window_stats
+from streams.windows import GRANULARITIES, event_fields, hll_buckets, hll_marker, stale_fields, window_stats
 from tagstream.errors import EventDecodeError, TagstreamError
 
 log = logging.getLogger(__name__)
+PRUNE_EVERY_MS = GRANULARITIES[0].width_ms
 
 
 def now_ms() -> int:
@@ -65,6 +66,15 @@ class BatchOutput:
     dead_letters: list[tuple[bytes | None, bytes]] = field(default_factory=list)
     applied: int = 0
     redelivered: int = 0
+
+
+@dataclass(slots=True)
+class _Group:
+    """One product's effects from one partition in a batch: one fenced write, every update it produced."""
+
+    keys: ProductKeys
+    write: Write
+    payloads: list[bytes] = field(default_factory=list)
 
 
 class ScoringModel:
@@ -162,7 +172,7 @@ class Processor:
             emit_time=now_ms(),
             deleted=bool(tag_state.get("deleted")),
         )
-        return orjson.dumps(update.to_dict())
+        return orjson.dumps(update.to_dict(check=False))
 
     @staticmethod
     def _merge(tag_state: dict[str, Any]) -> list[Tag]:
@@ -186,23 +196,45 @@ class Processor:
     async def _read(self, items: Sequence[tuple[InMessage, Any]]) -> dict[str, ProductState]:
         return await self.store.read(sorted({ev.product_id for _, ev in items}))
 
+    def _group(
+        self, groups: dict[tuple[str, str], _Group], state: ProductState, msg: InMessage, product_id: str
+    ) -> _Group:
+        """The write collecting this product's effects from this message's partition in the batch."""
+        group = groups.get((product_id, msg.fence_field))
+        if group is None:
+            keys = ProductKeys(self.store.prefix, product_id)
+            group = groups[(product_id, msg.fence_field)] = _Group(
+                keys, Write(product_id, msg.fence_field, msg.offset, Ops(keys))
+            )
+        return group
+
+    @staticmethod
+    def _record(group: _Group, state: ProductState, msg: InMessage, payload: bytes | None) -> None:
+        group.write.last_offset = msg.offset
+        state.fence[msg.fence_field] = str(msg.offset)
+        if payload is not None:
+            group.write.emit = payload
+            group.payloads.append(payload)
+            state.fence[f"emit:{msg.fence_field}"] = payload.decode()
+
     async def _finish(
         self,
-        writes: list[Write],
-        emitted: list[tuple[str, bytes | None]],
+        groups: dict[tuple[str, str], _Group],
         redelivered: dict[tuple[str, str], int],
         states: dict[str, ProductState],
         out: BatchOutput,
     ) -> None:
-        """Write every effect; collect updates, re-sending the stored update of redelivered messages."""
+        """Write every product's effects (one fenced call each); collect updates, re-sending the stored update of
+        redelivered messages."""
+        writes = [g.write for g in groups.values()]
         results = await self.store.apply(writes)
-        for write, (pid, payload), result in zip(writes, emitted, results, strict=True):
+        for group, result in zip(groups.values(), results, strict=True):
+            pid = group.write.product_id
             if result.applied:
-                out.applied += 1
-                if payload is not None:
-                    out.updates.append((pid.encode(), payload))
+                out.applied += 1 + group.write.stored_offset - group.write.offset
+                out.updates += [(pid.encode(), p) for p in group.payloads]
             else:  # applied meanwhile by another delivery (a rebalance race): re-send what that one produced
-                self._resend(pid, write.offset, result.stored_emit, out)
+                self._resend(pid, group.write.offset, result.stored_emit, out)
         for (pid, fence_field), offset in redelivered.items():
             self._resend(pid, offset, states[pid].stored_emit(fence_field), out)
 
@@ -237,8 +269,7 @@ class Processor:
             model_tags = await loop.run_in_executor(self.executor, model.score, upserts)
         scored = iter(model_tags)
 
-        writes: list[Write] = []
-        emitted: list[tuple[str, bytes | None]] = []
+        groups: dict[tuple[str, str], _Group] = {}
         redelivered: dict[tuple[str, str], int] = {}
         for msg, ev in items:
             state = states[ev.product_id]
@@ -246,15 +277,10 @@ class Processor:
                 redelivered.setdefault((ev.product_id, msg.fence_field), msg.offset)
                 continue
             tags_for_event = next(scored, None) if ev.op == "upsert" and model is not None else None
-            keys = ProductKeys(self.store.prefix, ev.product_id)
-            ops = Ops(keys)
-            payload = self._apply_product(state, keys, ops, msg, ev, tags_for_event, model)
-            state.fence[msg.fence_field] = str(msg.offset)
-            if payload is not None:
-                state.fence[f"emit:{msg.fence_field}"] = payload.decode()
-            writes.append(Write(ev.product_id, msg.fence_field, msg.offset, ops, payload))
-            emitted.append((ev.product_id, payload))
-        await self._finish(writes, emitted, redelivered, states, out)
+            group = self._group(groups, state, msg, ev.product_id)
+            payload = self._apply_product(state, group.keys, group.write.ops, msg, ev, tags_for_event, model)
+            self._record(group, state, msg, payload)
+        await self._finish(groups, redelivered, states, out)
         return out
 
     def _apply_product(
@@ -347,26 +373,20 @@ class Processor:
             latest[ev.product_id] = max(latest.get(ev.product_id, 0), ev.ts)
         states = await self.store.read(sorted(latest), now=latest)
         batch_users: dict[str, set[str]] = {}
-        writes: list[Write] = []
-        emitted: list[tuple[str, bytes | None]] = []
+        groups: dict[tuple[str, str], _Group] = {}
         redelivered: dict[tuple[str, str], int] = {}
         for msg, ev in items:
             state = states[ev.product_id]
             if msg.offset <= state.applied_offset(msg.fence_field):
                 redelivered.setdefault((ev.product_id, msg.fence_field), msg.offset)
                 continue
-            keys = ProductKeys(self.store.prefix, ev.product_id)
-            ops = Ops(keys)
             user = hash_user_id(self.user_hash_key, ev.user_id)
             users = batch_users.setdefault(ev.product_id, set())
             users.add(user)
-            payload = self._apply_behaviour(state, keys, ops, msg, ev, user, len(users))
-            state.fence[msg.fence_field] = str(msg.offset)
-            if payload is not None:
-                state.fence[f"emit:{msg.fence_field}"] = payload.decode()
-            writes.append(Write(ev.product_id, msg.fence_field, msg.offset, ops, payload))
-            emitted.append((ev.product_id, payload))
-        await self._finish(writes, emitted, redelivered, states, out)
+            group = self._group(groups, state, msg, ev.product_id)
+            payload = self._apply_behaviour(state, group.keys, group.write.ops, msg, ev, user, len(users))
+            self._record(group, state, msg, payload)
+        await self._finish(groups, redelivered, states, out)
         by_partition: dict[tuple[str, int], int] = {}
         for msg, ev in items:
             key = (msg.topic, msg.partition)
@@ -399,11 +419,13 @@ class Processor:
             if marker not in beh:
                 markers[marker] = beh[marker] = 1
         ops.hset(keys.beh, markers)
-        now = max(ev.ts, beh.get("last_ts", 0))
-        if now != beh.get("last_ts"):
+        previous = beh.get("last_ts", 0)
+        now = max(ev.ts, previous)
+        if now != previous:
             beh["last_ts"] = now
             ops.hset(keys.beh, {"last_ts": now})
-        self._prune(beh, keys, ops, now)
+        if now // PRUNE_EVERY_MS != previous // PRUNE_EVERY_MS:  # buckets leave windows only at bucket edges
+            self._prune(beh, keys, ops, now)
         tag_state = state.tags or _empty_tag_state()
         if tag_state.get("deleted"):
             state.tags = tag_state

@@ -1,42 +1,38 @@
--- tagstream state format 1: apply one event's effect to one product's keys, fenced by the event's offset.
+-- tagstream state format 1: apply the effect of one or more consecutive events of one partition to one product's
+-- keys, fenced by their offsets.
 -- KEYS[1] = P:{pid}:fence, KEYS[2..n] = the product's other keys the ops name (all share the hash tag {pid}).
--- ARGV[1] = fence field ("<topic>:<partition>" or "sweep"), ARGV[2] = offset (integer, must exceed the stored one),
--- ARGV[3] = emit JSON to keep for re-sending ("" = none), ARGV[4] = ops JSON: a list of
---   ["hset", k, field, value, ...] | ["hincrby", k, field, n] | ["hdel", k, field, ...] | ["set", k, value]
---   | ["del", k] | ["pfadd", k, element]        (k = index into KEYS)
--- Returns {1} when applied, {0, stored_offset, stored_emit_json} when the offset was already applied (a no-op).
+-- ARGV[1] = fence field ("<topic>:<partition>", "sweep:<topic>:<partition>", "retag:<version>"),
+-- ARGV[2] = the first offset of the effect (the stored offset must be below it), ARGV[3] = emit JSON to keep for
+-- re-sending ("" = keep the stored one), ARGV[4] = ops JSON, ARGV[5] = the last offset (stored as the new fence):
+--   ["hincrby", k, field, n, field, n, ...] | ["hset", k, field, value, ...] | ["hdel", k, field, ...]
+--   | ["set", k, value] | ["del", k] | ["pfadd", k, element, ...]        (k = index into KEYS)
+-- Returns {1} when applied, {0, stored_offset, stored_emit_json} when already applied (a no-op).
 local fence = KEYS[1]
 local field = ARGV[1]
-local offset = tonumber(ARGV[2])
 local stored = redis.call('HGET', fence, field)
-if stored and tonumber(stored) >= offset then
+if stored and tonumber(stored) >= tonumber(ARGV[2]) then
   return {0, stored, redis.call('HGET', fence, 'emit:' .. field) or ''}
 end
-local ops = cjson.decode(ARGV[4])
-for _, op in ipairs(ops) do
+for _, op in ipairs(cjson.decode(ARGV[4])) do
   local name = op[1]
   local key = KEYS[op[2]]
-  if name == 'hset' then
-    local args = {}
-    for i = 3, #op do args[#args + 1] = op[i] end
-    redis.call('HSET', key, unpack(args))
-  elseif name == 'hincrby' then
-    redis.call('HINCRBY', key, op[3], op[4])
+  if name == 'hincrby' then
+    for i = 3, #op, 2 do redis.call('HINCRBY', key, op[i], op[i + 1]) end
+  elseif name == 'hset' then
+    redis.call('HSET', key, unpack(op, 3))
   elseif name == 'hdel' then
-    local args = {}
-    for i = 3, #op do args[#args + 1] = op[i] end
-    redis.call('HDEL', key, unpack(args))
+    redis.call('HDEL', key, unpack(op, 3))
   elseif name == 'set' then
     redis.call('SET', key, op[3])
   elseif name == 'del' then
     redis.call('DEL', key)
   elseif name == 'pfadd' then
-    redis.call('PFADD', key, op[3])
+    redis.call('PFADD', key, unpack(op, 3))
   else
     return redis.error_reply('tagstream: unknown op ' .. tostring(name))
   end
 end
-redis.call('HSET', fence, field, ARGV[2])
+redis.call('HSET', fence, field, ARGV[5])
 if ARGV[3] ~= '' then
   redis.call('HSET', fence, 'emit:' .. field, ARGV[3])
 end

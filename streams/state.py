@@ -79,56 +79,93 @@ class ProductState:
 
 
 class Ops:
-    """Builds the op list of one fenced write; KEYS[1] is always the product's fence key."""
+    """The compacted ops of one fenced write; KEYS[1] is always the product's fence key.
+
+    Several events' ops merge into one write: counters add up, hash fields and strings keep their last value, and
+    deletions run last (a field deleted in a batch is one whose bucket left its window, so it stays deleted).
+    """
 
     def __init__(self, keys: ProductKeys) -> None:
         self.keys: list[str] = [keys.fence]
-        self.ops: list[list[Any]] = []
+        self._index: dict[str, int] = {keys.fence: 1}
+        self._incr: dict[int, dict[str, int]] = {}
+        self._hset: dict[int, dict[str, str]] = {}
+        self._hdel: dict[int, set[str]] = {}
+        self._set: dict[int, str] = {}
+        self._del: set[int] = set()
+        self._pfadd: dict[int, set[str]] = {}
 
     def _k(self, key: str) -> int:
-        if key not in self.keys:
+        index = self._index.get(key)
+        if index is None:
             self.keys.append(key)
-        return self.keys.index(key) + 1
+            index = self._index[key] = len(self.keys)
+        return index
 
     def hset(self, key: str, mapping: dict[str, Any]) -> None:
         """Set hash fields."""
         if mapping:
-            flat: list[Any] = [self._k(key)]
-            for name, value in mapping.items():
-                flat += [name, str(value)]
-            self.ops.append(["hset", *flat])
+            self._hset.setdefault(self._k(key), {}).update({k: str(v) for k, v in mapping.items()})
 
     def hincrby(self, key: str, name: str, amount: int) -> None:
         """Add to a hash counter."""
-        self.ops.append(["hincrby", self._k(key), name, int(amount)])
+        fields = self._incr.setdefault(self._k(key), {})
+        fields[name] = fields.get(name, 0) + int(amount)
 
     def hdel(self, key: str, names: list[str]) -> None:
         """Delete hash fields."""
         if names:
-            self.ops.append(["hdel", self._k(key), *names])
+            self._hdel.setdefault(self._k(key), set()).update(names)
 
     def set(self, key: str, value: str | bytes) -> None:
         """Set a string key."""
-        self.ops.append(["set", self._k(key), value.decode() if isinstance(value, bytes) else value])
+        self._set[self._k(key)] = value.decode() if isinstance(value, bytes) else value
 
     def delete(self, key: str) -> None:
         """Delete a key."""
-        self.ops.append(["del", self._k(key)])
+        self._del.add(self._k(key))
 
     def pfadd(self, key: str, element: str) -> None:
         """Add an element to a HyperLogLog."""
-        self.ops.append(["pfadd", self._k(key), element])
+        self._pfadd.setdefault(self._k(key), set()).add(element)
+
+    @property
+    def ops(self) -> list[list[Any]]:
+        """The op list the Lua script applies, in order: adds, counters, fields, strings, then deletions."""
+        out: list[list[Any]] = []
+        out += [["pfadd", k, *sorted(v)] for k, v in self._pfadd.items()]
+        for k, fields in self._incr.items():
+            flat: list[Any] = []
+            for name, n in fields.items():
+                flat += [name, n]
+            out.append(["hincrby", k, *flat])
+        for k, mapping in self._hset.items():
+            flat = []
+            for name, value in mapping.items():
+                flat += [name, value]
+            out.append(["hset", k, *flat])
+        out += [["set", k, v] for k, v in self._set.items()]
+        out += [["hdel", k, *sorted(v)] for k, v in self._hdel.items()]
+        out += [["del", k] for k in sorted(self._del)]
+        return out
 
 
 @dataclass(slots=True)
 class Write:
-    """One fenced effect on one product: applied at most once per (fence_field, offset)."""
+    """One fenced effect on one product: the events of one partition from `offset` to `last_offset` (inclusive),
+    applied at most once. `emit` is the last tag update they produced (kept for re-sending on redelivery)."""
 
     product_id: str
     fence_field: str
     offset: int
     ops: Ops
     emit: bytes | None = None
+    last_offset: int | None = None
+
+    @property
+    def stored_offset(self) -> int:
+        """The offset the fence holds after this write."""
+        return self.offset if self.last_offset is None else self.last_offset
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,6 +208,7 @@ class RedisStateStore:
         self.prefix = prefix
         self.max_backoff = max_backoff
         self._script = client.register_script(resources.files("streams").joinpath("state.lua").read_text())
+        self._read_script = client.register_script(resources.files("streams").joinpath("read.lua").read_text())
 
     @classmethod
     def from_url(cls, url: str, prefix: str, max_backoff: float = 5.0) -> RedisStateStore:
@@ -203,36 +241,29 @@ class RedisStateStore:
             raise StateError(f"Redis holds state format {found}, this worker writes format {STATE_FORMAT}")
 
     async def read(self, product_ids: list[str], now: dict[str, int] | None = None) -> dict[str, ProductState]:
-        """Read the state of every product in one pipelined round trip (unique users per window at `now[pid]`)."""
+        """Read the state of every product in one pipelined round trip: one Lua call per product (unique users per
+        window at `now[pid]`)."""
         now = now or {}
-        per_product = 4 + len(GRANULARITIES)
 
         async def run() -> list[Any]:
             pipe = self.client.pipeline(transaction=False)
             for pid in product_ids:
                 keys = ProductKeys(self.prefix, pid)
-                pipe.hgetall(keys.doc)
-                pipe.hgetall(keys.beh)
-                pipe.get(keys.tags)
-                pipe.hgetall(keys.fence)
-                for g in GRANULARITIES:
-                    if pid in now:
-                        pipe.pfcount(*[keys.hll(g.code, b) for b in window_buckets(g, now[pid])])
-                    else:
-                        pipe.echo("0")
+                args = [t // g.width_ms for g in GRANULARITIES] if (t := now.get(pid)) is not None else []
+                await self._read_script(keys=[keys.doc, keys.beh, keys.tags, keys.fence], args=args, client=pipe)
             return await pipe.execute()
 
         replies = await self._retry("read", run) if product_ids else []
         out: dict[str, ProductState] = {}
-        for i, pid in enumerate(product_ids):
-            doc, beh, tags, fence, *users = replies[per_product * i : per_product * (i + 1)]
+        for pid, reply in zip(product_ids, replies, strict=True):
+            got = orjson.loads(reply)
             out[pid] = ProductState(
                 pid,
-                doc,
-                {k: int(v) for k, v in beh.items()},
-                _decode_tags(tags),
-                fence,
-                {g.window: int(u) for g, u in zip(GRANULARITIES, users, strict=True)},
+                got["doc"] or {},
+                {k: int(v) for k, v in (got["beh"] or {}).items()},
+                _decode_tags(got["tags"] or None),
+                got["fence"] or {},
+                {g.window: int(u) for g, u in zip(GRANULARITIES, got["users"], strict=True)},
             )
         return out
 
@@ -242,7 +273,8 @@ class RedisStateStore:
         async def run() -> list[Any]:
             pipe = self.client.pipeline(transaction=False)
             for w in writes:
-                args = [w.fence_field, w.offset, w.emit.decode() if w.emit else "", orjson.dumps(w.ops.ops).decode()]
+                emit = w.emit.decode() if w.emit else ""
+                args = [w.fence_field, w.offset, emit, orjson.dumps(w.ops.ops).decode(), w.stored_offset]
                 await self._script(keys=w.ops.keys, args=args, client=pipe)
             return await pipe.execute()
 
@@ -340,25 +372,25 @@ class MemoryStateStore:
                 results.append(WriteResult(False, emit.encode() if emit else None))
                 continue
             for op in w.ops.ops:
-                name, key = op[0], w.ops.keys[op[1] - 1]
+                name, key, args = op[0], w.ops.keys[op[1] - 1], op[2:]
                 if name == "hset":
-                    pairs = op[2:]
-                    self.hashes[key].update({pairs[i]: pairs[i + 1] for i in range(0, len(pairs), 2)})
+                    self.hashes[key].update({args[i]: args[i + 1] for i in range(0, len(args), 2)})
                 elif name == "hincrby":
                     h = self.hashes[key]
-                    h[op[2]] = str(int(h.get(op[2], 0)) + op[3])
+                    for i in range(0, len(args), 2):
+                        h[args[i]] = str(int(h.get(args[i], 0)) + args[i + 1])
                 elif name == "hdel":
-                    for f in op[2:]:
+                    for f in args:
                         self.hashes[key].pop(f, None)
                 elif name == "set":
-                    self.strings[key] = op[2]
+                    self.strings[key] = args[0]
                 elif name == "del":
                     self.hashes.pop(key, None)
                     self.strings.pop(key, None)
                     self.hlls.pop(key, None)
                 elif name == "pfadd":
-                    self.hlls[key].add(op[2])
-            fence[w.fence_field] = str(w.offset)
+                    self.hlls[key].update(args)
+            fence[w.fence_field] = str(w.stored_offset)
             if w.emit:
                 fence[f"emit:{w.fence_field}"] = w.emit.decode()
             results.append(WriteResult(True))

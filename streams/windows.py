@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 METRICS = ("view", "click", "add_to_cart", "purchase")
 
@@ -40,6 +41,7 @@ def window_buckets(g: Granularity, now: int) -> range:
     return range(now // g.width_ms - g.keep + 1, now // g.width_ms + 1)
 
 
+@lru_cache(maxsize=1 << 16)
 def _parse(name: str) -> tuple[str, int, str] | None:
     parts = name.split(":")
     if len(parts) != 3 or parts[0] not in ("m", "h", "d", "u"):

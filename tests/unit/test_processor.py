@@ -8,7 +8,7 @@ from typing import Any
 import orjson
 import pytest
 
-from schemas import ProductChange, TagUpdate
+from schemas import ProductChange, validate
 from streams.model import BundleModel
 from streams.processor import InMessage, Processor
 from streams.settings import WorkerSettings
@@ -55,7 +55,7 @@ async def test_an_upsert_emits_the_model_and_catalog_tags(processor: Processor, 
     event = upsert("p1", "Nike Women Red Running Shoes", attributes={"gender": "Women"})
     out = await processor.process_products(feed("products", event))
     [update] = updates(out)
-    TagUpdate.from_dict(update)
+    validate("tag-update", update)
     expected = {t.tag for t in model.score([ProductChange.from_dict(event)])[0]} | {"gender:Women"}
     assert {t["tag"] for t in update["tags"]} == expected
     assert update["model_version"] == model.version and update["source"]["offset"] == 0

@@ -1,0 +1,24 @@
+-- tagstream state format 1: read one product's state in one call, as JSON.
+-- KEYS = P:{pid}:doc, P:{pid}:beh, P:{pid}:tags, P:{pid}:fence. The HyperLogLog keys P:{pid}:uu:<g>:<bucket> are
+-- named from KEYS[1]'s hash-tagged base (same slot). ARGV = the current 5-minute, hour and day buckets, or none.
+-- Returns {"doc": {}, "beh": {}, "tags": json|false, "fence": {}, "users": [u_1h, u_24h, u_7d]}.
+local function hash(key)
+  local flat = redis.call('HGETALL', key)
+  local t = {}
+  for i = 1, #flat, 2 do t[flat[i]] = flat[i + 1] end
+  return t
+end
+local out = {doc = hash(KEYS[1]), beh = hash(KEYS[2]), tags = redis.call('GET', KEYS[3]), fence = hash(KEYS[4])}
+local users = {0, 0, 0}
+if #ARGV == 3 then
+  local base = string.sub(KEYS[1], 1, #KEYS[1] - 3)
+  local spec = {{'m', 12}, {'h', 24}, {'d', 7}}
+  for i, g in ipairs(spec) do
+    local now = tonumber(ARGV[i])
+    local keys = {}
+    for b = now - g[2] + 1, now do keys[#keys + 1] = base .. 'uu:' .. g[1] .. ':' .. b end
+    users[i] = redis.call('PFCOUNT', unpack(keys))
+  end
+end
+out.users = users
+return cjson.encode(out)
