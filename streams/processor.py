@@ -293,6 +293,7 @@ class Processor:
         model_tags: list[Tag] | None,
         model: ScoringModel | None,
     ) -> bytes | None:
+        known = "version" in state.doc  # a product's first change always emits its tags, even none
         stored_version = int(state.doc.get("version", -1))
         if ev.version < stored_version:
             log.info("stale %s of %s: version %d < %d, ignored", ev.op, ev.product_id, ev.version, stored_version)
@@ -326,7 +327,7 @@ class Processor:
         state.doc.update({k: str(v) for k, v in doc.items()})
         merged = self._merge(tag_state)
         payload = self._update(
-            state, tag_state, merged, reason, msg.source, ev.updated_at, force=ev.op == "delete" or state.tags is None
+            state, tag_state, merged, reason, msg.source, ev.updated_at, force=ev.op == "delete" or not known
         )
         tag_state["updated_at"] = ev.updated_at
         state.tags = tag_state
