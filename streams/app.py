@@ -149,6 +149,23 @@ class Worker:
             processor = await self.processor()
             await self._run_batches(stream, processor.process_behaviour)
 
+        @app.timer(10.0)
+        async def log_stats() -> None:
+            stats = self.stats
+            if stats.batches:
+                mean = sum(stats.batch_sizes) / max(len(stats.batch_sizes), 1)
+                log.info(
+                    "consumed %d in %d batches (mean of last %d: %.1f), %d tag updates, %d dead letters, "
+                    "%d redelivered",
+                    stats.consumed,
+                    stats.batches,
+                    len(stats.batch_sizes),
+                    mean,
+                    stats.updates,
+                    stats.dead_letters,
+                    stats.redelivered,
+                )
+
         self.products_agent = products
         self.behavior_agent = behavior
         self.models.attach(self)
