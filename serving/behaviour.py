@@ -82,6 +82,28 @@ class WindowStats:
         """views + clicks + add_to_carts + purchases."""
         return self.views + self.clicks + self.add_to_carts + self.purchases
 
+    @property
+    def ctr(self) -> float:
+        """Click-through rate: clicks / views (0 without views)."""
+        return self.clicks / self.views if self.views else 0.0
+
+    @property
+    def conversion(self) -> float:
+        """Conversion rate: purchases / views (0 without views)."""
+        return self.purchases / self.views if self.views else 0.0
+
+    def to_json(self) -> dict[str, float | int]:
+        """Counts, unique users and the derived rates."""
+        return {
+            "views": self.views,
+            "clicks": self.clicks,
+            "add_to_carts": self.add_to_carts,
+            "purchases": self.purchases,
+            "unique_users": self.users,
+            "ctr": round(self.ctr, 6),
+            "conversion": round(self.conversion, 6),
+        }
+
 
 @dataclass(frozen=True, slots=True)
 class WindowCounts:

@@ -44,7 +44,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     """Add `lookup` to the `tagstream` command."""
     p = subparsers.add_parser(
         "lookup",
-        help="serve GET /products/{id}/tags and /healthz over HTTP from the Redis tag state",
+        help="serve GET /products/{id}/tags, /products/{id}/features and /healthz over HTTP from Redis",
         description=__doc__,
     )
     p.add_argument("--port", type=int, default=None, help="port (default: TAGSTREAM_HTTP_PORT or 8080)")
@@ -64,11 +64,16 @@ def run_lookup(args: argparse.Namespace) -> int:
     settings = load_settings(
         http_port=args.port, http_host=args.host, redis_url=args.redis_url, redis_prefix=args.redis_prefix
     )
+    from streams.features import product_features
+    from streams.state import RedisStateStore
+
     client = aioredis.from_url(settings.redis_url)
-    app = create_app(client, settings.redis_prefix)
+    store = RedisStateStore.from_url(settings.redis_url, settings.redis_prefix)
+    app = create_app(client, settings.redis_prefix, features=lambda pid: product_features(store, pid))
 
     async def close_client(_: web.Application) -> None:
         await client.aclose()
+        await store.close()
 
     app.on_cleanup.append(close_client)
     log.info("tag lookup on http://%s:%d (prefix %s)", settings.http_host, settings.http_port, settings.redis_prefix)

@@ -269,9 +269,7 @@ def _cat(rows: list[np.ndarray], hashes: list[np.ndarray]) -> tuple[np.ndarray, 
     return np.concatenate(rows), np.concatenate(hashes)
 
 
-def _whole(
-    values: Sequence[str], config: FeaturizerConfig, namespace: str
-) -> tuple[np.ndarray, np.ndarray]:
+def _whole(values: Sequence[str], config: FeaturizerConfig, namespace: str) -> tuple[np.ndarray, np.ndarray]:
     """One feature per non-empty string (brand, category hint); values[i] belongs to row i."""
     j = _Joined(values)
     keep = j.ends > j.starts
@@ -513,7 +511,9 @@ def _texts(products: Sequence[Any], config: FeaturizerConfig) -> _Texts:
         title = normalize_text(_field(p, "title"))[: config.max_title_chars]
         t.titles.append(f" {title} " if title else "")
         desc = _field(p, "description")
-        t.descs.append(normalize_text(desc[: config.max_description_chars * 2])[: config.max_description_chars] if desc else "")
+        t.descs.append(
+            normalize_text(desc[: config.max_description_chars * 2])[: config.max_description_chars] if desc else ""
+        )
         t.brands.append(normalize_text(_field(p, "brand")))
         for h in _field(p, "category_hints") or ():
             h = normalize_text(h)
@@ -529,9 +529,7 @@ def _texts(products: Sequence[Any], config: FeaturizerConfig) -> _Texts:
     return t
 
 
-def _extract(
-    products: Sequence[Any], config: FeaturizerConfig
-) -> tuple[np.ndarray, np.ndarray, int, np.ndarray]:
+def _extract(products: Sequence[Any], config: FeaturizerConfig) -> tuple[np.ndarray, np.ndarray, int, np.ndarray]:
     """(rows int64, buckets uint64 in 1..nb-1, n, raw numeric float64 [n, K]) for a batch."""
     n = len(products)
     t = _texts(products, config)

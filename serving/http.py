@@ -1,4 +1,5 @@
-"""HTTP tag lookup: `GET /products/{product_id}/tags` returns a product's current tag state from Redis.
+"""HTTP tag lookup: `GET /products/{product_id}/tags` returns a product's current tag state from Redis, and
+`GET /products/{product_id}/features` its behaviour windows (counts, unique users, CTR, conversion).
 
 The state is the JSON string at `<prefix>:{<product_id>}:tags` (SPEC §3) written by the worker; the response is that
 object with `product_id` added. `GET /healthz` answers 200 when Redis answers a PING, 503 otherwise.
@@ -9,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 import orjson
@@ -28,7 +30,9 @@ class TagStore(Protocol):
     async def get(self, name: str) -> bytes | str | None: ...
 
 
+FeatureReader = Callable[[str], Awaitable[dict[str, Any] | None]]
 REDIS = web.AppKey("redis", TagStore)
+FEATURES = web.AppKey("features", FeatureReader)
 PREFIX = web.AppKey("prefix", str)
 _REDIS_ERRORS: tuple[type[BaseException], ...] = (OSError, TimeoutError, ConnectionError)
 try:  # redis is a dependency, but the HTTP layer only needs `get`
@@ -72,6 +76,22 @@ async def get_tags(request: web.Request) -> web.Response:
     return _json({"product_id": product_id, **state})
 
 
+async def get_features(request: web.Request) -> web.Response:
+    """The product's behaviour windows, 404 when nothing is known of it, 400 for a malformed id, 503 on Redis
+    failure."""
+    product_id = request.match_info["product_id"]
+    if not PRODUCT_ID_RE.match(product_id):
+        return _json({"error": "invalid product id", "product_id": product_id}, status=400)
+    try:
+        features = await request.app[FEATURES](product_id)
+    except _REDIS_ERRORS as exc:
+        log.warning("feature lookup of %s failed: %s", product_id, exc)
+        return _json({"error": "state store unavailable"}, status=503)
+    if features is None:
+        return _json({"error": "nothing known of this product", "product_id": product_id}, status=404)
+    return _json(features)
+
+
 async def healthz(request: web.Request) -> web.Response:
     """200 {"status": "ok"} when Redis answers PING (or the store has no ping), else 503."""
     ping = getattr(request.app[REDIS], "ping", None)
@@ -83,11 +103,15 @@ async def healthz(request: web.Request) -> web.Response:
     return _json({"status": "ok"})
 
 
-def create_app(redis_client: TagStore, prefix: str = "ts") -> web.Application:
-    """The lookup application over a `redis.asyncio` client (or anything with an async `get`)."""
+def create_app(redis_client: TagStore, prefix: str = "ts", features: FeatureReader | None = None) -> web.Application:
+    """The lookup application over a `redis.asyncio` client (or anything with an async `get`); `features` reads a
+    product's behaviour windows (the features route exists only with it)."""
     app = web.Application()
     app[REDIS] = redis_client
     app[PREFIX] = prefix
     app.router.add_get("/products/{product_id:[^/]+}/tags", get_tags)
+    if features is not None:
+        app[FEATURES] = features
+        app.router.add_get("/products/{product_id:[^/]+}/features", get_features)
     app.router.add_get("/healthz", healthz)
     return app

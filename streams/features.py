@@ -1,0 +1,31 @@
+"""A product's behaviour features as stored (windows, unique users, CTR, conversion), for the HTTP lookup."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from serving.behaviour import WindowStats
+from streams.state import StateStore
+from streams.windows import window_stats
+
+
+async def product_features(store: StateStore, product_id: str, now: int | None = None) -> dict[str, Any] | None:
+    """The 1 h / 24 h / 7 d windows of a product at event time `now` (default: the product's own clock), with
+    approximate unique users, CTR and conversion; None when nothing is known of the product."""
+    state = (await store.read([product_id]))[product_id]
+    if not state.doc and not state.beh:
+        return None
+    at = now if now is not None else int(state.beh.get("last_ts", 0))
+    if at:
+        state = (await store.read([product_id], now={product_id: at}))[product_id]
+    windows = {
+        window: WindowStats.from_metrics(metrics, users=state.users.get(window, 0)).to_json()
+        for window, metrics in window_stats(state.beh, at).items()
+    }
+    return {
+        "product_id": product_id,
+        "as_of": at,
+        "first_seen": int(state.doc["first_seen"]) if "first_seen" in state.doc else None,
+        "deleted": state.doc.get("deleted") == "1",
+        "windows": windows,
+    }
