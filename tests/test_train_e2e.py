@@ -1,0 +1,199 @@
+"""End to end: train on synthetic products → export → bundle → load in serving → score; parity gate; retrain logic.
+
+The training test is `slow` (TensorFlow); the comparison/retrain-loop tests use fakes and run fast.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tagstream.errors import ConfigError, ParityError
+from training.catalog import CatalogProduct
+from training.publish import compare_reports, eval_holdout, parse_duration, periodic_retrain
+
+LEAVES = {
+    ("手机通讯", "手机", "智能手机"): ["手机", "5G", "全网通", "smartphone", "双卡"],
+    ("手机通讯", "手机配件", "数据线"): ["数据线", "USB", "Type-C", "快充线", "cable"],
+    ("服饰", "上衣", "衬衫"): ["衬衫", "shirt", "长袖", "纯棉", "slim"],
+    ("服饰", "裤子", "牛仔裤"): ["牛仔裤", "jeans", "直筒", "denim", "修身"],
+    ("食品", "饮料", "茶"): ["绿茶", "tea", "茶叶", "铁观音", "green"],
+    ("食品", "零食", "饼干"): ["饼干", "biscuit", "cookies", "曲奇", "酥"],
+}
+COLOURS = {"Black": ["黑色", "black"], "White": ["白色", "white"], "Blue": ["蓝色", "blue"]}
+FILLER = ["新款", "包邮", "官方", "正品", "2024", "特价", "pro", "max", "热卖", "经典"]
+
+
+def synthetic_products(n: int = 300, seed: int = 0) -> list[CatalogProduct]:
+    """Titles = 2 leaf words + a colour word + fillers + noise, with labels (category path, colour)."""
+    rng = random.Random(seed)
+    out = []
+    leaves = list(LEAVES)
+    for i in range(n):
+        path = leaves[i % len(leaves)]
+        colour = rng.choice(list(COLOURS))
+        words = [*rng.sample(LEAVES[path], 2), rng.choice(COLOURS[colour]), *rng.sample(FILLER, 2)]
+        words.append(f"{rng.randint(1, 999)}")
+        rng.shuffle(words)
+        out.append(
+            CatalogProduct(
+                product_id=f"syn-{i}",
+                title=" ".join(words),
+                price=round(rng.uniform(5, 500), 2),
+                category_path=path,
+                attributes={"colour": colour},
+                source=f"shop-{i % 7}",
+            )
+        )
+    return out
+
+
+@pytest.mark.slow
+def test_train_export_bundle_score_and_parity_gate(tmp_path: Path) -> None:
+    import onnx
+    from onnx import numpy_helper
+
+    from serving.bundle import load_bundle
+    from training.export import check_parity, threshold_vector
+    from training.settings import TrainerSettings
+    from training.train import evaluate_bundle, train
+
+    products = synthetic_products(300)
+    settings = TrainerSettings(
+        hash_bits=12,
+        max_features=48,
+        embed_dim=32,
+        hidden=(32,),
+        epochs=8,
+        batch_size=16,
+        learning_rate=1e-2,
+        min_support=3,
+        patience=3,
+        parity_samples=300,
+        model_name="e2e",
+    )
+    bundle_dir = train(products, settings, registry=tmp_path / "registry", progress=False)
+    assert bundle_dir.parent == tmp_path / "registry"
+    names = {p.name for p in bundle_dir.iterdir()}
+    assert {
+        "model.onnx",
+        "labels.json",
+        "thresholds.json",
+        "featurizer.json",
+        "idf.npy",
+        "metrics.json",
+        "golden.npz",
+        "manifest.json",
+    } <= names
+
+    bundle = load_bundle(bundle_dir)  # validates checksums, graph, golden rows
+    manifest = bundle.manifest
+    assert manifest["model_name"] == "e2e" and manifest["onnx_opset"] == 17
+    assert manifest["featurizer_version"] == "hashtfidf-1" and len(manifest["training_data_sha256"]) == 64
+    metrics = json.loads((bundle_dir / "metrics.json").read_text())
+    assert metrics["parity"]["max_abs_diff"] <= 1e-4 and metrics["parity"]["decision_flips"] == 0
+    assert metrics["top1"]["groups"]["category_leaf"]["accuracy"] > 0.8, metrics["top1"]
+
+    # serve it: featurizer from the bundle, OnnxScorer, decoder
+    from serving.decoding import TagDecoder
+    from serving.scorer import OnnxScorer
+
+    scorer = OnnxScorer()
+    scorer.load(bundle)
+    assert scorer.check_golden(bundle) <= 1e-4
+    fz = bundle.featurizer
+    scores = scorer.predict(fz.transform([{"title": "5G 全网通 手机 双卡 黑色 官方"}]))
+    assert scores.shape == (1, bundle.T) and np.all((scores >= 0) & (scores <= 1))
+    labels = json.loads((bundle_dir / "labels.json").read_text())
+    col = {lab["tag"]: lab["index"] for lab in labels["labels"]}
+    assert (
+        scores[0, col["category:手机通讯"]]
+        == scores[0, [col["category:手机通讯"], col["category:服饰"], col["category:食品"]]].max()
+    )
+    tags = TagDecoder.from_bundle(bundle).decode(scores)[0]
+    assert all(t.origin == "model" for t in tags)
+
+    report = evaluate_bundle(bundle_dir, products[:60])
+    assert set(report["groups"]) == {"category_l1", "category_l2", "category_leaf", "colour"}
+
+    # parity gate: the real model passes, a tampered one (perturbed initializer) is rejected
+    golden = bundle.golden
+    th = threshold_vector(
+        [lab["tag"] for lab in labels["labels"]], json.loads((bundle_dir / "thresholds.json").read_text())
+    )
+    from serving.featurizer import FeatureBatch
+
+    feats = FeatureBatch(np.array(golden.ids), np.array(golden.weights), np.array(golden.numeric))
+    ok = check_parity(bundle.onnx_bytes, golden.scores, feats, th)
+    assert ok.max_abs_diff <= 1e-4
+    model = onnx.load_from_string(bundle.onnx_bytes)
+    init = max(model.graph.initializer, key=lambda t: int(np.prod(t.dims)))  # the embedding table
+    arr = numpy_helper.to_array(init).copy()
+    arr += np.float32(0.05)
+    init.CopyFrom(numpy_helper.from_array(arr, init.name))
+    with pytest.raises(ParityError):
+        check_parity(model.SerializeToString(), golden.scores, feats, th)
+
+
+def test_compare_reports() -> None:
+    cur = {"groups": {"category_leaf": {"weighted_f1": 0.90}, "colour": {"weighted_f1": 0.80}}}
+    assert compare_reports(cur, None).publish
+    same = compare_reports(cur, cur)
+    assert same.publish
+    better = {"groups": {"category_leaf": {"weighted_f1": 0.91}, "colour": {"weighted_f1": 0.80}}}
+    assert compare_reports(better, cur).publish
+    worse_one = {"groups": {"category_leaf": {"weighted_f1": 0.95}, "colour": {"weighted_f1": 0.70}}}
+    res = compare_reports(worse_one, cur)
+    assert not res.publish and any("colour" in r for r in res.reasons)
+    slightly_lower_mean = {"groups": {"category_leaf": {"weighted_f1": 0.898}, "colour": {"weighted_f1": 0.80}}}
+    assert not compare_reports(slightly_lower_mean, cur).publish  # within tolerance per group, but mean lower
+    assert not compare_reports({"groups": {"other": {"weighted_f1": 1.0}}}, cur).publish
+
+
+def test_parse_duration_and_holdout() -> None:
+    assert parse_duration("6h") == 21600 and parse_duration("30m") == 1800 and parse_duration("90") == 90
+    assert parse_duration("1d") == 86400
+    for bad in ("", "6x", "-1h", "0s"):
+        with pytest.raises(ConfigError):
+            parse_duration(bad)
+    ps = synthetic_products(500)
+    held = eval_holdout(ps)
+    assert 20 < sum(held) < 80
+    assert eval_holdout(list(reversed(ps))) == list(reversed(held))  # membership depends on the id only
+
+
+def test_periodic_retrain_publishes_only_when_not_worse(tmp_path: Path) -> None:
+    from training.settings import TrainerSettings
+
+    quality = iter([0.80, 0.85, 0.70, 0.86])
+    made: list[Path] = []
+    scores: dict[str, float] = {}
+
+    def fake_train(products, settings, *, registry, split):
+        assert len(split.test_idx) > 0 and set(split.test_idx).isdisjoint(split.train_idx)
+        b = tmp_path / f"b{len(made)}"
+        made.append(b)
+        scores[str(b)] = next(quality)
+        return b
+
+    def fake_eval(bundle, eval_set):
+        return {"groups": {"category_leaf": {"weighted_f1": scores[str(bundle)]}}}
+
+    published: list[Path] = []
+    records = periodic_retrain(
+        lambda: synthetic_products(200),
+        TrainerSettings(),
+        every_s=0.0,
+        registry=tmp_path,
+        max_cycles=4,
+        publish=published.append,
+        train_fn=fake_train,
+        evaluate_fn=fake_eval,
+        sleep=lambda s: None,
+    )
+    assert [r["publish"] for r in records] == [True, True, False, True]
+    assert published == [made[0], made[1], made[3]]

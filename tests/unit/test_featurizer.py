@@ -1,0 +1,208 @@
+"""serving.featurizer: determinism, Chinese + English, padding, the L cap, numeric stats, save/load."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from schemas.records import ProductChange
+from serving.featurizer import (
+    FEATURIZER_VERSION,
+    FeatureBatch,
+    Featurizer,
+    FeaturizerConfig,
+    normalize_text,
+)
+from tagstream.errors import FeaturizerError
+from training.catalog import CatalogProduct
+
+TRAIN = [
+    CatalogProduct("p1", "ERKE/鸿星尔克 跑步鞋 女式运动鞋 户外 秋冬慢跑鞋 黑色 37", price=199.0),
+    CatalogProduct("p2", "华为 Mate 60 Pro 手机 12GB+512GB 雅川青", price=6999.0),
+    CatalogProduct("p3", "Turtle Check Men Navy Blue Shirt", brand="Turtle", price=899.0),
+    CatalogProduct("p4", "Titan Women Silver Watch", brand="Titan"),
+    CatalogProduct("p5", "Garlic Oil - Vegetarian Capsule 500 mg", brand="Sri Sri Ayurveda", price=220.0),
+    CatalogProduct("p6", "Peter England Men Party Blue Jeans", description="Slim fit, stretch denim.", price=1299.0),
+    CatalogProduct("p7", "小米 Redmi Note 手机 8GB 黑色", price=1499.0),
+    CatalogProduct("p8", "Men Navy Blue Casual Shirt", price=999.0),
+]
+CONFIG = FeaturizerConfig(hash_bits=12, max_features=48, min_df=1)
+
+
+@pytest.fixture(scope="module")
+def fz() -> Featurizer:
+    return Featurizer.fit(TRAIN, CONFIG)
+
+
+def test_normalize_text() -> None:
+    assert normalize_text("  ＡＢＣ１２３　Ｍｅｎ\t\nShirt ") == "abc123 men shirt"
+    assert normalize_text("ＳＴＲＡßE") == "strasse"
+    assert normalize_text(None) == ""
+    assert normalize_text("手机　通讯") == "手机 通讯"
+
+
+def test_shapes_dtypes_padding_and_norm(fz: Featurizer) -> None:
+    fb = fz.transform([*TRAIN, CatalogProduct("empty", "")])
+    n, big_l = len(TRAIN) + 1, CONFIG.max_features
+    assert fb.ids.shape == (n, big_l) and fb.ids.dtype == np.int64
+    assert fb.weights.shape == (n, big_l) and fb.weights.dtype == np.float32
+    assert fb.numeric.shape == (n, fz.n_numeric) and fb.numeric.dtype == np.float32
+    assert fb.ids.min() >= 0 and fb.ids.max() < fz.n_buckets
+    pad = fb.ids == 0
+    assert np.all(fb.weights[pad] == 0)  # padding has weight 0
+    assert np.all(fb.weights[~pad] > 0)
+    norms = np.linalg.norm(fb.weights[:-1], axis=1)
+    np.testing.assert_allclose(norms, 1.0, rtol=1e-5)
+    assert np.all(fb.ids[-1] == 0) and np.all(fb.weights[-1] == 0)  # empty title → all padding
+    for row in fb.ids:  # distinct features per row
+        nz = row[row > 0]
+        assert len(np.unique(nz)) == len(nz)
+
+
+def test_chinese_and_english_get_features(fz: Featurizer) -> None:
+    fb = fz.transform([TRAIN[1], TRAIN[2]])
+    assert (fb.ids[0] > 0).sum() > 20  # Chinese character n-grams
+    assert (fb.ids[1] > 0).sum() > 20
+    # shared words give shared buckets: "手机" in p2 and p7, "navy blue shirt" in p3 and p8
+    wide = Featurizer.fit(TRAIN, FeaturizerConfig(hash_bits=16, max_features=256, min_df=1))
+    a, b = wide.transform([TRAIN[1], TRAIN[6]]).ids
+    assert len(set(a[a > 0]) & set(b[b > 0])) >= 3
+    a, b = wide.transform([TRAIN[2], TRAIN[7]]).ids
+    assert len(set(a[a > 0]) & set(b[b > 0])) >= 10
+
+
+def test_full_width_input_maps_to_same_features(fz: Featurizer) -> None:
+    half = fz.transform([{"title": "Men Navy Blue Shirt 37"}])
+    full = fz.transform([{"title": "ＭＥＮ　Ｎａｖｙ Ｂｌｕｅ  Ｓｈｉｒｔ ３７"}])
+    np.testing.assert_array_equal(half.ids, full.ids)
+    np.testing.assert_array_equal(half.weights, full.weights)
+
+
+def test_batch_equals_single_and_order_independent(fz: Featurizer) -> None:
+    batch = fz.transform(TRAIN)
+    for i, p in enumerate(TRAIN):
+        one = fz.transform_one(p)
+        np.testing.assert_array_equal(np.sort(one.ids[0]), np.sort(batch.ids[i]))
+        np.testing.assert_allclose(np.sort(one.weights[0]), np.sort(batch.weights[i]), rtol=1e-6)
+        np.testing.assert_allclose(one.numeric[0], batch.numeric[i], rtol=1e-6)
+
+
+def test_accepts_catalog_product_product_change_and_mapping(fz: Featurizer) -> None:
+    title = "Turtle Check Men Navy Blue Shirt"
+    pc = ProductChange(op="upsert", product_id="x", updated_at=0, version=1, title=title, brand="Turtle", price=899.0)
+    d = {"title": title, "brand": "Turtle", "price": 899.0}
+    a, b, c = fz.transform([TRAIN[2]]), fz.transform([pc]), fz.transform([d])
+    np.testing.assert_array_equal(a.ids, b.ids)
+    np.testing.assert_array_equal(a.ids, c.ids)
+    hints = ("Apparel > Topwear",)
+    wide = Featurizer.fit(
+        [*TRAIN, {"title": "shirt", "category_hints": hints}], FeaturizerConfig(max_features=256, min_df=1)
+    )
+    hinted = wide.transform(
+        [ProductChange(op="upsert", product_id="x", updated_at=0, version=1, title=title, category_hints=hints)]
+    )
+    plain = wide.transform([{"title": title}])
+    assert set(hinted.ids[0]) > set(plain.ids[0])  # hint features (whole hint + its words) are added
+
+
+def test_ids_deterministic_across_processes(fz: Featurizer, tmp_path) -> None:
+    fz.save(tmp_path)
+    code = (
+        "import sys, json; from serving.featurizer import Featurizer; "
+        f"f = Featurizer.load({str(tmp_path)!r}); "
+        "rows = [{'title': '华为 Mate 60 Pro 手机'}, {'title': 'Navy Blue Shirt'}]; "
+        "print(json.dumps(f.transform(rows).ids.tolist()))"
+    )
+    outs = [
+        subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={"PYTHONHASHSEED": str(seed), "PATH": ""},
+        ).stdout
+        for seed in (1, 2)
+    ]
+    assert outs[0] == outs[1]
+    here = fz.transform([{"title": "华为 Mate 60 Pro 手机"}, {"title": "Navy Blue Shirt"}]).ids.tolist()
+    assert json.loads(outs[0]) == here
+
+
+def test_max_features_cap_keeps_highest_weights() -> None:
+    long_title = " ".join(f"word{i} 商品{i}" for i in range(200))
+    cfg = FeaturizerConfig(hash_bits=16, max_features=32, min_df=1)
+    small = Featurizer.fit([*TRAIN, CatalogProduct("long", long_title)], cfg)
+    wide = Featurizer(
+        FeaturizerConfig(hash_bits=16, max_features=4096, min_df=1), small.idf, small.numeric_mean, small.numeric_std
+    )
+    capped, full = small.transform([{"title": long_title}]), wide.transform([{"title": long_title}])
+    assert (capped.ids > 0).sum() == 32
+    n_full = int((full.ids > 0).sum())
+    assert n_full > 32
+    # the kept ids are the 32 highest-weighted of the uncapped row
+    order = np.argsort(-full.weights[0][:n_full], kind="stable")
+    top = full.weights[0][order[31]]
+    kept = set(capped.ids[0][capped.ids[0] > 0])
+    assert all(full.weights[0][list(full.ids[0]).index(i)] >= top - 1e-7 for i in kept)
+    np.testing.assert_allclose(np.linalg.norm(capped.weights[0]), 1.0, rtol=1e-5)
+
+
+def test_numeric_standardised_with_saved_stats(fz: Featurizer, tmp_path) -> None:
+    fb = fz.transform(TRAIN)
+    np.testing.assert_allclose(fb.numeric.mean(axis=0), 0.0, atol=1e-5)  # fitted on exactly these
+    stds = fb.numeric.std(axis=0)
+    assert np.all((np.abs(stds - 1) < 1e-4) | (stds < 1e-6))
+    fz.save(tmp_path)
+    spec = json.loads((tmp_path / "featurizer.json").read_text())
+    assert spec["version"] == FEATURIZER_VERSION and spec["max_features"] == CONFIG.max_features
+    assert [f["name"] for f in spec["numeric"]][:2] == ["log_price", "has_price"]
+    assert spec["assets"] == {"idf": "idf.npy"}
+    # a new product is standardised with the saved (train) stats, not its own
+    one = Featurizer.load(tmp_path).transform([{"title": "x", "price": 10.0}]).numeric[0]
+    m, s = spec["numeric"][0]["mean"], spec["numeric"][0]["std"]
+    np.testing.assert_allclose(one[0], (np.log1p(10.0) - m) / s, rtol=1e-5)
+
+
+def test_save_load_round_trip(fz: Featurizer, tmp_path) -> None:
+    names = fz.save(tmp_path)
+    assert sorted(names) == ["featurizer.json", "idf.npy"]
+    loaded = Featurizer.load(tmp_path)
+    a, b = fz.transform(TRAIN), loaded.transform(TRAIN)
+    for x, y in ((a.ids, b.ids), (a.weights, b.weights), (a.numeric, b.numeric)):
+        np.testing.assert_array_equal(x, y)
+    assert loaded.spec == fz.spec
+
+
+def test_load_rejects_mismatched_spec(fz: Featurizer, tmp_path) -> None:
+    fz.save(tmp_path)
+    np.save(tmp_path / "idf.npy", np.ones(10, np.float32))
+    with pytest.raises(FeaturizerError):
+        Featurizer.load(tmp_path)
+    fz.save(tmp_path)
+    spec = json.loads((tmp_path / "featurizer.json").read_text())
+    spec["version"] = "other-9"
+    (tmp_path / "featurizer.json").write_text(json.dumps(spec))
+    with pytest.raises(FeaturizerError):
+        Featurizer.load(tmp_path)
+    with pytest.raises(FeaturizerError):
+        Featurizer.load(tmp_path / "missing")
+
+
+def test_empty_batch_and_bad_config(fz: Featurizer) -> None:
+    fb = fz.transform([])
+    assert isinstance(fb, FeatureBatch) and len(fb) == 0 and fb.ids.shape == (0, CONFIG.max_features)
+    with pytest.raises(FeaturizerError):
+        Featurizer.fit([], CONFIG)
+    with pytest.raises(FeaturizerError):
+        Featurizer.fit(TRAIN, FeaturizerConfig(hash_bits=40))
+
+
+def test_unseen_buckets_dropped_with_min_df() -> None:
+    f = Featurizer.fit(TRAIN, FeaturizerConfig(hash_bits=14, max_features=64, min_df=2))
+    assert f.idf[0] == 0
+    fb = f.transform([{"title": "zzqx qqzz"}])  # nothing of it seen in training
+    assert (fb.ids > 0).sum() == 0

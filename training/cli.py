@@ -1,0 +1,139 @@
+"""Subcommands of the offline side: `train`, `evaluate`, `publish`.
+
+Importing this module (to build the `tagstream` parser) never imports TensorFlow: `train` imports it when it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from tagstream.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("cn-jd", "myntra", "bigbasket", "jsonl")
+HEADLINE = ("accuracy", "micro_f1", "macro_f1", "weighted_f1")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """Add `train`, `evaluate` and `publish` to the `tagstream` command."""
+    p = subparsers.add_parser(
+        "train",
+        help="train a tagger on a catalog and write a model bundle into a registry",
+        description="Train on a catalog (stratified train/validation/test split), export to ONNX, check parity, "
+        "write a bundle into --out. With --every, retrain periodically and publish a new model only when it is "
+        "not worse than the current one on a fixed evaluation set. Settings: TAGSTREAM_* (training/settings.py).",
+    )
+    p.add_argument("--catalog", type=Path, required=True, help="catalog file")
+    p.add_argument("--format", choices=FORMATS, required=True, help="catalog format")
+    p.add_argument("--out", type=Path, default=None, help="registry directory (default: TAGSTREAM_MODEL_REGISTRY)")
+    p.add_argument("--epochs", type=int, default=None, help="most epochs (default: TAGSTREAM_EPOCHS or 10)")
+    p.add_argument("--seed", type=int, default=None, help="seed (default: TAGSTREAM_SEED or 42)")
+    p.add_argument("--baseline", action="store_true", help="also evaluate the TF-IDF + linear baseline")
+    p.add_argument("--every", default=None, metavar="DURATION", help="retrain periodically, e.g. 6h, 30m")
+    p.add_argument("--kind", choices=("activate", "shadow"), default="activate", help="with --every: publish kind")
+    p.add_argument("--cycles", type=int, default=None, help=argparse.SUPPRESS)  # with --every: stop after N
+    p.set_defaults(func=run_train)
+
+    p = subparsers.add_parser(
+        "evaluate",
+        help="evaluate a model bundle on a labelled catalog",
+        description="Score every product of the catalog with the bundle (its featurizer + ONNX) and report "
+        "accuracy, micro/macro/weighted F1 (top-1) per exclusive tag group.",
+    )
+    p.add_argument("--model", type=Path, required=True, help="bundle directory")
+    p.add_argument("--catalog", type=Path, required=True, help="catalog file")
+    p.add_argument("--format", choices=FORMATS, required=True, help="catalog format")
+    p.add_argument("--thresholds", action="store_true", help="predict 'no tag' below the shipped thresholds")
+    p.add_argument("--json", action="store_true", help='print one JSON object {"n", "groups": {...}}')
+    p.set_defaults(func=run_evaluate)
+
+    p = subparsers.add_parser(
+        "publish",
+        help="announce a model bundle on the model-updates topic",
+        description="Validate the bundle and send a model-update event (acks=all, idempotent) to "
+        "<TAGSTREAM_TOPIC_PREFIX>model-updates at TAGSTREAM_KAFKA_BOOTSTRAP.",
+    )
+    p.add_argument("--model", type=Path, required=True, help="bundle directory")
+    p.add_argument("--kind", choices=("activate", "shadow"), default="activate")
+    p.set_defaults(func=run_publish)
+
+
+def _load(path: Path, fmt: str):
+    from training.loaders import load_catalog
+
+    result = load_catalog(path, fmt)
+    log.info("loaded %d products from %s (%s)", len(result.products), path, fmt)
+    return result
+
+
+def run_train(args: argparse.Namespace) -> int:
+    """`tagstream train`."""
+    from training.settings import load_trainer_settings
+
+    settings = load_trainer_settings(epochs=args.epochs, seed=args.seed, baseline=args.baseline or None)
+    registry = args.out or settings.model_registry
+    if args.every:
+        from training.publish import parse_duration, periodic_retrain
+
+        every = parse_duration(args.every)
+        records = periodic_retrain(
+            lambda: _load(args.catalog, args.format).products,
+            settings,
+            every_s=every,
+            registry=registry,
+            kind=args.kind,
+            max_cycles=args.cycles,
+        )
+        print(json.dumps(records, ensure_ascii=False))
+        return 0
+    from training.train import file_sha256, train
+
+    loaded = _load(args.catalog, args.format)
+    bundle = train(
+        loaded.products,
+        settings,
+        registry=registry,
+        data_sha256=file_sha256(args.catalog),
+        extra_metrics={"data_report": loaded.report.to_dict()},
+    )
+    metrics = json.loads((bundle / "metrics.json").read_text())
+    for g, r in metrics["top1"]["groups"].items():
+        print(f"  {g:<16} " + "  ".join(f"{k}={r.get(k)}" for k in HEADLINE), file=sys.stderr)
+    print(bundle)
+    return 0
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    """`tagstream evaluate`."""
+    from training.train import evaluate_bundle
+
+    if not args.model.is_dir():
+        raise ConfigError(f"--model {args.model} is not a bundle directory")
+    products = _load(args.catalog, args.format).products
+    report = evaluate_bundle(args.model, products, at_thresholds=args.thresholds)
+    out = {
+        "n": report["n"],
+        "groups": {g: {k: r.get(k) for k in HEADLINE} for g, r in report["groups"].items()},
+    }
+    if args.json:
+        print(json.dumps(out, ensure_ascii=False))
+    else:
+        print(f"{'group':<18} " + " ".join(f"{k:>11}" for k in HEADLINE) + f"   (n={out['n']})")
+        for g, r in out["groups"].items():
+            print(f"{g:<18} " + " ".join("         - " if r[k] is None else f"{r[k]:>11.4f}" for k in HEADLINE))
+    return 0
+
+
+def run_publish(args: argparse.Namespace) -> int:
+    """`tagstream publish`."""
+    from training.publish import publish_bundle
+    from training.settings import load_trainer_settings
+
+    event = publish_bundle(args.model, args.kind, load_trainer_settings())
+    print(json.dumps(event.to_dict(), ensure_ascii=False))
+    return 0

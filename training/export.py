@@ -1,0 +1,151 @@
+"""Keras → ONNX export and the parity gate (TensorFlow/tf2onnx are imported inside `export_onnx` only).
+
+`check_parity` needs only onnxruntime, so it can vet any ONNX bytes (e.g. a tampered model) against reference
+scores: max |onnx − keras| ≤ atol AND no decision flips at the shipped thresholds, else `ParityError`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from serving.featurizer import FeatureBatch
+from tagstream.errors import ExportError, ParityError
+
+__all__ = ["OPSET", "ParityReport", "check_parity", "export_onnx", "threshold_vector"]
+
+log = logging.getLogger(__name__)
+
+OPSET = 17
+INPUT_NAMES = ("ids", "weights", "numeric")
+OUTPUT_NAME = "scores"
+PARITY_ATOL = 1e-4
+MIN_PARITY_SAMPLES = 2000
+
+
+@dataclass(frozen=True, slots=True)
+class ParityReport:
+    """Outcome of a passed parity check."""
+
+    samples: int
+    max_abs_diff: float
+    decision_flips: int
+    atol: float
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-able form (for metrics.json)."""
+        return {
+            "samples": self.samples,
+            "max_abs_diff": self.max_abs_diff,
+            "decision_flips": self.decision_flips,
+            "atol": self.atol,
+        }
+
+
+def export_onnx(model: Any, *, max_features: int, n_numeric: int, opset: int = OPSET) -> bytes:
+    """Convert the Keras scoring model to ONNX bytes with inputs ids/weights/numeric and output `scores`."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import tensorflow as tf
+    import tf2onnx
+
+    signature = [
+        tf.TensorSpec((None, max_features), tf.int64, name="ids"),
+        tf.TensorSpec((None, max_features), tf.float32, name="weights"),
+        tf.TensorSpec((None, n_numeric), tf.float32, name="numeric"),
+    ]
+    try:
+        tf2onnx_logger = logging.getLogger("tf2onnx")
+        level = tf2onnx_logger.level
+        tf2onnx_logger.setLevel(logging.ERROR)
+        try:
+            proto, _ = tf2onnx.convert.from_keras(model, input_signature=signature, opset=opset)
+        finally:
+            tf2onnx_logger.setLevel(level)
+    except Exception as exc:  # tf2onnx raises many kinds
+        raise ExportError(f"tf2onnx conversion failed: {exc}") from exc
+    proto = _name_output(proto)
+    proto.producer_name = "tagstream"
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+    except Exception as exc:
+        raise ExportError(f"exported ONNX model is invalid: {exc}") from exc
+    names = [i.name for i in proto.graph.input]
+    if names != list(INPUT_NAMES):
+        raise ExportError(f"exported inputs are {names}, expected {list(INPUT_NAMES)}")
+    return proto.SerializeToString()
+
+
+def _name_output(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """Make the single graph output be called `scores` (an Identity node when it is named otherwise)."""
+    graph = proto.graph
+    if len(graph.output) != 1:
+        raise ExportError(f"expected one output, got {[o.name for o in graph.output]}")
+    out = graph.output[0]
+    if out.name == OUTPUT_NAME:
+        return proto
+    graph.node.append(onnx.helper.make_node("Identity", [out.name], [OUTPUT_NAME], name="scores_identity"))
+    new_out = onnx.ValueInfoProto()
+    new_out.CopyFrom(out)
+    new_out.name = OUTPUT_NAME
+    graph.output.remove(out)
+    graph.output.append(new_out)
+    return proto
+
+
+def threshold_vector(tags: list[str], thresholds: Mapping[str, Any]) -> np.ndarray:
+    """thresholds.json object (or a plain tag → threshold dict) → float32 vector in label order."""
+    if "per_tag" in thresholds:
+        per_tag, default = thresholds["per_tag"], float(thresholds.get("default", 0.5))
+    else:
+        per_tag, default = thresholds, 0.5
+    return np.asarray([float(per_tag.get(t, default)) for t in tags], dtype=np.float32)
+
+
+def check_parity(
+    onnx_bytes: bytes,
+    keras_scores: np.ndarray,
+    features: FeatureBatch,
+    thresholds: np.ndarray,
+    *,
+    atol: float = PARITY_ATOL,
+    min_samples: int = 1,
+    batch_size: int = 4096,
+) -> ParityReport:
+    """Score `features` with ONNX Runtime and compare with `keras_scores`; ParityError on any mismatch."""
+    n = len(features)
+    keras_scores = np.asarray(keras_scores, dtype=np.float32)
+    if n < min_samples:
+        raise ParityError(f"parity needs at least {min_samples} samples, got {n}")
+    if keras_scores.shape[0] != n:
+        raise ParityError(f"{keras_scores.shape[0]} reference rows for {n} feature rows")
+    try:
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = 2
+        sess = ort.InferenceSession(onnx_bytes, opts, providers=["CPUExecutionProvider"])
+        outs = []
+        for s in range(0, n, batch_size):
+            part = features.take(slice(s, s + batch_size))
+            outs.append(sess.run([OUTPUT_NAME], part.as_inputs())[0])
+        got = np.concatenate(outs).astype(np.float32)
+    except Exception as exc:
+        raise ParityError(f"ONNX Runtime could not score the parity set: {exc}") from exc
+    if got.shape != keras_scores.shape:
+        raise ParityError(f"ONNX scores have shape {got.shape}, Keras {keras_scores.shape}")
+    if not np.all(np.isfinite(got)):
+        raise ParityError("ONNX scores hold NaN or inf")
+    diff = float(np.max(np.abs(got - keras_scores))) if got.size else 0.0
+    th = np.asarray(thresholds, dtype=np.float32).reshape(1, -1)
+    flips = int(np.sum((got >= th) != (keras_scores >= th)))
+    if diff > atol or flips:
+        raise ParityError(
+            f"ONNX/Keras parity failed on {n} samples: max |diff| = {diff:.3g} (limit {atol:g}), "
+            f"{flips} decision flips at the shipped thresholds"
+        )
+    return ParityReport(samples=n, max_abs_diff=diff, decision_flips=flips, atol=atol)

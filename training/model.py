@@ -1,0 +1,264 @@
+"""The Keras multi-label tagger on featurizer output (imports TensorFlow/Keras: training only).
+
+Graph (per ensemble member, members averaged in probability space inside one graph):
+
+    ids [N,L] ─┐
+               ├─ WeightedBag: Σ_l E[ids_l] · weights_l   (= a sparse linear layer on the TF-IDF vector) + bias, ReLU
+    weights ───┘
+    numeric [N,K] ─ concat ─ Dense+ReLU (+dropout, L2) … ─ one head per group ─┐
+                                                                               ├─ logits [N,T] (training)
+    hierarchical: the category_l2 head also sees the category_l1 logits,       │
+    the leaf head sees the l2 logits (conditioned heads)                       └─ scores [N,T] (softmax per
+                                                                                   exclusive group, sigmoid per
+                                                                                   multi group; export/serving)
+
+Loss: per exclusive group softmax cross-entropy with label smoothing and tempered class weights, only on products
+labelled in that group; per multi group binary cross-entropy.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from training.labels import CATEGORY_GROUPS, LabelMap
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras
+from keras import layers, ops
+
+__all__ = ["LazyAdam", "ModelConfig", "TaggerModels", "build_models", "class_weights", "make_loss"]
+
+
+@dataclass(frozen=True, slots=True)
+class ModelConfig:
+    """Architecture and optimisation hyper-parameters."""
+
+    embed_dim: int = 256
+    embed_init_scale: float = 1e-3
+    sparse_lr_multiplier: float = 1.0
+    hidden: tuple[int, ...] = (512,)
+    dropout: float = 0.25
+    input_dropout: float = 0.0
+    l2: float = 0.0
+    label_smoothing: float = 0.05
+    class_weight_power: float = 0.3
+    ensemble: int = 1
+    hierarchical: bool = True
+    learning_rate: float = 2e-3
+    seed: int = 42
+    group_weights: dict[str, float] = field(default_factory=dict)
+
+
+@keras.saving.register_keras_serializable(package="tagstream")
+class WeightedBag(layers.Layer):
+    """Σ_l E[ids[:, l]] · weights[:, l] over hash-bucket embeddings E (row 0 = padding, weight 0)."""
+
+    def __init__(self, n_buckets: int, dim: int, seed: int | None = None, init_scale: float = 1e-3, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.n_buckets = n_buckets
+        self.dim = dim
+        self.seed = seed
+        self.init_scale = init_scale
+
+    def build(self, input_shape) -> None:
+        # small init: a rare feature's row gets few updates, so random init would stay as noise in its vector
+        scale = self.init_scale
+        self.embeddings = self.add_weight(
+            name="embeddings",
+            shape=(self.n_buckets, self.dim),
+            initializer=keras.initializers.RandomUniform(-scale, scale, seed=self.seed),
+        )
+        self.bias = self.add_weight(name="bias", shape=(self.dim,), initializer="zeros")
+
+    def call(self, ids, weights):
+        vec = ops.take(self.embeddings, ids, axis=0)  # [N, L, D]
+        return ops.sum(vec * ops.expand_dims(weights, -1), axis=1) + self.bias
+
+    def get_config(self) -> dict:
+        return {
+            **super().get_config(),
+            "n_buckets": self.n_buckets,
+            "dim": self.dim,
+            "seed": self.seed,
+            "init_scale": self.init_scale,
+        }
+
+
+class LazyAdam(keras.optimizers.Adam):
+    """Adam whose sparse (embedding) updates touch only the rows present in the batch (TensorFlow backend).
+
+    Dense Adam keeps moving every embedding row on stale momentum after its feature was last seen, which both
+    costs a full pass over the table per step and over-shoots rare hashed features.
+    """
+
+    def __init__(self, *args, sparse_lr_multiplier: float = 1.0, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.sparse_lr_multiplier = sparse_lr_multiplier
+
+    def update_step(self, gradient, variable, learning_rate):
+        import tensorflow as tf
+
+        if not isinstance(gradient, tf.IndexedSlices):
+            return super().update_step(gradient, variable, learning_rate)
+        dtype = variable.dtype
+        lr = tf.cast(learning_rate, dtype) * self.sparse_lr_multiplier
+        step = tf.cast(self.iterations + 1, dtype)
+        b1 = tf.cast(self.beta_1, dtype)
+        b2 = tf.cast(self.beta_2, dtype)
+        alpha = lr * tf.sqrt(1 - tf.pow(b2, step)) / (1 - tf.pow(b1, step))
+        rows, pos = tf.unique(gradient.indices)
+        g = tf.math.unsorted_segment_sum(tf.cast(gradient.values, dtype), pos, tf.shape(rows)[0])
+        i = self._get_variable_index(variable)
+        m, v = self._momentums[i], self._velocities[i]
+        m_rows = b1 * tf.gather(m.value, rows) + (1 - b1) * g
+        v_rows = b2 * tf.gather(v.value, rows) + (1 - b2) * tf.square(g)
+        self.assign(m, tf.IndexedSlices(m_rows, rows))
+        self.assign(v, tf.IndexedSlices(v_rows, rows))
+        self.assign_sub(variable, tf.IndexedSlices(alpha * m_rows / (tf.sqrt(v_rows) + self.epsilon), rows))
+        return None
+
+
+@keras.saving.register_keras_serializable(package="tagstream")
+class GroupActivation(layers.Layer):
+    """Logits [N,T] → probabilities: softmax inside each exclusive group's column range, sigmoid for multi."""
+
+    def __init__(self, spans: Sequence[tuple[int, int, str]], **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.spans = [tuple(s) for s in spans]
+
+    def call(self, logits):
+        parts = []
+        for start, end, kind in self.spans:
+            z = logits[:, start:end]
+            parts.append(ops.softmax(z, axis=-1) if kind == "exclusive" else ops.sigmoid(z))
+        return parts[0] if len(parts) == 1 else ops.concatenate(parts, axis=-1)
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "spans": [list(s) for s in self.spans]}
+
+
+@dataclass
+class TaggerModels:
+    """`train`: inputs → list of member logits (one loss each); `scores`: inputs → averaged probabilities."""
+
+    train: keras.Model
+    scores: keras.Model
+
+
+def _spans(label_map: LabelMap) -> list[tuple[int, int, str]]:
+    sl = label_map.slices()
+    return [(sl[g.name][0], sl[g.name][1], g.kind) for g in label_map.groups]
+
+
+def build_models(
+    label_map: LabelMap, *, n_buckets: int, max_features: int, n_numeric: int, config: ModelConfig
+) -> TaggerModels:
+    """Build the training and scoring models (shared weights)."""
+    keras.utils.set_random_seed(config.seed)
+    ids = keras.Input((max_features,), dtype="int64", name="ids")
+    weights = keras.Input((max_features,), dtype="float32", name="weights")
+    numeric = keras.Input((n_numeric,), dtype="float32", name="numeric")
+    reg = keras.regularizers.L2(config.l2) if config.l2 > 0 else None
+    spans = _spans(label_map)
+    sl = label_map.slices()
+    act = GroupActivation(spans, name="group_activation")
+    member_logits = []
+    member_probs = []
+    for m in range(config.ensemble):
+        seed = config.seed + 1000 * m
+        w = weights
+        if config.input_dropout > 0:
+            w = layers.Dropout(config.input_dropout, seed=seed, name=f"m{m}_feature_dropout")(w)
+        x = WeightedBag(n_buckets, config.embed_dim, seed=seed, init_scale=config.embed_init_scale, name=f"m{m}_bag")(
+            ids, w
+        )
+        x = layers.Activation("relu", name=f"m{m}_bag_relu")(x)
+        x = layers.Concatenate(name=f"m{m}_concat")([x, numeric])
+        for j, width in enumerate(config.hidden):
+            x = layers.Dropout(config.dropout, seed=seed + j, name=f"m{m}_drop{j}")(x)
+            x = layers.Dense(
+                width,
+                activation="relu",
+                kernel_regularizer=reg,
+                kernel_initializer=keras.initializers.GlorotUniform(seed=seed + 10 + j),
+                name=f"m{m}_dense{j}",
+            )(x)
+        x = layers.Dropout(config.dropout, seed=seed + 99, name=f"m{m}_drop_out")(x)
+        heads: dict[str, object] = {}
+        for g in label_map.groups:
+            start, end = sl[g.name]
+            inp = x
+            if config.hierarchical and g.name in CATEGORY_GROUPS and g.parent_group in heads:
+                parent = layers.Activation("softmax", name=f"m{m}_{_safe(g.name)}_parent_p")(heads[g.parent_group])
+                inp = layers.Concatenate(name=f"m{m}_{_safe(g.name)}_cond")([x, parent])
+            heads[g.name] = layers.Dense(
+                end - start,
+                kernel_regularizer=reg,
+                kernel_initializer=keras.initializers.GlorotUniform(seed=seed + 500 + start),
+                name=f"m{m}_head_{_safe(g.name)}",
+            )(inp)
+        outs = [heads[g.name] for g in label_map.groups]
+        logits = outs[0] if len(outs) == 1 else layers.Concatenate(name=f"m{m}_logits")(outs)
+        member_logits.append(logits)
+        member_probs.append(act(logits))
+    if len(member_probs) == 1:
+        scores = layers.Identity(name="scores")(member_probs[0])
+    else:
+        scores = layers.Average(name="scores")(member_probs)
+    train_model = keras.Model([ids, weights, numeric], member_logits, name="tagger_train")
+    score_model = keras.Model([ids, weights, numeric], scores, name="tagger")
+    return TaggerModels(train_model, score_model)
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c == "_" else "_" for c in name)
+
+
+def class_weights(label_map: LabelMap, y: np.ndarray, power: float) -> np.ndarray:
+    """Per-label loss weights (count / mean count)^-power inside each exclusive group, mean 1 over its products."""
+    out = np.ones(len(label_map), dtype=np.float32)
+    if power <= 0:
+        return out
+    counts = y.sum(axis=0)
+    for g in label_map.groups:
+        if g.kind != "exclusive":
+            continue
+        s, e = label_map.slices()[g.name]
+        c = np.maximum(counts[s:e], 1.0)
+        w = (c / c.mean()) ** (-power)
+        w = np.clip(w, 0.1, 10.0)
+        w /= (w * c).sum() / c.sum()  # expected weight over the group's products = 1
+        out[s:e] = w
+    return out
+
+
+def make_loss(label_map: LabelMap, weights: np.ndarray, config: ModelConfig):
+    """Masked per-group loss on logits; y_true is the multi-hot [N, T] matrix."""
+    spans = _spans(label_map)
+    names = label_map.group_names
+    gw = [float(config.group_weights.get(n, 1.0)) for n in names]
+    eps = float(config.label_smoothing)
+    cw = ops.convert_to_tensor(weights.reshape(1, -1), dtype="float32")
+
+    def loss(y_true, logits):
+        total = 0.0
+        for (start, end, kind), w in zip(spans, gw, strict=True):
+            y = y_true[:, start:end]
+            z = logits[:, start:end]
+            if kind == "exclusive":
+                has = ops.sum(y, axis=-1, keepdims=True)
+                ys = y * (1.0 - eps) + has * (eps / (end - start))
+                ce = -ops.sum(ys * ops.log_softmax(z, axis=-1), axis=-1)
+                sample_w = ops.sum(y * cw[:, start:end], axis=-1)
+                total = total + w * ce * sample_w
+            else:
+                bce = ops.mean(ops.maximum(z, 0.0) - z * y + ops.log1p(ops.exp(-ops.abs(z))), axis=-1)
+                total = total + w * bce * (end - start)
+        return total
+
+    return loss

@@ -1,0 +1,232 @@
+"""Announce a bundle on `<prefix>model-updates` (SPEC §1 model-update) and the periodic retrain-and-publish loop.
+
+No TensorFlow here: the loop calls `training.train.train`, which imports it when it runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import re
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from schemas.records import ModelUpdate
+from tagstream.errors import ConfigError, TagstreamError
+from training.catalog import CatalogProduct
+from training.settings import TrainerSettings
+
+__all__ = [
+    "Comparison",
+    "compare_reports",
+    "eval_holdout",
+    "model_update_event",
+    "parse_duration",
+    "periodic_retrain",
+    "publish_bundle",
+    "send_model_update",
+]
+
+log = logging.getLogger(__name__)
+
+PublishKind = Literal["activate", "shadow"]
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> float:
+    """'6h' → 21600.0; units s, m, h, d (seconds when none). ConfigError on anything else or ≤ 0."""
+    m = _DURATION.match(text or "")
+    if not m or float(m.group(1)) <= 0:
+        raise ConfigError(f"bad duration {text!r} (expected e.g. 90s, 30m, 6h, 1d)")
+    return float(m.group(1)) * _UNITS[m.group(2)]
+
+
+# --------------------------------------------------------------------------------------------------- publishing
+
+
+def model_update_event(bundle_dir: str | Path, kind: PublishKind = "activate") -> tuple[ModelUpdate, str]:
+    """Validate the bundle (load_bundle) and build its schema-valid model-update event; returns (event, model name)."""
+    from serving.bundle import SIGNATURE_FILE, load_bundle
+
+    if kind not in ("activate", "shadow"):
+        raise ConfigError(f"publish kind must be activate or shadow, got {kind!r}")
+    path = Path(bundle_dir).resolve()
+    bundle = load_bundle(path)
+    sig_file = path / SIGNATURE_FILE
+    signature = sig_file.read_text().strip() if sig_file.is_file() else None
+    event = ModelUpdate(
+        kind=kind,
+        model_version=bundle.model_version,
+        emitted_at=int(time.time() * 1000),
+        bundle_uri=str(path),
+        sha256=bundle.sha256,
+        signature=signature,
+    )
+    event.to_dict()  # schema check now, not at send time
+    return event, bundle.model_name
+
+
+async def send_model_update(event: ModelUpdate, key: str, settings: TrainerSettings) -> None:
+    """Send one model-update event (acks=all, idempotent producer) keyed by the model name."""
+    import orjson
+    from aiokafka import AIOKafkaProducer
+    from aiokafka.errors import KafkaError
+
+    topic = f"{settings.topic_prefix}model-updates"
+    producer = AIOKafkaProducer(
+        bootstrap_servers=settings.kafka_bootstrap,
+        acks="all",
+        enable_idempotence=True,
+        request_timeout_ms=30000,
+    )
+    try:
+        await producer.start()
+        try:
+            await producer.send_and_wait(topic, orjson.dumps(event.to_dict()), key=key.encode("utf-8"))
+        finally:
+            await producer.stop()
+    except KafkaError as exc:
+        raise TagstreamError(f"could not publish to {topic} at {settings.kafka_bootstrap}: {exc}") from exc
+
+
+def publish_bundle(bundle_dir: str | Path, kind: PublishKind, settings: TrainerSettings) -> ModelUpdate:
+    """Validate and announce a bundle; returns the event sent."""
+    event, name = model_update_event(bundle_dir, kind)
+    asyncio.run(send_model_update(event, name, settings))
+    log.info("published %s %s to %smodel-updates", kind, event.model_version, settings.topic_prefix)
+    return event
+
+
+# ------------------------------------------------------------------------------------------- periodic retraining
+
+
+def eval_holdout(products: Sequence[CatalogProduct], fraction: float = 0.1) -> list[bool]:
+    """Stable membership of the fixed evaluation set: sha256(product_id) decides, so it survives catalog refreshes."""
+    cut = int(fraction * 2**32)
+    return [int.from_bytes(hashlib.sha256(p.product_id.encode()).digest()[:4], "big") < cut for p in products]
+
+
+@dataclass(frozen=True, slots=True)
+class Comparison:
+    """Outcome of comparing a candidate's evaluation with the current model's."""
+
+    publish: bool
+    reasons: tuple[str, ...]
+
+
+def compare_reports(
+    candidate: Mapping[str, Any],
+    current: Mapping[str, Any] | None,
+    *,
+    metric: str = "weighted_f1",
+    tolerance: float = 0.005,
+) -> Comparison:
+    """Publish only if the candidate is not worse: on every group both evaluated, metric ≥ current − tolerance,
+    and the mean over those groups ≥ the current mean. No current model → publish. Reports are
+    `{"groups": {name: {metric: value}}}` (evaluate_scores / `tagstream evaluate --json`)."""
+    if current is None:
+        return Comparison(True, ("no current model",))
+    cand_g = candidate.get("groups", {})
+    cur_g = current.get("groups", {})
+    common = sorted(g for g in cur_g if g in cand_g and cur_g[g].get(metric) is not None)
+    if not common:
+        return Comparison(False, ("no group in common with the current model",))
+    reasons = []
+    worse = False
+    for g in common:
+        new, old = cand_g[g].get(metric), cur_g[g][metric]
+        if new is None or new < old - tolerance:
+            worse = True
+            reasons.append(f"{g}: {metric} {new} < {old} - {tolerance}")
+    new_mean = sum(float(cand_g[g].get(metric) or 0.0) for g in common) / len(common)
+    old_mean = sum(float(cur_g[g][metric]) for g in common) / len(common)
+    if new_mean < old_mean:
+        worse = True
+        reasons.append(f"mean {metric} {new_mean:.4f} < current {old_mean:.4f}")
+    if not worse:
+        reasons.append(f"mean {metric} {new_mean:.4f} ≥ current {old_mean:.4f}")
+    return Comparison(not worse, tuple(reasons))
+
+
+def periodic_retrain(
+    load_products: Callable[[], list[CatalogProduct]],
+    settings: TrainerSettings,
+    *,
+    every_s: float,
+    registry: Path,
+    kind: PublishKind = "activate",
+    max_cycles: int | None = None,
+    publish: Callable[[Path], Any] | None = None,
+    train_fn: Callable[..., Path] | None = None,
+    evaluate_fn: Callable[[Path, list[CatalogProduct]], Mapping[str, Any]] | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+) -> list[dict[str, Any]]:
+    """Every `every_s`: reload the catalog, train on all but the fixed evaluation set, evaluate the new and the
+    current bundle on that set, and publish the new one only when `compare_reports` says it is not worse.
+
+    Returns one record per cycle (for logs and tests). `publish`, `train_fn`, `evaluate_fn` default to the real
+    ones (Kafka, training.train.train, training.train.evaluate_bundle).
+    """
+    from training.splits import Split, stratified_split
+
+    if train_fn is None or evaluate_fn is None:
+        from training.train import evaluate_bundle, train
+
+        train_fn = train_fn or train
+        evaluate_fn = evaluate_fn or evaluate_bundle
+    publish = publish or (lambda b: publish_bundle(b, kind, settings))
+    current: Path | None = None
+    current_report: Mapping[str, Any] | None = None
+    records: list[dict[str, Any]] = []
+    cycle = 0
+    while max_cycles is None or cycle < max_cycles:
+        started = time.monotonic()
+        cycle += 1
+        record: dict[str, Any] = {"cycle": cycle}
+        try:
+            products = load_products()
+            held = eval_holdout(products)
+            eval_set = [p for p, h in zip(products, held, strict=True) if h]
+            rest = [p for p, h in zip(products, held, strict=True) if not h]
+            inner = stratified_split(rest, validation=settings.validation_fraction, test=0.0, seed=settings.seed)
+            # train/validation from the rest; the fixed evaluation set is the test part
+            split = Split(
+                train_idx=inner.train_idx,
+                validation_idx=inner.validation_idx,
+                test_idx=_append_idx(len(rest), len(eval_set)),
+                products=rest + eval_set,
+            )
+            bundle = train_fn(rest + eval_set, settings, registry=registry, split=split)
+            report = evaluate_fn(bundle, eval_set)
+            if current is not None:  # re-evaluate: the evaluation set may have grown with the catalog
+                current_report = evaluate_fn(current, eval_set)
+            decision = compare_reports(report, current_report)
+            record.update(bundle=str(bundle), publish=decision.publish, reasons=list(decision.reasons))
+            if decision.publish:
+                publish(bundle)
+                current, current_report = bundle, report
+            log.info(
+                "retrain cycle %d: %s (%s)",
+                cycle,
+                "published" if decision.publish else "kept current",
+                "; ".join(decision.reasons),
+            )
+        except TagstreamError as exc:
+            record.update(error=str(exc), publish=False)
+            log.error("retrain cycle %d failed: %s", cycle, exc)
+        records.append(record)
+        if max_cycles is not None and cycle >= max_cycles:
+            break
+        sleep(max(0.0, every_s - (time.monotonic() - started)))
+    return records
+
+
+def _append_idx(n_rest: int, n_eval: int):
+    import numpy as np
+
+    return np.arange(n_rest, n_rest + n_eval, dtype=np.int64)

@@ -1,0 +1,87 @@
+"""Settings of the offline trainer (env prefix `TAGSTREAM_`, e.g. `TAGSTREAM_EPOCHS=12`); no TensorFlow here."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from serving.featurizer import FeaturizerConfig
+from tagstream.errors import ConfigError
+
+__all__ = ["TrainerSettings", "load_trainer_settings"]
+
+
+class TrainerSettings(BaseSettings):
+    """Everything `tagstream train` reads from its environment (command-line flags override these)."""
+
+    model_config = SettingsConfigDict(env_prefix="TAGSTREAM_", extra="ignore")
+
+    # where things go
+    model_registry: Path = Field(Path("models"), description="Registry directory the bundles are written into.")
+    model_name: str = Field("tagstream-tagger", description="model_name in the manifest (and model-update key).")
+    signing_key_path: Path | None = Field(None, description="Ed25519 private key (PEM or raw) to sign manifests.")
+    # featurizer
+    hash_bits: int = Field(18, ge=8, le=24, description="Hash buckets = 2**hash_bits (embedding rows).")
+    max_features: int = Field(192, ge=8, le=1024, description="L: features kept per product (highest TF-IDF).")
+    char_ngram_min: int = Field(1, ge=1, le=8, description="Shortest character n-gram.")
+    char_ngram_max: int = Field(3, ge=1, le=8, description="Longest character n-gram.")
+    min_df: int = Field(2, ge=1, description="Buckets in fewer training products get IDF 0 (dropped).")
+    # labels
+    min_support: int = Field(5, ge=1, description="Labels with fewer products are dropped (products unlabelled).")
+    # model
+    embed_dim: int = Field(256, ge=8, description="Width of the TF-IDF-weighted embedding bag.")
+    embed_init_scale: float = Field(1e-3, ge=0, description="Uniform ±scale init of the embedding rows.")
+    sparse_lr_multiplier: float = Field(1.0, gt=0, description="Learning-rate factor of the embedding (sparse) rows.")
+    hidden: tuple[int, ...] = Field((512,), description="Widths of the hidden Dense+ReLU layers.")
+    dropout: float = Field(0.25, ge=0, lt=1, description="Dropout before each Dense layer and the heads.")
+    input_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the feature weights (feature dropout).")
+    l2: float = Field(0.0, ge=0, description="L2 penalty on Dense kernels.")
+    label_smoothing: float = Field(0.05, ge=0, lt=1, description="Label smoothing of exclusive heads.")
+    class_weight_power: float = Field(0.3, ge=0, le=1, description="Class weight (count/mean)^-power, 0 = off.")
+    ensemble: int = Field(1, ge=1, le=8, description="Members (different seeds) averaged inside one graph.")
+    hierarchical: bool = Field(True, description="Condition each category head on its parent head's output.")
+    learning_rate: float = Field(4e-3, gt=0, description="Adam learning rate.")
+    epochs: int = Field(10, ge=1, description="Most epochs (early stopping on validation loss).")
+    patience: int = Field(2, ge=0, description="Epochs without validation improvement before stopping.")
+    batch_size: int = Field(1024, ge=8, description="Training batch size.")
+    seed: int = Field(42, description="Seed of splits, initialisation, dropout and shuffling.")
+    validation_fraction: float = Field(0.1, gt=0, lt=0.5, description="Stratified validation share.")
+    test_fraction: float = Field(0.1, ge=0, lt=0.5, description="Stratified test share (metrics.json).")
+    # thresholds / export
+    precision_floor: float = Field(0.8, ge=0, le=1, description="Per-tag thresholds: best F1 with precision ≥ this.")
+    min_threshold_positives: int = Field(5, ge=1, description="Tags with fewer validation positives keep default.")
+    default_threshold: float = Field(0.5, gt=0, lt=1, description="thresholds.json default.")
+    parity_samples: int = Field(2000, ge=64, description="Rows of the ONNX/Keras parity gate (at least 2000).")
+    parity_atol: float = Field(1e-4, gt=0, description="Max |onnx − keras| allowed by the parity gate.")
+    opset: int = Field(17, ge=13, le=21, description="ONNX opset of the export.")
+    baseline: bool = Field(False, description="Also fit the same-run TF-IDF + linear baseline into metrics.json.")
+    # runtime
+    threads: int = Field(2, ge=1, description="TensorFlow intra-op threads (inter-op = 1..2).")
+    # publish
+    kafka_bootstrap: str = Field("127.0.0.1:9092", description="Kafka bootstrap servers for `publish`.")
+    topic_prefix: str = Field("", description="Prefix of topic names (`<prefix>model-updates`).")
+
+    def featurizer_config(self) -> FeaturizerConfig:
+        """The FeaturizerConfig these settings describe."""
+        if self.char_ngram_min > self.char_ngram_max:
+            raise ConfigError("char_ngram_min > char_ngram_max")
+        return FeaturizerConfig(
+            hash_bits=self.hash_bits,
+            max_features=self.max_features,
+            char_ngram_min=self.char_ngram_min,
+            char_ngram_max=self.char_ngram_max,
+            min_df=self.min_df,
+        )
+
+
+def load_trainer_settings(**overrides: Any) -> TrainerSettings:
+    """Environment settings with the non-None `overrides` applied (ConfigError when invalid)."""
+    from pydantic import ValidationError
+
+    try:
+        return TrainerSettings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        raise ConfigError(f"invalid trainer settings: {exc}") from exc

@@ -1,0 +1,487 @@
+"""The training pipeline: products → features → labels → split → fit → thresholds → evaluate → export → parity →
+bundle (SPEC §2) in the registry. TensorFlow is imported inside the functions that need it.
+
+`train(products, settings) -> Path` is the whole pipeline; `fit(...)` (features + model + thresholds, no export)
+is what benchmarks and the periodic retrainer reuse.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from serving.featurizer import FEATURIZER_VERSION, FeatureBatch, Featurizer
+from tagstream.errors import ConfigError, DataError
+from training.catalog import CatalogProduct
+from training.labels import LabelMap, LabelMatrix, build_label_map
+from training.settings import TrainerSettings
+
+__all__ = [
+    "FitResult",
+    "evaluate_scores",
+    "featurize",
+    "fit",
+    "products_sha256",
+    "train",
+    "tune_thresholds",
+]
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------------------------------- helpers
+
+
+def configure_tensorflow(threads: int) -> None:
+    """Quiet TensorFlow and pin its thread pools (only effective before the runtime starts)."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import tensorflow as tf
+
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(min(2, threads))
+    except RuntimeError:  # already initialised in this process
+        pass
+    tf.get_logger().setLevel(logging.ERROR)
+
+
+def products_sha256(products: Sequence[CatalogProduct]) -> str:
+    """sha256 of the canonical JSONL of the training products (the manifest's training_data_sha256)."""
+    h = hashlib.sha256()
+    for p in products:
+        h.update(json.dumps(p.to_json(), ensure_ascii=False, sort_keys=True).encode("utf-8"))
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+def featurize(
+    featurizer: Featurizer, products: Sequence[Any], *, chunk: int = 8192, progress: bool = True
+) -> FeatureBatch:
+    """Transform in chunks with a progress bar."""
+    from tqdm import tqdm
+
+    parts = []
+    bar = tqdm(total=len(products), desc="featurize", unit="product", disable=not progress, leave=False)
+    for s in range(0, len(products), chunk):
+        parts.append(featurizer.transform(products[s : s + chunk]))
+        bar.update(min(chunk, len(products) - s))
+    bar.close()
+    if not parts:
+        return featurizer.transform([])
+    return FeatureBatch.concat(parts)
+
+
+def tune_thresholds(
+    scores: np.ndarray,
+    labels: LabelMatrix,
+    label_map: LabelMap,
+    *,
+    precision_floor: float = 0.8,
+    min_positives: int = 5,
+    default: float = 0.5,
+    lo: float = 0.02,
+    hi: float = 0.98,
+) -> dict[str, float]:
+    """Per-tag threshold: best F1 of `score ≥ t` on rows labelled in the tag's group, with precision ≥ floor.
+
+    The threshold is the midpoint between the last accepted and the next score. A tag with fewer than
+    `min_positives` positives keeps `default`; one whose precision never reaches the floor gets the threshold of
+    its best precision (at least `default`), so it is emitted rarely rather than wrongly. Clipped to [lo, hi].
+    """
+    out: dict[str, float] = {}
+    gi = {g: i for i, g in enumerate(label_map.group_names)}
+    for lab in label_map.labels:
+        rows = labels.mask[:, gi[lab.group]]
+        s = scores[rows, lab.index]
+        y = labels.y[rows, lab.index] > 0
+        pos = int(y.sum())
+        if pos < min_positives:
+            out[lab.tag] = default
+            continue
+        order = np.argsort(-s, kind="stable")
+        s_sorted, y_sorted = s[order], y[order]
+        tp = np.cumsum(y_sorted)
+        k = np.arange(1, len(s_sorted) + 1)
+        precision = tp / k
+        recall = tp / pos
+        f1 = np.where(tp > 0, 2 * precision * recall / np.maximum(precision + recall, 1e-12), 0.0)
+        # only cut between distinct scores
+        last_of_tie = np.r_[s_sorted[1:] < s_sorted[:-1], True]
+        ok = last_of_tie & (precision >= precision_floor)
+        if ok.any():
+            j = int(np.argmax(np.where(ok, f1, -1.0)))
+        else:
+            j = int(np.argmax(np.where(last_of_tie, precision, -1.0)))
+        nxt = s_sorted[j + 1] if j + 1 < len(s_sorted) else 0.0
+        t = float((s_sorted[j] + nxt) / 2.0)
+        if not ok.any():
+            t = max(t, default)
+        out[lab.tag] = float(np.clip(t, lo, hi))
+    return out
+
+
+def clear_thresholds(thresholds: np.ndarray, scores: np.ndarray, eps: float = 2e-5) -> np.ndarray:
+    """Move any threshold that lies within `eps` of a reference score to the middle of the nearest clear gap.
+
+    Keeps the parity gate's "no decision flips" meaningful: a score within float noise of its threshold would
+    flip on rounding alone.
+    """
+    th = thresholds.astype(np.float64).copy()
+    for j in range(len(th)):
+        col = scores[:, j]
+        near = np.abs(col - th[j]) <= eps
+        if not near.any():
+            continue
+        vals = np.unique(np.r_[col, 0.0, 1.0])
+        gaps = np.diff(vals)
+        mids = (vals[:-1] + vals[1:]) / 2
+        good = gaps > 4 * eps
+        if good.any():
+            th[j] = float(mids[good][np.argmin(np.abs(mids[good] - th[j]))])
+    return th.astype(np.float32)
+
+
+def evaluate_scores(
+    scores: np.ndarray,
+    labels: LabelMatrix,
+    label_map: LabelMap,
+    thresholds: dict[str, float] | None = None,
+    *,
+    full: bool = False,
+) -> dict[str, Any]:
+    """Per exclusive group report via `training.evaluate` (`{"n", "groups": {group: figures}}`).
+
+    Without thresholds the prediction is the group's top label (top-1); with them, "no tag" below threshold.
+    `full=False` keeps only the headline figures.
+    """
+    from training.evaluate import GroupPredictions, evaluate_groups
+
+    groups = {}
+    slices = label_map.slices()
+    for g in label_map.groups:
+        if g.kind != "exclusive":
+            continue
+        s, e = slices[g.name]
+        tags = [lab.tag for lab in label_map.labels[s:e]]
+        th = None if thresholds is None else np.asarray([thresholds.get(t, 0.5) for t in tags])
+        groups[g.name] = GroupPredictions.from_scores(labels.targets[g.name], scores[:, s:e], tags, th)
+    report = evaluate_groups(groups)
+    if not full:
+        keep = ("n", "n_labels", "accuracy", "coverage", "micro_f1", "macro_f1", "weighted_f1")
+        report["groups"] = {g: {k: v for k, v in r.items() if k in keep} for g, r in report["groups"].items()}
+    return report
+
+
+# --------------------------------------------------------------------------------------------------- fitting
+
+
+@dataclass
+class FitResult:
+    """A fitted featurizer + Keras models + thresholds, with what happened."""
+
+    featurizer: Featurizer
+    label_map: LabelMap
+    models: Any  # training.model.TaggerModels
+    thresholds: dict[str, float]
+    history: dict[str, list[float]]
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def predict(self, features: FeatureBatch, batch_size: int = 4096) -> np.ndarray:
+        """Keras scores [N, T] (float32)."""
+        return predict_keras(self.models.scores, features, batch_size)
+
+
+def predict_keras(model: Any, features: FeatureBatch, batch_size: int = 4096) -> np.ndarray:
+    """Run the Keras scoring model in inference mode over batches."""
+    if len(features) == 0:
+        return np.zeros((0, model.output.shape[-1]), np.float32)
+    outs = []
+    for s in range(0, len(features), batch_size):
+        part = features.take(slice(s, s + batch_size))
+        outs.append(np.asarray(model(part.as_inputs(), training=False)))
+    return np.concatenate(outs).astype(np.float32)
+
+
+def model_config(settings: TrainerSettings):
+    """ModelConfig from the settings."""
+    from training.model import ModelConfig
+
+    return ModelConfig(
+        embed_dim=settings.embed_dim,
+        embed_init_scale=settings.embed_init_scale,
+        sparse_lr_multiplier=settings.sparse_lr_multiplier,
+        hidden=tuple(settings.hidden),
+        dropout=settings.dropout,
+        input_dropout=settings.input_dropout,
+        l2=settings.l2,
+        label_smoothing=settings.label_smoothing,
+        class_weight_power=settings.class_weight_power,
+        ensemble=settings.ensemble,
+        hierarchical=settings.hierarchical,
+        learning_rate=settings.learning_rate,
+        seed=settings.seed,
+    )
+
+
+def fit(
+    train_products: Sequence[CatalogProduct],
+    val_products: Sequence[CatalogProduct],
+    settings: TrainerSettings,
+    *,
+    label_map: LabelMap | None = None,
+    progress: bool = True,
+) -> FitResult:
+    """Fit the featurizer on train, the model on train with early stopping on validation, thresholds on validation."""
+    if not train_products or not val_products:
+        raise DataError("training needs non-empty train and validation sets")
+    t0 = time.perf_counter()
+    label_map = label_map or build_label_map(train_products, min_support=settings.min_support)
+    featurizer = Featurizer.fit(train_products, settings.featurizer_config())
+    x_train = featurize(featurizer, train_products, progress=progress)
+    x_val = featurize(featurizer, val_products, progress=progress)
+    y_train = label_map.encode(train_products)
+    y_val = label_map.encode(val_products)
+    t_feat = time.perf_counter() - t0
+
+    configure_tensorflow(settings.threads)
+    import keras
+
+    from training.model import LazyAdam, build_models, class_weights, make_loss
+
+    cfg = model_config(settings)
+    models = build_models(
+        label_map,
+        n_buckets=featurizer.n_buckets,
+        max_features=featurizer.max_features,
+        n_numeric=featurizer.n_numeric,
+        config=cfg,
+    )
+    weights = class_weights(label_map, y_train.y, cfg.class_weight_power)
+    loss = make_loss(label_map, weights, cfg)
+    steps = max(1, -(-len(train_products) // settings.batch_size)) * settings.epochs
+    schedule = keras.optimizers.schedules.CosineDecay(
+        settings.learning_rate, decay_steps=steps, alpha=0.05, warmup_target=None
+    )
+    models.train.compile(
+        optimizer=LazyAdam(schedule, sparse_lr_multiplier=cfg.sparse_lr_multiplier), loss=[loss] * cfg.ensemble
+    )
+    callbacks = [
+        keras.callbacks.EarlyStopping(
+            monitor="val_loss", patience=settings.patience, restore_best_weights=True, verbose=0
+        )
+    ]
+    t1 = time.perf_counter()
+    hist = models.train.fit(
+        x_train.as_inputs(),
+        [y_train.y] * cfg.ensemble,
+        validation_data=(x_val.as_inputs(), [y_val.y] * cfg.ensemble),
+        batch_size=settings.batch_size,
+        epochs=settings.epochs,
+        shuffle=True,
+        callbacks=callbacks,
+        verbose=(1 if sys.stderr.isatty() else 2) if progress else 0,
+    )
+    t_fit = time.perf_counter() - t1
+    val_scores = predict_keras(models.scores, x_val)
+    thresholds = tune_thresholds(
+        val_scores,
+        y_val,
+        label_map,
+        precision_floor=settings.precision_floor,
+        min_positives=settings.min_threshold_positives,
+        default=settings.default_threshold,
+    )
+    history = {k: [float(x) for x in v] for k, v in hist.history.items()}
+    return FitResult(
+        featurizer,
+        label_map,
+        models,
+        thresholds,
+        history,
+        {"featurize_s": t_feat, "fit_s": t_fit, "epochs_run": len(history.get("loss", []))},
+    )
+
+
+# --------------------------------------------------------------------------------------------------- pipeline
+
+
+def train(
+    products: Sequence[CatalogProduct],
+    settings: TrainerSettings | None = None,
+    *,
+    registry: str | Path | None = None,
+    split: Any = None,
+    data_sha256: str | None = None,
+    progress: bool = True,
+    extra_metrics: dict[str, Any] | None = None,
+    on_fit: Callable[[FitResult], None] | None = None,
+) -> Path:
+    """Train, evaluate, export, parity-check and write a bundle into the registry; returns the bundle directory.
+
+    `split` (a `training.splits.Split`) overrides the stratified split; `data_sha256` the hash of the products.
+    """
+    from serving.bundle import write_bundle
+    from training.export import check_parity, export_onnx
+    from training.splits import stratified_split
+
+    settings = settings or TrainerSettings()
+    products = list(products)
+    if len(products) < 20:
+        raise DataError(f"need at least 20 products to train, got {len(products)}")
+    t0 = time.perf_counter()
+    label_map = build_label_map(products, min_support=settings.min_support)
+    if split is None:
+        split = stratified_split(
+            products,
+            validation=settings.validation_fraction,
+            test=settings.test_fraction,
+            seed=settings.seed,
+        )
+    train_p, val_p, test_p = split.train, split.validation, split.test
+    if not val_p:
+        raise ConfigError("the split has no validation products")
+    log.info(
+        "training on %d products (%d val, %d test), %d labels", len(train_p), len(val_p), len(test_p), len(label_map)
+    )
+    result = fit(train_p, val_p, settings, label_map=label_map, progress=progress)
+    if on_fit is not None:
+        on_fit(result)
+    fz, models = result.featurizer, result.models
+
+    # evaluate on test (top-1 and at the tuned thresholds)
+    eval_p = test_p or val_p
+    x_eval = featurize(fz, eval_p, progress=progress)
+    y_eval = label_map.encode(eval_p)
+    eval_scores = predict_keras(models.scores, x_eval)
+    metrics: dict[str, Any] = {
+        "split": {"train": len(train_p), "validation": len(val_p), "test": len(test_p)},
+        "evaluated_on": "test" if test_p else "validation",
+        "top1": evaluate_scores(eval_scores, y_eval, label_map),
+        "at_thresholds": evaluate_scores(eval_scores, y_eval, label_map, result.thresholds, full=True),
+        "history": result.history,
+        "settings": json.loads(settings.model_dump_json(exclude={"signing_key_path"})),
+    }
+    if settings.baseline:
+        metrics["baseline"] = _baseline_metrics(train_p, eval_p, label_map, y_eval)
+    if extra_metrics:
+        metrics.update(extra_metrics)
+
+    # export + parity on ≥ parity_samples rows (test, validation, then train rows)
+    t_exp = time.perf_counter()
+    onnx_bytes = export_onnx(models.scores, max_features=fz.max_features, n_numeric=fz.n_numeric, opset=settings.opset)
+    pool = list(eval_p) + list(val_p) + list(train_p)
+    n_par = min(len(pool), max(settings.parity_samples, 2000))
+    x_par = featurize(fz, pool[:n_par], progress=False)
+    keras_par = predict_keras(models.scores, x_par)
+    tags = [lab.tag for lab in label_map.labels]
+    th_vec = np.asarray([result.thresholds[t] for t in tags], dtype=np.float32)
+    th_vec = clear_thresholds(th_vec, keras_par)
+    thresholds = {t: round(float(v), 6) for t, v in zip(tags, th_vec, strict=True)}
+    th_vec = np.asarray([thresholds[t] for t in tags], dtype=np.float32)
+    parity = check_parity(onnx_bytes, keras_par, x_par, th_vec, atol=settings.parity_atol, min_samples=min(n_par, 2000))
+    metrics["parity"] = parity.to_json()
+    t_exp = time.perf_counter() - t_exp
+    metrics["timings"] = {**result.timings, "export_parity_s": t_exp, "total_s": time.perf_counter() - t0}
+
+    golden_n = min(64, len(x_par))
+    golden = {
+        "ids": x_par.ids[:golden_n],
+        "weights": x_par.weights[:golden_n],
+        "numeric": x_par.numeric[:golden_n],
+        "scores": keras_par[:golden_n],
+    }
+    signing_key = settings.signing_key_path if settings.signing_key_path else None
+    bundle = write_bundle(
+        registry if registry is not None else settings.model_registry,
+        onnx_bytes=onnx_bytes,
+        labels=label_map.to_json(),
+        thresholds={"format_version": 1, "default": settings.default_threshold, "per_tag": thresholds},
+        featurizer_files=fz.save,
+        metrics=_jsonable(metrics),
+        golden=golden,
+        meta={
+            "model_name": settings.model_name,
+            "training_data_sha256": data_sha256 or products_sha256(products),
+            "featurizer_version": FEATURIZER_VERSION,
+            "n_train": len(train_p),
+            "labels": len(label_map),
+        },
+        signing_key=signing_key,
+    )
+    log.info("wrote bundle %s in %.1f s", bundle, time.perf_counter() - t0)
+    return bundle
+
+
+def _baseline_metrics(
+    train_p: Sequence[CatalogProduct], eval_p: Sequence[CatalogProduct], label_map: LabelMap, y_eval: LabelMatrix
+) -> dict[str, Any]:
+    """Same-run TF-IDF + linear baseline (training.baseline when present, else a char n-gram LinearSVC)."""
+    try:
+        from training import baseline as bl  # type: ignore[attr-defined]
+
+        if hasattr(bl, "baseline_scores"):
+            scores = bl.baseline_scores(train_p, eval_p, label_map)
+            return evaluate_scores(scores, y_eval, label_map)
+    except ImportError:
+        pass
+    return {"skipped": "training.baseline is not available"}
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, float) and not np.isfinite(obj):
+        return None
+    return obj
+
+
+# ------------------------------------------------------------------------------------------ evaluation of bundles
+
+
+def bundle_scores(bundle_dir: str | Path, products: Sequence[Any], *, batch_size: int = 4096) -> tuple[Any, np.ndarray]:
+    """(validated ModelBundle, ONNX scores [N, T]) of `products` with the bundle's own featurizer."""
+    from serving.bundle import load_bundle
+    from serving.scorer import OnnxScorer
+
+    bundle = load_bundle(bundle_dir)
+    scorer = OnnxScorer()
+    scorer.load(bundle)
+    fz = bundle.featurizer
+    parts = [scorer.predict(fz.transform(products[s : s + batch_size])) for s in range(0, len(products), batch_size)]
+    scores = np.concatenate(parts) if parts else np.zeros((0, bundle.T), np.float32)
+    return bundle, scores
+
+
+def evaluate_bundle(
+    bundle_dir: str | Path, products: Sequence[CatalogProduct], *, at_thresholds: bool = False
+) -> dict[str, Any]:
+    """`{"n", "groups": {group: {accuracy, micro_f1, macro_f1, weighted_f1, ...}}}` of a bundle on labelled products
+    (top-1 per exclusive group; with `at_thresholds`, "no tag" below the shipped threshold)."""
+    bundle, scores = bundle_scores(bundle_dir, list(products))
+    label_map = LabelMap.from_json(bundle.labels.to_json())
+    th = bundle.thresholds.to_json()
+    per_tag = {lab.tag: float(th.get("per_tag", {}).get(lab.tag, th.get("default", 0.5))) for lab in label_map.labels}
+    return evaluate_scores(scores, label_map.encode(list(products)), label_map, per_tag if at_thresholds else None)
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file's bytes (the catalog a CLI run trained on)."""
+    h = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
