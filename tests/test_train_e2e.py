@@ -53,7 +53,7 @@ def synthetic_products(n: int = 300, seed: int = 0) -> list[CatalogProduct]:
 
 
 @pytest.mark.slow
-def test_train_export_bundle_score_and_parity_gate(tmp_path: Path) -> None:
+def test_train_export_bundle_score_and_parity_gate(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     import onnx
     from onnx import numpy_helper
 
@@ -119,6 +119,18 @@ def test_train_export_bundle_score_and_parity_gate(tmp_path: Path) -> None:
 
     report = evaluate_bundle(bundle_dir, products[:60])
     assert set(report["groups"]) == {"category_l1", "category_l2", "category_leaf", "colour"}
+
+    # `tagstream evaluate --json` prints exactly one JSON object with stable group names
+    from tagstream.cli import main
+
+    catalog = tmp_path / "catalog.jsonl"
+    catalog.write_text("".join(json.dumps(p.to_json(), ensure_ascii=False) + "\n" for p in products[:80]))
+    capsys.readouterr()
+    assert main(["evaluate", "--model", str(bundle_dir), "--catalog", str(catalog), "--format", "jsonl", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["n"] == 80
+    assert set(out["groups"]) == {"category_l1", "category_l2", "category_leaf", "colour"}
+    assert set(out["groups"]["category_leaf"]) == {"accuracy", "micro_f1", "macro_f1", "weighted_f1"}
 
     # parity gate: the real model passes, a tampered one (perturbed initializer) is rejected
     golden = bundle.golden

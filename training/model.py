@@ -7,13 +7,18 @@ Graph (per ensemble member, members averaged in probability space inside one gra
     weights ───┘
     numeric [N,K] ─ concat ─ Dense+ReLU (+dropout, L2) … ─ one head per group ─┐
                                                                                ├─ logits [N,T] (training)
-    hierarchical: the category_l2 head also sees the category_l1 logits,       │
-    the leaf head sees the l2 logits (conditioned heads)                       └─ scores [N,T] (softmax per
+    hierarchical: the category_l2 head also sees the category_l1 softmax,      │
+    the leaf head sees the l2 softmax (conditioned heads)                      └─ scores [N,T] (softmax per
                                                                                    exclusive group, sigmoid per
                                                                                    multi group; export/serving)
 
 Loss: per exclusive group softmax cross-entropy with label smoothing and tempered class weights, only on products
 labelled in that group; per multi group binary cross-entropy.
+
+Optimiser: `LazyAdam` — Adam whose embedding-table updates touch only the rows of the batch, with a larger learning
+rate for those rows (`sparse_lr_multiplier`): a rare hashed feature is seen in a few batches per epoch and with
+plain (dense) Adam it both drifts on stale momentum and learns too little (measured on JD: leaf w-F1 0.815 dense
+Adam → 0.827 lazy ×4). Embedding rows start near zero (`embed_init_scale`) so unseen/rare features add no noise.
 """
 
 from __future__ import annotations

@@ -91,7 +91,10 @@ async def send_model_update(event: ModelUpdate, key: str, settings: TrainerSetti
         finally:
             await producer.stop()
     except KafkaError as exc:
-        raise TagstreamError(f"could not publish to {topic} at {settings.kafka_bootstrap}: {exc}") from exc
+        raise TagstreamError(
+            f"could not publish to {topic} at {settings.kafka_bootstrap}: {exc} "
+            "(does the topic exist? `tagstream topics` creates it)"
+        ) from exc
 
 
 def publish_bundle(bundle_dir: str | Path, kind: PublishKind, settings: TrainerSettings) -> ModelUpdate:

@@ -59,7 +59,8 @@ def test_catalog_round_trips_through_jsonl(tmp_path: Path) -> None:
 
 
 def test_behaviour_mix_sessions_bursts_and_schema() -> None:
-    jsonschema = pytest.importorskip("jsonschema")
+    import jsonschema
+
     prods = generate_catalog(200, seed=2)
     start = 1_764_000_000_000
     burst = Burst(prods[10].product_id, start + 1_800_000, 600_000, 300)
