@@ -899,15 +899,39 @@ def _check_onnx(
     limits: BundleLimits,
     reasons: list[str],
 ) -> None:
+    # The graph checks parse the model into a proto that is freed when they return; only then the ONNX checker runs,
+    # on the bytes: check_model(proto) would serialise the proto once more, so bytes + proto + the checker's copies
+    # coexisted (peak RSS of a 130 MB model: 770 MB; checker on the bytes alone: +266 MB instead of +525 MB).
+    external = _check_onnx_graph(data, manifest, L, K, T, limits, reasons)
+    if external is not False:  # unparsable (None) or external data (True), which the checker would look up on disk
+        return
+    try:
+        onnx.checker.check_model(data, full_check=True)
+    except Exception as exc:  # onnx.checker.ValidationError, onnx.shape_inference.InferenceError
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reasons.append(f"model.onnx: the ONNX checker refuses it ({first[:300]})")
+
+
+def _check_onnx_graph(
+    data: bytes,
+    manifest: Mapping[str, Any],
+    L: int | None,
+    K: int | None,
+    T: int | None,
+    limits: BundleLimits,
+    reasons: list[str],
+) -> bool | None:
+    """Every check of the ONNX graph but the checker; returns whether it references external data (None when it
+    does not parse or has no graph)."""
     model = onnx.ModelProto()
     try:
         model.ParseFromString(data)
     except Exception as exc:  # google.protobuf.message.DecodeError
         reasons.append(f"model.onnx: does not parse as an ONNX model ({exc})")
-        return
+        return None
     if not model.HasField("graph") or not model.graph.node:
         reasons.append("model.onnx: has no graph")
-        return
+        return None
 
     # Operator domains and opsets.
     opset = _default_opset(model)
@@ -1011,14 +1035,7 @@ def _check_onnx(
         elif m.group(2) != hashlib.sha256(data).hexdigest()[:8]:
             reasons.append(f"manifest.json: model_version {version!r} does not end with the ONNX sha256 prefix")
 
-    # The ONNX checker itself (full shape inference, strict); not on external data, which it would look up on disk.
-    if external:
-        return
-    try:
-        onnx.checker.check_model(model, full_check=True)
-    except Exception as exc:  # onnx.checker.ValidationError, onnx.shape_inference.InferenceError
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        reasons.append(f"model.onnx: the ONNX checker refuses it ({first[:300]})")
+    return external
 
 
 def _check_io(vi: onnx.ValueInfoProto, dtype: str, width: int | None, source: str, reasons: list[str]) -> None:

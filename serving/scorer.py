@@ -11,7 +11,7 @@ import asyncio
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Executor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, NamedTuple, Protocol
 
 import numpy as np
@@ -121,7 +121,11 @@ class OnnxScorer:
                 f"{bundle.model_version}: session has inputs {sorted(inputs)} and outputs {outputs}, "
                 f"expected {sorted(INPUT_NAMES)} and ['{OUTPUT_NAME}']"
             )
-        self._state = _Loaded(bundle, session, bundle.L, bundle.K, bundle.T)
+        # The session holds its own copy of the weights: drop the ONNX bytes (one model size of RSS). ORT's Python
+        # session keeps them only to re-create itself on an execution-provider fallback (CPU only here).
+        if hasattr(session, "_model_bytes"):
+            session._model_bytes = None
+        self._state = _Loaded(replace(bundle, onnx_bytes=b""), session, bundle.L, bundle.K, bundle.T)
 
     async def aload(self, bundle: ModelBundle, executor: Executor | None = None) -> None:
         """`load` in `executor` (session creation holds the GIL and takes a while)."""

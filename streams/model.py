@@ -62,7 +62,7 @@ class BundleModel:
     """A loaded bundle ready to score product texts into model tags (load → score → unload)."""
 
     def __init__(self, bundle: ModelBundle, scorer: OnnxScorer) -> None:
-        self.bundle = bundle
+        self.bundle = scorer.bundle or bundle  # the scorer's copy, without the ONNX bytes its session no longer needs
         self.version = bundle.model_version
         self.featurizer: Featurizer = bundle.featurizer
         self.scorer = scorer

@@ -191,6 +191,10 @@ class StateStore(Protocol):
 
     async def get_watermark(self, topic: str, partition: int) -> int: ...
 
+    async def end_batch(
+        self, partitions: dict[tuple[str, int], tuple[int, dict[str, int | None]]]
+    ) -> dict[tuple[str, int], list[str]]: ...
+
     async def set_watermark(self, topic: str, partition: int, ts: int) -> None: ...
 
     async def close(self) -> None: ...
@@ -198,6 +202,12 @@ class StateStore(Protocol):
 
 def _decode_tags(raw: bytes | str | None) -> dict[str, Any] | None:
     return orjson.loads(raw) if raw else None
+
+
+_WATERMARK_LUA = (
+    "local v = redis.call('HGET', KEYS[1], ARGV[1]); "
+    "if (not v) or tonumber(v) < tonumber(ARGV[2]) then redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end"
+)
 
 
 class RedisStateStore:
@@ -313,6 +323,32 @@ class RedisStateStore:
         )
         return int(value) if value else 0
 
+    async def end_batch(
+        self, partitions: dict[tuple[str, int], tuple[int, dict[str, int | None]]]
+    ) -> dict[tuple[str, int], list[str]]:
+        """After a behaviour batch, for every (topic, partition) → (watermark, {pid: next check or None}): raise the
+        watermark, update the active index and list the products due at the watermark — one pipelined round trip
+        for all partitions (instead of three sequential ones per partition)."""
+        if not partitions:
+            return {}
+        order = list(partitions)
+
+        async def run() -> list[Any]:
+            pipe = self.client.pipeline(transaction=False)
+            for topic, partition in order:
+                watermark, entries = partitions[(topic, partition)]
+                key = active_key(self.prefix, topic, partition)
+                pipe.eval(_WATERMARK_LUA, 1, watermark_key(self.prefix), f"{topic}:{partition}", watermark)
+                add = {pid: due for pid, due in entries.items() if due is not None}
+                drop = [pid for pid, due in entries.items() if due is None]
+                pipe.zadd(key, add) if add else pipe.echo("0")
+                pipe.zrem(key, *drop) if drop else pipe.echo("0")
+                pipe.zrangebyscore(key, "-inf", watermark, start=0, num=1000)
+            return await pipe.execute()
+
+        replies = await self._retry("end_batch", run)
+        return {tp: list(replies[4 * i + 3]) for i, tp in enumerate(order)}
+
     async def set_watermark(self, topic: str, partition: int, ts: int) -> None:
         """Raise a partition's watermark to `ts` (never lowers it)."""
         script = (
@@ -413,6 +449,17 @@ class MemoryStateStore:
     async def get_watermark(self, topic: str, partition: int) -> int:
         """Newest event time seen on a partition (0 if none)."""
         return int(self.hashes[watermark_key(self.prefix)].get(f"{topic}:{partition}", 0))
+
+    async def end_batch(
+        self, partitions: dict[tuple[str, int], tuple[int, dict[str, int | None]]]
+    ) -> dict[tuple[str, int], list[str]]:
+        """Watermarks, active index and due lists of every partition (see RedisStateStore.end_batch)."""
+        due = {}
+        for (topic, partition), (watermark, entries) in partitions.items():
+            await self.set_watermark(topic, partition, watermark)
+            await self.index_active(topic, partition, entries)
+            due[(topic, partition)] = await self.due(topic, partition, watermark)
+        return due
 
     async def set_watermark(self, topic: str, partition: int, ts: int) -> None:
         """Raise a partition's watermark to `ts`."""
