@@ -1,0 +1,290 @@
+"""Quality + speed benchmark of the trainer on the real catalogs; writes JSON and prints a table.
+
+    python bench/quality.py --data ../shared/data --out /tmp/tagstream-quality.json
+                            [--only jd,jd-ood,myntra,timing,featurizer]
+                            [--set embed_dim=256 --set epochs=12 ...]
+
+Runs (each model figure is compared with a same-run char n-gram TF-IDF + linear baseline on the same split):
+
+- `jd`: JD titles, stratified 75/5/20 (model: train, + validation for early stopping/thresholds; baseline: train +
+  validation); weighted F1 of the leaf (top-1) on the 20 % test part.
+- `jd-ood`: JD split by merchant (whole merchants held out: 20 % test, 5 % validation), same figures.
+- `myntra`: Myntra styles 75/5/20; macro F1 of articleType (= category_leaf), colour (baseColour), usage from one
+  model.
+- `timing`: `training.train.train` (train + export + parity + bundle) on all JD products, wall time.
+- `featurizer`: µs per title of `Featurizer.transform`, batched and one at a time, Chinese and English.
+
+Targets (recorded, not asserted): JD leaf w-F1 ≥ 0.90; Myntra macro F1 articleType ≥ 0.90, colour ≥ 0.85,
+usage ≥ 0.70; out-of-domain above the baseline; timing ≤ 180 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from serving.featurizer import Featurizer  # noqa: E402
+from training.catalog import CatalogProduct  # noqa: E402
+from training.labels import LabelMap, build_label_map  # noqa: E402
+from training.loaders import load_catalog  # noqa: E402
+from training.settings import TrainerSettings  # noqa: E402
+from training.splits import Split, group_split, stratified_split  # noqa: E402
+
+TARGETS = {
+    "jd.category_leaf.weighted_f1": 0.90,
+    "myntra.category_leaf.macro_f1": 0.90,
+    "myntra.colour.macro_f1": 0.85,
+    "myntra.usage.macro_f1": 0.70,
+    "timing.total_s": 180.0,
+}
+
+FILES = {
+    "cn-jd": "cn-products-jd/products.csv",
+    "myntra": "fashion-myntra-styles/styles.csv.zip",
+    "bigbasket": "bigbasket-products/BigBasket Products.csv",
+}
+
+
+# --------------------------------------------------------------------------------------------------- baseline
+
+
+def linear_baseline_scores(
+    train: Sequence[CatalogProduct], test: Sequence[CatalogProduct], label_map: LabelMap, groups: Sequence[str]
+) -> dict[str, np.ndarray]:
+    """Char n-gram (1–3, within word boundaries) TF-IDF + one LinearSVC per group → decision scores per group."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.svm import LinearSVC
+
+    from serving.featurizer import normalize_text
+
+    vec = TfidfVectorizer(analyzer="char_wb", ngram_range=(1, 3), sublinear_tf=True, min_df=2, dtype=np.float32)
+    xtr = vec.fit_transform([normalize_text(p.title) for p in train])
+    xte = vec.transform([normalize_text(p.title) for p in test])
+    ytr = label_map.encode(train)
+    out = {}
+    slices = label_map.slices()
+    for g in groups:
+        s, e = slices[g]
+        t = ytr.targets[g]
+        ok = t >= 0
+        clf = LinearSVC(C=0.5)
+        clf.fit(xtr[ok], t[ok])
+        dec = clf.decision_function(xte)
+        if dec.ndim == 1:  # binary
+            dec = np.stack([-dec, dec], axis=1)
+        full = np.full((len(test), e - s), -1e9, dtype=np.float32)
+        full[:, clf.classes_] = dec
+        out[g] = full
+    return out
+
+
+def group_report(scores: np.ndarray, targets: np.ndarray, tags: list[str]) -> dict[str, Any]:
+    """Headline top-1 figures of one group."""
+    from training.evaluate import GroupPredictions, evaluate_group
+
+    r = evaluate_group(GroupPredictions.from_scores(targets, scores, tags, None))
+    return {k: r.get(k) for k in ("n", "accuracy", "micro_f1", "macro_f1", "weighted_f1")}
+
+
+# --------------------------------------------------------------------------------------------------- runs
+
+
+def run_split(
+    name: str,
+    products: Sequence[CatalogProduct],
+    split: Split,
+    settings: TrainerSettings,
+    groups: Sequence[str],
+    *,
+    baseline: bool = True,
+) -> dict[str, Any]:
+    """Fit on split.train (+validation), evaluate top-1 on split.test for the model and the baseline."""
+    from training.train import featurize, fit, predict_keras
+
+    train_p, val_p, test_p = split.train, split.validation, split.test
+    label_map = build_label_map(train_p, min_support=settings.min_support)
+    t0 = time.perf_counter()
+    res = fit(train_p, val_p, settings, label_map=label_map, progress=False)
+    x_test = featurize(res.featurizer, test_p, progress=False)
+    scores = predict_keras(res.models.scores, x_test)
+    t_model = time.perf_counter() - t0
+    y_test = label_map.encode(test_p)
+    slices = label_map.slices()
+    out: dict[str, Any] = {
+        "sizes": split.sizes(),
+        "labels": len(label_map),
+        "model_s": round(t_model, 1),
+        "epochs_run": res.timings.get("epochs_run"),
+        "model": {},
+        "baseline": {},
+    }
+    for g in groups:
+        s, e = slices[g]
+        tags = [lab.tag for lab in label_map.labels[s:e]]
+        out["model"][g] = group_report(scores[:, s:e], y_test.targets[g], tags)
+    if baseline:
+        t1 = time.perf_counter()
+        base = linear_baseline_scores(list(train_p) + list(val_p), test_p, label_map, groups)
+        out["baseline_s"] = round(time.perf_counter() - t1, 1)
+        for g in groups:
+            s, e = slices[g]
+            tags = [lab.tag for lab in label_map.labels[s:e]]
+            out["baseline"][g] = group_report(base[g], y_test.targets[g], tags)
+    print(f"[{name}] done in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    return out
+
+
+def run_timing(products: Sequence[CatalogProduct], settings: TrainerSettings) -> dict[str, Any]:
+    """Whole pipeline on all products (train + export + parity + bundle)."""
+    from training.train import train
+
+    with tempfile.TemporaryDirectory() as reg:
+        t0 = time.perf_counter()
+        bundle = train(products, settings, registry=reg, progress=False)
+        total = time.perf_counter() - t0
+        metrics = json.loads((bundle / "metrics.json").read_text())
+        size = (bundle / "model.onnx").stat().st_size
+    return {
+        "products": len(products),
+        "total_s": round(total, 1),
+        "timings": metrics.get("timings"),
+        "parity": metrics.get("parity"),
+        "onnx_mb": round(size / 2**20, 1),
+        "test_top1_leaf": metrics["top1"]["groups"].get("category_leaf"),
+    }
+
+
+def run_featurizer(jd: Sequence[CatalogProduct], myntra: Sequence[CatalogProduct]) -> dict[str, Any]:
+    """µs/title, batched (whole list) and single (transform_one), after fitting on the same products."""
+    out = {}
+    for name, ps in (("chinese_jd", jd), ("english_myntra", myntra)):
+        ps = list(ps)
+        fz = Featurizer.fit(ps)
+        t = time.perf_counter()
+        fz.transform(ps)
+        batch = (time.perf_counter() - t) / len(ps) * 1e6
+        sample = ps[:: max(1, len(ps) // 3000)][:3000]
+        for p in sample[:100]:
+            fz.transform_one(p)
+        t = time.perf_counter()
+        for p in sample:
+            fz.transform_one(p)
+        single = (time.perf_counter() - t) / len(sample) * 1e6
+        out[name] = {
+            "batch_us_per_title": round(batch, 1),
+            "single_us_per_title": round(single, 1),
+            "mean_title_chars": round(float(np.mean([len(p.title) for p in ps])), 1),
+        }
+    return out
+
+
+# --------------------------------------------------------------------------------------------------- main
+
+
+def _settings(sets: Sequence[str]) -> TrainerSettings:
+    kw: dict[str, Any] = {}
+    for item in sets:
+        k, _, v = item.partition("=")
+        kw[k] = json.loads(v) if v[:1] in "[{0123456789-.tf" and v not in ("", "-") else v
+        if isinstance(kw[k], list):
+            kw[k] = tuple(kw[k])
+    return TrainerSettings(**kw)
+
+
+def _row(name: str, metric: str, model: float | None, base: float | None, target: float | None) -> str:
+    f = lambda x: "   -  " if x is None else f"{x:6.4f}"  # noqa: E731
+    return f"{name:<28} {metric:<12} {f(model)} {f(base)} {f(target)}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
+    ap.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "tagstream-quality.json")
+    ap.add_argument("--only", default="jd,jd-ood,myntra,timing,featurizer")
+    ap.add_argument("--set", action="append", default=[], help="TrainerSettings override key=value (repeatable)")
+    ap.add_argument("--no-baseline", action="store_true")
+    ap.add_argument("--seed", type=int, default=0, help="split seed")
+    args = ap.parse_args(argv)
+    only = set(args.only.split(","))
+    settings = _settings(args.set)
+    from training.train import configure_tensorflow
+
+    configure_tensorflow(settings.threads)
+
+    results: dict[str, Any] = {
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
+        "settings": json.loads(settings.model_dump_json(exclude={"signing_key_path"})),
+        "targets": TARGETS,
+    }
+    jd = myntra = None
+    if only & {"jd", "jd-ood", "timing", "featurizer"}:
+        jd = load_catalog(args.data / FILES["cn-jd"], "cn-jd").products
+    if only & {"myntra", "featurizer"}:
+        myntra = load_catalog(args.data / FILES["myntra"], "myntra").products
+    base = not args.no_baseline
+    leaf = ("category_l1", "category_l2", "category_leaf")
+    if "jd" in only:
+        sp = stratified_split(jd, validation=0.05, test=0.2, seed=args.seed)
+        results["jd"] = run_split("jd", jd, sp, settings, leaf, baseline=base)
+    if "jd-ood" in only:
+        sp = group_split(jd, validation=0.05, test=0.2, seed=args.seed)
+        results["jd-ood"] = run_split("jd-ood", jd, sp, settings, leaf, baseline=base)
+    if "myntra" in only:
+        sp = stratified_split(myntra, validation=0.05, test=0.2, seed=args.seed)
+        groups = ("category_leaf", "colour", "usage", "gender", "season")
+        results["myntra"] = run_split("myntra", myntra, sp, settings, groups, baseline=base)
+    if "timing" in only:
+        results["timing"] = run_timing(jd, settings)
+    if "featurizer" in only:
+        results["featurizer"] = run_featurizer(jd, myntra)
+
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, ensure_ascii=False, indent=2) + "\n")
+
+    print(f"{'run':<28} {'metric':<12} {'model':>6} {'base':>6} {'target':>6}")
+    for run, metric, groups in (
+        ("jd", "weighted_f1", leaf),
+        ("jd-ood", "weighted_f1", leaf),
+        ("myntra", "macro_f1", ("category_leaf", "colour", "usage", "gender", "season")),
+    ):
+        if run not in results:
+            continue
+        r = results[run]
+        for g in groups:
+            print(
+                _row(
+                    f"{run}.{g}",
+                    metric,
+                    r["model"][g][metric],
+                    r["baseline"].get(g, {}).get(metric),
+                    TARGETS.get(f"{run}.{g}.{metric}"),
+                )
+            )
+    if "timing" in results:
+        print(_row("timing (train+export+parity)", "seconds", results["timing"]["total_s"], None, 180.0))
+    if "featurizer" in results:
+        for k, v in results["featurizer"].items():
+            print(
+                f"featurizer {k:<17} µs/title batch {v['batch_us_per_title']:.1f}"
+                f"  single {v['single_us_per_title']:.1f}"
+            )
+    print(f"results: {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

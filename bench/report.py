@@ -1,0 +1,247 @@
+"""bench.json → targets and the Markdown report (bench.md, bench/RESULTS.md)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _get(obj: Any, *path: str) -> Any:
+    for p in path:
+        if not isinstance(obj, dict) or p not in obj:
+            return None
+        obj = obj[p]
+    return obj
+
+
+def target_values(result: dict[str, Any]) -> dict[str, Any]:
+    """The measured value of each target (None when its section did not run)."""
+    onnx64 = _get(result, "scoring", "batches", "64", "onnx", "rows_per_s")
+    return {
+        "tagstream_vs_passthrough": _get(result, "tagstream", "vs_passthrough", "median"),
+        "tagstream_events_per_s": _get(result, "tagstream", "events_per_s", "median"),
+        "latency_p50_ms": _get(result, "latency", "emit_ms", "p50", "median"),
+        "latency_p99_ms": _get(result, "latency", "emit_ms", "p99", "median"),
+        "onnx_speedup_batch1": _get(result, "scoring", "batches", "1", "speedup_vs_keras_call"),
+        "onnx_rows_per_s_batch64_per_core": onnx64,
+        "worker_peak_rss_mb": _get(result, "memory", "worker_peak_rss_mb_max"),
+        "tensorflow_in_worker": _get(result, "memory", "tensorflow_loaded_in_worker"),
+    }
+
+
+def evaluate_targets(result: dict[str, Any], targets: dict[str, tuple[str, Any]]) -> dict[str, Any]:
+    """{name: {"value", "target", "met"}}; met is None when not measured. Reported, never asserted."""
+    values = target_values(result)
+    out = {}
+    for name, (op, bound) in targets.items():
+        v = values.get(name)
+        if v is None:
+            met = None
+        elif op == ">=":
+            met = v >= bound
+        elif op == "<=":
+            met = v <= bound
+        else:
+            met = v == bound
+        out[name] = {"value": v, "target": f"{op} {bound}", "met": met}
+    return out
+
+
+def _n(v: Any, digits: int = 0) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, int | float):
+        if digits == 0:
+            return f"{v:,.0f}"
+        return f"{v:,.{digits}f}"
+    return str(v)
+
+
+def _s(spread: dict[str, Any] | None, digits: int = 0) -> str:
+    """`median (min–max)` of a spread."""
+    if not spread or spread.get("median") is None:
+        return "–"
+    if len(spread.get("runs", [])) <= 1:
+        return _n(spread["median"], digits)
+    return f"{_n(spread['median'], digits)} ({_n(spread['min'], digits)}–{_n(spread['max'], digits)})"
+
+
+def _met(t: dict[str, Any] | None) -> str:
+    if not t or t["met"] is None:
+        return "not measured"
+    return "met" if t["met"] else "**missed**"
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """The report: machine, command, date, the headline table, then each section's detail."""
+    m = result["machine"]
+    cfg = result["config"]
+    t = result.get("targets", {})
+    model = result.get("model", {})
+    lines = [
+        "# tagstream bench" + (" (smoke run: tiny sizes, figures meaningless)" if result.get("smoke") else ""),
+        "",
+        f"- date: {result['date']}",
+        f"- command: `{result['command']}`",
+        f"- machine: {m['cpu']}, {m['cores']} cores, {m['ram_gb']} GB RAM, {m['os']}, Python {m['python']} "
+        f"(Kafka broker and Redis on the same machine)",
+        "- versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v),
+        f"- runs per measurement: {cfg['runs']} (median, with min–max across runs); total time "
+        f"{_n(result.get('elapsed_s'))} s",
+        f"- catalog: {result.get('catalog')}; model: {model.get('labels')} tags, ONNX "
+        f"{_n((model.get('onnx_bytes') or 0) / 2**20, 1)} MiB, settings {model.get('settings')}",
+    ]
+    for when in ("load_at_start", "load_at_end"):
+        load = result.get(when)
+        if load:
+            busy = "; ".join(f"{b['cpu_percent']}% `{b['cmd']}`" for b in load["busy_processes"]) or "none"
+            lines.append(f"- {when.replace('_', ' ')}: loadavg {load['loadavg']}, other busy processes: {busy}")
+    bl = result.get("backlog")
+    if bl:
+        bt = bl["by_topic"]
+        lines.append(
+            f"- event mix: {_n(bl['events'])} events, {bl['product_share'] * 100:.1f}% product upserts "
+            f"(mean {_n(bt.get('products', {}).get('mean_bytes'))} B), behaviour "
+            f"(mean {_n(bt.get('behavior', {}).get('mean_bytes'))} B); {bl['partitions']} partitions per topic"
+        )
+    lines += ["", "## Headline", "", "| measure | value | target | |", "|---|---|---|---|"]
+    ts = result.get("tagstream", {})
+    pt = result.get("passthrough", {})
+    lat = result.get("latency", {})
+    sc = result.get("scoring", {}).get("batches", {})
+    mem = result.get("memory", {})
+    nv = result.get("naive", {})
+    rows = [
+        ("transport ceiling: raw aiokafka passthrough (events/s)", _s(pt.get("events_per_s")), "", ""),
+        ("tagstream worker, end to end (events/s, 1 process)", _s(ts.get("events_per_s")), "≥ 15,000",
+         _met(t.get("tagstream_events_per_s"))),
+        ("tagstream / passthrough (paired runs)", _s(ts.get("vs_passthrough"), 2), "≥ 0.5",
+         _met(t.get("tagstream_vs_passthrough"))),
+        ("naive per-event loop, Keras model(x) (events/s at the mix)", _s(nv.get("events_per_s_at_mix")), "", ""),
+        ("tagstream / naive", _n(nv.get("tagstream_speedup"), 1), "", ""),
+        (f"event→tag p50 at {_n(lat.get('rate'))} ev/s = ½ max (ms)", _s(_get(lat, "emit_ms", "p50"), 1), "≤ 10",
+         _met(t.get("latency_p50_ms"))),
+        ("event→tag p99 (ms)", _s(_get(lat, "emit_ms", "p99"), 1), "≤ 50", _met(t.get("latency_p99_ms"))),
+        ("event→tag p99.9 (ms)", _s(_get(lat, "emit_ms", "p99.9"), 1), "", ""),
+        ("ONNX vs Keras model(x), batch 1 (× faster)", _n(_get(sc, "1", "speedup_vs_keras_call"), 1), "≥ 20",
+         _met(t.get("onnx_speedup_batch1"))),
+        ("ONNX rows/s per core, batch 64", _s(_rows_spread(sc, "64", "onnx")), "≥ 100,000",
+         _met(t.get("onnx_rows_per_s_batch64_per_core"))),
+        ("worker peak RSS (MB, max over runs)", _n(mem.get("worker_peak_rss_mb_max")), "≤ 400",
+         _met(t.get("worker_peak_rss_mb"))),
+        ("TensorFlow mapped in the worker", _n(mem.get("tensorflow_loaded_in_worker")), "no",
+         _met(t.get("tensorflow_in_worker"))),
+    ]  # fmt: skip
+    lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
+
+    if ts:
+        lines += [
+            "",
+            "## Throughput (pre-loaded backlog; events/s from the first offset commit to fully committed, or over "
+            f"{result['config'].get('throughput_window')} s of steady state when the backlog lasts longer)",
+            "",
+            "| run | passthrough ev/s | tagstream ev/s | ratio | worker startup→first commit (s) | tag updates | "
+            "worker peak RSS (MB) |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for i, (p, w) in enumerate(zip(pt.get("runs", []), ts.get("runs", []), strict=False)):
+            ratio = w["events_per_s"] / p["events_per_s"] if w.get("events_per_s") and p.get("events_per_s") else None
+            lines.append(
+                f"| {i + 1} | {_n(p.get('events_per_s'))} | {_n(w.get('events_per_s'))} | {_n(ratio, 2)} | "
+                f"{_n(w.get('startup_to_first_commit_s'), 1)} | {_n(w.get('tag_updates'))} | "
+                f"{_n(w.get('peak_rss_mb'))} |"
+            )
+    if lat:
+        lines += [
+            "",
+            f"## Latency at {_n(lat['rate'])} events/s (½ of the median maximum), paced producer",
+            "",
+            "emit = tag-update `emit_time` − source message produce timestamp (the spec's measure); published = the "
+            "tag-update record's timestamp (after the Redis write) − source timestamp; received = when the bench's "
+            "consumer got it. Matched by source topic/partition/offset; only events that changed tags emit.",
+            "",
+            "| run | sent ev/s | matched updates | emit p50 | p99 | p99.9 | max | published p99 | received p99 |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for i, r in enumerate(lat["runs"]):
+            e = r["emit_ms"]
+            lines.append(
+                f"| {i + 1} | {_n(r['achieved_send_rate'])} | {_n(r['matched_updates'])} | {_n(e['p50'], 1)} | "
+                f"{_n(e['p99'], 1)} | {_n(e['p99.9'], 1)} | {_n(e['max'], 1)} | "
+                f"{_n(r['published_ms']['p99'], 1)} | {_n(r['received_ms']['p99'], 1)} |"
+            )
+        by_reason = lat["runs"][0].get("emit_ms_by_reason", {}) if lat["runs"] else {}
+        if by_reason:
+            lines.append("")
+            lines.append(
+                "By reason (run 1): "
+                + "; ".join(
+                    f"{k}: n={v['n']}, p50 {_n(v['p50'], 1)}, p99 {_n(v['p99'], 1)} ms" for k, v in by_reason.items()
+                )
+            )
+    if nv:
+        lines += [
+            "",
+            "## Naive per-event implementation (Keras model(x) per upsert, one Redis round trip per step)",
+            "",
+            f"- events/s at the bench mix: {_s(nv.get('events_per_s_at_mix'))}; raw (the mix it happened to read): "
+            f"{_s(nv.get('events_per_s_raw'))}",
+            f"- µs per product upsert: {_s(nv.get('product_event_us'))}; per behaviour event: "
+            f"{_s(nv.get('behaviour_event_us'))}",
+        ]
+    if sc:
+        lines += [
+            "",
+            "## Scoring alone (same model and inputs; 1 intra-op thread each; ms per call, median of runs)",
+            "",
+            "| batch | ONNX ms | Keras model(x) ms | Keras predict ms | ONNX rows/s | × vs model(x) | × vs predict | "
+            "worker scoring step (featurize+ONNX+decode) rows/s |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for bs, r in sc.items():
+            lines.append(
+                f"| {bs} | {_s(r['onnx']['ms_per_call'], 3)} | {_s(r['keras_call']['ms_per_call'], 2)} | "
+                f"{_s(r['keras_predict']['ms_per_call'], 1)} | {_n(r['onnx']['rows_per_s'])} | "
+                f"{_n(r['speedup_vs_keras_call'], 1)} | {_n(r['speedup_vs_keras_predict'], 1)} | "
+                f"{_n(r['pipeline_onnx']['rows_per_s'])} |"
+            )
+        lines.append("")
+        lines.append(f"max |ONNX − Keras| on these inputs: {result['scoring'].get('max_abs_diff_onnx_vs_keras'):.2e}")
+    fz = result.get("featurizer")
+    if fz:
+        lines += [
+            "",
+            "## Featurizer (µs per title)",
+            "",
+            "| titles | mean chars | batch 1 | batch 64 |",
+            "|---|---|---|---|",
+        ]
+        for lang, name in (("zh", "Chinese"), ("en", "English")):
+            r = fz.get(lang)
+            if r:
+                lines.append(
+                    f"| {name} | {r['mean_title_chars']} | {_s(r['us_per_title_batch1'], 1)} | "
+                    f"{_s(r['us_per_title_batch64'], 1)} |"
+                )
+    if mem:
+        lines += [
+            "",
+            f"Memory: worker peak RSS {_s(mem.get('worker_peak_rss_mb'))} MB over {mem.get('checked_processes')} "
+            f"worker processes; TensorFlow libraries mapped: {mem.get('tensorflow_libs_found') or 'none'} "
+            f"({mem.get('method')}).",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def _rows_spread(sc: dict[str, Any], bs: str, engine: str) -> dict[str, Any] | None:
+    r = _get(sc, bs, engine, "ms_per_call")
+    if not r or r.get("median") is None:
+        return None
+    b = int(bs)
+    return {
+        "median": b / (r["median"] / 1000),
+        "min": b / (r["max"] / 1000),
+        "max": b / (r["min"] / 1000),
+        "runs": r["runs"],
+    }

@@ -1,0 +1,108 @@
+"""Scoring alone: ONNX Runtime (the worker's scorer) against Keras `model(x)` and `model.predict`, same model, same
+inputs, at batch 1, 8, 64 and 512; plus the worker's whole scoring step (featurize + ONNX + decode tags).
+
+    python -m bench.scoring --bundle DIR --keras FILE --runs 3 [--min-seconds 0.3] [--batches 1,8,64,512]
+
+Both engines get one intra-op thread (the worker's `TAGSTREAM_ORT_INTRA_OP_THREADS` default), so rows/s are per core.
+Inputs are real catalog titles (Chinese and English mixed) featurized by the bundle's featurizer. Each figure is the
+median over `--runs` runs of (time per call, repeated for at least `--min-seconds`). Prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Any
+
+import numpy as np
+
+from bench.common import SHARED_DATA, load_products, spread, timed_repeat
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Measure every engine at every batch size."""
+    from bench.naive import load_keras
+    from serving.bundle import load_bundle
+    from serving.scorer import OnnxScorer
+    from streams.model import BundleModel
+
+    bundle = load_bundle(args.bundle)
+    scorer = OnnxScorer(intra_op_num_threads=1, inter_op_num_threads=1)
+    scorer.load(bundle)
+    pipeline = BundleModel(bundle, scorer)
+    t0 = time.perf_counter()
+    model = load_keras(args.keras, threads=1)
+    keras_load_s = time.perf_counter() - t0
+    batches = [int(b) for b in args.batches.split(",")]
+    products, catalog = load_products(max(batches), args.seed, None if args.synthetic else SHARED_DATA)
+    feats = bundle.featurizer.transform(products)
+
+    onnx_scores = scorer.predict(feats)
+    keras_scores = np.asarray(model(feats.as_inputs(), training=False))
+    parity = float(np.abs(onnx_scores - keras_scores).max())
+
+    results: dict[str, Any] = {}
+    for bs in batches:
+        x = feats.take(slice(0, bs))
+        inputs = x.as_inputs()
+        items = products[:bs]
+        engines = {
+            "onnx": lambda x=x: scorer.predict(x),
+            "keras_call": lambda inputs=inputs: np.asarray(model(inputs, training=False)),
+            "keras_predict": lambda inputs=inputs, bs=bs: model.predict(inputs, batch_size=bs, verbose=0),
+            "pipeline_onnx": lambda items=items: pipeline.score(items),
+        }
+        for fn in engines.values():  # warm up (graph tracing of predict, ORT arena)
+            fn()
+            fn()
+        per_engine = {}
+        for name, fn in engines.items():
+            ms = [timed_repeat(fn, args.min_seconds) * 1000 for _ in range(args.runs)]
+            s = spread(ms)
+            per_engine[name] = {
+                "ms_per_call": s,
+                "rows_per_s": bs / (s["median"] / 1000),
+            }
+        per_engine["speedup_vs_keras_call"] = (
+            per_engine["keras_call"]["ms_per_call"]["median"] / per_engine["onnx"]["ms_per_call"]["median"]
+        )
+        per_engine["speedup_vs_keras_predict"] = (
+            per_engine["keras_predict"]["ms_per_call"]["median"] / per_engine["onnx"]["ms_per_call"]["median"]
+        )
+        per_engine["speedup_runs_vs_keras_call"] = [
+            round(k / o, 2)
+            for k, o in zip(
+                per_engine["keras_call"]["ms_per_call"]["runs"], per_engine["onnx"]["ms_per_call"]["runs"], strict=True
+            )
+        ]
+        results[str(bs)] = per_engine
+    return {
+        "batches": results,
+        "threads": {"onnx_intra_op": 1, "tf_intra_op": 1, "tf_inter_op": 1},
+        "max_abs_diff_onnx_vs_keras": parity,
+        "rows": len(products),
+        "inputs": catalog,
+        "model": {"L": bundle.L, "K": bundle.K, "T": bundle.T, "onnx_bytes": len(bundle.onnx_bytes)},
+        "keras_load_s": round(keras_load_s, 2),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI."""
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--bundle", required=True)
+    p.add_argument("--keras", required=True)
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--min-seconds", type=float, default=0.3)
+    p.add_argument("--batches", default="1,8,64,512")
+    p.add_argument("--seed", type=int, default=11)
+    p.add_argument("--synthetic", action="store_true")
+    args = p.parse_args(argv)
+    sys.stdout.write("RESULT " + json.dumps(run(args)) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,70 @@
+"""`tagstream bench --smoke` on the real local stack: every section is there with numbers (speed is never checked)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+pytestmark = pytest.mark.integration
+
+
+def _number(x: object) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def test_bench_smoke_writes_every_section(stack: object, tmp_path: Path) -> None:
+    out = tmp_path / "bench"
+    proc = subprocess.run(
+        [sys.executable, "-m", "tagstream.cli", "bench", "--smoke", "--out", str(out)],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads((out / "bench.json").read_text())
+    md = (out / "bench.md").read_text()
+
+    for key in ("machine", "command", "date", "model", "backlog", "passthrough", "tagstream", "latency", "naive"):
+        assert key in result, key
+    for key in ("memory", "scoring", "featurizer", "targets"):
+        assert key in result, key
+    assert result["machine"]["cores"] >= 1 and result["machine"]["cpu"]
+
+    assert _number(result["passthrough"]["events_per_s"]["median"])
+    assert _number(result["tagstream"]["events_per_s"]["median"])
+    assert _number(result["tagstream"]["vs_passthrough"]["median"])
+    assert all(r["timed"] for r in result["tagstream"]["runs"])
+    for q in ("p50", "p99", "p99.9"):
+        assert _number(result["latency"]["emit_ms"][q]["median"]), q
+    assert result["latency"]["runs"][0]["matched_updates"] > 0
+    assert _number(result["naive"]["events_per_s_at_mix"]["median"])
+    assert _number(result["naive"]["product_event_us"]["median"])
+    assert _number(result["naive"]["behaviour_event_us"]["median"])
+
+    assert _number(result["memory"]["worker_peak_rss_mb_max"])
+    assert result["memory"]["tensorflow_loaded_in_worker"] is False  # a fact, not a speed figure
+
+    for bs in ("1", "8", "64", "512"):
+        row = result["scoring"]["batches"][bs]
+        for engine in ("onnx", "keras_call", "keras_predict", "pipeline_onnx"):
+            assert _number(row[engine]["ms_per_call"]["median"]), (bs, engine)
+            assert _number(row[engine]["rows_per_s"]), (bs, engine)
+        assert _number(row["speedup_vs_keras_call"])
+    for lang in ("zh", "en"):
+        assert _number(result["featurizer"][lang]["us_per_title_batch1"]["median"]), lang
+        assert _number(result["featurizer"][lang]["us_per_title_batch64"]["median"]), lang
+
+    for name, t in result["targets"].items():  # every target was measured; whether it is met is only reported
+        assert t["value"] is not None, name
+    assert "| measure | value | target |" in md and result["machine"]["cpu"] in md and "tagstream bench" in md
