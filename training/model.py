@@ -46,6 +46,7 @@ class ModelConfig:
     embed_dim: int = 256
     embed_init_scale: float = 1e-3
     sparse_lr_multiplier: float = 1.0
+    sparse_weight_decay: float = 0.0
     hidden: tuple[int, ...] = (512,)
     dropout: float = 0.25
     input_dropout: float = 0.0
@@ -101,9 +102,10 @@ class LazyAdam(keras.optimizers.Adam):
     costs a full pass over the table per step and over-shoots rare hashed features.
     """
 
-    def __init__(self, *args, sparse_lr_multiplier: float = 1.0, **kwargs) -> None:
+    def __init__(self, *args, sparse_lr_multiplier: float = 1.0, sparse_weight_decay: float = 0.0, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.sparse_lr_multiplier = sparse_lr_multiplier
+        self.sparse_weight_decay = sparse_weight_decay
 
     def update_step(self, gradient, variable, learning_rate):
         import tensorflow as tf
@@ -124,7 +126,10 @@ class LazyAdam(keras.optimizers.Adam):
         v_rows = b2 * tf.gather(v.value, rows) + (1 - b2) * tf.square(g)
         self.assign(m, tf.IndexedSlices(m_rows, rows))
         self.assign(v, tf.IndexedSlices(v_rows, rows))
-        self.assign_sub(variable, tf.IndexedSlices(alpha * m_rows / (tf.sqrt(v_rows) + self.epsilon), rows))
+        step_rows = alpha * m_rows / (tf.sqrt(v_rows) + self.epsilon)
+        if self.sparse_weight_decay > 0:  # decoupled decay of the touched rows only
+            step_rows += lr * self.sparse_weight_decay * tf.gather(variable, rows)
+        self.assign_sub(variable, tf.IndexedSlices(step_rows, rows))
         return None
 
 

@@ -35,6 +35,7 @@ class TrainerSettings(BaseSettings):
     embed_dim: int = Field(256, ge=8, description="Width of the TF-IDF-weighted embedding bag.")
     embed_init_scale: float = Field(1e-3, ge=0, description="Uniform ±scale init of the embedding rows.")
     sparse_lr_multiplier: float = Field(4.0, gt=0, description="Learning-rate factor of the embedding (sparse) rows.")
+    sparse_weight_decay: float = Field(0.0, ge=0, description="Decoupled weight decay of touched embedding rows.")
     hidden: tuple[int, ...] = Field((512,), description="Widths of the hidden Dense+ReLU layers.")
     dropout: float = Field(0.25, ge=0, lt=1, description="Dropout before each Dense layer and the heads.")
     input_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the feature weights (feature dropout).")

@@ -220,6 +220,7 @@ def model_config(settings: TrainerSettings):
         embed_dim=settings.embed_dim,
         embed_init_scale=settings.embed_init_scale,
         sparse_lr_multiplier=settings.sparse_lr_multiplier,
+        sparse_weight_decay=settings.sparse_weight_decay,
         hidden=tuple(settings.hidden),
         dropout=settings.dropout,
         input_dropout=settings.input_dropout,
@@ -273,7 +274,10 @@ def fit(
         settings.learning_rate, decay_steps=steps, alpha=0.05, warmup_target=None
     )
     models.train.compile(
-        optimizer=LazyAdam(schedule, sparse_lr_multiplier=cfg.sparse_lr_multiplier), loss=[loss] * cfg.ensemble
+        optimizer=LazyAdam(
+            schedule, sparse_lr_multiplier=cfg.sparse_lr_multiplier, sparse_weight_decay=cfg.sparse_weight_decay
+        ),
+        loss=[loss] * cfg.ensemble,
     )
     callbacks = [
         keras.callbacks.EarlyStopping(
