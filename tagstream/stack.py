@@ -506,7 +506,8 @@ def _redis_healthy(s: StackSettings) -> bool:
 
 
 def _kafka_healthy(s: StackSettings) -> bool:
-    """A real metadata request: the cluster has a live broker and topics can be listed."""
+    """Real requests: the cluster has a live broker, topics can be listed, and the group coordinator answers (on a
+    freshly formatted broker it needs a moment to create `__consumer_offsets`; consumer groups fail until then)."""
     if not _port_open(s.kafka_port):
         return False
 
@@ -518,6 +519,7 @@ def _kafka_healthy(s: StackSettings) -> bool:
             await admin.start()
             cluster = await admin.describe_cluster()
             await admin.list_topics()
+            await admin.list_consumer_group_offsets("tagstream-stack-health")
             return bool(cluster.get("brokers"))
         finally:
             await admin.close()
