@@ -33,7 +33,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument("--out", type=Path, default=None, help="registry directory (default: TAGSTREAM_MODEL_REGISTRY)")
     p.add_argument("--epochs", type=int, default=None, help="most epochs (default: TAGSTREAM_EPOCHS or 10)")
     p.add_argument("--seed", type=int, default=None, help="seed (default: TAGSTREAM_SEED or 42)")
-    p.add_argument("--baseline", action="store_true", help="also evaluate the TF-IDF + linear baseline")
+    p.add_argument(
+        "--no-baseline", dest="baseline", action="store_false", help="skip the same-run TF-IDF + linear baseline"
+    )
+    p.add_argument("--report", default=None, help="report directory (default: OUT/reports/<model version>)")
     p.add_argument("--every", default=None, metavar="DURATION", help="retrain periodically, e.g. 6h, 30m")
     p.add_argument("--kind", choices=("activate", "shadow"), default="activate", help="with --every: publish kind")
     p.add_argument("--cycles", type=int, default=None, help=argparse.SUPPRESS)  # with --every: stop after N
@@ -75,7 +78,7 @@ def run_train(args: argparse.Namespace) -> int:
     """`tagstream train`."""
     from training.settings import load_trainer_settings
 
-    settings = load_trainer_settings(epochs=args.epochs, seed=args.seed, baseline=args.baseline or None)
+    settings = load_trainer_settings(epochs=args.epochs, seed=args.seed, baseline=args.baseline)
     registry = args.out or settings.model_registry
     if args.every:
         from training.publish import parse_duration, periodic_retrain
@@ -103,7 +106,29 @@ def run_train(args: argparse.Namespace) -> int:
     )
     metrics = json.loads((bundle / "metrics.json").read_text())
     for g, r in metrics["top1"]["groups"].items():
-        print(f"  {g:<16} " + "  ".join(f"{k}={r.get(k)}" for k in HEADLINE), file=sys.stderr)
+        base = (metrics.get("baseline") or {}).get("groups", {}).get(g, {})
+        line = "  ".join(f"{k}={r.get(k)}" for k in HEADLINE)
+        if base:
+            line += f"   baseline weighted_f1={base.get('weighted_f1')}"
+        print(f"  {g:<16} {line}", file=sys.stderr)
+    from training.report import write_report
+
+    report_dir = Path(args.report) if args.report else Path(registry) / "reports" / bundle.name
+    files = write_report(
+        report_dir,
+        model=metrics["top1"],
+        baseline=metrics.get("baseline"),
+        data=loaded.report,
+        title=f"tagstream training report: {bundle.name}",
+        extra={
+            **{k: metrics.get(k) for k in ("split", "timings", "parity", "evaluated_on")},
+            "at_shipped_thresholds": {
+                g: {k: r.get(k) for k in ("coverage", "micro_f1", "macro_f1", "weighted_f1")}
+                for g, r in metrics["at_thresholds"]["groups"].items()
+            },
+        },
+    )
+    print(f"report: {files.html}", file=sys.stderr)
     print(bundle)
     return 0
 

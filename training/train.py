@@ -370,7 +370,7 @@ def train(
     metrics: dict[str, Any] = {
         "split": {"train": len(train_p), "validation": len(val_p), "test": len(test_p)},
         "evaluated_on": "test" if test_p else "validation",
-        "top1": evaluate_scores(eval_scores, y_eval, label_map),
+        "top1": evaluate_scores(eval_scores, y_eval, label_map, full=True),
         "at_thresholds": evaluate_scores(eval_scores, y_eval, label_map, result.thresholds, full=True),
         "history": result.history,
         "settings": json.loads(settings.model_dump_json(exclude={"signing_key_path"})),
@@ -429,16 +429,10 @@ def train(
 def _baseline_metrics(
     train_p: Sequence[CatalogProduct], eval_p: Sequence[CatalogProduct], label_map: LabelMap, y_eval: LabelMatrix
 ) -> dict[str, Any]:
-    """Same-run TF-IDF + linear baseline (training.baseline when present, else a char n-gram LinearSVC)."""
-    try:
-        from training import baseline as bl  # type: ignore[attr-defined]
+    """The same-run char n-gram TF-IDF + linear baseline (training.baseline), scored like the model (top-1)."""
+    from training.baseline import baseline_scores
 
-        if hasattr(bl, "baseline_scores"):
-            scores = bl.baseline_scores(train_p, eval_p, label_map)
-            return evaluate_scores(scores, y_eval, label_map)
-    except ImportError:
-        pass
-    return {"skipped": "training.baseline is not available"}
+    return evaluate_scores(baseline_scores(train_p, eval_p, label_map), y_eval, label_map, full=True)
 
 
 def _jsonable(obj: Any) -> Any:
