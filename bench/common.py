@@ -23,6 +23,8 @@ from typing import Any
 import numpy as np
 import orjson
 
+from tagstream.synth import product_change_event
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 JD_FILE = "cn-products-jd/products.csv"
@@ -61,23 +63,8 @@ def is_chinese(title: str) -> bool:
 
 
 def product_event(p: Any, version: int, product_id: str | None = None, updated_at: int = START_MS) -> bytes:
-    """A product-change upsert (schema v1) of catalog product `p`."""
-    return orjson.dumps(
-        {
-            "schema_version": 1,
-            "op": "upsert",
-            "product_id": product_id or p.product_id,
-            "title": p.title,
-            "description": p.description,
-            "brand": p.brand,
-            "price": p.price,
-            "currency": p.currency,
-            "category_hints": [],
-            "attributes": dict(p.attributes or {}),
-            "updated_at": updated_at,
-            "version": version,
-        }
-    )
+    """A product-change upsert (schema v1) of catalog product `p`, encoded."""
+    return orjson.dumps(product_change_event(p, version, product_id, updated_at))
 
 
 Item = tuple[str, bytes, bytes]  # (logical topic, key, value)

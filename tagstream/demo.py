@@ -23,6 +23,7 @@ import numpy as np
 import orjson
 
 from tagstream.errors import ConfigError, StackError
+from tagstream.synth import product_change_event
 
 DEMO_START_MS = 1_764_316_800_000  # event time the replayed behaviour starts at
 
@@ -90,23 +91,6 @@ def _train(products: list[Any], registry: Path, args: argparse.Namespace) -> tup
     groups = metrics.get("top1", {}).get("groups", {})
     summary = {g: round(v.get("weighted_f1", 0.0), 3) for g, v in groups.items()}
     return bundle, summary
-
-
-def _product_event(p: Any, version: int = 1) -> dict[str, Any]:
-    return {
-        "schema_version": 1,
-        "op": "upsert",
-        "product_id": p.product_id,
-        "title": p.title,
-        "description": p.description,
-        "brand": p.brand,
-        "price": p.price,
-        "currency": p.currency,
-        "category_hints": [],
-        "attributes": {},
-        "updated_at": DEMO_START_MS,
-        "version": version,
-    }
 
 
 def _bad_events() -> list[bytes]:
@@ -250,7 +234,8 @@ async def _replay_and_watch(
         interval = 1.0 / rate
         t_next = time.monotonic()
         stream: list[tuple[str, bytes, bytes | None]] = [
-            ("products", orjson.dumps(_product_event(p)), p.product_id.encode()) for p in products
+            ("products", orjson.dumps(product_change_event(p, updated_at=DEMO_START_MS)), p.product_id.encode())
+            for p in products
         ]
         bad = _bad_events()
         stream += [("products", bad[0], None), ("products", bad[1], b"no-title")]

@@ -458,3 +458,23 @@ def map_clicks_to_catalog(
         _event(e["event_type"], item_to_pid[e["item_id"]], e["user_id"], e.get("session_id"), e["ts"] + shift)
         for e in events
     ]
+
+
+def product_change_event(
+    p: CatalogProduct, version: int = 1, product_id: str | None = None, updated_at: int = 1_764_316_800_000
+) -> dict[str, Any]:
+    """A `product-change` upsert (schema v1) of catalog product `p`, as sent to the `products` topic."""
+    return {
+        "schema_version": 1,
+        "op": "upsert",
+        "product_id": product_id or p.product_id,
+        "title": p.title,
+        "description": p.description,
+        "brand": p.brand,
+        "price": p.price,
+        "currency": p.currency,
+        "category_hints": [],
+        "attributes": dict(p.attributes or {}),
+        "updated_at": updated_at,
+        "version": version,
+    }
