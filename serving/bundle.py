@@ -109,7 +109,7 @@ class LabelGroup:
 
     name: str
     kind: Literal["exclusive", "multi"]
-    parent_group: str | None
+    parent_group: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,7 +120,7 @@ class Label:
     tag: str
     group: str
     value: str
-    parent: str | None
+    parent: str | None = None
 
 
 @dataclass(frozen=True)

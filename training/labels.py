@@ -24,10 +24,11 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
+from serving.bundle import Label, LabelGroup
 from tagstream.errors import DataError
 from training.catalog import CatalogProduct
 
@@ -66,26 +67,6 @@ def category_tags(path: Sequence[str]) -> list[str]:
 def attribute_tag(name: str, value: str) -> str:
     """The tag of an attribute value: `<prefix>:<value>`."""
     return f"{TAG_PREFIXES.get(name, name)}:{value.strip()}"
-
-
-@dataclass(frozen=True, slots=True)
-class LabelGroup:
-    """One group of labels: exclusive (softmax) or multi (sigmoid)."""
-
-    name: str
-    kind: Literal["exclusive", "multi"]
-    parent_group: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Label:
-    """One column of the model's `scores`."""
-
-    index: int
-    tag: str
-    group: str
-    value: str
-    parent: str | None = None
 
 
 @dataclass(slots=True)
