@@ -1,6 +1,15 @@
 """JSON Schemas of tagstream's topics and the typed records checked against them."""
 
-from schemas.records import BehaviorEvent, DeadLetter, ModelUpdate, ProductChange, SourceRef, Tag, TagUpdate
+from schemas.records import (
+    BehaviorEvent,
+    DeadLetter,
+    ModelUpdate,
+    ProductChange,
+    ShadowDiff,
+    SourceRef,
+    Tag,
+    TagUpdate,
+)
 from schemas.registry import SCHEMA_NAMES, decode_event, encode_event, load_schema, validate
 
 __all__ = [
@@ -9,6 +18,7 @@ __all__ = [
     "DeadLetter",
     "ModelUpdate",
     "ProductChange",
+    "ShadowDiff",
     "SourceRef",
     "Tag",
     "TagUpdate",

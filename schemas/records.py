@@ -259,3 +259,54 @@ class DeadLetter:
         """The schema-valid wire form."""
         out = {"schema_version": 1, **asdict(self)}
         return validate(self.SCHEMA, out)
+
+
+@dataclass(frozen=True, slots=True)
+class ShadowDiff:
+    """How the shadow model's tags of one product differ from the active model's (topic `tag-shadow-diffs`)."""
+
+    product_id: str
+    active_version: str
+    shadow_version: str
+    added: tuple[str, ...]
+    removed: tuple[str, ...]
+    agreement: float
+    emitted_at: int
+    active_tags: tuple[str, ...] = ()
+    shadow_tags: tuple[str, ...] = ()
+    worker_id: str | None = None
+
+    SCHEMA = "shadow-diff"
+
+    @classmethod
+    def from_dict(cls, obj: dict[str, Any]) -> ShadowDiff:
+        """Build from an already validated dict."""
+        return cls(
+            product_id=obj["product_id"],
+            active_version=obj["active_version"],
+            shadow_version=obj["shadow_version"],
+            added=tuple(obj["added"]),
+            removed=tuple(obj["removed"]),
+            agreement=float(obj["agreement"]),
+            emitted_at=obj["emitted_at"],
+            active_tags=tuple(obj.get("active_tags") or ()),
+            shadow_tags=tuple(obj.get("shadow_tags") or ()),
+            worker_id=obj.get("worker_id"),
+        )
+
+    @classmethod
+    def decode(cls, raw: bytes | None) -> ShadowDiff:
+        """Decode and validate a message value."""
+        return cls.from_dict(decode_event(cls.SCHEMA, raw))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The schema-valid wire form."""
+        out = {
+            "schema_version": 1,
+            **asdict(self),
+            "added": list(self.added),
+            "removed": list(self.removed),
+            "active_tags": list(self.active_tags),
+            "shadow_tags": list(self.shadow_tags),
+        }
+        return validate(self.SCHEMA, out)

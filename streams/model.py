@@ -19,12 +19,11 @@ from collections import Counter, deque
 from collections.abc import Sequence
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from schemas import ModelUpdate, Tag
-from schemas.registry import decode_event, validate
+from schemas import ModelUpdate, ShadowDiff, Tag
 from serving.bundle import ModelBundle, load_bundle
 from serving.decoding import TagDecoder
 from serving.featurizer import Featurizer
@@ -98,57 +97,6 @@ class BundleModel:
 
 
 # --------------------------------------------------------------------------------------------------- shadow scoring
-
-
-@dataclass(frozen=True, slots=True)
-class ShadowDiff:
-    """How the shadow model's tags of one product differ from the active model's (topic `tag-shadow-diffs`)."""
-
-    product_id: str
-    active_version: str
-    shadow_version: str
-    added: tuple[str, ...]
-    removed: tuple[str, ...]
-    agreement: float
-    emitted_at: int
-    active_tags: tuple[str, ...] = ()
-    shadow_tags: tuple[str, ...] = ()
-    worker_id: str | None = None
-
-    SCHEMA = "shadow-diff"
-
-    @classmethod
-    def from_dict(cls, obj: dict[str, Any]) -> ShadowDiff:
-        """Build from an already validated dict."""
-        return cls(
-            product_id=obj["product_id"],
-            active_version=obj["active_version"],
-            shadow_version=obj["shadow_version"],
-            added=tuple(obj["added"]),
-            removed=tuple(obj["removed"]),
-            agreement=float(obj["agreement"]),
-            emitted_at=obj["emitted_at"],
-            active_tags=tuple(obj.get("active_tags") or ()),
-            shadow_tags=tuple(obj.get("shadow_tags") or ()),
-            worker_id=obj.get("worker_id"),
-        )
-
-    @classmethod
-    def decode(cls, raw: bytes | None) -> ShadowDiff:
-        """Decode and validate a message value."""
-        return cls.from_dict(decode_event(cls.SCHEMA, raw))
-
-    def to_dict(self) -> dict[str, Any]:
-        """The schema-valid wire form."""
-        out = {
-            "schema_version": 1,
-            **asdict(self),
-            "added": list(self.added),
-            "removed": list(self.removed),
-            "active_tags": list(self.active_tags),
-            "shadow_tags": list(self.shadow_tags),
-        }
-        return validate(self.SCHEMA, out)
 
 
 def diff_model_tags(active: Sequence[Tag], shadow: Sequence[Tag]) -> tuple[list[str], list[str], float]:

@@ -13,12 +13,12 @@ from schemas import (
     DeadLetter,
     ModelUpdate,
     ProductChange,
+    ShadowDiff,
     TagUpdate,
     decode_event,
     load_schema,
     validate,
 )
-from streams.model import ShadowDiff
 from tagstream.errors import EventDecodeError, SchemaValidationError
 
 RECORDS = {
