@@ -89,6 +89,7 @@ class Worker:
         )
         self._processor: Processor | None = None
         self._ready_lock = asyncio.Lock()
+        self._order = asyncio.Lock()
         self.app = TagstreamApp(
             settings.app_id,
             broker=f"kafka://{settings.kafka_bootstrap}",
@@ -193,15 +194,19 @@ class Worker:
             InMessage(m.topic, m.partition, m.offset, m.key, m.value, int((m.timestamp or 0) * 1000))
             for m in (event.message for event in batch)
         ]
-        try:
-            out = await process(messages)
-        except Exception:
-            if not self.settings.dead_letter_all_errors:
-                raise
-            log.exception("batch of %d failed; retrying its messages one at a time", len(messages))
-            processor = await self.processor()
-            out = await processor.process_each(messages, process)
-        await self.publish(out)
+        # Effects are computed and their updates enqueued in one critical section, so a product's updates reach
+        # the topic in the order its state changed, whichever agent produced them; delivery is awaited outside.
+        async with self._order:
+            try:
+                out = await process(messages)
+            except Exception:
+                if not self.settings.dead_letter_all_errors:
+                    raise
+                log.exception("batch of %d failed; retrying its messages one at a time", len(messages))
+                processor = await self.processor()
+                out = await processor.process_each(messages, process)
+            pending = await self._enqueue(out)
+        await self._delivered(pending, out)
         self.stats.consumed += len(messages)
         self.stats.batches += 1
         self.stats.batch_sizes.append(len(messages))
@@ -209,15 +214,23 @@ class Worker:
 
     async def publish(self, out: BatchOutput) -> None:
         """Send the batch's tag updates and dead letters and wait until Kafka has them all."""
+        await self._delivered(await self._enqueue(out), out)
+
+    async def _enqueue(self, out: BatchOutput) -> list[Any]:
+        """Hand the updates and dead letters to the producer, in order; returns their delivery futures."""
         if self.capture_output:
             self.captured[TAG_UPDATES.name] += out.updates
             self.captured[DEAD_LETTER.name] += out.dead_letters
-            out = BatchOutput(redelivered=out.redelivered)
+            return []
         pending = []
         for key, value in out.updates:
             pending.append(await self.topics[TAG_UPDATES.name].send(key=key, value=value))
         for key, value in out.dead_letters:
             pending.append(await self.topics[DEAD_LETTER.name].send(key=key, value=value))
+        return pending
+
+    async def _delivered(self, pending: list[Any], out: BatchOutput) -> None:
+        """Wait until Kafka has every enqueued message (acks=all), then count them."""
         if pending:
             await asyncio.gather(*pending)
         self.stats.updates += len(out.updates)
