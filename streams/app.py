@@ -101,6 +101,8 @@ class Worker:
             topic_disable_leader=True,
             producer_acks=-1,
             consumer_auto_offset_reset=settings.auto_offset_reset,
+            broker_session_timeout=settings.session_timeout,
+            broker_heartbeat_interval=min(3.0, settings.session_timeout / 3),
             broker_commit_every=1000,
             broker_commit_interval=0.5,
             stream_wait_empty=False,

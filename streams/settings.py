@@ -72,6 +72,9 @@ class WorkerSettings(BaseSettings):
     batch_max: int = Field(512, ge=1, description="Most events processed (and scored) as one micro-batch.")
     score_delta: float = Field(0.05, ge=0, le=1, description="A score move larger than this re-emits the tags.")
     redis_retry_max_backoff: float = Field(5.0, gt=0, description="Longest wait between Redis retries (s).")
+    session_timeout: float = Field(
+        10.0, gt=3, description="Kafka consumer session timeout (s): how soon a crashed worker's partitions move."
+    )
     auto_offset_reset: str = Field("earliest", description="Where a new consumer group starts reading.")
     web_port: int | None = Field(None, description="Faust web port; None disables Faust's web server.")
     dead_letter_all_errors: bool = Field(

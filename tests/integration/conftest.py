@@ -132,7 +132,7 @@ class WorkerProcess:
             cwd=REPO,
         )
         worker = cls(proc, log_path)
-        worker.wait_for_log("Ready", timeout=60)
+        worker.wait_for_log("Ready", timeout=120)
         return worker
 
     def log(self) -> str:
