@@ -471,20 +471,8 @@ class Processor:
         now = int(state.beh.get("last_ts", 0))
         return next_check_at(self._counts(state, now), tag_state.get("behaviour") or {}, self.behaviour)
 
-    async def _index(
-        self, topic: str, partition: int, states: dict[str, ProductState], items: Sequence[tuple[InMessage, Any]]
-    ) -> None:
-        touched = {ev.product_id for _, ev in items}
-        await self.store.index_active(topic, partition, {pid: self._due(states[pid]) for pid in touched})
-
-    async def _expire(
-        self, topic: str, partition: int, watermark: int, out: BatchOutput, due: list[str] | None = None
-    ) -> None:
-        """Re-evaluate behaviour tags of products whose windows moved past them by event time `watermark`."""
-        if due is None:
-            due = await self.store.due(topic, partition, watermark)
-        if not due:
-            return
+    async def _expire(self, topic: str, partition: int, watermark: int, out: BatchOutput, due: list[str]) -> None:
+        """Re-evaluate the behaviour tags of the `due` products, whose windows moved by event time `watermark`."""
         states = await self.store.read(due, now=dict.fromkeys(due, watermark))
         writes, emitted, index = [], [], {}
         for pid in due:
