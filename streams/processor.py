@@ -75,6 +75,7 @@ class _Group:
     keys: ProductKeys
     write: Write
     payloads: list[bytes] = field(default_factory=list)
+    events: int = 0
 
 
 class ScoringModel:
@@ -210,6 +211,7 @@ class Processor:
 
     @staticmethod
     def _record(group: _Group, state: ProductState, msg: InMessage, payload: bytes | None) -> None:
+        group.events += 1
         group.write.last_offset = msg.offset
         state.fence[msg.fence_field] = str(msg.offset)
         if payload is not None:
@@ -231,7 +233,7 @@ class Processor:
         for group, result in zip(groups.values(), results, strict=True):
             pid = group.write.product_id
             if result.applied:
-                out.applied += 1 + group.write.stored_offset - group.write.offset
+                out.applied += group.events
                 out.updates += [(pid.encode(), p) for p in group.payloads]
             else:  # applied meanwhile by another delivery (a rebalance race): re-send what that one produced
                 self._resend(pid, group.write.offset, result.stored_emit, out)

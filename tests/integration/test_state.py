@@ -12,6 +12,7 @@ import redis.asyncio as aioredis
 
 from streams.processor import InMessage, Processor
 from streams.state import MemoryStateStore, RedisStateStore, StateStore
+from streams.windows import GRANULARITIES
 from tagstream.errors import StateError
 from tagstream.stack import StackSettings
 from tests.events import behaviour, delete, upsert
@@ -116,5 +117,31 @@ def test_a_worker_refuses_another_state_format(stack: StackSettings) -> None:
         finally:
             await client.delete(f"{prefix}:meta")
             await client.aclose()
+
+    asyncio.run(main())
+
+
+def test_the_store_reloads_its_scripts_after_redis_flushed_them(stack: StackSettings) -> None:
+    async def main() -> None:
+        prefix = f"sl{uuid.uuid4().hex[:8]}"
+        store = RedisStateStore.from_url(stack.redis_url, prefix)  # hiredis-packed connections, EVALSHA pipelines
+        try:
+            await store.check_format()
+            processor = Processor(store, user_hash_key=b"k")
+            pm, bm = _messages()
+            await processor.process_products(pm[:2])
+            await store.client.script_flush()  # as after a Redis restart: every EVALSHA now answers NOSCRIPT
+            out = await processor.process_behaviour(bm[:40])
+            assert out.applied == 40
+            states = await store.read(["s0", "s1"])
+            assert states["s0"].doc["title"] == "title 0"
+            code = GRANULARITIES[0].code
+            assert sum(v for k, v in states["s1"].beh.items() if k.startswith(f"{code}:") and k.endswith(":view")) == 8
+            assert states["s1"].applied_offset("behavior:0") == 36  # the last of s1's events in the 40
+        finally:
+            keys = [k async for k in store.client.scan_iter(f"{prefix}:*")]
+            if keys:
+                await store.client.delete(*keys)
+            await store.close()
 
     asyncio.run(main())
