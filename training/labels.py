@@ -29,7 +29,8 @@ from typing import Any
 import numpy as np
 
 from serving.bundle import Label, LabelGroup
-from tagstream.errors import DataError
+from serving.bundle import LabelMap as BundleLabelMap
+from tagstream.errors import DataError, ModelRejectedError
 from training.catalog import CatalogProduct
 
 __all__ = [
@@ -42,7 +43,6 @@ __all__ = [
     "category_tags",
 ]
 
-LABELS_FORMAT_VERSION = 1
 CATEGORY_GROUPS = ("category_l1", "category_l2", "category_leaf")
 TAGS_GROUP = "tags"
 TAG_PREFIXES = {"baseColour": "colour", "basecolour": "colour", "color": "colour", "Color": "colour"}
@@ -167,28 +167,22 @@ class LabelMap:
             mask[:, gi[TAGS_GROUP]] = True  # multi-label: a missing tag is a negative
         return LabelMatrix(y, targets, mask)
 
+    def bundle_labels(self) -> BundleLabelMap:
+        """The same labels as the bundle's (serving) label map, which owns the labels.json format."""
+        return BundleLabelMap(tuple(self.groups), tuple(self.labels))
+
     def to_json(self) -> dict[str, Any]:
         """The labels.json object (SPEC §2)."""
-        return {
-            "format_version": LABELS_FORMAT_VERSION,
-            "groups": [{"name": g.name, "kind": g.kind, "parent_group": g.parent_group} for g in self.groups],
-            "labels": [
-                {"index": lab.index, "tag": lab.tag, "group": lab.group, "value": lab.value, "parent": lab.parent}
-                for lab in self.labels
-            ],
-        }
+        return self.bundle_labels().to_json()
 
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> LabelMap:
-        """Parse a labels.json object."""
+        """Parse (and check, as a worker would) a labels.json object."""
         try:
-            if obj.get("format_version") != LABELS_FORMAT_VERSION:
-                raise DataError(f"unsupported labels format_version {obj.get('format_version')!r}")
-            groups = [LabelGroup(g["name"], g["kind"], g.get("parent_group")) for g in obj["groups"]]
-            labels = [Label(int(x["index"]), x["tag"], x["group"], x["value"], x.get("parent")) for x in obj["labels"]]
-        except (KeyError, TypeError, ValueError) as exc:
-            raise DataError(f"invalid labels.json: {exc!r}") from exc
-        return cls(groups, labels)
+            parsed = BundleLabelMap.from_json(obj)
+        except ModelRejectedError as exc:
+            raise DataError(f"invalid labels.json: {'; '.join(exc.reasons)}") from exc
+        return cls(list(parsed.groups), list(parsed.labels))
 
     def save(self, path: str | Path) -> None:
         """Write labels.json."""
