@@ -15,38 +15,25 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import faust
-from faust.transport.drivers import aiokafka as faust_aiokafka
 
 from streams.model import ModelHolder
 from streams.processor import BatchOutput, InMessage, Processor
 from streams.settings import DEV_USER_HASH_KEY, WorkerSettings
 from streams.state import RedisStateStore, StateStore
 from streams.topics import BEHAVIOR, DEAD_LETTER, MODEL_UPDATES, PRODUCTS, TAG_UPDATES, TOPICS, partitions_of
+from streams.transport import TagstreamTransport
 
 log = logging.getLogger(__name__)
 
 
-class IdempotentProducer(faust_aiokafka.Producer):
-    """Faust's aiokafka producer with acks=all and idempotence (Faust enables them only in exactly-once mode)."""
-
-    def _settings_extra(self) -> dict[str, Any]:
-        return {"acks": "all", "enable_idempotence": True}
-
-
-class IdempotentTransport(faust_aiokafka.Transport):
-    """The aiokafka transport, producing through IdempotentProducer."""
-
-    Producer = IdempotentProducer
-
-
 class TagstreamApp(faust.App):
-    """A Faust app whose producer is idempotent with acks=all."""
+    """A Faust app on TagstreamTransport: idempotent acks=all producer, cheaper message hand-off."""
 
-    def _new_transport(self) -> IdempotentTransport:
-        return IdempotentTransport(self.conf.broker_consumer, self)
+    def _new_transport(self) -> TagstreamTransport:
+        return TagstreamTransport(self.conf.broker_consumer, self)
 
-    def _new_producer_transport(self) -> IdempotentTransport:
-        return IdempotentTransport(self.conf.broker_producer, self)
+    def _new_producer_transport(self) -> TagstreamTransport:
+        return TagstreamTransport(self.conf.broker_producer, self)
 
 
 @dataclass(slots=True)
