@@ -144,8 +144,9 @@ def test_train_export_bundle_score_and_parity_gate(tmp_path: Path, capsys: pytes
     assert ok.max_abs_diff <= 1e-4
     model = onnx.load_from_string(bundle.onnx_bytes)
     init = max(model.graph.initializer, key=lambda t: int(np.prod(t.dims)))  # the embedding table
+    assert init.data_type == onnx.TensorProto.FLOAT16  # shipped as float16 (half the bundle and worker memory)
     arr = numpy_helper.to_array(init).copy()
-    arr += np.float32(0.05)
+    arr += np.float16(0.05)
     init.CopyFrom(numpy_helper.from_array(arr, init.name))
     with pytest.raises(ParityError):
         check_parity(model.SerializeToString(), golden.scores, feats, th)

@@ -19,7 +19,14 @@ import onnxruntime as ort
 from serving.featurizer import FeatureBatch
 from tagstream.errors import ExportError, ParityError
 
-__all__ = ["OPSET", "ParityReport", "check_parity", "export_onnx", "threshold_vector"]
+__all__ = [
+    "OPSET",
+    "ParityReport",
+    "check_parity",
+    "export_onnx",
+    "store_embeddings_as_float16",
+    "threshold_vector",
+]
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +56,13 @@ class ParityReport:
         }
 
 
-def export_onnx(model: Any, *, max_features: int, n_numeric: int, opset: int = OPSET) -> bytes:
-    """Convert the Keras scoring model to ONNX bytes with inputs ids/weights/numeric and output `scores`."""
+def export_onnx(
+    model: Any, *, max_features: int, n_numeric: int, opset: int = OPSET, float16_embeddings: bool = False
+) -> bytes:
+    """Convert the Keras scoring model to ONNX bytes with inputs ids/weights/numeric and output `scores`.
+
+    `float16_embeddings` stores the embedding tables as float16 (see `store_embeddings_as_float16`); the Keras
+    tables must already hold float16-representable values (`training.model.round_embeddings_to_float16`)."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import tensorflow as tf
     import tf2onnx
@@ -71,6 +83,8 @@ def export_onnx(model: Any, *, max_features: int, n_numeric: int, opset: int = O
     except Exception as exc:  # tf2onnx raises many kinds
         raise ExportError(f"tf2onnx conversion failed: {exc}") from exc
     proto = _name_output(proto)
+    if float16_embeddings and not store_embeddings_as_float16(proto):
+        raise ExportError("float16_embeddings: the exported graph has no embedding table (Gather on an initializer)")
     proto.producer_name = "tagstream"
     try:
         onnx.checker.check_model(proto, full_check=True)
@@ -80,6 +94,47 @@ def export_onnx(model: Any, *, max_features: int, n_numeric: int, opset: int = O
     if names != list(INPUT_NAMES):
         raise ExportError(f"exported inputs are {names}, expected {list(INPUT_NAMES)}")
     return proto.SerializeToString()
+
+
+def store_embeddings_as_float16(proto: onnx.ModelProto, min_rows: int = 1024) -> int:
+    """Store the float32 tables that Gather nodes index (≥ `min_rows` rows) as float16, followed by a Cast of the
+    gathered rows back to float32. Lossless for tables holding float16-representable values; ONNX Runtime keeps
+    the table in float16 (half the memory) and casts only the rows a batch looks up. Returns the tables converted."""
+    graph = proto.graph
+    tables = {t.name: t for t in graph.initializer}
+    users: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            users[name] = users.get(name, 0) + 1
+    converted = 0
+    new_nodes: list[onnx.NodeProto] = []
+    for node in graph.node:
+        new_nodes.append(node)
+        table = tables.get(node.input[0]) if node.op_type == "Gather" and node.input else None
+        if (
+            table is None
+            or table.data_type != onnx.TensorProto.FLOAT
+            or len(table.dims) != 2
+            or table.dims[0] < min_rows
+            or users[table.name] != 1
+        ):
+            continue
+        values = onnx.numpy_helper.to_array(table)
+        half = values.astype(np.float16)
+        if not np.array_equal(half.astype(np.float32), values):
+            raise ExportError(f"{table.name}: values are not float16-representable; round the Keras table first")
+        table.CopyFrom(onnx.numpy_helper.from_array(half, table.name))
+        gathered = node.output[0]
+        node.output[0] = f"{gathered}_float16"
+        new_nodes.append(
+            onnx.helper.make_node(
+                "Cast", [node.output[0]], [gathered], to=onnx.TensorProto.FLOAT, name=f"{node.name}_to_float32"
+            )
+        )
+        converted += 1
+    del graph.node[:]
+    graph.node.extend(new_nodes)
+    return converted
 
 
 def _name_output(proto: onnx.ModelProto) -> onnx.ModelProto:

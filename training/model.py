@@ -36,7 +36,15 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras
 from keras import layers, ops
 
-__all__ = ["LazyAdam", "ModelConfig", "TaggerModels", "build_models", "class_weights", "make_loss"]
+__all__ = [
+    "LazyAdam",
+    "ModelConfig",
+    "TaggerModels",
+    "build_models",
+    "class_weights",
+    "make_loss",
+    "round_embeddings_to_float16",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -274,3 +282,19 @@ def make_loss(label_map: LabelMap, weights: np.ndarray, config: ModelConfig):
         return total
 
     return loss
+
+
+def round_embeddings_to_float16(model: keras.Model) -> int:
+    """Round every WeightedBag table of `model` to float16-representable values (kept as float32 in Keras).
+
+    The export then stores those tables as float16 (`training.export.store_embeddings_as_float16`), which halves
+    the bundle and the worker's model memory, and the ONNX model still computes exactly what this Keras model does,
+    so the parity gate and the evaluation describe the shipped model. Returns the number of tables rounded.
+    """
+    rounded = 0
+    for layer in model._flatten_layers():  # nested members included
+        if isinstance(layer, WeightedBag):
+            table = layer.embeddings
+            table.assign(np.asarray(table.numpy(), dtype=np.float16).astype(np.float32))
+            rounded += 1
+    return rounded

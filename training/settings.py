@@ -58,6 +58,9 @@ class TrainerSettings(BaseSettings):
     parity_samples: int = Field(2000, ge=64, description="Rows of the ONNX/Keras parity gate (at least 2000).")
     parity_atol: float = Field(1e-4, gt=0, description="Max |onnx − keras| allowed by the parity gate.")
     opset: int = Field(17, ge=13, le=21, description="ONNX opset of the export.")
+    float16_embeddings: bool = Field(
+        True, description="Ship the embedding tables as float16 (half the bundle and worker memory; lossless export)."
+    )
     baseline: bool = Field(False, description="Also fit the same-run TF-IDF + linear baseline into metrics.json.")
     # runtime
     threads: int = Field(2, ge=1, description="TensorFlow intra-op threads (inter-op = 1..2).")

@@ -361,6 +361,10 @@ def train(
     if on_fit is not None:
         on_fit(result)
     fz, models = result.featurizer, result.models
+    if settings.float16_embeddings:  # before evaluation: the metrics describe the shipped (float16) tables
+        from training.model import round_embeddings_to_float16
+
+        round_embeddings_to_float16(models.scores)
 
     # evaluate on test (top-1 and at the tuned thresholds)
     eval_p = test_p or val_p
@@ -382,7 +386,13 @@ def train(
 
     # export + parity on ≥ parity_samples rows (test, validation, then train rows)
     t_exp = time.perf_counter()
-    onnx_bytes = export_onnx(models.scores, max_features=fz.max_features, n_numeric=fz.n_numeric, opset=settings.opset)
+    onnx_bytes = export_onnx(
+        models.scores,
+        max_features=fz.max_features,
+        n_numeric=fz.n_numeric,
+        opset=settings.opset,
+        float16_embeddings=settings.float16_embeddings,
+    )
     pool = list(eval_p) + list(val_p) + list(train_p)
     n_par = min(len(pool), max(settings.parity_samples, 2000))
     x_par = featurize(fz, pool[:n_par], progress=False)
