@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -163,22 +164,37 @@ class Worker:
     async def _run_batches(
         self, stream: faust.StreamT, process: Callable[[Sequence[InMessage]], Awaitable[BatchOutput]]
     ) -> None:
-        """Consume in micro-batches: take what is buffered (up to batch_max), process, publish, then ack."""
+        """Consume in micro-batches: take what is buffered (up to batch_max), process, publish, then ack.
+
+        Delivery is pipelined: while a batch's updates await Kafka's acks=all, the next batch is processed (at most
+        `max_inflight_batches` waiting). Updates are enqueued in processing order, each batch's offsets are
+        acknowledged only after its own updates are delivered, and a failed delivery stops the agent (its batch is
+        never acknowledged, so the commit cannot pass it and the batch is redelivered, offset-fenced, on restart).
+        """
         manual = stream.noack()
         queue = getattr(manual.channel, "queue", None)
+        inflight: deque[asyncio.Future[None]] = deque()
         batch: list[faust.EventT] = []
-        async for event in manual.events():
-            batch.append(event)
-            if len(batch) < self.settings.batch_max and queue is not None and not queue.empty():
-                continue
-            await self._process_batch(batch, process)
-            for done in batch:
-                await manual.ack(done)
-            batch = []
+        try:
+            async for event in manual.events():
+                batch.append(event)
+                if len(batch) < self.settings.batch_max and queue is not None and not queue.empty():
+                    continue
+                pending, out = await self._process_batch(batch, process)
+                inflight.append(asyncio.ensure_future(self._settle(pending, out, batch, manual)))
+                batch = []
+                while inflight and (inflight[0].done() or len(inflight) > self.settings.max_inflight_batches):
+                    await inflight.popleft()  # raises the delivery error of a failed batch
+            while inflight:
+                await inflight.popleft()
+        finally:
+            for waiting in inflight:
+                waiting.cancel()  # unacknowledged: redelivered and fenced after a restart
 
     async def _process_batch(
         self, batch: list[faust.EventT], process: Callable[[Sequence[InMessage]], Awaitable[BatchOutput]]
-    ) -> None:
+    ) -> tuple[list[Any], BatchOutput]:
+        """Process a batch and enqueue its updates; returns their delivery futures and the batch's output."""
         messages = [
             InMessage(m.topic, m.partition, m.offset, m.key, m.value, int((m.timestamp or 0) * 1000))
             for m in (event.message for event in batch)
@@ -195,11 +211,17 @@ class Worker:
                 processor = await self.processor()
                 out = await processor.process_each(messages, process)
             pending = await self._enqueue(out)
-        await self._delivered(pending, out)
         self.stats.consumed += len(messages)
         self.stats.batches += 1
         self.stats.batch_sizes.append(len(messages))
         del self.stats.batch_sizes[:-1000]
+        return pending, out
+
+    async def _settle(self, pending: list[Any], out: BatchOutput, batch: list[faust.EventT], manual: Any) -> None:
+        """Wait until Kafka has the batch's updates, then acknowledge its events."""
+        await self._delivered(pending, out)
+        for done in batch:
+            await manual.ack(done)
 
     async def publish(self, out: BatchOutput) -> None:
         """Send the batch's tag updates and dead letters and wait until Kafka has them all."""

@@ -70,6 +70,12 @@ class WorkerSettings(BaseSettings):
     ort_intra_op_threads: int = Field(1, ge=1, description="ONNX Runtime intra-op threads.")
     ort_inter_op_threads: int = Field(1, ge=1, description="ONNX Runtime inter-op threads.")
     batch_max: int = Field(512, ge=1, description="Most events processed (and scored) as one micro-batch.")
+    max_inflight_batches: int = Field(
+        4,
+        ge=1,
+        description="Batches per agent whose tag updates may still await Kafka's acks=all while the next batch is "
+        "processed; a batch's offsets are acknowledged only once its updates are delivered.",
+    )
     score_delta: float = Field(0.05, ge=0, le=1, description="A score move larger than this re-emits the tags.")
     redis_retry_max_backoff: float = Field(5.0, gt=0, description="Longest wait between Redis retries (s).")
     session_timeout: float = Field(

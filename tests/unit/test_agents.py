@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
+from types import SimpleNamespace
 
 import orjson
 import pytest
+from aiokafka.errors import KafkaTimeoutError
 
 from streams.app import Worker
+from streams.processor import BatchOutput, InMessage
 from streams.settings import WorkerSettings
 from streams.state import MemoryStateStore
 from tests.events import behaviour, upsert
@@ -44,3 +49,88 @@ async def test_behaviour_agent_applies_clicks_once_each(worker: Worker) -> None:
     state = (await store.read(["b1"]))["b1"]
     assert sum(v for k, v in state.beh.items() if k.startswith("m:")) == 25
     assert any("trending" in orjson.loads(v)["added"] for _, v in worker.captured["tag-updates"])
+
+
+class _FakeEvent:
+    def __init__(self, offset: int) -> None:
+        self.message = SimpleNamespace(
+            topic="behavior", partition=0, offset=offset, key=b"k", value=b"{}", timestamp=1.0
+        )
+
+
+class _FakeStream:
+    """What `_run_batches` uses of a Faust stream: noack(), its channel queue, events() and ack()."""
+
+    def __init__(self, batches: list[list[_FakeEvent]], gate: asyncio.Event) -> None:
+        self.batches, self.gate = batches, gate
+        self.acked: list[int] = []
+        self.channel = SimpleNamespace(queue=asyncio.Queue())
+
+    def noack(self) -> _FakeStream:
+        return self
+
+    async def events(self) -> AsyncIterator[_FakeEvent]:
+        queue = self.channel.queue
+        for batch in self.batches:
+            for i, event in enumerate(batch):
+                while not queue.empty():  # the queue holds what is still buffered after this event
+                    queue.get_nowait()
+                for rest in batch[i + 1 :]:
+                    queue.put_nowait(rest)
+                yield event
+            await self.gate.wait()
+
+    async def ack(self, event: _FakeEvent) -> None:
+        self.acked.append(event.message.offset)
+
+
+async def test_batches_are_acknowledged_only_after_their_updates_are_delivered(worker: Worker) -> None:
+    loop = asyncio.get_running_loop()
+    deliveries: list[asyncio.Future[None]] = []
+
+    async def enqueue(out: BatchOutput) -> list[asyncio.Future[None]]:
+        deliveries.append(loop.create_future())
+        return [deliveries[-1]]
+
+    processed: list[list[int]] = []
+
+    async def process(messages: Sequence[InMessage]) -> BatchOutput:
+        processed.append([m.offset for m in messages])
+        return BatchOutput(updates=[(b"k", b"{}")])
+
+    gate = asyncio.Event()
+    stream = _FakeStream([[_FakeEvent(0), _FakeEvent(1)], [_FakeEvent(2)]], gate)
+    worker._enqueue = enqueue  # type: ignore[method-assign]
+    running = asyncio.ensure_future(worker._run_batches(stream, process))  # type: ignore[arg-type]
+    gate.set()
+    for _ in range(20):
+        await asyncio.sleep(0)
+    # both batches processed while the first one's delivery is still pending; nothing acknowledged yet
+    assert processed == [[0, 1], [2]] and stream.acked == []
+    deliveries[1].set_result(None)
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert stream.acked == [2]  # its own updates are delivered
+    deliveries[0].set_result(None)
+    await running
+    assert sorted(stream.acked) == [0, 1, 2]
+
+
+async def test_a_failed_delivery_stops_the_agent_and_leaves_its_batch_unacknowledged(worker: Worker) -> None:
+    loop = asyncio.get_running_loop()
+
+    async def enqueue(out: BatchOutput) -> list[asyncio.Future[None]]:
+        failed: asyncio.Future[None] = loop.create_future()
+        failed.set_exception(KafkaTimeoutError("broker gone"))
+        return [failed]
+
+    async def process(messages: Sequence[InMessage]) -> BatchOutput:
+        return BatchOutput(updates=[(b"k", b"{}")])
+
+    gate = asyncio.Event()
+    gate.set()
+    stream = _FakeStream([[_FakeEvent(0)], [_FakeEvent(1)]], gate)
+    worker._enqueue = enqueue  # type: ignore[method-assign]
+    with pytest.raises(KafkaTimeoutError):
+        await worker._run_batches(stream, process)  # type: ignore[arg-type]
+    assert stream.acked == []
