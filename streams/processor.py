@@ -2,8 +2,9 @@
 
 Per batch: decode and validate every message (bad ones become dead letters), read the touched products' state in
 one pipelined round trip, compute each event's effect in order (scoring all upserts of the batch in one ONNX call off
-the event loop), write every effect with one offset-fenced Lua call per event (one more round trip), and hand back
-the tag updates to publish. The caller acknowledges the messages only after the updates are delivered.
+the event loop), write each product's effects with one offset-fenced Lua call per product and partition (one more
+round trip, which also carries a behaviour batch's watermarks and active index), and hand back the tag updates to
+publish. The caller acknowledges the messages only after the updates are delivered.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from schemas import BehaviorEvent, DeadLetter, ProductChange, SourceRef, Tag, Ta
 from serving.behaviour import BehaviourConfig, WindowCounts, WindowStats, decode_behaviour, next_check_at
 from serving.decoding import catalog_tags, diff_tags, merge_tags
 from streams.privacy import hash_user_id
-from streams.state import Ops, ProductKeys, ProductState, StateStore, Write
+from streams.state import EndBatch, Ops, ProductKeys, ProductState, StateStore, Write
 from streams.windows import GRANULARITIES, event_fields, hll_buckets, hll_marker, stale_fields, window_stats
 from tagstream.errors import EventDecodeError, TagstreamError
 
@@ -225,11 +226,17 @@ class Processor:
         redelivered: dict[tuple[str, str], int],
         states: dict[str, ProductState],
         out: BatchOutput,
-    ) -> None:
-        """Write every product's effects (one fenced call each); collect updates, re-sending the stored update of
-        redelivered messages."""
+        end_batch: EndBatch | None = None,
+    ) -> dict[tuple[str, int], list[str]]:
+        """Write every product's effects (one fenced call each) — and, with `end_batch`, the batch's watermarks and
+        active index in the same round trip, returning the due lists; collect updates, re-sending the stored update
+        of redelivered messages."""
         writes = [g.write for g in groups.values()]
-        results = await self.store.apply(writes)
+        due: dict[tuple[str, int], list[str]] = {}
+        if end_batch is None:
+            results = await self.store.apply(writes)
+        else:
+            results, due = await self.store.apply_and_end_batch(writes, end_batch)
         for group, result in zip(groups.values(), results, strict=True):
             pid = group.write.product_id
             if result.applied:
@@ -239,6 +246,7 @@ class Processor:
                 self._resend(pid, group.write.offset, result.stored_emit, out)
         for (pid, fence_field), offset in redelivered.items():
             self._resend(pid, offset, states[pid].stored_emit(fence_field), out)
+        return due
 
     @staticmethod
     def _resend(pid: str, offset: int, stored: bytes | None, out: BatchOutput) -> None:
@@ -394,17 +402,15 @@ class Processor:
             evaluate = last[(ev.product_id, msg.fence_field)] == i
             payload = self._apply_behaviour(state, group.keys, group.write.ops, msg, ev, user, len(users), evaluate)
             self._record(group, state, msg, payload)
-        await self._finish(groups, redelivered, states, out)
         by_partition: dict[tuple[str, int], int] = {}
         touched: dict[tuple[str, int], set[str]] = {}
         for msg, ev in items:
             key = (msg.topic, msg.partition)
             by_partition[key] = max(by_partition.get(key, 0), ev.ts)
             touched.setdefault(key, set()).add(ev.product_id)
-        # watermarks, active index and due lists of every partition: one round trip
-        due = await self.store.end_batch(
-            {k: (wm, {pid: self._due(states[pid]) for pid in touched[k]}) for k, wm in by_partition.items()}
-        )
+        # the writes, then watermarks, active index and due lists of every partition: one round trip
+        end = {k: (wm, {pid: self._due(states[pid]) for pid in touched[k]}) for k, wm in by_partition.items()}
+        due = await self._finish(groups, redelivered, states, out, end_batch=end)
         for (topic, partition), pids in due.items():
             if pids:
                 await self._expire(topic, partition, by_partition[(topic, partition)], out, due=pids)

@@ -25,6 +25,8 @@ from tagstream.errors import StateError
 log = logging.getLogger(__name__)
 
 STATE_FORMAT = 1
+# After a behaviour batch, per (topic, partition): (watermark, {product_id: next check time, None = none active})
+EndBatch = dict[tuple[str, int], tuple[int, dict[str, int | None]]]
 _RETRYABLE = (ConnectionError, TimeoutError, BusyLoadingError, ConnectionResetError, OSError)
 
 
@@ -187,15 +189,17 @@ class StateStore(Protocol):
 
     async def apply(self, writes: list[Write]) -> list[WriteResult]: ...
 
+    async def apply_and_end_batch(
+        self, writes: list[Write], end_batch: EndBatch
+    ) -> tuple[list[WriteResult], dict[tuple[str, int], list[str]]]: ...
+
     async def index_active(self, topic: str, partition: int, entries: dict[str, int | None]) -> None: ...
 
     async def due(self, topic: str, partition: int, until: int) -> list[str]: ...
 
     async def get_watermark(self, topic: str, partition: int) -> int: ...
 
-    async def end_batch(
-        self, partitions: dict[tuple[str, int], tuple[int, dict[str, int | None]]]
-    ) -> dict[tuple[str, int], list[str]]: ...
+    async def end_batch(self, partitions: EndBatch) -> dict[tuple[str, int], list[str]]: ...
 
     async def set_watermark(self, topic: str, partition: int, ts: int) -> None: ...
 
@@ -326,19 +330,33 @@ class RedisStateStore:
 
     async def apply(self, writes: list[Write]) -> list[WriteResult]:
         """Apply the writes in order in one pipelined round trip; each is a no-op if its offset was applied."""
+        results, _ = await self._apply(writes, None)
+        return results
 
+    async def apply_and_end_batch(
+        self, writes: list[Write], end_batch: EndBatch
+    ) -> tuple[list[WriteResult], dict[tuple[str, int], list[str]]]:
+        """`apply(writes)` then `end_batch(end_batch)`, in the same round trip."""
+        return await self._apply(writes, end_batch)
+
+    async def _apply(
+        self, writes: list[Write], end_batch: EndBatch | None
+    ) -> tuple[list[WriteResult], dict[tuple[str, int], list[str]]]:
         def queue(pipe: Any) -> None:
             for w in writes:
                 emit = w.emit or b""
                 self._script.queue(
                     pipe, w.ops.keys, [w.fence_field, w.offset, emit, orjson.dumps(w.ops.ops), w.stored_offset]
                 )
+            if end_batch:
+                self._queue_end_batch(pipe, end_batch)
 
-        replies = await self._pipelined("apply", queue) if writes else []
-        return [
+        replies = await self._pipelined("apply", queue) if writes or end_batch else []
+        results = [
             WriteResult(True) if int(r[0]) == 1 else WriteResult(False, r[2].encode() if r[2] else None)
-            for r in replies
+            for r in replies[: len(writes)]
         ]
+        return results, self._due_lists(end_batch, replies[len(writes) :]) if end_batch else {}
 
     async def index_active(self, topic: str, partition: int, entries: dict[str, int | None]) -> None:
         """Record when each product's behaviour tags next need a look (None = nothing active: drop it)."""
@@ -369,31 +387,29 @@ class RedisStateStore:
         )
         return int(value) if value else 0
 
-    async def end_batch(
-        self, partitions: dict[tuple[str, int], tuple[int, dict[str, int | None]]]
-    ) -> dict[tuple[str, int], list[str]]:
+    async def end_batch(self, partitions: EndBatch) -> dict[tuple[str, int], list[str]]:
         """After a behaviour batch, for every (topic, partition) → (watermark, {pid: next check or None}): raise the
         watermark, update the active index and list the products due at the watermark — one pipelined round trip
         for all partitions (instead of three sequential ones per partition)."""
         if not partitions:
             return {}
-        order = list(partitions)
+        replies = await self._pipelined("end_batch", lambda pipe: self._queue_end_batch(pipe, partitions))
+        return self._due_lists(partitions, replies)
 
-        async def run() -> list[Any]:
-            pipe = self.client.pipeline(transaction=False)
-            for topic, partition in order:
-                watermark, entries = partitions[(topic, partition)]
-                key = active_key(self.prefix, topic, partition)
-                pipe.eval(_WATERMARK_LUA, 1, watermark_key(self.prefix), f"{topic}:{partition}", watermark)
-                add = {pid: due for pid, due in entries.items() if due is not None}
-                drop = [pid for pid, due in entries.items() if due is None]
-                pipe.zadd(key, add) if add else pipe.echo("0")
-                pipe.zrem(key, *drop) if drop else pipe.echo("0")
-                pipe.zrangebyscore(key, "-inf", watermark, start=0, num=1000)
-            return await pipe.execute()
+    def _queue_end_batch(self, pipe: Any, partitions: EndBatch) -> None:
+        for topic, partition in partitions:
+            watermark, entries = partitions[(topic, partition)]
+            key = active_key(self.prefix, topic, partition)
+            pipe.eval(_WATERMARK_LUA, 1, watermark_key(self.prefix), f"{topic}:{partition}", watermark)
+            add = {pid: due for pid, due in entries.items() if due is not None}
+            drop = [pid for pid, due in entries.items() if due is None]
+            pipe.zadd(key, add) if add else pipe.echo("0")
+            pipe.zrem(key, *drop) if drop else pipe.echo("0")
+            pipe.zrangebyscore(key, "-inf", watermark, start=0, num=1000)
 
-        replies = await self._retry("end_batch", run)
-        return {tp: list(replies[4 * i + 3]) for i, tp in enumerate(order)}
+    @staticmethod
+    def _due_lists(partitions: EndBatch, replies: list[Any]) -> dict[tuple[str, int], list[str]]:
+        return {tp: list(replies[4 * i + 3]) for i, tp in enumerate(partitions)}
 
     async def set_watermark(self, topic: str, partition: int, ts: int) -> None:
         """Raise a partition's watermark to `ts` (never lowers it)."""
@@ -442,6 +458,12 @@ class MemoryStateStore:
                 users,
             )
         return out
+
+    async def apply_and_end_batch(
+        self, writes: list[Write], end_batch: EndBatch
+    ) -> tuple[list[WriteResult], dict[tuple[str, int], list[str]]]:
+        """`apply(writes)` then `end_batch(end_batch)`."""
+        return await self.apply(writes), await self.end_batch(end_batch)
 
     async def apply(self, writes: list[Write]) -> list[WriteResult]:
         """Apply the writes in order; each is a no-op if its offset was applied."""
@@ -496,9 +518,7 @@ class MemoryStateStore:
         """Newest event time seen on a partition (0 if none)."""
         return int(self.hashes[watermark_key(self.prefix)].get(f"{topic}:{partition}", 0))
 
-    async def end_batch(
-        self, partitions: dict[tuple[str, int], tuple[int, dict[str, int | None]]]
-    ) -> dict[tuple[str, int], list[str]]:
+    async def end_batch(self, partitions: EndBatch) -> dict[tuple[str, int], list[str]]:
         """Watermarks, active index and due lists of every partition (see RedisStateStore.end_batch)."""
         due = {}
         for (topic, partition), (watermark, entries) in partitions.items():
