@@ -133,7 +133,7 @@ class Worker:
         @app.agent(topics[PRODUCTS.name], name="tagstream.products", concurrency=1)
         async def products(stream: faust.StreamT) -> None:
             processor = await self.processor()
-            await self._run_batches(stream, processor.process_products)
+            await self._run_batches(stream, processor.process_products, processor.prepare_products)
 
         @app.agent(topics[BEHAVIOR.name], name="tagstream.behavior", concurrency=1)
         async def behavior(stream: faust.StreamT) -> None:
@@ -162,7 +162,10 @@ class Worker:
         self.models.attach(self)
 
     async def _run_batches(
-        self, stream: faust.StreamT, process: Callable[[Sequence[InMessage]], Awaitable[BatchOutput]]
+        self,
+        stream: faust.StreamT,
+        process: Callable[..., Awaitable[BatchOutput]],
+        prepare: Callable[[Sequence[InMessage]], Awaitable[Any]] | None = None,
     ) -> None:
         """Consume in micro-batches: take what is buffered (up to batch_max), process, publish, then ack.
 
@@ -170,6 +173,7 @@ class Worker:
         `max_inflight_batches` waiting). Updates are enqueued in processing order, each batch's offsets are
         acknowledged only after its own updates are delivered, and a failed delivery stops the agent (its batch is
         never acknowledged, so the commit cannot pass it and the batch is redelivered, offset-fenced, on restart).
+        `prepare` (product scoring) runs before the locks, its result handed to `process`.
         """
         manual = stream.noack()
         queue = getattr(manual.channel, "queue", None)
@@ -180,7 +184,7 @@ class Worker:
                 batch.append(event)
                 if len(batch) < self.settings.batch_max and queue is not None and not queue.empty():
                     continue
-                pending, out = await self._process_batch(batch, process)
+                pending, out = await self._process_batch(batch, process, prepare)
                 inflight.append(asyncio.ensure_future(self._settle(pending, out, batch, manual)))
                 batch = []
                 while inflight and (inflight[0].done() or len(inflight) > self.settings.max_inflight_batches):
@@ -192,18 +196,27 @@ class Worker:
                 waiting.cancel()  # unacknowledged: redelivered and fenced after a restart
 
     async def _process_batch(
-        self, batch: list[faust.EventT], process: Callable[[Sequence[InMessage]], Awaitable[BatchOutput]]
+        self,
+        batch: list[faust.EventT],
+        process: Callable[..., Awaitable[BatchOutput]],
+        prepare: Callable[[Sequence[InMessage]], Awaitable[Any]] | None = None,
     ) -> tuple[list[Any], BatchOutput]:
         """Process a batch and enqueue its updates; returns their delivery futures and the batch's output."""
         messages = [
             InMessage(m.topic, m.partition, m.offset, m.key, m.value, int((m.timestamp or 0) * 1000))
             for m in (event.message for event in batch)
         ]
+        prepared = None
+        if prepare is not None:
+            try:
+                prepared = await prepare(messages)
+            except Exception:  # retried inside the critical section (and dead-lettered there if it fails again)
+                log.exception("preparing a batch of %d failed", len(messages))
         # Effects are computed and their updates enqueued in one critical section, so a product's updates reach
         # the topic in the order its state changed, whichever agent produced them; delivery is awaited outside.
         async with self._order:
             try:
-                out = await process(messages)
+                out = await process(messages) if prepared is None else await process(messages, prepared)
             except Exception:
                 if not self.settings.dead_letter_all_errors:
                     raise

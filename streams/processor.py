@@ -79,6 +79,21 @@ class _Group:
     events: int = 0
 
 
+def _version(model: Any) -> str | None:
+    return None if model is None else model.version
+
+
+@dataclass(slots=True)
+class PreparedProducts:
+    """A product batch decoded and scored before the processor lock: dead letters so far, the decoded events, the
+    model that scored them and the model tags of each upsert (by position in `items`)."""
+
+    out: BatchOutput
+    items: list[tuple[InMessage, ProductChange]]
+    model: ScoringModel | None
+    tags: dict[int, list[Tag]]
+
+
 class ScoringModel:
     """What the processor needs from a model: a version and batch scoring of product texts into model tags."""
 
@@ -256,37 +271,54 @@ class Processor:
             out.updates.append((pid.encode(), stored))
 
     # ---------------------------------------------------------------- products
-    async def process_products(self, messages: Sequence[InMessage]) -> BatchOutput:
-        """Apply a batch of product upserts and deletes."""
-        async with self._lock:
-            return await self._process_products(messages)
-
-    async def _process_products(self, messages: Sequence[InMessage]) -> BatchOutput:
+    async def prepare_products(self, messages: Sequence[InMessage]) -> PreparedProducts:
+        """Decode a product batch and score its upserts — the slow part, which needs no state and no lock, so the
+        worker runs it before taking its locks and behaviour batches do not wait for ONNX Runtime."""
         out = BatchOutput()
         items = self._decode_all(messages, ProductChange.decode, out)
+        model = self.model_provider()
+        upserts = [i for i, (_, ev) in enumerate(items) if ev.op == "upsert"]
+        return PreparedProducts(out, items, model, await self._score(model, [items[i][1] for i in upserts], upserts))
+
+    async def _score(
+        self, model: ScoringModel | None, products: list[ProductChange], positions: list[int]
+    ) -> dict[int, list[Tag]]:
+        if not products or model is None:
+            return {}
+        loop = asyncio.get_running_loop()
+        return dict(zip(positions, await loop.run_in_executor(self.executor, model.score, products), strict=True))
+
+    async def process_products(
+        self, messages: Sequence[InMessage], prepared: PreparedProducts | None = None
+    ) -> BatchOutput:
+        """Apply a batch of product upserts and deletes (`prepared`: its `prepare_products`, if already done)."""
+        if prepared is None:
+            prepared = await self.prepare_products(messages)
+        async with self._lock:
+            return await self._process_products(prepared)
+
+    async def _process_products(self, prepared: PreparedProducts) -> BatchOutput:
+        out, items = prepared.out, prepared.items
         if not items:
             return out
         states = await self._read(items)
-        model = self.model_provider()
-        upserts = [
-            ev
-            for msg, ev in items
-            if ev.op == "upsert" and msg.offset > states[ev.product_id].applied_offset(msg.fence_field)
-        ]
-        model_tags: list[list[Tag]] = []
-        if upserts and model is not None:
-            loop = asyncio.get_running_loop()
-            model_tags = await loop.run_in_executor(self.executor, model.score, upserts)
-        scored = iter(model_tags)
+        model, model_tags = self.model_provider(), prepared.tags
+        if _version(model) != _version(prepared.model):  # swapped while this batch waited: score with the new one
+            todo = [
+                i
+                for i, (msg, ev) in enumerate(items)
+                if ev.op == "upsert" and msg.offset > states[ev.product_id].applied_offset(msg.fence_field)
+            ]
+            model_tags = await self._score(model, [items[i][1] for i in todo], todo)
 
         groups: dict[tuple[str, str], _Group] = {}
         redelivered: dict[tuple[str, str], int] = {}
-        for msg, ev in items:
+        for i, (msg, ev) in enumerate(items):
             state = states[ev.product_id]
             if msg.offset <= state.applied_offset(msg.fence_field):
                 redelivered.setdefault((ev.product_id, msg.fence_field), msg.offset)
                 continue
-            tags_for_event = next(scored, None) if ev.op == "upsert" and model is not None else None
+            tags_for_event = model_tags.get(i) if ev.op == "upsert" and model is not None else None
             group = self._group(groups, state, msg, ev.product_id)
             payload = self._apply_product(state, group.keys, group.write.ops, msg, ev, tags_for_event, model)
             self._record(group, state, msg, payload)

@@ -8,7 +8,7 @@ from typing import Any
 import orjson
 import pytest
 
-from schemas import ProductChange, validate
+from schemas import ProductChange, Tag, validate
 from streams.model import BundleModel
 from streams.processor import InMessage, Processor
 from streams.settings import WorkerSettings
@@ -138,3 +138,36 @@ async def test_a_batch_needs_no_model_to_give_catalog_and_behaviour_tags(tmp_pat
     out = await processor.process_products(Feed()("products", upsert("p", "x", attributes={"size": "M"})))
     [update] = updates(out)
     assert [t["tag"] for t in update["tags"]] == ["size:M"] and update["model_version"] is None
+
+
+class _FixedModel:
+    """A scoring model giving every product one tag named after its version."""
+
+    def __init__(self, version: str) -> None:
+        self.version = version
+        self.scored = 0
+
+    def score(self, products: Any) -> list[list[Tag]]:
+        self.scored += len(products)
+        return [[Tag(f"model:{self.version}", "model", 0.9, "model")] for _ in products]
+
+
+async def test_a_batch_prepared_before_a_swap_is_scored_again_by_the_new_model() -> None:
+    old, new = _FixedModel("v1"), _FixedModel("v2")
+    active: list[_FixedModel] = [old]
+    processor = Processor(MemoryStateStore("t"), user_hash_key=b"k", model_provider=lambda: active[0])
+    messages = Feed()("products", upsert("p1", "Red shoes"), upsert("p2", "Blue shirt"))
+    prepared = await processor.prepare_products(messages)  # scored outside the lock, by v1
+    assert old.scored == 2
+    active[0] = new  # the swap lands while the batch waits for the lock
+    out = await processor.process_products(messages, prepared)
+    got = updates(out)
+    assert [u["model_version"] for u in got] == ["v2", "v2"]
+    assert all({t["tag"] for t in u["tags"]} == {"model:v2"} for u in got)
+
+    unchanged = Feed()
+    unchanged.offsets["products"] = 2
+    more = unchanged("products", upsert("p3", "Green hat"))
+    prepared = await processor.prepare_products(more)
+    out = await processor.process_products(more, prepared)  # no swap: the prepared scores are used as they are
+    assert new.scored == 3 and {t["tag"] for t in updates(out)[0]["tags"]} == {"model:v2"}
