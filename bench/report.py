@@ -108,16 +108,19 @@ def markdown(result: dict[str, Any]) -> str:
     lines += ["", "## Headline", "", "| measure | value | target | |", "|---|---|---|---|"]
     ts = result.get("tagstream", {})
     pt = result.get("passthrough", {})
+    fc = result.get("faust_ceiling", {})
     lat = result.get("latency", {})
     sc = result.get("scoring", {}).get("batches", {})
     mem = result.get("memory", {})
     nv = result.get("naive", {})
     rows = [
         ("transport ceiling: raw aiokafka passthrough (events/s)", _s(pt.get("events_per_s")), "", ""),
+        ("Faust ceiling: the worker's Faust consumption loop, no work (events/s)", _s(fc.get("events_per_s")), "", ""),
         ("tagstream worker, end to end (events/s, 1 process)", _s(ts.get("events_per_s")), "≥ 15,000",
          _met(t.get("tagstream_events_per_s"))),
         ("tagstream / passthrough (paired runs)", _s(ts.get("vs_passthrough"), 2), "≥ 0.5",
          _met(t.get("tagstream_vs_passthrough"))),
+        ("tagstream / Faust ceiling (paired runs)", _s(ts.get("vs_faust_ceiling"), 2), "", ""),
         ("naive per-event loop, Keras model(x) (events/s at the mix)", _s(nv.get("events_per_s_at_mix")), "", ""),
         ("tagstream / naive", _n(nv.get("tagstream_speedup"), 1), "", ""),
         (f"event→tag p50 at {_n(lat.get('rate'))} ev/s = ½ max (ms)", _s(_get(lat, "emit_ms", "p50"), 1), "≤ 10",
@@ -141,14 +144,17 @@ def markdown(result: dict[str, Any]) -> str:
             "## Throughput (pre-loaded backlog; events/s from the first offset commit to fully committed, or over "
             f"{result['config'].get('throughput_window')} s of steady state when the backlog lasts longer)",
             "",
-            "| run | passthrough ev/s | tagstream ev/s | ratio | worker startup→first commit (s) | tag updates | "
-            "worker peak RSS (MB) |",
-            "|---|---|---|---|---|---|---|",
+            "| run | passthrough ev/s | Faust ceiling ev/s | tagstream ev/s | ratio to passthrough | "
+            "worker startup→first commit (s) | tag updates | worker peak RSS (MB) |",
+            "|---|---|---|---|---|---|---|---|",
         ]
+        fc_runs = fc.get("runs", [])
         for i, (p, w) in enumerate(zip(pt.get("runs", []), ts.get("runs", []), strict=False)):
             ratio = w["events_per_s"] / p["events_per_s"] if w.get("events_per_s") and p.get("events_per_s") else None
+            ceiling = fc_runs[i].get("events_per_s") if i < len(fc_runs) else None
             lines.append(
-                f"| {i + 1} | {_n(p.get('events_per_s'))} | {_n(w.get('events_per_s'))} | {_n(ratio, 2)} | "
+                f"| {i + 1} | {_n(p.get('events_per_s'))} | {_n(ceiling)} | {_n(w.get('events_per_s'))} | "
+                f"{_n(ratio, 2)} | "
                 f"{_n(w.get('startup_to_first_commit_s'), 1)} | {_n(w.get('tag_updates'))} | "
                 f"{_n(w.get('peak_rss_mb'))} |"
             )

@@ -207,6 +207,26 @@ class StreamBench:
             rate.update(events_per_s=internal["events_per_s"], seconds=internal["seconds"], method="internal")
         return {**rate, "internal": internal, "peak_rss_mb": round(proc.peak_mb, 1)}
 
+    # -- 1b. Faust ceiling -----------------------------------------------------------------------------------------
+    def faust_ceiling_run(self, i: int) -> dict[str, Any]:
+        """The worker's Faust app and batch loop forwarding the whole backlog, with no processing."""
+        from bench.common import ProcessWatch
+
+        env = self._worker_env(self.backlog_prefix, f"fc{i}")
+        cmd = [sys.executable, "-m", "bench.faust_ceiling"]
+        proc = ProcessWatch(cmd, {**env, "PYTHONPATH": str(ROOT)}, self.logs / f"faust-ceiling-{i}.log")
+        try:
+            total = sum(self.ends.values())
+            t0 = time.monotonic()
+            trace = self._watch(env["TAGSTREAM_APP_ID"], proc.alive, timeout=120 + self.cfg.throughput_window)
+        finally:
+            proc.stop()
+        rate = trace.rate()
+        if rate["events_per_s"] is None and trace.done_at is not None:  # tiny (smoke) backlog: one commit
+            elapsed = trace.done_at - t0
+            rate.update(events_per_s=total / elapsed, seconds=elapsed, method="start → caught up")
+        return {**rate, "peak_rss_mb": round(proc.peak_mb, 1)}
+
     # -- 2a. tagstream throughput -----------------------------------------------------------------------------------
     def tagstream_run(self, i: int) -> dict[str, Any]:
         """One real worker subprocess catching up on the whole backlog."""
@@ -494,11 +514,14 @@ def run_bench(args: argparse.Namespace) -> int:
             result["backlog"] = sb.load_backlog()
             _log(f"backlog loaded: {result['backlog']}")
         if want("stream"):
-            pt_runs, ts_runs = [], []
+            pt_runs, fc_runs, ts_runs = [], [], []
             for i in range(cfg.runs):
                 _log(f"run {i + 1}/{cfg.runs}: passthrough ...")
                 pt_runs.append(sb.passthrough_run(i))
                 _log(f"  passthrough: {_fmt_rate(pt_runs[-1])}")
+                _log(f"run {i + 1}/{cfg.runs}: Faust ceiling (the worker's Faust loop, no processing) ...")
+                fc_runs.append(sb.faust_ceiling_run(i))
+                _log(f"  Faust ceiling: {_fmt_rate(fc_runs[-1])}")
                 _log(f"run {i + 1}/{cfg.runs}: tagstream worker ...")
                 ts_runs.append(sb.tagstream_run(i))
                 _log(f"  tagstream: {_fmt_rate(ts_runs[-1])}, peak RSS {ts_runs[-1]['peak_rss_mb']} MB")
@@ -511,10 +534,24 @@ def run_bench(args: argparse.Namespace) -> int:
                 "events_per_s": spread(r.get("events_per_s") for r in pt_runs),
                 "runs": pt_runs,
             }
+            result["faust_ceiling"] = {
+                "events_per_s": spread(r.get("events_per_s") for r in fc_runs),
+                "vs_passthrough": spread(
+                    f["events_per_s"] / p["events_per_s"]
+                    for p, f in zip(pt_runs, fc_runs, strict=True)
+                    if f.get("events_per_s") and p.get("events_per_s")
+                ),
+                "runs": fc_runs,
+            }
             ts_rate = spread(r.get("events_per_s") for r in ts_runs)
             result["tagstream"] = {
                 "events_per_s": ts_rate,
                 "vs_passthrough": spread(ratios),
+                "vs_faust_ceiling": spread(
+                    t["events_per_s"] / f["events_per_s"]
+                    for f, t in zip(fc_runs, ts_runs, strict=True)
+                    if t.get("events_per_s") and f.get("events_per_s")
+                ),
                 "runs": ts_runs,
             }
             max_rate = ts_rate["median"] or 1000.0
