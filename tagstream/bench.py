@@ -50,6 +50,7 @@ class BenchConfig:
     product_share: float = 0.05  # share of product upserts in the mix (the rest: behaviour events)
     partitions: int = 4
     latency_seconds: float = 20.0  # paced phase of each latency run
+    latency_rate: float | None = None  # paced rate (events/s) of the latency runs; None = half the measured maximum
     naive_seconds: float = 12.0
     scoring_min_seconds: float = 0.3
     featurizer_min_seconds: float = 0.3
@@ -457,6 +458,7 @@ def run_bench(args: argparse.Namespace) -> int:
             "runs": args.runs,
             "backlog_events": args.backlog,
             "latency_seconds": args.latency_seconds,
+            "latency_rate": args.latency_rate,
             "naive_seconds": args.naive_seconds,
             "products": args.products,
             "product_share": args.product_share,
@@ -555,7 +557,7 @@ def run_bench(args: argparse.Namespace) -> int:
                 "runs": ts_runs,
             }
             max_rate = ts_rate["median"] or 1000.0
-            rate = 0.5 * max_rate
+            rate = cfg.latency_rate or 0.5 * max_rate
             n_lat = max(200, int(rate * cfg.latency_seconds))
             _log(f"latency: {n_lat} events at {rate:.0f}/s per run ...")
             lat_items = event_stream(products, n_lat, cfg.product_share, cfg.seed + 1)
@@ -566,7 +568,7 @@ def run_bench(args: argparse.Namespace) -> int:
                 _log(f"  latency run {i + 1}: p50 {e['p50']} p99 {e['p99']} p99.9 {e['p99.9']} ms (n={e['n']})")
             result["latency"] = {
                 "rate": round(rate, 1),
-                "fraction_of_max": 0.5,
+                "fraction_of_max": round(rate / max_rate, 3),
                 "emit_ms": {q: spread(r["emit_ms"][q] for r in lat_runs) for q in ("p50", "p99", "p99.9", "max")},
                 "published_ms": {q: spread(r["published_ms"][q] for r in lat_runs) for q in ("p50", "p99", "p99.9")},
                 "received_ms": {q: spread(r["received_ms"][q] for r in lat_runs) for q in ("p50", "p99", "p99.9")},
@@ -650,6 +652,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--backlog", type=int, help="events pre-loaded for the throughput runs (default 300000)")
     p.add_argument("--window", type=float, help="longest throughput run after its first commit, s (default 30)")
     p.add_argument("--latency-seconds", type=float, help="paced phase of each latency run (default 20)")
+    p.add_argument(
+        "--latency-rate", type=float, help="paced rate of the latency runs, events/s (default: half the maximum)"
+    )
     p.add_argument("--naive-seconds", type=float, help="duration of each naive run (default 12)")
     p.add_argument("--products", type=int, help="catalog size (default 6000)")
     p.add_argument("--product-share", type=float, help="share of product upserts in the mix (default 0.05)")
