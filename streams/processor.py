@@ -443,9 +443,8 @@ class Processor:
         # the writes, then watermarks, active index and due lists of every partition: one round trip
         end = {k: (wm, {pid: self._due(states[pid]) for pid in touched[k]}) for k, wm in by_partition.items()}
         due = await self._finish(groups, redelivered, states, out, end_batch=end)
-        for (topic, partition), pids in due.items():
-            if pids:
-                await self._expire(topic, partition, by_partition[(topic, partition)], out, due=pids)
+        if any(due.values()):
+            await self._expire({tp: pids for tp, pids in due.items() if pids}, by_partition, out)
         return out
 
     def _apply_behaviour(
@@ -511,33 +510,46 @@ class Processor:
         now = int(state.beh.get("last_ts", 0))
         return next_check_at(self._counts(state, now), tag_state.get("behaviour") or {}, self.behaviour)
 
-    async def _expire(self, topic: str, partition: int, watermark: int, out: BatchOutput, due: list[str]) -> None:
-        """Re-evaluate the behaviour tags of the `due` products, whose windows moved by event time `watermark`."""
-        states = await self.store.read(due, now=dict.fromkeys(due, watermark))
-        writes, emitted, index = [], [], {}
-        for pid in due:
-            state = states[pid]
-            tag_state = state.tags or _empty_tag_state()
-            keys = ProductKeys(self.store.prefix, pid)
-            ops = Ops(keys)
-            now = max(watermark, int(state.beh.get("last_ts", 0)))
-            self._prune(state.beh, keys, ops, now)
-            self._behaviour_tags(state, tag_state, now)
-            payload = self._update(
-                state, tag_state, self._merge(tag_state), "window-expired", SourceRef(topic, -1, -1), now
-            )
-            state.tags = tag_state
-            ops.set(keys.tags, orjson.dumps(tag_state))
-            writes.append(Write(pid, f"sweep:{topic}:{partition}", now, ops, payload))
-            emitted.append((pid, payload))
-            index[pid] = self._due(state)
-            if index[pid] is not None and index[pid] <= watermark:
-                index[pid] = watermark + 1
-        results = await self.store.apply(writes)
+    async def _expire(
+        self, due: dict[tuple[str, int], list[str]], watermarks: dict[tuple[str, int], int], out: BatchOutput
+    ) -> None:
+        """Re-evaluate the behaviour tags of the due products of every partition, whose windows moved by event time
+        (the partition's watermark): one read and one write round trip for all of them."""
+        now_of: dict[str, int] = {}
+        for tp, pids in due.items():
+            for pid in pids:
+                now_of[pid] = max(now_of.get(pid, 0), watermarks[tp])
+        states = await self.store.read(sorted(now_of), now=now_of)
+        writes, emitted = [], []
+        index: dict[tuple[str, int], dict[str, int | None]] = {}
+        next_check: dict[str, int | None] = {}
+        for (topic, partition), pids in due.items():
+            watermark = watermarks[(topic, partition)]
+            for pid in pids:
+                if pid not in next_check:  # a product listed by two partitions (after repartitioning): once
+                    state = states[pid]
+                    tag_state = state.tags or _empty_tag_state()
+                    keys = ProductKeys(self.store.prefix, pid)
+                    ops = Ops(keys)
+                    now = max(now_of[pid], int(state.beh.get("last_ts", 0)))
+                    self._prune(state.beh, keys, ops, now)
+                    self._behaviour_tags(state, tag_state, now)
+                    payload = self._update(
+                        state, tag_state, self._merge(tag_state), "window-expired", SourceRef(topic, -1, -1), now
+                    )
+                    state.tags = tag_state
+                    ops.set(keys.tags, orjson.dumps(tag_state))
+                    writes.append(Write(pid, f"sweep:{topic}:{partition}", now, ops, payload))
+                    emitted.append((pid, payload))
+                    next_check[pid] = self._due(state)
+                check = next_check[pid]
+                index.setdefault((topic, partition), {})[pid] = (
+                    watermark + 1 if check is not None and check <= watermark else check
+                )
+        results = await self.store.apply_and_index(writes, index)
         for (pid, payload), result in zip(emitted, results, strict=True):
             if result.applied and payload is not None:
                 out.updates.append((pid.encode(), payload))
-        await self.store.index_active(topic, partition, index)
 
     # --------------------------------------------------------------- fallback
     async def process_each(

@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 STATE_FORMAT = 1
 # After a behaviour batch, per (topic, partition): (watermark, {product_id: next check time, None = none active})
 EndBatch = dict[tuple[str, int], tuple[int, dict[str, int | None]]]
+# Per (topic, partition): {product_id: when its behaviour tags next need a look, None = nothing active}
+ActiveIndex = dict[tuple[str, int], dict[str, int | None]]
 _RETRYABLE = (ConnectionError, TimeoutError, BusyLoadingError, ConnectionResetError, OSError)
 
 
@@ -193,6 +195,8 @@ class StateStore(Protocol):
         self, writes: list[Write], end_batch: EndBatch
     ) -> tuple[list[WriteResult], dict[tuple[str, int], list[str]]]: ...
 
+    async def apply_and_index(self, writes: list[Write], index: ActiveIndex) -> list[WriteResult]: ...
+
     async def index_active(self, topic: str, partition: int, entries: dict[str, int | None]) -> None: ...
 
     async def due(self, topic: str, partition: int, until: int) -> list[str]: ...
@@ -339,9 +343,15 @@ class RedisStateStore:
         """`apply(writes)` then `end_batch(end_batch)`, in the same round trip."""
         return await self._apply(writes, end_batch)
 
+    async def apply_and_index(self, writes: list[Write], index: ActiveIndex) -> list[WriteResult]:
+        """`apply(writes)` then `index_active` of every partition in `index`, in the same round trip."""
+        results, _ = await self._apply(writes, None, index)
+        return results
+
     async def _apply(
-        self, writes: list[Write], end_batch: EndBatch | None
+        self, writes: list[Write], end_batch: EndBatch | None, index: ActiveIndex | None = None
     ) -> tuple[list[WriteResult], dict[tuple[str, int], list[str]]]:
+        # Every round trip counts: a socket write costs ~0.25 ms of system time on this machine's loopback.
         def queue(pipe: Any) -> None:
             for w in writes:
                 emit = w.emit or b""
@@ -350,8 +360,10 @@ class RedisStateStore:
                 )
             if end_batch:
                 self._queue_end_batch(pipe, end_batch)
+            for (topic, partition), entries in (index or {}).items():
+                self._queue_index(pipe, active_key(self.prefix, topic, partition), entries)
 
-        replies = await self._pipelined("apply", queue) if writes or end_batch else []
+        replies = await self._pipelined("apply", queue) if writes or end_batch or index else []
         results = [
             WriteResult(True) if int(r[0]) == 1 else WriteResult(False, r[2].encode() if r[2] else None)
             for r in replies[: len(writes)]
@@ -361,19 +373,17 @@ class RedisStateStore:
     async def index_active(self, topic: str, partition: int, entries: dict[str, int | None]) -> None:
         """Record when each product's behaviour tags next need a look (None = nothing active: drop it)."""
         key = active_key(self.prefix, topic, partition)
+        if entries:
+            await self._pipelined("index_active", lambda pipe: self._queue_index(pipe, key, entries))
+
+    @staticmethod
+    def _queue_index(pipe: Any, key: str, entries: dict[str, int | None]) -> None:
         add = {pid: due for pid, due in entries.items() if due is not None}
         drop = [pid for pid, due in entries.items() if due is None]
-
-        async def run() -> None:
-            pipe = self.client.pipeline(transaction=False)
-            if add:
-                pipe.zadd(key, add)
-            if drop:
-                pipe.zrem(key, *drop)
-            await pipe.execute()
-
-        if entries:
-            await self._retry("index_active", run)
+        if add:
+            pipe.zadd(key, add)
+        if drop:
+            pipe.zrem(key, *drop)
 
     async def due(self, topic: str, partition: int, until: int) -> list[str]:
         """Products whose behaviour windows need a look at or before event time `until`."""
@@ -464,6 +474,13 @@ class MemoryStateStore:
     ) -> tuple[list[WriteResult], dict[tuple[str, int], list[str]]]:
         """`apply(writes)` then `end_batch(end_batch)`."""
         return await self.apply(writes), await self.end_batch(end_batch)
+
+    async def apply_and_index(self, writes: list[Write], index: ActiveIndex) -> list[WriteResult]:
+        """`apply(writes)` then `index_active` of every partition in `index`."""
+        results = await self.apply(writes)
+        for (topic, partition), entries in index.items():
+            await self.index_active(topic, partition, entries)
+        return results
 
     async def apply(self, writes: list[Write]) -> list[WriteResult]:
         """Apply the writes in order; each is a no-op if its offset was applied."""
