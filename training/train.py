@@ -221,6 +221,8 @@ def model_config(settings: TrainerSettings):
         embed_init_scale=settings.embed_init_scale,
         sparse_lr_multiplier=settings.sparse_lr_multiplier,
         sparse_weight_decay=settings.sparse_weight_decay,
+        sparse_epsilon=settings.sparse_epsilon,
+        embed_decay=settings.embed_decay,
         hidden=tuple(settings.hidden),
         dropout=settings.dropout,
         input_dropout=settings.input_dropout,
@@ -228,6 +230,9 @@ def model_config(settings: TrainerSettings):
         label_smoothing=settings.label_smoothing,
         class_weight_power=settings.class_weight_power,
         ensemble=settings.ensemble,
+        linear_dim=settings.linear_dim,
+        linear_shared=settings.linear_shared,
+        combine=settings.combine,
         hierarchical=settings.hierarchical,
         learning_rate=settings.learning_rate,
         seed=settings.seed,
@@ -273,22 +278,42 @@ def fit(
     schedule = keras.optimizers.schedules.CosineDecay(
         settings.learning_rate, decay_steps=steps, alpha=0.05, warmup_target=None
     )
+    n_out = len(models.train.outputs)
     models.train.compile(
         optimizer=LazyAdam(
-            schedule, sparse_lr_multiplier=cfg.sparse_lr_multiplier, sparse_weight_decay=cfg.sparse_weight_decay
+            schedule,
+            sparse_lr_multiplier=cfg.sparse_lr_multiplier,
+            sparse_weight_decay=cfg.sparse_weight_decay,
+            sparse_epsilon=cfg.sparse_epsilon,
+            embed_decay=cfg.embed_decay,
+            use_ema=settings.ema_momentum > 0,
+            ema_momentum=settings.ema_momentum or 0.99,
         ),
-        loss=[loss] * cfg.ensemble,
+        loss=[loss] * n_out,
     )
-    callbacks = [
-        keras.callbacks.EarlyStopping(
-            monitor="val_loss", patience=settings.patience, restore_best_weights=True, verbose=0
-        )
-    ]
+    if settings.monitor == "val_loss" and settings.ema_momentum == 0 and settings.swa_start == 0:
+        callbacks = [
+            keras.callbacks.EarlyStopping(
+                monitor="val_loss", patience=settings.patience, restore_best_weights=True, verbose=0
+            )
+        ]
+    else:
+        callbacks = [
+            _best_weights(
+                models,
+                x_val,
+                y_val,
+                label_map,
+                monitor=settings.monitor,
+                patience=settings.patience,
+                swa_start=settings.swa_start,
+            )
+        ]
     t1 = time.perf_counter()
     hist = models.train.fit(
         x_train.as_inputs(),
-        [y_train.y] * cfg.ensemble,
-        validation_data=(x_val.as_inputs(), [y_val.y] * cfg.ensemble),
+        [y_train.y] * n_out,
+        validation_data=(x_val.as_inputs(), [y_val.y] * n_out),
         batch_size=settings.batch_size,
         epochs=settings.epochs,
         shuffle=True,
@@ -306,6 +331,7 @@ def fit(
         default=settings.default_threshold,
     )
     history = {k: [float(x) for x in v] for k, v in hist.history.items()}
+    history.update(getattr(callbacks[0], "sel_history", {}))
     return FitResult(
         featurizer,
         label_map,
@@ -314,6 +340,92 @@ def fit(
         history,
         {"featurize_s": t_feat, "fit_s": t_fit, "epochs_run": len(history.get("loss", []))},
     )
+
+
+def _best_weights_callback():
+    import keras
+
+    class BestWeights(keras.callbacks.Callback):
+        """Per epoch: score the candidate weights (raw or EMA, and the running SWA mean) on validation, keep the best.
+
+        Stops after `patience` epochs without improvement; the best candidate is loaded at the end of training
+        (after Keras' own EMA finalisation). `val_f1` = mean weighted F1 over the exclusive groups (top-1).
+        """
+
+        def __init__(self, models, x_val, y_val, label_map, *, monitor, patience, swa_start) -> None:
+            super().__init__()
+            self.models, self.x_val, self.y_val, self.label_map = models, x_val, y_val, label_map
+            self.monitor, self.patience, self.swa_start = monitor, patience, swa_start
+            self.best: tuple[float, list[np.ndarray]] | None = None
+            self.swa: list[np.ndarray] | None = None
+            self.swa_n = 0
+            self.wait = 0
+            self.sel_history: dict[str, list[float]] = {"sel_score": [], "sel_swa_score": []}
+
+        def _score(self) -> float:
+            if self.monitor == "val_loss":
+                n_out = len(self.models.train.outputs)
+                out = self.models.train.evaluate(
+                    self.x_val.as_inputs(), [self.y_val.y] * n_out, batch_size=4096, verbose=0, return_dict=True
+                )
+                return -float(out["loss"])
+            scores = predict_keras(self.models.scores, self.x_val)
+            rep = evaluate_scores(scores, self.y_val, self.label_map)
+            return float(np.mean([g["weighted_f1"] for g in rep["groups"].values()]))
+
+        def _get(self) -> list[np.ndarray]:
+            return [np.array(v.value) for v in self.model.trainable_variables]
+
+        def _set(self, values: list[np.ndarray]) -> None:
+            for v, a in zip(self.model.trainable_variables, values, strict=True):
+                v.assign(a)
+
+        def _swap_ema(self) -> None:
+            opt = self.model.optimizer
+            if not getattr(opt, "use_ema", False):
+                return
+            for var, avg in zip(opt._trainable_variables, opt._model_variables_moving_average, strict=True):
+                if avg is None:
+                    continue
+                tmp = np.asarray(var.value)
+                var.assign(avg.value)
+                avg.assign(tmp)
+
+        def on_epoch_end(self, epoch, logs=None) -> None:
+            self._swap_ema()  # evaluate the EMA weights (no-op without EMA)
+            improved = False
+            cands = [(self._score(), None)]
+            self.sel_history["sel_score"].append(cands[0][0])
+            if self.swa_start and epoch + 1 >= self.swa_start:
+                w = self._get()
+                if self.swa is None:
+                    self.swa, self.swa_n = [a.copy() for a in w], 1
+                else:
+                    self.swa_n += 1
+                    for a, b in zip(self.swa, w, strict=True):
+                        a += (b - a) / self.swa_n
+                self._set(self.swa)
+                cands.append((self._score(), [a.copy() for a in self.swa]))
+                self.sel_history["sel_swa_score"].append(cands[1][0])
+                self._set(w)
+            for value, weights in cands:
+                if self.best is None or value > self.best[0]:
+                    self.best = (value, weights if weights is not None else self._get())
+                    improved = True
+            self._swap_ema()  # back to the raw weights to continue training
+            self.wait = 0 if improved else self.wait + 1
+            if self.wait > self.patience:
+                self.model.stop_training = True
+
+        def on_train_end(self, logs=None) -> None:
+            if self.best is not None:
+                self._set(self.best[1])
+
+    return BestWeights
+
+
+def _best_weights(*args, **kwargs):  # the callback class is built lazily (imports Keras)
+    return _best_weights_callback()(*args, **kwargs)
 
 
 # --------------------------------------------------------------------------------------------------- pipeline
