@@ -194,7 +194,9 @@ class GoldenSet:
 
 @dataclass(frozen=True)
 class ModelBundle:
-    """A validated bundle. `onnx_bytes` are the exact bytes whose sha256 was checked (sessions use them)."""
+    """A validated bundle. `onnx_bytes` are the exact bytes whose sha256 was checked (sessions use them); empty in a
+    bundle re-opened by `serving.validate.open_validated`, whose session read `model.onnx` itself and checked its
+    sha256 before and after (`OnnxScorer.load_file`)."""
 
     path: Path
     manifest: Mapping[str, Any]

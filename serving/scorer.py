@@ -8,16 +8,18 @@ and `run` are CPU-bound: the async variants run them in an executor so the event
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 import onnxruntime as ort
 
-from serving.bundle import INPUT_NAMES, OUTPUT_NAME, ModelBundle
+from serving.bundle import INPUT_NAMES, MODEL_FILE, OUTPUT_NAME, ModelBundle
 from tagstream.errors import ConfigError, ModelLoadError, ModelNotLoadedError, ModelRejectedError, ScoringError
 
 __all__ = ["FeatureArrays", "LatencyStats", "OnnxScorer"]
@@ -110,12 +112,42 @@ class OnnxScorer:
         `bundle` must come from `serving.bundle.load_bundle` (which validated it). Raises ModelLoadError; on error
         the previously loaded model stays loaded.
         """
+        self._install(bundle, self._session(bundle.onnx_bytes, bundle.model_version))
+
+    def load_file(self, bundle: ModelBundle, expected_sha256: str) -> None:
+        """Like `load`, but ONNX Runtime reads `model.onnx` from the bundle directory itself, so no copy of the
+        model's bytes is held beside the session being built (one model size less at peak). The file is opened
+        once and hashed again through the same descriptor after the session exists: ModelLoadError unless it still
+        has `expected_sha256` (the hash the validation checked)."""
+        path = bundle.path / MODEL_FILE
+        try:
+            fh = open(path, "rb")  # noqa: SIM115 - kept open across session creation and the re-hash
+        except OSError as exc:
+            raise ModelLoadError(f"{bundle.model_version}: cannot open {path}: {exc}") from None
+        with fh:
+            # hashed before (nothing unvalidated reaches ONNX Runtime) and after (nothing changed meanwhile)
+            if _sha256_of(fh) != expected_sha256:
+                raise ModelLoadError(f"{bundle.model_version}: {MODEL_FILE} changed while its session was created")
+            proc_path = Path(f"/proc/self/fd/{fh.fileno()}")
+            session = self._session(str(proc_path) if proc_path.exists() else str(path), bundle.model_version)
+            if _sha256_of(fh) != expected_sha256:
+                raise ModelLoadError(f"{bundle.model_version}: {MODEL_FILE} changed while its session was created")
+        self._install(bundle, session)
+
+    def _session(self, source: bytes | str, version: str) -> ort.InferenceSession:
         try:
             session = ort.InferenceSession(
-                bundle.onnx_bytes, sess_options=self.session_options(), providers=["CPUExecutionProvider"]
+                source, sess_options=self.session_options(), providers=["CPUExecutionProvider"]
             )
         except Exception as exc:  # onnxruntime raises its own pybind exception types
-            raise ModelLoadError(f"{bundle.model_version}: ONNX Runtime cannot create a session: {exc}") from None
+            raise ModelLoadError(f"{version}: ONNX Runtime cannot create a session: {exc}") from None
+        # The session holds its own copy of the weights: drop the ONNX bytes (one model size of RSS). ORT's Python
+        # session keeps them only to re-create itself on an execution-provider fallback (CPU only here).
+        if hasattr(session, "_model_bytes"):
+            session._model_bytes = None
+        return session
+
+    def _install(self, bundle: ModelBundle, session: ort.InferenceSession) -> None:
         inputs = {i.name: i for i in session.get_inputs()}
         outputs = [o.name for o in session.get_outputs()]
         if sorted(inputs) != sorted(INPUT_NAMES) or outputs != [OUTPUT_NAME]:
@@ -123,10 +155,6 @@ class OnnxScorer:
                 f"{bundle.model_version}: session has inputs {sorted(inputs)} and outputs {outputs}, "
                 f"expected {sorted(INPUT_NAMES)} and ['{OUTPUT_NAME}']"
             )
-        # The session holds its own copy of the weights: drop the ONNX bytes (one model size of RSS). ORT's Python
-        # session keeps them only to re-create itself on an execution-provider fallback (CPU only here).
-        if hasattr(session, "_model_bytes"):
-            session._model_bytes = None
         self._state = _Loaded(replace(bundle, onnx_bytes=b""), session, bundle.L, bundle.K, bundle.T)
 
     async def aload(self, bundle: ModelBundle, executor: Executor | None = None) -> None:
@@ -253,6 +281,15 @@ class OnnxScorer:
                 rows_per_s=float(size * runs / (times.sum() / 1000.0)) if times.sum() > 0 else float("inf"),
             )
         return result
+
+
+def _sha256_of(fh: Any) -> str:
+    """sha256 of an open binary file, read from its start in 1 MiB chunks."""
+    fh.seek(0)
+    digest = hashlib.sha256()
+    for chunk in iter(lambda: fh.read(1 << 20), b""):
+        digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _arrays(batch: FeatureArrays | Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -480,9 +480,12 @@ def open_validated(
     manifest = json.loads(manifest_bytes)
     files: dict[str, str] = manifest["files"]
     data = {
-        name: _reread(root, name, files.get(name), policy.limits.max_onnx_bytes if name == "model.onnx" else limit)
-        for name in ("model.onnx", "labels.json", "thresholds.json", "featurizer.json", "metrics.json", "golden.npz")
+        name: _reread(root, name, files.get(name), limit)
+        for name in ("labels.json", "thresholds.json", "featurizer.json", "metrics.json", "golden.npz")
     }
+    onnx_sha256 = files.get("model.onnx")
+    if not isinstance(onnx_sha256, str):
+        raise ModelRejectedError(["model.onnx: changed after validation"])
     thresholds = json.loads(data["thresholds.json"])
     with np.load(io.BytesIO(data["golden.npz"]), allow_pickle=False) as npz:
         arrays = {k: npz[k] for k in ("ids", "weights", "numeric", "scores")}
@@ -498,7 +501,7 @@ def open_validated(
         featurizer_spec=json.loads(data["featurizer.json"]),
         golden=GoldenSet(**arrays),
         metrics=json.loads(data["metrics.json"]),
-        onnx_bytes=data["model.onnx"],
+        onnx_bytes=b"",  # the session reads the file itself, checked against `onnx_sha256` (ModelBundle docs)
         signed=policy.verify_key is not None,
     )
     if bundle.model_version != report.model_version:
@@ -509,8 +512,10 @@ def open_validated(
         raise ModelRejectedError([f"featurizer: cannot be loaded ({exc})"]) from None
     scorer = OnnxScorer(intra_op_num_threads=policy.intra_op_threads, inter_op_num_threads=policy.inter_op_threads)
     try:
-        scorer.load(bundle)
+        scorer.load_file(bundle, onnx_sha256)  # no second copy of the model's bytes beside the session being built
     except ModelLoadError as exc:
+        if "changed while" in str(exc):
+            raise ModelRejectedError(["model.onnx: changed after validation"]) from None
         raise ModelRejectedError([f"session: {exc}"]) from None
     canary = scorer.check_golden(bundle, atol=policy.canary_atol)
     return ValidatedBundle(bundle, scorer, canary, report.latency, report.quality)

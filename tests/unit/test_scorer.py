@@ -153,3 +153,18 @@ async def test_async_load_and_predict(bundle: ModelBundle) -> None:
         scores = await s.apredict(make_feature_batch(5), pool)
     assert scores.shape == (5, T)
     np.testing.assert_allclose(scores, s.predict(make_feature_batch(5)), atol=1e-6)
+
+
+def test_load_file_scores_like_load_and_refuses_a_changed_file(scorer: OnnxScorer, bundle: ModelBundle) -> None:
+    sha = bundle.manifest["files"]["model.onnx"]
+    from_file = OnnxScorer(intra_op_num_threads=1, inter_op_num_threads=1)
+    from_file.load_file(dataclasses.replace(bundle, onnx_bytes=b""), sha)
+    batch = make_feature_batch(32, seed=3)
+    np.testing.assert_array_equal(from_file.predict(batch), scorer.predict(batch))
+
+    model_file = bundle.path / "model.onnx"
+    model_file.chmod(0o644)
+    model_file.write_bytes(model_file.read_bytes() + b"\x00")  # changed after validation
+    with pytest.raises(ModelLoadError, match="changed"):
+        from_file.load_file(dataclasses.replace(bundle, onnx_bytes=b""), sha)
+    np.testing.assert_array_equal(from_file.predict(batch), scorer.predict(batch))  # the loaded model stays
