@@ -36,12 +36,6 @@ class TrainerSettings(BaseSettings):
     embed_init_scale: float = Field(1e-3, ge=0, description="Uniform ±scale init of the embedding rows.")
     sparse_lr_multiplier: float = Field(4.0, gt=0, description="Learning-rate factor of the embedding (sparse) rows.")
     sparse_weight_decay: float = Field(0.0, ge=0, description="Decoupled weight decay of touched embedding rows.")
-    sparse_epsilon: float = Field(
-        0.0, ge=0, description="Adam epsilon of the embedding rows (0 = Adam's); larger = small steps for rare rows."
-    )
-    embed_decay: float = Field(
-        0.0, ge=0, description="Decoupled weight decay of ALL embedding rows every step (rare rows shrink), 0 = off."
-    )
     hidden: tuple[int, ...] = Field((512,), description="Widths of the hidden Dense+ReLU layers.")
     dropout: float = Field(0.25, ge=0, lt=1, description="Dropout before each Dense layer and the heads.")
     input_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the feature weights (feature dropout).")
@@ -57,16 +51,13 @@ class TrainerSettings(BaseSettings):
     combine: Literal["probs", "logits"] = Field(
         "logits", description="Members averaged as probabilities, or their logits summed before the activation."
     )
-    linear_shared: bool = Field(False, description="Extra linear member on member 0's bag (no extra table).")
     hierarchical: bool = Field(True, description="Condition each category head on its parent head's output.")
     learning_rate: float = Field(2e-3, gt=0, description="Adam learning rate.")
-    epochs: int = Field(6, ge=1, description="Most epochs (early stopping on validation loss).")
+    epochs: int = Field(6, ge=1, description="Most epochs (early stopping, see `monitor`).")
     patience: int = Field(2, ge=0, description="Epochs without validation improvement before stopping.")
     monitor: Literal["val_loss", "val_f1"] = Field(
         "val_f1", description="Early stopping / best-epoch selection: validation loss or mean weighted F1."
     )
-    ema_momentum: float = Field(0.0, ge=0, lt=1, description="EMA of the weights per step (evaluated/kept), 0 = off.")
-    swa_start: int = Field(0, ge=0, description="Average epoch-end weights from this epoch on (SWA), 0 = off.")
     batch_size: int = Field(256, ge=8, description="Training batch size.")
     seed: int = Field(42, description="Seed of splits, initialisation, dropout and shuffling.")
     validation_fraction: float = Field(0.1, gt=0, lt=0.5, description="Stratified validation share.")

@@ -213,30 +213,12 @@ def predict_keras(model: Any, features: FeatureBatch, batch_size: int = 4096) ->
 
 
 def model_config(settings: TrainerSettings):
-    """ModelConfig from the settings."""
+    """ModelConfig from the settings (every ModelConfig field has a setting of the same name but `group_weights`)."""
+    from dataclasses import fields
+
     from training.model import ModelConfig
 
-    return ModelConfig(
-        embed_dim=settings.embed_dim,
-        embed_init_scale=settings.embed_init_scale,
-        sparse_lr_multiplier=settings.sparse_lr_multiplier,
-        sparse_weight_decay=settings.sparse_weight_decay,
-        sparse_epsilon=settings.sparse_epsilon,
-        embed_decay=settings.embed_decay,
-        hidden=tuple(settings.hidden),
-        dropout=settings.dropout,
-        input_dropout=settings.input_dropout,
-        l2=settings.l2,
-        label_smoothing=settings.label_smoothing,
-        class_weight_power=settings.class_weight_power,
-        ensemble=settings.ensemble,
-        linear_dim=settings.linear_dim,
-        linear_shared=settings.linear_shared,
-        combine=settings.combine,
-        hierarchical=settings.hierarchical,
-        learning_rate=settings.learning_rate,
-        seed=settings.seed,
-    )
+    return ModelConfig(**{f.name: getattr(settings, f.name) for f in fields(ModelConfig) if f.name != "group_weights"})
 
 
 def fit(
@@ -281,34 +263,18 @@ def fit(
     n_out = len(models.train.outputs)
     models.train.compile(
         optimizer=LazyAdam(
-            schedule,
-            sparse_lr_multiplier=cfg.sparse_lr_multiplier,
-            sparse_weight_decay=cfg.sparse_weight_decay,
-            sparse_epsilon=cfg.sparse_epsilon,
-            embed_decay=cfg.embed_decay,
-            use_ema=settings.ema_momentum > 0,
-            ema_momentum=settings.ema_momentum or 0.99,
+            schedule, sparse_lr_multiplier=cfg.sparse_lr_multiplier, sparse_weight_decay=cfg.sparse_weight_decay
         ),
         loss=[loss] * n_out,
     )
-    if settings.monitor == "val_loss" and settings.ema_momentum == 0 and settings.swa_start == 0:
+    if settings.monitor == "val_loss":
         callbacks = [
             keras.callbacks.EarlyStopping(
                 monitor="val_loss", patience=settings.patience, restore_best_weights=True, verbose=0
             )
         ]
     else:
-        callbacks = [
-            _best_weights(
-                models,
-                x_val,
-                y_val,
-                label_map,
-                monitor=settings.monitor,
-                patience=settings.patience,
-                swa_start=settings.swa_start,
-            )
-        ]
+        callbacks = [_best_f1_weights(models, x_val, y_val, label_map, patience=settings.patience)]
     t1 = time.perf_counter()
     hist = models.train.fit(
         x_train.as_inputs(),
@@ -331,7 +297,7 @@ def fit(
         default=settings.default_threshold,
     )
     history = {k: [float(x) for x in v] for k, v in hist.history.items()}
-    history.update(getattr(callbacks[0], "sel_history", {}))
+    history.update(getattr(callbacks[0], "history", {}))
     return FitResult(
         featurizer,
         label_map,
@@ -342,90 +308,35 @@ def fit(
     )
 
 
-def _best_weights_callback():
+def _best_f1_weights(models: Any, x_val: Any, y_val: Any, label_map: LabelMap, *, patience: int) -> Any:
+    """A Keras callback keeping the weights of the epoch with the best validation score — the mean weighted F1 of
+    the exclusive groups (top-1) — and stopping after `patience` epochs without improvement."""
     import keras
 
-    class BestWeights(keras.callbacks.Callback):
-        """Per epoch: score the candidate weights (raw or EMA, and the running SWA mean) on validation, keep the best.
-
-        Stops after `patience` epochs without improvement; the best candidate is loaded at the end of training
-        (after Keras' own EMA finalisation). `val_f1` = mean weighted F1 over the exclusive groups (top-1).
-        """
-
-        def __init__(self, models, x_val, y_val, label_map, *, monitor, patience, swa_start) -> None:
+    class BestF1Weights(keras.callbacks.Callback):
+        def __init__(self) -> None:
             super().__init__()
-            self.models, self.x_val, self.y_val, self.label_map = models, x_val, y_val, label_map
-            self.monitor, self.patience, self.swa_start = monitor, patience, swa_start
             self.best: tuple[float, list[np.ndarray]] | None = None
-            self.swa: list[np.ndarray] | None = None
-            self.swa_n = 0
             self.wait = 0
-            self.sel_history: dict[str, list[float]] = {"sel_score": [], "sel_swa_score": []}
+            self.history: dict[str, list[float]] = {"val_f1": []}
 
-        def _score(self) -> float:
-            if self.monitor == "val_loss":
-                n_out = len(self.models.train.outputs)
-                out = self.models.train.evaluate(
-                    self.x_val.as_inputs(), [self.y_val.y] * n_out, batch_size=4096, verbose=0, return_dict=True
-                )
-                return -float(out["loss"])
-            scores = predict_keras(self.models.scores, self.x_val)
-            rep = evaluate_scores(scores, self.y_val, self.label_map)
-            return float(np.mean([g["weighted_f1"] for g in rep["groups"].values()]))
+        def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
+            rep = evaluate_scores(predict_keras(models.scores, x_val), y_val, label_map)
+            score = float(np.mean([g["weighted_f1"] for g in rep["groups"].values()]))
+            self.history["val_f1"].append(score)
+            if self.best is None or score > self.best[0]:
+                self.best = (score, [np.array(v.value) for v in self.model.trainable_variables])
+                self.wait = 0
+            else:
+                self.wait += 1
+                self.model.stop_training = self.wait > patience
 
-        def _get(self) -> list[np.ndarray]:
-            return [np.array(v.value) for v in self.model.trainable_variables]
-
-        def _set(self, values: list[np.ndarray]) -> None:
-            for v, a in zip(self.model.trainable_variables, values, strict=True):
-                v.assign(a)
-
-        def _swap_ema(self) -> None:
-            opt = self.model.optimizer
-            if not getattr(opt, "use_ema", False):
-                return
-            for var, avg in zip(opt._trainable_variables, opt._model_variables_moving_average, strict=True):
-                if avg is None:
-                    continue
-                tmp = np.asarray(var.value)
-                var.assign(avg.value)
-                avg.assign(tmp)
-
-        def on_epoch_end(self, epoch, logs=None) -> None:
-            self._swap_ema()  # evaluate the EMA weights (no-op without EMA)
-            improved = False
-            cands = [(self._score(), None)]
-            self.sel_history["sel_score"].append(cands[0][0])
-            if self.swa_start and epoch + 1 >= self.swa_start:
-                w = self._get()
-                if self.swa is None:
-                    self.swa, self.swa_n = [a.copy() for a in w], 1
-                else:
-                    self.swa_n += 1
-                    for a, b in zip(self.swa, w, strict=True):
-                        a += (b - a) / self.swa_n
-                self._set(self.swa)
-                cands.append((self._score(), [a.copy() for a in self.swa]))
-                self.sel_history["sel_swa_score"].append(cands[1][0])
-                self._set(w)
-            for value, weights in cands:
-                if self.best is None or value > self.best[0]:
-                    self.best = (value, weights if weights is not None else self._get())
-                    improved = True
-            self._swap_ema()  # back to the raw weights to continue training
-            self.wait = 0 if improved else self.wait + 1
-            if self.wait > self.patience:
-                self.model.stop_training = True
-
-        def on_train_end(self, logs=None) -> None:
+        def on_train_end(self, logs: Any = None) -> None:
             if self.best is not None:
-                self._set(self.best[1])
+                for variable, value in zip(self.model.trainable_variables, self.best[1], strict=True):
+                    variable.assign(value)
 
-    return BestWeights
-
-
-def _best_weights(*args, **kwargs):  # the callback class is built lazily (imports Keras)
-    return _best_weights_callback()(*args, **kwargs)
+    return BestF1Weights()
 
 
 # --------------------------------------------------------------------------------------------------- pipeline
