@@ -197,16 +197,6 @@ class StateStore(Protocol):
 
     async def apply_and_index(self, writes: list[Write], index: ActiveIndex) -> list[WriteResult]: ...
 
-    async def index_active(self, topic: str, partition: int, entries: dict[str, int | None]) -> None: ...
-
-    async def due(self, topic: str, partition: int, until: int) -> list[str]: ...
-
-    async def get_watermark(self, topic: str, partition: int) -> int: ...
-
-    async def end_batch(self, partitions: EndBatch) -> dict[tuple[str, int], list[str]]: ...
-
-    async def set_watermark(self, topic: str, partition: int, ts: int) -> None: ...
-
     async def close(self) -> None: ...
 
 
@@ -370,12 +360,6 @@ class RedisStateStore:
         ]
         return results, self._due_lists(end_batch, replies[len(writes) :]) if end_batch else {}
 
-    async def index_active(self, topic: str, partition: int, entries: dict[str, int | None]) -> None:
-        """Record when each product's behaviour tags next need a look (None = nothing active: drop it)."""
-        key = active_key(self.prefix, topic, partition)
-        if entries:
-            await self._pipelined("index_active", lambda pipe: self._queue_index(pipe, key, entries))
-
     @staticmethod
     def _queue_index(pipe: Any, key: str, entries: dict[str, int | None]) -> None:
         add = {pid: due for pid, due in entries.items() if due is not None}
@@ -385,11 +369,6 @@ class RedisStateStore:
         if drop:
             pipe.zrem(key, *drop)
 
-    async def due(self, topic: str, partition: int, until: int) -> list[str]:
-        """Products whose behaviour windows need a look at or before event time `until`."""
-        key = active_key(self.prefix, topic, partition)
-        return await self._retry("due", lambda: self.client.zrangebyscore(key, "-inf", until, start=0, num=1000))
-
     async def get_watermark(self, topic: str, partition: int) -> int:
         """Newest event time seen on a partition (0 if none)."""
         value = await self._retry(
@@ -397,16 +376,9 @@ class RedisStateStore:
         )
         return int(value) if value else 0
 
-    async def end_batch(self, partitions: EndBatch) -> dict[tuple[str, int], list[str]]:
-        """After a behaviour batch, for every (topic, partition) → (watermark, {pid: next check or None}): raise the
-        watermark, update the active index and list the products due at the watermark — one pipelined round trip
-        for all partitions (instead of three sequential ones per partition)."""
-        if not partitions:
-            return {}
-        replies = await self._pipelined("end_batch", lambda pipe: self._queue_end_batch(pipe, partitions))
-        return self._due_lists(partitions, replies)
-
     def _queue_end_batch(self, pipe: Any, partitions: EndBatch) -> None:
+        """After a behaviour batch, per (topic, partition): raise the watermark (never lowers it), update the active
+        index and list the products due at the watermark — four replies each (`_due_lists` reads them)."""
         for topic, partition in partitions:
             watermark, entries = partitions[(topic, partition)]
             key = active_key(self.prefix, topic, partition)
@@ -420,16 +392,6 @@ class RedisStateStore:
     @staticmethod
     def _due_lists(partitions: EndBatch, replies: list[Any]) -> dict[tuple[str, int], list[str]]:
         return {tp: list(replies[4 * i + 3]) for i, tp in enumerate(partitions)}
-
-    async def set_watermark(self, topic: str, partition: int, ts: int) -> None:
-        """Raise a partition's watermark to `ts` (never lowers it)."""
-        script = (
-            "local v = redis.call('HGET', KEYS[1], ARGV[1]); "
-            "if (not v) or tonumber(v) < tonumber(ARGV[2]) then redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end"
-        )
-        await self._retry(
-            "watermark", lambda: self.client.eval(script, 1, watermark_key(self.prefix), f"{topic}:{partition}", ts)
-        )
 
     async def close(self) -> None:
         """Close the connection pool."""
@@ -536,7 +498,7 @@ class MemoryStateStore:
         return int(self.hashes[watermark_key(self.prefix)].get(f"{topic}:{partition}", 0))
 
     async def end_batch(self, partitions: EndBatch) -> dict[tuple[str, int], list[str]]:
-        """Watermarks, active index and due lists of every partition (see RedisStateStore.end_batch)."""
+        """Watermarks, active index and due lists of every partition (RedisStateStore._queue_end_batch)."""
         due = {}
         for (topic, partition), (watermark, entries) in partitions.items():
             await self.set_watermark(topic, partition, watermark)
