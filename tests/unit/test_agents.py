@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -49,6 +49,14 @@ async def test_behaviour_agent_applies_clicks_once_each(worker: Worker) -> None:
     state = (await store.read(["b1"]))["b1"]
     assert sum(v for k, v in state.beh.items() if k.startswith("m:")) == 25
     assert any("trending" in orjson.loads(v)["added"] for _, v in worker.captured["tag-updates"])
+
+
+async def _until(condition: Callable[[], bool], timeout: float = 2.0) -> None:
+    """Let the event loop run until `condition()` holds (AssertionError after `timeout` seconds)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.001)
 
 
 class _FakeEvent:
@@ -103,13 +111,11 @@ async def test_batches_are_acknowledged_only_after_their_updates_are_delivered(w
     worker._enqueue = enqueue  # type: ignore[method-assign]
     running = asyncio.ensure_future(worker._run_batches(stream, process))  # type: ignore[arg-type]
     gate.set()
-    for _ in range(20):
-        await asyncio.sleep(0)
+    await _until(lambda: len(processed) == 2)
     # both batches processed while the first one's delivery is still pending; nothing acknowledged yet
     assert processed == [[0, 1], [2]] and stream.acked == []
     deliveries[1].set_result(None)
-    for _ in range(20):
-        await asyncio.sleep(0)
+    await _until(lambda: stream.acked != [])
     assert stream.acked == [2]  # its own updates are delivered
     deliveries[0].set_result(None)
     await running
