@@ -234,7 +234,10 @@ def test_hot_swap_under_load_rollback_and_a_late_worker_converges(
 
     load = LoadProducer(se, "L", n=1500, chunk=25, pause=0.04)
     load.start()
-    time.sleep(1.0)
+    deadline = time.monotonic() + 30
+    while len(load.sent) < 200 and load.is_alive():  # the swap lands under live load
+        assert time.monotonic() < deadline, "the load producer did not start"
+        time.sleep(0.05)
     offset = send(se, request("activate", bundles["b"]))
     [answer] = wait_answers(se, "w-1", 1, after=offset)
     assert (answer["kind"], answer["model_version"]) == ("model-activated", b)
