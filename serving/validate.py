@@ -513,9 +513,7 @@ def open_validated(
     scorer = OnnxScorer(intra_op_num_threads=policy.intra_op_threads, inter_op_num_threads=policy.inter_op_threads)
     try:
         scorer.load_file(bundle, onnx_sha256)  # no second copy of the model's bytes beside the session being built
-    except ModelLoadError as exc:
-        if "changed while" in str(exc):
-            raise ModelRejectedError(["model.onnx: changed after validation"]) from None
+    except ModelLoadError as exc:  # includes "model.onnx changed while its session was created"
         raise ModelRejectedError([f"session: {exc}"]) from None
     canary = scorer.check_golden(bundle, atol=policy.canary_atol)
     return ValidatedBundle(bundle, scorer, canary, report.latency, report.quality)
