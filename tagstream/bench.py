@@ -107,6 +107,15 @@ def _subprocess_json(cmd: list[str], log_path: Path, timeout: float) -> dict[str
 # --------------------------------------------------------------------------------------------------- stream phases
 
 
+def _catch_up_rate(trace: Any, started: float, total: int) -> dict[str, Any]:
+    """The commit trace's steady rate; for a tiny (smoke) backlog, caught up in one commit: total / (start → done)."""
+    rate = trace.rate()
+    if rate["events_per_s"] is None and trace.done_at is not None:
+        elapsed = trace.done_at - started
+        rate.update(events_per_s=total / elapsed, seconds=elapsed, method="process start → caught up")
+    return rate
+
+
 class StreamBench:
     """The Kafka-side measurements: passthrough, tagstream throughput, latency, naive."""
 
@@ -222,11 +231,7 @@ class StreamBench:
             trace = self._watch(env["TAGSTREAM_APP_ID"], proc.alive, timeout=120 + self.cfg.throughput_window)
         finally:
             proc.stop()
-        rate = trace.rate()
-        if rate["events_per_s"] is None and trace.done_at is not None:  # tiny (smoke) backlog: one commit
-            elapsed = trace.done_at - t0
-            rate.update(events_per_s=total / elapsed, seconds=elapsed, method="start → caught up")
-        return {**rate, "peak_rss_mb": round(proc.peak_mb, 1)}
+        return {**_catch_up_rate(trace, t0, total), "peak_rss_mb": round(proc.peak_mb, 1)}
 
     # -- 2a. tagstream throughput -----------------------------------------------------------------------------------
     def tagstream_run(self, i: int) -> dict[str, Any]:
@@ -245,10 +250,7 @@ class StreamBench:
             worker.snapshot()
         finally:
             code = worker.stop()
-        rate = trace.rate()
-        if rate["events_per_s"] is None and trace.done_at is not None:  # tiny (smoke) backlog: one commit
-            elapsed = trace.done_at - t0
-            rate.update(events_per_s=total / elapsed, seconds=elapsed, method="worker start → caught up")
+        rate = _catch_up_rate(trace, t0, total)
         if trace.done_at is None:
             _log(f"worker run {i} did not commit within the time limit (exit {code}); see {worker.log_path}")
         updates = self._tag_update_count(self.backlog_prefix) - before
