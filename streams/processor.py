@@ -260,15 +260,29 @@ class Processor:
             else:  # applied meanwhile by another delivery (a rebalance race): re-send what that one produced
                 self._resend(pid, group.write.offset, result.stored_emit, out)
         for (pid, fence_field), offset in redelivered.items():
-            self._resend(pid, offset, states[pid].stored_emit(fence_field), out)
+            self._resend(pid, offset, states[pid].stored_emit(fence_field), out, current=states[pid].tags)
         return due
 
     @staticmethod
-    def _resend(pid: str, offset: int, stored: bytes | None, out: BatchOutput) -> None:
-        """Re-send the update an already applied offset produced, if it was produced at or after that offset."""
+    def _resend(
+        pid: str, offset: int, stored: bytes | None, out: BatchOutput, current: dict[str, Any] | None = None
+    ) -> None:
+        """Re-send the update an already applied offset produced, if it was produced at or after that offset — and,
+        given the product's `current` tag state, only if it still carries the current tags. Otherwise a later change
+        from the product's other input topic superseded it: that update is either delivered (its batch committed) or
+        re-sent by its own redelivery, and re-sending this one after it would leave stale tags last on the topic."""
         out.redelivered += 1
-        if stored is not None and orjson.loads(stored)["source"]["offset"] >= offset:
-            out.updates.append((pid.encode(), stored))
+        if stored is None:
+            return
+        update = orjson.loads(stored)
+        if update["source"]["offset"] < offset:
+            return
+        if current is not None and (
+            sorted(t["tag"] for t in update["tags"]) != sorted(t["tag"] for t in current.get("tags") or ())
+            or bool(update.get("deleted")) != bool(current.get("deleted"))
+        ):
+            return
+        out.updates.append((pid.encode(), stored))
 
     # ---------------------------------------------------------------- products
     async def prepare_products(self, messages: Sequence[InMessage]) -> PreparedProducts:

@@ -84,6 +84,23 @@ async def test_a_redelivered_batch_is_a_no_op_that_resends_the_last_update(proce
     assert [u for _, u in again.updates] == [first.updates[-1][1]]  # the last update is sent again
 
 
+async def test_a_redelivered_update_superseded_from_the_other_topic_is_not_sent_again(processor: Processor) -> None:
+    # the state changed by a click burst (behavior topic), then by a catalog change (products topic); after a crash
+    # both batches come back: the burst's stored update is stale and must not end up last on the topic
+    feed = Feed()
+    await processor.process_products(feed("products", upsert("p5", "Shoes", attributes={"colour": "Red"})))
+    burst = feed("behavior", *[behaviour("p5", f"u{i % 9}", T0 + i * 5000) for i in range(30)])
+    assert any("trending" in u["added"] for u in updates(await processor.process_behaviour(burst)))
+    change = feed("products", upsert("p5", "Shoes", attributes={"colour": "Blue"}, version=2))
+    [final] = updates(await processor.process_products(change))
+    assert "colour:Blue" in {t["tag"] for t in final["tags"]}
+
+    again_burst = await processor.process_behaviour(burst)
+    again_change = await processor.process_products(change)
+    assert again_burst.redelivered == 1 and again_burst.updates == []
+    assert updates(again_change) == [final]
+
+
 async def test_a_click_burst_turns_trending_on_and_it_expires_with_event_time(processor: Processor) -> None:
     feed = Feed()
     out = await processor.process_behaviour(
