@@ -22,13 +22,16 @@ from streams.processor import BatchOutput, InMessage, Processor
 from streams.settings import DEV_USER_HASH_KEY, WorkerSettings
 from streams.state import RedisStateStore, StateStore
 from streams.topics import BEHAVIOR, DEAD_LETTER, MODEL_UPDATES, PRODUCTS, TAG_UPDATES, TOPICS, partitions_of
-from streams.transport import TagstreamTransport
+from streams.transport import RecordBatchMessage, TagstreamTransport
 
 log = logging.getLogger(__name__)
 
 
 class TagstreamApp(faust.App):
-    """A Faust app on TagstreamTransport: idempotent acks=all producer, cheaper message hand-off."""
+    """A Faust app on TagstreamTransport: idempotent acks=all producer, cheaper message hand-off, and the records of
+    `batched_topics` delivered as one `RecordBatchMessage` per partition and fetch."""
+
+    batched_topics: frozenset[str] = frozenset()
 
     def _new_transport(self) -> TagstreamTransport:
         return TagstreamTransport(self.conf.broker_consumer, self)
@@ -106,6 +109,8 @@ class Worker:
             )
             for spec in TOPICS
         }
+        if settings.fetch_batches:
+            self.app.batched_topics = frozenset(settings.topic(spec.name) for spec in (PRODUCTS, BEHAVIOR))
         self._define_agents()
 
     # ---------------------------------------------------------------- startup
@@ -169,26 +174,36 @@ class Worker:
     ) -> None:
         """Consume in micro-batches: take what is buffered (up to batch_max), process, publish, then ack.
 
-        Delivery is pipelined: while a batch's updates await Kafka's acks=all, the next batch is processed (at most
-        `max_inflight_batches` waiting). Updates are enqueued in processing order, each batch's offsets are
-        acknowledged only after its own updates are delivered, and a failed delivery stops the agent (its batch is
-        never acknowledged, so the commit cannot pass it and the batch is redelivered, offset-fenced, on restart).
-        `prepare` (product scoring) runs before the locks, its result handed to `process`.
+        An event is one record, or (`fetch_batches`) a `RecordBatchMessage` with all the records one fetch returned
+        for a partition; those are processed in chunks of at most batch_max and the event is acknowledged after its
+        last chunk. Delivery is pipelined: while a chunk's updates await Kafka's acks=all, the next chunk is
+        processed (at most `max_inflight_batches` waiting). Updates are enqueued in processing order, events are
+        acknowledged in order and only after their own updates and all earlier ones are delivered, and a failed
+        delivery stops the agent (its events are never acknowledged, so the commit cannot pass them and they are
+        redelivered, offset-fenced, on restart). `prepare` (product scoring) runs before the locks, its result handed
+        to `process`.
         """
         manual = stream.noack()
         queue = getattr(manual.channel, "queue", None)
+        batch_max = self.settings.batch_max
         inflight: deque[asyncio.Future[None]] = deque()
-        batch: list[faust.EventT] = []
+        events: list[faust.EventT] = []
+        messages: list[InMessage] = []
         try:
             async for event in manual.events():
-                batch.append(event)
-                if len(batch) < self.settings.batch_max and queue is not None and not queue.empty():
+                events.append(event)
+                messages += _in_messages(event.message)
+                if len(messages) < batch_max and queue is not None and not queue.empty():
                     continue
-                pending, out = await self._process_batch(batch, process, prepare)
-                inflight.append(asyncio.ensure_future(self._settle(pending, out, batch, manual)))
-                batch = []
-                while inflight and (inflight[0].done() or len(inflight) > self.settings.max_inflight_batches):
-                    await inflight.popleft()  # raises the delivery error of a failed batch
+                for start in range(0, len(messages), batch_max):
+                    chunk = messages[start : start + batch_max]
+                    pending, out = await self._process_batch(chunk, process, prepare)
+                    done = events if start + batch_max >= len(messages) else []
+                    previous = inflight[-1] if inflight else None
+                    inflight.append(asyncio.ensure_future(self._settle(pending, out, done, manual, previous)))
+                    while inflight and (inflight[0].done() or len(inflight) > self.settings.max_inflight_batches):
+                        await inflight.popleft()  # raises the delivery error of a failed batch
+                events, messages = [], []
             while inflight:
                 await inflight.popleft()
         finally:
@@ -197,15 +212,11 @@ class Worker:
 
     async def _process_batch(
         self,
-        batch: list[faust.EventT],
+        messages: list[InMessage],
         process: Callable[..., Awaitable[BatchOutput]],
         prepare: Callable[[Sequence[InMessage]], Awaitable[Any]] | None = None,
     ) -> tuple[list[Any], BatchOutput]:
         """Process a batch and enqueue its updates; returns their delivery futures and the batch's output."""
-        messages = [
-            InMessage(m.topic, m.partition, m.offset, m.key, m.value, int((m.timestamp or 0) * 1000))
-            for m in (event.message for event in batch)
-        ]
         prepared = None
         if prepare is not None:
             try:
@@ -230,10 +241,19 @@ class Worker:
         del self.stats.batch_sizes[:-1000]
         return pending, out
 
-    async def _settle(self, pending: list[Any], out: BatchOutput, batch: list[faust.EventT], manual: Any) -> None:
-        """Wait until Kafka has the batch's updates, then acknowledge its events."""
+    async def _settle(
+        self,
+        pending: list[Any],
+        out: BatchOutput,
+        events: list[faust.EventT],
+        manual: Any,
+        previous: asyncio.Future[None] | None,
+    ) -> None:
+        """Wait until Kafka has the batch's updates and the previous batch is settled, then acknowledge `events`."""
         await self._delivered(pending, out)
-        for done in batch:
+        if previous is not None:
+            await previous  # acknowledgements in order; raises if an earlier delivery failed
+        for done in events:
             await manual.ack(done)
 
     async def publish(self, out: BatchOutput) -> None:
@@ -269,3 +289,19 @@ class Worker:
     def model_updates_topic(self) -> faust.TopicT:
         """The topic model updates arrive on."""
         return self.topics[MODEL_UPDATES.name]
+
+
+def _in_messages(message: Any) -> list[InMessage]:
+    """The records a Faust message carries: a `RecordBatchMessage`'s records, or the message itself."""
+    if isinstance(message, RecordBatchMessage):
+        return [InMessage(r.topic, r.partition, r.offset, r.key, r.value, r.timestamp or 0) for r in message.records]
+    return [
+        InMessage(
+            message.topic,
+            message.partition,
+            message.offset,
+            message.key,
+            message.value,
+            int((message.timestamp or 0) * 1000),
+        )
+    ]

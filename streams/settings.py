@@ -70,6 +70,11 @@ class WorkerSettings(BaseSettings):
     ort_intra_op_threads: int = Field(1, ge=1, description="ONNX Runtime intra-op threads.")
     ort_inter_op_threads: int = Field(1, ge=1, description="ONNX Runtime inter-op threads.")
     batch_max: int = Field(512, ge=1, description="Most events processed (and scored) as one micro-batch.")
+    fetch_batches: bool = Field(
+        True,
+        description="Hand the product and behaviour agents all records of a partition that one fetch returned as one "
+        "Faust message (False: one Faust message per record, Faust's own path, ~60 µs more per event).",
+    )
     max_inflight_batches: int = Field(
         4,
         ge=1,

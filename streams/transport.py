@@ -1,4 +1,5 @@
-"""Faust's aiokafka transport with two changes: an idempotent acks=all producer, and a cheaper message hand-off.
+"""Faust's aiokafka transport with three changes: an idempotent acks=all producer, a cheaper message hand-off, and
+fetched records delivered to batch agents as one Faust message per partition and fetch.
 
 faust-streaming 0.15.3 hands every fetched message to the agents through
 `await self.wait_first(callback(message), self.suspend_flow.wait())`: two tasks and an `asyncio.wait` per message,
@@ -6,6 +7,14 @@ so that a callback blocked on a full stream buffer can be abandoned when a rebal
 callback finishes without blocking, so `FastConsumer` first runs the callback's coroutine one step inline; only a
 callback that really blocks is finished under `wait_first`, as Faust does. On this machine that took a no-op agent
 from ~13k to ~16.5k messages/s and cut its CPU per message by about 40% (`bench/RESULTS.md`).
+
+Even so, Faust's per-message path (a `ConsumerMessage`, a decoded `Event`, the stream buffer, the stream iterator's
+sensors and bookkeeping, an ack) costs ~60 µs per message here, about as much as all of tagstream's own work. The
+worker's agents process micro-batches anyway, so for the topics in `app.batched_topics` `FastConsumer.getmany` wraps
+all the records one fetch returned for a partition in one `RecordBatchMessage` (offset = its last record's; the
+records ride along, undecoded). The agent reads `message.records`; acknowledging the message acknowledges every
+offset from its first record's to its last (`FastConsumer.ack`), so commits advance exactly as if each record had
+been acknowledged on its own, and a crash before the acknowledgement redelivers the whole batch.
 """
 
 from __future__ import annotations
@@ -17,9 +26,11 @@ from typing import Any, cast
 
 from faust.transport.consumer import CONSUMER_FETCHING
 from faust.transport.drivers import aiokafka as faust_aiokafka
+from faust.types import TP, Message
+from faust.types.tuples import ConsumerMessage, ack_lock
 from mode import Service
 
-__all__ = ["TagstreamTransport", "run_inline_first"]
+__all__ = ["RecordBatchMessage", "TagstreamTransport", "run_inline_first"]
 
 
 @types.coroutine
@@ -57,12 +68,91 @@ def run_inline_first(coro: Coroutine[Any, Any, Any]) -> Coroutine[Any, Any, Any]
     return _finish(coro, pending)
 
 
+class RecordBatchMessage(ConsumerMessage):
+    """The records one fetch returned for one partition of a batched topic, as one Faust message.
+
+    `offset`/`timestamp` are the last record's; `first_offset` is the first record's; `records` are the aiokafka
+    `ConsumerRecord`s in offset order (key, value and timestamp in ms undecoded). key and value are empty."""
+
+    __slots__ = ("first_offset", "records")
+
+    def __init__(self, tp: TP, records: list[Any], generation_id: int | None) -> None:
+        last = records[-1]
+        super().__init__(
+            tp.topic,
+            tp.partition,
+            last.offset,
+            last.timestamp / 1000.0 if last.timestamp is not None else cast(float, None),
+            last.timestamp_type,
+            None,
+            None,
+            b"",
+            None,
+            0,
+            0,
+            tp,
+            generation_id=generation_id,
+        )
+        self.first_offset: int = records[0].offset
+        self.records: list[Any] = records
+
+
 class FastConsumer(faust_aiokafka.Consumer):
-    """Faust's aiokafka consumer whose fetch loop runs each message's callback inline until it blocks."""
+    """Faust's aiokafka consumer whose fetch loop runs each message's callback inline until it blocks, and which
+    delivers the records of `app.batched_topics` as one `RecordBatchMessage` per partition and fetch."""
+
+    async def getmany(self, timeout: float) -> AsyncIterator[tuple[TP, Message]]:
+        """`faust.transport.consumer.Consumer.getmany` (0.15.3), with one `RecordBatchMessage` per partition of a
+        batched topic instead of one message per record (records of other topics: as there)."""
+        batched: frozenset[str] = getattr(self.app, "batched_topics", frozenset())
+        records, active_partitions = await self._wait_next_records(timeout)
+        generation_id = self.app.consumer_generation_id
+        if records is None or self.should_stop:
+            return
+        if not self.flow_active:
+            self.log.dev("getmany called while flow not active. Seek back to committed offsets.")
+            try:
+                await self.perform_seek()
+            except Exception as ex:
+                self.log.warning(f"exception performing seek when flow not active {ex}")
+            return
+        to_message = self._to_message
+        for tp, tp_records in records.items():
+            if not self.flow_active or self.app.consumer_generation_id != generation_id:
+                break  # rebalancing: the rest is fetched again from the committed offsets
+            if not tp_records or not (
+                active_partitions is None or tp in active_partitions or tp in self._buffered_partitions
+            ):
+                continue
+            self.app.monitor.track_tp_end_offset(tp, self.highwater(tp))
+            if tp.topic in batched:
+                yield tp, RecordBatchMessage(tp, tp_records, generation_id)
+            else:
+                for record in tp_records:
+                    yield tp, to_message(tp, record)
+
+    def ack(self, message: Message) -> bool:
+        """Mark a message acknowledged; a `RecordBatchMessage` acknowledges every offset it spans."""
+        if isinstance(message, RecordBatchMessage):
+            with ack_lock:
+                if message.acked or not self.app.topics.acks_enabled_for(message.topic):
+                    return super().ack(message)
+                tp = message.tp
+                committed = self._committed_offset[tp]
+                acked_index = self._acked_index[tp]
+                acked_for_tp = self._acked[tp]
+                for offset in range(message.first_offset, message.offset):
+                    if (committed is None or offset >= committed) and offset not in acked_index:
+                        acked_index.add(offset)
+                        acked_for_tp.append(offset)
+                        self._n_acked += 1
+                return super().ack(message)
+        return super().ack(message)
 
     async def _drain_messages(self, fetcher: Any) -> None:  # pragma: no cover - exercised by the worker tests
         """`faust.transport.consumer.Consumer._drain_messages` (0.15.3), with `wait_first` only for callbacks that
-        block (see the module docstring); gaps, commits and read offsets are handled exactly as there."""
+        block (see the module docstring); commits and read offsets as there, gaps end before a message's first
+        offset."""
         callback = self.callback
         getmany = self.getmany
         consumer_should_stop = cast(Service, self)._stopped.is_set
@@ -87,11 +177,14 @@ class FastConsumer(faust_aiokafka.Consumer):
                             await asyncio.sleep(0)
                             num_since_yield = 0
                         offset = message.offset
+                        first = getattr(message, "first_offset", offset)
                         r_offset = get_read_offset(tp)
                         if r_offset is None or offset >= r_offset:
-                            gap = offset - (r_offset or 0)
+                            gap = first - (r_offset or 0)
                             if gap > 1 and r_offset and acks_enabled_for(message.topic):
-                                await self._add_gap(tp, r_offset + 1, offset)
+                                # the missing offsets only (Faust's own call also covers `offset`, which would
+                                # let a commit pass it before it is acknowledged)
+                                await self._add_gap(tp, r_offset + 1, first - 1)
                             if commit_every is not None and self._n_acked >= commit_every:
                                 self._n_acked = 0
                                 await self.commit()

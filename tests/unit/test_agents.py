@@ -10,11 +10,13 @@ from types import SimpleNamespace
 import orjson
 import pytest
 from aiokafka.errors import KafkaTimeoutError
+from faust.types import TP
 
 from streams.app import Worker
 from streams.processor import BatchOutput, InMessage
 from streams.settings import WorkerSettings
 from streams.state import MemoryStateStore
+from streams.transport import RecordBatchMessage
 from tests.events import behaviour, upsert
 from tests.models import featurized_bundle
 
@@ -115,11 +117,58 @@ async def test_batches_are_acknowledged_only_after_their_updates_are_delivered(w
     # both batches processed while the first one's delivery is still pending; nothing acknowledged yet
     assert processed == [[0, 1], [2]] and stream.acked == []
     deliveries[1].set_result(None)
-    await _until(lambda: stream.acked != [])
-    assert stream.acked == [2]  # its own updates are delivered
+    for _ in range(50):  # the second batch is delivered, but acknowledgements keep the consumed order
+        await asyncio.sleep(0)
+    assert stream.acked == []
     deliveries[0].set_result(None)
     await running
-    assert sorted(stream.acked) == [0, 1, 2]
+    assert stream.acked == [0, 1, 2]
+
+
+def _fetched(offsets: range) -> SimpleNamespace:
+    """An event carrying a RecordBatchMessage: the records one fetch returned for partition 0."""
+    records = [
+        SimpleNamespace(
+            topic="behavior", partition=0, offset=o, key=b"k", value=b"{}", timestamp=1000 + o, timestamp_type=0
+        )
+        for o in offsets
+    ]
+    return SimpleNamespace(message=RecordBatchMessage(TP("behavior", 0), records, generation_id=1))
+
+
+async def test_a_fetched_batch_is_processed_in_chunks_and_acknowledged_after_its_last_chunk(worker: Worker) -> None:
+    loop = asyncio.get_running_loop()
+    worker.settings = worker.settings.model_copy(update={"batch_max": 4})
+    deliveries: list[asyncio.Future[None]] = []
+
+    async def enqueue(out: BatchOutput) -> list[asyncio.Future[None]]:
+        deliveries.append(loop.create_future())
+        return [deliveries[-1]]
+
+    processed: list[list[tuple[int, int]]] = []
+
+    async def process(messages: Sequence[InMessage]) -> BatchOutput:
+        processed.append([(m.offset, m.timestamp_ms) for m in messages])
+        return BatchOutput(updates=[(b"k", b"{}")])
+
+    gate = asyncio.Event()
+    fetched = _fetched(range(10, 20))
+    stream = _FakeStream([[fetched]], gate)  # type: ignore[list-item]
+    worker._enqueue = enqueue  # type: ignore[method-assign]
+    running = asyncio.ensure_future(worker._run_batches(stream, process))  # type: ignore[arg-type]
+    await _until(lambda: len(processed) == 3)
+    # ten records, batch_max 4: three chunks, records in offset order with their own timestamps
+    assert [[o for o, _ in chunk] for chunk in processed] == [[10, 11, 12, 13], [14, 15, 16, 17], [18, 19]]
+    assert processed[2] == [(18, 1018), (19, 1019)]
+    deliveries[2].set_result(None)
+    deliveries[0].set_result(None)
+    for _ in range(50):
+        await asyncio.sleep(0)
+    assert stream.acked == []  # the middle chunk's updates are not delivered yet
+    deliveries[1].set_result(None)
+    gate.set()
+    await running
+    assert stream.acked == [19]  # the message (offset = its last record's) once, after all its chunks
 
 
 async def test_a_failed_delivery_stops_the_agent_and_leaves_its_batch_unacknowledged(worker: Worker) -> None:

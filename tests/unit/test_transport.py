@@ -1,12 +1,19 @@
-"""The consumer's inline message hand-off behaves like awaiting the callback, blocked or not."""
+"""The consumer's inline message hand-off behaves like awaiting the callback, blocked or not; a fetched record
+batch, acknowledged, lets the commit advance past all of its records and no further."""
 
 from __future__ import annotations
 
 import asyncio
+from collections import defaultdict
+from types import SimpleNamespace
 
 import pytest
+from faust.types import TP
+from intervaltree import IntervalTree
 
-from streams.transport import run_inline_first
+from streams.transport import FastConsumer, RecordBatchMessage, run_inline_first
+
+TOPIC_TP = TP("behavior", 0)
 
 
 async def test_a_callback_that_does_not_block_finishes_inline() -> None:
@@ -77,3 +84,44 @@ async def test_cancelling_a_blocked_callback_runs_its_cleanup() -> None:
     with pytest.raises(asyncio.CancelledError):
         await task
     assert cleaned == [True]
+
+
+def _consumer(committed: int | None) -> FastConsumer:
+    """A FastConsumer with only the bookkeeping `ack` and Faust's `_new_offset` use (no broker)."""
+    consumer = FastConsumer.__new__(FastConsumer)
+    consumer.app = SimpleNamespace(topics=SimpleNamespace(acks_enabled_for=lambda topic: True))  # type: ignore[assignment]
+    consumer._committed_offset = defaultdict(lambda: committed)
+    consumer._acked_index = defaultdict(set)
+    consumer._acked = defaultdict(list)
+    consumer._gap = defaultdict(IntervalTree)
+    consumer._n_acked = 0
+    consumer._unacked_messages = set()
+    consumer._waiting_for_ack = None
+    return consumer
+
+
+def _batch(offsets: range) -> RecordBatchMessage:
+    records = [
+        SimpleNamespace(topic="behavior", partition=0, offset=o, key=None, value=b"{}", timestamp=5, timestamp_type=0)
+        for o in offsets
+    ]
+    return RecordBatchMessage(TOPIC_TP, records, generation_id=1)
+
+
+def test_acknowledging_a_record_batch_commits_past_all_of_its_records() -> None:
+    consumer = _consumer(committed=99)
+    batch = _batch(range(100, 110))
+    assert (batch.offset, batch.first_offset, batch.timestamp) == (109, 100, 0.005)
+    assert consumer.ack(batch) is True
+    assert consumer._n_acked == 10  # counts towards broker_commit_every like ten records
+    assert consumer._new_offset(TOPIC_TP) == 110
+    assert consumer.ack(batch) is False  # acknowledged once
+
+
+def test_a_later_batch_acknowledged_first_does_not_let_the_commit_pass_an_earlier_one() -> None:
+    consumer = _consumer(committed=99)
+    first, second = _batch(range(100, 110)), _batch(range(110, 120))
+    consumer.ack(second)
+    assert consumer._new_offset(TOPIC_TP) is None  # 100..109 are not done
+    consumer.ack(first)
+    assert consumer._new_offset(TOPIC_TP) == 120
