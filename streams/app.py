@@ -26,6 +26,8 @@ from streams.transport import RecordBatchMessage, TagstreamTransport
 
 log = logging.getLogger(__name__)
 
+FETCHED_BATCHES_BUFFERED = 8
+
 
 class TagstreamApp(faust.App):
     """A Faust app on TagstreamTransport: idempotent acks=all producer, cheaper message hand-off, and the records of
@@ -97,6 +99,8 @@ class Worker:
             broker_commit_every=1000,
             broker_commit_interval=0.5,
             stream_wait_empty=False,
+            # a buffered fetched batch holds up to a whole fetch of a partition (1 MB): keep a few, not 4,096
+            stream_buffer_maxsize=FETCHED_BATCHES_BUFFERED if settings.fetch_batches else 4096,
         )
         self.topics = {
             spec.name: self.app.topic(
