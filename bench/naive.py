@@ -48,20 +48,6 @@ class KerasModel:
         return self.decoder.decode(scores)
 
 
-class Inline:
-    """An executor that runs the call in place (the naive loop blocks on scoring)."""
-
-    def submit(self, fn: Any, *args: Any) -> Any:
-        import concurrent.futures
-
-        fut: concurrent.futures.Future = concurrent.futures.Future()
-        try:
-            fut.set_result(fn(*args))
-        except BaseException as exc:
-            fut.set_exception(exc)
-        return fut
-
-
 def load_keras(path: str, threads: int) -> Any:
     """The saved Keras scoring model (TensorFlow pinned to `threads` threads)."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -92,9 +78,7 @@ async def naive(args: argparse.Namespace) -> dict[str, Any]:
     load_s = time.perf_counter() - t_load
     store = RedisStateStore.from_url(args.redis_url, args.redis_prefix)
     await store.check_format()
-    processor = Processor(
-        store, user_hash_key=BENCH_USER_HASH_KEY.encode(), executor=Inline(), model_provider=lambda: model
-    )
+    processor = Processor(store, user_hash_key=BENCH_USER_HASH_KEY.encode(), model_provider=lambda: model)
     products_topic, behaviour_topic = f"{args.prefix}products", f"{args.prefix}behavior"
     consumer = AIOKafkaConsumer(
         products_topic,

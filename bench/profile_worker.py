@@ -17,7 +17,6 @@ import json
 import sys
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -64,10 +63,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     batches = batches_of(items, "bench-prof-", args.batch, 4)
     store = RedisStateStore.from_url(args.redis_url, redis_prefix)
     await store.check_format()
-    executor = ThreadPoolExecutor(max_workers=2)
-    processor = Processor(
-        store, user_hash_key=BENCH_USER_HASH_KEY.encode(), executor=executor, model_provider=lambda: model
-    )
+    processor = Processor(store, user_hash_key=BENCH_USER_HASH_KEY.encode(), model_provider=lambda: model)
     spent: dict[str, float] = {"products": 0.0, "behavior": 0.0}
     counts: dict[str, int] = {"products": 0, "behavior": 0}
     profiler: Any = None

@@ -26,7 +26,8 @@ from streams.transport import RecordBatchMessage, TagstreamTransport
 
 log = logging.getLogger(__name__)
 
-FETCHED_BATCHES_BUFFERED = 8
+FETCHED_BATCHES_BUFFERED = 32  # per stream; Faust pauses its partitions at 25 (maxsize / 1.25), resumes at 12
+FETCH_BYTES_PER_PARTITION = 256 * 1024  # most bytes one fetch returns per partition (~800 events)
 
 
 class TagstreamApp(faust.App):
@@ -99,8 +100,9 @@ class Worker:
             broker_commit_every=1000,
             broker_commit_interval=0.5,
             stream_wait_empty=False,
-            # a buffered fetched batch holds up to a whole fetch of a partition (1 MB): keep a few, not 4,096
+            # a buffered fetched batch holds up to a whole fetch of a partition: a few dozen of them, not 4,096
             stream_buffer_maxsize=FETCHED_BATCHES_BUFFERED if settings.fetch_batches else 4096,
+            consumer_max_fetch_size=FETCH_BYTES_PER_PARTITION,
         )
         self.topics = {
             spec.name: self.app.topic(
@@ -130,7 +132,7 @@ class Worker:
                     store,
                     user_hash_key=self.settings.user_hash_key.get_secret_value().encode(),
                     score_delta=self.settings.score_delta,
-                    executor=self.executor,
+                    score_step=self.settings.score_step,
                     model_provider=self.models.get,
                 )
             return self._processor

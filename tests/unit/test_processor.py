@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -188,3 +189,34 @@ async def test_a_batch_prepared_before_a_swap_is_scored_again_by_the_new_model()
     prepared = await processor.prepare_products(more)
     out = await processor.process_products(more, prepared)  # no swap: the prepared scores are used as they are
     assert new.scored == 3 and {t["tag"] for t in updates(out)[0]["tags"]} == {"model:v2"}
+
+
+async def test_a_large_upsert_batch_is_scored_in_steps_that_let_other_tasks_run(model: BundleModel) -> None:
+    calls: list[tuple[int, int]] = []  # (rows scored, ticks of the other task so far)
+    ticks = 0
+
+    class Counting:
+        version = model.version
+
+        def score(self, products: Any) -> list[list[Tag]]:
+            calls.append((len(products), ticks))
+            return model.score(products)
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0)
+
+    processor = Processor(MemoryStateStore("t"), user_hash_key=b"k", score_step=2, model_provider=Counting)
+    feed = Feed()
+    events = [upsert(f"p{i}", f"Red Running Shoes {i}") for i in range(5)]
+    other = asyncio.ensure_future(ticker())
+    await asyncio.sleep(0)
+    try:
+        out = await processor.process_products(feed("products", *events))
+    finally:
+        other.cancel()
+    assert [n for n, _ in calls] == [2, 2, 1]
+    assert calls[0][1] < calls[1][1] < calls[2][1]  # the loop ran the other task between steps
+    assert len(updates(out)) == 5 and all(u["tags"] for u in updates(out))
