@@ -27,19 +27,30 @@ from streams.transport import RecordBatchMessage, TagstreamTransport
 log = logging.getLogger(__name__)
 
 # Faust pauses a stream's partitions once its buffer holds maxsize / 1.25 messages and resumes them at 40%; each
-# pause cost ~100 ms of latency here, so the buffer is sized never to fill at a steady rate (a fetched batch under a
-# paced producer holds a few to a few dozen events) and the fetch size bounds its memory under a backlog
-# (128 × 64 KB per stream). Measured at 4,000 events/s: 32 × 256 KB paused every ~120 ms, p50/p99 73/163 ms;
-# 128 × 64 KB never paused, 20/76 ms.
-FETCHED_BATCHES_BUFFERED = 128
-FETCH_BYTES_PER_PARTITION = 64 * 1024
+# pause cost ~100 ms of latency here (at 4,000 events/s, a 32-message buffer paused every ~120 ms: p50/p99 73/163 ms;
+# 128 never paused: 20/76 ms). A fetched batch holds one record to a whole 1 MB fetch, so the buffer is sized never
+# to fill and memory is bounded by records instead (`TagstreamApp.max_buffered_records`, see FastConsumer).
+FETCHED_BATCHES_BUFFERED = 1024
 
 
 class TagstreamApp(faust.App):
     """A Faust app on TagstreamTransport: idempotent acks=all producer, cheaper message hand-off, and the records of
-    `batched_topics` delivered as one `RecordBatchMessage` per partition and fetch."""
+    `batched_topics` delivered as one `RecordBatchMessage` per partition and fetch, fetched only while the batch
+    agents' buffers hold fewer than `max_buffered_records` records."""
 
     batched_topics: frozenset[str] = frozenset()
+    max_buffered_records: int = 20_000
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.record_queues: list[Any] = []  # the batch agents' stream buffers
+        self.records_taken = asyncio.Event()  # set whenever a batch agent takes a message from its buffer
+
+    def buffered_records(self) -> int:
+        """Records waiting in the batch agents' buffers (a RecordBatchMessage counts its records)."""
+        return sum(
+            len(getattr(event.message, "records", ())) or 1 for queue in self.record_queues for event in queue._queue
+        )
 
     def _new_transport(self) -> TagstreamTransport:
         return TagstreamTransport(self.conf.broker_consumer, self)
@@ -107,7 +118,6 @@ class Worker:
             stream_wait_empty=False,
             # a buffered fetched batch holds up to a whole fetch of a partition (see FETCHED_BATCHES_BUFFERED)
             stream_buffer_maxsize=FETCHED_BATCHES_BUFFERED if settings.fetch_batches else 4096,
-            consumer_max_fetch_size=FETCH_BYTES_PER_PARTITION,
         )
         self.topics = {
             spec.name: self.app.topic(
@@ -122,6 +132,7 @@ class Worker:
         }
         if settings.fetch_batches:
             self.app.batched_topics = frozenset(settings.topic(spec.name) for spec in (PRODUCTS, BEHAVIOR))
+            self.app.max_buffered_records = settings.max_buffered_records
         self._define_agents()
 
     # ---------------------------------------------------------------- startup
@@ -196,6 +207,8 @@ class Worker:
         """
         manual = stream.noack()
         queue = getattr(manual.channel, "queue", None)
+        if queue is not None and isinstance(self.app, TagstreamApp):
+            self.app.record_queues.append(queue)
         batch_max = self.settings.batch_max
         inflight: deque[asyncio.Future[None]] = deque()
         events: list[faust.EventT] = []
@@ -204,6 +217,7 @@ class Worker:
             async for event in manual.events():
                 events.append(event)
                 messages += _in_messages(event.message)
+                self.app.records_taken.set()
                 if len(messages) < batch_max and queue is not None and not queue.empty():
                     continue
                 for start in range(0, len(messages), batch_max):

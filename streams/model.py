@@ -120,7 +120,7 @@ def diff_model_tags(active: Sequence[Tag], shadow: Sequence[Tag]) -> tuple[list[
 
 
 class ShadowStats:
-    """Running summary of one shadow candidate against the active model (updated from the scoring thread)."""
+    """Running summary of one shadow candidate against the active model (updated where batches are scored)."""
 
     def __init__(self, active_version: str, shadow_version: str) -> None:
         self.active_version = active_version

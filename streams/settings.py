@@ -75,6 +75,12 @@ class WorkerSettings(BaseSettings):
         ge=1,
         description="Upserts scored per step on the event loop (the loop is yielded between steps; 64: ~3 ms).",
     )
+    max_buffered_records: int = Field(
+        20_000,
+        ge=1,
+        description="With fetch_batches: fetching pauses while this many records wait in the agents' buffers "
+        "(bounds a backlog's memory: ~10 MB of events).",
+    )
     fetch_batches: bool = Field(
         True,
         description="Hand the product and behaviour agents all records of a partition that one fetch returned as one "
