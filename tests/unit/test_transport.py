@@ -125,3 +125,23 @@ def test_a_later_batch_acknowledged_first_does_not_let_the_commit_pass_an_earlie
     assert consumer._new_offset(TOPIC_TP) is None  # 100..109 are not done
     consumer.ack(first)
     assert consumer._new_offset(TOPIC_TP) == 120
+
+
+async def test_fetching_waits_while_the_agents_buffers_hold_too_many_records() -> None:
+    buffered = {"records": 25}
+    consumer = FastConsumer.__new__(FastConsumer)
+    consumer.app = SimpleNamespace(  # type: ignore[assignment]
+        buffered_records=lambda: buffered["records"], max_buffered_records=20, records_taken=asyncio.Event()
+    )
+    waiting = asyncio.ensure_future(consumer._wait_for_buffer_room(lambda: False))
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert not waiting.done()
+    buffered["records"] = 21  # an agent took a batch, still too many
+    consumer.app.records_taken.set()
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert not waiting.done()
+    buffered["records"] = 3
+    consumer.app.records_taken.set()
+    await asyncio.wait_for(waiting, 1.0)
