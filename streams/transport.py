@@ -149,7 +149,18 @@ class FastConsumer(faust_aiokafka.Consumer):
                 await asyncio.wait_for(app.records_taken.wait(), 0.5)
 
     def ack(self, message: Message) -> bool:
-        """Mark a message acknowledged; a `RecordBatchMessage` acknowledges every offset it spans."""
+        """Mark a message acknowledged; a `RecordBatchMessage` acknowledges every offset it spans.
+
+        A message fetched before the latest rebalance is not counted: Faust acknowledges such a message when its
+        stream skips it unprocessed, and after the rebalance its offsets are fetched and processed again, so
+        counting it could let a commit pass records that are not done yet. (Skipping the acknowledgement of one that
+        was processed only means it is redelivered, and offset-fenced.)"""
+        generation = getattr(message, "generation_id", None)
+        if generation is not None and generation != self.app.consumer_generation_id:
+            with ack_lock:
+                message.acked = True
+                self._unacked_messages.discard(message)
+            return False
         if isinstance(message, RecordBatchMessage):
             with ack_lock:
                 if message.acked or not self.app.topics.acks_enabled_for(message.topic):

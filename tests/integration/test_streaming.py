@@ -258,3 +258,39 @@ def test_kill9_mid_replay_then_restart_equals_a_clean_replay(make_stream_env: An
         pid = key.split("{")[1].split("}")[0]
         if pid in last:
             assert sorted(tag_names(last[pid])) == names, pid
+
+
+def test_a_worker_joining_mid_replay_then_the_first_crashing_equals_a_clean_replay(
+    make_stream_env: Any, bundle: Path
+) -> None:
+    """Two rebalances with fetched batches in flight: a second worker joins (partitions move while batches are
+    buffered and unacknowledged), then the first is killed (its partitions move after the session timeout)."""
+    products, events = _replay_events(n_behaviour=12_000, seed=11)
+    total = len(products) + len(events)
+    shared, clean = make_stream_env(), make_stream_env()
+    for se in (shared, clean):
+        se.sent = {"products": se.produce("products", products), "behavior": se.produce("behavior", events)}
+
+    slow = {"TAGSTREAM_MODEL_PATH": str(bundle), "TAGSTREAM_BATCH_MAX": "8", "TAGSTREAM_SESSION_TIMEOUT": "6"}
+    first = shared.start_worker(**slow)
+    _wait_applied(shared, at_least=300)
+    shared.start_worker(**slow)
+    at_join = _applied(shared)
+    _wait_applied(shared, at_least=at_join + 1000)
+    first.kill9()
+    at_kill = _applied(shared)
+    _wait_caught_up(shared, shared.sent, timeout=180)
+    assert at_join < at_kill < total, f"the rebalances did not land mid-replay ({at_join}, {at_kill}, {total})"
+    assert first.log().count("Setting newly assigned partitions") >= 2, "the first worker saw no rebalance"
+
+    clean.start_worker(TAGSTREAM_MODEL_PATH=str(bundle))
+    _wait_caught_up(clean, clean.sent)
+
+    after, reference = _state(shared), _state(clean)
+    counters = {k: v for k, v in reference.items() if k.endswith(":beh")}
+    assert {k: after.get(k) for k in counters} == counters, "behaviour counters differ (lost or doubled)"
+    docs = {k: v for k, v in reference.items() if k.endswith(":doc")}
+    assert {k: after.get(k) for k in docs} == docs
+    tags = {k: sorted(t["tag"] for t in v["tags"]) for k, v in reference.items() if k.endswith(":tags")}
+    assert {k: sorted(t["tag"] for t in after[k]["tags"]) for k in tags} == tags
+    assert after.keys() == reference.keys()

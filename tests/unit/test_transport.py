@@ -89,7 +89,9 @@ async def test_cancelling_a_blocked_callback_runs_its_cleanup() -> None:
 def _consumer(committed: int | None) -> FastConsumer:
     """A FastConsumer with only the bookkeeping `ack` and Faust's `_new_offset` use (no broker)."""
     consumer = FastConsumer.__new__(FastConsumer)
-    consumer.app = SimpleNamespace(topics=SimpleNamespace(acks_enabled_for=lambda topic: True))  # type: ignore[assignment]
+    consumer.app = SimpleNamespace(  # type: ignore[assignment]
+        topics=SimpleNamespace(acks_enabled_for=lambda topic: True), consumer_generation_id=1
+    )
     consumer._committed_offset = defaultdict(lambda: committed)
     consumer._acked_index = defaultdict(set)
     consumer._acked = defaultdict(list)
@@ -125,6 +127,17 @@ def test_a_later_batch_acknowledged_first_does_not_let_the_commit_pass_an_earlie
     assert consumer._new_offset(TOPIC_TP) is None  # 100..109 are not done
     consumer.ack(first)
     assert consumer._new_offset(TOPIC_TP) == 120
+
+
+def test_a_batch_fetched_before_a_rebalance_does_not_move_the_commit() -> None:
+    consumer = _consumer(committed=99)
+    stale = _batch(range(100, 110))  # generation 1
+    consumer.app.consumer_generation_id = 2  # type: ignore[attr-defined]
+    assert consumer.ack(stale) is False  # e.g. skipped unprocessed by its stream
+    assert consumer._n_acked == 0 and consumer._new_offset(TOPIC_TP) is None
+    fresh = RecordBatchMessage(TOPIC_TP, stale.records, generation_id=2)  # fetched again after the rebalance
+    assert consumer.ack(fresh) is True
+    assert consumer._new_offset(TOPIC_TP) == 110
 
 
 async def test_fetching_waits_while_the_agents_buffers_hold_too_many_records() -> None:
