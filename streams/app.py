@@ -234,6 +234,8 @@ class Worker:
         finally:
             for waiting in inflight:
                 waiting.cancel()  # unacknowledged: redelivered and fenced after a restart
+            if queue is not None and isinstance(self.app, TagstreamApp) and queue in self.app.record_queues:
+                self.app.record_queues.remove(queue)  # a restarted agent registers its own; this one no longer drains
 
     async def _process_batch(
         self,

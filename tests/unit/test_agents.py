@@ -116,6 +116,7 @@ async def test_batches_are_acknowledged_only_after_their_updates_are_delivered(w
     await _until(lambda: len(processed) == 2)
     # both batches processed while the first one's delivery is still pending; nothing acknowledged yet
     assert processed == [[0, 1], [2]] and stream.acked == []
+    assert stream.channel.queue in worker.app.record_queues
     deliveries[1].set_result(None)
     for _ in range(50):  # the second batch is delivered, but acknowledgements keep the consumed order
         await asyncio.sleep(0)
@@ -189,3 +190,5 @@ async def test_a_failed_delivery_stops_the_agent_and_leaves_its_batch_unacknowle
     with pytest.raises(KafkaTimeoutError):
         await worker._run_batches(stream, process)  # type: ignore[arg-type]
     assert stream.acked == []
+    # its buffer no longer counts towards the records that hold fetching back (a restarted agent has its own)
+    assert stream.channel.queue not in worker.app.record_queues
