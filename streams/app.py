@@ -207,7 +207,7 @@ class Worker:
         """
         manual = stream.noack()
         queue = getattr(manual.channel, "queue", None)
-        if queue is not None and isinstance(self.app, TagstreamApp):
+        if queue is not None:
             self.app.record_queues.append(queue)
         batch_max = self.settings.batch_max
         inflight: deque[asyncio.Future[None]] = deque()
@@ -234,7 +234,7 @@ class Worker:
         finally:
             for waiting in inflight:
                 waiting.cancel()  # unacknowledged: redelivered and fenced after a restart
-            if queue is not None and isinstance(self.app, TagstreamApp) and queue in self.app.record_queues:
+            if queue in self.app.record_queues:
                 self.app.record_queues.remove(queue)  # a restarted agent registers its own; this one no longer drains
 
     async def _process_batch(

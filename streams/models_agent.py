@@ -251,7 +251,6 @@ class ModelUpdatesAgent:
                 rate=self.settings.retag_rate,
                 batch=self.settings.retag_batch,
                 score_delta=self.settings.score_delta,
-                executor=self.worker.executor,
                 publish=self.worker.publish,
                 topic=self.settings.topic(MODEL_UPDATES.name),
                 partitions=self._assigned_partitions(),

@@ -16,7 +16,6 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +24,7 @@ from aiokafka.partitioner import DefaultPartitioner
 
 from schemas import ProductChange, SourceRef, Tag, TagUpdate
 from serving.decoding import diff_tags, merge_tags
-from streams.processor import BatchOutput, ScoringModel
+from streams.processor import BatchOutput, ScoringModel, score_in_steps
 from streams.state import Ops, ProductKeys, ProductState, StateStore, Write
 
 __all__ = ["RetagStats", "Retagger", "product_from_doc"]
@@ -101,7 +100,6 @@ class Retagger:
         score_delta: float,
         publish: Callable[[BatchOutput], Awaitable[None]],
         topic: str,
-        executor: Executor | None = None,
         partitions: set[int] | None = None,
         partition_count: int = 1,
     ) -> None:
@@ -111,7 +109,6 @@ class Retagger:
         self.score_delta = score_delta
         self.publish = publish
         self.topic = topic
-        self.executor = executor
         self.partitions = partitions
         self.partition_count = partition_count
         self._partitioner = DefaultPartitioner()
@@ -178,8 +175,7 @@ class Retagger:
             todo.append((state, product))
         if not todo:
             return
-        loop = asyncio.get_running_loop()
-        scored = await loop.run_in_executor(self.executor, model.score, [p for _, p in todo])
+        scored = await score_in_steps(model, [p for _, p in todo], self.batch)
         stats.scored += len(todo)
         fresh = await self.store.read([s.product_id for s, _ in todo])
         writes: list[Write] = []
