@@ -222,6 +222,19 @@ def _wait_caught_up(se: StreamEnv, sent: dict[str, list[tuple[int, int]]], timeo
     pytest.fail(f"worker did not catch up within {timeout}s; logs:\n" + "\n".join(w.log()[-2000:] for w in se.workers))
 
 
+def _assert_same_state(after: dict[str, Any], reference: dict[str, Any]) -> dict[str, list[str]]:
+    """Assert a slice's Redis state equals a clean replay's: behaviour counters (none lost or doubled), product
+    docs, tag names and the key set. Returns the reference's tag names per tags key."""
+    counters = {k: v for k, v in reference.items() if k.endswith(":beh")}
+    assert {k: after.get(k) for k in counters} == counters, "behaviour counters differ (lost or doubled)"
+    docs = {k: v for k, v in reference.items() if k.endswith(":doc")}
+    assert {k: after.get(k) for k in docs} == docs
+    tags = {k: sorted(t["tag"] for t in v["tags"]) for k, v in reference.items() if k.endswith(":tags")}
+    assert {k: sorted(t["tag"] for t in after[k]["tags"]) for k in tags} == tags
+    assert after.keys() == reference.keys()
+    return tags
+
+
 def test_kill9_mid_replay_then_restart_equals_a_clean_replay(make_stream_env: Any, bundle: Path) -> None:
     products, events = _replay_events()
     crashed, clean = make_stream_env(), make_stream_env()
@@ -241,13 +254,7 @@ def test_kill9_mid_replay_then_restart_equals_a_clean_replay(make_stream_env: An
 
     after_crash, reference = _state(crashed), _state(clean)
     assert len(partial) > 0 and partial != after_crash, "the kill did not land mid-replay"
-    counters = {k: v for k, v in reference.items() if k.endswith(":beh")}
-    assert {k: after_crash.get(k) for k in counters} == counters, "behaviour counters differ (lost or doubled)"
-    docs = {k: v for k, v in reference.items() if k.endswith(":doc")}
-    assert {k: after_crash.get(k) for k in docs} == docs
-    tags = {k: sorted(t["tag"] for t in v["tags"]) for k, v in reference.items() if k.endswith(":tags")}
-    assert {k: sorted(t["tag"] for t in after_crash[k]["tags"]) for k in tags} == tags
-    assert after_crash.keys() == reference.keys()
+    tags = _assert_same_state(after_crash, reference)
 
     # Nothing lost downstream either: each product's last tag update carries its final tags.
     updates = crashed.consume("tag-updates", lambda m: True, timeout=10)
@@ -263,34 +270,28 @@ def test_kill9_mid_replay_then_restart_equals_a_clean_replay(make_stream_env: An
 def test_a_worker_joining_mid_replay_then_the_first_crashing_equals_a_clean_replay(
     make_stream_env: Any, bundle: Path
 ) -> None:
-    """Two rebalances with fetched batches in flight: a second worker joins (partitions move while batches are
-    buffered and unacknowledged), then the first is killed (its partitions move after the session timeout)."""
-    products, events = _replay_events(n_behaviour=12_000, seed=11)
-    total = len(products) + len(events)
+    """Two rebalances mid-replay: a second worker joins, then the first is killed (its partitions move after the
+    session timeout). The replay is produced in three parts, after each step, so each rebalance has work after it
+    however fast the workers are."""
+    products, events = _replay_events(n_behaviour=6_000, seed=11)
+    parts = [events[:2_000], events[2_000:4_000], events[4_000:]]
     shared, clean = make_stream_env(), make_stream_env()
-    for se in (shared, clean):
-        se.sent = {"products": se.produce("products", products), "behavior": se.produce("behavior", events)}
+    clean.sent = {"products": clean.produce("products", products), "behavior": clean.produce("behavior", events)}
+    shared.sent = {"products": shared.produce("products", products), "behavior": shared.produce("behavior", parts[0])}
 
     slow = {"TAGSTREAM_MODEL_PATH": str(bundle), "TAGSTREAM_BATCH_MAX": "8", "TAGSTREAM_SESSION_TIMEOUT": "6"}
     first = shared.start_worker(**slow)
     _wait_applied(shared, at_least=300)
     shared.start_worker(**slow)
-    at_join = _applied(shared)
-    _wait_applied(shared, at_least=at_join + 1000)
+    shared.sent["behavior"] += shared.produce("behavior", parts[1])
+    _wait_applied(shared, at_least=len(products) + len(parts[0]) + 500)
     first.kill9()
-    at_kill = _applied(shared)
+    shared.sent["behavior"] += shared.produce("behavior", parts[2])
     _wait_caught_up(shared, shared.sent, timeout=180)
-    assert at_join < at_kill < total, f"the rebalances did not land mid-replay ({at_join}, {at_kill}, {total})"
     assert first.log().count("Setting newly assigned partitions") >= 2, "the first worker saw no rebalance"
 
     clean.start_worker(TAGSTREAM_MODEL_PATH=str(bundle))
     _wait_caught_up(clean, clean.sent)
 
     after, reference = _state(shared), _state(clean)
-    counters = {k: v for k, v in reference.items() if k.endswith(":beh")}
-    assert {k: after.get(k) for k in counters} == counters, "behaviour counters differ (lost or doubled)"
-    docs = {k: v for k, v in reference.items() if k.endswith(":doc")}
-    assert {k: after.get(k) for k in docs} == docs
-    tags = {k: sorted(t["tag"] for t in v["tags"]) for k, v in reference.items() if k.endswith(":tags")}
-    assert {k: sorted(t["tag"] for t in after[k]["tags"]) for k in tags} == tags
-    assert after.keys() == reference.keys()
+    _assert_same_state(after, reference)
