@@ -77,6 +77,9 @@ _COMPUTED_FIELDS = frozenset(MANIFEST_FIELDS) - {"model_name", "featurizer_versi
 INPUT_NAMES = ("ids", "weights", "numeric")
 OUTPUT_NAME = "scores"
 BATCH_DIM = "N"
+# The token axis of `ids`/`weights` may be dynamic under this name: the scorer then cuts off the padding columns
+# every row of a batch has (at most L columns are ever passed).
+TOKEN_DIM = "L"
 VERSION_RE = re.compile(r"^(\d{8}T\d{6}Z)-([0-9a-f]{8})$")
 _SAFE_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
 # Operators whose constant shape-like argument decides how much memory they allocate.
@@ -999,7 +1002,7 @@ def _check_onnx_graph(
     for name, (dtype, width) in want.items():
         vi = inputs.get(name)
         if vi is not None:
-            _check_io(vi, dtype, width, "featurizer", reasons)
+            _check_io(vi, dtype, width, "featurizer", reasons, dynamic=TOKEN_DIM if name != "numeric" else None)
     outputs = list(model.graph.output)
     if [o.name for o in outputs] != [OUTPUT_NAME]:
         reasons.append(f"model.onnx: outputs are {[o.name for o in outputs]}, expected ['{OUTPUT_NAME}']")
@@ -1040,7 +1043,15 @@ def _check_onnx_graph(
     return external
 
 
-def _check_io(vi: onnx.ValueInfoProto, dtype: str, width: int | None, source: str, reasons: list[str]) -> None:
+def _check_io(
+    vi: onnx.ValueInfoProto,
+    dtype: str,
+    width: int | None,
+    source: str,
+    reasons: list[str],
+    dynamic: str | None = None,
+) -> None:
+    """dtype and [N, width] shape of one input or output; `dynamic` names the symbol the width may be instead."""
     got_dtype = _dtype_name(vi)
     dims = _dims(vi)
     if got_dtype != dtype:
@@ -1050,5 +1061,6 @@ def _check_io(vi: onnx.ValueInfoProto, dtype: str, width: int | None, source: st
         return
     if isinstance(dims[0], int):
         reasons.append(f"model.onnx: {vi.name!r} has a fixed batch dimension {dims[0]}; it must be dynamic")
-    if width is not None and dims[1] != width:
-        reasons.append(f"model.onnx: {vi.name!r} has width {dims[1]!r} but {source} says {width}")
+    if width is not None and dims[1] != width and (dynamic is None or dims[1] != dynamic):
+        also = f" (or the dynamic {dynamic!r})" if dynamic else ""
+        reasons.append(f"model.onnx: {vi.name!r} has width {dims[1]!r} but {source} says {width}{also}")

@@ -22,7 +22,7 @@ import orjson
 from schemas import BehaviorEvent, DeadLetter, ProductChange, SourceRef, Tag, TagUpdate
 from serving.behaviour import BehaviourConfig, WindowCounts, WindowStats, decode_behaviour, next_check_at
 from serving.decoding import catalog_tags, diff_tags, merge_tags
-from streams.privacy import hash_user_id
+from streams.privacy import UserHasher
 from streams.state import EndBatch, Ops, ProductKeys, ProductState, StateStore, Write
 from streams.windows import GRANULARITIES, event_fields, hll_buckets, hll_marker, stale_fields, window_stats
 from tagstream.errors import EventDecodeError, TagstreamError
@@ -76,6 +76,18 @@ class _Group:
     write: Write
     payloads: list[bytes] = field(default_factory=list)
     events: int = 0
+
+
+@dataclass(slots=True)
+class _Evaluation:
+    """A product's behaviour tags to look at after its last event of the batch from one partition."""
+
+    group: _Group
+    state: ProductState
+    msg: InMessage
+    event_time: int  # the event's own time (the update's event_time)
+    now: int  # the product's event-time clock after it (windows are read at this time)
+    batch_users: int  # distinct users of the product in the batch so far
 
 
 def _version(model: Any) -> str | None:
@@ -164,6 +176,7 @@ class Processor:
         """Upserts are scored on the event loop, `score_step` at a time (`score_in_steps`; 64 rows: ~3 ms)."""
         self.store = store
         self.user_hash_key = user_hash_key
+        self._hash_user = UserHasher(user_hash_key)
         self.score_delta = score_delta
         self.behaviour = behaviour or BehaviourConfig()
         self.score_step = score_step
@@ -243,9 +256,14 @@ class Processor:
         group.write.last_offset = msg.offset
         state.fence[msg.fence_field] = str(msg.offset)
         if payload is not None:
-            group.write.emit = payload
-            group.payloads.append(payload)
-            state.fence[f"emit:{msg.fence_field}"] = payload.decode()
+            Processor._attach(group, state, msg, payload)
+
+    @staticmethod
+    def _attach(group: _Group, state: ProductState, msg: InMessage, payload: bytes) -> None:
+        """`payload` is the tag update of `msg`, the group's latest message: send it, keep it for re-sending."""
+        group.write.emit = payload
+        group.payloads.append(payload)
+        state.fence[f"emit:{msg.fence_field}"] = payload.decode()
 
     async def _finish(
         self,
@@ -404,27 +422,52 @@ class Processor:
 
     # --------------------------------------------------------------- behaviour
     def _counts(self, state: ProductState, now: int, batch_users: int = 0) -> WindowCounts:
-        """Window counts at `now`; unique users = the stored HLL count plus this batch's distinct users so far."""
+        """Window counts at `now`; unique users = the stored HLL count (0 when not counted) plus this batch's
+        distinct users so far."""
+        return self._window_counts(state, now, batch_users)[0]
+
+    def _window_counts(
+        self, state: ProductState, now: int, batch_users: int, with_most: bool = False
+    ) -> tuple[WindowCounts, WindowCounts | None]:
+        """`_counts`, and with `with_most` the same counts with the most unique users there can be: one per event."""
         stats = window_stats(state.beh, now)
         first_seen = int(state.doc["first_seen"]) if "first_seen" in state.doc else None
-        windows = {
-            w: WindowStats(
-                views=s["view"],
-                clicks=s["click"],
-                add_to_carts=s["add_to_cart"],
-                purchases=s["purchase"],
-                users=state.users.get(w, 0) + batch_users,
-                oldest=s["oldest"],
-            )
-            for w, s in stats.items()
-        }
-        return WindowCounts(now=now, first_seen=first_seen, **windows)
+        users = state.users
+        windows, most = {}, {}
+        for w, s in stats.items():
+            views, clicks, carts, purchases = s["view"], s["click"], s["add_to_cart"], s["purchase"]
+            windows[w] = WindowStats(views, clicks, carts, purchases, users.get(w, 0) + batch_users, s["oldest"])
+            if with_most:
+                most[w] = WindowStats(
+                    views, clicks, carts, purchases, views + clicks + carts + purchases + batch_users, s["oldest"]
+                )
+        return (
+            WindowCounts(now=now, first_seen=first_seen, **windows),
+            WindowCounts(now=now, first_seen=first_seen, **most) if with_most else None,
+        )
 
-    def _behaviour_tags(self, state: ProductState, tag_state: dict[str, Any], now: int, batch_users: int = 0) -> None:
-        counts = self._counts(state, now, batch_users)
-        tags, new_state = decode_behaviour(counts, tag_state.get("behaviour") or {}, self.behaviour)
+    def _behaviour_tags(self, state: ProductState, tag_state: dict[str, Any], now: int, batch_users: int = 0) -> bool:
+        """Decode the behaviour tags into `tag_state`. When the product's unique users were not counted
+        (`state.users` empty), decide only if they cannot matter; otherwise leave `tag_state` as it is and return
+        False (count them and call again).
+
+        Every tag is monotone in the unique-user counts (enter needs users ≥ a level, exit happens below one), and the
+        counts lie between this batch's distinct users and the window's interactions (one user per event); when
+        both ends decode alike, so does the count. Most products are far from every threshold, so most batches skip
+        the `PFCOUNT`s (their unions of up to 24 HyperLogLogs were half of Redis's time per event)."""
+        counts, most = self._window_counts(state, now, batch_users, with_most=not state.users)
+        previous = tag_state.get("behaviour") or {}
+        tags, new_state = decode_behaviour(counts, previous, self.behaviour)
+        if most is not None and decode_behaviour(most, previous, self.behaviour) != (tags, new_state):
+            return False
         tag_state["behaviour"] = new_state
         tag_state["behaviour_tags"] = _tag_dicts(tags)
+        return True
+
+    async def _count_users(self, states: dict[str, ProductState], now: dict[str, int]) -> None:
+        """Count the unique users of these products at `now[pid]` (one round trip) into their states."""
+        for pid, users in (await self.store.count_users(now)).items():
+            states[pid].users = users
 
     async def process_behaviour(self, messages: Sequence[InMessage]) -> BatchOutput:
         """Apply a batch of behaviour events, then expire behaviour tags whose windows passed."""
@@ -436,10 +479,8 @@ class Processor:
         items = self._decode_all(messages, BehaviorEvent.decode, out)
         if not items:
             return out
-        latest: dict[str, int] = {}
-        for _, ev in items:
-            latest[ev.product_id] = max(latest.get(ev.product_id, 0), ev.ts)
-        states = await self.store.read(sorted(latest), now=latest)
+        products = sorted({ev.product_id for _, ev in items})
+        states = await self.store.read(products)  # unique users: counted below, only where they decide a tag
         batch_users: dict[str, set[str]] = {}
         groups: dict[tuple[str, str], _Group] = {}
         redelivered: dict[tuple[str, str], int] = {}
@@ -447,18 +488,28 @@ class Processor:
         # is one fenced call anyway): window sums, behaviour decoding, the tag diff and the tag-state JSON once per
         # product instead of once per event (Zipf traffic repeats hot products inside a batch).
         last = {(ev.product_id, msg.fence_field): i for i, (msg, ev) in enumerate(items)}
+        evaluate: list[_Evaluation] = []
         for i, (msg, ev) in enumerate(items):
             state = states[ev.product_id]
             if msg.offset <= state.applied_offset(msg.fence_field):
                 redelivered.setdefault((ev.product_id, msg.fence_field), msg.offset)
                 continue
-            user = hash_user_id(self.user_hash_key, ev.user_id)
+            user = self._hash_user(ev.user_id)
             users = batch_users.setdefault(ev.product_id, set())
             users.add(user)
             group = self._group(groups, state, msg, ev.product_id)
-            evaluate = last[(ev.product_id, msg.fence_field)] == i
-            payload = self._apply_behaviour(state, group.keys, group.write.ops, msg, ev, user, len(users), evaluate)
-            self._record(group, state, msg, payload)
+            now = self._apply_behaviour(state, group.keys, group.write.ops, ev, user)
+            self._record(group, state, msg, None)
+            if last[(ev.product_id, msg.fence_field)] == i:
+                evaluate.append(_Evaluation(group, state, msg, ev.ts, now, len(users)))
+        undecided = [e for e in evaluate if not self._evaluate_behaviour(e)]
+        if undecided:
+            now_of: dict[str, int] = {}
+            for e in undecided:
+                now_of[e.state.product_id] = max(now_of.get(e.state.product_id, 0), e.now)
+            await self._count_users(states, now_of)
+            for e in undecided:
+                self._evaluate_behaviour(e)
         by_partition: dict[tuple[str, int], int] = {}
         touched: dict[tuple[str, int], set[str]] = {}
         for msg, ev in items:
@@ -472,17 +523,8 @@ class Processor:
             await self._expire({tp: pids for tp, pids in due.items() if pids}, by_partition, out)
         return out
 
-    def _apply_behaviour(
-        self,
-        state: ProductState,
-        keys: ProductKeys,
-        ops: Ops,
-        msg: InMessage,
-        ev: BehaviorEvent,
-        user: str,
-        batch_users: int,
-        evaluate: bool = True,
-    ) -> bytes | None:
+    def _apply_behaviour(self, state: ProductState, keys: ProductKeys, ops: Ops, ev: BehaviorEvent, user: str) -> int:
+        """Add one event to the product's counters and unique-user HyperLogLogs; return the product's event time."""
         metric = ev.event_type
         beh = state.beh
         for name in event_fields(ev.ts, metric):
@@ -502,18 +544,25 @@ class Processor:
             ops.hset(keys.beh, {"last_ts": now})
         if now // PRUNE_EVERY_MS != previous // PRUNE_EVERY_MS:  # buckets leave windows only at bucket edges
             self._prune(beh, keys, ops, now)
-        if not evaluate:  # not this product's last event of the batch: counters only
-            return None
+        return now
+
+    def _evaluate_behaviour(self, e: _Evaluation) -> bool:
+        """The behaviour tags of a product after its last event of the batch, and the tag update if they changed;
+        False when its unique users decide and were not counted yet (nothing changed)."""
+        state = e.state
         tag_state = state.tags or _empty_tag_state()
         if tag_state.get("deleted"):
             state.tags = tag_state
-            return None
-        self._behaviour_tags(state, tag_state, now, batch_users)
-        payload = self._update(state, tag_state, self._merge(tag_state), "behaviour", msg.source, ev.ts)
-        tag_state["updated_at"] = max(int(tag_state.get("updated_at") or 0), ev.ts)
+            return True
+        if not self._behaviour_tags(state, tag_state, e.now, e.batch_users):
+            return False
+        payload = self._update(state, tag_state, self._merge(tag_state), "behaviour", e.msg.source, e.event_time)
+        tag_state["updated_at"] = max(int(tag_state.get("updated_at") or 0), e.event_time)
         state.tags = tag_state
-        ops.set(keys.tags, orjson.dumps(tag_state))
-        return payload
+        e.group.write.ops.set(e.group.keys.tags, orjson.dumps(tag_state))
+        if payload is not None:
+            self._attach(e.group, state, e.msg, payload)
+        return True
 
     @staticmethod
     def _prune(beh: dict[str, int], keys: ProductKeys, ops: Ops, now: int) -> None:
@@ -539,12 +588,29 @@ class Processor:
         self, due: dict[tuple[str, int], list[str]], watermarks: dict[tuple[str, int], int], out: BatchOutput
     ) -> None:
         """Re-evaluate the behaviour tags of the due products of every partition, whose windows moved by event time
-        (the partition's watermark): one read and one write round trip for all of them."""
+        (the partition's watermark): one read and one write round trip for all of them (and one more to count unique
+        users where they decide a tag)."""
         now_of: dict[str, int] = {}
         for tp, pids in due.items():
             for pid in pids:
                 now_of[pid] = max(now_of.get(pid, 0), watermarks[tp])
-        states = await self.store.read(sorted(now_of), now=now_of)
+        states = await self.store.read(sorted(now_of))  # unique users: counted below, only where they decide
+        looks: dict[str, tuple[ProductKeys, Ops, int, dict[str, Any]]] = {}
+        undecided: dict[str, int] = {}
+        for pid in now_of:
+            state = states[pid]
+            keys = ProductKeys(self.store.prefix, pid)
+            ops = Ops(keys)
+            now = max(now_of[pid], int(state.beh.get("last_ts", 0)))
+            self._prune(state.beh, keys, ops, now)
+            tag_state = state.tags or _empty_tag_state()
+            looks[pid] = (keys, ops, now, tag_state)
+            if not self._behaviour_tags(state, tag_state, now):
+                undecided[pid] = now
+        if undecided:
+            await self._count_users(states, undecided)
+            for pid in undecided:
+                self._behaviour_tags(states[pid], looks[pid][3], looks[pid][2])
         writes, emitted = [], []
         index: dict[tuple[str, int], dict[str, int | None]] = {}
         next_check: dict[str, int | None] = {}
@@ -553,12 +619,7 @@ class Processor:
             for pid in pids:
                 if pid not in next_check:  # a product listed by two partitions (after repartitioning): once
                     state = states[pid]
-                    tag_state = state.tags or _empty_tag_state()
-                    keys = ProductKeys(self.store.prefix, pid)
-                    ops = Ops(keys)
-                    now = max(now_of[pid], int(state.beh.get("last_ts", 0)))
-                    self._prune(state.beh, keys, ops, now)
-                    self._behaviour_tags(state, tag_state, now)
+                    keys, ops, now, tag_state = looks[pid]
                     payload = self._update(
                         state, tag_state, self._merge(tag_state), "window-expired", SourceRef(topic, -1, -1), now
                     )

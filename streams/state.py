@@ -70,7 +70,7 @@ class ProductState:
     beh: dict[str, int] = field(default_factory=dict)
     tags: dict[str, Any] | None = None
     fence: dict[str, str] = field(default_factory=dict)
-    # Approximate unique users per window ("h1", "h24", "d7") at the time the read was asked for.
+    # Approximate unique users per window ("h1", "h24", "d7") at the time asked for; empty when not counted.
     users: dict[str, int] = field(default_factory=dict)
 
     def applied_offset(self, fence_field: str) -> int:
@@ -188,6 +188,8 @@ class StateStore(Protocol):
     prefix: str
 
     async def read(self, product_ids: list[str], now: dict[str, int] | None = None) -> dict[str, ProductState]: ...
+
+    async def count_users(self, now: dict[str, int]) -> dict[str, dict[str, int]]: ...
 
     async def apply(self, writes: list[Write]) -> list[WriteResult]: ...
 
@@ -318,9 +320,27 @@ class RedisStateStore:
                 {k: int(v) for k, v in (got["beh"] or {}).items()},
                 _decode_tags(got["tags"] or None),
                 got["fence"] or {},
-                {g.window: int(u) for g, u in zip(GRANULARITIES, got["users"], strict=True)},
+                {g.window: int(u) for g, u in zip(GRANULARITIES, got["users"], strict=True)} if pid in now else {},
             )
         return out
+
+    async def count_users(self, now: dict[str, int]) -> dict[str, dict[str, int]]:
+        """Approximate unique users per window of each product at event time `now[pid]`, in one round trip
+        (`PFCOUNT` over each window's bucket HyperLogLogs)."""
+        pids = list(now)
+
+        def queue(pipe: Any) -> None:
+            for pid in pids:
+                keys = ProductKeys(self.prefix, pid)
+                for g in GRANULARITIES:
+                    pipe.pfcount(*(keys.hll(g.code, b) for b in window_buckets(g, now[pid])))
+
+        replies = await self._pipelined("count users", queue) if pids else []
+        per = len(GRANULARITIES)
+        return {
+            pid: {g.window: int(u) for g, u in zip(GRANULARITIES, replies[i * per : (i + 1) * per], strict=True)}
+            for i, pid in enumerate(pids)
+        }
 
     async def apply(self, writes: list[Write]) -> list[WriteResult]:
         """Apply the writes in order in one pipelined round trip; each is a no-op if its offset was applied."""
@@ -414,13 +434,7 @@ class MemoryStateStore:
         out = {}
         for pid in product_ids:
             keys = ProductKeys(self.prefix, pid)
-            users = {g.window: 0 for g in GRANULARITIES}
-            if pid in now:
-                for g in GRANULARITIES:
-                    seen: set[str] = set()
-                    for b in window_buckets(g, now[pid]):
-                        seen |= self.hlls.get(keys.hll(g.code, b), set())
-                    users[g.window] = len(seen)
+            users = self._users(pid, now[pid]) if pid in now else {}
             out[pid] = ProductState(
                 pid,
                 dict(self.hashes.get(keys.doc, {})),
@@ -430,6 +444,20 @@ class MemoryStateStore:
                 users,
             )
         return out
+
+    async def count_users(self, now: dict[str, int]) -> dict[str, dict[str, int]]:
+        """Exact unique users per window of each product at event time `now[pid]`."""
+        return {pid: self._users(pid, at) for pid, at in now.items()}
+
+    def _users(self, product_id: str, now: int) -> dict[str, int]:
+        keys = ProductKeys(self.prefix, product_id)
+        users = {}
+        for g in GRANULARITIES:
+            seen: set[str] = set()
+            for b in window_buckets(g, now):
+                seen |= self.hlls.get(keys.hll(g.code, b), set())
+            users[g.window] = len(seen)
+        return users
 
     async def apply_and_end_batch(
         self, writes: list[Write], end_batch: EndBatch

@@ -94,6 +94,8 @@ def test_train_export_bundle_score_and_parity_gate(tmp_path: Path, capsys: pytes
     manifest = bundle.manifest
     assert manifest["model_name"] == "e2e" and manifest["onnx_opset"] == 17
     assert manifest["featurizer_version"] == "hashtfidf-1" and len(manifest["training_data_sha256"]) == 64
+    # the token axis is dynamic, so the scorer (golden check below) passes only the columns a batch uses
+    assert manifest["inputs"]["ids"] == ["int64", ["N", "L"]] and manifest["inputs"]["weights"][1] == ["N", "L"]
     metrics = json.loads((bundle_dir / "metrics.json").read_text())
     assert metrics["parity"]["max_abs_diff"] <= 1e-4 and metrics["parity"]["decision_flips"] == 0
     assert metrics["top1"]["groups"]["category_leaf"]["accuracy"] > 0.8, metrics["top1"]

@@ -123,8 +123,10 @@ def make_model(
     opset: int = 17,
     seed: int = 0,
     poison: Literal["nan", "inf"] | None = None,
+    token_dim: int | str | None = None,
 ) -> onnx.ModelProto:
-    """The tiny scoring model for `labels`; `poison` adds Log(-1) (NaN) or 1/0 (inf) to every score."""
+    """The tiny scoring model for `labels`; `poison` adds Log(-1) (NaN) or 1/0 (inf) to every score; `token_dim`
+    declares the token axis of ids/weights (default L; a name makes it dynamic)."""
     rng = np.random.default_rng(seed)
     groups = labels["groups"]
     labs = sorted(labels["labels"], key=lambda x: x["index"])
@@ -177,8 +179,8 @@ def make_model(
         nodes,
         "tiny",
         inputs=[
-            helper.make_tensor_value_info("ids", TensorProto.INT64, ["N", L]),
-            helper.make_tensor_value_info("weights", TensorProto.FLOAT, ["N", L]),
+            helper.make_tensor_value_info("ids", TensorProto.INT64, ["N", L if token_dim is None else token_dim]),
+            helper.make_tensor_value_info("weights", TensorProto.FLOAT, ["N", L if token_dim is None else token_dim]),
             helper.make_tensor_value_info("numeric", TensorProto.FLOAT, ["N", K]),
         ],
         outputs=[helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["N", T])],

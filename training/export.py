@@ -16,6 +16,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from serving.bundle import TOKEN_DIM
 from serving.featurizer import FeatureBatch
 from tagstream.errors import ExportError, ParityError
 
@@ -67,9 +68,11 @@ def export_onnx(
     import tensorflow as tf
     import tf2onnx
 
+    # The token axis is dynamic (named "L", at most max_features): the scorer passes only the columns some row of
+    # a batch uses (serving.scorer). The bag's Gather and batched MatMul take any width.
     signature = [
-        tf.TensorSpec((None, max_features), tf.int64, name="ids"),
-        tf.TensorSpec((None, max_features), tf.float32, name="weights"),
+        tf.TensorSpec((None, None), tf.int64, name="ids"),
+        tf.TensorSpec((None, None), tf.float32, name="weights"),
         tf.TensorSpec((None, n_numeric), tf.float32, name="numeric"),
     ]
     try:
@@ -83,6 +86,7 @@ def export_onnx(
     except Exception as exc:  # tf2onnx raises many kinds
         raise ExportError(f"tf2onnx conversion failed: {exc}") from exc
     proto = _name_output(proto)
+    _name_token_axis(proto)
     if float16_embeddings and not store_embeddings_as_float16(proto):
         raise ExportError("float16_embeddings: the exported graph has no embedding table (Gather on an initializer)")
     proto.producer_name = "tagstream"
@@ -135,6 +139,15 @@ def store_embeddings_as_float16(proto: onnx.ModelProto, min_rows: int = 1024) ->
     del graph.node[:]
     graph.node.extend(new_nodes)
     return converted
+
+
+def _name_token_axis(proto: onnx.ModelProto) -> None:
+    """Call the dynamic token axis of ids/weights `L` (tf2onnx names it `unk__<n>`)."""
+    for vi in proto.graph.input:
+        if vi.name in ("ids", "weights"):
+            dim = vi.type.tensor_type.shape.dim[1]
+            dim.ClearField("dim_value")
+            dim.dim_param = TOKEN_DIM
 
 
 def _name_output(proto: onnx.ModelProto) -> onnx.ModelProto:

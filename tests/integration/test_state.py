@@ -97,6 +97,15 @@ def test_redis_and_memory_stores_agree_and_redelivery_is_a_no_op(stack: StackSet
             assert {k: in_redis[k] for k in exact} == {k: in_memory[k] for k in exact}
             for k in in_redis.keys() - set(exact):  # HyperLogLog estimates against exact counts: within 3%
                 assert abs(in_redis[k] - in_memory[k]) <= max(1, 0.03 * in_memory[k]), k
+            # Unique users per window, counted alone or with a read, agree with the exact in-memory counts.
+            at = {f"s{i}": T0 + 300 * 40_000 + i * 3_600_000 for i in range(5)}
+            counted, exact_users = await redis_store.count_users(at), await memory.count_users(at)
+            read = await redis_store.read(sorted(at), now=at)
+            assert counted == {pid: state.users for pid, state in read.items()}
+            assert counted.keys() == exact_users.keys() and any(u["h24"] > 0 for u in exact_users.values())
+            for pid, users in counted.items():
+                for window, n in users.items():
+                    assert abs(n - exact_users[pid][window]) <= max(1, 0.03 * exact_users[pid][window]), (pid, window)
         finally:
             keys = [k async for k in client.scan_iter(f"{prefix}:*")]
             if keys:

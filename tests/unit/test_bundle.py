@@ -287,6 +287,12 @@ def test_input_width_must_match_featurizer(registry: Path) -> None:
     assert has(reasons, "'weights' has width 8 but featurizer says 16")
 
 
+def test_a_dynamic_token_axis_must_be_named_l(registry: Path) -> None:
+    assert load_bundle(make_bundle(registry / "ok", model=make_model(token_dim="L"))).L == 16
+    reasons = rejected(_bad_model_bundle(registry, make_model(token_dim="tokens")))
+    assert has(reasons, "'ids' has width 'tokens' but featurizer says 16 (or the dynamic 'L')")
+
+
 def test_numeric_width_must_match_featurizer(bundle_dir: Path) -> None:
     spec = make_featurizer_spec(K=3)
     tamper(bundle_dir, "featurizer.json", json.dumps(spec).encode())

@@ -121,6 +121,50 @@ async def test_few_users_cannot_make_a_product_trend(processor: Processor) -> No
     assert not any("trending" in u["added"] for u in updates(out))
 
 
+class CountingStore(MemoryStateStore):
+    """The in-memory store, recording which products had their unique users counted."""
+
+    def __init__(self) -> None:
+        super().__init__("t")
+        self.counted: list[str] = []
+
+    async def count_users(self, now: dict[str, int]) -> dict[str, dict[str, int]]:
+        self.counted += sorted(now)
+        return await super().count_users(now)
+
+
+@pytest.mark.parametrize(
+    ("earlier_users", "trends"),
+    [(9, True), (1, False)],  # the users of an earlier batch count towards trending's 5, the repeat users do not
+)
+async def test_unique_users_of_earlier_batches_decide_trending(
+    model: BundleModel, earlier_users: int, trends: bool
+) -> None:
+    store = CountingStore()
+    processor = Processor(store, user_hash_key=b"secret", model_provider=lambda: model)
+    feed = Feed()
+    first = [behaviour("p", f"u{i % earlier_users}", T0 + i * 1000) for i in range(15)]  # < 20 interactions
+    assert updates(await processor.process_behaviour(feed("behavior", *first))) == []
+    second = [behaviour("p", "u0", T0 + 20_000 + i * 1000) for i in range(10)]  # one user, 25 interactions in all
+    out = await processor.process_behaviour(feed("behavior", *second))
+    assert any("trending" in u["added"] for u in updates(out)) is trends
+    assert store.counted == ["p"]  # counted once: in the second batch, where the users decided
+
+
+async def test_unique_users_are_not_counted_for_products_far_from_every_threshold(
+    model: BundleModel,
+) -> None:
+    store = CountingStore()
+    processor = Processor(store, user_hash_key=b"secret", model_provider=lambda: model)
+    feed = Feed()
+    for batch in range(3):
+        events = [behaviour(f"p{i}", f"u{i + batch}", T0 + batch * 60_000 + i) for i in range(50)]
+        await processor.process_behaviour(feed("behavior", *events))
+    assert store.counted == []
+    state = (await store.read(["p7"], now={"p7": T0 + 180_000}))["p7"]
+    assert state.users["h1"] == 3  # the users were still recorded
+
+
 async def test_a_delete_removes_every_tag_and_later_clicks_add_none(processor: Processor) -> None:
     feed = Feed()
     await processor.process_products(feed("products", upsert("d1", "小米 充电宝", attributes={"colour": "White"})))

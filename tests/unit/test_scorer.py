@@ -76,6 +76,30 @@ def test_large_batch_is_chunked_identically(bundle: ModelBundle) -> None:
     np.testing.assert_allclose(small_runs.predict(batch), one.predict(batch), atol=1e-6)
 
 
+def test_a_dynamic_token_axis_scores_like_the_full_width_from_the_used_columns_only(tmp_path: Path) -> None:
+    fixed, dynamic = OnnxScorer(), OnnxScorer()
+    fixed.load(load_bundle(make_bundle(tmp_path / "fixed", model=make_model(seed=3))))
+    dynamic.load(load_bundle(make_bundle(tmp_path / "dynamic", model=make_model(seed=3, token_dim="L"))))
+    batch = make_feature_batch(6, seed=5)
+    batch.weights[:, 10:] = 0.0  # every row's padding starts by column 10 (ids there stay non-zero),
+    batch.weights[1:, 6:] = 0.0  # most rows use 6 columns,
+    batch.weights[0, 2:9] = 0.0  # and row 0 has zero-weight columns before its last used one (column 9)
+    widths: list[int] = []
+    session = dynamic._state.session  # type: ignore[union-attr]
+
+    class Recording:
+        def run(self, names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+            widths.append(feeds["ids"].shape[1])
+            return session.run(names, feeds)
+
+    dynamic._state = dynamic._state._replace(session=Recording())  # type: ignore[union-attr]
+    np.testing.assert_allclose(dynamic.predict(batch), fixed.predict(batch), atol=1e-6)
+    empty = make_feature_batch(2, seed=6)
+    empty.weights[:] = 0.0
+    np.testing.assert_allclose(dynamic.predict(empty), fixed.predict(empty), atol=1e-6)
+    assert widths == [10, 1]
+
+
 def test_wrong_input_shape(scorer: OnnxScorer) -> None:
     with pytest.raises(ScoringError, match="do not match"):
         scorer.predict(make_feature_batch(3, L=8))
