@@ -105,6 +105,9 @@ class OnnxScorer:
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         so.add_session_config_entry("session.inter_op.allow_spinning", "0")
         so.log_severity_level = 3
+        # Memory patterns are planned per input shape; with the dynamic token axis every width got its own plan in
+        # the arena (+23 MB RSS over 4,000 rows here). Off: the same RSS as a fixed width, no slower at 64 rows.
+        so.enable_mem_pattern = False
         return so
 
     def load(self, bundle: ModelBundle) -> None:
