@@ -13,6 +13,7 @@ import asyncio
 import base64
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,6 +30,7 @@ from tagstream.errors import EventDecodeError, TagstreamError
 
 log = logging.getLogger(__name__)
 PRUNE_EVERY_MS = GRANULARITIES[0].width_ms
+USERS_DECIDE_KEPT = 4096  # products remembered as ones whose unique users decide a tag
 
 
 def now_ms() -> int:
@@ -184,6 +186,9 @@ class Processor:
         # Product and behaviour batches both read-modify-write a product's tag state: one at a time, so neither
         # overwrites the other's effect with a stale read.
         self._lock = asyncio.Lock()
+        # Products whose unique users decided a behaviour tag lately (most recent last): counted with their read.
+        self._users_decide: OrderedDict[str, None] = OrderedDict()
+        self._seen_counts: dict[str, WindowCounts] = {}  # this batch's decoded windows, per product
 
     # ------------------------------------------------------------------ shared
     def _update(
@@ -446,10 +451,12 @@ class Processor:
             WindowCounts(now=now, first_seen=first_seen, **most) if with_most else None,
         )
 
-    def _behaviour_tags(self, state: ProductState, tag_state: dict[str, Any], now: int, batch_users: int = 0) -> bool:
-        """Decode the behaviour tags into `tag_state`. When the product's unique users were not counted
-        (`state.users` empty), decide only if they cannot matter; otherwise leave `tag_state` as it is and return
-        False (count them and call again).
+    def _behaviour_tags(
+        self, state: ProductState, tag_state: dict[str, Any], now: int, batch_users: int = 0
+    ) -> WindowCounts | None:
+        """Decode the behaviour tags into `tag_state`; return the window counts they were decoded from. When the
+        product's unique users were not counted (`state.users` empty), decide only if they cannot matter; otherwise
+        leave `tag_state` as it is and return None (count them and call again).
 
         Every tag is monotone in the unique-user counts (enter needs users ≥ a level, exit happens below one), and the
         counts lie between this batch's distinct users and the window's interactions (one user per event); when
@@ -459,10 +466,10 @@ class Processor:
         previous = tag_state.get("behaviour") or {}
         tags, new_state = decode_behaviour(counts, previous, self.behaviour)
         if most is not None and decode_behaviour(most, previous, self.behaviour) != (tags, new_state):
-            return False
+            return None
         tag_state["behaviour"] = new_state
         tag_state["behaviour_tags"] = _tag_dicts(tags)
-        return True
+        return counts
 
     async def _count_users(self, states: dict[str, ProductState], now: dict[str, int]) -> None:
         """Count the unique users of these products at `now[pid]` (one round trip) into their states."""
@@ -479,8 +486,14 @@ class Processor:
         items = self._decode_all(messages, BehaviorEvent.decode, out)
         if not items:
             return out
-        products = sorted({ev.product_id for _, ev in items})
-        states = await self.store.read(products)  # unique users: counted below, only where they decide a tag
+        latest: dict[str, int] = {}
+        for _, ev in items:
+            latest[ev.product_id] = max(latest.get(ev.product_id, 0), ev.ts)
+        # Unique users are counted only where they decide a tag: with the read for products where they did lately
+        # (hot products near a threshold), after it for the others that turn out to need them.
+        wanted = {pid: at for pid, at in latest.items() if pid in self._users_decide}
+        states = await self.store.read(sorted(latest), now=wanted)
+        self._seen_counts = {}
         batch_users: dict[str, set[str]] = {}
         groups: dict[tuple[str, str], _Group] = {}
         redelivered: dict[tuple[str, str], int] = {}
@@ -510,6 +523,11 @@ class Processor:
             await self._count_users(states, now_of)
             for e in undecided:
                 self._evaluate_behaviour(e)
+            for pid in now_of:
+                self._users_decide[pid] = None
+                self._users_decide.move_to_end(pid)
+            while len(self._users_decide) > USERS_DECIDE_KEPT:
+                self._users_decide.popitem(last=False)
         by_partition: dict[tuple[str, int], int] = {}
         touched: dict[tuple[str, int], set[str]] = {}
         for msg, ev in items:
@@ -554,8 +572,10 @@ class Processor:
         if tag_state.get("deleted"):
             state.tags = tag_state
             return True
-        if not self._behaviour_tags(state, tag_state, e.now, e.batch_users):
+        counts = self._behaviour_tags(state, tag_state, e.now, e.batch_users)
+        if counts is None:
             return False
+        self._seen_counts[state.product_id] = counts
         payload = self._update(state, tag_state, self._merge(tag_state), "behaviour", e.msg.source, e.event_time)
         tag_state["updated_at"] = max(int(tag_state.get("updated_at") or 0), e.event_time)
         state.tags = tag_state
@@ -582,7 +602,10 @@ class Processor:
         if tag_state.get("deleted") or not any(s.get("on") for s in (tag_state.get("behaviour") or {}).values()):
             return None
         now = int(state.beh.get("last_ts", 0))
-        return next_check_at(self._counts(state, now), tag_state.get("behaviour") or {}, self.behaviour)
+        counts = self._seen_counts.get(state.product_id)  # its tags were just decoded at its clock: same windows
+        if counts is None or counts.now != now:
+            counts = self._counts(state, now)
+        return next_check_at(counts, tag_state.get("behaviour") or {}, self.behaviour)
 
     async def _expire(
         self, due: dict[tuple[str, int], list[str]], watermarks: dict[tuple[str, int], int], out: BatchOutput
@@ -603,9 +626,10 @@ class Processor:
             ops = Ops(keys)
             now = max(now_of[pid], int(state.beh.get("last_ts", 0)))
             self._prune(state.beh, keys, ops, now)
+            self._seen_counts.pop(pid, None)  # its windows changed
             tag_state = state.tags or _empty_tag_state()
             looks[pid] = (keys, ops, now, tag_state)
-            if not self._behaviour_tags(state, tag_state, now):
+            if self._behaviour_tags(state, tag_state, now) is None:
                 undecided[pid] = now
         if undecided:
             await self._count_users(states, undecided)

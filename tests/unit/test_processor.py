@@ -13,7 +13,7 @@ from schemas import ProductChange, Tag, validate
 from streams.model import BundleModel
 from streams.processor import InMessage, Processor
 from streams.settings import WorkerSettings
-from streams.state import MemoryStateStore
+from streams.state import MemoryStateStore, ProductState
 from tests.events import behaviour, delete, upsert
 from tests.models import featurized_bundle
 
@@ -127,6 +127,11 @@ class CountingStore(MemoryStateStore):
     def __init__(self) -> None:
         super().__init__("t")
         self.counted: list[str] = []
+        self.read_with_users: list[str] = []
+
+    async def read(self, product_ids: list[str], now: dict[str, int] | None = None) -> dict[str, ProductState]:
+        self.read_with_users += sorted(now or {})
+        return await super().read(product_ids, now)
 
     async def count_users(self, now: dict[str, int]) -> dict[str, dict[str, int]]:
         self.counted += sorted(now)
@@ -149,6 +154,11 @@ async def test_unique_users_of_earlier_batches_decide_trending(
     out = await processor.process_behaviour(feed("behavior", *second))
     assert any("trending" in u["added"] for u in updates(out)) is trends
     assert store.counted == ["p"]  # counted once: in the second batch, where the users decided
+    # from then on its users come with its read (one round trip), and still decide: 4 new users make 5 (or 13)
+    third = [behaviour("p", f"new{i % 4}", T0 + 40_000 + i * 1000) for i in range(8)]
+    out = await processor.process_behaviour(feed("behavior", *third))
+    assert store.counted == ["p"] and store.read_with_users == ["p"]
+    assert any("trending" in u["added"] for u in updates(out)) is not trends
 
 
 async def test_unique_users_are_not_counted_for_products_far_from_every_threshold(
