@@ -100,7 +100,7 @@ class FeaturizerConfig:
     """Hashing and selection parameters (all saved in featurizer.json)."""
 
     hash_bits: int = 18  # buckets = 2**hash_bits, bucket 0 = padding
-    max_features: int = 192  # L
+    max_features: int = 128  # L
     char_ngram_min: int = 1
     char_ngram_max: int = 3
     word_bigrams: bool = True

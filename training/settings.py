@@ -25,7 +25,13 @@ class TrainerSettings(BaseSettings):
     signing_key_path: Path | None = Field(None, description="Ed25519 private key (PEM or raw) to sign manifests.")
     # featurizer
     hash_bits: int = Field(17, ge=8, le=24, description="Hash buckets = 2**hash_bits (embedding rows).")
-    max_features: int = Field(192, ge=8, le=1024, description="L: features kept per product (highest TF-IDF).")
+    max_features: int = Field(
+        128,
+        ge=8,
+        le=1024,
+        description="L: features kept per product (highest TF-IDF). JD titles average ~108: 128 scores like 192, "
+        "trains a third faster and scores cheaper.",
+    )
     char_ngram_min: int = Field(1, ge=1, le=8, description="Shortest character n-gram.")
     char_ngram_max: int = Field(3, ge=1, le=8, description="Longest character n-gram.")
     min_df: int = Field(2, ge=1, description="Buckets in fewer training products get IDF 0 (dropped).")
