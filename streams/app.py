@@ -40,8 +40,6 @@ class TagstreamApp(faust.App):
 
     batched_topics: frozenset[str] = frozenset()
     max_buffered_records: int = 20_000
-    fetch_linger: float = 0.0  # s to wait after a fetch of fewer than `fetch_linger_below` records
-    fetch_linger_below: int = 0
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -135,8 +133,6 @@ class Worker:
         if settings.fetch_batches:
             self.app.batched_topics = frozenset(settings.topic(spec.name) for spec in (PRODUCTS, BEHAVIOR))
             self.app.max_buffered_records = settings.max_buffered_records
-            self.app.fetch_linger = settings.fetch_linger_ms / 1000.0
-            self.app.fetch_linger_below = settings.batch_max
         self._define_agents()
 
     # ---------------------------------------------------------------- startup

@@ -81,13 +81,6 @@ class WorkerSettings(BaseSettings):
         description="With fetch_batches: fetching pauses while this many records wait in the agents' buffers "
         "(bounds a backlog's memory: ~10 MB of events).",
     )
-    fetch_linger_ms: float = Field(
-        0.0,
-        ge=0,
-        le=100,
-        description="After a fetch that brought fewer than batch_max records, wait this long before the next one "
-        "(fewer, larger fetches and batches under load; adds up to this much latency). 0 = fetch again at once.",
-    )
     fetch_batches: bool = Field(
         True,
         description="Hand the product and behaviour agents all records of a partition that one fetch returned as one "

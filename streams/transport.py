@@ -193,18 +193,14 @@ class FastConsumer(faust_aiokafka.Consumer):
         acks_enabled_for = self.app.topics.acks_enabled_for
         yield_every = 100
         num_since_yield = 0
-        linger = float(getattr(self.app, "fetch_linger", 0.0))
-        linger_below = int(getattr(self.app, "fetch_linger_below", 0))
         try:
             while not (consumer_should_stop() or fetcher_should_stop()):
                 await self._wait_for_buffer_room(consumer_should_stop)
                 set_flag(CONSUMER_FETCHING)
                 ait = cast(AsyncIterator, getmany(timeout=1.0))
                 await self.sleep(0)  # getmany can be called in a loop without ever releasing the event loop
-                fetched = 0
                 if not self.should_stop:
                     async for tp, message in ait:
-                        fetched += len(getattr(message, "records", ())) or 1
                         num_since_yield += 1
                         if num_since_yield > yield_every:
                             await asyncio.sleep(0)
@@ -226,8 +222,6 @@ class FastConsumer(faust_aiokafka.Consumer):
                                 await self.wait_first(rest, self.suspend_flow.wait())
                             set_read_offset(tp, offset)
                     unset_flag(CONSUMER_FETCHING)
-                if 0 < fetched < linger_below and linger > 0:
-                    await asyncio.sleep(linger)  # let a small fetch's successors accumulate (fetch_linger_ms)
         except self.consumer_stopped_errors:
             if self.transport.app.should_stop:
                 self.log.info("Broker stopped consumer, shutting down...")
