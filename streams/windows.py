@@ -56,22 +56,27 @@ def _oldest_kept(g: Granularity, now: int) -> int:
 def window_stats(beh: dict[str, int], now: int) -> dict[str, dict[str, int | None]]:
     """Per window ("h1", "h24", "d7"): each metric's sum over the buckets it covers at event time `now`, and
     `oldest`, the start (ms) of its oldest non-empty bucket (None when empty)."""
-    out: dict[str, dict[str, int | None]] = {
-        g.window: {**dict.fromkeys(METRICS, 0), "oldest": None} for g in GRANULARITIES
-    }
-    by_code = {g.code: g for g in GRANULARITIES}
+    out: dict[str, dict[str, int | None]] = {}
+    # per granularity code: (first bucket in the window, newest bucket, bucket width, the window's sums)
+    spans: dict[str, tuple[int, int, int, dict[str, int | None]]] = {}
+    for g in GRANULARITIES:
+        stats = out[g.window] = {**dict.fromkeys(METRICS, 0), "oldest": None}
+        spans[g.code] = (_oldest_kept(g, now), now // g.width_ms, g.width_ms, stats)
+    oldest: dict[str, int] = {}  # code -> oldest non-empty bucket in the window
     for name, value in beh.items():
+        if not value or name[0] not in spans:  # markers ("u:…"), last_ts, anything else
+            continue
         parsed = _parse(name)
-        if parsed is None or parsed[0] == "u" or not value:
+        if parsed is None:
             continue
         code, bucket, metric = parsed
-        g = by_code[code]
-        if _oldest_kept(g, now) <= bucket <= now // g.width_ms and metric in METRICS:
-            stats = out[g.window]
+        first, newest, _, stats = spans[code]
+        if first <= bucket <= newest and metric in METRICS:
             stats[metric] += value  # type: ignore[operator]
-            start = bucket * g.width_ms
-            if stats["oldest"] is None or start < stats["oldest"]:  # type: ignore[operator]
-                stats["oldest"] = start
+            if bucket < oldest.get(code, newest + 1):
+                oldest[code] = bucket
+    for code, bucket in oldest.items():
+        spans[code][3]["oldest"] = bucket * spans[code][2]
     return out
 
 

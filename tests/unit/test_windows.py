@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
-from streams.windows import event_fields, stale_fields, window_stats
+import random
+
+from streams.windows import (
+    GRANULARITIES,
+    METRICS,
+    event_fields,
+    hll_buckets,
+    hll_marker,
+    stale_fields,
+    window_buckets,
+    window_stats,
+)
 
 MIN5 = 300_000
 HOUR = 3_600_000
 DAY = 86_400_000
+T0 = 1_764_316_800_000
 
 
 def _apply(beh: dict[str, int], ts: int, metric: str = "view") -> None:
@@ -46,3 +58,24 @@ def test_stale_fields_are_exactly_the_buckets_that_left_their_window() -> None:
     assert window_stats({k: v for k, v in beh.items() if k not in stale}, t0 + 2 * HOUR) == window_stats(
         beh, t0 + 2 * HOUR
     )
+
+
+def test_window_sums_equal_a_direct_sum_over_each_windows_buckets_for_random_histories() -> None:
+    rng = random.Random(7)
+    for _ in range(200):
+        beh: dict[str, int] = {"last_ts": T0}
+        for _ in range(rng.randint(0, 300)):
+            ts = T0 + rng.randint(0, 10 * 86_400_000)
+            for name in event_fields(ts, rng.choice(METRICS)):
+                beh[name] = beh.get(name, 0) + rng.randint(0, 2)
+            for code, bucket in hll_buckets(ts):
+                beh[hll_marker(code, bucket)] = 1
+        now = T0 + rng.randint(0, 11 * 86_400_000)
+        stats = window_stats(beh, now)
+        for g in GRANULARITIES:
+            buckets = window_buckets(g, now)
+            for metric in METRICS:
+                expected = sum(beh.get(f"{g.code}:{b}:{metric}", 0) for b in buckets)
+                assert stats[g.window][metric] == expected
+            used = [b for b in buckets if any(beh.get(f"{g.code}:{b}:{m}", 0) for m in METRICS)]
+            assert stats[g.window]["oldest"] == (min(used) * g.width_ms if used else None)
