@@ -572,11 +572,14 @@ class Processor:
         if tag_state.get("deleted"):
             state.tags = tag_state
             return True
+        before = tag_state.get("behaviour_tags")
         counts = self._behaviour_tags(state, tag_state, e.now, e.batch_users)
         if counts is None:
             return False
         self._seen_counts[state.product_id] = counts
-        payload = self._update(state, tag_state, self._merge(tag_state), "behaviour", e.msg.source, e.event_time)
+        payload = None
+        if tag_state["behaviour_tags"] != before:  # otherwise the merged tags are the stored ones: no update
+            payload = self._update(state, tag_state, self._merge(tag_state), "behaviour", e.msg.source, e.event_time)
         tag_state["updated_at"] = max(int(tag_state.get("updated_at") or 0), e.event_time)
         state.tags = tag_state
         e.group.write.ops.set(e.group.keys.tags, orjson.dumps(tag_state))
@@ -618,7 +621,7 @@ class Processor:
             for pid in pids:
                 now_of[pid] = max(now_of.get(pid, 0), watermarks[tp])
         states = await self.store.read(sorted(now_of))  # unique users: counted below, only where they decide
-        looks: dict[str, tuple[ProductKeys, Ops, int, dict[str, Any]]] = {}
+        looks: dict[str, tuple[ProductKeys, Ops, int, dict[str, Any], Any]] = {}
         undecided: dict[str, int] = {}
         for pid in now_of:
             state = states[pid]
@@ -628,7 +631,7 @@ class Processor:
             self._prune(state.beh, keys, ops, now)
             self._seen_counts.pop(pid, None)  # its windows changed
             tag_state = state.tags or _empty_tag_state()
-            looks[pid] = (keys, ops, now, tag_state)
+            looks[pid] = (keys, ops, now, tag_state, tag_state.get("behaviour_tags"))
             if self._behaviour_tags(state, tag_state, now) is None:
                 undecided[pid] = now
         if undecided:
@@ -643,10 +646,12 @@ class Processor:
             for pid in pids:
                 if pid not in next_check:  # a product listed by two partitions (after repartitioning): once
                     state = states[pid]
-                    keys, ops, now, tag_state = looks[pid]
-                    payload = self._update(
-                        state, tag_state, self._merge(tag_state), "window-expired", SourceRef(topic, -1, -1), now
-                    )
+                    keys, ops, now, tag_state, before = looks[pid]
+                    payload = None
+                    if tag_state["behaviour_tags"] != before:
+                        payload = self._update(
+                            state, tag_state, self._merge(tag_state), "window-expired", SourceRef(topic, -1, -1), now
+                        )
                     state.tags = tag_state
                     ops.set(keys.tags, orjson.dumps(tag_state))
                     writes.append(Write(pid, f"sweep:{topic}:{partition}", now, ops, payload))
