@@ -554,7 +554,8 @@ class Processor:
             marker = hll_marker(code, bucket)
             if marker not in beh:
                 markers[marker] = beh[marker] = 1
-        ops.hset(keys.beh, markers)
+        if markers:
+            ops.hset(keys.beh, markers)
         previous = beh.get("last_ts", 0)
         now = max(ev.ts, previous)
         if now != previous:
