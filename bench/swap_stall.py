@@ -129,7 +129,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     settings = WorkerSettings(model_path=a, worker_id="bench", redis_prefix=prefix)
     from concurrent.futures import ThreadPoolExecutor
 
-    executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tagstream-score")
+    executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tagstream-model")
     policy = ValidationPolicy(latency_budget_ms={1: 1000.0, 64: 1000.0}, latency_runs=args.latency_runs)
     holder = ModelHolder(settings, executor, policy=policy, isolated=not args.in_thread)
     await holder.start()
@@ -138,7 +138,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         await asyncio.wrap_future(warming)  # the validation process is up before measuring
     store = RedisStateStore.from_url(settings.redis_url.get_secret_value(), prefix)
     await store.check_format()
-    processor = Processor(store, user_hash_key=b"bench", executor=executor, model_provider=holder.get)
+    processor = Processor(store, user_hash_key=b"bench", model_provider=holder.get)
 
     ticker = Ticker()
     stats: dict[str, Any] = {"events": 0, "updates": 0, "dead_letters": 0, "mixed_batches": 0, "errors": 0}

@@ -90,7 +90,7 @@ class Worker:
         if settings.user_hash_key.get_secret_value() == DEV_USER_HASH_KEY:
             log.warning("TAGSTREAM_USER_HASH_KEY is the development default; set a secret key in production")
         self.stats = WorkerStats()
-        self.executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tagstream-score")
+        self.executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tagstream-model")  # model loads
         self.models = model_holder or ModelHolder(settings, self.executor)
         self._store_factory = store_factory or (
             lambda: RedisStateStore.from_url(

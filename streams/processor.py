@@ -471,6 +471,21 @@ class Processor:
         tag_state["behaviour_tags"] = _tag_dicts(tags)
         return counts
 
+    def _behaviour_update(
+        self,
+        state: ProductState,
+        tag_state: dict[str, Any],
+        before: Any,
+        reason: str,
+        source: SourceRef,
+        event_time: int,
+    ) -> bytes | None:
+        """The tag update after the behaviour tags were decoded into `tag_state`; None without a merge or a diff when
+        they equal `before` (the stored merged tags stand: every writer stores the merge of the stored parts)."""
+        if tag_state["behaviour_tags"] == before:
+            return None
+        return self._update(state, tag_state, self._merge(tag_state), reason, source, event_time)
+
     async def _count_users(self, states: dict[str, ProductState], now: dict[str, int]) -> None:
         """Count the unique users of these products at `now[pid]` (one round trip) into their states."""
         for pid, users in (await self.store.count_users(now)).items():
@@ -578,9 +593,7 @@ class Processor:
         if counts is None:
             return False
         self._seen_counts[state.product_id] = counts
-        payload = None
-        if tag_state["behaviour_tags"] != before:  # otherwise the merged tags are the stored ones: no update
-            payload = self._update(state, tag_state, self._merge(tag_state), "behaviour", e.msg.source, e.event_time)
+        payload = self._behaviour_update(state, tag_state, before, "behaviour", e.msg.source, e.event_time)
         tag_state["updated_at"] = max(int(tag_state.get("updated_at") or 0), e.event_time)
         state.tags = tag_state
         e.group.write.ops.set(e.group.keys.tags, orjson.dumps(tag_state))
@@ -648,11 +661,9 @@ class Processor:
                 if pid not in next_check:  # a product listed by two partitions (after repartitioning): once
                     state = states[pid]
                     keys, ops, now, tag_state, before = looks[pid]
-                    payload = None
-                    if tag_state["behaviour_tags"] != before:
-                        payload = self._update(
-                            state, tag_state, self._merge(tag_state), "window-expired", SourceRef(topic, -1, -1), now
-                        )
+                    payload = self._behaviour_update(
+                        state, tag_state, before, "window-expired", SourceRef(topic, -1, -1), now
+                    )
                     state.tags = tag_state
                     ops.set(keys.tags, orjson.dumps(tag_state))
                     writes.append(Write(pid, f"sweep:{topic}:{partition}", now, ops, payload))

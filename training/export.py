@@ -57,9 +57,7 @@ class ParityReport:
         }
 
 
-def export_onnx(
-    model: Any, *, max_features: int, n_numeric: int, opset: int = OPSET, float16_embeddings: bool = False
-) -> bytes:
+def export_onnx(model: Any, *, n_numeric: int, opset: int = OPSET, float16_embeddings: bool = False) -> bytes:
     """Convert the Keras scoring model to ONNX bytes with inputs ids/weights/numeric and output `scores`.
 
     `float16_embeddings` stores the embedding tables as float16 (see `store_embeddings_as_float16`); the Keras
@@ -68,8 +66,8 @@ def export_onnx(
     import tensorflow as tf
     import tf2onnx
 
-    # The token axis is dynamic (named "L", at most max_features): the scorer passes only the columns some row of
-    # a batch uses (serving.scorer). The bag's Gather and batched MatMul take any width.
+    # The token axis is dynamic (named "L", at most the featurizer's max_features): the scorer passes only the columns
+    # some row of a batch uses (serving.scorer). The bag's Gather and batched MatMul take any width.
     signature = [
         tf.TensorSpec((None, None), tf.int64, name="ids"),
         tf.TensorSpec((None, None), tf.float32, name="weights"),

@@ -411,7 +411,6 @@ def train(
     t_exp = time.perf_counter()
     onnx_bytes = export_onnx(
         models.scores,
-        max_features=fz.max_features,
         n_numeric=fz.n_numeric,
         opset=settings.opset,
         float16_embeddings=settings.float16_embeddings,
