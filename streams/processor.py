@@ -261,14 +261,13 @@ class Processor:
         group.write.last_offset = msg.offset
         state.fence[msg.fence_field] = str(msg.offset)
         if payload is not None:
-            Processor._attach(group, state, msg, payload)
+            Processor._attach(group, payload)
 
     @staticmethod
-    def _attach(group: _Group, state: ProductState, msg: InMessage, payload: bytes) -> None:
-        """`payload` is the tag update of `msg`, the group's latest message: send it, keep it for re-sending."""
+    def _attach(group: _Group, payload: bytes) -> None:
+        """`payload` is the tag update of the group's latest message: send it, keep it for re-sending."""
         group.write.emit = payload
         group.payloads.append(payload)
-        state.fence[f"emit:{msg.fence_field}"] = payload.decode()
 
     async def _finish(
         self,
@@ -283,6 +282,7 @@ class Processor:
         of redelivered messages."""
         writes = [g.write for g in groups.values()]
         due: dict[tuple[str, int], list[str]] = {}
+        stored = await self.store.stored_emits(list(redelivered)) if redelivered else {}  # before the writes
         if end_batch is None:
             results = await self.store.apply(writes)
         else:
@@ -295,7 +295,7 @@ class Processor:
             else:  # applied meanwhile by another delivery (a rebalance race): re-send what that one produced
                 self._resend(pid, group.write.offset, result.stored_emit, out)
         for (pid, fence_field), offset in redelivered.items():
-            self._resend(pid, offset, states[pid].stored_emit(fence_field), out, current=states[pid].tags)
+            self._resend(pid, offset, stored[(pid, fence_field)], out, current=states[pid].tags)
         return due
 
     @staticmethod
@@ -589,16 +589,20 @@ class Processor:
             state.tags = tag_state
             return True
         before = tag_state.get("behaviour_tags")
+        before_state = tag_state.get("behaviour")
         counts = self._behaviour_tags(state, tag_state, e.now, e.batch_users)
         if counts is None:
             return False
         self._seen_counts[state.product_id] = counts
         payload = self._behaviour_update(state, tag_state, before, "behaviour", e.msg.source, e.event_time)
+        unchanged = tag_state["behaviour_tags"] == before and tag_state["behaviour"] == before_state
+        if unchanged and state.tags is not None:
+            return True  # the stored tag state stands: no rewrite of its JSON (most events of a busy product)
         tag_state["updated_at"] = max(int(tag_state.get("updated_at") or 0), e.event_time)
         state.tags = tag_state
         e.group.write.ops.set(e.group.keys.tags, orjson.dumps(tag_state))
         if payload is not None:
-            self._attach(e.group, state, e.msg, payload)
+            self._attach(e.group, payload)
         return True
 
     @staticmethod

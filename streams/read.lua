@@ -1,14 +1,18 @@
--- tagstream state format 1: read one product's state in one call, as JSON.
+-- tagstream state format 1: read one product's state in one call.
 -- KEYS = P:{pid}:doc, P:{pid}:beh, P:{pid}:tags, P:{pid}:fence. The HyperLogLog keys P:{pid}:uu:<g>:<bucket> are
 -- named from KEYS[1]'s hash-tagged base (same slot). ARGV = the current 5-minute, hour and day buckets, or none.
--- Returns {"doc": {}, "beh": {}, "tags": json|false, "fence": {}, "users": [u_1h, u_24h, u_7d]}.
-local function hash(key)
+-- Returns {JSON {"doc": {}, "beh": {}, "fence": {}, "users": [u_1h, u_24h, u_7d]}, the tags JSON or nil}: the
+-- tags JSON as it is stored (not escaped into the other), the fence with its offsets only (its `emit:` fields are
+-- read only for redelivered offsets).
+local function hash(key, skip)
   local flat = redis.call('HGETALL', key)
   local t = {}
-  for i = 1, #flat, 2 do t[flat[i]] = flat[i + 1] end
+  for i = 1, #flat, 2 do
+    if not (skip and string.sub(flat[i], 1, #skip) == skip) then t[flat[i]] = flat[i + 1] end
+  end
   return t
 end
-local out = {doc = hash(KEYS[1]), beh = hash(KEYS[2]), tags = redis.call('GET', KEYS[3]), fence = hash(KEYS[4])}
+local out = {doc = hash(KEYS[1]), beh = hash(KEYS[2]), fence = hash(KEYS[4], 'emit:')}
 local users = {0, 0, 0}
 if #ARGV == 3 then
   local base = string.sub(KEYS[1], 1, #KEYS[1] - 3)
@@ -21,4 +25,4 @@ if #ARGV == 3 then
   end
 end
 out.users = users
-return cjson.encode(out)
+return {cjson.encode(out), redis.call('GET', KEYS[3])}

@@ -69,7 +69,7 @@ class ProductState:
     doc: dict[str, str] = field(default_factory=dict)
     beh: dict[str, int] = field(default_factory=dict)
     tags: dict[str, Any] | None = None
-    fence: dict[str, str] = field(default_factory=dict)
+    fence: dict[str, str] = field(default_factory=dict)  # the offsets: `emit:` fields are read by `stored_emits`
     # Approximate unique users per window ("h1", "h24", "d7") at the time asked for; empty when not counted.
     users: dict[str, int] = field(default_factory=dict)
 
@@ -78,10 +78,6 @@ class ProductState:
         value = self.fence.get(fence_field)
         return int(value) if value is not None else -1
 
-    def stored_emit(self, fence_field: str) -> bytes | None:
-        """The tag update produced by the last applied offset of `fence_field`, if any."""
-        value = self.fence.get(f"emit:{fence_field}")
-        return value.encode() if value else None
 
 
 class Ops:
@@ -190,6 +186,8 @@ class StateStore(Protocol):
     async def read(self, product_ids: list[str], now: dict[str, int] | None = None) -> dict[str, ProductState]: ...
 
     async def count_users(self, now: dict[str, int]) -> dict[str, dict[str, int]]: ...
+
+    async def stored_emits(self, fences: list[tuple[str, str]]) -> dict[tuple[str, str], bytes | None]: ...
 
     async def apply(self, writes: list[Write]) -> list[WriteResult]: ...
 
@@ -312,17 +310,28 @@ class RedisStateStore:
 
         replies = await self._pipelined("read", queue) if product_ids else []
         out: dict[str, ProductState] = {}
-        for pid, reply in zip(product_ids, replies, strict=True):
+        for pid, (reply, tags) in zip(product_ids, replies, strict=True):
             got = orjson.loads(reply)
             out[pid] = ProductState(
                 pid,
                 got["doc"] or {},
                 {k: int(v) for k, v in (got["beh"] or {}).items()},
-                _decode_tags(got["tags"] or None),
+                _decode_tags(tags),
                 got["fence"] or {},
                 {g.window: int(u) for g, u in zip(GRANULARITIES, got["users"], strict=True)} if pid in now else {},
             )
         return out
+
+    async def stored_emits(self, fences: list[tuple[str, str]]) -> dict[tuple[str, str], bytes | None]:
+        """The tag update each (product, `<topic>:<partition>`) last produced and kept for re-sending, in one round
+        trip (read only for redelivered offsets)."""
+
+        def queue(pipe: Any) -> None:
+            for pid, fence_field in fences:
+                pipe.hget(ProductKeys(self.prefix, pid).fence, f"emit:{fence_field}")
+
+        replies = await self._pipelined("stored emits", queue) if fences else []
+        return {f: (v.encode() if v else None) for f, v in zip(fences, replies, strict=True)}
 
     async def count_users(self, now: dict[str, int]) -> dict[str, dict[str, int]]:
         """Approximate unique users per window of each product at event time `now[pid]`, in one round trip
@@ -440,9 +449,17 @@ class MemoryStateStore:
                 dict(self.hashes.get(keys.doc, {})),
                 {k: int(v) for k, v in self.hashes.get(keys.beh, {}).items()},
                 _decode_tags(self.strings.get(keys.tags)),
-                dict(self.hashes.get(keys.fence, {})),
+                {f: v for f, v in self.hashes.get(keys.fence, {}).items() if not f.startswith("emit:")},
                 users,
             )
+        return out
+
+    async def stored_emits(self, fences: list[tuple[str, str]]) -> dict[tuple[str, str], bytes | None]:
+        """The tag update each (product, `<topic>:<partition>`) last produced and kept for re-sending."""
+        out: dict[tuple[str, str], bytes | None] = {}
+        for pid, fence_field in fences:
+            value = self.hashes.get(ProductKeys(self.prefix, pid).fence, {}).get(f"emit:{fence_field}")
+            out[(pid, fence_field)] = value.encode() if value else None
         return out
 
     async def count_users(self, now: dict[str, int]) -> dict[str, dict[str, int]]:

@@ -113,6 +113,26 @@ async def test_a_click_burst_turns_trending_on_and_it_expires_with_event_time(pr
     assert expired and expired[0]["reason"] == "window-expired" and "trending" in expired[0]["removed"]
 
 
+async def test_the_tag_state_time_moves_only_when_the_tags_change(processor: Processor) -> None:
+    feed = Feed()
+    await processor.process_products(feed("products", upsert("p1", "Levis Men Black Jeans", updated_at=T0)))
+
+    async def tag_state() -> dict[str, Any]:
+        state = (await processor.store.read(["p1"]))["p1"]
+        assert state.tags is not None
+        return state.tags
+
+    await processor.process_behaviour(feed("behavior", behaviour("p1", "u1", T0 + 30_000, "view")))
+    before = await tag_state()
+    quiet = await processor.process_behaviour(feed("behavior", behaviour("p1", "u2", T0 + 60_000, "view")))
+    assert quiet.updates == [] and await tag_state() == before and before["updated_at"] < T0 + 60_000
+    burst = [behaviour("p1", f"u{i % 9}", T0 + 120_000 + i * 5000) for i in range(30)]
+    out = await processor.process_behaviour(feed("behavior", *burst))
+    [turned_on] = [u for u in updates(out) if "trending" in u["added"]]
+    stored = await tag_state()
+    assert "trending" in {t["tag"] for t in stored["tags"]} and stored["updated_at"] == turned_on["event_time"] > T0
+
+
 async def test_few_users_cannot_make_a_product_trend(processor: Processor) -> None:
     feed = Feed()
     out = await processor.process_behaviour(
