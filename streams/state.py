@@ -79,7 +79,6 @@ class ProductState:
         return int(value) if value is not None else -1
 
 
-
 class Ops:
     """The compacted ops of one fenced write; KEYS[1] is always the product's fence key.
 

@@ -105,6 +105,7 @@ def test_redis_and_memory_stores_agree_and_redelivery_is_a_no_op(stack: StackSet
             fences = [(pid, "behavior:0") for pid in pids] + [("s1", "products:0"), ("nobody", "behavior:0")]
             emits_redis, emits_memory = await redis_store.stored_emits(fences), await memory.stored_emits(fences)
             assert emits_redis.keys() == emits_memory.keys() and emits_redis[("nobody", "behavior:0")] is None
+
             def kept(emits: dict[tuple[str, str], bytes | None]) -> dict[tuple[str, str], Any]:
                 return {f: v and orjson.loads(v) | {"emit_time": 0} for f, v in emits.items()}
 
