@@ -25,7 +25,7 @@ from serving.behaviour import BehaviourConfig, WindowCounts, WindowStats, decode
 from serving.decoding import catalog_tags, diff_tags, merge_tags
 from streams.privacy import UserHasher
 from streams.state import EndBatch, Ops, ProductKeys, ProductState, StateStore, Write
-from streams.windows import GRANULARITIES, event_fields, hll_buckets, hll_marker, stale_fields, window_stats
+from streams.windows import GRANULARITIES, event_fields, hll_buckets, stale_fields, window_stats
 from tagstream.errors import EventDecodeError, TagstreamError
 
 log = logging.getLogger(__name__)
@@ -558,27 +558,21 @@ class Processor:
 
     def _apply_behaviour(self, state: ProductState, keys: ProductKeys, ops: Ops, ev: BehaviorEvent, user: str) -> int:
         """Add one event to the product's counters and unique-user HyperLogLogs; return the product's event time."""
-        metric = ev.event_type
         beh = state.beh
-        for name in event_fields(ev.ts, metric):
+        counters = ops.counters(keys.beh)
+        for name in event_fields(ev.ts, ev.event_type):
             beh[name] = beh.get(name, 0) + 1
-            ops.hincrby(keys.beh, name, 1)
-        markers = {}
+            counters[name] = counters.get(name, 0) + 1
         for code, bucket in hll_buckets(ev.ts):
             ops.pfadd(keys.hll(code, bucket), user)
-            marker = hll_marker(code, bucket)
-            if marker not in beh:
-                markers[marker] = beh[marker] = 1
-        if markers:
-            ops.hset(keys.beh, markers)
         previous = beh.get("last_ts", 0)
-        now = max(ev.ts, previous)
-        if now != previous:
-            beh["last_ts"] = now
-            ops.hset(keys.beh, {"last_ts": now})
-        if now // PRUNE_EVERY_MS != previous // PRUNE_EVERY_MS:  # buckets leave windows only at bucket edges
-            self._prune(beh, keys, ops, now)
-        return now
+        if ev.ts <= previous:
+            return previous
+        beh["last_ts"] = ev.ts
+        ops.hset_field(keys.beh, "last_ts", ev.ts)
+        if ev.ts // PRUNE_EVERY_MS != previous // PRUNE_EVERY_MS:  # buckets leave windows only at bucket edges
+            self._prune(beh, keys, ops, ev.ts)
+        return ev.ts
 
     def _evaluate_behaviour(self, e: _Evaluation) -> bool:
         """The behaviour tags of a product after its last event of the batch, and the tag update if they changed;
@@ -607,14 +601,13 @@ class Processor:
 
     @staticmethod
     def _prune(beh: dict[str, int], keys: ProductKeys, ops: Ops, now: int) -> None:
-        stale = stale_fields(beh, now)
+        stale, buckets = stale_fields(beh, now)
         if not stale:
             return
         for name in stale:
             del beh[name]
-            if name.startswith("u:"):
-                _, bucket, code = name.split(":")
-                ops.delete(keys.hll(code, int(bucket)))
+        for code, bucket in buckets:
+            ops.delete(keys.hll(code, bucket))
         ops.hdel(keys.beh, stale)
 
     def _due(self, state: ProductState) -> int | None:

@@ -1,4 +1,4 @@
--- tagstream state format 1: read one product's state in one call.
+-- tagstream state format 2: read one product's state in one call.
 -- KEYS = P:{pid}:doc, P:{pid}:beh, P:{pid}:tags, P:{pid}:fence. The HyperLogLog keys P:{pid}:uu:<g>:<bucket> are
 -- named from KEYS[1]'s hash-tagged base (same slot). ARGV = the current 5-minute, hour and day buckets, or none.
 -- Returns {JSON {"doc": {}, "beh": {}, "fence": {}, "users": [u_1h, u_24h, u_7d]}, the tags JSON or nil}: the

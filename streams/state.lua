@@ -1,4 +1,4 @@
--- tagstream state format 1: apply the effect of one or more consecutive events of one partition to one product's
+-- tagstream state format 2: apply the effect of one or more consecutive events of one partition to one product's
 -- keys, fenced by their offsets.
 -- KEYS[1] = P:{pid}:fence, KEYS[2..n] = the product's other keys the ops name (all share the hash tag {pid}).
 -- ARGV[1] = fence field ("<topic>:<partition>", "sweep:<topic>:<partition>", "retag:<version>"),

@@ -24,7 +24,7 @@ from tagstream.errors import StateError
 
 log = logging.getLogger(__name__)
 
-STATE_FORMAT = 1
+STATE_FORMAT = 2
 # After a behaviour batch, per (topic, partition): (watermark, {product_id: next check time, None = none active})
 EndBatch = dict[tuple[str, int], tuple[int, dict[str, int | None]]]
 # Per (topic, partition): {product_id: when its behaviour tags next need a look, None = nothing active}
@@ -110,8 +110,16 @@ class Ops:
 
     def hincrby(self, key: str, name: str, amount: int) -> None:
         """Add to a hash counter."""
-        fields = self._incr.setdefault(self._k(key), {})
+        fields = self.counters(key)
         fields[name] = fields.get(name, 0) + int(amount)
+
+    def counters(self, key: str) -> dict[str, int]:
+        """The hash counter increments of `key` (field -> amount), to add to in place."""
+        return self._incr.setdefault(self._k(key), {})
+
+    def hset_field(self, key: str, name: str, value: Any) -> None:
+        """Set one hash field."""
+        self._hset.setdefault(self._k(key), {})[name] = str(value)
 
     def hdel(self, key: str, names: list[str]) -> None:
         """Delete hash fields."""

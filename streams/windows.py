@@ -61,9 +61,12 @@ def window_buckets(g: Granularity, now: int) -> range:
 @lru_cache(maxsize=1 << 16)
 def _parse(name: str) -> tuple[str, int, str] | None:
     parts = name.split(":")
-    if len(parts) != 3 or parts[0] not in ("m", "h", "d", "u"):
+    if len(parts) != 3 or parts[0] not in _BY_CODE:
         return None
     return parts[0], int(parts[1]), parts[2]
+
+
+_BY_CODE = {g.code: g for g in GRANULARITIES}
 
 
 def _oldest_kept(g: Granularity, now: int) -> int:
@@ -81,7 +84,7 @@ def window_stats(beh: dict[str, int], now: int) -> dict[str, dict[str, int | Non
         spans[g.code] = (_oldest_kept(g, now), now // g.width_ms, g.width_ms, stats)
     oldest: dict[str, int] = {}  # code -> oldest non-empty bucket in the window
     for name, value in beh.items():
-        if not value or name[0] not in spans:  # markers ("u:…"), last_ts, anything else
+        if not value or name[0] not in spans:  # last_ts, anything else
             continue
         parsed = _parse(name)
         if parsed is None:
@@ -97,21 +100,17 @@ def window_stats(beh: dict[str, int], now: int) -> dict[str, dict[str, int | Non
     return out
 
 
-def stale_fields(beh: dict[str, int], now: int) -> list[str]:
-    """Counter (and HLL marker) fields whose bucket has left its window at event time `now`."""
-    by_code = {g.code: g for g in GRANULARITIES}
-    stale = []
+def stale_fields(beh: dict[str, int], now: int) -> tuple[list[str], list[tuple[str, int]]]:
+    """The counter fields whose bucket has left its window at event time `now`, and those buckets (granularity,
+    bucket): their unique-user HyperLogLogs go with them (a bucket's HLL exists exactly when a counter of it does,
+    since every event writes both)."""
+    stale, buckets = [], set()
     for name in beh:
         parsed = _parse(name)
         if parsed is None:
             continue
-        code, bucket, rest = parsed
-        g = by_code[rest] if code == "u" else by_code[code]
-        if bucket < _oldest_kept(g, now):
+        code, bucket, _ = parsed
+        if bucket < _oldest_kept(_BY_CODE[code], now):
             stale.append(name)
-    return stale
-
-
-def hll_marker(code: str, bucket: int) -> str:
-    """The `beh` field that records an HLL key exists, so the key can be deleted when its bucket goes stale."""
-    return f"u:{bucket}:{code}"
+            buckets.add((code, bucket))
+    return stale, sorted(buckets)

@@ -93,6 +93,18 @@ def test_redis_and_memory_stores_agree_and_redelivery_is_a_no_op(stack: StackSet
             assert any("trending" in orjson.loads(u)["added"] for u in from_redis)
             in_redis, in_memory = _strip_times(await _dump_redis(client, prefix)), _strip_times(_dump_memory(memory))
             assert in_redis.keys() == in_memory.keys()
+            # A bucket's HLL key exists exactly when one of its counters does (SPEC §3): stale ones went together.
+            hlls = {k for k in in_redis if ":uu:" in k}
+            counted_buckets = {
+                f"{k.removesuffix(':beh')}:uu:{f.rsplit(':', 1)[0]}"
+                for k, v in in_redis.items()
+                if k.endswith(":beh")
+                for f in v
+                if f != "last_ts"
+            }
+            assert hlls == counted_buckets and any(":uu:m:" in k for k in hlls)
+            first = T0 // 300_000  # s0's first 5-minute bucket left the hour long before its last click
+            assert f":{{s0}}:uu:m:{first}" not in hlls and f"m:{first}:view" not in in_redis[":{s0}:beh"]
             exact = [k for k in in_redis if ":uu:" not in k]
             assert {k: in_redis[k] for k in exact} == {k: in_memory[k] for k in exact}
             for k in in_redis.keys() - set(exact):  # HyperLogLog estimates against exact counts: within 3%
