@@ -9,9 +9,10 @@ from typing import Any
 import orjson
 import pytest
 import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
 
 from streams.processor import InMessage, Processor
-from streams.state import MemoryStateStore, RedisStateStore, StateStore
+from streams.state import MemoryStateStore, ProductKeys, RedisStateStore, StateStore
 from streams.windows import GRANULARITIES
 from tagstream.errors import StateError
 from tagstream.stack import StackSettings
@@ -173,10 +174,28 @@ def test_the_store_reloads_its_scripts_after_redis_flushed_them(stack: StackSett
             code = GRANULARITIES[0].code
             assert sum(v for k, v in states["s1"].beh.items() if k.startswith(f"{code}:") and k.endswith(":view")) == 8
             assert states["s1"].applied_offset("behavior:0") == 36  # the last of s1's events in the 40
+            # Redis drops the store's connection (a restart, a proxy timeout): the next batch reconnects.
+            [pipeline_client] = await store._pipe.run([("CLIENT", "ID")])
+            killer = aioredis.from_url(stack.redis_url)
+            try:
+                assert await killer.client_kill_filter(_id=pipeline_client) == 1
+            finally:
+                await killer.aclose()
+            again = await processor.process_behaviour(bm[40:60])
+            assert again.applied == 20 and (await store.read(["s1"]))["s1"].applied_offset("behavior:0") == 56
+            # An error reply (an op the script does not know) raises and leaves the connection usable.
+            fence = ProductKeys(prefix, "s1").fence
+            reconnected = await store._pipe.run([("CLIENT", "ID")])
+            with pytest.raises(ResponseError, match="unknown op"):
+                await store._pipe.run([("EVALSHA", store._script.sha, 1, fence, "x:0", 1, "", '[["nope", 1]]', 1)])
+            assert await store._pipe.run([("CLIENT", "ID")]) == reconnected != [pipeline_client]
+            assert (await store.read(["s1"]))["s1"].applied_offset("behavior:0") == 56
         finally:
-            keys = [k async for k in store.client.scan_iter(f"{prefix}:*")]
-            if keys:
-                await store.client.delete(*keys)
             await store.close()
+            cleaner = aioredis.from_url(stack.redis_url)
+            keys = [k async for k in cleaner.scan_iter(f"{prefix}:*")]
+            if keys:
+                await cleaner.delete(*keys)
+            await cleaner.aclose()
 
     asyncio.run(main())
