@@ -37,6 +37,7 @@ __all__ = [
     "WindowCounts",
     "WindowStats",
     "decode_behaviour",
+    "decode_behaviour_between",
     "next_check_at",
 ]
 
@@ -210,10 +211,39 @@ def decode_behaviour(
 
     The state keeps an entry for every tag that is on or had an entry before; `since` changes only on a change.
     """
+    return _decode(counts, _conditions(counts, config), previous_state, config)
+
+
+def decode_behaviour_between(
+    low: WindowCounts,
+    high: WindowCounts,
+    previous_state: Mapping[str, Any] | None,
+    config: BehaviourConfig = DEFAULT_CONFIG,
+) -> tuple[list[Tag], State] | None:
+    """`decode_behaviour` of counts whose unique users are only known to lie between `low`'s and `high`'s (every
+    other count equal): the result when it is the same at both ends — each tag is monotone in the user counts, so
+    then it is the same for every count between — else None (the users decide)."""
+    at_low = _conditions(low, config)
+    at_high = _conditions(high, config)
+    decoded = _decode(low, at_low, previous_state, config)
+    if at_high == at_low or _decode(high, at_high, previous_state, config) == decoded:
+        return decoded
+    return None
+
+
+_BEHAVIOUR_TAG = {t: Tag(tag=t, group=BEHAVIOUR_GROUP, score=1.0, origin="behaviour") for t in BEHAVIOUR_TAGS}
+
+
+def _decode(
+    counts: WindowCounts,
+    conditions: dict[str, tuple[bool, bool]],
+    previous_state: Mapping[str, Any] | None,
+    config: BehaviourConfig,
+) -> tuple[list[Tag], State]:
     now = counts.now
     on: dict[str, bool] = {}
     new_state: State = {}
-    for tag, (enter, leave) in _conditions(counts, config).items():
+    for tag, (enter, leave) in conditions.items():
         was_on, since = _prev(previous_state, tag)
         is_on = was_on
         if not was_on and enter:
@@ -231,8 +261,7 @@ def decode_behaviour(
         new_state["new"] = {"on": on["new"], "since": now}
     elif was_new or (previous_state and "new" in previous_state):
         new_state["new"] = {"on": on["new"], "since": since if since is not None else now}
-    tags = [Tag(tag=t, group=BEHAVIOUR_GROUP, score=1.0, origin="behaviour") for t in BEHAVIOUR_TAGS if on[t]]
-    return tags, new_state
+    return [_BEHAVIOUR_TAG[t] for t in BEHAVIOUR_TAGS if on[t]], new_state
 
 
 def _leaves_at(stats: WindowStats, window: str, now: int) -> int:

@@ -21,7 +21,14 @@ from typing import Any
 import orjson
 
 from schemas import BehaviorEvent, DeadLetter, ProductChange, SourceRef, Tag, TagUpdate
-from serving.behaviour import BehaviourConfig, WindowCounts, WindowStats, decode_behaviour, next_check_at
+from serving.behaviour import (
+    BehaviourConfig,
+    WindowCounts,
+    WindowStats,
+    decode_behaviour,
+    decode_behaviour_between,
+    next_check_at,
+)
 from serving.decoding import catalog_tags, diff_tags, merge_tags
 from streams.privacy import UserHasher
 from streams.state import EndBatch, Ops, ProductKeys, ProductState, StateStore, Write
@@ -464,9 +471,12 @@ class Processor:
         the `PFCOUNT`s (their unions of up to 24 HyperLogLogs were half of Redis's time per event)."""
         counts, most = self._window_counts(state, now, batch_users, with_most=not state.users)
         previous = tag_state.get("behaviour") or {}
-        tags, new_state = decode_behaviour(counts, previous, self.behaviour)
-        if most is not None and decode_behaviour(most, previous, self.behaviour) != (tags, new_state):
+        if most is None:
+            tags, new_state = decode_behaviour(counts, previous, self.behaviour)
+        elif (decoded := decode_behaviour_between(counts, most, previous, self.behaviour)) is None:
             return None
+        else:
+            tags, new_state = decoded
         tag_state["behaviour"] = new_state
         tag_state["behaviour_tags"] = _tag_dicts(tags)
         return counts

@@ -15,6 +15,7 @@ from serving.behaviour import (
     WindowCounts,
     WindowStats,
     decode_behaviour,
+    decode_behaviour_between,
     next_check_at,
 )
 from streams.windows import window_stats
@@ -205,3 +206,53 @@ def test_next_check_without_bucket_info_uses_next_boundary() -> None:
     c = WindowCounts(now=T0 + 1, h24=WindowStats(views=300, users=60))
     got = next_check_at(c, {"hot": {"on": True, "since": T0 - DAY_MS}})
     assert got == ((T0 + 1) // HOUR_MS + 1) * HOUR_MS and got > T0 + 1
+
+
+# ---------------------------------------------------------------------------------- unknown unique users
+
+
+def _with_users(c: WindowCounts, h1: int, h24: int) -> WindowCounts:
+    return WindowCounts(
+        now=c.now,
+        first_seen=c.first_seen,
+        h1=_replace(c.h1, h1),
+        h24=_replace(c.h24, h24),
+        d7=c.d7,
+    )
+
+
+def _replace(stats: WindowStats, users: int) -> WindowStats:
+    return WindowStats(stats.views, stats.clicks, stats.add_to_carts, stats.purchases, users, stats.oldest)
+
+
+def test_a_decode_between_two_user_counts_holds_for_every_count_between_or_is_refused() -> None:
+    rng = random.Random(3)
+    refused = decided = 0
+    for _ in range(3000):
+        h1_views, h24_views = rng.randint(0, 40), rng.randint(0, 400)
+        base = WindowCounts(
+            now=T0,
+            h1=WindowStats(views=h1_views),
+            h24=WindowStats(views=max(h1_views, h24_views)),
+            d7=WindowStats(views=rng.choice([10, WEEK]) + h24_views),
+        )
+        low_1h, low_24h = rng.randint(0, h1_views), rng.randint(0, max(h1_views, h24_views))
+        high_1h, high_24h = rng.randint(low_1h, h1_views), rng.randint(low_24h, max(h1_views, h24_views))
+        previous = rng.choice(
+            [None, {"trending": {"on": True, "since": T0 - DAY_MS}}, {"hot": {"on": True, "since": 0}}]
+        )
+        low, high = _with_users(base, low_1h, low_24h), _with_users(base, high_1h, high_24h)
+        got = decode_behaviour_between(low, high, previous, CFG)
+        between = {
+            (frozenset(on(t)), str(st))
+            for u1 in range(low_1h, high_1h + 1)
+            for u24 in (low_24h, (low_24h + high_24h) // 2, high_24h)
+            for t, st in [decode_behaviour(_with_users(base, u1, u24), previous, CFG)]
+        }
+        if got is None:
+            refused += 1
+            assert len(between) > 1  # refused only when the users decide
+        else:
+            decided += 1
+            assert between == {(frozenset(on(got[0])), str(got[1]))}
+    assert refused > 20 and decided > 2000
