@@ -32,7 +32,7 @@ from serving.behaviour import (
 from serving.decoding import catalog_tags, diff_tags, merge_tags
 from streams.privacy import UserHasher
 from streams.state import EndBatch, Ops, ProductKeys, ProductState, StateStore, Write
-from streams.windows import GRANULARITIES, event_fields, hll_buckets, stale_fields, window_stats
+from streams.windows import GRANULARITIES, event_fields, stale_fields, window_stats
 from tagstream.errors import EventDecodeError, TagstreamError
 
 log = logging.getLogger(__name__)
@@ -573,8 +573,7 @@ class Processor:
         for name in event_fields(ev.ts, ev.event_type):
             beh[name] = beh.get(name, 0) + 1
             counters[name] = counters.get(name, 0) + 1
-        for code, bucket in hll_buckets(ev.ts):
-            ops.pfadd(keys.hll(code, bucket), user)
+        ops.add_user(ev.ts, user)
         previous = beh.get("last_ts", 0)
         if ev.ts <= previous:
             return previous

@@ -19,7 +19,7 @@ import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import BusyLoadingError, ConnectionError, DataError, NoScriptError, ResponseError, TimeoutError
 
-from streams.windows import GRANULARITIES, window_buckets
+from streams.windows import FINEST_MS, GRANULARITIES, hll_buckets, window_buckets
 from tagstream.errors import StateError
 
 log = logging.getLogger(__name__)
@@ -87,8 +87,10 @@ class Ops:
     """
 
     def __init__(self, keys: ProductKeys) -> None:
-        self.keys: list[str] = [keys.fence]
+        self._product = keys
+        self._keys: list[str] = [keys.fence]
         self._index: dict[str, int] = {keys.fence: 1}
+        self._users: dict[int, set[str]] = {}  # finest time bucket -> hashed users seen in it
         self._incr: dict[int, dict[str, int]] = {}
         self._hset: dict[int, dict[str, str]] = {}
         self._hdel: dict[int, set[str]] = {}
@@ -96,12 +98,32 @@ class Ops:
         self._del: set[int] = set()
         self._pfadd: dict[int, set[str]] = {}
 
+    @property
+    def keys(self) -> list[str]:
+        """The keys the ops name (KEYS of the script), the fence first."""
+        self._flush_users()
+        return self._keys
+
     def _k(self, key: str) -> int:
         index = self._index.get(key)
         if index is None:
-            self.keys.append(key)
-            index = self._index[key] = len(self.keys)
+            self._keys.append(key)
+            index = self._index[key] = len(self._keys)
         return index
+
+    def add_user(self, ts: int, user: str) -> None:
+        """Add a hashed user to the product's unique-user HyperLogLogs of every bucket holding event time `ts`."""
+        finest = ts // FINEST_MS
+        users = self._users.get(finest)
+        if users is None:
+            users = self._users[finest] = set()
+        users.add(user)
+
+    def _flush_users(self) -> None:
+        for finest, users in self._users.items():
+            for code, bucket in hll_buckets(finest * FINEST_MS):
+                self._pfadd.setdefault(self._k(self._product.hll(code, bucket)), set()).update(users)
+        self._users.clear()
 
     def hset(self, key: str, mapping: dict[str, Any]) -> None:
         """Set hash fields."""
@@ -141,6 +163,7 @@ class Ops:
     @property
     def ops(self) -> list[list[Any]]:
         """The op list the Lua script applies, in order: adds, counters, fields, strings, then deletions."""
+        self._flush_users()
         out: list[list[Any]] = []
         out += [["pfadd", k, *sorted(v)] for k, v in self._pfadd.items()]
         for k, fields in self._incr.items():

@@ -27,29 +27,29 @@ WINDOWS = tuple(g.window for g in GRANULARITIES)
 
 
 # Every bucket width is a multiple of the finest, so an event's finest bucket names all its buckets.
-_FINEST_MS = GRANULARITIES[0].width_ms
-assert all(g.width_ms % _FINEST_MS == 0 for g in GRANULARITIES)
+FINEST_MS = GRANULARITIES[0].width_ms
+assert all(g.width_ms % FINEST_MS == 0 for g in GRANULARITIES)
 
 
 def event_fields(ts: int, metric: str) -> tuple[str, ...]:
     """The counter fields an event of `metric` at event time `ts` increments (one per granularity)."""
-    return _fields(ts // _FINEST_MS, metric)
+    return _fields(ts // FINEST_MS, metric)
 
 
 def hll_buckets(ts: int) -> tuple[tuple[str, int], ...]:
     """(granularity, bucket) of the unique-user HyperLogLogs an event at `ts` adds to."""
-    return _hll_buckets(ts // _FINEST_MS)
+    return _hll_buckets(ts // FINEST_MS)
 
 
 @lru_cache(maxsize=4096)
 def _fields(finest_bucket: int, metric: str) -> tuple[str, ...]:
-    ts = finest_bucket * _FINEST_MS
+    ts = finest_bucket * FINEST_MS
     return tuple(f"{g.code}:{ts // g.width_ms}:{metric}" for g in GRANULARITIES)
 
 
 @lru_cache(maxsize=1024)
 def _hll_buckets(finest_bucket: int) -> tuple[tuple[str, int], ...]:
-    ts = finest_bucket * _FINEST_MS
+    ts = finest_bucket * FINEST_MS
     return tuple((g.code, ts // g.width_ms) for g in GRANULARITIES)
 
 
