@@ -269,6 +269,14 @@ class _Script:
         pipe.append(("EVALSHA", self.sha, len(keys), *keys, *args))
 
 
+def _pairs(reply: dict[str, str] | list[str]) -> Any:
+    """The field-value pairs of an HGETALL reply: a map (RESP3) or a flat list (RESP2)."""
+    if isinstance(reply, dict):
+        return reply.items()
+    values = iter(reply)
+    return zip(values, values, strict=True)
+
+
 def _score_members(scores: dict[str, int]) -> list[Any]:
     flat: list[Any] = []
     for member, score in scores.items():
@@ -395,23 +403,25 @@ class RedisStateStore:
 
     async def read(self, product_ids: list[str], now: dict[str, int] | None = None) -> dict[str, ProductState]:
         """Read the state of every product in one pipelined round trip: one Lua call per product (unique users per
-        window at `now[pid]`)."""
+        window at `now[pid]`) and its behaviour counters."""
         now = now or {}
 
         def queue(pipe: list[tuple[Any, ...]]) -> None:
             for pid in product_ids:
                 keys = ProductKeys(self.prefix, pid)
                 args = [t // g.width_ms for g in GRANULARITIES] if (t := now.get(pid)) is not None else []
-                self._read_script.queue(pipe, [keys.doc, keys.beh, keys.tags, keys.fence], args)
+                self._read_script.queue(pipe, [keys.doc, keys.tags, keys.fence], args)
+                pipe.append(("HGETALL", keys.beh))
 
         replies = await self._pipelined("read", queue) if product_ids else []
         out: dict[str, ProductState] = {}
-        for pid, (reply, tags) in zip(product_ids, replies, strict=True):
+        for i, pid in enumerate(product_ids):
+            (reply, tags), beh = replies[2 * i], replies[2 * i + 1]
             got = orjson.loads(reply)
             out[pid] = ProductState(
                 pid,
                 got["doc"] or {},
-                {k: int(v) for k, v in (got["beh"] or {}).items()},
+                {k: int(v) for k, v in _pairs(beh)},
                 _decode_tags(tags),
                 got["fence"] or {},
                 {g.window: int(u) for g, u in zip(GRANULARITIES, got["users"], strict=True)} if pid in now else {},
