@@ -414,6 +414,8 @@ def train(
         n_numeric=fz.n_numeric,
         opset=settings.opset,
         float16_embeddings=settings.float16_embeddings,
+        bag_chunk=settings.bag_chunk,
+        max_tokens=settings.max_features,
     )
     pool = list(eval_p) + list(val_p) + list(train_p)
     n_par = min(len(pool), max(settings.parity_samples, 2000))

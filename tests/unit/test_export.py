@@ -1,4 +1,4 @@
-"""Storing the embedding table as float16 in the exported ONNX model (no TensorFlow needed)."""
+"""Rewrites of the exported ONNX bag: the table stored as float16, the bag computed in slices (no TensorFlow)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from tagstream.errors import ExportError
-from training.export import store_embeddings_as_float16
+from training.export import chunk_bags, store_embeddings_as_float16
 
 
 def _bag_model(table: np.ndarray) -> onnx.ModelProto:
@@ -61,3 +61,51 @@ def test_small_tables_stay_float32() -> None:
     model = _bag_model(table)
     assert store_embeddings_as_float16(model) == 0
     assert model.graph.initializer[0].data_type == TensorProto.FLOAT
+
+
+def _weighted_bag_model(table: np.ndarray) -> onnx.ModelProto:
+    """ids, weights [N, L] (L dynamic) → Σ_l weights_l · table[ids_l] as the tagger exports it: Gather, then a batched
+    MatMul of the weights [N, 1, L] with the gathered rows [N, L, D]."""
+    nodes = [
+        helper.make_node("Unsqueeze", ["weights", "axis1"], ["w3"]),
+        helper.make_node("Gather", ["table", "ids"], ["rows"], name="bag_gather"),
+        helper.make_node("MatMul", ["w3", "rows"], ["summed"]),
+        helper.make_node("Squeeze", ["summed", "axis1"], ["out"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "weighted_bag",
+        [
+            helper.make_tensor_value_info("ids", TensorProto.INT64, [None, "L"]),
+            helper.make_tensor_value_info("weights", TensorProto.FLOAT, [None, "L"]),
+        ],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [None, table.shape[1]])],
+        initializer=[numpy_helper.from_array(table, "table"), numpy_helper.from_array(np.array([1]), "axis1")],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_a_bag_computed_in_slices_gives_the_same_sums_for_every_width() -> None:
+    rng = np.random.default_rng(1)
+    table = rng.normal(0, 0.05, (4096, 16)).astype(np.float16).astype(np.float32)
+    whole, sliced = _weighted_bag_model(table), _weighted_bag_model(table)
+    assert store_embeddings_as_float16(sliced) == 1 and chunk_bags(sliced, chunk=8, max_tokens=20) == 1
+    onnx.checker.check_model(sliced, full_check=True)
+    ops = [n.op_type for n in sliced.graph.node]
+    assert ops.count("Gather") == ops.count("Cast") == ops.count("MatMul") == 3 and "Sum" in ops  # 8 + 8 + the rest
+    run_whole = ort.InferenceSession(whole.SerializeToString(), providers=["CPUExecutionProvider"])
+    run_sliced = ort.InferenceSession(sliced.SerializeToString(), providers=["CPUExecutionProvider"])
+    for width in (1, 7, 8, 20, 33):  # within a slice, on a slice edge, the featurizer's L, wider than it
+        feeds = {
+            "ids": rng.integers(0, 4096, (5, width)),
+            "weights": rng.random((5, width), dtype=np.float32) * (rng.random((5, width)) < 0.8),
+        }
+        expected = run_whole.run(["out"], feeds)[0]
+        np.testing.assert_allclose(run_sliced.run(["out"], feeds)[0], expected, rtol=0, atol=1e-6)
+        assert np.abs(expected).max() > 0
+
+
+def test_a_graph_without_a_weighted_bag_is_left_as_it_is() -> None:
+    model = _bag_model(np.ones((2048, 4), dtype=np.float32))  # ReduceSum, not a MatMul with weights
+    assert chunk_bags(model, chunk=8, max_tokens=20) == 0
+    assert [n.op_type for n in model.graph.node] == ["Gather", "ReduceSum"]
