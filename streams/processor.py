@@ -248,7 +248,8 @@ class Processor:
         return good
 
     async def _read(self, items: Sequence[tuple[InMessage, Any]]) -> dict[str, ProductState]:
-        return await self.store.read(sorted({ev.product_id for _, ev in items}))
+        """The state product changes need: no behaviour counters."""
+        return await self.store.read(sorted({ev.product_id for _, ev in items}), counters=False)
 
     def _group(
         self, groups: dict[tuple[str, str], _Group], state: ProductState, msg: InMessage, product_id: str

@@ -161,7 +161,7 @@ class Retagger:
 
     async def _step(self, model: ScoringModel, pids: list[str], run_offset: int) -> None:
         stats = self.stats
-        states = await self.store.read(pids)
+        states = await self.store.read(pids, counters=False)
         todo: list[tuple[ProductState, ProductChange]] = []
         for pid in pids:
             state = states[pid]
@@ -177,7 +177,7 @@ class Retagger:
             return
         scored = await score_in_steps(model, [p for _, p in todo], self.batch)
         stats.scored += len(todo)
-        fresh = await self.store.read([s.product_id for s, _ in todo])
+        fresh = await self.store.read([s.product_id for s, _ in todo], counters=False)
         writes: list[Write] = []
         emitted: list[bytes | None] = []
         for (state, _product), model_tags in zip(todo, scored, strict=True):

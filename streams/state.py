@@ -213,7 +213,9 @@ class StateStore(Protocol):
 
     prefix: str
 
-    async def read(self, product_ids: list[str], now: dict[str, int] | None = None) -> dict[str, ProductState]: ...
+    async def read(
+        self, product_ids: list[str], now: dict[str, int] | None = None, *, counters: bool = True
+    ) -> dict[str, ProductState]: ...
 
     async def count_users(self, now: dict[str, int]) -> dict[str, dict[str, int]]: ...
 
@@ -401,22 +403,26 @@ class RedisStateStore:
         if int(found) != STATE_FORMAT:
             raise StateError(f"Redis holds state format {found}, this worker writes format {STATE_FORMAT}")
 
-    async def read(self, product_ids: list[str], now: dict[str, int] | None = None) -> dict[str, ProductState]:
+    async def read(
+        self, product_ids: list[str], now: dict[str, int] | None = None, *, counters: bool = True
+    ) -> dict[str, ProductState]:
         """Read the state of every product in one pipelined round trip: one Lua call per product (unique users per
-        window at `now[pid]`) and its behaviour counters."""
+        window at `now[pid]`) and, with `counters`, its behaviour counters (`beh` stays empty without)."""
         now = now or {}
+        per = 2 if counters else 1
 
         def queue(pipe: list[tuple[Any, ...]]) -> None:
             for pid in product_ids:
                 keys = ProductKeys(self.prefix, pid)
                 args = [t // g.width_ms for g in GRANULARITIES] if (t := now.get(pid)) is not None else []
                 self._read_script.queue(pipe, [keys.doc, keys.tags, keys.fence], args)
-                pipe.append(("HGETALL", keys.beh))
+                if counters:
+                    pipe.append(("HGETALL", keys.beh))
 
         replies = await self._pipelined("read", queue) if product_ids else []
         out: dict[str, ProductState] = {}
         for i, pid in enumerate(product_ids):
-            (reply, tags), beh = replies[2 * i], replies[2 * i + 1]
+            (reply, tags), beh = replies[per * i], (replies[per * i + 1] if counters else [])
             got = orjson.loads(reply)
             out[pid] = ProductState(
                 pid,
@@ -544,8 +550,11 @@ class MemoryStateStore:
         self.hlls: dict[str, set[str]] = defaultdict(set)
         self.zsets: dict[str, dict[str, int]] = defaultdict(dict)
 
-    async def read(self, product_ids: list[str], now: dict[str, int] | None = None) -> dict[str, ProductState]:
-        """Read the state of every product (exact unique users per window at `now[pid]`)."""
+    async def read(
+        self, product_ids: list[str], now: dict[str, int] | None = None, *, counters: bool = True
+    ) -> dict[str, ProductState]:
+        """Read the state of every product (exact unique users per window at `now[pid]`; `beh` only with
+        `counters`)."""
         now = now or {}
         out = {}
         for pid in product_ids:
@@ -554,7 +563,7 @@ class MemoryStateStore:
             out[pid] = ProductState(
                 pid,
                 dict(self.hashes.get(keys.doc, {})),
-                {k: int(v) for k, v in self.hashes.get(keys.beh, {}).items()},
+                {k: int(v) for k, v in self.hashes.get(keys.beh, {}).items()} if counters else {},
                 _decode_tags(self.strings.get(keys.tags)),
                 {f: v for f, v in self.hashes.get(keys.fence, {}).items() if not f.startswith("emit:")},
                 users,

@@ -115,6 +115,9 @@ def test_redis_and_memory_stores_agree_and_redelivery_is_a_no_op(stack: StackSet
             pids = [f"s{i}" for i in range(5)]
             read_redis, read_memory = await redis_store.read(pids), await memory.read(pids)
             assert read_redis == read_memory and read_redis["s1"].fence == {"products:0": "1", "behavior:0": "339"}
+            without = await redis_store.read(pids, counters=False)  # what product changes and re-tags read
+            assert without == await memory.read(pids, counters=False) and read_redis["s1"].beh
+            assert all(without[p].beh == {} and without[p].tags == read_redis[p].tags for p in pids)
             fences = [(pid, "behavior:0") for pid in pids] + [("s1", "products:0"), ("nobody", "behavior:0")]
             emits_redis, emits_memory = await redis_store.stored_emits(fences), await memory.stored_emits(fences)
             assert emits_redis.keys() == emits_memory.keys() and emits_redis[("nobody", "behavior:0")] is None

@@ -149,9 +149,11 @@ class CountingStore(MemoryStateStore):
         self.counted: list[str] = []
         self.read_with_users: list[str] = []
 
-    async def read(self, product_ids: list[str], now: dict[str, int] | None = None) -> dict[str, ProductState]:
+    async def read(
+        self, product_ids: list[str], now: dict[str, int] | None = None, *, counters: bool = True
+    ) -> dict[str, ProductState]:
         self.read_with_users += sorted(now or {})
-        return await super().read(product_ids, now)
+        return await super().read(product_ids, now, counters=counters)
 
     async def count_users(self, now: dict[str, int]) -> dict[str, dict[str, int]]:
         self.counted += sorted(now)
