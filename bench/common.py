@@ -401,6 +401,52 @@ def peak_rss_mb(pid: int) -> float | None:
     return None
 
 
+def cpu_between(samples: Sequence[tuple[float, float]], start: float, end: float) -> float | None:
+    """CPU seconds between two monotonic times, from (time, cumulative CPU seconds) samples: the last sample at or
+    before `start` to the first at or after `end` (None without samples around both)."""
+    before = [cpu for t, cpu in samples if t <= start]
+    after = [cpu for t, cpu in samples if t >= end]
+    if not before or not after:
+        return None
+    return after[0] - before[-1]
+
+
+class CpuWatch:
+    """Samples the cumulative CPU time of the local stack's Kafka broker and Redis server every 0.2 s."""
+
+    def __init__(self) -> None:
+        import psutil
+
+        self.procs: dict[str, Any] = {}
+        for proc in psutil.process_iter(["cmdline", "name"]):
+            cmd = " ".join(proc.info.get("cmdline") or [])
+            if "kafka.Kafka" in cmd and "kafka" not in self.procs:
+                self.procs["kafka"] = proc
+            elif (proc.info.get("name") or "").startswith("redis-server") and "redis" not in self.procs:
+                self.procs["redis"] = proc
+        self.samples: dict[str, list[tuple[float, float]]] = {name: [] for name in self.procs}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            for name, proc in self.procs.items():
+                with contextlib.suppress(Exception):
+                    cpu = proc.cpu_times()
+                    self.samples[name].append((time.monotonic(), cpu.user + cpu.system))
+            self._stop.wait(0.2)
+
+    def between(self, start: float, end: float) -> dict[str, float | None]:
+        """CPU seconds of each stack process between two monotonic times."""
+        return {name: cpu_between(samples, start, end) for name, samples in self.samples.items()}
+
+    def stop(self) -> None:
+        """Stop sampling."""
+        self._stop.set()
+        self._thread.join(timeout=2)
+
+
 class ProcessWatch:
     """A subprocess with a psutil RSS sampler (peak = max(VmHWM, sampled RSS)) and its log file."""
 
@@ -414,6 +460,7 @@ class ProcessWatch:
         )
         self._ps = psutil.Process(self.proc.pid)
         self.rss_samples_mb: list[float] = []
+        self.cpu_samples: list[tuple[float, float]] = []  # (monotonic time, user + system CPU seconds so far)
         self.peak_mb = 0.0
         self.tf_libs: list[str] = []
         self._stop = threading.Event()
@@ -431,7 +478,13 @@ class ProcessWatch:
                 rss = self._ps.memory_info().rss / 2**20
                 self.rss_samples_mb.append(rss)
                 self.peak_mb = max(self.peak_mb, rss)
+                cpu = self._ps.cpu_times()
+                self.cpu_samples.append((time.monotonic(), cpu.user + cpu.system))
             self._stop.wait(0.2)
+
+    def cpu_between(self, start: float, end: float) -> float | None:
+        """CPU seconds the process used between two monotonic times (to the nearest 0.2 s samples)."""
+        return cpu_between(self.cpu_samples, start, end)
 
     def alive(self) -> bool:
         """Still running."""

@@ -146,8 +146,9 @@ def markdown(result: dict[str, Any]) -> str:
             f"{result['config'].get('throughput_window')} s of steady state when the backlog lasts longer)",
             "",
             "| run | passthrough ev/s | Faust ceiling ev/s | tagstream ev/s | ratio to passthrough | "
-            "worker startup→first commit (s) | tag updates | worker peak RSS (MB) |",
-            "|---|---|---|---|---|---|---|---|",
+            "worker startup→first commit (s) | tag updates | worker peak RSS (MB) | CPU µs per event: worker / "
+            "Redis / Kafka broker |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         fc_runs = fc.get("runs", [])
         for i, (p, w) in enumerate(zip(pt.get("runs", []), ts.get("runs", []), strict=False)):
@@ -157,7 +158,9 @@ def markdown(result: dict[str, Any]) -> str:
                 f"| {i + 1} | {_n(p.get('events_per_s'))} | {_n(ceiling)} | {_n(w.get('events_per_s'))} | "
                 f"{_n(ratio, 2)} | "
                 f"{_n(w.get('startup_to_first_commit_s'), 1)} | {_n(w.get('tag_updates'))} | "
-                f"{_n(w.get('peak_rss_mb'))} |"
+                f"{_n(w.get('peak_rss_mb'))} | "
+                + " / ".join(_n((w.get("cpu_us_per_event") or {}).get(k), 1) for k in ("worker", "redis", "kafka"))
+                + " |"
             )
     if lat:
         lines += [

@@ -236,7 +236,7 @@ class StreamBench:
     # -- 2a. tagstream throughput -----------------------------------------------------------------------------------
     def tagstream_run(self, i: int) -> dict[str, Any]:
         """One real worker subprocess catching up on the whole backlog."""
-        from bench.common import clear_redis, start_worker
+        from bench.common import CpuWatch, clear_redis, start_worker
 
         name = f"ts{i}"
         env = self._worker_env(self.backlog_prefix, name)
@@ -244,13 +244,24 @@ class StreamBench:
         t0 = time.monotonic()
         profile = self.logs / f"worker-throughput-{i}.pyinstrument.txt" if self.profile_worker else None
         worker = start_worker(env, self.logs / f"worker-throughput-{i}.log", profile=profile)
+        stack_cpu = CpuWatch()
         try:
             total = sum(self.ends.values())
             trace = self._watch(env["TAGSTREAM_APP_ID"], worker.alive, timeout=120 + self.cfg.throughput_window)
+            time.sleep(0.25)  # one more CPU sample after the last commit
             worker.snapshot()
         finally:
             code = worker.stop()
+            stack_cpu.stop()
         rate = _catch_up_rate(trace, t0, total)
+        cpu_per_event: dict[str, float | None] = {}
+        first_commit = next((t for t, c in trace.samples if c > 0), None)
+        if rate.get("events") and first_commit is not None and trace.done_at is not None:
+            spans = {"worker": worker.cpu_between(first_commit, trace.done_at)}
+            spans.update(stack_cpu.between(first_commit, trace.done_at))
+            cpu_per_event = {
+                k: (round(v / rate["events"] * 1e6, 1) if v is not None else None) for k, v in spans.items()
+            }
         if trace.done_at is None:
             _log(f"worker run {i} did not commit within the time limit (exit {code}); see {worker.log_path}")
         updates = self._tag_update_count(self.backlog_prefix) - before
@@ -264,6 +275,7 @@ class StreamBench:
             "tensorflow_libs": worker.tf_libs,
             "caught_up": trace.done_at is not None and not trace.windowed,
             "timed": trace.done_at is not None,
+            "cpu_us_per_event": cpu_per_event,
         }
 
     # -- 2b. latency at half the maximum rate -----------------------------------------------------------------------
