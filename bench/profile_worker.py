@@ -63,7 +63,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     batches = batches_of(items, "bench-prof-", args.batch, 4)
     store = RedisStateStore.from_url(args.redis_url, redis_prefix)
     await store.check_format()
-    processor = Processor(store, user_hash_key=BENCH_USER_HASH_KEY.encode(), model_provider=lambda: model)
+    processor = Processor(
+        store, user_hash_key=BENCH_USER_HASH_KEY.encode(), model_provider=lambda: model, behaviour_lanes=args.lanes
+    )
     spent: dict[str, float] = {"products": 0.0, "behavior": 0.0}
     counts: dict[str, int] = {"products": 0, "behavior": 0}
     profiler: Any = None
@@ -145,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--synthetic", action="store_true")
     p.add_argument("--out", default="runs/profile")
     p.add_argument("--no-profile", action="store_true", help="only the processor-alone rate, no profiler")
+    p.add_argument("--lanes", type=int, default=2, help="concurrent lanes of partitions per behaviour batch")
     args = p.parse_args(argv)
     sys.stdout.write("RESULT " + json.dumps(asyncio.run(run(args))) + "\n")
     return 0

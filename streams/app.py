@@ -150,6 +150,7 @@ class Worker:
                     score_delta=self.settings.score_delta,
                     score_step=self.settings.score_step,
                     model_provider=self.models.get,
+                    behaviour_lanes=self.settings.behaviour_lanes,
                 )
             return self._processor
 

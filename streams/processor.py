@@ -148,6 +148,20 @@ def dead_letter(msg: InMessage, exc: BaseException) -> tuple[bytes | None, bytes
     return msg.key, orjson.dumps(record.to_dict())
 
 
+def _lanes(messages: Sequence[InMessage], most: int) -> list[list[InMessage]]:
+    """The messages split into at most `most` lanes of whole partitions (message order kept in each), the
+    partitions spread so the lanes hold about as many messages each."""
+    by_partition: dict[tuple[str, int], list[InMessage]] = {}
+    for msg in messages:
+        by_partition.setdefault((msg.topic, msg.partition), []).append(msg)
+    if most <= 1 or len(by_partition) <= 1:
+        return [list(messages)]
+    lanes: list[list[InMessage]] = [[] for _ in range(min(most, len(by_partition)))]
+    for part in sorted(by_partition.values(), key=len, reverse=True):
+        min(lanes, key=len).extend(part)
+    return lanes
+
+
 def _tag_dicts(tags: Sequence[Tag]) -> list[dict[str, Any]]:
     return [{"tag": t.tag, "group": t.group, "score": round(float(t.score), 6), "origin": t.origin} for t in tags]
 
@@ -181,8 +195,10 @@ class Processor:
         behaviour: BehaviourConfig | None = None,
         score_step: int = 64,
         model_provider: Callable[[], ScoringModel | None] = lambda: None,
+        behaviour_lanes: int = 2,
     ) -> None:
-        """Upserts are scored on the event loop, `score_step` at a time (`score_in_steps`; 64 rows: ~3 ms)."""
+        """Upserts are scored on the event loop, `score_step` at a time (`score_in_steps`; 64 rows: ~3 ms);
+        behaviour batches run in up to `behaviour_lanes` concurrent lanes of partitions."""
         self.store = store
         self.user_hash_key = user_hash_key
         self._hash_user = UserHasher(user_hash_key)
@@ -190,6 +206,7 @@ class Processor:
         self.behaviour = behaviour or BehaviourConfig()
         self.score_step = score_step
         self.model_provider = model_provider
+        self.behaviour_lanes = max(1, behaviour_lanes)
         # Product and behaviour batches both read-modify-write a product's tag state: one at a time, so neither
         # overwrites the other's effect with a stale read.
         self._lock = asyncio.Lock()
@@ -503,9 +520,25 @@ class Processor:
             states[pid].users = users
 
     async def process_behaviour(self, messages: Sequence[InMessage]) -> BatchOutput:
-        """Apply a batch of behaviour events, then expire behaviour tags whose windows passed."""
+        """Apply a batch of behaviour events, then expire behaviour tags whose windows passed.
+
+        The batch's partitions are processed in up to `behaviour_lanes` concurrent lanes: a product's events are all
+        in one partition, so lanes touch disjoint products, and while one lane waits for Redis another computes."""
         async with self._lock:
-            return await self._process_behaviour(messages)
+            self._seen_counts = {}
+            lanes = _lanes(messages, self.behaviour_lanes)
+            if len(lanes) == 1:
+                return await self._process_behaviour(messages)
+            async with asyncio.TaskGroup() as group:
+                tasks = [group.create_task(self._process_behaviour(lane)) for lane in lanes]
+            out = BatchOutput()
+            for task in tasks:
+                part = task.result()
+                out.updates += part.updates
+                out.dead_letters += part.dead_letters
+                out.applied += part.applied
+                out.redelivered += part.redelivered
+            return out
 
     async def _process_behaviour(self, messages: Sequence[InMessage]) -> BatchOutput:
         out = BatchOutput()
@@ -519,7 +552,6 @@ class Processor:
         # (hot products near a threshold), after it for the others that turn out to need them.
         wanted = {pid: at for pid, at in latest.items() if pid in self._users_decide}
         states = await self.store.read(sorted(latest), now=wanted)
-        self._seen_counts = {}
         batch_users: dict[str, set[str]] = {}
         groups: dict[tuple[str, str], _Group] = {}
         redelivered: dict[tuple[str, str], int] = {}

@@ -70,6 +70,12 @@ class WorkerSettings(BaseSettings):
     ort_intra_op_threads: int = Field(1, ge=1, description="ONNX Runtime intra-op threads.")
     ort_inter_op_threads: int = Field(1, ge=1, description="ONNX Runtime inter-op threads.")
     batch_max: int = Field(512, ge=1, description="Most events processed (and scored) as one micro-batch.")
+    behaviour_lanes: int = Field(
+        2,
+        ge=1,
+        description="Concurrent lanes of partitions per behaviour batch: one lane computes while another waits for "
+        "Redis (lanes touch disjoint products).",
+    )
     score_step: int = Field(
         64,
         ge=1,

@@ -287,26 +287,27 @@ def _score_members(scores: dict[str, int]) -> list[Any]:
 
 
 class _Pipeline:
-    """Pipelined round trips on one connection of the client's pool: the commands packed by hiredis into one write,
-    the replies parsed by one hiredis reader. redis-py's pipeline spent ~3 µs of Python per command and reply, on
-    hundreds per batch; this is the one place the store needs that speed (other calls use the client)."""
+    """Pipelined round trips on kept connections (up to `size` at once, for concurrent callers): the commands packed
+    by hiredis into one write, the replies parsed by one hiredis reader. redis-py's pipeline spent ~3 µs of Python
+    per command and reply, on hundreds per batch; this is the one place the store needs that speed (other calls use
+    the client). One caller's round trips run in order; concurrent callers' may interleave in Redis."""
 
-    def __init__(self, client: aioredis.Redis, timeout: float = 30.0) -> None:
+    def __init__(self, client: aioredis.Redis, timeout: float = 30.0, size: int = 4) -> None:
         self._client = client
         self._timeout = timeout
-        self._conn: aioredis.Connection | None = None
-        self._lock = asyncio.Lock()
+        self._idle: list[aioredis.Connection] = []
+        self._slots = asyncio.Semaphore(size)
 
     async def run(self, commands: list[tuple[Any, ...]]) -> list[Any]:
         """Send `commands`, return their replies in order; a Redis error reply raises (NOSCRIPT as NoScriptError)
         after every reply was read, so the connection stays usable."""
         if not commands:
             return []
-        async with self._lock:
-            conn = self._conn
+        async with self._slots:
+            conn = self._idle.pop() if self._idle else None
             try:
                 if conn is None:
-                    conn = self._conn = self._client.connection_pool.make_connection()
+                    conn = self._client.connection_pool.make_connection()
                     await conn.connect()
                 try:
                     packed = b"".join([hiredis.pack_command(c) for c in commands])
@@ -327,10 +328,10 @@ class _Pipeline:
                         while (reply := parser.gets()) is not False:
                             replies.append(reply)
             except BaseException:
-                self._conn = None
                 if conn is not None:
                     await conn.disconnect()
                 raise
+            self._idle.append(conn)
         for reply in replies:
             if isinstance(reply, hiredis.ReplyError):
                 message = str(reply)
@@ -338,9 +339,9 @@ class _Pipeline:
         return replies
 
     async def close(self) -> None:
-        """Close the connection."""
-        conn, self._conn = self._conn, None
-        if conn is not None:
+        """Close the kept connections."""
+        idle, self._idle = self._idle, []
+        for conn in idle:
             await conn.disconnect()
 
 

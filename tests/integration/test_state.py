@@ -202,3 +202,45 @@ def test_the_store_reloads_its_scripts_after_redis_flushed_them(stack: StackSett
             await cleaner.aclose()
 
     asyncio.run(main())
+
+
+def test_concurrent_behaviour_lanes_on_redis_end_as_one_lane(stack: StackSettings) -> None:
+    def messages() -> list[InMessage]:
+        out = []
+        for i in range(800):  # 16 products over 4 partitions; offsets count per partition
+            pid, part = f"q{i % 16}", (i % 16) % 4
+            out.append(
+                InMessage("behavior", part, i // 4, None, orjson.dumps(behaviour(pid, f"u{i % 13}", T0 + i * 3000)))
+            )
+        return out
+
+    async def run(lanes: int, prefix: str, client: aioredis.Redis) -> tuple[list[Any], dict[str, Any]]:
+        store = RedisStateStore.from_url(stack.redis_url, prefix)
+        try:
+            await store.check_format()
+            processor = Processor(store, user_hash_key=b"k", behaviour_lanes=lanes)
+            batch, sent = messages(), []
+            for i in range(0, len(batch), 256):
+                out = await processor.process_behaviour(batch[i : i + 256])
+                assert out.applied == len(batch[i : i + 256])
+                sent += [orjson.loads(v) | {"emit_time": 0} for _, v in out.updates]
+            return sorted(sent, key=orjson.dumps), _strip_times(await _dump_redis(client, prefix))
+        finally:
+            await store.close()
+
+    async def main() -> None:
+        client = aioredis.from_url(stack.redis_url, decode_responses=True)
+        prefixes = [f"ln{uuid.uuid4().hex[:8]}" for _ in range(2)]
+        try:
+            one_sent, one_state = await run(1, prefixes[0], client)
+            lanes_sent, lanes_state = await run(4, prefixes[1], client)
+            assert lanes_sent == one_sent and any("trending" in u["added"] for u in one_sent)
+            assert lanes_state == one_state and len(one_state) > 16
+        finally:
+            for prefix in prefixes:
+                keys = [k async for k in client.scan_iter(f"{prefix}:*")]
+                if keys:
+                    await client.delete(*keys)
+            await client.aclose()
+
+    asyncio.run(main())

@@ -296,3 +296,28 @@ async def test_a_large_upsert_batch_is_scored_in_steps_that_let_other_tasks_run(
     assert [n for n, _ in calls] == [2, 2, 1]
     assert calls[0][1] < calls[1][1] < calls[2][1]  # the loop ran the other task between steps
     assert len(updates(out)) == 5 and all(u["tags"] for u in updates(out))
+
+
+async def test_behaviour_lanes_end_in_the_state_and_updates_of_one_lane(model: BundleModel) -> None:
+    def messages() -> list[InMessage]:
+        feed, out = Feed(), []
+        for i in range(600):  # 12 products over 4 partitions (a product's events all in its own partition)
+            pid = f"p{i % 12}"
+            out += feed("behavior", behaviour(pid, f"u{i % 17}", T0 + i * 4000), partition=(i % 12) % 4)
+        return out
+
+    results = []
+    for lanes in (1, 3):
+        store = MemoryStateStore("t")
+        processor = Processor(store, user_hash_key=b"secret", model_provider=lambda: model, behaviour_lanes=lanes)
+        batch = messages()
+        outs = [await processor.process_behaviour(batch[i : i + 200]) for i in range(0, len(batch), 200)]
+        sent = sorted(orjson.dumps(orjson.loads(v) | {"emit_time": 0}) for o in outs for _, v in o.updates)
+        hashes = {
+            k: {f: (orjson.loads(v) | {"emit_time": 0} if f.startswith("emit:") else v) for f, v in h.items()}
+            for k, h in store.hashes.items()
+        }
+        results.append((sent, hashes, dict(store.strings), sum(o.applied for o in outs)))
+    (one_sent, *one_state), (lanes_sent, *lanes_state) = results
+    assert lanes_sent == one_sent and any(b"trending" in u for u in one_sent)
+    assert lanes_state == one_state and one_state[-1] == 600
