@@ -31,7 +31,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument("--catalog", type=Path, required=True, help="catalog file")
     p.add_argument("--format", choices=FORMATS, required=True, help="catalog format")
     p.add_argument("--out", type=Path, default=None, help="registry directory (default: TAGSTREAM_MODEL_REGISTRY)")
-    p.add_argument("--epochs", type=int, default=None, help="most epochs (default: TAGSTREAM_EPOCHS or 10)")
+    p.add_argument("--epochs", type=int, default=None, help="most epochs (default: TAGSTREAM_EPOCHS or 5)")
     p.add_argument("--seed", type=int, default=None, help="seed (default: TAGSTREAM_SEED or 42)")
     p.add_argument(
         "--no-baseline", dest="baseline", action="store_false", help="skip the same-run TF-IDF + linear baseline"

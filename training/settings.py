@@ -40,7 +40,12 @@ class TrainerSettings(BaseSettings):
     # model
     embed_dim: int = Field(256, ge=8, description="Width of the TF-IDF-weighted embedding bag.")
     embed_init_scale: float = Field(1e-3, ge=0, description="Uniform ±scale init of the embedding rows.")
-    sparse_lr_multiplier: float = Field(4.0, gt=0, description="Learning-rate factor of the embedding (sparse) rows.")
+    sparse_lr_multiplier: float = Field(
+        6.0,
+        gt=0,
+        description="Learning-rate factor of the embedding (sparse) rows. With learning_rate 3e-3: 0.018 for the rows "
+        "(JD merchants held out, leaf w-F1 0.812 at 2e-3 × 4 → 0.817; Myntra articleType macro F1 +0.01).",
+    )
     sparse_weight_decay: float = Field(0.0, ge=0, description="Decoupled weight decay of touched embedding rows.")
     hidden: tuple[int, ...] = Field((512,), description="Widths of the hidden Dense+ReLU layers.")
     dropout: float = Field(0.25, ge=0, lt=1, description="Dropout before each Dense layer and the heads.")
@@ -58,11 +63,24 @@ class TrainerSettings(BaseSettings):
         "logits", description="Members averaged as probabilities, or their logits summed before the activation."
     )
     hierarchical: bool = Field(True, description="Condition each category head on its parent head's output.")
-    learning_rate: float = Field(2e-3, gt=0, description="Adam learning rate.")
-    epochs: int = Field(6, ge=1, description="Most epochs (early stopping, see `monitor`).")
+    learning_rate: float = Field(3e-3, gt=0, description="Adam learning rate (cosine-decayed over `epochs`).")
+    epochs: int = Field(
+        5, ge=1, description="Most epochs (early stopping, see `monitor`), not counting the `refit_epochs`."
+    )
     patience: int = Field(2, ge=0, description="Epochs without validation improvement before stopping.")
     monitor: Literal["val_loss", "val_f1"] = Field(
         "val_f1", description="Early stopping / best-epoch selection: validation loss or mean weighted F1."
+    )
+    refit_epochs: int = Field(
+        2,
+        ge=0,
+        le=4,
+        description="After the best epoch is picked and the thresholds are tuned on validation, train this many more "
+        "epochs on train + validation (the thresholds are kept), so the shipped model has seen all labelled data "
+        "like the baseline, 0 = off. JD leaf w-F1 (75/5/20; merchants held out): 0.841 / 0.806 → 0.846 / 0.812.",
+    )
+    refit_lr_factor: float = Field(
+        0.3, gt=0, le=1, description="Peak learning rate of the refit epochs as a share of `learning_rate` (cosine)."
     )
     batch_size: int = Field(256, ge=8, description="Training batch size.")
     seed: int = Field(42, description="Seed of splits, initialisation, dropout and shuffling.")

@@ -1,6 +1,10 @@
 """The training pipeline: products → features → labels → split → fit → thresholds → evaluate → export → parity →
 bundle (SPEC §2) in the registry. TensorFlow is imported inside the functions that need it.
 
+Fitting: early stopping on validation picks the best epoch, the per-tag thresholds are tuned on validation, then
+`refit_epochs` more epochs on train + validation (lower, restarted learning rate; thresholds kept) give the shipped
+model all the labelled data.
+
 `train(products, settings) -> Path` is the whole pipeline; `fit(...)` (features + model + thresholds, no export)
 is what benchmarks and the periodic retrainer reuse.
 """
@@ -229,7 +233,8 @@ def fit(
     label_map: LabelMap | None = None,
     progress: bool = True,
 ) -> FitResult:
-    """Fit the featurizer on train, the model on train with early stopping on validation, thresholds on validation."""
+    """Fit the featurizer on train, the model on train with early stopping on validation, thresholds on validation,
+    then (`refit_epochs`) the model a little further on train + validation."""
     if not train_products or not val_products:
         raise DataError("training needs non-empty train and validation sets")
     t0 = time.perf_counter()
@@ -298,14 +303,65 @@ def fit(
     )
     history = {k: [float(x) for x in v] for k, v in hist.history.items()}
     history.update(getattr(callbacks[0], "history", {}))
+    t_refit = 0.0
+    if settings.refit_epochs > 0:
+        t2 = time.perf_counter()
+        history["refit_loss"] = _refit(models, x_train, x_val, y_train, y_val, settings, progress=progress)
+        t_refit = time.perf_counter() - t2
     return FitResult(
         featurizer,
         label_map,
         models,
         thresholds,
         history,
-        {"featurize_s": t_feat, "fit_s": t_fit, "epochs_run": len(history.get("loss", []))},
+        {"featurize_s": t_feat, "fit_s": t_fit, "refit_s": t_refit, "epochs_run": len(history.get("loss", []))},
     )
+
+
+def _refit(
+    models: Any,
+    x_train: FeatureBatch,
+    x_val: FeatureBatch,
+    y_train: LabelMatrix,
+    y_val: LabelMatrix,
+    settings: TrainerSettings,
+    *,
+    progress: bool,
+) -> list[float]:
+    """`settings.refit_epochs` more epochs on train + validation from the selected weights: the optimiser state is
+    kept and the learning rate restarts at `learning_rate × refit_lr_factor`, cosine-decayed over the refit steps.
+    Returns the refit epochs' training losses."""
+    import keras
+    from keras import ops
+
+    class RestartedCosine(keras.optimizers.schedules.LearningRateSchedule):
+        def __init__(self, initial: float, start: int, steps: int, alpha: float = 0.05) -> None:
+            self.initial, self.start, self.steps, self.alpha = initial, start, steps, alpha
+
+        def __call__(self, step: Any) -> Any:
+            t = ops.clip((ops.cast(step, "float32") - self.start) / self.steps, 0.0, 1.0)
+            return self.initial * (self.alpha + (1.0 - self.alpha) * 0.5 * (1.0 + ops.cos(np.pi * t)))
+
+        def get_config(self) -> dict[str, Any]:
+            return {"initial": self.initial, "start": self.start, "steps": self.steps, "alpha": self.alpha}
+
+    steps = max(1, -(-(len(x_train) + len(x_val)) // settings.batch_size)) * settings.refit_epochs
+    opt = models.train.optimizer
+    opt.learning_rate = RestartedCosine(
+        settings.learning_rate * settings.refit_lr_factor, int(opt.iterations.numpy()), steps
+    )
+    models.train.compile(optimizer=opt, loss=models.train.loss)  # re-trace the train step with the new schedule
+    n_out = len(models.train.outputs)
+    y_all = np.concatenate([y_train.y, y_val.y])
+    hist = models.train.fit(
+        FeatureBatch.concat([x_train, x_val]).as_inputs(),
+        [y_all] * n_out,
+        batch_size=settings.batch_size,
+        epochs=settings.refit_epochs,
+        shuffle=True,
+        verbose=(1 if sys.stderr.isatty() else 2) if progress else 0,
+    )
+    return [float(v) for v in hist.history["loss"]]
 
 
 def _best_f1_weights(models: Any, x_val: Any, y_val: Any, label_map: LabelMap, *, patience: int) -> Any:
