@@ -529,11 +529,14 @@ class Processor:
             lanes = _lanes(messages, self.behaviour_lanes)
             if len(lanes) == 1:
                 return await self._process_behaviour(messages)
-            async with asyncio.TaskGroup() as group:
-                tasks = [group.create_task(self._process_behaviour(lane)) for lane in lanes]
+            # every lane runs to its end (its writes are fenced either way); the first error is raised as it is
+            parts = await asyncio.gather(*(self._process_behaviour(lane) for lane in lanes), return_exceptions=True)
+            for part in parts:
+                if isinstance(part, BaseException):
+                    raise part
             out = BatchOutput()
-            for task in tasks:
-                part = task.result()
+            for part in parts:
+                assert isinstance(part, BatchOutput)
                 out.updates += part.updates
                 out.dead_letters += part.dead_letters
                 out.applied += part.applied

@@ -14,6 +14,7 @@ from streams.model import BundleModel
 from streams.processor import InMessage, Processor
 from streams.settings import WorkerSettings
 from streams.state import MemoryStateStore, ProductState
+from tagstream.errors import StateError
 from tests.events import behaviour, delete, upsert
 from tests.models import featurized_bundle
 
@@ -321,3 +322,23 @@ async def test_behaviour_lanes_end_in_the_state_and_updates_of_one_lane(model: B
     (one_sent, *one_state), (lanes_sent, *lanes_state) = results
     assert lanes_sent == one_sent and any(b"trending" in u for u in one_sent)
     assert lanes_state == one_state and one_state[-1] == 600
+
+
+async def test_an_error_in_one_lane_is_raised_as_it_is_after_every_lane_ran(model: BundleModel) -> None:
+    class FailingStore(MemoryStateStore):
+        async def read(
+            self, product_ids: list[str], now: dict[str, int] | None = None, *, counters: bool = True
+        ) -> dict[str, ProductState]:
+            if "bad" in product_ids:
+                raise StateError("redis went away")
+            return await super().read(product_ids, now, counters=counters)
+
+    store = FailingStore("t")
+    processor = Processor(store, user_hash_key=b"secret", model_provider=lambda: model, behaviour_lanes=2)
+    feed = Feed()
+    batch = feed("behavior", behaviour("bad", "u1", T0), partition=0) + feed(
+        "behavior", behaviour("good", "u1", T0), partition=1
+    )
+    with pytest.raises(StateError, match="went away"):
+        await processor.process_behaviour(batch)
+    assert (await store.read(["good"]))["good"].applied_offset("behavior:1") == 1  # the other lane finished
