@@ -633,10 +633,9 @@ class Processor:
         if counts is None:
             return False
         self._seen_counts[state.product_id] = counts
-        payload = self._behaviour_update(state, tag_state, before, "behaviour", e.msg.source, e.event_time)
-        unchanged = tag_state["behaviour_tags"] == before and tag_state["behaviour"] == before_state
-        if unchanged and state.tags is not None:
+        if state.tags is not None and tag_state["behaviour_tags"] == before and tag_state["behaviour"] == before_state:
             return True  # the stored tag state stands: no rewrite of its JSON (most events of a busy product)
+        payload = self._behaviour_update(state, tag_state, before, "behaviour", e.msg.source, e.event_time)
         tag_state["updated_at"] = max(int(tag_state.get("updated_at") or 0), e.event_time)
         state.tags = tag_state
         e.group.write.ops.set(e.group.keys.tags, orjson.dumps(tag_state))

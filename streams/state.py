@@ -130,11 +130,6 @@ class Ops:
         if mapping:
             self._hset.setdefault(self._k(key), {}).update({k: str(v) for k, v in mapping.items()})
 
-    def hincrby(self, key: str, name: str, amount: int) -> None:
-        """Add to a hash counter."""
-        fields = self.counters(key)
-        fields[name] = fields.get(name, 0) + int(amount)
-
     def counters(self, key: str) -> dict[str, int]:
         """The hash counter increments of `key` (field -> amount), to add to in place."""
         return self._incr.setdefault(self._k(key), {})
@@ -155,10 +150,6 @@ class Ops:
     def delete(self, key: str) -> None:
         """Delete a key."""
         self._del.add(self._k(key))
-
-    def pfadd(self, key: str, element: str) -> None:
-        """Add an element to a HyperLogLog."""
-        self._pfadd.setdefault(self._k(key), set()).add(element)
 
     @property
     def ops(self) -> list[list[Any]]:
@@ -240,22 +231,6 @@ _WATERMARK_LUA = (
     "local v = redis.call('HGET', KEYS[1], ARGV[1]); "
     "if (not v) or tonumber(v) < tonumber(ARGV[2]) then redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end"
 )
-
-
-class HiredisPackedConnection(aioredis.Connection):
-    """redis-py's asyncio connection packing commands with hiredis (C) instead of Python: the state store sends
-    thousands of EVALSHA arguments per batch, and pure-Python packing was a sixth of a behaviour batch's time."""
-
-    def pack_command(self, *args: Any) -> list[bytes]:
-        """The RESP bytes of one command (same splitting of `"SCRIPT LOAD"`-style names as redis-py)."""
-        if isinstance(args[0], str):
-            args = (*args[0].encode().split(), *args[1:])
-        elif b" " in args[0]:
-            args = (*args[0].split(), *args[1:])
-        try:
-            return [hiredis.pack_command(args)]
-        except TypeError as exc:
-            raise DataError(str(exc)) from exc
 
 
 class _Script:
@@ -359,9 +334,7 @@ class RedisStateStore:
     @classmethod
     def from_url(cls, url: str, prefix: str, max_backoff: float = 5.0) -> RedisStateStore:
         """Connect lazily to `url`."""
-        client = aioredis.from_url(
-            url, decode_responses=True, health_check_interval=30, connection_class=HiredisPackedConnection
-        )
+        client = aioredis.from_url(url, decode_responses=True, health_check_interval=30)
         return cls(client, prefix, max_backoff)
 
     async def _pipelined(self, what: str, queue: Any) -> list[Any]:

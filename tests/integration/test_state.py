@@ -163,7 +163,7 @@ def test_a_worker_refuses_another_state_format(stack: StackSettings) -> None:
 def test_the_store_reloads_its_scripts_after_redis_flushed_them(stack: StackSettings) -> None:
     async def main() -> None:
         prefix = f"sl{uuid.uuid4().hex[:8]}"
-        store = RedisStateStore.from_url(stack.redis_url, prefix)  # hiredis-packed connections, EVALSHA pipelines
+        store = RedisStateStore.from_url(stack.redis_url, prefix)  # hiredis-packed EVALSHA pipelines
         try:
             await store.check_format()
             processor = Processor(store, user_hash_key=b"k")
