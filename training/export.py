@@ -84,16 +84,18 @@ def export_onnx(
         tf.TensorSpec((None, None), tf.float32, name="weights"),
         tf.TensorSpec((None, n_numeric), tf.float32, name="numeric"),
     ]
+    light, tables = _with_placeholder_tables(model)
     try:
         tf2onnx_logger = logging.getLogger("tf2onnx")
         level = tf2onnx_logger.level
         tf2onnx_logger.setLevel(logging.ERROR)
         try:
-            proto, _ = tf2onnx.convert.from_keras(model, input_signature=signature, opset=opset)
+            proto, _ = tf2onnx.convert.from_keras(light, input_signature=signature, opset=opset)
         finally:
             tf2onnx_logger.setLevel(level)
     except Exception as exc:  # tf2onnx raises many kinds
         raise ExportError(f"tf2onnx conversion failed: {exc}") from exc
+    _restore_tables(proto, tables)
     proto = _name_output(proto)
     _name_token_axis(proto)
     if float16_embeddings and not store_embeddings_as_float16(proto):
@@ -109,6 +111,52 @@ def export_onnx(
     if names != list(INPUT_NAMES):
         raise ExportError(f"exported inputs are {names}, expected {list(INPUT_NAMES)}")
     return proto.SerializeToString()
+
+
+def _with_placeholder_tables(model: Any) -> tuple[Any, dict[tuple[int, int], np.ndarray]]:
+    """A copy of `model` whose embedding tables (WeightedBag) have only a few rows, and the real tables keyed by
+    their placeholder's shape (rows 2, 3, … tell the bags apart). tf2onnx copies every constant of the graph many
+    times over: converting the placeholders and putting the real tables into the ONNX graph afterwards takes a
+    few seconds instead of ~30 s for a 131072 × 384 table; the scores are the same (the parity gate checks them)."""
+    import keras
+
+    from training.model import WeightedBag
+
+    tables: dict[tuple[int, int], np.ndarray] = {}
+
+    def clone(layer: Any) -> Any:
+        config = layer.get_config()
+        if isinstance(layer, WeightedBag):
+            config["n_buckets"] = 2 + len(tables)
+            tables[(config["n_buckets"], layer.dim)] = np.asarray(layer.embeddings.numpy(), dtype=np.float32)
+        return layer.__class__.from_config(config)
+
+    light = keras.models.clone_model(model, clone_function=clone)
+    originals = model._flatten_layers(include_self=False)
+    copies = light._flatten_layers(include_self=False)
+    for original, copy in zip(originals, copies, strict=True):
+        if original.name != copy.name:
+            raise ExportError(f"cloned layers differ: {original.name} / {copy.name}")
+        values = original.get_weights()
+        if isinstance(original, WeightedBag):
+            values[0] = values[0][: copy.n_buckets]
+        copy.set_weights(values)
+    return light, tables
+
+
+def _restore_tables(proto: onnx.ModelProto, tables: Mapping[tuple[int, int], np.ndarray]) -> None:
+    """Put the real embedding tables in place of their placeholders (the Gather tables of the same shape)."""
+    gathered = {n.input[0] for n in proto.graph.node if n.op_type == "Gather" and n.input}
+    found: dict[tuple[int, int], list[onnx.TensorProto]] = {}
+    for init in proto.graph.initializer:
+        shape = tuple(init.dims)
+        if init.name in gathered and shape in tables:
+            found.setdefault(shape, []).append(init)  # type: ignore[arg-type]
+    for shape, table in tables.items():
+        inits = found.get(shape, [])
+        if len(inits) != 1:
+            raise ExportError(f"embedding table {shape}: {len(inits)} placeholder initializers in the ONNX graph")
+        inits[0].CopyFrom(onnx.numpy_helper.from_array(table, inits[0].name))
 
 
 def store_embeddings_as_float16(proto: onnx.ModelProto, min_rows: int = 1024) -> int:

@@ -109,3 +109,33 @@ def test_a_graph_without_a_weighted_bag_is_left_as_it_is() -> None:
     model = _bag_model(np.ones((2048, 4), dtype=np.float32))  # ReduceSum, not a MatMul with weights
     assert chunk_bags(model, chunk=8, max_tokens=20) == 0
     assert [n.op_type for n in model.graph.node] == ["Gather", "ReduceSum"]
+
+
+@pytest.mark.slow
+def test_every_embedding_table_reaches_the_onnx_graph_in_its_own_place() -> None:
+    """tf2onnx converts a copy with placeholder tables; each real table must come back into its own bag."""
+    from tests.test_train_e2e import synthetic_products
+    from training.export import export_onnx
+    from training.labels import build_label_map
+    from training.model import ModelConfig, WeightedBag, build_models, round_embeddings_to_float16
+
+    label_map = build_label_map(synthetic_products(120), min_support=3)
+    config = ModelConfig(embed_dim=16, hidden=(8,), ensemble=2, linear_dim=8)
+    model = build_models(label_map, n_buckets=2048, max_features=24, n_numeric=5, config=config).scores
+    rng = np.random.default_rng(0)
+    bags = [layer for layer in model._flatten_layers() if isinstance(layer, WeightedBag)]
+    assert [b.embeddings.shape for b in bags] == [(2048, 24), (2048, 16)]
+    for bag in bags:  # distinct, large values: a table in the wrong bag (or a placeholder row) changes the scores
+        bag.embeddings.assign(rng.normal(0, 0.5, bag.embeddings.shape).astype(np.float32))
+    round_embeddings_to_float16(model)
+
+    onnx_bytes = export_onnx(model, n_numeric=5, float16_embeddings=True, bag_chunk=8, max_tokens=24)
+    ids = rng.integers(1, 2048, size=(64, 24), dtype=np.int64)  # rows far beyond the placeholders' few
+    weights = rng.random((64, 24), dtype=np.float32)
+    numeric = rng.normal(size=(64, 5)).astype(np.float32)
+    keras_scores = np.asarray(model([ids, weights, numeric], training=False))
+    session = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
+    onnx_scores = session.run(None, {"ids": ids, "weights": weights, "numeric": numeric})[0]
+    assert np.abs(onnx_scores - keras_scores).max() <= 1e-5
+    tables = [t for t in onnx.load_from_string(onnx_bytes).graph.initializer if t.dims[:1] == [2048]]
+    assert sorted(tuple(t.dims) for t in tables) == [(2048, 16), (2048, 24)]
