@@ -91,10 +91,9 @@ def ensure_model(cache: Path, n_products: int, seed: int, overrides: dict[str, A
 
     def on_fit(result: Any) -> None:
         fit_s["fit"] = time.perf_counter() - t0
-        if settings.float16_embeddings:  # the shipped tables, as `train` rounds them next (idempotent)
-            from training.model import round_embeddings_to_float16
+        from training.model import round_embeddings
 
-            round_embeddings_to_float16(result.models.scores)
+        round_embeddings(result.models.scores, settings.embedding_dtype)  # the shipped tables, as `train` rounds next
         result.models.scores.save(keras_path)
 
     bundle = train(products, settings, registry=cache / "registry", progress=False, on_fit=on_fit)

@@ -112,12 +112,14 @@ def run_split(
     baseline: bool = True,
 ) -> dict[str, Any]:
     """Fit on split.train (+validation), evaluate top-1 on split.test for the model and the baseline."""
+    from training.model import round_embeddings
     from training.train import featurize, fit, predict_keras
 
     train_p, val_p, test_p = split.train, split.validation, split.test
     label_map = build_label_map(train_p, min_support=settings.min_support)
     t0 = time.perf_counter()
     res = fit(train_p, val_p, settings, label_map=label_map, progress=False)
+    round_embeddings(res.models.scores, settings.embedding_dtype)  # score the tables the bundle would ship
     x_test = featurize(res.featurizer, test_p, progress=False)
     scores = predict_keras(res.models.scores, x_test)
     t_model = time.perf_counter() - t0

@@ -26,7 +26,9 @@ __all__ = [
     "check_parity",
     "chunk_bags",
     "export_onnx",
+    "quantize_rows",
     "store_embeddings_as_float16",
+    "store_embeddings_as_int8",
     "threshold_vector",
 ]
 
@@ -63,14 +65,14 @@ def export_onnx(
     *,
     n_numeric: int,
     opset: int = OPSET,
-    float16_embeddings: bool = False,
+    embedding_dtype: str = "float32",
     bag_chunk: int = 0,
     max_tokens: int = 128,
 ) -> bytes:
     """Convert the Keras scoring model to ONNX bytes with inputs ids/weights/numeric and output `scores`.
 
-    `float16_embeddings` stores the embedding tables as float16 (see `store_embeddings_as_float16`); the Keras
-    tables must already hold float16-representable values (`training.model.round_embeddings_to_float16`).
+    `embedding_dtype` "float16" or "int8" stores the embedding tables so (`store_embeddings_as_float16`,
+    `store_embeddings_as_int8`); the Keras tables must already hold such values (`training.model.round_embeddings`).
     `bag_chunk` > 0 computes each bag in chunks of that many token columns (see `chunk_bags`; `max_tokens` is the
     featurizer's L)."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -98,8 +100,11 @@ def export_onnx(
     _restore_tables(proto, tables)
     proto = _name_output(proto)
     _name_token_axis(proto)
-    if float16_embeddings and not store_embeddings_as_float16(proto):
-        raise ExportError("float16_embeddings: the exported graph has no embedding table (Gather on an initializer)")
+    store = {"float16": store_embeddings_as_float16, "int8": store_embeddings_as_int8}.get(embedding_dtype)
+    if store is None and embedding_dtype != "float32":
+        raise ExportError(f"embedding_dtype must be float32, float16 or int8, not {embedding_dtype!r}")
+    if store is not None and not store(proto):
+        raise ExportError(f"embedding_dtype {embedding_dtype}: the exported graph has no embedding table to store")
     if bag_chunk and not chunk_bags(proto, bag_chunk, max_tokens):
         raise ExportError("bag_chunk: the exported graph has no bag (Gather of an initializer into a MatMul)")
     proto.producer_name = "tagstream"
@@ -198,6 +203,84 @@ def store_embeddings_as_float16(proto: onnx.ModelProto, min_rows: int = 1024) ->
     del graph.node[:]
     graph.node.extend(new_nodes)
     return converted
+
+
+def quantize_rows(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 per row: values ≈ q · scale[:, None], q in [-127, 127], each row's largest |value| → ±127
+    (an all-zero row gets scale 1). Rows of different magnitudes (frequent and rare features) keep 8 bits each."""
+    values = np.asarray(values, dtype=np.float32)
+    peak = np.abs(values).max(axis=1)
+    scale = np.where(peak > 0, peak / np.float32(127), np.float32(1)).astype(np.float32)
+    q = np.clip(np.rint(values / scale[:, None]), -127, 127).astype(np.int8)
+    return q, scale
+
+
+def store_embeddings_as_int8(proto: onnx.ModelProto, min_rows: int = 1024) -> int:
+    """Store each weighted bag's float32 table (≥ `min_rows` rows, Gather → batched MatMul with the weights
+    [N, 1, L]) as int8 rows with one float32 scale per row: the Gather's rows are cast to float32, and each row's
+    scale multiplies its token's weight instead (Σ_l w_l · s_l · q_l), so nothing [N, L, D]-sized is rescaled.
+    The table must hold values `quantize_rows` reproduces (`training.model.round_embeddings`); a quarter of the
+    float32 memory. Returns the tables converted."""
+    graph = proto.graph
+    tables = {t.name: t for t in graph.initializer}
+    users: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            users.setdefault(name, []).append(node)
+    before: dict[int, list[onnx.NodeProto]] = {}  # id of a bag's MatMul -> nodes that scale its weights
+    after: dict[int, onnx.NodeProto] = {}  # id of a bag's Gather -> the Cast of its int8 rows
+    for node in graph.node:
+        table = tables.get(node.input[0]) if node.op_type == "Gather" and node.input else None
+        if (
+            table is None
+            or table.data_type != onnx.TensorProto.FLOAT
+            or len(table.dims) != 2
+            or table.dims[0] < min_rows
+            or len(users[table.name]) != 1
+            or len(users.get(node.output[0], [])) != 1
+        ):
+            continue
+        matmul = users[node.output[0]][0]
+        if matmul.op_type != "MatMul" or matmul.input[1] != node.output[0]:
+            continue
+        values = onnx.numpy_helper.to_array(table)
+        q, scale = quantize_rows(values)
+        peak = np.abs(values).max(axis=1)
+        if np.any(np.abs(q.astype(np.float32) * scale[:, None] - values).max(axis=1) > 1e-5 * peak):
+            raise ExportError(f"{table.name}: values are not int8 rows × scale; round the Keras table first")
+        table.CopyFrom(onnx.numpy_helper.from_array(q, table.name))
+        base = node.name or node.output[0]
+        names = {k: f"{base}_int8_{k}" for k in ("scale", "axis", "token_scale", "token_scale3", "weights")}
+        graph.initializer.extend(
+            [
+                onnx.numpy_helper.from_array(scale, names["scale"]),
+                onnx.numpy_helper.from_array(np.array([1], np.int64), names["axis"]),
+            ]
+        )
+        ids, weights, gathered = node.input[1], matmul.input[0], node.output[0]
+        before[id(matmul)] = [
+            onnx.helper.make_node("Gather", [names["scale"], ids], [names["token_scale"]], name=names["token_scale"]),
+            onnx.helper.make_node(
+                "Unsqueeze", [names["token_scale"], names["axis"]], [names["token_scale3"]], name=names["token_scale3"]
+            ),
+            onnx.helper.make_node("Mul", [weights, names["token_scale3"]], [names["weights"]], name=names["weights"]),
+        ]
+        matmul.input[0] = names["weights"]
+        node.output[0] = f"{gathered}_int8"
+        after[id(node)] = onnx.helper.make_node(
+            "Cast", [node.output[0]], [gathered], to=onnx.TensorProto.FLOAT, name=f"{base}_to_float32"
+        )
+    if not after:
+        return 0
+    new_nodes: list[onnx.NodeProto] = []
+    for node in graph.node:
+        new_nodes += before.get(id(node), [])
+        new_nodes.append(node)
+        if id(node) in after:
+            new_nodes.append(after[id(node)])
+    del graph.node[:]
+    graph.node.extend(new_nodes)
+    return len(after)
 
 
 def chunk_bags(proto: onnx.ModelProto, chunk: int, max_tokens: int) -> int:

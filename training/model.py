@@ -51,7 +51,7 @@ __all__ = [
     "build_models",
     "class_weights",
     "make_loss",
-    "round_embeddings_to_float16",
+    "round_embeddings",
 ]
 
 
@@ -322,17 +322,26 @@ def make_loss(label_map: LabelMap, weights: np.ndarray, config: ModelConfig):
     return loss
 
 
-def round_embeddings_to_float16(model: keras.Model) -> int:
-    """Round every WeightedBag table of `model` to float16-representable values (kept as float32 in Keras).
+def round_embeddings(model: keras.Model, dtype: str) -> int:
+    """Round every WeightedBag table of `model` to the values the bundle stores (kept as float32 in Keras):
+    "float16" values, or "int8" rows × a float32 scale per row (`training.export.quantize_rows`); "float32"
+    leaves them. The export then stores the tables so (half or a quarter of the float32 bundle and worker memory)
+    and the ONNX model still computes what this Keras model does, so the parity gate and the evaluation describe
+    the shipped model. Returns the number of tables rounded."""
+    if dtype == "float32":
+        return 0
+    if dtype not in ("float16", "int8"):
+        raise ValueError(f"dtype must be float32, float16 or int8, not {dtype!r}")
+    from training.export import quantize_rows
 
-    The export then stores those tables as float16 (`training.export.store_embeddings_as_float16`), which halves
-    the bundle and the worker's model memory, and the ONNX model still computes exactly what this Keras model does,
-    so the parity gate and the evaluation describe the shipped model. Returns the number of tables rounded.
-    """
     rounded = 0
     for layer in model._flatten_layers():  # nested members included
         if isinstance(layer, WeightedBag):
-            table = layer.embeddings
-            table.assign(np.asarray(table.numpy(), dtype=np.float16).astype(np.float32))
+            table = np.asarray(layer.embeddings.numpy(), dtype=np.float32)
+            if dtype == "float16":
+                layer.embeddings.assign(table.astype(np.float16).astype(np.float32))
+            else:
+                q, scale = quantize_rows(table)
+                layer.embeddings.assign(q.astype(np.float32) * scale[:, None])
             rounded += 1
     return rounded

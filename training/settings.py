@@ -93,8 +93,11 @@ class TrainerSettings(BaseSettings):
     parity_samples: int = Field(2000, ge=64, description="Rows of the ONNX/Keras parity gate (at least 2000).")
     parity_atol: float = Field(1e-4, gt=0, description="Max |onnx − keras| allowed by the parity gate.")
     opset: int = Field(17, ge=13, le=21, description="ONNX opset of the export.")
-    float16_embeddings: bool = Field(
-        True, description="Ship the embedding tables as float16 (half the bundle and worker memory; lossless export)."
+    embedding_dtype: Literal["float32", "float16", "int8"] = Field(
+        "float16",
+        description="How the bundle stores the embedding tables: float16 (half the float32 memory), or int8 rows "
+        "with a float32 scale per row (a quarter). The Keras tables are rounded the same way before evaluation, "
+        "so the metrics and the parity gate describe the shipped model.",
     )
     bag_chunk: int = Field(
         32,

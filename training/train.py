@@ -440,10 +440,10 @@ def train(
     if on_fit is not None:
         on_fit(result)
     fz, models = result.featurizer, result.models
-    if settings.float16_embeddings:  # before evaluation: the metrics describe the shipped (float16) tables
-        from training.model import round_embeddings_to_float16
+    from training.model import round_embeddings
 
-        round_embeddings_to_float16(models.scores)
+    # before evaluation: the metrics describe the shipped tables
+    round_embeddings(models.scores, settings.embedding_dtype)
 
     # evaluate on test (top-1 and at the tuned thresholds)
     eval_p = test_p or val_p
@@ -469,7 +469,7 @@ def train(
         models.scores,
         n_numeric=fz.n_numeric,
         opset=settings.opset,
-        float16_embeddings=settings.float16_embeddings,
+        embedding_dtype=settings.embedding_dtype,
         bag_chunk=settings.bag_chunk,
         max_tokens=settings.max_features,
     )

@@ -1,4 +1,4 @@
-"""Rewrites of the exported ONNX bag: the table stored as float16, the bag computed in slices (no TensorFlow)."""
+"""Rewrites of the exported ONNX bag: the table stored as float16 or int8, the bag computed in slices."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from tagstream.errors import ExportError
-from training.export import chunk_bags, store_embeddings_as_float16
+from training.export import chunk_bags, quantize_rows, store_embeddings_as_float16, store_embeddings_as_int8
 
 
 def _bag_model(table: np.ndarray) -> onnx.ModelProto:
@@ -105,6 +105,60 @@ def test_a_bag_computed_in_slices_gives_the_same_sums_for_every_width() -> None:
         assert np.abs(expected).max() > 0
 
 
+def _int8_rounded(rng: np.random.Generator, rows: int, dim: int) -> np.ndarray:
+    """A table as `round_embeddings(..., "int8")` leaves it: rows of very different magnitudes, q · scale."""
+    table = rng.normal(0, 1, (rows, dim)) * 10.0 ** rng.uniform(-4, 0, (rows, 1))
+    table[5] = 0.0  # an all-zero row (e.g. padding)
+    q, scale = quantize_rows(table)
+    return q.astype(np.float32) * scale[:, None]
+
+
+def test_int8_rows_keep_each_rows_own_scale() -> None:
+    rng = np.random.default_rng(2)
+    table = rng.normal(0, 1, (64, 8)) * 10.0 ** rng.uniform(-4, 0, (64, 1))
+    q, scale = quantize_rows(table)
+    assert q.dtype == np.int8 and scale.dtype == np.float32 and np.abs(q).max(axis=1).min() == 127
+    error = np.abs(q * scale[:, None] - table).max(axis=1)
+    assert np.all(error <= 0.5 * scale + 1e-12)  # half a step of the row's own scale, small rows included
+    assert np.all(error <= np.abs(table).max(axis=1) / 254 + 1e-12)
+    again, scale_again = quantize_rows(q.astype(np.float32) * scale[:, None])
+    np.testing.assert_array_equal(again, q)  # rounding is idempotent: export finds the same int8 rows
+    np.testing.assert_allclose(scale_again, scale, rtol=1e-6)
+
+
+def test_an_int8_table_gives_the_same_bag_sums_whole_and_in_slices() -> None:
+    rng = np.random.default_rng(3)
+    table = _int8_rounded(rng, 4096, 16)
+    whole, stored = _weighted_bag_model(table), _weighted_bag_model(table)
+    size_before = stored.ByteSize()
+    assert store_embeddings_as_int8(stored) == 1
+    sliced = onnx.ModelProto()
+    sliced.CopyFrom(stored)
+    assert chunk_bags(sliced, chunk=8, max_tokens=20) == 1
+    for model in (stored, sliced):
+        onnx.checker.check_model(model, full_check=True)
+    table_init = next(t for t in stored.graph.initializer if t.name == "table")
+    assert (
+        table_init.data_type == TensorProto.INT8 and stored.ByteSize() < 0.35 * size_before
+    )  # int8 + a float32 scale per 16 values
+    sessions = [
+        ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]) for m in (whole, stored, sliced)
+    ]
+    for width in (1, 8, 20, 33):
+        ids = rng.integers(0, 4096, (5, width))
+        ids[0, 0] = 5
+        feeds = {"ids": ids, "weights": rng.random((5, width), dtype=np.float32)}
+        expected, *outs = (s.run(["out"], feeds)[0] for s in sessions)
+        for out in outs:
+            np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-7)
+
+
+def test_a_table_that_int8_would_change_is_refused() -> None:
+    table = np.random.default_rng(4).normal(0, 0.05, (2048, 8)).astype(np.float32)  # not rounded to int8 rows
+    with pytest.raises(ExportError, match="not int8 rows"):
+        store_embeddings_as_int8(_weighted_bag_model(table))
+
+
 def test_a_graph_without_a_weighted_bag_is_left_as_it_is() -> None:
     model = _bag_model(np.ones((2048, 4), dtype=np.float32))  # ReduceSum, not a MatMul with weights
     assert chunk_bags(model, chunk=8, max_tokens=20) == 0
@@ -112,12 +166,13 @@ def test_a_graph_without_a_weighted_bag_is_left_as_it_is() -> None:
 
 
 @pytest.mark.slow
-def test_every_embedding_table_reaches_the_onnx_graph_in_its_own_place() -> None:
+@pytest.mark.parametrize("dtype", ["float16", "int8"])
+def test_every_embedding_table_reaches_the_onnx_graph_in_its_own_place(dtype: str) -> None:
     """tf2onnx converts a copy with placeholder tables; each real table must come back into its own bag."""
     from tests.test_train_e2e import synthetic_products
     from training.export import export_onnx
     from training.labels import build_label_map
-    from training.model import ModelConfig, WeightedBag, build_models, round_embeddings_to_float16
+    from training.model import ModelConfig, WeightedBag, build_models, round_embeddings
 
     label_map = build_label_map(synthetic_products(120), min_support=3)
     config = ModelConfig(embed_dim=16, hidden=(8,), ensemble=2, linear_dim=8)
@@ -127,9 +182,9 @@ def test_every_embedding_table_reaches_the_onnx_graph_in_its_own_place() -> None
     assert [b.embeddings.shape for b in bags] == [(2048, 24), (2048, 16)]
     for bag in bags:  # distinct, large values: a table in the wrong bag (or a placeholder row) changes the scores
         bag.embeddings.assign(rng.normal(0, 0.5, bag.embeddings.shape).astype(np.float32))
-    round_embeddings_to_float16(model)
+    round_embeddings(model, dtype)
 
-    onnx_bytes = export_onnx(model, n_numeric=5, float16_embeddings=True, bag_chunk=8, max_tokens=24)
+    onnx_bytes = export_onnx(model, n_numeric=5, embedding_dtype=dtype, bag_chunk=8, max_tokens=24)
     ids = rng.integers(1, 2048, size=(64, 24), dtype=np.int64)  # rows far beyond the placeholders' few
     weights = rng.random((64, 24), dtype=np.float32)
     numeric = rng.normal(size=(64, 5)).astype(np.float32)
@@ -137,5 +192,10 @@ def test_every_embedding_table_reaches_the_onnx_graph_in_its_own_place() -> None
     session = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
     onnx_scores = session.run(None, {"ids": ids, "weights": weights, "numeric": numeric})[0]
     assert np.abs(onnx_scores - keras_scores).max() <= 1e-5
-    tables = [t for t in onnx.load_from_string(onnx_bytes).graph.initializer if t.dims[:1] == [2048]]
+    tables = [
+        t
+        for t in onnx.load_from_string(onnx_bytes).graph.initializer
+        if list(t.dims[:1]) == [2048] and len(t.dims) == 2
+    ]
     assert sorted(tuple(t.dims) for t in tables) == [(2048, 16), (2048, 24)]
+    assert {t.data_type for t in tables} == {getattr(onnx.TensorProto, dtype.upper())}
