@@ -146,9 +146,9 @@ def test_train_export_bundle_score_and_parity_gate(tmp_path: Path, capsys: pytes
     assert ok.max_abs_diff <= 1e-4
     model = onnx.load_from_string(bundle.onnx_bytes)
     init = max(model.graph.initializer, key=lambda t: int(np.prod(t.dims)))  # the embedding table
-    assert init.data_type == onnx.TensorProto.FLOAT16  # shipped as float16 (half the bundle and worker memory)
+    assert init.data_type == onnx.TensorProto.INT8  # shipped as int8 rows (a quarter of the float32 memory)
     arr = numpy_helper.to_array(init).copy()
-    arr += np.float16(0.05)
+    arr[1:] = np.clip(arr[1:].astype(np.int16) + 40, -127, 127).astype(np.int8)  # every row but the padding row
     init.CopyFrom(numpy_helper.from_array(arr, init.name))
     with pytest.raises(ParityError):
         check_parity(model.SerializeToString(), golden.scores, feats, th)
