@@ -49,7 +49,7 @@ def parse_sets(pairs: list[str]) -> dict[str, Any]:
     return out
 
 
-# What the cached Keras model is: the scoring model with the tables the bundle ships (float16-rounded when they are),
+# What the cached Keras model is: the scoring model with the tables the bundle ships (rounded to float16 or int8 rows),
 # so the bench compares ONNX with the same model. A change here retrains cached models.
 KERAS_SAVED = "shipped-tables"
 
