@@ -91,10 +91,7 @@ def ensure_model(cache: Path, n_products: int, seed: int, overrides: dict[str, A
 
     def on_fit(result: Any) -> None:
         fit_s["fit"] = time.perf_counter() - t0
-        from training.model import round_embeddings
-
-        round_embeddings(result.models.scores, settings.embedding_dtype)  # the shipped tables, as `train` rounds next
-        result.models.scores.save(keras_path)
+        result.models.scores.save(keras_path)  # `train` has rounded its tables to the shipped values
 
     bundle = train(products, settings, registry=cache / "registry", progress=False, on_fit=on_fit)
     info = {

@@ -164,28 +164,47 @@ def _restore_tables(proto: onnx.ModelProto, tables: Mapping[tuple[int, int], np.
         inits[0].CopyFrom(onnx.numpy_helper.from_array(table, inits[0].name))
 
 
+def _users(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
+    """Tensor name -> the nodes that take it as an input."""
+    users: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            users.setdefault(name, []).append(node)
+    return users
+
+
+def _float32_table(
+    node: onnx.NodeProto,
+    tables: Mapping[str, onnx.TensorProto],
+    users: Mapping[str, list[onnx.NodeProto]],
+    min_rows: int,
+) -> onnx.TensorProto | None:
+    """The float32 [rows ≥ min_rows, D] initializer `node` gathers from, when only that Gather reads it."""
+    table = tables.get(node.input[0]) if node.op_type == "Gather" and node.input else None
+    if (
+        table is None
+        or table.data_type != onnx.TensorProto.FLOAT
+        or len(table.dims) != 2
+        or table.dims[0] < min_rows
+        or len(users[table.name]) != 1
+    ):
+        return None
+    return table
+
+
 def store_embeddings_as_float16(proto: onnx.ModelProto, min_rows: int = 1024) -> int:
     """Store the float32 tables that Gather nodes index (≥ `min_rows` rows) as float16, followed by a Cast of the
     gathered rows back to float32. Lossless for tables holding float16-representable values; ONNX Runtime keeps
     the table in float16 (half the memory) and casts only the rows a batch looks up. Returns the tables converted."""
     graph = proto.graph
     tables = {t.name: t for t in graph.initializer}
-    users: dict[str, int] = {}
-    for node in graph.node:
-        for name in node.input:
-            users[name] = users.get(name, 0) + 1
+    users = _users(graph)
     converted = 0
     new_nodes: list[onnx.NodeProto] = []
     for node in graph.node:
         new_nodes.append(node)
-        table = tables.get(node.input[0]) if node.op_type == "Gather" and node.input else None
-        if (
-            table is None
-            or table.data_type != onnx.TensorProto.FLOAT
-            or len(table.dims) != 2
-            or table.dims[0] < min_rows
-            or users[table.name] != 1
-        ):
+        table = _float32_table(node, tables, users, min_rows)
+        if table is None:
             continue
         values = onnx.numpy_helper.to_array(table)
         half = values.astype(np.float16)
@@ -223,22 +242,12 @@ def store_embeddings_as_int8(proto: onnx.ModelProto, min_rows: int = 1024) -> in
     float32 memory. Returns the tables converted."""
     graph = proto.graph
     tables = {t.name: t for t in graph.initializer}
-    users: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for name in node.input:
-            users.setdefault(name, []).append(node)
+    users = _users(graph)
     before: dict[int, list[onnx.NodeProto]] = {}  # id of a bag's MatMul -> nodes that scale its weights
     after: dict[int, onnx.NodeProto] = {}  # id of a bag's Gather -> the Cast of its int8 rows
     for node in graph.node:
-        table = tables.get(node.input[0]) if node.op_type == "Gather" and node.input else None
-        if (
-            table is None
-            or table.data_type != onnx.TensorProto.FLOAT
-            or len(table.dims) != 2
-            or table.dims[0] < min_rows
-            or len(users[table.name]) != 1
-            or len(users.get(node.output[0], [])) != 1
-        ):
+        table = _float32_table(node, tables, users, min_rows)
+        if table is None or len(users.get(node.output[0], [])) != 1:
             continue
         matmul = users[node.output[0]][0]
         if matmul.op_type != "MatMul" or matmul.input[1] != node.output[0]:
@@ -292,10 +301,7 @@ def chunk_bags(proto: onnx.ModelProto, chunk: int, max_tokens: int) -> int:
     graph = proto.graph
     tables = {t.name for t in graph.initializer}
     producers = {o: n for n in graph.node for o in n.output}
-    users: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for name in node.input:
-            users.setdefault(name, []).append(node)
+    users = _users(graph)
     replace: dict[int, list[onnx.NodeProto]] = {}  # id of the bag's MatMul -> its slices
     drop: set[int] = set()
     slices = max(1, -(-max_tokens // chunk))

@@ -412,6 +412,7 @@ def train(
     """Train, evaluate, export, parity-check and write a bundle into the registry; returns the bundle directory.
 
     `split` (a `training.splits.Split`) overrides the stratified split; `data_sha256` the hash of the products.
+    `on_fit` sees the fitted result once its tables hold the values the bundle ships.
     """
     from serving.bundle import write_bundle
     from training.export import check_parity, export_onnx
@@ -437,13 +438,13 @@ def train(
         "training on %d products (%d val, %d test), %d labels", len(train_p), len(val_p), len(test_p), len(label_map)
     )
     result = fit(train_p, val_p, settings, label_map=label_map, progress=progress)
-    if on_fit is not None:
-        on_fit(result)
     fz, models = result.featurizer, result.models
     from training.model import round_embeddings
 
-    # before evaluation: the metrics describe the shipped tables
+    # before evaluation (and `on_fit`): the metrics describe the shipped tables
     round_embeddings(models.scores, settings.embedding_dtype)
+    if on_fit is not None:
+        on_fit(result)
 
     # evaluate on test (top-1 and at the tuned thresholds)
     eval_p = test_p or val_p
