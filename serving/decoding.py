@@ -52,9 +52,8 @@ class TagDecoder:
             while p != _ROOT:
                 depth[i] += 1
                 p = self._parent[p]
-        self._depth = depth
 
-        # Groups top-down; per group its labels keyed by parent label (or _ROOT).
+        # Groups top-down, each with its labels (index order) and their parents (_ROOT in a group without parent).
         gdepth: dict[str, int] = {}
         for g in labels.groups:
             d, cur = 0, g.parent_group
@@ -62,25 +61,29 @@ class TagDecoder:
                 d += 1
                 cur = labels.group_by_name[cur].parent_group
             gdepth[g.name] = d
-        self._group_order = sorted(labels.groups, key=lambda g: gdepth[g.name])
-        self._members: dict[str, dict[int, np.ndarray]] = {}
-        for g in labels.groups:
-            by_parent: dict[int, list[int]] = {}
-            for x in labels.labels:
-                if x.group == g.name:
-                    by_parent.setdefault(int(self._parent[x.index]), []).append(x.index)
-            self._members[g.name] = {p: np.array(v, dtype=np.int64) for p, v in by_parent.items()}
+        members: dict[str, list[int]] = {g.name: [] for g in labels.groups}
+        for x in labels.labels:
+            members[x.group].append(x.index)
+        self._steps: list[tuple[np.ndarray, np.ndarray, bool]] = []
+        for g in sorted(labels.groups, key=lambda g: gdepth[g.name]):
+            idx = np.array(members[g.name], dtype=np.int64)
+            if idx.size:
+                self._steps.append((idx, self._parent[idx], g.kind == "exclusive"))
 
-        # Path values: (parent label, its children in one exclusive group), deepest parents first.
-        pairs: list[tuple[int, int, np.ndarray]] = []
-        for g in labels.groups:
-            if g.kind != "exclusive" or g.parent_group is None:
-                continue
-            for p, kids in self._members[g.name].items():
-                if p != _ROOT:
-                    pairs.append((int(depth[p]), p, kids))
-        pairs.sort(key=lambda x: -x[0])
-        self._pairs = [(p, kids) for _, p, kids in pairs]
+        # Path values, one pass per depth of parent (deepest first): every parent with children in an exclusive
+        # group, its children as one contiguous segment (a parent with two such groups gets a pass for each).
+        exclusive_kids: dict[tuple[int, str], list[int]] = {}
+        for x in labels.labels:
+            g = labels.group_by_name[x.group]
+            if g.kind == "exclusive" and g.parent_group is not None and self._parent[x.index] != _ROOT:
+                exclusive_kids.setdefault((int(self._parent[x.index]), g.name), []).append(x.index)
+        self._path_passes = _segment_passes([(p, kids) for (p, _), kids in sorted(exclusive_kids.items())], depth)
+        # Score consistency: children before parents, deepest children first.
+        all_kids: dict[int, list[int]] = {}
+        for x in labels.labels:
+            if self._parent[x.index] != _ROOT:
+                all_kids.setdefault(int(self._parent[x.index]), []).append(x.index)
+        self._score_passes = _segment_passes(sorted(all_kids.items()), depth)
 
     @classmethod
     def from_bundle(cls, bundle: ModelBundle) -> TagDecoder:
@@ -88,50 +91,72 @@ class TagDecoder:
         return cls(bundle.labels, bundle.thresholds)
 
     def decode(self, scores: np.ndarray) -> list[list[Tag]]:
-        """Model tags for each row of a [N, T] scores matrix."""
+        """Model tags for each row of a [N, T] scores matrix (whole-batch array steps: one per group and depth)."""
         scores = np.asarray(scores, dtype=np.float32)
         if scores.ndim != 2 or scores.shape[1] != self.labels.T:
             raise ScoringError(f"decode: scores shape {list(scores.shape)}, expected [N, {self.labels.T}]")
+        n = scores.shape[0]
         passed = scores >= self._thr[None, :]
         value = scores.astype(np.float64)
-        for p, kids in self._pairs:
-            cand = np.where(passed[:, kids], value[:, kids], -1.0).max(axis=1)
-            value[:, p] *= np.where(cand >= 0.0, cand, 1.0)
-        return [self._decode_row(scores[r], passed[r], value[r]) for r in range(scores.shape[0])]
+        for parents, kids, starts in self._path_passes:
+            cand = np.maximum.reduceat(np.where(passed[:, kids], value[:, kids], -1.0), starts, axis=1)
+            value[:, parents] *= np.where(cand >= 0.0, cand, 1.0)
+        emitted = np.zeros((n, self.labels.T), dtype=bool)
+        rows = np.arange(n)
+        for idx, parent, exclusive in self._steps:
+            cand = passed[:, idx]
+            if parent[0] != _ROOT:  # a child group: only children of emitted parents
+                cand &= emitted[:, parent]
+            if exclusive:
+                pick = np.argmax(np.where(cand, value[:, idx], -np.inf), axis=1)
+                hit = cand[rows, pick]
+                emitted[rows[hit], idx[pick[hit]]] = True
+            else:
+                emitted[:, idx] = cand
+        score = np.where(emitted, scores.astype(np.float64), -np.inf)
+        for parents, kids, starts in self._score_passes:
+            score[:, parents] = np.maximum(score[:, parents], np.maximum.reduceat(score[:, kids], starts, axis=1))
+        out: list[list[Tag]] = [[] for _ in range(n)]
+        tags, groups = self._tags, self._groups
+        where = np.nonzero(emitted)  # row-major: each row's tags in label index order
+        values = np.clip(score[where], 0.0, 1.0).tolist()
+        for r, i, x in zip(where[0].tolist(), where[1].tolist(), values, strict=True):
+            out[r].append(Tag(tag=tags[i], group=groups[i], score=round(x, 6), origin="model"))
+        return out
 
     def decode_row(self, row: np.ndarray) -> list[Tag]:
         """Model tags of one score row [T]."""
         return self.decode(np.asarray(row, dtype=np.float32)[None, :])[0]
 
-    def _decode_row(self, row: np.ndarray, passed: np.ndarray, value: np.ndarray) -> list[Tag]:
-        chosen: dict[str, list[int]] = {}  # group -> emitted label indices
-        for g in self._group_order:
-            members = self._members[g.name]
-            if g.parent_group is None:
-                cand = members.get(_ROOT)
-            else:
-                parts = [members[p] for p in chosen.get(g.parent_group, ()) if p in members]
-                cand = (parts[0] if len(parts) == 1 else np.concatenate(parts)) if parts else None
-            if cand is None or cand.size == 0:
-                continue
-            cand = cand[passed[cand]]
-            if cand.size == 0:
-                continue
-            if g.kind == "exclusive":
-                chosen[g.name] = [int(cand[int(np.argmax(value[cand]))])]
-            else:
-                chosen[g.name] = [int(i) for i in cand]
-        emitted = sorted(i for picks in chosen.values() for i in picks)
-        score = {i: float(row[i]) for i in emitted}
-        for i in sorted(emitted, key=lambda i: -self._depth[i]):  # children before parents
-            p = int(self._parent[i])
-            if p != _ROOT:
-                score[p] = max(score[p], score[i])
-        return [Tag(tag=self._tags[i], group=self._groups[i], score=_score(score[i]), origin="model") for i in emitted]
 
-
-def _score(x: float) -> float:
-    return round(min(1.0, max(0.0, float(x))), 6)
+def _segment_passes(
+    families: list[tuple[int, list[int]]], depth: np.ndarray
+) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """(parents, their children concatenated, segment starts) per pass, deepest parents first; a pass never repeats
+    a parent (one per depth, more only for a parent listed twice)."""
+    passes: list[list[tuple[int, list[int]]]] = []
+    by_depth: dict[int, list[list[tuple[int, list[int]]]]] = {}
+    for parent, kids in families:
+        bucket = by_depth.setdefault(int(depth[parent]), [])
+        for one in bucket:
+            if all(p != parent for p, _ in one):
+                one.append((parent, kids))
+                break
+        else:
+            bucket.append([(parent, kids)])
+    for d in sorted(by_depth, reverse=True):
+        passes += by_depth[d]
+    out = []
+    for one in passes:
+        sizes = [len(kids) for _, kids in one]
+        out.append(
+            (
+                np.array([p for p, _ in one], dtype=np.int64),
+                np.array([k for _, kids in one for k in kids], dtype=np.int64),
+                np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64),
+            )
+        )
+    return out
 
 
 def catalog_tags(attributes: Mapping[str, str] | None) -> list[Tag]:
