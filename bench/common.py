@@ -12,6 +12,7 @@ import platform
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterable, Sequence
@@ -542,6 +543,7 @@ def worker_env(
         "TAGSTREAM_MODEL_REGISTRY": str(model.parent),
         "TAGSTREAM_PARTITIONS": str(partitions),
         "TAGSTREAM_USER_HASH_KEY": BENCH_USER_HASH_KEY,
+        "TAGSTREAM_DATA_DIR": str(Path(tempfile.gettempdir()) / "tagstream-bench-faust"),
         "PYTHONPATH": str(ROOT),
     }
 

@@ -100,10 +100,12 @@ class Worker:
         self._processor: Processor | None = None
         self._ready_lock = asyncio.Lock()
         self._order = asyncio.Lock()
+        settings.data_dir.expanduser().mkdir(parents=True, exist_ok=True)  # Faust makes only its own dir in it
         self.app = TagstreamApp(
             settings.app_id,
             broker=f"kafka://{settings.kafka_bootstrap}",
             store="memory://",
+            datadir=str(settings.data_dir.expanduser() / "{conf.name}"),
             web_enabled=settings.web_port is not None,
             web_port=settings.web_port or 6066,
             topic_partitions=settings.partitions,

@@ -24,6 +24,11 @@ class WorkerSettings(BaseSettings):
     topic_prefix: str = Field("", description="Prefix of every topic name; tests use a fresh one per test.")
     partitions: int = Field(4, ge=1, description="Partitions of the products, behavior and tag-updates topics.")
     app_id: str = Field("tagstream-worker", description="Faust app id = Kafka consumer group of the agents.")
+    data_dir: Path = Field(
+        Path("~/.local/state/tagstream/faust"),
+        description="Faust's data directory parent (`<data_dir>/<app_id>`; Faust keeps only an empty tables dir "
+        "there, since tagstream's state is in Redis). Never the current directory.",
+    )
     worker_id: str = Field(
         default_factory=lambda: f"worker@{socket.gethostname()}", description="Name of this worker in model events."
     )

@@ -92,12 +92,13 @@ def make_stream_env(stack: StackSettings, tmp_path: Path) -> Iterator[Callable[.
             "TAGSTREAM_REDIS_PREFIX": f"t{tag}",
             "TAGSTREAM_PARTITIONS": str(partitions),
             "TAGSTREAM_USER_HASH_KEY": "integration-test-key",
+            "TAGSTREAM_DATA_DIR": str(tmp_path / tag / "faust"),
             **extra,
         }
         settings = WorkerSettings(**{k.removeprefix("TAGSTREAM_").lower(): v for k, v in env.items()})
         asyncio.run(ensure_topics(settings))
         work = tmp_path / tag
-        work.mkdir()
+        work.mkdir(exist_ok=True)
         se = StreamEnv(settings, env, work)
         made.append(se)
         return se

@@ -15,7 +15,7 @@ from schemas import ProductChange, validate
 from streams.model import BundleModel
 from streams.settings import WorkerSettings
 from tests.events import behaviour, delete, upsert
-from tests.integration.conftest import StreamEnv
+from tests.integration.conftest import REPO, StreamEnv
 from tests.models import featurized_bundle
 
 pytestmark = pytest.mark.integration
@@ -70,6 +70,10 @@ def test_product_upsert_emits_the_models_tags(stream_env: StreamEnv, bundle: Pat
     # The current tags are kept in Redis too.
     stored = orjson.loads(stream_env.redis().get(f"{stream_env.settings.redis_prefix}:{{p-1}}:tags"))
     assert {t["tag"] for t in stored["tags"]} == tag_names(update)
+    # Faust's data directory goes under TAGSTREAM_DATA_DIR, not into the worker's current directory.
+    app_id = stream_env.settings.app_id
+    assert (stream_env.settings.data_dir / app_id).is_dir()
+    assert not (REPO / f"{app_id}-data").exists()
 
 
 def test_click_burst_adds_trending_and_the_window_passing_removes_it(stream_env: StreamEnv, bundle: Path) -> None:
