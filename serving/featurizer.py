@@ -42,9 +42,11 @@ __all__ = [
     "normalize_text",
 ]
 
-FEATURIZER_VERSION = "hashtfidf-1"
+FEATURIZER_VERSION = "hashtfidf-2"
+READABLE_VERSIONS = ("hashtfidf-1", FEATURIZER_VERSION)  # 1 = before the known-feature filter (known_only off)
 SPEC_FILE = "featurizer.json"
 IDF_FILE = "idf.npy"
+KNOWN_FILE = "known.npy"
 
 _WS = re.compile(r"\s+")
 # Latin words (with accented letters) and numbers with an optional unit ("500mg", "64gb", "1.5l", "37").
@@ -109,6 +111,10 @@ class FeaturizerConfig:
     sublinear_tf: bool = True
     min_df: int = 2  # buckets seen in fewer train products get IDF 0 (dropped: no information, only noise)
     seed: int = 0x5EED
+    # Keep only features (64-bit hashes, before bucketing) that were in >= min_df training products. Without it, an
+    # n-gram the model never saw lands on a bucket a known one trained (2^18 buckets hold ~234k known JD features
+    # and ~356k once-seen ones) and adds that feature's weight as noise.
+    known_only: bool = True
 
     def validate(self) -> None:
         """Raise FeaturizerError on impossible parameters."""
@@ -306,6 +312,7 @@ class Featurizer:
         numeric_mean: np.ndarray,
         numeric_std: np.ndarray,
         n_docs: int = 0,
+        known: np.ndarray | None = None,
     ) -> None:
         config.validate()
         nb = 1 << config.hash_bits
@@ -319,8 +326,17 @@ class Featurizer:
         self.numeric_std = np.asarray(numeric_std, dtype=np.float32).reshape(k)
         if np.any(self.numeric_std <= 0):
             raise FeaturizerError("numeric std must be > 0")
+        if config.known_only:
+            if known is None:
+                raise FeaturizerError("known_only needs the known feature hashes")
+            known = np.asarray(known)
+            if known.dtype != np.uint64 or known.ndim != 1 or (len(known) > 1 and not np.all(known[1:] > known[:-1])):
+                raise FeaturizerError("known feature hashes must be a sorted 1-D uint64 array without repeats")
+        elif known is not None:
+            raise FeaturizerError("known feature hashes given but known_only is off")
         self.config = config
         self.idf = idf
+        self.known = known
         self.n_docs = int(n_docs)
 
     # -- fitting --------------------------------------------------------------------------------------------------
@@ -334,8 +350,18 @@ class Featurizer:
         if not products:
             raise FeaturizerError("cannot fit a featurizer on no products")
         nb = 1 << config.hash_bits
-        rows, buckets, _, numeric = _extract(products, config)
-        key, _ = _unique_counts(rows * nb + buckets.astype(np.int64))
+        rows, features, _, numeric = _extract(products, config)
+        known = None
+        if config.known_only:  # per feature: the number of products it is in (one sort of the (feature, row) pairs)
+            order = np.lexsort((rows, features))
+            f_sorted, r_sorted = features[order], rows[order]
+            new_pair = np.ones(len(f_sorted), dtype=bool)
+            new_pair[1:] = (f_sorted[1:] != f_sorted[:-1]) | (r_sorted[1:] != r_sorted[:-1])
+            feature, products_with = _unique_counts(f_sorted[new_pair])
+            known = feature[products_with >= config.min_df]
+            keep = _is_known(known, features)
+            rows, features = rows[keep], features[keep]
+        key, _ = _unique_counts(rows * nb + _buckets(features, config).astype(np.int64))
         df = np.bincount(key % nb, minlength=nb)
         n = len(products)
         idf = (np.log((1.0 + n) / (1.0 + df)) + 1.0).astype(np.float32)
@@ -344,7 +370,7 @@ class Featurizer:
         mean = numeric.mean(axis=0)
         std = numeric.std(axis=0)
         std[std < 1e-6] = 1.0
-        return cls(config, idf, mean, std, n_docs=n)
+        return cls(config, idf, mean, std, n_docs=n, known=known)
 
     # -- transforming ---------------------------------------------------------------------------------------------
 
@@ -371,7 +397,11 @@ class Featurizer:
         weights = np.zeros((n, big_l), dtype=np.float32)
         if n == 0:
             return FeatureBatch(ids, weights, np.zeros((0, self.n_numeric), np.float32))
-        rows, buckets, _, numeric = _extract(products, self.config)
+        rows, features, _, numeric = _extract(products, self.config)
+        if self.known is not None:
+            keep = _is_known(self.known, features)
+            rows, features = rows[keep], features[keep]
+        buckets = _buckets(features, self.config)
         numeric = ((numeric - self.numeric_mean) / self.numeric_std).astype(np.float32)
         key, counts = _unique_counts(rows * nb + buckets.astype(np.int64))
         r = key // nb
@@ -412,6 +442,8 @@ class Featurizer:
         c = self.config
         return {
             "version": FEATURIZER_VERSION,
+            "known_only": c.known_only,
+            "n_known": 0 if self.known is None else len(self.known),
             "hashing": {
                 "hash_bits": c.hash_bits,
                 "n_buckets": self.n_buckets,
@@ -435,22 +467,26 @@ class Featurizer:
                 {"name": name, "mean": float(m), "std": float(s)}
                 for name, m, s in zip(NUMERIC_FIELDS, self.numeric_mean, self.numeric_std, strict=True)
             ],
-            "assets": {"idf": IDF_FILE},
+            "assets": {"idf": IDF_FILE, **({"known": KNOWN_FILE} if self.known is not None else {})},
         }
 
     def save(self, directory: str | Path) -> list[str]:
-        """Write featurizer.json and idf.npy into `directory`; returns the file names written."""
+        """Write featurizer.json, idf.npy and (known_only) known.npy into `directory`; returns the names written."""
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         (d / SPEC_FILE).write_text(json.dumps(self.spec, ensure_ascii=False, indent=2, sort_keys=True) + "\n")
         np.save(d / IDF_FILE, self.idf, allow_pickle=False)
-        return [SPEC_FILE, IDF_FILE]
+        if self.known is None:
+            return [SPEC_FILE, IDF_FILE]
+        np.save(d / KNOWN_FILE, self.known, allow_pickle=False)
+        return [SPEC_FILE, IDF_FILE, KNOWN_FILE]
 
     @classmethod
-    def from_spec(cls, spec: Mapping[str, Any], idf: np.ndarray) -> Featurizer:
-        """Rebuild from a featurizer.json dict and the IDF array (FeaturizerError when they do not fit)."""
+    def from_spec(cls, spec: Mapping[str, Any], idf: np.ndarray, known: np.ndarray | None = None) -> Featurizer:
+        """Rebuild from a featurizer.json dict, the IDF array and the known feature hashes (FeaturizerError when they
+        do not fit). Version 1 specs (no known-feature filter) are read too."""
         try:
-            if spec["version"] != FEATURIZER_VERSION:
+            if spec["version"] not in READABLE_VERSIONS:
                 raise FeaturizerError(f"unsupported featurizer version {spec['version']!r}")
             h = spec["hashing"]
             if h.get("prime") != _PRIME or h.get("namespaces") != NAMESPACES:
@@ -469,12 +505,15 @@ class Featurizer:
                 sublinear_tf=bool(spec["sublinear_tf"]),
                 min_df=int(spec["min_df"]),
                 seed=int(h["seed"]),
+                known_only=spec["version"] != "hashtfidf-1" and bool(spec["known_only"]),
             )
             mean = [float(f["mean"]) for f in spec["numeric"]]
             std = [float(f["std"]) for f in spec["numeric"]]
         except (KeyError, TypeError, ValueError) as exc:
             raise FeaturizerError(f"invalid featurizer spec: {exc!r}") from exc
-        return cls(config, idf, mean, std, n_docs=int(spec.get("n_docs", 0)))
+        if known is not None and len(known) != spec.get("n_known"):
+            raise FeaturizerError(f"known.npy holds {len(known)} hashes, featurizer.json says {spec.get('n_known')}")
+        return cls(config, idf, mean, std, n_docs=int(spec.get("n_docs", 0)), known=known)
 
     @classmethod
     def load(cls, directory: str | Path) -> Featurizer:
@@ -482,11 +521,12 @@ class Featurizer:
         d = Path(directory)
         try:
             spec = json.loads((d / SPEC_FILE).read_text(encoding="utf-8"))
-            idf_name = spec.get("assets", {}).get("idf", IDF_FILE)
-            idf = np.load(d / idf_name, allow_pickle=False)
-        except (OSError, ValueError) as exc:
+            assets = spec.get("assets", {})
+            idf = np.load(d / assets.get("idf", IDF_FILE), allow_pickle=False)
+            known = np.load(d / assets["known"], allow_pickle=False) if "known" in assets else None
+        except (OSError, ValueError, TypeError, AttributeError) as exc:
             raise FeaturizerError(f"cannot read featurizer from {d}: {exc}") from exc
-        return cls.from_spec(spec, idf)
+        return cls.from_spec(spec, idf, known)
 
     def __repr__(self) -> str:
         return f"Featurizer({self.config}, n_docs={self.n_docs})"
@@ -529,8 +569,23 @@ def _texts(products: Sequence[Any], config: FeaturizerConfig) -> _Texts:
     return t
 
 
+def _is_known(known: np.ndarray, features: np.ndarray) -> np.ndarray:
+    """Which `features` are in the sorted array `known`."""
+    if not len(known):
+        return np.zeros(len(features), dtype=bool)
+    at = np.searchsorted(known, features)
+    at[at == len(known)] = 0
+    return known[at] == features
+
+
+def _buckets(features: np.ndarray, config: FeaturizerConfig) -> np.ndarray:
+    """The hash bucket (1..nb-1, uint64) of each feature hash; bucket 0 is padding."""
+    return features % np.uint64((1 << config.hash_bits) - 1) + np.uint64(1)
+
+
 def _extract(products: Sequence[Any], config: FeaturizerConfig) -> tuple[np.ndarray, np.ndarray, int, np.ndarray]:
-    """(rows int64, buckets uint64 in 1..nb-1, n, raw numeric float64 [n, K]) for a batch."""
+    """(rows int64, feature hashes uint64 (murmur3-fmix64, before bucketing), n, raw numeric float64
+    [n, K]) for a batch."""
     n = len(products)
     t = _texts(products, config)
     rows: list[np.ndarray] = []
@@ -565,9 +620,7 @@ def _extract(products: Sequence[Any], config: FeaturizerConfig) -> tuple[np.ndar
         hashes.append(wh)
 
     all_rows = np.concatenate(rows)
-    all_hashes = np.concatenate(hashes)
-    nb1 = np.uint64((1 << config.hash_bits) - 1)
-    buckets = _fmix64(all_hashes) % nb1 + np.uint64(1)
+    features = _fmix64(np.concatenate(hashes))
 
     # numeric: log1p(price), has_price, log1p(title chars), CJK fraction, log1p(word count)
     price = np.asarray(t.prices, dtype=np.float64)
@@ -585,4 +638,4 @@ def _extract(products: Sequence[Any], config: FeaturizerConfig) -> tuple[np.ndar
         ],
         axis=1,
     )
-    return all_rows, buckets, n, numeric
+    return all_rows, features, n, numeric

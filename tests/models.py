@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import io
+import json
 from pathlib import Path
+
+import numpy as np
 
 from schemas import ProductChange
 from serving.featurizer import Featurizer, FeaturizerConfig
@@ -31,6 +35,16 @@ def featurized_bundle(registry: Path, *, seed: int = 0) -> Path:
         L=featurizer.max_features,
         K=featurizer.n_numeric,
         buckets=featurizer.n_buckets,
-        featurizer_spec=featurizer.spec,
+        featurizer_files=featurizer_files(featurizer),
         seed=seed,
     )
+
+
+def featurizer_files(featurizer: Featurizer) -> dict[str, bytes]:
+    """The bundle files of `featurizer` with an all-ones IDF (every fitted feature weighs by its count alone)."""
+    files = {"featurizer.json": json.dumps(featurizer.spec, ensure_ascii=False).encode()}
+    for name, array in (("idf.npy", np.ones(featurizer.n_buckets, np.float32)), ("known.npy", featurizer.known)):
+        buf = io.BytesIO()
+        np.save(buf, array)
+        files[name] = buf.getvalue()
+    return files

@@ -85,6 +85,7 @@ def test_train_export_bundle_score_and_parity_gate(tmp_path: Path, capsys: pytes
         "thresholds.json",
         "featurizer.json",
         "idf.npy",
+        "known.npy",
         "metrics.json",
         "golden.npz",
         "manifest.json",
@@ -93,7 +94,7 @@ def test_train_export_bundle_score_and_parity_gate(tmp_path: Path, capsys: pytes
     bundle = load_bundle(bundle_dir)  # validates checksums, graph, golden rows
     manifest = bundle.manifest
     assert manifest["model_name"] == "e2e" and manifest["onnx_opset"] == 17
-    assert manifest["featurizer_version"] == "hashtfidf-1" and len(manifest["training_data_sha256"]) == 64
+    assert manifest["featurizer_version"] == "hashtfidf-2" and len(manifest["training_data_sha256"]) == 64
     # the token axis is dynamic, so the scorer (golden check below) passes only the columns a batch uses
     assert manifest["inputs"]["ids"] == ["int64", ["N", "L"]] and manifest["inputs"]["weights"][1] == ["N", "L"]
     metrics = json.loads((bundle_dir / "metrics.json").read_text())

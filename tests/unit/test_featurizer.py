@@ -137,7 +137,11 @@ def test_max_features_cap_keeps_highest_weights() -> None:
     cfg = FeaturizerConfig(hash_bits=16, max_features=32, min_df=1)
     small = Featurizer.fit([*TRAIN, CatalogProduct("long", long_title)], cfg)
     wide = Featurizer(
-        FeaturizerConfig(hash_bits=16, max_features=4096, min_df=1), small.idf, small.numeric_mean, small.numeric_std
+        FeaturizerConfig(hash_bits=16, max_features=4096, min_df=1),
+        small.idf,
+        small.numeric_mean,
+        small.numeric_std,
+        known=small.known,
     )
     capped, full = small.transform([{"title": long_title}]), wide.transform([{"title": long_title}])
     assert (capped.ids > 0).sum() == 32
@@ -160,7 +164,7 @@ def test_numeric_standardised_with_saved_stats(fz: Featurizer, tmp_path) -> None
     spec = json.loads((tmp_path / "featurizer.json").read_text())
     assert spec["version"] == FEATURIZER_VERSION and spec["max_features"] == CONFIG.max_features
     assert [f["name"] for f in spec["numeric"]][:2] == ["log_price", "has_price"]
-    assert spec["assets"] == {"idf": "idf.npy"}
+    assert spec["assets"] == {"idf": "idf.npy", "known": "known.npy"}
     # a new product is standardised with the saved (train) stats, not its own
     one = Featurizer.load(tmp_path).transform([{"title": "x", "price": 10.0}]).numeric[0]
     m, s = spec["numeric"][0]["mean"], spec["numeric"][0]["std"]
@@ -169,7 +173,7 @@ def test_numeric_standardised_with_saved_stats(fz: Featurizer, tmp_path) -> None
 
 def test_save_load_round_trip(fz: Featurizer, tmp_path) -> None:
     names = fz.save(tmp_path)
-    assert sorted(names) == ["featurizer.json", "idf.npy"]
+    assert sorted(names) == ["featurizer.json", "idf.npy", "known.npy"]
     loaded = Featurizer.load(tmp_path)
     a, b = fz.transform(TRAIN), loaded.transform(TRAIN)
     for x, y in ((a.ids, b.ids), (a.weights, b.weights), (a.numeric, b.numeric)):
@@ -190,6 +194,51 @@ def test_load_rejects_mismatched_spec(fz: Featurizer, tmp_path) -> None:
         Featurizer.load(tmp_path)
     with pytest.raises(FeaturizerError):
         Featurizer.load(tmp_path / "missing")
+
+
+def test_features_unseen_in_training_are_dropped_even_on_a_trained_bucket() -> None:
+    # 256 buckets: new n-grams land on buckets that training products filled
+    titles = ["red phone case", "red phone zqx", "blue phone case"]
+    train = [CatalogProduct(f"p{i}", t) for i, t in enumerate(titles)]
+    known = Featurizer.fit(train, FeaturizerConfig(hash_bits=8, max_features=256, min_df=2))
+    unfiltered = Featurizer.fit(train, FeaturizerConfig(hash_bits=8, max_features=256, min_df=2, known_only=False))
+    for title in ("vwj", "zqx"):  # never seen; seen in one training product only (min_df 2)
+        assert (unfiltered.transform([{"title": title}]).ids > 0).sum() > 0  # collisions with trained buckets
+        assert (known.transform([{"title": title}]).ids > 0).sum() == 0
+    # features of two or more training products are kept, and the unknown ones change nothing beside them
+    a, b = known.transform([{"title": "red phone"}]), known.transform([{"title": "red phone vwj"}])
+    assert (a.ids > 0).sum() > 5
+    np.testing.assert_array_equal(a.ids, b.ids)
+    np.testing.assert_allclose(a.weights, b.weights)
+
+
+def test_known_features_survive_save_and_load_and_version_1_specs_still_load(fz: Featurizer, tmp_path) -> None:
+    fz.save(tmp_path / "v2")
+    loaded = Featurizer.load(tmp_path / "v2")
+    assert loaded.known is not None and np.array_equal(loaded.known, fz.known)
+    np.save(tmp_path / "v2" / "known.npy", fz.known[:-1])  # not the hashes featurizer.json counted
+    with pytest.raises(FeaturizerError, match="known"):
+        Featurizer.load(tmp_path / "v2")
+    np.save(tmp_path / "v2" / "known.npy", fz.known[::-1])  # unsorted
+    with pytest.raises(FeaturizerError, match="sorted"):
+        Featurizer.load(tmp_path / "v2")
+    # a bundle from before the filter (featurizer version 1) featurizes as it did: every bucket with IDF > 0 counts
+    old = Featurizer(
+        FeaturizerConfig(hash_bits=12, max_features=48, min_df=1, known_only=False),
+        fz.idf,
+        fz.numeric_mean,
+        fz.numeric_std,
+    )
+    old.save(tmp_path / "v1")
+    spec = json.loads((tmp_path / "v1" / "featurizer.json").read_text())
+    spec["version"] = "hashtfidf-1"
+    for key in ("known_only", "n_known"):
+        del spec[key]
+    (tmp_path / "v1" / "featurizer.json").write_text(json.dumps(spec))
+    v1 = Featurizer.load(tmp_path / "v1")
+    assert v1.known is None and not v1.config.known_only
+    title = [{"title": "华为 Mate 70 新品 手机"}]
+    np.testing.assert_array_equal(v1.transform(title).ids, old.transform(title).ids)
 
 
 def test_empty_batch_and_bad_config(fz: Featurizer) -> None:

@@ -35,6 +35,7 @@ from serving.validate import (
 )
 from streams.model import BundleModel
 from tagstream.errors import ConfigError, ModelRejectedError
+from tests.models import featurizer_files
 from tests.tinymodel import (
     DEFAULT_LABELS,
     make_bundle,
@@ -71,7 +72,8 @@ def featurizer() -> Featurizer:
 def real_bundle(registry: Path, **kwargs: Any) -> Path:
     """A tiny bundle over the real featurizer (loadable by a worker); kwargs go to make_bundle."""
     fz = featurizer()
-    kwargs.setdefault("featurizer_spec", fz.spec)
+    if "featurizer_spec" not in kwargs:
+        kwargs.setdefault("featurizer_files", featurizer_files(fz))
     return make_bundle(
         registry, L=fz.max_features, K=fz.n_numeric, buckets=kwargs.pop("buckets", fz.n_buckets), **kwargs
     )
