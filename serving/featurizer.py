@@ -337,6 +337,7 @@ class Featurizer:
         self.config = config
         self.idf = idf
         self.known = known
+        self._known_set = _KnownSet(known) if known is not None else None
         self.n_docs = int(n_docs)
 
     # -- fitting --------------------------------------------------------------------------------------------------
@@ -359,7 +360,7 @@ class Featurizer:
             new_pair[1:] = (f_sorted[1:] != f_sorted[:-1]) | (r_sorted[1:] != r_sorted[:-1])
             feature, products_with = _unique_counts(f_sorted[new_pair])
             known = feature[products_with >= config.min_df]
-            keep = _is_known(known, features)
+            keep = _KnownSet(known).contains(features)
             rows, features = rows[keep], features[keep]
         key, _ = _unique_counts(rows * nb + _buckets(features, config).astype(np.int64))
         df = np.bincount(key % nb, minlength=nb)
@@ -398,8 +399,8 @@ class Featurizer:
         if n == 0:
             return FeatureBatch(ids, weights, np.zeros((0, self.n_numeric), np.float32))
         rows, features, _, numeric = _extract(products, self.config)
-        if self.known is not None:
-            keep = _is_known(self.known, features)
+        if self._known_set is not None:
+            keep = self._known_set.contains(features)
             rows, features = rows[keep], features[keep]
         buckets = _buckets(features, self.config)
         numeric = ((numeric - self.numeric_mean) / self.numeric_std).astype(np.float32)
@@ -569,13 +570,45 @@ def _texts(products: Sequence[Any], config: FeaturizerConfig) -> _Texts:
     return t
 
 
-def _is_known(known: np.ndarray, features: np.ndarray) -> np.ndarray:
-    """Which `features` are in the sorted array `known`."""
-    if not len(known):
-        return np.zeros(len(features), dtype=bool)
-    at = np.searchsorted(known, features)
-    at[at == len(known)] = 0
-    return known[at] == features
+class _KnownSet:
+    """Exact membership of feature hashes: an open-addressing table (linear probing, load ≤ 1/4) looked up for a
+    whole batch at once. A batch of 64 titles (~7,700 hashes) takes ~0.25 ms here; `np.searchsorted` into the
+    sorted array took ~1.1 ms (each query a cache-missing binary search)."""
+
+    def __init__(self, known: np.ndarray) -> None:
+        n = len(known)
+        size = 1 << max(1, (4 * max(n, 1) - 1).bit_length())
+        self._mask = size - 1
+        self._table = np.zeros(size, dtype=np.uint64)  # 0 = empty slot
+        self._has_zero = bool(n and known[0] == 0)  # hash 0 is known apart (sorted: it would be first)
+        keys = known[1:] if self._has_zero else known
+        pos = (keys & np.uint64(self._mask)).astype(np.int64)
+        self._max_probe = 0
+        while len(keys):  # each round places one key per free slot wanted (the first wanting it), the rest move on
+            free = np.flatnonzero(self._table[pos] == 0)
+            slots, first = np.unique(pos[free], return_index=True)
+            placed = np.zeros(len(keys), dtype=bool)
+            placed[free[first]] = True
+            self._table[slots] = keys[free[first]]
+            keys, pos = keys[~placed], (pos[~placed] + 1) & self._mask
+            self._max_probe += 1
+
+    def contains(self, features: np.ndarray) -> np.ndarray:
+        """Which `features` are known."""
+        zero = features == 0  # never probed: 0 marks an empty slot
+        out = zero if self._has_zero else np.zeros(len(features), dtype=bool)
+        idx = np.flatnonzero(~zero)
+        keys = features[idx]
+        pos = (keys & np.uint64(self._mask)).astype(np.int64)
+        for _ in range(self._max_probe):
+            if not len(idx):
+                break
+            seen = self._table[pos]
+            hit = seen == keys
+            out[idx[hit]] = True
+            more = ~hit & (seen != 0)  # an empty slot ends a key's probe: it is not known
+            idx, keys, pos = idx[more], keys[more], (pos[more] + 1) & self._mask
+        return out
 
 
 def _buckets(features: np.ndarray, config: FeaturizerConfig) -> np.ndarray:

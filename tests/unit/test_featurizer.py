@@ -212,6 +212,23 @@ def test_features_unseen_in_training_are_dropped_even_on_a_trained_bucket() -> N
     np.testing.assert_allclose(a.weights, b.weights)
 
 
+@pytest.mark.parametrize("n", [0, 1, 7, 5000])
+def test_known_set_membership_is_exact(n: int) -> None:
+    from serving.featurizer import _KnownSet
+
+    rng = np.random.default_rng(n)
+    known = np.unique(rng.integers(1, 2**64 - 1, n, dtype=np.uint64, endpoint=True))
+    if n == 7:
+        known[0] = 0  # hash 0 is the table's empty marker: kept apart
+    edge = np.array([0, 1], dtype=np.uint64)
+    unknown = rng.integers(0, 2**64 - 1, 2000, np.uint64)
+    queries = np.concatenate([rng.choice(known, 2000) if n else known, unknown, edge])
+    assert queries.dtype == np.uint64
+    expected = np.isin(queries, known)
+    assert expected.sum() >= (2000 if n else 0)
+    np.testing.assert_array_equal(_KnownSet(known).contains(queries), expected)
+
+
 def test_known_features_survive_save_and_load_and_version_1_specs_still_load(fz: Featurizer, tmp_path) -> None:
     fz.save(tmp_path / "v2")
     loaded = Featurizer.load(tmp_path / "v2")
