@@ -106,6 +106,9 @@ class FeaturizerConfig:
     char_ngram_min: int = 1
     char_ngram_max: int = 3
     word_bigrams: bool = True
+    # Only pairs of two words that start with a letter ("navy blue"); pairs with a number ("mate 60", "12gb 512gb")
+    # are mostly one product's or one shop's model naming.
+    bigrams_letters_only: bool = False
     max_title_chars: int = 200
     max_description_chars: int = 200
     sublinear_tf: bool = True
@@ -264,6 +267,9 @@ def _words(
     bigrams = (np.zeros(0, np.int64), np.zeros(0, np.uint64))
     if bigram_namespace is not None and len(raw) > 1:
         same = rows[1:] == rows[:-1]
+        if config.bigrams_letters_only:
+            letter = j.cp[se[:, 0]] >= ord("a")  # the text is lower-cased; digits are below "a"
+            same &= letter[1:] & letter[:-1]
         h2 = _fmix64(raw[:-1] * np.uint64(_GOLDEN) + raw[1:])
         bigrams = (rows[1:][same], h2[same] ^ _seed(config, bigram_namespace))
     return words, bigrams, rows
@@ -456,6 +462,7 @@ class Featurizer:
                 "char_ngram_min": c.char_ngram_min,
                 "char_ngram_max": c.char_ngram_max,
                 "word_bigrams": c.word_bigrams,
+                "bigrams_letters_only": c.bigrams_letters_only,
                 "word_pattern": _WORD.pattern,
             },
             "max_features": c.max_features,
@@ -501,6 +508,7 @@ class Featurizer:
                 char_ngram_min=int(h["char_ngram_min"]),
                 char_ngram_max=int(h["char_ngram_max"]),
                 word_bigrams=bool(h["word_bigrams"]),
+                bigrams_letters_only=bool(h.get("bigrams_letters_only", False)),
                 max_title_chars=int(spec["max_title_chars"]),
                 max_description_chars=int(spec["max_description_chars"]),
                 sublinear_tf=bool(spec["sublinear_tf"]),

@@ -258,6 +258,24 @@ def test_known_features_survive_save_and_load_and_version_1_specs_still_load(fz:
     np.testing.assert_array_equal(v1.transform(title).ids, old.transform(title).ids)
 
 
+def test_letters_only_bigrams_keep_word_pairs_and_drop_pairs_with_numbers() -> None:
+    titles = ["navy blue mate 60 shirt"] * 2 + ["blue navy 60 mate"] * 2
+    train = [CatalogProduct(f"p{i}", t) for i, t in enumerate(titles)]
+
+    def n_features(title: str, **config: bool) -> int:
+        cfg = FeaturizerConfig(hash_bits=20, max_features=512, min_df=1, **config)
+        return int((Featurizer.fit(train, cfg).transform([{"title": title}]).ids > 0).sum())
+
+    # the title has three word pairs, one of them with a number; the rest of its features are the same each time
+    base = n_features("navy blue mate 60", word_bigrams=False)
+    pairs = n_features("navy blue mate 60", word_bigrams=True)
+    letters = n_features("navy blue mate 60", word_bigrams=True, bigrams_letters_only=True)
+    assert pairs == base + 3  # "navy blue", "blue mate", "mate 60"
+    assert letters == base + 2  # "navy blue", "blue mate"
+    spec = Featurizer.fit(train, FeaturizerConfig(hash_bits=20, min_df=1, bigrams_letters_only=True)).spec
+    assert spec["hashing"]["bigrams_letters_only"] is True
+
+
 def test_empty_batch_and_bad_config(fz: Featurizer) -> None:
     fb = fz.transform([])
     assert isinstance(fb, FeatureBatch) and len(fb) == 0 and fb.ids.shape == (0, CONFIG.max_features)
