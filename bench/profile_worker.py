@@ -64,7 +64,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     store = RedisStateStore.from_url(args.redis_url, redis_prefix)
     await store.check_format()
     processor = Processor(
-        store, user_hash_key=BENCH_USER_HASH_KEY.encode(), model_provider=lambda: model, behaviour_lanes=args.lanes
+        store,
+        user_hash_key=BENCH_USER_HASH_KEY.encode(),
+        model_provider=lambda: model,
+        behaviour_lanes=args.lanes,
+        lane_min_events=args.lane_min_events,
     )
     spent: dict[str, float] = {"products": 0.0, "behavior": 0.0}
     counts: dict[str, int] = {"products": 0, "behavior": 0}
@@ -148,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="runs/profile")
     p.add_argument("--no-profile", action="store_true", help="only the processor-alone rate, no profiler")
     p.add_argument("--lanes", type=int, default=2, help="concurrent lanes of partitions per behaviour batch")
+    p.add_argument("--lane-min-events", type=int, default=128, help="events per behaviour lane at least")
     args = p.parse_args(argv)
     sys.stdout.write("RESULT " + json.dumps(asyncio.run(run(args))) + "\n")
     return 0

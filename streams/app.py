@@ -153,6 +153,7 @@ class Worker:
                     score_step=self.settings.score_step,
                     model_provider=self.models.get,
                     behaviour_lanes=self.settings.behaviour_lanes,
+                    lane_min_events=self.settings.behaviour_lane_min_events,
                 )
             return self._processor
 

@@ -148,13 +148,17 @@ def dead_letter(msg: InMessage, exc: BaseException) -> tuple[bytes | None, bytes
     return msg.key, orjson.dumps(record.to_dict())
 
 
-def _lanes(messages: Sequence[InMessage], most: int) -> list[list[InMessage]]:
+def _lanes(messages: Sequence[InMessage], most: int, min_per_lane: int = 1) -> list[list[InMessage]]:
     """The messages split into at most `most` lanes of whole partitions (message order kept in each), the
-    partitions spread so the lanes hold about as many messages each."""
+    partitions spread so the lanes hold about as many messages each; one lane per `min_per_lane` messages at most
+    (every lane costs its own Redis round trips)."""
+    most = min(most, len(messages) // max(1, min_per_lane))
+    if most <= 1:
+        return [list(messages)]
     by_partition: dict[tuple[str, int], list[InMessage]] = {}
     for msg in messages:
         by_partition.setdefault((msg.topic, msg.partition), []).append(msg)
-    if most <= 1 or len(by_partition) <= 1:
+    if len(by_partition) <= 1:
         return [list(messages)]
     lanes: list[list[InMessage]] = [[] for _ in range(min(most, len(by_partition)))]
     for part in sorted(by_partition.values(), key=len, reverse=True):
@@ -196,9 +200,11 @@ class Processor:
         score_step: int = 64,
         model_provider: Callable[[], ScoringModel | None] = lambda: None,
         behaviour_lanes: int = 2,
+        lane_min_events: int = 128,
     ) -> None:
         """Upserts are scored on the event loop, `score_step` at a time (`score_in_steps`; 64 rows: ~3 ms);
-        behaviour batches run in up to `behaviour_lanes` concurrent lanes of partitions."""
+        behaviour batches run in up to `behaviour_lanes` concurrent lanes of partitions, one per `lane_min_events`
+        events of the batch at most."""
         self.store = store
         self.user_hash_key = user_hash_key
         self._hash_user = UserHasher(user_hash_key)
@@ -207,6 +213,7 @@ class Processor:
         self.score_step = score_step
         self.model_provider = model_provider
         self.behaviour_lanes = max(1, behaviour_lanes)
+        self.lane_min_events = max(1, lane_min_events)
         # Product and behaviour batches both read-modify-write a product's tag state: one at a time, so neither
         # overwrites the other's effect with a stale read.
         self._lock = asyncio.Lock()
@@ -526,7 +533,7 @@ class Processor:
         in one partition, so lanes touch disjoint products, and while one lane waits for Redis another computes."""
         async with self._lock:
             self._seen_counts = {}
-            lanes = _lanes(messages, self.behaviour_lanes)
+            lanes = _lanes(messages, self.behaviour_lanes, self.lane_min_events)
             if len(lanes) == 1:
                 return await self._process_behaviour(messages)
             # every lane runs to its end (its writes are fenced either way); the first error is raised as it is

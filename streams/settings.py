@@ -81,6 +81,12 @@ class WorkerSettings(BaseSettings):
         description="Concurrent lanes of partitions per behaviour batch: one lane computes while another waits for "
         "Redis (lanes touch disjoint products).",
     )
+    behaviour_lane_min_events: int = Field(
+        128,
+        ge=1,
+        description="Events per behaviour lane at least: smaller batches run in fewer lanes (each lane makes its own "
+        "Redis round trips, which cost more than they overlap in a small batch).",
+    )
     score_step: int = Field(
         64,
         ge=1,

@@ -281,7 +281,7 @@ class StreamBench:
     # -- 2b. latency at half the maximum rate -----------------------------------------------------------------------
     def latency_run(self, i: int, rate: float, items: list[Any]) -> dict[str, Any]:
         """A fresh topic set, a worker, a warm-up, then `latency_seconds` of events paced at `rate` events/s."""
-        from bench.common import clear_redis, start_worker
+        from bench.common import CpuWatch, clear_redis, start_worker
         from streams.topics import ensure_topics
 
         topic_prefix = f"{self.prefix}lat{i}-"
@@ -289,14 +289,25 @@ class StreamBench:
         name = f"lat{i}"
         env = self._worker_env(topic_prefix, name)
         worker = start_worker(env, self.logs / f"worker-latency-{i}.log")
+        stack_cpu = CpuWatch()
         try:
             worker.wait_for_log("Ready", timeout=120)
             result = asyncio.run(
                 _paced_latency(self.bootstrap, topic_prefix, env["TAGSTREAM_APP_ID"], items, rate, self.products)
             )
+            time.sleep(0.25)  # one more CPU sample after the paced phase
             worker.snapshot()
         finally:
             worker.stop()
+            stack_cpu.stop()
+        start, end = result.pop("paced_from"), result.pop("paced_to")
+        spans = {"worker": worker.cpu_between(start, end), **stack_cpu.between(start, end)}
+        spans["bench_producer"] = result.pop("bench_cpu_s")
+        # CPU per paced event of each process, and cores busy while pacing: is the machine saturated at this rate?
+        result["cpu_us_per_event"] = {
+            k: None if v is None else round(v / len(items) * 1e6, 1) for k, v in spans.items()
+        }
+        result["cores_busy"] = {k: None if v is None else round(v / (end - start), 2) for k, v in spans.items()}
         clear_redis(self.redis_url, env["TAGSTREAM_REDIS_PREFIX"])
         result.update(peak_rss_mb=round(worker.peak_mb, 1), tensorflow_libs=worker.tf_libs)
         return result
@@ -403,6 +414,7 @@ async def _paced_latency(
         n = len(items)
         sent = 0
         t0 = time.monotonic()
+        cpu0 = time.process_time()  # this process: the paced producer and the tag-update watcher
         while sent < n:
             due = min(n, int((time.monotonic() - t0) * rate) + 1)
             while sent < due:
@@ -414,6 +426,7 @@ async def _paced_latency(
             await asyncio.sleep(0.001)
         produce_s = time.monotonic() - t0
         await producer.flush()
+        paced = (t0, time.monotonic(), time.process_time() - cpu0)
 
         # wait until the worker committed everything, then for the last updates
         ends = await end_offsets(bootstrap, topic_names(topic_prefix))
@@ -428,6 +441,9 @@ async def _paced_latency(
         await consumer.stop()
         await producer.stop()
     return {
+        "paced_from": paced[0],
+        "paced_to": paced[1],
+        "bench_cpu_s": paced[2],
         "target_rate": round(rate, 1),
         "achieved_send_rate": round(n / produce_s, 1) if produce_s > 0 else None,
         "events": n,

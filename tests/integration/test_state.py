@@ -218,7 +218,7 @@ def test_concurrent_behaviour_lanes_on_redis_end_as_one_lane(stack: StackSetting
         store = RedisStateStore.from_url(stack.redis_url, prefix)
         try:
             await store.check_format()
-            processor = Processor(store, user_hash_key=b"k", behaviour_lanes=lanes)
+            processor = Processor(store, user_hash_key=b"k", behaviour_lanes=lanes, lane_min_events=1)
             batch, sent = messages(), []
             for i in range(0, len(batch), 256):
                 out = await processor.process_behaviour(batch[i : i + 256])

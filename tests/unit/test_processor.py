@@ -310,7 +310,9 @@ async def test_behaviour_lanes_end_in_the_state_and_updates_of_one_lane(model: B
     results = []
     for lanes in (1, 3):
         store = MemoryStateStore("t")
-        processor = Processor(store, user_hash_key=b"secret", model_provider=lambda: model, behaviour_lanes=lanes)
+        processor = Processor(
+            store, user_hash_key=b"secret", model_provider=lambda: model, behaviour_lanes=lanes, lane_min_events=1
+        )
         batch = messages()
         outs = [await processor.process_behaviour(batch[i : i + 200]) for i in range(0, len(batch), 200)]
         sent = sorted(orjson.dumps(orjson.loads(v) | {"emit_time": 0}) for o in outs for _, v in o.updates)
@@ -334,7 +336,9 @@ async def test_an_error_in_one_lane_is_raised_as_it_is_after_every_lane_ran(mode
             return await super().read(product_ids, now, counters=counters)
 
     store = FailingStore("t")
-    processor = Processor(store, user_hash_key=b"secret", model_provider=lambda: model, behaviour_lanes=2)
+    processor = Processor(
+        store, user_hash_key=b"secret", model_provider=lambda: model, behaviour_lanes=2, lane_min_events=1
+    )
     feed = Feed()
     batch = feed("behavior", behaviour("bad", "u1", T0), partition=0) + feed(
         "behavior", behaviour("good", "u1", T0), partition=1
@@ -342,3 +346,27 @@ async def test_an_error_in_one_lane_is_raised_as_it_is_after_every_lane_ran(mode
     with pytest.raises(StateError, match="went away"):
         await processor.process_behaviour(batch)
     assert (await store.read(["good"]))["good"].applied_offset("behavior:1") == 1  # the other lane finished
+
+
+async def test_a_small_behaviour_batch_runs_in_one_lane_and_one_read(model: BundleModel) -> None:
+    class CountingStore(MemoryStateStore):
+        reads = 0
+
+        async def read(
+            self, product_ids: list[str], now: dict[str, int] | None = None, *, counters: bool = True
+        ) -> dict[str, ProductState]:
+            self.reads += 1
+            return await super().read(product_ids, now, counters=counters)
+
+    def batch(n: int) -> list[InMessage]:
+        feed, out = Feed(), []
+        for i in range(n):  # 8 products over 4 partitions
+            out += feed("behavior", behaviour(f"p{i % 8}", f"u{i}", T0 + i), partition=i % 4)
+        return out
+
+    for n, reads in ((100, 1), (256, 2), (1000, 2)):  # lanes: one per 128 events, at most behaviour_lanes
+        store = CountingStore("t")
+        processor = Processor(store, user_hash_key=b"secret", model_provider=lambda: model, behaviour_lanes=2)
+        out = await processor.process_behaviour(batch(n))
+        assert out.applied == n
+        assert store.reads == reads, n
