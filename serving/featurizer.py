@@ -580,7 +580,7 @@ def _texts(products: Sequence[Any], config: FeaturizerConfig) -> _Texts:
 
 class _KnownSet:
     """Exact membership of feature hashes: an open-addressing table (linear probing, load ≤ 1/4) looked up for a
-    whole batch at once. A batch of 64 titles (~7,700 hashes) takes ~0.25 ms here; `np.searchsorted` into the
+    whole batch at once. A batch of 64 titles (~7,700 hashes) takes ~0.09 ms here; `np.searchsorted` into the
     sorted array took ~1.1 ms (each query a cache-missing binary search)."""
 
     def __init__(self, known: np.ndarray) -> None:
