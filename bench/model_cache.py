@@ -54,10 +54,16 @@ def parse_sets(pairs: list[str]) -> dict[str, Any]:
 KERAS_SAVED = "shipped-tables"
 
 
+# The sources that decide what the cached bundle's graph is: a change to the model or the ONNX rewrites retrains.
+MODEL_SOURCES = ("training/model.py", "training/export.py")
+
+
 def cache_key(catalog: str, n: int, seed: int, settings: dict[str, Any]) -> str:
-    """Identity of a cached model: the catalog and the training settings."""
+    """Identity of a cached model: the catalog, the training settings and the model and export code."""
+    root = Path(__file__).resolve().parents[1]
+    code = hashlib.sha256(b"".join((root / name).read_bytes() for name in MODEL_SOURCES)).hexdigest()[:16]
     blob = json.dumps(
-        {"catalog": catalog, "n": n, "seed": seed, "settings": settings, "keras": KERAS_SAVED},
+        {"catalog": catalog, "n": n, "seed": seed, "settings": settings, "keras": KERAS_SAVED, "code": code},
         sort_keys=True,
         default=str,
     )

@@ -224,10 +224,10 @@ class OnnxScorer:
             )
         if scores.dtype != np.float32:
             scores = scores.astype(np.float32)
-        if not np.isfinite(scores).all():
+        lo, hi = float(scores.min()), float(scores.max())  # NaN in any score makes both NaN
+        if not (np.isfinite(lo) and np.isfinite(hi)):
             bad = int((~np.isfinite(scores)).any(axis=1).sum())
             raise ScoringError(f"{state.bundle.model_version}: {bad} of {ids.shape[0]} rows have NaN or inf scores")
-        lo, hi = float(scores.min()), float(scores.max())
         if lo < -_RANGE_SLACK or hi > 1.0 + _RANGE_SLACK:
             raise ScoringError(f"{state.bundle.model_version}: scores in [{lo:g}, {hi:g}], not probabilities")
         if lo < 0.0 or hi > 1.0:

@@ -78,6 +78,17 @@ class ModelConfig:
     group_weights: dict[str, float] = field(default_factory=dict)
 
 
+def _take_rows(table, ids):
+    """table[ids] along axis 0. On TensorFlow a plain `tf.gather`: `ops.take` first maps negative ids to the end of
+    the table, which tf2onnx exports as 9 more nodes in front of the Gather (ONNX's Gather already does that, and
+    the featurizer's ids are never negative)."""
+    if keras.backend.backend() != "tensorflow":
+        return ops.take(table, ids, axis=0)
+    import tensorflow as tf
+
+    return tf.gather(ops.convert_to_tensor(table), ids, axis=0)
+
+
 @keras.saving.register_keras_serializable(package="tagstream")
 class WeightedBag(layers.Layer):
     """Σ_l E[ids[:, l]] · weights[:, l] over hash-bucket embeddings E (row 0 = padding, weight 0)."""
@@ -100,7 +111,7 @@ class WeightedBag(layers.Layer):
         self.bias = self.add_weight(name="bias", shape=(self.dim,), initializer="zeros")
 
     def call(self, ids, weights):
-        vec = ops.take(self.embeddings, ids, axis=0)  # [N, L, D]
+        vec = _take_rows(self.embeddings, ids)  # [N, L, D]
         # [N, 1, L] @ [N, L, D]: one batched MatMul instead of Mul + ReduceSum over an [N, L, D] temporary
         # (ONNX Runtime, batch 64: 77k -> 134k rows/s per core, identical scores)
         return ops.squeeze(ops.matmul(ops.expand_dims(weights, 1), vec), axis=1) + self.bias

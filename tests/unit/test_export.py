@@ -9,7 +9,13 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from tagstream.errors import ExportError
-from training.export import chunk_bags, quantize_rows, store_embeddings_as_float16, store_embeddings_as_int8
+from training.export import (
+    chunk_bags,
+    fuse_sibling_heads,
+    quantize_rows,
+    store_embeddings_as_float16,
+    store_embeddings_as_int8,
+)
 
 
 def _bag_model(table: np.ndarray) -> onnx.ModelProto:
@@ -91,8 +97,8 @@ def test_a_bag_computed_in_slices_gives_the_same_sums_for_every_width() -> None:
     whole, sliced = _weighted_bag_model(table), _weighted_bag_model(table)
     assert store_embeddings_as_float16(sliced) == 1 and chunk_bags(sliced, chunk=8, max_tokens=20) == 1
     onnx.checker.check_model(sliced, full_check=True)
-    ops = [n.op_type for n in sliced.graph.node]
-    assert ops.count("Gather") == ops.count("Cast") == ops.count("MatMul") == 3 and "Sum" in ops  # 8 + 8 + the rest
+    table_gathers = [n for n in sliced.graph.node if n.op_type == "Gather" and n.input[0] == "table"]
+    assert len(table_gathers) == [n.op_type for n in sliced.graph.node].count("MatMul") == 3  # 8 + 8 + the rest
     run_whole = ort.InferenceSession(whole.SerializeToString(), providers=["CPUExecutionProvider"])
     run_sliced = ort.InferenceSession(sliced.SerializeToString(), providers=["CPUExecutionProvider"])
     for width in (1, 7, 8, 20, 33):  # within a slice, on a slice edge, the featurizer's L, wider than it
@@ -103,6 +109,31 @@ def test_a_bag_computed_in_slices_gives_the_same_sums_for_every_width() -> None:
         expected = run_whole.run(["out"], feeds)[0]
         np.testing.assert_allclose(run_sliced.run(["out"], feeds)[0], expected, rtol=0, atol=1e-6)
         assert np.abs(expected).max() > 0
+
+
+def test_sliced_bags_skip_padding_without_changing_any_row() -> None:
+    """Rows of every length in any order, features after zero-weight gaps, an all-zero row: the sums of each row stay
+    in that row (the slices order rows by length and put the sums back)."""
+    rng = np.random.default_rng(5)
+    table = rng.normal(0, 0.05, (4096, 16)).astype(np.float16).astype(np.float32)
+    whole, sliced = _weighted_bag_model(table), _weighted_bag_model(table)
+    assert store_embeddings_as_float16(sliced) == 1 and chunk_bags(sliced, chunk=8, max_tokens=24) == 1
+    run_whole = ort.InferenceSession(whole.SerializeToString(), providers=["CPUExecutionProvider"])
+    run_sliced = ort.InferenceSession(sliced.SerializeToString(), providers=["CPUExecutionProvider"])
+    lengths = np.array([3, 24, 0, 9, 17, 8, 1, 24, 16, 12])  # unsorted; on and beside the slice edges 8 and 16
+    weights = np.zeros((len(lengths), 24), np.float32)
+    for row, n in enumerate(lengths):
+        weights[row, :n] = rng.random(n, dtype=np.float32) + 0.1
+    weights[3, 2:5] = 0.0  # a gap before the row's last features
+    weights[4, :10] = 0.0  # only features in the second and third slice
+    feeds = {"ids": rng.integers(0, 4096, weights.shape), "weights": weights}
+    expected = run_whole.run(["out"], feeds)[0]
+    got = run_sliced.run(["out"], feeds)[0]
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
+    assert np.all(got[2] == 0) and np.all(np.abs(expected[[0, 1, 3, 4]]).max(axis=-1) > 0)
+    for row in (0, 7):  # one row alone, as the worker scores a single product
+        one = {k: v[row : row + 1] for k, v in feeds.items()}
+        np.testing.assert_allclose(run_sliced.run(["out"], one)[0], expected[row : row + 1], rtol=0, atol=1e-6)
 
 
 def _int8_rounded(rng: np.random.Generator, rows: int, dim: int) -> np.ndarray:
@@ -199,3 +230,62 @@ def test_every_embedding_table_reaches_the_onnx_graph_in_its_own_place(dtype: st
     ]
     assert sorted(tuple(t.dims) for t in tables) == [(2048, 16), (2048, 24)]
     assert {t.data_type for t in tables} == {getattr(onnx.TensorProto, dtype.upper())}
+
+
+def _heads_model(rng: np.random.Generator) -> onnx.ModelProto:
+    """x [N, 6] → three dense heads (MatMul + Add) concatenated in another order than the nodes', and two heads on
+    h = Relu(x) whose outputs go their own ways (a Softmax each), as the tagger's heads do."""
+    inits, nodes = [], []
+
+    def head(source: str, name: str, width: int) -> str:
+        inits.extend(
+            [
+                numpy_helper.from_array(rng.normal(size=(6, width)).astype(np.float32), f"{name}_w"),
+                numpy_helper.from_array(rng.normal(size=width).astype(np.float32), f"{name}_b"),
+            ]
+        )
+        nodes.extend(
+            [
+                helper.make_node("MatMul", [source, f"{name}_w"], [f"{name}_mm"], name=f"{name}_mm"),
+                helper.make_node("Add", [f"{name}_mm", f"{name}_b"], [f"{name}_out"], name=f"{name}_add"),
+            ]
+        )
+        return f"{name}_out"
+
+    a, b, c = head("x", "a", 3), head("x", "b", 5), head("x", "c", 2)
+    nodes.append(helper.make_node("Concat", [c, a, b], ["linear"], axis=1))
+    nodes.append(helper.make_node("Relu", ["x"], ["h"]))
+    d, e = head("h", "d", 4), head("h", "e", 3)
+    nodes += [helper.make_node("Softmax", [d], ["pd"], axis=-1), helper.make_node("Softmax", [e], ["pe"], axis=-1)]
+    nodes.append(helper.make_node("Concat", ["linear", "pd", "pe"], ["out"], axis=1))
+    graph = helper.make_graph(
+        nodes,
+        "heads",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 6])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [None, 17])],
+        initializer=inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_heads_on_one_input_become_one_matmul_with_the_same_scores() -> None:
+    rng = np.random.default_rng(6)
+    before = _heads_model(rng)
+    fused = onnx.ModelProto()
+    fused.CopyFrom(before)
+    assert fuse_sibling_heads(fused) == 5
+    onnx.checker.check_model(fused, full_check=True)
+    ops = [n.op_type for n in fused.graph.node]
+    assert ops.count("MatMul") == 2 and ops.count("Split") == 1  # the Concat of a, b, c takes the fused output
+    assert ops.count("Concat") == 1
+    x = rng.normal(size=(9, 6)).astype(np.float32)
+    expected, got = (
+        ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(["out"], {"x": x})[0]
+        for m in (before, fused)
+    )
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_a_lone_head_is_not_fused() -> None:
+    model = _weighted_bag_model(np.ones((16, 4), np.float32))
+    assert fuse_sibling_heads(model) == 0
