@@ -190,6 +190,8 @@ class OnnxScorer:
             )
         if n == 0:
             return np.empty((0, state.T), dtype=np.float32)
+        if not weights.min() >= 0:  # the exported bag writes weights as unsigned digits (training.export.chunk_bags)
+            raise ScoringError("batch weights must be >= 0 (the featurizer's TF-IDF weights are)")
         step = self.max_rows_per_run
         if n <= step:
             return self._run(state, ids, weights, numeric)

@@ -138,7 +138,7 @@ def clear_thresholds(thresholds: np.ndarray, scores: np.ndarray, eps: float = 2e
     """Move any threshold that lies within `eps` of a reference score to the middle of the nearest clear gap.
 
     Keeps the parity gate's "no decision flips" meaningful: a score within float noise of its threshold would
-    flip on rounding alone.
+    flip on rounding alone (training passes half the gate's tolerance: the integer bag moves scores by up to ~2e-5).
     """
     th = thresholds.astype(np.float64).copy()
     for j in range(len(th)):
@@ -473,6 +473,7 @@ def train(
         embedding_dtype=settings.embedding_dtype,
         bag_chunk=settings.bag_chunk,
         max_tokens=settings.max_features,
+        bag_levels=settings.bag_levels,
     )
     pool = list(eval_p) + list(val_p) + list(train_p)
     n_par = min(len(pool), max(settings.parity_samples, 2000))
@@ -480,7 +481,7 @@ def train(
     keras_par = predict_keras(models.scores, x_par)
     tags = [lab.tag for lab in label_map.labels]
     th_vec = np.asarray([result.thresholds[t] for t in tags], dtype=np.float32)
-    th_vec = clear_thresholds(th_vec, keras_par)
+    th_vec = clear_thresholds(th_vec, keras_par, eps=settings.parity_atol / 2)
     thresholds = {t: round(float(v), 6) for t, v in zip(tags, th_vec, strict=True)}
     th_vec = np.asarray([thresholds[t] for t in tags], dtype=np.float32)
     parity = check_parity(onnx_bytes, keras_par, x_par, th_vec, atol=settings.parity_atol, min_samples=min(n_par, 2000))

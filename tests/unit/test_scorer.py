@@ -116,6 +116,16 @@ def test_onnx_runtime_failure_is_scoring_error(scorer: OnnxScorer) -> None:
         scorer.predict({"ids": bad_ids, "weights": b.weights, "numeric": b.numeric})
 
 
+@pytest.mark.parametrize("bad", [-0.5, float("nan")])
+def test_negative_or_nan_weights_are_refused(scorer: OnnxScorer, bad: float) -> None:
+    """The exported bag writes weights as unsigned digits: a negative weight would score as garbage, not fail."""
+    b = make_feature_batch(3)
+    weights = b.weights.copy()
+    weights[1, 0] = bad
+    with pytest.raises(ScoringError, match="weights must be >= 0"):
+        scorer.predict({"ids": b.ids, "weights": weights, "numeric": b.numeric})
+
+
 @pytest.mark.parametrize("poison", ["nan", "inf"])
 def test_non_finite_scores_raise(tmp_path: Path, poison: str) -> None:
     s = OnnxScorer()
