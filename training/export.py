@@ -568,7 +568,17 @@ def fuse_sibling_heads(proto: onnx.ModelProto) -> int:
             new_nodes.append(node)
     del graph.node[:]
     graph.node.extend(new_nodes)
+    _drop_unused_initializers(graph)  # the heads' own weights and biases
     return fused
+
+
+def _drop_unused_initializers(graph: onnx.GraphProto) -> None:
+    """Remove the initializers no node reads any more (ONNX Runtime would warn about each, and they take space)."""
+    used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
+    keep = [t for t in graph.initializer if t.name in used]
+    if len(keep) != len(graph.initializer):
+        del graph.initializer[:]
+        graph.initializer.extend(keep)
 
 
 def _single_concat_of(

@@ -279,6 +279,8 @@ def test_heads_on_one_input_become_one_matmul_with_the_same_scores() -> None:
     ops = [n.op_type for n in fused.graph.node]
     assert ops.count("MatMul") == 2 and ops.count("Split") == 1  # the Concat of a, b, c takes the fused output
     assert ops.count("Concat") == 1
+    read = {name for node in fused.graph.node for name in node.input}
+    assert all(t.name in read for t in fused.graph.initializer)  # the heads' own weights are gone
     x = rng.normal(size=(9, 6)).astype(np.float32)
     expected, got = (
         ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(["out"], {"x": x})[0]
