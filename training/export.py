@@ -178,6 +178,26 @@ def _users(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
     return users
 
 
+def _splice(
+    graph: onnx.GraphProto,
+    *,
+    before: Mapping[int, list[onnx.NodeProto]] | None = None,
+    after: Mapping[int, list[onnx.NodeProto]] | None = None,
+    drop: set[int] | frozenset[int] = frozenset(),
+) -> None:
+    """Rebuild the graph's node list in order: for each node (keyed by `id(node)`) its `before` nodes, the node
+    itself unless it is in `drop`, then its `after` nodes."""
+    before, after = before or {}, after or {}
+    nodes: list[onnx.NodeProto] = []
+    for node in graph.node:
+        nodes += before.get(id(node), [])
+        if id(node) not in drop:
+            nodes.append(node)
+        nodes += after.get(id(node), [])
+    del graph.node[:]
+    graph.node.extend(nodes)
+
+
 def _float32_table(
     node: onnx.NodeProto,
     tables: Mapping[str, onnx.TensorProto],
@@ -249,7 +269,7 @@ def store_embeddings_as_int8(proto: onnx.ModelProto, min_rows: int = 1024) -> in
     tables = {t.name: t for t in graph.initializer}
     users = _users(graph)
     before: dict[int, list[onnx.NodeProto]] = {}  # id of a bag's MatMul -> nodes that scale its weights
-    after: dict[int, onnx.NodeProto] = {}  # id of a bag's Gather -> the Cast of its int8 rows
+    after: dict[int, list[onnx.NodeProto]] = {}  # id of a bag's Gather -> the Cast of its int8 rows
     for node in graph.node:
         table = _float32_table(node, tables, users, min_rows)
         if table is None or len(users.get(node.output[0], [])) != 1:
@@ -281,19 +301,14 @@ def store_embeddings_as_int8(proto: onnx.ModelProto, min_rows: int = 1024) -> in
         ]
         matmul.input[0] = names["weights"]
         node.output[0] = f"{gathered}_int8"
-        after[id(node)] = onnx.helper.make_node(
-            "Cast", [node.output[0]], [gathered], to=onnx.TensorProto.FLOAT, name=f"{base}_to_float32"
-        )
+        after[id(node)] = [
+            onnx.helper.make_node(
+                "Cast", [node.output[0]], [gathered], to=onnx.TensorProto.FLOAT, name=f"{base}_to_float32"
+            )
+        ]
     if not after:
         return 0
-    new_nodes: list[onnx.NodeProto] = []
-    for node in graph.node:
-        new_nodes += before.get(id(node), [])
-        new_nodes.append(node)
-        if id(node) in after:
-            new_nodes.append(after[id(node)])
-    del graph.node[:]
-    graph.node.extend(new_nodes)
+    _splice(graph, before=before, after=after)
     return len(after)
 
 
@@ -345,17 +360,10 @@ def chunk_bags(proto: onnx.ModelProto, chunk: int, max_tokens: int, levels: int 
         replace[id(nxt)] = _sorted_chunks(
             base, gather.input[0], gather.input[1], nxt.input[0], nxt.output[0], slices, cast_to, integer
         )
-        drop.update(id(n) for n in chain)
+        drop.update(id(n) for n in (*chain, nxt))
     if not replace:
         return 0
-    new_nodes: list[onnx.NodeProto] = []
-    for node in graph.node:
-        if id(node) in replace:
-            new_nodes += replace[id(node)]
-        elif id(node) not in drop:
-            new_nodes.append(node)
-    del graph.node[:]
-    graph.node.extend(new_nodes)
+    _splice(graph, before=replace, drop=drop)
     return len(replace)
 
 
@@ -561,13 +569,7 @@ def fuse_sibling_heads(proto: onnx.ModelProto) -> int:
         fused += len(heads)
     if not fused:
         return 0
-    new_nodes: list[onnx.NodeProto] = []
-    for node in graph.node:
-        new_nodes += replace.get(id(node), [])
-        if id(node) not in drop:
-            new_nodes.append(node)
-    del graph.node[:]
-    graph.node.extend(new_nodes)
+    _splice(graph, before=replace, drop=drop)
     _drop_unused_initializers(graph)  # the heads' own weights and biases
     return fused
 
