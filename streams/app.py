@@ -40,6 +40,8 @@ class TagstreamApp(faust.App):
 
     batched_topics: frozenset[str] = frozenset()
     max_buffered_records: int = 20_000
+    fetch_min_bytes: int = 1  # aiokafka's defaults until the worker sets its own
+    fetch_max_wait_ms: int = 1500  # what Faust passes
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -132,6 +134,7 @@ class Worker:
             )
             for spec in TOPICS
         }
+        self.app.fetch_min_bytes, self.app.fetch_max_wait_ms = settings.fetch_min_bytes, settings.fetch_max_wait_ms
         if settings.fetch_batches:
             self.app.batched_topics = frozenset(settings.topic(spec.name) for spec in (PRODUCTS, BEHAVIOR))
             self.app.max_buffered_records = settings.max_buffered_records

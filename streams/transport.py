@@ -1,5 +1,6 @@
-"""Faust's aiokafka transport with three changes: an idempotent acks=all producer, a cheaper message hand-off, and
-fetched records delivered to batch agents as one Faust message per partition and fetch.
+"""Faust's aiokafka transport with four changes: an idempotent acks=all producer, a cheaper message hand-off,
+fetched records delivered to batch agents as one Faust message per partition and fetch, and fetches that wait for
+`fetch_min_bytes` (at most `fetch_max_wait_ms`).
 
 faust-streaming 0.15.3 hands every fetched message to the agents through
 `await self.wait_first(callback(message), self.suspend_flow.wait())`: two tasks and an `asyncio.wait` per message,
@@ -99,9 +100,25 @@ class RecordBatchMessage(ConsumerMessage):
         self.records: list[Any] = records
 
 
+class BatchingConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
+    """Faust's consumer thread with the app's `fetch_min_bytes` and `fetch_max_wait_ms` (Faust leaves aiokafka's
+    fetch_min_bytes=1: the broker answers every fetch as soon as one record arrives, so at a steady rate the consumer
+    thread sends about one fetch per produce request, each a round trip through the GIL and the event loops)."""
+
+    def _create_worker_consumer(self, transport: Any) -> Any:
+        consumer = super()._create_worker_consumer(transport)
+        # aiokafka hands these to its Fetcher when the consumer starts; the consumer is not started yet
+        consumer._fetch_min_bytes = getattr(self.app, "fetch_min_bytes", consumer._fetch_min_bytes)
+        consumer._fetch_max_wait_ms = getattr(self.app, "fetch_max_wait_ms", consumer._fetch_max_wait_ms)
+        return consumer
+
+
 class FastConsumer(faust_aiokafka.Consumer):
     """Faust's aiokafka consumer whose fetch loop runs each message's callback inline until it blocks, and which
     delivers the records of `app.batched_topics` as one `RecordBatchMessage` per partition and fetch."""
+
+    def _new_consumer_thread(self) -> BatchingConsumerThread:
+        return BatchingConsumerThread(self, loop=self.loop, beacon=self.beacon)
 
     async def getmany(self, timeout: float) -> AsyncIterator[tuple[TP, Message]]:
         """`faust.transport.consumer.Consumer.getmany` (0.15.3), with one `RecordBatchMessage` per partition of a

@@ -354,7 +354,7 @@ async def _paced_latency(
 
     produced: dict[tuple[str, int, int], int] = {}
     measured: set[tuple[str, int, int]] = set()
-    lat: dict[str, list[float]] = {"emit": [], "published": [], "received": []}
+    lat: dict[str, list[float]] = {"emit": [], "published": [], "received": [], "acked": []}
     by_reason: dict[str, list[float]] = {}
     producer = make_producer(bootstrap, linger_ms=0)
     consumer = AIOKafkaConsumer(f"{topic_prefix}tag-updates", bootstrap_servers=bootstrap, auto_offset_reset="earliest")
@@ -393,6 +393,7 @@ async def _paced_latency(
                 produced[key] = meta.timestamp
                 if measure:
                     measured.add(key)
+                    lat["acked"].append(time.time_ns() // 1_000_000 - meta.timestamp)
 
         return done
 
@@ -453,6 +454,7 @@ async def _paced_latency(
         "emit_ms": percentiles(lat["emit"]),
         "published_ms": percentiles(lat["published"]),
         "received_ms": percentiles(lat["received"]),
+        "producer_acked_ms": percentiles(lat["acked"]),
         "emit_ms_by_reason": {k: percentiles(v) for k, v in sorted(by_reason.items())},
     }
 

@@ -158,3 +158,19 @@ async def test_fetching_waits_while_the_agents_buffers_hold_too_many_records() -
     buffered["records"] = 3
     consumer.app.records_taken.set()
     await asyncio.wait_for(waiting, 1.0)
+
+
+async def test_the_workers_kafka_consumer_fetches_with_its_fetch_settings(tmp_path) -> None:
+    from streams.app import Worker
+    from streams.settings import WorkerSettings
+    from streams.state import MemoryStateStore
+
+    settings = WorkerSettings(fetch_min_bytes=12_345, fetch_max_wait_ms=7, data_dir=tmp_path, app_id="fetch-settings")
+    worker = Worker(settings, store_factory=MemoryStateStore, capture_output=True)
+    consumer = worker.app.consumer._thread._create_worker_consumer(worker.app.transport)
+    try:
+        # what aiokafka hands its Fetcher on start: the broker holds each fetch for 12,345 bytes or 7 ms
+        assert (consumer._fetch_min_bytes, consumer._fetch_max_wait_ms) == (12_345, 7)
+        assert consumer._max_partition_fetch_bytes == worker.app.conf.consumer_max_fetch_size  # Faust's own kept
+    finally:
+        await consumer.stop()
