@@ -69,6 +69,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         model_provider=lambda: model,
         behaviour_lanes=args.lanes,
         lane_min_events=args.lane_min_events,
+        state_cache=args.state_cache,
     )
     spent: dict[str, float] = {"products": 0.0, "behavior": 0.0}
     counts: dict[str, int] = {"products": 0, "behavior": 0}
@@ -102,6 +103,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         clear_redis(args.redis_url, redis_prefix)
     total_s = time.perf_counter() - t_all
     cpu_s = time.process_time() - cpu_all
+    cache = processor.cache
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.no_profile:
@@ -126,8 +128,30 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             for t in counts
         },
         "batch": args.batch,
+        "state_cache": None if cache is None else {"size": cache.size, **kept_states(cache)},
         "profile": None if args.no_profile else str(out / "profile.txt"),
         "note": "no profiler" if args.no_profile else "profiler overhead included",
+    }
+
+
+def kept_states(cache: Any) -> dict[str, Any]:
+    """How many states the cache holds, its hit rate, and the memory they take (tracemalloc of a deep copy)."""
+    import copy
+    import tracemalloc
+
+    states = list(cache._states.values())
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    held = copy.deepcopy(states)
+    size = tracemalloc.get_traced_memory()[0] - before
+    tracemalloc.stop()
+    del held
+    looked = cache.hits + cache.misses
+    return {
+        "kept": len(states),
+        "hit_rate": round(cache.hits / looked, 3) if looked else None,
+        "bytes_per_state": round(size / len(states)) if states else None,
+        "mb_at_size": round(size / len(states) * cache.size / 2**20, 1) if states else None,
     }
 
 
@@ -153,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-profile", action="store_true", help="only the processor-alone rate, no profiler")
     p.add_argument("--lanes", type=int, default=2, help="concurrent lanes of partitions per behaviour batch")
     p.add_argument("--lane-min-events", type=int, default=128, help="events per behaviour lane at least")
+    p.add_argument("--state-cache", type=int, default=10_000, help="product states kept between batches (0 = none)")
     args = p.parse_args(argv)
     sys.stdout.write("RESULT " + json.dumps(asyncio.run(run(args))) + "\n")
     return 0

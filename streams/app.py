@@ -157,6 +157,7 @@ class Worker:
                     model_provider=self.models.get,
                     behaviour_lanes=self.settings.behaviour_lanes,
                     lane_min_events=self.settings.behaviour_lane_min_events,
+                    state_cache=self.settings.state_cache,
                 )
             return self._processor
 
@@ -190,6 +191,21 @@ class Worker:
                     stats.dead_letters,
                     stats.redelivered,
                 )
+                cache = self._processor.cache if self._processor is not None else None
+                if cache is not None:
+                    looked = cache.hits + cache.misses
+                    log.info(
+                        "state cache: %d products kept, %.1f%% of reads kept, %d batches redone after a conflict",
+                        len(cache),
+                        100 * cache.hits / looked if looked else 0.0,
+                        self._processor.conflicts if self._processor is not None else 0,
+                    )
+
+        @app.on_partitions_revoked.connect
+        async def forget_kept_states(app: faust.App, revoked: Any, **kwargs: Any) -> None:
+            # another worker may own these products now: read them again (expect_rev would catch it anyway)
+            if self._processor is not None and self._processor.cache is not None:
+                self._processor.cache.clear()
 
         self.products_agent = products
         self.behavior_agent = behavior

@@ -255,6 +255,7 @@ class ModelUpdatesAgent:
                 topic=self.settings.topic(MODEL_UPDATES.name),
                 partitions=self._assigned_partitions(),
                 partition_count=self.settings.partitions,
+                on_written=processor.cache.discard if processor.cache is not None else None,
             )
             stats = await self.retagger.run(model, run_offset)
             self._status_dirty = True

@@ -31,13 +31,14 @@ from serving.behaviour import (
 )
 from serving.decoding import catalog_tags, diff_tags, merge_tags
 from streams.privacy import UserHasher
-from streams.state import EndBatch, Ops, ProductKeys, ProductState, StateStore, Write
+from streams.state import EndBatch, Ops, ProductKeys, ProductState, StateCache, StateStore, Write, WriteResult
 from streams.windows import GRANULARITIES, event_fields, stale_fields, window_stats
-from tagstream.errors import EventDecodeError, TagstreamError
+from tagstream.errors import EventDecodeError, StateConflictError, TagstreamError
 
 log = logging.getLogger(__name__)
 PRUNE_EVERY_MS = GRANULARITIES[0].width_ms
 USERS_DECIDE_KEPT = 4096  # products remembered as ones whose unique users decide a tag
+CONFLICT_ATTEMPTS = 3  # a batch whose write found a product changed by another writer is processed again, so often
 
 
 def now_ms() -> int:
@@ -201,10 +202,12 @@ class Processor:
         model_provider: Callable[[], ScoringModel | None] = lambda: None,
         behaviour_lanes: int = 2,
         lane_min_events: int = 128,
+        state_cache: int = 0,
     ) -> None:
         """Upserts are scored on the event loop, `score_step` at a time (`score_in_steps`; 64 rows: ~3 ms);
         behaviour batches run in up to `behaviour_lanes` concurrent lanes of partitions, one per `lane_min_events`
-        events of the batch at most."""
+        events of the batch at most. `state_cache` > 0 keeps that many products' states between batches
+        (`StateCache`): a batch reads from Redis only the products it does not hold."""
         self.store = store
         self.user_hash_key = user_hash_key
         self._hash_user = UserHasher(user_hash_key)
@@ -220,6 +223,70 @@ class Processor:
         # Products whose unique users decided a behaviour tag lately (most recent last): counted with their read.
         self._users_decide: OrderedDict[str, None] = OrderedDict()
         self._seen_counts: dict[str, WindowCounts] = {}  # this batch's decoded windows, per product
+        self.cache = StateCache(state_cache) if state_cache > 0 else None
+        self.conflicts = 0  # batches processed again because another writer changed one of their products
+
+    # ------------------------------------------------------------------ state
+    async def _states(
+        self, product_ids: list[str], now: dict[str, int] | None = None, *, counters: bool = True
+    ) -> dict[str, ProductState]:
+        """The state of these products: the cache's where it holds them (their unique users counted where `now`
+        asks, beside the read), the others read from Redis (with their counters when the cache is on, to be kept)."""
+        now = now or {}
+        if self.cache is None:
+            return await self.store.read(product_ids, now=now, counters=counters)
+        kept = self.cache.take(product_ids)
+        missing = [pid for pid in product_ids if pid not in kept]
+        count = {pid: now[pid] for pid in kept if pid in now}
+        read_now = {pid: at for pid, at in now.items() if pid not in kept}
+        if count:
+            states, users = await asyncio.gather(self.store.read(missing, now=read_now), self.store.count_users(count))
+            for pid, counted in users.items():
+                kept[pid].users = counted
+        else:
+            states = await self.store.read(missing, now=read_now) if missing else {}
+        states.update(kept)
+        return states
+
+    async def _apply_writes(
+        self, writes: list[Write], states: dict[str, ProductState], apply: Callable[[list[Write]], Any]
+    ) -> Any:
+        """Run `apply(writes)`, each write fenced on the revision its product's state was read at, and keep every
+        product whose writes all applied (or that had none) in the cache. Raises StateConflictError when another
+        writer changed a product since the read: nothing of that product was written, and the batch must be
+        processed again from fresh state (its applied writes are then redeliveries)."""
+        expect: dict[str, int] = {}
+        for w in writes:
+            w.expect_rev = expect[w.product_id] = expect.get(w.product_id, states[w.product_id].rev - 1) + 1
+        got = await apply(writes)
+        results: list[WriteResult] = got[0] if isinstance(got, tuple) else got
+        conflicted = sorted({w.product_id for w, r in zip(writes, results, strict=True) if r.conflict})
+        if conflicted:
+            if self.cache is not None:
+                self.cache.discard(states)
+            self.conflicts += 1
+            raise StateConflictError(f"{len(conflicted)} product(s) changed by another writer, e.g. {conflicted[0]}")
+        if self.cache is not None:
+            rev: dict[str, int | None] = {}
+            for w, r in zip(writes, results, strict=True):
+                rev[w.product_id] = r.rev if r.applied and rev.get(w.product_id, 0) is not None else None
+            for pid, state in states.items():
+                if pid not in rev:
+                    self.cache.put(state)
+                elif (at := rev[pid]) is not None:
+                    self.cache.put(state, at)
+        return got
+
+    async def _again_on_conflict(self, what: str, n: int, attempt: Callable[[], Any]) -> Any:
+        """`attempt()`, repeated from fresh state while another writer changes its products in between."""
+        for tries in range(1, CONFLICT_ATTEMPTS + 1):
+            try:
+                return await attempt()
+            except StateConflictError as exc:
+                if tries == CONFLICT_ATTEMPTS:
+                    raise
+                log.info("%s batch of %d: %s; processing it again", what, n, exc)
+        raise AssertionError("unreachable")  # pragma: no cover
 
     # ------------------------------------------------------------------ shared
     def _update(
@@ -272,8 +339,8 @@ class Processor:
         return good
 
     async def _read(self, items: Sequence[tuple[InMessage, Any]]) -> dict[str, ProductState]:
-        """The state product changes need: no behaviour counters."""
-        return await self.store.read(sorted({ev.product_id for _, ev in items}), counters=False)
+        """The state product changes need: no behaviour counters (unless they are to be kept)."""
+        return await self._states(sorted({ev.product_id for _, ev in items}), counters=False)
 
     def _group(
         self, groups: dict[tuple[str, str], _Group], state: ProductState, msg: InMessage, product_id: str
@@ -316,9 +383,11 @@ class Processor:
         due: dict[tuple[str, int], list[str]] = {}
         stored = await self.store.stored_emits(list(redelivered)) if redelivered else {}  # before the writes
         if end_batch is None:
-            results = await self.store.apply(writes)
+            results = await self._apply_writes(writes, states, self.store.apply)
         else:
-            results, due = await self.store.apply_and_end_batch(writes, end_batch)
+            results, due = await self._apply_writes(
+                writes, states, lambda w: self.store.apply_and_end_batch(w, end_batch)
+            )
         for group, result in zip(groups.values(), results, strict=True):
             pid = group.write.product_id
             if result.applied:
@@ -375,10 +444,10 @@ class Processor:
         if prepared is None:
             prepared = await self.prepare_products(messages)
         async with self._lock:
-            return await self._process_products(prepared)
+            return await self._again_on_conflict("product", len(messages), lambda: self._process_products(prepared))
 
     async def _process_products(self, prepared: PreparedProducts) -> BatchOutput:
-        out, items = prepared.out, prepared.items
+        out, items = BatchOutput(dead_letters=list(prepared.out.dead_letters)), prepared.items
         if not items:
             return out
         states = await self._read(items)
@@ -532,23 +601,26 @@ class Processor:
         The batch's partitions are processed in up to `behaviour_lanes` concurrent lanes: a product's events are all
         in one partition, so lanes touch disjoint products, and while one lane waits for Redis another computes."""
         async with self._lock:
-            self._seen_counts = {}
-            lanes = _lanes(messages, self.behaviour_lanes, self.lane_min_events)
-            if len(lanes) == 1:
-                return await self._process_behaviour(messages)
-            # every lane runs to its end (its writes are fenced either way); the first error is raised as it is
-            parts = await asyncio.gather(*(self._process_behaviour(lane) for lane in lanes), return_exceptions=True)
-            for part in parts:
-                if isinstance(part, BaseException):
-                    raise part
-            out = BatchOutput()
-            for part in parts:
-                assert isinstance(part, BatchOutput)
-                out.updates += part.updates
-                out.dead_letters += part.dead_letters
-                out.applied += part.applied
-                out.redelivered += part.redelivered
-            return out
+            return await self._again_on_conflict("behaviour", len(messages), lambda: self._behaviour_batch(messages))
+
+    async def _behaviour_batch(self, messages: Sequence[InMessage]) -> BatchOutput:
+        self._seen_counts = {}
+        lanes = _lanes(messages, self.behaviour_lanes, self.lane_min_events)
+        if len(lanes) == 1:
+            return await self._process_behaviour(messages)
+        # every lane runs to its end (its writes are fenced either way); the first error is raised as it is
+        parts = await asyncio.gather(*(self._process_behaviour(lane) for lane in lanes), return_exceptions=True)
+        for part in parts:
+            if isinstance(part, BaseException):
+                raise part
+        out = BatchOutput()
+        for part in parts:
+            assert isinstance(part, BatchOutput)
+            out.updates += part.updates
+            out.dead_letters += part.dead_letters
+            out.applied += part.applied
+            out.redelivered += part.redelivered
+        return out
 
     async def _process_behaviour(self, messages: Sequence[InMessage]) -> BatchOutput:
         out = BatchOutput()
@@ -561,7 +633,7 @@ class Processor:
         # Unique users are counted only where they decide a tag: with the read for products where they did lately
         # (hot products near a threshold), after it for the others that turn out to need them.
         wanted = {pid: at for pid, at in latest.items() if pid in self._users_decide}
-        states = await self.store.read(sorted(latest), now=wanted)
+        states = await self._states(sorted(latest), now=wanted)
         batch_users: dict[str, set[str]] = {}
         groups: dict[tuple[str, str], _Group] = {}
         redelivered: dict[tuple[str, str], int] = {}
@@ -682,7 +754,7 @@ class Processor:
         for tp, pids in due.items():
             for pid in pids:
                 now_of[pid] = max(now_of.get(pid, 0), watermarks[tp])
-        states = await self.store.read(sorted(now_of))  # unique users: counted below, only where they decide
+        states = await self._states(sorted(now_of))  # unique users: counted below, only where they decide
         looks: dict[str, tuple[ProductKeys, Ops, int, dict[str, Any], Any]] = {}
         undecided: dict[str, int] = {}
         for pid in now_of:
@@ -721,7 +793,7 @@ class Processor:
                 index.setdefault((topic, partition), {})[pid] = (
                     watermark + 1 if check is not None and check <= watermark else check
                 )
-        results = await self.store.apply_and_index(writes, index)
+        results = await self._apply_writes(writes, states, lambda w: self.store.apply_and_index(w, index))
         for (pid, payload), result in zip(emitted, results, strict=True):
             if result.applied and payload is not None:
                 out.updates.append((pid.encode(), payload))

@@ -1,4 +1,4 @@
--- tagstream state format 2: read one product's state in one call (its behaviour counters, P:{pid}:beh, are read
+-- tagstream state format 3: read one product's state in one call (its behaviour counters, P:{pid}:beh, are read
 -- beside it by a plain HGETALL: returning ~100 fields through Lua costs Redis about 4 times as much, and only the
 -- product's behaviour partition writes them).
 -- KEYS = P:{pid}:doc, P:{pid}:tags, P:{pid}:fence. The HyperLogLog keys P:{pid}:uu:<g>:<bucket> are named from

@@ -7,7 +7,8 @@ a second run for the same activation — another worker, a restart — is a no-o
 `retag` is emitted only where the merged tag set changed (or a score moved more than `score_delta`).
 
 A product changed by a live event while its batch was being scored is skipped (its state is read again just before
-the write); products of partitions another worker owns are skipped when `partitions` is given.
+the write, and the write applies only while the product is still at the revision read); products of partitions
+another worker owns are skipped when `partitions` is given.
 """
 
 from __future__ import annotations
@@ -102,8 +103,11 @@ class Retagger:
         topic: str,
         partitions: set[int] | None = None,
         partition_count: int = 1,
+        on_written: Callable[[list[str]], None] | None = None,
     ) -> None:
+        """`on_written(product_ids)` is told which products a step wrote (the worker forgets its kept states)."""
         self.store = store
+        self.on_written = on_written
         self.rate = rate
         self.batch = batch
         self.score_delta = score_delta
@@ -211,12 +215,17 @@ class Retagger:
             keys = ProductKeys(self.store.prefix, pid)
             ops = Ops(keys)
             ops.set(keys.tags, orjson.dumps(tag_state))
-            writes.append(Write(pid, f"retag:{model.version}", run_offset, ops, payload))
+            # applied only while the product is still at the revision just read: a live write in between wins
+            writes.append(Write(pid, f"retag:{model.version}", run_offset, ops, payload, expect_rev=fresh[pid].rev))
             emitted.append(payload)
         results = await self.store.apply(writes)
+        if self.on_written is not None:
+            self.on_written([w.product_id for w, r in zip(writes, results, strict=True) if r.applied])
         out = BatchOutput()
         for write, payload, result in zip(writes, emitted, results, strict=True):
-            if result.applied:
+            if result.conflict:
+                stats.skipped_raced += 1
+            elif result.applied:
                 stats.written += 1
                 if payload is not None:
                     out.updates.append((write.product_id.encode(), payload))

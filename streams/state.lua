@@ -1,17 +1,25 @@
--- tagstream state format 2: apply the effect of one or more consecutive events of one partition to one product's
+-- tagstream state format 3: apply the effect of one or more consecutive events of one partition to one product's
 -- keys, fenced by their offsets.
 -- KEYS[1] = P:{pid}:fence, KEYS[2..n] = the product's other keys the ops name (all share the hash tag {pid}).
 -- ARGV[1] = fence field ("<topic>:<partition>", "sweep:<topic>:<partition>", "retag:<version>"),
 -- ARGV[2] = the first offset of the effect (the stored offset must be below it), ARGV[3] = emit JSON to keep for
--- re-sending ("" = keep the stored one), ARGV[4] = ops JSON, ARGV[5] = the last offset (stored as the new fence):
+-- re-sending ("" = keep the stored one), ARGV[4] = ops JSON, ARGV[5] = the last offset (stored as the new fence),
+-- ARGV[6] = the product's revision the ops were computed from ("" or absent = any):
 --   ["hincrby", k, field, n, field, n, ...] | ["hset", k, field, value, ...] | ["hdel", k, field, ...]
 --   | ["set", k, value] | ["del", k] | ["pfadd", k, element, ...]        (k = index into KEYS)
--- Returns {1} when applied, {0, stored_offset, stored_emit_json} when already applied (a no-op).
+-- Every applied write adds 1 to the fence's `rev` field (absent = 0), so a state read or kept at revision r is
+-- current exactly while `rev` is r.
+-- Returns {1, new_rev} when applied, {0, stored_offset, stored_emit_json} when already applied (a no-op),
+-- {2, rev} when the product's revision is not ARGV[6] (another write came between; nothing applied).
 local fence = KEYS[1]
 local field = ARGV[1]
 local stored = redis.call('HGET', fence, field)
 if stored and tonumber(stored) >= tonumber(ARGV[2]) then
   return {0, stored, redis.call('HGET', fence, 'emit:' .. field) or ''}
+end
+local rev = tonumber(redis.call('HGET', fence, 'rev') or '0')
+if ARGV[6] and ARGV[6] ~= '' and rev ~= tonumber(ARGV[6]) then
+  return {2, rev}
 end
 for _, op in ipairs(cjson.decode(ARGV[4])) do
   local name = op[1]
@@ -32,8 +40,8 @@ for _, op in ipairs(cjson.decode(ARGV[4])) do
     return redis.error_reply('tagstream: unknown op ' .. tostring(name))
   end
 end
-redis.call('HSET', fence, field, ARGV[5])
+redis.call('HSET', fence, field, ARGV[5], 'rev', rev + 1)
 if ARGV[3] ~= '' then
   redis.call('HSET', fence, 'emit:' .. field, ARGV[3])
 end
-return {1}
+return {1, rev + 1}

@@ -9,7 +9,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, Protocol
@@ -24,7 +25,8 @@ from tagstream.errors import StateError
 
 log = logging.getLogger(__name__)
 
-STATE_FORMAT = 2
+STATE_FORMAT = 3
+UPGRADABLE_FORMATS = (2,)  # format 3 = format 2 + the fence's `rev`, absent (0) in a format-2 store
 # After a behaviour batch, per (topic, partition): (watermark, {product_id: next check time, None = none active})
 EndBatch = dict[tuple[str, int], tuple[int, dict[str, int | None]]]
 # Per (topic, partition): {product_id: when its behaviour tags next need a look, None = nothing active}
@@ -77,6 +79,11 @@ class ProductState:
         """Last offset applied from `fence_field` (`<topic>:<partition>`), -1 if none."""
         value = self.fence.get(fence_field)
         return int(value) if value is not None else -1
+
+    @property
+    def rev(self) -> int:
+        """The product's revision this state is at: the number of writes applied to it."""
+        return int(self.fence.get("rev", 0))
 
 
 class Ops:
@@ -173,6 +180,57 @@ class Ops:
         return out
 
 
+class StateCache:
+    """Product states as this worker last read or wrote them, most recently used last, at most `size`.
+
+    A batch `take`s the states it needs (they are out of the cache while it mutates them) and `put`s back each one
+    whose writes were all applied, at the revision they left. Everything else is dropped: a state whose write failed,
+    conflicted or was never made is read from Redis next time. A kept state that another writer changed since is
+    caught by the write's `expect_rev`, so the cache can be stale but never makes a write wrong."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._states: OrderedDict[str, ProductState] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._states)
+
+    def take(self, product_ids: Iterable[str]) -> dict[str, ProductState]:
+        """Remove and return the kept states of these products (the others are misses)."""
+        taken = {}
+        pop = self._states.pop
+        for pid in product_ids:
+            state = pop(pid, None)
+            if state is None:
+                self.misses += 1
+            else:
+                taken[pid] = state
+        self.hits += len(taken)
+        return taken
+
+    def put(self, state: ProductState, rev: int | None = None) -> None:
+        """Keep `state` (as Redis holds it, at revision `rev` if given), dropping the least recently used beyond size;
+        its unique-user counts are not kept (they are counted at a given time)."""
+        if rev is not None:
+            state.fence["rev"] = str(rev)
+        state.users = {}
+        self._states[state.product_id] = state
+        self._states.move_to_end(state.product_id)
+        while len(self._states) > self.size:
+            self._states.popitem(last=False)
+
+    def discard(self, product_ids: Iterable[str]) -> None:
+        """Forget these products (another writer changed them)."""
+        for pid in product_ids:
+            self._states.pop(pid, None)
+
+    def clear(self) -> None:
+        """Forget every product (partitions moved: others may write them now)."""
+        self._states.clear()
+
+
 @dataclass(slots=True)
 class Write:
     """One fenced effect on one product: the events of one partition from `offset` to `last_offset` (inclusive),
@@ -184,6 +242,7 @@ class Write:
     ops: Ops
     emit: bytes | None = None
     last_offset: int | None = None
+    expect_rev: int | None = None  # apply only while the product is at this revision (None: at any)
 
     @property
     def stored_offset(self) -> int:
@@ -193,10 +252,13 @@ class Write:
 
 @dataclass(frozen=True, slots=True)
 class WriteResult:
-    """Whether a write was applied, or was a redelivery (then the update its offset produced before)."""
+    """Whether a write was applied (and the product's revision after it), was a redelivery (then the update its
+    offset produced before), or found the product at another revision than `Write.expect_rev` (`conflict`)."""
 
     applied: bool
     stored_emit: bytes | None = None
+    rev: int | None = None
+    conflict: bool = False
 
 
 class StateStore(Protocol):
@@ -231,6 +293,16 @@ _WATERMARK_LUA = (
     "local v = redis.call('HGET', KEYS[1], ARGV[1]); "
     "if (not v) or tonumber(v) < tonumber(ARGV[2]) then redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end"
 )
+
+
+def _write_result(reply: list[Any]) -> WriteResult:
+    """A state.lua reply: {1, rev} applied, {0, offset, emit} already applied, {2, rev} at another revision."""
+    code = int(reply[0])
+    if code == 1:
+        return WriteResult(True, rev=int(reply[1]))
+    if code == 2:
+        return WriteResult(False, rev=int(reply[1]), conflict=True)
+    return WriteResult(False, reply[2].encode() if reply[2] else None)
 
 
 class _Script:
@@ -373,8 +445,15 @@ class RedisStateStore:
             await self.client.hsetnx(f"{self.prefix}:meta", "state_format", STATE_FORMAT)
             return await self.client.hget(f"{self.prefix}:meta", "state_format")
 
-        found = await self._retry("check_format", run)
-        if int(found) != STATE_FORMAT:
+        found = int(await self._retry("check_format", run))
+        if found in UPGRADABLE_FORMATS:
+            await self._retry(
+                "upgrade_format", lambda: self.client.hset(f"{self.prefix}:meta", "state_format", STATE_FORMAT)
+            )
+            log.warning(
+                "state format %d upgraded to %d (stop every older worker first, SPEC.md §3)", found, STATE_FORMAT
+            )
+        elif found != STATE_FORMAT:
             raise StateError(f"Redis holds state format {found}, this worker writes format {STATE_FORMAT}")
 
     async def read(
@@ -460,8 +539,9 @@ class RedisStateStore:
         def queue(pipe: list[tuple[Any, ...]]) -> None:
             for w in writes:
                 emit = w.emit or b""
+                expect = "" if w.expect_rev is None else w.expect_rev
                 self._script.queue(
-                    pipe, w.ops.keys, [w.fence_field, w.offset, emit, orjson.dumps(w.ops.ops), w.stored_offset]
+                    pipe, w.ops.keys, [w.fence_field, w.offset, emit, orjson.dumps(w.ops.ops), w.stored_offset, expect]
                 )
             if end_batch:
                 self._queue_end_batch(pipe, end_batch)
@@ -469,10 +549,7 @@ class RedisStateStore:
                 self._queue_index(pipe, active_key(self.prefix, topic, partition), entries)
 
         replies = await self._pipelined("apply", queue) if writes or end_batch or index else []
-        results = [
-            WriteResult(True) if int(r[0]) == 1 else WriteResult(False, r[2].encode() if r[2] else None)
-            for r in replies[: len(writes)]
-        ]
+        results = [_write_result(r) for r in replies[: len(writes)]]
         return results, self._due_lists(end_batch, replies[len(writes) :]) if end_batch else {}
 
     @staticmethod
@@ -589,6 +666,10 @@ class MemoryStateStore:
                 emit = fence.get(f"emit:{w.fence_field}")
                 results.append(WriteResult(False, emit.encode() if emit else None))
                 continue
+            rev = int(fence.get("rev", 0))
+            if w.expect_rev is not None and rev != w.expect_rev:
+                results.append(WriteResult(False, rev=rev, conflict=True))
+                continue
             for op in w.ops.ops:
                 name, key, args = op[0], w.ops.keys[op[1] - 1], op[2:]
                 if name == "hset":
@@ -609,9 +690,10 @@ class MemoryStateStore:
                 elif name == "pfadd":
                     self.hlls[key].update(args)
             fence[w.fence_field] = str(w.stored_offset)
+            fence["rev"] = str(rev + 1)
             if w.emit:
                 fence[f"emit:{w.fence_field}"] = w.emit.decode()
-            results.append(WriteResult(True))
+            results.append(WriteResult(True, rev=rev + 1))
         return results
 
     async def index_active(self, topic: str, partition: int, entries: dict[str, int | None]) -> None:

@@ -16,6 +16,7 @@ __all__ = [
     "SchemaValidationError",
     "ScoringError",
     "StackError",
+    "StateConflictError",
     "StateError",
     "TagstreamError",
 ]
@@ -43,6 +44,10 @@ class SchemaValidationError(EventDecodeError):
 
 class StateError(TagstreamError):
     """Redis state could not be read or written (after bounded retries)."""
+
+
+class StateConflictError(StateError):
+    """Another writer changed a product between a batch's read of its state and the batch's write."""
 
 
 class DataError(TagstreamError):

@@ -12,7 +12,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from streams.processor import InMessage, Processor
-from streams.state import MemoryStateStore, ProductKeys, RedisStateStore, StateStore
+from streams.state import STATE_FORMAT, MemoryStateStore, Ops, ProductKeys, RedisStateStore, StateStore, Write
 from streams.windows import GRANULARITIES
 from tagstream.errors import StateError
 from tagstream.stack import StackSettings
@@ -31,8 +31,8 @@ def _messages() -> tuple[list[InMessage], list[InMessage]]:
     return pm, bm
 
 
-async def _run(store: StateStore, batch: int) -> list[bytes]:
-    processor = Processor(store, user_hash_key=b"k")
+async def _run(store: StateStore, batch: int, state_cache: int = 0) -> list[bytes]:
+    processor = Processor(store, user_hash_key=b"k", state_cache=state_cache)
     pm, bm = _messages()
     emitted = [v for _, v in (await processor.process_products(pm)).updates]
     for i in range(0, len(bm), batch):
@@ -86,7 +86,7 @@ def test_redis_and_memory_stores_agree_and_redelivery_is_a_no_op(stack: StackSet
             redis_store = RedisStateStore(client, prefix)
             await redis_store.check_format()
             memory = MemoryStateStore(prefix)
-            from_redis = await _run(redis_store, batch=16)
+            from_redis = await _run(redis_store, batch=16, state_cache=3)  # kept states, dropped and read again
             from_memory = await _run(memory, batch=16)
             assert [orjson.loads(u) | {"emit_time": 0} for u in from_redis] == [
                 orjson.loads(u) | {"emit_time": 0} for u in from_memory
@@ -114,7 +114,12 @@ def test_redis_and_memory_stores_agree_and_redelivery_is_a_no_op(stack: StackSet
             # kept updates are read apart.
             pids = [f"s{i}" for i in range(5)]
             read_redis, read_memory = await redis_store.read(pids), await memory.read(pids)
-            assert read_redis == read_memory and read_redis["s1"].fence == {"products:0": "1", "behavior:0": "339"}
+            assert read_redis == read_memory and read_redis["s1"].fence.keys() == {"products:0", "behavior:0", "rev"}
+            assert (
+                read_redis["s1"].applied_offset("products:0") == 1
+                and read_redis["s1"].applied_offset("behavior:0") == 339
+            )
+            assert read_redis["s1"].rev > 1
             without = await redis_store.read(pids, counters=False)  # what product changes and re-tags read
             assert without == await memory.read(pids, counters=False) and read_redis["s1"].beh
             assert all(without[p].beh == {} and without[p].tags == read_redis[p].tags for p in pids)
@@ -153,9 +158,46 @@ def test_a_worker_refuses_another_state_format(stack: StackSettings) -> None:
             await client.hset(f"{prefix}:meta", "state_format", 99)
             with pytest.raises(StateError, match="format 99"):
                 await RedisStateStore(client, prefix).check_format()
+            await client.hset(f"{prefix}:meta", "state_format", 2)  # format 3 = format 2 + the fence's `rev`
+            await RedisStateStore(client, prefix).check_format()
+            assert await client.hget(f"{prefix}:meta", "state_format") == str(STATE_FORMAT) == "3"
         finally:
             await client.delete(f"{prefix}:meta")
             await client.aclose()
+
+    asyncio.run(main())
+
+
+def test_a_write_computed_from_an_older_revision_is_refused_whole(stack: StackSettings) -> None:
+    async def main() -> None:
+        prefix = f"sr{uuid.uuid4().hex[:8]}"
+        client = aioredis.from_url(stack.redis_url, decode_responses=True)
+        store = RedisStateStore(client, prefix)
+        keys = ProductKeys(prefix, "p1")
+
+        def write(offset: int, title: str, expect_rev: int | None) -> Write:
+            ops = Ops(keys)
+            ops.hset(keys.doc, {"title": title})
+            ops.counters(keys.beh)["d:1:view"] = 1
+            return Write("p1", "products:0", offset, ops, expect_rev=expect_rev)
+
+        try:
+            [first] = await store.apply([write(0, "first", 0)])
+            assert first.applied and first.rev == 1
+            [second] = await store.apply([write(1, "second", None)])  # no revision asked: applied at any
+            assert second.applied and second.rev == 2
+            [stale] = await store.apply([write(2, "stale", 1)])
+            assert stale.conflict and not stale.applied and stale.rev == 2
+            state = (await store.read(["p1"]))["p1"]
+            assert state.doc == {"title": "second"} and state.beh == {"d:1:view": 2} and state.rev == 2
+            assert state.applied_offset("products:0") == 1  # the refused write left no trace, not even its offset
+            [redelivered] = await store.apply([write(1, "again", 0)])  # an applied offset: a no-op, revision or not
+            assert not redelivered.applied and not redelivered.conflict
+        finally:
+            keys_left = [k async for k in client.scan_iter(f"{prefix}:*")]
+            if keys_left:
+                await client.delete(*keys_left)
+            await store.close()
 
     asyncio.run(main())
 
@@ -190,7 +232,7 @@ def test_the_store_reloads_its_scripts_after_redis_flushed_them(stack: StackSett
             fence = ProductKeys(prefix, "s1").fence
             reconnected = await store._pipe.run([("CLIENT", "ID")])
             with pytest.raises(ResponseError, match="unknown op"):
-                await store._pipe.run([("EVALSHA", store._script.sha, 1, fence, "x:0", 1, "", '[["nope", 1]]', 1)])
+                await store._pipe.run([("EVALSHA", store._script.sha, 1, fence, "x:0", 1, "", '[["nope", 1]]', 1, "")])
             assert await store._pipe.run([("CLIENT", "ID")]) == reconnected != [pipeline_client]
             assert (await store.read(["s1"]))["s1"].applied_offset("behavior:0") == 56
         finally:

@@ -1,0 +1,128 @@
+"""Product states kept between batches: the same tags and state as reading every batch, and never a lost write."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import orjson
+import pytest
+
+from streams.model import BundleModel
+from streams.processor import CONFLICT_ATTEMPTS, InMessage, Processor
+from streams.settings import WorkerSettings
+from streams.state import MemoryStateStore, Write, WriteResult
+from tagstream.errors import StateConflictError
+from tests.events import behaviour, delete, upsert
+from tests.models import featurized_bundle
+
+T0 = 1_764_316_800_000
+TITLES = ["Nike Women Red Running Shoes", "Levis Men Black Jeans", "Puma Unisex Blue Cap", "Titan Men Watch"]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> BundleModel:
+    return BundleModel.load(featurized_bundle(tmp_path_factory.mktemp("reg")), WorkerSettings())
+
+
+def _batches(seed: int) -> list[tuple[str, list[InMessage]]]:
+    """Interleaved product and behaviour batches of random sizes: 20 products over 4 partitions, bursts that turn
+    behaviour tags on, hours of event time that let them expire, upserts and deletes in between."""
+    rng = random.Random(seed)
+    offsets: dict[tuple[str, int], int] = {}
+
+    def message(topic: str, event: dict[str, Any]) -> InMessage:
+        partition = int(event["product_id"][1:]) % 4
+        offset = offsets.get((topic, partition), 0)
+        offsets[(topic, partition)] = offset + 1
+        return InMessage(topic, partition, offset, event["product_id"].encode(), orjson.dumps(event))
+
+    out: list[tuple[str, list[InMessage]]] = []
+    ts, version = T0, 1
+    for _ in range(60):
+        if rng.random() < 0.25:
+            version += 1
+            events = [
+                delete(f"p{rng.randrange(20)}", version=version)
+                if rng.random() < 0.1
+                else upsert(f"p{rng.randrange(20)}", rng.choice(TITLES), version=version, updated_at=ts)
+                for _ in range(rng.randrange(1, 6))
+            ]
+            out.append(("products", [message("products", e) for e in events]))
+            continue
+        hot = f"p{rng.randrange(5)}"  # a few products get bursts from many users
+        events = []
+        for _ in range(rng.randrange(1, 80)):
+            ts += rng.choice((200, 1_000, 20_000, 600_000 if rng.random() < 0.03 else 500))
+            pid = hot if rng.random() < 0.6 else f"p{rng.randrange(20)}"
+            events.append(behaviour(pid, f"u{rng.randrange(60)}", ts, rng.choice(("view", "click", "add_to_cart"))))
+        out.append(("behavior", [message("behavior", e) for e in events]))
+    return out
+
+
+async def _run(model: BundleModel, state_cache: int, seed: int) -> tuple[list[Any], dict[str, Any], Processor]:
+    store = MemoryStateStore("t")
+    processor = Processor(store, user_hash_key=b"k", model_provider=lambda: model, state_cache=state_cache)
+    sent = []
+    for topic, batch in _batches(seed):
+        process = processor.process_products if topic == "products" else processor.process_behaviour
+        out = await process(batch)
+        sent += [orjson.loads(v) | {"emit_time": 0} for _, v in out.updates]
+    state = {
+        "hashes": {k: {f: v for f, v in h.items() if not f.startswith("emit:")} for k, h in store.hashes.items()},
+        "strings": dict(store.strings),
+        "hlls": dict(store.hlls),
+        "zsets": dict(store.zsets),
+    }
+    return sent, state, processor
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+async def test_kept_states_give_the_updates_and_state_of_reading_every_batch(model: BundleModel, seed: int) -> None:
+    read_sent, read_state, _ = await _run(model, 0, seed)
+    for size in (7, 1000):  # 7 < the 20 products: states are dropped and read again all the time
+        kept_sent, kept_state, processor = await _run(model, size, seed)
+        assert processor.cache is not None and processor.cache.hits > 0 and len(processor.cache) <= size
+        assert kept_sent == read_sent, size
+        assert kept_state == read_state, size
+    reasons = {u["reason"] for u in read_sent}
+    assert {"product-upsert", "behaviour", "window-expired"} <= reasons  # every path that writes was exercised
+
+
+async def test_a_write_by_another_worker_is_not_lost_to_a_kept_state(model: BundleModel) -> None:
+    store = MemoryStateStore("t")
+    mine = Processor(store, user_hash_key=b"k", model_provider=lambda: model, state_cache=100)
+    other = Processor(store, user_hash_key=b"k", model_provider=lambda: model)  # e.g. after a rebalance
+    clicks = [InMessage("behavior", 0, i, b"p1", orjson.dumps(behaviour("p1", f"u{i}", T0 + i))) for i in range(6)]
+    await mine.process_behaviour(clicks[:3])  # p1's state is kept now
+    title = "Levis Men Black Jeans"
+    change = upsert("p1", title, attributes={"colour": "Black"})
+    [update] = (await other.process_products([InMessage("products", 0, 0, b"p1", orjson.dumps(change))])).updates
+    await mine.process_behaviour(clicks[3:])  # its kept state predates the upsert: the write must not undo it
+    state = (await store.read(["p1"]))["p1"]
+    assert state.doc["title"] == title and mine.conflicts == 1
+    assert state.tags is not None and "colour:Black" in {t["tag"] for t in state.tags["tags"]}
+    assert sum(v for k, v in state.beh.items() if k.startswith("d:")) == 6  # every click counted once
+    assert state.tags["model_version"] == model.version == orjson.loads(update[1])["model_version"]
+
+
+async def test_a_product_that_keeps_changing_under_a_batch_fails_it_with_a_state_conflict(
+    model: BundleModel,
+) -> None:
+    class Contended(MemoryStateStore):
+        """Another writer changes every product just before each of this worker's writes."""
+
+        async def apply(self, writes: list[Write]) -> list[WriteResult]:
+            for w in writes:
+                fence = self.hashes[w.ops.keys[0]]
+                fence["rev"] = str(int(fence.get("rev", 0)) + 1)
+            return await super().apply(writes)
+
+    store = Contended("t")
+    processor = Processor(store, user_hash_key=b"k", model_provider=lambda: model, state_cache=100)
+    clicks = [InMessage("behavior", 0, i, b"p1", orjson.dumps(behaviour("p1", f"u{i}", T0 + i))) for i in range(3)]
+    with pytest.raises(StateConflictError, match="changed by another writer"):
+        await processor.process_behaviour(clicks)
+    assert processor.conflicts == CONFLICT_ATTEMPTS
+    state = (await store.read(["p1"]))["p1"]
+    assert state.beh == {} and state.applied_offset("behavior:0") == -1  # nothing of the batch was written
