@@ -126,3 +126,17 @@ async def test_a_product_that_keeps_changing_under_a_batch_fails_it_with_a_state
     assert processor.conflicts == CONFLICT_ATTEMPTS
     state = (await store.read(["p1"]))["p1"]
     assert state.beh == {} and state.applied_offset("behavior:0") == -1  # nothing of the batch was written
+
+
+async def test_a_worker_forgets_its_kept_states_when_partitions_are_revoked(tmp_path: Any) -> None:
+    from streams.app import Worker
+    from streams.state import ProductState
+
+    settings = WorkerSettings(data_dir=tmp_path, app_id="cache-revoke", model_path=featurized_bundle(tmp_path / "r"))
+    worker = Worker(settings, store_factory=lambda: MemoryStateStore("t"), capture_output=True)
+    processor = await worker.processor()
+    assert processor.cache is not None and processor.cache.size == settings.state_cache > 0
+    processor.cache.put(ProductState("p1"))
+    await worker.app.on_partitions_revoked.send(set())  # what Faust sends when a rebalance takes partitions away
+    assert len(processor.cache) == 0
+    worker.models.close()
