@@ -16,7 +16,7 @@ from streams.model_cli import build_request
 from streams.processor import BatchOutput, InMessage, Processor
 from streams.retag import Retagger, product_from_doc
 from streams.settings import WorkerSettings
-from streams.state import MemoryStateStore
+from streams.state import MemoryStateStore, Write, WriteResult
 from tests.events import upsert
 from tests.unit.test_validate import TITLES, real_bundle
 
@@ -249,6 +249,48 @@ async def test_retag_rescores_changed_products_once(bundles: dict[str, Path]) ->
     published.clear()
     again = await Retagger(store, rate=1000, batch=6, score_delta=0.05, publish=publish, topic="m").run(new, 7)
     assert again.skipped_current == 20 and again.written == 0 and not published
+
+
+async def test_a_live_write_between_the_retag_read_and_its_write_wins(bundles: dict[str, Path]) -> None:
+    holder = await holder_with(bundles)
+    live = upsert("p1", TITLES[0], version=2)  # p1 was TITLES[1]
+
+    class LiveWriteFirst(MemoryStateStore):
+        """p1 gets a live upsert after the re-tag's last read of it, just before the re-tag's writes land."""
+
+        raced = False
+
+        async def apply(self, writes: list[Write]) -> list[WriteResult]:
+            if not self.raced and any(w.fence_field.startswith("retag:") for w in writes):
+                self.raced = True
+                await processor.process_products([InMessage("products", 0, 4, b"p1", orjson.dumps(live))])
+            return await super().apply(writes)
+
+    store = LiveWriteFirst("t")
+    processor = Processor(store, user_hash_key=b"k", model_provider=holder.get, state_cache=100)
+    feed = [InMessage("products", 0, i, f"p{i}".encode(), orjson.dumps(upsert(f"p{i}", TITLES[i]))) for i in range(4)]
+    await processor.process_products(feed)
+    await holder.handle(request("activate", bundles["b"]))
+    new = holder.active
+    assert new is not None
+    written: list[str] = []
+
+    async def publish(out: BatchOutput) -> None:
+        return None
+
+    retagger = Retagger(
+        store, rate=1000, batch=8, score_delta=0.05, publish=publish, topic="m", on_written=written.extend
+    )
+    stats = await retagger.run(new, 5)
+    assert stats.skipped_raced == 1 and stats.written == 3 and sorted(written) == ["p0", "p2", "p3"]
+    p1 = (await store.read(["p1"]))["p1"]
+    live_tags = [t.tag for t in new.score([ProductChange.from_dict(live)])[0]]
+    before = product_from_doc("p1", {"title": TITLES[1], "version": "1"})
+    assert before is not None
+    old_tags = [t.tag for t in new.score([before])[0]]
+    assert live_tags != old_tags  # what the re-tag would have written over the live change
+    assert p1.tags is not None and [t["tag"] for t in p1.tags["model"]] == live_tags
+    assert p1.doc["title"] == live["title"] and p1.tags["model_version"] == new.version
 
 
 async def test_retag_only_touches_owned_partitions(bundles: dict[str, Path]) -> None:
