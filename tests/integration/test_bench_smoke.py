@@ -48,6 +48,8 @@ def test_bench_smoke_writes_every_section(stack: object, tmp_path: Path) -> None
     for q in ("p50", "p99", "p99.9"):
         assert _number(result["latency"]["emit_ms"][q]["median"]), q
     assert result["latency"]["runs"][0]["matched_updates"] > 0
+    # the load generator's own delay (broker ack − send time) beside the latencies: did it keep up?
+    assert _number(result["latency"]["runs"][0]["producer_acked_ms"]["p99"]) and "producer acked p99" in md
     for proc in ("worker", "redis", "kafka", "bench_producer"):  # who used the CPU while the producer was pacing
         assert _number(result["latency"]["runs"][0]["cores_busy"][proc]), proc
     assert _number(result["naive"]["events_per_s_at_mix"]["median"])
