@@ -191,14 +191,15 @@ class Worker:
                     stats.dead_letters,
                     stats.redelivered,
                 )
-                cache = self._processor.cache if self._processor is not None else None
-                if cache is not None:
+                processor = self._processor
+                if processor is not None and processor.cache is not None:
+                    cache = processor.cache
                     looked = cache.hits + cache.misses
                     log.info(
                         "state cache: %d products kept, %.1f%% of reads kept, %d batches redone after a conflict",
                         len(cache),
                         100 * cache.hits / looked if looked else 0.0,
-                        self._processor.conflicts if self._processor is not None else 0,
+                        processor.conflicts,
                     )
 
         @app.on_partitions_revoked.connect

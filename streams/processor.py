@@ -248,34 +248,32 @@ class Processor:
         states.update(kept)
         return states
 
-    async def _apply_writes(
-        self, writes: list[Write], states: dict[str, ProductState], apply: Callable[[list[Write]], Any]
-    ) -> Any:
-        """Run `apply(writes)`, each write fenced on the revision its product's state was read at, and keep every
-        product whose writes all applied (or that had none) in the cache. Raises StateConflictError when another
-        writer changed a product since the read: nothing of that product was written, and the batch must be
-        processed again from fresh state (its applied writes are then redeliveries)."""
+    @staticmethod
+    def _expect_revisions(writes: list[Write], states: dict[str, ProductState]) -> None:
+        """Fence each write on the revision its product's state was read at (a product's second write in the same
+        round trip on the revision its first leaves)."""
         expect: dict[str, int] = {}
         for w in writes:
             w.expect_rev = expect[w.product_id] = expect.get(w.product_id, states[w.product_id].rev - 1) + 1
-        got = await apply(writes)
-        results: list[WriteResult] = got[0] if isinstance(got, tuple) else got
+
+    def _keep_applied(self, writes: list[Write], results: list[WriteResult], states: dict[str, ProductState]) -> None:
+        """Keep every product whose writes all applied (or that had none) in the cache. Raises StateConflictError
+        when another writer changed a product since the read: nothing of that product was written, and the batch
+        must be processed again from fresh state (its applied writes are then redeliveries)."""
         conflicted = sorted({w.product_id for w, r in zip(writes, results, strict=True) if r.conflict})
         if conflicted:
-            if self.cache is not None:
-                self.cache.discard(states)
             self.conflicts += 1
             raise StateConflictError(f"{len(conflicted)} product(s) changed by another writer, e.g. {conflicted[0]}")
-        if self.cache is not None:
-            rev: dict[str, int | None] = {}
-            for w, r in zip(writes, results, strict=True):
-                rev[w.product_id] = r.rev if r.applied and rev.get(w.product_id, 0) is not None else None
-            for pid, state in states.items():
-                if pid not in rev:
-                    self.cache.put(state)
-                elif (at := rev[pid]) is not None:
-                    self.cache.put(state, at)
-        return got
+        if self.cache is None:
+            return
+        rev: dict[str, int | None] = {}
+        for w, r in zip(writes, results, strict=True):
+            rev[w.product_id] = r.rev if r.applied and rev.get(w.product_id, 0) is not None else None
+        for pid, state in states.items():
+            if pid not in rev:
+                self.cache.put(state)
+            elif (at := rev[pid]) is not None:
+                self.cache.put(state, at)
 
     async def _again_on_conflict(self, what: str, n: int, attempt: Callable[[], Any]) -> Any:
         """`attempt()`, repeated from fresh state while another writer changes its products in between."""
@@ -382,12 +380,12 @@ class Processor:
         writes = [g.write for g in groups.values()]
         due: dict[tuple[str, int], list[str]] = {}
         stored = await self.store.stored_emits(list(redelivered)) if redelivered else {}  # before the writes
+        self._expect_revisions(writes, states)
         if end_batch is None:
-            results = await self._apply_writes(writes, states, self.store.apply)
+            results = await self.store.apply(writes)
         else:
-            results, due = await self._apply_writes(
-                writes, states, lambda w: self.store.apply_and_end_batch(w, end_batch)
-            )
+            results, due = await self.store.apply_and_end_batch(writes, end_batch)
+        self._keep_applied(writes, results, states)
         for group, result in zip(groups.values(), results, strict=True):
             pid = group.write.product_id
             if result.applied:
@@ -793,7 +791,9 @@ class Processor:
                 index.setdefault((topic, partition), {})[pid] = (
                     watermark + 1 if check is not None and check <= watermark else check
                 )
-        results = await self._apply_writes(writes, states, lambda w: self.store.apply_and_index(w, index))
+        self._expect_revisions(writes, states)
+        results = await self.store.apply_and_index(writes, index)
+        self._keep_applied(writes, results, states)
         for (pid, payload), result in zip(emitted, results, strict=True):
             if result.applied and payload is not None:
                 out.updates.append((pid.encode(), payload))

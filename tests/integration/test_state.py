@@ -57,6 +57,12 @@ async def _dump_redis(client: aioredis.Redis, prefix: str) -> dict[str, Any]:
     return out
 
 
+async def _clear(client: aioredis.Redis, prefix: str) -> None:
+    keys = [k async for k in client.scan_iter(f"{prefix}:*")]
+    if keys:
+        await client.delete(*keys)
+
+
 def _dump_memory(store: MemoryStateStore) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, h in store.hashes.items():
@@ -142,9 +148,7 @@ def test_redis_and_memory_stores_agree_and_redelivery_is_a_no_op(stack: StackSet
                 for window, n in users.items():
                     assert abs(n - exact_users[pid][window]) <= max(1, 0.03 * exact_users[pid][window]), (pid, window)
         finally:
-            keys = [k async for k in client.scan_iter(f"{prefix}:*")]
-            if keys:
-                await client.delete(*keys)
+            await _clear(client, prefix)
             await client.aclose()
 
     asyncio.run(main())
@@ -194,9 +198,7 @@ def test_a_write_computed_from_an_older_revision_is_refused_whole(stack: StackSe
             [redelivered] = await store.apply([write(1, "again", 0)])  # an applied offset: a no-op, revision or not
             assert not redelivered.applied and not redelivered.conflict
         finally:
-            keys_left = [k async for k in client.scan_iter(f"{prefix}:*")]
-            if keys_left:
-                await client.delete(*keys_left)
+            await _clear(client, prefix)
             await store.close()
 
     asyncio.run(main())
@@ -238,9 +240,7 @@ def test_the_store_reloads_its_scripts_after_redis_flushed_them(stack: StackSett
         finally:
             await store.close()
             cleaner = aioredis.from_url(stack.redis_url)
-            keys = [k async for k in cleaner.scan_iter(f"{prefix}:*")]
-            if keys:
-                await cleaner.delete(*keys)
+            await _clear(cleaner, prefix)
             await cleaner.aclose()
 
     asyncio.run(main())
@@ -280,9 +280,7 @@ def test_concurrent_behaviour_lanes_on_redis_end_as_one_lane(stack: StackSetting
             assert lanes_state == one_state and len(one_state) > 16
         finally:
             for prefix in prefixes:
-                keys = [k async for k in client.scan_iter(f"{prefix}:*")]
-                if keys:
-                    await client.delete(*keys)
+                await _clear(client, prefix)
             await client.aclose()
 
     asyncio.run(main())
