@@ -101,7 +101,6 @@ class Worker:
         )
         self._processor: Processor | None = None
         self._ready_lock = asyncio.Lock()
-        self._order = asyncio.Lock()
         settings.data_dir.expanduser().mkdir(parents=True, exist_ok=True)  # Faust makes only its own dir in it
         self.app = TagstreamApp(
             settings.app_id,
@@ -173,7 +172,7 @@ class Worker:
         @app.agent(topics[BEHAVIOR.name], name="tagstream.behavior", concurrency=1)
         async def behavior(stream: faust.StreamT) -> None:
             processor = await self.processor()
-            await self._run_batches(stream, processor.process_behaviour)
+            await self._run_batches(stream, processor.process_behaviour, processor.prepare_behaviour)
 
         @app.timer(10.0)
         async def log_stats() -> None:
@@ -216,7 +215,7 @@ class Worker:
         self,
         stream: faust.StreamT,
         process: Callable[..., Awaitable[BatchOutput]],
-        prepare: Callable[[Sequence[InMessage]], Awaitable[Any]] | None = None,
+        prepare: Callable[[Sequence[InMessage]], Awaitable[Any]],
     ) -> None:
         """Consume in micro-batches: take what is buffered (up to batch_max), process, publish, then ack.
 
@@ -226,8 +225,8 @@ class Worker:
         processed (at most `max_inflight_batches` waiting). Updates are enqueued in processing order, events are
         acknowledged in order and only after their own updates and all earlier ones are delivered, and a failed
         delivery stops the agent (its events are never acknowledged, so the commit cannot pass them and they are
-        redelivered, offset-fenced, on restart). `prepare` (product scoring) runs before the locks, its result handed
-        to `process`.
+        redelivered, offset-fenced, on restart). `prepare` (decoding, and scoring product changes) runs before the
+        batch's products are held, its result handed to `process`.
         """
         manual = stream.noack()
         queue = getattr(manual.channel, "queue", None)
@@ -265,26 +264,22 @@ class Worker:
         self,
         messages: list[InMessage],
         process: Callable[..., Awaitable[BatchOutput]],
-        prepare: Callable[[Sequence[InMessage]], Awaitable[Any]] | None = None,
+        prepare: Callable[[Sequence[InMessage]], Awaitable[Any]],
     ) -> tuple[list[Any], BatchOutput]:
         """Process a batch and enqueue its updates; returns their delivery futures and the batch's output."""
-        prepared = None
-        if prepare is not None:
+        processor = await self.processor()
+        prepared = await prepare(messages)
+        # Effects are computed and their updates enqueued while the batch holds its products, so a product's updates
+        # reach the topic in the order its state changed, whichever agent produced them; a batch waits only for
+        # earlier batches with one of its products. Delivery is awaited outside.
+        async with processor.locks.hold(prepared.product_ids) as hold:
             try:
-                prepared = await prepare(messages)
-            except Exception:  # retried inside the critical section (and dead-lettered there if it fails again)
-                log.exception("preparing a batch of %d failed", len(messages))
-        # Effects are computed and their updates enqueued in one critical section, so a product's updates reach
-        # the topic in the order its state changed, whichever agent produced them; delivery is awaited outside.
-        async with self._order:
-            try:
-                out = await process(messages) if prepared is None else await process(messages, prepared)
+                out = await process(messages, prepared, hold)
             except Exception:
                 if not self.settings.dead_letter_all_errors:
                     raise
                 log.exception("batch of %d failed; retrying its messages one at a time", len(messages))
-                processor = await self.processor()
-                out = await processor.process_each(messages, process)
+                out = await processor.process_each(messages, lambda one: process(one, None, hold))
             pending = await self._enqueue(out)
         self.stats.consumed += len(messages)
         self.stats.batches += 1

@@ -16,7 +16,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 
@@ -30,6 +30,7 @@ from serving.behaviour import (
     next_check_at,
 )
 from serving.decoding import catalog_tags, diff_tags, merge_tags
+from streams.locks import Hold, ProductLocks
 from streams.privacy import UserHasher
 from streams.state import EndBatch, Ops, ProductKeys, ProductState, StateCache, StateStore, Write, WriteResult
 from streams.windows import GRANULARITIES, event_fields, stale_fields, window_stats
@@ -106,13 +107,32 @@ def _version(model: Any) -> str | None:
 
 @dataclass(slots=True)
 class PreparedProducts:
-    """A product batch decoded and scored before the processor lock: dead letters so far, the decoded events, the
-    model that scored them and the model tags of each upsert (by position in `items`)."""
+    """A product batch decoded and scored before its products are held: dead letters so far, the decoded events, the
+    model that scored them and the model tags of each upsert (by position in `items`; None when scoring failed, to
+    be tried again while held)."""
 
     out: BatchOutput
     items: list[tuple[InMessage, ProductChange]]
     model: ScoringModel | None
-    tags: dict[int, list[Tag]]
+    tags: dict[int, list[Tag]] | None
+
+    @property
+    def product_ids(self) -> set[str]:
+        """The products the batch changes."""
+        return {ev.product_id for _, ev in self.items}
+
+
+@dataclass(slots=True)
+class PreparedBehaviour:
+    """A behaviour batch decoded before its products are held: dead letters so far and the decoded events."""
+
+    out: BatchOutput
+    items: list[tuple[InMessage, BehaviorEvent]]
+
+    @property
+    def product_ids(self) -> set[str]:
+        """The products the batch's events are about."""
+        return {ev.product_id for _, ev in self.items}
 
 
 class ScoringModel:
@@ -149,19 +169,22 @@ def dead_letter(msg: InMessage, exc: BaseException) -> tuple[bytes | None, bytes
     return msg.key, orjson.dumps(record.to_dict())
 
 
-def _lanes(messages: Sequence[InMessage], most: int, min_per_lane: int = 1) -> list[list[InMessage]]:
-    """The messages split into at most `most` lanes of whole partitions (message order kept in each), the
+_E = TypeVar("_E")
+
+
+def _lanes(items: Sequence[tuple[InMessage, _E]], most: int, min_per_lane: int = 1) -> list[list[tuple[InMessage, _E]]]:
+    """The decoded messages split into at most `most` lanes of whole partitions (message order kept in each), the
     partitions spread so the lanes hold about as many messages each; one lane per `min_per_lane` messages at most
     (every lane costs its own Redis round trips)."""
-    most = min(most, len(messages) // max(1, min_per_lane))
+    most = min(most, len(items) // max(1, min_per_lane))
     if most <= 1:
-        return [list(messages)]
-    by_partition: dict[tuple[str, int], list[InMessage]] = {}
-    for msg in messages:
-        by_partition.setdefault((msg.topic, msg.partition), []).append(msg)
+        return [list(items)]
+    by_partition: dict[tuple[str, int], list[tuple[InMessage, _E]]] = {}
+    for item in items:
+        by_partition.setdefault((item[0].topic, item[0].partition), []).append(item)
     if len(by_partition) <= 1:
-        return [list(messages)]
-    lanes: list[list[InMessage]] = [[] for _ in range(min(most, len(by_partition)))]
+        return [list(items)]
+    lanes: list[list[tuple[InMessage, _E]]] = [[] for _ in range(min(most, len(by_partition)))]
     for part in sorted(by_partition.values(), key=len, reverse=True):
         min(lanes, key=len).extend(part)
     return lanes
@@ -217,9 +240,9 @@ class Processor:
         self.model_provider = model_provider
         self.behaviour_lanes = max(1, behaviour_lanes)
         self.lane_min_events = max(1, lane_min_events)
-        # Product and behaviour batches both read-modify-write a product's tag state: one at a time, so neither
-        # overwrites the other's effect with a stale read.
-        self._lock = asyncio.Lock()
+        # Product and behaviour batches both read-modify-write a product's tag state: one batch at a time per product,
+        # so neither overwrites the other's effect with a stale read; batches with disjoint products run at once.
+        self.locks = ProductLocks()
         # Products whose unique users decided a behaviour tag lately (most recent last): counted with their read.
         self._users_decide: OrderedDict[str, None] = OrderedDict()
         self._seen_counts: dict[str, WindowCounts] = {}  # this batch's decoded windows, per product
@@ -426,7 +449,12 @@ class Processor:
         items = self._decode_all(messages, ProductChange.decode, out)
         model = self.model_provider()
         upserts = [i for i, (_, ev) in enumerate(items) if ev.op == "upsert"]
-        return PreparedProducts(out, items, model, await self._score(model, [items[i][1] for i in upserts], upserts))
+        try:
+            tags: dict[int, list[Tag]] | None = await self._score(model, [items[i][1] for i in upserts], upserts)
+        except Exception:  # tried again while the products are held (and dead-lettered there if it fails again)
+            log.exception("scoring a batch of %d product changes failed", len(upserts))
+            tags = None
+        return PreparedProducts(out, items, model, tags)
 
     async def _score(
         self, model: ScoringModel | None, products: list[ProductChange], positions: list[int]
@@ -436,12 +464,13 @@ class Processor:
         return dict(zip(positions, await score_in_steps(model, products, self.score_step), strict=True))
 
     async def process_products(
-        self, messages: Sequence[InMessage], prepared: PreparedProducts | None = None
+        self, messages: Sequence[InMessage], prepared: PreparedProducts | None = None, hold: Hold | None = None
     ) -> BatchOutput:
-        """Apply a batch of product upserts and deletes (`prepared`: its `prepare_products`, if already done)."""
+        """Apply a batch of product upserts and deletes (`prepared`: its `prepare_products`, if already done), holding
+        its products (inside `hold`, when the caller holds them already)."""
         if prepared is None:
             prepared = await self.prepare_products(messages)
-        async with self._lock:
+        async with self.locks.hold(prepared.product_ids, within=hold):
             return await self._again_on_conflict("product", len(messages), lambda: self._process_products(prepared))
 
     async def _process_products(self, prepared: PreparedProducts) -> BatchOutput:
@@ -450,7 +479,7 @@ class Processor:
             return out
         states = await self._read(items)
         model, model_tags = self.model_provider(), prepared.tags
-        if _version(model) != _version(prepared.model):  # swapped while this batch waited: score with the new one
+        if model_tags is None or _version(model) != _version(prepared.model):  # not scored, or swapped meanwhile
             todo = [
                 i
                 for i, (msg, ev) in enumerate(items)
@@ -593,36 +622,48 @@ class Processor:
         for pid, users in (await self.store.count_users(now)).items():
             states[pid].users = users
 
-    async def process_behaviour(self, messages: Sequence[InMessage]) -> BatchOutput:
-        """Apply a batch of behaviour events, then expire behaviour tags whose windows passed.
+    async def prepare_behaviour(self, messages: Sequence[InMessage]) -> PreparedBehaviour:
+        """Decode a behaviour batch (bad events become dead letters), which names the products it needs to hold."""
+        out = BatchOutput()
+        return PreparedBehaviour(out, self._decode_all(messages, BehaviorEvent.decode, out))
+
+    async def process_behaviour(
+        self, messages: Sequence[InMessage], prepared: PreparedBehaviour | None = None, hold: Hold | None = None
+    ) -> BatchOutput:
+        """Apply a batch of behaviour events, then expire behaviour tags whose windows passed, holding the products
+        (inside `hold`, when the caller holds the batch's products already; due products are added to it).
 
         The batch's partitions are processed in up to `behaviour_lanes` concurrent lanes: a product's events are all
         in one partition, so lanes touch disjoint products, and while one lane waits for Redis another computes."""
-        async with self._lock:
-            return await self._again_on_conflict("behaviour", len(messages), lambda: self._behaviour_batch(messages))
+        if prepared is None:
+            prepared = await self.prepare_behaviour(messages)
+        async with self.locks.hold(prepared.product_ids, within=hold) as held:
+            return await self._again_on_conflict(
+                "behaviour", len(messages), lambda: self._behaviour_batch(prepared, held)
+            )
 
-    async def _behaviour_batch(self, messages: Sequence[InMessage]) -> BatchOutput:
+    async def _behaviour_batch(self, prepared: PreparedBehaviour, hold: Hold) -> BatchOutput:
         self._seen_counts = {}
-        lanes = _lanes(messages, self.behaviour_lanes, self.lane_min_events)
+        lanes = _lanes(prepared.items, self.behaviour_lanes, self.lane_min_events)
+        out = BatchOutput(dead_letters=list(prepared.out.dead_letters))
         if len(lanes) == 1:
-            return await self._process_behaviour(messages)
-        # every lane runs to its end (its writes are fenced either way); the first error is raised as it is
-        parts = await asyncio.gather(*(self._process_behaviour(lane) for lane in lanes), return_exceptions=True)
+            parts: list[Any] = [await self._process_behaviour(lanes[0], hold)]
+        else:
+            # every lane runs to its end (its writes are fenced either way); the first error is raised as it is
+            lane_runs = (self._process_behaviour(lane, hold) for lane in lanes)
+            parts = await asyncio.gather(*lane_runs, return_exceptions=True)
+            for part in parts:
+                if isinstance(part, BaseException):
+                    raise part
         for part in parts:
-            if isinstance(part, BaseException):
-                raise part
-        out = BatchOutput()
-        for part in parts:
-            assert isinstance(part, BatchOutput)
             out.updates += part.updates
             out.dead_letters += part.dead_letters
             out.applied += part.applied
             out.redelivered += part.redelivered
         return out
 
-    async def _process_behaviour(self, messages: Sequence[InMessage]) -> BatchOutput:
+    async def _process_behaviour(self, items: list[tuple[InMessage, BehaviorEvent]], hold: Hold) -> BatchOutput:
         out = BatchOutput()
-        items = self._decode_all(messages, BehaviorEvent.decode, out)
         if not items:
             return out
         latest: dict[str, int] = {}
@@ -676,7 +717,7 @@ class Processor:
         end = {k: (wm, {pid: self._due(states[pid]) for pid in touched[k]}) for k, wm in by_partition.items()}
         due = await self._finish(groups, redelivered, states, out, end_batch=end)
         if any(due.values()):
-            await self._expire({tp: pids for tp, pids in due.items() if pids}, by_partition, out)
+            await self._expire({tp: pids for tp, pids in due.items() if pids}, by_partition, out, hold)
         return out
 
     def _apply_behaviour(self, state: ProductState, keys: ProductKeys, ops: Ops, ev: BehaviorEvent, user: str) -> int:
@@ -743,11 +784,20 @@ class Processor:
         return next_check_at(counts, tag_state.get("behaviour") or {}, self.behaviour)
 
     async def _expire(
-        self, due: dict[tuple[str, int], list[str]], watermarks: dict[tuple[str, int], int], out: BatchOutput
+        self,
+        due: dict[tuple[str, int], list[str]],
+        watermarks: dict[tuple[str, int], int],
+        out: BatchOutput,
+        hold: Hold,
     ) -> None:
         """Re-evaluate the behaviour tags of the due products of every partition, whose windows moved by event time
         (the partition's watermark): one read and one write round trip for all of them (and one more to count unique
-        users where they decide a tag)."""
+        users where they decide a tag). A due product another batch holds or awaits is left in the active index for
+        a later batch (the one holding it may change it)."""
+        free = set(hold.take_free({pid for pids in due.values() for pid in pids}))
+        due = {tp: kept for tp, pids in due.items() if (kept := [pid for pid in pids if pid in free])}
+        if not due:
+            return
         now_of: dict[str, int] = {}
         for tp, pids in due.items():
             for pid in pids:

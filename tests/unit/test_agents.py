@@ -61,6 +61,10 @@ async def _until(condition: Callable[[], bool], timeout: float = 2.0) -> None:
         await asyncio.sleep(0.001)
 
 
+async def _prepare(messages: Sequence[InMessage]) -> SimpleNamespace:
+    return SimpleNamespace(product_ids={m.key.decode() for m in messages if m.key})
+
+
 class _FakeEvent:
     def __init__(self, offset: int) -> None:
         self.message = SimpleNamespace(
@@ -104,14 +108,14 @@ async def test_batches_are_acknowledged_only_after_their_updates_are_delivered(w
 
     processed: list[list[int]] = []
 
-    async def process(messages: Sequence[InMessage]) -> BatchOutput:
+    async def process(messages: Sequence[InMessage], prepared: object, hold: object) -> BatchOutput:
         processed.append([m.offset for m in messages])
         return BatchOutput(updates=[(b"k", b"{}")])
 
     gate = asyncio.Event()
     stream = _FakeStream([[_FakeEvent(0), _FakeEvent(1)], [_FakeEvent(2)]], gate)
     worker._enqueue = enqueue  # type: ignore[method-assign]
-    running = asyncio.ensure_future(worker._run_batches(stream, process))  # type: ignore[arg-type]
+    running = asyncio.ensure_future(worker._run_batches(stream, process, _prepare))  # type: ignore[arg-type]
     gate.set()
     await _until(lambda: len(processed) == 2)
     # both batches processed while the first one's delivery is still pending; nothing acknowledged yet
@@ -148,7 +152,7 @@ async def test_a_fetched_batch_is_processed_in_chunks_and_acknowledged_after_its
 
     processed: list[list[tuple[int, int]]] = []
 
-    async def process(messages: Sequence[InMessage]) -> BatchOutput:
+    async def process(messages: Sequence[InMessage], prepared: object, hold: object) -> BatchOutput:
         processed.append([(m.offset, m.timestamp_ms) for m in messages])
         return BatchOutput(updates=[(b"k", b"{}")])
 
@@ -156,7 +160,7 @@ async def test_a_fetched_batch_is_processed_in_chunks_and_acknowledged_after_its
     fetched = _fetched(range(10, 20))
     stream = _FakeStream([[fetched]], gate)  # type: ignore[list-item]
     worker._enqueue = enqueue  # type: ignore[method-assign]
-    running = asyncio.ensure_future(worker._run_batches(stream, process))  # type: ignore[arg-type]
+    running = asyncio.ensure_future(worker._run_batches(stream, process, _prepare))  # type: ignore[arg-type]
     await _until(lambda: len(processed) == 3)
     # ten records, batch_max 4: three chunks, records in offset order with their own timestamps
     assert [[o for o, _ in chunk] for chunk in processed] == [[10, 11, 12, 13], [14, 15, 16, 17], [18, 19]]
@@ -180,7 +184,7 @@ async def test_a_failed_delivery_stops_the_agent_and_leaves_its_batch_unacknowle
         failed.set_exception(KafkaTimeoutError("broker gone"))
         return [failed]
 
-    async def process(messages: Sequence[InMessage]) -> BatchOutput:
+    async def process(messages: Sequence[InMessage], prepared: object, hold: object) -> BatchOutput:
         return BatchOutput(updates=[(b"k", b"{}")])
 
     gate = asyncio.Event()
@@ -188,7 +192,35 @@ async def test_a_failed_delivery_stops_the_agent_and_leaves_its_batch_unacknowle
     stream = _FakeStream([[_FakeEvent(0)], [_FakeEvent(1)]], gate)
     worker._enqueue = enqueue  # type: ignore[method-assign]
     with pytest.raises(KafkaTimeoutError):
-        await worker._run_batches(stream, process)  # type: ignore[arg-type]
+        await worker._run_batches(stream, process, _prepare)  # type: ignore[arg-type]
     assert stream.acked == []
     # its buffer no longer counts towards the records that hold fetching back (a restarted agent has its own)
     assert stream.channel.queue not in worker.app.record_queues
+
+
+class _FailsOn:
+    """A model that cannot score one title (an unexpected error, not a bad event)."""
+
+    version = "fails-on-boom"
+
+    def score(self, products: Sequence[object]) -> list[list[object]]:
+        if any(getattr(p, "title", "") == "boom" for p in products):
+            raise RuntimeError("the scorer crashed")
+        return [[] for _ in products]
+
+
+async def test_a_batch_that_fails_is_retried_one_message_at_a_time_and_only_the_bad_one_dead_lettered(
+    worker: Worker,
+) -> None:
+    processor = await worker.processor()
+    failing = _FailsOn()
+    processor.model_provider = lambda: failing
+    messages = [
+        InMessage("products", 0, i, pid.encode(), orjson.dumps(upsert(pid, title)))
+        for i, (pid, title) in enumerate([("p1", "Nike Women Red Shoes"), ("p2", "boom"), ("p3", "Titan Watch")])
+    ]
+    _, out = await worker._process_batch(messages, processor.process_products, processor.prepare_products)
+    assert sorted(orjson.loads(v)["product_id"] for _, v in out.updates) == ["p1", "p3"]
+    [(key, dead)] = out.dead_letters
+    assert key == b"p2" and orjson.loads(dead)["error_type"] == "RuntimeError"
+    assert len(processor.locks) == 0  # every product released
