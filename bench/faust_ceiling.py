@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import sys
 from collections.abc import Sequence
+from types import SimpleNamespace
 
 import faust
 
@@ -30,16 +31,19 @@ class CeilingWorker(Worker):
     def _define_agents(self) -> None:
         app, topics = self.app, self.topics
 
-        async def nothing(messages: Sequence[InMessage]) -> BatchOutput:
+        async def no_products(messages: Sequence[InMessage]) -> SimpleNamespace:
+            return SimpleNamespace(product_ids=())  # decodes nothing, holds nothing
+
+        async def nothing(messages: Sequence[InMessage], prepared: object, hold: object) -> BatchOutput:
             return BatchOutput()
 
         @app.agent(topics[PRODUCTS.name], name="ceiling.products", concurrency=1)
         async def products(stream: faust.StreamT) -> None:
-            await self._run_batches(stream, nothing)
+            await self._run_batches(stream, nothing, no_products)
 
         @app.agent(topics[BEHAVIOR.name], name="ceiling.behavior", concurrency=1)
         async def behavior(stream: faust.StreamT) -> None:
-            await self._run_batches(stream, nothing)
+            await self._run_batches(stream, nothing, no_products)
 
         self.products_agent = products
         self.behavior_agent = behavior

@@ -17,6 +17,7 @@ from typing import Any
 
 import faust
 
+from streams.locks import ProductLocks
 from streams.model import ModelHolder
 from streams.processor import BatchOutput, InMessage, Processor
 from streams.settings import DEV_USER_HASH_KEY, WorkerSettings
@@ -101,6 +102,7 @@ class Worker:
         )
         self._processor: Processor | None = None
         self._ready_lock = asyncio.Lock()
+        self.locks = ProductLocks()  # the products batches hold (the processor's too)
         settings.data_dir.expanduser().mkdir(parents=True, exist_ok=True)  # Faust makes only its own dir in it
         self.app = TagstreamApp(
             settings.app_id,
@@ -157,6 +159,7 @@ class Worker:
                     behaviour_lanes=self.settings.behaviour_lanes,
                     lane_min_events=self.settings.behaviour_lane_min_events,
                     state_cache=self.settings.state_cache,
+                    locks=self.locks,
                 )
             return self._processor
 
@@ -267,18 +270,18 @@ class Worker:
         prepare: Callable[[Sequence[InMessage]], Awaitable[Any]],
     ) -> tuple[list[Any], BatchOutput]:
         """Process a batch and enqueue its updates; returns their delivery futures and the batch's output."""
-        processor = await self.processor()
         prepared = await prepare(messages)
         # Effects are computed and their updates enqueued while the batch holds its products, so a product's updates
         # reach the topic in the order its state changed, whichever agent produced them; a batch waits only for
         # earlier batches with one of its products. Delivery is awaited outside.
-        async with processor.locks.hold(prepared.product_ids) as hold:
+        async with self.locks.hold(prepared.product_ids) as hold:
             try:
                 out = await process(messages, prepared, hold)
             except Exception:
                 if not self.settings.dead_letter_all_errors:
                     raise
                 log.exception("batch of %d failed; retrying its messages one at a time", len(messages))
+                processor = await self.processor()
                 out = await processor.process_each(messages, lambda one: process(one, None, hold))
             pending = await self._enqueue(out)
         self.stats.consumed += len(messages)

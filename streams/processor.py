@@ -226,11 +226,14 @@ class Processor:
         behaviour_lanes: int = 2,
         lane_min_events: int = 128,
         state_cache: int = 0,
+        locks: ProductLocks | None = None,
     ) -> None:
         """Upserts are scored on the event loop, `score_step` at a time (`score_in_steps`; 64 rows: ~3 ms);
         behaviour batches run in up to `behaviour_lanes` concurrent lanes of partitions, one per `lane_min_events`
         events of the batch at most. `state_cache` > 0 keeps that many products' states between batches
-        (`StateCache`): a batch reads from Redis only the products it does not hold."""
+        (`StateCache`): a batch reads from Redis only the products it does not hold. `locks`: the holds of products
+        being processed, shared with the worker (which holds a batch's products itself, to enqueue its updates in
+        the same hold)."""
         self.store = store
         self.user_hash_key = user_hash_key
         self._hash_user = UserHasher(user_hash_key)
@@ -242,7 +245,7 @@ class Processor:
         self.lane_min_events = max(1, lane_min_events)
         # Product and behaviour batches both read-modify-write a product's tag state: one batch at a time per product,
         # so neither overwrites the other's effect with a stale read; batches with disjoint products run at once.
-        self.locks = ProductLocks()
+        self.locks = locks if locks is not None else ProductLocks()
         # Products whose unique users decided a behaviour tag lately (most recent last): counted with their read.
         self._users_decide: OrderedDict[str, None] = OrderedDict()
         self._seen_counts: dict[str, WindowCounts] = {}  # this batch's decoded windows, per product

@@ -42,6 +42,7 @@ def test_bench_smoke_writes_every_section(stack: object, tmp_path: Path) -> None
     assert result["machine"]["cores"] >= 1 and result["machine"]["cpu"]
 
     assert _number(result["passthrough"]["events_per_s"]["median"])
+    assert _number(result["faust_ceiling"]["events_per_s"]["median"])
     assert _number(result["tagstream"]["events_per_s"]["median"])
     assert _number(result["tagstream"]["vs_passthrough"]["median"])
     assert all(r["timed"] for r in result["tagstream"]["runs"])
