@@ -102,7 +102,7 @@ class Worker:
         )
         self._processor: Processor | None = None
         self._ready_lock = asyncio.Lock()
-        self.locks = ProductLocks()  # the products batches hold (the processor's too)
+        self.locks = ProductLocks()  # products held by the batches in progress (shared with the processor)
         settings.data_dir.expanduser().mkdir(parents=True, exist_ok=True)  # Faust makes only its own dir in it
         self.app = TagstreamApp(
             settings.app_id,
