@@ -32,7 +32,17 @@ from serving.behaviour import (
 from serving.decoding import catalog_tags, diff_tags, merge_tags
 from streams.locks import Hold, ProductLocks
 from streams.privacy import UserHasher
-from streams.state import EndBatch, Ops, ProductKeys, ProductState, StateCache, StateStore, Write, WriteResult
+from streams.state import (
+    ActiveIndex,
+    EndBatch,
+    Ops,
+    ProductKeys,
+    ProductState,
+    StateCache,
+    StateStore,
+    Write,
+    WriteResult,
+)
 from streams.windows import GRANULARITIES, event_fields, stale_fields, window_stats
 from tagstream.errors import EventDecodeError, StateConflictError, TagstreamError
 
@@ -99,6 +109,15 @@ class _Evaluation:
     event_time: int  # the event's own time (the update's event_time)
     now: int  # the product's event-time clock after it (windows are read at this time)
     batch_users: int  # distinct users of the product in the batch so far
+
+
+@dataclass(slots=True)
+class _Sweeps:
+    """Window-expiry writes made with a behaviour batch's own writes: the products' states, writes and updates."""
+
+    states: dict[str, ProductState]
+    writes: list[Write]
+    emitted: list[tuple[str, bytes | None]]
 
 
 def _version(model: Any) -> str | None:
@@ -399,11 +418,15 @@ class Processor:
         states: dict[str, ProductState],
         out: BatchOutput,
         end_batch: EndBatch | None = None,
+        sweeps: _Sweeps | None = None,
     ) -> dict[tuple[str, int], list[str]]:
         """Write every product's effects (one fenced call each) — and, with `end_batch`, the batch's watermarks and
-        active index in the same round trip, returning the due lists; collect updates, re-sending the stored update
-        of redelivered messages."""
+        active index in the same round trip, returning the due lists, and the `sweeps` of products that were due
+        already; collect updates, re-sending the stored update of redelivered messages."""
         writes = [g.write for g in groups.values()]
+        if sweeps is not None:
+            writes += sweeps.writes
+            states = {**states, **sweeps.states}
         due: dict[tuple[str, int], list[str]] = {}
         stored = await self.store.stored_emits(list(redelivered)) if redelivered else {}  # before the writes
         self._expect_revisions(writes, states)
@@ -412,7 +435,7 @@ class Processor:
         else:
             results, due = await self.store.apply_and_end_batch(writes, end_batch)
         self._keep_applied(writes, results, states)
-        for group, result in zip(groups.values(), results, strict=True):
+        for group, result in zip(groups.values(), results[: len(groups)], strict=True):
             pid = group.write.product_id
             if result.applied:
                 out.applied += group.events
@@ -421,6 +444,8 @@ class Processor:
                 self._resend(pid, group.write.offset, result.stored_emit, out)
         for (pid, fence_field), offset in redelivered.items():
             self._resend(pid, offset, stored[(pid, fence_field)], out, current=states[pid].tags)
+        if sweeps is not None:
+            self._emit_applied(sweeps.emitted, results[len(groups) :], out)
         return due
 
     @staticmethod
@@ -675,7 +700,18 @@ class Processor:
         # Unique users are counted only where they decide a tag: with the read for products where they did lately
         # (hot products near a threshold), after it for the others that turn out to need them.
         wanted = {pid: at for pid, at in latest.items() if pid in self._users_decide}
-        states = await self._states(sorted(latest), now=wanted)
+        by_partition: dict[tuple[str, int], int] = {}
+        touched: dict[tuple[str, int], set[str]] = {}
+        for msg, ev in items:
+            key = (msg.topic, msg.partition)
+            by_partition[key] = max(by_partition.get(key, 0), ev.ts)
+            touched.setdefault(key, set()).add(ev.product_id)
+        if self.cache is None:
+            states, due_before = await self._states(sorted(latest), now=wanted), {}
+        else:  # the products already due at the batch's watermarks, to expire with its writes (see _early_sweeps)
+            states, due_before = await asyncio.gather(
+                self._states(sorted(latest), now=wanted), self.store.due_lists(by_partition)
+            )
         batch_users: dict[str, set[str]] = {}
         groups: dict[tuple[str, str], _Group] = {}
         redelivered: dict[tuple[str, str], int] = {}
@@ -710,15 +746,15 @@ class Processor:
                 self._users_decide.move_to_end(pid)
             while len(self._users_decide) > USERS_DECIDE_KEPT:
                 self._users_decide.popitem(last=False)
-        by_partition: dict[tuple[str, int], int] = {}
-        touched: dict[tuple[str, int], set[str]] = {}
-        for msg, ev in items:
-            key = (msg.topic, msg.partition)
-            by_partition[key] = max(by_partition.get(key, 0), ev.ts)
-            touched.setdefault(key, set()).add(ev.product_id)
-        # the writes, then watermarks, active index and due lists of every partition: one round trip
+        early = await self._early_sweeps(due_before, by_partition, latest, hold)
+        # the writes and sweeps, then watermarks, active index and due lists of every partition: one round trip
         end = {k: (wm, {pid: self._due(states[pid]) for pid in touched[k]}) for k, wm in by_partition.items()}
-        due = await self._finish(groups, redelivered, states, out, end_batch=end)
+        sweeps = None
+        if early is not None:
+            sweeps, index = early
+            for tp, entries in index.items():
+                end[tp][1].update(entries)
+        due = await self._finish(groups, redelivered, states, out, end_batch=end, sweeps=sweeps)
         if any(due.values()):
             await self._expire({tp: pids for tp, pids in due.items() if pids}, by_partition, out, hold)
         return out
@@ -786,6 +822,27 @@ class Processor:
             counts = self._counts(state, now)
         return next_check_at(counts, tag_state.get("behaviour") or {}, self.behaviour)
 
+    async def _early_sweeps(
+        self,
+        due: dict[tuple[str, int], list[str]],
+        watermarks: dict[tuple[str, int], int],
+        batch_products: dict[str, int],
+        hold: Hold,
+    ) -> tuple[_Sweeps, ActiveIndex] | None:
+        """The sweeps of the products that were due at the batch's watermarks before it, made with the batch's own
+        write instead of a pass of their own: those the batch has no event of, no other batch holds, and whose
+        states are kept (the others are left to `_expire` after the write, which finds them still due). Products
+        the batch touches are looked at with their events, and after the write if they are due then."""
+        if self.cache is None or not due:
+            return None
+        wanted = {pid for pids in due.values() for pid in pids if pid not in batch_products}
+        kept = self.cache.take_kept(hold.take_free(wanted))
+        early = {tp: ready for tp, pids in due.items() if (ready := [pid for pid in pids if pid in kept])}
+        if not early:
+            return None
+        writes, emitted, index = await self._sweeps(early, watermarks, kept)
+        return _Sweeps(kept, writes, emitted), index
+
     async def _expire(
         self,
         due: dict[tuple[str, int], list[str]],
@@ -801,11 +858,25 @@ class Processor:
         due = {tp: kept for tp, pids in due.items() if (kept := [pid for pid in pids if pid in free])}
         if not due:
             return
+        states = await self._states(sorted({pid for pids in due.values() for pid in pids}))
+        writes, emitted, index = await self._sweeps(due, watermarks, states)
+        self._expect_revisions(writes, states)
+        results = await self.store.apply_and_index(writes, index)
+        self._keep_applied(writes, results, states)
+        self._emit_applied(emitted, results, out)
+
+    async def _sweeps(
+        self,
+        due: dict[tuple[str, int], list[str]],
+        watermarks: dict[tuple[str, int], int],
+        states: dict[str, ProductState],
+    ) -> tuple[list[Write], list[tuple[str, bytes | None]], ActiveIndex]:
+        """The window-expiry writes of the due products (their states in `states`; unique users counted only where
+        they decide, in one round trip), the update each one emits if applied, and their next looks for the index."""
         now_of: dict[str, int] = {}
         for tp, pids in due.items():
             for pid in pids:
                 now_of[pid] = max(now_of.get(pid, 0), watermarks[tp])
-        states = await self._states(sorted(now_of))  # unique users: counted below, only where they decide
         looks: dict[str, tuple[ProductKeys, Ops, int, dict[str, Any], Any]] = {}
         undecided: dict[str, int] = {}
         for pid in now_of:
@@ -823,8 +894,9 @@ class Processor:
             await self._count_users(states, undecided)
             for pid in undecided:
                 self._behaviour_tags(states[pid], looks[pid][3], looks[pid][2])
-        writes, emitted = [], []
-        index: dict[tuple[str, int], dict[str, int | None]] = {}
+        writes: list[Write] = []
+        emitted: list[tuple[str, bytes | None]] = []
+        index: ActiveIndex = {}
         next_check: dict[str, int | None] = {}
         for (topic, partition), pids in due.items():
             watermark = watermarks[(topic, partition)]
@@ -844,9 +916,11 @@ class Processor:
                 index.setdefault((topic, partition), {})[pid] = (
                     watermark + 1 if check is not None and check <= watermark else check
                 )
-        self._expect_revisions(writes, states)
-        results = await self.store.apply_and_index(writes, index)
-        self._keep_applied(writes, results, states)
+        return writes, emitted, index
+
+    @staticmethod
+    def _emit_applied(emitted: list[tuple[str, bytes | None]], results: list[WriteResult], out: BatchOutput) -> None:
+        """Publish the update of every applied sweep that produced one."""
         for (pid, payload), result in zip(emitted, results, strict=True):
             if result.applied and payload is not None:
                 out.updates.append((pid.encode(), payload))

@@ -210,6 +210,14 @@ class StateCache:
         self.hits += len(taken)
         return taken
 
+    def take_kept(self, product_ids: Iterable[str]) -> dict[str, ProductState]:
+        """Remove and return the kept states of these products; the others are not counted as misses (a batch
+        looking ahead, not reading)."""
+        pop = self._states.pop
+        taken = {pid: state for pid in product_ids if (state := pop(pid, None)) is not None}
+        self.hits += len(taken)
+        return taken
+
     def put(self, state: ProductState, rev: int | None = None) -> None:
         """Keep `state` (as Redis holds it, at revision `rev` if given), dropping the least recently used beyond size;
         its unique-user counts are not kept (they are counted at a given time)."""
@@ -273,6 +281,8 @@ class StateStore(Protocol):
     async def count_users(self, now: dict[str, int]) -> dict[str, dict[str, int]]: ...
 
     async def stored_emits(self, fences: list[tuple[str, str]]) -> dict[tuple[str, str], bytes | None]: ...
+
+    async def due_lists(self, watermarks: dict[tuple[str, int], int]) -> dict[tuple[str, int], list[str]]: ...
 
     async def apply(self, writes: list[Write]) -> list[WriteResult]: ...
 
@@ -521,6 +531,18 @@ class RedisStateStore:
         results, _ = await self._apply(writes, None)
         return results
 
+    async def due_lists(self, watermarks: dict[tuple[str, int], int]) -> dict[tuple[str, int], list[str]]:
+        """The products of each partition whose behaviour windows need a look at or before its watermark, in one
+        round trip (the active index as it is; `end_batch` lists the same after updating it)."""
+
+        def queue(pipe: list[tuple[Any, ...]]) -> None:
+            for (topic, partition), watermark in watermarks.items():
+                key = active_key(self.prefix, topic, partition)
+                pipe.append(("ZRANGEBYSCORE", key, "-inf", watermark, "LIMIT", 0, 1000))
+
+        replies = await self._pipelined("due lists", queue) if watermarks else []
+        return {tp: list(r) for tp, r in zip(watermarks, replies, strict=True)}
+
     async def apply_and_end_batch(
         self, writes: list[Write], end_batch: EndBatch
     ) -> tuple[list[WriteResult], dict[tuple[str, int], list[str]]]:
@@ -704,6 +726,10 @@ class MemoryStateStore:
                 zset.pop(pid, None)
             else:
                 zset[pid] = due
+
+    async def due_lists(self, watermarks: dict[tuple[str, int], int]) -> dict[tuple[str, int], list[str]]:
+        """`due` of every partition at its watermark."""
+        return {(t, p): await self.due(t, p, wm) for (t, p), wm in watermarks.items()}
 
     async def due(self, topic: str, partition: int, until: int) -> list[str]:
         """Products whose behaviour windows need a look at or before `until`."""

@@ -33,6 +33,7 @@ async def test_product_agent_publishes_tags_and_dead_letters(worker: Worker) -> 
             key=b"p1", value=orjson.dumps(upsert("p1", "Nike Women Red Shoes", attributes={"colour": "Red"}))
         )
         await agent.put(key=b"p2", value=b"not json at all")
+        await _until(lambda: worker.stats.consumed == 2)  # put() returns once the stream took it, not processed it
     updates = [orjson.loads(v) for _, v in worker.captured["tag-updates"]]
     dead = [orjson.loads(v) for _, v in worker.captured["dead-letter"]]
     assert [u["product_id"] for u in updates] == ["p1"]
@@ -47,6 +48,7 @@ async def test_behaviour_agent_applies_clicks_once_each(worker: Worker) -> None:
     async with worker.behavior_agent.test_context() as agent:
         for i in range(25):
             await agent.put(key=b"b1", value=orjson.dumps(behaviour("b1", f"u{i % 8}", t0 + i * 1000)))
+        await _until(lambda: worker.stats.consumed == 25)
     store = (await worker.processor()).store
     state = (await store.read(["b1"]))["b1"]
     assert sum(v for k, v in state.beh.items() if k.startswith("m:")) == 25

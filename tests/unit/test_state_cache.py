@@ -140,3 +140,32 @@ async def test_a_worker_forgets_its_kept_states_when_partitions_are_revoked(tmp_
     await worker.app.on_partitions_revoked.send(set())  # what Faust sends when a rebalance takes partitions away
     assert len(processor.cache) == 0
     worker.models.close()
+
+
+class _CountingStore(MemoryStateStore):
+    """Memory state that counts the separate expiry passes' write round trips."""
+
+    def __init__(self) -> None:
+        super().__init__("c")
+        self.expiry_passes = 0
+
+    async def apply_and_index(self, writes: list[Write], index: Any) -> list[WriteResult]:
+        self.expiry_passes += 1
+        return await super().apply_and_index(writes, index)
+
+
+@pytest.mark.parametrize("kept", [100, 0])
+async def test_a_product_already_due_expires_with_the_next_batchs_own_write(kept: int) -> None:
+    store = _CountingStore()
+    processor = Processor(store, user_hash_key=b"k", state_cache=kept)
+    burst = [
+        InMessage("behavior", 0, i, b"hot", orjson.dumps(behaviour("hot", f"u{i % 9}", T0 + i * 5000)))
+        for i in range(30)
+    ]
+    assert any("trending" in orjson.loads(v)["added"] for _, v in (await processor.process_behaviour(burst)).updates)
+    later = [InMessage("behavior", 0, 30, b"other", orjson.dumps(behaviour("other", "u1", T0 + 3 * 3_600_000)))]
+    out = await processor.process_behaviour(later)
+    expired = [orjson.loads(v) for _, v in out.updates if orjson.loads(v)["product_id"] == "hot"]
+    assert expired and expired[0]["reason"] == "window-expired" and "trending" in expired[0]["removed"]
+    # with its state kept, "hot" is swept in the batch's own write; without, in a pass of its own after it
+    assert store.expiry_passes == (0 if kept else 1)
