@@ -10,7 +10,7 @@ import asyncio
 import hashlib
 import logging
 from collections import OrderedDict, defaultdict
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, Protocol
@@ -197,17 +197,10 @@ class StateCache:
     def __len__(self) -> int:
         return len(self._states)
 
-    def take(self, product_ids: Iterable[str]) -> dict[str, ProductState]:
-        """Remove and return the kept states of these products (the others are misses)."""
-        taken = {}
-        pop = self._states.pop
-        for pid in product_ids:
-            state = pop(pid, None)
-            if state is None:
-                self.misses += 1
-            else:
-                taken[pid] = state
-        self.hits += len(taken)
+    def take(self, product_ids: Collection[str]) -> dict[str, ProductState]:
+        """Remove and return the kept states of these (distinct) products; the others are misses."""
+        taken = self.take_kept(product_ids)
+        self.misses += len(product_ids) - len(taken)
         return taken
 
     def take_kept(self, product_ids: Iterable[str]) -> dict[str, ProductState]:
@@ -303,6 +296,14 @@ _WATERMARK_LUA = (
     "local v = redis.call('HGET', KEYS[1], ARGV[1]); "
     "if (not v) or tonumber(v) < tonumber(ARGV[2]) then redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end"
 )
+
+
+DUE_LIMIT = 1000  # products one due list names at most (the rest stay due for the next batch)
+
+
+def _due_command(active: str, watermark: int) -> tuple[Any, ...]:
+    """The products of an active index due at or before `watermark`, soonest first."""
+    return ("ZRANGEBYSCORE", active, "-inf", watermark, "LIMIT", 0, DUE_LIMIT)
 
 
 def _write_result(reply: list[Any]) -> WriteResult:
@@ -537,8 +538,7 @@ class RedisStateStore:
 
         def queue(pipe: list[tuple[Any, ...]]) -> None:
             for (topic, partition), watermark in watermarks.items():
-                key = active_key(self.prefix, topic, partition)
-                pipe.append(("ZRANGEBYSCORE", key, "-inf", watermark, "LIMIT", 0, 1000))
+                pipe.append(_due_command(active_key(self.prefix, topic, partition), watermark))
 
         replies = await self._pipelined("due lists", queue) if watermarks else []
         return {tp: list(r) for tp, r in zip(watermarks, replies, strict=True)}
@@ -601,7 +601,7 @@ class RedisStateStore:
             drop = [pid for pid, due in entries.items() if due is None]
             pipe.append(("ZADD", key, *_score_members(add)) if add else ("ECHO", "0"))
             pipe.append(("ZREM", key, *drop) if drop else ("ECHO", "0"))
-            pipe.append(("ZRANGEBYSCORE", key, "-inf", watermark, "LIMIT", 0, 1000))
+            pipe.append(_due_command(key, watermark))
 
     @staticmethod
     def _due_lists(partitions: EndBatch, replies: list[Any]) -> dict[tuple[str, int], list[str]]:
@@ -734,7 +734,7 @@ class MemoryStateStore:
     async def due(self, topic: str, partition: int, until: int) -> list[str]:
         """Products whose behaviour windows need a look at or before `until`."""
         zset = self.zsets[active_key(self.prefix, topic, partition)]
-        return sorted((p for p, due in zset.items() if due <= until), key=lambda p: (zset[p], p))[:1000]
+        return sorted((p for p, due in zset.items() if due <= until), key=lambda p: (zset[p], p))[:DUE_LIMIT]
 
     async def get_watermark(self, topic: str, partition: int) -> int:
         """Newest event time seen on a partition (0 if none)."""

@@ -17,8 +17,19 @@ T0 = 1_764_316_800_000
 
 
 async def _spin(rounds: int = 20) -> None:
+    """Let the other tasks run as far as they can (to show one of them did not get somewhere)."""
     for _ in range(rounds):
         await asyncio.sleep(0)
+
+
+def _held(locks: ProductLocks, products: set[str], release: asyncio.Event) -> asyncio.Task[None]:
+    """A batch that holds `products` until `release` is set."""
+
+    async def holder() -> None:
+        async with locks.hold(products):
+            await release.wait()
+
+    return asyncio.create_task(holder())
 
 
 async def test_batches_without_a_common_product_hold_them_at_once() -> None:
@@ -58,12 +69,7 @@ async def test_a_batch_waits_for_every_earlier_batch_sharing_a_product_in_arriva
 async def test_take_free_adds_only_products_no_other_batch_holds_or_awaits() -> None:
     locks = ProductLocks()
     release = asyncio.Event()
-
-    async def holder() -> None:
-        async with locks.hold({"p2"}):
-            await release.wait()
-
-    task = asyncio.create_task(holder())
+    task = _held(locks, {"p2"}, release)
     await _spin()
     async with locks.hold({"p1"}) as mine:
         assert mine.take_free(["p1", "p2", "p3"]) == ["p1", "p3"]  # p2 is someone else's: left out, no waiting
@@ -76,12 +82,7 @@ async def test_take_free_adds_only_products_no_other_batch_holds_or_awaits() -> 
 async def test_a_cancelled_waiter_lets_the_batches_behind_it_go_on() -> None:
     locks = ProductLocks()
     release = asyncio.Event()
-
-    async def holder() -> None:
-        async with locks.hold({"p1"}):
-            await release.wait()
-
-    first = asyncio.create_task(holder())
+    first = _held(locks, {"p1"}, release)
     await _spin()
     waiter = asyncio.create_task(locks.hold({"p1"}).__aenter__())
     await _spin()
@@ -107,17 +108,19 @@ async def test_a_nested_hold_must_stay_inside_the_callers_products() -> None:
 
 
 class _GatedStore(MemoryStateStore):
-    """Memory state whose behaviour-batch writes wait at a gate, like a slow Redis round trip."""
+    """Memory state whose writes of events from one topic wait at a gate, like a slow Redis round trip."""
 
-    def __init__(self) -> None:
+    def __init__(self, topic: str) -> None:
         super().__init__("g")
+        self.topic = topic
         self.gate = asyncio.Event()
         self.waiting = asyncio.Event()
 
-    async def apply_and_end_batch(self, writes: Any, end_batch: Any) -> Any:
-        self.waiting.set()
-        await self.gate.wait()
-        return await super().apply_and_end_batch(writes, end_batch)
+    async def apply(self, writes: Any) -> Any:  # behaviour batches' apply_and_end_batch writes through it too
+        if any(w.fence_field.startswith(f"{self.topic}:") for w in writes):
+            self.waiting.set()
+            await self.gate.wait()
+        return await super().apply(writes)
 
 
 def _msg(topic: str, offset: int, event: dict[str, Any]) -> InMessage:
@@ -125,7 +128,7 @@ def _msg(topic: str, offset: int, event: dict[str, Any]) -> InMessage:
 
 
 async def test_a_product_change_does_not_wait_for_a_behaviour_batch_on_other_products() -> None:
-    store = _GatedStore()
+    store = _GatedStore("behavior")
     processor = Processor(store, user_hash_key=b"k")
     clicks = [_msg("behavior", i, behaviour("b1", f"u{i}", T0 + i)) for i in range(3)]
     busy = asyncio.create_task(processor.process_behaviour(clicks))
@@ -146,23 +149,8 @@ async def test_a_product_change_does_not_wait_for_a_behaviour_batch_on_other_pro
     assert len(processor.locks) == 0
 
 
-class _GatedProductStore(MemoryStateStore):
-    """Memory state whose writes from the products topic wait at a gate."""
-
-    def __init__(self) -> None:
-        super().__init__("e")
-        self.gate = asyncio.Event()
-        self.waiting = asyncio.Event()
-
-    async def apply(self, writes: Any) -> Any:
-        if any(w.fence_field.startswith("products:") for w in writes):
-            self.waiting.set()
-            await self.gate.wait()
-        return await super().apply(writes)
-
-
 async def test_a_due_product_another_batch_holds_expires_with_a_later_batch() -> None:
-    store = _GatedProductStore()
+    store = _GatedStore("products")
     processor = Processor(store, user_hash_key=b"k")
 
     def clicks(pid: str, first: int, ts: list[int]) -> list[InMessage]:
