@@ -198,6 +198,20 @@ def markdown(result: dict[str, Any]) -> str:
                     f"{k}: n={v['n']}, p50 {_n(v['p50'], 1)}, p99 {_n(v['p99'], 1)} ms" for k, v in by_reason.items()
                 )
             )
+        pauses = [run.get("gc") for run in lat["runs"]]
+        if any(pauses):
+            lines.append("")
+            lines.append(
+                "Worker garbage collection over each latency run (warm-up included; each collection stalls the event "
+                "loop): "
+                + "; ".join(
+                    f"run {i}: {g['full']} full (longest {g['longest_full_ms']:.1f} ms), {g['young']} young "
+                    f"({g['young_ms']:.0f} ms in all)"
+                    if g
+                    else f"run {i}: not logged"
+                    for i, g in enumerate(pauses, 1)
+                )
+            )
     if nv:
         lines += [
             "",

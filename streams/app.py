@@ -17,6 +17,7 @@ from typing import Any
 
 import faust
 
+from streams.gcwatch import GcPauses
 from streams.locks import ProductLocks
 from streams.model import ModelHolder
 from streams.processor import BatchOutput, InMessage, Processor
@@ -103,6 +104,7 @@ class Worker:
         self._processor: Processor | None = None
         self._ready_lock = asyncio.Lock()
         self.locks = ProductLocks()  # products held by the batches in progress (shared with the processor)
+        self.gc = GcPauses(settings.gc_thresholds)  # installed by `tagstream worker` (process-wide)
         settings.data_dir.expanduser().mkdir(parents=True, exist_ok=True)  # Faust makes only its own dir in it
         self.app = TagstreamApp(
             settings.app_id,
@@ -193,6 +195,8 @@ class Worker:
                     stats.dead_letters,
                     stats.redelivered,
                 )
+                if self.gc.installed:
+                    log.info(self.gc.summary())
                 processor = self._processor
                 if processor is not None and processor.cache is not None:
                     cache = processor.cache
@@ -203,6 +207,11 @@ class Worker:
                         100 * cache.hits / looked if looked else 0.0,
                         processor.conflicts,
                     )
+
+        @app.on_before_shutdown.connect
+        async def log_gc_pauses(app: faust.App, **kwargs: Any) -> None:
+            if self.gc.installed:
+                log.info(self.gc.summary())  # the whole run's (benchmarks read this last line)
 
         @app.on_partitions_revoked.connect
         async def forget_kept_states(app: faust.App, revoked: Any, **kwargs: Any) -> None:

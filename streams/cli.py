@@ -26,6 +26,7 @@ def _worker(args: argparse.Namespace) -> int:
     settings = WorkerSettings(**overrides)
     asyncio.run(ensure_topics(settings))
     worker = Worker(settings)
+    worker.gc.install()
     import faust
 
     faust.Worker(worker.app, loglevel=args.loglevel.upper(), quiet=True).execute_from_commandline()

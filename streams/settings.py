@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 from pathlib import Path
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEV_USER_HASH_KEY = "tagstream-dev-key-change-me"
@@ -129,6 +129,12 @@ class WorkerSettings(BaseSettings):
         description="Batches per agent whose tag updates may still await Kafka's acks=all while the next batch is "
         "processed; a batch's offsets are acknowledged only once its updates are delivered.",
     )
+    gc_thresholds: tuple[int, int, int] = Field(
+        (10_000, 10, 10),
+        description="The worker process's garbage-collector thresholds (`gc.set_threshold`), as a JSON list: a "
+        "collection stalls every batch in flight, and CPython's (700, 10, 10) ran a full one about every second at "
+        "6,000 events/s (streams/gcwatch.py). Each must be at least 1 (0 would turn collection off).",
+    )
     score_delta: float = Field(0.05, ge=0, le=1, description="A score move larger than this re-emits the tags.")
     redis_retry_max_backoff: float = Field(5.0, gt=0, description="Longest wait between Redis retries (s).")
     session_timeout: float = Field(
@@ -139,6 +145,13 @@ class WorkerSettings(BaseSettings):
     dead_letter_all_errors: bool = Field(
         True, description="Dead-letter an event whose processing raised an unexpected error (else crash)."
     )
+
+    @field_validator("gc_thresholds")
+    @classmethod
+    def _positive_thresholds(cls, value: tuple[int, int, int]) -> tuple[int, int, int]:
+        if min(value) < 1:
+            raise ValueError(f"every garbage-collector threshold must be at least 1, got {list(value)}")
+        return value
 
     def topic(self, name: str) -> str:
         """Full topic name of logical topic `name`."""

@@ -53,6 +53,10 @@ def test_bench_smoke_writes_every_section(stack: object, tmp_path: Path) -> None
     assert _number(result["latency"]["runs"][0]["producer_acked_ms"]["p99"]) and "producer acked p99" in md
     for proc in ("worker", "redis", "kafka", "bench_producer"):  # who used the CPU while the producer was pacing
         assert _number(result["latency"]["runs"][0]["cores_busy"][proc]), proc
+    # the worker counts its garbage-collector pauses (collections stall the loop) and logs them when it stops
+    pauses = result["latency"]["runs"][0]["gc"]
+    assert pauses is not None and all(_number(pauses[k]) for k in ("full", "longest_full_ms", "young", "young_ms"))
+    assert "Worker garbage collection" in md
     assert _number(result["naive"]["events_per_s_at_mix"]["median"])
     assert _number(result["naive"]["product_event_us"]["median"])
     assert _number(result["naive"]["behaviour_event_us"]["median"])
