@@ -123,6 +123,7 @@ class Worker:
             broker_commit_every=1000,
             broker_commit_interval=0.5,
             stream_wait_empty=False,
+            consumer_max_fetch_size=settings.fetch_max_partition_bytes,
             # a buffered fetched batch holds up to a whole fetch of a partition (see FETCHED_BATCHES_BUFFERED)
             stream_buffer_maxsize=FETCHED_BATCHES_BUFFERED if settings.fetch_batches else 4096,
         )

@@ -118,6 +118,14 @@ class WorkerSettings(BaseSettings):
         description="Longest the broker holds a fetch for fetch_min_bytes (ms): what batching fetches may add to an "
         "event's latency at low rates.",
     )
+    fetch_max_partition_bytes: int = Field(
+        262_144,
+        ge=1024,
+        description="Most bytes one fetch returns per partition (aiokafka's max_partition_fetch_bytes; a record "
+        "larger than this still arrives): bounds how much of a backlog is fetched ahead of the agents. Faust's 1 MB "
+        "took the worker's peak RSS on a 300,000-event backlog to 393–432 MB, 256 KB to 362–377 MB at the same "
+        "rate; at live rates a fetch holds a few KB either way.",
+    )
     fetch_batches: bool = Field(
         True,
         description="Hand the product and behaviour agents all records of a partition that one fetch returned as one "

@@ -165,12 +165,19 @@ async def test_the_workers_kafka_consumer_fetches_with_its_fetch_settings(tmp_pa
     from streams.settings import WorkerSettings
     from streams.state import MemoryStateStore
 
-    settings = WorkerSettings(fetch_min_bytes=12_345, fetch_max_wait_ms=7, data_dir=tmp_path, app_id="fetch-settings")
+    settings = WorkerSettings(
+        fetch_min_bytes=12_345,
+        fetch_max_wait_ms=7,
+        fetch_max_partition_bytes=65_536,
+        data_dir=tmp_path,
+        app_id="fetch-settings",
+    )
     worker = Worker(settings, store_factory=MemoryStateStore, capture_output=True)
     consumer = worker.app.consumer._thread._create_worker_consumer(worker.app.transport)
     try:
         # what aiokafka hands its Fetcher on start: the broker holds each fetch for 12,345 bytes or 7 ms
         assert (consumer._fetch_min_bytes, consumer._fetch_max_wait_ms) == (12_345, 7)
-        assert consumer._max_partition_fetch_bytes == worker.app.conf.consumer_max_fetch_size  # Faust's own kept
+        # and a fetch returns at most 64 KiB per partition: a backlog is fetched ahead of the agents in small steps
+        assert consumer._max_partition_fetch_bytes == 65_536
     finally:
         await consumer.stop()
