@@ -123,7 +123,7 @@ class WorkerSettings(BaseSettings):
         ge=1024,
         description="Most bytes one fetch returns per partition (aiokafka's max_partition_fetch_bytes; a record "
         "larger than this still arrives): bounds how much of a backlog is fetched ahead of the agents. Faust's 1 MB "
-        "took the worker's peak RSS on a 300,000-event backlog to 393–432 MB, 256 KB to 362–377 MB at the same "
+        "took the worker's peak RSS on a 300,000-event backlog to 393–434 MB, 256 KB to 362–389 MB at the same "
         "rate; at live rates a fetch holds a few KB either way.",
     )
     fetch_batches: bool = Field(
