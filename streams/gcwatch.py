@@ -1,8 +1,8 @@
 """The worker's garbage-collector settings and a record of its pauses.
 
 A collection runs on the event loop's thread with the GIL held, so each one stalls every batch in flight. With
-CPython's default thresholds (700, 10, 10) a worker at 6,000 events/s ran ~60 young collections a second (~2 % of a
-core) and a full one about every second, each walking the kept product states for 18–46 ms: a stall that lands in
+CPython's default thresholds (700, 10, 10) a worker at 6,000 events/s ran ~60 young collections a second (~1 % of a
+core) and a full one about every second, each walking the kept product states for up to 46 ms: a stall that lands in
 the latency tail. Most of what a batch allocates is freed by reference counting anyway (decoded events, op lists,
 tag dicts); a young generation of 10,000 containers lets that happen before a collection looks at it, and full
 collections become rare (bench/RESULTS.md, twelfth session).
