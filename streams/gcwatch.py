@@ -11,10 +11,11 @@ collections become rare (bench/RESULTS.md, twelfth session).
 from __future__ import annotations
 
 import gc
+import re
 import time
 from typing import Any
 
-__all__ = ["GcPauses"]
+__all__ = ["GcPauses", "last_summary"]
 
 
 class GcPauses:
@@ -64,9 +65,21 @@ class GcPauses:
         self.longest_ms[generation] = max(self.longest_ms[generation], pause_ms)
 
     def summary(self) -> str:
-        """One line for the stats log."""
+        """One line for the stats log (`last_summary` reads it back)."""
         return (
             f"gc: {self.runs[2]} full collections (longest {self.longest_ms[2]:.1f} ms), "
             f"{self.runs[0] + self.runs[1]} young ones ({self.total_ms[0] + self.total_ms[1]:.0f} ms in all); "
             f"thresholds {self.thresholds}"
         )
+
+
+_SUMMARY = re.compile(r"gc: (\d+) full collections \(longest ([\d.]+) ms\), (\d+) young ones \(([\d.]+) ms in all\)")
+
+
+def last_summary(log_text: str) -> dict[str, int | float] | None:
+    """The figures of the last `GcPauses.summary` line in a worker's log (None if it logged none)."""
+    found = _SUMMARY.findall(log_text)
+    if not found:
+        return None
+    full, longest, young, young_ms = found[-1]
+    return {"full": int(full), "longest_full_ms": float(longest), "young": int(young), "young_ms": float(young_ms)}

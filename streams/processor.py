@@ -134,11 +134,10 @@ class PreparedProducts:
     items: list[tuple[InMessage, ProductChange]]
     model: ScoringModel | None
     tags: dict[int, list[Tag]] | None
+    product_ids: set[str] = field(init=False)  # the products the batch changes (the worker's hold, then the check)
 
-    @property
-    def product_ids(self) -> set[str]:
-        """The products the batch changes."""
-        return {ev.product_id for _, ev in self.items}
+    def __post_init__(self) -> None:
+        self.product_ids = {ev.product_id for _, ev in self.items}
 
 
 @dataclass(slots=True)
@@ -147,11 +146,10 @@ class PreparedBehaviour:
 
     out: BatchOutput
     items: list[tuple[InMessage, BehaviorEvent]]
+    product_ids: set[str] = field(init=False)  # the products the batch's events are about
 
-    @property
-    def product_ids(self) -> set[str]:
-        """The products the batch's events are about."""
-        return {ev.product_id for _, ev in self.items}
+    def __post_init__(self) -> None:
+        self.product_ids = {ev.product_id for _, ev in self.items}
 
 
 class ScoringModel:

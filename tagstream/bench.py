@@ -24,7 +24,6 @@ import argparse
 import asyncio
 import json
 import os
-import re
 import shlex
 import subprocess
 import sys
@@ -283,6 +282,7 @@ class StreamBench:
     def latency_run(self, i: int, rate: float, items: list[Any]) -> dict[str, Any]:
         """A fresh topic set, a worker, a warm-up, then `latency_seconds` of events paced at `rate` events/s."""
         from bench.common import CpuWatch, clear_redis, start_worker
+        from streams.gcwatch import last_summary
         from streams.topics import ensure_topics
 
         topic_prefix = f"{self.prefix}lat{i}-"
@@ -310,7 +310,8 @@ class StreamBench:
         }
         result["cores_busy"] = {k: None if v is None else round(v / (end - start), 2) for k, v in spans.items()}
         clear_redis(self.redis_url, env["TAGSTREAM_REDIS_PREFIX"])
-        result.update(peak_rss_mb=round(worker.peak_mb, 1), tensorflow_libs=worker.tf_libs, gc=_gc_pauses(worker.log()))
+        gc_pauses = last_summary(worker.log())  # the worker's last `gc:` line, logged at shutdown
+        result.update(peak_rss_mb=round(worker.peak_mb, 1), tensorflow_libs=worker.tf_libs, gc=gc_pauses)
         return result
 
     # -- 3. naive ---------------------------------------------------------------------------------------------------
@@ -335,18 +336,6 @@ class StreamBench:
         from bench.common import delete_topics_with_prefix
 
         return asyncio.run(delete_topics_with_prefix(self.bootstrap, self.prefix))
-
-
-_GC_LINE = re.compile(r"gc: (\d+) full collections \(longest ([\d.]+) ms\), (\d+) young ones \(([\d.]+) ms in all\)")
-
-
-def _gc_pauses(log_text: str) -> dict[str, Any] | None:
-    """The worker's garbage-collector pauses over its whole run (its last `gc:` log line, written at shutdown)."""
-    found = _GC_LINE.findall(log_text)
-    if not found:
-        return None
-    full, longest, young, young_ms = found[-1]
-    return {"full": int(full), "longest_full_ms": float(longest), "young": int(young), "young_ms": float(young_ms)}
 
 
 def _result_line(text: str) -> dict[str, Any] | None:

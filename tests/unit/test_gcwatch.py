@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import pytest
 from pydantic import ValidationError
 
-from streams.gcwatch import GcPauses
+from streams.gcwatch import GcPauses, last_summary
 from streams.settings import WorkerSettings
 
 
@@ -46,6 +46,11 @@ def test_full_collections_are_counted_with_their_pause(pauses: GcPauses) -> None
     runs = list(pauses.runs)
     gc.collect()
     assert pauses.runs == runs  # no longer counting
+    # what a benchmark reads back from the worker's log: the last summary line's figures
+    logged = last_summary("earlier line\n" + pauses.summary() + "\nlater line")
+    assert logged is not None
+    assert (logged["full"], logged["young"]) == (pauses.runs[2], pauses.runs[0] + pauses.runs[1])
+    assert last_summary("no collector line") is None
 
 
 def test_settings_take_thresholds_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
