@@ -198,6 +198,32 @@ def markdown(result: dict[str, Any]) -> str:
                     f"{k}: n={v['n']}, p50 {_n(v['p50'], 1)}, p99 {_n(v['p99'], 1)} ms" for k, v in by_reason.items()
                 )
             )
+        arrivals = [run.get("arrival") for run in lat["runs"]]
+        if any(arrivals):
+            lines.append("")
+            lines.append(
+                "Record age when the worker's batch starts (Kafka timestamp → the agent takes it: the bench producer, "
+                "the broker, the fetch and Faust's consumer; the rest of the emit latency is the worker's own "
+                "processing; warm-up included), p50 / p99 ms: "
+                + "; ".join(
+                    f"run {i}: " + ", ".join(f"{t} {a['p50']} / {a['p99']}" for t, a in sorted(ages.items()))
+                    if ages
+                    else f"run {i}: not logged"
+                    for i, ages in enumerate(arrivals, 1)
+                )
+            )
+        fc_paced = lat.get("faust_ceiling")
+        if fc_paced:
+            busy = fc_paced.get("cores_busy") or {}
+            ages = fc_paced.get("arrival") or {}
+            lines.append("")
+            lines.append(
+                f"The worker's Faust loop alone (bench/faust_ceiling.py: the same consumer, agents and commits, no "
+                f"processing) paced at the same rate: {_n(busy.get('worker'), 2)} cores busy, "
+                f"{_n((fc_paced.get('cpu_us_per_event') or {}).get('worker'), 1)} µs of CPU per event; record age at "
+                "batch start p50 / p99 ms: "
+                + (", ".join(f"{t} {a['p50']} / {a['p99']}" for t, a in sorted(ages.items())) or "not logged")
+            )
         pauses = [run.get("gc") for run in lat["runs"]]
         if any(pauses):
             lines.append("")

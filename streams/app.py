@@ -17,10 +17,11 @@ from typing import Any
 
 import faust
 
+from streams.arrival import ArrivalAges
 from streams.gcwatch import GcPauses
 from streams.locks import ProductLocks
 from streams.model import ModelHolder
-from streams.processor import BatchOutput, InMessage, Processor
+from streams.processor import BatchOutput, InMessage, Processor, now_ms
 from streams.settings import DEV_USER_HASH_KEY, WorkerSettings
 from streams.state import RedisStateStore, StateStore
 from streams.topics import BEHAVIOR, DEAD_LETTER, MODEL_UPDATES, PRODUCTS, TAG_UPDATES, TOPICS, partitions_of
@@ -44,6 +45,7 @@ class TagstreamApp(faust.App):
     max_buffered_records: int = 20_000
     fetch_min_bytes: int = 1  # aiokafka's defaults until the worker sets its own
     fetch_max_wait_ms: int = 1500  # what Faust passes
+    fetch_idle_wait_ms: int = 0  # no long poll while idle until the worker sets it
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -73,6 +75,7 @@ class WorkerStats:
     redelivered: int = 0
     batches: int = 0
     batch_sizes: list[int] = field(default_factory=list)
+    arrival: ArrivalAges = field(default_factory=ArrivalAges)  # record ages when their batch starts, per topic
 
 
 class Worker:
@@ -139,6 +142,7 @@ class Worker:
             for spec in TOPICS
         }
         self.app.fetch_min_bytes, self.app.fetch_max_wait_ms = settings.fetch_min_bytes, settings.fetch_max_wait_ms
+        self.app.fetch_idle_wait_ms = settings.fetch_idle_wait_ms
         if settings.fetch_batches:
             self.app.batched_topics = frozenset(settings.topic(spec.name) for spec in (PRODUCTS, BEHAVIOR))
             self.app.max_buffered_records = settings.max_buffered_records
@@ -196,6 +200,7 @@ class Worker:
                     stats.dead_letters,
                     stats.redelivered,
                 )
+                log.info(stats.arrival.summary())
                 if self.gc.installed:
                     log.info(self.gc.summary())
                 processor = self._processor
@@ -210,9 +215,11 @@ class Worker:
                     )
 
         @app.on_before_shutdown.connect
-        async def log_gc_pauses(app: faust.App, **kwargs: Any) -> None:
+        async def log_run_figures(app: faust.App, **kwargs: Any) -> None:
+            # the whole run's (benchmarks read these last lines)
+            log.info(self.stats.arrival.summary())
             if self.gc.installed:
-                log.info(self.gc.summary())  # the whole run's (benchmarks read this last line)
+                log.info(self.gc.summary())
 
         @app.on_partitions_revoked.connect
         async def forget_kept_states(app: faust.App, revoked: Any, **kwargs: Any) -> None:
@@ -280,6 +287,9 @@ class Worker:
         prepare: Callable[[Sequence[InMessage]], Awaitable[Any]],
     ) -> tuple[list[Any], BatchOutput]:
         """Process a batch and enqueue its updates; returns their delivery futures and the batch's output."""
+        if messages:
+            topic = messages[0].topic.removeprefix(self.settings.topic_prefix)
+            self.stats.arrival.count(topic, now_ms(), (m.timestamp_ms for m in messages))
         prepared = await prepare(messages)
         # Effects are computed and their updates enqueued while the batch holds its products, so a product's updates
         # reach the topic in the order its state changed, whichever agent produced them; a batch waits only for

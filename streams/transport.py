@@ -100,10 +100,43 @@ class RecordBatchMessage(ConsumerMessage):
         self.records: list[Any] = records
 
 
+class IdleLongPoll:
+    """Switches an aiokafka fetcher between batching fetches while records flow and one long poll while none do.
+
+    Busy: the broker holds each fetch until `min_bytes` are ready or `max_wait_ms` passed (fewer, fuller fetches).
+    Idle (the last fetch returned no record): the next fetch asks for 1 byte and may wait `idle_wait_ms`, so the
+    broker answers as soon as a record arrives instead of every `max_wait_ms`. With the busy settings alone an idle
+    worker sent a fetch every ~5 ms, and each costs ~0.5 ms of CPU in aiokafka's protocol code: ~0.09 cores of an
+    idle worker (a bare aiokafka consumer with the same settings: 0.11; bench/RESULTS.md, thirteenth session).
+    """
+
+    def __init__(self, fetcher: Any, min_bytes: int, max_wait_ms: int, idle_wait_ms: int) -> None:
+        self.fetcher = fetcher
+        self.busy = (min_bytes, max_wait_ms)
+        self.idle = (1, max(idle_wait_ms, max_wait_ms))
+        self.fetches = 0  # fetch responses seen (read by tests)
+        self._proc = fetcher._proc_fetch_request
+        fetcher._proc_fetch_request = self._proc_fetch_request
+        self._use(self.busy)
+
+    def _use(self, settings: tuple[int, int]) -> None:
+        # aiokafka builds every FetchRequest from these two attributes (Fetcher._get_actions_per_node)
+        self.fetcher._fetch_min_bytes, self.fetcher._fetch_max_wait_ms = settings
+
+    async def _proc_fetch_request(self, assignment: Any, node_id: int, request: Any) -> bool:
+        got_records = await self._proc(assignment, node_id, request)
+        self.fetches += 1
+        self._use(self.busy if got_records else self.idle)
+        return bool(got_records)
+
+
 class BatchingConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
     """Faust's consumer thread with the app's `fetch_min_bytes` and `fetch_max_wait_ms` (Faust leaves aiokafka's
     fetch_min_bytes=1: the broker answers every fetch as soon as one record arrives, so at a steady rate the consumer
-    thread sends about one fetch per produce request, each a round trip through the GIL and the event loops)."""
+    thread sends about one fetch per produce request, each a round trip through the GIL and the event loops), and a
+    long poll while no record arrives (`IdleLongPoll`, with the app's `fetch_idle_wait_ms`)."""
+
+    long_poll: IdleLongPoll | None = None
 
     def _create_worker_consumer(self, transport: Any) -> Any:
         consumer = super()._create_worker_consumer(transport)
@@ -111,6 +144,14 @@ class BatchingConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
         consumer._fetch_min_bytes = getattr(self.app, "fetch_min_bytes", consumer._fetch_min_bytes)
         consumer._fetch_max_wait_ms = getattr(self.app, "fetch_max_wait_ms", consumer._fetch_max_wait_ms)
         return consumer
+
+    async def on_start(self) -> None:
+        await super().on_start()
+        idle_wait_ms = getattr(self.app, "fetch_idle_wait_ms", 0)
+        consumer = self._consumer
+        fetcher = getattr(consumer, "_fetcher", None)
+        if idle_wait_ms and fetcher is not None:
+            self.long_poll = IdleLongPoll(fetcher, consumer._fetch_min_bytes, consumer._fetch_max_wait_ms, idle_wait_ms)
 
 
 class FastConsumer(faust_aiokafka.Consumer):

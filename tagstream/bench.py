@@ -279,23 +279,34 @@ class StreamBench:
         }
 
     # -- 2b. latency at half the maximum rate -----------------------------------------------------------------------
-    def latency_run(self, i: int, rate: float, items: list[Any]) -> dict[str, Any]:
-        """A fresh topic set, a worker, a warm-up, then `latency_seconds` of events paced at `rate` events/s."""
-        from bench.common import CpuWatch, clear_redis, start_worker
+    def latency_run(self, i: int, rate: float, items: list[Any], *, ceiling: bool = False) -> dict[str, Any]:
+        """A fresh topic set, a worker, a warm-up, then `latency_seconds` of events paced at `rate` events/s. With
+        `ceiling`, the worker is the Faust ceiling (bench/faust_ceiling.py: the same Faust loop, no processing, no
+        updates): what consuming alone costs at this rate."""
+        from bench.common import CpuWatch, ProcessWatch, clear_redis, start_worker
+        from streams.arrival import last_summary as arrival_summary
         from streams.gcwatch import last_summary
         from streams.topics import ensure_topics
 
-        topic_prefix = f"{self.prefix}lat{i}-"
+        topic_prefix = f"{self.prefix}{'latfc' if ceiling else 'lat'}{i}-"
         asyncio.run(ensure_topics(self._settings(topic_prefix)))
-        name = f"lat{i}"
+        name = f"latfc{i}" if ceiling else f"lat{i}"
         env = self._worker_env(topic_prefix, name)
-        worker = start_worker(env, self.logs / f"worker-latency-{i}.log")
+        log_path = self.logs / f"{'faust-ceiling' if ceiling else 'worker'}-latency-{i}.log"
+        if ceiling:
+            cmd = [sys.executable, "-m", "bench.faust_ceiling"]
+            worker = ProcessWatch(cmd, {**env, "PYTHONPATH": str(ROOT)}, log_path)
+        else:
+            worker = start_worker(env, log_path)
         stack_cpu = CpuWatch()
         try:
             worker.wait_for_log("Ready", timeout=120)
             result = asyncio.run(
-                _paced_latency(self.bootstrap, topic_prefix, env["TAGSTREAM_APP_ID"], items, rate, self.products)
-            )
+                _paced_latency(
+                    self.bootstrap, topic_prefix, env["TAGSTREAM_APP_ID"], items, rate, self.products,
+                    expect_updates=not ceiling,
+                )
+            )  # fmt: skip
             time.sleep(0.25)  # one more CPU sample after the paced phase
             worker.snapshot()
         finally:
@@ -310,8 +321,12 @@ class StreamBench:
         }
         result["cores_busy"] = {k: None if v is None else round(v / (end - start), 2) for k, v in spans.items()}
         clear_redis(self.redis_url, env["TAGSTREAM_REDIS_PREFIX"])
-        gc_pauses = last_summary(worker.log())  # the worker's last `gc:` line, logged at shutdown
-        result.update(peak_rss_mb=round(worker.peak_mb, 1), tensorflow_libs=worker.tf_libs, gc=gc_pauses)
+        log_text = worker.log()
+        gc_pauses = last_summary(log_text)  # the worker's last `gc:` line, logged at shutdown
+        arrival = arrival_summary(log_text)  # its record ages at batch start, logged at shutdown
+        result.update(
+            peak_rss_mb=round(worker.peak_mb, 1), tensorflow_libs=worker.tf_libs, gc=gc_pauses, arrival=arrival
+        )
         return result
 
     # -- 3. naive ---------------------------------------------------------------------------------------------------
@@ -346,9 +361,17 @@ def _result_line(text: str) -> dict[str, Any] | None:
 
 
 async def _paced_latency(
-    bootstrap: str, topic_prefix: str, group: str, items: list[Any], rate: float, products: list[Any]
+    bootstrap: str,
+    topic_prefix: str,
+    group: str,
+    items: list[Any],
+    rate: float,
+    products: list[Any],
+    *,
+    expect_updates: bool = True,
 ) -> dict[str, Any]:
-    """Warm up, send `items` paced at `rate`/s, match tag updates to their source events, return the latencies."""
+    """Warm up, send `items` paced at `rate`/s, match tag updates to their source events, return the latencies
+    (without `expect_updates`, for a worker that emits none, the warm-up waits for its commits instead)."""
     import orjson
     from aiokafka import AIOKafkaConsumer
 
@@ -409,9 +432,13 @@ async def _paced_latency(
             )
             fut.add_done_callback(record(f"{topic_prefix}products", False))
         await producer.flush()
-        deadline = time.monotonic() + 60
-        while seen["warm"] < len(warm) and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
+        if expect_updates:
+            deadline = time.monotonic() + 60
+            while seen["warm"] < len(warm) and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+        else:
+            warm_ends = await end_offsets(bootstrap, topic_names(topic_prefix))
+            await watch_commits(bootstrap, group, warm_ends, timeout=60, interval=0.1)
 
         # paced phase
         n = len(items)
@@ -435,7 +462,7 @@ async def _paced_latency(
         ends = await end_offsets(bootstrap, topic_names(topic_prefix))
         trace = await watch_commits(bootstrap, group, ends, timeout=120, interval=0.2)
         quiet_deadline = time.monotonic() + 10
-        while time.monotonic() - seen["last"] < 1.0 and time.monotonic() < quiet_deadline:
+        while expect_updates and time.monotonic() - seen["last"] < 1.0 and time.monotonic() < quiet_deadline:
             await asyncio.sleep(0.1)
         drained_s = (trace.done_at - t0) if trace.done_at else None
     finally:
@@ -600,6 +627,11 @@ def run_bench(args: argparse.Namespace) -> int:
                 lat_runs.append(sb.latency_run(i, rate, lat_items))
                 e = lat_runs[-1]["emit_ms"]
                 _log(f"  latency run {i + 1}: p50 {e['p50']} p99 {e['p99']} p99.9 {e['p99.9']} ms (n={e['n']})")
+            _log(f"latency: the Faust ceiling paced at {rate:.0f}/s (what consuming alone costs at this rate) ...")
+            fc_paced = sb.latency_run(0, rate, lat_items, ceiling=True)
+            for key in ("emit_ms", "published_ms", "received_ms", "emit_ms_by_reason", "matched_updates", "gc"):
+                fc_paced.pop(key, None)
+            _log(f"  Faust ceiling at {rate:.0f}/s: {fc_paced['cores_busy'].get('worker')} cores busy")
             result["latency"] = {
                 "rate": round(rate, 1),
                 "fraction_of_max": round(rate / max_rate, 3),
@@ -607,6 +639,7 @@ def run_bench(args: argparse.Namespace) -> int:
                 "published_ms": {q: spread(r["published_ms"][q] for r in lat_runs) for q in ("p50", "p99", "p99.9")},
                 "received_ms": {q: spread(r["received_ms"][q] for r in lat_runs) for q in ("p50", "p99", "p99.9")},
                 "runs": lat_runs,
+                "faust_ceiling": fc_paced,
             }
             all_runs = ts_runs + lat_runs
             result["memory"] = {

@@ -57,6 +57,15 @@ def test_bench_smoke_writes_every_section(stack: object, tmp_path: Path) -> None
     pauses = result["latency"]["runs"][0]["gc"]
     assert pauses is not None and all(_number(pauses[k]) for k in ("full", "longest_full_ms", "young", "young_ms"))
     assert "Worker garbage collection" in md
+    # how old records were when the worker took them (the latency spent before it), per input topic
+    ages = result["latency"]["runs"][0]["arrival"]
+    assert set(ages) == {"products", "behavior"}, ages
+    assert all(0 <= a["p50"] <= a["p99"] and a["n"] > 0 for a in ages.values()), ages
+    assert "Record age when the worker's batch starts" in md
+    # the Faust loop alone paced at the same rate: what consuming costs there, and how late records arrive anyway
+    ceiling = result["latency"]["faust_ceiling"]
+    assert _number(ceiling["cores_busy"]["worker"]) and ceiling["arrival"]["behavior"]["n"] > 0
+    assert "The worker's Faust loop alone" in md
     assert _number(result["naive"]["events_per_s_at_mix"]["median"])
     assert _number(result["naive"]["product_event_us"]["median"])
     assert _number(result["naive"]["behaviour_event_us"]["median"])

@@ -181,3 +181,43 @@ async def test_the_workers_kafka_consumer_fetches_with_its_fetch_settings(tmp_pa
         assert consumer._max_partition_fetch_bytes == 65_536
     finally:
         await consumer.stop()
+
+
+@pytest.mark.parametrize("idle_wait_ms", [250, 0])
+async def test_the_consumer_thread_long_polls_while_idle_and_batches_while_records_flow(
+    tmp_path, monkeypatch: pytest.MonkeyPatch, idle_wait_ms: int
+) -> None:
+    from faust.transport.drivers import aiokafka as faust_aiokafka
+
+    from streams.app import Worker
+    from streams.settings import WorkerSettings
+    from streams.state import MemoryStateStore
+
+    answers = iter([False, True, False])  # what each fetch response brought: nothing, records, nothing
+
+    async def fetch(assignment: object, node_id: int, request: object) -> bool:
+        return next(answers)
+
+    fetcher = SimpleNamespace(_proc_fetch_request=fetch, _fetch_min_bytes=1, _fetch_max_wait_ms=1500)
+
+    async def started(self: faust_aiokafka.AIOKafkaConsumerThread) -> None:  # aiokafka's consumer, started
+        self._consumer = SimpleNamespace(_fetcher=fetcher, _fetch_min_bytes=12_345, _fetch_max_wait_ms=7)
+
+    monkeypatch.setattr(faust_aiokafka.AIOKafkaConsumerThread, "on_start", started)
+    settings = WorkerSettings(
+        fetch_min_bytes=12_345, fetch_max_wait_ms=7, fetch_idle_wait_ms=idle_wait_ms, data_dir=tmp_path, app_id="lp"
+    )
+    worker = Worker(settings, store_factory=MemoryStateStore, capture_output=True)
+    thread = worker.app.consumer._thread
+    await thread.on_start()
+    if not idle_wait_ms:  # switched off: every fetch as when busy
+        assert thread.long_poll is None and fetcher._proc_fetch_request is fetch
+        return
+    settings_of = lambda: (fetcher._fetch_min_bytes, fetcher._fetch_max_wait_ms)  # noqa: E731
+    assert settings_of() == (12_345, 7)
+    assert await fetcher._proc_fetch_request(None, 0, None) is False
+    assert settings_of() == (1, 250)  # idle: the broker answers the first byte, or after 250 ms
+    assert await fetcher._proc_fetch_request(None, 0, None) is True
+    assert settings_of() == (12_345, 7)  # records flow: fewer, fuller fetches again
+    await fetcher._proc_fetch_request(None, 0, None)
+    assert settings_of() == (1, 250) and thread.long_poll is not None and thread.long_poll.fetches == 3
