@@ -108,6 +108,8 @@ class IdleLongPoll:
     broker answers as soon as a record arrives instead of every `max_wait_ms`. With the busy settings alone an idle
     worker sent a fetch every ~5 ms, and each costs ~0.5 ms of CPU in aiokafka's protocol code: ~0.09 cores of an
     idle worker (a bare aiokafka consumer with the same settings: 0.11; bench/RESULTS.md, thirteenth session).
+    The mode is the fetcher's, not a broker's: with several brokers, a busy one asked for 1 byte answers at once with
+    what it has, and the next fetch batches again.
     """
 
     def __init__(self, fetcher: Any, min_bytes: int, max_wait_ms: int, idle_wait_ms: int) -> None:
