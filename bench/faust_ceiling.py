@@ -13,7 +13,6 @@ more here, which is why the worker hands its updates to the aiokafka producer di
 from __future__ import annotations
 
 import asyncio
-import logging
 import sys
 from collections.abc import Sequence
 from types import SimpleNamespace
@@ -24,8 +23,6 @@ from streams.app import Worker
 from streams.processor import BatchOutput, InMessage
 from streams.settings import WorkerSettings
 from streams.topics import BEHAVIOR, PRODUCTS, ensure_topics
-
-log = logging.getLogger(__name__)
 
 
 class CeilingWorker(Worker):
@@ -47,10 +44,6 @@ class CeilingWorker(Worker):
         @app.agent(topics[BEHAVIOR.name], name="ceiling.behavior", concurrency=1)
         async def behavior(stream: faust.StreamT) -> None:
             await self._run_batches(stream, nothing, no_products)
-
-        @app.on_before_shutdown.connect
-        async def log_arrival(app: faust.App, **kwargs: object) -> None:
-            log.info(self.stats.arrival.summary())  # the bench reads this last line
 
         self.products_agent = products
         self.behavior_agent = behavior

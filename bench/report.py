@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 
@@ -71,6 +72,16 @@ def _met(t: dict[str, Any] | None) -> str:
     if not t or t["met"] is None:
         return "not measured"
     return "met" if t["met"] else "**missed**"
+
+
+def _per_run(figures: list[Any], text: Callable[[Any], str]) -> str:
+    """`run 1: …; run 2: …` of one figure a worker logged per run ("not logged" where it did not)."""
+    return "; ".join(f"run {i}: {text(f) if f else 'not logged'}" for i, f in enumerate(figures, 1))
+
+
+def _ages(ages: dict[str, dict[str, int]]) -> str:
+    """Record ages at batch start per topic: `behavior 36 / 165, products 17 / 65` (p50 / p99 ms)."""
+    return ", ".join(f"{t} {a['p50']} / {a['p99']}" for t, a in sorted(ages.items()))
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -204,13 +215,7 @@ def markdown(result: dict[str, Any]) -> str:
             lines.append(
                 "Record age when the worker's batch starts (Kafka timestamp → the agent takes it: the bench producer, "
                 "the broker, the fetch and Faust's consumer; the rest of the emit latency is the worker's own "
-                "processing; warm-up included), p50 / p99 ms: "
-                + "; ".join(
-                    f"run {i}: " + ", ".join(f"{t} {a['p50']} / {a['p99']}" for t, a in sorted(ages.items()))
-                    if ages
-                    else f"run {i}: not logged"
-                    for i, ages in enumerate(arrivals, 1)
-                )
+                "processing; warm-up included), p50 / p99 ms: " + _per_run(arrivals, _ages)
             )
         fc_paced = lat.get("faust_ceiling")
         if fc_paced:
@@ -221,8 +226,7 @@ def markdown(result: dict[str, Any]) -> str:
                 f"The worker's Faust loop alone (bench/faust_ceiling.py: the same consumer, agents and commits, no "
                 f"processing) paced at the same rate: {_n(busy.get('worker'), 2)} cores busy, "
                 f"{_n((fc_paced.get('cpu_us_per_event') or {}).get('worker'), 1)} µs of CPU per event; record age at "
-                "batch start p50 / p99 ms: "
-                + (", ".join(f"{t} {a['p50']} / {a['p99']}" for t, a in sorted(ages.items())) or "not logged")
+                "batch start p50 / p99 ms: " + (_ages(ages) or "not logged")
             )
         pauses = [run.get("gc") for run in lat["runs"]]
         if any(pauses):
@@ -230,12 +234,12 @@ def markdown(result: dict[str, Any]) -> str:
             lines.append(
                 "Worker garbage collection over each latency run (warm-up included; each collection stalls the event "
                 "loop): "
-                + "; ".join(
-                    f"run {i}: {g['full']} full (longest {g['longest_full_ms']:.1f} ms), {g['young']} young "
-                    f"({g['young_ms']:.0f} ms in all)"
-                    if g
-                    else f"run {i}: not logged"
-                    for i, g in enumerate(pauses, 1)
+                + _per_run(
+                    pauses,
+                    lambda g: (
+                        f"{g['full']} full (longest {g['longest_full_ms']:.1f} ms), {g['young']} young "
+                        f"({g['young_ms']:.0f} ms in all)"
+                    ),
                 )
             )
     if nv:

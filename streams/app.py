@@ -147,6 +147,16 @@ class Worker:
             self.app.batched_topics = frozenset(settings.topic(spec.name) for spec in (PRODUCTS, BEHAVIOR))
             self.app.max_buffered_records = settings.max_buffered_records
         self._define_agents()
+        self.app.on_before_shutdown.connect(self._log_figures_at_shutdown)
+
+    def _log_run_figures(self) -> None:
+        """Log the record ages at batch start and, when installed, the collector's pauses, over the run so far."""
+        log.info(self.stats.arrival.summary())
+        if self.gc.installed:
+            log.info(self.gc.summary())
+
+    async def _log_figures_at_shutdown(self, app: faust.App, **kwargs: Any) -> None:
+        self._log_run_figures()  # the whole run's: benchmarks read these last lines
 
     # ---------------------------------------------------------------- startup
     async def processor(self) -> Processor:
@@ -200,9 +210,7 @@ class Worker:
                     stats.dead_letters,
                     stats.redelivered,
                 )
-                log.info(stats.arrival.summary())
-                if self.gc.installed:
-                    log.info(self.gc.summary())
+                self._log_run_figures()
                 processor = self._processor
                 if processor is not None and processor.cache is not None:
                     cache = processor.cache
@@ -213,13 +221,6 @@ class Worker:
                         100 * cache.hits / looked if looked else 0.0,
                         processor.conflicts,
                     )
-
-        @app.on_before_shutdown.connect
-        async def log_run_figures(app: faust.App, **kwargs: Any) -> None:
-            # the whole run's (benchmarks read these last lines)
-            log.info(self.stats.arrival.summary())
-            if self.gc.installed:
-                log.info(self.gc.summary())
 
         @app.on_partitions_revoked.connect
         async def forget_kept_states(app: faust.App, revoked: Any, **kwargs: Any) -> None:

@@ -220,11 +220,8 @@ class StreamBench:
     # -- 1b. Faust ceiling -----------------------------------------------------------------------------------------
     def faust_ceiling_run(self, i: int) -> dict[str, Any]:
         """The worker's Faust app and batch loop forwarding the whole backlog, with no processing."""
-        from bench.common import ProcessWatch
-
         env = self._worker_env(self.backlog_prefix, f"fc{i}")
-        cmd = [sys.executable, "-m", "bench.faust_ceiling"]
-        proc = ProcessWatch(cmd, {**env, "PYTHONPATH": str(ROOT)}, self.logs / f"faust-ceiling-{i}.log")
+        proc = _faust_ceiling(env, self.logs / f"faust-ceiling-{i}.log")
         try:
             total = sum(self.ends.values())
             t0 = time.monotonic()
@@ -283,7 +280,7 @@ class StreamBench:
         """A fresh topic set, a worker, a warm-up, then `latency_seconds` of events paced at `rate` events/s. With
         `ceiling`, the worker is the Faust ceiling (bench/faust_ceiling.py: the same Faust loop, no processing, no
         updates): what consuming alone costs at this rate."""
-        from bench.common import CpuWatch, ProcessWatch, clear_redis, start_worker
+        from bench.common import CpuWatch, clear_redis, start_worker
         from streams.arrival import last_summary as arrival_summary
         from streams.gcwatch import last_summary
         from streams.topics import ensure_topics
@@ -293,11 +290,7 @@ class StreamBench:
         name = f"latfc{i}" if ceiling else f"lat{i}"
         env = self._worker_env(topic_prefix, name)
         log_path = self.logs / f"{'faust-ceiling' if ceiling else 'worker'}-latency-{i}.log"
-        if ceiling:
-            cmd = [sys.executable, "-m", "bench.faust_ceiling"]
-            worker = ProcessWatch(cmd, {**env, "PYTHONPATH": str(ROOT)}, log_path)
-        else:
-            worker = start_worker(env, log_path)
+        worker = _faust_ceiling(env, log_path) if ceiling else start_worker(env, log_path)
         stack_cpu = CpuWatch()
         try:
             worker.wait_for_log("Ready", timeout=120)
@@ -351,6 +344,13 @@ class StreamBench:
         from bench.common import delete_topics_with_prefix
 
         return asyncio.run(delete_topics_with_prefix(self.bootstrap, self.prefix))
+
+
+def _faust_ceiling(env: dict[str, str], log_path: Path) -> Any:
+    """A `bench/faust_ceiling.py` subprocess (the worker's Faust loop, no processing), watched like a worker."""
+    from bench.common import ProcessWatch
+
+    return ProcessWatch([sys.executable, "-m", "bench.faust_ceiling"], {**env, "PYTHONPATH": str(ROOT)}, log_path)
 
 
 def _result_line(text: str) -> dict[str, Any] | None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import socket
 import time
-import uuid
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -12,9 +11,9 @@ import psutil
 import pytest
 import redis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from tagstream.stack import StackSettings, StackStatus, stack_down, stack_status, stack_up
+from tests.kafka import fresh_topic
 
 pytestmark = pytest.mark.integration
 
@@ -33,11 +32,7 @@ def pids(status: StackStatus) -> dict[str, int | None]:
 
 async def round_trip(bootstrap: str) -> None:
     """Create a fresh topic, produce three records and read them back."""
-    topic = f"stack-test-{uuid.uuid4().hex[:12]}"
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        await admin.create_topics([NewTopic(topic, num_partitions=1, replication_factor=1)])
+    async with fresh_topic(bootstrap, "stack-test") as topic:
         producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
         await producer.start()
         try:
@@ -58,9 +53,6 @@ async def round_trip(bootstrap: str) -> None:
         finally:
             await consumer.stop()
         assert got == [b"value-0", b"value-1", b"value-2"]
-    finally:
-        await admin.delete_topics([topic])
-        await admin.close()
 
 
 def redis_ping(port: int) -> bool:
