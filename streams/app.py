@@ -46,6 +46,7 @@ class TagstreamApp(faust.App):
     fetch_min_bytes: int = 1  # aiokafka's defaults until the worker sets its own
     fetch_max_wait_ms: int = 1500  # what Faust passes
     fetch_idle_wait_ms: int = 0  # no long poll while idle until the worker sets it
+    consumer_thread: bool = True  # Faust's consumer thread until the worker sets it
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -143,6 +144,7 @@ class Worker:
         }
         self.app.fetch_min_bytes, self.app.fetch_max_wait_ms = settings.fetch_min_bytes, settings.fetch_max_wait_ms
         self.app.fetch_idle_wait_ms = settings.fetch_idle_wait_ms
+        self.app.consumer_thread = settings.consumer_thread
         if settings.fetch_batches:
             self.app.batched_topics = frozenset(settings.topic(spec.name) for spec in (PRODUCTS, BEHAVIOR))
             self.app.max_buffered_records = settings.max_buffered_records

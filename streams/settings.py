@@ -127,6 +127,13 @@ class WorkerSettings(BaseSettings):
         "it up to this long (ms): an idle worker long-polls instead of fetching every fetch_max_wait_ms (~0.09 cores "
         "of CPU idle), and the first record after a pause is answered at once. 0 = always fetch as when busy.",
     )
+    consumer_thread: bool = Field(
+        False,
+        description="Run the Kafka consumer in a thread with its own event loop, as Faust does (true), instead of "
+        "on the worker's event loop (false). In a thread every fetch is handed between the two loops and its records "
+        "wait for the GIL while the agents work: at 6,000-9,000 events/s p99 was higher in each of four alternating "
+        "pairs (125-2,358 ms against 52-415; bench/RESULTS.md, fourteenth session).",
+    )
     fetch_max_partition_bytes: int = Field(
         262_144,
         ge=1024,

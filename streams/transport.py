@@ -1,6 +1,6 @@
-"""Faust's aiokafka transport with four changes: an idempotent acks=all producer, a cheaper message hand-off,
-fetched records delivered to batch agents as one Faust message per partition and fetch, and fetches that wait for
-`fetch_min_bytes` (at most `fetch_max_wait_ms`).
+"""Faust's aiokafka transport with five changes: an idempotent acks=all producer, a cheaper message hand-off,
+fetched records delivered to batch agents as one Faust message per partition and fetch, fetches that wait for
+`fetch_min_bytes` (at most `fetch_max_wait_ms`), and the consumer on the app's event loop instead of a thread.
 
 faust-streaming 0.15.3 hands every fetched message to the agents through
 `await self.wait_first(callback(message), self.suspend_flow.wait())`: two tasks and an `asyncio.wait` per message,
@@ -135,10 +135,48 @@ class IdleLongPoll:
 class BatchingConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
     """Faust's consumer thread with the app's `fetch_min_bytes` and `fetch_max_wait_ms` (Faust leaves aiokafka's
     fetch_min_bytes=1: the broker answers every fetch as soon as one record arrives, so at a steady rate the consumer
-    thread sends about one fetch per produce request, each a round trip through the GIL and the event loops), and a
-    long poll while no record arrives (`IdleLongPoll`, with the app's `fetch_idle_wait_ms`)."""
+    thread sends about one fetch per produce request, each a round trip through the GIL and the event loops), a
+    long poll while no record arrives (`IdleLongPoll`, with the app's `fetch_idle_wait_ms`), and, unless
+    `app.consumer_thread`, no thread: aiokafka runs on the app's event loop and every call to it is a plain await.
+
+    In Faust's thread every fetch is two hand-offs between event loops (`call_soon_threadsafe` each way) and the
+    fetched records wait for the GIL while the main thread works; on the app's loop they are taken as soon as the
+    loop is free. Four alternating pairs at 6,000 and 9,000 events/s (bench/RESULTS.md, fourteenth session): p99
+    53 / 52 / 200 / 415 ms on the loop against 125 / 86 / 328 / 2,358 in a thread."""
 
     long_poll: IdleLongPoll | None = None
+
+    def __init__(self, consumer: Any, **kwargs: Any) -> None:
+        #: False: the consumer runs on the app's event loop (`app.consumer_thread`), not in a thread of its own
+        self.in_thread = bool(getattr(consumer.app, "consumer_thread", True))
+        if not self.in_thread:
+            kwargs["thread_loop"] = kwargs.get("loop") or asyncio.get_event_loop()
+        super().__init__(consumer, **kwargs)
+
+    async def start(self) -> None:
+        """Start in a thread (Faust's way), or serve on the app's loop: the same start-up, shutdown and crash path
+        (`ServiceThread._serve`) run as a task instead of in a thread."""
+        if self.in_thread:
+            return await super().start()
+        self._thread_started.set()
+        self._thread_running = asyncio.Future(loop=self.parent_loop)
+        self._serve_task = self.parent_loop.create_task(self._serve())
+        try:
+            await self._thread_running  # set when started; its exception if start-up crashed
+        finally:
+            self._thread_running = None
+
+    async def call_thread(self, fun: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Call `fun` where the consumer runs: through the thread's method queue, or directly on the loop."""
+        if self.in_thread:
+            return await super().call_thread(fun, *args, **kwargs)
+        result = fun(*args, **kwargs)
+        return await result if asyncio.iscoroutine(result) or asyncio.isfuture(result) else result
+
+    async def _gather_remaining_tasks(self) -> None:
+        # on the app's loop the "remaining tasks" are the whole app's: the thread's sweep must not cancel them
+        if self.in_thread:
+            await super()._gather_remaining_tasks()
 
     def _create_worker_consumer(self, transport: Any) -> Any:
         consumer = super()._create_worker_consumer(transport)

@@ -253,7 +253,8 @@ def test_kill9_mid_replay_then_restart_equals_a_clean_replay(make_stream_env: An
     crashed.start_worker(TAGSTREAM_MODEL_PATH=str(bundle), TAGSTREAM_BATCH_MAX="16")
     _wait_caught_up(crashed, crashed.sent)
 
-    clean.start_worker(TAGSTREAM_MODEL_PATH=str(bundle))
+    # the reference consumes in Faust's own consumer thread; the crashed run's workers on their event loop (default)
+    clean.start_worker(TAGSTREAM_MODEL_PATH=str(bundle), TAGSTREAM_CONSUMER_THREAD="true")
     _wait_caught_up(clean, clean.sent)
 
     after_crash, reference = _state(crashed), _state(clean)

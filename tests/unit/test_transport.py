@@ -4,6 +4,7 @@ batch, acknowledged, lets the commit advance past all of its records and no furt
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections import defaultdict
 from types import SimpleNamespace
 
@@ -221,3 +222,65 @@ async def test_the_consumer_thread_long_polls_while_idle_and_batches_while_recor
     assert settings_of() == (12_345, 7)  # records flow: fewer, fuller fetches again
     await fetcher._proc_fetch_request(None, 0, None)
     assert settings_of() == (1, 250) and thread.long_poll is not None and thread.long_poll.fetches == 3
+
+
+class _StartedConsumer:
+    """Stands in for aiokafka's consumer once started (no broker here); remembers where it ran."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.thread = threading.current_thread()
+        self._fetcher = None
+        self.stopped_on: asyncio.AbstractEventLoop | None = None
+
+    async def stop(self) -> None:
+        self.stopped_on = asyncio.get_running_loop()
+
+
+@pytest.mark.parametrize("consumer_thread", [False, True])
+async def test_the_consumer_runs_on_the_workers_loop_unless_set_to_a_thread_and_stopping_it_spares_the_app(
+    tmp_path, monkeypatch: pytest.MonkeyPatch, consumer_thread: bool
+) -> None:
+    from faust.transport.drivers import aiokafka as faust_aiokafka
+
+    from streams.app import Worker
+    from streams.settings import WorkerSettings
+    from streams.state import MemoryStateStore
+
+    async def started(self: faust_aiokafka.AIOKafkaConsumerThread) -> None:
+        self._consumer = _StartedConsumer()
+
+    monkeypatch.setattr(faust_aiokafka.AIOKafkaConsumerThread, "on_start", started)
+    settings = WorkerSettings(consumer_thread=consumer_thread, data_dir=tmp_path, app_id="ct")
+    worker = Worker(settings, store_factory=MemoryStateStore, capture_output=True)
+    consumer_service = worker.app.consumer._thread
+    app_loop = asyncio.get_running_loop()
+    bystander = asyncio.create_task(asyncio.sleep(30))  # one of the app's tasks
+    threads_before = threading.active_count()
+
+    await consumer_service.start()
+    started_consumer = consumer_service._consumer
+    assert isinstance(started_consumer, _StartedConsumer)
+    if consumer_thread:  # Faust's way: its own thread and loop
+        assert started_consumer.thread is not threading.current_thread()
+        assert started_consumer.loop is not app_loop
+        assert threading.active_count() == threads_before + 1
+    else:  # the worker's loop, no thread
+        assert started_consumer.thread is threading.current_thread()
+        assert started_consumer.loop is app_loop
+        assert threading.active_count() == threads_before
+
+    # calls reach the consumer where it runs, plain functions and coroutines alike
+    def where() -> threading.Thread:
+        return threading.current_thread()
+
+    async def which_loop() -> asyncio.AbstractEventLoop:
+        return asyncio.get_running_loop()
+
+    assert await consumer_service.call_thread(where) is started_consumer.thread
+    assert await consumer_service.call_thread(which_loop) is started_consumer.loop
+
+    await consumer_service.stop()
+    assert started_consumer.stopped_on is started_consumer.loop  # aiokafka's consumer was stopped where it ran
+    assert not bystander.done()  # and stopping it cancelled none of the app's own tasks
+    bystander.cancel()
