@@ -161,6 +161,8 @@ class BatchingConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
         self._thread_started.set()
         self._thread_running = asyncio.Future(loop=self.parent_loop)
         self._serve_task = self.parent_loop.create_task(self._serve())
+        # a crash reaches start() (below) or the app (`ServiceThread._serve`); the task's own copy is not news
+        self._serve_task.add_done_callback(lambda task: task.cancelled() or task.exception())
         try:
             await self._thread_running  # set when started; its exception if start-up crashed
         finally:

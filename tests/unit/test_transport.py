@@ -284,3 +284,28 @@ async def test_the_consumer_runs_on_the_workers_loop_unless_set_to_a_thread_and_
     assert started_consumer.stopped_on is started_consumer.loop  # aiokafka's consumer was stopped where it ran
     assert not bystander.done()  # and stopping it cancelled none of the app's own tasks
     bystander.cancel()
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # Faust's thread re-raises it
+@pytest.mark.parametrize("consumer_thread", [False, True])
+async def test_a_consumer_that_cannot_start_fails_the_start_in_either_mode(
+    tmp_path, monkeypatch: pytest.MonkeyPatch, consumer_thread: bool
+) -> None:
+    from faust.transport.drivers import aiokafka as faust_aiokafka
+
+    from streams.app import Worker
+    from streams.settings import WorkerSettings
+    from streams.state import MemoryStateStore
+
+    async def unreachable(self: faust_aiokafka.AIOKafkaConsumerThread) -> None:
+        raise ConnectionError("no broker at 127.0.0.1:1")
+
+    monkeypatch.setattr(faust_aiokafka.AIOKafkaConsumerThread, "on_start", unreachable)
+    settings = WorkerSettings(consumer_thread=consumer_thread, data_dir=tmp_path, app_id="ct-fail")
+    worker = Worker(settings, store_factory=MemoryStateStore, capture_output=True)
+    consumer_service = worker.app.consumer._thread
+    with pytest.raises(ConnectionError, match="no broker"):
+        await consumer_service.start()
+    if consumer_thread:
+        consumer_service._thread.join(5)  # it ends on its own, with the same error
+        assert not consumer_service._thread.is_alive()
