@@ -2,7 +2,7 @@
 
 A record's age when its batch starts is the time from its Kafka timestamp (the producer's create time) to the moment
 the agent takes it: the producer's send, the broker, the fetch (which waits up to `fetch_max_wait_ms`), Faust's
-consumer thread and the agent's buffer. The rest of the event→tag latency is the worker's own processing. The bench
+consumer and the agent's buffer. The rest of the event→tag latency is the worker's own processing. The bench
 reads these figures from the worker's log next to the latency it measures end to end, so a latency figure can be
 split into "arrived late" and "processed slowly" (bench/RESULTS.md, thirteenth session).
 
