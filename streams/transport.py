@@ -32,6 +32,7 @@ from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TP, Message
 from faust.types.tuples import ConsumerMessage, ack_lock
 from mode import Service
+from mode.utils.futures import maybe_async
 
 __all__ = ["RecordBatchMessage", "TagstreamTransport", "run_inline_first"]
 
@@ -172,8 +173,7 @@ class BatchingConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
         """Call `fun` where the consumer runs: through the thread's method queue, or directly on the loop."""
         if self.in_thread:
             return await super().call_thread(fun, *args, **kwargs)
-        result = fun(*args, **kwargs)
-        return await result if asyncio.iscoroutine(result) or asyncio.isfuture(result) else result
+        return await maybe_async(fun(*args, **kwargs))  # as Faust's method queue calls it in the thread
 
     async def _gather_remaining_tasks(self) -> None:
         # on the app's loop the "remaining tasks" are the whole app's: the thread's sweep must not cancel them

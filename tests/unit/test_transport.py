@@ -255,7 +255,7 @@ async def test_the_consumer_runs_on_the_workers_loop_unless_set_to_a_thread_and_
     worker = Worker(settings, store_factory=MemoryStateStore, capture_output=True)
     consumer_service = worker.app.consumer._thread
     app_loop = asyncio.get_running_loop()
-    bystander = asyncio.create_task(asyncio.sleep(30))  # one of the app's tasks
+    bystander = asyncio.create_task(asyncio.Event().wait())  # one of the app's tasks, running until cancelled
     threads_before = threading.active_count()
 
     await consumer_service.start()
