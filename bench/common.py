@@ -143,7 +143,17 @@ def machine() -> dict[str, Any]:
                 cpu = line.split(":", 1)[1].strip()
                 break
     versions = {}
-    for dist in ("faust-streaming", "aiokafka", "redis", "hiredis", "onnxruntime", "numpy", "tensorflow", "keras"):
+    for dist in (
+        "faust-streaming",
+        "aiokafka",
+        "redis",
+        "hiredis",
+        "uvloop",
+        "onnxruntime",
+        "numpy",
+        "tensorflow",
+        "keras",
+    ):
         try:
             versions[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:

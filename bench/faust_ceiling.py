@@ -20,6 +20,7 @@ from types import SimpleNamespace
 import faust
 
 from streams.app import Worker
+from streams.eventloop import use_event_loop
 from streams.processor import BatchOutput, InMessage
 from streams.settings import WorkerSettings
 from streams.topics import BEHAVIOR, PRODUCTS, ensure_topics
@@ -52,6 +53,7 @@ class CeilingWorker(Worker):
 def main() -> int:
     """Start the ceiling worker (until stopped)."""
     settings = WorkerSettings()
+    use_event_loop(settings.event_loop)  # the worker's loop, as `tagstream worker` picks it
     asyncio.run(ensure_topics(settings))
     worker = CeilingWorker(settings)
     faust.Worker(worker.app, loglevel="INFO", quiet=True).execute_from_commandline()

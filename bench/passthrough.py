@@ -1,11 +1,13 @@
 """Transport ceiling: a raw aiokafka consumer → producer passthrough of the bench topics (no decoding, no state).
 
     python -m bench.passthrough --bootstrap HOST:PORT --prefix P --group G --total N [--max-seconds S]
+                                [--loop {asyncio,uvloop}]
 
 Consumes `<P>products` and `<P>behavior` in consumer group G from the earliest offset, sends every message's key and
 value to `<P>passthrough-out` (same partition number; the producer the worker uses: acks=all, idempotent, linger
 5 ms), waits for the batch's delivery and commits every 0.5 s (the worker's commit interval) and at the end. This is
 what the tagstream worker does minus its work, so it bounds what a Python Kafka worker can do on this machine.
+`--loop` picks the event loop (`tagstream bench` passes the worker's `TAGSTREAM_EVENT_LOOP`, so both run on the same).
 Prints one JSON line: consumed, seconds from the first message to the last commit.
 """
 
@@ -79,9 +81,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--group", required=True)
     p.add_argument("--total", type=int, required=True)
     p.add_argument("--max-seconds", type=float, default=300.0)
+    p.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio", help="event loop (default asyncio)")
     args = p.parse_args(argv)
+    from streams.eventloop import use_event_loop
+
+    use_event_loop(args.loop)
     result = asyncio.run(passthrough(args.bootstrap, args.prefix, args.group, args.total, args.max_seconds))
-    sys.stdout.write("RESULT " + json.dumps(result) + "\n")
+    sys.stdout.write("RESULT " + json.dumps({**result, "event_loop": args.loop}) + "\n")
     return 0
 
 

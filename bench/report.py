@@ -98,6 +98,7 @@ def markdown(result: dict[str, Any]) -> str:
         f"- machine: {m['cpu']}, {m['cores']} cores, {m['ram_gb']} GB RAM, {m['os']}, Python {m['python']} "
         f"(Kafka broker and Redis on the same machine)",
         "- versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v),
+        f"- event loop of the worker, the Faust ceiling and the passthrough: {result.get('event_loop', 'asyncio')}",
         f"- runs per measurement: {cfg['runs']} (median, with min–max across runs); total time "
         f"{_n(result.get('elapsed_s'))} s",
         f"- catalog: {result.get('catalog')}; model: {model.get('labels')} tags, ONNX "

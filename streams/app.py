@@ -165,6 +165,7 @@ class Worker:
         """The processor, created on first use inside the running event loop (connects Redis, loads the model)."""
         async with self._ready_lock:
             if self._processor is None:
+                log.info("event loop: %s", type(asyncio.get_running_loop()).__module__)
                 store = self._store_factory()
                 if isinstance(store, RedisStateStore):
                     await store.check_format()

@@ -19,11 +19,13 @@ log = logging.getLogger(__name__)
 
 def _worker(args: argparse.Namespace) -> int:
     from streams.app import Worker
+    from streams.eventloop import use_event_loop
 
     overrides = {}
     if args.model:
         overrides["model_path"] = Path(args.model)
     settings = WorkerSettings(**overrides)
+    use_event_loop(settings.event_loop)  # before Faust creates the app's loop
     asyncio.run(ensure_topics(settings))
     worker = Worker(settings)
     worker.gc.install()

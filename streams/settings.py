@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -133,6 +134,12 @@ class WorkerSettings(BaseSettings):
         "on the worker's event loop (false). In a thread every fetch is handed between the two loops and its records "
         "wait for the GIL while the agents work: at 6,000-9,000 events/s p99 was higher in each of four alternating "
         "pairs (125-2,358 ms against 52-415; bench/RESULTS.md, fourteenth session).",
+    )
+    event_loop: Literal["asyncio", "uvloop"] = Field(
+        "uvloop",
+        description="The worker's event loop: uvloop (libuv: cheaper sockets, callbacks and timers for the consumer, "
+        "producer and Redis I/O that all run on the loop) or CPython's asyncio loop. At 6,500 events/s uvloop had "
+        "the worker 0.01-0.10 cores less busy in five of five alternating pairs (bench/RESULTS.md, fifteenth session).",
     )
     fetch_max_partition_bytes: int = Field(
         262_144,

@@ -203,7 +203,7 @@ class StreamBench:
         total = sum(self.ends.values())
         cmd = [
             sys.executable, "-m", "bench.passthrough", "--bootstrap", self.bootstrap, "--prefix", self.backlog_prefix,
-            "--group", group, "--total", str(total),
+            "--group", group, "--total", str(total), "--loop", _worker_event_loop(),
         ]  # fmt: skip
         proc = ProcessWatch(cmd, {"PYTHONPATH": str(ROOT)}, self.logs / f"passthrough-{i}.log")
         try:
@@ -344,6 +344,13 @@ class StreamBench:
         from bench.common import delete_topics_with_prefix
 
         return asyncio.run(delete_topics_with_prefix(self.bootstrap, self.prefix))
+
+
+def _worker_event_loop() -> str:
+    """The event loop the bench's workers run on (`TAGSTREAM_EVENT_LOOP` of this environment)."""
+    from streams.settings import WorkerSettings
+
+    return WorkerSettings().event_loop
 
 
 def _faust_ceiling(env: dict[str, str], log_path: Path) -> Any:
@@ -554,6 +561,7 @@ def run_bench(args: argparse.Namespace) -> int:
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC"),
         "machine": machine(),
         "config": asdict(cfg),
+        "event_loop": _worker_event_loop(),  # the worker's, the Faust ceiling's and the passthrough's
         "smoke": bool(args.smoke),
     }
     _log(f"output: {out}")

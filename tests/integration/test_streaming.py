@@ -253,9 +253,13 @@ def test_kill9_mid_replay_then_restart_equals_a_clean_replay(make_stream_env: An
     crashed.start_worker(TAGSTREAM_MODEL_PATH=str(bundle), TAGSTREAM_BATCH_MAX="16")
     _wait_caught_up(crashed, crashed.sent)
 
-    # the reference consumes in Faust's own consumer thread; the crashed run's workers on their event loop (default)
-    clean.start_worker(TAGSTREAM_MODEL_PATH=str(bundle), TAGSTREAM_CONSUMER_THREAD="true")
+    # the reference consumes in Faust's own consumer thread on CPython's asyncio loop; the crashed run's workers on
+    # their uvloop event loop (the defaults)
+    reference_worker = clean.start_worker(
+        TAGSTREAM_MODEL_PATH=str(bundle), TAGSTREAM_CONSUMER_THREAD="true", TAGSTREAM_EVENT_LOOP="asyncio"
+    )
     _wait_caught_up(clean, clean.sent)
+    assert "event loop: uvloop" in first.log() and "event loop: asyncio" in reference_worker.log()
 
     after_crash, reference = _state(crashed), _state(clean)
     assert len(partial) > 0 and partial != after_crash, "the kill did not land mid-replay"
