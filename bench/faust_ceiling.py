@@ -16,6 +16,7 @@ import asyncio
 import sys
 from collections.abc import Sequence
 from types import SimpleNamespace
+from typing import Any
 
 import faust
 
@@ -38,13 +39,16 @@ class CeilingWorker(Worker):
         async def nothing(messages: Sequence[InMessage], prepared: object, hold: object) -> BatchOutput:
             return BatchOutput()
 
+        async def steps() -> tuple[Any, Any]:
+            return nothing, no_products
+
         @app.agent(topics[PRODUCTS.name], name="ceiling.products", concurrency=1)
         async def products(stream: faust.StreamT) -> None:
-            await self._run_batches(stream, nothing, no_products)
+            await self._run_batches(stream, steps)
 
         @app.agent(topics[BEHAVIOR.name], name="ceiling.behavior", concurrency=1)
         async def behavior(stream: faust.StreamT) -> None:
-            await self._run_batches(stream, nothing, no_products)
+            await self._run_batches(stream, steps)
 
         self.products_agent = products
         self.behavior_agent = behavior

@@ -189,13 +189,11 @@ class Worker:
 
         @app.agent(topics[PRODUCTS.name], name="tagstream.products", concurrency=1)
         async def products(stream: faust.StreamT) -> None:
-            processor = await self.processor()
-            await self._run_batches(stream, processor.process_products, processor.prepare_products)
+            await self._run_batches(stream, self._product_steps)
 
         @app.agent(topics[BEHAVIOR.name], name="tagstream.behavior", concurrency=1)
         async def behavior(stream: faust.StreamT) -> None:
-            processor = await self.processor()
-            await self._run_batches(stream, processor.process_behaviour, processor.prepare_behaviour)
+            await self._run_batches(stream, self._behaviour_steps)
 
         @app.timer(10.0)
         async def log_stats() -> None:
@@ -235,13 +233,26 @@ class Worker:
         self.behavior_agent = behavior
         self.models.attach(self)
 
+    async def _product_steps(self) -> tuple[Callable[..., Awaitable[BatchOutput]], Callable[..., Awaitable[Any]]]:
+        processor = await self.processor()
+        return processor.process_products, processor.prepare_products
+
+    async def _behaviour_steps(self) -> tuple[Callable[..., Awaitable[BatchOutput]], Callable[..., Awaitable[Any]]]:
+        processor = await self.processor()
+        return processor.process_behaviour, processor.prepare_behaviour
+
     async def _run_batches(
         self,
         stream: faust.StreamT,
-        process: Callable[..., Awaitable[BatchOutput]],
-        prepare: Callable[[Sequence[InMessage]], Awaitable[Any]],
+        steps: Callable[
+            [], Awaitable[tuple[Callable[..., Awaitable[BatchOutput]], Callable[[Sequence[InMessage]], Awaitable[Any]]]]
+        ],
     ) -> None:
         """Consume in micro-batches: take what is buffered (up to batch_max), process, publish, then ack.
+
+        `steps()` gives the (process, prepare) pair; it is awaited only once the stream's buffer counts toward
+        `app.max_buffered_records`. (It creates the processor, which loads the model: before, the consumer fetched
+        without a bound for that second or two, and a backlog's first ~190,000 records were buffered at once.)
 
         An event is one record, or (`fetch_batches`) a `RecordBatchMessage` with all the records one fetch returned
         for a partition; those are processed in chunks of at most batch_max and the event is acknowledged after its
@@ -261,6 +272,7 @@ class Worker:
         events: list[faust.EventT] = []
         messages: list[InMessage] = []
         try:
+            process, prepare = await steps()
             async for event in manual.events():
                 events.append(event)
                 messages += _in_messages(event.message)

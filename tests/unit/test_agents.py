@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import orjson
 import pytest
@@ -55,6 +56,29 @@ async def test_behaviour_agent_applies_clicks_once_each(worker: Worker) -> None:
     assert any("trending" in orjson.loads(v)["added"] for _, v in worker.captured["tag-updates"])
 
 
+async def test_an_agent_counts_its_buffer_before_the_model_is_loaded(worker: Worker) -> None:
+    # The consumer fetches only while the agents' buffers hold fewer than max_buffered_records; an agent whose
+    # buffer is not counted yet (its processor still loading the model) let a backlog be fetched without a bound.
+    loading = asyncio.Event()
+    ready = worker.processor
+
+    async def slow_processor() -> Any:
+        await loading.wait()
+        return await ready()
+
+    worker.processor = slow_processor  # type: ignore[method-assign]
+    async with worker.behavior_agent.test_context() as agent:
+        await _until(lambda: len(worker.app.record_queues) == 1)
+        assert worker.stats.consumed == 0  # still waiting for its processor
+        worker.app.max_buffered_records = 3
+        for i in range(3):
+            await agent.put(key=b"b1", value=orjson.dumps(behaviour("b1", "u1", 1_764_316_800_000 + i)), wait=False)
+        assert worker.app.buffered_records() == 3  # what the consumer's fetch loop waits on
+        loading.set()
+        await _until(lambda: worker.stats.consumed == 3)
+        assert worker.app.buffered_records() == 0
+
+
 async def _until(condition: Callable[[], bool], timeout: float = 2.0) -> None:
     """Let the event loop run until `condition()` holds (AssertionError after `timeout` seconds)."""
     deadline = asyncio.get_running_loop().time() + timeout
@@ -65,6 +89,13 @@ async def _until(condition: Callable[[], bool], timeout: float = 2.0) -> None:
 
 async def _prepare(messages: Sequence[InMessage]) -> SimpleNamespace:
     return SimpleNamespace(product_ids={m.key.decode() for m in messages if m.key})
+
+
+def _steps(process: Callable[..., Any]) -> Callable[[], Any]:
+    async def steps() -> tuple[Callable[..., Any], Callable[..., Any]]:
+        return process, _prepare
+
+    return steps
 
 
 class _FakeEvent:
@@ -117,7 +148,7 @@ async def test_batches_are_acknowledged_only_after_their_updates_are_delivered(w
     gate = asyncio.Event()
     stream = _FakeStream([[_FakeEvent(0), _FakeEvent(1)], [_FakeEvent(2)]], gate)
     worker._enqueue = enqueue  # type: ignore[method-assign]
-    running = asyncio.ensure_future(worker._run_batches(stream, process, _prepare))  # type: ignore[arg-type]
+    running = asyncio.ensure_future(worker._run_batches(stream, _steps(process)))  # type: ignore[arg-type]
     gate.set()
     await _until(lambda: len(processed) == 2)
     # both batches processed while the first one's delivery is still pending; nothing acknowledged yet
@@ -162,7 +193,7 @@ async def test_a_fetched_batch_is_processed_in_chunks_and_acknowledged_after_its
     fetched = _fetched(range(10, 20))
     stream = _FakeStream([[fetched]], gate)  # type: ignore[list-item]
     worker._enqueue = enqueue  # type: ignore[method-assign]
-    running = asyncio.ensure_future(worker._run_batches(stream, process, _prepare))  # type: ignore[arg-type]
+    running = asyncio.ensure_future(worker._run_batches(stream, _steps(process)))  # type: ignore[arg-type]
     await _until(lambda: len(processed) == 3)
     # ten records, batch_max 4: three chunks, records in offset order with their own timestamps
     assert [[o for o, _ in chunk] for chunk in processed] == [[10, 11, 12, 13], [14, 15, 16, 17], [18, 19]]
@@ -194,7 +225,7 @@ async def test_a_failed_delivery_stops_the_agent_and_leaves_its_batch_unacknowle
     stream = _FakeStream([[_FakeEvent(0)], [_FakeEvent(1)]], gate)
     worker._enqueue = enqueue  # type: ignore[method-assign]
     with pytest.raises(KafkaTimeoutError):
-        await worker._run_batches(stream, process, _prepare)  # type: ignore[arg-type]
+        await worker._run_batches(stream, _steps(process))  # type: ignore[arg-type]
     assert stream.acked == []
     # its buffer no longer counts towards the records that hold fetching back (a restarted agent has its own)
     assert stream.channel.queue not in worker.app.record_queues
