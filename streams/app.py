@@ -52,6 +52,7 @@ class TagstreamApp(faust.App):
         super().__init__(*args, **kwargs)
         self.record_queues: list[Any] = []  # the batch agents' stream buffers
         self.records_taken = asyncio.Event()  # set whenever a batch agent takes a message from its buffer
+        self.buffered_high_water = 0  # the most records the batch agents' buffers held when a fetch was due
 
     def buffered_records(self) -> int:
         """Records waiting in the batch agents' buffers (a RecordBatchMessage counts its records)."""
@@ -152,8 +153,14 @@ class Worker:
         self.app.on_before_shutdown.connect(self._log_figures_at_shutdown)
 
     def _log_run_figures(self) -> None:
-        """Log the record ages at batch start and, when installed, the collector's pauses, over the run so far."""
+        """Log the record ages at batch start, the agents' buffer high-water mark and, when installed, the
+        collector's pauses, over the run so far."""
         log.info(self.stats.arrival.summary())
+        log.info(
+            "agents' buffers held at most %d records before a fetch (bound %d)",
+            self.app.buffered_high_water,
+            self.app.max_buffered_records,
+        )
         if self.gc.installed:
             log.info(self.gc.summary())
 

@@ -243,6 +243,9 @@ class FastConsumer(faust_aiokafka.Consumer):
         buffered = getattr(app, "buffered_records", None)
         if buffered is None:
             return
+        held = buffered()
+        if held > getattr(app, "buffered_high_water", held):
+            app.buffered_high_water = held
         while buffered() >= app.max_buffered_records and not should_stop():
             app.records_taken.clear()
             with contextlib.suppress(asyncio.TimeoutError):

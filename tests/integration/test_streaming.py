@@ -304,3 +304,24 @@ def test_a_worker_joining_mid_replay_then_the_first_crashing_equals_a_clean_repl
 
     after, reference = _state(shared), _state(clean)
     _assert_same_state(after, reference)
+
+
+def test_a_backlog_is_fetched_only_as_far_as_the_buffer_bound(stream_env: StreamEnv, bundle: Path) -> None:
+    # 3,000 clicks wait before the worker starts; its agents may buffer at most 100 records before fetching more,
+    # from the start (the model is still loading then), so a fetch finds at most the bound plus one fetch buffered.
+    clicks = [behaviour(f"bp-{i % 300}", f"u{i % 37}", T0 + i * 1000) for i in range(3000)]
+    sent = {"behavior": stream_env.produce("behavior", clicks)}
+    worker = stream_env.start_worker(
+        TAGSTREAM_MODEL_PATH=str(bundle),
+        TAGSTREAM_MAX_BUFFERED_RECORDS="100",
+        TAGSTREAM_FETCH_MAX_PARTITION_BYTES="1024",
+        TAGSTREAM_BATCH_MAX="50",
+        TAGSTREAM_MODEL_LATENCY_RUNS="60000",  # a model load slower than joining the group (60,000 timed predicts)
+    )
+    _wait_caught_up(stream_env, sent)
+    worker.stop()
+    line = [x for x in worker.log().splitlines() if "agents' buffers held at most" in x][-1]  # at shutdown
+    high_water = int(line.split("at most ")[1].split()[0])
+    # a fetch returns at least one whole producer batch (aiokafka's 16 KiB) per partition, whatever its byte limit
+    one_fetch = 16 * 1024 // min(len(orjson.dumps(c)) for c in clicks) * stream_env.settings.partitions
+    assert 100 <= high_water < 100 + one_fetch < len(clicks), line
