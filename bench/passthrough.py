@@ -20,6 +20,7 @@ import sys
 import time
 
 from bench.common import create_topics, make_producer
+from streams.eventloop import EVENT_LOOPS, use_event_loop
 
 
 async def passthrough(bootstrap: str, prefix: str, group: str, total: int, max_seconds: float) -> dict:
@@ -81,10 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--group", required=True)
     p.add_argument("--total", type=int, required=True)
     p.add_argument("--max-seconds", type=float, default=300.0)
-    p.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio", help="event loop (default asyncio)")
+    p.add_argument("--loop", choices=EVENT_LOOPS, default="asyncio", help="event loop (default asyncio)")
     args = p.parse_args(argv)
-    from streams.eventloop import use_event_loop
-
     use_event_loop(args.loop)
     result = asyncio.run(passthrough(args.bootstrap, args.prefix, args.group, args.total, args.max_seconds))
     sys.stdout.write("RESULT " + json.dumps({**result, "event_loop": args.loop}) + "\n")

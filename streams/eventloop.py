@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Literal, get_args
 
 from tagstream.errors import ConfigError
 
-__all__ = ["EVENT_LOOPS", "use_event_loop"]
+__all__ = ["EVENT_LOOPS", "EventLoop", "use_event_loop"]
 
-EVENT_LOOPS = ("asyncio", "uvloop")
+EventLoop = Literal["asyncio", "uvloop"]
+EVENT_LOOPS: tuple[str, ...] = get_args(EventLoop)
 
 
 def use_event_loop(kind: str) -> None:

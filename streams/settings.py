@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import socket
 from pathlib import Path
-from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from streams.eventloop import EventLoop
 
 DEV_USER_HASH_KEY = "tagstream-dev-key-change-me"
 
@@ -135,7 +136,7 @@ class WorkerSettings(BaseSettings):
         "wait for the GIL while the agents work: at 6,000-9,000 events/s p99 was higher in each of four alternating "
         "pairs (125-2,358 ms against 52-415; bench/RESULTS.md, fourteenth session).",
     )
-    event_loop: Literal["asyncio", "uvloop"] = Field(
+    event_loop: EventLoop = Field(
         "uvloop",
         description="The worker's event loop: uvloop (libuv: cheaper sockets, callbacks and timers for the consumer, "
         "producer and Redis I/O that all run on the loop) or CPython's asyncio loop. At 6,500 events/s uvloop had "

@@ -244,12 +244,12 @@ class FastConsumer(faust_aiokafka.Consumer):
         if buffered is None:
             return
         held = buffered()
-        if held > getattr(app, "buffered_high_water", held):
-            app.buffered_high_water = held
-        while buffered() >= app.max_buffered_records and not should_stop():
+        app.buffered_high_water = max(app.buffered_high_water, held)
+        while held >= app.max_buffered_records and not should_stop():
             app.records_taken.clear()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(app.records_taken.wait(), 0.5)
+            held = buffered()
 
     def ack(self, message: Message) -> bool:
         """Mark a message acknowledged; a `RecordBatchMessage` acknowledges every offset it spans.

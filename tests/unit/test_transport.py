@@ -145,7 +145,10 @@ async def test_fetching_waits_while_the_agents_buffers_hold_too_many_records() -
     buffered = {"records": 25}
     consumer = FastConsumer.__new__(FastConsumer)
     consumer.app = SimpleNamespace(  # type: ignore[assignment]
-        buffered_records=lambda: buffered["records"], max_buffered_records=20, records_taken=asyncio.Event()
+        buffered_records=lambda: buffered["records"],
+        max_buffered_records=20,
+        records_taken=asyncio.Event(),
+        buffered_high_water=0,
     )
     waiting = asyncio.ensure_future(consumer._wait_for_buffer_room(lambda: False))
     for _ in range(20):
