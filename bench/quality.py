@@ -99,6 +99,24 @@ def group_report(scores: np.ndarray, targets: np.ndarray, tags: list[str]) -> di
     return {k: r.get(k) for k in ("n", "accuracy", "micro_f1", "macro_f1", "weighted_f1")}
 
 
+# JD's publications: bare book names, whose leaf is genre × medium (printed book or e-book), which titles do not carry
+PUBLICATIONS = "出版物"
+
+
+def by_top_level(
+    scores: np.ndarray, targets: np.ndarray, tags: list[str], top_levels: Sequence[str]
+) -> dict[str, dict[str, Any]]:
+    """Leaf figures of the test products under each top-level category, and of all but the publications."""
+    levels = np.asarray(top_levels, dtype=object)
+    parts = {str(level): levels == level for level in sorted(set(top_levels))}
+    parts[f"all but {PUBLICATIONS}"] = levels != PUBLICATIONS
+    return {
+        name: {k: v for k, v in group_report(scores[mask], targets[mask], tags).items() if k != "micro_f1"}
+        for name, mask in parts.items()
+        if mask.any()
+    }
+
+
 # --------------------------------------------------------------------------------------------------- runs
 
 
@@ -110,8 +128,10 @@ def run_split(
     groups: Sequence[str],
     *,
     baseline: bool = True,
+    leaf_by_top_level: bool = False,
 ) -> dict[str, Any]:
-    """Fit on split.train (+validation), evaluate top-1 on split.test for the model and the baseline."""
+    """Fit on split.train (+validation), evaluate top-1 on split.test for the model and the baseline; with
+    `leaf_by_top_level`, also the leaf's figures per top-level category (`by_top_level`)."""
     from training.model import round_embeddings
     from training.train import featurize, fit, predict_keras
 
@@ -137,6 +157,13 @@ def run_split(
         s, e = slices[g]
         tags = [lab.tag for lab in label_map.labels[s:e]]
         out["model"][g] = group_report(scores[:, s:e], y_test.targets[g], tags)
+    top_levels = [p.category_path[0] for p in test_p]
+    leaf = slices["category_leaf"]
+    leaf_tags = [lab.tag for lab in label_map.labels[leaf[0] : leaf[1]]]
+    if leaf_by_top_level:
+        out["model_by_top_level"] = by_top_level(
+            scores[:, leaf[0] : leaf[1]], y_test.targets["category_leaf"], leaf_tags, top_levels
+        )
     if baseline:
         t1 = time.perf_counter()
         base = linear_baseline_scores(list(train_p) + list(val_p), test_p, label_map, groups)
@@ -145,6 +172,10 @@ def run_split(
             s, e = slices[g]
             tags = [lab.tag for lab in label_map.labels[s:e]]
             out["baseline"][g] = group_report(base[g], y_test.targets[g], tags)
+        if leaf_by_top_level:
+            out["baseline_by_top_level"] = by_top_level(
+                base["category_leaf"], y_test.targets["category_leaf"], leaf_tags, top_levels
+            )
     print(f"[{name}] done in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     return out
 
@@ -241,10 +272,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     leaf = ("category_l1", "category_l2", "category_leaf")
     if "jd" in only:
         sp = stratified_split(jd, validation=0.05, test=0.2, seed=args.seed)
-        results["jd"] = run_split("jd", jd, sp, settings, leaf, baseline=base)
+        results["jd"] = run_split("jd", jd, sp, settings, leaf, baseline=base, leaf_by_top_level=True)
     if "jd-ood" in only:
         sp = group_split(jd, validation=0.05, test=0.2, seed=args.seed)
-        results["jd-ood"] = run_split("jd-ood", jd, sp, settings, leaf, baseline=base)
+        results["jd-ood"] = run_split("jd-ood", jd, sp, settings, leaf, baseline=base, leaf_by_top_level=True)
     if "myntra" in only:
         sp = stratified_split(myntra, validation=0.05, test=0.2, seed=args.seed)
         groups = ("category_leaf", "colour", "usage", "gender", "season")
@@ -276,6 +307,21 @@ def main(argv: Sequence[str] | None = None) -> int:
                     TARGETS.get(f"{run}.{g}.{metric}"),
                 )
             )
+    for run in ("jd", "jd-ood"):
+        if run in results:
+            r = results[run]
+            for part, figures in r["model_by_top_level"].items():
+                base_part = r.get("baseline_by_top_level", {}).get(part, {})
+                print(
+                    _row(
+                        f"{run}.leaf {part}"[:28],
+                        "weighted_f1",
+                        figures["weighted_f1"],
+                        base_part.get("weighted_f1"),
+                        None,
+                    )
+                    + f"  n={figures['n']}"
+                )
     if "timing" in results:
         print(_row("timing (train+export+parity)", "seconds", results["timing"]["total_s"], None, 180.0))
     if "featurizer" in results:
