@@ -243,6 +243,23 @@ def markdown(result: dict[str, Any]) -> str:
                     ),
                 )
             )
+    if lat.get("by_load"):
+        lines += [
+            "",
+            "## Latency against load (the rows other than the median maximum's half are one run each)",
+            "",
+            "| paced ev/s | × max | runs | matched updates | emit p50 | p99 | p99.9 | p50 ≤ 10 and p99 ≤ 50 ms | "
+            "worker cores busy |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for point in lat["by_load"]:
+            e = point["emit_ms"]
+            met = None if e["p50"] is None or e["p99"] is None else e["p50"] <= 10 and e["p99"] <= 50
+            lines.append(
+                f"| {_n(point['rate'])} | {_n(point['fraction_of_max'], 2)} | {point['runs']} | "
+                f"{_n(point['matched_updates'])} | {_n(e['p50'], 1)} | {_n(e['p99'], 1)} | {_n(e['p99.9'], 1)} | "
+                f"{_n(met)} | {_n(point['worker_cores_busy'], 2)} |"
+            )
     if nv:
         lines += [
             "",

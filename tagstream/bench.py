@@ -51,6 +51,8 @@ class BenchConfig:
     partitions: int = 4
     latency_seconds: float = 20.0  # paced phase of each latency run
     latency_rate: float | None = None  # paced rate (events/s) of the latency runs; None = half the measured maximum
+    # further load points, as fractions of the measured maximum: one latency run each (where do the targets hold?)
+    latency_fractions: tuple[float, ...] = (0.1, 0.25)
     naive_seconds: float = 12.0
     scoring_min_seconds: float = 0.3
     featurizer_min_seconds: float = 0.3
@@ -65,6 +67,7 @@ SMOKE = BenchConfig(
     products=300,
     backlog_events=3000,
     latency_seconds=3.0,
+    latency_fractions=(0.25,),
     naive_seconds=2.0,
     scoring_min_seconds=0.02,
     featurizer_min_seconds=0.02,
@@ -527,6 +530,7 @@ def run_bench(args: argparse.Namespace) -> int:
             "backlog_events": args.backlog,
             "latency_seconds": args.latency_seconds,
             "latency_rate": args.latency_rate,
+            "latency_fractions": args.latency_fractions,
             "naive_seconds": args.naive_seconds,
             "products": args.products,
             "product_share": args.product_share,
@@ -640,6 +644,15 @@ def run_bench(args: argparse.Namespace) -> int:
             for key in ("emit_ms", "published_ms", "received_ms", "emit_ms_by_reason", "matched_updates", "gc"):
                 fc_paced.pop(key, None)
             _log(f"  Faust ceiling at {rate:.0f}/s: {fc_paced['cores_busy'].get('worker')} cores busy")
+            load_runs = []
+            for j, fraction in enumerate(cfg.latency_fractions):
+                load_rate = fraction * max_rate
+                _log(f"latency against load: {fraction:g} × the maximum, {load_rate:.0f}/s ...")
+                items = event_stream(products, max(200, int(load_rate * cfg.latency_seconds)), cfg.product_share,
+                                     cfg.seed + 2 + j)  # fmt: skip
+                load_runs.append(sb.latency_run(len(lat_runs) + j, load_rate, items))
+                e = load_runs[-1]["emit_ms"]
+                _log(f"  at {load_rate:.0f}/s: p50 {e['p50']} p99 {e['p99']} p99.9 {e['p99.9']} ms (n={e['n']})")
             result["latency"] = {
                 "rate": round(rate, 1),
                 "fraction_of_max": round(rate / max_rate, 3),
@@ -648,8 +661,13 @@ def run_bench(args: argparse.Namespace) -> int:
                 "received_ms": {q: spread(r["received_ms"][q] for r in lat_runs) for q in ("p50", "p99", "p99.9")},
                 "runs": lat_runs,
                 "faust_ceiling": fc_paced,
+                "by_load": sorted(
+                    [_load_point(max_rate, rate, lat_runs)]
+                    + [_load_point(max_rate, r["target_rate"], [r]) for r in load_runs],
+                    key=lambda point: point["rate"],
+                ),
             }
-            all_runs = ts_runs + lat_runs
+            all_runs = ts_runs + lat_runs + load_runs
             result["memory"] = {
                 "worker_peak_rss_mb": spread(r["peak_rss_mb"] for r in all_runs),
                 "worker_peak_rss_mb_max": max(r["peak_rss_mb"] for r in all_runs),
@@ -707,9 +725,35 @@ def run_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_point(max_rate: float, rate: float, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One row of latency against load: the paced rate, its fraction of the maximum, and the median over `runs` of
+    the emit latency quantiles and the worker's cores busy."""
+    from bench.common import spread
+
+    return {
+        "rate": round(rate, 1),
+        "fraction_of_max": round(rate / max_rate, 3),
+        "runs": len(runs),
+        "emit_ms": {q: spread(r["emit_ms"][q] for r in runs)["median"] for q in ("p50", "p99", "p99.9")},
+        "matched_updates": sum(r["matched_updates"] for r in runs),
+        "worker_cores_busy": spread((r.get("cores_busy") or {}).get("worker") for r in runs)["median"],
+    }
+
+
 def _fmt_rate(run: dict[str, Any]) -> str:
     r = run.get("events_per_s")
     return f"{r:,.0f} events/s over {run.get('seconds', 0) or 0:.1f} s" if r else "no rate (did not finish)"
+
+
+def _fractions(text: str) -> tuple[float, ...]:
+    """`--latency-fractions`: comma-separated fractions of the maximum rate, each in (0, 1]."""
+    try:
+        fractions = tuple(float(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of numbers: {text!r}") from None
+    if any(not 0 < f <= 1 for f in fractions):
+        raise argparse.ArgumentTypeError(f"fractions of the maximum rate must be in (0, 1]: {text!r}")
+    return fractions
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -729,6 +773,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--latency-seconds", type=float, help="paced phase of each latency run (default 20)")
     p.add_argument(
         "--latency-rate", type=float, help="paced rate of the latency runs, events/s (default: half the maximum)"
+    )
+    p.add_argument(
+        "--latency-fractions",
+        type=_fractions,
+        help="further load points as fractions of the maximum, one latency run each (default 0.1,0.25; '' for none)",
     )
     p.add_argument("--naive-seconds", type=float, help="duration of each naive run (default 12)")
     p.add_argument("--products", type=int, help="catalog size (default 6000)")

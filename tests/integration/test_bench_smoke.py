@@ -66,6 +66,12 @@ def test_bench_smoke_writes_every_section(stack: object, tmp_path: Path) -> None
     ceiling = result["latency"]["faust_ceiling"]
     assert _number(ceiling["cores_busy"]["worker"]) and ceiling["arrival"]["behavior"]["n"] > 0
     assert "The worker's Faust loop alone" in md
+    # latency against load: the half-maximum point (median of its runs) and one run at 0.25 × the maximum
+    points = result["latency"]["by_load"]
+    assert [p["fraction_of_max"] for p in points] == [0.25, 0.5] and [p["runs"] for p in points] == [1, 1]
+    assert points[0]["rate"] < points[1]["rate"] and all(p["matched_updates"] > 0 for p in points)
+    assert all(_number(p["emit_ms"][q]) for p in points for q in ("p50", "p99", "p99.9"))
+    assert "Latency against load" in md
     assert _number(result["naive"]["events_per_s_at_mix"]["median"])
     assert _number(result["naive"]["product_event_us"]["median"])
     assert _number(result["naive"]["behaviour_event_us"]["median"])

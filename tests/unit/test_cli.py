@@ -50,3 +50,13 @@ def test_the_serving_path_never_imports_tensorflow() -> None:
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_bench_latency_fractions_are_checked(capsys: pytest.CaptureFixture[str]) -> None:
+    from tagstream.bench import _fractions
+
+    assert _fractions("0.1,0.25") == (0.1, 0.25) and _fractions("") == ()
+    for bad in ("0.1,x", "0", "1.5"):
+        with pytest.raises(SystemExit):
+            main(["bench", "--latency-fractions", bad])
+        assert "--latency-fractions" in capsys.readouterr().err
