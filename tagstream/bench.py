@@ -5,7 +5,8 @@ One run on this machine, against the real local stack, measures side by side (de
 1. transport ceiling: a raw aiokafka consumer → producer passthrough of the bench backlog (`bench/passthrough.py`);
 2. tagstream end to end: a real `tagstream worker` subprocess on the same pre-loaded backlog (events/s from its first
    commit to caught up), then event-to-tag-update latency at half that rate (paced producer, matched by source
-   topic/partition/offset), its peak RSS and whether TensorFlow is mapped into it;
+   topic/partition/offset) and, one run each, at `--latency-fractions` of it (latency against load), its peak RSS
+   and whether TensorFlow is mapped into it;
 3. a naive per-event implementation (Keras `model(x)` per product, per-event Redis round trips) (`bench/naive.py`);
 4. scoring alone: ONNX Runtime vs Keras `model(x)` / `predict` at batch 1, 8, 64, 512 (`bench/scoring.py`);
 5. featurizer µs per title, Chinese and English (`bench/featurizer_cost.py`).
