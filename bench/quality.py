@@ -157,9 +157,9 @@ def run_split(
         s, e = slices[g]
         tags = [lab.tag for lab in label_map.labels[s:e]]
         out["model"][g] = group_report(scores[:, s:e], y_test.targets[g], tags)
-    top_levels = [p.category_path[0] for p in test_p]
     leaf = slices["category_leaf"]
     leaf_tags = [lab.tag for lab in label_map.labels[leaf[0] : leaf[1]]]
+    top_levels = [p.category_path[0] if p.category_path else "" for p in test_p]
     if leaf_by_top_level:
         out["model_by_top_level"] = by_top_level(
             scores[:, leaf[0] : leaf[1]], y_test.targets["category_leaf"], leaf_tags, top_levels

@@ -246,7 +246,8 @@ def markdown(result: dict[str, Any]) -> str:
     if lat.get("by_load"):
         lines += [
             "",
-            "## Latency against load (the rows other than the median maximum's half are one run each)",
+            "## Latency against load (one run at each further fraction of the maximum; the latency rate's row is the "
+            "median of its runs)",
             "",
             "| paced ev/s | × max | runs | matched updates | emit p50 | p99 | p99.9 | p50 ≤ 10 and p99 ≤ 50 ms | "
             "worker cores busy |",
