@@ -91,12 +91,20 @@ def linear_baseline_scores(
     return out
 
 
-def group_report(scores: np.ndarray, targets: np.ndarray, tags: list[str]) -> dict[str, Any]:
-    """Headline top-1 figures of one group."""
-    from training.evaluate import GroupPredictions, evaluate_group
+def group_report(
+    scores: np.ndarray, targets: np.ndarray, tags: list[str], *, intervals: bool = False
+) -> dict[str, Any]:
+    """Headline top-1 figures of one group; with `intervals`, the 95 % bootstrap intervals of its macro and weighted
+    F1 over the test products (`training.evaluate.f1_intervals`)."""
+    from training.evaluate import GroupPredictions, evaluate_group, f1_intervals
 
-    r = evaluate_group(GroupPredictions.from_scores(targets, scores, tags, None))
-    return {k: r.get(k) for k in ("n", "accuracy", "micro_f1", "macro_f1", "weighted_f1")}
+    predictions = GroupPredictions.from_scores(targets, scores, tags, None)
+    r = evaluate_group(predictions)
+    out = {k: r.get(k) for k in ("n", "accuracy", "micro_f1", "macro_f1", "weighted_f1")}
+    if intervals:
+        ci = f1_intervals(predictions)
+        out.update(macro_f1_ci95=ci["macro_f1"], weighted_f1_ci95=ci["weighted_f1"])
+    return out
 
 
 # JD's publications: bare book names, whose leaf is genre × medium (printed book or e-book), which titles do not carry
@@ -156,7 +164,7 @@ def run_split(
     for g in groups:
         s, e = slices[g]
         tags = [lab.tag for lab in label_map.labels[s:e]]
-        out["model"][g] = group_report(scores[:, s:e], y_test.targets[g], tags)
+        out["model"][g] = group_report(scores[:, s:e], y_test.targets[g], tags, intervals=True)
     leaf = slices["category_leaf"]
     leaf_tags = [lab.tag for lab in label_map.labels[leaf[0] : leaf[1]]]
     top_levels = [p.category_path[0] if p.category_path else "" for p in test_p]
@@ -171,7 +179,7 @@ def run_split(
         for g in groups:
             s, e = slices[g]
             tags = [lab.tag for lab in label_map.labels[s:e]]
-            out["baseline"][g] = group_report(base[g], y_test.targets[g], tags)
+            out["baseline"][g] = group_report(base[g], y_test.targets[g], tags, intervals=True)
         if leaf_by_top_level:
             out["baseline_by_top_level"] = by_top_level(
                 base["category_leaf"], y_test.targets["category_leaf"], leaf_tags, top_levels
@@ -307,6 +315,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                     TARGETS.get(f"{run}.{g}.{metric}"),
                 )
             )
+    print("95 % bootstrap intervals over the test products (model; baseline):")
+    for run, metric, groups in (
+        ("jd", "weighted_f1", ("category_leaf",)),
+        ("jd-ood", "weighted_f1", ("category_leaf",)),
+        ("myntra", "macro_f1", ("category_leaf", "colour", "usage")),
+    ):
+        if run in results:
+            for g in groups:
+                model_ci = results[run]["model"][g][f"{metric}_ci95"]
+                base_ci = results[run]["baseline"].get(g, {}).get(f"{metric}_ci95")
+                print(f"  {run}.{g} {metric}: {model_ci}; {base_ci or '-'}")
     for run in ("jd", "jd-ood"):
         if run in results:
             r = results[run]

@@ -27,6 +27,7 @@ __all__ = [
     "evaluate_bundle_scores",
     "evaluate_group",
     "evaluate_groups",
+    "f1_intervals",
     "pr_curve",
     "true_tags",
 ]
@@ -148,6 +149,39 @@ def pr_curve(y: np.ndarray, s: np.ndarray, max_points: int = 50) -> dict[str, An
     }
 
 
+def _per_tag(yt: np.ndarray, yp: np.ndarray, k: int) -> tuple[np.ndarray, ...]:
+    """Per tag: support, predicted, true positives, precision, recall, F1, and which tags are present."""
+    support = np.bincount(yt, minlength=k).astype(np.float64)
+    predicted = np.bincount(yp[yp >= 0], minlength=k).astype(np.float64)
+    tp = np.bincount(yt[yt == yp], minlength=k).astype(np.float64)
+    prec, rec = _safe_div(tp, predicted), _safe_div(tp, support)
+    return support, predicted, tp, prec, rec, _f1(prec, rec), (support > 0) | (predicted > 0)
+
+
+def f1_intervals(g: GroupPredictions, *, resamples: int = 1000, level: float = 0.95, seed: int = 0) -> dict[str, Any]:
+    """Bootstrap intervals (products resampled with replacement) of the group's macro and weighted F1: how far the
+    figures move with which products happen to be in the test part (wide for groups with rare tags)."""
+    m = g.y_true >= 0
+    yt, yp = g.y_true[m], g.y_pred[m]
+    k, n = len(g.labels), len(yt)
+    if n == 0:
+        return {"macro_f1": None, "weighted_f1": None, "level": level, "resamples": 0}
+    rng = np.random.default_rng(seed)
+    macro, weighted = np.empty(resamples), np.empty(resamples)
+    for i in range(resamples):
+        pick = rng.integers(0, n, n)
+        support, _, _, _, _, f1, present = _per_tag(yt[pick], yp[pick], k)
+        macro[i] = f1[present].mean()
+        weighted[i] = (f1 * support).sum() / n
+    tail = (1.0 - level) / 2 * 100
+    return {
+        "macro_f1": [_r(v) for v in np.percentile(macro, [tail, 100 - tail])],
+        "weighted_f1": [_r(v) for v in np.percentile(weighted, [tail, 100 - tail])],
+        "level": level,
+        "resamples": resamples,
+    }
+
+
 def evaluate_group(
     g: GroupPredictions, *, top_confused: int = 10, n_pr_tags: int = 6, n_bins: int = 10
 ) -> dict[str, Any]:
@@ -161,12 +195,7 @@ def evaluate_group(
         out.update({"accuracy": None, "coverage": None, "per_tag": {}, "confused_pairs": []})
         return out
     hit = yt == yp
-    support = np.bincount(yt, minlength=k).astype(np.float64)
-    predicted = np.bincount(yp[yp >= 0], minlength=k).astype(np.float64)
-    tp = np.bincount(yt[hit], minlength=k).astype(np.float64)
-    prec, rec = _safe_div(tp, predicted), _safe_div(tp, support)
-    f1 = _f1(prec, rec)
-    present = (support > 0) | (predicted > 0)
+    support, predicted, tp, prec, rec, f1, present = _per_tag(yt, yp, k)
     micro_p = float(tp.sum() / predicted.sum()) if predicted.sum() else 0.0
     micro_r = float(tp.sum() / support.sum())
     w = support[present] / support.sum()

@@ -12,7 +12,13 @@ from sklearn.metrics import average_precision_score, precision_recall_fscore_sup
 from tagstream.synth import generate_catalog
 from training.baseline import baseline_scores, run_baseline
 from training.catalog import CatalogProduct
-from training.evaluate import GroupPredictions, evaluate_bundle_scores, evaluate_group, evaluate_groups
+from training.evaluate import (
+    GroupPredictions,
+    evaluate_bundle_scores,
+    evaluate_group,
+    evaluate_groups,
+    f1_intervals,
+)
 from training.report import write_report
 from training.splits import stratified_split
 
@@ -79,6 +85,27 @@ def test_matches_sklearn(seed: int) -> None:
     for j, lab in enumerate(labels):
         t = r["per_tag"][f"t{lab}"]
         assert (t["precision"], t["recall"], t["f1"], t["support"]) == pytest.approx((p[j], rec[j], f[j], s[j]))
+
+
+def test_f1_intervals_hold_the_figures_and_widen_with_rare_tags() -> None:
+    rng = np.random.default_rng(3)
+    labels = ["a", "b", "c", "rare"]
+    y_true = rng.choice(3, size=2000)
+    y_true[:4] = 3  # four products of a rare tag, two of them predicted right
+    y_pred = np.where(rng.random(2000) < 0.9, y_true, (y_true + 1) % 3)
+    y_pred[:4] = [3, 3, 0, 1]
+    g = GroupPredictions(labels=labels, y_true=y_true, y_pred=y_pred)
+    figures, ci = evaluate_group(g), f1_intervals(g, resamples=400)
+    for metric in ("macro_f1", "weighted_f1"):
+        low, high = ci[metric]
+        assert low <= figures[metric] <= high, metric
+    # the rare tag's F1 swings with which of its four products are drawn; the weighted figure barely moves
+    assert ci["macro_f1"][1] - ci["macro_f1"][0] > 3 * (ci["weighted_f1"][1] - ci["weighted_f1"][0])
+    assert f1_intervals(g, resamples=400) == ci  # seeded
+    perfect = GroupPredictions(labels=labels, y_true=y_true, y_pred=y_true)
+    assert f1_intervals(perfect, resamples=50)["macro_f1"] == [1.0, 1.0]
+    unlabelled = GroupPredictions(labels=labels, y_true=np.full(5, -1), y_pred=np.zeros(5, dtype=int))
+    assert f1_intervals(unlabelled)["macro_f1"] is None
 
 
 def test_scores_thresholds_calibration_and_pr() -> None:
