@@ -325,7 +325,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             for g in groups:
                 model_ci = results[run]["model"][g][f"{metric}_ci95"]
                 base_ci = results[run]["baseline"].get(g, {}).get(f"{metric}_ci95")
-                print(f"  {run}.{g} {metric}: {model_ci}; {base_ci or '-'}")
+                span = lambda ci: "-" if not ci else f"{ci[0]:.3f}–{ci[1]:.3f}"  # noqa: E731
+                print(f"  {run}.{g} {metric}: {span(model_ci)}; {span(base_ci)}")
     for run in ("jd", "jd-ood"):
         if run in results:
             r = results[run]
