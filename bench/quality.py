@@ -250,6 +250,10 @@ def _row(name: str, metric: str, model: float | None, base: float | None, target
     return f"{name:<28} {metric:<12} {f(model)} {f(base)} {f(target)}"
 
 
+def _span(interval: Sequence[float] | None) -> str:
+    return "-" if not interval else f"{interval[0]:.3f}–{interval[1]:.3f}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
@@ -325,8 +329,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             for g in groups:
                 model_ci = results[run]["model"][g][f"{metric}_ci95"]
                 base_ci = results[run]["baseline"].get(g, {}).get(f"{metric}_ci95")
-                span = lambda ci: "-" if not ci else f"{ci[0]:.3f}–{ci[1]:.3f}"  # noqa: E731
-                print(f"  {run}.{g} {metric}: {span(model_ci)}; {span(base_ci)}")
+                print(f"  {run}.{g} {metric}: {_span(model_ci)}; {_span(base_ci)}")
     for run in ("jd", "jd-ood"):
         if run in results:
             r = results[run]
