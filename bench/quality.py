@@ -21,6 +21,7 @@ usage ≥ 0.70; out-of-domain above the baseline; timing ≤ 180 s.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -165,13 +166,16 @@ def run_split(
         s, e = slices[g]
         tags = [lab.tag for lab in label_map.labels[s:e]]
         out["model"][g] = group_report(scores[:, s:e], y_test.targets[g], tags, intervals=True)
-    leaf = slices["category_leaf"]
-    leaf_tags = [lab.tag for lab in label_map.labels[leaf[0] : leaf[1]]]
-    top_levels = [p.category_path[0] if p.category_path else "" for p in test_p]
+    leaf_parts = None
     if leaf_by_top_level:
-        out["model_by_top_level"] = by_top_level(
-            scores[:, leaf[0] : leaf[1]], y_test.targets["category_leaf"], leaf_tags, top_levels
+        start, end = slices["category_leaf"]
+        leaf_parts = functools.partial(
+            by_top_level,
+            targets=y_test.targets["category_leaf"],
+            tags=[lab.tag for lab in label_map.labels[start:end]],
+            top_levels=[p.category_path[0] if p.category_path else "" for p in test_p],
         )
+        out["model_by_top_level"] = leaf_parts(scores[:, start:end])
     if baseline:
         t1 = time.perf_counter()
         base = linear_baseline_scores(list(train_p) + list(val_p), test_p, label_map, groups)
@@ -180,10 +184,8 @@ def run_split(
             s, e = slices[g]
             tags = [lab.tag for lab in label_map.labels[s:e]]
             out["baseline"][g] = group_report(base[g], y_test.targets[g], tags, intervals=True)
-        if leaf_by_top_level:
-            out["baseline_by_top_level"] = by_top_level(
-                base["category_leaf"], y_test.targets["category_leaf"], leaf_tags, top_levels
-            )
+        if leaf_parts is not None:
+            out["baseline_by_top_level"] = leaf_parts(base["category_leaf"])
     print(f"[{name}] done in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     return out
 

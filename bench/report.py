@@ -255,11 +255,10 @@ def markdown(result: dict[str, Any]) -> str:
         ]
         for point in lat["by_load"]:
             e = point["emit_ms"]
-            met = None if e["p50"] is None or e["p99"] is None else e["p50"] <= 10 and e["p99"] <= 50
             lines.append(
                 f"| {_n(point['rate'])} | {_n(point['fraction_of_max'], 2)} | {point['runs']} | "
                 f"{_n(point['matched_updates'])} | {_n(e['p50'], 1)} | {_n(e['p99'], 1)} | {_n(e['p99.9'], 1)} | "
-                f"{_n(met)} | {_n(point['worker_cores_busy'], 2)} |"
+                f"{_n(point['meets_latency_targets'])} | {_n(point['worker_cores_busy'], 2)} |"
             )
     if nv:
         lines += [

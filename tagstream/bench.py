@@ -727,15 +727,19 @@ def run_bench(args: argparse.Namespace) -> int:
 
 
 def _load_point(max_rate: float, rate: float, runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """One row of latency against load: the paced rate, its fraction of the maximum, and the median over `runs` of
-    the emit latency quantiles and the worker's cores busy."""
+    """One row of latency against load: the paced rate, its fraction of the maximum, the median over `runs` of the
+    emit latency quantiles and the worker's cores busy, and whether the medians meet both latency TARGETS."""
     from bench.common import spread
 
+    emit = {q: spread(r["emit_ms"][q] for r in runs)["median"] for q in ("p50", "p99", "p99.9")}
     return {
         "rate": round(rate, 1),
         "fraction_of_max": round(rate / max_rate, 3),
         "runs": len(runs),
-        "emit_ms": {q: spread(r["emit_ms"][q] for r in runs)["median"] for q in ("p50", "p99", "p99.9")},
+        "emit_ms": emit,
+        "meets_latency_targets": None
+        if emit["p50"] is None or emit["p99"] is None
+        else emit["p50"] <= TARGETS["latency_p50_ms"][1] and emit["p99"] <= TARGETS["latency_p99_ms"][1],
         "matched_updates": sum(r["matched_updates"] for r in runs),
         "worker_cores_busy": spread((r.get("cores_busy") or {}).get("worker") for r in runs)["median"],
     }

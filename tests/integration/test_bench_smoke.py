@@ -71,6 +71,7 @@ def test_bench_smoke_writes_every_section(stack: object, tmp_path: Path) -> None
     assert [p["fraction_of_max"] for p in points] == [0.25, 0.5] and [p["runs"] for p in points] == [1, 1]
     assert points[0]["rate"] < points[1]["rate"] and all(p["matched_updates"] > 0 for p in points)
     assert all(_number(p["emit_ms"][q]) for p in points for q in ("p50", "p99", "p99.9"))
+    assert all(isinstance(p["meets_latency_targets"], bool) for p in points)
     assert "Latency against load" in md
     assert _number(result["naive"]["events_per_s_at_mix"]["median"])
     assert _number(result["naive"]["product_event_us"]["median"])
