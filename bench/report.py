@@ -288,6 +288,7 @@ def markdown(result: dict[str, Any]) -> str:
             )
         lines.append("")
         lines.append(f"max |ONNX − Keras| on these inputs: {result['scoring'].get('max_abs_diff_onnx_vs_keras'):.2e}")
+        lines += _onnx_time_lines(result["scoring"])
     fz = result.get("featurizer")
     if fz:
         lines += [
@@ -325,3 +326,41 @@ def _rows_spread(sc: dict[str, Any], bs: str, engine: str) -> dict[str, Any] | N
         "max": b / (r["min"] / 1000),
         "runs": r["runs"],
     }
+
+
+def _onnx_time_lines(scoring: dict[str, Any], ops_shown: int = 8, nodes_shown: int = 5) -> list[str]:
+    """Where an ONNX call's time goes by operator, and the int8-dense variant's speed and parity (bench.onnx_time)."""
+    lines: list[str] = []
+    ops = scoring.get("operators")
+    if ops:
+        lines += [
+            "",
+            f"### ONNX Runtime kernel time per call of {ops['rows']} rows, by operator "
+            f"(its profiler, {ops['calls']} calls, 1 thread; {ops['nodes']} nodes, "
+            f"{_n(ops['kernel_us_per_call'])} µs per call)",
+            "",
+            "| operator | nodes | µs per call | share |",
+            "|---|---|---|---|",
+        ]
+        for op in ops["by_op"][:ops_shown]:
+            lines.append(f"| {op['op']} | {op['nodes']} | {_n(op['us_per_call'])} | {op['share']:.0%} |")
+        rest = ops["by_op"][ops_shown:]
+        if rest:
+            lines.append(
+                f"| {len(rest)} others | {sum(o['nodes'] for o in rest)} | "
+                f"{_n(sum(o['us_per_call'] for o in rest))} | {sum(o['share'] for o in rest):.0%} |"
+            )
+        slowest = "; ".join(f"{x['node']} ({x['op']}) {x['share']:.0%}" for x in ops["top_nodes"][:nodes_shown])
+        lines += ["", f"Slowest nodes: {slowest}."]
+    q = scoring.get("int8_dense")
+    if q:
+        verdict = "passes" if q["passes_parity_gate"] else "fails"
+        lines += [
+            "",
+            f"int8 dense layers (ONNX Runtime's `quantize_dynamic` of {q['int8_matmuls']} matrix products; not "
+            f"shipped): {_n(q['int8_rows_per_s']['median'])} rows/s against {_n(q['float_rows_per_s']['median'])} "
+            f"for the float model in the same calls ({q['speedup']:.2f}×); on {_n(q['checked_rows'])} other titles "
+            f"max |Δ| {q['max_abs_diff']:.2g} and {q['decision_flips']} decision flips: {verdict} the export parity "
+            "gate (max |Δ| ≤ 1e-4, no flips).",
+        ]
+    return lines

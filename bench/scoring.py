@@ -6,6 +6,10 @@ inputs, at batch 1, 8, 64 and 512; plus the worker's whole scoring step (featuri
 Both engines get one intra-op thread (the worker's `TAGSTREAM_ORT_INTRA_OP_THREADS` default), so rows/s are per core.
 Inputs are real catalog titles (Chinese and English mixed) featurized by the bundle's featurizer. Each figure is the
 median over `--runs` runs of (time per call, repeated for at least `--min-seconds`). Prints one JSON line.
+
+Also, at `--profile-batch` rows (64, the rows/s target's batch): ONNX Runtime's kernel time by operator and node,
+and the model with int8 dense layers (`bench.onnx_time`): its rows/s beside the float model's and, on
+`--check-rows` other titles, its max |Δ| and decision flips, i.e. whether it would pass the export parity gate.
 """
 
 from __future__ import annotations
@@ -79,8 +83,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             )
         ]
         results[str(bs)] = per_engine
+    # where a call's time goes at the target's batch size, and what int8 dense layers would score at (bench.onnx_time)
+    from bench.onnx_time import int8_dense, operator_times
+    from training.export import threshold_vector
+
+    x = feats.take(slice(0, min(args.profile_batch, len(products))))
+    feed = _trimmed_feed(x)
+    check_products, _ = load_products(args.check_rows, args.seed + 1, None if args.synthetic else SHARED_DATA)
+    check = bundle.featurizer.transform(check_products)
+    check_feed = _trimmed_feed(check)
+    thresholds = threshold_vector([lab.tag for lab in bundle.labels.labels], bundle.thresholds.to_json())
+    operators = operator_times(bundle.onnx_bytes, feed)
+    int8 = int8_dense(bundle.onnx_bytes, feed, check_feed, thresholds, runs=args.runs, min_seconds=args.min_seconds)
     return {
         "batches": results,
+        "operators": operators,
+        "int8_dense": int8,
         "threads": {"onnx_intra_op": 1, "tf_intra_op": 1, "tf_inter_op": 1},
         "max_abs_diff_onnx_vs_keras": parity,
         "rows": len(products),
@@ -88,6 +106,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "model": {"L": bundle.L, "K": bundle.K, "T": bundle.T, "onnx_bytes": len(bundle.onnx_bytes)},
         "keras_load_s": round(keras_load_s, 2),
     }
+
+
+def _trimmed_feed(batch: Any) -> dict[str, Any]:
+    """A FeatureBatch as the worker's scorer feeds it (unused trailing token columns dropped)."""
+    from serving.scorer import trim_padding
+
+    ids, weights = trim_padding(batch.ids, batch.weights)
+    return {"ids": ids, "weights": weights, "numeric": batch.numeric}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -99,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--min-seconds", type=float, default=0.3)
     p.add_argument("--batches", default="1,8,64,512")
     p.add_argument("--seed", type=int, default=11)
+    p.add_argument("--profile-batch", type=int, default=64, help="rows per call for the operator profile and int8")
+    p.add_argument("--check-rows", type=int, default=2000, help="rows for the int8 variant's parity measures")
     p.add_argument("--synthetic", action="store_true")
     args = p.parse_args(argv)
     sys.stdout.write("RESULT " + json.dumps(run(args)) + "\n")

@@ -22,7 +22,7 @@ import onnxruntime as ort
 from serving.bundle import INPUT_NAMES, MODEL_FILE, OUTPUT_NAME, ModelBundle
 from tagstream.errors import ConfigError, ModelLoadError, ModelNotLoadedError, ModelRejectedError, ScoringError
 
-__all__ = ["FeatureArrays", "LatencyStats", "OnnxScorer"]
+__all__ = ["FeatureArrays", "LatencyStats", "OnnxScorer", "trim_padding"]
 
 # Scores may leave [0, 1] by float rounding only.
 _RANGE_SLACK = 1e-5
@@ -55,6 +55,17 @@ class _Loaded(NamedTuple):
     K: int
     T: int
     trim: bool  # the token axis is dynamic: pass only the columns some row of the batch uses
+
+
+def trim_padding(ids: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Drop the trailing token columns no row uses (weight 0 adds nothing to the bag): featurized rows are packed
+    left, and rows of the bench mix use ~90 columns on average, a 64-row batch ~120 of L=128. For models whose
+    token axis is dynamic."""
+    used = np.flatnonzero(weights.any(axis=0))
+    width = int(used[-1]) + 1 if used.size else 1
+    if width < ids.shape[1]:
+        return np.ascontiguousarray(ids[:, :width]), np.ascontiguousarray(weights[:, :width])
+    return ids, weights
 
 
 class OnnxScorer:
@@ -208,12 +219,7 @@ class OnnxScorer:
 
     def _run(self, state: _Loaded, ids: np.ndarray, weights: np.ndarray, numeric: np.ndarray) -> np.ndarray:
         if state.trim:
-            # Padding (weight 0) adds nothing to the bag: drop the trailing columns no row uses. Featurized rows are
-            # packed left: rows of the bench mix use ~90 columns on average, a 64-row batch ~120 of L=128.
-            used = np.flatnonzero(weights.any(axis=0))
-            width = int(used[-1]) + 1 if used.size else 1
-            if width < ids.shape[1]:
-                ids, weights = np.ascontiguousarray(ids[:, :width]), np.ascontiguousarray(weights[:, :width])
+            ids, weights = trim_padding(ids, weights)
         feeds = {"ids": ids, "weights": weights, "numeric": numeric}
         try:
             out = state.session.run([OUTPUT_NAME], feeds)[0]

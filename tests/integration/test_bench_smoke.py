@@ -86,6 +86,12 @@ def test_bench_smoke_writes_every_section(stack: object, tmp_path: Path) -> None
             assert _number(row[engine]["ms_per_call"]["median"]), (bs, engine)
             assert _number(row[engine]["rows_per_s"]), (bs, engine)
         assert _number(row["speedup_vs_keras_call"])
+    ops = result["scoring"]["operators"]  # where an ONNX call's time goes, by operator, at the target's batch
+    assert ops["rows"] == 64 and ops["by_op"] and sum(o["share"] for o in ops["by_op"]) == pytest.approx(1.0)
+    assert {"Gather", "Gemm"} <= {o["op"] for o in ops["by_op"]}  # the bag's lookups and the dense layers
+    q = result["scoring"]["int8_dense"]
+    assert q["int8_matmuls"] >= 1 and _number(q["int8_rows_per_s"]["median"]) and _number(q["max_abs_diff"])
+    assert "kernel time per call of 64 rows" in md and "the export parity gate" in md
     for lang in ("zh", "en"):
         assert _number(result["featurizer"][lang]["us_per_title_batch1"]["median"]), lang
         assert _number(result["featurizer"][lang]["us_per_title_batch64"]["median"]), lang
