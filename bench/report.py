@@ -353,7 +353,9 @@ def _onnx_time_lines(scoring: dict[str, Any], ops_shown: int = 8, nodes_shown: i
         slowest = "; ".join(f"{x['node']} ({x['op']}) {x['share']:.0%}" for x in ops["top_nodes"][:nodes_shown])
         lines += ["", f"Slowest nodes: {slowest}."]
     q = scoring.get("int8_dense")
-    if q:
+    if q and "error" in q:
+        lines += ["", f"int8 dense layers: not measured ({q['error']})."]
+    elif q:
         verdict = "passes" if q["passes_parity_gate"] else "fails"
         lines += [
             "",

@@ -83,3 +83,5 @@ def test_report_shows_the_operator_table_and_the_int8_verdict() -> None:
     verdict = "passes" if q["passes_parity_gate"] else "fails"
     assert f"{q['decision_flips']} decision flips: {verdict} the export parity gate" in text
     assert _onnx_time_lines({}) == []
+    failed = "\n".join(_onnx_time_lines({"int8_dense": {"error": "ValueError: no MatMul"}}))
+    assert "int8 dense layers: not measured (ValueError: no MatMul)." in failed
