@@ -25,6 +25,7 @@ import numpy as np
 import onnxruntime as ort
 
 from bench.common import spread, timed_repeat
+from serving.scorer import OnnxScorer
 
 __all__ = ["PARITY_ATOL", "int8_dense", "operator_times"]
 
@@ -32,13 +33,9 @@ PARITY_ATOL = 1e-4  # the export parity gate's limit (training.export.PARITY_ATO
 
 
 def _options(profile_dir: str | None = None) -> ort.SessionOptions:
-    """One intra-op and one inter-op thread, no spinning: the worker's scorer settings (per-core figures)."""
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 1
-    so.inter_op_num_threads = 1
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    so.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    """The worker's scorer options with one intra-op and one inter-op thread (per-core figures), profiling into
+    `profile_dir` when given."""
+    so = OnnxScorer(intra_op_num_threads=1, inter_op_num_threads=1).session_options()
     if profile_dir is not None:
         so.enable_profiling = True
         so.profile_file_prefix = str(Path(profile_dir) / "ort")
