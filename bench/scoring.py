@@ -88,10 +88,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from training.export import threshold_vector
 
     x = feats.take(slice(0, min(args.profile_batch, len(products))))
-    feed = _trimmed_feed(x)
+    feed = _scorer_feed(x, scorer.trims_padding)
     check_products, _ = load_products(args.check_rows, args.seed + 1, None if args.synthetic else SHARED_DATA)
     check = bundle.featurizer.transform(check_products)
-    check_feed = _trimmed_feed(check)
+    check_feed = _scorer_feed(check, scorer.trims_padding)
     thresholds = threshold_vector([lab.tag for lab in bundle.labels.labels], bundle.thresholds.to_json())
     operators = operator_times(bundle.onnx_bytes, feed)
     try:  # a what-if beside the figures above: a model the quantizer cannot rewrite loses only this part
@@ -111,11 +111,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def _trimmed_feed(batch: Any) -> dict[str, Any]:
-    """A FeatureBatch as the worker's scorer feeds it (unused trailing token columns dropped)."""
+def _scorer_feed(batch: Any, trim: bool) -> dict[str, Any]:
+    """A FeatureBatch as the worker's scorer feeds it: with `trim` (a dynamic token axis), without the trailing
+    token columns no row uses."""
     from serving.scorer import trim_padding
 
-    ids, weights = trim_padding(batch.ids, batch.weights)
+    ids, weights = trim_padding(batch.ids, batch.weights) if trim else (batch.ids, batch.weights)
     return {"ids": ids, "weights": weights, "numeric": batch.numeric}
 
 

@@ -101,6 +101,13 @@ class OnnxScorer:
         return state.bundle if state else None
 
     @property
+    def trims_padding(self) -> bool:
+        """Whether calls drop the token columns no row uses (`trim_padding`): the loaded model's token axis is
+        dynamic. False when no model is loaded."""
+        state = self._state
+        return bool(state and state.trim)
+
+    @property
     def model_version(self) -> str | None:
         """The loaded model's version, if any."""
         state = self._state

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from serving.bundle import ModelBundle, load_bundle
-from serving.scorer import OnnxScorer
+from serving.scorer import OnnxScorer, trim_padding
 from tagstream.errors import ConfigError, ModelLoadError, ModelNotLoadedError, ModelRejectedError, ScoringError
 from tests.tinymodel import DEFAULT_LABELS, make_bundle, make_feature_batch, make_model, run_model
 
@@ -202,3 +202,21 @@ def test_load_file_scores_like_load_and_refuses_a_changed_file(scorer: OnnxScore
     with pytest.raises(ModelLoadError, match="changed"):
         from_file.load_file(dataclasses.replace(bundle, onnx_bytes=b""), sha)
     np.testing.assert_array_equal(from_file.predict(batch), scorer.predict(batch))  # the loaded model stays
+
+
+def test_padding_is_trimmed_only_for_a_dynamic_token_axis(tmp_path: Path) -> None:
+    fixed, dynamic = OnnxScorer(), OnnxScorer()
+    assert fixed.trims_padding is False  # nothing loaded
+    fixed.load(load_bundle(make_bundle(tmp_path / "fixed")))
+    dynamic.load(load_bundle(make_bundle(tmp_path / "dynamic", model=make_model(token_dim="L"))))
+    assert fixed.trims_padding is False and dynamic.trims_padding is True
+    batch = make_feature_batch(4)
+    weights = batch.weights.copy()
+    weights[:, 5:] = 0.0
+    weights[2, 9] = 0.5  # one row reaches column 9: columns 10.. are unused by every row
+    ids, trimmed = trim_padding(batch.ids, weights)
+    assert ids.shape == trimmed.shape == (4, 10) and np.array_equal(trimmed, weights[:, :10])
+    assert np.array_equal(ids, batch.ids[:, :10])
+    full = np.ones_like(weights)
+    assert trim_padding(batch.ids, full)[1] is full  # every column used: unchanged
+    assert trim_padding(batch.ids, np.zeros_like(weights))[0].shape == (4, 1)  # an all-zero batch keeps one column
