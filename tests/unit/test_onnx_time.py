@@ -7,9 +7,10 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from bench.onnx_time import PARITY_ATOL, int8_dense, operator_times, quantized_dense
+from bench.onnx_time import int8_dense, operator_times, quantized_dense
 from bench.report import _onnx_time_lines
 from tests.tinymodel import make_feature_batch, make_model
+from training.export import PARITY_ATOL
 
 
 def _bytes(dim: int = 64) -> bytes:
