@@ -31,7 +31,6 @@ from training.export import PARITY_ATOL  # the export parity gate's limit (the m
 __all__ = ["int8_dense", "operator_times", "quantized_dense"]
 
 
-
 def _options(profile_dir: str | None = None) -> ort.SessionOptions:
     """The worker's scorer options with one intra-op and one inter-op thread (per-core figures), profiling into
     `profile_dir` when given."""
