@@ -121,12 +121,6 @@ def int8_dense(
     q_bytes = quantized_dense(onnx_bytes)
     sessions = {"float": _session(onnx_bytes), "int8": _session(q_bytes)}
     rows = len(next(iter(feed.values())))
-    ms: dict[str, list[float]] = {name: [] for name in sessions}
-    for sess in sessions.values():  # warm up (arena, kernels)
-        sess.run(None, dict(feed))
-    for _ in range(runs):
-        for name, sess in sessions.items():
-            ms[name].append(timed_repeat(lambda sess=sess: sess.run(None, dict(feed)), min_seconds) * 1000)
     ref = sessions["float"].run(None, dict(check_feed))[0]
     got = sessions["int8"].run(None, dict(check_feed))[0]
     th = np.asarray(thresholds, dtype=np.float32).reshape(1, -1)
@@ -134,6 +128,12 @@ def int8_dense(
         raise ValueError(f"{th.shape[1]} thresholds for {ref.shape[1]} score columns")
     diff = float(np.max(np.abs(got - ref))) if ref.size else 0.0
     flips = int(np.sum((got >= th) != (ref >= th)))
+    ms: dict[str, list[float]] = {name: [] for name in sessions}
+    for sess in sessions.values():  # warm up (arena, kernels)
+        sess.run(None, dict(feed))
+    for _ in range(runs):
+        for name, sess in sessions.items():
+            ms[name].append(timed_repeat(lambda sess=sess: sess.run(None, dict(feed)), min_seconds) * 1000)
     rate = {name: spread(rows / (m / 1000) for m in values) for name, values in ms.items()}
     return {
         "rows": rows,
