@@ -8,7 +8,9 @@ One run on this machine, against the real local stack, measures side by side (de
    topic/partition/offset) and, one run each, at `--latency-fractions` of it (latency against load), its peak RSS
    and whether TensorFlow is mapped into it;
 3. a naive per-event implementation (Keras `model(x)` per product, per-event Redis round trips) (`bench/naive.py`);
-4. scoring alone: ONNX Runtime vs Keras `model(x)` / `predict` at batch 1, 8, 64, 512 (`bench/scoring.py`);
+4. scoring alone: ONNX Runtime vs Keras `model(x)` / `predict` at batch 1, 8, 64, 512 (`bench/scoring.py`), with
+   ONNX Runtime's kernel time by operator at batch 64 and the same model with int8 dense layers beside the float
+   one, with the parity gate's two measures (`bench/onnx_time.py`);
 5. featurizer µs per title, Chinese and English (`bench/featurizer_cost.py`).
 
 Each stream measurement is repeated `--runs` times (median and spread; passthrough and tagstream runs alternate so
