@@ -16,11 +16,10 @@ import asyncio
 import sys
 from collections.abc import Sequence
 from types import SimpleNamespace
-from typing import Any
 
 import faust
 
-from streams.app import Worker
+from streams.app import BatchSteps, Worker
 from streams.eventloop import use_event_loop
 from streams.processor import BatchOutput, InMessage
 from streams.settings import WorkerSettings
@@ -39,7 +38,7 @@ class CeilingWorker(Worker):
         async def nothing(messages: Sequence[InMessage], prepared: object, hold: object) -> BatchOutput:
             return BatchOutput()
 
-        async def steps() -> tuple[Any, Any]:
+        async def steps() -> BatchSteps:
             return nothing, no_products
 
         @app.agent(topics[PRODUCTS.name], name="ceiling.products", concurrency=1)

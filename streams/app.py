@@ -35,6 +35,9 @@ log = logging.getLogger(__name__)
 # to fill and memory is bounded by records instead (`TagstreamApp.max_buffered_records`, see FastConsumer).
 FETCHED_BATCHES_BUFFERED = 1024
 
+# an agent's two batch steps, (process, prepare), as its processor gives them
+BatchSteps = tuple[Callable[..., Awaitable[BatchOutput]], Callable[[Sequence[InMessage]], Awaitable[Any]]]
+
 
 class TagstreamApp(faust.App):
     """A Faust app on TagstreamTransport: idempotent acks=all producer, cheaper message hand-off, and the records of
@@ -240,20 +243,18 @@ class Worker:
         self.behavior_agent = behavior
         self.models.attach(self)
 
-    async def _product_steps(self) -> tuple[Callable[..., Awaitable[BatchOutput]], Callable[..., Awaitable[Any]]]:
+    async def _product_steps(self) -> BatchSteps:
         processor = await self.processor()
         return processor.process_products, processor.prepare_products
 
-    async def _behaviour_steps(self) -> tuple[Callable[..., Awaitable[BatchOutput]], Callable[..., Awaitable[Any]]]:
+    async def _behaviour_steps(self) -> BatchSteps:
         processor = await self.processor()
         return processor.process_behaviour, processor.prepare_behaviour
 
     async def _run_batches(
         self,
         stream: faust.StreamT,
-        steps: Callable[
-            [], Awaitable[tuple[Callable[..., Awaitable[BatchOutput]], Callable[[Sequence[InMessage]], Awaitable[Any]]]]
-        ],
+        steps: Callable[[], Awaitable[BatchSteps]],
     ) -> None:
         """Consume in micro-batches: take what is buffered (up to batch_max), process, publish, then ack.
 
