@@ -5,6 +5,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
+from msgspec import UNSET
+
+from schemas.fast import fast_decoder
 from schemas.registry import decode_event, validate
 
 ProductOp = Literal["upsert", "delete"]
@@ -46,8 +49,8 @@ class ProductChange:
         return cls(
             op=obj["op"],
             product_id=obj["product_id"],
-            updated_at=obj["updated_at"],
-            version=obj["version"],
+            updated_at=int(obj["updated_at"]),  # JSON Schema integers may be written 5.0 (a float here)
+            version=int(obj["version"]),
             title=obj.get("title"),
             description=obj.get("description"),
             brand=obj.get("brand"),
@@ -59,7 +62,21 @@ class ProductChange:
 
     @classmethod
     def decode(cls, raw: bytes | None) -> ProductChange:
-        """Decode and validate a message value."""
+        """Decode and validate a message value (the schema-compiled fast path first; see schemas/fast.py)."""
+        if raw is not None and (s := _FAST_PRODUCT(raw)) is not None:
+            return cls(
+                s.op,
+                s.product_id,
+                s.updated_at,
+                s.version,
+                None if s.title is UNSET else s.title,
+                None if s.description is UNSET else s.description,
+                None if s.brand is UNSET else s.brand,
+                None if s.price is UNSET else s.price,
+                None if s.currency is UNSET else s.currency,
+                () if s.category_hints is UNSET else tuple(s.category_hints),
+                {} if s.attributes is UNSET else s.attributes,
+            )
         return cls.from_dict(decode_event(cls.SCHEMA, raw))
 
     def to_dict(self) -> dict[str, Any]:
@@ -103,13 +120,15 @@ class BehaviorEvent:
             event_type=obj["event_type"],
             product_id=obj["product_id"],
             user_id=obj["user_id"],
-            ts=obj["ts"],
+            ts=int(obj["ts"]),  # JSON Schema integers may be written 5.0 (a float here)
             session_id=obj.get("session_id"),
         )
 
     @classmethod
     def decode(cls, raw: bytes | None) -> BehaviorEvent:
-        """Decode and validate a message value."""
+        """Decode and validate a message value (the schema-compiled fast path first; see schemas/fast.py)."""
+        if raw is not None and (s := _FAST_CLICK(raw)) is not None:
+            return cls(s.event_type, s.product_id, s.user_id, s.ts, None if s.session_id is UNSET else s.session_id)
         return cls.from_dict(decode_event(cls.SCHEMA, raw))
 
     def to_dict(self) -> dict[str, Any]:
@@ -206,7 +225,7 @@ class ModelUpdate:
         return cls(
             kind=obj["kind"],
             model_version=obj["model_version"],
-            emitted_at=obj["emitted_at"],
+            emitted_at=int(obj["emitted_at"]),
             bundle_uri=obj.get("bundle_uri"),
             sha256=obj.get("sha256"),
             signature=obj.get("signature"),
@@ -310,3 +329,11 @@ class ShadowDiff:
             "shadow_tags": list(self.shadow_tags),
         }
         return validate(self.SCHEMA, out)
+
+
+def _no_fast_path(raw: bytes) -> None:
+    return None
+
+
+_FAST_PRODUCT = fast_decoder(ProductChange.SCHEMA) or _no_fast_path
+_FAST_CLICK = fast_decoder(BehaviorEvent.SCHEMA) or _no_fast_path

@@ -25,8 +25,8 @@ State per tag: {"on": bool, "since": ms of the last change}. Behaviour tags have
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 from schemas.records import Tag
 from tagstream.errors import ConfigError
@@ -53,9 +53,9 @@ WINDOWS = {"h1": (HOUR_MS, 5 * MINUTE_MS), "h24": (DAY_MS, HOUR_MS), "d7": (7 * 
 State = dict[str, dict[str, Any]]
 
 
-@dataclass(frozen=True, slots=True)
-class WindowStats:
-    """Event counts and approximate unique users of one window."""
+class WindowStats(NamedTuple):
+    """Event counts and approximate unique users of one window (a named tuple: built for every product a batch
+    touches, ~3x cheaper than a frozen dataclass)."""
 
     views: int = 0
     clicks: int = 0
@@ -106,14 +106,13 @@ class WindowStats:
         }
 
 
-@dataclass(frozen=True, slots=True)
-class WindowCounts:
+class WindowCounts(NamedTuple):
     """One product's windows at event time `now` (ms), and when it was first seen (ms, if known)."""
 
     now: int
-    h1: WindowStats = field(default_factory=WindowStats)
-    h24: WindowStats = field(default_factory=WindowStats)
-    d7: WindowStats = field(default_factory=WindowStats)
+    h1: WindowStats = WindowStats()
+    h24: WindowStats = WindowStats()
+    d7: WindowStats = WindowStats()
     first_seen: int | None = None
 
 

@@ -43,7 +43,7 @@ from streams.state import (
     Write,
     WriteResult,
 )
-from streams.windows import GRANULARITIES, event_fields, stale_fields, window_stats
+from streams.windows import GRANULARITIES, event_fields, stale_fields, window_sums
 from tagstream.errors import EventDecodeError, StateConflictError, TagstreamError
 
 log = logging.getLogger(__name__)
@@ -589,21 +589,21 @@ class Processor:
         self, state: ProductState, now: int, batch_users: int, with_most: bool = False
     ) -> tuple[WindowCounts, WindowCounts | None]:
         """`_counts`, and with `with_most` the same counts with the most unique users there can be: one per event."""
-        stats = window_stats(state.beh, now)
+        h1, h24, d7 = window_sums(state.beh, now)
         first_seen = int(state.doc["first_seen"]) if "first_seen" in state.doc else None
         users = state.users
-        windows, most = {}, {}
-        for w, s in stats.items():
-            views, clicks, carts, purchases = s["view"], s["click"], s["add_to_cart"], s["purchase"]
-            windows[w] = WindowStats(views, clicks, carts, purchases, users.get(w, 0) + batch_users, s["oldest"])
-            if with_most:
-                most[w] = WindowStats(
-                    views, clicks, carts, purchases, views + clicks + carts + purchases + batch_users, s["oldest"]
-                )
-        return (
-            WindowCounts(now=now, first_seen=first_seen, **windows),
-            WindowCounts(now=now, first_seen=first_seen, **most) if with_most else None,
+        counts = WindowCounts(
+            now,
+            WindowStats(*h1[:4], users.get("h1", 0) + batch_users, h1[4]),
+            WindowStats(*h24[:4], users.get("h24", 0) + batch_users, h24[4]),
+            WindowStats(*d7[:4], users.get("d7", 0) + batch_users, d7[4]),
+            first_seen,
         )
+        if not with_most:
+            return counts, None
+        # one user per interaction, plus this batch's
+        most = [WindowStats(*s[:4], s[0] + s[1] + s[2] + s[3] + batch_users, s[4]) for s in (h1, h24, d7)]
+        return counts, WindowCounts(now, *most, first_seen)
 
     def _behaviour_tags(
         self, state: ProductState, tag_state: dict[str, Any], now: int, batch_users: int = 0

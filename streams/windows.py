@@ -58,46 +58,66 @@ def window_buckets(g: Granularity, now: int) -> range:
     return range(now // g.width_ms - g.keep + 1, now // g.width_ms + 1)
 
 
-@lru_cache(maxsize=1 << 16)
-def _parse(name: str) -> tuple[str, int, str] | None:
+_GRANULARITY_INDEX = {g.code: i for i, g in enumerate(GRANULARITIES)}
+_METRIC_INDEX = {m: i for i, m in enumerate(METRICS)}
+_WIDTHS = tuple(g.width_ms for g in GRANULARITIES)
+_KEEPS = tuple(g.keep for g in GRANULARITIES)
+_PARSE_CACHE_SIZE = 1 << 16
+_parsed: dict[str, tuple[int, int, int] | None] = {}
+
+
+def _parse(name: str) -> tuple[int, int, int] | None:
+    """A counter field `code:bucket:metric` as (granularity index, bucket, metric index or -1 for another metric);
+    None for any other field (`last_ts`). Cached in a plain dict (cleared when full): one lookup per field."""
+    parsed = _parsed.get(name, 0)
+    if parsed != 0:
+        return parsed  # type: ignore[return-value]
     parts = name.split(":")
-    if len(parts) != 3 or parts[0] not in _BY_CODE:
-        return None
-    return parts[0], int(parts[1]), parts[2]
+    parsed = None
+    if len(parts) == 3 and parts[0] in _GRANULARITY_INDEX and parts[1].lstrip("-").isdigit():
+        parsed = (_GRANULARITY_INDEX[parts[0]], int(parts[1]), _METRIC_INDEX.get(parts[2], -1))
+    if len(_parsed) >= _PARSE_CACHE_SIZE:
+        _parsed.clear()
+    _parsed[name] = parsed
+    return parsed
 
 
-_BY_CODE = {g.code: g for g in GRANULARITIES}
+# one window's sums: views, clicks, add_to_carts, purchases, and the start (ms) of its oldest non-empty bucket
+WindowSums = tuple[int, int, int, int, int | None]
 
 
-def _oldest_kept(g: Granularity, now: int) -> int:
-    return now // g.width_ms - g.keep + 1
+def window_sums(beh: dict[str, int], now: int) -> tuple[WindowSums, ...]:
+    """Per granularity (GRANULARITIES order, i.e. windows h1, h24, d7): each metric's sum over the buckets its
+    window covers at event time `now` (METRICS order), and the start (ms) of the oldest non-empty one (None when
+    the window is empty)."""
+    newest = [now // width for width in _WIDTHS]
+    first = [n - keep + 1 for n, keep in zip(newest, _KEEPS, strict=True)]
+    sums = [0] * (4 * len(_WIDTHS))
+    oldest: list[int | None] = [None] * len(_WIDTHS)
+    for name, value in beh.items():
+        parsed = _parsed.get(name, 0)
+        if parsed == 0:
+            parsed = _parse(name)
+        if parsed is None or not value:
+            continue
+        g, bucket, m = parsed
+        if m >= 0 and first[g] <= bucket <= newest[g]:
+            sums[4 * g + m] += value
+            low = oldest[g]
+            if low is None or bucket < low:
+                oldest[g] = bucket
+    return tuple(
+        (sums[4 * g], sums[4 * g + 1], sums[4 * g + 2], sums[4 * g + 3], None if low is None else low * width)
+        for g, (low, width) in enumerate(zip(oldest, _WIDTHS, strict=True))
+    )
 
 
 def window_stats(beh: dict[str, int], now: int) -> dict[str, dict[str, int | None]]:
-    """Per window ("h1", "h24", "d7"): each metric's sum over the buckets it covers at event time `now`, and
-    `oldest`, the start (ms) of its oldest non-empty bucket (None when empty)."""
-    out: dict[str, dict[str, int | None]] = {}
-    # per granularity code: (first bucket in the window, newest bucket, bucket width, the window's sums)
-    spans: dict[str, tuple[int, int, int, dict[str, int | None]]] = {}
-    for g in GRANULARITIES:
-        stats = out[g.window] = {**dict.fromkeys(METRICS, 0), "oldest": None}
-        spans[g.code] = (_oldest_kept(g, now), now // g.width_ms, g.width_ms, stats)
-    oldest: dict[str, int] = {}  # code -> oldest non-empty bucket in the window
-    for name, value in beh.items():
-        if not value or name[0] not in spans:  # last_ts, anything else
-            continue
-        parsed = _parse(name)
-        if parsed is None:
-            continue
-        code, bucket, metric = parsed
-        first, newest, _, stats = spans[code]
-        if first <= bucket <= newest and metric in METRICS:
-            stats[metric] += value  # type: ignore[operator]
-            if bucket < oldest.get(code, newest + 1):
-                oldest[code] = bucket
-    for code, bucket in oldest.items():
-        spans[code][3]["oldest"] = bucket * spans[code][2]
-    return out
+    """`window_sums` keyed by window ("h1", "h24", "d7") and by metric name, plus `oldest`."""
+    return {
+        g.window: {**dict(zip(METRICS, sums[:4], strict=True)), "oldest": sums[4]}
+        for g, sums in zip(GRANULARITIES, window_sums(beh, now), strict=True)
+    }
 
 
 def stale_fields(beh: dict[str, int], now: int) -> tuple[list[str], list[tuple[str, int]]]:
@@ -105,12 +125,13 @@ def stale_fields(beh: dict[str, int], now: int) -> tuple[list[str], list[tuple[s
     bucket): their unique-user HyperLogLogs go with them (a bucket's HLL exists exactly when a counter of it does,
     since every event writes both)."""
     stale, buckets = [], set()
+    oldest_kept = [now // width - keep + 1 for width, keep in zip(_WIDTHS, _KEEPS, strict=True)]
     for name in beh:
         parsed = _parse(name)
         if parsed is None:
             continue
-        code, bucket, _ = parsed
-        if bucket < _oldest_kept(_BY_CODE[code], now):
+        g, bucket, _ = parsed
+        if bucket < oldest_kept[g]:
             stale.append(name)
-            buckets.add((code, bucket))
+            buckets.add((GRANULARITIES[g].code, bucket))
     return stale, sorted(buckets)

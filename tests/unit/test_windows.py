@@ -75,3 +75,17 @@ def test_window_sums_equal_a_direct_sum_over_each_windows_buckets_for_random_his
                 assert stats[g.window][metric] == expected
             used = [b for b in buckets if any(beh.get(f"{g.code}:{b}:{m}", 0) for m in METRICS)]
             assert stats[g.window]["oldest"] == (min(used) * g.width_ms if used else None)
+
+
+def test_fields_that_are_not_counters_of_a_known_metric_add_nothing_but_old_ones_are_still_pruned() -> None:
+    bucket = T0 // MIN5
+    beh = {"last_ts": T0, "m:abc:view": 5, "x:1:view": 3, f"m:{bucket}:scroll": 4, f"m:{bucket}:view": 1}
+    assert window_stats(beh, T0)["h1"] == {
+        "view": 1,
+        "click": 0,
+        "add_to_cart": 0,
+        "purchase": 0,
+        "oldest": bucket * MIN5,
+    }
+    stale, buckets = stale_fields(beh, T0 + 2 * HOUR)
+    assert sorted(stale) == [f"m:{bucket}:scroll", f"m:{bucket}:view"] and buckets == [("m", bucket)]

@@ -1,0 +1,161 @@
+"""The schema-compiled fast decoder (schemas/fast.py) is only a shortcut: on every input, valid or not, the records
+decode exactly as orjson + the JSON Schema validator decode them, and bad input gets the schema's error."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from typing import Any
+
+import orjson
+import pytest
+
+from schemas import BehaviorEvent, ProductChange, load_schema
+from schemas.fast import UnsupportedSchema, compile_struct, fast_decoder
+from schemas.registry import decode_event
+from tagstream.errors import TagstreamError
+
+RECORDS = {"click": BehaviorEvent, "product-change": ProductChange}
+
+ODD_VALUES: list[Any] = [
+    None,
+    True,
+    False,
+    0,
+    -1,
+    1,
+    1.0,
+    2.5,
+    -0.5,
+    2**63 - 1,
+    2**63,
+    2**64,
+    -(2**63) - 1,
+    10**30,
+    "",
+    "x",
+    "x" * 128,
+    "x" * 129,
+    "x" * 200,
+    "x" * 201,
+    "x" * 2001,
+    "a b",
+    "a\tb",
+    "{x}",
+    "ABC",
+    "abc",
+    "ab",
+    "view",
+    "purchase",
+    "upsert",
+    "delete",
+    "é" * 128,
+    "😀" * 128,
+    "😀" * 129,
+    [],
+    ["x"],
+    ["x"] * 20,
+    ["x"] * 21,
+    [1],
+    [None],
+    ["x" * 201],
+    {},
+    {"gender": "Men"},
+    {"1bad": "x"},
+    {"k": "x" * 201},
+    {"k": 1},
+    {"k" * 64: "v"},
+    {"k" * 65: "v"},
+    {"a b": "v"},
+]
+
+
+def _decode_old(record: type, raw: bytes | None) -> Any:
+    try:
+        return record.from_dict(decode_event(record.SCHEMA, raw))
+    except TagstreamError as exc:
+        return (type(exc), str(exc))
+
+
+def _decode_new(record: type, raw: bytes | None) -> Any:
+    try:
+        return record.decode(raw)
+    except TagstreamError as exc:
+        return (type(exc), str(exc))
+
+
+def _same(old: Any, new: Any) -> bool:
+    """Equal outcomes, and numbers of the same type (1299 stays an int: it is stored as text)."""
+    if old != new:
+        return False
+    if isinstance(old, tuple):
+        return True
+    return all(type(getattr(old, f)) is type(getattr(new, f)) for f in old.__slots__)
+
+
+def _dumps(obj: Any) -> bytes:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()  # big integers too
+
+
+def _mutations(example: dict[str, Any], schema: dict[str, Any]) -> list[bytes]:
+    out = [_dumps(example)]
+    for prop in schema["properties"]:
+        out.append(_dumps({k: v for k, v in example.items() if k != prop}))
+        out += [_dumps({**example, prop: v}) for v in ODD_VALUES]
+    out.append(_dumps({**example, "extra": 1}))
+    body = _dumps(example)[1:-1]
+    out += [
+        b"{" + body + b',"product_id":"other"}',  # a duplicate key: the last one counts for both
+        b'{"product_id":"first",' + body + b"}",
+        b" {" + body + b"} \n",
+        b"{" + body + b",}",
+        b"[" + body + b"]",
+        b"null",
+        b"",
+        b"{" + body.replace(b'"product_id":"', b'"product_id":"\\ud800') + b"}",
+        b"{" + body.replace(b'"product_id":"', b'"product_id":"\xff') + b"}",
+        b"{" + body.replace(b'"product_id":"', b'"product_id":"\\u00e9') + b"}",
+        b"{" + body.replace(b'"schema_version":1', b'"schema_version":1.0') + b"}",
+        b"{" + body.replace(b'"schema_version":1', b'"schema_version":true') + b"}",
+        b"{" + body.replace(b'"schema_version":1', b'"schema_version":NaN') + b"}",
+    ]
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(RECORDS))
+def test_the_fast_path_decodes_every_input_as_the_schema_does(name: str) -> None:
+    record = RECORDS[name]
+    schema = load_schema(name)
+    fast = fast_decoder(name)
+    assert fast is not None, "the event schema no longer compiles to a fast path"
+    inputs = [None, *itertools.chain.from_iterable(_mutations(e, schema) for e in schema["examples"])]
+    taken = 0
+    for raw in inputs:
+        old, new = _decode_old(record, raw), _decode_new(record, raw)
+        assert _same(old, new), (raw, old, new)
+        if raw is not None and fast(raw) is not None:
+            taken += 1
+            assert not isinstance(old, tuple), f"the fast path accepted what the schema refuses: {raw!r}"
+    # valid events do take the fast path (integers written 5.0 or beyond int64 do not), and plenty are refused
+    assert all(fast(_dumps(example)) is not None for example in schema["examples"])
+    accepted = sum(not isinstance(_decode_old(record, raw), tuple) for raw in inputs)
+    assert 0.85 * accepted <= taken < len(inputs) / 2, (taken, accepted, len(inputs))
+
+
+def test_an_integer_written_with_a_zero_fraction_is_the_same_event() -> None:
+    plain = {"schema_version": 1, "event_type": "view", "product_id": "p", "user_id": "u", "ts": 1764316805123}
+    event = BehaviorEvent.decode(_dumps({**plain, "ts": 1764316805123.0}))
+    assert event == BehaviorEvent.decode(_dumps(plain)) and type(event.ts) is int  # same time buckets in Redis
+
+
+def test_a_bad_event_gets_the_schema_validators_message() -> None:
+    raw = orjson.dumps({"schema_version": 1, "event_type": "view", "product_id": "p", "user_id": "", "ts": 1})
+    with pytest.raises(TagstreamError, match=r"click: data\.user_id must be longer than or equal to 1 characters"):
+        BehaviorEvent.decode(raw)
+
+
+def test_a_schema_with_a_keyword_it_does_not_know_gets_no_fast_path() -> None:
+    schema = {**load_schema("click"), "minProperties": 3}
+    with pytest.raises(UnsupportedSchema, match="minProperties"):
+        compile_struct("click", schema)
+    assert fast_decoder("tag-update") is None  # nested object schemas: decoded by the validator alone
