@@ -191,8 +191,8 @@ def _conditions(counts: WindowCounts, config: BehaviourConfig) -> dict[str, tupl
 
 
 def _prev(state: Mapping[str, Any] | None, tag: str) -> tuple[bool, int | None]:
-    entry = (state or {}).get(tag)
-    if not isinstance(entry, Mapping):
+    entry = state.get(tag) if state else None
+    if type(entry) is not dict:  # the stored state is JSON; anything else is no entry (an ABC check costs ~10x)
         return False, None
     since = entry.get("since")
     return bool(entry.get("on")), since if isinstance(since, int) and not isinstance(since, bool) else None

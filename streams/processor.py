@@ -383,23 +383,20 @@ class Processor:
         """The state product changes need: no behaviour counters (unless they are to be kept)."""
         return await self._states(sorted({ev.product_id for _, ev in items}), counters=False)
 
-    def _group(
-        self, groups: dict[tuple[str, str], _Group], state: ProductState, msg: InMessage, product_id: str
-    ) -> _Group:
-        """The write collecting this product's effects from this message's partition in the batch."""
-        group = groups.get((product_id, msg.fence_field))
+    def _group(self, groups: dict[tuple[str, str], _Group], msg: InMessage, product_id: str, fence: str) -> _Group:
+        """The write collecting this product's effects from this message's partition (`fence`, the message's
+        `fence_field`, built once per message by the caller) in the batch."""
+        group = groups.get((product_id, fence))
         if group is None:
             keys = ProductKeys(self.store.prefix, product_id)
-            group = groups[(product_id, msg.fence_field)] = _Group(
-                keys, Write(product_id, msg.fence_field, msg.offset, Ops(keys))
-            )
+            group = groups[(product_id, fence)] = _Group(keys, Write(product_id, fence, msg.offset, Ops(keys)))
         return group
 
     @staticmethod
-    def _record(group: _Group, state: ProductState, msg: InMessage, payload: bytes | None) -> None:
+    def _record(group: _Group, state: ProductState, msg: InMessage, fence: str, payload: bytes | None) -> None:
         group.events += 1
         group.write.last_offset = msg.offset
-        state.fence[msg.fence_field] = str(msg.offset)
+        state.fence[fence] = str(msg.offset)
         if payload is not None:
             Processor._attach(group, payload)
 
@@ -517,13 +514,14 @@ class Processor:
         redelivered: dict[tuple[str, str], int] = {}
         for i, (msg, ev) in enumerate(items):
             state = states[ev.product_id]
-            if msg.offset <= state.applied_offset(msg.fence_field):
-                redelivered.setdefault((ev.product_id, msg.fence_field), msg.offset)
+            fence = msg.fence_field
+            if msg.offset <= state.applied_offset(fence):
+                redelivered.setdefault((ev.product_id, fence), msg.offset)
                 continue
             tags_for_event = model_tags.get(i) if ev.op == "upsert" and model is not None else None
-            group = self._group(groups, state, msg, ev.product_id)
+            group = self._group(groups, msg, ev.product_id, fence)
             payload = self._apply_product(state, group.keys, group.write.ops, msg, ev, tags_for_event, model)
-            self._record(group, state, msg, payload)
+            self._record(group, state, msg, fence, payload)
         await self._finish(groups, redelivered, states, out)
         return out
 
@@ -716,20 +714,22 @@ class Processor:
         # Counters change with every event, tags only need a look at a product's last event of the batch (its write
         # is one fenced call anyway): window sums, behaviour decoding, the tag diff and the tag-state JSON once per
         # product instead of once per event (Zipf traffic repeats hot products inside a batch).
-        last = {(ev.product_id, msg.fence_field): i for i, (msg, ev) in enumerate(items)}
+        fences = [msg.fence_field for msg, _ in items]  # built once per message
+        last = {(ev.product_id, fence): i for i, ((_, ev), fence) in enumerate(zip(items, fences, strict=True))}
         evaluate: list[_Evaluation] = []
         for i, (msg, ev) in enumerate(items):
             state = states[ev.product_id]
-            if msg.offset <= state.applied_offset(msg.fence_field):
-                redelivered.setdefault((ev.product_id, msg.fence_field), msg.offset)
+            fence = fences[i]
+            if msg.offset <= state.applied_offset(fence):
+                redelivered.setdefault((ev.product_id, fence), msg.offset)
                 continue
             user = self._hash_user(ev.user_id)
             users = batch_users.setdefault(ev.product_id, set())
             users.add(user)
-            group = self._group(groups, state, msg, ev.product_id)
+            group = self._group(groups, msg, ev.product_id, fence)
             now = self._apply_behaviour(state, group.keys, group.write.ops, ev, user)
-            self._record(group, state, msg, None)
-            if last[(ev.product_id, msg.fence_field)] == i:
+            self._record(group, state, msg, fence, None)
+            if last[(ev.product_id, fence)] == i:
                 evaluate.append(_Evaluation(group, state, msg, ev.ts, now, len(users)))
         undecided = [e for e in evaluate if not self._evaluate_behaviour(e)]
         if undecided:

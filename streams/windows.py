@@ -127,7 +127,9 @@ def stale_fields(beh: dict[str, int], now: int) -> tuple[list[str], list[tuple[s
     stale, buckets = [], set()
     oldest_kept = [now // width - keep + 1 for width, keep in zip(_WIDTHS, _KEEPS, strict=True)]
     for name in beh:
-        parsed = _parse(name)
+        parsed = _parsed.get(name, 0)
+        if parsed == 0:
+            parsed = _parse(name)
         if parsed is None:
             continue
         g, bucket, _ = parsed
