@@ -74,8 +74,11 @@ def _parse(name: str) -> tuple[int, int, int] | None:
         return parsed  # type: ignore[return-value]
     parts = name.split(":")
     parsed = None
-    if len(parts) == 3 and parts[0] in _GRANULARITY_INDEX and parts[1].lstrip("-").isdigit():
-        parsed = (_GRANULARITY_INDEX[parts[0]], int(parts[1]), _METRIC_INDEX.get(parts[2], -1))
+    if len(parts) == 3 and parts[0] in _GRANULARITY_INDEX:
+        try:
+            parsed = (_GRANULARITY_INDEX[parts[0]], int(parts[1]), _METRIC_INDEX.get(parts[2], -1))
+        except ValueError:  # not a bucket number
+            parsed = None
     if len(_parsed) >= _PARSE_CACHE_SIZE:
         _parsed.clear()
     _parsed[name] = parsed

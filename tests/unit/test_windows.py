@@ -79,7 +79,15 @@ def test_window_sums_equal_a_direct_sum_over_each_windows_buckets_for_random_his
 
 def test_fields_that_are_not_counters_of_a_known_metric_add_nothing_but_old_ones_are_still_pruned() -> None:
     bucket = T0 // MIN5
-    beh = {"last_ts": T0, "m:abc:view": 5, "x:1:view": 3, f"m:{bucket}:scroll": 4, f"m:{bucket}:view": 1}
+    beh = {
+        "last_ts": T0,
+        "m:abc:view": 5,
+        "m:²:view": 6,
+        "m:--1:view": 7,
+        "x:1:view": 3,
+        f"m:{bucket}:scroll": 4,
+        f"m:{bucket}:view": 1,
+    }
     assert window_stats(beh, T0)["h1"] == {
         "view": 1,
         "click": 0,
