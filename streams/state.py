@@ -329,6 +329,16 @@ class _Script:
         pipe.append(("EVALSHA", self.sha, len(keys), *keys, *args))
 
 
+def _buckets(now: int) -> list[int]:
+    """The buckets of event time `now` in each granularity (users.lua's ARGV)."""
+    return [now // g.width_ms for g in GRANULARITIES]
+
+
+def _users(reply: list[int]) -> dict[str, int]:
+    """users.lua's reply as unique users per window."""
+    return {g.window: int(u) for g, u in zip(GRANULARITIES, reply, strict=True)}
+
+
 def _pairs(reply: dict[str, str] | list[str]) -> Any:
     """The field-value pairs of an HGETALL reply: a map (RESP3) or a flat list (RESP2)."""
     if isinstance(reply, dict):
@@ -412,6 +422,7 @@ class RedisStateStore:
         self.max_backoff = max_backoff
         self._script = _Script("state.lua")
         self._read_script = _Script("read.lua")
+        self._users_script = _Script("users.lua")
         self._pipe = _Pipeline(client)
 
     @classmethod
@@ -432,7 +443,7 @@ class RedisStateStore:
         try:
             return await self._retry(what, run)
         except NoScriptError:
-            for script in (self._script, self._read_script):
+            for script in (self._script, self._read_script, self._users_script):
                 await self._retry("script load", lambda s=script: self.client.script_load(s.text))
             return await self._retry(what, run)
 
@@ -470,23 +481,26 @@ class RedisStateStore:
     async def read(
         self, product_ids: list[str], now: dict[str, int] | None = None, *, counters: bool = True
     ) -> dict[str, ProductState]:
-        """Read the state of every product in one pipelined round trip: one Lua call per product (unique users per
-        window at `now[pid]`) and, with `counters`, its behaviour counters (`beh` stays empty without)."""
+        """Read the state of every product in one pipelined round trip: one Lua call per product (read.lua), one
+        more for its unique users per window at `now[pid]` (users.lua) and, with `counters`, its behaviour counters
+        (`beh` stays empty without)."""
         now = now or {}
-        per = 2 if counters else 1
 
         def queue(pipe: list[tuple[Any, ...]]) -> None:
             for pid in product_ids:
                 keys = ProductKeys(self.prefix, pid)
-                args = [t // g.width_ms for g in GRANULARITIES] if (t := now.get(pid)) is not None else []
-                self._read_script.queue(pipe, [keys.doc, keys.tags, keys.fence], args)
+                self._read_script.queue(pipe, [keys.doc, keys.tags, keys.fence], [])
+                if (t := now.get(pid)) is not None:
+                    self._users_script.queue(pipe, [keys.doc], _buckets(t))
                 if counters:
                     pipe.append(("HGETALL", keys.beh))
 
-        replies = await self._pipelined("read", queue) if product_ids else []
+        replies = iter(await self._pipelined("read", queue) if product_ids else [])
         out: dict[str, ProductState] = {}
-        for i, pid in enumerate(product_ids):
-            (reply, tags), beh = replies[per * i], (replies[per * i + 1] if counters else [])
+        for pid in product_ids:
+            reply, tags = next(replies)
+            users = _users(next(replies)) if pid in now else {}
+            beh = next(replies) if counters else []
             got = orjson.loads(reply)
             out[pid] = ProductState(
                 pid,
@@ -494,7 +508,7 @@ class RedisStateStore:
                 {k: int(v) for k, v in _pairs(beh)},
                 _decode_tags(tags),
                 got["fence"] or {},
-                {g.window: int(u) for g, u in zip(GRANULARITIES, got["users"], strict=True)} if pid in now else {},
+                users,
             )
         return out
 
@@ -511,21 +525,15 @@ class RedisStateStore:
 
     async def count_users(self, now: dict[str, int]) -> dict[str, dict[str, int]]:
         """Approximate unique users per window of each product at event time `now[pid]`, in one round trip
-        (`PFCOUNT` over each window's bucket HyperLogLogs)."""
+        (users.lua: `PFCOUNT` over each window's bucket HyperLogLogs)."""
         pids = list(now)
 
         def queue(pipe: list[tuple[Any, ...]]) -> None:
             for pid in pids:
-                keys = ProductKeys(self.prefix, pid)
-                for g in GRANULARITIES:
-                    pipe.append(("PFCOUNT", *(keys.hll(g.code, b) for b in window_buckets(g, now[pid]))))
+                self._users_script.queue(pipe, [ProductKeys(self.prefix, pid).doc], _buckets(now[pid]))
 
         replies = await self._pipelined("count users", queue) if pids else []
-        per = len(GRANULARITIES)
-        return {
-            pid: {g.window: int(u) for g, u in zip(GRANULARITIES, replies[i * per : (i + 1) * per], strict=True)}
-            for i, pid in enumerate(pids)
-        }
+        return {pid: _users(r) for pid, r in zip(pids, replies, strict=True)}
 
     async def apply(self, writes: list[Write]) -> list[WriteResult]:
         """Apply the writes in order in one pipelined round trip; each is a no-op if its offset was applied."""
