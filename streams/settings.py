@@ -76,7 +76,14 @@ class WorkerSettings(BaseSettings):
     retag_batch: int = Field(32, ge=1, description="Products re-scored per step; the loop is yielded between steps.")
     ort_intra_op_threads: int = Field(1, ge=1, description="ONNX Runtime intra-op threads.")
     ort_inter_op_threads: int = Field(1, ge=1, description="ONNX Runtime inter-op threads.")
-    batch_max: int = Field(512, ge=1, description="Most events processed (and scored) as one micro-batch.")
+    batch_max: int = Field(
+        1024,
+        ge=1,
+        description="Most events processed (and scored) as one micro-batch. Batches reach it only when the worker is "
+        "behind; a larger one lets it catch up sooner. At 8,300 events/s, three alternating pairs gave p99 159 / 173 / "
+        "563 ms at 1024 against 2,748 / 909 / 635 at 512 (p50 37 / 47 / 60 against 102 / 32 / 43); at 7,500 both "
+        "26 / 87 (bench/RESULTS.md, eighteenth session).",
+    )
     behaviour_lanes: int = Field(
         2,
         ge=1,
