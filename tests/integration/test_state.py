@@ -221,6 +221,9 @@ def test_the_store_reloads_its_scripts_after_redis_flushed_them(stack: StackSett
             code = GRANULARITIES[0].code
             assert sum(v for k, v in states["s1"].beh.items() if k.startswith(f"{code}:") and k.endswith(":view")) == 8
             assert states["s1"].applied_offset("behavior:0") == 36  # the last of s1's events in the 40
+            await store.client.script_flush()  # the unique-user script is reloaded too
+            counted = await store.count_users({"s1": int(states["s1"].beh["last_ts"])})
+            assert counted["s1"]["h1"] >= 1 and counted["s1"].keys() == {"h1", "h24", "d7"}
             # Redis drops the store's connection (a restart, a proxy timeout): the next batch reconnects.
             [pipeline_client] = await store._pipe.run([("CLIENT", "ID")])
             killer = aioredis.from_url(stack.redis_url)
