@@ -60,18 +60,15 @@ def window_buckets(g: Granularity, now: int) -> range:
 
 _GRANULARITY_INDEX = {g.code: i for i, g in enumerate(GRANULARITIES)}
 _METRIC_INDEX = {m: i for i, m in enumerate(METRICS)}
-_WIDTHS = tuple(g.width_ms for g in GRANULARITIES)
-_KEEPS = tuple(g.keep for g in GRANULARITIES)
 _PARSE_CACHE_SIZE = 1 << 16
+_NOT_SEEN = object()
 _parsed: dict[str, tuple[int, int, int] | None] = {}
 
 
 def _parse(name: str) -> tuple[int, int, int] | None:
     """A counter field `code:bucket:metric` as (granularity index, bucket, metric index or -1 for another metric);
-    None for any other field (`last_ts`). Cached in a plain dict (cleared when full): one lookup per field."""
-    parsed = _parsed.get(name, 0)
-    if parsed != 0:
-        return parsed  # type: ignore[return-value]
+    None for any other field (`last_ts`). Callers look in `_parsed` first (one dict lookup per field on the hot
+    path); this parses a name not seen yet and caches it (the cache is cleared when full)."""
     parts = name.split(":")
     parsed = None
     if len(parts) == 3 and parts[0] in _GRANULARITY_INDEX:
@@ -93,25 +90,24 @@ def window_sums(beh: dict[str, int], now: int) -> tuple[WindowSums, ...]:
     """Per granularity (GRANULARITIES order, i.e. windows h1, h24, d7): each metric's sum over the buckets its
     window covers at event time `now` (METRICS order), and the start (ms) of the oldest non-empty one (None when
     the window is empty)."""
-    newest = [now // width for width in _WIDTHS]
-    first = [n - keep + 1 for n, keep in zip(newest, _KEEPS, strict=True)]
-    sums = [0] * (4 * len(_WIDTHS))
-    oldest: list[int | None] = [None] * len(_WIDTHS)
+    spans = [window_buckets(g, now) for g in GRANULARITIES]
+    sums = [0] * (4 * len(spans))
+    oldest: list[int | None] = [None] * len(spans)
     for name, value in beh.items():
-        parsed = _parsed.get(name, 0)
-        if parsed == 0:
+        parsed = _parsed.get(name, _NOT_SEEN)
+        if parsed is _NOT_SEEN:
             parsed = _parse(name)
         if parsed is None or not value:
             continue
-        g, bucket, m = parsed
-        if m >= 0 and first[g] <= bucket <= newest[g]:
+        g, bucket, m = parsed  # type: ignore[misc]
+        if m >= 0 and bucket in spans[g]:
             sums[4 * g + m] += value
             low = oldest[g]
             if low is None or bucket < low:
                 oldest[g] = bucket
     return tuple(
-        (sums[4 * g], sums[4 * g + 1], sums[4 * g + 2], sums[4 * g + 3], None if low is None else low * width)
-        for g, (low, width) in enumerate(zip(oldest, _WIDTHS, strict=True))
+        (sums[4 * i], sums[4 * i + 1], sums[4 * i + 2], sums[4 * i + 3], None if low is None else low * g.width_ms)
+        for i, (low, g) in enumerate(zip(oldest, GRANULARITIES, strict=True))
     )
 
 
@@ -128,14 +124,14 @@ def stale_fields(beh: dict[str, int], now: int) -> tuple[list[str], list[tuple[s
     bucket): their unique-user HyperLogLogs go with them (a bucket's HLL exists exactly when a counter of it does,
     since every event writes both)."""
     stale, buckets = [], set()
-    oldest_kept = [now // width - keep + 1 for width, keep in zip(_WIDTHS, _KEEPS, strict=True)]
+    oldest_kept = [window_buckets(g, now).start for g in GRANULARITIES]
     for name in beh:
-        parsed = _parsed.get(name, 0)
-        if parsed == 0:
+        parsed = _parsed.get(name, _NOT_SEEN)
+        if parsed is _NOT_SEEN:
             parsed = _parse(name)
         if parsed is None:
             continue
-        g, bucket, _ = parsed
+        g, bucket, _ = parsed  # type: ignore[misc]
         if bucket < oldest_kept[g]:
             stale.append(name)
             buckets.add((GRANULARITIES[g].code, bucket))
