@@ -26,7 +26,7 @@ import onnxruntime as ort
 
 from bench.common import spread, timed_repeat
 from serving.scorer import OnnxScorer
-from training.export import PARITY_ATOL  # the export parity gate's limit (the module imports TensorFlow lazily)
+from training.export import PARITY_ATOL, parity_measures  # the export gate's (TensorFlow is imported lazily)
 
 __all__ = ["int8_dense", "operator_times", "quantized_dense"]
 
@@ -123,11 +123,9 @@ def int8_dense(
     rows = len(next(iter(feed.values())))
     ref = sessions["float"].run(None, dict(check_feed))[0]
     got = sessions["int8"].run(None, dict(check_feed))[0]
-    th = np.asarray(thresholds, dtype=np.float32).reshape(1, -1)
-    if th.shape[1] != ref.shape[1]:
-        raise ValueError(f"{th.shape[1]} thresholds for {ref.shape[1]} score columns")
-    diff = float(np.max(np.abs(got - ref))) if ref.size else 0.0
-    flips = int(np.sum((got >= th) != (ref >= th)))
+    if np.size(thresholds) != ref.shape[1]:
+        raise ValueError(f"{np.size(thresholds)} thresholds for {ref.shape[1]} score columns")
+    diff, flips = parity_measures(got, ref, thresholds)
     ms: dict[str, list[float]] = {name: [] for name in sessions}
     for sess in sessions.values():  # warm up (arena, kernels)
         sess.run(None, dict(feed))

@@ -27,6 +27,7 @@ __all__ = [
     "chunk_bags",
     "export_onnx",
     "fuse_sibling_heads",
+    "parity_measures",
     "quantize_rows",
     "store_embeddings_as_float16",
     "store_embeddings_as_int8",
@@ -658,6 +659,14 @@ def threshold_vector(tags: list[str], thresholds: Mapping[str, Any]) -> np.ndarr
     return np.asarray([float(per_tag.get(t, default)) for t in tags], dtype=np.float32)
 
 
+def parity_measures(got: np.ndarray, reference: np.ndarray, thresholds: np.ndarray) -> tuple[float, int]:
+    """The parity gate's two measures: max |got − reference| and the decisions (score ≥ its tag's threshold) that
+    differ between the two."""
+    diff = float(np.max(np.abs(got - reference))) if got.size else 0.0
+    th = np.asarray(thresholds, dtype=np.float32).reshape(1, -1)
+    return diff, int(np.sum((got >= th) != (reference >= th)))
+
+
 def check_parity(
     onnx_bytes: bytes,
     keras_scores: np.ndarray,
@@ -690,9 +699,7 @@ def check_parity(
         raise ParityError(f"ONNX scores have shape {got.shape}, Keras {keras_scores.shape}")
     if not np.all(np.isfinite(got)):
         raise ParityError("ONNX scores hold NaN or inf")
-    diff = float(np.max(np.abs(got - keras_scores))) if got.size else 0.0
-    th = np.asarray(thresholds, dtype=np.float32).reshape(1, -1)
-    flips = int(np.sum((got >= th) != (keras_scores >= th)))
+    diff, flips = parity_measures(got, keras_scores, thresholds)
     if diff > atol or flips:
         raise ParityError(
             f"ONNX/Keras parity failed on {n} samples: max |diff| = {diff:.3g} (limit {atol:g}), "
