@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from schemas import ModelUpdate, ShadowDiff, Tag
-from serving.bundle import ModelBundle, load_bundle
+from serving.bundle import LabelMap, ModelBundle, load_bundle
 from serving.decoding import TagDecoder
 from serving.featurizer import Featurizer
 from serving.scorer import OnnxScorer
@@ -74,6 +74,7 @@ class BundleModel:
     def __init__(self, bundle: ModelBundle, scorer: OnnxScorer) -> None:
         self.bundle = scorer.bundle or bundle  # the scorer's copy, without the ONNX bytes its session no longer needs
         self.version = bundle.model_version
+        self.labels: LabelMap = bundle.labels
         self.featurizer: Featurizer = bundle.featurizer
         self.scorer = scorer
         self.decoder = TagDecoder.from_bundle(bundle)

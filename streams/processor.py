@@ -29,6 +29,7 @@ from serving.behaviour import (
     decode_behaviour_between,
     next_check_at,
 )
+from serving.bundle import LabelMap
 from serving.decoding import catalog_tags, diff_tags, merge_tags
 from streams.locks import Hold, ProductLocks
 from streams.privacy import UserHasher
@@ -42,6 +43,7 @@ from streams.state import (
     StateStore,
     Write,
     WriteResult,
+    sweep_partition,
 )
 from streams.windows import GRANULARITIES, event_fields, stale_fields, window_sums
 from tagstream.errors import EventDecodeError, StateConflictError, TagstreamError
@@ -120,6 +122,13 @@ class _Sweeps:
     emitted: list[tuple[str, bytes | None]]
 
 
+def _carries(update: dict[str, Any], current: dict[str, Any]) -> bool:
+    """Whether a tag update carries the tags (and deleted flag) of a product's `current` tag state."""
+    return sorted(t["tag"] for t in update["tags"]) == sorted(t["tag"] for t in current.get("tags") or ()) and bool(
+        update.get("deleted")
+    ) == bool(current.get("deleted"))
+
+
 def _version(model: Any) -> str | None:
     return None if model is None else model.version
 
@@ -156,6 +165,7 @@ class ScoringModel:
     """What the processor needs from a model: a version and batch scoring of product texts into model tags."""
 
     version: str
+    labels: LabelMap | None = None  # its tags' hierarchy (None: merged tags are not checked against one)
 
     def score(self, products: Sequence[ProductChange]) -> list[list[Tag]]:  # pragma: no cover - protocol
         raise NotImplementedError
@@ -360,12 +370,17 @@ class Processor:
         )
         return orjson.dumps(update.to_dict(check=False))
 
-    @staticmethod
-    def _merge(tag_state: dict[str, Any]) -> list[Tag]:
+    def _merge(self, tag_state: dict[str, Any]) -> list[Tag]:
+        """The tag state's merged tags; with the active model's label map, so a catalog attribute that replaces a
+        category level also drops the model's deeper levels (no child without its parent)."""
         if tag_state.get("deleted"):
             return []
+        model = self.model_provider()
         return merge_tags(
-            _tags(tag_state.get("model")), _tags(tag_state.get("catalog")), _tags(tag_state.get("behaviour_tags"))
+            _tags(tag_state.get("model")),
+            _tags(tag_state.get("catalog")),
+            _tags(tag_state.get("behaviour_tags")),
+            labels=getattr(model, "labels", None),  # a model without one (None, or a test double) checks nothing
         )
 
     def _decode_all(
@@ -414,10 +429,12 @@ class Processor:
         out: BatchOutput,
         end_batch: EndBatch | None = None,
         sweeps: _Sweeps | None = None,
+        swept: list[tuple[bytes, bytes]] | None = None,
     ) -> dict[tuple[str, int], list[str]]:
         """Write every product's effects (one fenced call each) — and, with `end_batch`, the batch's watermarks and
         active index in the same round trip, returning the due lists, and the `sweeps` of products that were due
-        already; collect updates, re-sending the stored update of redelivered messages."""
+        already (their updates into `swept`, before a conflict is raised); collect updates, re-sending the stored
+        update of redelivered messages."""
         writes = [g.write for g in groups.values()]
         if sweeps is not None:
             writes += sweeps.writes
@@ -429,6 +446,9 @@ class Processor:
             results = await self.store.apply(writes)
         else:
             results, due = await self.store.apply_and_end_batch(writes, end_batch)
+        if sweeps is not None and swept is not None:
+            watermarks = {tp: wm for tp, (wm, _) in (end_batch or {}).items()}
+            await self._settle_sweeps(sweeps.writes, sweeps.emitted, results[len(groups) :], watermarks, swept)
         self._keep_applied(writes, results, states)
         for group, result in zip(groups.values(), results[: len(groups)], strict=True):
             pid = group.write.product_id
@@ -439,8 +459,6 @@ class Processor:
                 self._resend(pid, group.write.offset, result.stored_emit, out)
         for (pid, fence_field), offset in redelivered.items():
             self._resend(pid, offset, stored[(pid, fence_field)], out, current=states[pid].tags)
-        if sweeps is not None:
-            self._emit_applied(sweeps.emitted, results[len(groups) :], out)
         return due
 
     @staticmethod
@@ -457,12 +475,28 @@ class Processor:
         update = orjson.loads(stored)
         if update["source"]["offset"] < offset:
             return
-        if current is not None and (
-            sorted(t["tag"] for t in update["tags"]) != sorted(t["tag"] for t in current.get("tags") or ())
-            or bool(update.get("deleted")) != bool(current.get("deleted"))
-        ):
+        if current is not None and not _carries(update, current):
             return
         out.updates.append((pid.encode(), stored))
+
+    async def _resend_swept(self, since: dict[tuple[str, int], int], out: BatchOutput, hold: Hold) -> None:
+        """Re-send the window-expiry updates of the products that batches of these partitions swept at or after the
+        redelivered offset `since[tp]`: a restart redelivers a batch whose sweeps were written but whose updates may
+        not have been delivered. Only an update that still carries its product's current tags is sent again (a
+        later one superseded the others), and only for products no other batch holds (the one holding it sends
+        what it changes)."""
+        swept = await self.store.swept_since(since)
+        free = set(hold.take_free({pid for pids in swept.values() for pid in pids}))
+        fences = [(pid, f"sweep:{topic}:{partition}") for (topic, partition), pids in swept.items() for pid in pids]
+        fences = [(pid, fence) for pid, fence in fences if pid in free]
+        if not fences:
+            return
+        stored = await self.store.stored_emits(fences)
+        states = await self._states(sorted(free))
+        for pid, fence in fences:
+            raw, current = stored[(pid, fence)], states[pid].tags
+            if raw is not None and current is not None and _carries(orjson.loads(raw), current):
+                out.updates.append((pid.encode(), raw))
 
     # ---------------------------------------------------------------- products
     async def prepare_products(self, messages: Sequence[InMessage]) -> PreparedProducts:
@@ -661,20 +695,27 @@ class Processor:
         in one partition, so lanes touch disjoint products, and while one lane waits for Redis another computes."""
         if prepared is None:
             prepared = await self.prepare_behaviour(messages)
+        # The updates of applied sweeps, kept across attempts: an attempt that meets a conflict is processed again, and
+        # its events are then redeliveries that re-send their updates, but the products it swept are not due any more.
+        swept: list[tuple[bytes, bytes]] = []
         async with self.locks.hold(prepared.product_ids, within=hold) as held:
-            return await self._again_on_conflict(
-                "behaviour", len(messages), lambda: self._behaviour_batch(prepared, held)
+            out: BatchOutput = await self._again_on_conflict(
+                "behaviour", len(messages), lambda: self._behaviour_batch(prepared, held, swept)
             )
+        out.updates += swept
+        return out
 
-    async def _behaviour_batch(self, prepared: PreparedBehaviour, hold: Hold) -> BatchOutput:
+    async def _behaviour_batch(
+        self, prepared: PreparedBehaviour, hold: Hold, swept: list[tuple[bytes, bytes]]
+    ) -> BatchOutput:
         self._seen_counts = {}
         lanes = _lanes(prepared.items, self.behaviour_lanes, self.lane_min_events)
         out = BatchOutput(dead_letters=list(prepared.out.dead_letters))
         if len(lanes) == 1:
-            parts: list[Any] = [await self._process_behaviour(lanes[0], hold)]
+            parts: list[Any] = [await self._process_behaviour(lanes[0], hold, swept)]
         else:
             # every lane runs to its end (its writes are fenced either way); the first error is raised as it is
-            lane_runs = (self._process_behaviour(lane, hold) for lane in lanes)
+            lane_runs = (self._process_behaviour(lane, hold, swept) for lane in lanes)
             parts = await asyncio.gather(*lane_runs, return_exceptions=True)
             for part in parts:
                 if isinstance(part, BaseException):
@@ -686,7 +727,9 @@ class Processor:
             out.redelivered += part.redelivered
         return out
 
-    async def _process_behaviour(self, items: list[tuple[InMessage, BehaviorEvent]], hold: Hold) -> BatchOutput:
+    async def _process_behaviour(
+        self, items: list[tuple[InMessage, BehaviorEvent]], hold: Hold, swept: list[tuple[bytes, bytes]]
+    ) -> BatchOutput:
         out = BatchOutput()
         if not items:
             return out
@@ -697,10 +740,12 @@ class Processor:
         # (hot products near a threshold), after it for the others that turn out to need them.
         wanted = {pid: at for pid, at in latest.items() if pid in self._users_decide}
         by_partition: dict[tuple[str, int], int] = {}
+        last_offsets: dict[tuple[str, int], int] = {}
         touched: dict[tuple[str, int], set[str]] = {}
         for msg, ev in items:
             key = (msg.topic, msg.partition)
             by_partition[key] = max(by_partition.get(key, 0), ev.ts)
+            last_offsets[key] = max(last_offsets.get(key, -1), msg.offset)
             touched.setdefault(key, set()).add(ev.product_id)
         if self.cache is None:
             states, due_before = await self._states(sorted(latest), now=wanted), {}
@@ -717,11 +762,14 @@ class Processor:
         fences = [msg.fence_field for msg, _ in items]  # built once per message
         last = {(ev.product_id, fence): i for i, ((_, ev), fence) in enumerate(zip(items, fences, strict=True))}
         evaluate: list[_Evaluation] = []
+        redelivered_from: dict[tuple[str, int], int] = {}  # the first redelivered offset of each partition
         for i, (msg, ev) in enumerate(items):
             state = states[ev.product_id]
             fence = fences[i]
             if msg.offset <= state.applied_offset(fence):
                 redelivered.setdefault((ev.product_id, fence), msg.offset)
+                key = (msg.topic, msg.partition)
+                redelivered_from[key] = min(redelivered_from.get(key, msg.offset), msg.offset)
                 continue
             user = self._hash_user(ev.user_id)
             users = batch_users.setdefault(ev.product_id, set())
@@ -744,7 +792,9 @@ class Processor:
                 self._users_decide.move_to_end(pid)
             while len(self._users_decide) > USERS_DECIDE_KEPT:
                 self._users_decide.popitem(last=False)
-        early = await self._early_sweeps(due_before, by_partition, latest, hold)
+        if redelivered_from:  # a restart: the updates of this batch's first sweeps may not have been delivered
+            await self._resend_swept(redelivered_from, out, hold)
+        early = await self._early_sweeps(due_before, by_partition, latest, hold, last_offsets)
         # the writes and sweeps, then watermarks, active index and due lists of every partition: one round trip
         end = {k: (wm, {pid: self._due(states[pid]) for pid in touched[k]}) for k, wm in by_partition.items()}
         sweeps = None
@@ -752,9 +802,10 @@ class Processor:
             sweeps, index = early
             for tp, entries in index.items():
                 end[tp][1].update(entries)
-        due = await self._finish(groups, redelivered, states, out, end_batch=end, sweeps=sweeps)
+        due = await self._finish(groups, redelivered, states, out, end_batch=end, sweeps=sweeps, swept=swept)
         if any(due.values()):
-            await self._expire({tp: pids for tp, pids in due.items() if pids}, by_partition, out, hold)
+            due = {tp: pids for tp, pids in due.items() if pids}
+            await self._expire(due, by_partition, swept, hold, last_offsets)
         return out
 
     def _apply_behaviour(self, state: ProductState, keys: ProductKeys, ops: Ops, ev: BehaviorEvent, user: str) -> int:
@@ -809,12 +860,15 @@ class Processor:
             ops.delete(keys.hll(code, bucket))
         ops.hdel(keys.beh, stale)
 
-    def _due(self, state: ProductState) -> int | None:
-        """When this product's behaviour tags next need a look (None when none is on)."""
+    def _due(self, state: ProductState, now: int | None = None) -> int | None:
+        """When this product's behaviour tags next need a look after `now`, the event time they were decoded at (None
+        when none is on). `now` defaults to the product's last event; a sweep passes the watermark it looked at, or
+        a look already due then (the end of a tag's minimum dwell, say) would make it due again at every batch."""
         tag_state = state.tags or {}
         if tag_state.get("deleted") or not any(s.get("on") for s in (tag_state.get("behaviour") or {}).values()):
             return None
-        now = int(state.beh.get("last_ts", 0))
+        if now is None:
+            now = int(state.beh.get("last_ts", 0))
         counts = self._seen_counts.get(state.product_id)  # its tags were just decoded at its clock: same windows
         if counts is None or counts.now != now:
             counts = self._counts(state, now)
@@ -826,6 +880,7 @@ class Processor:
         watermarks: dict[tuple[str, int], int],
         batch_products: dict[str, int],
         hold: Hold,
+        last_offsets: dict[tuple[str, int], int],
     ) -> tuple[_Sweeps, ActiveIndex] | None:
         """The sweeps of the products that were due at the batch's watermarks before it, made with the batch's own
         write instead of a pass of their own: those the batch has no event of, no other batch holds, and whose
@@ -838,39 +893,42 @@ class Processor:
         early = {tp: ready for tp, pids in due.items() if (ready := [pid for pid in pids if pid in kept])}
         if not early:
             return None
-        writes, emitted, index = await self._sweeps(early, watermarks, kept)
+        writes, emitted, index = await self._sweeps(early, watermarks, kept, last_offsets)
         return _Sweeps(kept, writes, emitted), index
 
     async def _expire(
         self,
         due: dict[tuple[str, int], list[str]],
         watermarks: dict[tuple[str, int], int],
-        out: BatchOutput,
+        swept: list[tuple[bytes, bytes]],
         hold: Hold,
+        last_offsets: dict[tuple[str, int], int],
     ) -> None:
         """Re-evaluate the behaviour tags of the due products of every partition, whose windows moved by event time
         (the partition's watermark): one read and one write round trip for all of them (and one more to count unique
-        users where they decide a tag). A due product another batch holds or awaits is left in the active index for
-        a later batch (the one holding it may change it)."""
+        users where they decide a tag), their updates into `swept`. A due product another batch holds or awaits is
+        left in the active index for a later batch (the one holding it may change it)."""
         free = set(hold.take_free({pid for pids in due.values() for pid in pids}))
         due = {tp: kept for tp, pids in due.items() if (kept := [pid for pid in pids if pid in free])}
         if not due:
             return
         states = await self._states(sorted({pid for pids in due.values() for pid in pids}))
-        writes, emitted, index = await self._sweeps(due, watermarks, states)
+        writes, emitted, index = await self._sweeps(due, watermarks, states, last_offsets)
         self._expect_revisions(writes, states)
         results = await self.store.apply_and_index(writes, index)
+        await self._settle_sweeps(writes, emitted, results, watermarks, swept)
         self._keep_applied(writes, results, states)
-        self._emit_applied(emitted, results, out)
 
     async def _sweeps(
         self,
         due: dict[tuple[str, int], list[str]],
         watermarks: dict[tuple[str, int], int],
         states: dict[str, ProductState],
+        last_offsets: dict[tuple[str, int], int],
     ) -> tuple[list[Write], list[tuple[str, bytes | None]], ActiveIndex]:
         """The window-expiry writes of the due products (their states in `states`; unique users counted only where
-        they decide, in one round trip), the update each one emits if applied, and their next looks for the index."""
+        they decide, in one round trip), the update each one emits if applied, and their next looks for the index;
+        each write names its batch's last offset in the partition (`last_offsets`), to be found on redelivery."""
         now_of: dict[str, int] = {}
         for tp, pids in due.items():
             for pid in pids:
@@ -907,21 +965,42 @@ class Processor:
                     )
                     state.tags = tag_state
                     ops.set(keys.tags, orjson.dumps(tag_state))
-                    writes.append(Write(pid, f"sweep:{topic}:{partition}", now, ops, payload))
+                    # fenced at the event time it looked at, but always past the last sweep's: a batch of late events
+                    # looks at an earlier time than the one before, and a sweep the fence turned into a no-op would
+                    # still move the product in the index (off it, with its tags left on in Redis)
+                    fence = f"sweep:{topic}:{partition}"
+                    offset = max(now, state.applied_offset(fence) + 1)
+                    state.fence[fence] = str(offset)
+                    writes.append(Write(pid, fence, offset, ops, payload, swept_by=last_offsets[(topic, partition)]))
                     emitted.append((pid, payload))
-                    next_check[pid] = self._due(state)
+                    next_check[pid] = self._due(state, now)
                 check = next_check[pid]
                 index.setdefault((topic, partition), {})[pid] = (
                     watermark + 1 if check is not None and check <= watermark else check
                 )
         return writes, emitted, index
 
-    @staticmethod
-    def _emit_applied(emitted: list[tuple[str, bytes | None]], results: list[WriteResult], out: BatchOutput) -> None:
-        """Publish the update of every applied sweep that produced one."""
-        for (pid, payload), result in zip(emitted, results, strict=True):
-            if result.applied and payload is not None:
-                out.updates.append((pid.encode(), payload))
+    async def _settle_sweeps(
+        self,
+        writes: list[Write],
+        emitted: list[tuple[str, bytes | None]],
+        results: list[WriteResult],
+        watermarks: dict[tuple[str, int], int],
+        swept: list[tuple[bytes, bytes]],
+    ) -> None:
+        """Publish (into `swept`) the update of every applied sweep that produced one. A sweep that was not applied
+        (another writer changed its product since the read) had its next look indexed from an evaluation that did
+        not happen: it is indexed as due at its partition's watermark again, for the next batch to look at."""
+        missed: ActiveIndex = {}
+        for w, (pid, payload), result in zip(writes, emitted, results, strict=True):
+            if result.applied:
+                if payload is not None:
+                    swept.append((pid.encode(), payload))
+                continue
+            tp = sweep_partition(w.fence_field)
+            missed.setdefault(tp, {})[pid] = watermarks.get(tp, 0)
+        if missed:
+            await self.store.apply_and_index([], missed)
 
     # --------------------------------------------------------------- fallback
     async def process_each(

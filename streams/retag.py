@@ -193,7 +193,7 @@ class Retagger:
             old = _tags(tag_state.get("tags"))
             model_dicts = _tag_dicts(model_tags)
             catalog, behaviour = _tags(tag_state.get("catalog")), _tags(tag_state.get("behaviour_tags"))
-            merged = merge_tags(_tags(model_dicts), catalog, behaviour)
+            merged = merge_tags(_tags(model_dicts), catalog, behaviour, labels=model.labels)
             added, removed, changed = diff_tags(old, merged, self.score_delta)
             tag_state.update(model=model_dicts, model_version=model.version, tags=_tag_dicts(merged))
             payload = None

@@ -58,6 +58,17 @@ def active_key(prefix: str, topic: str, partition: int) -> str:
     return f"{prefix}:active:{topic}:{partition}"
 
 
+def swept_key(prefix: str, topic: str, partition: int) -> str:
+    """Sorted set of the products behaviour batches of a partition swept, scored by each batch's last offset there."""
+    return f"{prefix}:swept:{topic}:{partition}"
+
+
+def sweep_partition(fence_field: str) -> tuple[str, int]:
+    """The (topic, partition) of a window-expiry write's fence field, `sweep:<topic>:<partition>`."""
+    topic, _, partition = fence_field.removeprefix("sweep:").rpartition(":")
+    return topic, int(partition)
+
+
 def watermark_key(prefix: str) -> str:
     """Hash `<topic>:<partition>` → newest event time seen."""
     return f"{prefix}:watermark"
@@ -244,6 +255,7 @@ class Write:
     emit: bytes | None = None
     last_offset: int | None = None
     expect_rev: int | None = None  # apply only while the product is at this revision (None: at any)
+    swept_by: int | None = None  # a window-expiry write: the last offset of its batch in the swept partition
 
     @property
     def stored_offset(self) -> int:
@@ -277,6 +289,8 @@ class StateStore(Protocol):
 
     async def due_lists(self, watermarks: dict[tuple[str, int], int]) -> dict[tuple[str, int], list[str]]: ...
 
+    async def swept_since(self, offsets: dict[tuple[str, int], int]) -> dict[tuple[str, int], list[str]]: ...
+
     async def apply(self, writes: list[Write]) -> list[WriteResult]: ...
 
     async def apply_and_end_batch(
@@ -286,6 +300,16 @@ class StateStore(Protocol):
     async def apply_and_index(self, writes: list[Write], index: ActiveIndex) -> list[WriteResult]: ...
 
     async def close(self) -> None: ...
+
+
+def _swept_by_partition(writes: list[Write]) -> dict[tuple[str, int], dict[str, int]]:
+    """The window-expiry writes' products per swept partition, each with its batch's last offset there (recorded
+    whether the write applied or not: a batch redelivered later re-sends only updates that are current)."""
+    out: dict[tuple[str, int], dict[str, int]] = {}
+    for w in writes:
+        if w.swept_by is not None:
+            out.setdefault(sweep_partition(w.fence_field), {})[w.product_id] = w.swept_by
+    return out
 
 
 def _decode_tags(raw: bytes | str | None) -> dict[str, Any] | None:
@@ -299,6 +323,9 @@ _WATERMARK_LUA = (
 
 
 DUE_LIMIT = 1000  # products one due list names at most (the rest stay due for the next batch)
+# A partition's swept products are kept for this many offsets behind the newest batch that swept: far more than a
+# consumer's uncommitted offsets, which a restart redelivers (SPEC.md §3).
+SWEPT_KEEP_OFFSETS = 100_000
 
 
 def _due_command(active: str, watermark: int) -> tuple[Any, ...]:
@@ -551,6 +578,16 @@ class RedisStateStore:
         replies = await self._pipelined("due lists", queue) if watermarks else []
         return {tp: list(r) for tp, r in zip(watermarks, replies, strict=True)}
 
+    async def swept_since(self, offsets: dict[tuple[str, int], int]) -> dict[tuple[str, int], list[str]]:
+        """The products each partition's batches swept whose last offset there is at or after `offsets[tp]`."""
+
+        def queue(pipe: list[tuple[Any, ...]]) -> None:
+            for (topic, partition), offset in offsets.items():
+                pipe.append(("ZRANGEBYSCORE", swept_key(self.prefix, topic, partition), offset, "+inf"))
+
+        replies = await self._pipelined("swept products", queue) if offsets else []
+        return {tp: list(r) for tp, r in zip(offsets, replies, strict=True)}
+
     async def apply_and_end_batch(
         self, writes: list[Write], end_batch: EndBatch
     ) -> tuple[list[WriteResult], dict[tuple[str, int], list[str]]]:
@@ -577,6 +614,10 @@ class RedisStateStore:
                 self._queue_end_batch(pipe, end_batch)
             for (topic, partition), entries in (index or {}).items():
                 self._queue_index(pipe, active_key(self.prefix, topic, partition), entries)
+            for (topic, partition), swept in _swept_by_partition(writes).items():
+                key = swept_key(self.prefix, topic, partition)
+                pipe.append(("ZADD", key, *_score_members(swept)))
+                pipe.append(("ZREMRANGEBYSCORE", key, "-inf", f"({max(swept.values()) - SWEPT_KEEP_OFFSETS}"))
 
         replies = await self._pipelined("apply", queue) if writes or end_batch or index else []
         results = [_write_result(r) for r in replies[: len(writes)]]
@@ -724,7 +765,21 @@ class MemoryStateStore:
             if w.emit:
                 fence[f"emit:{w.fence_field}"] = w.emit.decode()
             results.append(WriteResult(True, rev=rev + 1))
+        for (topic, partition), swept in _swept_by_partition(writes).items():
+            zset = self.zsets[swept_key(self.prefix, topic, partition)]
+            zset.update(swept)
+            oldest = max(swept.values()) - SWEPT_KEEP_OFFSETS
+            for pid in [p for p, offset in zset.items() if offset < oldest]:
+                del zset[pid]
         return results
+
+    async def swept_since(self, offsets: dict[tuple[str, int], int]) -> dict[tuple[str, int], list[str]]:
+        """The products each partition's batches swept whose last offset there is at or after `offsets[tp]`."""
+        out = {}
+        for (topic, partition), offset in offsets.items():
+            zset = self.zsets[swept_key(self.prefix, topic, partition)]
+            out[(topic, partition)] = sorted((p for p, at in zset.items() if at >= offset), key=lambda p: (zset[p], p))
+        return out
 
     async def index_active(self, topic: str, partition: int, entries: dict[str, int | None]) -> None:
         """Record when each product's behaviour tags next need a look (None drops it)."""

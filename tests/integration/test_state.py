@@ -12,7 +12,16 @@ import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from streams.processor import InMessage, Processor
-from streams.state import STATE_FORMAT, MemoryStateStore, Ops, ProductKeys, RedisStateStore, StateStore, Write
+from streams.state import (
+    STATE_FORMAT,
+    SWEPT_KEEP_OFFSETS,
+    MemoryStateStore,
+    Ops,
+    ProductKeys,
+    RedisStateStore,
+    StateStore,
+    Write,
+)
 from streams.windows import GRANULARITIES
 from tagstream.errors import StateError
 from tagstream.stack import StackSettings
@@ -285,5 +294,36 @@ def test_concurrent_behaviour_lanes_on_redis_end_as_one_lane(stack: StackSetting
             for prefix in prefixes:
                 await _clear(client, prefix)
             await client.aclose()
+
+    asyncio.run(main())
+
+
+def test_a_restart_re_sends_the_window_expiries_a_redis_store_recorded(stack: StackSettings) -> None:
+    async def main() -> None:
+        prefix = f"sw{uuid.uuid4().hex[:8]}"
+        store = RedisStateStore.from_url(stack.redis_url, prefix)
+        burst = [
+            InMessage("behavior", 0, i, b"a", orjson.dumps(behaviour("a", f"u{i % 9}", T0 + i * 5000)))
+            for i in range(30)
+        ]
+        later = [InMessage("behavior", 0, 30, b"b", orjson.dumps(behaviour("b", "y", T0 + 2 * 3_600_000)))]
+        try:
+            worker = Processor(store, user_hash_key=b"k", state_cache=100)
+            await worker.process_behaviour(burst)
+            [expired] = [v for k, v in (await worker.process_behaviour(later)).updates if k == b"a"]
+            assert orjson.loads(expired)["removed"] == ["trending"]
+            assert await store.swept_since({("behavior", 0): 30}) == {("behavior", 0): ["a"]}
+            successor = Processor(store, user_hash_key=b"k", state_cache=100)  # the update never reached Kafka
+            assert [v for k, v in (await successor.process_behaviour(later)).updates if k == b"a"] == [expired]
+            # a partition keeps its swept products for SWEPT_KEEP_OFFSETS offsets behind its newest sweep
+            keys = ProductKeys(prefix, "c")
+            ops = Ops(keys)
+            ops.set(keys.tags, b"{}")
+            far = 30 + SWEPT_KEEP_OFFSETS + 1
+            await store.apply([Write("c", "sweep:behavior:0", T0, ops, swept_by=far)])
+            assert await store.swept_since({("behavior", 0): 0}) == {("behavior", 0): ["c"]}
+        finally:
+            await _clear(store.client, prefix)
+            await store.close()
 
     asyncio.run(main())

@@ -10,13 +10,15 @@ import orjson
 import pytest
 
 from schemas import ProductChange, Tag, validate
+from serving.bundle import LabelMap
 from streams.model import BundleModel
 from streams.processor import InMessage, Processor
 from streams.settings import WorkerSettings
-from streams.state import MemoryStateStore, ProductState
+from streams.state import MemoryStateStore, Ops, ProductKeys, ProductState, Write
 from tagstream.errors import StateError
 from tests.events import behaviour, delete, upsert
 from tests.models import featurized_bundle
+from tests.tinymodel import DEFAULT_LABELS
 
 T0 = 1_764_316_800_000
 
@@ -112,6 +114,96 @@ async def test_a_click_burst_turns_trending_on_and_it_expires_with_event_time(pr
     later = await processor.process_behaviour(feed("behavior", behaviour("other", "u1", T0 + 3 * 3_600_000)))
     expired = [u for u in updates(later) if u["product_id"] == "hot"]
     assert expired and expired[0]["reason"] == "window-expired" and "trending" in expired[0]["removed"]
+
+
+class SweepCountingStore(MemoryStateStore):
+    """The in-memory store, counting each product's window-expiry writes (sweeps)."""
+
+    def __init__(self) -> None:
+        super().__init__("t")
+        self.sweeps: dict[str, int] = {}
+
+    async def apply(self, writes: list[Any]) -> list[Any]:
+        for w in writes:
+            if w.fence_field.startswith("sweep:"):
+                self.sweeps[w.product_id] = self.sweeps.get(w.product_id, 0) + 1
+        return await super().apply(writes)
+
+
+async def test_a_tag_past_its_minimum_dwell_is_swept_once_not_at_every_batch(model: BundleModel) -> None:
+    store = SweepCountingStore()
+    processor = Processor(store, user_hash_key=b"secret", model_provider=lambda: model)
+    feed = Feed()
+    out = await processor.process_behaviour(
+        feed("behavior", *[behaviour("hot", f"u{i % 9}", T0 + i * 5000) for i in range(30)])
+    )
+    assert any("trending" in u["added"] for u in updates(out))
+    # other products' clicks move the partition's event time past trending's 10-minute dwell, one minute a batch;
+    # the burst stays in the 1-hour window, so trending stays on and needs no look until that window loses it
+    for minute in range(15, 25):
+        later = await processor.process_behaviour(feed("behavior", behaviour("other", "u1", T0 + minute * 60_000)))
+        assert [u for u in updates(later) if u["product_id"] == "hot"] == []
+    assert store.sweeps["hot"] == 1
+    expired = await processor.process_behaviour(feed("behavior", behaviour("other", "u2", T0 + 2 * 3_600_000)))
+    assert [u["removed"] for u in updates(expired) if u["product_id"] == "hot"] == [["trending"]]
+    assert store.sweeps["hot"] == 2
+
+
+async def test_a_tag_a_late_event_turned_on_again_is_still_swept_off(model: BundleModel) -> None:
+    store = MemoryStateStore("t")
+    processor = Processor(store, user_hash_key=b"secret", model_provider=lambda: model)
+    feed = Feed()
+    new_ends = T0 + 7 * 86_400_000
+    await processor.process_products(feed("products", upsert("p", "Levis Men Black Jeans", updated_at=T0)))
+    assert [u["added"] for u in updates(await processor.process_behaviour(feed("behavior", behaviour("p", "u1", T0))))]
+    swept = await processor.process_behaviour(feed("behavior", behaviour("q", "u2", new_ends + 1000)))
+    assert [u["removed"] for u in updates(swept) if u["product_id"] == "p"] == [["new"]]
+    late = await processor.process_behaviour(feed("behavior", behaviour("p", "u3", new_ends - 1000)))
+    assert [u["added"] for u in updates(late)] == [["new"]]  # at p's own clock it is still new
+    # a batch whose events are older than the first sweep's: p is due, and its sweep must not be a no-op
+    again = await processor.process_behaviour(feed("behavior", behaviour("q", "u4", new_ends + 500)))
+    assert [u["removed"] for u in updates(again) if u["product_id"] == "p"] == [["new"]]
+    state = (await store.read(["p"]))["p"]
+    assert state.tags is not None and "new" not in {t["tag"] for t in state.tags["tags"]}
+
+
+@pytest.mark.parametrize("changed", ["b", "a"])  # the batch's own product, or the product it sweeps
+async def test_a_window_expiry_is_sent_when_its_batch_meets_another_writer(model: BundleModel, changed: str) -> None:
+    store = MemoryStateStore("t")
+    processor = Processor(store, user_hash_key=b"secret", model_provider=lambda: model, state_cache=100)
+    feed = Feed()
+    burst = [behaviour("a", f"u{i % 9}", T0 + i * 5000) for i in range(30)] + [behaviour("b", "x", T0)]
+    assert any("trending" in u["added"] for u in updates(await processor.process_behaviour(feed("behavior", *burst))))
+    # another writer (a re-tag run, another worker after a rebalance) changes a product the worker keeps
+    keys = ProductKeys(store.prefix, changed)
+    ops = Ops(keys)
+    ops.set(keys.tags, orjson.dumps((await store.read([changed]))[changed].tags))
+    assert (await store.apply([Write(changed, "retag:v2", 1, ops)]))[0].applied
+    later = await processor.process_behaviour(feed("behavior", behaviour("b", "y", T0 + 2 * 3_600_000)))
+    assert processor.conflicts == 1
+    assert [u["removed"] for u in updates(later) if u["product_id"] == "a"] == [["trending"]]
+    state = (await store.read(["a"]))["a"]
+    assert state.tags is not None and "trending" not in {t["tag"] for t in state.tags["tags"]}
+
+
+@pytest.mark.parametrize("cache", [0, 100])
+async def test_a_restart_re_sends_the_window_expiry_of_a_redelivered_batch(model: BundleModel, cache: int) -> None:
+    store = MemoryStateStore("t")
+    burst = [
+        InMessage("behavior", 0, i, b"a", orjson.dumps(behaviour("a", f"u{i % 9}", T0 + i * 5000))) for i in range(30)
+    ]
+    later = [InMessage("behavior", 0, 30, b"b", orjson.dumps(behaviour("b", "y", T0 + 2 * 3_600_000)))]
+    worker = Processor(store, user_hash_key=b"secret", model_provider=lambda: model, state_cache=cache)
+    await worker.process_behaviour(burst)
+    [expired] = [u for u in updates(await worker.process_behaviour(later)) if u["product_id"] == "a"]
+    assert expired["removed"] == ["trending"]
+    # the worker died before that update reached Kafka: its successor gets the batch again
+    successor = Processor(store, user_hash_key=b"secret", model_provider=lambda: model, state_cache=cache)
+    again = await successor.process_behaviour(later)
+    assert [u for u in updates(again) if u["product_id"] == "a"] == [expired]
+    # a batch after it is no redelivery: nothing is sent again
+    after = [InMessage("behavior", 0, 31, b"b", orjson.dumps(behaviour("b", "z", T0 + 2 * 3_600_000 + 1)))]
+    assert [u for u in updates(await successor.process_behaviour(after)) if u["product_id"] == "a"] == []
 
 
 async def test_the_tag_state_time_moves_only_when_the_tags_change(processor: Processor) -> None:
@@ -245,6 +337,25 @@ class _FixedModel:
     def score(self, products: Any) -> list[list[Tag]]:
         self.scored += len(products)
         return [[Tag(f"model:{self.version}", "model", 0.9, "model")] for _ in products]
+
+
+class _PhoneModel:
+    """A scoring model tagging every product as a phone, two category levels deep, with the tiny bundles' labels."""
+
+    version = "phones"
+    labels = LabelMap.from_json(DEFAULT_LABELS)
+
+    def score(self, products: Any) -> list[list[Tag]]:
+        path = [("category:手机通讯", "category_l1"), ("category:手机通讯/手机", "category_l2")]
+        return [[Tag(tag, group, 0.9, "model") for tag, group in path] for _ in products]
+
+
+async def test_a_catalog_category_level_replaces_the_model_levels_below_it_too() -> None:
+    model = _PhoneModel()
+    processor = Processor(MemoryStateStore("t"), user_hash_key=b"secret", model_provider=lambda: model)
+    event = upsert("p", "华为 Mate 60 Pro 5G手机", attributes={"category_l1": "Phones"})
+    [update] = updates(await processor.process_products(Feed()("products", event)))
+    assert [t["tag"] for t in update["tags"]] == ["category_l1:Phones"]  # not the model's level 2 without level 1
 
 
 async def test_a_batch_prepared_before_a_swap_is_scored_again_by_the_new_model() -> None:
