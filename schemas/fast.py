@@ -10,10 +10,15 @@ The compiler covers the keywords the event schemas use: `type` (one type, or one
 `pattern`, `minLength`, `maxLength`, `minimum`, `items`, `maxItems`, `propertyNames.pattern`,
 `additionalProperties` (false at the top, a schema inside objects), `required`, and `if`/`then` of the form
 "if property P is the constant C, then these are required". A schema with any other keyword gets no fast path.
+
+Patterns are checked with `re.search`, as fastjsonschema checks them, but with every end anchor `$` written `\\Z`
+(`_end_anchored`): Python's `$` also matches before a final "\\n", which the validator refuses ("p1\\n" is no
+product id).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Annotated, Any, Literal, Union
 
@@ -42,10 +47,20 @@ class UnsupportedSchema(ValueError):
     """The schema uses a keyword the fast path does not compile."""
 
 
+# an escaped character, a character class (a "]" right after "[" or "[^" is part of it), or a "$"
+_PATTERN_TOKEN = re.compile(r"\\.|\[\^?\]?(?:\\.|[^\\\]])*\]|\$", re.DOTALL)
+
+
+def _end_anchored(pattern: str) -> str:
+    """`pattern` with each `$` anchor (not escaped, not in a character class) written `\\Z`, so that it matches
+    only at the very end of the string, never before a final "\\n"."""
+    return _PATTERN_TOKEN.sub(lambda m: r"\Z" if m[0] == "$" else m[0], pattern)
+
+
 def _meta(spec: dict[str, Any]) -> msgspec.Meta | None:
     kw: dict[str, Any] = {}
     if "pattern" in spec:
-        kw["pattern"] = spec["pattern"]
+        kw["pattern"] = _end_anchored(spec["pattern"])
     if "minLength" in spec:
         kw["min_length"] = spec["minLength"]
     if "maxLength" in spec:
@@ -92,7 +107,7 @@ def _field_type(name: str, spec: dict[str, Any]) -> Any:
         if "propertyNames" in spec:
             if set(spec["propertyNames"]) != {"pattern"}:
                 raise UnsupportedSchema(f"{name}: propertyNames {spec['propertyNames']!r}")
-            key = Annotated[str, msgspec.Meta(pattern=spec["propertyNames"]["pattern"])]
+            key = Annotated[str, msgspec.Meta(pattern=_end_anchored(spec["propertyNames"]["pattern"]))]
         values = spec.get("additionalProperties", {})
         if not isinstance(values, dict):
             raise UnsupportedSchema(f"{name}: additionalProperties {values!r}")

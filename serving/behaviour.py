@@ -199,8 +199,9 @@ def _prev(state: Mapping[str, Any] | None, tag: str) -> tuple[bool, int | None]:
 
 
 def _is_new(counts: WindowCounts, config: BehaviourConfig) -> bool:
+    """first_seen <= now < first_seen + new_days (an event older than the product is no sign of it being new)."""
     fs = counts.first_seen
-    return fs is not None and counts.now < fs + config.new_ms
+    return fs is not None and fs <= counts.now < fs + config.new_ms
 
 
 def decode_behaviour(
@@ -274,11 +275,12 @@ def _leaves_at(stats: WindowStats, window: str, now: int) -> int:
 def next_check_at(
     counts: WindowCounts, state: Mapping[str, Any] | None, config: BehaviourConfig = DEFAULT_CONFIG
 ) -> int | None:
-    """The event time (ms) at which an active tag could turn off with no new event, or None if no tag is on.
+    """The event time (ms) at which a tag could change with no new event, or None if none can.
 
     trending looks again when the 1 h window next loses a bucket, hot the 24 h window, high-conversion the 7 d
     window, new at first_seen + new_days; a tag still within its minimum dwell also looks at since + min_dwell.
-    Tags turn *on* only on events. The result is always later than `now`.
+    Other tags turn *on* only on events, but time alone turns new on: at first_seen when that is still ahead of
+    `now`. The result is always later than `now`.
     """
     now = counts.now
     times: list[int] = []
@@ -291,8 +293,11 @@ def next_check_at(
         if since is not None and since + config.min_dwell_ms > now:
             times.append(since + config.min_dwell_ms)
     is_new, _ = _prev(state, "new")
-    if is_new and counts.first_seen is not None:
-        times.append(counts.first_seen + config.new_ms)
+    fs = counts.first_seen
+    if fs is not None and is_new:
+        times.append(fs + config.new_ms if fs <= now else now)  # before first_seen it is off already
+    elif fs is not None and now < fs and config.new_ms > 0:
+        times.append(fs)
     if not times:
         return None
     return max(min(times), now + 1)

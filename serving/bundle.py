@@ -235,10 +235,11 @@ class ModelBundle:
 
     @cached_property
     def featurizer(self) -> Featurizer:
-        """The bundle's featurizer, loaded on first use with `serving.featurizer.Featurizer.load(path)`."""
+        """The bundle's featurizer, loaded on first use with `serving.featurizer.Featurizer.load(path)`, each of its
+        files checked against the manifest's sha256 as it is read (FeaturizerError if one changed since)."""
         from serving.featurizer import Featurizer
 
-        return Featurizer.load(self.path)
+        return Featurizer.load(self.path, sha256=self.manifest.get("files") or {})
 
 
 # --------------------------------------------------------------------------------------------------- keys

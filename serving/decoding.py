@@ -29,7 +29,20 @@ from schemas.records import Tag
 from serving.bundle import LabelMap, ModelBundle, Thresholds
 from tagstream.errors import ConfigError, ScoringError
 
-__all__ = ["TagDecoder", "catalog_tags", "diff_tags", "merge_tags", "tags_from_json", "tags_to_json"]
+__all__ = [
+    "TAG_PREFIXES",
+    "TagDecoder",
+    "attribute_tag",
+    "catalog_tags",
+    "diff_tags",
+    "merge_tags",
+    "tags_from_json",
+    "tags_to_json",
+]
+
+# Attribute names whose tags take another prefix, so one colour has one tag name whichever catalog spelled it (the
+# trainer's labels and the worker's catalog tags both name tags with `attribute_tag`).
+TAG_PREFIXES = {"baseColour": "colour", "basecolour": "colour", "color": "colour", "Color": "colour"}
 
 _ROOT = -1  # parent key of labels without a parent
 
@@ -159,15 +172,22 @@ def _segment_passes(
     return out
 
 
+def attribute_tag(name: str, value: str) -> str:
+    """The tag of an attribute value: `<prefix>:<value>`, the prefix being the attribute name or its `TAG_PREFIXES`
+    entry (`color` → `colour`)."""
+    return f"{TAG_PREFIXES.get(name, name)}:{value.strip()}"
+
+
 def catalog_tags(attributes: Mapping[str, str] | None) -> list[Tag]:
-    """Catalog tags `<attribute>:<value>` (group = attribute, score 1.0), sorted by attribute; blank ones skipped."""
+    """Catalog tags `attribute_tag(name, value)` (group = the attribute name, score 1.0), sorted by attribute; blank
+    ones skipped."""
     out: list[Tag] = []
     for name, value in sorted((attributes or {}).items()):
         if not isinstance(name, str) or not isinstance(value, str):
             continue
         name, value = name.strip(), value.strip()
         if name and value:
-            out.append(Tag(tag=f"{name}:{value}", group=name, score=1.0, origin="catalog"))
+            out.append(Tag(tag=attribute_tag(name, value), group=name, score=1.0, origin="catalog"))
     return out
 
 

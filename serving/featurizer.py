@@ -19,6 +19,8 @@ It is deterministic across processes and machines (no Python ``hash()``).
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import math
 import re
@@ -525,14 +527,24 @@ class Featurizer:
         return cls(config, idf, mean, std, n_docs=int(spec.get("n_docs", 0)), known=known)
 
     @classmethod
-    def load(cls, directory: str | Path) -> Featurizer:
-        """Read featurizer.json + its IDF asset from `directory`."""
+    def load(cls, directory: str | Path, sha256: Mapping[str, str] | None = None) -> Featurizer:
+        """Read featurizer.json + its assets from `directory`. With `sha256` (file name → hex digest: a bundle
+        manifest's `files`), each file must hash to its digest, and is parsed from the very bytes hashed."""
         d = Path(directory)
+
+        def read(name: str) -> bytes:
+            data = (d / name).read_bytes()
+            if sha256 is not None:
+                expected = sha256.get(name)
+                if not isinstance(expected, str) or hashlib.sha256(data).hexdigest() != expected.lower():
+                    raise FeaturizerError(f"{name}: sha256 does not match the bundle manifest")
+            return data
+
         try:
-            spec = json.loads((d / SPEC_FILE).read_text(encoding="utf-8"))
+            spec = json.loads(read(SPEC_FILE).decode("utf-8"))
             assets = spec.get("assets", {})
-            idf = np.load(d / assets.get("idf", IDF_FILE), allow_pickle=False)
-            known = np.load(d / assets["known"], allow_pickle=False) if "known" in assets else None
+            idf = np.load(io.BytesIO(read(assets.get("idf", IDF_FILE))), allow_pickle=False)
+            known = np.load(io.BytesIO(read(assets["known"])), allow_pickle=False) if "known" in assets else None
         except (OSError, ValueError, TypeError, AttributeError) as exc:
             raise FeaturizerError(f"cannot read featurizer from {d}: {exc}") from exc
         return cls.from_spec(spec, idf, known)

@@ -20,7 +20,7 @@ __all__ = ["create_app", "tags_key"]
 
 log = logging.getLogger(__name__)
 
-PRODUCT_ID_RE = re.compile(r"^[^{}\s]{1,128}$")  # as in the event schemas
+PRODUCT_ID_RE = re.compile(r"[^{}\s]{1,128}")  # as in the event schemas; fullmatch: "p1\n" is no product id
 PING_TIMEOUT_S = 2.0
 
 
@@ -57,7 +57,7 @@ def _json(obj: Any, status: int = 200) -> web.Response:
 async def get_tags(request: web.Request) -> web.Response:
     """The product's tag state, 404 when there is none, 400 for a malformed id, 503 when Redis fails."""
     product_id = request.match_info["product_id"]
-    if not PRODUCT_ID_RE.match(product_id):
+    if not PRODUCT_ID_RE.fullmatch(product_id):
         return _json({"error": "invalid product id", "product_id": product_id}, status=400)
     try:
         raw = await request.app[REDIS].get(tags_key(request.app[PREFIX], product_id))
@@ -80,7 +80,7 @@ async def get_features(request: web.Request) -> web.Response:
     """The product's behaviour windows, 404 when nothing is known of it, 400 for a malformed id, 503 on Redis
     failure."""
     product_id = request.match_info["product_id"]
-    if not PRODUCT_ID_RE.match(product_id):
+    if not PRODUCT_ID_RE.fullmatch(product_id):
         return _json({"error": "invalid product id", "product_id": product_id}, status=400)
     try:
         features = await request.app[FEATURES](product_id)

@@ -17,8 +17,9 @@ Stages, in order; the first failing stage raises `ModelRejectedError` with every
 Everything here is CPU-bound and blocking. Parsing and checking an ONNX graph holds the GIL for tens of ms, which
 would stall a worker's event loop even from another thread, so a worker runs the stages in a child process
 (`validate_isolated`: spawn, one long-lived process) and then only re-opens the validated bytes in its own process
-(`open_validated`: sha256 of every file again — hashing releases the GIL —, small JSON files, the ONNX Runtime
-session, whose creation releases the GIL, and one more canary run on the golden rows).
+(`open_validated`: sha256 of every file again — hashing releases the GIL —, small JSON files, the featurizer, whose
+files are checked once more as it reads them, the ONNX Runtime session, whose creation releases the GIL, and one more
+canary run on the golden rows).
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ from schemas.records import ProductChange, Tag
 from serving.bundle import (
     DEFAULT_LIMITS,
     MANIFEST_FILE,
+    MODEL_FILE,
+    REQUIRED_FILES,
     BundleLimits,
     GoldenSet,
     LabelMap,
@@ -479,13 +482,13 @@ def open_validated(
     manifest_bytes = _reread(root, MANIFEST_FILE, report.sha256, limit)
     manifest = json.loads(manifest_bytes)
     files: dict[str, str] = manifest["files"]
+    # every file but model.onnx, which the session reads and checks itself (`OnnxScorer.load_file`)
     data = {
-        name: _reread(root, name, files.get(name), limit)
-        for name in ("labels.json", "thresholds.json", "featurizer.json", "metrics.json", "golden.npz")
+        name: _reread(root, name, files.get(name), limit) for name in sorted({*files, *REQUIRED_FILES} - {MODEL_FILE})
     }
-    onnx_sha256 = files.get("model.onnx")
+    onnx_sha256 = files.get(MODEL_FILE)
     if not isinstance(onnx_sha256, str):
-        raise ModelRejectedError(["model.onnx: changed after validation"])
+        raise ModelRejectedError([f"{MODEL_FILE}: changed after validation"])
     thresholds = json.loads(data["thresholds.json"])
     with np.load(io.BytesIO(data["golden.npz"]), allow_pickle=False) as npz:
         arrays = {k: npz[k] for k in ("ids", "weights", "numeric", "scores")}
@@ -506,8 +509,8 @@ def open_validated(
     )
     if bundle.model_version != report.model_version:
         raise ModelRejectedError(["manifest.json: changed after validation"])
-    try:
-        bundle.featurizer  # noqa: B018 - load it now, not on the first batch
+    try:  # load it now, not on the first batch; it checks its files' sha256 again as it reads them
+        bundle.featurizer  # noqa: B018
     except Exception as exc:
         raise ModelRejectedError([f"featurizer: cannot be loaded ({exc})"]) from None
     scorer = OnnxScorer(intra_op_num_threads=policy.intra_op_threads, inter_op_num_threads=policy.inter_op_threads)

@@ -30,6 +30,7 @@ import numpy as np
 
 from serving.bundle import Label, LabelGroup
 from serving.bundle import LabelMap as BundleLabelMap
+from serving.decoding import attribute_tag
 from tagstream.errors import DataError, ModelRejectedError
 from training.catalog import CatalogProduct
 
@@ -45,7 +46,6 @@ __all__ = [
 
 CATEGORY_GROUPS = ("category_l1", "category_l2", "category_leaf")
 TAGS_GROUP = "tags"
-TAG_PREFIXES = {"baseColour": "colour", "basecolour": "colour", "color": "colour", "Color": "colour"}
 DEFAULT_EXCLUDE = ("year",)
 
 
@@ -62,11 +62,6 @@ def category_tags(path: Sequence[str]) -> list[str]:
             break
         out.append("category:" + "/".join(levels[: i + 1]))
     return out
-
-
-def attribute_tag(name: str, value: str) -> str:
-    """The tag of an attribute value: `<prefix>:<value>`."""
-    return f"{TAG_PREFIXES.get(name, name)}:{value.strip()}"
 
 
 @dataclass(slots=True)

@@ -160,6 +160,18 @@ def test_new() -> None:
     assert "new" not in tags and state["new"] == {"on": False, "since": T0 + 7 * DAY_MS}
 
 
+def test_new_is_off_for_an_event_older_than_the_product() -> None:
+    first_seen = T0 + 2 * HOUR_MS
+    tags, state = step(None, WindowCounts(now=T0, first_seen=first_seen))
+    assert "new" not in tags and "new" not in state
+    assert "new" not in step(None, WindowCounts(now=first_seen - 1, first_seen=first_seen))[0]
+    tags, state = step(state, WindowCounts(now=first_seen, first_seen=first_seen))
+    assert "new" in tags and state["new"] == {"on": True, "since": first_seen}
+    # a late event from before first_seen turns it off again: time alone decides
+    tags, state = step(state, WindowCounts(now=T0, first_seen=first_seen))
+    assert "new" not in tags and state["new"] == {"on": False, "since": T0}
+
+
 def test_state_tolerates_garbage() -> None:
     tags, state = step({"trending": "yes", "hot": {"on": True, "since": "x"}}, WindowCounts(now=T0))
     # a malformed entry counts as off; an on entry without a usable `since` may turn off at once
@@ -200,6 +212,16 @@ def test_next_check_respects_dwell_and_new() -> None:
     assert next_check_at(c, state) == T0 - MINUTE_MS + CFG.min_dwell_ms  # dwell ends before the bucket leaves
     only_new = {"new": {"on": True, "since": T0 - 6 * DAY_MS}}
     assert next_check_at(c, only_new) == T0 + DAY_MS
+
+
+def test_next_check_when_new_is_still_ahead() -> None:
+    ahead = WindowCounts(now=T0, first_seen=T0 + 2 * HOUR_MS)
+    _, state = step(None, ahead)
+    assert next_check_at(ahead, state) == T0 + 2 * HOUR_MS  # time alone turns it on then
+    assert "new" in step(state, WindowCounts(now=T0 + 2 * HOUR_MS, first_seen=T0 + 2 * HOUR_MS))[0]
+    # marked on although first_seen is ahead (a state written before first_seen counted): off at the next look
+    assert next_check_at(ahead, {"new": {"on": True, "since": T0 - HOUR_MS}}) == T0 + 1
+    assert next_check_at(ahead, {}, BehaviourConfig(new_days=0)) is None
 
 
 def test_next_check_without_bucket_info_uses_next_boundary() -> None:

@@ -232,6 +232,13 @@ def test_catalog_tags() -> None:
     assert catalog_tags(None) == []
 
 
+def test_a_catalog_colour_has_the_tag_name_the_model_gives_it() -> None:
+    # a Myntra-trained model names `baseColour` values `colour:<value>`: so does a catalog, however it spells it
+    for name in ("baseColour", "color", "colour"):
+        [tag] = catalog_tags({name: "Navy Blue"})
+        assert (tag.tag, tag.group) == ("colour:Navy Blue", name)
+
+
 def test_catalog_beats_model_in_same_group() -> None:
     model = [Tag(PHONE, "category_l1", 0.9, "model"), Tag("colour:Black", "colour", 0.8, "model")]
     behaviour = [Tag("trending", "behaviour", 1.0, "behaviour")]

@@ -8,15 +8,16 @@ import itertools
 import json
 from typing import Any
 
+import fastjsonschema
 import orjson
 import pytest
 
 import schemas.registry
-from schemas import BehaviorEvent, ProductChange, load_schema
+from schemas import BehaviorEvent, ModelUpdate, ProductChange, load_schema
 from schemas.fast import UnsupportedSchema, compile_struct, fast_decoder
 from tagstream.errors import TagstreamError
 
-RECORDS = {"click": BehaviorEvent, "product-change": ProductChange}
+RECORDS = {"click": BehaviorEvent, "model-update": ModelUpdate, "product-change": ProductChange}
 
 ODD_VALUES: list[Any] = [
     None,
@@ -68,7 +69,20 @@ ODD_VALUES: list[Any] = [
     {"k" * 64: "v"},
     {"k" * 65: "v"},
     {"a b": "v"},
+    {"gender\n": "Men"},
 ]
+LINE_ENDS = ("\n", "\r\n")  # Python's `$` matches before a final "\n"; the validator's patterns do not
+
+
+def _line_ended(value: Any) -> list[Any]:
+    """`value` (a valid field) with a line end after it, after each of its items or after each of its keys."""
+    if isinstance(value, str):
+        return [value + end for end in LINE_ENDS]
+    if isinstance(value, list) and value:
+        return [[v + end for v in value] for end in LINE_ENDS]
+    if isinstance(value, dict) and value:
+        return [{k + end: v for k, v in value.items()} for end in LINE_ENDS]
+    return []
 
 
 def _decode_old(record: type, raw: bytes | None) -> Any:
@@ -102,7 +116,7 @@ def _mutations(example: dict[str, Any], schema: dict[str, Any]) -> list[bytes]:
     out = [_dumps(example)]
     for prop in schema["properties"]:
         out.append(_dumps({k: v for k, v in example.items() if k != prop}))
-        out += [_dumps({**example, prop: v}) for v in ODD_VALUES]
+        out += [_dumps({**example, prop: v}) for v in [*ODD_VALUES, *_line_ended(example.get(prop))]]
     out.append(_dumps({**example, "extra": 1}))
     body = _dumps(example)[1:-1]
     out += [
@@ -161,3 +175,21 @@ def test_a_schema_with_a_keyword_it_does_not_know_gets_no_fast_path() -> None:
         compile_struct("click", schema)
     # nested object schemas are decoded by the validator alone
     assert fast_decoder("tag-update", load_schema("tag-update")) is None
+
+
+@pytest.mark.parametrize("pattern", [r"^a\$$", r"a", r"^(a|b)$"])
+def test_a_pattern_accepts_on_the_fast_path_exactly_what_the_validator_accepts(pattern: str) -> None:
+    schema = {
+        "type": "object",
+        "additionalProperties": False,
+        "properties": {"s": {"type": "string", "pattern": pattern}},
+    }
+    fast, validate = fast_decoder("t", schema), fastjsonschema.compile(schema)
+    assert fast is not None
+    for value in ["a", "a\n", "a\r\n", "a$", "a$\n", "b", "b\n", "ba", "ba\n", "\na", ""]:
+        try:
+            validate({"s": value})
+        except fastjsonschema.JsonSchemaValueException:
+            assert fast(_dumps({"s": value})) is None, value
+        else:
+            assert fast(_dumps({"s": value})) == {"s": value}, value

@@ -11,7 +11,7 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from serving.cli import LookupSettings, load_settings, register
-from serving.http import create_app, tags_key
+from serving.http import FeatureReader, create_app, tags_key
 from tagstream.errors import ConfigError
 
 STATE = {
@@ -52,8 +52,8 @@ MakeClient = Callable[..., Awaitable[TestClient]]
 async def make_client() -> AsyncIterator[MakeClient]:
     clients: list[TestClient] = []
 
-    async def make(store: MemoryStore, prefix: str = "ts") -> TestClient:
-        client = TestClient(TestServer(create_app(store, prefix)))
+    async def make(store: MemoryStore, prefix: str = "ts", features: FeatureReader | None = None) -> TestClient:
+        client = TestClient(TestServer(create_app(store, prefix, features)))
         await client.start_server()
         clients.append(client)
         return client
@@ -87,12 +87,29 @@ async def test_absent_product_is_404(make_client: MakeClient) -> None:
     assert (await resp.json())["product_id"] == "nope"
 
 
-@pytest.mark.parametrize("bad_id", ["a%7Bb", "a%20b", "x" * 129])
+BAD_IDS = ["a%7Bb", "a%20b", "x" * 129, "p1%0A", "p1%0D%0A", "p1%0Ax"]  # %0A: a newline, also a final one
+
+
+@pytest.mark.parametrize("bad_id", BAD_IDS)
 async def test_malformed_product_id_is_400(make_client: MakeClient, bad_id: str) -> None:
     store = MemoryStore()
     client = await make_client(store)
     assert (await client.get(f"/products/{bad_id}/tags")).status == 400
     assert store.asked == []  # never reaches Redis (no key injection across hash tags)
+
+
+@pytest.mark.parametrize("bad_id", BAD_IDS)
+async def test_malformed_product_id_has_no_features(make_client: MakeClient, bad_id: str) -> None:
+    asked: list[str] = []
+
+    async def features(product_id: str) -> dict[str, Any] | None:
+        asked.append(product_id)
+        return {"product_id": product_id}
+
+    client = await make_client(MemoryStore(), features=features)
+    assert (await client.get("/products/p1/features")).status == 200
+    assert (await client.get(f"/products/{bad_id}/features")).status == 400
+    assert asked == ["p1"]
 
 
 async def test_store_failure_is_503(make_client: MakeClient) -> None:

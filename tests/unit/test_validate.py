@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import copy
 import hashlib
+import io
 import json
 from dataclasses import dataclass
 from functools import cache
@@ -22,14 +23,17 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from onnx import TensorProto, helper
 from onnx.external_data_helper import set_external_data
 
+import serving.validate
 from schemas import ProductChange
 from serving.bundle import DEFAULT_LIMITS
 from serving.featurizer import Featurizer, FeaturizerConfig
 from serving.validate import (
     LabelledProduct,
     ValidationPolicy,
+    ValidationReport,
     load_golden_set,
     micro_f1,
+    open_validated,
     parse_verify_key,
     validate_bundle,
 )
@@ -331,6 +335,48 @@ def test_quality_drop_within_tolerance_passes(tmp_path: Path, active: BundleMode
 def test_minimal_featurizer_spec_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ModelRejectedError, match="featurizer: cannot be loaded"):
         validate_bundle(make_bundle(tmp_path))
+
+
+def _validated_report(path: Path) -> ValidationReport:
+    """What the child process reports for the bundle at `path` (validated here, in-process)."""
+    v = validate_bundle(path)
+    return ValidationReport(model_version=v.model_version, sha256=v.bundle.sha256, latency=v.latency)
+
+
+@pytest.mark.parametrize("asset", ["idf.npy", "known.npy"])
+def test_reopening_refuses_a_featurizer_asset_swapped_after_validation(tmp_path: Path, asset: str) -> None:
+    path = real_bundle(tmp_path)
+    report = _validated_report(path)
+    assert open_validated(path, report).bundle.featurizer.idf.any()  # the untouched bundle re-opens
+    array = np.load(path / asset)  # replaced by one as loadable: as many known hashes, as many IDF weights
+    swapped = np.append(array[1:], array[-1] + np.uint64(1)) if asset == "known.npy" else np.zeros_like(array)
+    tamper(path, asset, _npy(swapped), fix_manifest=False)
+    with pytest.raises(ModelRejectedError, match=asset.replace(".", r"\.")):
+        open_validated(path, report)
+
+
+def test_reopening_refuses_an_asset_swapped_between_its_check_and_the_featurizer_load(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = real_bundle(tmp_path)
+    report = _validated_report(path)
+    reread = serving.validate._reread
+
+    def reread_then_swap(root: Path, name: str, expected: str | None, limit: int) -> bytes:
+        data = reread(root, name, expected, limit)
+        if name == "idf.npy":  # checked: now replace it before the featurizer reads it
+            tamper(path, name, _npy(np.zeros(featurizer().n_buckets, np.float32)), fix_manifest=False)
+        return data
+
+    monkeypatch.setattr(serving.validate, "_reread", reread_then_swap)
+    with pytest.raises(ModelRejectedError, match=r"idf\.npy"):
+        open_validated(path, report)
+
+
+def _npy(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array)
+    return buf.getvalue()
 
 
 def test_micro_f1() -> None:
