@@ -17,13 +17,16 @@ import uuid
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import orjson
 
 from tagstream.errors import ConfigError, StackError
 from tagstream.synth import product_change_event
+
+if TYPE_CHECKING:
+    from training.settings import TrainerSettings
 
 DEMO_START_MS = 1_764_316_800_000  # event time the replayed behaviour starts at
 
@@ -79,13 +82,18 @@ def _load_catalog(args: argparse.Namespace) -> list[Any]:
     return generate_catalog(args.products, seed=args.seed)
 
 
-def _train(products: list[Any], registry: Path, args: argparse.Namespace) -> tuple[Path, dict[str, Any]]:
-    from training.settings import TrainerSettings
-    from training.train import train
+def _trainer_settings(args: argparse.Namespace) -> TrainerSettings:
+    """The demo's small model: `tagstream train`'s settings path (TAGSTREAM_* + validation → ConfigError)."""
+    from training.settings import load_trainer_settings
 
-    settings = TrainerSettings(
+    return load_trainer_settings(
         epochs=args.epochs, hash_bits=16, embed_dim=64, hidden=(128,), batch_size=128, min_support=3, baseline=False
     )
+
+
+def _train(products: list[Any], registry: Path, settings: TrainerSettings) -> tuple[Path, dict[str, Any]]:
+    from training.train import train
+
     bundle = train(products, settings, registry=registry, progress=False)
     metrics = orjson.loads((bundle / "metrics.json").read_bytes())
     groups = metrics.get("top1", {}).get("groups", {})
@@ -275,6 +283,7 @@ def run_demo(args: argparse.Namespace) -> int:
     from tagstream.stack import StackSettings, stack_up
     from tagstream.synth import Burst, generate_behaviour
 
+    trainer_settings = _trainer_settings(args)  # a bad setting fails here, before the stack starts
     console = Console()
     console.rule("tagstream demo")
     stack = StackSettings()
@@ -291,7 +300,7 @@ def run_demo(args: argparse.Namespace) -> int:
     summary = DemoSummary()
     console.print("training a model (Keras → tf2onnx → parity gate → bundle) ...")
     t0 = time.perf_counter()
-    bundle, metrics = _train(products, work / "models", args)
+    bundle, metrics = _train(products, work / "models", trainer_settings)
     summary.train_seconds = time.perf_counter() - t0
     summary.model_metrics = metrics
     summary.model_version = bundle.name
@@ -371,6 +380,17 @@ def _print_summary(console: Any, result: dict[str, Any], work: Path) -> None:
     console.print(f"summary written to {work / 'summary.json'}; stop the stack with `tagstream stack down`")
 
 
+def _positive_rate(text: str) -> float:
+    """argparse type of `--rate`: a finite number of events per second above 0."""
+    try:
+        rate = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 < rate < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be > 0 events/s, got {text!r}")
+    return rate
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add `demo`."""
     p = subparsers.add_parser("demo", help="run the whole loop locally: stack, training, worker, replay, summary")
@@ -379,7 +399,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=int, default=3000, help="at most this many catalog products")
     p.add_argument("--products", type=int, default=1500, help="size of the generated catalog")
     p.add_argument("--events", type=int, default=12000, help="behaviour events to replay")
-    p.add_argument("--rate", type=float, default=1500.0, help="replay rate (events/s)")
+    p.add_argument("--rate", type=_positive_rate, default=1500.0, help="replay rate (events/s, > 0)")
     p.add_argument("--epochs", type=int, default=8, help="training epochs")
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--workdir", help="where the model, logs and summary go (default: runs/demo-<time>)")

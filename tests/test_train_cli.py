@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -34,3 +35,114 @@ def test_train_writes_a_bundle_a_baseline_and_a_report(tmp_path: Path) -> None:
     assert pngs and all(name in html for name in pngs)
     assert "baseline" in html.lower() and "category_leaf" in html
     assert "baseline weighted_f1" in run.stderr
+
+
+TINY_ENV = {
+    "TAGSTREAM_HASH_BITS": "12",
+    "TAGSTREAM_MAX_FEATURES": "32",
+    "TAGSTREAM_EMBED_DIM": "16",
+    "TAGSTREAM_LINEAR_DIM": "8",
+    "TAGSTREAM_HIDDEN": "[16]",
+    "TAGSTREAM_EPOCHS": "2",
+    "TAGSTREAM_REFIT_EPOCHS": "1",
+    "TAGSTREAM_BATCH_SIZE": "32",
+    "TAGSTREAM_MIN_SUPPORT": "3",
+    "TAGSTREAM_PARITY_SAMPLES": "64",
+}
+
+
+def test_train_with_chinese_attribute_names_trains_and_plots_every_group(tmp_path: Path) -> None:
+    import dataclasses
+    import os
+
+    renamed = {"colour": "颜色", "gender": "性别"}
+    products = [
+        dataclasses.replace(p, attributes={renamed.get(k, k): v for k, v in p.attributes.items()})
+        for p in generate_catalog(400, seed=3)
+    ]
+    catalog = tmp_path / "catalog.jsonl"
+    write_jsonl(products, catalog)
+    out = tmp_path / "models"
+    cmd = [sys.executable, "-m", "tagstream.cli", "train", "--catalog", str(catalog), "--format", "jsonl"]
+    run = subprocess.run(
+        [*cmd, "--out", str(out), "--no-baseline"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, **TINY_ENV},
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    bundle = Path(run.stdout.strip().splitlines()[-1])
+    groups = json.loads((bundle / "metrics.json").read_text())["top1"]["groups"]
+    assert {"颜色", "性别"} <= set(groups)
+    report = out / "reports" / bundle.name
+    pngs = list(report.glob("*.png"))
+    # four plots per group, none overwriting another group's (颜色 and 性别 have no ASCII in their names)
+    assert len(pngs) == 4 * len(groups), sorted(p.name for p in pngs)
+    html = (report / "report.html").read_text()
+    assert all(p.name in html for p in pngs) and "颜色" in html and "性别" in html
+
+
+@pytest.fixture
+def tiny_catalog(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    for k, v in TINY_ENV.items():
+        monkeypatch.setenv(k, v)
+    catalog = tmp_path / "catalog.jsonl"
+    write_jsonl(generate_catalog(300, seed=3), catalog)
+    return catalog
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "expected"),
+    [
+        (["--out", "{file}"], {}, "--out {file}: exists and is not a directory"),
+        (["--out", "{file}/models"], {}, "--out {file}/models: cannot create the directory"),
+        (["--out", "{tmp}/models", "--report", "{file}"], {}, "--report {file}: exists and is not a directory"),
+        (["--out", "{tmp}/models"], {"TAGSTREAM_SIGNING_KEY_PATH": "/nonexistent"}, "TAGSTREAM_SIGNING_KEY_PATH"),
+        (["--out", "{tmp}/models", "--every", "1s"], {"TAGSTREAM_SIGNING_KEY_PATH": "/nonexistent"}, "/nonexistent"),
+        (["--out", "{tmp}/models"], {"TAGSTREAM_HIDDEN": "[a]"}, "TAGSTREAM_HIDDEN does not parse"),
+    ],
+)
+def test_train_reports_a_bad_output_path_key_or_setting_in_one_line_before_training(
+    tiny_catalog: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+    args: list[str],
+    env: dict[str, str],
+    expected: str,
+) -> None:
+    from tagstream.cli import main
+
+    caplog.set_level(logging.INFO)
+    afile = tmp_path / "afile"
+    afile.write_text("not a directory")
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    argv = [a.format(file=afile, tmp=tmp_path) for a in args]
+    code = main(["train", "--catalog", str(tiny_catalog), "--format", "jsonl", *argv, "--cycles", "1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert err[-1].startswith("tagstream train: error: ") and expected.format(file=afile) in err[-1], err[-3:]
+    assert not any("loaded" in r.getMessage() for r in caplog.records)  # refused before reading the catalog
+    assert not list(tmp_path.glob("models/2*"))  # and before training: no bundle
+
+
+def test_demo_refuses_zero_rate_and_zero_epochs_before_starting_anything(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    import tagstream.stack
+    from tagstream.cli import main
+
+    def no_stack(*a: object, **k: object) -> None:
+        raise AssertionError("the demo started the stack before checking its arguments")
+
+    monkeypatch.setattr(tagstream.stack, "stack_up", no_stack)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--rate", "0", "--workdir", str(tmp_path / "d")])
+    assert exit_info.value.code == 2
+    assert "argument --rate: must be > 0" in capsys.readouterr().err
+    assert main(["demo", "--epochs", "0", "--workdir", str(tmp_path / "d")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("tagstream demo: error: invalid trainer settings: epochs:"), err[-3:]

@@ -12,7 +12,8 @@ class CatalogProduct:
 
     JSONL form, one object per line: {"product_id", "title", "description", "brand", "price", "currency",
     "category_path": [L1, L2, ...], "attributes": {name: value}, "tags": [extra tag, ...]}; only product_id and
-    title are required.
+    title are required. Attribute values are strings or numbers (a number is kept as its JSON text, `42` → "42"),
+    tags are strings, price is a number ≥ 0; null means absent (`training.loaders` skips rows that break this).
     """
 
     product_id: str

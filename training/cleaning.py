@@ -89,6 +89,7 @@ class DataReport:
     rows_read: int = 0
     rows_parsed: int = 0
     rows_kept: int = 0
+    blank_lines: int = 0  # empty or white-space-only lines: neither rows nor malformed
     skipped: Counter[str] = field(default_factory=Counter)
     repaired: Counter[str] = field(default_factory=Counter)
     examples: list[dict[str, Any]] = field(default_factory=list)
@@ -152,6 +153,7 @@ class DataReport:
             "rows_parsed": self.rows_parsed,
             "rows_kept": self.rows_kept,
             "rows_skipped": self.rows_skipped,
+            "blank_lines": self.blank_lines,
             "skipped": dict(self.skipped.most_common()),
             "repaired": dict(self.repaired.most_common()),
             "examples": list(self.examples),
@@ -173,7 +175,7 @@ class DataReport:
             f"### Data report: `{self.path}` ({self.fmt})",
             "",
             f"- rows read: {self.rows_read}, parsed: {self.rows_parsed}, kept: {self.rows_kept}, "
-            f"skipped: {self.rows_skipped}",
+            f"skipped: {self.rows_skipped}" + (f", blank lines: {self.blank_lines}" if self.blank_lines else ""),
         ]
         if self.skipped:
             lines.append("- skipped by reason: " + ", ".join(f"{k} {v}" for k, v in self.skipped.most_common()))

@@ -76,14 +76,19 @@ def _load(path: Path, fmt: str):
 
 def run_train(args: argparse.Namespace) -> int:
     """`tagstream train`."""
-    from training.settings import load_trainer_settings
+    from training.publish import parse_duration
+    from training.settings import load_trainer_settings, writable_dir
 
     settings = load_trainer_settings(epochs=args.epochs, seed=args.seed, baseline=args.baseline)
-    registry = args.out or settings.model_registry
-    if args.every:
-        from training.publish import parse_duration, periodic_retrain
+    every = parse_duration(args.every) if args.every else None
+    # everything that would fail only at the end is checked before the catalog is read and a model trained
+    registry = writable_dir(args.out or settings.model_registry, "--out" if args.out else "TAGSTREAM_MODEL_REGISTRY")
+    if args.report and every is None:
+        writable_dir(args.report, "--report")
+    settings.signing_key()
+    if every is not None:
+        from training.publish import periodic_retrain
 
-        every = parse_duration(args.every)
         records = periodic_retrain(
             lambda: _load(args.catalog, args.format).products,
             settings,
@@ -114,20 +119,25 @@ def run_train(args: argparse.Namespace) -> int:
     from training.report import write_report
 
     report_dir = Path(args.report) if args.report else Path(registry) / "reports" / bundle.name
-    files = write_report(
-        report_dir,
-        model=metrics["top1"],
-        baseline=metrics.get("baseline"),
-        data=loaded.report,
-        title=f"tagstream training report: {bundle.name}",
-        extra={
-            **{k: metrics.get(k) for k in ("split", "timings", "parity", "evaluated_on")},
-            "at_shipped_thresholds": {
-                g: {k: r.get(k) for k in ("coverage", "micro_f1", "macro_f1", "weighted_f1")}
-                for g, r in metrics["at_thresholds"]["groups"].items()
+    try:
+        files = write_report(
+            report_dir,
+            model=metrics["top1"],
+            baseline=metrics.get("baseline"),
+            data=loaded.report,
+            title=f"tagstream training report: {bundle.name}",
+            extra={
+                **{k: metrics.get(k) for k in ("split", "timings", "parity", "evaluated_on")},
+                "at_shipped_thresholds": {
+                    g: {k: r.get(k) for k in ("coverage", "micro_f1", "macro_f1", "weighted_f1")}
+                    for g, r in metrics["at_thresholds"]["groups"].items()
+                },
             },
-        },
-    )
+        )
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot write the report into {report_dir}: {exc} (the bundle is written: {bundle})"
+        ) from exc
     print(f"report: {files.html}", file=sys.stderr)
     print(bundle)
     return 0

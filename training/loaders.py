@@ -19,8 +19,17 @@ Formats (product ids are `<format prefix>-<source id>` so they satisfy the event
   category_path = masterCategory|subCategory|articleType; attributes `gender`, `colour` (baseColour), `season`,
   `usage` (`NA`/empty → absent). `year` is dropped: listing metadata, not a property of the product to tag.
 - `bigbasket`: quoted CSV with header `index,product,category,sub_category,brand,sale_price,market_price,type,...`;
-  category_path = category|sub_category|type; brand; price = sale_price (INR).
-- `jsonl`: the canonical form (`CatalogProduct.to_json`); `product_id` and `title` required.
+  category_path = category|sub_category|type; brand; price = sale_price (INR). A quoted field may span lines
+  (joined into one record when its quote closes within 5 lines, before the next `<index>,` line); a quote that
+  does not close so skips its own line as `unterminated_quote` and the lines after it are read as records again.
+  A `"` inside an unquoted field (`Pizza Pan 10" Round`) is plain text, as in the csv module.
+- `jsonl`: the canonical form (`CatalogProduct.to_json`); `product_id` (a string or an integer) and `title`
+  required. A row is skipped with its reason when a value has the wrong type: an attribute value or `description`,
+  `brand`, `currency`, `source` that is not a string or a number (`bad_attributes`, `bad_<field>`), a tag that is
+  not a string (`bad_tags`), a price that is not a number ≥ 0 or a string of one (`bad_price`). null is "absent".
+
+Lines end at LF, with any CRs before it (a `\\r\\r\\n` file is numbered as an editor shows it), or at CR / CRLF
+in a file without LF. Blank lines are neither rows nor malformed: they are counted in `DataReport.blank_lines`.
 """
 
 from __future__ import annotations
@@ -31,6 +40,7 @@ import json
 import math
 import re
 import zipfile
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,20 +51,23 @@ from training.cleaning import DataReport, clean_products
 
 __all__ = ["LOADERS", "LoadResult", "load_catalog", "parse_jd_line"]
 
-_PRODUCT_ID_RE = re.compile(r"^[^{}\s]{1,128}$")
+_PRODUCT_ID_RE = re.compile(r"[^{}\s]{1,128}")  # the whole id: fullmatch (`$` would let a final newline through)
 _BREADCRUMB_RE = re.compile(r"^[^<>,]{1,40}>[^>]")
 _NULLS = {"", "\\N", "$N", "NA", "N/A", "null", "None"}
 _KNOWN_SITES = {"京东商城", "1号店", "当当网", "亚马逊", "天猫", "淘宝网", "苏宁易购", "国美在线", "易迅网"}
 _MALFORMED_LIMIT = 0.5
+_MAX_RECORD_LINES = 5  # physical lines one quoted CSV record may span
 
 
 class _Malformed(Exception):
-    """A row that cannot be turned into a product (reason + detail)."""
+    """A row that cannot be turned into a product (reason + detail). `bad_value`: the row has the format's shape and
+    one value is wrong, so even as the first data row it says nothing about a wrong `--format`."""
 
-    def __init__(self, reason: str, detail: str = "") -> None:
+    def __init__(self, reason: str, detail: str = "", *, bad_value: bool = False) -> None:
         super().__init__(reason)
         self.reason = reason
         self.detail = detail
+        self.bad_value = bad_value
 
 
 @dataclass
@@ -85,11 +98,23 @@ def _read_bytes(path: Path) -> bytes:
         raise DataError(f"{path}: line 0: cannot read: {e}") from e
 
 
+def _split_lines(data: bytes) -> list[bytes]:
+    """Physical lines as an editor numbers them: split at LF (any CRs before it belong to the line ending, so
+    `\\r\\r\\n` is one line end), or at CR / CRLF in a file without LF."""
+    if b"\n" not in data:
+        return data.splitlines()
+    lines = data.split(b"\n")
+    if lines and not lines[-1]:
+        lines.pop()
+    return [line.rstrip(b"\r") for line in lines]
+
+
 def _lines(path: Path, data: bytes, report: DataReport) -> Lines:
-    """Decode line by line (so a bad byte names its line); blank lines are counted as skipped."""
+    """Decode line by line (so a bad byte names its line); blank lines are counted apart (`blank_lines`), never
+    as rows."""
     if data.startswith(b"\xef\xbb\xbf"):
         data = data[3:]
-    for i, raw in enumerate(data.splitlines(), 1):
+    for i, raw in enumerate(_split_lines(data), 1):
         try:
             line = raw.decode("utf-8")
         except UnicodeDecodeError as e:
@@ -99,7 +124,7 @@ def _lines(path: Path, data: bytes, report: DataReport) -> Lines:
             report.skip(i, "not_utf8", str(e))
             continue
         if not line.strip():
-            report.skip(i, "blank_line")
+            report.blank_lines += 1
             continue
         yield i, line
 
@@ -114,7 +139,7 @@ def _rows(
         try:
             p = parse(i, line)
         except _Malformed as m:
-            if first:
+            if first and not m.bad_value:
                 raise DataError(
                     f"{path}: line {i}: {m.reason}{': ' + m.detail if m.detail else ''} "
                     f"(first data row does not parse as {report.fmt!r}; wrong --format?)"
@@ -232,6 +257,7 @@ def _load_myntra(path: Path, report: DataReport) -> Iterator[tuple[int, CatalogP
 # ---------------------------------------------------------------- bigbasket
 
 _BB_HEADER = ["index", "product", "category", "sub_category", "brand", "sale_price", "market_price", "type"]
+_BB_RECORD_START = re.compile(r"^\d+,")
 
 
 def _price(s: str | None) -> float | None:
@@ -266,33 +292,102 @@ def _parse_bigbasket(row: list[str]) -> CatalogProduct:
     )
 
 
+def _ends_in_quotes(line: str, in_quotes: bool) -> bool:
+    """Whether a CSV line ends inside a quoted field, starting inside one when `in_quotes`. As in the csv module, a
+    quote opens a quoted field only as the field's first character (`Pizza Pan 10" Round` is plain text) and `""`
+    inside one is a literal quote."""
+    at_start = not in_quotes
+    i, n = 0, len(line)
+    while i < n:
+        c = line[i]
+        if in_quotes:
+            if c == '"':
+                if i + 1 < n and line[i + 1] == '"':
+                    i += 2
+                    continue
+                in_quotes = False
+        elif c == '"' and at_start:
+            in_quotes = True
+        at_start = c == "," and not in_quotes
+        i += 1
+    return in_quotes
+
+
+def _csv_records(lines: Lines, unterminated: set[int], max_lines: int = _MAX_RECORD_LINES) -> Lines:
+    """Physical lines → BigBasket CSV records, joining the lines of a quoted field that spans them (the real file
+    has two such titles). The lines are joined only when the quote closes within `max_lines` lines, before a line
+    that starts a record of its own (`<index>,`), and the result parses as one row; else the first line is yielded
+    alone and added to `unterminated` (the parser skips it as `unterminated_quote`) and the lines after it are read
+    again as records of their own, so every physical line is kept or skipped by line number, never swallowed."""
+    queue: deque[tuple[int, str]] = deque()
+    source = iter(lines)
+
+    def pull() -> tuple[int, str] | None:
+        return queue.popleft() if queue else next(source, None)
+
+    while (item := pull()) is not None:
+        if not _ends_in_quotes(item[1], False):
+            yield item
+            continue
+        group = [item]
+        closed = False
+        while len(group) < max_lines and (nxt := pull()) is not None:
+            if _BB_RECORD_START.match(nxt[1]):
+                queue.appendleft(nxt)
+                break
+            group.append(nxt)
+            if not _ends_in_quotes(nxt[1], True):
+                closed = True
+                break
+        text = "\n".join(line for _, line in group)
+        if closed and _one_row(text):
+            yield item[0], text
+            continue
+        unterminated.add(item[0])
+        yield item
+        queue.extendleft(reversed(group[1:]))
+
+
+def _one_row(text: str) -> bool:
+    try:
+        return len(next(csv.reader([text], strict=True))) >= len(_BB_HEADER)
+    except csv.Error:
+        return False
+
+
 def _load_bigbasket(path: Path, report: DataReport) -> Iterator[tuple[int, CatalogProduct]]:
     lines = _lines(path, _read_bytes(path), report)
     _header(path, lines, _BB_HEADER, "bigbasket")
-    # quoted fields may span lines: feed the decoded lines through one csv reader, keeping the start line
-    buf: list[tuple[int, str]] = []
-
-    def records() -> Iterator[tuple[int, str]]:
-        for i, line in lines:
-            buf.append((i, line))
-            text = "\n".join(x for _, x in buf)
-            if text.count('"') % 2 == 0 or len(buf) >= 5:
-                yield buf[0][0], text
-                buf.clear()
-        if buf:
-            yield buf[0][0], "\n".join(x for _, x in buf)
+    unterminated: set[int] = set()
 
     def parse(i: int, text: str) -> CatalogProduct:
+        if i in unterminated:
+            raise _Malformed(
+                "unterminated_quote",
+                f"a quoted field opened here is not closed before the next record (at most {_MAX_RECORD_LINES} lines)",
+            )
         try:
             row = next(csv.reader([text], strict=True))
         except csv.Error as e:
             raise _Malformed("bad_csv_quoting", str(e)) from None
         return _parse_bigbasket(row)
 
-    yield from _rows(path, records(), report, parse)
+    yield from _rows(path, _csv_records(lines, unterminated), report, parse)
 
 
 # ---------------------------------------------------------------- jsonl
+
+
+def _label_value(v: object) -> str | None:
+    """An attribute value: a string, or a finite number (written as JSON writes it, `42`, `10.5`); None when not
+    one (lists, objects, booleans, NaN)."""
+    if isinstance(v, str):
+        return v
+    if isinstance(v, int) and not isinstance(v, bool):
+        return str(v)
+    if isinstance(v, float) and math.isfinite(v):
+        return json.dumps(v)
+    return None
 
 
 def _parse_jsonl(line: str, seen: set[str]) -> CatalogProduct:
@@ -305,8 +400,12 @@ def _parse_jsonl(line: str, seen: set[str]) -> CatalogProduct:
     pid = obj.get("product_id")
     if pid is None or pid == "":
         raise _Malformed("missing_product_id")
+    if isinstance(pid, bool) or not isinstance(pid, str | int):
+        raise _Malformed(
+            "bad_product_id", f"{type(pid).__name__} {json.dumps(pid, ensure_ascii=False)[:60]}", bad_value=True
+        )
     pid = str(pid)
-    if not _PRODUCT_ID_RE.match(pid):
+    if not _PRODUCT_ID_RE.fullmatch(pid):
         raise _Malformed("bad_product_id", pid[:60])
     if "title" not in obj or obj["title"] is None:
         raise _Malformed("missing_title")
@@ -320,33 +419,52 @@ def _parse_jsonl(line: str, seen: set[str]) -> CatalogProduct:
     attrs = obj.get("attributes") or {}
     if not isinstance(attrs, dict):
         raise _Malformed("bad_attributes", type(attrs).__name__)
+    attributes: dict[str, str] = {}
+    for k, v in attrs.items():
+        if v is None:  # null: the product has no value for it
+            continue
+        value = _label_value(v)
+        if value is None:
+            raise _Malformed("bad_attributes", f"{k}: {json.dumps(v, ensure_ascii=False)[:60]}", bad_value=True)
+        attributes[k] = value
     tags = obj.get("tags") or []
     if not isinstance(tags, list):
         raise _Malformed("bad_tags", type(tags).__name__)
+    bad_tags = [t for t in tags if not isinstance(t, str)]
+    if bad_tags:
+        detail = f"not a string: {json.dumps(bad_tags[0], ensure_ascii=False)[:60]}"
+        raise _Malformed("bad_tags", detail, bad_value=True)
     price = obj.get("price")
-    if price is not None and not isinstance(price, int | float):
-        price = _price(str(price))
-    elif isinstance(price, bool) or (isinstance(price, float) and not math.isfinite(price)):
-        raise _Malformed("bad_price", str(price))
+    if isinstance(price, str):
+        try:
+            price = _price(price)
+        except _Malformed as m:
+            raise _Malformed(m.reason, m.detail, bad_value=True) from None
+    elif price is not None and (
+        isinstance(price, bool) or not isinstance(price, int | float) or not math.isfinite(price) or price < 0
+    ):
+        raise _Malformed("bad_price", json.dumps(price)[:40], bad_value=True)
+    texts: dict[str, str | None] = {}
+    for k in ("description", "brand", "currency", "source"):
+        v = obj.get(k)
+        texts[k] = None if v is None else _label_value(v)
+        if v is not None and texts[k] is None:
+            detail = f"{type(v).__name__} {json.dumps(v, ensure_ascii=False)[:60]}"
+            raise _Malformed(f"bad_{k}", detail, bad_value=True)
     if pid in seen:
         raise _Malformed("duplicate_product_id", pid[:60])
     seen.add(pid)
-
-    def opt(k: str) -> str | None:
-        v = obj.get(k)
-        return None if v is None else str(v)
-
     return CatalogProduct(
         product_id=pid,
         title=obj["title"],
-        description=opt("description"),
-        brand=opt("brand"),
+        description=texts["description"],
+        brand=texts["brand"],
         price=None if price is None else float(price),
-        currency=opt("currency"),
+        currency=texts["currency"],
         category_path=tuple(path),
-        attributes={str(k): str(v) for k, v in attrs.items() if v is not None},
-        tags=tuple(str(t) for t in tags),
-        source=opt("source"),
+        attributes=attributes,
+        tags=tuple(tags),
+        source=texts["source"],
     )
 
 
@@ -372,7 +490,11 @@ def load_catalog(path: str | Path, fmt: str, *, dedupe: bool = True, max_example
     report = DataReport(path=str(path), fmt=fmt, max_examples=max_examples)
     rows = list(LOADERS[fmt](path, report))
     if not rows:
-        raise DataError(f"{path}: line 0: no product rows ({report.rows_read} rows read)")
+        ex = report.examples[0] if report.examples else {"line": 0, "reason": "", "detail": ""}
+        why = f"{ex['reason']} {ex['detail']}".strip()
+        raise DataError(
+            f"{path}: line {ex['line']}: {why + ' — ' if why else ''}no product rows ({report.rows_read} rows read)"
+        )
     malformed = report.rows_skipped
     if report.rows_read and malformed / report.rows_read > _MALFORMED_LIMIT:
         ex = report.examples[0] if report.examples else {"line": 0, "reason": "?"}

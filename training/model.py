@@ -32,6 +32,7 @@ Adam → 0.827 lazy ×4). Embedding rows start near zero (`embed_init_scale`) so
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -241,17 +242,17 @@ def build_models(
             )(x)
         x = layers.Dropout(config.dropout, seed=seed + 99, name=f"m{m}_drop_out")(x)
         heads: dict[str, object] = {}
-        for g in label_map.groups:
+        for gi, g in enumerate(label_map.groups):
             start, end = sl[g.name]
             inp = x
             if config.hierarchical and g.name in CATEGORY_GROUPS and g.parent_group in heads:
-                parent = layers.Activation("softmax", name=f"m{m}_{_safe(g.name)}_parent_p")(heads[g.parent_group])
-                inp = layers.Concatenate(name=f"m{m}_{_safe(g.name)}_cond")([x, parent])
+                parent = layers.Activation("softmax", name=f"m{m}_{_safe(g.name, gi)}_parent_p")(heads[g.parent_group])
+                inp = layers.Concatenate(name=f"m{m}_{_safe(g.name, gi)}_cond")([x, parent])
             heads[g.name] = layers.Dense(
                 end - start,
                 kernel_regularizer=reg,
                 kernel_initializer=keras.initializers.GlorotUniform(seed=seed + 500 + start),
-                name=f"m{m}_head_{_safe(g.name)}",
+                name=f"m{m}_head_{_safe(g.name, gi)}",
             )(inp)
         outs = [heads[g.name] for g in label_map.groups]
         logits = outs[0] if len(outs) == 1 else layers.Concatenate(name=f"m{m}_logits")(outs)
@@ -261,13 +262,13 @@ def build_models(
         seed = config.seed + 7777
         x = layers.Concatenate(name="lin_concat")([lin_bag, numeric])
         outs = []
-        for g in label_map.groups:
+        for gi, g in enumerate(label_map.groups):
             start, end = sl[g.name]
             outs.append(
                 layers.Dense(
                     end - start,
                     kernel_initializer=keras.initializers.GlorotUniform(seed=seed + start),
-                    name=f"lin_head_{_safe(g.name)}",
+                    name=f"lin_head_{_safe(g.name, gi)}",
                 )(x)
             )
         logits = outs[0] if len(outs) == 1 else layers.Concatenate(name="lin_logits")(outs)
@@ -284,8 +285,11 @@ def build_models(
     return TaggerModels(train_model, score_model)
 
 
-def _safe(name: str) -> str:
-    return "".join(c if c.isalnum() or c == "_" else "_" for c in name)
+def _safe(name: str, index: int) -> str:
+    """A layer-name part for tag group `index`: Keras scope names are ASCII (`[A-Za-z0-9_.\\/>-]`), so only the
+    group's ASCII letters and digits are kept (颜色 keeps none) and the index keeps the names unique."""
+    ascii_part = re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_")[:48]
+    return f"g{index}_{ascii_part}" if ascii_part else f"g{index}"
 
 
 def class_weights(label_map: LabelMap, y: np.ndarray, power: float) -> np.ndarray:

@@ -109,9 +109,15 @@ def publish_bundle(bundle_dir: str | Path, kind: PublishKind, settings: TrainerS
 
 
 def eval_holdout(products: Sequence[CatalogProduct], fraction: float = 0.1) -> list[bool]:
-    """Stable membership of the fixed evaluation set: sha256(product_id) decides, so it survives catalog refreshes."""
+    """Stable membership of the fixed evaluation set: sha256 of the normalised title decides (the loaders' duplicate
+    key, so each kept product has its own). Not the product id: cn-jd ids are line numbers (`jd-<line>`), and one
+    row added or removed would move every later product in or out of the set, into the current model's training."""
+    from training.cleaning import normalize_text
+
     cut = int(fraction * 2**32)
-    return [int.from_bytes(hashlib.sha256(p.product_id.encode()).digest()[:4], "big") < cut for p in products]
+    return [
+        int.from_bytes(hashlib.sha256(normalize_text(p.title).encode()).digest()[:4], "big") < cut for p in products
+    ]
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,9 +135,10 @@ def compare_reports(
     metric: str = "weighted_f1",
     tolerance: float = 0.005,
 ) -> Comparison:
-    """Publish only if the candidate is not worse: on every group both evaluated, metric ≥ current − tolerance,
-    and the mean over those groups ≥ the current mean. No current model → publish. Reports are
-    `{"groups": {name: {metric: value}}}` (evaluate_scores / `tagstream evaluate --json`)."""
+    """Publish only if the candidate is not worse: it evaluates every group the current model evaluates (a group
+    it lost counts as worse), on each of them metric ≥ current − tolerance, and the mean over them ≥ the current
+    mean. No current model → publish. Reports are `{"groups": {name: {metric: value}}}` (evaluate_scores /
+    `tagstream evaluate --json`)."""
     if current is None:
         return Comparison(True, ("no current model",))
     cand_g = candidate.get("groups", {})
@@ -141,6 +148,9 @@ def compare_reports(
         return Comparison(False, ("no group in common with the current model",))
     reasons = []
     worse = False
+    for g in sorted(g for g in cur_g if g not in cand_g and cur_g[g].get(metric) is not None):
+        worse = True
+        reasons.append(f"{g}: the current model has this group ({metric} {cur_g[g][metric]}), the candidate lacks it")
     for g in common:
         new, old = cand_g[g].get(metric), cur_g[g][metric]
         if new is None or new < old - tolerance:
@@ -219,7 +229,7 @@ def periodic_retrain(
                 "published" if decision.publish else "kept current",
                 "; ".join(decision.reasons),
             )
-        except TagstreamError as exc:
+        except (TagstreamError, OSError) as exc:  # one failed cycle (bad data, a full disk, a key) is logged, not fatal
             record.update(error=str(exc), publish=False)
             log.error("retrain cycle %d failed: %s", cycle, exc)
         records.append(record)

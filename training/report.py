@@ -45,8 +45,11 @@ class ReportFiles:
     images: list[Path]
 
 
-def _slug(s: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", s).strip("_") or "group"
+def _slug(s: str, index: int) -> str:
+    """The file-name part of tag group `index`: its ASCII letters, digits and `_.-`, after the index (so groups whose
+    names have no ASCII, 颜色 and 材质, do not overwrite each other's plots)."""
+    ascii_part = re.sub(r"[^A-Za-z0-9_.-]+", "_", s).strip("_.")[:48]
+    return f"g{index}_{ascii_part}" if ascii_part else f"g{index}"
 
 
 def _fmt(v: Any) -> str:
@@ -96,9 +99,11 @@ def _save(fig: Any, path: Path, images: list[Path]) -> None:
     images.append(path)
 
 
-def _plots(name: str, g: Mapping[str, Any], base: Mapping[str, Any] | None, out: Path, key: _Keys) -> list[Path]:
+def _plots(
+    name: str, index: int, g: Mapping[str, Any], base: Mapping[str, Any] | None, out: Path, key: _Keys
+) -> list[Path]:
     images: list[Path] = []
-    slug = _slug(name)
+    slug = _slug(name, index)
     per_tag = g.get("per_tag") or {}
     if per_tag:
         fig, ax = plt.subplots(figsize=(5, 3.5))
@@ -155,7 +160,9 @@ def _data_html(data: Mapping[str, Any]) -> str:
     dup = ", ".join(f"{k} {v}" for k, v in (data.get("duplicates") or {}).items())
     return (
         f"<p><code>{html.escape(str(data.get('path', '')))}</code> ({html.escape(str(data.get('format', '')))}): "
-        f"rows read {data.get('rows_read')}, kept {data.get('rows_kept')}, skipped {data.get('rows_skipped')}</p>"
+        f"rows read {data.get('rows_read')}, kept {data.get('rows_kept')}, skipped {data.get('rows_skipped')}"
+        + (f", blank lines {data['blank_lines']}" if data.get("blank_lines") else "")
+        + "</p>"
         f"<p>skipped by reason:</p><ul>{skipped or '<li>none</li>'}</ul>"
         f"<p>repaired:</p><ul>{repaired or '<li>none</li>'}</ul>"
         f"<p>duplicates: {html.escape(dup)}</p><p>labels per level: {n_labels}</p>"
@@ -212,11 +219,11 @@ def write_report(
     for d in datas:
         parts.append("<h2>Data</h2>" + _data_html(d))
     parts.append(f"<h2>Groups (test rows: {main.get('n')})</h2>")
-    for name in groups:
+    for index, name in enumerate(groups):
         g = main.get("groups", {}).get(name) or (baseline or {}).get("groups", {}).get(name, {})
         base = (baseline or {}).get("groups", {}).get(name) if model else None
         key = _Keys("T", cjk_font)
-        imgs = _plots(name, g, base, out, key)
+        imgs = _plots(name, index, g, base, out, key)
         images += imgs
         parts.append(f"<h3>{html.escape(name)}</h3>" + _table(model, baseline, name))
         parts += [f"<img src='{html.escape(p.name)}' alt='{html.escape(p.stem)}'>" for p in imgs]

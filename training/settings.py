@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from serving.featurizer import FeaturizerConfig
-from tagstream.errors import ConfigError
+from tagstream.errors import BundleError, ConfigError
 
-__all__ = ["TrainerSettings", "load_trainer_settings"]
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+__all__ = ["TrainerSettings", "load_trainer_settings", "writable_dir"]
 
 
 class TrainerSettings(BaseSettings):
@@ -67,7 +71,9 @@ class TrainerSettings(BaseSettings):
         "(JD merchants held out, leaf w-F1 0.812 at 2e-3 × 4 → 0.817; Myntra articleType macro F1 +0.01).",
     )
     sparse_weight_decay: float = Field(0.0, ge=0, description="Decoupled weight decay of touched embedding rows.")
-    hidden: tuple[int, ...] = Field((512,), description="Widths of the hidden Dense+ReLU layers.")
+    hidden: tuple[Annotated[int, Field(ge=1)], ...] = Field(
+        (512,), description="Widths of the hidden Dense+ReLU layers."
+    )
     dropout: float = Field(0.25, ge=0, lt=1, description="Dropout before each Dense layer and the heads.")
     input_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the feature weights (feature dropout).")
     l2: float = Field(0.0, ge=0, description="L2 penalty on Dense kernels.")
@@ -144,6 +150,23 @@ class TrainerSettings(BaseSettings):
     kafka_bootstrap: str = Field("127.0.0.1:9092", description="Kafka bootstrap servers for `publish`.")
     topic_prefix: str = Field("", description="Prefix of topic names (`<prefix>model-updates`).")
 
+    def signing_key(self) -> Ed25519PrivateKey | None:
+        """The Ed25519 key of `signing_key_path` (None when unset); ConfigError when it cannot be read or is not a
+        key. `train` loads it before fitting, so a wrong path fails at once, not after a long run."""
+        if self.signing_key_path is None:
+            return None
+        from serving.bundle import load_signing_key
+
+        path = Path(self.signing_key_path)
+        try:
+            return load_signing_key(path.read_bytes())
+        except OSError as exc:
+            raise ConfigError(
+                f"TAGSTREAM_SIGNING_KEY_PATH={path}: cannot read the signing key ({exc.strerror or exc})"
+            ) from exc
+        except BundleError as exc:
+            raise ConfigError(f"TAGSTREAM_SIGNING_KEY_PATH={path}: {exc}") from exc
+
     def featurizer_config(self) -> FeaturizerConfig:
         """The FeaturizerConfig these settings describe."""
         if self.char_ngram_min > self.char_ngram_max:
@@ -161,10 +184,39 @@ class TrainerSettings(BaseSettings):
 
 
 def load_trainer_settings(**overrides: Any) -> TrainerSettings:
-    """Environment settings with the non-None `overrides` applied (ConfigError when invalid)."""
+    """Environment settings with the non-None `overrides` applied (ConfigError when invalid: a value out of range,
+    or a TAGSTREAM_* variable that does not parse, e.g. TAGSTREAM_HIDDEN='[a]')."""
     from pydantic import ValidationError
+    from pydantic_settings import SettingsError
 
     try:
         return TrainerSettings(**{k: v for k, v in overrides.items() if v is not None})
     except ValidationError as exc:
-        raise ConfigError(f"invalid trainer settings: {exc}") from exc
+        problems = "; ".join(
+            f"{'.'.join(str(x) for x in e['loc'])}: {e['msg']} (got {e.get('input')!r})" for e in exc.errors()
+        )
+        raise ConfigError(f"invalid trainer settings: {problems}") from exc
+    except SettingsError as exc:
+        m = re.search(r'field "(\w+)"', str(exc))
+        where = f"TAGSTREAM_{m.group(1).upper()}" if m else "a TAGSTREAM_* variable"
+        cause = f" ({exc.__cause__})" if exc.__cause__ else ""
+        raise ConfigError(
+            f"invalid trainer settings: {where} does not parse{cause}; list settings are JSON, e.g. '[512]'"
+        ) from exc
+
+
+def writable_dir(path: str | Path, what: str) -> Path:
+    """Create directory `path` (and its parents) now, so that a file in its place or a missing permission is a
+    ConfigError naming `what` (e.g. "--out") before training, not a traceback after it."""
+    import os
+
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{what} {path}: exists and is not a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"{what} {path}: cannot create the directory ({exc.strerror or exc})") from exc
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(f"{what} {path}: the directory is not writable")
+    return path

@@ -28,7 +28,7 @@ from serving.featurizer import FEATURIZER_VERSION, FeatureBatch, Featurizer
 from tagstream.errors import ConfigError, DataError
 from training.catalog import CatalogProduct
 from training.labels import LabelMap, LabelMatrix, build_label_map
-from training.settings import TrainerSettings
+from training.settings import TrainerSettings, writable_dir
 
 __all__ = [
     "FitResult",
@@ -422,6 +422,9 @@ def train(
     products = list(products)
     if len(products) < 20:
         raise DataError(f"need at least 20 products to train, got {len(products)}")
+    # what the bundle needs at the end is checked before the long part: the registry and the signing key
+    registry = writable_dir(registry if registry is not None else settings.model_registry, "registry")
+    signing_key = settings.signing_key()
     t0 = time.perf_counter()
     label_map = build_label_map(products, min_support=settings.min_support)
     if split is None:
@@ -496,24 +499,26 @@ def train(
         "numeric": x_par.numeric[:golden_n],
         "scores": keras_par[:golden_n],
     }
-    signing_key = settings.signing_key_path if settings.signing_key_path else None
-    bundle = write_bundle(
-        registry if registry is not None else settings.model_registry,
-        onnx_bytes=onnx_bytes,
-        labels=label_map.to_json(),
-        thresholds={"format_version": 1, "default": settings.default_threshold, "per_tag": thresholds},
-        featurizer_files=fz.save,
-        metrics=_jsonable(metrics),
-        golden=golden,
-        meta={
-            "model_name": settings.model_name,
-            "training_data_sha256": data_sha256 or products_sha256(products),
-            "featurizer_version": FEATURIZER_VERSION,
-            "n_train": len(train_p),
-            "labels": len(label_map),
-        },
-        signing_key=signing_key,
-    )
+    try:
+        bundle = write_bundle(
+            registry,
+            onnx_bytes=onnx_bytes,
+            labels=label_map.to_json(),
+            thresholds={"format_version": 1, "default": settings.default_threshold, "per_tag": thresholds},
+            featurizer_files=fz.save,
+            metrics=_jsonable(metrics),
+            golden=golden,
+            meta={
+                "model_name": settings.model_name,
+                "training_data_sha256": data_sha256 or products_sha256(products),
+                "featurizer_version": FEATURIZER_VERSION,
+                "n_train": len(train_p),
+                "labels": len(label_map),
+            },
+            signing_key=signing_key,
+        )
+    except OSError as exc:  # a full disk, a registry removed meanwhile
+        raise ConfigError(f"cannot write the bundle into {registry}: {exc}") from exc
     log.info("wrote bundle %s in %.1f s", bundle, time.perf_counter() - t0)
     return bundle
 

@@ -209,3 +209,24 @@ def test_baseline_scores_in_label_map_layout(synth_split) -> None:
     slices = lm.slices()
     s0, e0 = slices["category_l1"]
     assert np.allclose(s[:, s0:e0].sum(1), 1.0, atol=1e-4)
+
+
+def test_report_plots_of_groups_with_non_ascii_names_do_not_overwrite_each_other(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+
+    def group(labels: list[str]) -> GroupPredictions:
+        return GroupPredictions.from_scores(rng.integers(0, len(labels), 60), rng.random((60, len(labels))), labels)
+
+    rep = evaluate_groups(
+        {
+            "颜色": group(["颜色:红", "颜色:黑"]),
+            "材质": group(["材质:棉", "材质:麻", "材质:丝"]),
+            "a b": group(["a b:x", "a b:y"]),
+            "a_b": group(["a_b:x", "a_b:y"]),
+        }
+    )
+    files = write_report(tmp_path / "rep", model=rep)
+    names = [p.name for p in files.images]
+    assert len(names) == 16 and len(set(names)) == 16, names  # 4 plots for each of the 4 groups
+    assert all(name.isascii() for name in names)
+    assert len(list((tmp_path / "rep").glob("*.png"))) == 16

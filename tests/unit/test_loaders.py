@@ -165,8 +165,91 @@ def test_jsonl_round_trip_and_bad_lines(tmp_path: Path) -> None:
     assert res.products[2].price == 12.0
     sk = res.report.skipped
     assert sk["invalid_json"] == 1 and sk["not_an_object"] == 1 and sk["duplicate_product_id"] == 1
-    assert sk["missing_product_id"] == 1 and sk["bad_product_id"] == 1 and sk["blank_line"] == 1
+    assert sk["missing_product_id"] == 1 and sk["bad_product_id"] == 1 and res.report.blank_lines == 1
     assert {"line": 3, "kind": "skipped", "reason": "invalid_json"}.items() <= res.report.examples[0].items()
+
+
+def test_blank_lines_and_cr_cr_lf_line_ends_are_not_malformed_rows(tmp_path: Path) -> None:
+    rows = [f'{{"product_id": "p{i}", "title": "title {i}", "category_path": ["A", "B"]}}' for i in range(4)]
+    spaced = tmp_path / "spaced.jsonl"
+    spaced.write_text("".join(r + "\n\n \n" for r in rows), encoding="utf-8")
+    res = load_catalog(spaced, "jsonl")
+    assert [p.product_id for p in res.products] == ["p0", "p1", "p2", "p3"]
+    r = res.report
+    assert (r.rows_read, r.rows_skipped, r.blank_lines) == (4, 0, 8)
+    assert r.to_dict()["blank_lines"] == 8 and "blank lines: 8" in r.to_markdown()
+
+    crcrlf = tmp_path / "crcrlf.jsonl"  # a CRLF file converted once more: every line ends in \r\r\n
+    crcrlf.write_bytes("".join(line + "\r\r\n" for line in [*rows, "{not json", rows[0].replace("p0", "p9")]).encode())
+    res = load_catalog(crcrlf, "jsonl")
+    assert len(res.products) == 4  # p9 is p0's title again: a duplicate
+    assert res.report.blank_lines == 0 and res.report.rows_read == 6
+    assert [(e["line"], e["reason"]) for e in res.report.examples] == [(5, "invalid_json"), (6, "duplicate")]
+
+
+BB_HEADER = "index,product,category,sub_category,brand,sale_price,market_price,type,rating,description"
+
+
+def _bb(tmp_path: Path, titles: dict[int, str]) -> Path:
+    rows = [f"{i},{titles.get(i, f'Product {i}')},Cat,Sub,Brand,10,12,Type,4.0,desc" for i in range(1, 9)]
+    return write(tmp_path, "bb.csv", [BB_HEADER, *rows])
+
+
+def test_bigbasket_inch_marks_in_titles_lose_no_rows(tmp_path: Path) -> None:
+    res = load_catalog(_bb(tmp_path, {2: 'Pizza Pan 10" Round', 5: 'TV 32" LED'}), "bigbasket")
+    titles = {p.product_id: p.title for p in res.products}
+    assert len(titles) == 8 and res.report.rows_read == 8 and not res.report.skipped
+    assert titles["bigbasket-2"] == 'Pizza Pan 10" Round' and titles["bigbasket-5"] == 'TV 32" LED'
+
+
+def test_bigbasket_a_quote_that_never_closes_skips_only_its_own_line(tmp_path: Path) -> None:
+    titles = {
+        2: '"Peanut Butter\nCreamy"',  # a quoted title over two lines (the real file has two): one record
+        4: '"Pizza Pan 10 Round',  # opened, never closed
+        5: 'TV 32" LED',
+        7: '"Pan 10" Round"',  # a quoted field with a stray quote inside
+    }
+    res = load_catalog(_bb(tmp_path, titles), "bigbasket")
+    r = res.report
+    by_id = {p.product_id: p.title for p in res.products}
+    assert sorted(by_id) == [f"bigbasket-{i}" for i in (1, 2, 3, 5, 6, 8)]
+    assert by_id["bigbasket-2"] == "Peanut Butter Creamy" and by_id["bigbasket-5"] == 'TV 32" LED'
+    assert r.rows_read == 8 and r.rows_parsed == 6  # every data row counted, the two-line title once
+    skipped = {(e["line"], e["reason"]) for e in r.examples}
+    assert skipped == {(6, "unterminated_quote"), (9, "bad_csv_quoting")}  # file lines: header = 1, row 2 = 2-3
+
+
+def test_jsonl_values_of_the_wrong_type_are_skipped_with_their_line(tmp_path: Path) -> None:
+    import json
+
+    def row(i: int, **extra: object) -> str:
+        return json.dumps({"product_id": f"p{i}", "title": f"shirt {i}", **extra})
+
+    bad = [
+        row(1, attributes={"colour": ["red", "blue"]}),  # first data row: a bad value, not a wrong --format
+        row(2, attributes={"colour": {"name": "black"}}),
+        row(3, attributes={"new": False}),
+        row(4, tags=[None]),
+        row(5, tags=["sale", {"a": 1}]),
+        row(6, price=-5),
+        row(7, price="-5"),
+        row(8, price=True),
+        row(9, description={"x": 1}),
+        json.dumps({"product_id": True, "title": "shirt 10"}),
+    ]
+    good = [
+        row(11 + i, attributes={"size": 42, "fit": None, "colour": "Red"}, tags=["sale"], price=5) for i in range(10)
+    ]
+    path = write(tmp_path, "c.jsonl", bad + good)
+    res = load_catalog(path, "jsonl")
+    r = res.report
+    assert len(res.products) == 10 and r.rows_read == 20
+    assert res.products[0].attributes == {"size": "42", "colour": "Red"} and res.products[0].tags == ("sale",)
+    assert r.skipped == Counter(bad_attributes=3, bad_tags=2, bad_price=3, bad_description=1, bad_product_id=1), (
+        r.skipped
+    )
+    lines = {(e["line"], e["reason"]) for e in r.examples}
+    assert {(1, "bad_attributes"), (4, "bad_tags"), (6, "bad_price"), (7, "bad_price"), (10, "bad_product_id")} <= lines
 
 
 def test_cleaning_normalises_and_dedupes() -> None:
