@@ -23,6 +23,12 @@ if ! command -v redis-server >/dev/null 2>&1; then
 fi
 
 if ! python3 -c "import tagstream, tensorflow, pytest" >/dev/null 2>&1 || [ "${TAGSTREAM_REINSTALL:-}" = 1 ]; then
+    if ! python3 -m pip --version >/dev/null 2>&1; then
+        echo "== apt-get install python3-pip"
+        DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y python3-pip
+    fi
     echo "== pip install -e '.[train,dev]'"
-    python3 -m pip install --progress-bar off -e '.[train,dev]'
+    # Into whatever python3 comes first on PATH (a virtualenv or pyenv Python is used as it is). Debian's own Python
+    # refuses installs outside a virtualenv (PEP 668, "externally-managed-environment"); this machine is tagstream's.
+    PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install --progress-bar off -e '.[train,dev]'
 fi

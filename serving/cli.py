@@ -6,10 +6,10 @@ import argparse
 import logging
 from typing import Any
 
-from pydantic import Field, ValidationError
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from tagstream.errors import ConfigError
+from tagstream.settings import load_settings as load_tagstream_settings
 
 __all__ = ["LookupSettings", "register"]
 
@@ -21,8 +21,9 @@ class LookupSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="TAGSTREAM_", extra="ignore")
 
-    redis_url: str = Field(
-        default="redis://127.0.0.1:6379/0", description="Redis URL of the tag state (TAGSTREAM_REDIS_URL)"
+    redis_url: SecretStr = Field(
+        default=SecretStr("redis://127.0.0.1:6379/0"),
+        description="Redis URL of the tag state, which may hold a password (TAGSTREAM_REDIS_URL)",
     )
     redis_prefix: str = Field(
         default="ts", min_length=1, description="key prefix P of the state layout (TAGSTREAM_REDIS_PREFIX)"
@@ -33,11 +34,7 @@ class LookupSettings(BaseSettings):
 
 def load_settings(**overrides: Any) -> LookupSettings:
     """Settings from the environment, with non-None `overrides` (command-line flags) on top."""
-    try:
-        return LookupSettings(**{k: v for k, v in overrides.items() if v is not None})
-    except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        raise ConfigError(f"lookup settings: {problems}") from None
+    return load_tagstream_settings(LookupSettings, "lookup", **overrides)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -67,8 +64,9 @@ def run_lookup(args: argparse.Namespace) -> int:
     from streams.features import product_features
     from streams.state import RedisStateStore
 
-    client = aioredis.from_url(settings.redis_url)
-    store = RedisStateStore.from_url(settings.redis_url, settings.redis_prefix)
+    redis_url = settings.redis_url.get_secret_value()
+    client = aioredis.from_url(redis_url)
+    store = RedisStateStore.from_url(redis_url, settings.redis_prefix)
     app = create_app(client, settings.redis_prefix, features=lambda pid: product_features(store, pid))
 
     async def close_client(_: web.Application) -> None:

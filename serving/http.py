@@ -22,6 +22,9 @@ log = logging.getLogger(__name__)
 
 PRODUCT_ID_RE = re.compile(r"[^{}\s]{1,128}")  # as in the event schemas; fullmatch: "p1\n" is no product id
 PING_TIMEOUT_S = 2.0
+# The features read goes through the state store, which retries Redis until it answers (right for the worker's
+# writes, not for an HTTP client waiting): past this, the answer is 503.
+FEATURES_TIMEOUT_S = 5.0
 
 
 class TagStore(Protocol):
@@ -83,9 +86,9 @@ async def get_features(request: web.Request) -> web.Response:
     if not PRODUCT_ID_RE.fullmatch(product_id):
         return _json({"error": "invalid product id", "product_id": product_id}, status=400)
     try:
-        features = await request.app[FEATURES](product_id)
-    except _REDIS_ERRORS as exc:
-        log.warning("feature lookup of %s failed: %s", product_id, exc)
+        features = await asyncio.wait_for(request.app[FEATURES](product_id), FEATURES_TIMEOUT_S)
+    except (TimeoutError, *_REDIS_ERRORS) as exc:
+        log.warning("feature lookup of %s failed: %s", product_id, str(exc) or type(exc).__name__)
         return _json({"error": "state store unavailable"}, status=503)
     if features is None:
         return _json({"error": "nothing known of this product", "product_id": product_id}, status=404)

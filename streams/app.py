@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import faust
+import mode
 
 from streams.arrival import ArrivalAges
 from streams.gcwatch import GcPauses
@@ -24,7 +25,16 @@ from streams.model import ModelHolder
 from streams.processor import BatchOutput, InMessage, Processor, now_ms
 from streams.settings import DEV_USER_HASH_KEY, WorkerSettings
 from streams.state import RedisStateStore, StateStore
-from streams.topics import BEHAVIOR, DEAD_LETTER, MODEL_UPDATES, PRODUCTS, TAG_UPDATES, TOPICS, partitions_of
+from streams.topics import (
+    BEHAVIOR,
+    DEAD_LETTER,
+    DEAD_LETTER_MAX_BYTES,
+    MODEL_UPDATES,
+    PRODUCTS,
+    TAG_UPDATES,
+    TOPICS,
+    partitions_of,
+)
 from streams.transport import RecordBatchMessage, TagstreamTransport
 
 log = logging.getLogger(__name__)
@@ -125,6 +135,12 @@ class Worker:
             topic_allow_declare=False,
             topic_disable_leader=True,
             producer_acks=-1,
+            producer_max_request_size=DEAD_LETTER_MAX_BYTES,  # a dead letter of the largest event an input takes
+            # An agent that fails (a delivery that failed, a record nothing can take) stops the worker instead of
+            # being restarted in the process: its unacknowledged events would leave a hole in the acknowledged
+            # offsets, which Faust either commits past (a lost event) or never commits past (a stalled partition).
+            # A restarted process gets them again from the last commit, offset-fenced.
+            agent_supervisor=mode.CrashingSupervisor,
             consumer_auto_offset_reset=settings.auto_offset_reset,
             broker_session_timeout=settings.session_timeout,
             broker_heartbeat_interval=min(3.0, settings.session_timeout / 3),

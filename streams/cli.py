@@ -13,6 +13,7 @@ import orjson
 from streams.settings import WorkerSettings
 from streams.topics import ensure_topics
 from tagstream.errors import ConfigError
+from tagstream.settings import load_settings
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +25,7 @@ def _worker(args: argparse.Namespace) -> int:
     overrides = {}
     if args.model:
         overrides["model_path"] = Path(args.model)
-    settings = WorkerSettings(**overrides)
+    settings = load_settings(WorkerSettings, "worker", **overrides)
     use_event_loop(settings.event_loop)  # before Faust creates the app's loop
     asyncio.run(ensure_topics(settings))
     worker = Worker(settings)
@@ -36,7 +37,7 @@ def _worker(args: argparse.Namespace) -> int:
 
 
 def _topics(args: argparse.Namespace) -> int:
-    created = asyncio.run(ensure_topics(WorkerSettings()))
+    created = asyncio.run(ensure_topics(load_settings(WorkerSettings, "worker")))
     print("created: " + (", ".join(created) if created else "nothing (all topics exist)"))
     return 0
 
@@ -59,6 +60,7 @@ async def _replay(path: Path, topic: str, settings: WorkerSettings) -> int:
                 except (orjson.JSONDecodeError, AttributeError):
                     key = None  # sent as is: the worker dead-letters it with the reason
                     log.warning("%s:%d is not a JSON object; sent anyway", path, line_no)
+                key = key if isinstance(key, str) else None  # not a string: the worker dead-letters the event
                 await producer.send(settings.topic(topic), line.rstrip(b"\n"), key=key.encode() if key else None)
                 sent += 1
         await producer.flush()
@@ -71,7 +73,7 @@ def _replay_cmd(args: argparse.Namespace) -> int:
     path = Path(args.file)
     if not path.is_file():
         raise ConfigError(f"no such file: {path}")
-    settings = WorkerSettings()
+    settings = load_settings(WorkerSettings, "worker")
     asyncio.run(ensure_topics(settings))
     sent = asyncio.run(_replay(path, args.topic, settings))
     print(f"sent {sent} events to {settings.topic(args.topic)}")
@@ -115,4 +117,4 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("tail", help="print a topic's messages (e.g. tag-updates, dead-letter)")
     p.add_argument("topic", help="logical topic name: tag-updates, dead-letter, model-updates, ...")
     p.add_argument("-n", "--limit", type=int, default=None, help="stop after N messages")
-    p.set_defaults(func=lambda a: asyncio.run(_tail(WorkerSettings(), a.topic, a.limit)) or 0)
+    p.set_defaults(func=lambda a: asyncio.run(_tail(load_settings(WorkerSettings, "worker"), a.topic, a.limit)) or 0)

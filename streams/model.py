@@ -184,6 +184,7 @@ class ShadowScoring:
         self.active = active
         self.shadow = shadow
         self.version = active.version
+        self.labels = active.labels  # the batch's tags are the active model's: merged with its hierarchy
         self.sink = sink
         self.stats = stats
         self.worker_id = worker_id
@@ -259,6 +260,7 @@ class ModelHolder:
         self._validator: ThreadPoolExecutor | None = None
         self._start_lock: asyncio.Lock | None = None
         self._initial_loaded = False
+        self._initial_error: BaseException | None = None  # why the configured model could not be loaded
         self.caught_up = asyncio.Event()
         self.consuming = False  # set by attach() when a model-updates consumer will run
         self.swaps = 0
@@ -289,17 +291,23 @@ class ModelHolder:
         if self._start_lock is None:
             self._start_lock = asyncio.Lock()
         async with self._start_lock:
+            if self._initial_error is not None:  # every caller: a worker never runs without the model it was given
+                raise self._initial_error
             if self._initial_loaded:
                 return
-            self._initial_loaded = True
             if self.settings.model_path is not None and self.active is None:
-                self.active = await asyncio.get_running_loop().run_in_executor(
-                    self.executor, self._load_initial, self.settings.model_path
-                )
+                try:
+                    self.active = await asyncio.get_running_loop().run_in_executor(
+                        self.executor, self._load_initial, self.settings.model_path
+                    )
+                except Exception as exc:
+                    self._initial_error = exc
+                    raise
                 self.updated_at = now_ms()
                 log.info("model %s loaded from %s", self.active.version, self.settings.model_path)
             elif self.active is None:
                 log.warning("no model configured (TAGSTREAM_MODEL_PATH): products get catalog and behaviour tags only")
+            self._initial_loaded = True
             settle_heap()  # the worker's long-lived objects (imports, model) leave the collector's generations
 
     async def start(self) -> None:

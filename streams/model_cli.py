@@ -3,7 +3,9 @@
 Requests go to `<prefix>model-updates`; workers answer there with `model-activated` / `model-rejected` and keep
 their state in the Redis hash `<prefix>:workers` (worker_id → JSON). `status` shows both: per worker the latest
 answer on the topic and the Redis state (active, previous, shadow, shadow summary). `--wait S` waits up to S seconds
-for the answers of every known worker and exits 1 when any refused.
+for an answer to this request from every live worker (one whose status was reported within `LIVE_WITHIN_S`) and exits
+1 when any refused or did not answer. Answers carry no reference to their request, so an answer counts only when its
+kind, model version and bundle fit the request (`answer_fits`); an accepted shadow is seen in the worker's status.
 """
 
 from __future__ import annotations
@@ -12,20 +14,47 @@ import argparse
 import asyncio
 import json
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from schemas import ModelUpdate
 from streams.settings import WorkerSettings
-from tagstream.errors import ConfigError, EventDecodeError, TagstreamError
+from tagstream.errors import ConfigError, EventDecodeError, StateError, TagstreamError
 
-__all__ = ["build_request", "read_answers", "read_status", "register", "send_request", "workers_key"]
+if TYPE_CHECKING:
+    from aiokafka import AIOKafkaConsumer
+
+__all__ = [
+    "LIVE_WITHIN_S",
+    "STATUS_EVERY_S",
+    "WaitResult",
+    "answer_fits",
+    "build_request",
+    "live_workers",
+    "read_answers",
+    "read_status",
+    "register",
+    "send_request",
+    "shadow_started",
+    "wait_answers",
+    "workers_key",
+]
 
 CONTROL_KEY = b"tagstream-control"
+ANSWER_KINDS = ("model-activated", "model-rejected")
+# Request names meaning "whatever the worker has" (streams.model.ANY_SHADOW / ANY_PREVIOUS).
+ANY_VERSION = {"promote": "shadow", "rollback": "previous"}
+STATUS_EVERY_S = 5.0  # a running worker rewrites its status in Redis at least this often (streams.models_agent)
+LIVE_WITHIN_S = 3 * STATUS_EVERY_S  # `--wait` expects answers only from workers that reported within this
+REDIS_TIMEOUT_S = 5.0
+READ_TIMEOUT_S = 60.0  # longest read of model-updates to its end (`status`)
+ASSIGN_TIMEOUT_S = 10.0
 
 
 def workers_key(prefix: str) -> str:
@@ -61,88 +90,204 @@ def build_request(
         )
         event.to_dict()
         return event, bundle.model_name.encode()
-    default = {"promote": "shadow", "rollback": "previous"}[kind]
-    event = ModelUpdate(kind=kind, model_version=version or default, emitted_at=_now_ms())  # type: ignore[arg-type]
+    event = ModelUpdate(kind=kind, model_version=version or ANY_VERSION[kind], emitted_at=_now_ms())  # type: ignore[arg-type]
     event.to_dict()
     return event, CONTROL_KEY
 
 
 async def send_request(settings: WorkerSettings, event: ModelUpdate, key: bytes) -> int:
-    """Send a request (acks=all, idempotent); returns its offset."""
+    """Send a request (acks=all, idempotent); returns its offset. Raises TagstreamError when Kafka fails."""
     from aiokafka import AIOKafkaProducer
-
-    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all", enable_idempotence=True)
-    await producer.start()
-    try:
-        meta = await producer.send_and_wait(settings.topic("model-updates"), orjson.dumps(event.to_dict()), key=key)
-        return meta.offset
-    finally:
-        await producer.stop()
-
-
-async def read_answers(
-    settings: WorkerSettings,
-    *,
-    after: int = -1,
-    expect: set[str] | None = None,
-    timeout: float = 0.0,
-) -> list[ModelUpdate]:
-    """Workers' answers on model-updates after offset `after` (partition 0): up to the current end, or — with
-    `expect` (worker ids) and `timeout` — until every expected worker answered or the time ran out."""
-    from aiokafka import AIOKafkaConsumer
+    from aiokafka.errors import KafkaError
 
     topic = settings.topic("model-updates")
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, group_id=None, enable_auto_commit=False)
-    await consumer.start()
-    answers: list[ModelUpdate] = []
+    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all", enable_idempotence=True)
     try:
-        if topic not in await consumer.topics():
-            raise ConfigError(f"topic {topic} does not exist (is a worker or `tagstream topics` run?)")
-        consumer.subscribe([topic])  # no group: every partition, from the beginning
-        waited = 0.0
-        while not consumer.assignment() and waited < 10:
-            await asyncio.sleep(0.05)
-            waited += 0.05
+        try:
+            await producer.start()
+            meta = await producer.send_and_wait(topic, orjson.dumps(event.to_dict()), key=key)
+            return meta.offset
+        finally:
+            await producer.stop()
+    except KafkaError as exc:
+        raise TagstreamError(
+            f"could not publish to {topic} at {settings.kafka_bootstrap}: {exc} "
+            "(does the topic exist? `tagstream topics` creates it)"
+        ) from exc
+
+
+@asynccontextmanager
+async def _answers_consumer(settings: WorkerSettings, after: int) -> AsyncIterator[AIOKafkaConsumer]:
+    """A consumer of model-updates (no group) positioned after offset `after` of every partition; Kafka errors
+    become TagstreamError."""
+    from aiokafka import AIOKafkaConsumer
+    from aiokafka.errors import KafkaError
+
+    topic = settings.topic("model-updates")
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=settings.kafka_bootstrap,
+        group_id=None,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",  # records deleted under the seek: from the first one left
+    )
+    try:
+        try:
+            await consumer.start()
+            if topic not in await consumer.topics():
+                raise ConfigError(f"topic {topic} does not exist (is a worker or `tagstream topics` run?)")
+            consumer.subscribe([topic])  # no group: every partition is assigned to this consumer
+            deadline = time.monotonic() + ASSIGN_TIMEOUT_S
+            while not consumer.assignment():
+                if time.monotonic() > deadline:
+                    raise TagstreamError(f"no partition of {topic} assigned within {ASSIGN_TIMEOUT_S:g}s")
+                await asyncio.sleep(0.05)
+            tps = sorted(consumer.assignment())
+            begin = await consumer.beginning_offsets(tps)
+            for tp in tps:
+                consumer.seek(tp, max(after + 1, begin[tp]))
+            yield consumer
+        finally:
+            await consumer.stop()
+    except KafkaError as exc:
+        raise TagstreamError(f"could not read {topic} at {settings.kafka_bootstrap}: {exc}") from exc
+
+
+def _decode_answers(batches: Mapping[Any, list[Any]]) -> list[ModelUpdate]:
+    out = []
+    for records in batches.values():
+        for r in records:
+            try:
+                event = ModelUpdate.decode(r.value)
+            except EventDecodeError:
+                continue
+            if event.kind in ANSWER_KINDS:
+                out.append(event)
+    return out
+
+
+async def read_answers(settings: WorkerSettings, *, after: int = -1) -> list[ModelUpdate]:
+    """Workers' answers on model-updates after offset `after`, up to the current end."""
+    answers: list[ModelUpdate] = []
+    async with _answers_consumer(settings, after) as consumer:
         tps = sorted(consumer.assignment())
-        await consumer.seek_to_beginning(*tps)
         end = await consumer.end_offsets(tps)
-        deadline = time.monotonic() + timeout
-        while True:
-            batches = await consumer.getmany(timeout_ms=300)
-            for records in batches.values():
-                for r in records:
-                    if r.offset <= after:
-                        continue
-                    try:
-                        event = ModelUpdate.decode(r.value)
-                    except EventDecodeError:
-                        continue
-                    if event.kind in ("model-activated", "model-rejected"):
-                        answers.append(event)
-            positions = {tp: await consumer.position(tp) for tp in tps}
-            at_end = all(positions[tp] >= end[tp] for tp in tps)
-            if expect is not None:
-                if expect and expect <= {a.worker_id for a in answers}:
-                    break
-                if time.monotonic() >= deadline:
-                    break
-            elif at_end:
-                break
-    finally:
-        await consumer.stop()
+        deadline = time.monotonic() + READ_TIMEOUT_S
+        while any([await consumer.position(tp) < end[tp] for tp in tps]):
+            if time.monotonic() > deadline:
+                raise TagstreamError(f"could not read {settings.topic('model-updates')} to its end")
+            answers += _decode_answers(await consumer.getmany(timeout_ms=300))
     return answers
 
 
 def read_status(settings: WorkerSettings) -> dict[str, dict[str, Any]]:
-    """The Redis hash `<prefix>:workers`: worker_id → status JSON."""
+    """The Redis hash `<prefix>:workers`: worker_id → status JSON. Raises StateError when Redis fails."""
     import redis
 
-    client = redis.Redis.from_url(settings.redis_url.get_secret_value(), decode_responses=True)
+    key = workers_key(settings.redis_prefix)
+    client = redis.Redis.from_url(
+        settings.redis_url.get_secret_value(),
+        decode_responses=True,
+        socket_connect_timeout=REDIS_TIMEOUT_S,
+        socket_timeout=REDIS_TIMEOUT_S,
+    )
     try:
-        raw = client.hgetall(workers_key(settings.redis_prefix))
+        raw = client.hgetall(key)
+    except redis.RedisError as exc:
+        raise StateError(f"could not read the workers' status ({key}) from Redis: {exc}") from exc
     finally:
         client.close()
     return {k: json.loads(v) for k, v in raw.items()}
+
+
+def live_workers(
+    status: Mapping[str, dict[str, Any]], now_ms: int | None = None
+) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
+    """(live, stale): workers whose status was reported within `LIVE_WITHIN_S`, and the others (stopped, killed or
+    renamed workers leave their status behind)."""
+    cutoff = (now_ms if now_ms is not None else _now_ms()) - int(LIVE_WITHIN_S * 1000)
+    live = {w: st for w, st in status.items() if (st.get("reported_at") or 0) >= cutoff}
+    return live, {w: st for w, st in status.items() if w not in live}
+
+
+def _target(request: ModelUpdate, before: Mapping[str, Any] | None) -> str | None:
+    """The version a promote / rollback request makes active on a worker whose status was `before`."""
+    if request.model_version != ANY_VERSION[request.kind]:
+        return request.model_version
+    return (before or {}).get("shadow" if request.kind == "promote" else "previous")
+
+
+def answer_fits(request: ModelUpdate, answer: ModelUpdate, before: Mapping[str, Any] | None = None) -> bool:
+    """Whether a worker's `answer` can answer `request` (the worker's status before the request: `before`).
+
+    A refusal repeats the request's model version, bundle and sha256 (promote and rollback refusals name their kind
+    first); an activation names the version made active: the bundle's for activate, the worker's shadow for promote
+    and its previous model for rollback (unless the request names one). A shadow accepted gets no answer."""
+    if request.kind not in ("activate", "shadow", "promote", "rollback"):
+        return False
+    if answer.kind == "model-rejected":
+        same = (answer.model_version, answer.bundle_uri, answer.sha256) == (
+            request.model_version,
+            request.bundle_uri,
+            request.sha256,
+        )
+        if request.kind in ANY_VERSION:
+            return same and bool(answer.reasons) and answer.reasons[0].startswith(f"{request.kind}:")
+        return same
+    if answer.kind != "model-activated" or request.kind == "shadow":
+        return False
+    if request.kind == "activate":
+        return answer.model_version == request.model_version and answer.sha256 == request.sha256
+    target = _target(request, before)
+    return target is not None and answer.model_version == target
+
+
+def shadow_started(request: ModelUpdate, before: Mapping[str, Any] | None, now: Mapping[str, Any]) -> bool:
+    """Whether a worker's status `now` shows it accepted a shadow request: it shadows the request's version and its
+    models changed since `before` (read before the request was sent). Clock-free: `at` is the worker's own."""
+    return now.get("shadow") == request.model_version and (before is None or now.get("at") != before.get("at"))
+
+
+@dataclass
+class WaitResult:
+    """What `wait_answers` saw: the answers that fit the request, those that did not, and the workers whose status
+    shows the shadow requested."""
+
+    answers: list[ModelUpdate] = field(default_factory=list)
+    ignored: list[ModelUpdate] = field(default_factory=list)
+    shadowing: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def answered(self) -> set[str]:
+        """Workers that answered the request (or, for shadow, show it running)."""
+        return {a.worker_id for a in self.answers if a.worker_id} | set(self.shadowing)
+
+
+async def wait_answers(
+    settings: WorkerSettings,
+    request: ModelUpdate,
+    *,
+    after: int,
+    before: Mapping[str, dict[str, Any]],
+    timeout: float,
+    status: Callable[[WorkerSettings], dict[str, dict[str, Any]]] = read_status,
+) -> WaitResult:
+    """Read model-updates after the request's offset `after` until every worker of `before` (their status read before
+    the request) answered it, or `timeout` seconds passed. For shadow requests the workers' status is polled."""
+    result = WaitResult()
+    deadline = time.monotonic() + timeout
+    next_poll = 0.0
+    async with _answers_consumer(settings, after) as consumer:
+        while True:
+            for answer in _decode_answers(await consumer.getmany(timeout_ms=200)):
+                fits = answer_fits(request, answer, before.get(answer.worker_id or ""))
+                (result.answers if fits else result.ignored).append(answer)
+            if request.kind == "shadow" and time.monotonic() >= next_poll:
+                next_poll = time.monotonic() + 0.5
+                for w, st in status(settings).items():
+                    if w in before and w not in result.shadowing and shadow_started(request, before[w], st):
+                        result.shadowing[w] = st
+            if set(before) <= result.answered or time.monotonic() >= deadline:
+                return result
 
 
 def _when(ms: int | None) -> str:
@@ -180,10 +325,11 @@ def _status(args: argparse.Namespace) -> int:
     if not report:
         print("no worker has reported on this topic prefix / Redis prefix yet")
         return 0
+    live, _ = live_workers(workers)
     for w, st in report.items():
         last = st["last_answer"]
         active = st.get("active") or (last["model_version"] if last and last["kind"] == "model-activated" else None)
-        print(f"{w}")
+        print(w if w in live else f"{w} (not reporting: stopped?)")
         print(f"  active:   {active or '-'}")
         print(f"  previous: {st.get('previous') or '-'}")
         print(f"  shadow:   {st.get('shadow') or '-'}")
@@ -215,25 +361,31 @@ def _request(kind: str) -> Callable[[argparse.Namespace], int]:
         settings = WorkerSettings()
         model = Path(args.model) if getattr(args, "model", None) else None
         event, key = build_request(kind, settings, model=model, version=getattr(args, "version", None))
-        expect = set(read_status(settings)) if args.wait else None
-        try:
-            offset = asyncio.run(send_request(settings, event, key))
-        except TagstreamError:
-            raise
-        except Exception as exc:
-            raise TagstreamError(f"could not publish to {settings.topic('model-updates')}: {exc}") from exc
-        print(f"sent {kind} {event.model_version} to {settings.topic('model-updates')} at offset {offset}")
+        live, stale = live_workers(read_status(settings)) if args.wait else ({}, {})
+        topic = settings.topic("model-updates")
+        offset = asyncio.run(send_request(settings, event, key))
+        print(f"sent {kind} {event.model_version} to {topic} at offset {offset}")
         if not args.wait:
             return 0
-        answers = asyncio.run(read_answers(settings, after=offset, expect=expect, timeout=args.wait))
-        refused = False
-        for a in answers:
-            refused |= a.kind == "model-rejected"
+        for w, st in sorted(stale.items()):
+            print(f"not waiting for {w}: no status reported since {_when(st.get('reported_at'))} (stopped?)")
+        if not live:
+            print(f"no worker reported its status in the last {LIVE_WITHIN_S:g}s: no answer to wait for")
+            return 0
+        result = asyncio.run(wait_answers(settings, event, after=offset, before=live, timeout=args.wait))
+        for a in result.answers:
             extra = f": {'; '.join(a.reasons)}" if a.reasons else ""
             print(f"{a.worker_id}: {a.kind} {a.model_version}{extra}")
-        missing = (expect or set()) - {a.worker_id for a in answers}
+        for w, st in sorted(result.shadowing.items()):
+            print(f"{w}: shadow {st['shadow']} running beside {st.get('active') or '-'} (worker status)")
+        for a in result.ignored:
+            print(
+                f"{a.worker_id}: {a.kind} {a.model_version} not counted: it does not fit this {kind} (earlier request?)"
+            )
+        refused = any(a.kind == "model-rejected" for a in result.answers)
+        missing = set(live) - result.answered
         if missing:
-            print(f"no answer within {args.wait:g}s from: {', '.join(sorted(missing))}")
+            print(f"no answer to this {kind} within {args.wait:g}s from: {', '.join(sorted(missing))}")
         return 1 if refused or missing else 0
 
     return run

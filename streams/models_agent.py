@@ -8,7 +8,8 @@
   set and the worker announces its active model; live requests are validated off
   the event loop and answered with `model-activated` / `model-rejected` (worker_id, reasons);
 - a publisher of the shadow diffs buffered by `ShadowScoring` to `tag-shadow-diffs`;
-- a status writer: Redis hash `<prefix>:workers`, field worker_id → JSON of `ModelHolder.status()`;
+- a status writer: Redis hash `<prefix>:workers`, field worker_id → JSON of `ModelHolder.status()`, written on
+  every change and every `STATUS_EVERY_S`, deleted at a clean shutdown;
 - after a swap, when `retag_on_swap` is set, a rate-limited re-tag of the stored catalog (`streams.retag`).
 """
 
@@ -26,7 +27,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from schemas import ModelUpdate
 from streams.model import ModelHolder
-from streams.model_cli import workers_key
+from streams.model_cli import STATUS_EVERY_S, workers_key
 from streams.topics import MODEL_UPDATES, PRODUCTS, TAG_SHADOW_DIFFS
 from tagstream.errors import EventDecodeError
 
@@ -34,11 +35,9 @@ if TYPE_CHECKING:
     from streams.app import Worker
     from streams.retag import Retagger
 
-__all__ = ["ModelUpdatesAgent", "install", "workers_key"]
+__all__ = ["STATUS_EVERY_S", "ModelUpdatesAgent", "install", "workers_key"]
 
 log = logging.getLogger(__name__)
-
-STATUS_EVERY_S = 5.0
 
 
 def install(worker: Worker, holder: ModelHolder) -> ModelUpdatesAgent | None:
@@ -93,9 +92,21 @@ class ModelUpdatesAgent:
                 if task is not None:
                     with contextlib.suppress(asyncio.CancelledError, Exception):
                         await task
+            await self._remove_status()
             with contextlib.suppress(Exception):
                 await self.redis.aclose()
             self.holder.close()
+
+    async def _remove_status(self) -> None:
+        """Delete this worker's field of `<prefix>:workers` at a clean shutdown (`--wait` stops expecting it)."""
+        if self.redis is None:
+            return
+        try:
+            await asyncio.wait_for(
+                self.redis.hdel(workers_key(self.settings.redis_prefix), self.holder.worker_id), STATUS_EVERY_S
+            )
+        except Exception as exc:  # Redis down: `--wait` skips a status that is not reported any more
+            log.warning("could not remove the worker status from Redis: %s", exc)
 
     async def _consume(self) -> None:
         # Subscribed with no group: aiokafka assigns every partition (and new ones) to this consumer alone, and with
@@ -111,9 +122,12 @@ class ModelUpdatesAgent:
         await consumer.start()
         try:
             tps = await self._assignment(consumer)
+            begin = await consumer.beginning_offsets(tps)
             end = await consumer.end_offsets(tps)
-            pending = {tp for tp in tps if end[tp] > 0}
-            log.info("model-updates: replaying %d events of %s", sum(end.values()), self.topic)
+            # Only partitions that still hold records are replayed: retention may have deleted every record of one
+            # (log start == end > 0), and then no record at end - 1 will ever come.
+            pending = {tp for tp in tps if end[tp] > begin[tp]}
+            log.info("model-updates: replaying %d events of %s", sum(end[tp] - begin[tp] for tp in pending), self.topic)
             if not pending:
                 await self._caught_up()
             while True:
@@ -126,8 +140,21 @@ class ModelUpdatesAgent:
                             pending.discard(tp)
                             if not pending:
                                 await self._caught_up()
+                if pending and await self._reached(consumer, pending, end):
+                    await self._caught_up()
         finally:
             await consumer.stop()
+
+    @staticmethod
+    async def _reached(
+        consumer: AIOKafkaConsumer, pending: set[TopicPartition], end: dict[TopicPartition, int]
+    ) -> bool:
+        """Drop from `pending` the partitions the consumer's position has reached the backlog's end of (records
+        deleted by retention after the offsets were read, or no record at end - 1); True when none is left."""
+        for tp in list(pending):
+            if await consumer.position(tp) >= end[tp]:
+                pending.discard(tp)
+        return not pending
 
     async def _assignment(self, consumer: AIOKafkaConsumer) -> list[TopicPartition]:
         """The partitions of model-updates, once aiokafka has assigned them."""

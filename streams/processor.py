@@ -956,12 +956,13 @@ class Processor:
         next_check: dict[str, int | None] = {}
         for (topic, partition), pids in due.items():
             watermark = watermarks[(topic, partition)]
+            swept_by = last_offsets[(topic, partition)]  # the update's source: the batch's last message there
             for pid in pids:
                 if pid not in next_check:  # a product listed by two partitions (after repartitioning): once
                     state = states[pid]
                     keys, ops, now, tag_state, before = looks[pid]
                     payload = self._behaviour_update(
-                        state, tag_state, before, "window-expired", SourceRef(topic, -1, -1), now
+                        state, tag_state, before, "window-expired", SourceRef(topic, partition, swept_by), now
                     )
                     state.tags = tag_state
                     ops.set(keys.tags, orjson.dumps(tag_state))
@@ -971,7 +972,7 @@ class Processor:
                     fence = f"sweep:{topic}:{partition}"
                     offset = max(now, state.applied_offset(fence) + 1)
                     state.fence[fence] = str(offset)
-                    writes.append(Write(pid, fence, offset, ops, payload, swept_by=last_offsets[(topic, partition)]))
+                    writes.append(Write(pid, fence, offset, ops, payload, swept_by=swept_by))
                     emitted.append((pid, payload))
                     next_check[pid] = self._due(state, now)
                 check = next_check[pid]

@@ -206,7 +206,7 @@ class Retagger:
                     removed=tuple(removed),
                     model_version=model.version,
                     reason="retag",
-                    source=SourceRef(self.topic, -1, -1),
+                    source=SourceRef(self.topic, 0, run_offset),  # the request that made the model active
                     event_time=now,
                     emit_time=now,
                     deleted=False,

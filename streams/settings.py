@@ -38,7 +38,6 @@ class WorkerSettings(BaseSettings):
         SecretStr(DEV_USER_HASH_KEY), description="Key of the HMAC that replaces user ids before Redis or logs."
     )
     model_path: Path | None = Field(None, description="Model bundle directory loaded at start.")
-    model_registry: Path = Field(Path("models"), description="Directory of versioned model bundles.")
     model_verify_key: SecretStr | None = Field(
         None, description="Base64 Ed25519 public key; when set, unsigned or wrongly signed bundles are refused."
     )

@@ -409,6 +409,8 @@ async def _paced_latency(
                 for r in records:
                     seen["last"] = time.monotonic()
                     u = orjson.loads(r.value)
+                    if u["reason"] in ("window-expired", "retag"):  # caused by a batch or a request, not one event
+                        continue
                     src = u["source"]
                     key = (src["topic"], src["partition"], src["offset"])
                     if key not in measured:

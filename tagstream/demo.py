@@ -220,8 +220,12 @@ async def _replay_and_watch(
                     update = orjson.loads(r.value)
                     s.updates_out += 1
                     s.reasons[update["reason"]] += 1
-                    src = update["source"]
-                    sent = produced_at.get((src["topic"], src["partition"], src["offset"]))
+                    src = update["source"]  # an expiry's or a re-tag's is no single event: no latency
+                    sent = (
+                        produced_at.get((src["topic"], src["partition"], src["offset"]))
+                        if update["reason"] not in ("window-expired", "retag")
+                        else None
+                    )
                     latency = update["emit_time"] - sent if sent is not None else None
                     if latency is not None:
                         s.latencies_ms.append(latency)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
@@ -186,23 +185,9 @@ class TrainerSettings(BaseSettings):
 def load_trainer_settings(**overrides: Any) -> TrainerSettings:
     """Environment settings with the non-None `overrides` applied (ConfigError when invalid: a value out of range,
     or a TAGSTREAM_* variable that does not parse, e.g. TAGSTREAM_HIDDEN='[a]')."""
-    from pydantic import ValidationError
-    from pydantic_settings import SettingsError
+    from tagstream.settings import load_settings
 
-    try:
-        return TrainerSettings(**{k: v for k, v in overrides.items() if v is not None})
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(x) for x in e['loc'])}: {e['msg']} (got {e.get('input')!r})" for e in exc.errors()
-        )
-        raise ConfigError(f"invalid trainer settings: {problems}") from exc
-    except SettingsError as exc:
-        m = re.search(r'field "(\w+)"', str(exc))
-        where = f"TAGSTREAM_{m.group(1).upper()}" if m else "a TAGSTREAM_* variable"
-        cause = f" ({exc.__cause__})" if exc.__cause__ else ""
-        raise ConfigError(
-            f"invalid trainer settings: {where} does not parse{cause}; list settings are JSON, e.g. '[512]'"
-        ) from exc
+    return load_settings(TrainerSettings, "trainer", **overrides)
 
 
 def writable_dir(path: str | Path, what: str) -> Path:

@@ -5,7 +5,9 @@
 - a good model swapped under live load with no event failed or lost, versions switching once per partition;
 - rollback, and a worker started later converging to the last activated model;
 - shadow scoring whose diffs match an offline comparison of the two models, then promote;
-- re-tag of the stored catalog after a swap, emitting `retag` updates only where tags changed.
+- re-tag of the stored catalog after a swap, emitting `retag` updates only where tags changed;
+- a worker starting on a model-updates topic that retention emptied;
+- `tagstream model ... --wait`: stopped workers, an accepted shadow, answers to earlier requests.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -22,7 +25,9 @@ from typing import Any
 
 import orjson
 import pytest
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.admin.records_to_delete import RecordsToDelete
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from schemas import ModelUpdate, ProductChange
@@ -127,6 +132,25 @@ def wait_status(se: StreamEnv, worker: str, pred: Any, timeout: float = 30) -> d
             return status
         time.sleep(0.2)
     pytest.fail(f"status of {worker} never matched; last: {status}")
+
+
+def cli(se: StreamEnv, *args: str) -> subprocess.Popen[str]:
+    """Start `tagstream <args>` with this test's settings (output unbuffered, read from `.stdout`)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "tagstream.cli", *args],
+        env={**os.environ, **se.env, "PYTHONUNBUFFERED": "1"},
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def run_cli(se: StreamEnv, *args: str) -> tuple[int, str]:
+    """Run `tagstream <args>` to its end: (exit code, output)."""
+    proc = cli(se, *args)
+    out, _ = proc.communicate(timeout=180)
+    return proc.returncode, out
 
 
 def model_tag_names(model: BundleModel, event: dict[str, Any]) -> list[str]:
@@ -373,9 +397,116 @@ def test_retag_after_a_swap_updates_only_changed_products(
     seen = se.consume("tag-updates", lambda m: len(m) >= len(seen), timeout=10)
     retags = [u for u in seen if u["reason"] == "retag"]
     assert {u["product_id"] for u in retags} == expected and len(retags) == len(expected)
-    assert all(u["model_version"] == b and u["source"]["offset"] == -1 for u in retags)
+    # each re-tag update names the request that made the model active: its own identity (SPEC.md §1)
+    assert all(
+        u["model_version"] == b and (u["source"]["partition"], u["source"]["offset"]) == (0, offset) for u in retags
+    )
     assert status["retag"]["scored"] == 40 and status["retag"]["updates"] == len(expected)
     r = se.redis()
     for pid in pids:
         stored = orjson.loads(r.get(f"{se.settings.redis_prefix}:{{{pid}}}:tags"))
         assert stored["model_version"] == b
+
+
+def test_a_worker_starts_scoring_when_retention_emptied_model_updates(
+    make_stream_env: Any, bundles: dict[str, Path]
+) -> None:
+    se = make_stream_env()
+    offset = send(se, request("activate", bundles["b"]))
+
+    async def delete_all() -> None:  # what retention does: the log starts at its end (offset + 1 > 0)
+        admin = AIOKafkaAdminClient(bootstrap_servers=se.settings.kafka_bootstrap)
+        await admin.start()
+        try:
+            tp = TopicPartition(se.settings.topic("model-updates"), 0)
+            await admin.delete_records({tp: RecordsToDelete(before_offset=offset + 1)})
+        finally:
+            await admin.close()
+
+    asyncio.run(delete_all())
+    start(se, "w-ret", TAGSTREAM_MODEL_PATH=str(bundles["a"]), TAGSTREAM_MODEL_CATCHUP_TIMEOUT="600")
+    # The worker announces its model once the (empty) backlog is applied, long before the 600 s catch-up bound.
+    [hello] = wait_answers(se, "w-ret", 1, after=offset, timeout=60)
+    assert (hello["kind"], hello["model_version"]) == ("model-activated", bundles["a"].name)
+    event = upsert("ret-1", TITLES[0])
+    se.produce("products", [event])
+    [update] = updates_by_pid(se, {"ret-1"}, timeout=60)["ret-1"]
+    assert update["model_version"] == bundles["a"].name
+
+
+def test_wait_skips_stopped_workers_and_sees_an_accepted_shadow(make_stream_env: Any, bundles: dict[str, Path]) -> None:
+    a, b = bundles["a"].name, bundles["b"].name
+    se = make_stream_env()
+    old = start(se, "w-old", TAGSTREAM_MODEL_PATH=str(bundles["a"]))
+    wait_answers(se, "w-old", 1)
+    wait_status(se, "w-old", lambda s: s["active"] == a)
+    old.stop()
+    assert old.proc.returncode == 0 and redis_status(se, "w-old") is None  # a clean shutdown removes its status
+    # A worker killed (or renamed: worker_id defaults to worker@hostname) an hour ago left its status behind.
+    gone = {"active": a, "previous": None, "shadow": None, "reported_at": time.time_ns() // 10**6 - 3_600_000}
+    se.redis().hset(workers_key(se.settings.redis_prefix), "w-gone", json.dumps(gone))
+    start(se, "w-new", TAGSTREAM_MODEL_PATH=str(bundles["a"]))
+    wait_answers(se, "w-new", 1)
+    wait_status(se, "w-new", lambda s: s["active"] == a)
+
+    code, out = run_cli(se, "model", "shadow", "--model", str(bundles["b"]), "--wait", "60")
+    assert code == 0, out
+    assert f"w-new: shadow {b} running beside {a}" in out and "not waiting for w-gone" in out
+    assert "w-old" not in out and "no answer" not in out
+    assert redis_status(se, "w-new")["shadow"] == b  # type: ignore[index]
+
+    code, out = run_cli(se, "model", "promote", "--wait", "60")
+    assert code == 0, out
+    assert f"w-new: model-activated {b}" in out and "no answer" not in out
+
+    code, out = run_cli(se, "model", "status")
+    assert code == 0, out
+    lines = out.splitlines()
+    assert "w-old (not reporting: stopped?)" in lines and "w-gone (not reporting: stopped?)" in lines
+    assert "w-new" in lines
+
+
+def cli_behind(se: StreamEnv, worker: Any, earlier: ModelUpdate, key: bytes, *args: str) -> tuple[int, str]:
+    """Run `tagstream <args>` while `worker` is paused, right after another operator sent `earlier`: the worker's
+    answer to `earlier` lands after the CLI's request. Returns (exit code, output)."""
+    os.kill(worker.proc.pid, signal.SIGSTOP)
+    try:
+        send(se, earlier, key)
+        proc = cli(se, *args)
+        assert proc.stdout is not None
+        first = proc.stdout.readline()
+        assert first.startswith("sent "), first
+    finally:
+        os.kill(worker.proc.pid, signal.SIGCONT)
+    out, _ = proc.communicate(timeout=120)
+    return proc.returncode, first + out
+
+
+def test_wait_does_not_take_an_earlier_requests_answer(make_stream_env: Any, bundles: dict[str, Path]) -> None:
+    a, b, c = (bundles[x].name for x in "abc")
+    se = make_stream_env()
+    worker = start(se, "w-e", TAGSTREAM_MODEL_PATH=str(bundles["a"]))
+    wait_answers(se, "w-e", 1)
+    wait_status(se, "w-e", lambda s: s["active"] == a)
+    control = b"tagstream-control"
+
+    # An earlier refusal does not make this activate refused.
+    code, out = cli_behind(
+        se, worker, request("rollback", version="no-such-version"), control,
+        "model", "activate", "--model", str(bundles["b"]), "--wait", "60",
+    )  # fmt: skip
+    assert code == 0, out
+    assert f"w-e: model-activated {b}\n" in out and "w-e: model-rejected no-such-version not counted" in out
+
+    # An earlier activation does not answer this rollback: its own refusal does.
+    code, out = cli_behind(
+        se, worker, request("activate", bundles["c"]), b"tiny",
+        "model", "rollback", "--version", "no-such-version", "--wait", "60",
+    )  # fmt: skip
+    assert code == 1, out
+    assert f"w-e: model-rejected no-such-version: rollback: the previous model is {b}" in out
+    assert f"w-e: model-activated {c} not counted" in out
+
+    # rollback to "previous": the answer names the worker's previous model when the request was sent (b)
+    code, out = run_cli(se, "model", "rollback", "--wait", "60")
+    assert code == 0 and f"w-e: model-activated {b}\n" in out and "not counted" not in out, out

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import os
 import random
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.partitioner import DefaultPartitioner
 
 from schemas import ProductChange, validate
@@ -93,12 +101,13 @@ def test_click_burst_adds_trending_and_the_window_passing_removes_it(stream_env:
     assert first["reason"] == "behaviour" and "trending" in tag_names(first)
 
     # Two hours later (event time) on the same partition: the burst has left the 1 h window.
-    stream_env.produce("behavior", [behaviour(other, "user-x", T0 + 2 * HOUR)])
+    [(partition, offset)] = stream_env.produce("behavior", [behaviour(other, "user-x", T0 + 2 * HOUR)])
     messages = stream_env.consume("tag-updates", lambda m: any("trending" in u["removed"] for u in updates_for(m, hot)))
     gone = next(u for u in updates_for(messages, hot) if "trending" in u["removed"])
     assert gone["reason"] == "window-expired"
     assert "trending" not in tag_names(gone)
-    assert gone["source"]["offset"] == -1
+    # its source is the batch that swept it (a batch of one message here): each expiry has its own identity
+    assert gone["source"] == {"topic": stream_env.settings.topic("behavior"), "partition": partition, "offset": offset}
 
 
 def test_delete_emits_the_removal(stream_env: StreamEnv, bundle: Path) -> None:
@@ -325,3 +334,83 @@ def test_a_backlog_is_fetched_only_as_far_as_the_buffer_bound(stream_env: Stream
     # a fetch returns at least one whole producer batch (aiokafka's 16 KiB) per partition, whatever its byte limit
     one_fetch = 16 * 1024 // min(len(orjson.dumps(c)) for c in clicks) * stream_env.settings.partitions
     assert 100 <= high_water < 100 + one_fetch < len(clicks), line
+
+
+def test_a_bad_event_of_almost_a_megabyte_is_dead_lettered_whole(stream_env: StreamEnv, bundle: Path) -> None:
+    stream_env.start_worker(TAGSTREAM_MODEL_PATH=str(bundle))
+    big = b"{" + b"x" * 800_000  # not JSON; the broker takes it, and its dead letter is 4/3 of it in base64
+    sent = stream_env.produce(
+        "products", [upsert("good-0", "Nike Women Red Shoes"), big, upsert("good-1", "Levis Jeans")]
+    )
+    [dead] = stream_env.consume("dead-letter", lambda m: len(m) >= 1)
+    assert base64.b64decode(dead["value_b64"]) == big and dead["source"]["offset"] == sent[1][1]
+    done = stream_env.consume("tag-updates", lambda m: {"good-0", "good-1"} <= {u["product_id"] for u in m})
+    assert {u["product_id"] for u in done} == {"good-0", "good-1"}
+
+
+def test_a_worker_whose_agent_fails_stops_and_commits_nothing_past_the_failure(
+    stream_env: StreamEnv, bundle: Path
+) -> None:
+    products = stream_env.settings.topic("products")
+
+    async def admit_huge_products() -> None:  # a products topic configured to take 8 MiB records
+        admin = AIOKafkaAdminClient(bootstrap_servers=stream_env.settings.kafka_bootstrap)
+        await admin.start()
+        try:
+            config = ConfigResource(ConfigResourceType.TOPIC, products, configs={"max.message.bytes": str(8 * 2**20)})
+            [response] = await admin.alter_configs([config])
+            assert all(r[0] == 0 for r in response.resources), response
+        finally:
+            await admin.close()
+
+    async def send_huge(value: bytes) -> int:
+        producer = AIOKafkaProducer(bootstrap_servers=stream_env.settings.kafka_bootstrap, max_request_size=8 * 2**20)
+        await producer.start()
+        try:
+            meta = await (await producer.send(products, value, partition=partition))
+            return meta.offset
+        finally:
+            await producer.stop()
+
+    async def committed() -> int | None:
+        consumer = AIOKafkaConsumer(bootstrap_servers=stream_env.settings.kafka_bootstrap, group_id=app_id)
+        await consumer.start()
+        try:
+            return await consumer.committed(TopicPartition(products, partition))
+        finally:
+            await consumer.stop()
+
+    asyncio.run(admit_huge_products())
+    app_id = stream_env.settings.app_id
+    worker = stream_env.start_worker(TAGSTREAM_MODEL_PATH=str(bundle))
+    [(partition, good)] = stream_env.produce("products", [upsert("ok-0", "Nike Women Red Shoes")])
+    stream_env.consume("tag-updates", lambda m: any(u["product_id"] == "ok-0" for u in m))
+    deadline = time.monotonic() + 30
+    while asyncio.run(committed()) != good + 1 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    # a bad event whose dead letter (4/3 of it) is larger than the worker's producer may send: the agent fails, and
+    # the worker stops instead of restarting the agent in place with a hole in its acknowledged offsets
+    bad = asyncio.run(send_huge(b"\xff" * (7 * 2**19)))
+    assert worker.proc.wait(timeout=60) != 0
+    assert "Crashed" in worker.log()
+    assert asyncio.run(committed()) == good + 1 == bad  # the bad event is neither skipped nor acknowledged
+
+
+def test_replay_sends_an_event_with_a_non_string_id_for_the_worker_to_dead_letter(
+    stream_env: StreamEnv, bundle: Path, tmp_path: Path
+) -> None:
+    odd = {"schema_version": 1, "op": "upsert", "product_id": 12345, "updated_at": 1, "version": 1, "title": "x"}
+    events = tmp_path / "events.jsonl"
+    events.write_bytes(orjson.dumps(odd) + b"\n" + orjson.dumps(upsert("after-it", "Levis Men Black Jeans")) + b"\n")
+    env = {**os.environ, **stream_env.env}
+    done = subprocess.run(
+        [sys.executable, "-m", "tagstream.cli", "replay", str(events), "--topic", "products"],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+    )
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    stream_env.start_worker(TAGSTREAM_MODEL_PATH=str(bundle))
+    [dead] = stream_env.consume("dead-letter", lambda m: len(m) >= 1)
+    assert orjson.loads(base64.b64decode(dead["value_b64"])) == odd
+    assert any(u["product_id"] == "after-it" for u in stream_env.consume("tag-updates", lambda m: len(m) >= 1))

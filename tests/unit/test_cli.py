@@ -42,6 +42,49 @@ def test_a_tagstream_error_is_one_clear_line_and_exit_2(capsys: pytest.CaptureFi
     assert err[-1].startswith("tagstream replay: error: no such file")
 
 
+UNREACHABLE = {"TAGSTREAM_REDIS_URL": "redis://127.0.0.1:1/0", "TAGSTREAM_KAFKA_BOOTSTRAP": "127.0.0.1:1"}
+
+
+def one_error_line(capsys: pytest.CaptureFixture[str], start: str) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "Unclosed" not in err, err
+    lines = [line for line in err.strip().splitlines() if line.startswith("tagstream ")]
+    assert len(lines) == 1 and lines[0].startswith(start), err
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    ("argv", "down", "reason"),
+    [
+        (["model", "status"], "TAGSTREAM_REDIS_URL", "Redis"),
+        (["model", "status", "--json"], "TAGSTREAM_KAFKA_BOOTSTRAP", "could not read"),
+        (["model", "rollback", "--wait", "5"], "TAGSTREAM_REDIS_URL", "Redis"),
+        (["model", "promote", "--wait", "5"], "TAGSTREAM_KAFKA_BOOTSTRAP", "could not publish"),
+    ],
+)
+def test_model_commands_fail_in_one_line_when_redis_or_kafka_is_unreachable(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], argv: list[str], down: str, reason: str
+) -> None:
+    import streams.model_cli
+
+    monkeypatch.setenv(down, UNREACHABLE[down])
+    if down != "TAGSTREAM_REDIS_URL":  # Redis answers (no worker known); Kafka is the one down
+        monkeypatch.setattr(streams.model_cli, "read_status", lambda settings: {})
+    assert main(argv) == 2
+    line = one_error_line(capsys, "tagstream model: error: ")
+    assert reason in line and "127.0.0.1:1" in line
+
+
+def test_wait_expects_only_workers_that_reported_lately() -> None:
+    from streams.model_cli import STATUS_EVERY_S, live_workers
+
+    now = 1_800_000_000_000
+    late = now - int(2 * STATUS_EVERY_S * 1000)  # missed a status write: still running
+    status = {"up": {"reported_at": now - 100}, "late": {"reported_at": late}, "gone": {"reported_at": now - 3_600_000}}
+    live, stale = live_workers({**status, "never": {"active": None}}, now)
+    assert set(live) == {"up", "late"} and set(stale) == {"gone", "never"}
+
+
 def test_the_serving_path_never_imports_tensorflow() -> None:
     code = (
         "import sys, tagstream.cli, streams.app, streams.model, streams.processor, serving.http, serving.cli\n"

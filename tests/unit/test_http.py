@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -119,6 +120,18 @@ async def test_store_failure_is_503(make_client: MakeClient) -> None:
     assert (await client.get("/products/p1/tags")).status == 503
 
 
+async def test_a_features_read_that_never_ends_is_503(make_client: MakeClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("serving.http.FEATURES_TIMEOUT_S", 0.2)
+
+    async def features(product_id: str) -> dict[str, Any] | None:  # the store retrying a Redis that is down
+        await asyncio.sleep(3600)
+        return None
+
+    client = await make_client(MemoryStore(), features=features)
+    resp = await client.get("/products/p1/features")
+    assert resp.status == 503 and (await resp.json())["error"] == "state store unavailable"
+
+
 async def test_corrupt_state_is_500(make_client: MakeClient) -> None:
     client = await make_client(MemoryStore({"ts:{p1}:tags": b"{not json", "ts:{p2}:tags": b"[1]"}))
     assert (await client.get("/products/p1/tags")).status == 500
@@ -149,6 +162,12 @@ def test_bad_settings_are_config_errors(monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setenv("TAGSTREAM_HTTP_PORT", "70000")
     with pytest.raises(ConfigError, match="http_port"):
         load_settings()
+
+
+def test_the_redis_url_is_a_secret(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TAGSTREAM_REDIS_URL", "redis://:hunter2@127.0.0.1:6379/0")
+    s = load_settings()
+    assert "hunter2" not in repr(s) and s.redis_url.get_secret_value().endswith("@127.0.0.1:6379/0")
 
 
 def test_lookup_command_registered() -> None:

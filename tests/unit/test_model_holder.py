@@ -5,14 +5,17 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import orjson
 import pytest
+from aiokafka import TopicPartition
 
 from schemas import ModelUpdate, ProductChange, TagUpdate
 from serving.validate import ValidationPolicy
 from streams.model import BundleModel, ModelHolder, ShadowDiff, ShadowScoring, diff_model_tags
-from streams.model_cli import build_request
+from streams.model_cli import answer_fits, build_request, shadow_started
 from streams.processor import BatchOutput, InMessage, Processor
 from streams.retag import Retagger, product_from_doc
 from streams.settings import WorkerSettings
@@ -239,7 +242,8 @@ async def test_retag_rescores_changed_products_once(bundles: dict[str, Path]) ->
     assert stats.updates == len(updates) > 0
     states = await store.read([f"p{i}" for i in range(20)])
     for u in updates:
-        assert u.reason == "retag" and u.model_version == new.version and u.source.offset == -1
+        assert u.reason == "retag" and u.model_version == new.version
+        assert (u.source.topic, u.source.partition, u.source.offset) == ("model-updates", 0, 7)  # the request
         assert [t.tag for t in u.tags] == [t["tag"] for t in states[u.product_id].tags["tags"]]  # type: ignore[index]
     for pid, st in states.items():
         assert st.tags is not None and st.tags["model_version"] == new.version
@@ -335,3 +339,120 @@ def test_worker_installs_the_model_updates_task_unless_in_memory() -> None:
     assert live.models.consuming and len(model_tasks(live)) == 1
     harness = Worker(WorkerSettings(worker_id="w"), capture_output=True)
     assert not harness.models.consuming and not model_tasks(harness)
+
+
+async def test_wait_counts_only_the_answers_that_fit_its_request(bundles: dict[str, Path]) -> None:
+    """`model ... --wait`: an answer to an earlier request (still being validated when this one was sent) does not
+    answer this one; promote / rollback answers name the shadow / previous model the worker had at the request."""
+    settings = WorkerSettings()
+    holder = await holder_with(bundles)
+    a, b, c = (bundles[x].name for x in "abc")
+    activate_b, _ = build_request("activate", settings, model=bundles["b"])
+    bad_rollback, _ = build_request("rollback", settings, version="no-such-version")
+    before = holder.status()  # what the CLI read before sending bad_rollback: activate b not applied yet
+    activated_b = (await holder.handle(activate_b)).answer
+    refused = (await holder.handle(bad_rollback)).answer
+    assert activated_b is not None and activated_b.model_version == b
+    assert refused is not None and refused.kind == "model-rejected"
+    assert answer_fits(activate_b, activated_b, before) and not answer_fits(bad_rollback, activated_b, before)
+    assert answer_fits(bad_rollback, refused, before) and not answer_fits(activate_b, refused, before)
+
+    rollback, _ = build_request("rollback", settings)
+    before = holder.status()
+    rolled = (await holder.handle(rollback)).answer
+    assert rolled is not None and rolled.model_version == a
+    assert answer_fits(rollback, rolled, before) and not answer_fits(rollback, activated_b, before)
+    assert not answer_fits(rollback, refused, before) and not answer_fits(activate_b, rolled, before)
+
+    shadow_c, _ = build_request("shadow", settings, model=bundles["c"])
+    promote, _ = build_request("promote", settings)
+    before = holder.status()
+    assert (await holder.handle(shadow_c)).answer is None  # an accepted shadow gets no answer on the topic
+    after = holder.status()
+    assert shadow_started(shadow_c, before, after) and not shadow_started(shadow_c, after, holder.status())
+    promoted = (await holder.handle(promote)).answer
+    assert promoted is not None and promoted.model_version == c
+    assert answer_fits(promote, promoted, after) and not answer_fits(promote, rolled, after)
+    assert not answer_fits(shadow_c, promoted, after) and not answer_fits(rollback, promoted, after)
+    nothing = (await holder.handle(promote)).answer
+    assert nothing is not None and nothing.reasons == ("promote: no shadow model",)
+    assert answer_fits(promote, nothing, holder.status()) and not answer_fits(rollback, nothing, holder.status())
+
+
+async def test_a_refused_shadow_is_its_answer(bundles: dict[str, Path]) -> None:
+    holder = ModelHolder(WorkerSettings(worker_id="w-1"), policy=POLICY)  # no active model: shadow is refused
+    await holder.start()
+    shadow_b, _ = build_request("shadow", WorkerSettings(), model=bundles["b"])
+    before = holder.status()
+    refused = (await holder.handle(shadow_b)).answer
+    assert refused is not None and refused.kind == "model-rejected"
+    assert answer_fits(shadow_b, refused, before) and not shadow_started(shadow_b, before, holder.status())
+
+
+class FakeConsumer:
+    """The aiokafka consumer as the model-updates agent uses it: one partition whose log runs from `begin` to `end`,
+    of which only `records` are fetched; once they are, the position is at `end` (the fetch skipped what is gone)."""
+
+    def __init__(self, begin: int, end: int, records: list[tuple[int, bytes]]) -> None:
+        self.tp = TopicPartition("model-updates", 0)
+        self.begin, self.end, self.records = begin, end, list(records)
+        self.next = begin
+
+    def __call__(self, *args: Any, **kwargs: Any) -> FakeConsumer:
+        return self
+
+    async def start(self) -> None:
+        return None
+
+    async def stop(self) -> None:
+        return None
+
+    def assignment(self) -> set[TopicPartition]:
+        return {self.tp}
+
+    async def beginning_offsets(self, tps: list[TopicPartition]) -> dict[TopicPartition, int]:
+        return {self.tp: self.begin}
+
+    async def end_offsets(self, tps: list[TopicPartition]) -> dict[TopicPartition, int]:
+        return {self.tp: self.end}
+
+    async def getmany(self, timeout_ms: int = 0, max_records: int | None = None) -> dict[TopicPartition, list[Any]]:
+        await asyncio.sleep(0.01)
+        if not self.records:
+            self.next = self.end
+            return {}
+        batch = [SimpleNamespace(key=b"k", value=v, offset=o) for o, v in self.records]
+        self.records.clear()
+        self.next = batch[-1].offset + 1
+        return {self.tp: batch}
+
+    async def position(self, tp: TopicPartition) -> int:
+        return self.next
+
+
+@pytest.mark.parametrize(
+    ("begin", "end", "offsets"),
+    [
+        (5, 5, []),  # retention deleted every record: log start == end > 0
+        (0, 4, [0, 1]),  # records 2 and 3 gone (deleted after the offsets were read, or control records)
+    ],
+)
+async def test_model_updates_backlog_is_caught_up_when_its_last_records_are_gone(
+    monkeypatch: pytest.MonkeyPatch, begin: int, end: int, offsets: list[int]
+) -> None:
+    """A worker whose model-updates backlog ends in deleted records still starts scoring: no catch-up timeout."""
+    import streams.models_agent as models_agent
+
+    old = orjson.dumps(ModelUpdate(kind="rollback", model_version="previous", emitted_at=1).to_dict())
+    monkeypatch.setattr(models_agent, "AIOKafkaConsumer", FakeConsumer(begin, end, [(o, old) for o in offsets]))
+    settings = WorkerSettings(worker_id="w-1", model_catchup_timeout=600)
+    holder = ModelHolder(settings, policy=POLICY)
+    agent = models_agent.ModelUpdatesAgent(SimpleNamespace(settings=settings, topics={}), holder)  # type: ignore[arg-type]
+    task = asyncio.create_task(agent._consume())
+    try:
+        await asyncio.wait_for(holder.caught_up.wait(), 10)
+        assert agent.handled == len(offsets)  # the records left were replayed (unanswered: emitted before start)
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task

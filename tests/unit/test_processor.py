@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,7 @@ import pytest
 
 from schemas import ProductChange, Tag, validate
 from serving.bundle import LabelMap
-from streams.model import BundleModel
+from streams.model import BundleModel, ShadowScoring, ShadowStats
 from streams.processor import InMessage, Processor
 from streams.settings import WorkerSettings
 from streams.state import MemoryStateStore, Ops, ProductKeys, ProductState, Write
@@ -356,6 +357,14 @@ async def test_a_catalog_category_level_replaces_the_model_levels_below_it_too()
     event = upsert("p", "华为 Mate 60 Pro 5G手机", attributes={"category_l1": "Phones"})
     [update] = updates(await processor.process_products(Feed()("products", event)))
     assert [t["tag"] for t in update["tags"]] == ["category_l1:Phones"]  # not the model's level 2 without level 1
+
+
+async def test_a_shadow_model_leaves_the_merged_tags_as_the_active_model_gives_them() -> None:
+    scoring = ShadowScoring(_PhoneModel(), _PhoneModel(), deque(), ShadowStats("phones", "phones-2"))  # type: ignore[arg-type]
+    processor = Processor(MemoryStateStore("t"), user_hash_key=b"secret", model_provider=lambda: scoring)
+    event = upsert("p", "华为 Mate 60 Pro 5G手机", attributes={"category_l1": "Phones"})
+    [update] = updates(await processor.process_products(Feed()("products", event)))
+    assert [t["tag"] for t in update["tags"]] == ["category_l1:Phones"]
 
 
 async def test_a_batch_prepared_before_a_swap_is_scored_again_by_the_new_model() -> None:
