@@ -83,12 +83,16 @@ def _replay_cmd(args: argparse.Namespace) -> int:
 async def _tail(settings: WorkerSettings, topic: str, limit: int | None) -> None:
     from aiokafka import AIOKafkaConsumer
 
-    consumer = AIOKafkaConsumer(
-        settings.topic(topic), bootstrap_servers=settings.kafka_bootstrap, auto_offset_reset="earliest"
-    )
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, auto_offset_reset="earliest")
     await consumer.start()
     seen = 0
     try:
+        name = settings.topic(topic)
+        if name not in await consumer.topics():  # else aiokafka logs "not found" ten times a second, forever
+            raise ConfigError(
+                f"no topic {name} (TAGSTREAM_TOPIC_PREFIX={settings.topic_prefix!r}; see `tagstream topics`)"
+            )
+        consumer.subscribe([name])
         async for msg in consumer:
             sys.stdout.write(msg.value.decode("utf-8", "replace") + "\n")
             sys.stdout.flush()

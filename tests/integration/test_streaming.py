@@ -414,3 +414,13 @@ def test_replay_sends_an_event_with_a_non_string_id_for_the_worker_to_dead_lette
     [dead] = stream_env.consume("dead-letter", lambda m: len(m) >= 1)
     assert orjson.loads(base64.b64decode(dead["value_b64"])) == odd
     assert any(u["product_id"] == "after-it" for u in stream_env.consume("tag-updates", lambda m: len(m) >= 1))
+
+
+def test_tail_prints_a_topics_records_and_refuses_one_that_does_not_exist(stream_env: StreamEnv) -> None:
+    stream_env.produce("behavior", [behaviour("p-tail", "u1", T0)])
+    env = {**os.environ, **stream_env.env}
+    tail = [sys.executable, "-m", "tagstream.cli", "tail", "-n", "1"]
+    done = subprocess.run([*tail, "behavior"], env=env, cwd=REPO, capture_output=True, timeout=60)
+    assert done.returncode == 0 and orjson.loads(done.stdout)["product_id"] == "p-tail"
+    wrong = subprocess.run([*tail, "behaviour"], env=env, cwd=REPO, capture_output=True, timeout=60)
+    assert wrong.returncode == 2 and b"no topic" in wrong.stderr and b"Traceback" not in wrong.stderr
