@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import orjson
+from redis.exceptions import RedisError
 
 from schemas import BehaviorEvent, DeadLetter, ProductChange, SourceRef, Tag, TagUpdate
 from serving.behaviour import (
@@ -46,7 +47,7 @@ from streams.state import (
     sweep_partition,
 )
 from streams.windows import GRANULARITIES, event_fields, stale_fields, window_sums
-from tagstream.errors import EventDecodeError, StateConflictError, TagstreamError
+from tagstream.errors import EventDecodeError, StateConflictError, StateError, TagstreamError
 
 log = logging.getLogger(__name__)
 PRUNE_EVERY_MS = GRANULARITIES[0].width_ms
@@ -1007,11 +1008,15 @@ class Processor:
     async def process_each(
         self, messages: Sequence[InMessage], process: Callable[[Sequence[InMessage]], Any]
     ) -> BatchOutput:
-        """Process one message at a time, dead-lettering any whose processing raises (after a batch failed)."""
+        """Process one message at a time, dead-lettering any whose processing raises (after a batch failed). An error
+        of the state store (Redis out of memory, read-only, a conflict that does not settle) is no fault of the event:
+        it is raised, so the batch stops (and the worker with it) instead of dead-lettering every event it sees."""
         out = BatchOutput()
         for msg in messages:
             try:
                 one = await process([msg])
+            except (RedisError, StateError):
+                raise
             except TagstreamError as exc:
                 out.dead_letters.append(dead_letter(msg, exc))
                 continue

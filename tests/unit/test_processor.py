@@ -9,6 +9,7 @@ from typing import Any
 
 import orjson
 import pytest
+from redis.exceptions import ResponseError
 
 from schemas import ProductChange, Tag, validate
 from serving.bundle import LabelMap
@@ -205,6 +206,22 @@ async def test_a_restart_re_sends_the_window_expiry_of_a_redelivered_batch(model
     # a batch after it is no redelivery: nothing is sent again
     after = [InMessage("behavior", 0, 31, b"b", orjson.dumps(behaviour("b", "z", T0 + 2 * 3_600_000 + 1)))]
     assert [u for u in updates(await successor.process_behaviour(after)) if u["product_id"] == "a"] == []
+
+
+class OutOfMemoryStore(MemoryStateStore):
+    """The in-memory store answering every write as a Redis out of memory does."""
+
+    async def apply(self, writes: list[Any]) -> list[Any]:
+        raise ResponseError("OOM command not allowed when used memory > 'maxmemory'.")
+
+
+async def test_a_state_store_failure_is_raised_not_dead_lettered(processor: Processor) -> None:
+    broken = Processor(OutOfMemoryStore("t"), user_hash_key=b"secret", model_provider=processor.model_provider)
+    messages = Feed()("behavior", behaviour("p", "u1", T0), behaviour("p", "u2", T0 + 1))
+    # the worker's fallback after a failed batch: one message at a time, dead-lettering the bad ones; a Redis that
+    # refuses writes is no bad event, and its events must not be dead-lettered (they are valid and would be lost)
+    with pytest.raises(ResponseError, match="OOM"):
+        await broken.process_each(messages, broken.process_behaviour)
 
 
 async def test_the_tag_state_time_moves_only_when_the_tags_change(processor: Processor) -> None:
