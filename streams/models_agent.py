@@ -67,6 +67,7 @@ class ModelUpdatesAgent:
         self.retagger: Retagger | None = None
         self.handled = 0
         self.started_ms = time.time_ns() // 1_000_000
+        self._replayed_swap: int | None = None  # offset of the backlog's last request that swapped the model
         self._status_dirty = True
         self._status_at = 0.0
 
@@ -185,6 +186,10 @@ class ModelUpdatesAgent:
                 key=active.bundle.model_name.encode(),
             )
         await self._write_status(force=True)
+        # A re-tag cut short by a restart is run again: it re-scores only products not at the active model yet,
+        # and its writes are fenced by the same request offset, so what the earlier run wrote is not written twice.
+        if self._replayed_swap is not None and self.settings.retag_on_swap and self.retag_task is None:
+            self._start_retag(self._replayed_swap)
 
     async def _on_record(self, key: bytes | None, value: bytes | None, offset: int, *, replay: bool) -> None:
         try:
@@ -202,6 +207,8 @@ class ModelUpdatesAgent:
         if outcome.changed or outcome.answer is not None:
             self._status_dirty = True
         if replay and event.emitted_at < self.started_ms:
+            if outcome.swapped_to is not None:
+                self._replayed_swap = offset  # its re-tag may have been cut short: run again once caught up
             return  # answered before, by this worker's earlier run or by nobody it concerns
         if outcome.answer is not None:
             await self._send_answer(outcome.answer, key=key)

@@ -510,3 +510,34 @@ def test_wait_does_not_take_an_earlier_requests_answer(make_stream_env: Any, bun
     # rollback to "previous": the answer names the worker's previous model when the request was sent (b)
     code, out = run_cli(se, "model", "rollback", "--wait", "60")
     assert code == 0 and f"w-e: model-activated {b}\n" in out and "not counted" not in out, out
+
+
+def test_a_retag_cut_short_by_a_crash_is_finished_by_the_next_worker(
+    make_stream_env: Any, bundles: dict[str, Path]
+) -> None:
+    b = bundles["b"].name
+    se = make_stream_env()
+    slow = {"TAGSTREAM_RETAG_ON_SWAP": "true", "TAGSTREAM_RETAG_RATE": "4", "TAGSTREAM_RETAG_BATCH": "2"}
+    first = start(se, "w-1", TAGSTREAM_MODEL_PATH=str(bundles["a"]), **slow)
+    wait_answers(se, "w-1", 1)
+    events = upserts("K", 40)
+    pids = {e["product_id"] for e in events}
+    se.produce("products", events)
+    updates_by_pid(se, pids)
+    offset = send(se, request("activate", bundles["b"]))
+    wait_answers(se, "w-1", 1, after=offset)
+    se.consume("tag-updates", lambda m: any(u["reason"] == "retag" for u in m), timeout=60)
+    first.kill9()  # about 10 s into a re-tag of 40 products at 4 per second
+    r = se.redis()
+
+    def at_b() -> set[str]:
+        return {
+            p for p in pids if orjson.loads(r.get(f"{se.settings.redis_prefix}:{{{p}}}:tags"))["model_version"] == b
+        }
+
+    assert at_b() != pids  # the crash cut it short
+    start(se, "w-2", TAGSTREAM_MODEL_PATH=str(bundles["a"]), TAGSTREAM_RETAG_ON_SWAP="true")
+    deadline = time.monotonic() + 60
+    while at_b() != pids and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert at_b() == pids
