@@ -40,6 +40,7 @@ __all__ = [
     "read_answers",
     "read_status",
     "register",
+    "send_model_update",
     "send_request",
     "shadow_started",
     "wait_answers",
@@ -95,13 +96,13 @@ def build_request(
     return event, CONTROL_KEY
 
 
-async def send_request(settings: WorkerSettings, event: ModelUpdate, key: bytes) -> int:
-    """Send a request (acks=all, idempotent); returns its offset. Raises TagstreamError when Kafka fails."""
+async def send_model_update(bootstrap: str, topic: str, event: ModelUpdate, key: bytes) -> int:
+    """Send one model-update event (acks=all, idempotent producer); returns its offset. Raises TagstreamError when
+    Kafka fails. `tagstream model` requests and `tagstream publish` both send through it."""
     from aiokafka import AIOKafkaProducer
     from aiokafka.errors import KafkaError
 
-    topic = settings.topic("model-updates")
-    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all", enable_idempotence=True)
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True)
     try:
         try:
             await producer.start()
@@ -111,9 +112,13 @@ async def send_request(settings: WorkerSettings, event: ModelUpdate, key: bytes)
             await producer.stop()
     except KafkaError as exc:
         raise TagstreamError(
-            f"could not publish to {topic} at {settings.kafka_bootstrap}: {exc} "
-            "(does the topic exist? `tagstream topics` creates it)"
+            f"could not publish to {topic} at {bootstrap}: {exc} (does the topic exist? `tagstream topics` creates it)"
         ) from exc
+
+
+async def send_request(settings: WorkerSettings, event: ModelUpdate, key: bytes) -> int:
+    """Send a request to the workers' model-updates topic; returns its offset (see `send_model_update`)."""
+    return await send_model_update(settings.kafka_bootstrap, settings.topic("model-updates"), event, key)
 
 
 @asynccontextmanager

@@ -746,7 +746,7 @@ class Processor:
         for msg, ev in items:
             key = (msg.topic, msg.partition)
             by_partition[key] = max(by_partition.get(key, 0), ev.ts)
-            last_offsets[key] = max(last_offsets.get(key, -1), msg.offset)
+            last_offsets[key] = msg.offset  # a partition's messages come in offset order
             touched.setdefault(key, set()).add(ev.product_id)
         if self.cache is None:
             states, due_before = await self._states(sorted(latest), now=wanted), {}
@@ -769,8 +769,7 @@ class Processor:
             fence = fences[i]
             if msg.offset <= state.applied_offset(fence):
                 redelivered.setdefault((ev.product_id, fence), msg.offset)
-                key = (msg.topic, msg.partition)
-                redelivered_from[key] = min(redelivered_from.get(key, msg.offset), msg.offset)
+                redelivered_from.setdefault((msg.topic, msg.partition), msg.offset)  # offset order: the first
                 continue
             user = self._hash_user(ev.user_id)
             users = batch_users.setdefault(ev.product_id, set())

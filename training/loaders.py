@@ -296,6 +296,8 @@ def _ends_in_quotes(line: str, in_quotes: bool) -> bool:
     """Whether a CSV line ends inside a quoted field, starting inside one when `in_quotes`. As in the csv module, a
     quote opens a quoted field only as the field's first character (`Pizza Pan 10" Round` is plain text) and `""`
     inside one is a literal quote."""
+    if '"' not in line:  # most lines: nothing opens or closes
+        return in_quotes
     at_start = not in_quotes
     i, n = 0, len(line)
     while i < n:

@@ -73,28 +73,9 @@ def model_update_event(bundle_dir: str | Path, kind: PublishKind = "activate") -
 
 async def send_model_update(event: ModelUpdate, key: str, settings: TrainerSettings) -> None:
     """Send one model-update event (acks=all, idempotent producer) keyed by the model name."""
-    import orjson
-    from aiokafka import AIOKafkaProducer
-    from aiokafka.errors import KafkaError
+    from streams.model_cli import send_model_update as send
 
-    topic = f"{settings.topic_prefix}model-updates"
-    producer = AIOKafkaProducer(
-        bootstrap_servers=settings.kafka_bootstrap,
-        acks="all",
-        enable_idempotence=True,
-        request_timeout_ms=30000,
-    )
-    try:
-        await producer.start()
-        try:
-            await producer.send_and_wait(topic, orjson.dumps(event.to_dict()), key=key.encode("utf-8"))
-        finally:
-            await producer.stop()
-    except KafkaError as exc:
-        raise TagstreamError(
-            f"could not publish to {topic} at {settings.kafka_bootstrap}: {exc} "
-            "(does the topic exist? `tagstream topics` creates it)"
-        ) from exc
+    await send(settings.kafka_bootstrap, f"{settings.topic_prefix}model-updates", event, key.encode("utf-8"))
 
 
 def publish_bundle(bundle_dir: str | Path, kind: PublishKind, settings: TrainerSettings) -> ModelUpdate:
