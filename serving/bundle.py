@@ -52,6 +52,7 @@ __all__ = [
     "load_bundle",
     "load_signing_key",
     "load_verify_key",
+    "read_manifest_bytes",
     "write_bundle",
 ]
 
@@ -467,12 +468,7 @@ def load_bundle(
     root = Path(path)
     reasons: list[str] = []
     key = load_verify_key(verify_key) if verify_key is not None else None
-    if not root.is_dir():
-        raise ModelRejectedError([f"{root}: not a bundle directory"])
-
-    manifest_bytes = _read_limited(root / MANIFEST_FILE, limits.max_file_bytes, reasons)
-    if manifest_bytes is None:
-        raise ModelRejectedError(reasons)
+    manifest_bytes = read_manifest_bytes(root, limits)
     bundle_sha = hashlib.sha256(manifest_bytes).hexdigest()
     if expected_sha256 is not None and expected_sha256.lower() != bundle_sha:
         reasons.append(f"manifest.json: sha256 {bundle_sha} differs from the expected {expected_sha256}")
@@ -523,6 +519,26 @@ def load_bundle(
         onnx_bytes=onnx_bytes,
         signed=signed,
     )
+
+
+def read_manifest_bytes(path: str | Path, limits: BundleLimits = DEFAULT_LIMITS) -> bytes:
+    """The manifest bytes of the bundle directory `path`: `load_bundle`'s first check, cheap enough for a command to
+    run on a path before it starts anything slow. ModelRejectedError naming the directory otherwise, and for a
+    registry (a directory of bundles) a bundle in it to pass instead."""
+    root = Path(path)
+    if not root.is_dir():
+        raise ModelRejectedError(
+            [f"{root}: not a bundle directory ({'not a directory' if root.exists() else 'no such directory'})"]
+        )
+    reasons: list[str] = []
+    data = _read_limited(root / MANIFEST_FILE, limits.max_file_bytes, reasons)
+    if data is not None:
+        return data
+    if not os.path.lexists(root / MANIFEST_FILE):
+        versions = list_versions(root)
+        hint = f"; pass a bundle directory such as {root / versions[-1]}" if versions else ""
+        raise ModelRejectedError([f"{root}: not a model bundle ({MANIFEST_FILE} missing){hint}"])
+    raise ModelRejectedError([f"{root}: {reason}" for reason in reasons])
 
 
 def _read_limited(path: Path, limit: int, reasons: list[str]) -> bytes | None:

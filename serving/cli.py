@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from typing import Any
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from tagstream.errors import ConfigError
+from tagstream.settings import RedisUrl
 from tagstream.settings import load_settings as load_tagstream_settings
 
 __all__ = ["LookupSettings", "register"]
@@ -21,7 +24,7 @@ class LookupSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="TAGSTREAM_", extra="ignore")
 
-    redis_url: SecretStr = Field(
+    redis_url: RedisUrl = Field(
         default=SecretStr("redis://127.0.0.1:6379/0"),
         description="Redis URL of the tag state, which may hold a password (TAGSTREAM_REDIS_URL)",
     )
@@ -74,6 +77,17 @@ def run_lookup(args: argparse.Namespace) -> int:
         await store.close()
 
     app.on_cleanup.append(close_client)
-    log.info("tag lookup on http://%s:%d (prefix %s)", settings.http_host, settings.http_port, settings.redis_prefix)
-    web.run_app(app, host=settings.http_host, port=settings.http_port, print=None)
+    address = f"{settings.http_host}:{settings.http_port}"
+    try:  # run_app calls `print` once it listens
+        web.run_app(
+            app,
+            host=settings.http_host,
+            port=settings.http_port,
+            print=lambda _: log.info("tag lookup on http://%s (prefix %s)", address, settings.redis_prefix),
+        )
+    except OSError as exc:  # only the bind (address in use, not permitted, unknown host) gets out of run_app
+        reason = os.strerror(exc.errno) if exc.errno and exc.errno > 0 else exc.strerror or str(exc)
+        raise ConfigError(
+            f"cannot listen on {address}: {reason} (choose another --host/--port, TAGSTREAM_HTTP_HOST/_PORT)"
+        ) from exc
     return 0

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import orjson
 
+from streams.model_cli import kafka_errors
 from streams.settings import WorkerSettings
 from streams.topics import ensure_topics
 from tagstream.errors import ConfigError
@@ -18,16 +19,25 @@ from tagstream.settings import load_settings
 log = logging.getLogger(__name__)
 
 
+def _ensure_topics(settings: WorkerSettings) -> list[str]:
+    with kafka_errors("create topics", settings.kafka_bootstrap):
+        return asyncio.run(ensure_topics(settings))
+
+
 def _worker(args: argparse.Namespace) -> int:
-    from streams.app import Worker
-    from streams.eventloop import use_event_loop
+    from serving.bundle import read_manifest_bytes
 
     overrides = {}
     if args.model:
         overrides["model_path"] = Path(args.model)
     settings = load_settings(WorkerSettings, "worker", **overrides)
+    if settings.model_path is not None:  # the worker validates it fully at start; a wrong path fails here, in a line
+        read_manifest_bytes(settings.model_path)
+    from streams.app import Worker
+    from streams.eventloop import use_event_loop
+
     use_event_loop(settings.event_loop)  # before Faust creates the app's loop
-    asyncio.run(ensure_topics(settings))
+    _ensure_topics(settings)
     worker = Worker(settings)
     worker.gc.install()
     import faust
@@ -37,7 +47,7 @@ def _worker(args: argparse.Namespace) -> int:
 
 
 def _topics(args: argparse.Namespace) -> int:
-    created = asyncio.run(ensure_topics(load_settings(WorkerSettings, "worker")))
+    created = _ensure_topics(load_settings(WorkerSettings, "worker"))
     print("created: " + (", ".join(created) if created else "nothing (all topics exist)"))
     return 0
 
@@ -48,9 +58,9 @@ async def _replay(path: Path, topic: str, settings: WorkerSettings) -> int:
     producer = AIOKafkaProducer(
         bootstrap_servers=settings.kafka_bootstrap, acks="all", enable_idempotence=True, linger_ms=5
     )
-    await producer.start()
     sent = 0
     try:
+        await producer.start()
         with path.open("rb") as fh:
             for line_no, line in enumerate(fh, 1):
                 if not line.strip():
@@ -74,8 +84,9 @@ def _replay_cmd(args: argparse.Namespace) -> int:
     if not path.is_file():
         raise ConfigError(f"no such file: {path}")
     settings = load_settings(WorkerSettings, "worker")
-    asyncio.run(ensure_topics(settings))
-    sent = asyncio.run(_replay(path, args.topic, settings))
+    _ensure_topics(settings)
+    with kafka_errors(f"send to {settings.topic(args.topic)}", settings.kafka_bootstrap):
+        sent = asyncio.run(_replay(path, args.topic, settings))
     print(f"sent {sent} events to {settings.topic(args.topic)}")
     return 0
 
@@ -84,9 +95,9 @@ async def _tail(settings: WorkerSettings, topic: str, limit: int | None) -> None
     from aiokafka import AIOKafkaConsumer
 
     consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, auto_offset_reset="earliest")
-    await consumer.start()
     seen = 0
     try:
+        await consumer.start()
         name = settings.topic(topic)
         if name not in await consumer.topics():  # else aiokafka logs "not found" ten times a second, forever
             raise ConfigError(
@@ -101,6 +112,15 @@ async def _tail(settings: WorkerSettings, topic: str, limit: int | None) -> None
                 break
     finally:
         await consumer.stop()
+
+
+def _tail_cmd(args: argparse.Namespace) -> int:
+    if args.limit is not None and args.limit < 1:
+        raise ConfigError(f"-n/--limit must be at least 1, got {args.limit} (leave it out to print until interrupted)")
+    settings = load_settings(WorkerSettings, "worker")
+    with kafka_errors(f"read {settings.topic(args.topic)}", settings.kafka_bootstrap):
+        asyncio.run(_tail(settings, args.topic, args.limit))
+    return 0
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -120,5 +140,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     p = subparsers.add_parser("tail", help="print a topic's messages (e.g. tag-updates, dead-letter)")
     p.add_argument("topic", help="logical topic name: tag-updates, dead-letter, model-updates, ...")
-    p.add_argument("-n", "--limit", type=int, default=None, help="stop after N messages")
-    p.set_defaults(func=lambda a: asyncio.run(_tail(load_settings(WorkerSettings, "worker"), a.topic, a.limit)) or 0)
+    p.add_argument("-n", "--limit", type=int, default=None, help="stop after N messages (N ≥ 1; default: never)")
+    p.set_defaults(func=_tail_cmd)

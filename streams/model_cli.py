@@ -14,8 +14,8 @@ import argparse
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -26,6 +26,7 @@ import orjson
 from schemas import ModelUpdate
 from streams.settings import WorkerSettings
 from tagstream.errors import ConfigError, EventDecodeError, StateError, TagstreamError
+from tagstream.settings import load_settings
 
 if TYPE_CHECKING:
     from aiokafka import AIOKafkaConsumer
@@ -36,7 +37,9 @@ __all__ = [
     "WaitResult",
     "answer_fits",
     "build_request",
+    "kafka_errors",
     "live_workers",
+    "no_topic",
     "read_answers",
     "read_status",
     "register",
@@ -96,24 +99,45 @@ def build_request(
     return event, CONTROL_KEY
 
 
+@contextmanager
+def kafka_errors(action: str, bootstrap: str) -> Iterator[None]:
+    """A Kafka error inside (broker unreachable, a request refused or timed out) becomes one TagstreamError line,
+    `could not <action> at <bootstrap>: <error>`. Every command that talks to Kafka wraps its calls in it; around
+    `asyncio.run(...)` or inside a coroutine alike."""
+    from aiokafka.errors import KafkaConnectionError, KafkaError
+
+    try:
+        yield
+    except KafkaError as exc:
+        down = isinstance(exc, KafkaConnectionError)
+        hint = " (is Kafka running there? see TAGSTREAM_KAFKA_BOOTSTRAP)" if down else ""
+        raise TagstreamError(f"could not {action} at {bootstrap}: {exc}{hint}") from exc
+
+
+def no_topic(topic: str, bootstrap: str) -> ConfigError:
+    """The error for a topic the broker does not have (auto-creation is off: sends and reads would retry for long)."""
+    return ConfigError(
+        f"topic {topic} does not exist at {bootstrap}; `tagstream topics` creates it (with the same "
+        "TAGSTREAM_TOPIC_PREFIX)"
+    )
+
+
 async def send_model_update(bootstrap: str, topic: str, event: ModelUpdate, key: bytes) -> int:
     """Send one model-update event (acks=all, idempotent producer); returns its offset. Raises TagstreamError when
-    Kafka fails. `tagstream model` requests and `tagstream publish` both send through it."""
+    Kafka fails or the topic does not exist (checked first: a send to a missing topic retries for ~40 s).
+    `tagstream model` requests and `tagstream publish` both send through it."""
     from aiokafka import AIOKafkaProducer
-    from aiokafka.errors import KafkaError
 
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True)
-    try:
+    with kafka_errors(f"publish to {topic}", bootstrap):
         try:
             await producer.start()
+            if topic not in (await producer.client.fetch_all_metadata()).topics():
+                raise no_topic(topic, bootstrap)
             meta = await producer.send_and_wait(topic, orjson.dumps(event.to_dict()), key=key)
             return meta.offset
         finally:
             await producer.stop()
-    except KafkaError as exc:
-        raise TagstreamError(
-            f"could not publish to {topic} at {bootstrap}: {exc} (does the topic exist? `tagstream topics` creates it)"
-        ) from exc
 
 
 async def send_request(settings: WorkerSettings, event: ModelUpdate, key: bytes) -> int:
@@ -126,7 +150,6 @@ async def _answers_consumer(settings: WorkerSettings, after: int) -> AsyncIterat
     """A consumer of model-updates (no group) positioned after offset `after` of every partition; Kafka errors
     become TagstreamError."""
     from aiokafka import AIOKafkaConsumer
-    from aiokafka.errors import KafkaError
 
     topic = settings.topic("model-updates")
     consumer = AIOKafkaConsumer(
@@ -135,11 +158,11 @@ async def _answers_consumer(settings: WorkerSettings, after: int) -> AsyncIterat
         enable_auto_commit=False,
         auto_offset_reset="earliest",  # records deleted under the seek: from the first one left
     )
-    try:
+    with kafka_errors(f"read {topic}", settings.kafka_bootstrap):
         try:
             await consumer.start()
             if topic not in await consumer.topics():
-                raise ConfigError(f"topic {topic} does not exist (is a worker or `tagstream topics` run?)")
+                raise no_topic(topic, settings.kafka_bootstrap)
             consumer.subscribe([topic])  # no group: every partition is assigned to this consumer
             deadline = time.monotonic() + ASSIGN_TIMEOUT_S
             while not consumer.assignment():
@@ -153,8 +176,6 @@ async def _answers_consumer(settings: WorkerSettings, after: int) -> AsyncIterat
             yield consumer
         finally:
             await consumer.stop()
-    except KafkaError as exc:
-        raise TagstreamError(f"could not read {topic} at {settings.kafka_bootstrap}: {exc}") from exc
 
 
 def _decode_answers(batches: Mapping[Any, list[Any]]) -> list[ModelUpdate]:
@@ -300,7 +321,7 @@ def _when(ms: int | None) -> str:
 
 
 def _status(args: argparse.Namespace) -> int:
-    settings = WorkerSettings()
+    settings = load_settings(WorkerSettings, "worker")
     workers = read_status(settings)
     answers = asyncio.run(read_answers(settings))
     latest: dict[str, ModelUpdate] = {}
@@ -363,7 +384,7 @@ def _status(args: argparse.Namespace) -> int:
 
 def _request(kind: str) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
-        settings = WorkerSettings()
+        settings = load_settings(WorkerSettings, "worker")
         model = Path(args.model) if getattr(args, "model", None) else None
         event, key = build_request(kind, settings, model=model, version=getattr(args, "version", None))
         live, stale = live_workers(read_status(settings)) if args.wait else ({}, {})

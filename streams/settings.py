@@ -9,6 +9,7 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from streams.eventloop import EventLoop
+from tagstream.settings import RedisUrl
 
 DEV_USER_HASH_KEY = "tagstream-dev-key-change-me"
 
@@ -19,8 +20,9 @@ class WorkerSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="TAGSTREAM_", extra="ignore")
 
     kafka_bootstrap: str = Field("127.0.0.1:9092", description="Kafka bootstrap servers, host:port[,host:port].")
-    redis_url: SecretStr = Field(
-        SecretStr("redis://127.0.0.1:6379/0"), description="Redis URL (may hold a password, hence secret)."
+    redis_url: RedisUrl = Field(
+        SecretStr("redis://127.0.0.1:6379/0"),
+        description="Redis URL: redis://, rediss:// or unix:// (may hold a password, hence secret).",
     )
     redis_prefix: str = Field("ts", description="Prefix of every Redis key (SPEC.md §3).")
     topic_prefix: str = Field("", description="Prefix of every topic name; tests use a fresh one per test.")
@@ -183,6 +185,20 @@ class WorkerSettings(BaseSettings):
     dead_letter_all_errors: bool = Field(
         True, description="Dead-letter an event whose processing raised an unexpected error (else crash)."
     )
+
+    @field_validator("model_path", "model_golden_set", mode="before")
+    @classmethod
+    def _empty_path_is_unset(cls, value: object) -> object:
+        # docker-compose passes TAGSTREAM_MODEL_PATH through from the host as "" when it is unset there: that is no
+        # path, not Path("") == Path(".") (the current directory).
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("user_hash_key", mode="before")
+    @classmethod
+    def _empty_key_is_unset(cls, value: object) -> object:
+        # The same pass-through as TAGSTREAM_MODEL_PATH: "" is the unset key (the development default, which the
+        # worker warns about at start), never an empty HMAC key.
+        return DEV_USER_HASH_KEY if isinstance(value, str) and not value.strip() else value
 
     @field_validator("gc_thresholds")
     @classmethod

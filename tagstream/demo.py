@@ -3,6 +3,10 @@
 Brings the local stack up, takes a catalog (generated, or `--catalog PATH`), trains a small model, starts a worker,
 replays product events and a behaviour stream (with a few bad events), shows tag updates live, and ends with a
 summary: events in, tag updates out, dead-lettered, p50/p99 event-to-tag latency.
+
+It runs on the local stack (`tagstream stack`'s ports, not TAGSTREAM_KAFKA_BOOTSTRAP / TAGSTREAM_REDIS_URL) under a
+fresh tag per run: topics `demo-<tag>-*`, Redis keys `demo-<tag>:*`, consumer group and Faust directory
+`tagstream-demo-<tag>`. It deletes them at the end unless `--keep`; the workdir (model, worker log, summary) stays.
 """
 
 from __future__ import annotations
@@ -278,8 +282,71 @@ async def _replay_and_watch(
         await producer.stop()
 
 
+def cleanup_run(settings: Any) -> list[str]:
+    """Delete what one demo run made on the stack: its topics, its Redis keys, its consumer group and its Faust
+    directory (only names of this run's fresh tag, never anything else). Returns what could not be deleted."""
+    import shutil
+
+    import redis
+    from kafka.admin import KafkaAdminClient
+
+    from streams.topics import TOPICS
+
+    if not settings.app_id.startswith("tagstream-demo-") or not settings.redis_prefix.startswith("demo-"):
+        raise ValueError(f"not a demo run: {settings.app_id!r}, {settings.redis_prefix!r}")
+    left: list[str] = []
+    try:
+        asyncio.run(_delete_topics(settings.kafka_bootstrap, [settings.topic(t.name) for t in TOPICS]))
+    except Exception as exc:  # the stack went away meanwhile: say so, the summary still gets written
+        left.append(f"topics {settings.topic_prefix}* ({exc})")
+    try:
+        admin = KafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, client_id="tagstream-demo")
+        try:
+            outcome = admin.delete_groups([settings.app_id]).get(settings.app_id)
+        finally:
+            admin.close()
+        if outcome not in ("OK", "GroupIdNotFoundError"):
+            left.append(f"consumer group {settings.app_id} ({outcome})")
+    except Exception as exc:
+        left.append(f"consumer group {settings.app_id} ({exc})")
+    try:
+        client = redis.Redis.from_url(settings.redis_url.get_secret_value())
+        try:
+            batch: list[bytes] = []
+            for key in client.scan_iter(match=f"{settings.redis_prefix}:*", count=5000):
+                batch.append(key)
+                if len(batch) >= 5000:
+                    client.unlink(*batch)
+                    batch = []
+            if batch:
+                client.unlink(*batch)
+        finally:
+            client.close()
+    except Exception as exc:
+        left.append(f"Redis keys {settings.redis_prefix}:* ({exc})")
+    faust_dir = settings.data_dir.expanduser() / settings.app_id
+    shutil.rmtree(faust_dir, ignore_errors=True)
+    if faust_dir.exists():
+        left.append(f"Faust directory {faust_dir}")
+    return left
+
+
+async def _delete_topics(bootstrap: str, names: list[str]) -> None:
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, client_id="tagstream-demo")
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        mine = [n for n in names if n in existing]
+        if mine:
+            await admin.delete_topics(mine)
+    finally:
+        await admin.close()
+
+
 def run_demo(args: argparse.Namespace) -> int:
-    """Run the demo end to end; prints the summary (and writes it as JSON with --json-out)."""
+    """Run the demo end to end; prints the summary and writes it to WORKDIR/summary.json."""
     from rich.console import Console
 
     from streams.settings import WorkerSettings
@@ -320,16 +387,24 @@ def run_demo(args: argparse.Namespace) -> int:
         "TAGSTREAM_MODEL_PATH": str(bundle),
     }
     settings = WorkerSettings(**{k.removeprefix("TAGSTREAM_").lower(): v for k, v in env.items()})
-    asyncio.run(ensure_topics(settings))
-    log_path = work / "worker.log"
-    with log_path.open("wb") as log:
-        worker = subprocess.Popen(
-            [sys.executable, "-m", "tagstream.cli", "worker"],
-            env={**os.environ, **env},
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+    run_objects = {
+        "topic_prefix": settings.topic_prefix,
+        "redis_prefix": settings.redis_prefix,
+        "consumer_group": settings.app_id,
+        "faust_dir": str(settings.data_dir.expanduser() / settings.app_id),
+        "kept": bool(args.keep),
+    }
+    worker: subprocess.Popen[bytes] | None = None
     try:
+        asyncio.run(ensure_topics(settings))
+        log_path = work / "worker.log"
+        with log_path.open("wb") as log:
+            worker = subprocess.Popen(
+                [sys.executable, "-m", "tagstream.cli", "worker"],
+                env={**os.environ, **env},
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
         deadline = time.monotonic() + 90
         while b"Ready" not in log_path.read_bytes():
             if worker.poll() is not None or time.monotonic() > deadline:
@@ -347,13 +422,24 @@ def run_demo(args: argparse.Namespace) -> int:
         with LiveView(titles, enabled=not args.no_live) as view:
             asyncio.run(_replay_and_watch(settings, products, behaviour, args.rate, view, summary))
     finally:
-        worker.terminate()
-        try:
-            worker.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            worker.kill()
+        if worker is not None:
+            worker.terminate()
+            try:
+                worker.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+                worker.wait()
+        if args.keep:
+            console.print(
+                f"kept for inspection: topics {settings.topic_prefix}*, Redis keys {settings.redis_prefix}:* "
+                f"(db of {stack.redis_url}), consumer group and Faust directory {run_objects['faust_dir']}"
+            )
+        else:
+            left = cleanup_run(settings)
+            if left:
+                console.print(f"could not delete: {'; '.join(left)}", style="yellow", markup=False)
 
-    result = summary.to_json()
+    result = {**summary.to_json(), "run": run_objects}
     (work / "summary.json").write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
     _print_summary(console, result, work)
     return 0
@@ -402,10 +488,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--format", default="jsonl", choices=["cn-jd", "myntra", "bigbasket", "jsonl"])
     p.add_argument("--limit", type=int, default=3000, help="at most this many catalog products")
     p.add_argument("--products", type=int, default=1500, help="size of the generated catalog")
-    p.add_argument("--events", type=int, default=12000, help="behaviour events to replay")
+    p.add_argument(
+        "--events",
+        type=int,
+        default=12000,
+        help="background behaviour events to replay (three bursts of 120 events each come on top)",
+    )
     p.add_argument("--rate", type=_positive_rate, default=1500.0, help="replay rate (events/s, > 0)")
     p.add_argument("--epochs", type=int, default=8, help="training epochs")
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--workdir", help="where the model, logs and summary go (default: runs/demo-<time>)")
     p.add_argument("--no-live", action="store_true", help="no live table (for logs and CI)")
+    p.add_argument(
+        "--keep",
+        action="store_true",
+        help="leave the run's topics (demo-<tag>-*), Redis keys (demo-<tag>:*), consumer group and Faust directory "
+        "on the stack for inspection (default: deleted at the end)",
+    )
     p.set_defaults(func=run_demo)

@@ -35,6 +35,7 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from tagstream.errors import StackError
+from tagstream.settings import load_settings, settings_errors
 
 __all__ = [
     "ComponentStatus",
@@ -76,6 +77,12 @@ class StackSettings(BaseSettings):
     java: str = Field("java", description="java executable (Java 17 or newer)")
     mvn: str = Field("mvn", description="Maven executable (only needed while the jars are not cached)")
     redis_server: str = Field("redis-server", description="redis-server executable")
+
+    def __init__(self, **values: Any) -> None:
+        """From the environment with `values` on top; a bad value (TAGSTREAM_KAFKA_PORT=abc) is a one-line
+        ConfigError, also where a command builds `StackSettings()` itself (the demo, the bench)."""
+        with settings_errors(type(self), "stack"):
+            super().__init__(**values)
 
     @field_validator("state_dir", "cache_dir")
     @classmethod
@@ -322,8 +329,13 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def _running_pid(c: _Component) -> int | None:
-    """The PID in the component's PID file if that process is alive and is the component, else None."""
+def _running_pid(c: _Component, *, other_settings_ok: bool = False) -> int | None:
+    """The PID in the component's PID file if that process is alive and is the component, else None.
+
+    The PID file is removed only when its process is gone or is not a server of this kind (a reused PID). A
+    redis-server on another port than the settings name was started by this state dir with other settings: that
+    raises (or, with `other_settings_ok`, for stopping it, is returned) instead of losing track of it.
+    """
     try:
         pid = int(c.pid_file.read_text().strip())
     except (OSError, ValueError):
@@ -333,8 +345,18 @@ def _running_pid(c: _Component) -> int | None:
         if proc.status() == psutil.STATUS_ZOMBIE:
             if _alive(pid):  # still shutting down
                 return pid
-        elif _matches(c, " ".join(proc.cmdline())):
-            return pid
+        else:
+            cmdline = " ".join(proc.cmdline())
+            if _matches(c, cmdline):
+                return pid
+            if c.name == REDIS and "redis-server" in cmdline:
+                if other_settings_ok:
+                    return pid
+                raise StackError(
+                    f"redis: this stack's redis-server (pid {pid}, {cmdline.split()[-1]}) was started with other "
+                    f"settings than port {c.port}; stop it with `tagstream stack down` (it stops it whatever the "
+                    "port) or use another TAGSTREAM_STATE_DIR"
+                )
     except psutil.Error:
         pass
     c.pid_file.unlink(missing_ok=True)
@@ -633,7 +655,7 @@ def stack_down(settings: StackSettings | None = None) -> list[str]:
     s = settings or StackSettings()
     with _locked(s.state_dir / "stack.lock"):
         comps = {KAFKA: _kafka(s), REDIS: _redis(s)}
-        pids = {name: pid for name, c in comps.items() if (pid := _running_pid(c)) is not None}
+        pids = {name: pid for name, c in comps.items() if (pid := _running_pid(c, other_settings_ok=True)) is not None}
         _stop(pids, s.stack_stop_timeout)
         for name in pids:
             comps[name].pid_file.unlink(missing_ok=True)
@@ -644,17 +666,8 @@ def stack_down(settings: StackSettings | None = None) -> list[str]:
 
 
 def _settings(args: argparse.Namespace) -> StackSettings:
-    overrides = {
-        key: value
-        for key in ("kafka_port", "kafka_controller_port", "redis_port", "state_dir")
-        if (value := getattr(args, key, None)) is not None
-    }
-    try:
-        return StackSettings(**overrides)
-    except ValueError as exc:
-        from tagstream.errors import ConfigError
-
-        raise ConfigError(str(exc)) from exc
+    keys = ("kafka_port", "kafka_controller_port", "redis_port", "state_dir")
+    return load_settings(StackSettings, "stack", **{key: getattr(args, key, None) for key in keys})
 
 
 def _cmd_up(args: argparse.Namespace) -> int:

@@ -83,6 +83,27 @@ def test_train_with_chinese_attribute_names_trains_and_plots_every_group(tmp_pat
     assert all(p.name in html for p in pngs) and "颜色" in html and "性别" in html
 
 
+def test_train_prints_only_the_bundle_path_on_stdout_and_its_progress_on_stderr(tmp_path: Path) -> None:
+    """`B=$(tagstream train ...)` is the bundle: Keras's epoch lines go to stderr, not stdout."""
+    import os
+
+    catalog = tmp_path / "catalog.jsonl"
+    write_jsonl(generate_catalog(200, seed=5), catalog)
+    out = tmp_path / "models"
+    cmd = [sys.executable, "-m", "tagstream.cli", "train", "--catalog", str(catalog), "--format", "jsonl"]
+    run = subprocess.run(
+        [*cmd, "--out", str(out), "--no-baseline"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, **TINY_ENV, "TAGSTREAM_EPOCHS": "1", "TAGSTREAM_REFIT_EPOCHS": "1"},
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    bundles = list(out.glob("2*"))
+    assert len(bundles) == 1 and run.stdout == f"{bundles[0]}\n", run.stdout[-2000:]
+    assert "/step - " in run.stderr and "loss: " in run.stderr  # the progress is kept, on stderr
+
+
 @pytest.fixture
 def tiny_catalog(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     for k, v in TINY_ENV.items():

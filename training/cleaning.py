@@ -8,6 +8,8 @@ Policy (applied by `clean_products`, in this order):
    Label values (category levels, attribute values) get white-space cleanup only, so tags keep the source's spelling.
 2. Missing values: a row whose title is empty after cleaning is skipped (reason `empty_title`); an empty brand or
    description becomes None; a missing price stays None; empty attribute values are dropped from `attributes`.
+   Attribute names that are one name after cleaning (`colour` and `colour `) are one attribute; if their values
+   differ the attribute is dropped from that row (repaired as `attribute_name_conflict`).
 3. Duplicates: rows with the same normalised title are one product (identical titles in train and test would
    inflate every metric).
    - same labels (category path + attributes + tags) → the first row is kept, the others are skipped as
@@ -30,6 +32,7 @@ from typing import Any
 
 from serving.featurizer import normalize_text as _featurizer_normalize
 from training.catalog import CatalogProduct
+from training.labels import CATEGORY_GROUPS, TAGS_GROUP, product_labels
 
 __all__ = [
     "LEVEL_NAMES",
@@ -71,13 +74,7 @@ def label_signature(p: CatalogProduct) -> tuple[Any, ...]:
     return (p.category_path, tuple(sorted(p.attributes.items())), tuple(sorted(p.tags)))
 
 
-LEVEL_NAMES = ("category_l1", "category_l2", "category_leaf")
-
-
-def _level_name(i: int, depth: int) -> str:
-    if i == depth - 1 and depth >= 3:
-        return "category_leaf"
-    return f"category_l{i + 1}"
+LEVEL_NAMES = CATEGORY_GROUPS  # the category groups of the label map (paths deeper than 3 levels keep 3)
 
 
 @dataclass
@@ -98,6 +95,7 @@ class DataReport:
     duplicate_conflicts_dropped: int = 0
     duplicate_rows_dropped: int = 0
     attribute_conflicts_dropped: Counter[str] = field(default_factory=Counter)
+    # group -> tag -> products: the labels training derives (training.labels.product_labels), before minimum support
     label_counts: dict[str, dict[str, int]] = field(default_factory=dict)
     title_length: dict[str, float] = field(default_factory=dict)
     max_examples: int = 5
@@ -123,17 +121,20 @@ class DataReport:
         return sum(self.skipped.values())
 
     def finish(self, products: list[CatalogProduct]) -> None:
-        """Fill label counts per level and title length stats from the kept products."""
+        """Fill label counts per group and title length stats from the kept products.
+
+        The counts are of the labels training makes of these products (`training.labels.product_labels`: the
+        category tags of at most 3 levels, attribute tags except `year`, free tags), keyed by tag, before the
+        minimum support; groups in the label map's order (categories, attributes by name, ``tags``)."""
         self.rows_kept = len(products)
         counts: dict[str, Counter[str]] = {}
         for p in products:
-            depth = len(p.category_path)
-            for i in range(depth):
-                name = _level_name(i, depth)
-                counts.setdefault(name, Counter())["/".join(p.category_path[: i + 1])] += 1
-            for k, v in p.attributes.items():
-                counts.setdefault(k, Counter())[v] += 1
-        self.label_counts = {k: dict(c.most_common()) for k, c in counts.items()}
+            for group, tag in product_labels(p):
+                counts.setdefault(group, Counter())[tag] += 1
+        first = [g for g in CATEGORY_GROUPS if g in counts]
+        last = [TAGS_GROUP] if TAGS_GROUP in counts else []
+        order = first + sorted(set(counts) - set(first) - set(last)) + last
+        self.label_counts = {k: dict(counts[k].most_common()) for k in order}
         lengths = sorted(len(p.title) for p in products)
         if lengths:
             self.title_length = {
@@ -199,7 +200,7 @@ class DataReport:
                 f"p95 {tl['p95']:.0f}, max {tl['max']:.0f}"
             )
         if self.label_counts:
-            lines += ["", "| level | labels | largest | smallest | labels with < 3 rows |", "|---|---|---|---|---|"]
+            lines += ["", "| group | labels | largest | smallest | labels with < 3 rows |", "|---|---|---|---|---|"]
             for k, c in self.label_counts.items():
                 vals = list(c.values())
                 top = next(iter(c.items()))
@@ -211,18 +212,32 @@ class DataReport:
         return "\n".join(lines) + "\n"
 
 
-def _clean_product(p: CatalogProduct) -> CatalogProduct:
-    attrs = {clean_label(k): clean_label(v) for k, v in p.attributes.items()}
-    return replace(
+def _clean_attributes(attributes: dict[str, str]) -> tuple[dict[str, str], list[str]]:
+    """Names and values cleaned, empty ones dropped. Names that clean to one name (`colour` and `colour `) are one
+    attribute: kept when their values agree, dropped when not (second item: the names dropped so)."""
+    values: dict[str, set[str]] = {}
+    for k, v in attributes.items():
+        name, value = clean_label(k), clean_label(v)
+        if name and value:
+            values.setdefault(name, set()).add(value)
+    attrs = {k: next(iter(v)) for k, v in values.items() if len(v) == 1}
+    return attrs, [k for k, v in values.items() if len(v) > 1]
+
+
+def _clean_product(p: CatalogProduct) -> tuple[CatalogProduct, list[str]]:
+    """The cleaned product and the attribute names dropped for conflicting values (`_clean_attributes`)."""
+    attrs, conflicts = _clean_attributes(p.attributes)
+    q = replace(
         p,
         title=clean_text(p.title),
         description=clean_text(p.description) or None,
         brand=clean_text(p.brand) or None,
         category_path=tuple(clean_label(c) for c in p.category_path),
-        attributes={k: v for k, v in attrs.items() if k and v},
+        attributes=attrs,
         tags=tuple(t for t in (clean_label(t) for t in p.tags) if t),
         source=clean_label(p.source) or None,
     )
+    return q, conflicts
 
 
 def _majority(values: list[Any]) -> tuple[Any, bool]:
@@ -253,7 +268,9 @@ def clean_products(
     """Normalise text, skip empty titles and resolve duplicates (see module docstring); fills `report`."""
     cleaned: list[tuple[int, CatalogProduct]] = []
     for line, p in rows:
-        q = _clean_product(p)
+        q, conflicts = _clean_product(p)
+        for name in conflicts:
+            report.repair(line, "attribute_name_conflict", f"{name!r}: names equal once cleaned, with different values")
         if not q.title:
             report.skip(line, "empty_title")
             continue

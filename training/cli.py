@@ -11,7 +11,7 @@ import logging
 import sys
 from pathlib import Path
 
-from tagstream.errors import ConfigError
+from tagstream.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -145,12 +145,26 @@ def run_train(args: argparse.Namespace) -> int:
 
 def run_evaluate(args: argparse.Namespace) -> int:
     """`tagstream evaluate`."""
+    from training.evaluate import unevaluated_groups
     from training.train import evaluate_bundle
 
     if not args.model.is_dir():
         raise ConfigError(f"--model {args.model} is not a bundle directory")
     products = _load(args.catalog, args.format).products
     report = evaluate_bundle(args.model, products, at_thresholds=args.thresholds)
+    missing = unevaluated_groups(report)
+    if len(missing) == len(report["groups"]):
+        raise DataError(
+            f"{args.catalog}: none of its {len(products)} products has a label the model knows in any of the model's "
+            f"groups ({', '.join(missing) or 'none'}): nothing to evaluate (a catalog of other labels than the "
+            "model was trained on?)"
+        )
+    if missing:
+        print(
+            f"tagstream evaluate: warning: no product has a label the model knows in {', '.join(missing)}: "
+            "not evaluated (figures null)",
+            file=sys.stderr,
+        )
     out = {
         "n": report["n"],
         "groups": {g: {k: r.get(k) for k in HEADLINE} for g, r in report["groups"].items()},

@@ -30,6 +30,7 @@ __all__ = [
     "f1_intervals",
     "pr_curve",
     "true_tags",
+    "unevaluated_groups",
 ]
 
 
@@ -261,11 +262,9 @@ def evaluate_groups(groups: Mapping[str, GroupPredictions], **kwargs: Any) -> di
 
 def true_tags(p: CatalogProduct) -> set[str]:
     """The SPEC §1 tag names a catalog product carries (as `training.labels` spells them) plus its free tags."""
-    from training.labels import attribute_tag, category_tags
+    from training.labels import product_labels
 
-    tags = set(category_tags(p.category_path))
-    tags |= {attribute_tag(k, v) for k, v in p.attributes.items() if v}
-    return tags | set(p.tags)
+    return {tag for _, tag in product_labels(p, exclude_attributes=())}
 
 
 def evaluate_bundle_scores(
@@ -304,6 +303,12 @@ def evaluate_bundle_scores(
         t = np.array([float(per_tag.get(name, default)) for name in names])
         groups[grp["name"]] = GroupPredictions.from_scores(y_true, scores[:, idx], names, t)
     return evaluate_groups(groups, **kwargs)
+
+
+def unevaluated_groups(report: Mapping[str, Any]) -> list[str]:
+    """The groups of an `evaluate_groups` report that no product could be evaluated in: none of the products
+    carries a label of the group that the model knows (`n` = 0), so every figure of the group is None."""
+    return [name for name, g in report["groups"].items() if not g.get("n")]
 
 
 def summary_row(report: Mapping[str, Any], group: str) -> dict[str, float | None]:

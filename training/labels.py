@@ -11,6 +11,19 @@ Groups, in column order:
   name, except ``baseColour``/``color`` → ``colour`` (readable tags, SPEC §1).
 - ``tags`` (multi-label, sigmoid): the products' free extra tags, when any survive the minimum support.
 
+`product_labels` lists the (group, tag) pairs of one product before minimum support; the label map counts them, and
+so does the data report (`training.cleaning.DataReport.label_counts`), so the two always agree.
+
+Attribute names that would collide with another group are refused (`DataError`, before any training) rather than
+renamed: a worker names a catalog tag's group after the attribute as the product event gives it and lets it replace
+the model's tags of that group (SPEC §1, `serving.decoding.merge_tags`), so a renamed group would not match it.
+Names are compared by `attribute_key` (NFKC, case and white space folded, the ``colour`` aliases applied):
+
+- ``category``, ``category_l1``, ``category_l2``, ``category_leaf`` and ``tags`` are reserved (the category groups,
+  the ``category:`` tag prefix and the free tags group);
+- two attribute names with one key (``Colour`` and ``colour``, ``colour`` and ``baseColour``) would be one
+  attribute split over two groups: the catalog must use one name.
+
 Minimum support: a label seen on fewer than ``min_support`` products is dropped; products that carried it are
 *unlabelled* in that group (masked out of the loss and of evaluation), never merged into a catch-all label. For
 categories a dropped level also unlabels the deeper levels of that product (a leaf needs its parent). A group left
@@ -30,7 +43,8 @@ import numpy as np
 
 from serving.bundle import Label, LabelGroup
 from serving.bundle import LabelMap as BundleLabelMap
-from serving.decoding import attribute_tag
+from serving.decoding import TAG_PREFIXES, attribute_tag
+from serving.featurizer import normalize_text
 from tagstream.errors import DataError, ModelRejectedError
 from training.catalog import CatalogProduct
 
@@ -40,13 +54,19 @@ __all__ = [
     "LabelGroup",
     "LabelMap",
     "LabelMatrix",
+    "attribute_key",
     "build_label_map",
     "category_tags",
+    "check_attribute_names",
+    "product_labels",
 ]
 
 CATEGORY_GROUPS = ("category_l1", "category_l2", "category_leaf")
 TAGS_GROUP = "tags"
 DEFAULT_EXCLUDE = ("year",)
+CATEGORY_PREFIX = "category"
+RESERVED_NAMES = (CATEGORY_PREFIX, *CATEGORY_GROUPS, TAGS_GROUP)
+_ALIASES = {normalize_text(k): normalize_text(v) for k, v in TAG_PREFIXES.items()}
 
 
 def _level(value: str) -> str:
@@ -62,6 +82,59 @@ def category_tags(path: Sequence[str]) -> list[str]:
             break
         out.append("category:" + "/".join(levels[: i + 1]))
     return out
+
+
+def product_labels(
+    p: CatalogProduct, *, exclude_attributes: Sequence[str] = DEFAULT_EXCLUDE, include_tags: bool = True
+) -> list[tuple[str, str]]:
+    """(group, tag) of every label the product carries, before minimum support: its category tags (at most 3
+    levels, `category_tags`), one tag per attribute with a non-blank value (group = the attribute name) unless
+    excluded, and with `include_tags` its free tags (group ``tags``, each once)."""
+    out = list(zip(CATEGORY_GROUPS, category_tags(p.category_path), strict=False))
+    out += [
+        (name, attribute_tag(name, value))
+        for name, value in p.attributes.items()
+        if name not in exclude_attributes and value and value.strip()
+    ]
+    if include_tags:
+        out += [(TAGS_GROUP, t) for t in dict.fromkeys(p.tags)]
+    return out
+
+
+def attribute_key(name: str) -> str:
+    """What two attribute names are compared by: NFKC, case and white space folded, ``colour`` aliases applied."""
+    key = normalize_text(name)
+    return _ALIASES.get(key, key)
+
+
+def check_attribute_names(
+    products: Iterable[CatalogProduct], exclude_attributes: Sequence[str] = DEFAULT_EXCLUDE
+) -> None:
+    """DataError (one line) if an attribute would be tagged under a reserved or an already used group name (see the
+    module doc); attributes without a value or excluded make no group and are not checked."""
+    reserved = {normalize_text(n): n for n in RESERVED_NAMES}
+    names: dict[str, tuple[str, str, int]] = {}  # key -> (first name, first product id, products)
+    keys: dict[str, str] = {}
+    for p in products:
+        for name, value in p.attributes.items():
+            if name in exclude_attributes or not (value and value.strip()):
+                continue
+            key = keys.get(name) or keys.setdefault(name, attribute_key(name))
+            first, pid, n = names.get(key, (name, p.product_id, 0))
+            if first != name:
+                raise DataError(
+                    f"attributes {first!r} (product {pid}) and {name!r} (product {p.product_id}) would be two label "
+                    "groups of one attribute (names are compared ignoring case, width and spaces, and baseColour/"
+                    "color mean colour): use one name in the catalog"
+                )
+            names[key] = (first, pid, n + 1)
+    for key, (name, pid, n) in names.items():
+        if key in reserved:
+            raise DataError(
+                f"attribute {name!r} (on {n} products, e.g. {pid}) is named like the built-in label group or tag "
+                f"prefix {reserved[key]!r}: the names {', '.join(RESERVED_NAMES)} are reserved (ignoring case and "
+                "width); rename the attribute in the catalog"
+            )
 
 
 @dataclass(slots=True)
@@ -87,9 +160,16 @@ class LabelMap:
     _by_tag: dict[str, int] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
-        self._by_tag = {lab.tag: lab.index for lab in self.labels}
-        if len(self._by_tag) != len(self.labels):
-            raise DataError("label map has duplicate tags")
+        names = [g.name for g in self.groups]
+        if len(set(names)) != len(names):
+            twice = sorted({n for n in names if names.count(n) > 1})
+            raise DataError(f"label map has two groups named {', '.join(map(repr, twice))}")
+        self._by_tag = {}
+        for lab in self.labels:
+            if lab.tag in self._by_tag:
+                other = self.labels[self._by_tag[lab.tag]].group
+                raise DataError(f"label map has the tag {lab.tag!r} twice: in group {other!r} and in {lab.group!r}")
+            self._by_tag[lab.tag] = lab.index
         for i, lab in enumerate(self.labels):
             if lab.index != i:
                 raise DataError(f"label {lab.tag} has index {lab.index}, expected {i}")
@@ -127,17 +207,22 @@ class LabelMap:
     def product_tags(self, p: CatalogProduct) -> dict[str, list[str]]:
         """group → the product's known tags in that group (after minimum support)."""
         out: dict[str, list[str]] = defaultdict(list)
-        cats = category_tags(p.category_path)
-        for g, tag in zip(CATEGORY_GROUPS, cats, strict=False):
-            if tag not in self._by_tag:
-                break
-            out[g].append(tag)
         names = set(self.group_names)
-        for name, value in p.attributes.items():
-            if name in names and value and (tag := attribute_tag(name, value)) in self._by_tag:
-                out[name].append(tag)
+        labels = product_labels(p, exclude_attributes=())
+        for g, tag in labels[: len(CATEGORY_GROUPS)]:
+            if g not in CATEGORY_GROUPS or tag not in self._by_tag:
+                break  # a level the map does not know ends the path
+            out[g].append(tag)
+        for g, tag in labels:
+            if (
+                g not in CATEGORY_GROUPS
+                and g in names
+                and tag in self._by_tag
+                and self.labels[self._by_tag[tag]].group == g
+            ):
+                out[g].append(tag)
         if TAGS_GROUP in names:
-            out[TAGS_GROUP] = [t for t in p.tags if t in self._by_tag]
+            out.setdefault(TAGS_GROUP, [])
         return out
 
     def encode(self, products: Sequence[CatalogProduct]) -> LabelMatrix:
@@ -200,17 +285,13 @@ def build_label_map(
     products = list(products)
     if not products:
         raise DataError("cannot build labels from no products")
-    cat_count: Counter[str] = Counter()
-    attr_count: dict[str, Counter[str]] = defaultdict(Counter)
-    tag_count: Counter[str] = Counter()
+    check_attribute_names(products, exclude_attributes)
+    counts: dict[str, Counter[str]] = defaultdict(Counter)
     for p in products:
-        for tag in category_tags(p.category_path):
-            cat_count[tag] += 1
-        for name, value in p.attributes.items():
-            if name not in exclude_attributes and value and value.strip():
-                attr_count[name][value.strip()] += 1
-        if include_tags:
-            tag_count.update(set(p.tags))
+        for group, tag in product_labels(p, exclude_attributes=exclude_attributes, include_tags=include_tags):
+            counts[group][tag] += 1
+    tag_count = counts.pop(TAGS_GROUP, Counter())
+    cat_counts = [counts.pop(g, Counter()) for g in CATEGORY_GROUPS]
 
     groups: list[LabelGroup] = []
     labels: list[Label] = []
@@ -226,11 +307,11 @@ def build_label_map(
 
     kept: set[str] = set()
     parent_group: str | None = None
-    for depth, gname in enumerate(CATEGORY_GROUPS, start=1):
+    for depth, (gname, cat_count) in enumerate(zip(CATEGORY_GROUPS, cat_counts, strict=True), start=1):
         items = []
         for tag, count in sorted(cat_count.items()):
-            path = tag[len("category:") :].split("/")
-            if len(path) != depth or count < min_support:
+            path = tag[len(CATEGORY_PREFIX) + 1 :].split("/")
+            if count < min_support:
                 continue
             parent = "category:" + "/".join(path[:-1]) if depth > 1 else None
             if parent is not None and parent not in kept:
@@ -243,8 +324,9 @@ def build_label_map(
         kept.update(t for t, *_ in items)
         parent_group = gname
 
-    for name in sorted(attr_count):
-        items = [(attribute_tag(name, v), v, None, c) for v, c in sorted(attr_count[name].items()) if c >= min_support]
+    for name in sorted(counts):  # the attributes (one tag prefix per group: sorted by tag = sorted by value)
+        cut = len(attribute_tag(name, ""))
+        items = [(tag, tag[cut:], None, c) for tag, c in sorted(counts[name].items()) if c >= min_support]
         add_group(LabelGroup(name, "exclusive", None), items)
 
     if include_tags:

@@ -2,34 +2,51 @@
 
 `load_catalog(path, fmt)` picks the parser from `LOADERS` (`--format`), then cleans (`training.cleaning`).
 Malformed rows are skipped and counted per reason, with the first examples (line number + reason) in the report.
-A file that cannot be read at all raises `DataError` naming the file, the line and the reason: missing or
-unreadable file, wrong header, a first data row that does not parse (e.g. a CSV given as `jsonl`), or more than
-half of the rows malformed.
+In every format a row is also skipped when its product id is held by an earlier row that cleaning keeps (non-empty
+title and category levels; `duplicate_product_id`), and in JSONL when a string holds a lone surrogate (`"\\ud800"`,
+which cannot be written as UTF-8; `not_unicode`: CSV bytes are decoded as strict UTF-8, so they cannot hold one).
+A file that cannot be read at all raises a one-line `DataError` naming the file, the line and the reason: missing
+or unreadable file, a corrupt, encrypted or ambiguous zip, wrong header, a first data row without the format's
+shape (too few columns, not a JSON object: e.g. a CSV given as `jsonl`), or more than half of the rows malformed.
+A first data row with a bad value (a price `₹220`) is skipped like any other.
+Values quoted in messages are repr-like and cut short (`_show`), so every message and detail is one line.
 
 Formats (product ids are `<format prefix>-<source id>` so they satisfy the event schema's id pattern):
 
 - `cn-jd`: JD `products.csv`, no header: `category_id,L1|L2|L3,title,breadcrumb,site,merchant`, unquoted. Titles
   (and breadcrumbs) may contain commas; the first two and last two fields are reliable and the breadcrumb is the
   first field after the title that looks like `segment>segment` (else the third-last field). ~4.6k book rows have
-  title and breadcrumb swapped (breadcrumb first): repaired (`title_breadcrumb_swapped`). Rows that hold several
-  records glued together (a second site name inside) are skipped (`concatenated_records`). The breadcrumb repeats
-  the category, so it is never used (not even as description). `source` = merchant (`\\N`/empty → None).
-  Product id: `jd-<line>`.
-- `myntra`: `styles.csv.zip` (or plain `styles.csv`) with header; title = columns 10..end (unquoted commas).
-  category_path = masterCategory|subCategory|articleType; attributes `gender`, `colour` (baseColour), `season`,
-  `usage` (`NA`/empty → absent). `year` is dropped: listing metadata, not a property of the product to tag.
+  title and breadcrumb swapped (a breadcrumb of three or more levels first, and none after it): repaired
+  (`title_breadcrumb_swapped`); a title with a `>` of its own is not. Rows that hold several records glued together
+  (a second site name inside) are skipped (`concatenated_records`). The breadcrumb repeats the category, so it is
+  never used (not even as description). `source` = merchant (`\\N`/empty → None). Product id: `jd-<line>`.
+- `myntra`: `styles.csv.zip` (or plain `styles.csv`) with exactly the header `_MYNTRA_HEADER`; title = columns
+  10..end (unquoted commas). A zip must hold one `styles.csv`, else exactly one `.csv`. A row whose title holds the
+  start of another record (a lost line break: `…<id>,<gender>,<3 levels>,<colour>,<season>,<year>,…`) is skipped
+  (`concatenated_records`). category_path = masterCategory|subCategory|articleType; attributes `gender`, `colour`
+  (baseColour), `season`, `usage` (`NA`/empty → absent). `year` is dropped: listing metadata, not a property of the
+  product to tag.
 - `bigbasket`: quoted CSV with header `index,product,category,sub_category,brand,sale_price,market_price,type,...`;
   category_path = category|sub_category|type; brand; price = sale_price (INR). A quoted field may span lines
-  (joined into one record when its quote closes within 5 lines, before the next `<index>,` line); a quote that
-  does not close so skips its own line as `unterminated_quote` and the lines after it are read as records again.
-  A `"` inside an unquoted field (`Pizza Pan 10" Round`) is plain text, as in the csv module.
+  (joined into one record when its quote closes within 5 lines and the result parses as one row). A line that
+  starts like a record (`<index>,`) ends the search, unless it is the line that closes the quote and the opening
+  line is too short to be a record (`"Pack of` / `12, Red",…` is one title). A quote that does not close so skips
+  its own line as `unterminated_quote` and the lines after it are read as records again. A `"` inside an unquoted
+  field (`Pizza Pan 10" Round`) is plain text, as in the csv module.
 - `jsonl`: the canonical form (`CatalogProduct.to_json`); `product_id` (a string or an integer) and `title`
-  required. A row is skipped with its reason when a value has the wrong type: an attribute value or `description`,
-  `brand`, `currency`, `source` that is not a string or a number (`bad_attributes`, `bad_<field>`), a tag that is
-  not a string (`bad_tags`), a price that is not a number ≥ 0 or a string of one (`bad_price`). null is "absent".
+  required. A row is skipped with its reason when a value has the wrong type: `category_path` not a list of strings
+  (or a non-empty `A|B` string), `attributes` not an object or a value in it, `description`, `brand`, `currency`,
+  `source` that is not a string or a number (`bad_<field>`), `tags` not a list of strings, a price that is not a
+  number ≥ 0 or a string of one. null (or an absent key) is "absent"; `false`, `""`, `[]` for an object are not.
+  A line nested too deeply or with an integer of more than 4300 digits is `invalid_json`.
 
-Lines end at LF, with any CRs before it (a `\\r\\r\\n` file is numbered as an editor shows it), or at CR / CRLF
-in a file without LF. Blank lines are neither rows nor malformed: they are counted in `DataReport.blank_lines`.
+Prices (BigBasket, JSONL strings) are decimals with commas only as thousands separators (`1,250.50`); anything
+else (`12,50`, `1_000`, `₹220`, `-5`) is `bad_price`.
+
+Lines end at LF, with any CRs before it (a `\\r\\r\\n` file is numbered as an editor shows it); a lone CR inside a
+line is text (so a stray one does not renumber the lines, which are JD's ids). A file with more lone CRs than LFs
+(old Mac line ends, perhaps with a stray LF) is split at CR, CRLF and LF alike. Blank lines are neither rows nor
+malformed: they are counted in `DataReport.blank_lines`.
 """
 
 from __future__ import annotations
@@ -37,37 +54,71 @@ from __future__ import annotations
 import csv
 import io
 import json
+import lzma
 import math
 import re
+import reprlib
+import sys
 import zipfile
+import zlib
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from tagstream.errors import DataError
 from training.catalog import CatalogProduct
-from training.cleaning import DataReport, clean_products
+from training.cleaning import DataReport, clean_label, clean_products, clean_text
 
 __all__ = ["LOADERS", "LoadResult", "load_catalog", "parse_jd_line"]
 
 _PRODUCT_ID_RE = re.compile(r"[^{}\s]{1,128}")  # the whole id: fullmatch (`$` would let a final newline through)
 _BREADCRUMB_RE = re.compile(r"^[^<>,]{1,40}>[^>]")
+_LINE_END_RE = re.compile(rb"\r*\n|\r")
+_PRICE_RE = re.compile(r"(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?", re.ASCII)
+_YEAR_RE = re.compile(r"\d{4}", re.ASCII)
 _NULLS = {"", "\\N", "$N", "NA", "N/A", "null", "None"}
 _KNOWN_SITES = {"京东商城", "1号店", "当当网", "亚马逊", "天猫", "淘宝网", "苏宁易购", "国美在线", "易迅网"}
 _MALFORMED_LIMIT = 0.5
 _MAX_RECORD_LINES = 5  # physical lines one quoted CSV record may span
+_BOOK_CRUMB_LEVELS = 3  # a breadcrumb in the title's place (book rows) has at least this many levels
+_ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
+_ZIP_ERRORS = (zipfile.BadZipFile, zlib.error, lzma.LZMAError, EOFError, OSError, ValueError)
+_MAX_SHOWN = 200  # characters of a value quoted in a message
+
+_SHOW = reprlib.Repr()
+_SHOW.maxstring = _SHOW.maxother = 80
+_SHOW.maxlist = _SHOW.maxdict = 4
+_SHOW.maxlevel = 2
+
+
+def _show(value: object) -> str:
+    """A value as quoted in a message: repr-like (one line, control characters escaped) and cut short."""
+    s = _SHOW.repr(value)
+    return s if len(s) <= _MAX_SHOWN else s[: _MAX_SHOWN - 1] + "…"
+
+
+def _one_line(text: str) -> str:
+    """`text` with line breaks, control characters and lone surrogates escaped (`\\n`), so it prints as one line."""
+    return text if text.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def _error(path: Path, line: int, message: str) -> DataError:
+    """The one-line `DataError` `<file>: line <n>: <message>` (line 0: the file as a whole)."""
+    return DataError(_one_line(f"{path}: line {line}: {message}"))
 
 
 class _Malformed(Exception):
-    """A row that cannot be turned into a product (reason + detail). `bad_value`: the row has the format's shape and
-    one value is wrong, so even as the first data row it says nothing about a wrong `--format`."""
+    """A row that cannot be turned into a product (reason + one-line detail). `structural`: the row does not have the
+    format's shape (too few columns, not a JSON object), so as the first data row it suggests a wrong `--format`;
+    any other reason is a bad value, skipped and counted on every line."""
 
-    def __init__(self, reason: str, detail: str = "", *, bad_value: bool = False) -> None:
+    def __init__(self, reason: str, detail: str = "", *, structural: bool = False) -> None:
         super().__init__(reason)
         self.reason = reason
-        self.detail = detail
-        self.bad_value = bad_value
+        self.detail = _one_line(detail)
+        self.structural = structural
 
 
 @dataclass
@@ -90,23 +141,25 @@ def _null(s: str | None) -> str | None:
 def _read_bytes(path: Path) -> bytes:
     try:
         return path.read_bytes()
-    except FileNotFoundError as e:
-        raise DataError(f"{path}: line 0: file not found") from e
-    except IsADirectoryError as e:
-        raise DataError(f"{path}: line 0: is a directory, expected a file") from e
+    except FileNotFoundError:
+        raise _error(path, 0, "file not found") from None
+    except IsADirectoryError:
+        raise _error(path, 0, "is a directory, expected a file") from None
     except OSError as e:
-        raise DataError(f"{path}: line 0: cannot read: {e}") from e
+        raise _error(path, 0, f"cannot read: {e}") from None
 
 
 def _split_lines(data: bytes) -> list[bytes]:
-    """Physical lines as an editor numbers them: split at LF (any CRs before it belong to the line ending, so
-    `\\r\\r\\n` is one line end), or at CR / CRLF in a file without LF."""
-    if b"\n" not in data:
-        return data.splitlines()
-    lines = data.split(b"\n")
-    if lines and not lines[-1]:
+    """Physical lines as an editor numbers them: split at LF (any CRs before it belong to the line end, so
+    `\\r\\r\\n` is one), a lone CR inside a line is text; a file with more lone CRs than LFs (old Mac line ends,
+    perhaps with a stray LF) is split at CR, CRLF and LF alike."""
+    if data.count(b"\r") - data.count(b"\r\n") > data.count(b"\n"):
+        lines = _LINE_END_RE.split(data)
+    else:
+        lines = [line.rstrip(b"\r") for line in data.split(b"\n")]
+    if not lines[-1]:
         lines.pop()
-    return [line.rstrip(b"\r") for line in lines]
+    return lines
 
 
 def _lines(path: Path, data: bytes, report: DataReport) -> Lines:
@@ -119,7 +172,7 @@ def _lines(path: Path, data: bytes, report: DataReport) -> Lines:
             line = raw.decode("utf-8")
         except UnicodeDecodeError as e:
             if i == 1:
-                raise DataError(f"{path}: line 1: not UTF-8 text ({e.reason} at byte {e.start})") from e
+                raise _error(path, 1, f"not UTF-8 text ({e.reason} at byte {e.start})") from None
             report.rows_read += 1
             report.skip(i, "not_utf8", str(e))
             continue
@@ -129,60 +182,112 @@ def _lines(path: Path, data: bytes, report: DataReport) -> Lines:
         yield i, line
 
 
+def _texts(p: CatalogProduct) -> Iterator[tuple[str, str]]:
+    """Every string of a product, with the field it is in."""
+    yield "product_id", p.product_id
+    yield "title", p.title
+    for name in ("description", "brand", "currency", "source"):
+        value = getattr(p, name)
+        if value is not None:
+            yield name, value
+    yield from (("category_path", c) for c in p.category_path)
+    yield from (("attributes", s) for kv in p.attributes.items() for s in kv)
+    yield from (("tags", t) for t in p.tags)
+
+
+def _check_unicode(p: CatalogProduct) -> None:
+    """Refuse a product with a lone surrogate in a string (JSON `"\\ud800"`): it cannot be featurized or written as
+    UTF-8. Only JSONL can hold one: CSV formats are decoded as strict UTF-8."""
+    for name, text in _texts(p):
+        if not text.isascii():
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                raise _Malformed("not_unicode", f"{name}: a lone surrogate in {_show(text)}") from None
+
+
+def _claim_id(p: CatalogProduct, holders: dict[str, CatalogProduct]) -> None:
+    """Refuse a product whose id an earlier row holds. Only a row that cleaning keeps (non-empty title and category
+    levels) holds its id, so one dropped for an empty title does not take its id's product with it."""
+    held = holders.get(p.product_id)
+    if held is not None and clean_text(held.title) and all(clean_label(c) for c in held.category_path):
+        raise _Malformed("duplicate_product_id", _show(p.product_id))
+    holders[p.product_id] = p
+
+
 def _rows(
     path: Path, lines: Lines, report: DataReport, parse: Callable[[int, str], CatalogProduct]
 ) -> Iterator[tuple[int, CatalogProduct]]:
-    """Parse data lines; the first data row must parse (else the file is the wrong format → DataError)."""
-    first = True
-    for i, line in lines:
+    """Parse data lines; a malformed row is skipped, but a first data row without the format's shape means the file
+    is in another format (DataError)."""
+    holders: dict[str, CatalogProduct] = {}
+    for n, (i, line) in enumerate(lines):
         report.rows_read += 1
         try:
             p = parse(i, line)
+            _claim_id(p, holders)
         except _Malformed as m:
-            if first and not m.bad_value:
-                raise DataError(
-                    f"{path}: line {i}: {m.reason}{': ' + m.detail if m.detail else ''} "
-                    f"(first data row does not parse as {report.fmt!r}; wrong --format?)"
+            if n == 0 and m.structural:
+                detail = f": {m.detail}" if m.detail else ""
+                raise _error(
+                    path, i, f"{m.reason}{detail} (first data row does not parse as {report.fmt!r}; wrong --format?)"
                 ) from None
             report.skip(i, m.reason, m.detail)
             continue
-        first = False
         report.rows_parsed += 1
         yield i, p
 
 
-def _header(path: Path, lines: Lines, expected: list[str], fmt: str) -> None:
+def _header(path: Path, lines: Lines, expected: list[str], fmt: str, *, exact: bool = False) -> None:
+    """Check the header line: its first columns are `expected` (any case), and no more if `exact`."""
     try:
         i, line = next(lines)
     except StopIteration:
-        raise DataError(f"{path}: line 1: empty file, expected a {fmt} header") from None
-    got = [c.strip().casefold() for c in next(csv.reader([line]))]
-    if got[: len(expected)] != [e.casefold() for e in expected]:
-        raise DataError(
-            f"{path}: line {i}: header {','.join(got[: len(expected)])!r} is not the {fmt} header "
-            f"{','.join(expected)!r}"
-        )
+        raise _error(path, 1, f"empty file, expected a {fmt} header") from None
+    try:
+        got = [c.strip() for c in next(csv.reader([line]))]
+    except csv.Error as e:
+        raise _error(path, i, f"header is not valid CSV ({e})") from None
+    problem = _header_problem(got, expected, exact=exact)
+    if problem:
+        raise _error(path, i, f"header {problem}; the {fmt} header is {','.join(expected)!r}")
+
+
+def _header_problem(got: list[str], expected: list[str], *, exact: bool) -> str | None:
+    for n, (have, want) in enumerate(zip(got, expected, strict=False), 1):
+        if have.casefold() != want.casefold():
+            return f"column {n} is {_show(have)}, expected {want!r}"
+    if len(got) < len(expected) or (exact and len(got) > len(expected)):
+        return f"has {len(got)} columns, expected {len(expected)}"
+    return None
 
 
 # ---------------------------------------------------------------- cn-jd
+
+
+def _crumb_levels(field: str) -> int:
+    """The number of levels of a field that looks like a breadcrumb (`图书>小说>当代`: 3), else 0."""
+    field = field.strip()
+    return field.count(">") + 1 if _BREADCRUMB_RE.match(field) else 0
 
 
 def parse_jd_line(line: str, line_no: int, report: DataReport | None = None) -> CatalogProduct:
     """One JD row → product (raises `_Malformed`); records repairs in `report` when given."""
     f = line.rstrip("\r\n").split(",")
     if len(f) < 6:
-        raise _Malformed("too_few_fields", f"{len(f)} fields, need 6")
+        raise _Malformed("too_few_fields", f"{len(f)} fields, need 6", structural=True)
     cat_id, path_s, site, merchant = f[0].strip(), f[1], f[-2].strip(), f[-1]
     if not cat_id.isdigit():
-        raise _Malformed("bad_category_id", cat_id[:40])
+        raise _Malformed("bad_category_id", _show(cat_id))
     path = tuple(c.strip() for c in path_s.split("|"))
     if len(path) < 2 or any(not c for c in path):
-        raise _Malformed("bad_category_path", path_s[:60])
+        raise _Malformed("bad_category_path", _show(path_s))
     middle = f[2:-2]
     if any(m.strip() in _KNOWN_SITES or (site and m.strip() == site) for m in middle[1:]):
         raise _Malformed("concatenated_records", "a site name inside the title/breadcrumb fields")
-    k = next((j for j in range(1, len(middle)) if _BREADCRUMB_RE.match(middle[j].strip())), None)
-    if _BREADCRUMB_RE.match(middle[0].strip()):
+    levels = [_crumb_levels(m) for m in middle]
+    k = next((j for j in range(1, len(middle)) if levels[j]), None)
+    if levels[0] >= _BOOK_CRUMB_LEVELS and max(levels[1:], default=0) < _BOOK_CRUMB_LEVELS:
         # breadcrumb first (book rows): it ends at the first field cut with an ellipsis, else after one field
         end = next((j for j in range(len(middle) - 1) if middle[j].rstrip().endswith(("…", "..."))), 0)
         title = ",".join(middle[end + 1 :])
@@ -210,33 +315,69 @@ def _load_jd(path: Path, report: DataReport) -> Iterator[tuple[int, CatalogProdu
 
 # ---------------------------------------------------------------- myntra
 
-_MYNTRA_HEADER = ["id", "gender", "masterCategory", "subCategory", "articleType", "baseColour", "season", "year"]
+_MYNTRA_HEADER = [
+    "id",
+    "gender",
+    "masterCategory",
+    "subCategory",
+    "articleType",
+    "baseColour",
+    "season",
+    "year",
+    "usage",
+    "productDisplayName",
+]
 
 
 def _myntra_bytes(path: Path) -> bytes:
+    """The CSV bytes of a Myntra file: the file itself, or the member `_zip_member` picks of a zip."""
     data = _read_bytes(path)
-    if not zipfile.is_zipfile(io.BytesIO(data)):
+    if not data.startswith(_ZIP_MAGIC) and not zipfile.is_zipfile(io.BytesIO(data)):
         return data
     try:
         with zipfile.ZipFile(io.BytesIO(data)) as z:
-            names = [n for n in z.namelist() if n.lower().endswith(".csv") and not n.startswith("__MACOSX")]
-            if not names:
-                raise DataError(f"{path}: line 0: zip holds no .csv file ({z.namelist()[:5]})")
-            name = next((n for n in names if n.rsplit("/", 1)[-1] == "styles.csv"), names[0])
-            return z.read(name)
-    except zipfile.BadZipFile as e:
-        raise DataError(f"{path}: line 0: broken zip: {e}") from e
+            info = z.getinfo(_zip_member(path, z.namelist()))
+            if info.flag_bits & 0x1:
+                raise _error(path, 0, f"zip member {_show(info.filename)} is encrypted (password required)")
+            return z.read(info)
+    except NotImplementedError as e:
+        raise _error(path, 0, f"zip member uses an unsupported compression method ({e})") from None
+    except _ZIP_ERRORS as e:
+        raise _error(path, 0, f"corrupt or truncated zip ({e})") from None
+
+
+def _zip_member(path: Path, names: list[str]) -> str:
+    """The one `styles.csv` (in any folder) of a zip, else its one `.csv`; more than one is refused."""
+    csvs = [n for n in names if n.lower().endswith(".csv") and not n.startswith("__MACOSX")]
+    styles = [n for n in csvs if n.rsplit("/", 1)[-1] == "styles.csv"]
+    pick = styles or csvs
+    if len(pick) == 1:
+        return pick[0]
+    if not pick:
+        raise _error(path, 0, f"zip holds no .csv file (members: {_show(names)})")
+    what = "styles.csv members" if styles else ".csv members and none is styles.csv"
+    raise _error(path, 0, f"zip holds {len(pick)} {what} ({_show(pick)}): unzip the one to load")
+
+
+def _glued_record(f: list[str]) -> bool:
+    """Whether the title fields (10..) hold the start of another record, after a lost line break:
+    `…<id>,<gender>,<master>,<sub>,<article>,<colour>,<season>,<year>,<usage>,<title>`."""
+    return any(
+        f[j - 1][-1:].isdigit() and all(f[j : j + 4]) and _YEAR_RE.fullmatch(f[j + 6]) for j in range(10, len(f) - 8)
+    )
 
 
 def _parse_myntra(i: int, line: str, report: DataReport) -> CatalogProduct:
     f = line.rstrip("\r\n").split(",")
     if len(f) < 10:
-        raise _Malformed("too_few_fields", f"{len(f)} fields, need 10")
+        raise _Malformed("too_few_fields", f"{len(f)} fields, need 10", structural=True)
     if not f[0].strip().isdigit():
-        raise _Malformed("bad_id", f[0][:40])
+        raise _Malformed("bad_id", _show(f[0]))
+    if _glued_record(f):
+        raise _Malformed("concatenated_records", "the title holds the start of another record (a lost line break)")
     path = (f[2].strip(), f[3].strip(), f[4].strip())
     if any(_null(c) is None for c in path):
-        raise _Malformed("missing_category", "|".join(path))
+        raise _Malformed("missing_category", _show("|".join(path)))
     if len(f) > 10:
         report.repair(i, "unquoted_comma_in_title", f"{len(f)} fields")
     attrs = {"gender": f[1], "colour": f[5], "season": f[6], "usage": f[8]}
@@ -250,7 +391,7 @@ def _parse_myntra(i: int, line: str, report: DataReport) -> CatalogProduct:
 
 def _load_myntra(path: Path, report: DataReport) -> Iterator[tuple[int, CatalogProduct]]:
     lines = _lines(path, _myntra_bytes(path), report)
-    _header(path, lines, _MYNTRA_HEADER, "myntra")
+    _header(path, lines, _MYNTRA_HEADER, "myntra", exact=True)
     yield from _rows(path, lines, report, lambda i, line: _parse_myntra(i, line, report))
 
 
@@ -261,27 +402,25 @@ _BB_RECORD_START = re.compile(r"^\d+,")
 
 
 def _price(s: str | None) -> float | None:
+    """A price text: a decimal number, commas only as thousands separators (`1,250.50`); NA/empty → None."""
     s = _null(s)
     if s is None:
         return None
-    try:
-        v = float(s.replace(",", ""))
-    except ValueError:
-        raise _Malformed("bad_price", s[:40]) from None
-    if not math.isfinite(v) or v < 0:
-        raise _Malformed("bad_price", s[:40])
+    v = float(s.replace(",", "")) if _PRICE_RE.fullmatch(s) else None
+    if v is None or not math.isfinite(v):
+        raise _Malformed("bad_price", _show(s))
     return v
 
 
 def _parse_bigbasket(row: list[str]) -> CatalogProduct:
     if len(row) < 8:
-        raise _Malformed("too_few_fields", f"{len(row)} fields, need 8")
+        raise _Malformed("too_few_fields", f"{len(row)} fields, need 8", structural=True)
     idx = row[0].strip()
     if not idx.isdigit():
-        raise _Malformed("bad_index", idx[:40])
+        raise _Malformed("bad_index", _show(idx))
     path = (row[2].strip(), row[3].strip(), row[7].strip())
     if any(not c for c in path):
-        raise _Malformed("missing_category", "|".join(path))
+        raise _Malformed("missing_category", _show("|".join(path)))
     return CatalogProduct(
         product_id=f"bigbasket-{idx}",
         title=row[1],
@@ -317,10 +456,12 @@ def _ends_in_quotes(line: str, in_quotes: bool) -> bool:
 
 def _csv_records(lines: Lines, unterminated: set[int], max_lines: int = _MAX_RECORD_LINES) -> Lines:
     """Physical lines → BigBasket CSV records, joining the lines of a quoted field that spans them (the real file
-    has two such titles). The lines are joined only when the quote closes within `max_lines` lines, before a line
-    that starts a record of its own (`<index>,`), and the result parses as one row; else the first line is yielded
-    alone and added to `unterminated` (the parser skips it as `unterminated_quote`) and the lines after it are read
-    again as records of their own, so every physical line is kept or skipped by line number, never swallowed."""
+    has two such titles). The lines are joined only when the quote closes within `max_lines` lines and the result
+    parses as one row. A line that starts a record of its own (`<index>,`) ends the search, unless it closes the
+    quote and the opening line has too few fields to be a record (`"Pack of` + `12, Red",…`). Else the first line
+    is yielded alone and added to `unterminated` (the parser skips it as `unterminated_quote`) and the lines after
+    it are read again as records of their own, so every physical line is kept or skipped by line number, never
+    swallowed."""
     queue: deque[tuple[int, str]] = deque()
     source = iter(lines)
 
@@ -332,13 +473,15 @@ def _csv_records(lines: Lines, unterminated: set[int], max_lines: int = _MAX_REC
             yield item
             continue
         group = [item]
+        fragment = item[1].count(",") + 1 < len(_BB_HEADER)
         closed = False
         while len(group) < max_lines and (nxt := pull()) is not None:
-            if _BB_RECORD_START.match(nxt[1]):
+            closes = not _ends_in_quotes(nxt[1], True)
+            if _BB_RECORD_START.match(nxt[1]) and not (fragment and closes):
                 queue.appendleft(nxt)
                 break
             group.append(nxt)
-            if not _ends_in_quotes(nxt[1], True):
+            if closes:
                 closed = True
                 break
         text = "\n".join(line for _, line in group)
@@ -380,6 +523,10 @@ def _load_bigbasket(path: Path, report: DataReport) -> Iterator[tuple[int, Catal
 # ---------------------------------------------------------------- jsonl
 
 
+def _typed(v: object) -> str:
+    return f"{type(v).__name__} {_show(v)}"
+
+
 def _label_value(v: object) -> str | None:
     """An attribute value: a string, or a finite number (written as JSON writes it, `42`, `10.5`); None when not
     one (lists, objects, booleans, NaN)."""
@@ -392,88 +539,117 @@ def _label_value(v: object) -> str | None:
     return None
 
 
-def _parse_jsonl(line: str, seen: set[str]) -> CatalogProduct:
+def _json_object(line: str) -> dict[str, Any]:
+    """The object of a JSON line. Not JSON or not an object is structural; JSON nested too deeply or with an integer
+    of more than 4300 digits is a bad value."""
     try:
         obj = json.loads(line)
     except json.JSONDecodeError as e:
-        raise _Malformed("invalid_json", f"{e.msg} at column {e.colno}") from None
+        raise _Malformed("invalid_json", f"{e.msg} at column {e.colno}", structural=True) from None
+    except RecursionError:
+        raise _Malformed("invalid_json", "nested too deeply") from None
+    except ValueError as e:  # e.g. "Exceeds the limit (4300 digits) for integer string conversion: ..."
+        raise _Malformed("invalid_json", str(e).split(":")[0]) from None
     if not isinstance(obj, dict):
-        raise _Malformed("not_an_object", type(obj).__name__)
-    pid = obj.get("product_id")
-    if pid is None or pid == "":
+        raise _Malformed("not_an_object", type(obj).__name__, structural=True)
+    return obj
+
+
+def _json_id(v: object) -> str:
+    if v is None or v == "":
         raise _Malformed("missing_product_id")
-    if isinstance(pid, bool) or not isinstance(pid, str | int):
-        raise _Malformed(
-            "bad_product_id", f"{type(pid).__name__} {json.dumps(pid, ensure_ascii=False)[:60]}", bad_value=True
-        )
-    pid = str(pid)
+    if isinstance(v, bool) or not isinstance(v, str | int):
+        raise _Malformed("bad_product_id", _typed(v))
+    pid = str(v)
     if not _PRODUCT_ID_RE.fullmatch(pid):
-        raise _Malformed("bad_product_id", pid[:60])
-    if "title" not in obj or obj["title"] is None:
+        raise _Malformed("bad_product_id", _show(pid))
+    return pid
+
+
+def _json_title(v: object) -> str:
+    if v is None:
         raise _Malformed("missing_title")
-    if not isinstance(obj["title"], str):
-        raise _Malformed("bad_title", type(obj["title"]).__name__)
-    path = obj.get("category_path") or []
-    if isinstance(path, str):
-        path = path.split("|")
-    if not isinstance(path, list) or not all(isinstance(c, str) for c in path):
-        raise _Malformed("bad_category_path", str(path)[:60])
-    attrs = obj.get("attributes") or {}
-    if not isinstance(attrs, dict):
-        raise _Malformed("bad_attributes", type(attrs).__name__)
+    if not isinstance(v, str):
+        raise _Malformed("bad_title", _typed(v))
+    return v
+
+
+def _json_path(v: object) -> tuple[str, ...]:
+    """A list of strings, or a non-empty `A|B|C` string."""
+    if v is None:
+        return ()
+    if isinstance(v, str) and v:
+        return tuple(v.split("|"))
+    if isinstance(v, list) and all(isinstance(c, str) for c in v):
+        return tuple(v)
+    raise _Malformed("bad_category_path", _typed(v))
+
+
+def _json_attributes(v: object) -> dict[str, str]:
+    """An object of strings and numbers; a null value is an attribute the product does not have."""
+    if v is None:
+        return {}
+    if not isinstance(v, dict):
+        raise _Malformed("bad_attributes", _typed(v))
     attributes: dict[str, str] = {}
-    for k, v in attrs.items():
-        if v is None:  # null: the product has no value for it
+    for k, x in v.items():
+        if x is None:
             continue
-        value = _label_value(v)
+        value = _label_value(x)
         if value is None:
-            raise _Malformed("bad_attributes", f"{k}: {json.dumps(v, ensure_ascii=False)[:60]}", bad_value=True)
+            raise _Malformed("bad_attributes", f"{_show(k)}: {_typed(x)}")
         attributes[k] = value
-    tags = obj.get("tags") or []
-    if not isinstance(tags, list):
-        raise _Malformed("bad_tags", type(tags).__name__)
-    bad_tags = [t for t in tags if not isinstance(t, str)]
-    if bad_tags:
-        detail = f"not a string: {json.dumps(bad_tags[0], ensure_ascii=False)[:60]}"
-        raise _Malformed("bad_tags", detail, bad_value=True)
-    price = obj.get("price")
-    if isinstance(price, str):
-        try:
-            price = _price(price)
-        except _Malformed as m:
-            raise _Malformed(m.reason, m.detail, bad_value=True) from None
-    elif price is not None and (
-        isinstance(price, bool) or not isinstance(price, int | float) or not math.isfinite(price) or price < 0
-    ):
-        raise _Malformed("bad_price", json.dumps(price)[:40], bad_value=True)
-    texts: dict[str, str | None] = {}
-    for k in ("description", "brand", "currency", "source"):
-        v = obj.get(k)
-        texts[k] = None if v is None else _label_value(v)
-        if v is not None and texts[k] is None:
-            detail = f"{type(v).__name__} {json.dumps(v, ensure_ascii=False)[:60]}"
-            raise _Malformed(f"bad_{k}", detail, bad_value=True)
-    if pid in seen:
-        raise _Malformed("duplicate_product_id", pid[:60])
-    seen.add(pid)
-    return CatalogProduct(
-        product_id=pid,
-        title=obj["title"],
-        description=texts["description"],
-        brand=texts["brand"],
-        price=None if price is None else float(price),
-        currency=texts["currency"],
-        category_path=tuple(path),
-        attributes=attributes,
-        tags=tuple(tags),
-        source=texts["source"],
+    return attributes
+
+
+def _json_tags(v: object) -> tuple[str, ...]:
+    if v is None:
+        return ()
+    if not isinstance(v, list) or not all(isinstance(t, str) for t in v):
+        raise _Malformed("bad_tags", _typed(v))
+    return tuple(v)
+
+
+def _json_price(v: object) -> float | None:
+    """A number ≥ 0 or a price text (`_price`)."""
+    if v is None or isinstance(v, str):
+        return _price(v)
+    if isinstance(v, int | float) and not isinstance(v, bool) and 0 <= v <= sys.float_info.max:  # not NaN/inf
+        return float(v)
+    raise _Malformed("bad_price", _typed(v))
+
+
+def _json_text(obj: dict[str, Any], key: str) -> str | None:
+    """`description`, `brand`, …: a string or a number."""
+    v = obj.get(key)
+    text = None if v is None else _label_value(v)
+    if v is not None and text is None:
+        raise _Malformed(f"bad_{key}", _typed(v))
+    return text
+
+
+def _parse_jsonl(line: str) -> CatalogProduct:
+    obj = _json_object(line)
+    product = CatalogProduct(
+        product_id=_json_id(obj.get("product_id")),
+        title=_json_title(obj.get("title")),
+        category_path=_json_path(obj.get("category_path")),
+        attributes=_json_attributes(obj.get("attributes")),
+        tags=_json_tags(obj.get("tags")),
+        price=_json_price(obj.get("price")),
+        description=_json_text(obj, "description"),
+        brand=_json_text(obj, "brand"),
+        currency=_json_text(obj, "currency"),
+        source=_json_text(obj, "source"),
     )
+    if "\\u" in line:  # only a `\u` escape makes a lone surrogate (the line was decoded from strict UTF-8)
+        _check_unicode(product)
+    return product
 
 
 def _load_jsonl(path: Path, report: DataReport) -> Iterator[tuple[int, CatalogProduct]]:
-    seen: set[str] = set()
     lines = _lines(path, _read_bytes(path), report)
-    yield from _rows(path, lines, report, lambda i, line: _parse_jsonl(line, seen))
+    yield from _rows(path, lines, report, lambda i, line: _parse_jsonl(line))
 
 
 LOADERS: dict[str, Parser] = {
@@ -488,21 +664,20 @@ def load_catalog(path: str | Path, fmt: str, *, dedupe: bool = True, max_example
     """Load, validate and clean one catalog file; `fmt` is a key of `LOADERS`."""
     path = Path(path)
     if fmt not in LOADERS:
-        raise DataError(f"{path}: line 0: unknown format {fmt!r} (choose from {', '.join(sorted(LOADERS))})")
+        raise _error(path, 0, f"unknown format {_show(fmt)} (choose from {', '.join(sorted(LOADERS))})")
     report = DataReport(path=str(path), fmt=fmt, max_examples=max_examples)
     rows = list(LOADERS[fmt](path, report))
     if not rows:
         ex = report.examples[0] if report.examples else {"line": 0, "reason": "", "detail": ""}
         why = f"{ex['reason']} {ex['detail']}".strip()
-        raise DataError(
-            f"{path}: line {ex['line']}: {why + ' — ' if why else ''}no product rows ({report.rows_read} rows read)"
-        )
+        raise _error(path, ex["line"], f"{why + ' — ' if why else ''}no product rows ({report.rows_read} rows read)")
     malformed = report.rows_skipped
     if report.rows_read and malformed / report.rows_read > _MALFORMED_LIMIT:
         ex = report.examples[0] if report.examples else {"line": 0, "reason": "?"}
-        raise DataError(
-            f"{path}: line {ex['line']}: {ex['reason']} — {malformed} of {report.rows_read} rows malformed "
-            f"(wrong --format {fmt!r}?)"
+        raise _error(
+            path,
+            ex["line"],
+            f"{ex['reason']} — {malformed} of {report.rows_read} rows malformed (wrong --format {fmt!r}?)",
         )
     products = clean_products(rows, report, dedupe=dedupe)
     return LoadResult(products=products, report=report)

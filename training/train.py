@@ -11,13 +11,14 @@ is what benchmarks and the periodic retrainer reuse.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,14 @@ def configure_tensorflow(threads: int) -> None:
     except RuntimeError:  # already initialised in this process
         pass
     tf.get_logger().setLevel(logging.ERROR)
+
+
+@contextlib.contextmanager
+def keras_progress_to_stderr() -> Iterator[None]:
+    """Send what Keras prints (its epoch progress bars, written to `sys.stdout`) to stderr: `tagstream train`'s
+    stdout is the bundle path (or `--every`'s JSON) alone, for `B=$(tagstream train ...)`."""
+    with contextlib.redirect_stdout(sys.stderr):
+        yield
 
 
 def products_sha256(products: Sequence[CatalogProduct]) -> str:
@@ -281,16 +290,17 @@ def fit(
     else:
         callbacks = [_best_f1_weights(models, x_val, y_val, label_map, patience=settings.patience)]
     t1 = time.perf_counter()
-    hist = models.train.fit(
-        x_train.as_inputs(),
-        [y_train.y] * n_out,
-        validation_data=(x_val.as_inputs(), [y_val.y] * n_out),
-        batch_size=settings.batch_size,
-        epochs=settings.epochs,
-        shuffle=True,
-        callbacks=callbacks,
-        verbose=(1 if sys.stderr.isatty() else 2) if progress else 0,
-    )
+    with keras_progress_to_stderr():
+        hist = models.train.fit(
+            x_train.as_inputs(),
+            [y_train.y] * n_out,
+            validation_data=(x_val.as_inputs(), [y_val.y] * n_out),
+            batch_size=settings.batch_size,
+            epochs=settings.epochs,
+            shuffle=True,
+            callbacks=callbacks,
+            verbose=(1 if sys.stderr.isatty() else 2) if progress else 0,
+        )
     t_fit = time.perf_counter() - t1
     val_scores = predict_keras(models.scores, x_val)
     thresholds = tune_thresholds(
@@ -353,14 +363,15 @@ def _refit(
     models.train.compile(optimizer=opt, loss=models.train.loss)  # re-trace the train step with the new schedule
     n_out = len(models.train.outputs)
     y_all = np.concatenate([y_train.y, y_val.y])
-    hist = models.train.fit(
-        FeatureBatch.concat([x_train, x_val]).as_inputs(),
-        [y_all] * n_out,
-        batch_size=settings.batch_size,
-        epochs=settings.refit_epochs,
-        shuffle=True,
-        verbose=(1 if sys.stderr.isatty() else 2) if progress else 0,
-    )
+    with keras_progress_to_stderr():
+        hist = models.train.fit(
+            FeatureBatch.concat([x_train, x_val]).as_inputs(),
+            [y_all] * n_out,
+            batch_size=settings.batch_size,
+            epochs=settings.refit_epochs,
+            shuffle=True,
+            verbose=(1 if sys.stderr.isatty() else 2) if progress else 0,
+        )
     return [float(v) for v in hist.history["loss"]]
 
 

@@ -9,6 +9,7 @@ import random
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -424,3 +425,30 @@ def test_tail_prints_a_topics_records_and_refuses_one_that_does_not_exist(stream
     assert done.returncode == 0 and orjson.loads(done.stdout)["product_id"] == "p-tail"
     wrong = subprocess.run([*tail, "behaviour"], env=env, cwd=REPO, capture_output=True, timeout=60)
     assert wrong.returncode == 2 and b"no topic" in wrong.stderr and b"Traceback" not in wrong.stderr
+
+
+@pytest.mark.parametrize("command", [["publish"], ["model", "activate"]])
+def test_sending_a_model_update_to_a_prefix_without_topics_fails_at_once_in_one_line(
+    stack: Any, bundle: Path, command: list[str]
+) -> None:
+    prefix = f"t{uuid.uuid4().hex[:10]}-"  # no topic created under it (the broker does not auto-create topics)
+    env = {
+        **os.environ,
+        "TAGSTREAM_KAFKA_BOOTSTRAP": stack.kafka_bootstrap,
+        "TAGSTREAM_REDIS_URL": stack.redis_url,
+        "TAGSTREAM_TOPIC_PREFIX": prefix,
+        "TAGSTREAM_REDIS_PREFIX": prefix.rstrip("-"),
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "tagstream.cli", *command, "--model", str(bundle)],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    errors = [line for line in done.stderr.splitlines() if line.startswith("tagstream ")]
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert "not found in cluster metadata" not in done.stderr, f"{done.stderr.count(chr(10))} lines"
+    assert len(errors) == 1 and f"topic {prefix}model-updates does not exist" in errors[0], done.stderr[-2000:]
+    assert "`tagstream topics` creates it" in errors[0]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import re
 import stat
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from serving.bundle import (
     LabelMap,
     list_versions,
     load_bundle,
+    read_manifest_bytes,
     write_bundle,
 )
 from tagstream.errors import BundleError, ModelRejectedError
@@ -221,7 +223,21 @@ def test_listed_file_missing(bundle_dir: Path) -> None:
 
 def test_missing_manifest(bundle_dir: Path) -> None:
     (bundle_dir / "manifest.json").unlink()
-    assert has(rejected(bundle_dir), "manifest.json", "missing")
+    assert rejected(bundle_dir) == [f"{bundle_dir}: not a model bundle (manifest.json missing)"]
+
+
+def test_a_registry_is_named_with_a_bundle_to_pass_instead(registry: Path, bundle_dir: Path) -> None:
+    expected = f"{registry}: not a model bundle (manifest.json missing); pass a bundle directory such as {bundle_dir}"
+    assert rejected(registry) == [expected]
+    with pytest.raises(ModelRejectedError, match=re.escape(expected)):
+        read_manifest_bytes(registry)  # the cheap check commands run before starting anything
+
+
+def test_a_path_that_is_no_directory_is_named(tmp_path: Path, bundle_dir: Path) -> None:
+    assert rejected(tmp_path / "nope") == [f"{tmp_path / 'nope'}: not a bundle directory (no such directory)"]
+    a_file = bundle_dir / "labels.json"
+    assert rejected(a_file) == [f"{a_file}: not a bundle directory (not a directory)"]
+    assert read_manifest_bytes(bundle_dir) == (bundle_dir / "manifest.json").read_bytes()
 
 
 @pytest.mark.parametrize("field", ["training_data_sha256", "model_version", "files", "output"])

@@ -103,3 +103,100 @@ def test_bench_latency_fractions_are_checked(capsys: pytest.CaptureFixture[str])
         with pytest.raises(SystemExit):
             main(["bench", "--latency-fractions", bad])
         assert "--latency-fractions" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------- bad input: one line, exit 2, never a traceback
+
+DOWN = "127.0.0.1:1"  # nothing listens: Kafka "unreachable" at once
+
+
+def only_error_line(capsys: pytest.CaptureFixture[str], command: str) -> str:
+    """The whole of stderr: one `tagstream <command>: error: ...` line, no traceback, no unclosed-client warning."""
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "Unclosed" not in err, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"tagstream {command}: error: "), err
+    return lines[0]
+
+
+@pytest.fixture
+def kafka_down(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    """Kafka unreachable (so nothing here can reach the shared broker), the asyncio loop (no uvloop policy left
+    behind by `worker`), and a scratch Faust data dir."""
+    monkeypatch.setenv("TAGSTREAM_KAFKA_BOOTSTRAP", DOWN)
+    monkeypatch.setenv("TAGSTREAM_EVENT_LOOP", "asyncio")
+    monkeypatch.setenv("TAGSTREAM_DATA_DIR", str(tmp_path / "faust"))
+    monkeypatch.delenv("TAGSTREAM_MODEL_PATH", raising=False)
+
+
+@pytest.mark.usefixtures("kafka_down")
+@pytest.mark.parametrize("how", ["--model", "TAGSTREAM_MODEL_PATH"])
+def test_worker_refuses_a_model_path_that_is_no_bundle_before_faust_starts(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path, how: str
+) -> None:
+    from tests.tinymodel import make_bundle
+
+    registry = tmp_path / "registry"
+    bundle = make_bundle(registry)
+    for path, named in ((tmp_path / "nope", "no such directory"), (registry, f"such as {bundle}")):
+        argv = ["worker", "--model", str(path)] if how == "--model" else ["worker"]
+        monkeypatch.setenv("TAGSTREAM_MODEL_PATH", str(path))
+        assert main(argv) == 2
+        line = only_error_line(capsys, "worker")
+        assert f"error: {path}: not a" in line and named in line
+
+
+@pytest.mark.usefixtures("kafka_down")
+@pytest.mark.parametrize(
+    ("argv", "action"),
+    [
+        (["topics"], "could not create topics at"),
+        (["replay", "events.jsonl", "--topic", "products"], "could not create topics at"),
+        (["tail", "tag-updates", "-n", "1"], "could not read tag-updates at"),
+        (["worker"], "could not create topics at"),
+    ],
+)
+def test_kafka_unreachable_is_one_line_naming_the_bootstrap(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path, argv: list[str], action: str
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "events.jsonl").write_text('{"product_id": "p1"}\n')
+    assert main(argv) == 2
+    line = only_error_line(capsys, argv[0])
+    assert f"{action} {DOWN}: " in line and "is Kafka running there?" in line
+
+
+@pytest.mark.usefixtures("kafka_down")
+@pytest.mark.parametrize("n", ["0", "-1"])
+def test_tail_refuses_a_limit_below_one(capsys: pytest.CaptureFixture[str], n: str) -> None:
+    assert main(["tail", "tag-updates", "-n", n]) == 2
+    assert f"-n/--limit must be at least 1, got {n}" in only_error_line(capsys, "tail")
+
+
+def test_lookup_on_a_taken_port_is_one_line_naming_the_address(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import socket
+
+    monkeypatch.setenv("TAGSTREAM_REDIS_URL", "redis://127.0.0.1:1/0")  # never connected: the bind fails first
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["lookup", "--port", str(port)]) == 2
+    line = only_error_line(capsys, "lookup")
+    assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in line
+
+
+@pytest.mark.parametrize("command", [["publish"], ["model", "activate"]])
+def test_publishing_a_registry_names_it_and_a_bundle_in_it(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path, command: list[str]
+) -> None:
+    from tests.tinymodel import make_bundle
+
+    monkeypatch.setenv("TAGSTREAM_KAFKA_BOOTSTRAP", DOWN)  # refused before any send
+    registry = tmp_path / "registry"
+    bundle = make_bundle(registry)
+    assert main([*command, "--model", str(registry)]) == 2
+    line = only_error_line(capsys, command[0])
+    assert f"{registry}: not a model bundle (manifest.json missing); pass a bundle directory such as {bundle}" in line

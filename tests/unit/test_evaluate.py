@@ -230,3 +230,68 @@ def test_report_plots_of_groups_with_non_ascii_names_do_not_overwrite_each_other
     assert len(names) == 16 and len(set(names)) == 16, names  # 4 plots for each of the 4 groups
     assert all(name.isascii() for name in names)
     assert len(list((tmp_path / "rep").glob("*.png"))) == 16
+
+
+# ---------------------------------------------------------------- `tagstream evaluate` on a catalog of other labels
+
+
+def _evaluate_cli(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], products: list[CatalogProduct]
+) -> tuple[int, str, list[str]]:
+    """Run `tagstream evaluate --json` with a tiny bundle (labels: tests.tinymodel.DEFAULT_LABELS) on `products`;
+    (exit code, stdout, stderr lines that start with "tagstream ")."""
+    from tagstream.cli import main
+    from tagstream.synth import write_jsonl
+    from tests.models import featurized_bundle
+
+    bundle = featurized_bundle(tmp_path / "registry")
+    catalog = tmp_path / "catalog.jsonl"
+    write_jsonl(products, catalog)
+    capsys.readouterr()
+    code = main(["evaluate", "--model", str(bundle), "--catalog", str(catalog), "--format", "jsonl", "--json"])
+    out, err = capsys.readouterr()
+    return code, out, [line for line in err.splitlines() if line.startswith("tagstream ")]
+
+
+def _products(path: tuple[str, ...], colours: tuple[str, ...]) -> list[CatalogProduct]:
+    return [
+        CatalogProduct(f"e{i}", f"product {i}", category_path=path, attributes={"colour": colours[i % len(colours)]})
+        for i in range(12)
+    ]
+
+
+def test_evaluate_with_no_label_the_model_knows_is_a_one_line_error(tmp_path: Path, capsys) -> None:
+    # before: n=12, every figure null, exit 0 and no word of why
+    code, out, err = _evaluate_cli(tmp_path, capsys, _products(("Shoes", "Boots"), ("Red", "Green")))
+    assert code == 2 and out == ""
+    assert len(err) == 1 and err[0].startswith("tagstream evaluate: error: "), err
+    assert "none of its 12 products has a label the model knows" in err[0]
+    assert "category_l1, category_l2, colour" in err[0]
+
+
+def test_evaluate_warns_on_stderr_of_the_groups_it_could_not_evaluate(tmp_path: Path, capsys) -> None:
+    code, out, err = _evaluate_cli(tmp_path, capsys, _products(("Shoes", "Boots"), ("Black", "Navy Blue")))
+    assert code == 0
+    doc = json.loads(out)  # stdout stays one JSON object with the README's keys
+    assert set(doc) == {"n", "groups"} and doc["n"] == 12
+    assert set(doc["groups"]) == {"category_l1", "category_l2", "colour"}
+    assert all(set(g) == {"accuracy", "micro_f1", "macro_f1", "weighted_f1"} for g in doc["groups"].values())
+    assert doc["groups"]["colour"]["accuracy"] is not None and doc["groups"]["category_l1"]["accuracy"] is None
+    assert len(err) == 1 and err[0].startswith("tagstream evaluate: warning: "), err
+    assert "category_l1, category_l2" in err[0] and "colour" not in err[0]
+
+
+def test_evaluate_says_nothing_more_when_every_group_is_evaluated(tmp_path: Path, capsys) -> None:
+    products = _products(("手机通讯", "手机"), ("Black", "Navy Blue"))
+    code, out, err = _evaluate_cli(tmp_path, capsys, products)
+    assert code == 0 and err == [] and json.loads(out)["groups"]["category_l2"]["accuracy"] is not None
+
+
+def test_unevaluated_groups() -> None:
+    from training.evaluate import unevaluated_groups
+
+    g1 = GroupPredictions(["a", "b"], [0, 1], [0, 0])
+    g2 = GroupPredictions(["c", "d"], [-1, -1], [0, 1])
+    assert unevaluated_groups(evaluate_groups({"x": g1, "y": g2})) == ["y"]
+    assert unevaluated_groups(evaluate_groups({"y": g2})) == ["y"]
+    assert unevaluated_groups(evaluate_groups({})) == []

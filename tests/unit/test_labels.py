@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 from tagstream.errors import DataError
 from training.catalog import CatalogProduct
+from training.cleaning import DataReport, clean_products
 from training.labels import (
     CATEGORY_GROUPS,
+    Label,
+    LabelGroup,
     LabelMap,
     build_label_map,
     category_tags,
@@ -20,8 +25,8 @@ def _p(i: int, path: tuple[str, ...], **attrs: str) -> CatalogProduct:
 
 
 PRODUCTS = (
-    [_p(i, ("手机通讯", "手机", "手机"), colour="Black") for i in range(6)]
-    + [_p(10 + i, ("手机通讯", "手机配件", "数据线"), colour="White") for i in range(6)]
+    [_p(i, ("手机通讯", "手机", "手机"), baseColour="Black") for i in range(6)]
+    + [_p(10 + i, ("手机通讯", "手机配件", "数据线"), baseColour="White") for i in range(6)]
     + [
         _p(20 + i, ("Apparel", "Topwear", "Shirts"), baseColour="Navy Blue", gender="Men", year="2012")
         for i in range(6)
@@ -71,7 +76,7 @@ def test_every_level_becomes_a_tag_and_parents_link(lm: LabelMap) -> None:
 def test_attribute_groups_names_and_prefixes(lm: LabelMap) -> None:
     names = lm.group_names
     assert names[:3] == list(CATEGORY_GROUPS)
-    assert {"baseColour", "colour", "gender"} <= set(names)
+    assert {"baseColour", "gender"} <= set(names) and "colour" not in names
     assert "year" not in names  # excluded by default
     assert "colour:Navy Blue" in lm and "colour:Black" in lm  # baseColour values get the readable `colour:` prefix
     assert lm.labels[lm.index("colour:Navy Blue")].group == "baseColour"
@@ -138,3 +143,151 @@ def test_errors() -> None:
         build_label_map([_p(1, ("A",))], min_support=5)
     with pytest.raises(DataError):
         LabelMap.from_json({"format_version": 2, "groups": [], "labels": []})
+
+
+# ---------------------------------------------------------------- group names built from catalog attributes
+
+
+def _catalog(n: int = 24, **attrs_by_parity: tuple[str, str]) -> list[CatalogProduct]:
+    """`n` products over two category paths; each keyword names an attribute with (even value, odd value)."""
+    return [
+        CatalogProduct(
+            f"p{i}",
+            f"title {i}",
+            category_path=("Clothing", "Shirts") if i % 2 else ("Shoes", "Boots"),
+            attributes={name: values[i % 2] for name, values in attrs_by_parity.items()},
+        )
+        for i in range(n)
+    ]
+
+
+@pytest.mark.parametrize("name", ["category_l1", "category_l2", "category_leaf", "tags", "category", "Category_L1"])
+def test_an_attribute_named_like_a_builtin_group_is_refused_in_one_line(name: str) -> None:
+    # before: `category_l1` made a second group of that name, and training failed only at export
+    with pytest.raises(DataError, match="reserved") as exc:
+        build_label_map(_catalog(**{name: ("X", "Y")}), min_support=3)
+    msg = str(exc.value)
+    assert f"attribute {name!r}" in msg and "\n" not in msg
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [
+        ("colour", "Colour"),
+        ("gender", "ｇｅｎｄｅｒ"),
+        ("usage", "USAGE"),
+        ("colour", "baseColour"),
+        ("color", "colour"),
+    ],
+)
+def test_attribute_names_that_differ_only_in_case_width_or_colour_alias_are_refused(first: str, second: str) -> None:
+    products = _catalog(**{first: ("X", "Y")})
+    products += [
+        CatalogProduct(
+            f"q{i}", f"other {i}", category_path=("Shoes", "Boots"), attributes={second: "Z" if i % 2 else "W"}
+        )
+        for i in range(10)
+    ]
+    with pytest.raises(DataError, match="one attribute") as exc:
+        build_label_map(products, min_support=3)
+    assert repr(first) in str(exc.value) and repr(second) in str(exc.value)
+
+
+def test_excluded_or_empty_attributes_are_not_checked_and_distinct_names_pass() -> None:
+    products = _catalog(year=("2012", "2013"), gender=("Men", "Women"), colour=("Red", "Blue"))
+    products[0].attributes["tags"] = " "  # no value: no group
+    lm = build_label_map(products, min_support=3)
+    assert lm.group_names == ["category_l1", "category_l2", "colour", "gender"]
+    assert build_label_map(products, min_support=3, exclude_attributes=()).group_names[-1] == "year"
+
+
+def test_a_label_map_with_two_groups_of_one_name_is_refused() -> None:
+    groups = [LabelGroup("category_l1", "exclusive", None), LabelGroup("category_l1", "exclusive", None)]
+    labels = [Label(0, "category:A", "category_l1", "A", None), Label(1, "category_l1:X", "category_l1", "X", None)]
+    with pytest.raises(DataError, match="two groups named 'category_l1'"):
+        LabelMap(groups, labels)
+    with pytest.raises(DataError, match="'category:A' twice"):
+        LabelMap(groups[:1], [labels[0], Label(1, "category:A", "category_l1", "A", None)])
+
+
+def test_train_refuses_a_reserved_attribute_name_before_training(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import training.train
+    from tagstream.cli import main
+    from tagstream.synth import write_jsonl
+
+    def no_fit(*args: object, **kwargs: object) -> None:
+        raise AssertionError("training started")
+
+    monkeypatch.setattr(training.train, "fit", no_fit)
+    catalog = tmp_path / "catalog.jsonl"
+    write_jsonl(_catalog(40, category_l1=("X", "Y")), catalog)
+    code = main(["train", "--catalog", str(catalog), "--format", "jsonl", "--out", str(tmp_path / "models")])
+    assert code == 2
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("tagstream ")]
+    assert len(lines) == 1 and lines[0].startswith("tagstream train: error: attribute 'category_l1'"), lines
+    assert "reserved" in lines[0]
+
+
+# ---------------------------------------------------------------- the data report counts what training uses
+
+
+def _report(rows: list[CatalogProduct]) -> tuple[DataReport, list[CatalogProduct]]:
+    report = DataReport()
+    products = clean_products(list(enumerate(rows, 1)), report)
+    return report, products
+
+
+def test_the_data_report_cuts_category_paths_to_the_3_levels_training_uses() -> None:
+    # before: a category_l3 group of A/B/C and the 4th level counted as category_leaf
+    report, _ = _report([_p(1, ("A", "B", "C", "D0")), _p(2, ("A", "B", "C", "D1")), _p(3, ("A", "B", "E"))])
+    assert list(report.label_counts) == ["category_l1", "category_l2", "category_leaf"]
+    assert report.label_counts["category_leaf"] == {"category:A/B/C": 2, "category:A/B/E": 1}
+
+
+def test_the_data_report_keeps_a_slash_inside_a_level_apart_like_training() -> None:
+    # before: ("A/B", "C") and ("A", "B/C") were both counted as the one label A/B/C
+    report, _ = _report([_p(1, ("A/B", "C")), _p(2, ("A", "B/C")), _p(3, ("A", "B", "C"))])
+    assert report.label_counts["category_l2"] == {"category:A／B/C": 1, "category:A/B／C": 1, "category:A/B": 1}
+    assert report.label_counts["category_leaf"] == {"category:A/B/C": 1}
+
+
+def test_the_data_report_counts_exactly_the_labels_training_uses() -> None:
+    rows = [
+        _p(1, ("A", "B", "C", "D0"), colour="Red", year="2012"),  # year: not a label (excluded by default)
+        _p(2, ("A", "B", "C", "D1"), colour="Red"),
+        _p(3, ("A/B", "C"), colour="Blue"),
+        _p(4, ("A", "B/C"), colour="Blue"),
+        _p(5, ("A", "B", "E")),
+        CatalogProduct("p6", "title 6", category_path=("A",), tags=("organic", "organic", "vegan")),
+    ]
+    report, products = _report(rows)
+    counts = report.label_counts
+    assert list(counts) == ["category_l1", "category_l2", "category_leaf", "colour", "tags"]
+    assert counts["category_l1"] == {"category:A": 5, "category:A／B": 1}
+    assert counts["tags"] == {"organic": 1, "vegan": 1}
+    # label for label, the support the label map gives each tag (min_support 1 keeps every label)
+    lm = build_label_map(products, min_support=1)
+    assert {lab.tag: lm.support[lab.tag] for lab in lm.labels} == {t: c for g in counts.values() for t, c in g.items()}
+    assert report.to_dict()["n_labels"] == {
+        "category_l1": 2,
+        "category_l2": 3,
+        "category_leaf": 2,
+        "colour": 2,
+        "tags": 2,
+    }
+
+
+def test_attribute_names_equal_after_cleaning_are_one_attribute() -> None:
+    rows = [
+        CatalogProduct("p1", "a", category_path=("A",), attributes={"colour": "Red", " colour ": "Red"}),
+        CatalogProduct("p2", "b", category_path=("A",), attributes={"colour": "Red", "colour\u200b": "Blue"}),
+        CatalogProduct("p3", "c", category_path=("A",), attributes={"colour": "Red", "colour ": " "}),
+    ]
+    report = DataReport()
+    p1, p2, p3 = clean_products(list(enumerate(rows, 1)), report)
+    assert p1.attributes == {"colour": "Red"}
+    assert p2.attributes == {}  # two values for one name: neither is kept (before: the last one silently won)
+    assert p3.attributes == {"colour": "Red"}  # before: the blank value replaced Red and the attribute was lost
+    assert report.repaired == {"attribute_name_conflict": 1}

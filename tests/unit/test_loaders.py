@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import zipfile
 from collections import Counter
 from pathlib import Path
@@ -329,3 +330,282 @@ def test_group_split_holds_out_whole_sources() -> None:
     assert all(p.source is not None for p in sp.test + sp.validation)
     assert 0.1 <= len(sp.test) / len(prods) <= 0.25
     assert sum(sp.sizes().values()) == len(prods)
+
+
+# ---------------------------------------------------------------- fuzzing review: every bad input is counted or
+# refused in one line, never a traceback or a silently wrong product
+
+
+def _one_line_error(excinfo: pytest.ExceptionInfo[DataError]) -> str:
+    msg = str(excinfo.value)
+    assert len(msg.splitlines()) == 1 and len(msg) < 500, msg
+    return msg
+
+
+def _jsonl(tmp_path: Path, *rows: str, good: int = 6) -> Path:
+    """JSON rows, then `good` valid ones (so a file of bad rows stays under the malformed limit)."""
+    valid = [f'{{"product_id": "ok{i}", "title": "valid shirt {i}"}}' for i in range(good)]
+    return write(tmp_path, "c.jsonl", [*rows, *valid])
+
+
+def _skips(res: object) -> dict[int, str]:
+    return {e["line"]: e["reason"] for e in res.report.examples if e["kind"] == "skipped"}  # type: ignore[attr-defined]
+
+
+def test_jsonl_too_deep_or_too_long_numbers_are_invalid_json_rows(tmp_path: Path) -> None:
+    deep = '{"product_id": "d", "title": "x", "tags": ' + "[" * 5000 + "]" * 5000 + "}"
+    bigint = '{"product_id": "b", "title": "x", "price": ' + "9" * 5000 + "}"
+    res = load_catalog(_jsonl(tmp_path, '{"product_id": "a", "title": "first"}', deep, bigint), "jsonl")
+    assert _skips(res) == {2: "invalid_json", 3: "invalid_json"}
+    assert len(res.products) == 7
+
+
+def test_lone_surrogates_are_skipped_as_not_unicode(tmp_path: Path) -> None:
+    rows = [
+        '{"product_id": "s1", "title": "shirt \\ud800"}',
+        '{"product_id": "s2", "title": "shirt", "attributes": {"colour": "red \\udfff"}}',
+        '{"product_id": "s3", "title": "shirt", "attributes": {"\\ud800": "red"}}',
+        '{"product_id": "s4", "title": "shirt", "tags": ["\\ud800"]}',
+        '{"product_id": "s5", "title": "shirt", "category_path": ["A", "\\ud800"]}',
+        '{"product_id": "s6\\ud800", "title": "shirt"}',
+        '{"product_id": "s7", "title": "shirt", "brand": "\\ud83d"}',
+        '{"product_id": "s8", "title": "smile \\ud83d\\ude00"}',  # a valid pair is one character: kept
+    ]
+    res = load_catalog(_jsonl(tmp_path, *rows), "jsonl")
+    assert res.report.skipped == Counter(not_unicode=7)
+    assert res.products[0].title == "smile \U0001f600"
+    json.dumps(res.report.to_dict(), ensure_ascii=False).encode("utf-8")  # the report can be written
+
+
+def _zip(tmp_path: Path, members: dict[str, str], name: str = "styles.csv.zip", **kw: int) -> Path:
+    path = tmp_path / name
+    with zipfile.ZipFile(path, "w", **kw) as z:
+        for member, text in members.items():
+            z.writestr(member, text)
+    return path
+
+
+def _patch_zip(path: Path, offset_local: int, offset_central: int, value: int) -> Path:
+    """Set a 2-byte field of the (only) member in both the local and the central header."""
+    data = bytearray(path.read_bytes())
+    central = data.index(b"PK\x01\x02")
+    data[offset_local : offset_local + 2] = data[central + offset_central : central + offset_central + 2] = (
+        value.to_bytes(2, "little")
+    )
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_myntra_zip_that_is_corrupt_truncated_encrypted_or_unsupported_is_one_line_error(tmp_path: Path) -> None:
+    text = "\n".join(MYNTRA * 20) + "\n"
+    good = _zip(tmp_path, {"styles.csv": text}, compression=zipfile.ZIP_DEFLATED).read_bytes()
+    corrupt = bytearray(good)
+    corrupt[60:90] = bytes(range(30))  # inside the deflate stream
+    cases = {
+        "corrupt.zip": bytes(corrupt),
+        "truncated.zip": good[: len(good) // 2],
+    }
+    for name, data in cases.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(DataError, match=rf"{name}: line 0: corrupt or truncated zip") as e:
+            load_catalog(tmp_path / name, "myntra")
+        _one_line_error(e)
+    encrypted = _patch_zip(_zip(tmp_path, {"styles.csv": text}, "enc.zip"), 6, 8, 0x1)
+    with pytest.raises(DataError, match=r"line 0: zip member 'styles.csv' is encrypted") as e:
+        load_catalog(encrypted, "myntra")
+    unsupported = _patch_zip(_zip(tmp_path, {"styles.csv": text}, "method.zip"), 8, 10, 99)
+    with pytest.raises(DataError, match=r"line 0: zip member uses an unsupported compression method") as e:
+        load_catalog(unsupported, "myntra")
+
+
+def test_header_that_is_not_csv_is_one_line_error(tmp_path: Path) -> None:
+    huge = "id," + "x" * 140_000
+    for fmt in ("myntra", "bigbasket"):
+        with pytest.raises(DataError, match=r"line 1: header is not valid CSV \(field larger than field limit") as e:
+            load_catalog(write(tmp_path, "h.csv", [huge, *MYNTRA[1:]]), fmt)
+        _one_line_error(e)
+
+
+def test_cr_line_ends_with_one_stray_lf_and_a_stray_cr_in_an_lf_file(tmp_path: Path) -> None:
+    path = tmp_path / "mac.csv"  # old Mac line ends and one LF: every line is a line
+    path.write_bytes(("\r".join(MYNTRA[:4]) + "\n" + "\r".join(MYNTRA[4:6]) + "\r").encode())
+    res = load_catalog(path, "myntra")
+    assert [p.product_id for p in res.products] == ["myntra-15970", "myntra-23124", "myntra-7491", "myntra-30991"]
+    assert res.report.rows_read == 5 and _skips(res) == {6: "empty_title"}
+    path.write_bytes(("\n".join(JD_ROWS[:3]).replace("跑步鞋 黑色", "跑步鞋\r黑色") + "\n").encode())
+    res = load_catalog(path, "cn-jd")  # a lone CR in an LF file is text: the lines (JD's ids) keep their numbers
+    assert [p.product_id for p in res.products] == ["jd-1", "jd-2", "jd-3"]
+    assert res.products[0].title == "ERKE/鸿星尔克 跑步鞋 黑色 37"
+    path.write_bytes(("\n".join([MYNTRA[0].replace("year,", "year\r,"), *MYNTRA[1:]]) + "\n").encode())
+    with pytest.raises(DataError, match=r"line 1: header is not valid CSV \(new-line character seen") as e:
+        load_catalog(path, "myntra")
+    _one_line_error(e)
+
+
+def _myntra_row(i: int, title: str = "", **cols: str) -> str:
+    f = {"gender": "Men", "master": "Apparel", "sub": "Topwear", "article": "Shirts"} | cols
+    return f"{i},{f['gender']},{f['master']},{f['sub']},{f['article']},Blue,Fall,2011,Casual,{title or f'Shirt {i}'}"
+
+
+def test_myntra_records_glued_by_a_lost_line_break_are_skipped(tmp_path: Path) -> None:
+    rows = [
+        MYNTRA[0],
+        _myntra_row(1),
+        _myntra_row(2) + _myntra_row(3),  # "Shirt 23,Men,Apparel,…,Shirt 3"
+        _myntra_row(9) + "\r" + _myntra_row(10),  # a lone CR in an LF file is text, not a line end
+        _myntra_row(4, "Tie, Cufflink and Pocket Square Combo Set") + _myntra_row(5, "Liv,Laugh,Love Flip-flops"),
+        _myntra_row(6, "Myntra Men's Take my advice, I don't use it anyway Black T-shirt"),
+        _myntra_row(7, "Converse Unisex Navy Blue Liv,Laugh,Love Flip-flops"),
+        _myntra_row(8),
+    ]
+    res = load_catalog(write(tmp_path, "styles.csv", rows), "myntra")
+    assert _skips(res) == {3: "concatenated_records", 4: "concatenated_records", 5: "concatenated_records"}
+    titles = {p.product_id: p.title for p in res.products}
+    assert titles["myntra-6"] == "Myntra Men's Take my advice, I don't use it anyway Black T-shirt"
+    assert titles["myntra-7"] == "Converse Unisex Navy Blue Liv,Laugh,Love Flip-flops"
+    assert res.report.repaired["unquoted_comma_in_title"] == 2
+
+
+def test_myntra_header_must_be_all_ten_columns(tmp_path: Path) -> None:
+    swapped = MYNTRA[0].replace("usage,productDisplayName", "productDisplayName,usage")
+    with pytest.raises(DataError, match=r"line 1: header column 9 is 'productDisplayName', expected 'usage'") as e:
+        load_catalog(write(tmp_path, "a.csv", [swapped, *MYNTRA[1:]]), "myntra")
+    _one_line_error(e)
+    with pytest.raises(DataError, match=r"line 1: header has 11 columns, expected 10"):
+        load_catalog(write(tmp_path, "b.csv", [MYNTRA[0] + ",link", *MYNTRA[1:]]), "myntra")
+    with pytest.raises(DataError, match=r"line 1: header has 9 columns, expected 10"):
+        load_catalog(write(tmp_path, "c.csv", [MYNTRA[0].rsplit(",", 1)[0], *MYNTRA[1:]]), "myntra")
+
+
+def test_myntra_zip_with_several_csv_members_is_refused(tmp_path: Path) -> None:
+    text = "\n".join(MYNTRA) + "\n"
+    with pytest.raises(DataError, match=r"zip holds 2 \.csv members and none is styles\.csv .*'a\.csv', 'b\.csv'"):
+        load_catalog(_zip(tmp_path, {"a.csv": text, "b.csv": text}), "myntra")
+    with pytest.raises(DataError, match=r"zip holds 2 styles\.csv members"):
+        load_catalog(_zip(tmp_path, {"x/styles.csv": text, "styles.csv": text}), "myntra")
+    assert len(load_catalog(_zip(tmp_path, {"export.csv": text, "readme.txt": ""}), "myntra").products) == 4
+    assert len(load_catalog(_zip(tmp_path, {"a.csv": "", "data/styles.csv": text}), "myntra").products) == 4
+
+
+def test_duplicate_source_ids_are_skipped_in_myntra_and_bigbasket(tmp_path: Path) -> None:
+    myn = [MYNTRA[0], _myntra_row(1, "Blue Shirt"), _myntra_row(2), _myntra_row(1, "Red Heels", master="Footwear")]
+    res = load_catalog(write(tmp_path, "styles.csv", myn), "myntra")
+    assert [p.title for p in res.products] == ["Blue Shirt", "Shirt 2"] and _skips(res) == {4: "duplicate_product_id"}
+    res = load_catalog(_bb(tmp_path, {}).with_name("bb.csv"), "bigbasket")
+    path = tmp_path / "bb.csv"
+    path.write_text(path.read_text() + "3,Other Product,Cat,Sub,Brand,10,12,Type,4.0,desc\n", encoding="utf-8")
+    res = load_catalog(path, "bigbasket")
+    assert len(res.products) == 8 and _skips(res) == {10: "duplicate_product_id"}
+
+
+def test_bigbasket_continuation_line_that_starts_like_a_record_is_joined(tmp_path: Path) -> None:
+    res = load_catalog(_bb(tmp_path, {2: '"Pack of\n12, Red"', 5: '"Pizza Pan 10 Round', 6: 'TV 32" LED'}), "bigbasket")
+    titles = {p.product_id: p.title for p in res.products}
+    assert titles["bigbasket-2"] == "Pack of 12, Red" and "bigbasket-12" not in titles
+    assert titles["bigbasket-6"] == 'TV 32" LED'  # a whole line with a stray quote does not swallow the next record
+    assert _skips(res) == {7: "unterminated_quote"} and res.report.rows_read == 8
+
+
+def test_jsonl_values_of_the_wrong_type_are_not_taken_for_absent(tmp_path: Path) -> None:
+    def row(i: int, key: str, value: str) -> str:
+        return f'{{"product_id": "w{i}", "title": "shirt {i}", "{key}": {value}}}'
+
+    bad = {
+        "category_path": ["false", "0", '""', "{}"],
+        "attributes": ["[]", '""', "false"],
+        "tags": ['""', "false"],
+    }
+    rows = [row(10 * k + j, key, v) for k, (key, values) in enumerate(bad.items()) for j, v in enumerate(values)]
+    absent = [row(100 + j, key, "null") for j, key in enumerate(bad)] + ['{"product_id": "w200", "title": "bare"}']
+    res = load_catalog(_jsonl(tmp_path, *rows, *absent, good=10), "jsonl")
+    assert res.report.skipped == Counter(bad_category_path=4, bad_attributes=3, bad_tags=2)
+    kept = {p.product_id: p for p in res.products}
+    assert {"w100", "w101", "w102", "w200"} <= set(kept) and kept["w100"].category_path == ()
+
+
+def test_prices_take_commas_only_as_thousands_separators(tmp_path: Path) -> None:
+    prices = ["1,250.50", "1,000", "12,50", "1_000", "₹220", "1,2345", "12.5.0", "١٢٣", "-5"]
+    rows = [f'{{"product_id": "p{i}", "title": "shirt {i}", "price": "{v}"}}' for i, v in enumerate(prices)]
+    res = load_catalog(_jsonl(tmp_path, *rows, good=8), "jsonl")
+    assert [p.price for p in res.products[:2]] == [1250.5, 1000.0]
+    assert res.report.skipped == Counter(bad_price=7)
+    rows = [BB_HEADER, *(f'{i},P{i},Cat,Sub,Brand,"{v}",12,Type,4.0,desc' for i, v in enumerate(prices, 1))]
+    good = [f"{i},P{i},Cat,Sub,B,10,12,T,4,d" for i in range(20, 28)]
+    res = load_catalog(write(tmp_path, "bb.csv", [*rows, *good]), "bigbasket")
+    assert [p.price for p in res.products[:2]] == [1250.5, 1000.0] and res.report.skipped["bad_price"] == 7
+
+
+def test_jd_title_with_a_gt_sign_is_not_taken_for_a_breadcrumb(tmp_path: Path) -> None:
+    rows = [
+        "1005009004,电脑|配件|转换器,Type-C>HDMI 转换器 4K,电脑>配件>转换器>Type-C...,京东商城,店",
+        "1005009004,电脑|配件|转换器,A>B>C 三口转换器,电脑>配件>转换器>A>B>C...,京东商城,店",
+        "1025002006,出版物|图书|小说,图书>小说>中国当代小说,滚打人生,京东商城,",
+    ]
+    res = load_catalog(write(tmp_path, "products.csv", rows), "cn-jd")
+    assert [p.title for p in res.products] == ["Type-C>HDMI 转换器 4K", "A>B>C 三口转换器", "滚打人生"]
+    assert res.report.repaired["title_breadcrumb_swapped"] == 1
+
+
+def test_bad_value_in_the_first_data_row_is_a_skip_not_a_wrong_format(tmp_path: Path) -> None:
+    bb = [BB_HEADER, "1,P1,Cat,Sub,Brand,₹220,220,Type,4.0,desc", *(f"{i},P{i},Cat,Sub,B,10,12,T,4,d" for i in (2, 3))]
+    assert _skips(load_catalog(write(tmp_path, "bb.csv", bb), "bigbasket")) == {2: "bad_price"}
+    myn = [MYNTRA[0], _myntra_row(1, master="NA"), _myntra_row(2), _myntra_row(3)]
+    assert _skips(load_catalog(write(tmp_path, "styles.csv", myn), "myntra")) == {2: "missing_category"}
+    jd = ["1005009003,运动,标题,服饰内衣>运动,京东商城,店", *JD_ROWS[:3]]
+    assert _skips(load_catalog(write(tmp_path, "products.csv", jd), "cn-jd")) == {1: "bad_category_path"}
+    for value, reason in [
+        ('"title": 5', "bad_title"),
+        ('"title": "t", "category_path": 5', "bad_category_path"),
+        ('"title": "t", "tags": [1]', "bad_tags"),
+        ('"title": "t", "attributes": {"a": [1]}', "bad_attributes"),
+        ('"title": "t", "price": "abc"', "bad_price"),
+        ('"product_id": "x y", "title": "t"', "bad_product_id"),
+    ]:
+        first = "{" + (value if "product_id" in value else f'"product_id": "f", {value}') + "}"
+        assert _skips(load_catalog(_jsonl(tmp_path, first), "jsonl")) == {1: reason}, value
+    # the shape of the first row still tells a wrong --format
+    with pytest.raises(DataError, match=r"line 1: not_an_object: list \(first data row .*wrong --format\?\)"):
+        load_catalog(_jsonl(tmp_path, "[1, 2]"), "jsonl")
+    with pytest.raises(DataError, match=r"line 2: too_few_fields: 3 fields, need 10 \(first data row"):
+        load_catalog(write(tmp_path, "styles.csv", [MYNTRA[0], "1,Men,Apparel", *MYNTRA[1:4]]), "myntra")
+
+
+def test_messages_and_details_are_one_short_line(tmp_path: Path) -> None:
+    header = "id,gender,ma\x0esterCategory" + "y" * 5000 + ",subCategory"
+    with pytest.raises(DataError, match=r"line 1: header column 3 is 'ma\\x0esterCategoryy+\.\.\.y+', expected") as e:
+        load_catalog(write(tmp_path, "styles.csv", [header, *MYNTRA[1:]]), "myntra")
+    _one_line_error(e)
+    bb = [
+        BB_HEADER,
+        '1,P1,Cat,Sub,Brand,"2\n20",12,Type,4.0,desc',
+        *(f"{i},P{i},Cat,Sub,B,10,12,T,4,d" for i in (2, 3)),
+    ]
+    rows = [
+        '{"product_id": "a\\nb", "title": "t"}',
+        '{"product_id": "c", "title": "t", "tags": "' + "\\u2028" * 3000 + '"}',
+    ]
+    with pytest.raises(DataError) as e:
+        load_catalog(_jsonl(tmp_path, *rows, good=0), "jsonl")
+    assert "'a\\nb'" in _one_line_error(e)
+    for res in (
+        load_catalog(write(tmp_path, "bb.csv", bb), "bigbasket"),
+        load_catalog(_jsonl(tmp_path, *rows), "jsonl"),
+    ):
+        details = [e["detail"] for e in res.report.examples]
+        assert details and all(len(d.splitlines()) == 1 and len(d) <= 160 for d in details), details
+    assert details[0] == "'a\\nb'" and details[1].startswith("str '\\u2028")
+
+
+def test_duplicate_ids_count_only_against_rows_that_are_kept(tmp_path: Path) -> None:
+    rows = [
+        '{"product_id": "a", "title": ""}',
+        '{"product_id": "b", "title": "  \\u3000 "}',
+        '{"product_id": "c", "title": "t", "category_path": ["A", " "]}',
+        '{"product_id": "a", "title": "Real A"}',
+        '{"product_id": "b", "title": "Real B"}',
+        '{"product_id": "c", "title": "Real C"}',
+        '{"product_id": "a", "title": "Second A"}',
+    ]
+    res = load_catalog(_jsonl(tmp_path, *rows), "jsonl")
+    assert [p.title for p in res.products[:3]] == ["Real A", "Real B", "Real C"]
+    assert _skips(res) == {1: "empty_title", 2: "empty_title", 3: "empty_category_level", 7: "duplicate_product_id"}

@@ -1,4 +1,6 @@
-"""The real public data (../shared/data or $TAGSTREAM_DATA_DIR): every file loads with the expected counts.
+"""The real public data (../shared/data or $TAGSTREAM_SHARED_DATA): every file loads with the expected counts.
+
+`TAGSTREAM_DATA_DIR` is the worker's Faust directory (streams/settings.py), never read here.
 
 Skipped with a reason when the data directory is absent (CI has it).
 """
@@ -13,10 +15,10 @@ import pytest
 from tagstream.synth import load_click_log, map_clicks_to_catalog
 from training.loaders import load_catalog
 
-DATA = Path(os.environ.get("TAGSTREAM_DATA_DIR") or Path(__file__).parents[2].parent / "shared" / "data")
+DATA = Path(os.environ.get("TAGSTREAM_SHARED_DATA") or Path(__file__).parents[2].parent / "shared" / "data")
 
 pytestmark = pytest.mark.skipif(
-    not DATA.is_dir(), reason=f"real data directory {DATA} not found (set TAGSTREAM_DATA_DIR)"
+    not DATA.is_dir(), reason=f"real data directory {DATA} not found (set TAGSTREAM_SHARED_DATA)"
 )
 
 

@@ -35,3 +35,59 @@ def test_a_bad_worker_setting_is_one_line_naming_it(
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"tagstream {command[0]}: error: invalid worker settings") and named in err
     assert "\n" not in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("url", ["notaurl", "http://127.0.0.1:6379/0", "REDIS://h", "redis//:hunter2@127.0.0.1:6379/0"])
+@pytest.mark.parametrize(
+    ("command", "what"),
+    [(["model", "status"], "worker"), (["lookup"], "lookup"), (["worker"], "worker"), (["topics"], "worker")],
+)
+def test_a_redis_url_without_a_redis_scheme_is_one_line_that_hides_the_url(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], url: str, command: list[str], what: str
+) -> None:
+    from aiohttp import web
+
+    def no_serving(*args: object, **kwargs: object) -> None:
+        raise AssertionError("lookup started serving with a bad Redis URL")
+
+    monkeypatch.setattr(web, "run_app", no_serving)
+    monkeypatch.setenv("TAGSTREAM_REDIS_URL", url)
+    monkeypatch.setenv("TAGSTREAM_KAFKA_BOOTSTRAP", "127.0.0.1:1")  # never reached: the settings fail first
+    monkeypatch.setenv("TAGSTREAM_EVENT_LOOP", "asyncio")
+    assert main(command) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"tagstream {command[0]}: error: invalid {what} settings: redis_url: ")
+    assert "redis://, rediss:// or unix://" in err and "hunter2" not in err
+    assert "\n" not in err and "Traceback" not in err
+
+
+def test_every_redis_scheme_is_accepted(monkeypatch: pytest.MonkeyPatch) -> None:
+    from serving.cli import LookupSettings
+    from streams.settings import WorkerSettings
+
+    for url in ("redis://:pw@h:6379/0", "rediss://h", "unix:///run/redis.sock"):
+        monkeypatch.setenv("TAGSTREAM_REDIS_URL", url)
+        assert WorkerSettings().redis_url.get_secret_value() == url
+        assert LookupSettings().redis_url.get_secret_value() == url
+
+
+@pytest.mark.parametrize("value", ["", "  "])
+def test_an_empty_model_path_is_no_model_not_the_current_directory(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    from streams.settings import WorkerSettings
+
+    monkeypatch.setenv("TAGSTREAM_MODEL_PATH", value)  # docker-compose passes it through empty when unset on the host
+    monkeypatch.setenv("TAGSTREAM_MODEL_GOLDEN_SET", value)
+    settings = WorkerSettings()
+    assert settings.model_path is None and settings.model_golden_set is None
+
+
+@pytest.mark.parametrize("value", ["", "  "])
+def test_an_empty_user_hash_key_is_the_unset_key_not_an_empty_hmac_key(
+    monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    from streams.settings import DEV_USER_HASH_KEY, WorkerSettings
+
+    monkeypatch.setenv(
+        "TAGSTREAM_USER_HASH_KEY", value
+    )  # docker-compose passes it through empty when unset on the host
+    assert WorkerSettings().user_hash_key.get_secret_value() == DEV_USER_HASH_KEY  # so the worker warns at start

@@ -9,10 +9,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from pydantic import ValidationError
 
 from tagstream import stack
-from tagstream.errors import StackError
+from tagstream.errors import ConfigError, StackError
 from tagstream.stack import StackSettings, stack_down, stack_status, stack_up
 
 REPO = Path(__file__).resolve().parents[2]
@@ -132,8 +131,26 @@ def test_settings_defaults(monkeypatch) -> None:
 
 
 def test_settings_refuse_clashing_ports() -> None:
-    with pytest.raises(ValidationError, match="must differ"):
+    with pytest.raises(ConfigError, match=r"^invalid stack settings: .*must differ") as info:
         StackSettings(kafka_port=9092, redis_port=9092)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("argv", [["stack", "status"], ["stack", "up"], ["demo"]])
+def test_a_bad_stack_setting_is_one_line_naming_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], argv: list[str]
+) -> None:
+    from tagstream import cli
+
+    monkeypatch.setenv("TAGSTREAM_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.setenv("TAGSTREAM_KAFKA_PORT", "abc")
+    if argv == ["demo"]:  # it builds StackSettings() itself
+        argv = ["demo", "--workdir", str(tmp_path / "demo")]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"tagstream {argv[0]}: error: invalid stack settings: kafka_port: ") and "'abc'" in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert not (tmp_path / "state").exists() and not (tmp_path / "demo").exists()
 
 
 # ------------------------------------------------------------------------------------------------------ configs
@@ -222,6 +239,29 @@ def test_stale_pid_file_is_dropped(settings: StackSettings) -> None:
     pid_file.write_text(f"{proc.pid}\n")
     assert stack_status(settings).redis.pid is None
     assert not pid_file.exists()
+
+
+def test_a_status_with_another_redis_port_keeps_track_of_the_running_redis(settings: StackSettings) -> None:
+    # The stack's Redis started on 6379; a later command run with TAGSTREAM_REDIS_PORT=26379 used to take its PID
+    # file for a reused PID and delete it, so `stack down` could no longer stop that Redis.
+    import sys
+
+    sleeper = [sys.executable, "-c", "import time; time.sleep(60)", "redis-server", "127.0.0.1:6379"]
+    proc = subprocess.Popen(sleeper)  # shows as a redis-server on another port than the settings'
+    try:
+        pid_file = settings.state_dir / "redis" / "redis.pid"
+        pid_file.parent.mkdir(parents=True)
+        pid_file.write_text(f"{proc.pid}\n")
+        with pytest.raises(StackError, match=r"started with other settings than port 26379"):
+            stack_status(settings)
+        with pytest.raises(StackError, match=r"other settings"):
+            stack_up(settings)
+        assert pid_file.read_text() == f"{proc.pid}\n"
+        assert stack_down(settings) == ["redis"]  # stopped whatever its port
+        assert proc.wait(timeout=30) is not None and not pid_file.exists()
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 def test_describe_lists_state_pid_and_port(settings: StackSettings) -> None:
