@@ -130,6 +130,15 @@ def _carries(update: dict[str, Any], current: dict[str, Any]) -> bool:
     ) == bool(current.get("deleted"))
 
 
+def _latest(stored: dict[tuple[str, str], bytes | None]) -> dict[str, int]:
+    """The newest `emit_time` of the updates kept for each product in `stored`."""
+    latest: dict[str, int] = {}
+    for (pid, _), raw in stored.items():
+        if raw:
+            latest[pid] = max(latest.get(pid, 0), orjson.loads(raw)["emit_time"])
+    return latest
+
+
 def _version(model: Any) -> str | None:
     return None if model is None else model.version
 
@@ -441,7 +450,8 @@ class Processor:
             writes += sweeps.writes
             states = {**states, **sweeps.states}
         due: dict[tuple[str, int], list[str]] = {}
-        stored = await self.store.stored_emits(list(redelivered)) if redelivered else {}  # before the writes
+        # before the writes: every update kept for the redelivered products, to re-send one only if none is later
+        stored = await self._stored_updates({pid for pid, _ in redelivered}, states) if redelivered else {}
         self._expect_revisions(writes, states)
         if end_batch is None:
             results = await self.store.apply(writes)
@@ -451,30 +461,47 @@ class Processor:
             watermarks = {tp: wm for tp, (wm, _) in (end_batch or {}).items()}
             await self._settle_sweeps(sweeps.writes, sweeps.emitted, results[len(groups) :], watermarks, swept)
         self._keep_applied(writes, results, states)
+        raced = {g.write.product_id for g, r in zip(groups.values(), results, strict=False) if not r.applied}
+        now_states, now_latest = {}, {}
+        if raced:  # applied meanwhile by another delivery (a rebalance race, a paused worker): as it is now
+            now_states = await self.store.read(sorted(raced), counters=False)
+            now_latest = _latest(await self._stored_updates(raced, now_states))
+        latest = _latest(stored)
         for group, result in zip(groups.values(), results[: len(groups)], strict=True):
             pid = group.write.product_id
             if result.applied:
                 out.applied += group.events
                 out.updates += [(pid.encode(), p) for p in group.payloads]
-            else:  # applied meanwhile by another delivery (a rebalance race): re-send what that one produced
-                self._resend(pid, group.write.offset, result.stored_emit, out)
+            else:  # re-send what the other delivery produced, unless the product moved on since
+                current = now_states[pid].tags
+                self._resend(pid, group.write.offset, result.stored_emit, out, current, now_latest.get(pid, 0))
         for (pid, fence_field), offset in redelivered.items():
-            self._resend(pid, offset, stored[(pid, fence_field)], out, current=states[pid].tags)
+            current = states[pid].tags
+            self._resend(pid, offset, stored[(pid, fence_field)], out, current, latest.get(pid, 0))
         return due
+
+    async def _stored_updates(
+        self, product_ids: set[str], states: dict[str, ProductState]
+    ) -> dict[tuple[str, str], bytes | None]:
+        """Every tag update kept for re-sending of these products, by (product, fence field): one per input
+        partition, window-expiry pass and re-tag run that wrote it."""
+        fences = [(pid, f) for pid in sorted(product_ids) for f in states[pid].fence if f != "rev"]
+        return await self.store.stored_emits(fences)
 
     @staticmethod
     def _resend(
-        pid: str, offset: int, stored: bytes | None, out: BatchOutput, current: dict[str, Any] | None = None
+        pid: str, offset: int, stored: bytes | None, out: BatchOutput, current: dict[str, Any] | None, latest: int
     ) -> None:
-        """Re-send the update an already applied offset produced, if it was produced at or after that offset — and,
-        given the product's `current` tag state, only if it still carries the current tags. Otherwise a later change
-        from the product's other input topic superseded it: that update is either delivered (its batch committed) or
-        re-sent by its own redelivery, and re-sending this one after it would leave stale tags last on the topic."""
+        """Re-send the update an already applied offset produced, if it was produced at or after that offset — and
+        only if it is the product's latest kept update (`latest`: the newest `emit_time` of them) and still carries
+        its `current` tags. Otherwise a later change (from the other input topic, a window-expiry pass, a re-tag)
+        superseded it: that update is either delivered (its batch committed) or re-sent by its own redelivery, and
+        re-sending this one after it would leave stale tags or scores last on the topic."""
         out.redelivered += 1
         if stored is None:
             return
         update = orjson.loads(stored)
-        if update["source"]["offset"] < offset:
+        if update["source"]["offset"] < offset or update["emit_time"] < latest:
             return
         if current is not None and not _carries(update, current):
             return
@@ -492,11 +519,15 @@ class Processor:
         fences = [(pid, fence) for pid, fence in fences if pid in free]
         if not fences:
             return
-        stored = await self.store.stored_emits(fences)
         states = await self._states(sorted(free))
+        stored = await self._stored_updates({pid for pid, _ in fences}, states)
+        latest = _latest(stored)
         for pid, fence in fences:
-            raw, current = stored[(pid, fence)], states[pid].tags
-            if raw is not None and current is not None and _carries(orjson.loads(raw), current):
+            raw, current = stored.get((pid, fence)), states[pid].tags
+            if raw is None or current is None:
+                continue
+            update = orjson.loads(raw)
+            if update["emit_time"] >= latest[pid] and _carries(update, current):
                 out.updates.append((pid.encode(), raw))
 
     # ---------------------------------------------------------------- products
@@ -863,9 +894,10 @@ class Processor:
     def _due(self, state: ProductState, now: int | None = None) -> int | None:
         """When this product's behaviour tags next need a look after `now`, the event time they were decoded at (None
         when none is on). `now` defaults to the product's last event; a sweep passes the watermark it looked at, or
-        a look already due then (the end of a tag's minimum dwell, say) would make it due again at every batch."""
+        a look already due then (the end of a tag's minimum dwell, say) would make it due again at every batch. A
+        deleted product is looked at too: its tags show nothing, but an upsert brings back those still on."""
         tag_state = state.tags or {}
-        if tag_state.get("deleted") or not any(s.get("on") for s in (tag_state.get("behaviour") or {}).values()):
+        if not any(s.get("on") for s in (tag_state.get("behaviour") or {}).values()):
             return None
         if now is None:
             now = int(state.beh.get("last_ts", 0))

@@ -507,3 +507,75 @@ async def test_a_small_behaviour_batch_runs_in_one_lane_and_one_read(model: Bund
         out = await processor.process_behaviour(batch(n))
         assert out.applied == n
         assert store.reads == reads, n
+
+
+async def test_a_deleted_products_behaviour_tags_still_expire_after_it_is_upserted_again(processor: Processor) -> None:
+    # A window-expiry pass over a deleted product used to decode its behaviour tags (still on) and drop it from the
+    # active index; upserted again, it showed `trending` that no later pass ever took off.
+    feed, minute, hour, day = Feed(), 60_000, 3_600_000, 86_400_000
+    await processor.process_products(feed("products", upsert("p", "Levis Men Black Jeans", updated_at=T0 - day)))
+    burst = [behaviour("p", f"u{i % 10}", T0 + i * 5000) for i in range(30)]
+    assert "trending" in {
+        t["tag"] for u in updates(await processor.process_behaviour(feed("behavior", *burst))) for t in u["tags"]
+    }
+    await processor.process_products(feed("products", delete("p", version=5, updated_at=T0 + 3 * minute)))
+    await processor.process_behaviour(feed("behavior", behaviour("q", "x", T0 + 15 * minute)))  # sweeps p
+    await processor.process_products(
+        feed("products", upsert("p", "Levis Men Black Jeans", version=6, updated_at=T0 + 16 * minute))
+    )
+    await processor.process_behaviour(feed("behavior", behaviour("q", "x", T0 + 5 * hour)))  # p's windows are empty
+    tags = (await processor.store.read(["p"]))["p"].tags or {}
+    assert not {t["tag"] for t in tags.get("tags", [])} & {"trending", "hot", "high-conversion"}, tags.get("tags")
+
+
+async def test_a_redelivered_update_is_not_sent_again_after_a_later_one_that_changed_only_scores(
+    processor: Processor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The burst's update carried the model's old scores; a catalog change then rescored the product (same tag names,
+    # a score moved by more than score_delta) and was delivered. After a crash the burst comes back: its update
+    # still "carried the current tags" by name and was sent again, last, with the stale scores.
+    clock = iter(range(T0, T0 + 10**6))
+    monkeypatch.setattr("streams.processor.now_ms", lambda: next(clock))  # emit times one ms apart
+    feed = Feed()
+    await processor.process_products(feed("products", upsert("p6", "Jeans")))
+    burst = feed("behavior", *[behaviour("p6", f"u{i % 9}", T0 + i * 5000) for i in range(30)])
+    assert any("trending" in u["added"] for u in updates(await processor.process_behaviour(burst)))
+    change = feed("products", upsert("p6", "Black Jeans", version=2))
+    [rescored] = updates(await processor.process_products(change))
+    assert rescored["added"] == [] and rescored["removed"] == []  # only scores changed
+
+    again_burst = await processor.process_behaviour(burst)
+    assert again_burst.redelivered == 1 and again_burst.updates == []
+    assert updates(await processor.process_products(change)) == [rescored]
+
+
+async def test_a_paused_worker_does_not_resend_an_update_another_worker_has_superseded(model: BundleModel) -> None:
+    # A worker paused between its read and its write (SIGSTOP, a long GC) lost its partitions; the next owner applied
+    # the same upsert and then a window expiry. The paused worker's write, finding the upsert applied, re-sent the
+    # upsert's stored update unconditionally: its `trending` came last on the topic, after the expiry removed it.
+    class Racing(MemoryStateStore):
+        meanwhile: Any = None
+
+        async def apply(self, writes: list[Write]) -> list[Any]:
+            if self.meanwhile is not None:
+                other, self.meanwhile = self.meanwhile, None
+                await other()
+            return await super().apply(writes)
+
+    store = Racing("t")
+    paused, owner = (Processor(store, user_hash_key=b"secret", model_provider=lambda: model) for _ in range(2))
+    feed = Feed()
+    await owner.process_products(feed("products", upsert("p7", "Jeans")))
+    burst = feed("behavior", *[behaviour("p7", f"u{i % 9}", T0 + i * 5000) for i in range(30)])
+    assert any("trending" in u["added"] for u in updates(await owner.process_behaviour(burst)))
+    change = feed("products", upsert("p7", "Black Jeans", version=2))
+    sent: list[dict[str, Any]] = []
+
+    async def the_owner_applies_it_and_then_an_expiry() -> None:
+        sent.extend(updates(await owner.process_products(change)))
+        sent.extend(updates(await owner.process_behaviour(feed("behavior", behaviour("q", "x", T0 + 2 * 3_600_000)))))
+
+    store.meanwhile = the_owner_applies_it_and_then_an_expiry
+    late = await paused.process_products(change)
+    assert [u["reason"] for u in sent] == ["product-upsert", "window-expired"]
+    assert late.applied == 0 and late.updates == []  # the expiry stays last on the topic
