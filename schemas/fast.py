@@ -9,7 +9,9 @@ is the one reported.
 The compiler covers the keywords the event schemas use: `type` (one type, or one type and null), `const`, `enum`,
 `pattern`, `minLength`, `maxLength`, `minimum`, `items`, `maxItems`, `propertyNames.pattern`,
 `additionalProperties` (false at the top, a schema inside objects), `required`, and `if`/`then` of the form
-"if property P is the constant C, then these are required". A schema with any other keyword gets no fast path.
+"if property P is the constant C (or absent: `properties` holds then too), then these are required". A schema with
+any other keyword gets no fast path, nor does one msgspec cannot express (float or beyond-int64 literals, an object
+of untyped values). Integers outside int64 always take the slow path: orjson reads some of them as floats.
 
 Patterns are checked with `re.search`, as fastjsonschema checks them, but with every end anchor `$` written `\\Z`
 (`_end_anchored`): Python's `$` also matches before a final "\\n", which the validator refuses ("p1\\n" is no
@@ -18,6 +20,7 @@ product id).
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable
 from typing import Annotated, Any, Literal, Union
@@ -94,16 +97,17 @@ def _field_type(name: str, spec: dict[str, Any]) -> Any:
     kind = names[0]
     if kind == "string":
         base: Any = _constrained(str, spec)
-    elif kind == "integer":  # int64 at most: orjson reads larger integers as floats, so those take the slow path
-        base = Annotated[int, msgspec.Meta(le=_INT64_MAX, **({"ge": spec["minimum"]} if "minimum" in spec else {}))]
-    elif kind == "number":  # ints stay ints, as orjson leaves them (up to int64)
+    elif kind == "integer":  # int64 only: integers beyond it take the slow path (orjson reads some as floats)
+        base = _int64(spec)
+    elif kind == "number":  # ints stay ints, as orjson leaves them (within int64)
         low = {"ge": spec["minimum"]} if "minimum" in spec else {}
-        as_int = Annotated[int, msgspec.Meta(le=_INT64_MAX, **low)]
-        base = Union[as_int, Annotated[float, msgspec.Meta(**low)] if low else float]  # noqa: UP007
+        base = Union[_int64(spec), Annotated[float, msgspec.Meta(**low)] if low else float]  # noqa: UP007
     elif kind == "array":
         base = _constrained(list[_field_type(f"{name}[]", spec.get("items", {}))], spec)  # type: ignore[misc]
     elif kind == "object":
         key: Any = str
+        if "additionalProperties" not in spec:  # values of any JSON: msgspec reads big integers and depth unlike orjson
+            raise UnsupportedSchema(f"{name}: object without a schema of its values")
         if "propertyNames" in spec:
             if set(spec["propertyNames"]) != {"pattern"}:
                 raise UnsupportedSchema(f"{name}: propertyNames {spec['propertyNames']!r}")
@@ -111,10 +115,17 @@ def _field_type(name: str, spec: dict[str, Any]) -> Any:
         values = spec.get("additionalProperties", {})
         if not isinstance(values, dict):
             raise UnsupportedSchema(f"{name}: additionalProperties {values!r}")
-        base = dict[key, _field_type(f"{name}{{}}", values) if values else Any]  # type: ignore[misc,valid-type]
+        base = dict[key, _field_type(f"{name}{{}}", values)]  # type: ignore[misc,valid-type]
     else:
         raise UnsupportedSchema(f"{name}: type {kind!r}")
     return base | None if nullable else base
+
+
+def _int64(spec: dict[str, Any]) -> Any:
+    """An integer within int64 and at least the spec's `minimum` (rounded up: an integer is >= 0.5 when it is >= 1).
+    Below -2**63 (and above 2**64 - 1) orjson reads an integer as a float, which msgspec would read exactly."""
+    low = max(math.ceil(spec["minimum"]), _INT64_MIN) if "minimum" in spec else _INT64_MIN
+    return Annotated[int, msgspec.Meta(ge=low, le=_INT64_MAX)]
 
 
 def _conditional_required(schema: dict[str, Any]) -> Callable[[Any], bool]:
@@ -129,13 +140,16 @@ def _conditional_required(schema: dict[str, Any]) -> Callable[[Any], bool]:
     if set(test) != {"const"}:
         raise UnsupportedSchema(f"if: {test!r}")
     value, needed = test["const"], tuple(then["required"])
+    # `properties` holds for an object without P, so "then" applies when P is absent too
     return lambda obj: (
-        getattr(obj, prop, _ABSENT) != value or all(getattr(obj, n, _ABSENT) is not _ABSENT for n in needed)
+        ((present := getattr(obj, prop, _ABSENT)) is not _ABSENT and present != value)
+        or all(getattr(obj, n, _ABSENT) is not _ABSENT for n in needed)
     )
 
 
 _ABSENT = msgspec.UNSET
 _INT64_MAX = 2**63 - 1
+_INT64_MIN = -(2**63)
 
 
 def compile_struct(name: str, schema: dict[str, Any]) -> tuple[type[msgspec.Struct], Callable[[Any], bool]]:
@@ -144,6 +158,8 @@ def compile_struct(name: str, schema: dict[str, Any]) -> tuple[type[msgspec.Stru
     if unknown or schema.get("type") != "object" or schema.get("additionalProperties") is not False:
         raise UnsupportedSchema(f"{name}: top level {sorted(unknown) or schema.get('type')!r}")
     required = set(schema.get("required", ()))
+    if required - set(schema["properties"]):  # a required property that is not allowed: no object is valid
+        raise UnsupportedSchema(f"{name}: required {sorted(required - set(schema['properties']))} not in properties")
     fields: list[tuple[str, Any] | tuple[str, Any, Any]] = []
     for prop, spec in schema["properties"].items():
         kind = _field_type(prop, spec)
@@ -159,9 +175,9 @@ def fast_decoder(name: str, schema: dict[str, Any]) -> Callable[[bytes], dict[st
     the schema has no fast path."""
     try:
         struct, conditions_hold = compile_struct(name, schema)
-    except UnsupportedSchema:
-        return None
-    decoder = msgspec.json.Decoder(struct)
+        decoder = msgspec.json.Decoder(struct)
+    except (UnsupportedSchema, TypeError, ValueError, NotImplementedError, re.error):
+        return None  # also what msgspec cannot express (float or big-integer literals, int bounds beyond int64)
     errors = (msgspec.DecodeError, msgspec.ValidationError)
     to_dict = msgspec.to_builtins  # leaves UNSET fields out
 

@@ -193,3 +193,79 @@ def test_a_pattern_accepts_on_the_fast_path_exactly_what_the_validator_accepts(p
             assert fast(_dumps({"s": value})) is None, value
         else:
             assert fast(_dumps({"s": value})) == {"s": value}, value
+
+
+def _fast_agrees_with_validator(schema: dict[str, Any], raw: bytes) -> bool:
+    """The fast path on `raw` either defers (None) or gives what orjson + the validator give, of the same types; it
+    never raises (a schema it cannot compile has no fast path)."""
+    fast = fast_decoder("t", schema)
+    if fast is None or (obj := fast(raw)) is None:
+        return True
+    try:
+        expected = fastjsonschema.compile(schema)(orjson.loads(raw))
+    except (orjson.JSONDecodeError, fastjsonschema.JsonSchemaValueException):
+        return False
+    return obj == expected and all(type(obj[k]) is type(expected[k]) for k in obj)
+
+
+def test_then_applies_when_the_if_property_is_absent() -> None:
+    # `properties` holds for an object without the property, so "if" holds and "then" applies (JSON Schema)
+    schema = {
+        "type": "object",
+        "additionalProperties": False,
+        "properties": {"op": {"enum": ["upsert", "delete"]}, "title": {"type": "string"}},
+        "if": {"properties": {"op": {"const": "upsert"}}},
+        "then": {"required": ["title"]},
+    }
+    fast = fast_decoder("t", schema)
+    assert fast is not None
+    assert fast(b"{}") is None and _fast_agrees_with_validator(schema, b"{}")
+    assert fast(b'{"op":"upsert"}') is None
+    assert fast(b'{"title":"t"}') == {"title": "t"}
+    assert fast(b'{"op":"delete"}') == {"op": "delete"}
+
+
+@pytest.mark.parametrize("kind", ["integer", "number"])
+def test_an_integer_below_int64_takes_the_slow_path(kind: str) -> None:
+    # orjson reads it as a float (and the validator decides on that); msgspec would read it exactly, as an int
+    schema = {"type": "object", "additionalProperties": False, "properties": {"n": {"type": [kind, "null"]}}}
+    fast = fast_decoder("t", schema)
+    assert fast is not None
+    for n in [-(2**63) - 1, -(10**22)]:
+        raw = _dumps({"n": n})
+        assert fast(raw) is None and _fast_agrees_with_validator(schema, raw), n
+    assert fast(_dumps({"n": -(2**63)})) == {"n": -(2**63)}
+
+
+def test_an_object_of_any_values_gets_no_fast_path() -> None:
+    # msgspec reads any JSON under it unlike orjson: big integers exactly, and a depth that overflows to_builtins
+    schema = {"type": "object", "additionalProperties": False, "properties": {"o": {"type": "object"}}}
+    deep = b'{"o":{"a":' + b"[" * 5000 + b"]" * 5000 + b"}}"
+    for raw in [_dumps({"o": {"a": -(10**22)}}), _dumps({"o": {"a": 2**64}}), deep]:
+        assert _fast_agrees_with_validator(schema, raw), raw[:40]
+
+
+def test_a_required_property_outside_properties_is_never_accepted() -> None:
+    schema = {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["a", "b"],
+        "properties": {"a": {"type": "string"}},
+    }
+    assert _fast_agrees_with_validator(schema, b'{"a":"x"}')
+
+
+@pytest.mark.parametrize(
+    ("spec", "values"),
+    [
+        ({"type": "integer", "minimum": 0.5}, [0, 1, 2]),  # an integer bound msgspec only takes as an int
+        ({"type": "number", "minimum": -(2**64)}, [0, -(2**63), 1.5]),  # an int bound beyond int64
+        ({"type": "integer", "minimum": 2**63}, [0, 2**63]),
+        ({"enum": [0.5, "a"]}, [0.5, "a", 1]),  # literals msgspec does not support
+        ({"const": 2**64}, [2**64, 0]),
+    ],
+)
+def test_a_schema_msgspec_cannot_express_does_not_break_decoding(spec: dict[str, Any], values: list[Any]) -> None:
+    schema = {"type": "object", "additionalProperties": False, "properties": {"v": spec}}
+    for value in values:
+        assert _fast_agrees_with_validator(schema, _dumps({"v": value})), value
