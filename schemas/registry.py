@@ -46,6 +46,32 @@ def _fast_decoder(name: str) -> Callable[[bytes], dict[str, Any] | None] | None:
     return fast_decoder(name, load_schema(name))
 
 
+EXACT_INTEGER = 2**53  # below it every integer is a float too, and no other integer reads as the same float
+
+
+@cache
+def _integer_fields(name: str) -> tuple[str, ...]:
+    """The top-level properties schema `name` types as integers."""
+    props = load_schema(name).get("properties") or {}
+    return tuple(
+        field
+        for field, spec in props.items()
+        if spec.get("type") == "integer" or (isinstance(spec.get("type"), list) and "integer" in spec["type"])
+    )
+
+
+def _refuse_inexact_integers(name: str, obj: dict[str, Any]) -> None:
+    """orjson reads an integer beyond 2^64, or one written with a fraction or an exponent, as a float: from 2^53 on
+    that float may not be the number written (`9007199254740993.0` reads as ...992), so it is refused, not changed."""
+    for field in _integer_fields(name):
+        value = obj.get(field)
+        if isinstance(value, float) and abs(value) >= EXACT_INTEGER:
+            raise SchemaValidationError(
+                f"{name}: {field} is an integer from 2^53 on written with a fraction or an exponent, or beyond 2^64: "
+                "it cannot be read exactly (write it as a plain integer within 64 bits)"
+            )
+
+
 def decode_event(name: str, raw: bytes | None) -> dict[str, Any]:
     """Decode one message value (UTF-8 JSON object) and validate it against schema `name`: through the Struct
     compiled from the schema first (schemas/fast.py), and orjson + the validator for whatever that refuses."""
@@ -60,7 +86,9 @@ def decode_event(name: str, raw: bytes | None) -> dict[str, Any]:
         raise EventDecodeError(f"{name}: not UTF-8 JSON: {exc}") from None
     if not isinstance(obj, dict):
         raise EventDecodeError(f"{name}: expected a JSON object, got {type(obj).__name__}")
-    return validate(name, obj)
+    validate(name, obj)
+    _refuse_inexact_integers(name, obj)
+    return obj
 
 
 def encode_event(obj: dict[str, Any]) -> bytes:

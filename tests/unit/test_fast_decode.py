@@ -163,6 +163,17 @@ def test_an_integer_written_with_a_zero_fraction_is_the_same_event() -> None:
     assert event == BehaviorEvent.decode(_dumps(plain)) and type(event.ts) is int  # same time buckets in Redis
 
 
+@pytest.mark.parametrize("written", ["9007199254740993.0", "9223372036854775807e0", "18446744073709551617"])
+def test_an_integer_that_cannot_be_read_exactly_is_refused_not_changed(written: str) -> None:
+    # orjson reads these as floats (9007199254740992.0, 9.223372036854776e18, 1.8446744073709552e19): accepted, the
+    # event's time would have been another number than the one written
+    raw = f'{{"schema_version":1,"event_type":"view","product_id":"p","user_id":"u","ts":{written}}}'.encode()
+    with pytest.raises(TagstreamError, match=r"click: ts is an integer from 2\^53 on .* cannot be read exactly"):
+        BehaviorEvent.decode(raw)
+    exact = b'{"schema_version":1,"event_type":"view","product_id":"p","user_id":"u","ts":9007199254740991.0}'
+    assert BehaviorEvent.decode(exact).ts == 2**53 - 1  # below 2^53 the float is the number written
+
+
 def test_a_bad_event_gets_the_schema_validators_message() -> None:
     raw = orjson.dumps({"schema_version": 1, "event_type": "view", "product_id": "p", "user_id": "", "ts": 1})
     with pytest.raises(TagstreamError, match=r"click: data\.user_id must be longer than or equal to 1 characters"):
