@@ -527,8 +527,11 @@ def run_bench(args: argparse.Namespace) -> int:
     from bench import report
     from bench.common import SHARED_DATA, event_stream, load_products, machine, machine_load, spread, write_json
     from bench.featurizer_cost import featurizer_cost
+    from streams.settings import WorkerSettings
+    from tagstream.settings import load_settings
     from tagstream.stack import StackSettings, stack_status
 
+    load_settings(WorkerSettings, "worker")  # the workers it starts read TAGSTREAM_*: a bad one is one line, now
     cfg = SMOKE if args.smoke else FULL
     overrides = {
         k: v

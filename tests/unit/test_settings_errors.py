@@ -40,7 +40,13 @@ def test_a_bad_worker_setting_is_one_line_naming_it(
 @pytest.mark.parametrize("url", ["notaurl", "http://127.0.0.1:6379/0", "REDIS://h", "redis//:hunter2@127.0.0.1:6379/0"])
 @pytest.mark.parametrize(
     ("command", "what"),
-    [(["model", "status"], "worker"), (["lookup"], "lookup"), (["worker"], "worker"), (["topics"], "worker")],
+    [
+        (["model", "status"], "worker"),
+        (["lookup"], "lookup"),
+        (["worker"], "worker"),
+        (["topics"], "worker"),
+        (["bench", "--smoke", "--out", "/nonexistent/bench"], "worker"),  # for the workers it starts
+    ],
 )
 def test_a_redis_url_without_a_redis_scheme_is_one_line_that_hides_the_url(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], url: str, command: list[str], what: str
