@@ -130,6 +130,12 @@ def _carries(update: dict[str, Any], current: dict[str, Any]) -> bool:
     ) == bool(current.get("deleted"))
 
 
+def _still_current(update: dict[str, Any], current: dict[str, Any] | None, latest: int) -> bool:
+    """Whether a kept update may be sent again: no kept update of its product is newer (`latest`: their newest
+    `emit_time`) and it carries the product's `current` tags (when given)."""
+    return update["emit_time"] >= latest and (current is None or _carries(update, current))
+
+
 def _latest(stored: dict[tuple[str, str], bytes | None]) -> dict[str, int]:
     """The newest `emit_time` of the updates kept for each product in `stored`."""
     latest: dict[str, int] = {}
@@ -501,11 +507,8 @@ class Processor:
         if stored is None:
             return
         update = orjson.loads(stored)
-        if update["source"]["offset"] < offset or update["emit_time"] < latest:
-            return
-        if current is not None and not _carries(update, current):
-            return
-        out.updates.append((pid.encode(), stored))
+        if update["source"]["offset"] >= offset and _still_current(update, current, latest):
+            out.updates.append((pid.encode(), stored))
 
     async def _resend_swept(self, since: dict[tuple[str, int], int], out: BatchOutput, hold: Hold) -> None:
         """Re-send the window-expiry updates of the products that batches of these partitions swept at or after the
@@ -526,8 +529,7 @@ class Processor:
             raw, current = stored.get((pid, fence)), states[pid].tags
             if raw is None or current is None:
                 continue
-            update = orjson.loads(raw)
-            if update["emit_time"] >= latest[pid] and _carries(update, current):
+            if _still_current(orjson.loads(raw), current, latest[pid]):
                 out.updates.append((pid.encode(), raw))
 
     # ---------------------------------------------------------------- products

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,12 +16,25 @@ from tagstream.synth import generate_catalog, write_jsonl
 pytestmark = pytest.mark.slow
 
 
+def train_cli(
+    catalog: Path, out: Path, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """`tagstream train --catalog CATALOG --format jsonl --out OUT ARGS…` in a subprocess (`env` on top of ours)."""
+    cmd = [sys.executable, "-m", "tagstream.cli", "train", "--catalog", str(catalog), "--format", "jsonl"]
+    return subprocess.run(
+        [*cmd, "--out", str(out), *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, **(env or {})},
+    )
+
+
 def test_train_writes_a_bundle_a_baseline_and_a_report(tmp_path: Path) -> None:
     catalog = tmp_path / "catalog.jsonl"
     write_jsonl(generate_catalog(600, seed=3), catalog)
     out = tmp_path / "models"
-    cmd = [sys.executable, "-m", "tagstream.cli", "train", "--catalog", str(catalog), "--format", "jsonl"]
-    run = subprocess.run([*cmd, "--out", str(out), "--epochs", "3"], capture_output=True, text=True, timeout=600)
+    run = train_cli(catalog, out, "--epochs", "3")
     assert run.returncode == 0, run.stderr[-3000:]
     bundle = Path(run.stdout.strip().splitlines()[-1])
     assert (bundle / "model.onnx").is_file() and bundle.parent == out
@@ -53,7 +67,6 @@ TINY_ENV = {
 
 def test_train_with_chinese_attribute_names_trains_and_plots_every_group(tmp_path: Path) -> None:
     import dataclasses
-    import os
 
     renamed = {"colour": "颜色", "gender": "性别"}
     products = [
@@ -63,14 +76,7 @@ def test_train_with_chinese_attribute_names_trains_and_plots_every_group(tmp_pat
     catalog = tmp_path / "catalog.jsonl"
     write_jsonl(products, catalog)
     out = tmp_path / "models"
-    cmd = [sys.executable, "-m", "tagstream.cli", "train", "--catalog", str(catalog), "--format", "jsonl"]
-    run = subprocess.run(
-        [*cmd, "--out", str(out), "--no-baseline"],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, **TINY_ENV},
-    )
+    run = train_cli(catalog, out, "--no-baseline", env=TINY_ENV)
     assert run.returncode == 0, run.stderr[-3000:]
     bundle = Path(run.stdout.strip().splitlines()[-1])
     groups = json.loads((bundle / "metrics.json").read_text())["top1"]["groups"]
@@ -85,18 +91,11 @@ def test_train_with_chinese_attribute_names_trains_and_plots_every_group(tmp_pat
 
 def test_train_prints_only_the_bundle_path_on_stdout_and_its_progress_on_stderr(tmp_path: Path) -> None:
     """`B=$(tagstream train ...)` is the bundle: Keras's epoch lines go to stderr, not stdout."""
-    import os
-
     catalog = tmp_path / "catalog.jsonl"
     write_jsonl(generate_catalog(200, seed=5), catalog)
     out = tmp_path / "models"
-    cmd = [sys.executable, "-m", "tagstream.cli", "train", "--catalog", str(catalog), "--format", "jsonl"]
-    run = subprocess.run(
-        [*cmd, "--out", str(out), "--no-baseline"],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, **TINY_ENV, "TAGSTREAM_EPOCHS": "1", "TAGSTREAM_REFIT_EPOCHS": "1"},
+    run = train_cli(
+        catalog, out, "--no-baseline", env={**TINY_ENV, "TAGSTREAM_EPOCHS": "1", "TAGSTREAM_REFIT_EPOCHS": "1"}
     )
     assert run.returncode == 0, run.stderr[-3000:]
     bundles = list(out.glob("2*"))
