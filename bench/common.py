@@ -569,22 +569,11 @@ def start_worker(env: dict[str, str], log_path: Path, profile: Path | None = Non
 
 def clear_redis(url: str, prefix: str) -> int:
     """Delete the keys of one bench Redis prefix."""
-    import redis
+    from tagstream.stack import delete_keys
 
     if not prefix.startswith("bench-"):
         raise ValueError(f"refusing to clear Redis prefix {prefix!r}")
-    client = redis.Redis.from_url(url)
-    n = 0
-    batch: list[bytes] = []
-    for key in client.scan_iter(f"{prefix}:*", count=5000):
-        batch.append(key)
-        if len(batch) >= 5000:
-            n += client.unlink(*batch)
-            batch = []
-    if batch:
-        n += client.unlink(*batch)
-    client.close()
-    return n
+    return delete_keys(url, prefix)
 
 
 def write_json(path: Path, obj: Any) -> None:

@@ -287,10 +287,10 @@ def cleanup_run(settings: Any) -> list[str]:
     directory (only names of this run's fresh tag, never anything else). Returns what could not be deleted."""
     import shutil
 
-    import redis
     from kafka.admin import KafkaAdminClient
 
     from streams.topics import TOPICS
+    from tagstream.stack import delete_keys
 
     if not settings.app_id.startswith("tagstream-demo-") or not settings.redis_prefix.startswith("demo-"):
         raise ValueError(f"not a demo run: {settings.app_id!r}, {settings.redis_prefix!r}")
@@ -310,18 +310,7 @@ def cleanup_run(settings: Any) -> list[str]:
     except Exception as exc:
         left.append(f"consumer group {settings.app_id} ({exc})")
     try:
-        client = redis.Redis.from_url(settings.redis_url.get_secret_value())
-        try:
-            batch: list[bytes] = []
-            for key in client.scan_iter(match=f"{settings.redis_prefix}:*", count=5000):
-                batch.append(key)
-                if len(batch) >= 5000:
-                    client.unlink(*batch)
-                    batch = []
-            if batch:
-                client.unlink(*batch)
-        finally:
-            client.close()
+        delete_keys(settings.redis_url.get_secret_value(), settings.redis_prefix)
     except Exception as exc:
         left.append(f"Redis keys {settings.redis_prefix}:* ({exc})")
     faust_dir = settings.data_dir.expanduser() / settings.app_id

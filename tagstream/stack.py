@@ -41,6 +41,7 @@ __all__ = [
     "ComponentStatus",
     "StackSettings",
     "StackStatus",
+    "delete_keys",
     "register",
     "stack_down",
     "stack_status",
@@ -660,6 +661,26 @@ def stack_down(settings: StackSettings | None = None) -> list[str]:
         for name in pids:
             comps[name].pid_file.unlink(missing_ok=True)
         return list(pids)
+
+
+def delete_keys(redis_url: str, prefix: str) -> int:
+    """Delete every Redis key under `prefix:` (a run's own prefix: callers check it is theirs); returns how many."""
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    try:
+        deleted = 0
+        batch: list[bytes] = []
+        for key in client.scan_iter(match=f"{prefix}:*", count=5000):
+            batch.append(key)
+            if len(batch) >= 5000:
+                deleted += client.unlink(*batch)
+                batch = []
+        if batch:
+            deleted += client.unlink(*batch)
+        return deleted
+    finally:
+        client.close()
 
 
 # ----------------------------------------------------------------------------------------------------- CLI
