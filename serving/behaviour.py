@@ -38,6 +38,7 @@ __all__ = [
     "WindowStats",
     "decode_behaviour",
     "decode_behaviour_between",
+    "decode_new",
     "next_check_at",
 ]
 
@@ -198,10 +199,30 @@ def _prev(state: Mapping[str, Any] | None, tag: str) -> tuple[bool, int | None]:
     return bool(entry.get("on")), since if isinstance(since, int) and not isinstance(since, bool) else None
 
 
-def _is_new(counts: WindowCounts, config: BehaviourConfig) -> bool:
-    """first_seen <= now < first_seen + new_days (an event older than the product is no sign of it being new)."""
-    fs = counts.first_seen
-    return fs is not None and fs <= counts.now < fs + config.new_ms
+def _new_entry(
+    first_seen: int | None, now: int, previous_state: Mapping[str, Any] | None, config: BehaviourConfig
+) -> tuple[bool, dict[str, Any] | None]:
+    """Whether the product is new at `now` (first_seen <= now < first_seen + new_days: an event older than the
+    product is no sign of it being new), and its state entry (None when it has none and needs none)."""
+    was_new, since = _prev(previous_state, "new")
+    is_new = first_seen is not None and first_seen <= now < first_seen + config.new_ms
+    if is_new != was_new:
+        return is_new, {"on": is_new, "since": now}
+    if was_new or (previous_state and "new" in previous_state):
+        return is_new, {"on": is_new, "since": since if since is not None else now}
+    return is_new, None
+
+
+def decode_new(
+    first_seen: int | None, now: int, previous_state: Mapping[str, Any] | None, config: BehaviourConfig = DEFAULT_CONFIG
+) -> tuple[list[Tag], State]:
+    """`decode_behaviour` of `new` alone, which time alone decides (no counts needed): the tags that are on and the
+    state, the other tags' entries as they were."""
+    state: State = dict(previous_state or {})
+    entry = _new_entry(first_seen, now, previous_state, config)[1]
+    if entry is not None:
+        state["new"] = entry
+    return [_BEHAVIOUR_TAG[t] for t in BEHAVIOUR_TAGS if _prev(state, t)[0]], state
 
 
 def decode_behaviour(
@@ -255,12 +276,9 @@ def _decode(
             new_state[tag] = {"on": is_on, "since": now}
         elif was_on or (previous_state and tag in previous_state):
             new_state[tag] = {"on": is_on, "since": since if since is not None else now}
-    was_new, since = _prev(previous_state, "new")
-    on["new"] = _is_new(counts, config)
-    if on["new"] != was_new:
-        new_state["new"] = {"on": on["new"], "since": now}
-    elif was_new or (previous_state and "new" in previous_state):
-        new_state["new"] = {"on": on["new"], "since": since if since is not None else now}
+    on["new"], entry = _new_entry(counts.first_seen, now, previous_state, config)
+    if entry is not None:
+        new_state["new"] = entry
     return [_BEHAVIOUR_TAG[t] for t in BEHAVIOUR_TAGS if on[t]], new_state
 
 

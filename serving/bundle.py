@@ -306,10 +306,31 @@ def write_bundle(
     - `signing_key`: Ed25519 private key (object, PEM, or 32 raw bytes); writes `manifest.sig`.
 
     Files are written into a hidden temp directory of the registry, fsynced, validated with `load_bundle` (unless
-    `validate=False`, for tests of broken bundles) and renamed into place. An existing version is never overwritten.
+    `validate=False`, for tests of broken bundles) and renamed into place, readable by all (directory 0755, files
+    0444). An existing version is never overwritten. The writer holds an exclusive `flock` on its temp directory;
+    temp directories that nobody holds and that have not changed for `stale_tmp_s` (a writer killed by SIGKILL or
+    a power cut) are removed first.
     """
+    import fcntl
+    import time
+
+    stale_tmp_s = 600.0
     registry = Path(registry_dir)
     registry.mkdir(parents=True, exist_ok=True)
+    for old in registry.glob(".tmp-*"):
+        try:
+            if not old.is_dir() or old.is_symlink() or time.time() - old.stat().st_mtime < stale_tmp_s:
+                continue
+            fd = os.open(old, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a live writer holds it: left alone
+            shutil.rmtree(old, ignore_errors=True)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
     missing_meta = [k for k in ("model_name", "training_data_sha256") if k not in meta]
     if missing_meta:
         raise BundleError(f"write_bundle: meta lacks {', '.join(missing_meta)}")
@@ -331,7 +352,9 @@ def write_bundle(
         raise BundleError(f"bundle {version} already exists in {registry}; bundles are immutable")
 
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{version}-", dir=registry))
+    lock = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY)
     try:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # until the end: another writer's clean-up never removes it
         _write_file(tmp / MODEL_FILE, onnx_bytes)
         labels_obj = labels.to_json() if isinstance(labels, LabelMap) else dict(labels)
         _write_file(tmp / "labels.json", _json_bytes(labels_obj))
@@ -390,6 +413,7 @@ def write_bundle(
             load_bundle(tmp, verify_key=key.public_key() if key else None, limits=limits)
         for entry in tmp.iterdir():
             entry.chmod(0o444)
+        tmp.chmod(0o755)  # mkdtemp made it 0700: a worker or ops account must read the bundle too
         if final.exists():
             raise BundleError(f"bundle {version} already exists in {registry}; bundles are immutable")
         try:
@@ -401,6 +425,7 @@ def write_bundle(
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+        os.close(lock)
 
 
 def list_versions(registry_dir: str | Path) -> list[str]:
@@ -542,9 +567,10 @@ def read_manifest_bytes(path: str | Path, limits: BundleLimits = DEFAULT_LIMITS)
 
 
 def _read_limited(path: Path, limit: int, reasons: list[str]) -> bytes | None:
-    """Read a regular file of at most `limit` bytes (size checked on the open descriptor)."""
+    """Read a regular file of at most `limit` bytes (size and kind checked on the open descriptor; opened
+    non-blocking, so a FIFO or device in a bundle is refused instead of blocking the reader for good)."""
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
     except FileNotFoundError:
         reasons.append(f"{path.name}: missing")
         return None

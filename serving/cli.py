@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -13,6 +14,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from tagstream.errors import ConfigError
 from tagstream.settings import RedisUrl
 from tagstream.settings import load_settings as load_tagstream_settings
+
+if TYPE_CHECKING:
+    import redis.asyncio as aioredis
 
 __all__ = ["LookupSettings", "register"]
 
@@ -33,6 +37,18 @@ class LookupSettings(BaseSettings):
     )
     http_host: str = Field(default="127.0.0.1", description="address to listen on (TAGSTREAM_HTTP_HOST)")
     http_port: int = Field(default=8080, ge=1, le=65535, description="port to listen on (TAGSTREAM_HTTP_PORT)")
+    redis_max_connections: int = Field(
+        default=100,
+        ge=1,
+        description="most Redis connections of each of the lookup's two clients (tags and /healthz; features); a "
+        "request finding them all busy waits for one (TAGSTREAM_REDIS_MAX_CONNECTIONS)",
+    )
+    redis_pool_timeout: float = Field(
+        default=5.0,
+        gt=0,
+        description="longest wait of a request for a free Redis connection before it answers 503, in seconds "
+        "(TAGSTREAM_REDIS_POOL_TIMEOUT)",
+    )
 
 
 def load_settings(**overrides: Any) -> LookupSettings:
@@ -54,12 +70,32 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.set_defaults(func=run_lookup)
 
 
+def _redis_client(settings: LookupSettings, **options: Any) -> aioredis.Redis:
+    """A `redis.asyncio.Redis` on a pool of at most `redis_max_connections` where a request waits up to
+    `redis_pool_timeout` for a free connection (redis-py's default pool fails at once past 100 connections, which
+    turned a burst of requests into 503s); `options` as for `from_url` (options in the URL win)."""
+    import redis.asyncio as aioredis
+
+    pool = aioredis.BlockingConnectionPool.from_url(
+        settings.redis_url.get_secret_value(),
+        max_connections=settings.redis_max_connections,
+        timeout=settings.redis_pool_timeout,
+        **options,
+    )
+    return aioredis.Redis.from_pool(pool)
+
+
+def _url_address(host: str, port: int) -> str:
+    """`host:port` as in a URL: an IPv6 address in brackets."""
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+
+
 def run_lookup(args: argparse.Namespace) -> int:
     """Serve until interrupted."""
-    import redis.asyncio as aioredis
     from aiohttp import web
+    from redis.exceptions import RedisError
 
-    from serving.http import create_app
+    from serving.http import PING_TIMEOUT_S, create_app, state_format
 
     settings = load_settings(
         http_port=args.port, http_host=args.host, redis_url=args.redis_url, redis_prefix=args.redis_prefix
@@ -67,23 +103,39 @@ def run_lookup(args: argparse.Namespace) -> int:
     from streams.features import product_features
     from streams.state import RedisStateStore
 
-    redis_url = settings.redis_url.get_secret_value()
-    client = aioredis.from_url(redis_url)
-    store = RedisStateStore.from_url(redis_url, settings.redis_prefix)
-    app = create_app(client, settings.redis_prefix, features=lambda pid: product_features(store, pid))
+    prefix = settings.redis_prefix
+    client = _redis_client(settings)
+    # The store's options are those of RedisStateStore.from_url, on a bounded pool like the tags client's.
+    store = RedisStateStore(_redis_client(settings, decode_responses=True, health_check_interval=30), prefix)
+    app = create_app(client, prefix, features=lambda pid: product_features(store, pid))
+
+    async def check_prefix(_: web.Application) -> None:
+        try:
+            found = await asyncio.wait_for(state_format(client.hget, prefix), PING_TIMEOUT_S)
+        except (TimeoutError, OSError, RedisError) as exc:  # /healthz will say so, requests get 503
+            log.warning("could not read %s:meta from Redis: %s", prefix, str(exc) or type(exc).__name__)
+            return
+        if found is None:
+            log.warning(
+                "no worker has written state under the prefix %s (no %s:meta): every product is 404 until one does; "
+                "check TAGSTREAM_REDIS_PREFIX / --redis-prefix",
+                prefix,
+                prefix,
+            )
 
     async def close_client(_: web.Application) -> None:
         await client.aclose()
         await store.close()
 
+    app.on_startup.append(check_prefix)
     app.on_cleanup.append(close_client)
-    address = f"{settings.http_host}:{settings.http_port}"
+    address = _url_address(settings.http_host, settings.http_port)
     try:  # run_app calls `print` once it listens
         web.run_app(
             app,
             host=settings.http_host,
             port=settings.http_port,
-            print=lambda _: log.info("tag lookup on http://%s (prefix %s)", address, settings.redis_prefix),
+            print=lambda _: log.info("tag lookup on http://%s (prefix %s)", address, prefix),
         )
     except OSError as exc:  # only the bind (address in use, not permitted, unknown host) gets out of run_app
         reason = os.strerror(exc.errno) if exc.errno and exc.errno > 0 else exc.strerror or str(exc)

@@ -179,15 +179,17 @@ def attribute_tag(name: str, value: str) -> str:
 
 
 def catalog_tags(attributes: Mapping[str, str] | None) -> list[Tag]:
-    """Catalog tags `attribute_tag(name, value)` (group = the attribute name, score 1.0), sorted by attribute; blank
-    ones skipped."""
+    """Catalog tags `attribute_tag(name, value)` (group = the attribute name, or its `TAG_PREFIXES` entry: `color`
+    → `colour`; score 1.0), sorted by attribute; blank ones skipped."""
     out: list[Tag] = []
     for name, value in sorted((attributes or {}).items()):
         if not isinstance(name, str) or not isinstance(value, str):
             continue
         name, value = name.strip(), value.strip()
         if name and value:
-            out.append(Tag(tag=attribute_tag(name, value), group=name, score=1.0, origin="catalog"))
+            out.append(
+                Tag(tag=attribute_tag(name, value), group=TAG_PREFIXES.get(name, name), score=1.0, origin="catalog")
+            )
     return out
 
 
@@ -196,13 +198,14 @@ def merge_tags(
 ) -> list[Tag]:
     """The full tag set: model tags, then catalog tags, then behaviour tags, each tag name once.
 
-    A catalog tag's group replaces the model's tags of that group. With `labels`, model tags whose parent tag was
-    dropped that way are dropped too (so no child is left without its parent). On a repeated tag name, catalog
-    wins over behaviour, which wins over model.
+    A catalog tag's group replaces the model's tags of that group (group names compared after `TAG_PREFIXES`: a
+    model trained on `baseColour` and a catalog sending `colour` name one group). With `labels`, model tags whose
+    parent tag was dropped that way are dropped too (so no child is left without its parent). On a repeated tag
+    name, catalog wins over behaviour, which wins over model.
     """
     catalog, behaviour = list(catalog), list(behaviour)
-    overridden = {t.group for t in catalog}
-    kept = [t for t in model if t.group not in overridden]
+    overridden = {TAG_PREFIXES.get(t.group, t.group) for t in catalog}
+    kept = [t for t in model if TAG_PREFIXES.get(t.group, t.group) not in overridden]
     if labels is not None:
         changed = True
         while changed:

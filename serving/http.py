@@ -2,7 +2,9 @@
 `GET /products/{product_id}/features` its behaviour windows (counts, unique users, CTR, conversion).
 
 The state is the JSON string at `<prefix>:{<product_id>}:tags` (SPEC §3) written by the worker; the response is that
-object with `product_id` added. `GET /healthz` answers 200 when Redis answers a PING, 503 otherwise.
+object with `product_id` added. Stored state the worker would not have written (a value that does not parse, a key
+of another type) answers 500 "corrupt ...". `GET /healthz` answers 200 when Redis answers, 503 otherwise; its
+`state_format` is the state format the workers wrote under the prefix (`<prefix>:meta`), null when none did.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Any, Protocol
 import orjson
 from aiohttp import web
 
-__all__ = ["create_app", "tags_key"]
+__all__ = ["create_app", "state_format", "tags_key"]
 
 log = logging.getLogger(__name__)
 
@@ -28,12 +30,13 @@ FEATURES_TIMEOUT_S = 5.0
 
 
 class TagStore(Protocol):
-    """The part of a `redis.asyncio.Redis` client the app uses (`ping` is optional)."""
+    """The part of a `redis.asyncio.Redis` client the app uses (`ping` and `hget` are optional)."""
 
     async def get(self, name: str) -> bytes | str | None: ...
 
 
 FeatureReader = Callable[[str], Awaitable[dict[str, Any] | None]]
+HGet = Callable[[str, str], Awaitable[bytes | str | None]]  # a client's `hget(name, key)`
 REDIS = web.AppKey("redis", TagStore)
 FEATURES = web.AppKey("features", FeatureReader)
 PREFIX = web.AppKey("prefix", str)
@@ -57,14 +60,28 @@ def _json(obj: Any, status: int = 200) -> web.Response:
     )
 
 
+def _wrong_type(exc: BaseException) -> bool:
+    """Redis refused a command because the key holds another type: corrupt data, not a store that is down."""
+    return str(exc).startswith("WRONGTYPE")
+
+
+def _corrupt(what: str, product_id: str, reason: object) -> web.Response:
+    """500 {"error": "corrupt <what>", "product_id": ...}, logged with `reason`."""
+    log.error("%s of %s is corrupt: %s", what, product_id, reason)
+    return _json({"error": f"corrupt {what}", "product_id": product_id}, status=500)
+
+
 async def get_tags(request: web.Request) -> web.Response:
-    """The product's tag state, 404 when there is none, 400 for a malformed id, 503 when Redis fails."""
+    """The product's tag state, 404 when there is none, 400 for a malformed id, 500 when it is corrupt, 503 when Redis
+    fails."""
     product_id = request.match_info["product_id"]
     if not PRODUCT_ID_RE.fullmatch(product_id):
         return _json({"error": "invalid product id", "product_id": product_id}, status=400)
     try:
         raw = await request.app[REDIS].get(tags_key(request.app[PREFIX], product_id))
     except _REDIS_ERRORS as exc:
+        if _wrong_type(exc):
+            return _corrupt("tag state", product_id, exc)
         log.warning("tag lookup of %s failed: %s", product_id, exc)
         return _json({"error": "tag store unavailable"}, status=503)
     if raw is None:
@@ -72,22 +89,25 @@ async def get_tags(request: web.Request) -> web.Response:
     try:
         state = orjson.loads(raw)
     except orjson.JSONDecodeError:
-        log.error("tag state of %s is not JSON", product_id)
-        return _json({"error": "corrupt tag state", "product_id": product_id}, status=500)
+        return _corrupt("tag state", product_id, "not JSON")
     if not isinstance(state, dict):
-        return _json({"error": "corrupt tag state", "product_id": product_id}, status=500)
+        return _corrupt("tag state", product_id, "not a JSON object")
     return _json({"product_id": product_id, **state})
 
 
 async def get_features(request: web.Request) -> web.Response:
-    """The product's behaviour windows, 404 when nothing is known of it, 400 for a malformed id, 503 on Redis
-    failure."""
+    """The product's behaviour windows, 404 when nothing is known of it, 400 for a malformed id, 500 when its state is
+    corrupt, 503 on Redis failure."""
     product_id = request.match_info["product_id"]
     if not PRODUCT_ID_RE.fullmatch(product_id):
         return _json({"error": "invalid product id", "product_id": product_id}, status=400)
     try:
         features = await asyncio.wait_for(request.app[FEATURES](product_id), FEATURES_TIMEOUT_S)
+    except ValueError as exc:  # a stored number or JSON value that does not parse
+        return _corrupt("product state", product_id, exc)
     except (TimeoutError, *_REDIS_ERRORS) as exc:
+        if _wrong_type(exc):
+            return _corrupt("product state", product_id, exc)
         log.warning("feature lookup of %s failed: %s", product_id, str(exc) or type(exc).__name__)
         return _json({"error": "state store unavailable"}, status=503)
     if features is None:
@@ -95,15 +115,28 @@ async def get_features(request: web.Request) -> web.Response:
     return _json(features)
 
 
+async def state_format(hget: HGet, prefix: str) -> int | str | None:
+    """The state format the workers wrote under `prefix` (`<prefix>:meta`, SPEC §3) read with a client's `hget`, None
+    when none did (no worker has run with this prefix: a mistyped prefix?). Raises what `hget` raises."""
+    found = await hget(f"{prefix}:meta", "state_format")
+    text = found.decode(errors="replace") if isinstance(found, bytes) else found
+    return int(text) if text is not None and text.isdecimal() else text
+
+
 async def healthz(request: web.Request) -> web.Response:
-    """200 {"status": "ok"} when Redis answers PING (or the store has no ping), else 503."""
-    ping = getattr(request.app[REDIS], "ping", None)
-    if ping is not None:
-        try:
-            await asyncio.wait_for(ping(), PING_TIMEOUT_S)
-        except (TimeoutError, *_REDIS_ERRORS) as exc:
-            return _json({"status": "unavailable", "redis": str(exc) or type(exc).__name__}, status=503)
-    return _json({"status": "ok"})
+    """200 {"status": "ok", "state_format": F} when Redis answers the read of F (a store without `hget`: a PING, and
+    no F), else 503."""
+    hget, ping = getattr(request.app[REDIS], "hget", None), getattr(request.app[REDIS], "ping", None)
+    body: dict[str, Any] = {"status": "ok"}
+    try:
+        async with asyncio.timeout(PING_TIMEOUT_S):
+            if hget is not None:
+                body["state_format"] = await state_format(hget, request.app[PREFIX])
+            elif ping is not None:
+                await ping()
+    except (TimeoutError, *_REDIS_ERRORS) as exc:
+        return _json({"status": "unavailable", "redis": str(exc) or type(exc).__name__}, status=503)
+    return _json(body)
 
 
 def create_app(redis_client: TagStore, prefix: str = "ts", features: FeatureReader | None = None) -> web.Application:

@@ -80,6 +80,21 @@ class TagstreamApp(faust.App):
         return TagstreamTransport(self.conf.broker_producer, self)
 
 
+async def check_state_store(settings: WorkerSettings, wait_s: float = 5.0) -> None:
+    """Before a worker starts: the Redis store holds a state format this worker reads (StateError otherwise, so the
+    refusal is one line instead of a crash inside the agents). A Redis that does not answer within `wait_s` is left
+    for the worker, which waits for it."""
+    store = RedisStateStore.from_url(
+        settings.redis_url.get_secret_value(), settings.redis_prefix, settings.redis_retry_max_backoff
+    )
+    try:
+        await asyncio.wait_for(store.check_format(), wait_s)
+    except TimeoutError:
+        log.warning("Redis did not answer within %gs: its state format is checked once the worker reaches it", wait_s)
+    finally:
+        await store.close()
+
+
 @dataclass(slots=True)
 class WorkerStats:
     """Counters a running worker keeps (logged periodically, read by tests and benchmarks)."""
@@ -206,6 +221,8 @@ class Worker:
                     lane_min_events=self.settings.behaviour_lane_min_events,
                     state_cache=self.settings.state_cache,
                     locks=self.locks,
+                    max_event_ahead_ms=self.settings.max_event_ahead_ms,
+                    behaviour_topic=self.settings.topic("behavior"),
                 )
             return self._processor
 

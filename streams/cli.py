@@ -6,14 +6,19 @@ import argparse
 import asyncio
 import logging
 import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import orjson
 
+from schemas.records import BehaviorEvent, ProductChange
 from streams.model_cli import kafka_errors
 from streams.settings import WorkerSettings
 from streams.topics import ensure_topics
-from tagstream.errors import ConfigError
+from tagstream.errors import ConfigError, EventDecodeError, TagstreamError
 from tagstream.settings import load_settings
 
 log = logging.getLogger(__name__)
@@ -33,11 +38,12 @@ def _worker(args: argparse.Namespace) -> int:
     settings = load_settings(WorkerSettings, "worker", **overrides)
     if settings.model_path is not None:  # the worker validates it fully at start; a wrong path fails here, in a line
         read_manifest_bytes(settings.model_path)
-    from streams.app import Worker
+    from streams.app import Worker, check_state_store
     from streams.eventloop import use_event_loop
 
     use_event_loop(settings.event_loop)  # before Faust creates the app's loop
     _ensure_topics(settings)
+    asyncio.run(check_state_store(settings))  # a store of another format: one line here, not a crash in the agents
     worker = Worker(settings)
     worker.gc.install()
     import faust
@@ -52,31 +58,197 @@ def _topics(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _replay(path: Path, topic: str, settings: WorkerSettings) -> int:
+# The replay producer's max_request_size (aiokafka's default, below the broker's default message.max.bytes): every
+# line is checked against it (and against the topic's own max.message.bytes) before anything is sent.
+REPLAY_MAX_REQUEST_BYTES = 1_048_576
+# How the worker decodes each input topic's values: a line it would dead-letter is invalid here.
+REPLAY_DECODERS: dict[str, Callable[[bytes | None], Any]] = {
+    "products": ProductChange.decode,
+    "behavior": BehaviorEvent.decode,
+}
+OVERSIZE = "oversize"
+INVALID = "invalid"
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayLine:
+    """One non-blank line of a replay file: the message it makes and what is wrong with it, if anything."""
+
+    line_no: int
+    key: bytes | None
+    value: bytes
+    problem: str | None = None  # OVERSIZE (never sent) or INVALID (the worker would dead-letter it)
+    reason: str = ""
+
+
+@dataclass
+class ReplayCheck:
+    """A replay file read through before anything is sent: its events and its bad lines."""
+
+    path: Path
+    events: int = 0
+    oversize: int = 0
+    invalid: int = 0
+    first_oversize: ReplayLine | None = None
+    first_invalid: ReplayLine | None = None
+
+    def add(self, line: ReplayLine) -> None:
+        """Count one line."""
+        self.events += 1
+        if line.problem == OVERSIZE:
+            self.oversize += 1
+            self.first_oversize = self.first_oversize or line
+        elif line.problem == INVALID:
+            self.invalid += 1
+            self.first_invalid = self.first_invalid or line
+
+    def refusal(self, send_invalid: bool) -> str | None:
+        """The one-line reason to send nothing (None: the file may be sent)."""
+        bad = [ln for ln in (self.first_oversize, None if send_invalid else self.first_invalid) if ln is not None]
+        if not bad:
+            return None
+        first = min(bad, key=lambda ln: ln.line_no)
+        counts = f"bad lines: {self.oversize} over the size limit, {self.invalid} invalid, of {self.events}"
+        hint = (
+            "a line over the size limit can never be sent"
+            if send_invalid or not self.invalid
+            else "--send-invalid sends invalid events anyway, for the worker to dead-letter"
+        )
+        return f"{self.path}:{first.line_no}: {first.reason}; {counts}; nothing sent ({hint})"
+
+
+def _loose_key(value: bytes) -> bytes | None:
+    """An invalid event's key: its product_id if it is a string (else none: the worker dead-letters it anyway)."""
+    try:
+        key = orjson.loads(value).get("product_id")
+    except (orjson.JSONDecodeError, AttributeError):
+        return None
+    return key.encode() if isinstance(key, str) else None
+
+
+def replay_lines(path: Path, topic: str, limit: int) -> Iterator[ReplayLine]:
+    """The non-blank lines of `path` as messages for logical `topic`, each checked as the worker will decode it and
+    against `limit`, the most bytes a record may take (aiokafka's estimate of a one-record batch)."""
+    from aiokafka.record.default_records import DefaultRecordBatchBuilder
+
+    decode = REPLAY_DECODERS[topic]
+    with path.open("rb") as fh:
+        for line_no, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            value = line.rstrip(b"\n")
+            try:
+                key: bytes | None = decode(value).product_id.encode()
+                problem, reason = None, ""
+            except EventDecodeError as exc:
+                key, problem, reason = _loose_key(value), INVALID, str(exc)
+            size = DefaultRecordBatchBuilder.estimate_size_in_bytes(key, value, [])
+            if size > limit:
+                problem, reason = OVERSIZE, f"{size} bytes as a Kafka record, over the {limit}-byte limit"
+            yield ReplayLine(line_no, key, value, problem, reason)
+
+
+def check_replay_file(path: Path, topic: str, limit: int) -> ReplayCheck:
+    """Read the whole file once and count its events and bad lines."""
+    check = ReplayCheck(path)
+    for line in replay_lines(path, topic, limit):
+        check.add(line)
+    return check
+
+
+async def _message_limit(settings: WorkerSettings, topic: str) -> int:
+    """The most bytes one replayed record may take: the producer's max request size, or the topic's
+    `max.message.bytes` (a one-record batch) if it is lower."""
+    from aiokafka.admin import AIOKafkaAdminClient
+    from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, client_id="tagstream-replay")
+    await admin.start()
+    try:
+        name = settings.topic(topic)
+        responses = await admin.describe_configs(
+            [ConfigResource(ConfigResourceType.TOPIC, name, {"max.message.bytes": None})]
+        )
+    finally:
+        await admin.close()
+    limits = [
+        int(entry[1])
+        for response in responses
+        for resource in response.resources
+        for entry in resource[4]
+        if entry[0] == "max.message.bytes" and str(entry[1]).isdigit()
+    ]
+    return min([REPLAY_MAX_REQUEST_BYTES, *limits])
+
+
+@dataclass
+class ReplayProgress:
+    """How far a replay got: what a user needs to know before running it again."""
+
+    sent: int = 0
+    invalid: int = 0
+    last_line: int = 0
+
+    def describe(self, path: Path) -> str:
+        """`N events already sent (through FILE:LINE)`, for errors and interruptions."""
+        if not self.sent:
+            return "nothing was sent"
+        return f"{self.sent} events already sent (through {path}:{self.last_line}); running it again resends them"
+
+
+async def _replay(
+    path: Path,
+    topic: str,
+    settings: WorkerSettings,
+    progress: ReplayProgress,
+    rate: float | None = None,
+    send_invalid: bool = False,
+) -> ReplayCheck:
+    """Check every line of `path` (nothing is sent if one is refused), then send them, at `rate` events/s if given
+    (as fast as the producer allows otherwise). Returns the check."""
     from aiokafka import AIOKafkaProducer
 
+    limit = await _message_limit(settings, topic)
+    check = check_replay_file(path, topic, limit)
+    refusal = check.refusal(send_invalid)
+    if refusal is not None:
+        raise ConfigError(refusal)
     producer = AIOKafkaProducer(
-        bootstrap_servers=settings.kafka_bootstrap, acks="all", enable_idempotence=True, linger_ms=5
+        bootstrap_servers=settings.kafka_bootstrap,
+        acks="all",
+        enable_idempotence=True,
+        linger_ms=5,
+        max_request_size=REPLAY_MAX_REQUEST_BYTES,
     )
-    sent = 0
+    failures: list[BaseException] = []
+
+    def delivered(fut: asyncio.Future[Any]) -> None:
+        if not fut.cancelled() and fut.exception() is not None:
+            failures.append(fut.exception())  # type: ignore[arg-type]
+
+    interval = 1.0 / rate if rate else 0.0
+    t_next: float | None = None  # when the next event is due: paced from the first send (which waits for metadata)
     try:
         await producer.start()
-        with path.open("rb") as fh:
-            for line_no, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    key = orjson.loads(line).get("product_id")
-                except (orjson.JSONDecodeError, AttributeError):
-                    key = None  # sent as is: the worker dead-letters it with the reason
-                    log.warning("%s:%d is not a JSON object; sent anyway", path, line_no)
-                key = key if isinstance(key, str) else None  # not a string: the worker dead-letters the event
-                await producer.send(settings.topic(topic), line.rstrip(b"\n"), key=key.encode() if key else None)
-                sent += 1
+        for line in replay_lines(path, topic, limit):
+            if line.problem == OVERSIZE or (line.problem == INVALID and not send_invalid):
+                raise ConfigError(f"{path}:{line.line_no}: {line.reason} (the file changed during the replay)")
+            fut = await producer.send(settings.topic(topic), line.value, key=line.key)
+            fut.add_done_callback(delivered)
+            progress.sent += 1
+            progress.invalid += int(line.problem == INVALID)
+            progress.last_line = line.line_no
+            if interval:
+                now = time.monotonic()
+                t_next = (now if t_next is None else t_next) + interval
+                if t_next > now:
+                    await asyncio.sleep(t_next - now)
         await producer.flush()
     finally:
         await producer.stop()
-    return sent
+    if failures:
+        raise failures[0]
+    return check
 
 
 def _replay_cmd(args: argparse.Namespace) -> int:
@@ -85,13 +257,60 @@ def _replay_cmd(args: argparse.Namespace) -> int:
         raise ConfigError(f"no such file: {path}")
     settings = load_settings(WorkerSettings, "worker")
     _ensure_topics(settings)
-    with kafka_errors(f"send to {settings.topic(args.topic)}", settings.kafka_bootstrap):
-        sent = asyncio.run(_replay(path, args.topic, settings))
-    print(f"sent {sent} events to {settings.topic(args.topic)}")
+    name = settings.topic(args.topic)
+    progress = ReplayProgress()
+    try:
+        with kafka_errors(f"send to {name}", settings.kafka_bootstrap):
+            check = asyncio.run(
+                _replay(path, args.topic, settings, progress, rate=args.rate, send_invalid=args.send_invalid)
+            )
+    except KeyboardInterrupt:
+        print(f"tagstream replay: interrupted: {progress.describe(path)}", file=sys.stderr)
+        raise
+    except TagstreamError as exc:
+        if progress.sent:
+            raise TagstreamError(f"{exc}; {progress.describe(path)}") from exc
+        raise
+    line = f"sent {progress.sent} events to {name}"
+    if args.send_invalid:
+        first = check.first_invalid
+        where = f", first {path}:{first.line_no}: {first.reason}; the worker dead-letters them" if first else ""
+        line += f" ({progress.invalid} invalid{where})"
+    print(line)
     return 0
 
 
-async def _tail(settings: WorkerSettings, topic: str, limit: int | None) -> None:
+def _show(value: bytes | None) -> str:
+    """A message value as one output line: a record with no value (a tombstone) prints as `null`."""
+    return "null" if value is None else value.decode("utf-8", "replace")
+
+
+async def _latest(settings: WorkerSettings, name: str, limit: int) -> list[bytes | None]:
+    """The last `limit` messages already on topic `name`, over all its partitions (by timestamp, then partition and
+    offset): at most `limit` read from the end of each partition."""
+    from aiokafka import AIOKafkaConsumer
+
+    consumer = AIOKafkaConsumer(name, bootstrap_servers=settings.kafka_bootstrap, enable_auto_commit=False)
+    records = []
+    try:
+        await consumer.start()
+        tps = sorted(consumer.assignment())
+        ends = await consumer.end_offsets(tps)
+        starts = await consumer.beginning_offsets(tps)
+        todo = {tp for tp in tps if ends[tp] > starts[tp]}
+        for tp in tps:
+            consumer.seek(tp, max(starts[tp], ends[tp] - limit))
+        while todo:
+            for tp, batch in (await consumer.getmany(*todo, timeout_ms=1000)).items():
+                records += [(r.timestamp, r.partition, r.offset, r.value) for r in batch if r.offset < ends[tp]]
+            todo = {tp for tp in todo if await consumer.position(tp) < ends[tp]}
+    finally:
+        await consumer.stop()
+    records.sort(key=lambda r: r[:3])
+    return [r[3] for r in records[-limit:]]
+
+
+async def _tail(settings: WorkerSettings, topic: str, limit: int | None, latest: bool = False) -> None:
     from aiokafka import AIOKafkaConsumer
 
     consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, auto_offset_reset="earliest")
@@ -103,9 +322,14 @@ async def _tail(settings: WorkerSettings, topic: str, limit: int | None) -> None
             raise ConfigError(
                 f"no topic {name} (TAGSTREAM_TOPIC_PREFIX={settings.topic_prefix!r}; see `tagstream topics`)"
             )
+        if latest and limit is not None:
+            for value in await _latest(settings, name, limit):
+                sys.stdout.write(_show(value) + "\n")
+            sys.stdout.flush()
+            return
         consumer.subscribe([name])
         async for msg in consumer:
-            sys.stdout.write(msg.value.decode("utf-8", "replace") + "\n")
+            sys.stdout.write(_show(msg.value) + "\n")
             sys.stdout.flush()
             seen += 1
             if limit is not None and seen >= limit:
@@ -117,10 +341,23 @@ async def _tail(settings: WorkerSettings, topic: str, limit: int | None) -> None
 def _tail_cmd(args: argparse.Namespace) -> int:
     if args.limit is not None and args.limit < 1:
         raise ConfigError(f"-n/--limit must be at least 1, got {args.limit} (leave it out to print until interrupted)")
+    if args.latest and args.limit is None:
+        raise ConfigError("--latest needs -n N (the last N messages already on the topic)")
     settings = load_settings(WorkerSettings, "worker")
     with kafka_errors(f"read {settings.topic(args.topic)}", settings.kafka_bootstrap):
-        asyncio.run(_tail(settings, args.topic, args.limit))
+        asyncio.run(_tail(settings, args.topic, args.limit, latest=args.latest))
     return 0
+
+
+def positive_rate(text: str) -> float:
+    """argparse type of a `--rate`: a finite number of events per second above 0."""
+    try:
+        rate = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 < rate < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be > 0 events/s, got {text!r}")
+    return rate
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -133,12 +370,43 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("topics", help="create tagstream's topics that do not exist yet")
     p.set_defaults(func=_topics)
 
-    p = subparsers.add_parser("replay", help="send a JSONL file of events to a topic (keyed by product_id)")
+    p = subparsers.add_parser(
+        "replay",
+        help="send a JSONL file of events to a topic (keyed by product_id); every line is checked first and a file "
+        "with a bad line is refused whole",
+    )
     p.add_argument("file", help="JSONL file, one event per line")
     p.add_argument("--topic", required=True, choices=["products", "behavior"])
+    p.add_argument(
+        "--rate",
+        type=positive_rate,
+        metavar="N",
+        default=None,
+        help="send at most N events per second (> 0), e.g. to replay a real log at a realistic pace "
+        "(default: as fast as possible)",
+    )
+    p.add_argument(
+        "--send-invalid",
+        action="store_true",
+        help="send events that fail the topic's schema anyway (the worker dead-letters them); a line over the "
+        "message size limit is never sent",
+    )
     p.set_defaults(func=_replay_cmd)
 
     p = subparsers.add_parser("tail", help="print a topic's messages (e.g. tag-updates, dead-letter)")
     p.add_argument("topic", help="logical topic name: tag-updates, dead-letter, model-updates, ...")
-    p.add_argument("-n", "--limit", type=int, default=None, help="stop after N messages (N ≥ 1; default: never)")
+    p.add_argument(
+        "-n",
+        "--limit",
+        type=int,
+        default=None,
+        metavar="N",
+        help="stop after N messages read from the beginning of the topic: its oldest, in offset order within a "
+        "partition, partitions interleaved (N ≥ 1; default: all of them, then new ones until interrupted)",
+    )
+    p.add_argument(
+        "--latest",
+        action="store_true",
+        help="with -n N: the last N messages already on the topic (all partitions, by timestamp), then stop",
+    )
     p.set_defaults(func=_tail_cmd)

@@ -10,12 +10,14 @@ from streams.windows import window_stats
 
 
 async def product_features(store: StateStore, product_id: str, now: int | None = None) -> dict[str, Any] | None:
-    """The 1 h / 24 h / 7 d windows of a product at event time `now` (default: the product's own clock), with
-    approximate unique users, CTR and conversion; None when nothing is known of the product."""
+    """The 1 h / 24 h / 7 d windows of a product at event time `now` (default: the product's own clock, or the
+    stream's clock a window pass moved its windows to, `swept_at`, when that is later), with approximate unique
+    users, CTR and conversion; None when nothing is known of the product."""
     state = (await store.read([product_id]))[product_id]
     if not state.doc and not state.beh:
         return None
-    at = now if now is not None else int(state.beh.get("last_ts", 0))
+    swept_at = (state.tags or {}).get("swept_at")
+    at = now if now is not None else max(int(state.beh.get("last_ts", 0)), int(swept_at or 0))
     if at:
         state = (await store.read([product_id], now={product_id: at}))[product_id]
     windows = {

@@ -4,8 +4,10 @@ shadow candidate scored beside the active one on live events.
 `ModelHolder.get()` is what the processor calls once per batch: it returns the active `BundleModel`, or — while a
 shadow is set — a `ShadowScoring` that scores with the active model, also scores with the shadow and records how
 their tags differ. Either way the batch is scored by the models captured at that call, so a swap between batches
-never mixes versions inside one batch. Lifecycle requests (activate, shadow, promote, rollback) are applied by
-`ModelHolder.handle`; the Kafka side (consuming model-updates, answering, publishing diffs) is `streams.models_agent`.
+never mixes versions inside one batch. Lifecycle requests (activate, shadow, promote, rollback; a shadow request
+without a bundle stops the shadow) are applied by `ModelHolder.handle`, and the history a (re)started worker replays
+by `ModelHolder.restore`, both by the same rules (`_Rules`); the Kafka side (consuming model-updates, answering,
+publishing diffs) is `streams.models_agent`.
 """
 
 from __future__ import annotations
@@ -17,10 +19,10 @@ import multiprocessing
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -38,6 +40,7 @@ from serving.validate import (
     validate_isolated,
     warm_up,
 )
+from streams.model_cli import ANSWER_KINDS, shadow_stopped_reason
 from streams.settings import WorkerSettings
 from tagstream.errors import ModelRejectedError
 
@@ -222,6 +225,181 @@ class ShadowScoring:
         return tags
 
 
+# --------------------------------------------------------------------------------------------------- lifecycle rules
+
+# A slot of (active, previous, shadow): a loaded model, or in a start-up fold the offset of the request whose bundle
+# it holds (not loaded yet).
+_Slot = BundleModel | int
+_Models = tuple[_Slot | None, _Slot | None, _Slot | None]
+
+
+def _same_bundle(model: BundleModel | None, event: ModelUpdate) -> bool:
+    """Whether `event` names the bundle `model` was loaded from (version, sha256 and path)."""
+    return (
+        model is not None
+        and model.version == event.model_version
+        and model.bundle.sha256 == event.sha256
+        and event.bundle_uri is not None
+        and Path(event.bundle_uri).resolve() == Path(model.bundle.path).resolve()
+    )
+
+
+def _loaded(slot: _Slot | None) -> BundleModel | None:
+    """A live request's slot (always a loaded model)."""
+    assert not isinstance(slot, int)
+    return slot
+
+
+@dataclass(frozen=True, slots=True)
+class _Step:
+    """What one request does to (active, previous, shadow)."""
+
+    before: _Models
+    after: _Models
+    offset: int = -1
+    reasons: tuple[str, ...] | None = None  # refused, and why
+    swapped: bool = False  # the active model changed
+    entered: bool = False  # the request's bundle entered a slot (activate, shadow)
+    stopped: _Slot | None = None  # the shadow a shadow request without a bundle stopped
+
+
+class _Rules:
+    """How each request changes (active, previous, shadow): one set of rules for live requests and for the
+    history a (re)started worker folds. `requests` (offset → request) names the bundles of a fold's offset slots;
+    requests naming the same bundle (version, sha256, path, signature) share the slot of the first of them."""
+
+    def __init__(self, requests: dict[int, ModelUpdate] | None = None) -> None:
+        self.requests = requests or {}
+        self.slots: dict[int, int] = {}  # request offset -> its bundle's slot
+        first: dict[tuple[str, str, Path, str | None], int] = {}
+        for offset, event in self.requests.items():
+            if event.sha256 is None or event.bundle_uri is None:
+                self.slots[offset] = offset
+            else:
+                key = (event.model_version, event.sha256, Path(event.bundle_uri).resolve(), event.signature)
+                self.slots[offset] = first.setdefault(key, offset)
+
+    def version(self, slot: _Slot) -> str:
+        """The model version of a slot (a request's bundle has the version it names, or it is refused)."""
+        return self.requests[slot].model_version if isinstance(slot, int) else slot.version
+
+    def same_bundle(self, slot: _Slot | None, event: ModelUpdate) -> bool:
+        """Whether `event` names the bundle in `slot` (an activate of it is answered, not applied again)."""
+        if not isinstance(slot, int):
+            return _same_bundle(slot, event)
+        held = self.requests[slot]
+        return (
+            held.model_version == event.model_version
+            and held.sha256 is not None
+            and held.sha256 == event.sha256
+            and held.bundle_uri is not None
+            and event.bundle_uri is not None
+            and Path(event.bundle_uri).resolve() == Path(held.bundle_uri).resolve()
+        )
+
+    def needs_bundle(self, models: _Models, event: ModelUpdate) -> bool:
+        """Whether applying `event` to `models` needs its bundle validated."""
+        if event.kind == "activate":
+            return not self.same_bundle(models[0], event)
+        return event.kind == "shadow" and event.bundle_uri is not None and models[0] is not None
+
+    def apply(
+        self, models: _Models, event: ModelUpdate, bundle: _Slot | None, refused: tuple[str, ...] | None
+    ) -> _Step:
+        """The step `event` makes from `models`; `bundle`: its validated bundle (when `needs_bundle`), unless
+        `refused` gives why the bundle was refused."""
+        active, previous, shadow = models
+
+        def refuse(*reasons: str) -> _Step:
+            return _Step(models, models, reasons=reasons)
+
+        def swap(new: _Slot) -> tuple[_Slot, _Slot | None]:  # the active model becomes previous
+            return new, active if active is not None and active != new else previous
+
+        kind = event.kind
+        if kind == "activate":
+            if refused is not None:
+                return refuse(*refused)
+            if bundle is None:
+                return _Step(models, models)  # already active
+            new, old = swap(bundle)
+            if shadow is not None and self.version(shadow) == self.version(bundle):
+                shadow = None  # the shadow is now active
+            return _Step(models, (new, old, shadow), swapped=True, entered=True)
+        if kind == "shadow":
+            if event.bundle_uri is None:  # no bundle: stop the shadow (`tagstream model shadow --off`)
+                if shadow is None:
+                    return refuse("shadow: no shadow model to stop")
+                if event.model_version not in (ANY_SHADOW, self.version(shadow)):
+                    return refuse(f"shadow: the shadow model is {self.version(shadow)}, not {event.model_version}")
+                return _Step(models, (active, previous, None), stopped=shadow)
+            if active is None:
+                return refuse("shadow: no active model to compare with")
+            if refused is not None:
+                return refuse(*refused)
+            assert bundle is not None
+            return _Step(models, (active, previous, bundle), entered=True)
+        if kind == "promote":
+            if shadow is None:
+                return refuse("promote: no shadow model")
+            if event.model_version not in (ANY_SHADOW, self.version(shadow)):
+                return refuse(f"promote: the shadow model is {self.version(shadow)}, not {event.model_version}")
+            return _Step(models, (*swap(shadow), None), swapped=True)
+        if kind == "rollback":
+            if previous is None:
+                return refuse("rollback: no previous model")
+            if event.model_version not in (ANY_PREVIOUS, self.version(previous)):
+                return refuse(f"rollback: the previous model is {self.version(previous)}, not {event.model_version}")
+            if shadow is not None and self.version(shadow) == self.version(previous):
+                shadow = None  # it would shadow itself
+            return _Step(models, (*swap(previous), shadow), swapped=True)
+        return _Step(models, models)  # answers
+
+    def _next(self, models: _Models, offset: int, invalid: dict[int, tuple[str, ...]]) -> _Step:
+        """A fold's step: the request at `offset`, its bundle an offset slot, valid unless `invalid` has it."""
+        event = self.requests[offset]
+        if not self.needs_bundle(models, event):
+            return self.apply(models, event, None, None)
+        slot = self.slots[offset]
+        return self.apply(models, event, slot, invalid.get(slot))
+
+    def fold(self, models: _Models, invalid: dict[int, tuple[str, ...]]) -> list[_Step]:
+        """Every step of the history (`requests`, in offset order) from `models`."""
+        steps = []
+        for offset in self.requests:
+            step = replace(self._next(models, offset, invalid), offset=offset)
+            steps.append(step)
+            models = step.after
+        return steps
+
+    def needed(self, steps: list[_Step], invalid: dict[int, tuple[str, ...]], valid: Collection[int]) -> set[int]:
+        """The requests whose bundles are still to be validated (not in `valid`): those in the final slots, and every
+        other one assumed valid whose refusal would change the final state (from its step on, the fold without it
+        never meets the fold with it; they meet after about two more swaps)."""
+        needed = {slot for slot in steps[-1].after if isinstance(slot, int)} if steps else set()
+        for i, step in enumerate(steps):
+            slot = self.slots[step.offset]
+            if not step.entered or slot in needed or slot in valid:
+                continue
+            models = step.before  # the request refused: nothing changed
+            for later in steps[i + 1 :]:
+                models = self._next(models, later.offset, invalid).after
+                if models == later.after:
+                    break
+            else:
+                needed.add(slot)
+        return needed
+
+    def replaced(self, steps: list[_Step]) -> dict[int, _Slot | None]:
+        """Each slot's bundle → the active model when it first entered a slot (a candidate's quality is compared
+        with the model it would replace)."""
+        out: dict[int, _Slot | None] = {}
+        for step in steps:
+            if step.entered:
+                out.setdefault(self.slots[step.offset], step.before[0])
+        return out
+
+
 # --------------------------------------------------------------------------------------------------- the holder
 
 
@@ -379,22 +557,35 @@ class ModelHolder:
         )
         return BundleModel.from_validated(validated)
 
-    async def validate(self, event: ModelUpdate) -> BundleModel:
-        """Validate the request's bundle (child process, then a thread re-opens it); raise ModelRejectedError."""
+    async def validate(self, event: ModelUpdate, active: BundleModel | None) -> BundleModel:
+        """Validate the request's bundle (child process, then a thread re-opens it) against the model it would
+        replace (`active`, for the quality stage); raise ModelRejectedError. A validation process found dead (killed,
+        out of memory) is replaced and the bundle validated once more before it is refused."""
         if self._validator is None:
             self._validator = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tagstream-validate")
-        active = self.active
-        try:
-            return await asyncio.get_running_loop().run_in_executor(self._validator, self._validate, event, active)
-        except ModelRejectedError:
-            raise
-        except BrokenProcessPool as exc:
-            self._pool = None  # a new child next time
-            log.error("the validation process died while validating %s", event.model_version)
-            raise ModelRejectedError([f"validation failed: the validation process died ({exc})"]) from None
-        except Exception as exc:  # anything unexpected in validation is a refusal, never a crash
-            log.exception("validating %s failed unexpectedly", event.model_version)
-            raise ModelRejectedError([f"validation failed: {type(exc).__name__}: {exc}"]) from None
+        retried = False
+        while True:
+            try:
+                return await asyncio.get_running_loop().run_in_executor(self._validator, self._validate, event, active)
+            except ModelRejectedError:
+                raise
+            except BrokenProcessPool as exc:
+                self._drop_pool()  # a new child next time
+                if not retried:
+                    retried = True
+                    log.warning("the validation process had died; validating %s in a new one", event.model_version)
+                    continue
+                log.error("the validation process died while validating %s", event.model_version)
+                raise ModelRejectedError([f"validation failed: the validation process died ({exc})"]) from None
+            except Exception as exc:  # anything unexpected in validation is a refusal, never a crash
+                log.exception("validating %s failed unexpectedly", event.model_version)
+                raise ModelRejectedError([f"validation failed: {type(exc).__name__}: {exc}"]) from None
+
+    def _drop_pool(self) -> None:
+        """Forget the validation process pool (a broken one: its child died); the next validation starts another."""
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
 
     def _answer(self, kind: str, version: str, request: ModelUpdate, reasons: Sequence[str] = ()) -> ModelUpdate:
         return ModelUpdate(
@@ -436,14 +627,6 @@ class ModelHolder:
         )
         return Outcome(answer, changed=True, swapped_to=model.version)
 
-    def swap_in(self, model: BundleModel) -> None:
-        """Make `model` active; the active one becomes previous. One reference assignment: batches in flight keep
-        the model they started with (sessions are never unloaded explicitly, only dropped)."""
-        if self.active is not None and self.active is not model:
-            self.previous = self.active
-        self.active = model
-        settle_heap()
-
     def set_shadow(self, model: BundleModel | None) -> None:
         """Start (or with None stop) scoring a shadow candidate beside the active model."""
         self.shadow = model
@@ -453,65 +636,112 @@ class ModelHolder:
         self.shadow_buffer.clear()
         self.updated_at = now_ms()
 
+    def _shadow_stopped(self, request: ModelUpdate, stopped: str) -> Outcome:
+        """The answer to a shadow stop: the active model, now scoring alone, with the stopped shadow as its reason."""
+        active = self.active
+        assert active is not None  # a shadow runs only beside an active model
+        answer = ModelUpdate(
+            kind="model-activated",
+            model_version=active.version,
+            emitted_at=now_ms(),
+            bundle_uri=str(active.bundle.path),
+            sha256=active.bundle.sha256,
+            worker_id=self.worker_id,
+            reasons=(shadow_stopped_reason(stopped),),
+        )
+        log.info("shadow %s stopped on %s (%s active)", stopped, self.worker_id, active.version)
+        return Outcome(answer, changed=True)
+
     async def handle(self, event: ModelUpdate) -> Outcome:
         """Apply one model-update request (answers from workers are ignored); returns the answer to publish."""
-        kind = event.kind
-        if kind in ("model-activated", "model-rejected"):
-            return Outcome(None)
-        if kind == "activate":
-            active = self.active
-            if (
-                active is not None
-                and active.version == event.model_version
-                and active.bundle.sha256 == event.sha256
-                and event.bundle_uri is not None
-                and Path(event.bundle_uri).resolve() == Path(active.bundle.path).resolve()
-            ):
-                return Outcome(self._answer("model-activated", active.version, event))  # already active
+        rules = _Rules()
+        models: _Models = (self.active, self.previous, self.shadow)
+        bundle: BundleModel | None = None
+        refused: tuple[str, ...] | None = None
+        if rules.needs_bundle(models, event):
             try:
-                model = await self.validate(event)
+                bundle = await self.validate(event, self.active)
             except ModelRejectedError as exc:
-                return self._reject(event, exc.reasons)
-            self.swap_in(model)
-            if self.shadow is not None and self.shadow.version == model.version:
-                self.set_shadow(None)
-            elif self.shadow_stats is not None:
-                self.set_shadow(self.shadow)  # compare against the new active model from now on
-            return self._activated(event, model)
-        if kind == "shadow":
-            if self.active is None:
-                return self._reject(event, ["shadow: no active model to compare with"])
-            try:
-                model = await self.validate(event)
-            except ModelRejectedError as exc:
-                return self._reject(event, exc.reasons)
-            self.set_shadow(model)
-            log.info("model %s in shadow beside %s on %s", model.version, self.active.version, self.worker_id)
-            return Outcome(None, changed=True)
-        if kind == "promote":
-            shadow = self.shadow
-            if shadow is None:
-                return self._reject(event, ["promote: no shadow model"])
-            if event.model_version not in (ANY_SHADOW, shadow.version):
-                return self._reject(
-                    event, [f"promote: the shadow model is {shadow.version}, not {event.model_version}"]
-                )
-            self.swap_in(shadow)
+                refused = tuple(exc.reasons)
+        step = rules.apply(models, event, bundle, refused)
+        if step.reasons is not None:
+            return self._reject(event, step.reasons)
+        active, previous, shadow = (_loaded(slot) for slot in step.after)
+        if isinstance(step.stopped, BundleModel):
             self.set_shadow(None)
-            return self._activated(event, shadow)
-        if kind == "rollback":
-            previous = self.previous
-            if previous is None:
-                return self._reject(event, ["rollback: no previous model"])
-            if event.model_version not in (ANY_PREVIOUS, previous.version):
-                return self._reject(
-                    event, [f"rollback: the previous model is {previous.version}, not {event.model_version}"]
-                )
-            self.swap_in(previous)
-            if self.shadow is not None:
-                self.set_shadow(self.shadow)
-            return self._activated(event, previous)
+            return self._shadow_stopped(event, step.stopped.version)
+        if step.swapped:
+            assert active is not None
+            # reference assignments: batches in flight keep the model they started with (sessions are never
+            # unloaded explicitly, only dropped)
+            self.active, self.previous = active, previous
+            settle_heap()
+            if shadow is not None or self.shadow is not None:
+                self.set_shadow(shadow)  # cleared (it became active), or compared with the new active model
+            return self._activated(event, active)
+        if step.entered:
+            assert shadow is not None and self.active is not None
+            self.set_shadow(shadow)
+            log.info("model %s in shadow beside %s on %s", shadow.version, self.active.version, self.worker_id)
+            return Outcome(None, changed=True)
+        if event.kind == "activate" and self.active is not None:
+            return Outcome(self._answer("model-activated", self.active.version, event))  # already active
         return Outcome(None)
+
+    async def restore(self, history: Sequence[tuple[int, ModelUpdate]]) -> int | None:
+        """Apply the model-updates history (offset, request) a (re)started worker replays as one change: fold it into
+        the (active, previous, shadow) it leads to, then validate and load only the bundles that state needs; the
+        others are never loaded. A bundle that fails validation refuses its request, as it would have in the
+        sequence, and the history is folded again without it: the result is the sequence's, since a bundle is taken
+        as valid unchecked only where its refusal would not change the result (`_Rules.needed`), and no model the
+        history retired ever scores. Refusals are logged and counted for the requests the fold refused. A
+        candidate's quality is compared with the model it replaced in the history when that one is loaded here
+        (the configured model, or one this fold validated), else with none. Returns the offset of the last request
+        that changed the active model (None when none did)."""
+        requests = {offset: event for offset, event in history if event.kind not in ANSWER_KINDS}
+        rules = _Rules(requests)
+        initial: _Models = (self.active, self.previous, self.shadow)
+        invalid: dict[int, tuple[str, ...]] = {}
+        loaded: dict[int, BundleModel] = {}
+        while True:
+            steps = rules.fold(initial, invalid)
+            todo = sorted(rules.needed(steps, invalid, loaded) - set(loaded))
+            if not todo:
+                break
+            replaced = rules.replaced(steps)
+            for offset in todo:
+                against = replaced.get(offset)
+                if isinstance(against, int):
+                    against = loaded.get(against)  # None: not loaded, no quality comparison
+                try:
+                    loaded[offset] = await self.validate(requests[offset], against)
+                except ModelRejectedError as exc:
+                    invalid[offset] = tuple(exc.reasons)
+                    break  # folded again without it
+        final = steps[-1].after if steps else initial
+        for step in steps:
+            if step.reasons is not None:
+                self._reject(requests[step.offset], step.reasons)
+        self.swaps += sum(step.swapped for step in steps)
+        active, previous, shadow = (loaded[slot] if isinstance(slot, int) else slot for slot in final)
+        for offset, unused in loaded.items():
+            if offset not in final:  # validated only because the fold's result depended on it: never served
+                unused.unload()
+        if (active, previous, shadow) != initial:
+            self.active, self.previous = active, previous
+            if shadow is not self.shadow:
+                self.set_shadow(shadow)
+            self.updated_at = now_ms()
+            settle_heap()
+        log.info(
+            "model-updates history folded: %d requests, %d bundles validated, %d refused; active %s, previous %s, "
+            "shadow %s",
+            len(requests),
+            len(loaded) + len(invalid),
+            len(invalid),
+            *(m.version if m is not None else None for m in (active, previous, shadow)),
+        )
+        return max((step.offset for step in steps if step.swapped), default=None)
 
     # ------------------------------------------------------------------------------------------ status
 
@@ -538,6 +768,4 @@ class ModelHolder:
         if self._validator is not None:
             self._validator.shutdown(wait=False, cancel_futures=True)
             self._validator = None
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
-            self._pool = None
+        self._drop_pool()

@@ -6,6 +6,8 @@ answer on the topic and the Redis state (active, previous, shadow, shadow summar
 for an answer to this request from every live worker (one whose status was reported within `LIVE_WITHIN_S`) and exits
 1 when any refused or did not answer. Answers carry no reference to their request, so an answer counts only when its
 kind, model version and bundle fit the request (`answer_fits`); an accepted shadow is seen in the worker's status.
+`shadow --off` sends a shadow request with no bundle, which stops the shadow; a worker answers it with
+`model-activated` of its active model, the reason naming the shadow stopped (`shadow: <version> stopped`).
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ CONTROL_KEY = b"tagstream-control"
 ANSWER_KINDS = ("model-activated", "model-rejected")
 # Request names meaning "whatever the worker has" (streams.model.ANY_SHADOW / ANY_PREVIOUS).
 ANY_VERSION = {"promote": "shadow", "rollback": "previous"}
+ANY_SHADOW = ANY_VERSION["promote"]  # also a shadow stop's: whatever shadow the worker runs
 STATUS_EVERY_S = 5.0  # a running worker rewrites its status in Redis at least this often (streams.models_agent)
 LIVE_WITHIN_S = 3 * STATUS_EVERY_S  # `--wait` expects answers only from workers that reported within this
 REDIS_TIMEOUT_S = 5.0
@@ -70,11 +73,30 @@ def _now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+def stops_shadow(request: ModelUpdate) -> bool:
+    """Whether a request stops the shadow: a shadow request with no bundle (`tagstream model shadow --off`)."""
+    return request.kind == "shadow" and request.bundle_uri is None
+
+
+def shadow_stopped_reason(version: str) -> str:
+    """The reason of a worker's answer to a shadow stop (a `model-activated` of its active model)."""
+    return f"shadow: {version} stopped"
+
+
 def build_request(
-    kind: str, settings: WorkerSettings, *, model: Path | None = None, version: str | None = None
+    kind: str, settings: WorkerSettings, *, model: Path | None = None, version: str | None = None, off: bool = False
 ) -> tuple[ModelUpdate, bytes]:
-    """A schema-valid request and its message key. activate/shadow validate the bundle locally first."""
+    """A schema-valid request and its message key. activate/shadow validate the bundle locally first; a shadow
+    request with `off` has no bundle: it stops the shadow (`version`: only if the shadow is that one)."""
+    if kind == "shadow" and off:
+        if model is not None:
+            raise ConfigError("model shadow: --off takes no --model")
+        event = ModelUpdate(kind="shadow", model_version=version or ANY_SHADOW, emitted_at=_now_ms())
+        event.to_dict()
+        return event, CONTROL_KEY
     if kind in ("activate", "shadow"):
+        if version is not None:
+            raise ConfigError(f"model {kind}: --version goes with --off, not --model")
         from serving.bundle import SIGNATURE_FILE, load_bundle
         from serving.validate import parse_verify_key
 
@@ -256,10 +278,15 @@ def answer_fits(request: ModelUpdate, answer: ModelUpdate, before: Mapping[str, 
             request.bundle_uri,
             request.sha256,
         )
-        if request.kind in ANY_VERSION:
+        if request.kind in ANY_VERSION or stops_shadow(request):
             return same and bool(answer.reasons) and answer.reasons[0].startswith(f"{request.kind}:")
         return same
-    if answer.kind != "model-activated" or request.kind == "shadow":
+    if answer.kind != "model-activated":
+        return False
+    if stops_shadow(request):  # the active model, the reason naming the shadow stopped
+        stopped = request.model_version if request.model_version != ANY_SHADOW else (before or {}).get("shadow")
+        return stopped is not None and answer.reasons == (shadow_stopped_reason(stopped),)
+    if request.kind == "shadow" or answer.reasons:
         return False
     if request.kind == "activate":
         return answer.model_version == request.model_version and answer.sha256 == request.sha256
@@ -307,7 +334,7 @@ async def wait_answers(
             for answer in _decode_answers(await consumer.getmany(timeout_ms=200)):
                 fits = answer_fits(request, answer, before.get(answer.worker_id or ""))
                 (result.answers if fits else result.ignored).append(answer)
-            if request.kind == "shadow" and time.monotonic() >= next_poll:
+            if request.kind == "shadow" and not stops_shadow(request) and time.monotonic() >= next_poll:
                 next_poll = time.monotonic() + 0.5
                 for w, st in status(settings).items():
                     if w in before and w not in result.shadowing and shadow_started(request, before[w], st):
@@ -386,11 +413,12 @@ def _request(kind: str) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
         settings = load_settings(WorkerSettings, "worker")
         model = Path(args.model) if getattr(args, "model", None) else None
-        event, key = build_request(kind, settings, model=model, version=getattr(args, "version", None))
+        off = getattr(args, "off", False)
+        event, key = build_request(kind, settings, model=model, version=getattr(args, "version", None), off=off)
         live, stale = live_workers(read_status(settings)) if args.wait else ({}, {})
         topic = settings.topic("model-updates")
         offset = asyncio.run(send_request(settings, event, key))
-        print(f"sent {kind} {event.model_version} to {topic} at offset {offset}")
+        print(f"sent {kind}{' --off' if off else ''} {event.model_version} to {topic} at offset {offset}")
         if not args.wait:
             return 0
         for w, st in sorted(stale.items()):
@@ -426,14 +454,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--json", action="store_true", help="print JSON")
     s.set_defaults(func=_status)
 
-    for kind, text in (
-        ("activate", "validate and activate a bundle on every worker"),
-        ("shadow", "score a bundle beside the active model on live events (diffs to tag-shadow-diffs)"),
-    ):
-        s = sub.add_parser(kind, help=text)
-        s.add_argument("--model", required=True, help="bundle directory (a path every worker can read)")
-        s.add_argument("--wait", type=float, default=0.0, metavar="S", help="wait up to S seconds for answers")
-        s.set_defaults(func=_request(kind))
+    s = sub.add_parser("activate", help="validate and activate a bundle on every worker")
+    s.add_argument("--model", required=True, help="bundle directory (a path every worker can read)")
+    s.add_argument("--wait", type=float, default=0.0, metavar="S", help="wait up to S seconds for answers")
+    s.set_defaults(func=_request("activate"))
+
+    s = sub.add_parser(
+        "shadow", help="score a bundle beside the active model on live events (diffs to tag-shadow-diffs), or stop"
+    )
+    which = s.add_mutually_exclusive_group(required=True)
+    which.add_argument("--model", help="bundle directory (a path every worker can read)")
+    which.add_argument("--off", action="store_true", help="stop the shadow model on every worker")
+    s.add_argument("--version", help="with --off: only if the shadow is this version (default: whatever it is)")
+    s.add_argument("--wait", type=float, default=0.0, metavar="S", help="wait up to S seconds for answers")
+    s.set_defaults(func=_request("shadow"))
 
     s = sub.add_parser("promote", help="make the shadow model active on every worker")
     s.add_argument("--version", help="only if the shadow is this version (default: whatever shadow is set)")

@@ -3,10 +3,13 @@
 `install(worker, holder)` (called by `ModelHolder.attach`) registers one Faust app task that runs, per worker:
 
 - a consumer of `model-updates` with **no consumer group** (aiokafka, every partition assigned, read from the
-  beginning): the backlog is replayed without answering, so a (re)started worker converges to the last activated
-  model (requests emitted after this worker started are answered even from the backlog), then `holder.caught_up` is
-  set and the worker announces its active model; live requests are validated off
-  the event loop and answered with `model-activated` / `model-rejected` (worker_id, reasons);
+  beginning): the backlog's requests emitted before this worker started are folded into the (active, previous,
+  shadow) they lead to and applied at once, without answering (`ModelHolder.restore`: only the bundles that state
+  needs are validated), so a (re)started worker converges to the last activated model; requests emitted after it
+  started are answered even from the backlog. Then `holder.caught_up` is set and the worker announces its active
+  model; live requests are validated off the event loop and answered with `model-activated` / `model-rejected`
+  (worker_id, reasons); a malformed event goes to `dead-letter` (history written before this worker started is only
+  logged: the workers running then dead-lettered it);
 - a publisher of the shadow diffs buffered by `ShadowScoring` to `tag-shadow-diffs`;
 - a status writer: Redis hash `<prefix>:workers`, field worker_id → JSON of `ModelHolder.status()`, written on
   every change and every `STATUS_EVERY_S`, deleted at a clean shutdown;
@@ -23,11 +26,12 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 import redis.asyncio as aioredis
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 
 from schemas import ModelUpdate
 from streams.model import ModelHolder
-from streams.model_cli import STATUS_EVERY_S, workers_key
+from streams.model_cli import ANSWER_KINDS, STATUS_EVERY_S, workers_key
+from streams.processor import BatchOutput, InMessage, dead_letter
 from streams.topics import MODEL_UPDATES, PRODUCTS, TAG_SHADOW_DIFFS
 from tagstream.errors import EventDecodeError
 
@@ -68,6 +72,8 @@ class ModelUpdatesAgent:
         self.handled = 0
         self.started_ms = time.time_ns() // 1_000_000
         self._replayed_swap: int | None = None  # offset of the backlog's last request that swapped the model
+        # the backlog's requests emitted before this worker started, applied at once (`ModelHolder.restore`)
+        self._history: list[tuple[int, ModelUpdate]] | None = []
         self._status_dirty = True
         self._status_at = 0.0
 
@@ -136,7 +142,7 @@ class ModelUpdatesAgent:
                 for tp, records in batches.items():
                     for record in records:
                         replay = tp in pending
-                        await self._on_record(record.key, record.value, record.offset, replay=replay)
+                        await self._on_record(record, replay=replay)
                         if replay and record.offset >= end[tp] - 1:
                             pending.discard(tp)
                             if not pending:
@@ -167,7 +173,19 @@ class ModelUpdatesAgent:
                 log.error("no partition of %s assigned after %.0fs; model updates are not received", self.topic, waited)
         return sorted(consumer.assignment())
 
+    async def _end_history(self) -> None:
+        """Apply the requests collected from the backlog (emitted before this worker started) as one change."""
+        if self._history is None:
+            return
+        history, self._history = self._history, None
+        swapped = await self.holder.restore(history)
+        self.handled += len(history)
+        self._status_dirty = True
+        if swapped is not None:
+            self._replayed_swap = swapped  # its re-tag may have been cut short: run again once caught up
+
     async def _caught_up(self) -> None:
+        await self._end_history()
         if self.holder.caught_up.is_set():
             return
         self.holder.caught_up.set()
@@ -187,21 +205,28 @@ class ModelUpdatesAgent:
             )
         await self._write_status(force=True)
         # A re-tag cut short by a restart is run again: it re-scores only products not at the active model yet,
-        # and its writes are fenced by the same request offset, so what the earlier run wrote is not written twice.
+        # and its writes are fenced by the same request offset, so what the earlier run wrote is not written twice;
+        # their kept updates, which may not have been delivered, are sent again where still current.
         if self._replayed_swap is not None and self.settings.retag_on_swap and self.retag_task is None:
             self._start_retag(self._replayed_swap)
 
-    async def _on_record(self, key: bytes | None, value: bytes | None, offset: int, *, replay: bool) -> None:
+    async def _on_record(self, record: ConsumerRecord[bytes, bytes], *, replay: bool) -> None:
+        key, offset = record.key, record.offset
         try:
-            event = ModelUpdate.decode(value)
+            event = ModelUpdate.decode(record.value)
         except EventDecodeError as exc:
-            log.warning("model-updates offset %d ignored: %s", offset, exc)
+            await self._dead_letter(record, exc, replay=replay)
             return
-        if event.kind in ("model-activated", "model-rejected"):
+        if event.kind in ANSWER_KINDS:
             return
         log.info(
             "model-updates offset %d: %s %s%s", offset, event.kind, event.model_version, " (replay)" if replay else ""
         )
+        if replay and event.emitted_at < self.started_ms and self._history is not None:
+            # answered before, by this worker's earlier run or by nobody it concerns: folded with the rest
+            self._history.append((offset, event))
+            return
+        await self._end_history()  # the history is applied before any later request
         outcome = await self.holder.handle(event)
         self.handled += 1
         if outcome.changed or outcome.answer is not None:
@@ -215,6 +240,19 @@ class ModelUpdatesAgent:
         await self._write_status()
         if outcome.swapped_to is not None and self.settings.retag_on_swap:
             self._start_retag(offset)
+
+    async def _dead_letter(self, record: ConsumerRecord[bytes, bytes], exc: EventDecodeError, *, replay: bool) -> None:
+        """Send a malformed model-update event to the dead-letter topic (like the other agents' bad events), unless
+        it is history written before this worker started (dead-lettered then, by the workers running)."""
+        if replay and record.timestamp < self.started_ms:
+            log.warning("model-updates offset %d ignored: %s", record.offset, exc)
+            return
+        log.warning("model-updates offset %d dead-lettered: %s", record.offset, exc)
+        msg = InMessage(record.topic, record.partition, record.offset, record.key, record.value, record.timestamp)
+        try:
+            await self.worker.publish(BatchOutput(dead_letters=[dead_letter(msg, exc)]))
+        except Exception:
+            log.exception("could not dead-letter model-updates offset %d", record.offset)
 
     async def _send_answer(self, answer: ModelUpdate, *, key: bytes | None) -> None:
         value = orjson.dumps(answer.to_dict())
@@ -290,6 +328,7 @@ class ModelUpdatesAgent:
                 partitions=self._assigned_partitions(),
                 partition_count=self.settings.partitions,
                 on_written=processor.cache.discard if processor.cache is not None else None,
+                locks=self.worker.locks,
             )
             stats = await self.retagger.run(model, run_offset)
             self._status_dirty = True

@@ -14,8 +14,9 @@ import base64
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from operator import attrgetter
 from typing import Any, TypeVar
 
 import orjson
@@ -28,6 +29,7 @@ from serving.behaviour import (
     WindowStats,
     decode_behaviour,
     decode_behaviour_between,
+    decode_new,
     next_check_at,
 )
 from serving.bundle import LabelMap
@@ -46,11 +48,14 @@ from streams.state import (
     WriteResult,
     sweep_partition,
 )
-from streams.windows import GRANULARITIES, event_fields, stale_fields, window_sums
-from tagstream.errors import EventDecodeError, StateConflictError, StateError, TagstreamError
+from streams.windows import GRANULARITIES, event_fields, live_buckets, stale_fields, window_sums
+from tagstream.errors import EventDecodeError, EventTimeError, StateConflictError, StateError, TagstreamError
 
 log = logging.getLogger(__name__)
 PRUNE_EVERY_MS = GRANULARITIES[0].width_ms
+LATE_BUCKETS = GRANULARITIES[
+    0
+].keep  # an event within this many finest buckets of its product's clock is in every window
 USERS_DECIDE_KEPT = 4096  # products remembered as ones whose unique users decide a tag
 CONFLICT_ATTEMPTS = 3  # a batch whose write found a product changed by another writer is processed again, so often
 
@@ -241,6 +246,23 @@ def _tags(dicts: Sequence[dict[str, Any]] | None) -> list[Tag]:
     return [Tag(**d) for d in dicts or ()]
 
 
+async def stored_updates(
+    store: StateStore, product_ids: Iterable[str], states: dict[str, ProductState]
+) -> dict[tuple[str, str], bytes | None]:
+    """Every tag update kept for re-sending of these products, by (product, fence field): one per input partition,
+    window-expiry pass and re-tag run that wrote it."""
+    fences = [
+        (pid, f) for pid in sorted(product_ids) for f in states[pid].fence if f != "rev" and not f.startswith("sent:")
+    ]
+    return await store.stored_emits(fences)
+
+
+def _is_on(tag_state: dict[str, Any] | None, tag: str) -> bool:
+    """Whether a behaviour tag is on in a stored tag state."""
+    entry = ((tag_state or {}).get("behaviour") or {}).get(tag)
+    return isinstance(entry, dict) and bool(entry.get("on"))
+
+
 def _empty_tag_state() -> dict[str, Any]:
     return {
         "tags": [],
@@ -270,19 +292,25 @@ class Processor:
         lane_min_events: int = 128,
         state_cache: int = 0,
         locks: ProductLocks | None = None,
+        max_event_ahead_ms: int = 86_400_000,
+        behaviour_topic: str = "behavior",
     ) -> None:
         """Upserts are scored on the event loop, `score_step` at a time (`score_in_steps`; 64 rows: ~3 ms);
         behaviour batches run in up to `behaviour_lanes` concurrent lanes of partitions, one per `lane_min_events`
         events of the batch at most. `state_cache` > 0 keeps that many products' states between batches
         (`StateCache`): a batch reads from Redis only the products it does not hold. `locks`: the holds of products
         being processed, shared with the worker (which holds a batch's products itself, to enqueue its updates in
-        the same hold)."""
+        the same hold). An event whose time is more than `max_event_ahead_ms` ahead of the wall clock (0: no check) is
+        dead-lettered. `behaviour_topic`: the behaviour topic's name, whose partition N holds the products of
+        product-change partition N (a new product's `new` tag is indexed there, to be expired by its window pass)."""
         self.store = store
         self.user_hash_key = user_hash_key
         self._hash_user = UserHasher(user_hash_key)
         self.score_delta = score_delta
         self.behaviour = behaviour or BehaviourConfig()
         self.score_step = score_step
+        self.max_event_ahead_ms = max_event_ahead_ms
+        self.behaviour_topic = behaviour_topic
         self.model_provider = model_provider
         self.behaviour_lanes = max(1, behaviour_lanes)
         self.lane_min_events = max(1, lane_min_events)
@@ -400,12 +428,26 @@ class Processor:
         )
 
     def _decode_all(
-        self, messages: Sequence[InMessage], decode: Callable[[bytes | None], Any], out: BatchOutput
+        self,
+        messages: Sequence[InMessage],
+        decode: Callable[[bytes | None], Any],
+        out: BatchOutput,
+        time_of: Callable[[Any], int],
+        time_field: str,
     ) -> list[tuple[InMessage, Any]]:
+        """The decoded events; the others (bad bytes, schema violations, a time too far ahead) as dead letters."""
         good = []
+        limit = now_ms() + self.max_event_ahead_ms if self.max_event_ahead_ms else None
         for msg in messages:
             try:
-                good.append((msg, decode(msg.value)))
+                ev = decode(msg.value)
+                if limit is not None and time_of(ev) > limit:
+                    raise EventTimeError(
+                        f"{time_field} {time_of(ev)} is more than {self.max_event_ahead_ms} ms ahead of the worker's "
+                        f"clock ({limit - self.max_event_ahead_ms}): not milliseconds since the epoch? "
+                        "(TAGSTREAM_MAX_EVENT_AHEAD_MS)"
+                    )
+                good.append((msg, ev))
             except EventDecodeError as exc:
                 out.dead_letters.append(dead_letter(msg, exc))
         return good
@@ -446,11 +488,12 @@ class Processor:
         end_batch: EndBatch | None = None,
         sweeps: _Sweeps | None = None,
         swept: list[tuple[bytes, bytes]] | None = None,
+        new_until: ActiveIndex | None = None,
     ) -> dict[tuple[str, int], list[str]]:
         """Write every product's effects (one fenced call each) — and, with `end_batch`, the batch's watermarks and
         active index in the same round trip, returning the due lists, and the `sweeps` of products that were due
-        already (their updates into `swept`, before a conflict is raised); collect updates, re-sending the stored
-        update of redelivered messages."""
+        already (their updates into `swept`, before a conflict is raised); with `new_until`, a look for the window
+        pass no later than these times; collect updates, re-sending the stored update of redelivered messages."""
         writes = [g.write for g in groups.values()]
         if sweeps is not None:
             writes += sweeps.writes
@@ -459,7 +502,9 @@ class Processor:
         # before the writes: every update kept for the redelivered products, to re-send one only if none is later
         stored = await self._stored_updates({pid for pid, _ in redelivered}, states) if redelivered else {}
         self._expect_revisions(writes, states)
-        if end_batch is None:
+        if new_until:
+            results = await self.store.apply_and_index(writes, new_until, earlier_only=True)
+        elif end_batch is None:
             results = await self.store.apply(writes)
         else:
             results, due = await self.store.apply_and_end_batch(writes, end_batch)
@@ -489,10 +534,7 @@ class Processor:
     async def _stored_updates(
         self, product_ids: set[str], states: dict[str, ProductState]
     ) -> dict[tuple[str, str], bytes | None]:
-        """Every tag update kept for re-sending of these products, by (product, fence field): one per input
-        partition, window-expiry pass and re-tag run that wrote it."""
-        fences = [(pid, f) for pid in sorted(product_ids) for f in states[pid].fence if f != "rev"]
-        return await self.store.stored_emits(fences)
+        return await stored_updates(self.store, product_ids, states)
 
     @staticmethod
     def _resend(
@@ -537,7 +579,7 @@ class Processor:
         """Decode a product batch and score its upserts — the slow part, which needs no state and no lock, so the
         worker runs it before taking its locks and behaviour batches do not wait for ONNX Runtime."""
         out = BatchOutput()
-        items = self._decode_all(messages, ProductChange.decode, out)
+        items = self._decode_all(messages, ProductChange.decode, out, attrgetter("updated_at"), "updated_at")
         model = self.model_provider()
         upserts = [i for i, (_, ev) in enumerate(items) if ev.op == "upsert"]
         try:
@@ -580,6 +622,7 @@ class Processor:
 
         groups: dict[tuple[str, str], _Group] = {}
         redelivered: dict[tuple[str, str], int] = {}
+        new_until: ActiveIndex = {}  # products `new` turned on for: their window pass must look at its end
         for i, (msg, ev) in enumerate(items):
             state = states[ev.product_id]
             fence = msg.fence_field
@@ -590,7 +633,10 @@ class Processor:
             group = self._group(groups, msg, ev.product_id, fence)
             payload = self._apply_product(state, group.keys, group.write.ops, msg, ev, tags_for_event, model)
             self._record(group, state, msg, fence, payload)
-        await self._finish(groups, redelivered, states, out)
+            if _is_on(state.tags, "new"):
+                until = int(state.doc["first_seen"]) + self.behaviour.new_ms
+                new_until.setdefault((self.behaviour_topic, msg.partition), {})[ev.product_id] = until
+        await self._finish(groups, redelivered, states, out, new_until=new_until)
         return out
 
     def _apply_product(
@@ -633,6 +679,8 @@ class Processor:
                 catalog=_tag_dicts(catalog_tags(ev.attributes)),
                 model_version=model.version if model is not None else None,
             )
+            first_seen = int(doc.get("first_seen") or state.doc["first_seen"])
+            self._decide_new(tag_state, first_seen, ev.updated_at)
             reason = "product-upsert"
         state.doc.update({k: str(v) for k, v in doc.items()})
         merged = self._merge(tag_state)
@@ -644,6 +692,17 @@ class Processor:
         ops.hset(keys.doc, doc)
         ops.set(keys.tags, orjson.dumps(tag_state))
         return payload
+
+    def _decide_new(self, tag_state: dict[str, Any], first_seen: int, now: int) -> None:
+        """Decide `new` at a product change's time (time alone decides it, so a product nobody looked at is new too);
+        not at a time before the tag's last change (a change older than the behaviour the tag was decided at)."""
+        previous = tag_state.get("behaviour") or {}
+        since = (previous.get("new") or {}).get("since")
+        if isinstance(since, int) and since > now:
+            return
+        tags, state = decode_new(first_seen, now, previous, self.behaviour)
+        tag_state["behaviour"] = state
+        tag_state["behaviour_tags"] = _tag_dicts(tags)
 
     # --------------------------------------------------------------- behaviour
     def _counts(self, state: ProductState, now: int, batch_users: int = 0) -> WindowCounts:
@@ -717,7 +776,7 @@ class Processor:
     async def prepare_behaviour(self, messages: Sequence[InMessage]) -> PreparedBehaviour:
         """Decode a behaviour batch (bad events become dead letters), which names the products it needs to hold."""
         out = BatchOutput()
-        return PreparedBehaviour(out, self._decode_all(messages, BehaviorEvent.decode, out))
+        return PreparedBehaviour(out, self._decode_all(messages, BehaviorEvent.decode, out, attrgetter("ts"), "ts"))
 
     async def process_behaviour(
         self, messages: Sequence[InMessage], prepared: PreparedBehaviour | None = None, hold: Hold | None = None
@@ -842,14 +901,22 @@ class Processor:
         return out
 
     def _apply_behaviour(self, state: ProductState, keys: ProductKeys, ops: Ops, ev: BehaviorEvent, user: str) -> int:
-        """Add one event to the product's counters and unique-user HyperLogLogs; return the product's event time."""
+        """Add one event to the product's counters and unique-user HyperLogLogs; return the product's event time.
+        An event older than the product's clock counts only in the buckets still in their windows there (one older
+        than every window writes nothing: its buckets would never be counted, nor deleted)."""
         beh = state.beh
         counters = ops.counters(keys.beh)
-        for name in event_fields(ev.ts, ev.event_type):
+        previous = beh.get("last_ts", 0)
+        fields = event_fields(ev.ts, ev.event_type)
+        if ev.ts // PRUNE_EVERY_MS > previous // PRUNE_EVERY_MS - LATE_BUCKETS:  # in every window (nearly always)
+            ops.add_user(ev.ts, user)
+        else:
+            live = live_buckets(ev.ts, previous)
+            fields = tuple(name for name, keep in zip(fields, live, strict=True) if keep)
+            ops.add_user_to(ev.ts, user, live)
+        for name in fields:
             beh[name] = beh.get(name, 0) + 1
             counters[name] = counters.get(name, 0) + 1
-        ops.add_user(ev.ts, user)
-        previous = beh.get("last_ts", 0)
         if ev.ts <= previous:
             return previous
         beh["last_ts"] = ev.ts
@@ -967,7 +1034,7 @@ class Processor:
         for tp, pids in due.items():
             for pid in pids:
                 now_of[pid] = max(now_of.get(pid, 0), watermarks[tp])
-        looks: dict[str, tuple[ProductKeys, Ops, int, dict[str, Any], Any]] = {}
+        looks: dict[str, tuple[ProductKeys, Ops, int, dict[str, Any], Any, Any]] = {}
         undecided: dict[str, int] = {}
         for pid in now_of:
             state = states[pid]
@@ -977,7 +1044,9 @@ class Processor:
             self._prune(state.beh, keys, ops, now)
             self._seen_counts.pop(pid, None)  # its windows changed
             tag_state = state.tags or _empty_tag_state()
-            looks[pid] = (keys, ops, now, tag_state, tag_state.get("behaviour_tags"))
+            # the windows were moved to the stream's clock: what they hold is as of then, not of the last event
+            tag_state["swept_at"] = max(int(tag_state.get("swept_at") or 0), now)
+            looks[pid] = (keys, ops, now, tag_state, tag_state.get("behaviour_tags"), tag_state.get("behaviour"))
             if self._behaviour_tags(state, tag_state, now) is None:
                 undecided[pid] = now
         if undecided:
@@ -994,10 +1063,12 @@ class Processor:
             for pid in pids:
                 if pid not in next_check:  # a product listed by two partitions (after repartitioning): once
                     state = states[pid]
-                    keys, ops, now, tag_state, before = looks[pid]
+                    keys, ops, now, tag_state, before, before_state = looks[pid]
                     payload = self._behaviour_update(
                         state, tag_state, before, "window-expired", SourceRef(topic, partition, swept_by), now
                     )
+                    if tag_state["behaviour_tags"] != before or tag_state["behaviour"] != before_state:
+                        tag_state["updated_at"] = max(int(tag_state.get("updated_at") or 0), now)
                     state.tags = tag_state
                     ops.set(keys.tags, orjson.dumps(tag_state))
                     # fenced at the event time it looked at, but always past the last sweep's: a batch of late events

@@ -3,17 +3,24 @@
 SCAN `<prefix>:{*}:doc`, take small batches, re-score the products whose stored tags come from another model
 version, and write the new model tags through the same offset-fenced Lua path as live events: fence field
 `retag:<model_version>`, offset = the model-updates offset of the request that made the model active (monotonic;
-a second run for the same activation — another worker, a restart — is a no-op per product). A tag-update with reason
-`retag` is emitted only where the merged tag set changed (or a score moved more than `score_delta`).
+a second run for the same activation — another worker, a restart — writes nothing a run before it wrote). A
+tag-update with reason `retag` is emitted only where the merged tag set changed (or a score moved more than
+`score_delta`), and kept with the write (`emit:retag:<model_version>`); once delivered, the product's fence field
+`sent:retag:<model_version>` is set to the same offset. A run stopped between a write and its update's delivery
+(SIGTERM, a crash) would leave the product's new tags unpublished: so a run that finds a product written for the same
+activation but not marked sent re-sends the kept update, if no later kept update superseded it and it still carries
+the product's current tags (`streams.processor`'s rule for redeliveries); a consumer drops a repeat.
 
 A product changed by a live event while its batch was being scored is skipped (its state is read again just before
 the write, and the write applies only while the product is still at the revision read); products of partitions
-another worker owns are skipped when `partitions` is given.
+another worker owns are skipped when `partitions` is given. With the worker's `locks`, a step holds its products from
+that read until its updates are delivered, so a live update of a product never lands before an older re-tag one.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -25,7 +32,8 @@ from aiokafka.partitioner import DefaultPartitioner
 
 from schemas import ProductChange, SourceRef, Tag, TagUpdate
 from serving.decoding import diff_tags, merge_tags
-from streams.processor import BatchOutput, ScoringModel, score_in_steps
+from streams.locks import ProductLocks
+from streams.processor import BatchOutput, ScoringModel, _latest, _still_current, score_in_steps, stored_updates
 from streams.state import Ops, ProductKeys, ProductState, StateStore, Write
 
 __all__ = ["RetagStats", "Retagger", "product_from_doc"]
@@ -79,6 +87,7 @@ class RetagStats:
     written: int = 0
     updates: int = 0
     skipped_current: int = 0
+    resent: int = 0  # kept updates of products an earlier run for the same activation wrote, sent again
     skipped_raced: int = 0
     skipped_other_partition: int = 0
     started_at: int = 0
@@ -104,10 +113,13 @@ class Retagger:
         partitions: set[int] | None = None,
         partition_count: int = 1,
         on_written: Callable[[list[str]], None] | None = None,
+        locks: ProductLocks | None = None,
     ) -> None:
-        """`on_written(product_ids)` is told which products a step wrote (the worker forgets its kept states)."""
+        """`on_written(product_ids)` is told which products a step wrote (the worker forgets its kept states);
+        `locks`: the worker's product holds, taken by each step's writes and updates."""
         self.store = store
         self.on_written = on_written
+        self.locks = locks
         self.rate = rate
         self.batch = batch
         self.score_delta = score_delta
@@ -165,8 +177,10 @@ class Retagger:
 
     async def _step(self, model: ScoringModel, pids: list[str], run_offset: int) -> None:
         stats = self.stats
+        fence = f"retag:{model.version}"
         states = await self.store.read(pids, counters=False)
         todo: list[tuple[ProductState, ProductChange]] = []
+        written: list[str] = []
         for pid in pids:
             state = states[pid]
             tag_state = state.tags
@@ -175,13 +189,45 @@ class Retagger:
                 continue
             if tag_state.get("model_version") == model.version:
                 stats.skipped_current += 1
+                if state.fence.get(fence) == str(run_offset) != state.fence.get(f"sent:{fence}"):
+                    written.append(pid)  # written for this activation, its update maybe never delivered
                 continue
             todo.append((state, product))
-        if not todo:
+        if not todo and not written:
             return
-        scored = await score_in_steps(model, [p for _, p in todo], self.batch)
+        scored = await score_in_steps(model, [p for _, p in todo], self.batch) if todo else []
         stats.scored += len(todo)
-        fresh = await self.store.read([s.product_id for s, _ in todo], counters=False)
+        held = [s.product_id for s, _ in todo] + written
+        async with self.locks.hold(held) if self.locks is not None else contextlib.nullcontext():
+            fresh = await self.store.read(held, counters=False)
+            out = BatchOutput()
+            changed = await self._write(model, todo, scored, fresh, run_offset, out)
+            await self._resend(written, fresh, fence, run_offset, out)
+            if out.updates:
+                await self.publish(out)
+                changed += await self._mark_sent([pid.decode() for pid, _ in out.updates], fence, run_offset)
+            if self.on_written is not None and changed:
+                self.on_written(list(dict.fromkeys(changed)))
+
+    async def _mark_sent(self, pids: list[str], fence: str, run_offset: int) -> list[str]:
+        """Record that these products' updates from this run were delivered (fence field `sent:<fence>`, a fenced
+        write of nothing else): a run resumed after a restart re-sends only the others. Returns those written."""
+        writes = [Write(pid, f"sent:{fence}", run_offset, Ops(ProductKeys(self.store.prefix, pid))) for pid in pids]
+        results = await self.store.apply(writes)
+        return [w.product_id for w, r in zip(writes, results, strict=True) if r.applied]
+
+    async def _write(
+        self,
+        model: ScoringModel,
+        todo: list[tuple[ProductState, ProductChange]],
+        scored: list[list[Tag]],
+        fresh: dict[str, ProductState],
+        run_offset: int,
+        out: BatchOutput,
+    ) -> list[str]:
+        """Write the re-scored products' new tags (fenced, at the revision read), their updates into `out`; returns
+        the products written."""
+        stats = self.stats
         writes: list[Write] = []
         emitted: list[bytes | None] = []
         for (state, _product), model_tags in zip(todo, scored, strict=True):
@@ -218,10 +264,9 @@ class Retagger:
             # applied only while the product is still at the revision just read: a live write in between wins
             writes.append(Write(pid, f"retag:{model.version}", run_offset, ops, payload, expect_rev=fresh[pid].rev))
             emitted.append(payload)
+        if not writes:
+            return []
         results = await self.store.apply(writes)
-        if self.on_written is not None:
-            self.on_written([w.product_id for w, r in zip(writes, results, strict=True) if r.applied])
-        out = BatchOutput()
         for write, payload, result in zip(writes, emitted, results, strict=True):
             if result.conflict:
                 stats.skipped_raced += 1
@@ -229,6 +274,30 @@ class Retagger:
                 stats.written += 1
                 if payload is not None:
                     out.updates.append((write.product_id.encode(), payload))
-        stats.updates += len(out.updates)
-        if out.updates:
-            await self.publish(out)
+                    stats.updates += 1
+        return [w.product_id for w, r in zip(writes, results, strict=True) if r.applied]
+
+    async def _resend(
+        self, pids: list[str], fresh: dict[str, ProductState], fence: str, run_offset: int, out: BatchOutput
+    ) -> None:
+        """Into `out`: the update kept for these products by a run for this activation (`fence` at `run_offset`, not
+        marked sent), where it is still the product's latest kept update and carries its current tags (else a later
+        change superseded it, and re-sending it would leave stale tags last on the topic)."""
+        pids = [
+            pid
+            for pid in pids
+            if fresh[pid].tags is not None
+            and fresh[pid].fence.get(fence) == str(run_offset) != fresh[pid].fence.get(f"sent:{fence}")
+        ]
+        if not pids:
+            return
+        stored = await stored_updates(self.store, pids, fresh)
+        latest = _latest(stored)
+        for pid in pids:
+            raw = stored.get((pid, fence))
+            if raw is None:
+                continue  # its write changed no tag: nothing was to be sent
+            update = orjson.loads(raw)
+            if update["source"]["offset"] == run_offset and _still_current(update, fresh[pid].tags, latest[pid]):
+                out.updates.append((pid.encode(), raw))
+                self.stats.resent += 1

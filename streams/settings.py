@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 from pathlib import Path
 
@@ -34,7 +35,9 @@ class WorkerSettings(BaseSettings):
         "there, since tagstream's state is in Redis). Never the current directory.",
     )
     worker_id: str = Field(
-        default_factory=lambda: f"worker@{socket.gethostname()}", description="Name of this worker in model events."
+        default_factory=lambda: f"worker@{socket.gethostname()}:{os.getpid()}",
+        description="Name of this worker in model events and `tagstream model status`; unique per worker process "
+        "(the default names the host and the process id).",
     )
     user_hash_key: SecretStr = Field(
         SecretStr(DEV_USER_HASH_KEY), description="Key of the HMAC that replaces user ids before Redis or logs."
@@ -176,6 +179,13 @@ class WorkerSettings(BaseSettings):
         "6,000 events/s (streams/gcwatch.py). Each must be at least 1 (0 would turn collection off).",
     )
     score_delta: float = Field(0.05, ge=0, le=1, description="A score move larger than this re-emits the tags.")
+    max_event_ahead_ms: int = Field(
+        86_400_000,
+        ge=0,
+        description="An event whose time (a click's `ts`, a product change's `updated_at`) lies more than this far "
+        "(ms) ahead of the worker's clock goes to the dead-letter topic: a time in microseconds, say, would move its "
+        "product's clock and its partition's watermark years ahead, which never come back. 0 = no check.",
+    )
     redis_retry_max_backoff: float = Field(5.0, gt=0, description="Longest wait between Redis retries (s).")
     session_timeout: float = Field(
         10.0, gt=3, description="Kafka consumer session timeout (s): how soon a crashed worker's partitions move."

@@ -53,6 +53,12 @@ def _hll_buckets(finest_bucket: int) -> tuple[tuple[str, int], ...]:
     return tuple((g.code, ts // g.width_ms) for g in GRANULARITIES)
 
 
+def live_buckets(ts: int, now: int) -> tuple[bool, ...]:
+    """Per granularity (GRANULARITIES order): whether the bucket holding event time `ts` is still in its window at
+    `now` (an event older than its product's clock may have left some or all of them)."""
+    return tuple(ts // g.width_ms > now // g.width_ms - g.keep for g in GRANULARITIES)
+
+
 def window_buckets(g: Granularity, now: int) -> range:
     """The buckets of granularity `g` its window covers at event time `now`."""
     return range(now // g.width_ms - g.keep + 1, now // g.width_ms + 1)

@@ -19,6 +19,7 @@ import sys
 import time
 import uuid
 from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import orjson
 
+from streams.cli import positive_rate
 from tagstream.errors import ConfigError, StackError
 from tagstream.synth import product_change_event
 
@@ -33,6 +35,7 @@ if TYPE_CHECKING:
     from training.settings import TrainerSettings
 
 DEMO_START_MS = 1_764_316_800_000  # event time the replayed behaviour starts at
+MIN_PRODUCTS = 50  # the demo trains on its catalog: fewer products are refused
 
 
 @dataclass
@@ -76,11 +79,7 @@ def _load_catalog(args: argparse.Namespace) -> list[Any]:
     if args.catalog:
         from training.loaders import load_catalog
 
-        result = load_catalog(Path(args.catalog), args.format)
-        products = result.products
-        if args.limit:
-            products = products[: args.limit]
-        return products
+        return load_catalog(Path(args.catalog), args.format).products[: args.limit]
     from tagstream.synth import generate_catalog
 
     return generate_catalog(args.products, seed=args.seed)
@@ -353,8 +352,8 @@ def run_demo(args: argparse.Namespace) -> int:
     work = Path(args.workdir or Path.cwd() / "runs" / f"demo-{time.strftime('%Y%m%d-%H%M%S')}")
     work.mkdir(parents=True, exist_ok=True)
     products = _load_catalog(args)
-    if len(products) < 50:
-        raise ConfigError(f"the catalog has {len(products)} products; the demo needs at least 50")
+    if len(products) < MIN_PRODUCTS:
+        raise ConfigError(f"the catalog has {len(products)} products; the demo needs at least {MIN_PRODUCTS}")
     console.print(f"catalog: {len(products)} products ({'generated' if not args.catalog else args.catalog})")
 
     summary = DemoSummary()
@@ -459,15 +458,19 @@ def _print_summary(console: Any, result: dict[str, Any], work: Path) -> None:
     console.print(f"summary written to {work / 'summary.json'}; stop the stack with `tagstream stack down`")
 
 
-def _positive_rate(text: str) -> float:
-    """argparse type of `--rate`: a finite number of events per second above 0."""
-    try:
-        rate = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0 < rate < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be > 0 events/s, got {text!r}")
-    return rate
+def _int_at_least(low: int, why: str = "") -> Callable[[str], int]:
+    """argparse type of an integer option that must be at least `low` (`why` is said when it is not)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}{why}, got {text!r}")
+        return value
+
+    return parse
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -475,15 +478,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("demo", help="run the whole loop locally: stack, training, worker, replay, summary")
     p.add_argument("--catalog", help="catalog file to train on and replay (default: a generated one)")
     p.add_argument("--format", default="jsonl", choices=["cn-jd", "myntra", "bigbasket", "jsonl"])
-    p.add_argument("--limit", type=int, default=3000, help="at most this many catalog products")
-    p.add_argument("--products", type=int, default=1500, help="size of the generated catalog")
+    at_least_products = _int_at_least(MIN_PRODUCTS, " (the demo trains a model on the catalog)")
+    p.add_argument(
+        "--limit", type=at_least_products, default=3000, help=f"at most this many catalog products (≥ {MIN_PRODUCTS})"
+    )
+    p.add_argument(
+        "--products", type=at_least_products, default=1500, help=f"size of the generated catalog (≥ {MIN_PRODUCTS})"
+    )
     p.add_argument(
         "--events",
-        type=int,
+        type=_int_at_least(0),
         default=12000,
         help="background behaviour events to replay (three bursts of 120 events each come on top)",
     )
-    p.add_argument("--rate", type=_positive_rate, default=1500.0, help="replay rate (events/s, > 0)")
+    p.add_argument("--rate", type=positive_rate, default=1500.0, help="replay rate (events/s, > 0)")
     p.add_argument("--epochs", type=int, default=8, help="training epochs")
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--workdir", help="where the model, logs and summary go (default: runs/demo-<time>)")

@@ -7,6 +7,7 @@ __all__ = [
     "ConfigError",
     "DataError",
     "EventDecodeError",
+    "EventTimeError",
     "ExportError",
     "FeaturizerError",
     "ModelLoadError",
@@ -40,6 +41,10 @@ class EventDecodeError(TagstreamError):
 
 class SchemaValidationError(EventDecodeError):
     """An event decodes but does not satisfy its topic's JSON Schema."""
+
+
+class EventTimeError(EventDecodeError):
+    """An event's time lies further ahead of the worker's clock than `TAGSTREAM_MAX_EVENT_AHEAD_MS` allows."""
 
 
 class StateError(TagstreamError):

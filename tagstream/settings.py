@@ -19,13 +19,57 @@ S = TypeVar("S", bound=BaseSettings)
 REDIS_URL_SCHEMES = ("redis://", "rediss://", "unix://")  # what redis-py's from_url accepts
 
 
+def _redis_url_problem(url: str) -> str | None:
+    """What redis-py's URL parser would refuse in `url`, or silently ignore (a port 0, a database path that is not a
+    number), or what its connections would refuse (an unknown query option); None when it is usable. The answer never
+    quotes the URL, which may hold a password (urllib's own messages can quote part of it)."""
+    from urllib.parse import unquote, urlsplit
+
+    from redis.asyncio.connection import Connection, parse_url
+    from redis.exceptions import RedisError
+
+    encode = "percent-encode / ? # @ [ ] in a user name or password"
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        if str(exc).startswith("Port"):
+            return f"the port must be a number from 1 to 65535 ({encode})"
+        return f"the host must be a name, an IPv4 address or an IPv6 address in brackets ({encode})"
+    try:
+        options = parse_url(url)
+    except ValueError as exc:  # "Invalid value for '<option>' in connection URL."
+        return str(exc).rstrip(".")
+    if parts.scheme != "unix":
+        if port == 0:  # redis-py would connect to 6379
+            return "the port must be a number from 1 to 65535"
+        if not re.fullmatch(r"/?|/\d+", unquote(parts.path)):  # redis-py would ignore it and use database 0
+            return "the path must be a database number such as /0"
+    if options.get("db", 0) < 0:
+        return "the database number must be 0 or more"
+    connection_class = options.pop("connection_class", Connection)
+    for pool_option in ("max_connections", "timeout"):  # taken by the connection pool, not the connection
+        options.pop(pool_option, None)
+    try:
+        connection_class(**options)  # no I/O: connections connect when first used
+    except TypeError as exc:
+        m = re.search(r"argument '(\w+)'", str(exc))
+        return f"unknown option {m.group(1)!r}" if m else "an option redis-py does not know"
+    except (ValueError, RedisError):
+        return "an option value that redis-py refuses"
+    return None
+
+
 def _check_redis_url(value: SecretStr) -> SecretStr:
-    if not value.get_secret_value().startswith(REDIS_URL_SCHEMES):  # exactly as redis-py checks (case-sensitive)
+    url = value.get_secret_value()
+    if not url.startswith(REDIS_URL_SCHEMES):  # exactly as redis-py checks (case-sensitive)
         raise ValueError(f"a Redis URL must start with {', '.join(REDIS_URL_SCHEMES[:-1])} or {REDIS_URL_SCHEMES[-1]}")
+    if problem := _redis_url_problem(url):
+        raise ValueError(f"not a Redis URL redis-py can use: {problem}")
     return value
 
 
-# A Redis URL setting (it may hold a password): refused at load time unless redis-py can take its scheme.
+# A Redis URL setting (it may hold a password): refused at load time unless redis-py can parse and use it.
 RedisUrl = Annotated[SecretStr, AfterValidator(_check_redis_url)]
 
 

@@ -7,6 +7,8 @@ import logging
 import os
 import subprocess
 import sys
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -103,6 +105,9 @@ def test_train_prints_only_the_bundle_path_on_stdout_and_its_progress_on_stderr(
     assert "/step - " in run.stderr and "loss: " in run.stderr  # the progress is kept, on stderr
 
 
+NO_TOPICS = f"fixtrain-none-{uuid.uuid4().hex[:8]}-"  # a prefix no `tagstream topics` created
+
+
 @pytest.fixture
 def tiny_catalog(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     for k, v in TINY_ENV.items():
@@ -121,6 +126,11 @@ def tiny_catalog(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         (["--out", "{tmp}/models"], {"TAGSTREAM_SIGNING_KEY_PATH": "/nonexistent"}, "TAGSTREAM_SIGNING_KEY_PATH"),
         (["--out", "{tmp}/models", "--every", "1s"], {"TAGSTREAM_SIGNING_KEY_PATH": "/nonexistent"}, "/nonexistent"),
         (["--out", "{tmp}/models"], {"TAGSTREAM_HIDDEN": "[a]"}, "TAGSTREAM_HIDDEN does not parse"),
+        (["--out", "{tmp}/models", "--every", ""], {}, "bad duration ''"),  # before: a single run
+        (["--out", "{tmp}/models", "--every", "200000d"], {}, "at most 366d"),  # before: OverflowError at the sleep
+        # before: found out after each cycle's whole training
+        (["--out", "{tmp}/models", "--every", "1s"], {"TAGSTREAM_TOPIC_PREFIX": NO_TOPICS}, "does not exist at"),
+        (["--out", "{tmp}/models", "--every", "1s"], {"TAGSTREAM_KAFKA_BOOTSTRAP": "127.0.0.1:1"}, "could not reach"),
     ],
 )
 def test_train_reports_a_bad_output_path_key_or_setting_in_one_line_before_training(
@@ -147,6 +157,123 @@ def test_train_reports_a_bad_output_path_key_or_setting_in_one_line_before_train
     assert err[-1].startswith("tagstream train: error: ") and expected.format(file=afile) in err[-1], err[-3:]
     assert not any("loaded" in r.getMessage() for r in caplog.records)  # refused before reading the catalog
     assert not list(tmp_path.glob("models/2*"))  # and before training: no bundle
+
+
+@pytest.mark.parametrize("command", ["train", "evaluate"])
+def test_a_missing_catalog_is_named_without_a_line_number(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str
+) -> None:
+    from tagstream.cli import main
+
+    missing = tmp_path / "nope.jsonl"
+    args = ["--out", str(tmp_path / "models")] if command == "train" else ["--model", str(tmp_path)]
+    assert main([command, "--catalog", str(missing), "--format", "jsonl", *args]) == 2
+    # before: "nope.jsonl: line 0: file not found"
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"tagstream {command}: error: no such file: {missing}"
+
+
+@pytest.fixture
+def model_updates_topic() -> Iterator[str]:
+    """A fresh topic prefix whose `<prefix>model-updates` exists on the local stack's broker (deleted after)."""
+    import asyncio
+
+    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+    prefix = f"fixtrain-{uuid.uuid4().hex[:8]}-"
+
+    async def admin(create: bool) -> None:
+        client = AIOKafkaAdminClient(bootstrap_servers="127.0.0.1:9092")
+        await client.start()
+        try:
+            if create:
+                await client.create_topics([NewTopic(f"{prefix}model-updates", 1, 1)])
+            else:
+                await client.delete_topics([f"{prefix}model-updates"])
+        finally:
+            await client.close()
+
+    asyncio.run(admin(True))
+    try:
+        yield prefix
+    finally:
+        asyncio.run(admin(False))
+
+
+def _next_line(proc: subprocess.Popen[str], deadline_s: float = 300.0) -> str:
+    """The next stdout line of `proc` (bounded polling; '' when the process ends or the deadline passes)."""
+    import select
+    import time
+
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end and proc.poll() is None:
+        if select.select([proc.stdout], [], [], 0.5)[0]:
+            return proc.stdout.readline()  # type: ignore[union-attr]
+    return ""
+
+
+def test_every_prints_each_cycle_as_it_ends_writes_its_report_and_keeps_the_gate_across_a_restart(
+    tmp_path: Path, model_updates_topic: str
+) -> None:
+    import signal
+
+    catalog = tmp_path / "catalog.jsonl"
+    write_jsonl(generate_catalog(200, seed=5), catalog)
+    out, reports = tmp_path / "models", tmp_path / "reports"
+    env = {**os.environ, **TINY_ENV, "TAGSTREAM_EPOCHS": "1", "TAGSTREAM_TOPIC_PREFIX": model_updates_topic}
+    cmd = [sys.executable, "-m", "tagstream.cli", "train", "--catalog", str(catalog), "--format", "jsonl"]
+    cmd += ["--out", str(out), "--no-baseline", "--report", str(reports), "--every"]
+    with (tmp_path / "every.err").open("w") as err:
+        proc = subprocess.Popen([*cmd, "1h"], stdout=subprocess.PIPE, stderr=err, text=True, env=env)
+        try:
+            line = _next_line(proc)  # before: nothing on stdout until the loop ended (never, with a real --every)
+        finally:
+            proc.send_signal(signal.SIGTERM)  # `docker stop` during the sleep
+            code = proc.wait(timeout=120)
+    stderr = (tmp_path / "every.err").read_text()
+    first = json.loads(line)
+    assert first["cycle"] == 1 and first["publish"] is True, (line, stderr[-2000:])
+    bundle = Path(first["bundle"])
+    # before: no report at all with --every, and --report was ignored
+    assert first["report"] == str(reports / bundle.name / "report.html") and Path(first["report"]).is_file()
+    assert code == 143 and "Traceback" not in stderr and "terminated (SIGTERM)" in stderr
+    # restarted: the first model is compared with the one published before the restart (before: "no current model")
+    again = subprocess.run([*cmd, "1h", "--cycles", "1"], capture_output=True, text=True, timeout=600, env=env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    second = json.loads(again.stdout)
+    assert second["current"] == str(bundle) and second["reasons"] != ["no current model"], second
+    assert (reports / Path(second["bundle"]).name / "report.html").is_file()
+
+
+def test_sigterm_while_the_bundle_is_written_leaves_no_temp_directory(tmp_path: Path) -> None:
+    catalog = tmp_path / "catalog.jsonl"
+    write_jsonl(generate_catalog(200, seed=5), catalog)
+    out = tmp_path / "models"
+    hook = (
+        "import os, signal, sys\n"
+        "import serving.bundle\n"
+        "write = serving.bundle.write_bundle\n"
+        "def mid_write(registry, **kw):\n"
+        "    save = kw['featurizer_files']\n"
+        "    def save_then_sigterm(directory):\n"
+        "        names = save(directory)\n"
+        "        os.kill(os.getpid(), signal.SIGTERM)  # `docker stop` with the bundle half written\n"
+        "        return names\n"
+        "    return write(registry, **{**kw, 'featurizer_files': save_then_sigterm})\n"
+        "serving.bundle.write_bundle = mid_write\n"
+        "from tagstream.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    args = ["train", "--catalog", str(catalog), "--format", "jsonl", "--out", str(out), "--no-baseline"]
+    run = subprocess.run(
+        [sys.executable, "-c", hook, *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, **TINY_ENV, "TAGSTREAM_EPOCHS": "1"},
+    )
+    # before: killed (-15) with a hidden .tmp-* directory left in the registry for good
+    assert run.returncode == 143, run.stderr[-3000:]
+    assert list(out.iterdir()) == [] and "terminated (SIGTERM)" in run.stderr and "Traceback" not in run.stderr
 
 
 def test_demo_refuses_zero_rate_and_zero_epochs_before_starting_anything(

@@ -6,10 +6,16 @@ Importing this module (to build the `tagstream` parser) never imports TensorFlow
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
+from types import FrameType
+from typing import Any
 
 from tagstream.errors import ConfigError, DataError
 
@@ -36,8 +42,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument(
         "--no-baseline", dest="baseline", action="store_false", help="skip the same-run TF-IDF + linear baseline"
     )
-    p.add_argument("--report", default=None, help="report directory (default: OUT/reports/<model version>)")
-    p.add_argument("--every", default=None, metavar="DURATION", help="retrain periodically, e.g. 6h, 30m")
+    p.add_argument(
+        "--report",
+        default=None,
+        help="report directory (default: OUT/reports/<model version>; with --every, one <model version> "
+        "directory inside it per cycle)",
+    )
+    p.add_argument(
+        "--every",
+        default=None,
+        metavar="DURATION",
+        help="retrain periodically, e.g. 6h, 30m (at most 366d); prints one JSON line per cycle",
+    )
     p.add_argument("--kind", choices=("activate", "shadow"), default="activate", help="with --every: publish kind")
     p.add_argument("--cycles", type=int, default=None, help=argparse.SUPPRESS)  # with --every: stop after N
     p.set_defaults(func=run_train)
@@ -46,7 +62,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         "evaluate",
         help="evaluate a model bundle on a labelled catalog",
         description="Score every product of the catalog with the bundle (its featurizer + ONNX) and report "
-        "accuracy, micro/macro/weighted F1 (top-1) per exclusive tag group.",
+        "accuracy, micro/macro/weighted F1 (top-1) per exclusive tag group, over the products that carry a label "
+        "of the group; a label the model does not know (it cannot output it) counts as a miss, and how many "
+        "products have one is reported per group (n_unknown).",
     )
     p.add_argument("--model", type=Path, required=True, help="bundle directory")
     p.add_argument("--catalog", type=Path, required=True, help="catalog file")
@@ -69,45 +87,132 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
 def _load(path: Path, fmt: str):
     from training.loaders import load_catalog
 
+    _check_catalog(path)
     result = load_catalog(path, fmt)
     log.info("loaded %d products from %s (%s)", len(result.products), path, fmt)
     return result
 
 
+def _check_catalog(path: Path) -> None:
+    """DataError (one line) for a catalog path that is no file."""
+    if path.is_dir():
+        raise DataError(f"{path}: is a directory, not a catalog file")
+    if not path.exists():
+        raise DataError(f"no such file: {path}")
+
+
+@contextlib.contextmanager
+def _sigterm_exits() -> Iterator[None]:
+    """SIGTERM (`docker stop`, a service manager) ends the command as Ctrl-C does, through every `finally` (a
+    half-written bundle is removed), with exit status 143; a second SIGTERM kills at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum: int, frame: FrameType | None) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    except SystemExit as exc:
+        if exc.code == 128 + signal.SIGTERM:
+            print("tagstream train: terminated (SIGTERM)", file=sys.stderr)
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _write_report(bundle: Path, report_dir: Path, data: Any, **extra: Any) -> Path:
+    """The training report of `bundle` (`training.report.write_report`) into `report_dir`; returns report.html."""
+    from training.report import write_report
+
+    metrics = json.loads((bundle / "metrics.json").read_text())
+    try:
+        files = write_report(
+            report_dir,
+            model=metrics["top1"],
+            baseline=metrics.get("baseline"),
+            data=data,
+            title=f"tagstream training report: {bundle.name}",
+            extra={
+                **{k: metrics.get(k) for k in ("split", "timings", "parity", "evaluated_on")},
+                "at_shipped_thresholds": {
+                    g: {k: r.get(k) for k in ("coverage", "micro_f1", "macro_f1", "weighted_f1")}
+                    for g, r in metrics["at_thresholds"]["groups"].items()
+                },
+                **extra,
+            },
+        )
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot write the report into {report_dir}: {exc} (the bundle is written: {bundle})"
+        ) from exc
+    return files.html
+
+
 def run_train(args: argparse.Namespace) -> int:
     """`tagstream train`."""
+    with _sigterm_exits():
+        return _run_train(args)
+
+
+def _run_train(args: argparse.Namespace) -> int:
     from training.publish import parse_duration
     from training.settings import load_trainer_settings, writable_dir
 
     settings = load_trainer_settings(epochs=args.epochs, seed=args.seed, baseline=args.baseline)
-    every = parse_duration(args.every) if args.every else None
+    every = parse_duration(args.every) if args.every is not None else None
     # everything that would fail only at the end is checked before the catalog is read and a model trained
     registry = writable_dir(args.out or settings.model_registry, "--out" if args.out else "TAGSTREAM_MODEL_REGISTRY")
-    if args.report and every is None:
+    if args.report:
         writable_dir(args.report, "--report")
     settings.signing_key()
+    _check_catalog(args.catalog)
     if every is not None:
-        from training.publish import periodic_retrain
+        from training.publish import check_publishing, periodic_retrain
 
-        records = periodic_retrain(
-            lambda: _load(args.catalog, args.format).products,
+        check_publishing(settings)
+        loaded: dict[str, Any] = {}
+
+        def load() -> list[Any]:
+            loaded["result"] = result = _load(args.catalog, args.format)
+            return result.products
+
+        def on_cycle(record: dict[str, Any]) -> None:
+            # like a single run: a report per bundle (OUT/reports/<version>, or --report/<version>)
+            if "bundle" in record and "result" in loaded:
+                bundle = Path(record["bundle"])
+                report_dir = Path(args.report or Path(registry) / "reports") / bundle.name
+                retrain = {k: record.get(k) for k in ("cycle", "current", "publish", "reasons", "error")}
+                try:
+                    html = _write_report(bundle, report_dir, loaded["result"].report, retrain=retrain)
+                    record["report"] = str(html)
+                except (ConfigError, OSError, ValueError, KeyError) as exc:
+                    record["report_error"] = str(exc)
+                    log.error("retrain cycle %d: no report: %s", record["cycle"], exc)
+            print(json.dumps(record, ensure_ascii=False), flush=True)  # one line per cycle, as it ends
+
+        periodic_retrain(
+            load,
             settings,
             every_s=every,
             registry=registry,
             kind=args.kind,
             max_cycles=args.cycles,
+            on_cycle=on_cycle,
         )
-        print(json.dumps(records, ensure_ascii=False))
         return 0
     from training.train import file_sha256, train
 
-    loaded = _load(args.catalog, args.format)
+    loaded_once = _load(args.catalog, args.format)
     bundle = train(
-        loaded.products,
+        loaded_once.products,
         settings,
         registry=registry,
         data_sha256=file_sha256(args.catalog),
-        extra_metrics={"data_report": loaded.report.to_dict()},
+        extra_metrics={"data_report": loaded_once.report.to_dict()},
     )
     metrics = json.loads((bundle / "metrics.json").read_text())
     for g, r in metrics["top1"]["groups"].items():
@@ -116,29 +221,9 @@ def run_train(args: argparse.Namespace) -> int:
         if base:
             line += f"   baseline weighted_f1={base.get('weighted_f1')}"
         print(f"  {g:<16} {line}", file=sys.stderr)
-    from training.report import write_report
-
     report_dir = Path(args.report) if args.report else Path(registry) / "reports" / bundle.name
-    try:
-        files = write_report(
-            report_dir,
-            model=metrics["top1"],
-            baseline=metrics.get("baseline"),
-            data=loaded.report,
-            title=f"tagstream training report: {bundle.name}",
-            extra={
-                **{k: metrics.get(k) for k in ("split", "timings", "parity", "evaluated_on")},
-                "at_shipped_thresholds": {
-                    g: {k: r.get(k) for k in ("coverage", "micro_f1", "macro_f1", "weighted_f1")}
-                    for g, r in metrics["at_thresholds"]["groups"].items()
-                },
-            },
-        )
-    except OSError as exc:
-        raise ConfigError(
-            f"cannot write the report into {report_dir}: {exc} (the bundle is written: {bundle})"
-        ) from exc
-    print(f"report: {files.html}", file=sys.stderr)
+    html = _write_report(bundle, report_dir, loaded_once.report)
+    print(f"report: {html}", file=sys.stderr)
     print(bundle)
     return 0
 
@@ -165,16 +250,28 @@ def run_evaluate(args: argparse.Namespace) -> int:
             "not evaluated (figures null)",
             file=sys.stderr,
         )
+    unknown = [
+        f"{g} {r['n_unknown']} of {r['n']}" for g, r in report["groups"].items() if r.get("n") and r.get("n_unknown")
+    ]
+    if unknown:
+        print(
+            "tagstream evaluate: warning: products whose label the model does not know (it cannot output it), "
+            f"counted as misses: {', '.join(unknown)}",
+            file=sys.stderr,
+        )
     out = {
         "n": report["n"],
+        "n_unknown": {g: r["n_unknown"] for g, r in report["groups"].items()},
         "groups": {g: {k: r.get(k) for k in HEADLINE} for g, r in report["groups"].items()},
     }
     if args.json:
         print(json.dumps(out, ensure_ascii=False))
     else:
-        print(f"{'group':<18} " + " ".join(f"{k:>11}" for k in HEADLINE) + f"   (n={out['n']})")
-        for g, r in out["groups"].items():
-            print(f"{g:<18} " + " ".join("         - " if r[k] is None else f"{r[k]:>11.4f}" for k in HEADLINE))
+        print(f"{'group':<18} " + " ".join(f"{k:>11}" for k in HEADLINE) + f" {'n':>8} {'unknown':>8}")
+        for g, r in report["groups"].items():
+            figures = " ".join("         - " if r.get(k) is None else f"{r[k]:>11.4f}" for k in HEADLINE)
+            print(f"{g:<18} {figures} {r['n']:>8} {r['n_unknown']:>8}")
+        print(f"({out['n']} products)")
     return 0
 
 

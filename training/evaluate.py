@@ -3,7 +3,8 @@ shipped thresholds, most-confused pairs, calibration (reliability bins) and PR c
 
 Conventions (numpy only; checked against sklearn.metrics in the tests):
 
-- A row whose true label is -1 (e.g. the product has no `colour`) is left out of that group's figures.
+- A row whose true label is -1 (e.g. the product has no `colour`) is left out of that group's figures. A product
+  whose true label the model does not know is a miss (`with_unknown_as_misses`), not left out.
 - A prediction of -1 means "no tag" (the top score is below its threshold): it is a miss for the true tag
   (lowers recall) and a prediction of nothing (does not lower any tag's precision). So micro recall = accuracy,
   and micro precision = accuracy / coverage.
@@ -31,6 +32,7 @@ __all__ = [
     "pr_curve",
     "true_tags",
     "unevaluated_groups",
+    "with_unknown_as_misses",
 ]
 
 
@@ -83,6 +85,25 @@ class GroupPredictions:
             thr = np.broadcast_to(np.asarray(thresholds, dtype=np.float64), (scores.shape[1],))
             y_pred[scores[np.arange(len(scores)), top] < thr[top]] = -1
         return cls(labels=list(labels), y_true=np.asarray(y_true), y_pred=y_pred, scores=scores)
+
+
+def with_unknown_as_misses(g: GroupPredictions, unknown: Sequence[str | None]) -> GroupPredictions:
+    """`g` with the products whose true tag is one the model does not know (`unknown[i]`, None for none) counted as
+    misses: each such tag becomes an extra label that is never predicted (score 0), so accuracy and every F1 are
+    over all the products that carry a label of the group, as sklearn would count them by tag name. Unchanged when
+    no product has a known true tag (nothing to evaluate: the group stays unevaluated, `unevaluated_groups`)."""
+    if len(unknown) != len(g.y_true):
+        raise ValueError(f"unknown covers {len(unknown)} products, the group {len(g.y_true)}")
+    extra = sorted({t for t in unknown if t is not None} - set(g.labels))
+    if not extra or not (g.y_true >= 0).any():
+        return g
+    pos = {t: len(g.labels) + j for j, t in enumerate(extra)}
+    y_true = g.y_true.copy()
+    for i, t in enumerate(unknown):
+        if t is not None and y_true[i] < 0 and t in pos:
+            y_true[i] = pos[t]
+    scores = None if g.scores is None else np.hstack([g.scores, np.zeros((len(y_true), len(extra)))])
+    return GroupPredictions([*g.labels, *extra], y_true, g.y_pred, scores)
 
 
 def _safe_div(a: np.ndarray, b: np.ndarray) -> np.ndarray:

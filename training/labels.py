@@ -27,12 +27,16 @@ Names are compared by `attribute_key` (NFKC, case and white space folded, the ``
 Minimum support: a label seen on fewer than ``min_support`` products is dropped; products that carried it are
 *unlabelled* in that group (masked out of the loss and of evaluation), never merged into a catch-all label. For
 categories a dropped level also unlabels the deeper levels of that product (a leaf needs its parent). A group left
-with fewer than 2 labels is dropped. Attributes in ``exclude_attributes`` (``year`` by default) are not tagged.
+with fewer than 2 labels is dropped (with a warning), except a category level above a deeper level of 2 labels or
+more: its one label is the parent of those, so a catalog of a single top-level category still learns (and tags) its
+sub-categories, each product's path starting with that category (a softmax over one label always scores 1).
+Attributes in ``exclude_attributes`` (``year`` by default) are not tagged.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -60,6 +64,8 @@ __all__ = [
     "check_attribute_names",
     "product_labels",
 ]
+
+log = logging.getLogger(__name__)
 
 CATEGORY_GROUPS = ("category_l1", "category_l2", "category_leaf")
 TAGS_GROUP = "tags"
@@ -225,6 +231,19 @@ class LabelMap:
             out.setdefault(TAGS_GROUP, [])
         return out
 
+    def unknown_tags(self, products: Sequence[CatalogProduct]) -> dict[str, list[str | None]]:
+        """Exclusive group → per product, the tag it carries in that group that the map does not know (a label below
+        the minimum support or unseen in training: the model cannot output it), None when it carries none or a known
+        one. `encode` leaves such products unlabelled; evaluation counts them as misses."""
+        exclusive = {g.name for g in self.groups if g.kind == "exclusive"}
+        out: dict[str, list[str | None]] = {g: [None] * len(products) for g in exclusive}
+        for i, p in enumerate(products):
+            for g, tag in product_labels(p, exclude_attributes=(), include_tags=False):
+                lab = self.labels[self._by_tag[tag]] if tag in self._by_tag else None
+                if g in exclusive and (lab is None or lab.group != g):
+                    out[g][i] = tag
+        return out
+
     def encode(self, products: Sequence[CatalogProduct]) -> LabelMatrix:
         """Label matrices for these products."""
         n, t = len(products), len(self.labels)
@@ -297,17 +316,22 @@ def build_label_map(
     labels: list[Label] = []
     support: dict[str, int] = {}
 
-    def add_group(group: LabelGroup, items: list[tuple[str, str, str | None, int]]) -> None:
-        if len(items) < 2:
+    single: list[str] = []  # groups dropped for having one label: what the error says when nothing is left
+
+    def add_group(group: LabelGroup, items: list[tuple[str, str, str | None, int]], *, min_labels: int = 2) -> None:
+        if len(items) < min_labels:
+            if len(items) == 1:
+                single.append(f"{group.name}: {items[0][0]} on {items[0][3]} products")
+                log.warning("label group %s dropped: its only label is %s, nothing to learn", group.name, items[0][0])
             return
         groups.append(group)
         for tag, value, parent, count in items:
             labels.append(Label(len(labels), tag, group.name, value, parent))
             support[tag] = count
 
+    levels: list[list[tuple[str, str, str | None, int]]] = []
     kept: set[str] = set()
-    parent_group: str | None = None
-    for depth, (gname, cat_count) in enumerate(zip(CATEGORY_GROUPS, cat_counts, strict=True), start=1):
+    for depth, cat_count in enumerate(cat_counts, start=1):
         items = []
         for tag, count in sorted(cat_count.items()):
             path = tag[len(CATEGORY_PREFIX) + 1 :].split("/")
@@ -317,11 +341,17 @@ def build_label_map(
             if parent is not None and parent not in kept:
                 continue
             items.append((tag, path[-1], parent, count))
-        n_before = len(groups)
-        add_group(LabelGroup(gname, "exclusive", parent_group), items)
-        if len(groups) == n_before:
+        if not items:
             break  # a level without labels ends the hierarchy
+        levels.append(items)
         kept.update(t for t, *_ in items)
+    # a level with one label teaches nothing, but its tag is the parent of the levels below it: it is kept above a
+    # deeper level with 2 labels or more (a catalog of one department still learns its sub-categories), and the
+    # deepest levels are dropped while they have fewer than 2 labels
+    informative = max((i for i, items in enumerate(levels) if len(items) >= 2), default=-1)
+    parent_group: str | None = None
+    for i, (gname, items) in enumerate(zip(CATEGORY_GROUPS, levels, strict=False)):
+        add_group(LabelGroup(gname, "exclusive", parent_group), items, min_labels=1 if i < informative else 2)
         parent_group = gname
 
     for name in sorted(counts):  # the attributes (one tag prefix per group: sorted by tag = sorted by value)
@@ -336,6 +366,11 @@ def build_label_map(
             for tag, value, parent, count in items:
                 labels.append(Label(len(labels), tag, TAGS_GROUP, value, parent))
                 support[tag] = count
+    if not labels and single:
+        raise DataError(
+            f"nothing to learn: every label group reaching the minimum support of {min_support} products has a "
+            f"single label ({', '.join(single)}); a group needs at least 2 labels"
+        )
     if not labels:
         raise DataError(f"no label reaches the minimum support of {min_support} products")
     return LabelMap(groups, labels, support)

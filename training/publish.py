@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
 import re
 import time
@@ -15,19 +16,26 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
 from schemas.records import ModelUpdate
 from tagstream.errors import ConfigError, TagstreamError
 from training.catalog import CatalogProduct
 from training.settings import TrainerSettings
 
 __all__ = [
+    "PUBLISHED_FILE",
     "Comparison",
+    "check_publishing",
     "compare_reports",
+    "current_model",
     "eval_holdout",
     "model_update_event",
     "parse_duration",
     "periodic_retrain",
     "publish_bundle",
+    "record_publication",
     "send_model_update",
 ]
 
@@ -36,27 +44,52 @@ log = logging.getLogger(__name__)
 PublishKind = Literal["activate", "shadow"]
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+MAX_DURATION_S = 366 * 86400  # longer sleeps overflow the platform's time_t (200000d did, after a whole cycle)
+PUBLISHED_FILE = "published.jsonl"  # in the registry: one line per bundle published from it (record_publication)
 
 
 def parse_duration(text: str) -> float:
-    """'6h' → 21600.0; units s, m, h, d (seconds when none). ConfigError on anything else or ≤ 0."""
+    """'6h' → 21600.0; units s, m, h, d (seconds when none). ConfigError on anything else, ≤ 0 or over 366 days."""
     m = _DURATION.match(text or "")
     if not m or float(m.group(1)) <= 0:
         raise ConfigError(f"bad duration {text!r} (expected e.g. 90s, 30m, 6h, 1d)")
-    return float(m.group(1)) * _UNITS[m.group(2)]
+    seconds = float(m.group(1)) * _UNITS[m.group(2)]
+    if seconds > MAX_DURATION_S:
+        raise ConfigError(f"bad duration {text!r}: at most 366d")
+    return seconds
 
 
 # --------------------------------------------------------------------------------------------------- publishing
 
 
+class VerifySettings(BaseSettings):
+    """The workers' signature setting, read by `publish` too: a bundle they would refuse is not announced."""
+
+    model_config = SettingsConfigDict(env_prefix="TAGSTREAM_", extra="ignore")
+
+    model_verify_key: SecretStr | None = Field(
+        None, description="Base64 Ed25519 public key (as the workers'): when set, publish refuses unverified bundles."
+    )
+
+
+def verify_key() -> Any:
+    """The Ed25519 public key of TAGSTREAM_MODEL_VERIFY_KEY (as `tagstream model activate` reads it), or None."""
+    from serving.validate import parse_verify_key
+    from tagstream.settings import load_settings
+
+    key = load_settings(VerifySettings, "publish").model_verify_key
+    return parse_verify_key(key.get_secret_value()) if key else None
+
+
 def model_update_event(bundle_dir: str | Path, kind: PublishKind = "activate") -> tuple[ModelUpdate, str]:
-    """Validate the bundle (load_bundle) and build its schema-valid model-update event; returns (event, model name)."""
+    """Validate the bundle (load_bundle; with TAGSTREAM_MODEL_VERIFY_KEY set, its signature too, as the workers
+    will) and build its schema-valid model-update event; returns (event, model name)."""
     from serving.bundle import SIGNATURE_FILE, load_bundle
 
     if kind not in ("activate", "shadow"):
         raise ConfigError(f"publish kind must be activate or shadow, got {kind!r}")
     path = Path(bundle_dir).resolve()
-    bundle = load_bundle(path)
+    bundle = load_bundle(path, verify_key=verify_key())
     sig_file = path / SIGNATURE_FILE
     signature = sig_file.read_text().strip() if sig_file.is_file() else None
     event = ModelUpdate(
@@ -79,11 +112,115 @@ async def send_model_update(event: ModelUpdate, key: str, settings: TrainerSetti
 
 
 def publish_bundle(bundle_dir: str | Path, kind: PublishKind, settings: TrainerSettings) -> ModelUpdate:
-    """Validate and announce a bundle; returns the event sent."""
+    """Validate and announce a bundle, and record it in its registry (`record_publication`); returns the event."""
     event, name = model_update_event(bundle_dir, kind)
     asyncio.run(send_model_update(event, name, settings))
     log.info("published %s %s to %smodel-updates", kind, event.model_version, settings.topic_prefix)
+    record_publication(bundle_dir, event)
     return event
+
+
+def record_publication(bundle_dir: str | Path, event: ModelUpdate) -> None:
+    """Append `{"model_version", "kind", "published_at", "sha256"}` to `published.jsonl` of the bundle's registry
+    (its parent directory), which `current_model` reads when `train --every` starts. Best effort: the event is
+    already sent, so a registry that cannot be written is a warning."""
+    path = Path(bundle_dir).resolve().parent / PUBLISHED_FILE
+    line = {"model_version": event.model_version, "kind": event.kind, "published_at": event.emitted_at}
+    line["sha256"] = event.sha256
+    try:
+        with path.open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps(line) + "\n")
+    except OSError as exc:
+        log.warning("could not record the publication of %s in %s: %s", event.model_version, path, exc)
+
+
+def _loads(bundle_dir: Path) -> bool:
+    from serving.bundle import load_bundle
+
+    try:
+        load_bundle(bundle_dir)
+    except (TagstreamError, OSError) as exc:
+        log.info("skipping %s as the current model: %s", bundle_dir, exc)
+        return False
+    return True
+
+
+def current_model(registry: str | Path, kind: PublishKind = "activate") -> Path | None:
+    """The model `train --every` compares its first candidate with when it starts: the newest bundle still valid in
+    the registry among those it records as published with `kind` (`published.jsonl`); when it records none, the
+    newest valid bundle (said in a log line: it may be one that was never published); None in an empty registry."""
+    from serving.bundle import VERSION_RE, list_versions
+
+    registry = Path(registry)
+    published: list[str] = []
+    try:
+        lines = (registry / PUBLISHED_FILE).read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        lines = []
+    except (OSError, UnicodeDecodeError) as exc:
+        log.warning("cannot read %s: %s", registry / PUBLISHED_FILE, exc)
+        lines = []
+    for line in lines:
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if not isinstance(entry, dict) or entry.get("kind") != kind:
+            continue
+        version = entry.get("model_version")
+        if isinstance(version, str) and VERSION_RE.match(version):
+            published.append(version)
+    for version in dict.fromkeys(reversed(published)):
+        if _loads(registry / version):
+            log.info(
+                "current model: %s, the last bundle of %s published (%s) that is still valid", version, registry, kind
+            )
+            return registry / version
+    for version in reversed(list_versions(registry)):
+        if _loads(registry / version):
+            log.info(
+                "current model: %s, the newest valid bundle in %s (%s names no bundle published as %s that is still "
+                "valid, so it may be one that was never published)",
+                version,
+                registry,
+                PUBLISHED_FILE,
+                kind,
+            )
+            return registry / version
+    return None
+
+
+def check_publishing(settings: TrainerSettings) -> None:
+    """What `train --every` needs to publish at the end of a cycle, checked before the first one: Kafka reachable
+    and `<prefix>model-updates` existing, and the signing key verifying with TAGSTREAM_MODEL_VERIFY_KEY when both
+    are set. TagstreamError (one line) otherwise."""
+    from streams.model_cli import kafka_errors, no_topic
+
+    key, signing = verify_key(), settings.signing_key()
+    if key is not None and signing is not None:
+        from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+        raw = (Encoding.Raw, PublicFormat.Raw)
+        if signing.public_key().public_bytes(*raw) != key.public_bytes(*raw):
+            raise ConfigError(
+                "TAGSTREAM_SIGNING_KEY_PATH is not the private half of TAGSTREAM_MODEL_VERIFY_KEY: every bundle "
+                "would be refused before it is published"
+            )
+
+    async def check() -> None:
+        from aiokafka import AIOKafkaProducer
+
+        topic, bootstrap = f"{settings.topic_prefix}model-updates", settings.kafka_bootstrap
+        producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
+        with kafka_errors(f"reach {topic}", bootstrap):
+            try:
+                await producer.start()
+                if topic not in (await producer.client.fetch_all_metadata()).topics():
+                    raise no_topic(topic, bootstrap)
+            finally:
+                await producer.stop()
+
+    asyncio.run(check())
 
 
 # ------------------------------------------------------------------------------------------- periodic retraining
@@ -159,12 +296,16 @@ def periodic_retrain(
     train_fn: Callable[..., Path] | None = None,
     evaluate_fn: Callable[[Path, list[CatalogProduct]], Mapping[str, Any]] | None = None,
     sleep: Callable[[float], None] = time.sleep,
+    on_cycle: Callable[[dict[str, Any]], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Every `every_s`: reload the catalog, train on all but the fixed evaluation set, evaluate the new and the
     current bundle on that set, and publish the new one only when `compare_reports` says it is not worse.
 
-    Returns one record per cycle (for logs and tests). `publish`, `train_fn`, `evaluate_fn` default to the real
-    ones (Kafka, training.train.train, training.train.evaluate_bundle).
+    The current model at start is `current_model(registry, kind)` (a restart keeps the gate); when it cannot be
+    evaluated any more (removed, edited), the cycle compares with its last evaluation, if one was made.
+    Returns one record per cycle (for logs and tests), each also given to `on_cycle` as soon as its cycle ends.
+    `publish`, `train_fn`, `evaluate_fn` default to the real ones (Kafka, training.train.train,
+    training.train.evaluate_bundle).
     """
     from training.splits import Split, stratified_split
 
@@ -174,7 +315,8 @@ def periodic_retrain(
         train_fn = train_fn or train
         evaluate_fn = evaluate_fn or evaluate_bundle
     publish = publish or (lambda b: publish_bundle(b, kind, settings))
-    current: Path | None = None
+    every_s = min(every_s, MAX_DURATION_S)
+    current: Path | None = current_model(registry, kind)
     current_report: Mapping[str, Any] | None = None
     records: list[dict[str, Any]] = []
     cycle = 0
@@ -196,11 +338,24 @@ def periodic_retrain(
                 products=rest + eval_set,
             )
             bundle = train_fn(rest + eval_set, settings, registry=registry, split=split)
+            record["bundle"] = str(bundle)
             report = evaluate_fn(bundle, eval_set)
             if current is not None:  # re-evaluate: the evaluation set may have grown with the catalog
-                current_report = evaluate_fn(current, eval_set)
+                try:
+                    current_report = evaluate_fn(current, eval_set)
+                except (TagstreamError, OSError) as exc:
+                    held_report = "comparing with its last evaluation" if current_report is not None else None
+                    log.warning(
+                        "the current model %s cannot be evaluated (%s): %s",
+                        current,
+                        exc,
+                        held_report or "no evaluation of it is held, so there is no current model to compare with",
+                    )
+                    if current_report is None:
+                        current = None
+            record["current"] = None if current is None else str(current)
             decision = compare_reports(report, current_report)
-            record.update(bundle=str(bundle), publish=decision.publish, reasons=list(decision.reasons))
+            record.update(publish=decision.publish, reasons=list(decision.reasons))
             if decision.publish:
                 publish(bundle)
                 current, current_report = bundle, report
@@ -214,6 +369,8 @@ def periodic_retrain(
             record.update(error=str(exc), publish=False)
             log.error("retrain cycle %d failed: %s", cycle, exc)
         records.append(record)
+        if on_cycle is not None:
+            on_cycle(record)
         if max_cycles is not None and cycle >= max_cycles:
             break
         sleep(max(0.0, every_s - (time.monotonic() - started)))

@@ -18,6 +18,7 @@ import logging
 import os
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +51,8 @@ log = logging.getLogger(__name__)
 def configure_tensorflow(threads: int) -> None:
     """Quiet TensorFlow and pin its thread pools (only effective before the runtime starts)."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    # a category level of one label (training.labels) is a softmax over one column, which scores 1 by design
+    warnings.filterwarnings("ignore", message=r"You are using a softmax over axis .* This axis has size 1\.")
     import tensorflow as tf
 
     try:
@@ -63,7 +66,7 @@ def configure_tensorflow(threads: int) -> None:
 @contextlib.contextmanager
 def keras_progress_to_stderr() -> Iterator[None]:
     """Send what Keras prints (its epoch progress bars, written to `sys.stdout`) to stderr: `tagstream train`'s
-    stdout is the bundle path (or `--every`'s JSON) alone, for `B=$(tagstream train ...)`."""
+    stdout is the bundle path (or `--every`'s JSON lines, one per cycle) alone, for `B=$(tagstream train ...)`."""
     with contextlib.redirect_stdout(sys.stderr):
         yield
 
@@ -171,13 +174,16 @@ def evaluate_scores(
     thresholds: dict[str, float] | None = None,
     *,
     full: bool = False,
+    unknown: dict[str, list[str | None]] | None = None,
 ) -> dict[str, Any]:
     """Per exclusive group report via `training.evaluate` (`{"n", "groups": {group: figures}}`).
 
     Without thresholds the prediction is the group's top label (top-1); with them, "no tag" below threshold.
-    `full=False` keeps only the headline figures.
+    `full=False` keeps only the headline figures. With `unknown` (`LabelMap.unknown_tags` of the same products), a
+    product whose label the model does not know is a miss (`with_unknown_as_misses`), and every group reports
+    `n_unknown`, how many such products it has.
     """
-    from training.evaluate import GroupPredictions, evaluate_groups
+    from training.evaluate import GroupPredictions, evaluate_groups, with_unknown_as_misses
 
     groups = {}
     slices = label_map.slices()
@@ -188,9 +194,14 @@ def evaluate_scores(
         tags = [lab.tag for lab in label_map.labels[s:e]]
         th = None if thresholds is None else np.asarray([thresholds.get(t, 0.5) for t in tags])
         groups[g.name] = GroupPredictions.from_scores(labels.targets[g.name], scores[:, s:e], tags, th)
+        if unknown is not None:
+            groups[g.name] = with_unknown_as_misses(groups[g.name], unknown[g.name])
     report = evaluate_groups(groups)
+    if unknown is not None:
+        for name, r in report["groups"].items():
+            r["n_unknown"] = sum(t is not None for t in unknown[name])
     if not full:
-        keep = ("n", "n_labels", "accuracy", "coverage", "micro_f1", "macro_f1", "weighted_f1")
+        keep = ("n", "n_labels", "n_unknown", "accuracy", "coverage", "micro_f1", "macro_f1", "weighted_f1")
         report["groups"] = {g: {k: v for k, v in r.items() if k in keep} for g, r in report["groups"].items()}
     return report
 
@@ -575,13 +586,22 @@ def bundle_scores(bundle_dir: str | Path, products: Sequence[Any], *, batch_size
 def evaluate_bundle(
     bundle_dir: str | Path, products: Sequence[CatalogProduct], *, at_thresholds: bool = False
 ) -> dict[str, Any]:
-    """`{"n", "groups": {group: {accuracy, micro_f1, macro_f1, weighted_f1, ...}}}` of a bundle on labelled products
-    (top-1 per exclusive group; with `at_thresholds`, "no tag" below the shipped threshold)."""
-    bundle, scores = bundle_scores(bundle_dir, list(products))
+    """`{"n", "groups": {group: {n, n_unknown, accuracy, micro_f1, macro_f1, weighted_f1, ...}}}` of a bundle on
+    labelled products (top-1 per exclusive group; with `at_thresholds`, "no tag" below the shipped threshold). A
+    product whose label in a group is one the model does not know (and so cannot output) counts as a miss, so two
+    bundles evaluated on the same products are scored on the same products in each group they share."""
+    products = list(products)
+    bundle, scores = bundle_scores(bundle_dir, products)
     label_map = LabelMap.from_json(bundle.labels.to_json())
     th = bundle.thresholds.to_json()
     per_tag = {lab.tag: float(th.get("per_tag", {}).get(lab.tag, th.get("default", 0.5))) for lab in label_map.labels}
-    return evaluate_scores(scores, label_map.encode(list(products)), label_map, per_tag if at_thresholds else None)
+    return evaluate_scores(
+        scores,
+        label_map.encode(products),
+        label_map,
+        per_tag if at_thresholds else None,
+        unknown=label_map.unknown_tags(products),
+    )
 
 
 def file_sha256(path: str | Path) -> str:

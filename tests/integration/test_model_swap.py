@@ -7,7 +7,8 @@
 - shadow scoring whose diffs match an offline comparison of the two models, then promote;
 - re-tag of the stored catalog after a swap, emitting `retag` updates only where tags changed;
 - a worker starting on a model-updates topic that retention emptied;
-- `tagstream model ... --wait`: stopped workers, an accepted shadow, answers to earlier requests.
+- `tagstream model ... --wait`: stopped workers, an accepted shadow, answers to earlier requests;
+- two workers with default ids on one host, and a shadow stopped for good.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -541,3 +543,44 @@ def test_a_retag_cut_short_by_a_crash_is_finished_by_the_next_worker(
     while at_b() != pids and time.monotonic() < deadline:
         time.sleep(0.5)
     assert at_b() == pids
+
+
+def test_two_workers_with_default_ids_are_told_apart_and_a_stopped_shadow_stays_stopped(
+    make_stream_env: Any, bundles: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two workers on one host without TAGSTREAM_WORKER_ID: `model status` and `--wait` see both (their default ids
+    differ); `model shadow --off` stops the shadow on both, and a restarted worker does not start it again."""
+    a, b = bundles["a"].name, bundles["b"].name
+    monkeypatch.delenv("TAGSTREAM_WORKER_ID", raising=False)
+    se = make_stream_env()
+    workers = [se.start_worker(TAGSTREAM_MODEL_PATH=str(bundles["a"])) for _ in range(2)]
+    ids = [f"worker@{socket.gethostname()}:{w.proc.pid}" for w in workers]
+    for worker_id in ids:
+        wait_answers(se, worker_id, 1)
+        wait_status(se, worker_id, lambda s: s["active"] == a)
+
+    code, out = run_cli(se, "model", "shadow", "--model", str(bundles["b"]), "--wait", "60")
+    assert code == 0, out
+    assert all(f"{w}: shadow {b} running beside {a}" in out for w in ids), out
+
+    code, out = run_cli(se, "model", "shadow", "--off", "--wait", "60")
+    assert code == 0, out
+    assert all(f"{w}: model-activated {a}: shadow: {b} stopped" in out for w in ids), out
+    assert all(redis_status(se, w)["shadow"] is None for w in ids)  # type: ignore[index]
+    code, out = run_cli(se, "model", "shadow", "--off", "--wait", "60")
+    assert code == 1 and all(f"{w}: model-rejected shadow: shadow: no shadow model to stop" in out for w in ids), out
+
+    workers[0].stop()
+    restarted = se.start_worker(TAGSTREAM_MODEL_PATH=str(bundles["a"]))
+    new_id = f"worker@{socket.gethostname()}:{restarted.proc.pid}"
+    [hello] = wait_answers(se, new_id, 1)  # sent once the history is applied
+    assert hello["model_version"] == a
+    status = wait_status(se, new_id, lambda s: s["active"] == a)
+    assert status["shadow"] is None and status["previous"] is None
+    out = subprocess.run(
+        [sys.executable, "-m", "tagstream.cli", "model", "status", "--json"],
+        env={**os.environ, **se.env}, cwd=REPO, capture_output=True, text=True, check=True, timeout=60,
+    )  # fmt: skip
+    report = json.loads(out.stdout)
+    assert report[ids[1]]["active"] == report[new_id]["active"] == a
+    assert report[ids[0]].get("active") is None  # stopped cleanly: its status is gone, its answers remain

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 import uuid
 from typing import Any
 
@@ -181,6 +184,23 @@ def test_a_worker_refuses_another_state_format(stack: StackSettings) -> None:
     asyncio.run(main())
 
 
+def test_an_earlier_only_index_entry_never_delays_a_products_look(stack: StackSettings) -> None:
+    async def main() -> None:
+        prefix = f"ix{uuid.uuid4().hex[:8]}"
+        client = aioredis.from_url(stack.redis_url, decode_responses=True)
+        try:
+            for store in (RedisStateStore(client, prefix), MemoryStateStore(prefix)):
+                await store.apply_and_index([], {("behavior", 0): {"a": 100, "b": 300}})
+                await store.apply_and_index([], {("behavior", 0): {"a": 200, "b": 200, "c": 50}}, earlier_only=True)
+                assert await store.due_lists({("behavior", 0): 150}) == {("behavior", 0): ["c", "a"]}
+                assert await store.due_lists({("behavior", 0): 250}) == {("behavior", 0): ["c", "a", "b"]}
+        finally:
+            await client.delete(f"{prefix}:active:behavior:0")
+            await client.aclose()
+
+    asyncio.run(main())
+
+
 def test_a_write_computed_from_an_older_revision_is_refused_whole(stack: StackSettings) -> None:
     async def main() -> None:
         prefix = f"sr{uuid.uuid4().hex[:8]}"
@@ -327,3 +347,19 @@ def test_a_restart_re_sends_the_window_expiries_a_redis_store_recorded(stack: St
             await store.close()
 
     asyncio.run(main())
+
+
+def test_a_worker_on_a_store_of_another_format_refuses_to_start_in_one_line(stream_env: Any) -> None:
+    client = stream_env.redis()
+    client.hset(f"{stream_env.settings.redis_prefix}:meta", "state_format", 1)
+    done = subprocess.run(
+        [sys.executable, "-m", "tagstream.cli", "worker"],
+        env={**os.environ, **stream_env.env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr and "crash" not in done.stderr, done.stderr[-3000:]
+    [line] = done.stderr.strip().splitlines()
+    assert line.startswith("tagstream worker: error: ") and "state format 1" in line, line

@@ -405,7 +405,7 @@ def test_replay_sends_an_event_with_a_non_string_id_for_the_worker_to_dead_lette
     events.write_bytes(orjson.dumps(odd) + b"\n" + orjson.dumps(upsert("after-it", "Levis Men Black Jeans")) + b"\n")
     env = {**os.environ, **stream_env.env}
     done = subprocess.run(
-        [sys.executable, "-m", "tagstream.cli", "replay", str(events), "--topic", "products"],
+        [sys.executable, "-m", "tagstream.cli", "replay", str(events), "--topic", "products", "--send-invalid"],
         env=env,
         cwd=REPO,
         capture_output=True,

@@ -5,8 +5,10 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import os
 import re
 import stat
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -120,6 +122,36 @@ def test_write_refuses_invalid_bundle_and_leaves_nothing(registry: Path) -> None
     assert list(registry.iterdir()) == []
 
 
+def test_a_bundle_is_readable_by_every_account_like_its_files(bundle_dir: Path) -> None:
+    # before: the directory kept mkdtemp's 0700, so a worker or evaluate run by another user could not read it
+    assert stat.S_IMODE(bundle_dir.stat().st_mode) == 0o755
+    assert {stat.S_IMODE(f.stat().st_mode) for f in bundle_dir.iterdir()} == {0o444}
+
+
+def test_stale_temp_dirs_are_removed_but_never_one_a_live_writer_holds(registry: Path) -> None:
+    import fcntl
+    import os
+    import time
+
+    registry.mkdir(parents=True)
+    dead, live, fresh = (registry / f".tmp-20260101T000000Z-0000000{i}-x" for i in range(3))
+    for d in (dead, live, fresh):
+        d.mkdir()
+        (d / "model.onnx").write_bytes(b"half written")
+    hour_ago = time.time() - 3600
+    for d in (dead, live):  # untouched for an hour: a writer killed by SIGKILL, or one that holds its lock
+        os.utime(d, (hour_ago, hour_ago))
+    held = os.open(live, os.O_RDONLY)
+    try:
+        fcntl.flock(held, fcntl.LOCK_EX)  # what a live write_bundle holds on its temp dir
+        bundle = make_bundle(registry)
+    finally:
+        os.close(held)
+    # before: the dead writer's directory stayed for good (67 MB each at the default size)
+    assert sorted(p.name for p in registry.iterdir()) == sorted([bundle.name, live.name, fresh.name])
+    assert (live / "model.onnx").is_file() and (fresh / "model.onnx").is_file()
+
+
 def test_write_with_featurizer_callable(registry: Path) -> None:
     spec = make_featurizer_spec()
 
@@ -219,6 +251,18 @@ def test_unlisted_file(bundle_dir: Path) -> None:
 def test_listed_file_missing(bundle_dir: Path) -> None:
     (bundle_dir / "metrics.json").unlink()
     assert has(rejected(bundle_dir), "metrics.json", "missing")
+
+
+@pytest.mark.parametrize("name", ["manifest.json", "metrics.json"])
+def test_a_fifo_in_place_of_a_file_is_refused_without_blocking(bundle_dir: Path, name: str) -> None:
+    (bundle_dir / name).unlink()
+    os.mkfifo(bundle_dir / name)  # nobody writes it: opening it for reading would wait for a writer for good
+    found: list[list[str]] = []
+    reader = threading.Thread(target=lambda: found.append(rejected(bundle_dir)), daemon=True)
+    reader.start()
+    reader.join(60)  # not a speed check: a blocked reader never returns at all
+    assert not reader.is_alive(), f"reading a bundle with a FIFO {name} blocked"
+    assert has(found[0], name, "not a regular file")
 
 
 def test_missing_manifest(bundle_dir: Path) -> None:

@@ -200,3 +200,107 @@ def test_publishing_a_registry_names_it_and_a_bundle_in_it(
     assert main([*command, "--model", str(registry)]) == 2
     line = only_error_line(capsys, command[0])
     assert f"{registry}: not a model bundle (manifest.json missing); pass a bundle directory such as {bundle}" in line
+
+
+# ------------------------------------------------------------------- replay: every line checked before anything is sent
+
+
+def _upsert_line(pid: str, title: str = "Roadster Men Blue Jeans") -> bytes:
+    import orjson
+
+    from tests.events import upsert
+
+    return orjson.dumps(upsert(pid, title))
+
+
+@pytest.fixture
+def replay_offline(monkeypatch: pytest.MonkeyPatch, kafka_down: None) -> None:
+    """`replay` with the topics taken as existing at the producer's size limit: Kafka stays unreachable, so a file
+    that got as far as sending would fail with `could not send`."""
+    import streams.cli
+
+    async def limit(settings: object, topic: str) -> int:
+        return streams.cli.REPLAY_MAX_REQUEST_BYTES
+
+    monkeypatch.setattr(streams.cli, "_ensure_topics", lambda settings: [])
+    monkeypatch.setattr(streams.cli, "_message_limit", limit, raising=False)
+
+
+@pytest.mark.usefixtures("replay_offline")
+@pytest.mark.parametrize("send_invalid", [False, True])
+def test_replay_refuses_a_file_with_a_line_over_the_size_limit_before_sending_anything(
+    capsys: pytest.CaptureFixture[str], tmp_path, send_invalid: bool
+) -> None:
+    path = tmp_path / "big.jsonl"
+    lines = [_upsert_line("jd-a"), _upsert_line("jd-big", "x" * 2_000_000), b'{"product_id": "jd-x"}', b""]
+    path.write_bytes(b"\n".join([*lines, _upsert_line("jd-b")]) + b"\n")
+    assert main(["replay", str(path), "--topic", "products", *(["--send-invalid"] * send_invalid)]) == 2
+    line = only_error_line(capsys, "replay")
+    assert f"error: {path}:2: 2000" in line and "over the 1048576-byte limit" in line
+    assert "bad lines: 1 over the size limit, 1 invalid, of 4; nothing sent" in line
+    assert "a line over the size limit can never be sent" in line if send_invalid else "--send-invalid" in line
+
+
+@pytest.mark.usefixtures("replay_offline")
+def test_replay_refuses_a_file_that_is_not_jsonl_naming_the_first_bad_line_and_the_count(
+    capsys: pytest.CaptureFixture[str], tmp_path
+) -> None:
+    path = tmp_path / "UserBehavior.csv"
+    path.write_text("1,2268318,2520377,pv,1511544070\n1,2333346,2520771,pv,1511561733\n")
+    assert main(["replay", str(path), "--topic", "behavior"]) == 2
+    line = only_error_line(capsys, "replay")
+    assert f"error: {path}:1: click: not UTF-8 JSON" in line and "0 over the size limit, 2 invalid, of 2" in line
+
+
+def test_replay_check_judges_each_line_as_the_worker_decodes_it(tmp_path) -> None:
+    from streams.cli import REPLAY_MAX_REQUEST_BYTES, check_replay_file
+
+    path = tmp_path / "events.jsonl"
+    lines = [
+        _upsert_line("jd-a"),
+        b"",
+        b"[1, 2]",
+        b'{"schema_version": 1, "op": "upsert", "product_id": "jd-c", "updated_at": 1, "version": 1}',  # no title
+        b"\xef\xbb\xbf" + _upsert_line("jd-bom"),
+        _upsert_line("jd-b") + b"\r",
+    ]
+    path.write_bytes(b"\n".join(lines))
+    check = check_replay_file(path, "products", REPLAY_MAX_REQUEST_BYTES)
+    assert (check.events, check.invalid, check.oversize) == (5, 3, 0)
+    assert check.first_invalid is not None and check.first_invalid.line_no == 3
+    assert "expected a JSON object" in check.first_invalid.reason
+    assert check.refusal(send_invalid=True) is None  # only invalid lines: --send-invalid sends the file
+    assert check.refusal(send_invalid=False) is not None
+
+
+@pytest.mark.parametrize("bad", ["0", "-1", "abc", "inf", "nan"])
+def test_replay_rate_must_be_a_positive_number(capsys: pytest.CaptureFixture[str], tmp_path, bad: str) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["replay", str(tmp_path / "x.jsonl"), "--topic", "behavior", "--rate", bad])
+    assert exc.value.code == 2
+    assert "argument --rate: " in capsys.readouterr().err
+
+
+@pytest.mark.usefixtures("kafka_down")
+def test_tail_latest_needs_a_count(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["tail", "tag-updates", "--latest"]) == 2
+    assert "--latest needs -n N" in only_error_line(capsys, "tail")
+
+
+@pytest.mark.parametrize(
+    ("option", "bad"), [("--limit", "0"), ("--limit", "-5"), ("--products", "-5"), ("--events", "-5")]
+)
+def test_demo_refuses_bad_counts_when_parsing(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path, option: str, bad: str
+) -> None:
+    import tagstream.stack
+
+    def no_stack(*a: object, **k: object) -> None:
+        raise AssertionError("the demo started the stack before checking its arguments")
+
+    monkeypatch.setattr(tagstream.stack, "stack_up", no_stack)
+    with pytest.raises(SystemExit) as exc:
+        main(["demo", option, bad, "--workdir", str(tmp_path / "d")])  # argparse stops here: no stack, no training
+    assert exc.value.code == 2
+    assert f"argument {option}: " in capsys.readouterr().err.strip().splitlines()[-1]
+    assert build_parser().parse_args(["demo", "--events", "0", "--limit", "50"]).events == 0

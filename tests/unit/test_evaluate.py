@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from training.evaluate import (
     evaluate_group,
     evaluate_groups,
     f1_intervals,
+    with_unknown_as_misses,
 )
 from training.report import write_report
 from training.splits import stratified_split
@@ -85,6 +87,28 @@ def test_matches_sklearn(seed: int) -> None:
     for j, lab in enumerate(labels):
         t = r["per_tag"][f"t{lab}"]
         assert (t["precision"], t["recall"], t["f1"], t["support"]) == pytest.approx((p[j], rec[j], f[j], s[j]))
+
+
+def test_a_true_label_the_model_does_not_know_is_a_miss_counted_by_tag_name_as_sklearn_would() -> None:
+    rng = np.random.default_rng(4)
+    known, unseen = ["a", "b", "c"], ["new1", "new2"]
+    n = 300
+    truth = rng.choice([*known, *unseen, None], n, p=[0.3, 0.2, 0.2, 0.1, 0.1, 0.1])  # None: no label
+    pred = np.where(rng.random(n) < 0.7, truth, rng.choice(known, n))
+    pred = np.array([p if p in known else rng.choice(known) for p in pred])  # the model outputs known tags only
+    pos = {t: i for i, t in enumerate(known)}
+    g = GroupPredictions(known, [pos.get(t, -1) for t in truth], [pos[p] for p in pred])
+    unknown = [t if t in unseen else None for t in truth]
+    r = evaluate_group(with_unknown_as_misses(g, unknown))
+    has = np.array([t is not None for t in truth])
+    yt, yp = truth[has].astype(str), pred[has].astype(str)
+    assert r["n"] == has.sum() and r["accuracy"] == pytest.approx((yt == yp).mean(), abs=1e-6)
+    for avg in ("macro", "weighted"):
+        _, _, f, _ = precision_recall_fscore_support(yt, yp, average=avg, zero_division=0)
+        assert r[f"{avg}_f1"] == pytest.approx(f, abs=1e-6)
+    assert r["accuracy"] < evaluate_group(g)["accuracy"]  # before: the unknown ones were left out, a higher figure
+    nothing_known = GroupPredictions(known, [-1] * 3, [0, 1, 2])
+    assert with_unknown_as_misses(nothing_known, ["new1", None, "new2"]) is nothing_known  # stays unevaluated
 
 
 def test_f1_intervals_hold_the_figures_and_widen_with_rare_tags() -> None:
@@ -273,10 +297,11 @@ def test_evaluate_warns_on_stderr_of_the_groups_it_could_not_evaluate(tmp_path: 
     code, out, err = _evaluate_cli(tmp_path, capsys, _products(("Shoes", "Boots"), ("Black", "Navy Blue")))
     assert code == 0
     doc = json.loads(out)  # stdout stays one JSON object with the README's keys
-    assert set(doc) == {"n", "groups"} and doc["n"] == 12
+    assert set(doc) == {"n", "n_unknown", "groups"} and doc["n"] == 12
     assert set(doc["groups"]) == {"category_l1", "category_l2", "colour"}
     assert all(set(g) == {"accuracy", "micro_f1", "macro_f1", "weighted_f1"} for g in doc["groups"].values())
     assert doc["groups"]["colour"]["accuracy"] is not None and doc["groups"]["category_l1"]["accuracy"] is None
+    assert doc["n_unknown"] == {"category_l1": 12, "category_l2": 12, "colour": 0}  # none known: not evaluated
     assert len(err) == 1 and err[0].startswith("tagstream evaluate: warning: "), err
     assert "category_l1, category_l2" in err[0] and "colour" not in err[0]
 
@@ -285,6 +310,26 @@ def test_evaluate_says_nothing_more_when_every_group_is_evaluated(tmp_path: Path
     products = _products(("手机通讯", "手机"), ("Black", "Navy Blue"))
     code, out, err = _evaluate_cli(tmp_path, capsys, products)
     assert code == 0 and err == [] and json.loads(out)["groups"]["category_l2"]["accuracy"] is not None
+
+
+def test_evaluate_counts_a_label_the_model_does_not_know_as_a_miss_and_says_how_many(tmp_path: Path, capsys) -> None:
+    # before: the 6 Shoes products were left out of category_l1/l2 (accuracy on the other 6 alone), with no word
+    known = _products(("手机通讯", "手机"), ("Black", "Navy Blue"))[:6]
+    unseen = [
+        dataclasses.replace(p, product_id=f"u{i}", title=f"boots {i}", category_path=("Shoes", "Boots"))
+        for i, p in enumerate(known)
+    ]
+    code, out, err = _evaluate_cli(tmp_path / "known", capsys, known)
+    assert code == 0 and err == []
+    alone = json.loads(out)["groups"]
+    code, out, err = _evaluate_cli(tmp_path / "all", capsys, known + unseen)
+    assert code == 0
+    doc = json.loads(out)
+    assert doc["n_unknown"] == {"category_l1": 6, "category_l2": 6, "colour": 0}  # every colour is known
+    for g in ("category_l1", "category_l2"):
+        assert doc["groups"][g]["accuracy"] == pytest.approx(alone[g]["accuracy"] * 6 / 12, abs=1e-6)
+    assert len(err) == 1 and err[0].startswith("tagstream evaluate: warning: "), err
+    assert "counted as misses: category_l1 6 of 12, category_l2 6 of 12" in err[0]
 
 
 def test_unevaluated_groups() -> None:

@@ -147,6 +147,64 @@ async def test_healthz(make_client: MakeClient) -> None:
     assert (await client.get("/healthz")).status == 503
 
 
+WRONGTYPE = "WRONGTYPE Operation against a key holding the wrong kind of value"
+
+
+async def test_a_key_of_another_type_is_corrupt_not_an_unavailable_store(make_client: MakeClient) -> None:
+    from redis.exceptions import ResponseError
+
+    class WrongTypeStore(MemoryStore):
+        async def get(self, name: str) -> bytes | None:
+            raise ResponseError(WRONGTYPE)
+
+    async def features(product_id: str) -> dict[str, Any] | None:  # read.lua's GET of the tags key
+        raise ResponseError(f"{WRONGTYPE} script: 5233, on @user_script:16.")
+
+    client = await make_client(WrongTypeStore(), features=features)
+    for route, what in [("tags", "corrupt tag state"), ("features", "corrupt product state")]:
+        resp = await client.get(f"/products/p1/{route}")
+        assert resp.status == 500 and resp.headers["Content-Type"].startswith("application/json")
+        assert await resp.json() == {"error": what, "product_id": "p1"}
+    assert (await client.get("/healthz")).status == 200  # Redis itself is fine
+
+
+@pytest.mark.parametrize(
+    "error",
+    [ValueError("invalid literal for int() with base 10: 'soon'"), json.JSONDecodeError("Expecting value", "x", 0)],
+)
+async def test_corrupt_stored_features_are_a_json_500(make_client: MakeClient, error: ValueError) -> None:
+    async def features(product_id: str) -> dict[str, Any] | None:  # what the state store raises on such data
+        raise error
+
+    client = await make_client(MemoryStore(), features=features)
+    resp = await client.get("/products/p1/features")
+    assert resp.status == 500 and resp.headers["Content-Type"].startswith("application/json")
+    assert await resp.json() == {"error": "corrupt product state", "product_id": "p1"}
+
+
+class MetaStore(MemoryStore):
+    """A MemoryStore with `hget` over `hashes` (what /healthz reads the prefix's state format with)."""
+
+    def __init__(self, hashes: dict[str, dict[str, bytes]]) -> None:
+        super().__init__()
+        self.hashes = hashes
+
+    async def hget(self, name: str, key: str) -> bytes | None:
+        if self.down:
+            raise ConnectionError("connection refused")
+        return self.hashes.get(name, {}).get(key)
+
+
+async def test_healthz_says_whether_a_worker_wrote_state_under_the_prefix(make_client: MakeClient) -> None:
+    store = MetaStore({"shop:meta": {"state_format": b"3"}})
+    found = await (await make_client(store, prefix="shop")).get("/healthz")
+    assert found.status == 200 and await found.json() == {"status": "ok", "state_format": 3}
+    typo = await (await make_client(store, prefix="shpo")).get("/healthz")  # a mistyped prefix: nothing under it
+    assert typo.status == 200 and await typo.json() == {"status": "ok", "state_format": None}
+    store.down = True
+    assert (await (await make_client(store, prefix="shop")).get("/healthz")).status == 503
+
+
 # ------------------------------------------------------------------------------------------------ settings, command
 
 
@@ -168,6 +226,59 @@ def test_the_redis_url_is_a_secret(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TAGSTREAM_REDIS_URL", "redis://:hunter2@127.0.0.1:6379/0")
     s = load_settings()
     assert "hunter2" not in repr(s) and s.redis_url.get_secret_value().endswith("@127.0.0.1:6379/0")
+
+
+def test_the_redis_pool_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    s = load_settings()
+    assert (s.redis_max_connections, s.redis_pool_timeout) == (100, 5.0)
+    monkeypatch.setenv("TAGSTREAM_REDIS_MAX_CONNECTIONS", "0")
+    with pytest.raises(ConfigError, match="redis_max_connections"):
+        load_settings()
+
+
+def _run_lookup(monkeypatch: pytest.MonkeyPatch, host: str, fail: OSError | None = None) -> list[Any]:
+    """`tagstream lookup --host HOST --port 8081` with aiohttp's run_app replaced: it reports listening (or raises
+    `fail`) and returns; the apps it was given."""
+    from aiohttp import web
+
+    apps: list[Any] = []
+
+    def run_app(app: web.Application, *, print: Callable[[str], None], **kwargs: Any) -> None:
+        apps.append(app)
+        if fail is not None:
+            raise fail
+        print("listening")
+
+    monkeypatch.setattr(web, "run_app", run_app)
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="command"))
+    args: Any = parser.parse_args(["lookup", "--host", host, "--port", "8081"])
+    assert args.func(args) == 0
+    return apps
+
+
+def test_an_ipv6_listen_address_is_in_brackets(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import errno
+
+    with caplog.at_level("INFO", logger="serving.cli"):
+        _run_lookup(monkeypatch, "::1")
+    assert "tag lookup on http://[::1]:8081 (prefix ts)" in caplog.text
+    with pytest.raises(ConfigError, match=r"cannot listen on \[::1\]:8081: "):
+        _run_lookup(monkeypatch, "::1", OSError(errno.EADDRINUSE, "in use"))
+
+
+def test_the_lookup_waits_for_a_redis_connection_instead_of_failing(monkeypatch: pytest.MonkeyPatch) -> None:
+    import redis.asyncio as aioredis
+
+    from serving.http import REDIS
+
+    monkeypatch.setenv("TAGSTREAM_REDIS_MAX_CONNECTIONS", "7")
+    monkeypatch.setenv("TAGSTREAM_REDIS_POOL_TIMEOUT", "1.5")
+    (app,) = _run_lookup(monkeypatch, "127.0.0.1")
+    pool = app[REDIS].connection_pool  # redis-py's default pool raised "Too many connections" past 100
+    assert isinstance(pool, aioredis.BlockingConnectionPool) and (pool.max_connections, pool.timeout) == (7, 1.5)
 
 
 def test_lookup_command_registered() -> None:

@@ -145,6 +145,71 @@ def test_errors() -> None:
         LabelMap.from_json({"format_version": 2, "groups": [], "labels": []})
 
 
+# ---------------------------------------------------------------- a catalog of one top-level category
+
+
+ONE_DEPARTMENT = [  # a shoe shop: one L1, two L2, four leaves (the first 2,000 JD rows look like this)
+    _p(i, ("运动户外", "运动鞋" if i % 2 else "运动服", f"款{i % 4}"), colour="Black" if i % 3 else "White")
+    for i in range(40)
+]
+
+
+def test_a_catalog_of_one_top_level_category_still_learns_its_sub_categories() -> None:
+    # before: the one-label category_l1 was dropped and took category_l2 and category_leaf with it
+    lm = build_label_map(ONE_DEPARTMENT, min_support=3)
+    assert lm.group_names[:3] == list(CATEGORY_GROUPS)
+    assert [lab.tag for lab in lm.labels if lab.group == "category_l1"] == ["category:运动户外"]
+    assert {lab.parent for lab in lm.labels if lab.group == "category_l2"} == {"category:运动户外"}
+    assert len([lab for lab in lm.labels if lab.group == "category_leaf"]) == 4
+    y = lm.encode(ONE_DEPARTMENT)
+    assert (y.targets["category_l1"] == 0).all() and (y.targets["category_leaf"] >= 0).all()
+
+
+def test_the_single_top_level_category_is_emitted_with_a_consistent_path() -> None:
+    from serving.bundle import Thresholds
+    from serving.decoding import TagDecoder
+
+    lm = build_label_map(ONE_DEPARTMENT, min_support=3)
+    decoder = TagDecoder(lm.bundle_labels(), Thresholds(0.5, {}))
+    scores = np.zeros((1, len(lm)), np.float32)
+    scores[0, lm.index("category:运动户外")] = 1.0  # a softmax over one label
+    scores[0, lm.index("category:运动户外/运动鞋")] = 0.8
+    scores[0, lm.index("category:运动户外/运动鞋/款1")] = 0.7
+    scores[0, lm.index("colour:Black")] = 0.9
+    tags = [t.tag for t in decoder.decode(scores)[0]]
+    assert tags == ["category:运动户外", "category:运动户外/运动鞋", "category:运动户外/运动鞋/款1", "colour:Black"]
+
+
+def test_a_catalog_whose_groups_all_have_one_label_says_so() -> None:
+    # before: "no label reaches the minimum support of 5 products", although category:A is on 30 products
+    with pytest.raises(DataError) as err:
+        build_label_map([_p(i, ("A",)) for i in range(30)], min_support=5)
+    assert "single label (category_l1: category:A on 30 products)" in str(err.value)
+    assert "a group needs at least 2 labels" in str(err.value)
+    with pytest.raises(DataError, match="no label reaches the minimum support of 5 products"):
+        build_label_map([_p(i, (f"A{i}",)) for i in range(30)], min_support=5)
+
+
+def test_one_label_levels_below_the_last_level_with_two_are_dropped() -> None:
+    products = [_p(i, ("A", "B0", "C") if i % 2 else ("A", "B1")) for i in range(20)]  # two L2 labels, one leaf
+    lm = build_label_map(products, min_support=3)
+    assert lm.group_names == ["category_l1", "category_l2"]  # the leaf level teaches nothing: no leaf group
+    assert [lab.tag for lab in lm.labels] == ["category:A", "category:A/B0", "category:A/B1"]
+
+
+def test_unknown_tags_names_the_labels_a_map_cannot_output(lm: LabelMap) -> None:
+    products = [
+        _p(1, ("Apparel", "Topwear", "Shirts"), baseColour="Navy Blue", gender="Men"),
+        _p(2, ("Footwear", "Shoes"), baseColour="Mauve", gender="Men"),
+        _p(3, ("Apparel", "Bottomwear", "Rare Leaf")),
+    ]
+    unknown = lm.unknown_tags(products)
+    assert unknown["category_l1"] == [None, "category:Footwear", None]
+    assert unknown["category_l2"] == [None, "category:Footwear/Shoes", None]
+    assert unknown["category_leaf"] == [None, None, "category:Apparel/Bottomwear/Rare Leaf"]
+    assert unknown["baseColour"] == [None, "colour:Mauve", None] and unknown["gender"] == [None, None, None]
+
+
 # ---------------------------------------------------------------- group names built from catalog attributes
 
 

@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
+import os
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -391,11 +397,12 @@ async def test_a_refused_shadow_is_its_answer(bundles: dict[str, Path]) -> None:
 
 class FakeConsumer:
     """The aiokafka consumer as the model-updates agent uses it: one partition whose log runs from `begin` to `end`,
-    of which only `records` are fetched; once they are, the position is at `end` (the fetch skipped what is gone)."""
+    of which only `records` (offset, value, and optionally the Kafka timestamp: 1 by default, long before any
+    worker's start) are fetched; once they are, the position is at `end` (the fetch skipped what is gone)."""
 
-    def __init__(self, begin: int, end: int, records: list[tuple[int, bytes]]) -> None:
+    def __init__(self, begin: int, end: int, records: list[tuple[int, bytes] | tuple[int, bytes, int]]) -> None:
         self.tp = TopicPartition("model-updates", 0)
-        self.begin, self.end, self.records = begin, end, list(records)
+        self.begin, self.end, self.records = begin, end, [(*r, 1)[:3] for r in records]
         self.next = begin
 
     def __call__(self, *args: Any, **kwargs: Any) -> FakeConsumer:
@@ -421,7 +428,10 @@ class FakeConsumer:
         if not self.records:
             self.next = self.end
             return {}
-        batch = [SimpleNamespace(key=b"k", value=v, offset=o) for o, v in self.records]
+        batch = [
+            SimpleNamespace(topic=self.tp.topic, partition=0, key=b"k", value=v, offset=o, timestamp=ts)
+            for o, v, ts in self.records
+        ]
         self.records.clear()
         self.next = batch[-1].offset + 1
         return {self.tp: batch}
@@ -456,3 +466,302 @@ async def test_model_updates_backlog_is_caught_up_when_its_last_records_are_gone
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
+
+
+# --------------------------------------------------------------------------------------------------- re-tag restarts
+
+
+class Stopped(Exception):
+    """The worker stopping between a re-tag step's write and its updates' delivery."""
+
+
+async def test_a_retag_stopped_before_delivering_its_updates_sends_them_when_run_again(
+    bundles: dict[str, Path],
+) -> None:
+    holder = await holder_with(bundles)
+    store = MemoryStateStore("t")
+    processor = Processor(store, user_hash_key=b"k", model_provider=holder.get)
+    feed = [InMessage("products", 0, i, f"p{i}".encode(), orjson.dumps(upsert(f"p{i}", TITLES[i]))) for i in range(8)]
+    await processor.process_products(feed)
+    await holder.handle(request("activate", bundles["b"]))
+    new = holder.active
+    assert new is not None
+
+    async def stop(out: BatchOutput) -> None:
+        raise Stopped
+
+    # The first run writes every product's new tags, then the worker stops: no update reaches the topic.
+    with pytest.raises(Stopped):
+        await Retagger(store, rate=1000, batch=8, score_delta=0.05, publish=stop, topic="model-updates").run(new, 7)
+    states = await store.read([f"p{i}" for i in range(8)])
+    assert all(st.tags is not None and st.tags["model_version"] == new.version for st in states.values())
+    kept = await store.stored_emits([(f"p{i}", f"retag:{new.version}") for i in range(8)])
+    changed = sorted(pid for (pid, _), raw in kept.items() if raw is not None)
+    assert len(changed) >= 2  # products whose tags the new model changed: their updates were never delivered
+    # A live upsert of one of them after the stop: its own update is the latest, the re-tag one must not follow it.
+    live = changed[0]
+    await processor.process_products([InMessage("products", 0, 8, live.encode(), orjson.dumps(upsert(live, "x")))])
+
+    published: list[BatchOutput] = []
+
+    async def publish(out: BatchOutput) -> None:
+        published.append(out)
+
+    again = Retagger(store, rate=1000, batch=8, score_delta=0.05, publish=publish, topic="model-updates")
+    stats = await again.run(new, 7)
+    sent = {pid.decode(): raw for out in published for pid, raw in out.updates}
+    assert sent == {pid: kept[(pid, f"retag:{new.version}")] for pid in changed[1:]}  # byte for byte the kept ones
+    assert stats.written == 0 and stats.resent == len(changed) - 1
+    now = await store.read(changed[1:])
+    for pid, raw in sent.items():
+        update = TagUpdate.decode(raw)
+        assert update.reason == "retag" and update.source.offset == 7
+        assert [t.tag for t in update.tags] == [t["tag"] for t in now[pid].tags["tags"]]  # type: ignore[index]
+    # Delivered now: a third run sends nothing.
+    published.clear()
+    third = await Retagger(store, rate=1000, batch=8, score_delta=0.05, publish=publish, topic="model-updates").run(
+        new, 7
+    )
+    assert third.resent == 0 and not published
+
+
+# --------------------------------------------------------------------------------------------------- restarts
+
+
+def _bad(event: ModelUpdate) -> ModelUpdate:
+    """The same request with a sha256 its bundle does not have (refused by validation)."""
+    return ModelUpdate(**_replace(event, sha256="0" * 64))  # type: ignore[arg-type]
+
+
+HISTORIES = (
+    "alternating",
+    "refused last",
+    "gone",
+    "only refused",
+    "shadow then promote",
+    "refused shadow version",
+    "rollback onto the shadow",
+    "shadow stopped",
+    "promote and roll back",
+)
+
+
+def _history(bundles: dict[str, Path], name: str) -> list[ModelUpdate]:
+    """Model-updates histories (requests in offset order), bundle a being the worker's configured model."""
+    a, b, c = (request("activate", bundles[x]) for x in "abc")
+    shadow_b, shadow_c = request("shadow", bundles["b"]), request("shadow", bundles["c"])
+    stop = ModelUpdate(kind="shadow", model_version="shadow", emitted_at=1)
+    missing = ModelUpdate(**_replace(b, bundle_uri=str(bundles["b"].parent / "gone")))  # type: ignore[arg-type]
+    rollback, promote = request("rollback"), request("promote", version="shadow")
+    return {
+        "alternating": [b, c, b, c, b, c, rollback],
+        "refused last": [b, c, _bad(a)],
+        "gone": [b, c, missing],
+        "only refused": [_bad(b)],
+        "shadow then promote": [b, _bad(c), shadow_c, promote],
+        # a refused activate of the shadow's version must not clear the shadow, even once it left every slot
+        "refused shadow version": [shadow_c, _bad(c), b, a],
+        "rollback onto the shadow": [b, rollback, request("rollback", version="nope"), shadow_b, rollback],
+        "shadow stopped": [shadow_b, stop, c, stop],
+        "promote and roll back": [shadow_b, promote, c, rollback, rollback],
+    }[name]
+
+
+def _models(holder: ModelHolder) -> tuple[str | None, ...]:
+    return tuple(m.version if m is not None else None for m in (holder.active, holder.previous, holder.shadow))
+
+
+def _count_validations(holder: ModelHolder) -> list[str]:
+    """The model versions `holder` validates from now on, in order."""
+    seen: list[str] = []
+    original = holder.validate
+
+    async def counting(event: ModelUpdate, *args: Any) -> BundleModel:
+        seen.append(event.model_version)
+        return await original(event, *args)
+
+    holder.validate = counting  # type: ignore[method-assign]
+    return seen
+
+
+@pytest.mark.parametrize("name", HISTORIES)
+async def test_a_restart_folds_the_history_into_the_state_the_sequence_reaches(
+    bundles: dict[str, Path], name: str
+) -> None:
+    """`restore` ends where applying the history one request at a time ends (models, refusals, swaps), validating
+    at most what the sequence validated."""
+    history = list(enumerate(_history(bundles, name)))
+    sequential, folded = await holder_with(bundles), await holder_with(bundles)
+    one_by_one, at_once = _count_validations(sequential), _count_validations(folded)
+    last_swap = None
+    for offset, event in history:
+        if (await sequential.handle(event)).swapped_to is not None:
+            last_swap = offset
+    assert await folded.restore(history) == last_swap
+    assert _models(folded) == _models(sequential)
+    assert (folded.rejections, folded.swaps) == (sequential.rejections, sequential.swaps)
+    assert (folded.last_rejection and folded.last_rejection.reasons) == (
+        sequential.last_rejection and sequential.last_rejection.reasons
+    )
+    assert len(at_once) <= len(one_by_one)
+    if folded.active is not None:
+        assert len(folded.active.score(products(2))) == 2  # loaded, scoring
+
+
+async def test_a_restarted_worker_validates_only_the_models_its_history_ends_with(
+    monkeypatch: pytest.MonkeyPatch, bundles: dict[str, Path]
+) -> None:
+    """A long history of activations is not validated again request by request: the worker validates the final
+    active and previous bundles once each, and never scores with a model the history retired."""
+    import streams.models_agent as models_agent
+
+    history = _history(bundles, "alternating")  # b, c three times, then rollback: active b, previous c
+    records = [(o, orjson.dumps(e.to_dict())) for o, e in enumerate(history)]
+    monkeypatch.setattr(models_agent, "AIOKafkaConsumer", FakeConsumer(0, len(records), records))
+    settings = WorkerSettings(worker_id="w-1", model_path=bundles["a"], model_catchup_timeout=600)
+    holder = ModelHolder(settings, policy=POLICY, isolated=False)
+    await holder.load_initial()
+    validated = _count_validations(holder)
+    serving: list[str | None] = []
+
+    async def batches_meanwhile() -> None:  # what batches would score with meanwhile (past the catch-up timeout)
+        while not holder.caught_up.is_set():
+            serving.append(_models(holder)[0])
+            await asyncio.sleep(0.001)
+
+    agent = models_agent.ModelUpdatesAgent(FakeWorker(settings), holder)  # type: ignore[arg-type]
+    task = asyncio.create_task(agent._consume())
+    try:
+        await asyncio.wait_for(batches_meanwhile(), 60)
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    a, b, c = (bundles[x].name for x in "abc")
+    assert sorted(validated) == sorted([b, c])  # not six validations
+    assert set(serving) == {a}  # no model the history retired ever scored
+    assert _models(holder) == (b, c, None)
+    assert agent.handled == len(history) and agent._replayed_swap == len(history) - 1  # the rollback's re-tag
+
+
+class FakeTopic:
+    """A Faust topic's `send` (the answers it was given)."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[bytes | None, bytes]] = []
+
+    async def send(self, key: bytes | None = None, value: bytes = b"") -> asyncio.Future[None]:
+        self.sent.append((key, value))
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        done.set_result(None)
+        return done
+
+
+class FakeWorker:
+    """What the model-updates agent uses of a Worker: settings, topics and `publish` (recorded)."""
+
+    def __init__(self, settings: WorkerSettings) -> None:
+        self.settings = settings
+        self.topics = {"model-updates": FakeTopic()}
+        self.published: list[BatchOutput] = []
+
+    async def publish(self, out: BatchOutput) -> None:
+        self.published.append(out)
+
+
+async def test_malformed_model_updates_go_to_the_dead_letter_topic(monkeypatch: pytest.MonkeyPatch) -> None:
+    import streams.models_agent as models_agent
+    from schemas import DeadLetter
+
+    now = time.time_ns() // 1_000_000
+    records: list[tuple[int, bytes, int]] = [
+        (0, b"{not json", 1),  # history from before this worker started: dead-lettered by the workers of then
+        (1, b"{not json", now + 60_000),
+        (2, orjson.dumps({**request("rollback").to_dict(), "extra": 1}), now + 60_000),
+    ]
+    monkeypatch.setattr(models_agent, "AIOKafkaConsumer", FakeConsumer(0, 3, records))
+    settings = WorkerSettings(worker_id="w-1", model_catchup_timeout=600)
+    holder = ModelHolder(settings, policy=POLICY)
+    worker = FakeWorker(settings)
+    agent = models_agent.ModelUpdatesAgent(worker, holder)  # type: ignore[arg-type]
+    task = asyncio.create_task(agent._consume())
+    try:
+        await asyncio.wait_for(holder.caught_up.wait(), 10)
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    dead = [DeadLetter.decode(v) for out in worker.published for _, v in out.dead_letters]
+    assert [(d.source.topic, d.source.offset) for d in dead] == [("model-updates", 1), ("model-updates", 2)]
+    assert base64.b64decode(dead[1].value_b64 or "") == records[2][1]  # the raw bytes, kept whole
+    assert "extra" in dead[1].reason and dead[0].error_type == "EventDecodeError"
+
+
+# --------------------------------------------------------------------------------------------------- lifecycle fixes
+
+
+async def test_a_dead_validation_process_is_replaced_before_a_bundle_is_judged(bundles: dict[str, Path]) -> None:
+    holder = await holder_with(bundles, isolated=True)
+    try:
+        pool = holder._pool
+        assert pool is not None
+        for child in list(pool._processes.values()):  # type: ignore[attr-defined]
+            child.kill()  # the OOM killer, an operator
+            child.join()
+        outcome = await holder.handle(request("activate", bundles["b"]))
+        assert outcome.answer is not None and outcome.answer.kind == "model-activated", outcome.answer
+        assert holder.get().version == bundles["b"].name  # type: ignore[union-attr]
+    finally:
+        holder.close()
+
+
+async def test_a_shadow_can_be_stopped_and_stays_stopped_after_a_restart(bundles: dict[str, Path]) -> None:
+    a, b = bundles["a"].name, bundles["b"].name
+    settings = WorkerSettings()
+    holder = await holder_with(bundles)
+    shadow_b, _ = build_request("shadow", settings, model=bundles["b"])
+    stop, key = build_request("shadow", settings, off=True)
+    assert (stop.kind, stop.model_version, stop.bundle_uri, key) == ("shadow", "shadow", None, b"tagstream-control")
+    wrong, _ = build_request("shadow", settings, off=True, version="nope")
+    nothing = (await holder.handle(stop)).answer
+    assert nothing is not None and nothing.reasons == ("shadow: no shadow model to stop",)
+    assert answer_fits(stop, nothing, holder.status())
+    await holder.handle(shadow_b)
+    before = holder.status()
+    refused = (await holder.handle(wrong)).answer
+    assert refused is not None and refused.kind == "model-rejected" and holder.shadow is not None
+    assert refused.reasons == (f"shadow: the shadow model is {b}, not nope",) and answer_fits(wrong, refused, before)
+    stopped = await holder.handle(stop)
+    assert stopped.changed and stopped.answer is not None
+    assert (stopped.answer.kind, stopped.answer.model_version) == ("model-activated", a)
+    assert stopped.answer.reasons == (f"shadow: {b} stopped",)
+    stopped.answer.to_dict()  # schema-valid
+    assert holder.shadow is None and holder.status()["shadow"] is None and holder.get() is holder.active
+    assert answer_fits(stop, stopped.answer, before) and not answer_fits(wrong, stopped.answer, before)
+    assert not answer_fits(request("activate", bundles["a"]), stopped.answer, before)
+    # A restart replays the history: the shadow stays off.
+    restarted = await holder_with(bundles)
+    await restarted.restore([(0, shadow_b), (1, stop)])
+    assert restarted.shadow is None and restarted.active is not None and restarted.active.version == a
+
+
+async def test_rolling_back_to_the_shadows_model_stops_the_shadow(bundles: dict[str, Path]) -> None:
+    holder = await holder_with(bundles)
+    await holder.handle(request("activate", bundles["b"]))  # a is previous
+    await holder.handle(request("shadow", bundles["a"]))  # a again, in shadow beside b
+    assert holder.shadow is not None and holder.shadow.version == bundles["a"].name
+    done = await holder.handle(request("rollback"))
+    assert done.answer is not None and done.answer.model_version == bundles["a"].name
+    assert holder.shadow is None and isinstance(holder.get(), BundleModel)  # not shadowing itself
+
+
+def test_two_worker_processes_on_one_host_have_different_default_ids(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TAGSTREAM_WORKER_ID", raising=False)
+    env = {k: v for k, v in os.environ.items() if k != "TAGSTREAM_WORKER_ID"}
+    other = subprocess.run(
+        [sys.executable, "-c", "from streams.settings import WorkerSettings; print(WorkerSettings().worker_id)"],
+        env=env, cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True, check=True, timeout=60,
+    ).stdout.strip()  # fmt: skip
+    mine = WorkerSettings().worker_id
+    assert mine != other and mine.startswith(f"worker@{socket.gethostname()}")
+    assert other.startswith(f"worker@{socket.gethostname()}")

@@ -13,6 +13,7 @@ from redis.exceptions import ResponseError
 
 from schemas import ProductChange, Tag, validate
 from serving.bundle import LabelMap
+from streams.features import product_features
 from streams.model import BundleModel, ShadowScoring, ShadowStats
 from streams.processor import InMessage, Processor
 from streams.settings import WorkerSettings
@@ -62,7 +63,7 @@ async def test_an_upsert_emits_the_model_and_catalog_tags(processor: Processor, 
     out = await processor.process_products(feed("products", event))
     [update] = updates(out)
     validate("tag-update", update)
-    expected = {t.tag for t in model.score([ProductChange.from_dict(event)])[0]} | {"gender:Women"}
+    expected = {t.tag for t in model.score([ProductChange.from_dict(event)])[0]} | {"gender:Women", "new"}
     assert {t["tag"] for t in update["tags"]} == expected
     assert update["model_version"] == model.version and update["source"]["offset"] == 0
 
@@ -156,8 +157,8 @@ async def test_a_tag_a_late_event_turned_on_again_is_still_swept_off(model: Bund
     processor = Processor(store, user_hash_key=b"secret", model_provider=lambda: model)
     feed = Feed()
     new_ends = T0 + 7 * 86_400_000
-    await processor.process_products(feed("products", upsert("p", "Levis Men Black Jeans", updated_at=T0)))
-    assert [u["added"] for u in updates(await processor.process_behaviour(feed("behavior", behaviour("p", "u1", T0))))]
+    created = await processor.process_products(feed("products", upsert("p", "Levis Men Black Jeans", updated_at=T0)))
+    assert [u["added"] for u in updates(created) if "new" in u["added"]]
     swept = await processor.process_behaviour(feed("behavior", behaviour("q", "u2", new_ends + 1000)))
     assert [u["removed"] for u in updates(swept) if u["product_id"] == "p"] == [["new"]]
     late = await processor.process_behaviour(feed("behavior", behaviour("p", "u3", new_ends - 1000)))
@@ -167,6 +168,24 @@ async def test_a_tag_a_late_event_turned_on_again_is_still_swept_off(model: Bund
     assert [u["removed"] for u in updates(again) if u["product_id"] == "p"] == [["new"]]
     state = (await store.read(["p"]))["p"]
     assert state.tags is not None and "new" not in {t["tag"] for t in state.tags["tags"]}
+
+
+async def test_a_window_pass_records_the_clock_it_moved_the_windows_to(model: BundleModel) -> None:
+    store = MemoryStateStore("t")
+    processor = Processor(store, user_hash_key=b"secret", model_provider=lambda: model)
+    feed = Feed()
+    out = await processor.process_behaviour(
+        feed("behavior", *[behaviour("hot", f"u{i % 9}", T0 + i * 5000) for i in range(30)])
+    )
+    assert any("trending" in u["added"] for u in updates(out))
+    later = T0 + 3 * 3_600_000
+    expired = await processor.process_behaviour(feed("behavior", behaviour("other", "u1", later)))
+    assert [u["removed"] for u in updates(expired) if u["product_id"] == "hot"] == [["trending"]]
+    features = await product_features(store, "hot")
+    assert features is not None and features["as_of"] == later  # not its last event's time, 3 hours before
+    assert features["windows"]["h1"]["clicks"] == 0 and features["windows"]["h24"]["clicks"] == 30
+    tags = (await store.read(["hot"]))["hot"].tags
+    assert tags is not None and tags["updated_at"] == later  # the pass changed the tag state then
 
 
 @pytest.mark.parametrize("changed", ["b", "a"])  # the batch's own product, or the product it sweeps
@@ -342,7 +361,7 @@ async def test_a_batch_needs_no_model_to_give_catalog_and_behaviour_tags(tmp_pat
     processor = Processor(MemoryStateStore("t"), user_hash_key=b"k")
     out = await processor.process_products(Feed()("products", upsert("p", "x", attributes={"size": "M"})))
     [update] = updates(out)
-    assert [t["tag"] for t in update["tags"]] == ["size:M"] and update["model_version"] is None
+    assert [t["tag"] for t in update["tags"]] == ["size:M", "new"] and update["model_version"] is None
 
 
 class _FixedModel:
@@ -373,7 +392,10 @@ async def test_a_catalog_category_level_replaces_the_model_levels_below_it_too()
     processor = Processor(MemoryStateStore("t"), user_hash_key=b"secret", model_provider=lambda: model)
     event = upsert("p", "华为 Mate 60 Pro 5G手机", attributes={"category_l1": "Phones"})
     [update] = updates(await processor.process_products(Feed()("products", event)))
-    assert [t["tag"] for t in update["tags"]] == ["category_l1:Phones"]  # not the model's level 2 without level 1
+    assert [t["tag"] for t in update["tags"]] == [
+        "category_l1:Phones",
+        "new",
+    ]  # not the model's level 2 without level 1
 
 
 async def test_a_shadow_model_leaves_the_merged_tags_as_the_active_model_gives_them() -> None:
@@ -381,7 +403,7 @@ async def test_a_shadow_model_leaves_the_merged_tags_as_the_active_model_gives_t
     processor = Processor(MemoryStateStore("t"), user_hash_key=b"secret", model_provider=lambda: scoring)
     event = upsert("p", "华为 Mate 60 Pro 5G手机", attributes={"category_l1": "Phones"})
     [update] = updates(await processor.process_products(Feed()("products", event)))
-    assert [t["tag"] for t in update["tags"]] == ["category_l1:Phones"]
+    assert [t["tag"] for t in update["tags"]] == ["category_l1:Phones", "new"]
 
 
 async def test_a_batch_prepared_before_a_swap_is_scored_again_by_the_new_model() -> None:
@@ -395,14 +417,14 @@ async def test_a_batch_prepared_before_a_swap_is_scored_again_by_the_new_model()
     out = await processor.process_products(messages, prepared)
     got = updates(out)
     assert [u["model_version"] for u in got] == ["v2", "v2"]
-    assert all({t["tag"] for t in u["tags"]} == {"model:v2"} for u in got)
+    assert all({t["tag"] for t in u["tags"]} == {"model:v2", "new"} for u in got)
 
     unchanged = Feed()
     unchanged.offsets["products"] = 2
     more = unchanged("products", upsert("p3", "Green hat"))
     prepared = await processor.prepare_products(more)
     out = await processor.process_products(more, prepared)  # no swap: the prepared scores are used as they are
-    assert new.scored == 3 and {t["tag"] for t in updates(out)[0]["tags"]} == {"model:v2"}
+    assert new.scored == 3 and {t["tag"] for t in updates(out)[0]["tags"]} == {"model:v2", "new"}
 
 
 async def test_a_large_upsert_batch_is_scored_in_steps_that_let_other_tasks_run(model: BundleModel) -> None:
@@ -579,3 +601,77 @@ async def test_a_paused_worker_does_not_resend_an_update_another_worker_has_supe
     late = await paused.process_products(change)
     assert [u["reason"] for u in sent] == ["product-upsert", "window-expired"]
     assert late.applied == 0 and late.updates == []  # the expiry stays last on the topic
+
+
+async def test_an_event_older_than_its_windows_writes_only_the_buckets_it_can_still_count_in(
+    processor: Processor,
+) -> None:
+    store = processor.store
+    assert isinstance(store, MemoryStateStore)
+    feed, beh = Feed(), ProductKeys("t", "p").beh
+    await processor.process_behaviour(feed("behavior", behaviour("p", "u1", T0 + 10 * 86_400_000)))
+    before_fields, before_hlls = set(store.hashes[beh]), set(store.hlls)
+    out = await processor.process_behaviour(feed("behavior", behaviour("p", "u2", T0)))  # 10 days late
+    assert out.applied == 1 and out.dead_letters == []
+    assert set(store.hashes[beh]) == before_fields and set(store.hlls) == before_hlls  # nothing left behind
+    await processor.process_behaviour(feed("behavior", behaviour("p", "u3", T0 + 10 * 86_400_000 - 2 * 3_600_000)))
+    written = set(store.hashes[beh]) - before_fields  # 2 hours late: its hour and day, not its 5 minutes
+    assert "h" in {name.split(":")[0] for name in written} and not any(name.startswith("m:") for name in written)
+    assert {key.split(":")[-2] for key in set(store.hlls) - before_hlls} == {"h"}  # its HLLs likewise
+    stats = (await store.read(["p"]))["p"]
+    assert sum(v for k, v in stats.beh.items() if k.startswith("h:")) == 2  # both events in the 24 h window
+
+
+@pytest.mark.parametrize("topic", ["products", "behavior"])
+async def test_an_event_time_far_ahead_of_the_clock_is_dead_lettered_and_changes_nothing(
+    processor: Processor, topic: str
+) -> None:
+    store = processor.store
+    assert isinstance(store, MemoryStateStore)
+    feed = Feed()
+    micros = T0 * 1000  # a time in microseconds: year 57,000
+    if topic == "products":
+        out = await processor.process_products(feed(topic, upsert("p", "Levis Men Black Jeans", updated_at=micros)))
+    else:
+        out = await processor.process_behaviour(feed(topic, behaviour("p", "u1", micros)))
+    assert out.updates == [] and out.applied == 0
+    [(_, raw)] = out.dead_letters
+    letter = orjson.loads(raw)
+    assert letter["error_type"] == "EventTimeError" and str(micros) in letter["reason"]
+    assert letter["source"] == {"topic": topic, "partition": 0, "offset": 0}
+    assert not any(key.startswith("t:{p}") for key in (*store.hashes, *store.strings, *store.hlls))
+    assert await store.get_watermark("behavior", 0) == 0
+
+
+async def test_a_new_product_nobody_looked_at_is_new_for_its_first_week_then_not(processor: Processor) -> None:
+    feed = Feed()
+    out = await processor.process_products(feed("products", upsert("p", "Levis Men Black Jeans", updated_at=T0)))
+    [created] = updates(out)
+    assert "new" in created["added"] and "new" in {t["tag"] for t in created["tags"]}
+    week = 7 * 86_400_000
+    during = await processor.process_behaviour(feed("behavior", behaviour("q", "u1", T0 + week - 1)))
+    assert [u for u in updates(during) if u["product_id"] == "p"] == []
+    after = await processor.process_behaviour(feed("behavior", behaviour("q", "u2", T0 + week)))
+    [expired] = [u for u in updates(after) if u["product_id"] == "p"]
+    assert (
+        expired["reason"] == "window-expired" and expired["removed"] == ["new"] and expired["event_time"] == T0 + week
+    )
+    changed = await processor.process_products(
+        feed("products", upsert("p", "Levis Men Blue Jeans", version=2, updated_at=T0 + 1))
+    )
+    assert "new" not in {t["tag"] for u in updates(changed) for t in u["tags"]}  # a change older than its expiry
+
+
+async def test_a_new_products_upsert_never_delays_an_earlier_look_of_its_window_pass(processor: Processor) -> None:
+    store = processor.store
+    assert isinstance(store, MemoryStateStore)
+    feed = Feed()
+    await processor.process_products(feed("products", upsert("hot", "Levis Men Black Jeans", updated_at=T0)))
+    out = await processor.process_behaviour(
+        feed("behavior", *[behaviour("hot", f"u{i % 9}", T0 + i * 5000) for i in range(30)])
+    )
+    assert any("trending" in u["added"] for u in updates(out))
+    look = store.zsets["t:active:behavior:0"]["hot"]
+    assert look < T0 + 86_400_000  # trending's window, well before new's week ends
+    await processor.process_products(feed("products", upsert("hot", "Levis Men Blue Jeans", version=2, updated_at=T0)))
+    assert store.zsets["t:active:behavior:0"]["hot"] == look

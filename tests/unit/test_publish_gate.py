@@ -82,3 +82,145 @@ def test_a_cycle_that_fails_with_an_os_error_is_logged_and_the_loop_goes_on(
     assert "/nonexistent" in records[0]["error"] and records[0]["publish"] is False
     assert records[1]["publish"] is True and published == [tmp_path / "b2"]
     assert "retrain cycle 1 failed" in caplog.text
+
+
+# ---------------------------------------------------------------- the current model across restarts and removals
+
+
+def _fake_cycles(
+    registry: Path,
+    quality: dict[str, float],
+    cycles: int,
+    *,
+    gone_after: dict[int, str] | None = None,
+    on_cycle=None,
+) -> tuple[list[dict], list[Path]]:
+    """`periodic_retrain` with fake training (candidates c0, c1, … in `registry`) and evaluation (`quality` by
+    bundle name; a bundle not in it, or named in `gone_after` from that cycle on, is refused as missing)."""
+    from tagstream.errors import ModelRejectedError
+
+    products = [CatalogProduct(f"p{i}", f"title {i}", category_path=("A", f"B{i % 3}")) for i in range(60)]
+    made: list[Path] = []
+    gone: set[str] = set()
+
+    def train_fn(products, settings, *, registry, split) -> Path:
+        gone.update(v for k, v in (gone_after or {}).items() if k <= len(made) + 1)
+        made.append(registry / f"c{len(made)}")
+        return made[-1]
+
+    def evaluate_fn(bundle: Path, eval_set) -> dict:
+        if bundle.name in gone or bundle.name not in quality:
+            raise ModelRejectedError([f"{bundle}: not a bundle directory (no such directory)"])
+        return {"groups": {"category_l1": {"weighted_f1": quality[bundle.name]}}}
+
+    published: list[Path] = []
+    records = periodic_retrain(
+        lambda: products,
+        TrainerSettings(),
+        every_s=0.0,
+        registry=registry,
+        max_cycles=cycles,
+        publish=published.append,
+        train_fn=train_fn,
+        evaluate_fn=evaluate_fn,
+        sleep=lambda s: None,
+        **({"on_cycle": on_cycle} if on_cycle else {}),
+    )
+    return records, published
+
+
+def _registry_of_two(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """A registry holding two valid bundles: (registry, the older by version, the newer)."""
+    from tests.models import featurized_bundle
+
+    registry = tmp_path / "registry"
+    older, newer = sorted([featurized_bundle(registry, seed=0), featurized_bundle(registry, seed=1)])
+    return registry, older, newer
+
+
+def test_a_restarted_trainer_compares_its_first_model_with_the_one_last_published(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from training.publish import model_update_event, record_publication
+
+    registry, published_before, newest = _registry_of_two(tmp_path)
+    record_publication(published_before, model_update_event(published_before)[0])  # as `tagstream publish` does
+    quality = {published_before.name: 0.9, newest.name: 0.1, "c0": 0.5}
+    with caplog.at_level(logging.INFO, logger="training.publish"):
+        records, published = _fake_cycles(registry, quality, 1)
+    # before: "no current model", and the 0.5 model was published over the 0.9 one
+    assert records[0]["current"] == str(published_before) and records[0]["publish"] is False, records
+    assert published == [] and "the last bundle of" in caplog.text
+
+
+def test_without_a_publication_record_the_newest_valid_bundle_is_the_current_model_and_it_is_said(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    registry, _, newest = _registry_of_two(tmp_path)
+    (registry / "29991231T000000Z-0badbeef").mkdir()  # newer by name, but no bundle: skipped
+    with caplog.at_level(logging.INFO, logger="training.publish"):
+        records, published = _fake_cycles(registry, {newest.name: 0.7, "c0": 0.6}, 1)
+    assert published == []
+    assert records[0]["current"] == str(newest) and records[0]["publish"] is False
+    assert "may be one that was never published" in caplog.text
+
+
+def test_when_the_current_bundle_disappears_the_gate_keeps_its_last_evaluation(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # c0 is published in cycle 1, then removed from the registry: c1 (worse than c0 was) is kept out, c2 published
+    with caplog.at_level(logging.WARNING, logger="training.publish"):
+        records, published = _fake_cycles(tmp_path, {"c0": 0.8, "c1": 0.6, "c2": 0.85}, 3, gone_after={2: "c0"})
+    # before: cycles 2 and 3 failed on the missing bundle, forever, and their records named no bundle
+    assert [r["publish"] for r in records] == [True, False, True], records
+    assert [r["bundle"] for r in records] == [str(tmp_path / f"c{i}") for i in range(3)]
+    assert "error" not in records[1] and any("0.6 < 0.8" in r for r in records[1]["reasons"])
+    assert published == [tmp_path / "c0", tmp_path / "c2"]
+    assert "c0 cannot be evaluated" in caplog.text and "comparing with its last evaluation" in caplog.text
+
+
+def test_each_cycle_record_is_handed_over_as_soon_as_the_cycle_ends(tmp_path: Path) -> None:
+    seen: list[int] = []
+    records, _ = _fake_cycles(tmp_path, {"c0": 0.5, "c1": 0.5}, 2, on_cycle=lambda r: seen.append(r["cycle"]))
+    assert seen == [1, 2] and [r["cycle"] for r in records] == [1, 2]
+
+
+@pytest.mark.parametrize("text", ["200000d", "367d", "40000000"])
+def test_a_period_too_long_to_sleep_is_refused_at_once(text: str) -> None:
+    from tagstream.errors import ConfigError
+    from training.publish import parse_duration
+
+    # before: accepted, and after a whole cycle `sleep` raised OverflowError (a traceback)
+    with pytest.raises(ConfigError, match="at most 366d"):
+        parse_duration(text)
+    assert parse_duration("366d") == 366 * 86400
+
+
+# ---------------------------------------------------------------- publish checks the signature the workers check
+
+
+def test_publish_refuses_a_bundle_whose_signature_the_configured_verify_key_refuses(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import base64
+
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    from tagstream.errors import ModelRejectedError
+    from tests.tinymodel import make_bundle, rewrite_manifest
+    from training.publish import model_update_event
+
+    key = Ed25519PrivateKey.generate()
+    bundle = make_bundle(tmp_path / "registry", signing_key=key)
+    public = base64.b64encode(key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)).decode()
+    monkeypatch.setenv("TAGSTREAM_MODEL_VERIFY_KEY", public)
+    assert model_update_event(bundle)[0].signature  # signed with the key the workers verify with: sent
+    signature = (bundle / "manifest.sig").read_bytes()
+    rewrite_manifest(bundle, mutate=lambda m: m.update(model_name="other-tagger"))  # edited after signing
+    (bundle / "manifest.sig").write_bytes(signature)
+    # before: the event was built and sent; only the workers refused it
+    with pytest.raises(ModelRejectedError, match="signature does not verify"):
+        model_update_event(bundle)
+    monkeypatch.delenv("TAGSTREAM_MODEL_VERIFY_KEY")
+    assert model_update_event(bundle)[1] == "other-tagger"  # without the key, as the workers without it

@@ -67,11 +67,58 @@ def test_a_redis_url_without_a_redis_scheme_is_one_line_that_hides_the_url(
     assert "\n" not in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("redis://127.0.0.1:notaport/0", "the port must be a number from 1 to 65535"),
+        ("redis://127.0.0.1:99999/0", "the port must be a number from 1 to 65535"),
+        ("redis://127.0.0.1:0/0", "the port must be a number from 1 to 65535"),  # redis-py took 6379
+        ("redis://:hunter2/x@127.0.0.1:6379/0", "percent-encode"),  # urllib's error quoted 'hunter2'
+        ("redis://[::1/0", "an IPv6 address in brackets"),
+        ("redis://:pw[hunter2]@127.0.0.1/0", "an IPv6 address in brackets"),  # urllib's error quoted 'hunter2'
+        ("redis://127.0.0.1:6379/0?socket_timeout=abc", "Invalid value for 'socket_timeout'"),
+        ("redis://127.0.0.1:6379/0?sockettimeout=1", "unknown option 'sockettimeout'"),
+        ("redis://:hunter2@127.0.0.1:6379/abc", "the path must be a database number such as /0"),  # was database 0
+        ("redis://127.0.0.1:6379?db=-1", "the database number must be 0 or more"),
+    ],
+)
+@pytest.mark.parametrize(("command", "what"), [(["lookup"], "lookup"), (["model", "status"], "worker")])
+def test_a_malformed_redis_url_is_one_line_that_hides_the_password(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    url: str,
+    problem: str,
+    command: list[str],
+    what: str,
+) -> None:
+    from aiohttp import web
+
+    def no_serving(*args: object, **kwargs: object) -> None:
+        raise AssertionError("lookup started serving with a bad Redis URL")
+
+    monkeypatch.setattr(web, "run_app", no_serving)
+    monkeypatch.setenv("TAGSTREAM_REDIS_URL", url)
+    monkeypatch.setenv("TAGSTREAM_KAFKA_BOOTSTRAP", "127.0.0.1:1")  # never reached: the settings fail first
+    assert main(command) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"tagstream {command[0]}: error: invalid {what} settings: redis_url: ")
+    assert problem in err and "hunter2" not in err
+    assert "\n" not in err and "Traceback" not in err
+
+
 def test_every_redis_scheme_is_accepted(monkeypatch: pytest.MonkeyPatch) -> None:
     from serving.cli import LookupSettings
     from streams.settings import WorkerSettings
 
-    for url in ("redis://:pw@h:6379/0", "rediss://h", "unix:///run/redis.sock"):
+    for url in (
+        "redis://:pw@h:6379/0",
+        "rediss://h",
+        "unix:///run/redis.sock",
+        "unix:///run/redis.sock?db=3",
+        "redis://h/",
+        "redis://:p%2Fw%40rd@[::1]:6379/2?socket_timeout=2&max_connections=5&timeout=3",
+        "rediss://user:pw@h:6380/15?ssl_cert_reqs=none&health_check_interval=5",
+    ):
         monkeypatch.setenv("TAGSTREAM_REDIS_URL", url)
         assert WorkerSettings().redis_url.get_secret_value() == url
         assert LookupSettings().redis_url.get_secret_value() == url
