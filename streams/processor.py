@@ -964,7 +964,7 @@ class Processor:
         """When this product's behaviour tags next need a look after `now`, the event time they were decoded at (None
         when none is on). `now` defaults to the product's last event; a sweep passes the watermark it looked at, or
         a look already due then (the end of a tag's minimum dwell, say) would make it due again at every batch. A
-        deleted product is looked at too: its tags show nothing, but an upsert brings back those still on."""
+        deleted product has none on (its delete and any later pass clear them; its counters stay for an upsert)."""
         tag_state = state.tags or {}
         if not any(s.get("on") for s in (tag_state.get("behaviour") or {}).values()):
             return None
@@ -1047,7 +1047,9 @@ class Processor:
             # the windows were moved to the stream's clock: what they hold is as of then, not of the last event
             tag_state["swept_at"] = max(int(tag_state.get("swept_at") or 0), now)
             looks[pid] = (keys, ops, now, tag_state, tag_state.get("behaviour_tags"), tag_state.get("behaviour"))
-            if self._behaviour_tags(state, tag_state, now) is None:
+            if tag_state.get("deleted"):  # no behaviour tag until an upsert brings it back (its counters stay)
+                tag_state["behaviour"], tag_state["behaviour_tags"] = {}, []
+            elif self._behaviour_tags(state, tag_state, now) is None:
                 undecided[pid] = now
         if undecided:
             await self._count_users(states, undecided)

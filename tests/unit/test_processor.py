@@ -550,6 +550,27 @@ async def test_a_deleted_products_behaviour_tags_still_expire_after_it_is_upsert
     assert not {t["tag"] for t in tags.get("tags", [])} & {"trending", "hot", "high-conversion"}, tags.get("tags")
 
 
+async def test_a_window_pass_over_a_deleted_product_turns_no_behaviour_tag_on(processor: Processor) -> None:
+    # A pass over a product deleted while `trending` was indexed decoded its tags from the cleared state: `new`
+    # came on again in the stored state of a deleted product (found by the crash soak, in its reference run).
+    feed, minute, day = Feed(), 60_000, 86_400_000
+    await processor.process_products(feed("products", upsert("p", "Levis Men Black Jeans", updated_at=T0 - day)))
+    burst = [behaviour("p", f"u{i % 10}", T0 + i * 5000) for i in range(30)]
+    await processor.process_behaviour(feed("behavior", *burst))
+    await processor.process_products(feed("products", delete("p", version=5, updated_at=T0 + 3 * minute)))
+    await processor.process_behaviour(feed("behavior", behaviour("q", "x", T0 + 2 * 3_600_000)))  # sweeps p
+    tags = (await processor.store.read(["p"]))["p"].tags or {}
+    assert (
+        tags["deleted"]
+        and tags["behaviour_tags"] == []
+        and not any(entry.get("on") for entry in tags["behaviour"].values())
+    ), tags
+    back = await processor.process_products(
+        feed("products", upsert("p", "Levis Men Black Jeans", version=6, updated_at=T0 + 3 * 3_600_000))
+    )
+    assert "new" in {t["tag"] for u in updates(back) for t in u["tags"]}  # still in its first week: new again
+
+
 async def test_a_redelivered_update_is_not_sent_again_after_a_later_one_that_changed_only_scores(
     processor: Processor, monkeypatch: pytest.MonkeyPatch
 ) -> None:
