@@ -7,14 +7,13 @@ import asyncio
 import logging
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import orjson
 
-from schemas.records import BehaviorEvent, ProductChange
 from streams.model_cli import kafka_errors
 from streams.settings import WorkerSettings
 from streams.topics import ensure_topics
@@ -61,11 +60,6 @@ def _topics(args: argparse.Namespace) -> int:
 # The replay producer's max_request_size (aiokafka's default, below the broker's default message.max.bytes): every
 # line is checked against it (and against the topic's own max.message.bytes) before anything is sent.
 REPLAY_MAX_REQUEST_BYTES = 1_048_576
-# How the worker decodes each input topic's values: a line it would dead-letter is invalid here.
-REPLAY_DECODERS: dict[str, Callable[[bytes | None], Any]] = {
-    "products": ProductChange.decode,
-    "behavior": BehaviorEvent.decode,
-}
 OVERSIZE = "oversize"
 INVALID = "invalid"
 
@@ -126,19 +120,22 @@ def _loose_key(value: bytes) -> bytes | None:
     return key.encode() if isinstance(key, str) else None
 
 
-def replay_lines(path: Path, topic: str, limit: int) -> Iterator[ReplayLine]:
-    """The non-blank lines of `path` as messages for logical `topic`, each checked as the worker will decode it and
-    against `limit`, the most bytes a record may take (aiokafka's estimate of a one-record batch)."""
+def replay_lines(path: Path, topic: str, limit: int, ahead_ms: int = 0) -> Iterator[ReplayLine]:
+    """The non-blank lines of `path` as messages for logical `topic`, each checked as the worker will decode it (with
+    its TAGSTREAM_MAX_EVENT_AHEAD_MS, `ahead_ms`; 0: no time check) and against `limit`, the most bytes a record may
+    take (aiokafka's estimate of a one-record batch)."""
     from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
-    decode = REPLAY_DECODERS[topic]
+    from streams.processor import INPUT_DECODERS, now_ms
+
+    decoder, now = INPUT_DECODERS[topic], now_ms()
     with path.open("rb") as fh:
         for line_no, line in enumerate(fh, 1):
             if not line.strip():
                 continue
             value = line.rstrip(b"\n")
             try:
-                key: bytes | None = decode(value).product_id.encode()
+                key: bytes | None = decoder.decode(value, now, ahead_ms).product_id.encode()
                 problem, reason = None, ""
             except EventDecodeError as exc:
                 key, problem, reason = _loose_key(value), INVALID, str(exc)
@@ -148,10 +145,10 @@ def replay_lines(path: Path, topic: str, limit: int) -> Iterator[ReplayLine]:
             yield ReplayLine(line_no, key, value, problem, reason)
 
 
-def check_replay_file(path: Path, topic: str, limit: int) -> ReplayCheck:
+def check_replay_file(path: Path, topic: str, limit: int, ahead_ms: int = 0) -> ReplayCheck:
     """Read the whole file once and count its events and bad lines."""
     check = ReplayCheck(path)
-    for line in replay_lines(path, topic, limit):
+    for line in replay_lines(path, topic, limit, ahead_ms):
         check.add(line)
     return check
 
@@ -209,7 +206,7 @@ async def _replay(
     from aiokafka import AIOKafkaProducer
 
     limit = await _message_limit(settings, topic)
-    check = check_replay_file(path, topic, limit)
+    check = check_replay_file(path, topic, limit, settings.max_event_ahead_ms)
     refusal = check.refusal(send_invalid)
     if refusal is not None:
         raise ConfigError(refusal)
@@ -230,7 +227,7 @@ async def _replay(
     t_next: float | None = None  # when the next event is due: paced from the first send (which waits for metadata)
     try:
         await producer.start()
-        for line in replay_lines(path, topic, limit):
+        for line in replay_lines(path, topic, limit, settings.max_event_ahead_ms):
             if line.problem == OVERSIZE or (line.problem == INVALID and not send_invalid):
                 raise ConfigError(f"{path}:{line.line_no}: {line.reason} (the file changed during the replay)")
             fut = await producer.send(settings.topic(topic), line.value, key=line.key)

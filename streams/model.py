@@ -598,6 +598,18 @@ class ModelHolder:
             reasons=tuple(reasons),
         )
 
+    def _activated_answer(self, model: BundleModel, reasons: Sequence[str] = ()) -> ModelUpdate:
+        """A `model-activated` answer naming `model`'s bundle (the model this worker now scores with)."""
+        return ModelUpdate(
+            kind="model-activated",
+            model_version=model.version,
+            emitted_at=now_ms(),
+            bundle_uri=str(model.bundle.path),
+            sha256=model.bundle.sha256,
+            worker_id=self.worker_id,
+            reasons=tuple(reasons),
+        )
+
     def _reject(self, request: ModelUpdate, reasons: Sequence[str]) -> Outcome:
         self.rejections += 1
         answer = self._answer("model-rejected", request.model_version, request, reasons)
@@ -610,14 +622,7 @@ class ModelHolder:
     def _activated(self, request: ModelUpdate, model: BundleModel) -> Outcome:
         self.swaps += 1
         self.updated_at = now_ms()
-        answer = ModelUpdate(
-            kind="model-activated",
-            model_version=model.version,
-            emitted_at=now_ms(),
-            bundle_uri=str(model.bundle.path),
-            sha256=model.bundle.sha256,
-            worker_id=self.worker_id,
-        )
+        answer = self._activated_answer(model)
         log.info(
             "model %s active on %s (%s; previous %s)",
             model.version,
@@ -640,15 +645,7 @@ class ModelHolder:
         """The answer to a shadow stop: the active model, now scoring alone, with the stopped shadow as its reason."""
         active = self.active
         assert active is not None  # a shadow runs only beside an active model
-        answer = ModelUpdate(
-            kind="model-activated",
-            model_version=active.version,
-            emitted_at=now_ms(),
-            bundle_uri=str(active.bundle.path),
-            sha256=active.bundle.sha256,
-            worker_id=self.worker_id,
-            reasons=(shadow_stopped_reason(stopped),),
-        )
+        answer = self._activated_answer(active, (shadow_stopped_reason(stopped),))
         log.info("shadow %s stopped on %s (%s active)", stopped, self.worker_id, active.version)
         return Outcome(answer, changed=True)
 

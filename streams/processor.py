@@ -16,7 +16,6 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from operator import attrgetter
 from typing import Any, TypeVar
 
 import orjson
@@ -53,9 +52,6 @@ from tagstream.errors import EventDecodeError, EventTimeError, StateConflictErro
 
 log = logging.getLogger(__name__)
 PRUNE_EVERY_MS = GRANULARITIES[0].width_ms
-LATE_BUCKETS = GRANULARITIES[
-    0
-].keep  # an event within this many finest buckets of its product's clock is in every window
 USERS_DECIDE_KEPT = 4096  # products remembered as ones whose unique users decide a tag
 CONFLICT_ATTEMPTS = 3  # a batch whose write found a product changed by another writer is processed again, so often
 
@@ -216,6 +212,31 @@ def dead_letter(msg: InMessage, exc: BaseException) -> tuple[bytes | None, bytes
     )
     return msg.key, orjson.dumps(record.to_dict())
 
+
+@dataclass(frozen=True, slots=True)
+class InputDecoder:
+    """How the worker decodes an input topic's values (`replay` checks its lines with the same)."""
+
+    decode_value: Callable[[bytes | None], Any]  # the schema-checked decode; EventDecodeError when it fails
+    time_field: str  # the event's time, checked against the clock
+
+    def decode(self, value: bytes | None, now: int, ahead_ms: int) -> Any:
+        """The event; EventDecodeError when it does not decode or its time is more than `ahead_ms` after `now`
+        (0: no check)."""
+        ev = self.decode_value(value)
+        if ahead_ms and (at := getattr(ev, self.time_field)) > now + ahead_ms:
+            raise EventTimeError(
+                f"{self.time_field} {at} is more than {ahead_ms} ms ahead of the worker's clock ({now}): not "
+                "milliseconds since the epoch? (TAGSTREAM_MAX_EVENT_AHEAD_MS)"
+            )
+        return ev
+
+
+# per logical input topic
+INPUT_DECODERS = {
+    "products": InputDecoder(ProductChange.decode, "updated_at"),
+    "behavior": InputDecoder(BehaviorEvent.decode, "ts"),
+}
 
 _E = TypeVar("_E")
 
@@ -428,26 +449,14 @@ class Processor:
         )
 
     def _decode_all(
-        self,
-        messages: Sequence[InMessage],
-        decode: Callable[[bytes | None], Any],
-        out: BatchOutput,
-        time_of: Callable[[Any], int],
-        time_field: str,
+        self, messages: Sequence[InMessage], decoder: InputDecoder, out: BatchOutput
     ) -> list[tuple[InMessage, Any]]:
         """The decoded events; the others (bad bytes, schema violations, a time too far ahead) as dead letters."""
         good = []
-        limit = now_ms() + self.max_event_ahead_ms if self.max_event_ahead_ms else None
+        now = now_ms()
         for msg in messages:
             try:
-                ev = decode(msg.value)
-                if limit is not None and time_of(ev) > limit:
-                    raise EventTimeError(
-                        f"{time_field} {time_of(ev)} is more than {self.max_event_ahead_ms} ms ahead of the worker's "
-                        f"clock ({limit - self.max_event_ahead_ms}): not milliseconds since the epoch? "
-                        "(TAGSTREAM_MAX_EVENT_AHEAD_MS)"
-                    )
-                good.append((msg, ev))
+                good.append((msg, decoder.decode(msg.value, now, self.max_event_ahead_ms)))
             except EventDecodeError as exc:
                 out.dead_letters.append(dead_letter(msg, exc))
         return good
@@ -579,7 +588,7 @@ class Processor:
         """Decode a product batch and score its upserts — the slow part, which needs no state and no lock, so the
         worker runs it before taking its locks and behaviour batches do not wait for ONNX Runtime."""
         out = BatchOutput()
-        items = self._decode_all(messages, ProductChange.decode, out, attrgetter("updated_at"), "updated_at")
+        items = self._decode_all(messages, INPUT_DECODERS["products"], out)
         model = self.model_provider()
         upserts = [i for i, (_, ev) in enumerate(items) if ev.op == "upsert"]
         try:
@@ -776,7 +785,7 @@ class Processor:
     async def prepare_behaviour(self, messages: Sequence[InMessage]) -> PreparedBehaviour:
         """Decode a behaviour batch (bad events become dead letters), which names the products it needs to hold."""
         out = BatchOutput()
-        return PreparedBehaviour(out, self._decode_all(messages, BehaviorEvent.decode, out, attrgetter("ts"), "ts"))
+        return PreparedBehaviour(out, self._decode_all(messages, INPUT_DECODERS["behavior"], out))
 
     async def process_behaviour(
         self, messages: Sequence[InMessage], prepared: PreparedBehaviour | None = None, hold: Hold | None = None
@@ -908,10 +917,10 @@ class Processor:
         counters = ops.counters(keys.beh)
         previous = beh.get("last_ts", 0)
         fields = event_fields(ev.ts, ev.event_type)
-        if ev.ts // PRUNE_EVERY_MS > previous // PRUNE_EVERY_MS - LATE_BUCKETS:  # in every window (nearly always)
+        live = None if ev.ts >= previous else live_buckets(ev.ts, previous)  # in order: in every window
+        if live is None or all(live):
             ops.add_user(ev.ts, user)
         else:
-            live = live_buckets(ev.ts, previous)
             fields = tuple(name for name, keep in zip(fields, live, strict=True) if keep)
             ops.add_user_to(ev.ts, user, live)
         for name in fields:

@@ -141,12 +141,16 @@ class Ops:
         """`add_user` for the buckets of event time `ts` that `live` marks (GRANULARITIES order) only."""
         for (code, bucket), keep in zip(hll_buckets(ts), live, strict=True):
             if keep:
-                self._pfadd.setdefault(self._k(self._product.hll(code, bucket)), set()).add(user)
+                self._hll_users(code, bucket).add(user)
+
+    def _hll_users(self, code: str, bucket: int) -> set[str]:
+        """The users to add to the product's HyperLogLog of that bucket."""
+        return self._pfadd.setdefault(self._k(self._product.hll(code, bucket)), set())
 
     def _flush_users(self) -> None:
         for finest, users in self._users.items():
             for code, bucket in hll_buckets(finest * FINEST_MS):
-                self._pfadd.setdefault(self._k(self._product.hll(code, bucket)), set()).update(users)
+                self._hll_users(code, bucket).update(users)
         self._users.clear()
 
     def hset(self, key: str, mapping: dict[str, Any]) -> None:

@@ -56,7 +56,7 @@ def _hll_buckets(finest_bucket: int) -> tuple[tuple[str, int], ...]:
 def live_buckets(ts: int, now: int) -> tuple[bool, ...]:
     """Per granularity (GRANULARITIES order): whether the bucket holding event time `ts` is still in its window at
     `now` (an event older than its product's clock may have left some or all of them)."""
-    return tuple(ts // g.width_ms > now // g.width_ms - g.keep for g in GRANULARITIES)
+    return tuple(ts // g.width_ms >= window_buckets(g, now).start for g in GRANULARITIES)
 
 
 def window_buckets(g: Granularity, now: int) -> range:

@@ -16,9 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr
-from pydantic_settings import BaseSettings, SettingsConfigDict
-
 from schemas.records import ModelUpdate
 from tagstream.errors import ConfigError, TagstreamError
 from training.catalog import CatalogProduct
@@ -62,23 +59,12 @@ def parse_duration(text: str) -> float:
 # --------------------------------------------------------------------------------------------------- publishing
 
 
-class VerifySettings(BaseSettings):
-    """The workers' signature setting, read by `publish` too: a bundle they would refuse is not announced."""
-
-    model_config = SettingsConfigDict(env_prefix="TAGSTREAM_", extra="ignore")
-
-    model_verify_key: SecretStr | None = Field(
-        None, description="Base64 Ed25519 public key (as the workers'): when set, publish refuses unverified bundles."
-    )
-
-
 def verify_key() -> Any:
-    """The Ed25519 public key of TAGSTREAM_MODEL_VERIFY_KEY (as `tagstream model activate` reads it), or None."""
-    from serving.validate import parse_verify_key
+    """The Ed25519 public key of TAGSTREAM_MODEL_VERIFY_KEY (as `tagstream model activate` reads it), or None: a
+    bundle the workers would refuse is not announced."""
     from tagstream.settings import load_settings
 
-    key = load_settings(VerifySettings, "publish").model_verify_key
-    return parse_verify_key(key.get_secret_value()) if key else None
+    return load_settings(TrainerSettings, "publish").verify_key()
 
 
 def model_update_event(bundle_dir: str | Path, kind: PublishKind = "activate") -> tuple[ModelUpdate, str]:

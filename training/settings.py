@@ -5,14 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from serving.featurizer import FeaturizerConfig
 from tagstream.errors import BundleError, ConfigError
 
 if TYPE_CHECKING:
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 __all__ = ["TrainerSettings", "load_trainer_settings", "writable_dir"]
 
@@ -26,6 +26,9 @@ class TrainerSettings(BaseSettings):
     model_registry: Path = Field(Path("models"), description="Registry directory the bundles are written into.")
     model_name: str = Field("tagstream-tagger", description="model_name in the manifest (and model-update key).")
     signing_key_path: Path | None = Field(None, description="Ed25519 private key (PEM or raw) to sign manifests.")
+    model_verify_key: SecretStr | None = Field(
+        None, description="Base64 Ed25519 public key (as the workers'): when set, publish refuses unverified bundles."
+    )
     # featurizer
     hash_bits: int = Field(
         18,
@@ -165,6 +168,14 @@ class TrainerSettings(BaseSettings):
             ) from exc
         except BundleError as exc:
             raise ConfigError(f"TAGSTREAM_SIGNING_KEY_PATH={path}: {exc}") from exc
+
+    def verify_key(self) -> Ed25519PublicKey | None:
+        """The Ed25519 public key of `model_verify_key` (as the workers read it), or None when unset."""
+        if self.model_verify_key is None:
+            return None
+        from serving.validate import parse_verify_key
+
+        return parse_verify_key(self.model_verify_key.get_secret_value())
 
     def featurizer_config(self) -> FeaturizerConfig:
         """The FeaturizerConfig these settings describe."""

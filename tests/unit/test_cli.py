@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import orjson
 import pytest
 
 from tagstream.cli import COMMAND_MODULES, build_parser, main
@@ -271,6 +272,18 @@ def test_replay_check_judges_each_line_as_the_worker_decodes_it(tmp_path) -> Non
     assert "expected a JSON object" in check.first_invalid.reason
     assert check.refusal(send_invalid=True) is None  # only invalid lines: --send-invalid sends the file
     assert check.refusal(send_invalid=False) is not None
+
+
+def test_replay_check_refuses_an_event_time_the_worker_would_dead_letter(tmp_path) -> None:
+    from streams.cli import REPLAY_MAX_REQUEST_BYTES, check_replay_file
+
+    path = tmp_path / "clicks.jsonl"
+    micros = 1_764_316_800_000_000  # a time in microseconds
+    click = {"schema_version": 1, "event_type": "view", "product_id": "p", "user_id": "u", "ts": micros}
+    path.write_bytes(orjson.dumps(click) + b"\n")
+    check = check_replay_file(path, "behavior", REPLAY_MAX_REQUEST_BYTES, ahead_ms=86_400_000)
+    assert check.invalid == 1 and check.first_invalid is not None and str(micros) in check.first_invalid.reason
+    assert check_replay_file(path, "behavior", REPLAY_MAX_REQUEST_BYTES).invalid == 0  # ahead_ms 0: no time check
 
 
 @pytest.mark.parametrize("bad", ["0", "-1", "abc", "inf", "nan"])

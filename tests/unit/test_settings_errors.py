@@ -51,6 +51,16 @@ def test_a_bad_worker_setting_is_one_line_naming_it(
 def test_a_redis_url_without_a_redis_scheme_is_one_line_that_hides_the_url(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], url: str, command: list[str], what: str
 ) -> None:
+    err = _redis_url_error(monkeypatch, capsys, url, command, what)
+    assert "redis://, rediss:// or unix://" in err and "hunter2" not in err
+    assert "\n" not in err and "Traceback" not in err
+
+
+def _redis_url_error(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], url: str, command: list[str], what: str
+) -> str:
+    """Run `command` with TAGSTREAM_REDIS_URL=`url`: it must exit 2 with the settings error (never serve, never reach
+    Kafka); returns stderr."""
     from aiohttp import web
 
     def no_serving(*args: object, **kwargs: object) -> None:
@@ -63,8 +73,7 @@ def test_a_redis_url_without_a_redis_scheme_is_one_line_that_hides_the_url(
     assert main(command) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"tagstream {command[0]}: error: invalid {what} settings: redis_url: ")
-    assert "redis://, rediss:// or unix://" in err and "hunter2" not in err
-    assert "\n" not in err and "Traceback" not in err
+    return err
 
 
 @pytest.mark.parametrize(
@@ -91,17 +100,7 @@ def test_a_malformed_redis_url_is_one_line_that_hides_the_password(
     command: list[str],
     what: str,
 ) -> None:
-    from aiohttp import web
-
-    def no_serving(*args: object, **kwargs: object) -> None:
-        raise AssertionError("lookup started serving with a bad Redis URL")
-
-    monkeypatch.setattr(web, "run_app", no_serving)
-    monkeypatch.setenv("TAGSTREAM_REDIS_URL", url)
-    monkeypatch.setenv("TAGSTREAM_KAFKA_BOOTSTRAP", "127.0.0.1:1")  # never reached: the settings fail first
-    assert main(command) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith(f"tagstream {command[0]}: error: invalid {what} settings: redis_url: ")
+    err = _redis_url_error(monkeypatch, capsys, url, command, what)
     assert problem in err and "hunter2" not in err
     assert "\n" not in err and "Traceback" not in err
 
