@@ -109,7 +109,7 @@ def _field_type(name: str, spec: dict[str, Any]) -> Any:
         if "additionalProperties" not in spec:  # values of any JSON: msgspec reads big integers and depth unlike orjson
             raise UnsupportedSchema(f"{name}: object without a schema of its values")
         if "propertyNames" in spec:
-            if set(spec["propertyNames"]) != {"pattern"}:
+            if set(spec["propertyNames"]) - _NOT_CHECKED != {"pattern"}:
                 raise UnsupportedSchema(f"{name}: propertyNames {spec['propertyNames']!r}")
             key = Annotated[str, msgspec.Meta(pattern=_end_anchored(spec["propertyNames"]["pattern"]))]
         values = spec.get("additionalProperties", {})

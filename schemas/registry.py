@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from functools import cache
 from pathlib import Path
@@ -37,8 +38,21 @@ def validate(name: str, obj: Any) -> dict[str, Any]:
     try:
         _validator(name)(obj)
     except fastjsonschema.JsonSchemaValueException as exc:
-        raise SchemaValidationError(f"{name}: {exc.message}") from None
+        raise SchemaValidationError(f"{name}: {_explain(exc)}") from None
     return obj
+
+
+def _explain(exc: fastjsonschema.JsonSchemaValueException) -> str:
+    """The validator's message; for a refused object key, which key and the rule it breaks (the validator only says
+    "must be named by propertyName definition")."""
+    names = (exc.definition or {}).get("propertyNames") if isinstance(exc.definition, dict) else None
+    if exc.rule != "propertyNames" or not isinstance(names, dict) or not isinstance(exc.value, dict):
+        return exc.message
+    pattern = names.get("pattern")
+    bad = [k for k in exc.value if not isinstance(k, str) or pattern is None or not re.search(pattern, k)]
+    rule = names.get("description") or f"names must match {pattern}"
+    shown = ", ".join(repr(k) for k in bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+    return f"{exc.name} has the refused key{'s' if len(bad) > 1 else ''} {shown}: {rule}"
 
 
 @cache

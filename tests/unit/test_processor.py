@@ -347,6 +347,26 @@ async def test_bad_messages_become_dead_letters_and_the_rest_is_applied(processo
     assert dead[0]["error_type"] == "EventDecodeError" and dead[1]["error_type"] == "SchemaValidationError"
 
 
+async def test_a_product_change_with_an_attribute_named_like_a_category_group_is_dead_lettered_by_name(
+    processor: Processor,
+) -> None:
+    store = processor.store
+    assert isinstance(store, MemoryStateStore)
+    feed = Feed()
+    msgs = feed(
+        "products",
+        upsert("bad", "Nike Women Red Running Shoes", attributes={"gender": "Women", "Category_L1": "Footwear"}),
+        upsert("ok", "Levis Men Black Jeans", attributes={"gender": "Men"}),
+    )
+    out = await processor.process_products(msgs)
+    assert [orjson.loads(u)["product_id"] for _, u in out.updates] == ["ok"]
+    [letter] = [orjson.loads(v) for _, v in out.dead_letters]
+    assert letter["error_type"] == "SchemaValidationError" and "'Category_L1'" in letter["reason"]
+    assert letter["source"]["offset"] == 0
+    keys = (*store.hashes, *store.strings)
+    assert any(key.startswith("t:{ok}") for key in keys) and not any(key.startswith("t:{bad}") for key in keys)
+
+
 async def test_user_ids_never_reach_the_state_store_in_clear(processor: Processor) -> None:
     feed = Feed()
     await processor.process_behaviour(feed("behavior", behaviour("p", "alice@example.com", T0)))

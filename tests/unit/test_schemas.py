@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import orjson
 import pytest
@@ -101,3 +102,25 @@ def test_product_ids_that_would_break_the_redis_hash_tag_are_refused() -> None:
                 "product-change",
                 {"schema_version": 1, "op": "delete", "product_id": pid, "updated_at": 1, "version": 1},
             )
+
+
+def _upsert_with(attributes: dict[str, str]) -> bytes:
+    return orjson.dumps(
+        {"schema_version": 1, "op": "upsert", "product_id": "p", "title": "t", "updated_at": 1, "version": 1}
+        | {"attributes": attributes}
+    )
+
+
+@pytest.mark.parametrize("spell", [str.lower, str.upper, str.title])
+def test_an_attribute_named_like_a_built_in_group_is_refused_by_name_as_training_refuses_it(spell: Any) -> None:
+    from training.labels import RESERVED_NAMES
+
+    for reserved in RESERVED_NAMES:
+        name = spell(reserved)
+        with pytest.raises(SchemaValidationError) as info:
+            decode_event("product-change", _upsert_with({"gender": "Men", name: "Shoes"}))
+        message = str(info.value)
+        assert f"refused key {name!r}" in message and "'gender'" not in message and "category_l1" in message
+    # names that only contain or extend a reserved one are attributes like any other
+    ok = {"categoryName": "a", "category_l3": "b", "tagsline": "c", "subCategory": "d", "colour": "Red"}
+    assert decode_event("product-change", _upsert_with(ok))["attributes"] == ok
