@@ -33,6 +33,7 @@ import json
 import math
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Executor
+from concurrent.futures import TimeoutError as FutureTimeoutError
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -58,7 +59,14 @@ from serving.bundle import (
 )
 from serving.decoding import TagDecoder
 from serving.scorer import LatencyStats, OnnxScorer
-from tagstream.errors import BundleError, ConfigError, ModelLoadError, ModelRejectedError, ScoringError
+from tagstream.errors import (
+    BundleError,
+    ConfigError,
+    ModelLoadError,
+    ModelRejectedError,
+    ScoringError,
+    ValidationTimeoutError,
+)
 
 __all__ = [
     "LabelledProduct",
@@ -125,6 +133,7 @@ class ValidationPolicy:
     max_quality_drop: float = 0.02
     intra_op_threads: int = 1
     inter_op_threads: int = 1
+    timeout_s: float | None = 600.0  # longest a validation in its child process may take (None: no limit)
 
     @classmethod
     def from_settings(cls, settings: Any) -> ValidationPolicy:
@@ -139,6 +148,7 @@ class ValidationPolicy:
             max_quality_drop=settings.model_max_quality_drop,
             intra_op_threads=settings.ort_intra_op_threads,
             inter_op_threads=settings.ort_inter_op_threads,
+            timeout_s=settings.model_validation_timeout_s,
         )
 
 
@@ -439,7 +449,8 @@ def validate_isolated(
     policy: ValidationPolicy | None = None,
     active: ModelBundle | None = None,
 ) -> ValidationReport:
-    """`validate_bundle` in `executor` (a spawn ProcessPoolExecutor); blocks until the child answers."""
+    """`validate_bundle` in `executor` (a spawn ProcessPoolExecutor); blocks until the child answers, at most
+    `policy.timeout_s`: then ValidationTimeoutError (the child is still busy: its owner must end it)."""
     policy = policy or ValidationPolicy()
     raw = (
         policy.verify_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
@@ -456,7 +467,16 @@ def validate_isolated(
         raw,
         (str(active.path), active.sha256) if active is not None else None,
     )
-    return future.result()
+    try:
+        return future.result(timeout=policy.timeout_s)
+    except FutureTimeoutError:
+        future.cancel()
+        raise ValidationTimeoutError(
+            [
+                f"validation did not finish within {policy.timeout_s:g} s (TAGSTREAM_MODEL_VALIDATION_TIMEOUT_S): a "
+                "bundle on an unresponsive file system, or a machine too busy?"
+            ]
+        ) from None
 
 
 def _reread(path: Path, name: str, expected: str | None, limit: int) -> bytes:

@@ -42,7 +42,7 @@ from serving.validate import (
 )
 from streams.model_cli import ANSWER_KINDS, shadow_stopped_reason
 from streams.settings import WorkerSettings
-from tagstream.errors import ModelRejectedError
+from tagstream.errors import ModelRejectedError, ValidationTimeoutError
 
 if TYPE_CHECKING:
     from streams.app import Worker
@@ -527,7 +527,11 @@ class ModelHolder:
         never holds the model's bytes beside the session being built (peak RSS: about two model sizes less)."""
         if not self.isolated:
             return BundleModel.load(path, self.settings, self.policy.verify_key)
-        report = validate_isolated(self._process_pool(), path, policy=self.policy)
+        try:
+            report = validate_isolated(self._process_pool(), path, policy=self.policy)
+        except ValidationTimeoutError:
+            self._drop_pool(kill=True)  # else the stuck child keeps the worker from exiting
+            raise
         return BundleModel.from_validated(open_validated(path, report, self.policy))
 
     def _validate(self, event: ModelUpdate, active: BundleModel | None) -> BundleModel:
@@ -567,6 +571,10 @@ class ModelHolder:
         while True:
             try:
                 return await asyncio.get_running_loop().run_in_executor(self._validator, self._validate, event, active)
+            except ValidationTimeoutError:
+                log.error("validating %s did not finish in time: its process is ended", event.model_version)
+                self._drop_pool(kill=True)  # a new child next time
+                raise
             except ModelRejectedError:
                 raise
             except BrokenProcessPool as exc:
@@ -581,11 +589,16 @@ class ModelHolder:
                 log.exception("validating %s failed unexpectedly", event.model_version)
                 raise ModelRejectedError([f"validation failed: {type(exc).__name__}: {exc}"]) from None
 
-    def _drop_pool(self) -> None:
-        """Forget the validation process pool (a broken one: its child died); the next validation starts another."""
+    def _drop_pool(self, kill: bool = False) -> None:
+        """Forget the validation process pool (a broken one: its child died; with `kill`, one whose child is stuck,
+        which is killed); the next validation starts another."""
         pool, self._pool = self._pool, None
-        if pool is not None:
-            pool.shutdown(wait=False, cancel_futures=True)
+        if pool is None:
+            return
+        if kill:  # the executor has no public way to end a busy child
+            for child in list(getattr(pool, "_processes", {}).values()):
+                child.kill()
+        pool.shutdown(wait=False, cancel_futures=True)
 
     def _answer(self, kind: str, version: str, request: ModelUpdate, reasons: Sequence[str] = ()) -> ModelUpdate:
         return ModelUpdate(

@@ -55,6 +55,12 @@ class WorkerSettings(BaseSettings):
     model_isolated_validation: bool = Field(
         True, description="Validate candidates in a child process (ONNX parsing holds the GIL: no loop stalls)."
     )
+    model_validation_timeout_s: float = Field(
+        600.0,
+        gt=0,
+        description="Longest a model bundle's validation may take in its child process (model_isolated_validation); "
+        "a bundle still being validated then (on an unresponsive file system, say) is refused and the child killed.",
+    )
     model_canary_atol: float = Field(1e-4, gt=0, description="Largest |score - golden score| a candidate may have.")
     model_latency_budget_1_ms: float = Field(
         50.0, gt=0, description="Budget of a candidate's median predict latency at batch 1 (ms)."

@@ -20,6 +20,7 @@ __all__ = [
     "StateConflictError",
     "StateError",
     "TagstreamError",
+    "ValidationTimeoutError",
 ]
 
 
@@ -73,6 +74,10 @@ class ModelRejectedError(BundleError):
     def __init__(self, reasons: list[str]) -> None:
         super().__init__("; ".join(reasons))
         self.reasons = list(reasons)
+
+
+class ValidationTimeoutError(ModelRejectedError):
+    """A bundle's validation in its child process did not finish within its time limit."""
 
 
 class ModelLoadError(TagstreamError):

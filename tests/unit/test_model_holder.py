@@ -765,3 +765,30 @@ def test_two_worker_processes_on_one_host_have_different_default_ids(monkeypatch
     mine = WorkerSettings().worker_id
     assert mine != other and mine.startswith(f"worker@{socket.gethostname()}")
     assert other.startswith(f"worker@{socket.gethostname()}")
+
+
+async def test_a_validation_that_does_not_finish_in_time_is_refused_and_its_process_ended(
+    bundles: dict[str, Path],
+) -> None:
+    from dataclasses import replace
+
+    holder = await holder_with(bundles, isolated=True)
+    try:
+        pool = holder._pool
+        assert pool is not None
+        stuck = list(pool._processes.values())  # type: ignore[attr-defined]
+        # a validation that would run for hours (a bundle on a hung network mount blocks the same way)
+        holder._policy = replace(POLICY, latency_runs=10**9, timeout_s=2.0)
+        outcome = await holder.handle(request("activate", bundles["b"]))
+        assert outcome.answer is not None and outcome.answer.kind == "model-rejected"
+        assert "did not finish within 2 s" in " ".join(outcome.answer.reasons)
+        assert holder.get().version == bundles["a"].name  # type: ignore[union-attr]
+        for child in stuck:
+            child.join(60)  # killed, not left validating
+            assert not child.is_alive()
+        holder._policy = POLICY
+        again = await holder.handle(request("activate", bundles["b"]))
+        assert again.answer is not None and again.answer.kind == "model-activated", again.answer
+        assert holder.get().version == bundles["b"].name  # type: ignore[union-attr]
+    finally:
+        holder.close()
