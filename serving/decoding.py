@@ -21,12 +21,14 @@ model tags of the same group in `merge_tags`.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
 
 from schemas.records import Tag
 from serving.bundle import LabelMap, ModelBundle, Thresholds
+from serving.featurizer import normalize_text
 from tagstream.errors import ConfigError, ScoringError
 
 __all__ = [
@@ -35,14 +37,32 @@ __all__ = [
     "attribute_tag",
     "catalog_tags",
     "diff_tags",
+    "group_key",
     "merge_tags",
+    "tag_prefix",
     "tags_from_json",
     "tags_to_json",
 ]
 
 # Attribute names whose tags take another prefix, so one colour has one tag name whichever catalog spelled it (the
-# trainer's labels and the worker's catalog tags both name tags with `attribute_tag`).
+# trainer's labels and the worker's catalog tags both name tags with `attribute_tag`). Names are looked up ignoring
+# case and width (`tag_prefix`): `COLOR` and `BaseColour` are `colour` too.
 TAG_PREFIXES = {"baseColour": "colour", "basecolour": "colour", "color": "colour", "Color": "colour"}
+_PREFIX_BY_KEY = {normalize_text(name): prefix for k, v in TAG_PREFIXES.items() for name, prefix in ((k, v), (v, v))}
+
+
+@lru_cache(maxsize=4096)
+def tag_prefix(name: str) -> str:
+    """The prefix of an attribute's tags: its `TAG_PREFIXES` entry (compared ignoring case and width), else the name."""
+    return _PREFIX_BY_KEY.get(normalize_text(name), name)
+
+
+@lru_cache(maxsize=4096)
+def group_key(name: str) -> str:
+    """What two attribute or tag-group names are compared by: NFKC, case and white space folded, `TAG_PREFIXES`
+    applied (`Gender` and `gender` name one group; `Color`, `baseColour` and `colour` too)."""
+    return normalize_text(tag_prefix(name))
+
 
 _ROOT = -1  # parent key of labels without a parent
 
@@ -174,8 +194,8 @@ def _segment_passes(
 
 def attribute_tag(name: str, value: str) -> str:
     """The tag of an attribute value: `<prefix>:<value>`, the prefix being the attribute name or its `TAG_PREFIXES`
-    entry (`color` → `colour`)."""
-    return f"{TAG_PREFIXES.get(name, name)}:{value.strip()}"
+    entry (`color`, `COLOR` → `colour`)."""
+    return f"{tag_prefix(name)}:{value.strip()}"
 
 
 def catalog_tags(attributes: Mapping[str, str] | None) -> list[Tag]:
@@ -187,9 +207,7 @@ def catalog_tags(attributes: Mapping[str, str] | None) -> list[Tag]:
             continue
         name, value = name.strip(), value.strip()
         if name and value:
-            out.append(
-                Tag(tag=attribute_tag(name, value), group=TAG_PREFIXES.get(name, name), score=1.0, origin="catalog")
-            )
+            out.append(Tag(tag=attribute_tag(name, value), group=tag_prefix(name), score=1.0, origin="catalog"))
     return out
 
 
@@ -198,14 +216,15 @@ def merge_tags(
 ) -> list[Tag]:
     """The full tag set: model tags, then catalog tags, then behaviour tags, each tag name once.
 
-    A catalog tag's group replaces the model's tags of that group (group names compared after `TAG_PREFIXES`: a
-    model trained on `baseColour` and a catalog sending `colour` name one group). With `labels`, model tags whose
+    A catalog tag's group replaces the model's tags of that group (group names compared by `group_key`: a model
+    trained on `gender` or `baseColour` and a catalog sending `Gender` or `colour` name one group). With `labels`,
+    model tags whose
     parent tag was dropped that way are dropped too (so no child is left without its parent). On a repeated tag
     name, catalog wins over behaviour, which wins over model.
     """
     catalog, behaviour = list(catalog), list(behaviour)
-    overridden = {TAG_PREFIXES.get(t.group, t.group) for t in catalog}
-    kept = [t for t in model if TAG_PREFIXES.get(t.group, t.group) not in overridden]
+    overridden = {group_key(t.group) for t in catalog}
+    kept = [t for t in model if group_key(t.group) not in overridden]
     if labels is not None:
         changed = True
         while changed:

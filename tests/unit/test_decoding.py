@@ -234,19 +234,30 @@ def test_catalog_tags() -> None:
 
 def test_a_catalog_colour_has_the_tag_name_the_model_gives_it() -> None:
     # a Myntra-trained model names `baseColour` values `colour:<value>`: so does a catalog, however it spells it
-    for name in ("baseColour", "color", "colour"):
+    for name in ("baseColour", "color", "colour", "COLOR", "BaseColour", "Colour"):
         [tag] = catalog_tags({name: "Navy Blue"})
         assert (tag.tag, tag.group) == ("colour:Navy Blue", "colour")
 
 
 @pytest.mark.parametrize("model_group", ["colour", "baseColour"])
-@pytest.mark.parametrize("catalog_name", ["colour", "baseColour", "Color", "color"])
+@pytest.mark.parametrize("catalog_name", ["colour", "baseColour", "Color", "color", "COLOR", "Colour", "BASECOLOUR"])
 def test_a_catalog_colour_replaces_the_models_colour_however_either_spells_the_attribute(
     model_group: str, catalog_name: str
 ) -> None:
     model = [Tag(PHONE, "category_l1", 0.9, "model"), Tag("colour:Blue", model_group, 0.8, "model")]
     merged = merge_tags(model, catalog_tags({catalog_name: "Red"}), [])
     assert [t.tag for t in merged] == [PHONE, "colour:Red"]  # one colour, the catalog's
+
+
+@pytest.mark.parametrize(
+    ("model_group", "catalog_name"), [("gender", "Gender"), ("Gender", "gender"), ("usage", "USAGE")]
+)
+def test_a_catalog_attribute_replaces_the_models_group_whatever_the_case_of_its_name(
+    model_group: str, catalog_name: str
+) -> None:
+    model = [Tag(PHONE, "category_l1", 0.9, "model"), Tag(f"{model_group}:Women", model_group, 0.8, "model")]
+    merged = merge_tags(model, catalog_tags({catalog_name: "Men"}), [])
+    assert [t.tag for t in merged] == [PHONE, f"{catalog_name}:Men"]  # one value of the attribute, the catalog's
 
 
 def test_catalog_beats_model_in_same_group() -> None:

@@ -407,23 +407,12 @@ class _PhoneModel:
         return [[Tag(tag, group, 0.9, "model") for tag, group in path] for _ in products]
 
 
-async def test_a_catalog_category_level_replaces_the_model_levels_below_it_too() -> None:
-    model = _PhoneModel()
-    processor = Processor(MemoryStateStore("t"), user_hash_key=b"secret", model_provider=lambda: model)
-    event = upsert("p", "华为 Mate 60 Pro 5G手机", attributes={"category_l1": "Phones"})
-    [update] = updates(await processor.process_products(Feed()("products", event)))
-    assert [t["tag"] for t in update["tags"]] == [
-        "category_l1:Phones",
-        "new",
-    ]  # not the model's level 2 without level 1
-
-
 async def test_a_shadow_model_leaves_the_merged_tags_as_the_active_model_gives_them() -> None:
     scoring = ShadowScoring(_PhoneModel(), _PhoneModel(), deque(), ShadowStats("phones", "phones-2"))  # type: ignore[arg-type]
     processor = Processor(MemoryStateStore("t"), user_hash_key=b"secret", model_provider=lambda: scoring)
-    event = upsert("p", "华为 Mate 60 Pro 5G手机", attributes={"category_l1": "Phones"})
+    event = upsert("p", "华为 Mate 60 Pro 5G手机", attributes={"Colour": "Black"})
     [update] = updates(await processor.process_products(Feed()("products", event)))
-    assert [t["tag"] for t in update["tags"]] == ["category_l1:Phones", "new"]
+    assert [t["tag"] for t in update["tags"]] == ["category:手机通讯", "category:手机通讯/手机", "colour:Black", "new"]
 
 
 async def test_a_batch_prepared_before_a_swap_is_scored_again_by_the_new_model() -> None:
