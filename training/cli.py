@@ -32,7 +32,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         help="train a tagger on a catalog and write a model bundle into a registry",
         description="Train on a catalog (stratified train/validation/test split), export to ONNX, check parity, "
         "write a bundle into --out. With --every, retrain periodically and publish a new model only when it is "
-        "not worse than the current one on a fixed evaluation set. Settings: TAGSTREAM_* (training/settings.py).",
+        "not worse, on a fixed evaluation set, than the model the workers announce active on model-updates (else "
+        "the one last published). Settings: TAGSTREAM_* (training/settings.py).",
     )
     p.add_argument("--catalog", type=Path, required=True, help="catalog file")
     p.add_argument("--format", choices=FORMATS, required=True, help="catalog format")
@@ -55,6 +56,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         help="retrain periodically, e.g. 6h, 30m (at most 366d); prints one JSON line per cycle",
     )
     p.add_argument("--kind", choices=("activate", "shadow"), default="activate", help="with --every: publish kind")
+    p.add_argument(
+        "--keep-refused",
+        type=int,
+        default=None,
+        metavar="N",
+        help="with --every: keep the newest N candidates the gate refused in this run (default 3; 0 keeps none); "
+        "older ones are removed from --out after each cycle, never one published (OUT/published.jsonl), the current "
+        "model or one named on model-updates",
+    )
     p.add_argument("--cycles", type=int, default=None, help=argparse.SUPPRESS)  # with --every: stop after N
     p.set_defaults(func=run_train)
 
@@ -159,11 +169,14 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from training.publish import parse_duration
+    from training.publish import KEEP_REFUSED, check_keep_refused, parse_duration
     from training.settings import load_trainer_settings, writable_dir
 
     settings = load_trainer_settings(epochs=args.epochs, seed=args.seed, baseline=args.baseline)
     every = parse_duration(args.every) if args.every is not None else None
+    if args.keep_refused is not None and every is None:
+        raise ConfigError("--keep-refused goes with --every (a single run refuses no candidate)")
+    keep_refused = check_keep_refused(KEEP_REFUSED if args.keep_refused is None else args.keep_refused)
     # everything that would fail only at the end is checked before the catalog is read and a model trained
     registry = writable_dir(args.out or settings.model_registry, "--out" if args.out else "TAGSTREAM_MODEL_REGISTRY")
     if args.report:
@@ -180,18 +193,22 @@ def _run_train(args: argparse.Namespace) -> int:
             loaded["result"] = result = _load(args.catalog, args.format)
             return result.products
 
-        def on_cycle(record: dict[str, Any]) -> None:
-            # like a single run: a report per bundle (OUT/reports/<version>, or --report/<version>)
+        def on_decision(record: dict[str, Any]) -> None:
+            # like a single run: a report per bundle (OUT/reports/<version>, or --report/<version>), written before
+            # a refused bundle may be removed
             if "bundle" in record and "result" in loaded:
                 bundle = Path(record["bundle"])
                 report_dir = Path(args.report or Path(registry) / "reports") / bundle.name
-                retrain = {k: record.get(k) for k in ("cycle", "current", "publish", "reasons", "error")}
+                keys = ("cycle", "current", "current_from", "publish", "reasons", "error")
+                retrain = {k: record.get(k) for k in keys}
                 try:
                     html = _write_report(bundle, report_dir, loaded["result"].report, retrain=retrain)
                     record["report"] = str(html)
                 except (ConfigError, OSError, ValueError, KeyError) as exc:
                     record["report_error"] = str(exc)
                     log.error("retrain cycle %d: no report: %s", record["cycle"], exc)
+
+        def on_cycle(record: dict[str, Any]) -> None:
             print(json.dumps(record, ensure_ascii=False), flush=True)  # one line per cycle, as it ends
 
         periodic_retrain(
@@ -201,6 +218,8 @@ def _run_train(args: argparse.Namespace) -> int:
             registry=registry,
             kind=args.kind,
             max_cycles=args.cycles,
+            keep_refused=keep_refused,
+            on_decision=on_decision,
             on_cycle=on_cycle,
         )
         return 0

@@ -6,10 +6,13 @@ No TensorFlow here: the loop calls `training.train.train`, which imports it when
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import json
 import logging
+import os
 import re
+import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -22,8 +25,10 @@ from training.catalog import CatalogProduct
 from training.settings import TrainerSettings
 
 __all__ = [
+    "KEEP_REFUSED",
     "PUBLISHED_FILE",
     "Comparison",
+    "check_keep_refused",
     "check_publishing",
     "compare_reports",
     "current_model",
@@ -32,8 +37,10 @@ __all__ = [
     "parse_duration",
     "periodic_retrain",
     "publish_bundle",
+    "read_model_updates",
     "record_publication",
     "send_model_update",
+    "workers_active",
 ]
 
 log = logging.getLogger(__name__)
@@ -43,6 +50,8 @@ _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 MAX_DURATION_S = 366 * 86400  # longer sleeps overflow the platform's time_t (200000d did, after a whole cycle)
 PUBLISHED_FILE = "published.jsonl"  # in the registry: one line per bundle published from it (record_publication)
+KEEP_REFUSED = 3  # `train --every --keep-refused`: refused candidates of the run kept in the registry (~70-100 MB each)
+UPDATES_READ_TIMEOUT_S = 30.0  # longest read of model-updates to its end (once per retrain cycle)
 
 
 def parse_duration(text: str) -> float:
@@ -120,50 +129,64 @@ def record_publication(bundle_dir: str | Path, event: ModelUpdate) -> None:
         log.warning("could not record the publication of %s in %s: %s", event.model_version, path, exc)
 
 
-def _loads(bundle_dir: Path) -> bool:
+def _bundle_sha256(bundle_dir: Path) -> str | None:
+    """The sha256 of a bundle that loads, else None (said in a log line)."""
     from serving.bundle import load_bundle
 
     try:
-        load_bundle(bundle_dir)
+        return load_bundle(bundle_dir).sha256
     except (TagstreamError, OSError) as exc:
         log.info("skipping %s as the current model: %s", bundle_dir, exc)
-        return False
-    return True
+        return None
+
+
+def _publications(registry: Path) -> list[dict[str, Any]]:
+    """The entries of the registry's `published.jsonl` (none when it does not exist; lines that are no JSON object
+    are skipped). OSError / UnicodeDecodeError when it cannot be read."""
+    try:
+        lines = (registry / PUBLISHED_FILE).read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        return []
+    entries = []
+    for line in lines:
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(entry, dict):
+            entries.append(entry)
+    return entries
 
 
 def current_model(registry: str | Path, kind: PublishKind = "activate") -> Path | None:
     """The model `train --every` compares its first candidate with when it starts: the newest bundle still valid in
     the registry among those it records as published with `kind` (`published.jsonl`); when it records none, the
     newest valid bundle (said in a log line: it may be one that was never published); None in an empty registry."""
+    return _current_model(Path(registry), kind)[0]
+
+
+def _current_model(registry: Path, kind: PublishKind) -> tuple[Path | None, str | None]:
+    """`current_model` and where it came from: "published.jsonl" or "newest in registry" (None with no model)."""
     from serving.bundle import VERSION_RE, list_versions
 
-    registry = Path(registry)
-    published: list[str] = []
     try:
-        lines = (registry / PUBLISHED_FILE).read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        lines = []
+        entries = _publications(registry)
     except (OSError, UnicodeDecodeError) as exc:
         log.warning("cannot read %s: %s", registry / PUBLISHED_FILE, exc)
-        lines = []
-    for line in lines:
-        try:
-            entry = json.loads(line)
-        except ValueError:
-            continue
-        if not isinstance(entry, dict) or entry.get("kind") != kind:
-            continue
-        version = entry.get("model_version")
-        if isinstance(version, str) and VERSION_RE.match(version):
-            published.append(version)
+        entries = []
+    published = [
+        e["model_version"]
+        for e in entries
+        if e.get("kind") == kind and isinstance(e.get("model_version"), str) and VERSION_RE.match(e["model_version"])
+    ]
     for version in dict.fromkeys(reversed(published)):
-        if _loads(registry / version):
+        if _bundle_sha256(registry / version) is not None:
             log.info(
                 "current model: %s, the last bundle of %s published (%s) that is still valid", version, registry, kind
             )
-            return registry / version
+            return registry / version, PUBLISHED_FILE
     for version in reversed(list_versions(registry)):
-        if _loads(registry / version):
+        if _bundle_sha256(registry / version) is not None:
             log.info(
                 "current model: %s, the newest valid bundle in %s (%s names no bundle published as %s that is still "
                 "valid, so it may be one that was never published)",
@@ -172,8 +195,8 @@ def current_model(registry: str | Path, kind: PublishKind = "activate") -> Path 
                 PUBLISHED_FILE,
                 kind,
             )
-            return registry / version
-    return None
+            return registry / version, "newest in registry"
+    return None, None
 
 
 def check_publishing(settings: TrainerSettings) -> None:
@@ -207,6 +230,78 @@ def check_publishing(settings: TrainerSettings) -> None:
                 await producer.stop()
 
     asyncio.run(check())
+
+
+def read_model_updates(settings: TrainerSettings, timeout_s: float = UPDATES_READ_TIMEOUT_S) -> list[ModelUpdate]:
+    """Every event of `<prefix>model-updates` (requests and the workers' answers; undecodable ones skipped) from its
+    beginning to its end, in topic order (by record time across partitions), with the Kafka settings `publish`
+    uses. TagstreamError (one line) when it cannot be read within `timeout_s`."""
+    topic, bootstrap = f"{settings.topic_prefix}model-updates", settings.kafka_bootstrap
+
+    async def read() -> list[ModelUpdate]:
+        from aiokafka import AIOKafkaConsumer
+
+        from streams.model_cli import kafka_errors, no_topic
+        from tagstream.errors import EventDecodeError
+
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False, auto_offset_reset="earliest"
+        )
+        read: list[tuple[int, int, int, ModelUpdate]] = []
+        with kafka_errors(f"read {topic}", bootstrap):
+            try:
+                await consumer.start()
+                if topic not in await consumer.topics():
+                    raise no_topic(topic, bootstrap)
+                consumer.subscribe([topic])  # no group: every partition is assigned to this consumer
+                while not consumer.assignment():  # bounded by timeout_s
+                    await asyncio.sleep(0.05)
+                tps = sorted(consumer.assignment())
+                await consumer.seek_to_beginning(*tps)
+                end = await consumer.end_offsets(tps)
+                while any([await consumer.position(tp) < end[tp] for tp in tps]):
+                    for tp, records in (await consumer.getmany(*tps, timeout_ms=300)).items():
+                        for r in records:
+                            try:
+                                read.append((r.timestamp, tp.partition, r.offset, ModelUpdate.decode(r.value)))
+                            except EventDecodeError:
+                                continue
+            finally:
+                await consumer.stop()
+        read.sort(key=(lambda e: e[:3]) if len(tps) > 1 else (lambda e: e[1:3]))
+        return [event for *_, event in read]
+
+    try:
+        return asyncio.run(asyncio.wait_for(read(), timeout_s))
+    except TimeoutError:
+        raise TagstreamError(f"could not read {topic} at {bootstrap} to its end within {timeout_s:g}s") from None
+
+
+def workers_active(updates: Sequence[ModelUpdate], published: str | None = None) -> tuple[ModelUpdate | None, str]:
+    """The model the workers run, from their answers on model-updates (`updates`, in topic order): the newest
+    `model-activated` answer (a worker sends one for every model it makes active: activate, promote, rollback, at its
+    start, and with a shadow stop; refusals leave the active model as it was). None and why when no worker answered,
+    only refusals were answered, or no worker answered since the newest activate request of version `published` (the
+    trainer's own current model: the workers are stopped or still validating it)."""
+    from streams.model_cli import ANSWER_KINDS
+
+    answered = [i for i, e in enumerate(updates) if e.kind in ANSWER_KINDS]
+    if not answered:
+        return None, "model-updates holds no answer from a worker"
+    requested = [i for i, e in enumerate(updates) if e.kind == "activate" and e.model_version == published]
+    if requested and answered[-1] < requested[-1]:
+        return None, f"no worker has answered on model-updates since {published} was published there"
+    activated = [e for e in updates if e.kind == "model-activated"]
+    if not activated:
+        return None, "the workers' answers on model-updates are all refusals"
+    return activated[-1], f"model-activated by {activated[-1].worker_id or 'a worker'}"
+
+
+def check_keep_refused(n: int) -> int:
+    """`--keep-refused N`: N itself, ConfigError (one line) when negative."""
+    if n < 0:
+        raise ConfigError(f"--keep-refused must be 0 or more (the refused candidates kept), got {n}")
+    return n
 
 
 # ------------------------------------------------------------------------------------------- periodic retraining
@@ -278,38 +373,57 @@ def periodic_retrain(
     registry: Path,
     kind: PublishKind = "activate",
     max_cycles: int | None = None,
+    keep_refused: int = KEEP_REFUSED,
     publish: Callable[[Path], Any] | None = None,
     train_fn: Callable[..., Path] | None = None,
     evaluate_fn: Callable[[Path, list[CatalogProduct]], Mapping[str, Any]] | None = None,
+    model_updates: Callable[[], Sequence[ModelUpdate]] | None = None,
     sleep: Callable[[float], None] = time.sleep,
+    on_decision: Callable[[dict[str, Any]], None] | None = None,
     on_cycle: Callable[[dict[str, Any]], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Every `every_s`: reload the catalog, train on all but the fixed evaluation set, evaluate the new and the
     current bundle on that set, and publish the new one only when `compare_reports` says it is not worse.
 
-    The current model at start is `current_model(registry, kind)` (a restart keeps the gate); when it cannot be
-    evaluated any more (removed, edited), the cycle compares with its last evaluation, if one was made.
-    Returns one record per cycle (for logs and tests), each also given to `on_cycle` as soon as its cycle ends.
-    `publish`, `train_fn`, `evaluate_fn` default to the real ones (Kafka, training.train.train,
-    training.train.evaluate_bundle).
+    The current model at start is `current_model(registry, kind)` (a restart keeps the gate), then the last one
+    published. With kind activate, each cycle first reads model-updates (`model_updates`) and compares with the model
+    the workers announced active last (`workers_active`: an operator's activate or rollback counts) when its bundle
+    is in the registry and loads; when the topic cannot be read, holds no such answer or names another bundle, with
+    the trainer's own current model, as said in the log. When the current model cannot be evaluated any more
+    (removed, edited), the cycle compares with its last evaluation, if one was made. After each cycle, the candidates
+    the gate refused in this run beyond the newest `keep_refused` are removed from the registry, except those
+    published (`published.jsonl`), compared with or named on model-updates (an operator may run one); none in a cycle
+    that could not read those. Returns one record per cycle (for logs and tests): `current` and where it came from
+    (`current_from`: "model-updates", "published.jsonl", "newest in registry" or "published by this run"), `removed`.
+    Each record is given to `on_decision` once the gate decided (before the removals) and to `on_cycle` as soon as
+    its cycle ends. `publish`, `train_fn`, `evaluate_fn` default to the real ones (Kafka, training.train.train,
+    training.train.evaluate_bundle), `model_updates` to `read_model_updates` when `publish` is the real one (with
+    another `publish` and no `model_updates`, no topic is read).
     """
     from training.splits import Split, stratified_split
 
+    check_keep_refused(keep_refused)
     if train_fn is None or evaluate_fn is None:
         from training.train import evaluate_bundle, train
 
         train_fn = train_fn or train
         evaluate_fn = evaluate_fn or evaluate_bundle
+    if model_updates is None and publish is None:  # the topic `publish` sends to
+        model_updates = functools.partial(read_model_updates, settings)
     publish = publish or (lambda b: publish_bundle(b, kind, settings))
     every_s = min(every_s, MAX_DURATION_S)
-    current: Path | None = current_model(registry, kind)
+    current, current_from = _current_model(registry, kind)
+    if kind != "activate":
+        log.info("--kind %s: each candidate is compared with the last %s published, not the workers' model", kind, kind)
     current_report: Mapping[str, Any] | None = None
+    refused: list[Path] = []  # this run's candidates the gate refused, oldest first (`_remove_refused`)
     records: list[dict[str, Any]] = []
     cycle = 0
     while max_cycles is None or cycle < max_cycles:
         started = time.monotonic()
         cycle += 1
         record: dict[str, Any] = {"cycle": cycle}
+        named: set[str] | None = None if model_updates is not None else set()  # versions on model-updates
         try:
             products = load_products()
             held = eval_holdout(products)
@@ -326,6 +440,14 @@ def periodic_retrain(
             bundle = train_fn(rest + eval_set, settings, registry=registry, split=split)
             record["bundle"] = str(bundle)
             report = evaluate_fn(bundle, eval_set)
+            updates = None if model_updates is None else _read_updates(model_updates, cycle, current)
+            if updates is not None:
+                named = {e.model_version for e in updates}
+            if kind == "activate" and updates is not None:
+                running = _workers_model(updates, registry, current, cycle)
+                if running is not None:
+                    current, current_from = running, "model-updates"
+                    current_report = None  # its own evaluation, not the one of the model compared with before
             if current is not None:  # re-evaluate: the evaluation set may have grown with the catalog
                 try:
                     current_report = evaluate_fn(current, eval_set)
@@ -338,13 +460,15 @@ def periodic_retrain(
                         held_report or "no evaluation of it is held, so there is no current model to compare with",
                     )
                     if current_report is None:
-                        current = None
-            record["current"] = None if current is None else str(current)
+                        current = current_from = None
+            record.update(current=None if current is None else str(current), current_from=current_from)
             decision = compare_reports(report, current_report)
             record.update(publish=decision.publish, reasons=list(decision.reasons))
             if decision.publish:
                 publish(bundle)
-                current, current_report = bundle, report
+                current, current_report, current_from = bundle, report, "published by this run"
+            else:
+                refused.append(bundle)
             log.info(
                 "retrain cycle %d: %s (%s)",
                 cycle,
@@ -354,6 +478,11 @@ def periodic_retrain(
         except (TagstreamError, OSError) as exc:  # one failed cycle (bad data, a full disk, a key) is logged, not fatal
             record.update(error=str(exc), publish=False)
             log.error("retrain cycle %d failed: %s", cycle, exc)
+        if on_decision is not None:
+            on_decision(record)
+        compared = {Path(record["current"]).name} if record.get("current") else set()
+        in_use = None if named is None else named | compared | ({current.name} if current is not None else set())
+        record["removed"] = _remove_refused(refused, keep_refused, registry, in_use)
         records.append(record)
         if on_cycle is not None:
             on_cycle(record)
@@ -361,6 +490,111 @@ def periodic_retrain(
             break
         sleep(max(0.0, every_s - (time.monotonic() - started)))
     return records
+
+
+def _read_updates(
+    model_updates: Callable[[], Sequence[ModelUpdate]], cycle: int, current: Path | None
+) -> list[ModelUpdate] | None:
+    """The events of model-updates; None, said in the log, when it cannot be read."""
+    try:
+        return list(model_updates())
+    except (TagstreamError, OSError) as exc:
+        log.warning(
+            "retrain cycle %d: which model the workers run is not known (%s): comparing with %s, the trainer's own "
+            "current model",
+            cycle,
+            exc,
+            current.name if current is not None else "no model",
+        )
+        return None
+
+
+def _workers_model(updates: Sequence[ModelUpdate], registry: Path, current: Path | None, cycle: int) -> Path | None:
+    """The bundle of `registry` the workers run (`workers_active`), logged when it is not `current`; None, said in
+    the log, when that is not known or not a bundle of this registry that loads: `current` stays."""
+    keep = f"comparing with {current.name if current is not None else 'no model'}, the trainer's own current model"
+    answer, why = workers_active(updates, current.name if current is not None else None)
+    if answer is None:
+        log.info("retrain cycle %d: which model the workers run is not known (%s): %s", cycle, why, keep)
+        return None
+    from serving.bundle import VERSION_RE
+
+    version, path = answer.model_version, registry / answer.model_version
+    if not VERSION_RE.match(version) or not path.is_dir():
+        log.warning(
+            "retrain cycle %d: the workers run %s (%s), not a bundle of %s: %s", cycle, version, why, registry, keep
+        )
+        return None
+    sha256 = _bundle_sha256(path)
+    if sha256 is None or (answer.sha256 is not None and sha256 != answer.sha256):
+        log.warning(
+            "retrain cycle %d: the workers run %s (%s), but %s %s: %s",
+            cycle,
+            version,
+            why,
+            path,
+            "does not load" if sha256 is None else f"is another bundle (sha256 {sha256}, theirs {answer.sha256})",
+            keep,
+        )
+        return None
+    if current is None or path.resolve() != current.resolve():
+        log.warning(
+            "retrain cycle %d: the workers run %s (%s), not %s, the model this trainer published or found last: "
+            "comparing with %s",
+            cycle,
+            version,
+            why,
+            current.name if current is not None else "none",
+            version,
+        )
+    return path
+
+
+def _remove_refused(refused: list[Path], keep: int, registry: Path, in_use: set[str] | None) -> list[str]:
+    """Remove from the registry the refused candidates of `refused` (this run's, oldest first; updated) beyond the
+    newest `keep`. One published (`published.jsonl`) or in `in_use` (the versions compared with, current or named on
+    model-updates) is never removed and leaves `refused` for good; when model-updates (`in_use` None) or
+    published.jsonl cannot be read, nothing is. A removal that fails is a warning (tried again after the next
+    cycle). Returns the removed paths."""
+    if len(refused) <= keep:
+        return []
+    if in_use is None:
+        log.info("no refused candidate removed after this cycle: model-updates was not read (one may be in use)")
+        return []
+    try:
+        published = {v for e in _publications(registry) if isinstance(v := e.get("model_version"), str)}
+    except (OSError, UnicodeDecodeError) as exc:
+        log.warning("no refused candidate removed after this cycle: cannot read %s: %s", registry / PUBLISHED_FILE, exc)
+        return []
+    used = published | in_use
+    refused[:] = [
+        b
+        for b in refused
+        if b.name not in used and b.parent.resolve() == registry.resolve() and b.is_dir() and not b.is_symlink()
+    ]
+    removed = []
+    for bundle in refused[: max(0, len(refused) - keep)]:
+        if _remove_bundle(bundle):
+            refused.remove(bundle)
+            removed.append(str(bundle))
+            log.info("removed %s, a candidate the gate refused (the newest %d refused are kept)", bundle, keep)
+    return removed
+
+
+def _remove_bundle(bundle: Path) -> bool:
+    """Delete a bundle directory: first renamed to a hidden `.tmp-` one, so no reader sees half a bundle (one left by
+    a failed deletion is removed by the next bundle written). False, with a warning, when it stays in the registry."""
+    trash = bundle.with_name(f".tmp-{bundle.name}-removed-{time.time_ns()}")
+    try:
+        os.rename(bundle, trash)
+    except OSError as exc:
+        log.warning("could not remove the refused candidate %s: %s", bundle, exc)
+        return False
+    try:
+        shutil.rmtree(trash)
+    except OSError as exc:
+        log.warning("%s left the registry, but deleting %s failed: %s", bundle, trash, exc)
+    return True
 
 
 def _append_idx(n_rest: int, n_eval: int):
