@@ -27,7 +27,7 @@ from sklearn.svm import LinearSVC
 from training.catalog import CatalogProduct
 from training.cleaning import normalize_text
 from training.evaluate import GroupPredictions, evaluate_groups
-from training.labels import attribute_tag, category_tags
+from training.labels import attribute_group, attribute_tag, category_tags
 
 __all__ = ["BaselineConfig", "BaselineModel", "baseline_scores", "fit_baseline", "group_tag_functions", "run_baseline"]
 
@@ -74,7 +74,7 @@ def group_tag_functions(products: Sequence[CatalogProduct]) -> dict[str, TagFn]:
     if depth >= 3:
         out["category_leaf"] = _level_tag(3)
     for name in sorted({k for p in products for k in p.attributes}):
-        out[name] = _attr_tag(name)
+        out[attribute_group(name)] = _attr_tag(name)
     return out
 
 

@@ -18,21 +18,36 @@ Policy (applied by `clean_products`, in this order):
      (a tie makes the title ambiguous: all its rows are dropped, `duplicate_conflict_tie`), each attribute by strict
      majority among the rows that have it (a tie drops just that attribute, `attribute_conflicts_dropped`). The
      other rows are skipped as `duplicate_conflict_merged` (`duplicate_conflicts_resolved` counts titles).
+
+The report also warns (`DataReport.warnings`, logged once) about attribute names product-change events cannot carry
+(the schema's attribute name pattern refuses them: ``材质``, ``fit type``): training still learns and tags those
+groups, but catalog values can never replace the model's tags of them.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 import statistics
 import unicodedata
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
+from functools import cache
 from typing import Any
 
+from schemas import load_schema
 from serving.featurizer import normalize_text as _featurizer_normalize
 from training.catalog import CatalogProduct
-from training.labels import CATEGORY_GROUPS, TAGS_GROUP, product_labels
+from training.labels import (
+    CATEGORY_GROUPS,
+    DEFAULT_EXCLUDE,
+    RESERVED_NAMES,
+    TAGS_GROUP,
+    attribute_group,
+    attribute_key,
+    product_labels,
+)
 
 __all__ = [
     "LEVEL_NAMES",
@@ -42,7 +57,10 @@ __all__ = [
     "clean_text",
     "label_signature",
     "normalize_text",
+    "unsendable_attributes",
 ]
+
+log = logging.getLogger(__name__)
 
 _CONTROL_RE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b-\u200f\u2028\u2029\ufeff]")
 _SPACE_RE = re.compile(r"\s+")
@@ -67,6 +85,28 @@ def clean_label(s: str | None) -> str:
     if not s:
         return ""
     return _SPACE_RE.sub(" ", _CONTROL_RE.sub(" ", s)).strip()
+
+
+@cache
+def _event_attribute_name() -> re.Pattern[str]:
+    """The pattern of attribute names product-change events may carry (the schema's `propertyNames`)."""
+    return re.compile(load_schema("product-change")["properties"]["attributes"]["propertyNames"]["pattern"])
+
+
+def unsendable_attributes(products: Iterable[CatalogProduct]) -> dict[str, int]:
+    """Attribute group → products, for the groups training makes (`product_labels`: non-blank, not excluded) whose
+    name product-change events cannot carry; names training refuses anyway (reserved) are left out."""
+    pattern = _event_attribute_name()
+    reserved = {attribute_key(n) for n in RESERVED_NAMES}
+    out: Counter[str] = Counter()
+    for p in products:
+        for name, value in p.attributes.items():
+            group = attribute_group(name)
+            if name in DEFAULT_EXCLUDE or not (value and value.strip()) or attribute_key(name) in reserved:
+                continue
+            if not pattern.search(group):
+                out[group] += 1
+    return dict(out)
 
 
 def label_signature(p: CatalogProduct) -> tuple[Any, ...]:
@@ -98,6 +138,7 @@ class DataReport:
     # group -> tag -> products: the labels training derives (training.labels.product_labels), before minimum support
     label_counts: dict[str, dict[str, int]] = field(default_factory=dict)
     title_length: dict[str, float] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)  # what training keeps but a user should know (`finish`)
     max_examples: int = 5
 
     def skip(self, line: int, reason: str, detail: str = "") -> None:
@@ -121,7 +162,7 @@ class DataReport:
         return sum(self.skipped.values())
 
     def finish(self, products: list[CatalogProduct]) -> None:
-        """Fill label counts per group and title length stats from the kept products.
+        """Fill label counts per group, title length stats and `warnings` from the kept products.
 
         The counts are of the labels training makes of these products (`training.labels.product_labels`: the
         category tags of at most 3 levels, attribute tags except `year`, free tags), keyed by tag, before the
@@ -135,6 +176,16 @@ class DataReport:
         last = [TAGS_GROUP] if TAGS_GROUP in counts else []
         order = first + sorted(set(counts) - set(first) - set(last)) + last
         self.label_counts = {k: dict(counts[k].most_common()) for k in order}
+        self.warnings = []
+        if unsendable := unsendable_attributes(products):
+            names = ", ".join(f"{name!r} ({n} products)" for name, n in sorted(unsendable.items()))
+            self.warnings.append(
+                f"attributes {names}: product-change events cannot carry these names (the schema's attribute name "
+                "pattern refuses them), so catalog values can never replace the model's tags of these groups; "
+                "rename them in the catalog for catalogs to override them"
+            )
+        for warning in self.warnings:
+            log.warning("%s: %s", self.path or "catalog", warning)
         lengths = sorted(len(p.title) for p in products)
         if lengths:
             self.title_length = {
@@ -168,6 +219,7 @@ class DataReport:
             "n_labels": {k: len(v) for k, v in self.label_counts.items()},
             "label_counts": self.label_counts,
             "title_length": self.title_length,
+            "warnings": list(self.warnings),
         }
 
     def to_markdown(self) -> str:
@@ -193,6 +245,7 @@ class DataReport:
                 else ""
             )
         )
+        lines += [f"- warning: {w}" for w in self.warnings]
         if self.title_length:
             tl = self.title_length
             lines.append(

@@ -6,23 +6,33 @@ Groups, in column order:
   the tag of level i is ``category:`` + the first i levels joined by ``/`` and its parent is the tag of level i-1.
   Paths deeper than 3 levels keep their first 3 (the leaf). A ``/`` inside one level's name is replaced by ``／``
   so that "parent = path minus its last level" stays true.
-- one exclusive group per product attribute, named by the attribute key as the catalog gives it (``gender``,
-  ``colour``/``baseColour``, ``season``, ``usage``...): tag ``<prefix>:<value>`` where the prefix is the attribute
-  name, except ``baseColour``/``color`` → ``colour`` (readable tags, SPEC §1).
+- one exclusive group per product attribute, named by its tags' prefix (`attribute_group`): tag
+  ``<prefix>:<value>`` where the prefix is the attribute name as the catalog gives it (``gender``, ``season``,
+  ``usage``...), except ``baseColour``, ``color`` and ``colour`` in any case → ``colour`` (`tag_prefix`, SPEC §1):
+  those spellings name one group, ``colour``, in the label map, its matrices, evaluation and the bundle alike, as
+  they do in the worker's catalog tags, so a catalog's spelling never matters.
 - ``tags`` (multi-label, sigmoid): the products' free extra tags, when any survive the minimum support.
 
 `product_labels` lists the (group, tag) pairs of one product before minimum support; the label map counts them, and
 so does the data report (`training.cleaning.DataReport.label_counts`), so the two always agree.
 
 Attribute names that would collide with another group are refused (`DataError`, before any training) rather than
-renamed: a worker names a catalog tag's group after the attribute as the product event gives it and lets it replace
-the model's tags of that group (SPEC §1, `serving.decoding.merge_tags`), so a renamed group would not match it.
+renamed: a worker names a catalog tag's group after the attribute as the product event gives it (the ``colour``
+aliases applied) and lets it replace the model's tags of that group (SPEC §1, `serving.decoding.merge_tags`), so a
+renamed group would not match it.
 Names are compared by `attribute_key` (NFKC, case and white space folded, the ``colour`` aliases applied):
 
 - ``category``, ``category_l1``, ``category_l2``, ``category_leaf`` and ``tags`` are reserved (the category groups,
   the ``category:`` tag prefix and the free tags group);
 - two attribute names with one key (``Colour`` and ``colour``, ``colour`` and ``baseColour``) would be one
   attribute split over two groups: the catalog must use one name.
+
+Free tags are refused the same way (`check_tag_names`) when named like a behaviour tag (``trending``, ``hot``,
+``high-conversion``, ``new``: `serving.behaviour.BEHAVIOUR_TAGS`, ignoring case and width): the worker keeps one tag
+per name, so a model tag of that name would stand in for the behaviour tag when its window turns it off. So is a
+free tag containing ``:``, the shape of attribute and category tags (``colour:Red``, ``category:A``): it would
+collide with the catalog's attribute tag of that name, and a catalog value would not replace it (it is in group
+``tags``, not the attribute's group).
 
 Minimum support: a label seen on fewer than ``min_support`` products is dropped; products that carried it are
 *unlabelled* in that group (masked out of the loss and of evaluation), never merged into a catch-all label. For
@@ -45,9 +55,10 @@ from typing import Any
 
 import numpy as np
 
+from serving.behaviour import BEHAVIOUR_TAGS
 from serving.bundle import Label, LabelGroup
 from serving.bundle import LabelMap as BundleLabelMap
-from serving.decoding import TAG_PREFIXES, attribute_tag
+from serving.decoding import attribute_tag, group_key, tag_prefix
 from serving.featurizer import normalize_text
 from tagstream.errors import DataError, ModelRejectedError
 from training.catalog import CatalogProduct
@@ -58,10 +69,12 @@ __all__ = [
     "LabelGroup",
     "LabelMap",
     "LabelMatrix",
+    "attribute_group",
     "attribute_key",
     "build_label_map",
     "category_tags",
     "check_attribute_names",
+    "check_tag_names",
     "product_labels",
 ]
 
@@ -72,7 +85,6 @@ TAGS_GROUP = "tags"
 DEFAULT_EXCLUDE = ("year",)
 CATEGORY_PREFIX = "category"
 RESERVED_NAMES = (CATEGORY_PREFIX, *CATEGORY_GROUPS, TAGS_GROUP)
-_ALIASES = {normalize_text(k): normalize_text(v) for k, v in TAG_PREFIXES.items()}
 
 
 def _level(value: str) -> str:
@@ -94,11 +106,11 @@ def product_labels(
     p: CatalogProduct, *, exclude_attributes: Sequence[str] = DEFAULT_EXCLUDE, include_tags: bool = True
 ) -> list[tuple[str, str]]:
     """(group, tag) of every label the product carries, before minimum support: its category tags (at most 3
-    levels, `category_tags`), one tag per attribute with a non-blank value (group = the attribute name) unless
-    excluded, and with `include_tags` its free tags (group ``tags``, each once)."""
+    levels, `category_tags`), one tag per attribute with a non-blank value (group = `attribute_group`: ``color`` →
+    ``colour``) unless excluded, and with `include_tags` its free tags (group ``tags``, each once)."""
     out = list(zip(CATEGORY_GROUPS, category_tags(p.category_path), strict=False))
     out += [
-        (name, attribute_tag(name, value))
+        (attribute_group(name), attribute_tag(name, value))
         for name, value in p.attributes.items()
         if name not in exclude_attributes and value and value.strip()
     ]
@@ -107,10 +119,16 @@ def product_labels(
     return out
 
 
+def attribute_group(name: str) -> str:
+    """The label group of an attribute: its tags' prefix (`attribute_tag`), so ``baseColour``, ``color`` and
+    ``colour`` in any case name the one group ``colour`` (SPEC §1), as the worker names their catalog tags' group."""
+    return tag_prefix(name)
+
+
 def attribute_key(name: str) -> str:
-    """What two attribute names are compared by: NFKC, case and white space folded, ``colour`` aliases applied."""
-    key = normalize_text(name)
-    return _ALIASES.get(key, key)
+    """What two attribute names are compared by: NFKC, case and white space folded, ``colour`` aliases applied (the
+    worker's `group_key`)."""
+    return group_key(name)
 
 
 def check_attribute_names(
@@ -141,6 +159,31 @@ def check_attribute_names(
                 f"prefix {reserved[key]!r}: the names {', '.join(RESERVED_NAMES)} are reserved (ignoring case and "
                 "width); rename the attribute in the catalog"
             )
+
+
+def check_tag_names(products: Iterable[CatalogProduct]) -> None:
+    """DataError (one line) if a free tag is named like a behaviour tag (ignoring case and width) or contains ``:``
+    (see the module doc), naming the tag, how many products carry it and one of them."""
+    behaviour = {normalize_text(t): t for t in BEHAVIOUR_TAGS}
+    bad: dict[str, tuple[str, int]] = {}  # tag -> (first product id, products)
+    for p in products:
+        for tag in dict.fromkeys(p.tags):
+            if ":" in tag or normalize_text(tag) in behaviour:
+                pid, n = bad.get(tag, (p.product_id, 0))
+                bad[tag] = (pid, n + 1)
+    for tag, (pid, n) in bad.items():
+        if ":" in tag:
+            raise DataError(
+                f"free tag {tag!r} (on {n} products, e.g. {pid}) contains ':', which names attribute and category "
+                "tags (<attribute>:<value>, category:<path>): it would collide with the catalog's attribute tag of "
+                "that name, which would not replace it; make it an attribute in the catalog or drop the ':'"
+            )
+        raise DataError(
+            f"free tag {tag!r} (on {n} products, e.g. {pid}) is named like the behaviour tag "
+            f"{behaviour[normalize_text(tag)]!r} (ignoring case and width): the names {', '.join(BEHAVIOUR_TAGS)} "
+            "are reserved for the worker's behaviour tags, which it turns on and off; rename or drop the tag in the "
+            "catalog"
+        )
 
 
 @dataclass(slots=True)
@@ -220,13 +263,11 @@ class LabelMap:
                 break  # a level the map does not know ends the path
             out[g].append(tag)
         for g, tag in labels:
-            if (
-                g not in CATEGORY_GROUPS
-                and g in names
-                and tag in self._by_tag
-                and self.labels[self._by_tag[tag]].group == g
-            ):
-                out[g].append(tag)
+            # the map's group of the tag, matched by `attribute_group`: a map (or an older bundle's, which named the
+            # group as its catalog spelled it: `color`) and a catalog may spell one colour group differently
+            lab = self.labels[self._by_tag[tag]] if tag in self._by_tag else None
+            if lab is not None and g not in CATEGORY_GROUPS and attribute_group(lab.group) == g:
+                out[lab.group].append(tag)
         if TAGS_GROUP in names:
             out.setdefault(TAGS_GROUP, [])
         return out
@@ -235,13 +276,14 @@ class LabelMap:
         """Exclusive group → per product, the tag it carries in that group that the map does not know (a label below
         the minimum support or unseen in training: the model cannot output it), None when it carries none or a known
         one. `encode` leaves such products unlabelled; evaluation counts them as misses."""
-        exclusive = {g.name for g in self.groups if g.kind == "exclusive"}
-        out: dict[str, list[str | None]] = {g: [None] * len(products) for g in exclusive}
+        exclusive = {attribute_group(g.name): g.name for g in self.groups if g.kind == "exclusive"}
+        out: dict[str, list[str | None]] = {g: [None] * len(products) for g in exclusive.values()}
         for i, p in enumerate(products):
             for g, tag in product_labels(p, exclude_attributes=(), include_tags=False):
+                group = exclusive.get(g)  # the map's name of the group (see `product_tags`)
                 lab = self.labels[self._by_tag[tag]] if tag in self._by_tag else None
-                if g in exclusive and (lab is None or lab.group != g):
-                    out[g][i] = tag
+                if group is not None and (lab is None or lab.group != group):
+                    out[group][i] = tag
         return out
 
     def encode(self, products: Sequence[CatalogProduct]) -> LabelMatrix:
@@ -305,6 +347,8 @@ def build_label_map(
     if not products:
         raise DataError("cannot build labels from no products")
     check_attribute_names(products, exclude_attributes)
+    if include_tags:
+        check_tag_names(products)
     counts: dict[str, Counter[str]] = defaultdict(Counter)
     for p in products:
         for group, tag in product_labels(p, exclude_attributes=exclude_attributes, include_tags=include_tags):
@@ -355,7 +399,7 @@ def build_label_map(
         parent_group = gname
 
     for name in sorted(counts):  # the attributes (one tag prefix per group: sorted by tag = sorted by value)
-        cut = len(attribute_tag(name, ""))
+        cut = len(name) + 1  # the group is its tags' prefix (`attribute_group`)
         items = [(tag, tag[cut:], None, c) for tag, c in sorted(counts[name].items()) if c >= min_support]
         add_group(LabelGroup(name, "exclusive", None), items)
 

@@ -76,10 +76,10 @@ def test_every_level_becomes_a_tag_and_parents_link(lm: LabelMap) -> None:
 def test_attribute_groups_names_and_prefixes(lm: LabelMap) -> None:
     names = lm.group_names
     assert names[:3] == list(CATEGORY_GROUPS)
-    assert {"baseColour", "gender"} <= set(names) and "colour" not in names
+    assert {"colour", "gender"} <= set(names) and "baseColour" not in names  # SPEC §1: one group, `colour`
     assert "year" not in names  # excluded by default
     assert "colour:Navy Blue" in lm and "colour:Black" in lm  # baseColour values get the readable `colour:` prefix
-    assert lm.labels[lm.index("colour:Navy Blue")].group == "baseColour"
+    assert lm.labels[lm.index("colour:Navy Blue")].group == "colour"
     assert lm.labels[lm.index("gender:Men")].group == "gender"
 
 
@@ -90,7 +90,7 @@ def test_min_support_drops_rare_labels_and_unlabels(lm: LabelMap) -> None:
     gi = {g: i for i, g in enumerate(lm.group_names)}
     assert y.mask[0, gi["category_l2"]] and not y.mask[0, gi["category_leaf"]]
     assert y.targets["category_leaf"][0] == -1
-    assert not y.mask[0, gi["baseColour"]]
+    assert not y.mask[0, gi["colour"]]
     assert y.mask[0, gi["gender"]]
     assert lm.support["category:手机通讯"] == 12
 
@@ -207,7 +207,7 @@ def test_unknown_tags_names_the_labels_a_map_cannot_output(lm: LabelMap) -> None
     assert unknown["category_l1"] == [None, "category:Footwear", None]
     assert unknown["category_l2"] == [None, "category:Footwear/Shoes", None]
     assert unknown["category_leaf"] == [None, None, "category:Apparel/Bottomwear/Rare Leaf"]
-    assert unknown["baseColour"] == [None, "colour:Mauve", None] and unknown["gender"] == [None, None, None]
+    assert unknown["colour"] == [None, "colour:Mauve", None] and unknown["gender"] == [None, None, None]
 
 
 # ---------------------------------------------------------------- group names built from catalog attributes
