@@ -8,6 +8,9 @@ for an answer to this request from every live worker (one whose status was repor
 kind, model version and bundle fit the request (`answer_fits`); an accepted shadow is seen in the worker's status.
 `shadow --off` sends a shadow request with no bundle, which stops the shadow; a worker answers it with
 `model-activated` of its active model, the reason naming the shadow stopped (`shadow: <version> stopped`).
+A status not reported for `worker_status_retention_s` (a killed worker's) is removed by the running workers
+(`stale_statuses` + `PRUNE_STATUS_LUA`), or at once by `status --prune`; a status that is not a worker's JSON is shown
+as unreadable and left alone.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
@@ -26,28 +30,34 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from schemas import ModelUpdate
-from streams.settings import WorkerSettings
+from streams.settings import LIVE_WITHIN_S, STATUS_EVERY_S, WorkerSettings
 from tagstream.errors import ConfigError, EventDecodeError, StateError, TagstreamError
 from tagstream.settings import load_settings
 
 if TYPE_CHECKING:
+    import redis
     from aiokafka import AIOKafkaConsumer
 
 __all__ = [
     "LIVE_WITHIN_S",
+    "PRUNE_STATUS_LUA",
     "STATUS_EVERY_S",
+    "UNREADABLE",
     "WaitResult",
     "answer_fits",
     "build_request",
     "kafka_errors",
     "live_workers",
     "no_topic",
+    "parse_status",
+    "prune_status",
     "read_answers",
     "read_status",
     "register",
     "send_model_update",
     "send_request",
     "shadow_started",
+    "stale_statuses",
     "wait_answers",
     "workers_key",
 ]
@@ -57,8 +67,27 @@ ANSWER_KINDS = ("model-activated", "model-rejected")
 # Request names meaning "whatever the worker has" (streams.model.ANY_SHADOW / ANY_PREVIOUS).
 ANY_VERSION = {"promote": "shadow", "rollback": "previous"}
 ANY_SHADOW = ANY_VERSION["promote"]  # also a shadow stop's: whatever shadow the worker runs
-STATUS_EVERY_S = 5.0  # a running worker rewrites its status in Redis at least this often (streams.models_agent)
-LIVE_WITHIN_S = 3 * STATUS_EVERY_S  # `--wait` expects answers only from workers that reported within this
+# STATUS_EVERY_S (a running worker rewrites its status at least this often) and LIVE_WITHIN_S (`--wait` expects answers
+# only from workers that reported within this) are defined in streams.settings, which checks the retention with them.
+UNREADABLE = "unreadable"  # the only key of what `parse_status` gives for a field that is not a worker's status JSON
+# Deletes the fields ARGV[2..] of the workers hash KEYS[1] whose stored status still has a numeric `reported_at`
+# before ARGV[1] (ms), checked and deleted in one atomic step: a status a worker re-wrote since it was read as stale
+# (or one that does not parse) is kept. Returns the fields deleted.
+PRUNE_STATUS_LUA = """
+local cutoff = tonumber(ARGV[1])
+local removed = {}
+for i = 2, #ARGV do
+  local raw = redis.call('HGET', KEYS[1], ARGV[i])
+  if raw then
+    local ok, status = pcall(cjson.decode, raw)
+    if ok and type(status) == 'table' and type(status.reported_at) == 'number' and status.reported_at < cutoff then
+      redis.call('HDEL', KEYS[1], ARGV[i])
+      removed[#removed + 1] = ARGV[i]
+    end
+  end
+end
+return removed
+"""
 REDIS_TIMEOUT_S = 5.0
 READ_TIMEOUT_S = 60.0  # longest read of model-updates to its end (`status`)
 ASSIGN_TIMEOUT_S = 10.0
@@ -227,24 +256,78 @@ async def read_answers(settings: WorkerSettings, *, after: int = -1) -> list[Mod
     return answers
 
 
+def parse_status(raw: bytes | str) -> dict[str, Any]:
+    """A worker's status as stored in `<prefix>:workers`, or `{UNREADABLE: reason}` when the value is not JSON, not
+    an object, or has a `reported_at` that is not a number (`tagstream model status` shows it so; never pruned)."""
+    try:
+        status = json.loads(raw)
+    except ValueError as exc:  # UnicodeDecodeError included
+        return {UNREADABLE: f"not JSON: {exc}"}
+    if not isinstance(status, dict):
+        return {UNREADABLE: f"not a JSON object but {type(status).__name__}"}
+    at = status.get("reported_at")
+    if at is not None and (isinstance(at, bool) or not isinstance(at, int | float) or not math.isfinite(at)):
+        return {UNREADABLE: f"reported_at is not a number: {at!r}"}
+    return status
+
+
+def stale_statuses(raw: Mapping[bytes, bytes], cutoff_ms: int, *, keep: bytes | None = None) -> dict[bytes, int]:
+    """The fields of a `<prefix>:workers` hash (as HGETALL returns it) whose status was last reported before
+    `cutoff_ms`, with their `reported_at`; never `keep`, a status with no `reported_at` or an unreadable one."""
+    out = {}
+    for worker, value in raw.items():
+        at = parse_status(value).get("reported_at")
+        if worker != keep and at is not None and at < cutoff_ms:
+            out[worker] = int(at)
+    return out
+
+
+def _redis(settings: WorkerSettings) -> redis.Redis:
+    import redis
+
+    return redis.Redis.from_url(
+        settings.redis_url.get_secret_value(), socket_connect_timeout=REDIS_TIMEOUT_S, socket_timeout=REDIS_TIMEOUT_S
+    )
+
+
 def read_status(settings: WorkerSettings) -> dict[str, dict[str, Any]]:
-    """The Redis hash `<prefix>:workers`: worker_id → status JSON. Raises StateError when Redis fails."""
+    """The Redis hash `<prefix>:workers`: worker_id → status JSON (`parse_status`). Raises StateError when Redis
+    fails."""
     import redis
 
     key = workers_key(settings.redis_prefix)
-    client = redis.Redis.from_url(
-        settings.redis_url.get_secret_value(),
-        decode_responses=True,
-        socket_connect_timeout=REDIS_TIMEOUT_S,
-        socket_timeout=REDIS_TIMEOUT_S,
-    )
+    client = _redis(settings)
     try:
         raw = client.hgetall(key)
     except redis.RedisError as exc:
         raise StateError(f"could not read the workers' status ({key}) from Redis: {exc}") from exc
     finally:
         client.close()
-    return {k: json.loads(v) for k, v in raw.items()}
+    return {k.decode(errors="replace"): parse_status(v) for k, v in raw.items()}
+
+
+def prune_status(settings: WorkerSettings, older_than_s: float) -> tuple[dict[str, int], dict[str, str]]:
+    """Remove the workers' statuses last reported more than `older_than_s` ago (`PRUNE_STATUS_LUA`); returns the
+    removed ones (worker_id → reported_at) and the unreadable ones left (worker_id → reason). StateError when Redis
+    fails."""
+    import redis
+
+    key = workers_key(settings.redis_prefix)
+    cutoff = _now_ms() - int(older_than_s * 1000)
+    client = _redis(settings)
+    try:
+        raw = client.hgetall(key)
+        stale = stale_statuses(raw, cutoff)
+        removed = set(client.register_script(PRUNE_STATUS_LUA)(keys=[key], args=[cutoff, *stale])) if stale else set()
+    except redis.RedisError as exc:
+        raise StateError(f"could not prune the workers' status ({key}) in Redis: {exc}") from exc
+    finally:
+        client.close()
+    unreadable = {w: parse_status(v).get(UNREADABLE) for w, v in raw.items()}
+    return (
+        {w.decode(errors="replace"): at for w, at in stale.items() if w in removed},
+        {w.decode(errors="replace"): reason for w, reason in unreadable.items() if reason is not None},
+    )
 
 
 def live_workers(
@@ -347,15 +430,48 @@ def _when(ms: int | None) -> str:
     return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S") if ms else "-"
 
 
+def _print_last_answer(last: Mapping[str, Any] | None) -> None:
+    if last:
+        extra = f": {'; '.join(last['reasons'])}" if last["reasons"] else ""
+        print(f"  last answer: {last['kind']} {last['model_version']} at {_when(last['at'])}{extra}")
+
+
+def _prune(args: argparse.Namespace, settings: WorkerSettings) -> int:
+    older_than = settings.worker_status_retention_s if args.older_than is None else args.older_than
+    if not (math.isfinite(older_than) and older_than >= LIVE_WITHIN_S):
+        raise ConfigError(
+            f"model status: --older-than must be a number of seconds of at least {LIVE_WITHIN_S:g} (a worker that "
+            f"reported within {LIVE_WITHIN_S:g}s is live), got {older_than:g}"
+        )
+    removed, unreadable = prune_status(settings, older_than)
+    if args.json:
+        print(json.dumps({"removed": removed, "unreadable": unreadable}, indent=2, ensure_ascii=False))
+        return 0
+    for w, at in sorted(removed.items()):
+        print(f"removed {w}: last reported {_when(at)}")
+    for w, reason in sorted(unreadable.items()):
+        print(f"kept {w}: unreadable status ({reason})")
+    if not removed:
+        print(f"no worker status older than {older_than:g}s in {workers_key(settings.redis_prefix)}")
+    return 0
+
+
 def _status(args: argparse.Namespace) -> int:
     settings = load_settings(WorkerSettings, "worker")
+    if args.older_than is not None and not args.prune:
+        raise ConfigError("model status: --older-than goes with --prune")
+    if args.prune:
+        return _prune(args, settings)
     workers = read_status(settings)
     answers = asyncio.run(read_answers(settings))
     latest: dict[str, ModelUpdate] = {}
     for a in answers:
         if a.worker_id:
             latest[a.worker_id] = a
-    ids = sorted(set(workers) | set(latest))
+    # A worker known only by its answers (stopped, or its status removed) is listed until they are as old as a status
+    # the workers remove.
+    expired = _now_ms() - int(settings.worker_status_retention_s * 1000)
+    ids = sorted(set(workers) | {w for w, a in latest.items() if a.emitted_at >= expired})
     report = {
         w: {
             **workers.get(w, {}),
@@ -381,15 +497,17 @@ def _status(args: argparse.Namespace) -> int:
     live, _ = live_workers(workers)
     for w, st in report.items():
         last = st["last_answer"]
+        if UNREADABLE in st:  # left alone by the workers and --prune: `HDEL` it once its worker is known gone
+            print(f"{w} (unreadable status: {st[UNREADABLE]})")
+            _print_last_answer(last)
+            continue
         active = st.get("active") or (last["model_version"] if last and last["kind"] == "model-activated" else None)
         print(w if w in live else f"{w} (not reporting: stopped?)")
         print(f"  active:   {active or '-'}")
         print(f"  previous: {st.get('previous') or '-'}")
         print(f"  shadow:   {st.get('shadow') or '-'}")
         print(f"  updated:  {_when(st.get('at'))} (reported {_when(st.get('reported_at'))})")
-        if last:
-            extra = f": {'; '.join(last['reasons'])}" if last["reasons"] else ""
-            print(f"  last answer: {last['kind']} {last['model_version']} at {_when(last['at'])}{extra}")
+        _print_last_answer(last)
         shadow = st.get("shadow_stats")
         if shadow:
             agreement = shadow["agreement"]
@@ -422,7 +540,10 @@ def _request(kind: str) -> Callable[[argparse.Namespace], int]:
         if not args.wait:
             return 0
         for w, st in sorted(stale.items()):
-            print(f"not waiting for {w}: no status reported since {_when(st.get('reported_at'))} (stopped?)")
+            if UNREADABLE in st:
+                print(f"not waiting for {w}: its status is unreadable ({st[UNREADABLE]})")
+            else:
+                print(f"not waiting for {w}: no status reported since {_when(st.get('reported_at'))} (stopped?)")
         if not live:
             print(f"no worker reported its status in the last {LIVE_WITHIN_S:g}s: no answer to wait for")
             return 0
@@ -452,6 +573,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     s = sub.add_parser("status", help="each worker's active/previous/shadow model and last answer")
     s.add_argument("--json", action="store_true", help="print JSON")
+    s.add_argument(
+        "--prune",
+        action="store_true",
+        help="remove the statuses of workers that stopped reporting (killed ones leave theirs) and print them",
+    )
+    s.add_argument(
+        "--older-than",
+        type=float,
+        metavar="SECONDS",
+        help="with --prune: remove statuses not reported for this long (default TAGSTREAM_WORKER_STATUS_RETENTION_S)",
+    )
     s.set_defaults(func=_status)
 
     s = sub.add_parser("activate", help="validate and activate a bundle on every worker")

@@ -12,7 +12,9 @@
   logged: the workers running then dead-lettered it);
 - a publisher of the shadow diffs buffered by `ShadowScoring` to `tag-shadow-diffs`;
 - a status writer: Redis hash `<prefix>:workers`, field worker_id → JSON of `ModelHolder.status()`, written on
-  every change and every `STATUS_EVERY_S`, deleted at a clean shutdown;
+  every change and every `STATUS_EVERY_S`, deleted at a clean shutdown; after a write (at most every
+  `STATUS_EVERY_S`) it removes the other workers' statuses not reported for `worker_status_retention_s` (a killed
+  worker's), each checked and deleted atomically (`PRUNE_STATUS_LUA`);
 - after a swap, when `retag_on_swap` is set, a rate-limited re-tag of the stored catalog (`streams.retag`).
 """
 
@@ -30,12 +32,14 @@ from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 
 from schemas import ModelUpdate
 from streams.model import ModelHolder
-from streams.model_cli import ANSWER_KINDS, STATUS_EVERY_S, workers_key
+from streams.model_cli import ANSWER_KINDS, PRUNE_STATUS_LUA, STATUS_EVERY_S, stale_statuses, workers_key
 from streams.processor import BatchOutput, InMessage, dead_letter
 from streams.topics import MODEL_UPDATES, PRODUCTS, TAG_SHADOW_DIFFS
 from tagstream.errors import EventDecodeError
 
 if TYPE_CHECKING:
+    from redis.commands.core import AsyncScript
+
     from streams.app import Worker
     from streams.retag import Retagger
 
@@ -67,6 +71,7 @@ class ModelUpdatesAgent:
         self.settings = worker.settings
         self.topic = self.settings.topic(MODEL_UPDATES.name)
         self.redis: aioredis.Redis | None = None
+        self._prune_script: AsyncScript | None = None
         self.retag_task: asyncio.Task[Any] | None = None
         self.retagger: Retagger | None = None
         self.handled = 0
@@ -76,12 +81,13 @@ class ModelUpdatesAgent:
         self._history: list[tuple[int, ModelUpdate]] | None = []
         self._status_dirty = True
         self._status_at = 0.0
+        self._pruned_at = float("-inf")
 
     # ------------------------------------------------------------------------------------------ main
 
     async def run(self) -> None:
         """Load the configured model, then consume model-updates and publish diffs/status until cancelled."""
-        self.redis = aioredis.from_url(self.settings.redis_url.get_secret_value(), decode_responses=True)
+        self.redis = self._connect()
         tasks: list[asyncio.Task[Any]] = []
         try:
             await self.holder.load_initial()
@@ -103,6 +109,13 @@ class ModelUpdatesAgent:
             with contextlib.suppress(Exception):
                 await self.redis.aclose()
             self.holder.close()
+
+    def _connect(self) -> aioredis.Redis:
+        """The status writer's Redis client (replies not decoded: a field is pruned by its stored name, whatever its
+        bytes) with the prune script registered."""
+        client = aioredis.from_url(self.settings.redis_url.get_secret_value())
+        self._prune_script = client.register_script(PRUNE_STATUS_LUA)
+        return client
 
     async def _remove_status(self) -> None:
         """Delete this worker's field of `<prefix>:workers` at a clean shutdown (`--wait` stops expecting it)."""
@@ -304,6 +317,28 @@ class ModelUpdatesAgent:
             return
         self._status_dirty = False
         self._status_at = now
+        if now - self._pruned_at >= STATUS_EVERY_S:
+            self._pruned_at = now
+            await self.prune_statuses()
+
+    async def prune_statuses(self) -> list[str]:
+        """Remove the other workers' statuses last reported more than `worker_status_retention_s` ago (a killed
+        worker cannot remove its own), each only if still that old when deleted; returns the workers removed."""
+        if self.redis is None or self._prune_script is None:
+            return []
+        key = workers_key(self.settings.redis_prefix)
+        now_ms = time.time_ns() // 1_000_000
+        cutoff = now_ms - int(self.settings.worker_status_retention_s * 1000)
+        try:
+            stale = stale_statuses(await self.redis.hgetall(key), cutoff, keep=self.holder.worker_id.encode())
+            removed = await self._prune_script(keys=[key], args=[cutoff, *stale]) if stale else []
+        except Exception as exc:  # Redis down: the next write tries again
+            log.warning("could not remove stale worker statuses from Redis: %s", exc)
+            return []
+        names = [w.decode(errors="replace") for w in removed]
+        for worker, name in zip(removed, names, strict=True):
+            log.info("removed the status of worker %s: not reported for %.0f s", name, (now_ms - stale[worker]) / 1000)
+        return names
 
     # ------------------------------------------------------------------------------------------ re-tag
 

@@ -13,6 +13,8 @@ from streams.eventloop import EventLoop
 from tagstream.settings import RedisUrl
 
 DEV_USER_HASH_KEY = "tagstream-dev-key-change-me"
+STATUS_EVERY_S = 5.0  # a running worker rewrites its status in Redis at least this often (streams.models_agent)
+LIVE_WITHIN_S = 3 * STATUS_EVERY_S  # a worker whose status is older than this is not reporting (streams.model_cli)
 
 
 class WorkerSettings(BaseSettings):
@@ -38,6 +40,14 @@ class WorkerSettings(BaseSettings):
         default_factory=lambda: f"worker@{socket.gethostname()}:{os.getpid()}",
         description="Name of this worker in model events and `tagstream model status`; unique per worker process "
         "(the default names the host and the process id).",
+    )
+    worker_status_retention_s: float = Field(
+        3600.0,
+        allow_inf_nan=False,
+        description="A worker status in `<prefix>:workers` not reported for this long (s) is removed by the running "
+        "workers when they write theirs (a killed worker cannot remove its own), and `tagstream model status` no "
+        "longer lists a worker known only by an answer this old. More than 3 × the 5 s status interval, so the status "
+        "of a live worker is never removed.",
     )
     user_hash_key: SecretStr = Field(
         SecretStr(DEV_USER_HASH_KEY), description="Key of the HMAC that replaces user ids before Redis or logs."
@@ -221,6 +231,16 @@ class WorkerSettings(BaseSettings):
     def _positive_thresholds(cls, value: tuple[int, int, int]) -> tuple[int, int, int]:
         if min(value) < 1:
             raise ValueError(f"every garbage-collector threshold must be at least 1, got {list(value)}")
+        return value
+
+    @field_validator("worker_status_retention_s")
+    @classmethod
+    def _retention_above_liveness(cls, value: float) -> float:
+        if not value > LIVE_WITHIN_S:
+            raise ValueError(
+                f"must be more than {LIVE_WITHIN_S:g} s (3 × the {STATUS_EVERY_S:g} s status interval), so that a live "
+                "worker's status is never removed"
+            )
         return value
 
     def topic(self, name: str) -> str:

@@ -444,8 +444,9 @@ def test_wait_skips_stopped_workers_and_sees_an_accepted_shadow(make_stream_env:
     wait_status(se, "w-old", lambda s: s["active"] == a)
     old.stop()
     assert old.proc.returncode == 0 and redis_status(se, "w-old") is None  # a clean shutdown removes its status
-    # A worker killed (or renamed: worker_id defaults to worker@hostname) an hour ago left its status behind.
-    gone = {"active": a, "previous": None, "shadow": None, "reported_at": time.time_ns() // 10**6 - 3_600_000}
+    # A worker killed ten minutes ago left its status behind (the workers remove it once older than
+    # TAGSTREAM_WORKER_STATUS_RETENTION_S, an hour).
+    gone = {"active": a, "previous": None, "shadow": None, "reported_at": time.time_ns() // 10**6 - 600_000}
     se.redis().hset(workers_key(se.settings.redis_prefix), "w-gone", json.dumps(gone))
     start(se, "w-new", TAGSTREAM_MODEL_PATH=str(bundles["a"]))
     wait_answers(se, "w-new", 1)
