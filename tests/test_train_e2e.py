@@ -5,6 +5,7 @@ The training test is `slow` (TensorFlow); the comparison/retrain-loop tests use 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from pathlib import Path
@@ -58,11 +59,20 @@ def test_train_export_bundle_score_and_parity_gate(tmp_path: Path, capsys: pytes
     from onnx import numpy_helper
 
     from serving.bundle import load_bundle
+    from training.evaluate import SERVED_KEYS
     from training.export import check_parity, threshold_vector
     from training.settings import TrainerSettings
+    from training.splits import Split, stratified_split
     from training.train import evaluate_bundle, train
 
     products = synthetic_products(300)
+    # two test products of a colour below the minimum support: a label the model does not know (it cannot output it)
+    split = stratified_split(products, validation=0.1, test=0.1, seed=42)
+    products += [
+        dataclasses.replace(p, product_id=f"purple-{i}", attributes={"colour": "Purple"})
+        for i, p in enumerate(split.test[:2])
+    ]
+    split = Split(split.train_idx, split.validation_idx, np.r_[split.test_idx, 300, 301], products)
     settings = TrainerSettings(
         hash_bits=12,
         max_features=48,
@@ -75,8 +85,9 @@ def test_train_export_bundle_score_and_parity_gate(tmp_path: Path, capsys: pytes
         patience=3,
         parity_samples=300,
         model_name="e2e",
+        baseline=True,
     )
-    bundle_dir = train(products, settings, registry=tmp_path / "registry", progress=False)
+    bundle_dir = train(products, settings, registry=tmp_path / "registry", split=split, progress=False)
     assert bundle_dir.parent == tmp_path / "registry"
     names = {p.name for p in bundle_dir.iterdir()}
     assert {
@@ -100,6 +111,21 @@ def test_train_export_bundle_score_and_parity_gate(tmp_path: Path, capsys: pytes
     metrics = json.loads((bundle_dir / "metrics.json").read_text())
     assert metrics["parity"]["max_abs_diff"] <= 1e-4 and metrics["parity"]["decision_flips"] == 0
     assert metrics["top1"]["groups"]["category_leaf"]["accuracy"] > 0.8, metrics["top1"]
+    # the report counts as `tagstream evaluate` does: the Purple products are misses, of the model and the baseline
+    n_test = len(split.test)
+    evaluated = evaluate_bundle(bundle_dir, split.test)
+    for part in ("top1", "at_thresholds", "baseline", "served"):
+        colour = metrics[part]["groups"]["colour"]
+        assert (colour["n"], colour["n_unknown"]) == (n_test, 2), part
+    for g, figures in evaluated["groups"].items():
+        top1 = metrics["top1"]["groups"][g]
+        assert (figures["n"], figures["n_unknown"]) == (top1["n"], top1["n_unknown"]), g
+        assert figures["accuracy"] == pytest.approx(top1["accuracy"], abs=1.01 / n_test), g  # ONNX vs Keras scores
+    # and both report the tags serving emits, per group
+    assert set(metrics["served"]["groups"]) == set(evaluated["served"]["groups"]) == set(evaluated["groups"])
+    for g, figures in evaluated["served"]["groups"].items():
+        assert set(figures) == set(SERVED_KEYS) and set(metrics["served"]["groups"][g]) >= set(SERVED_KEYS), g
+        assert 0 < figures["coverage"] <= 1 and figures["accuracy"] <= figures["coverage"], g
 
     # serve it: featurizer from the bundle, OnnxScorer, decoder
     from serving.decoding import TagDecoder
@@ -122,6 +148,7 @@ def test_train_export_bundle_score_and_parity_gate(tmp_path: Path, capsys: pytes
 
     report = evaluate_bundle(bundle_dir, products[:60])
     assert set(report["groups"]) == {"category_l1", "category_l2", "category_leaf", "colour"}
+    assert set(report["served"]["groups"]) == set(report["groups"])
 
     # `tagstream evaluate --json` prints exactly one JSON object with stable group names
     from tagstream.cli import main

@@ -1,14 +1,19 @@
-"""Evaluation of exclusive tag groups: accuracy, micro/macro/weighted P/R/F1, per-tag figures, coverage at the
-shipped thresholds, most-confused pairs, calibration (reliability bins) and PR curves of the largest tags.
+"""Evaluation of tag groups: accuracy, micro/macro/weighted P/R/F1, per-tag figures, coverage, most-confused pairs,
+calibration (reliability bins) and PR curves of the largest tags; and the figures of the tags serving emits.
 
 Conventions (numpy only; checked against sklearn.metrics in the tests):
 
 - A row whose true label is -1 (e.g. the product has no `colour`) is left out of that group's figures. A product
   whose true label the model does not know is a miss (`with_unknown_as_misses`), not left out.
-- A prediction of -1 means "no tag" (the top score is below its threshold): it is a miss for the true tag
-  (lowers recall) and a prediction of nothing (does not lower any tag's precision). So micro recall = accuracy,
-  and micro precision = accuracy / coverage.
+- A prediction of -1 means "no tag" (nothing emitted, or the top score below its threshold): it is a miss for the
+  true tag (lowers recall) and a prediction of nothing (does not lower any tag's precision). So micro recall =
+  accuracy, and micro precision = accuracy / coverage.
 - Macro and weighted averages run over the tags that occur in y_true or y_pred (sklearn's `labels=None`).
+- Served figures (`evaluate_served`): the tags `serving.decoding.TagDecoder` emits from the same score rows at the
+  shipped thresholds (the best label among those passing their thresholds, its parent tag emitted, category paths
+  by product of level scores), per group. In the multi-label free `tags` group every product is evaluated (a free tag
+  it does not carry is a negative), `accuracy` is the exact match of its set of free tags, and a free tag the model
+  does not know is a missed tag (`with_unknown_tags_as_misses`).
 """
 
 from __future__ import annotations
@@ -16,24 +21,54 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from training.catalog import CatalogProduct
 
+if TYPE_CHECKING:
+    from serving.bundle import LabelMap as BundleLabelMap
+    from serving.bundle import Thresholds
+    from training.labels import LabelMap, LabelMatrix
+
 __all__ = [
+    "SERVED_KEYS",
     "GroupPredictions",
+    "MultiLabelPredictions",
     "calibration_bins",
     "evaluate_bundle_scores",
+    "evaluate_exclusive",
     "evaluate_group",
     "evaluate_groups",
+    "evaluate_multilabel",
+    "evaluate_served",
     "f1_intervals",
     "pr_curve",
-    "true_tags",
+    "served_tags",
     "unevaluated_groups",
+    "unknown_labels",
     "with_unknown_as_misses",
+    "with_unknown_tags_as_misses",
 ]
+
+# The figures of a served group kept by `evaluate_served(full=False)` (`tagstream evaluate --json`'s "served"); the
+# multi-label group keeps its `per_tag` figures too.
+SERVED_KEYS = (
+    "n",
+    "n_unknown",
+    "accuracy",
+    "coverage",
+    "micro_precision",
+    "micro_recall",
+    "micro_f1",
+    "macro_precision",
+    "macro_recall",
+    "macro_f1",
+    "weighted_precision",
+    "weighted_recall",
+    "weighted_f1",
+)
 
 
 @dataclass
@@ -104,6 +139,42 @@ def with_unknown_as_misses(g: GroupPredictions, unknown: Sequence[str | None]) -
             y_true[i] = pos[t]
     scores = None if g.scores is None else np.hstack([g.scores, np.zeros((len(y_true), len(extra)))])
     return GroupPredictions([*g.labels, *extra], y_true, g.y_pred, scores)
+
+
+@dataclass
+class MultiLabelPredictions:
+    """Predictions of one multi-label tag group (the free `tags`) over N products: `labels` the K tag names,
+    `y_true` and `y_pred` bool arrays [N, K] (the tags a product carries, the tags emitted for it)."""
+
+    labels: Sequence[str]
+    y_true: np.ndarray
+    y_pred: np.ndarray
+
+    def __post_init__(self) -> None:
+        self.y_true = np.asarray(self.y_true, dtype=bool)
+        self.y_pred = np.asarray(self.y_pred, dtype=bool)
+        shape = (len(self.y_true), len(self.labels))
+        if self.y_true.shape != shape or self.y_pred.shape != shape:
+            raise ValueError(f"y_true {self.y_true.shape} and y_pred {self.y_pred.shape} must both be {shape}")
+
+
+def with_unknown_tags_as_misses(g: MultiLabelPredictions, unknown: Sequence[Sequence[str]]) -> MultiLabelPredictions:
+    """`g` with each product's free tags the model does not know (`unknown[i]`) counted as missed tags: each becomes
+    an extra label, carried and never emitted."""
+    if len(unknown) != len(g.y_true):
+        raise ValueError(f"unknown covers {len(unknown)} products, the group {len(g.y_true)}")
+    extra = sorted({t for tags in unknown for t in tags} - set(g.labels))
+    if not extra:
+        return g
+    pos = {t: j for j, t in enumerate(extra)}
+    carried = np.zeros((len(g.y_true), len(extra)), dtype=bool)
+    for i, tags in enumerate(unknown):
+        for t in tags:
+            if t in pos:
+                carried[i, pos[t]] = True
+    y_true = np.hstack([g.y_true, carried])
+    y_pred = np.hstack([g.y_pred, np.zeros_like(carried)])
+    return MultiLabelPredictions([*g.labels, *extra], y_true, y_pred)
 
 
 def _safe_div(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -281,11 +352,161 @@ def evaluate_groups(groups: Mapping[str, GroupPredictions], **kwargs: Any) -> di
     return {"n": n, "groups": {name: evaluate_group(g, **kwargs) for name, g in groups.items()}}
 
 
-def true_tags(p: CatalogProduct) -> set[str]:
-    """The SPEC §1 tag names a catalog product carries (as `training.labels` spells them) plus its free tags."""
-    from training.labels import product_labels
+def evaluate_exclusive(
+    scores: np.ndarray,
+    labels: LabelMatrix,
+    label_map: LabelMap,
+    thresholds: Mapping[str, float] | None = None,
+    *,
+    unknown: Mapping[str, Sequence[Any]] | None = None,
+    **kwargs: Any,
+) -> dict[str, Any]:
+    """`evaluate_groups` report of every exclusive group of `label_map` from `scores` [N, T] (its columns).
 
-    return {tag for _, tag in product_labels(p, exclude_attributes=())}
+    Without thresholds the prediction is the group's top label (top-1); with them (per tag, 0.5 for a tag without
+    one), "no tag" where that label is below its threshold. With `unknown` (`unknown_labels` of the same products), a
+    product whose label the model does not know is a miss (`with_unknown_as_misses`), and every group reports
+    `n_unknown`, how many such products it has.
+    """
+    groups = {}
+    slices = label_map.slices()
+    for g in label_map.groups:
+        if g.kind != "exclusive":
+            continue
+        s, e = slices[g.name]
+        tags = [lab.tag for lab in label_map.labels[s:e]]
+        th = None if thresholds is None else np.asarray([thresholds.get(t, 0.5) for t in tags])
+        groups[g.name] = GroupPredictions.from_scores(labels.targets[g.name], scores[:, s:e], tags, th)
+        if unknown is not None:
+            groups[g.name] = with_unknown_as_misses(groups[g.name], unknown[g.name])
+    report = evaluate_groups(groups, **kwargs)
+    if unknown is not None:
+        for name, r in report["groups"].items():
+            r["n_unknown"] = sum(t is not None for t in unknown[name])
+    return report
+
+
+def evaluate_multilabel(g: MultiLabelPredictions) -> dict[str, Any]:
+    """All figures of one multi-label group: every product is evaluated, `accuracy` is the exact match of its set of
+    tags, `coverage` the share of products with a tag emitted, per-tag and averaged P/R/F1 as for an exclusive group
+    (None when no product carries a tag and none is emitted)."""
+    k, n = len(g.labels), len(g.y_true)
+    out: dict[str, Any] = {"n": n, "n_labels": k}
+    if n == 0:
+        out.update({"accuracy": None, "coverage": None, "per_tag": {}})
+        return out
+    support = g.y_true.sum(axis=0).astype(np.float64)
+    predicted = g.y_pred.sum(axis=0).astype(np.float64)
+    tp = (g.y_true & g.y_pred).sum(axis=0).astype(np.float64)
+    prec, rec = _safe_div(tp, predicted), _safe_div(tp, support)
+    f1 = _f1(prec, rec)
+    present = (support > 0) | (predicted > 0)
+    out.update({"accuracy": _r((g.y_true == g.y_pred).all(axis=1).mean()), "coverage": _r(g.y_pred.any(axis=1).mean())})
+    keys = [f"{avg}_{m}" for avg in ("micro", "macro", "weighted") for m in ("precision", "recall", "f1")]
+    if not present.any():
+        out.update(dict.fromkeys(keys))
+    else:
+        micro_p = float(tp.sum() / predicted.sum()) if predicted.sum() else 0.0
+        micro_r = float(tp.sum() / support.sum()) if support.sum() else 0.0
+        w = support[present] / support.sum() if support.sum() else np.zeros(int(present.sum()))
+        out.update(
+            {
+                "micro_precision": _r(micro_p),
+                "micro_recall": _r(micro_r),
+                "micro_f1": _r(_f1(np.array([micro_p]), np.array([micro_r]))[0]),
+                "macro_precision": _r(prec[present].mean()),
+                "macro_recall": _r(rec[present].mean()),
+                "macro_f1": _r(f1[present].mean()),
+                "weighted_precision": _r((prec[present] * w).sum()),
+                "weighted_recall": _r((rec[present] * w).sum()),
+                "weighted_f1": _r((f1[present] * w).sum()),
+            }
+        )
+    out["n_tags_present"] = int(present.sum())
+    out["per_tag"] = {
+        g.labels[i]: {
+            "precision": _r(prec[i]),
+            "recall": _r(rec[i]),
+            "f1": _r(f1[i]),
+            "support": int(support[i]),
+            "predicted": int(predicted[i]),
+        }
+        for i in np.nonzero(present)[0]
+    }
+    return out
+
+
+def unknown_labels(label_map: LabelMap, products: Sequence[CatalogProduct]) -> dict[str, list[Any]]:
+    """Per group, what each product carries that the model cannot output: `LabelMap.unknown_tags` for the exclusive
+    groups (the tag, or None), and for a multi-label group the tuple of the product's free tags it does not know."""
+    from training.labels import TAGS_GROUP
+
+    out: dict[str, list[Any]] = dict(label_map.unknown_tags(products))
+    for g in label_map.groups:
+        if g.kind != "exclusive":
+            known = {lab.tag for lab in label_map.labels if lab.group == g.name}
+            out[g.name] = [
+                tuple(t for t in dict.fromkeys(p.tags) if t not in known) if g.name == TAGS_GROUP else ()
+                for p in products
+            ]
+    return out
+
+
+def served_tags(scores: np.ndarray, labels: BundleLabelMap, thresholds: Thresholds, *, chunk: int = 4096) -> np.ndarray:
+    """bool [N, T]: the model tags serving emits for each row of `scores` [N, T], as decoded by
+    `serving.decoding.TagDecoder` with the bundle's (serving) label map `labels` and `thresholds`."""
+    from serving.decoding import TagDecoder
+
+    decoder = TagDecoder(labels, thresholds)
+    column = {lab.tag: lab.index for lab in labels.labels}
+    emitted = np.zeros((len(scores), labels.T), dtype=bool)
+    for start in range(0, len(scores), chunk):
+        for row, tags in enumerate(decoder.decode(scores[start : start + chunk]), start=start):
+            for t in tags:
+                emitted[row, column[t.tag]] = True
+    return emitted
+
+
+def evaluate_served(
+    scores: np.ndarray,
+    labels: LabelMatrix,
+    label_map: LabelMap,
+    thresholds: Thresholds,
+    *,
+    unknown: Mapping[str, Sequence[Any]],
+    full: bool = False,
+) -> dict[str, Any]:
+    """`{"n", "groups": {group: figures}}` of the tags serving emits from `scores` [N, T] at `thresholds`
+    (`served_tags`), every group of `label_map`, the multi-label one too (`evaluate_multilabel`).
+
+    `unknown` is `unknown_labels` of the same products: what the model cannot output counts as a miss, and each group
+    reports `n_unknown`, how many products carry such a label. In an exclusive group a product with no tag emitted is
+    a miss of its true tag (lowers recall, not precision). `full=False` keeps `SERVED_KEYS` (and the multi-label
+    group's `per_tag`).
+    """
+    scores = np.asarray(scores, dtype=np.float32)
+    emitted = served_tags(scores, label_map.bundle_labels(), thresholds)
+    slices = label_map.slices()
+    groups: dict[str, Any] = {}
+    for g in label_map.groups:
+        s, e = slices[g.name]
+        tags = [lab.tag for lab in label_map.labels[s:e]]
+        hit = emitted[:, s:e]
+        if g.kind == "exclusive":
+            y_pred = np.where(hit.any(axis=1), hit.argmax(axis=1), -1)
+            r = evaluate_group(
+                with_unknown_as_misses(GroupPredictions(tags, labels.targets[g.name], y_pred), unknown[g.name])
+            )
+            n_unknown = sum(t is not None for t in unknown[g.name])
+            keep: tuple[str, ...] = SERVED_KEYS
+        else:
+            served_multi = MultiLabelPredictions(tags, labels.y[:, s:e] > 0, hit)
+            r = evaluate_multilabel(with_unknown_tags_as_misses(served_multi, unknown[g.name]))
+            n_unknown = sum(bool(t) for t in unknown[g.name])
+            keep = (*SERVED_KEYS, "per_tag")
+        r = {"kind": g.kind, **r, "n_unknown": n_unknown}
+        groups[g.name] = r if full else {k: r.get(k) for k in keep}
+    return {"n": len(scores), "groups": groups}
 
 
 def evaluate_bundle_scores(
@@ -297,33 +518,26 @@ def evaluate_bundle_scores(
 ) -> dict[str, Any]:
     """Evaluate a bundle's `scores` [N, T] (columns as in `labels.json`) against the products' catalog labels.
 
-    Every exclusive group of `labels.json` becomes a `GroupPredictions`: the true tag is the group's label whose
-    `tag` the product carries (`true_tags`), the prediction the top column if it reaches its threshold
-    (`thresholds.json` per_tag, else default, else 0.5). Multi-label groups are skipped.
+    Per exclusive group (`evaluate_exclusive`) the prediction is the top column if it reaches its threshold
+    (`thresholds.json` per_tag, else default, else 0.5) and a label the model does not know is a miss (`n_unknown`);
+    under `"served"`, the figures of the tags serving emits at those thresholds (`evaluate_served`, every group).
     """
+    from serving.bundle import Thresholds
+    from training.labels import LabelMap
+
     scores = np.asarray(scores, dtype=np.float64)
     if scores.shape != (len(products), len(labels_json["labels"])):
         raise ValueError(f"scores {scores.shape} != ({len(products)}, {len(labels_json['labels'])})")
+    label_map = LabelMap.from_json(dict(labels_json))
     thr = thresholds_json or {}
-    default = float(thr.get("default", 0.5))
-    per_tag = thr.get("per_tag", {})
-    product_tags = [true_tags(p) for p in products]
-    groups: dict[str, GroupPredictions] = {}
-    for grp in labels_json["groups"]:
-        if grp.get("kind", "exclusive") != "exclusive":
-            continue
-        cols = sorted(
-            (lab for lab in labels_json["labels"] if lab["group"] == grp["name"]), key=lambda lab: lab["index"]
-        )
-        if not cols:
-            continue
-        names = [lab["tag"] for lab in cols]
-        pos = {t: j for j, t in enumerate(names)}
-        y_true = np.array([next((pos[t] for t in tags if t in pos), -1) for tags in product_tags], dtype=np.int64)
-        idx = [lab["index"] for lab in cols]
-        t = np.array([float(per_tag.get(name, default)) for name in names])
-        groups[grp["name"]] = GroupPredictions.from_scores(y_true, scores[:, idx], names, t)
-    return evaluate_groups(groups, **kwargs)
+    per_tag_json = thr.get("per_tag", {})
+    shipped = Thresholds(default=float(thr.get("default", 0.5)), per_tag={t: float(v) for t, v in per_tag_json.items()})
+    per_tag = {lab.tag: shipped.for_tag(lab.tag) for lab in label_map.labels}
+    truth = label_map.encode(products)
+    unknown = unknown_labels(label_map, products)
+    report = evaluate_exclusive(scores, truth, label_map, per_tag, unknown=unknown, **kwargs)
+    report["served"] = evaluate_served(scores, truth, label_map, shipped, unknown=unknown, full=True)
+    return report
 
 
 def unevaluated_groups(report: Mapping[str, Any]) -> list[str]:

@@ -1,7 +1,10 @@
-"""Run report: `report.json` + `report.html` with PNG plots (matplotlib Agg), model vs baseline per group.
+"""Run report: `report.json` + `report.html` with PNG plots (matplotlib Agg), model vs baseline per group, and the
+figures of the tags serving emits beside them.
 
-Plots (per group, from the model's report, else the baseline's): per-tag F1 against support (log x), PR curves of
-the 6 largest tags, the most-confused pairs (bar chart), and the reliability diagram (model and baseline).
+Per exclusive group a table of the model's and the baseline's top-1 figures and the model's served ones; the
+multi-label free `tags` group, which has served figures only, gets them with a per-tag table. Plots (per exclusive
+group, from the model's top-1 report, else the baseline's): per-tag F1 against support (log x), PR curves of the 6
+largest tags, the most-confused pairs (bar chart), and the reliability diagram (model and baseline).
 """
 
 from __future__ import annotations
@@ -32,7 +35,24 @@ HEADLINE_METRICS = (
     "macro_precision",
     "macro_recall",
     "macro_f1",
+    "weighted_precision",
+    "weighted_recall",
     "weighted_f1",
+)
+
+_ABOUT = (
+    "<p><b>top-1</b>: each group's best-scored label, thresholds ignored (the model against the same-run baseline). "
+    "<b>served</b>: the tags serving emits from the same scores (<code>serving.decoding.TagDecoder</code> at the "
+    "shipped thresholds: the best label among those passing their thresholds, only under an emitted parent tag, "
+    "category paths chosen by the product of their level scores); coverage is the share of products with a tag "
+    "emitted in the group, and a product with none is a miss of its true tag. Everywhere, a label the model does not "
+    "know (it cannot output it) counts as a miss (<code>n_unknown</code> products).</p>"
+)
+_ABOUT_MULTI = (
+    "<p>Free tags (multi-label), served only: each tag is emitted when its score passes its own threshold. Every "
+    "product is evaluated (a tag it does not carry is a negative); accuracy is the exact match of a product's set of "
+    "free tags, coverage the share of products with one emitted, and a free tag the model does not know is a missed "
+    "tag.</p>"
 )
 
 
@@ -143,13 +163,37 @@ def _plots(
     return images
 
 
-def _table(model: Mapping[str, Any] | None, baseline: Mapping[str, Any] | None, group: str) -> str:
-    m = ((model or {}).get("groups") or {}).get(group, {})
-    b = ((baseline or {}).get("groups") or {}).get(group, {})
+def _table(
+    model: Mapping[str, Any] | None, baseline: Mapping[str, Any] | None, served: Mapping[str, Any] | None, group: str
+) -> str:
+    columns = [("model (top-1)", model), ("baseline (top-1)", baseline)]
+    if served is not None:
+        columns.append(("model, served", served))
+    figures = [((rep or {}).get("groups") or {}).get(group, {}) for _, rep in columns]
+    head = "".join(f"<th>{name}</th>" for name, _ in columns)
     rows = "".join(
-        f"<tr><td>{k}</td><td>{_fmt(m.get(k))}</td><td>{_fmt(b.get(k))}</td></tr>" for k in ("n", *HEADLINE_METRICS)
+        f"<tr><td>{k}</td>" + "".join(f"<td>{_fmt(f.get(k))}</td>" for f in figures) + "</tr>"
+        for k in ("n", "n_unknown", *HEADLINE_METRICS)
     )
-    return f"<table><tr><th>metric</th><th>model</th><th>baseline</th></tr>{rows}</table>"
+    return f"<table><tr><th>metric</th>{head}</tr>{rows}</table>"
+
+
+def _multi_html(name: str, g: Mapping[str, Any]) -> str:
+    """The served figures of a multi-label group and its per-tag table (largest support first)."""
+    rows = "".join(f"<tr><td>{k}</td><td>{_fmt(g.get(k))}</td></tr>" for k in ("n", "n_unknown", *HEADLINE_METRICS))
+    per_tag = sorted((g.get("per_tag") or {}).items(), key=lambda kv: (-kv[1]["support"], kv[0]))
+    tags = "".join(
+        f"<tr><td>{html.escape(t)}</td>"
+        + "".join(f"<td>{_fmt(v[k])}</td>" for k in ("precision", "recall", "f1", "support", "predicted"))
+        + "</tr>"
+        for t, v in per_tag
+    )
+    return (
+        f"<h3>{html.escape(name)} (multi-label, served)</h3>{_ABOUT_MULTI}"
+        f"<table><tr><th>metric</th><th>model, served</th></tr>{rows}</table>"
+        "<table><tr><th>tag</th><th>precision</th><th>recall</th><th>F1</th><th>support</th><th>predicted</th></tr>"
+        f"{tags}</table>"
+    )
 
 
 def _data_html(data: Mapping[str, Any]) -> str:
@@ -182,14 +226,16 @@ def write_report(
     *,
     model: Mapping[str, Any] | None = None,
     baseline: Mapping[str, Any] | None = None,
+    served: Mapping[str, Any] | None = None,
     data: DataReport | Mapping[str, Any] | Sequence[Any] | None = None,
     title: str = "tagstream training report",
     extra: Mapping[str, Any] | None = None,
 ) -> ReportFiles:
     """Write `report.json`, `report.html` and the PNGs into `out_dir` (created); returns the paths.
 
-    `model` / `baseline` are `evaluate_groups` reports (either may be None); `data` a `DataReport` (or its dict, or a
-    list of them); `extra` is stored under `"extra"` in the JSON (e.g. split sizes, the command line).
+    `model` / `baseline` are top-1 `evaluate_groups` reports (either may be None); `served` the model's
+    `training.evaluate.evaluate_served` report (metrics.json `served`); `data` a `DataReport` (or its dict, or a list
+    of them); `extra` is stored under `"extra"` in the JSON (e.g. split sizes, the command line).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -200,7 +246,14 @@ def write_report(
         datas = [data.to_dict() if isinstance(data, DataReport) else data]
     else:
         datas = [d.to_dict() if isinstance(d, DataReport) else d for d in data]
-    doc = {"title": title, "model": model, "baseline": baseline, "data": datas, "extra": dict(extra or {})}
+    doc = {
+        "title": title,
+        "model": model,
+        "baseline": baseline,
+        "served": served,
+        "data": datas,
+        "extra": dict(extra or {}),
+    }
     json_path = out / "report.json"
     json_path.write_text(json.dumps(doc, ensure_ascii=False, indent=1, default=str), encoding="utf-8")
 
@@ -218,17 +271,22 @@ def write_report(
         )
     for d in datas:
         parts.append("<h2>Data</h2>" + _data_html(d))
-    parts.append(f"<h2>Groups (test rows: {main.get('n')})</h2>")
+    served_groups = (served or {}).get("groups", {})
+    multi = [name for name in served_groups if name not in groups]
+    parts.append(f"<h2>Groups (test rows: {main.get('n', (served or {}).get('n'))})</h2>")
+    if served is not None:
+        parts.append(_ABOUT)
     for index, name in enumerate(groups):
         g = main.get("groups", {}).get(name) or (baseline or {}).get("groups", {}).get(name, {})
         base = (baseline or {}).get("groups", {}).get(name) if model else None
         key = _Keys("T", cjk_font)
         imgs = _plots(name, index, g, base, out, key)
         images += imgs
-        parts.append(f"<h3>{html.escape(name)}</h3>" + _table(model, baseline, name))
+        parts.append(f"<h3>{html.escape(name)}</h3>" + _table(model, baseline, served, name))
         parts += [f"<img src='{html.escape(p.name)}' alt='{html.escape(p.stem)}'>" for p in imgs]
         if key.keys:
             parts.append("<p>plot keys: " + "; ".join(f"{k} = {html.escape(t)}" for t, k in key.keys.items()) + "</p>")
+    parts += [_multi_html(name, served_groups[name]) for name in multi]
     parts.append("</body></html>")
     html_path = out / "report.html"
     html_path.write_text("\n".join(parts), encoding="utf-8")

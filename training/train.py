@@ -22,7 +22,7 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -32,11 +32,15 @@ from training.catalog import CatalogProduct
 from training.labels import LabelMap, LabelMatrix, build_label_map
 from training.settings import TrainerSettings, writable_dir
 
+if TYPE_CHECKING:
+    from serving.bundle import Thresholds
+
 __all__ = [
     "FitResult",
     "evaluate_scores",
     "featurize",
     "fit",
+    "held_out_metrics",
     "products_sha256",
     "train",
     "tune_thresholds",
@@ -174,32 +178,18 @@ def evaluate_scores(
     thresholds: dict[str, float] | None = None,
     *,
     full: bool = False,
-    unknown: dict[str, list[str | None]] | None = None,
+    unknown: dict[str, list[Any]] | None = None,
 ) -> dict[str, Any]:
-    """Per exclusive group report via `training.evaluate` (`{"n", "groups": {group: figures}}`).
+    """Per exclusive group report via `training.evaluate.evaluate_exclusive` (`{"n", "groups": {group: figures}}`).
 
     Without thresholds the prediction is the group's top label (top-1); with them, "no tag" below threshold.
-    `full=False` keeps only the headline figures. With `unknown` (`LabelMap.unknown_tags` of the same products), a
-    product whose label the model does not know is a miss (`with_unknown_as_misses`), and every group reports
-    `n_unknown`, how many such products it has.
+    `full=False` keeps only the headline figures. With `unknown` (`training.evaluate.unknown_labels` of the same
+    products), a product whose label the model does not know is a miss, and every group reports `n_unknown`, how
+    many such products it has.
     """
-    from training.evaluate import GroupPredictions, evaluate_groups, with_unknown_as_misses
+    from training.evaluate import evaluate_exclusive
 
-    groups = {}
-    slices = label_map.slices()
-    for g in label_map.groups:
-        if g.kind != "exclusive":
-            continue
-        s, e = slices[g.name]
-        tags = [lab.tag for lab in label_map.labels[s:e]]
-        th = None if thresholds is None else np.asarray([thresholds.get(t, 0.5) for t in tags])
-        groups[g.name] = GroupPredictions.from_scores(labels.targets[g.name], scores[:, s:e], tags, th)
-        if unknown is not None:
-            groups[g.name] = with_unknown_as_misses(groups[g.name], unknown[g.name])
-    report = evaluate_groups(groups)
-    if unknown is not None:
-        for name, r in report["groups"].items():
-            r["n_unknown"] = sum(t is not None for t in unknown[name])
+    report = evaluate_exclusive(scores, labels, label_map, thresholds, unknown=unknown)
     if not full:
         keep = ("n", "n_labels", "n_unknown", "accuracy", "coverage", "micro_f1", "macro_f1", "weighted_f1")
         report["groups"] = {g: {k: v for k, v in r.items() if k in keep} for g, r in report["groups"].items()}
@@ -436,7 +426,7 @@ def train(
     `split` (a `training.splits.Split`) overrides the stratified split; `data_sha256` the hash of the products.
     `on_fit` sees the fitted result once its tables hold the values the bundle ships.
     """
-    from serving.bundle import write_bundle
+    from serving.bundle import Thresholds, write_bundle
     from training.export import check_parity, export_onnx
     from training.splits import stratified_split
 
@@ -471,23 +461,21 @@ def train(
     if on_fit is not None:
         on_fit(result)
 
-    # evaluate on test (top-1 and at the tuned thresholds)
+    # scores on test (evaluated below, once the shipped thresholds are known)
     eval_p = test_p or val_p
     x_eval = featurize(fz, eval_p, progress=progress)
-    y_eval = label_map.encode(eval_p)
     eval_scores = predict_keras(models.scores, x_eval)
     metrics: dict[str, Any] = {
         "split": {"train": len(train_p), "validation": len(val_p), "test": len(test_p)},
         "evaluated_on": "test" if test_p else "validation",
-        "top1": evaluate_scores(eval_scores, y_eval, label_map, full=True),
-        "at_thresholds": evaluate_scores(eval_scores, y_eval, label_map, result.thresholds, full=True),
         "history": result.history,
         "settings": json.loads(settings.model_dump_json(exclude={"signing_key_path"})),
     }
+    base_scores = None
     if settings.baseline:
-        metrics["baseline"] = _baseline_metrics(train_p, eval_p, label_map, y_eval)
-    if extra_metrics:
-        metrics.update(extra_metrics)
+        from training.baseline import baseline_scores
+
+        base_scores = baseline_scores(train_p, eval_p, label_map)
 
     # export + parity on ≥ parity_samples rows (test, validation, then train rows)
     t_exp = time.perf_counter()
@@ -512,6 +500,11 @@ def train(
     parity = check_parity(onnx_bytes, keras_par, x_par, th_vec, atol=settings.parity_atol, min_samples=min(n_par, 2000))
     metrics["parity"] = parity.to_json()
     t_exp = time.perf_counter() - t_exp
+    # evaluate on test as `tagstream evaluate` does, the served tags at the shipped thresholds
+    shipped = Thresholds(default=settings.default_threshold, per_tag=thresholds)
+    metrics.update(held_out_metrics(eval_scores, eval_p, label_map, shipped, baseline=base_scores))
+    if extra_metrics:
+        metrics.update(extra_metrics)
     metrics["timings"] = {**result.timings, "export_parity_s": t_exp, "total_s": time.perf_counter() - t0}
 
     golden_n = min(64, len(x_par))
@@ -545,13 +538,33 @@ def train(
     return bundle
 
 
-def _baseline_metrics(
-    train_p: Sequence[CatalogProduct], eval_p: Sequence[CatalogProduct], label_map: LabelMap, y_eval: LabelMatrix
+def held_out_metrics(
+    scores: np.ndarray,
+    products: Sequence[CatalogProduct],
+    label_map: LabelMap,
+    thresholds: Thresholds,
+    *,
+    baseline: np.ndarray | None = None,
+    full: bool = True,
 ) -> dict[str, Any]:
-    """The same-run char n-gram TF-IDF + linear baseline (training.baseline), scored like the model (top-1)."""
-    from training.baseline import baseline_scores
+    """The evaluation of a model's `scores` [N, T] on labelled `products`, as metrics.json holds it and `tagstream
+    evaluate` reports it: `top1` (each exclusive group's top label), `at_thresholds` (top-1, "no tag" below its
+    threshold), `served` (the tags serving emits at `thresholds`, every group: `training.evaluate.evaluate_served`)
+    and, with the same-run `baseline` scores, the baseline's top-1 figures. In each, a label the model does not know
+    (it cannot output it) is a miss, and every group reports `n_unknown`."""
+    from training.evaluate import evaluate_served, unknown_labels
 
-    return evaluate_scores(baseline_scores(train_p, eval_p, label_map), y_eval, label_map, full=True)
+    truth = label_map.encode(products)
+    unknown = unknown_labels(label_map, products)
+    per_tag = {lab.tag: thresholds.for_tag(lab.tag) for lab in label_map.labels}
+    out = {
+        "top1": evaluate_scores(scores, truth, label_map, full=full, unknown=unknown),
+        "at_thresholds": evaluate_scores(scores, truth, label_map, per_tag, full=full, unknown=unknown),
+        "served": evaluate_served(scores, truth, label_map, thresholds, unknown=unknown, full=full),
+    }
+    if baseline is not None:
+        out["baseline"] = evaluate_scores(baseline, truth, label_map, full=full, unknown=unknown)
+    return out
 
 
 def _jsonable(obj: Any) -> Any:
@@ -586,22 +599,18 @@ def bundle_scores(bundle_dir: str | Path, products: Sequence[Any], *, batch_size
 def evaluate_bundle(
     bundle_dir: str | Path, products: Sequence[CatalogProduct], *, at_thresholds: bool = False
 ) -> dict[str, Any]:
-    """`{"n", "groups": {group: {n, n_unknown, accuracy, micro_f1, macro_f1, weighted_f1, ...}}}` of a bundle on
-    labelled products (top-1 per exclusive group; with `at_thresholds`, "no tag" below the shipped threshold). A
-    product whose label in a group is one the model does not know (and so cannot output) counts as a miss, so two
-    bundles evaluated on the same products are scored on the same products in each group they share."""
+    """`{"n", "groups": {group: {n, n_unknown, accuracy, micro_f1, macro_f1, weighted_f1, ...}}, "served": {"n",
+    "groups": {group: {SERVED_KEYS}}}}` of a bundle on labelled products.
+
+    `groups`: top-1 per exclusive group (with `at_thresholds`, "no tag" below the shipped threshold). `served`: the
+    tags serving emits (`training.evaluate.evaluate_served`), every group, the free `tags` too. A product whose label
+    in a group is one the model does not know (and so cannot output) counts as a miss, as in the training report, so
+    two bundles evaluated on the same products are scored on the same products in each group they share."""
     products = list(products)
     bundle, scores = bundle_scores(bundle_dir, products)
     label_map = LabelMap.from_json(bundle.labels.to_json())
-    th = bundle.thresholds.to_json()
-    per_tag = {lab.tag: float(th.get("per_tag", {}).get(lab.tag, th.get("default", 0.5))) for lab in label_map.labels}
-    return evaluate_scores(
-        scores,
-        label_map.encode(products),
-        label_map,
-        per_tag if at_thresholds else None,
-        unknown=label_map.unknown_tags(products),
-    )
+    metrics = held_out_metrics(scores, products, label_map, bundle.thresholds, full=False)
+    return {**metrics["at_thresholds" if at_thresholds else "top1"], "served": metrics["served"]}
 
 
 def file_sha256(path: str | Path) -> str:

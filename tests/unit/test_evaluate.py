@@ -296,8 +296,8 @@ def test_evaluate_with_no_label_the_model_knows_is_a_one_line_error(tmp_path: Pa
 def test_evaluate_warns_on_stderr_of_the_groups_it_could_not_evaluate(tmp_path: Path, capsys) -> None:
     code, out, err = _evaluate_cli(tmp_path, capsys, _products(("Shoes", "Boots"), ("Black", "Navy Blue")))
     assert code == 0
-    doc = json.loads(out)  # stdout stays one JSON object with the README's keys
-    assert set(doc) == {"n", "n_unknown", "groups"} and doc["n"] == 12
+    doc = json.loads(out)  # stdout stays one JSON object with the README's keys (and the served figures)
+    assert set(doc) == {"n", "n_unknown", "groups", "served"} and doc["n"] == 12
     assert set(doc["groups"]) == {"category_l1", "category_l2", "colour"}
     assert all(set(g) == {"accuracy", "micro_f1", "macro_f1", "weighted_f1"} for g in doc["groups"].values())
     assert doc["groups"]["colour"]["accuracy"] is not None and doc["groups"]["category_l1"]["accuracy"] is None
@@ -340,3 +340,14 @@ def test_unevaluated_groups() -> None:
     assert unevaluated_groups(evaluate_groups({"x": g1, "y": g2})) == ["y"]
     assert unevaluated_groups(evaluate_groups({"y": g2})) == ["y"]
     assert unevaluated_groups(evaluate_groups({})) == []
+
+
+def test_evaluate_json_reports_the_served_tags_of_every_group(tmp_path: Path, capsys) -> None:
+    from training.evaluate import SERVED_KEYS
+
+    code, out, _ = _evaluate_cli(tmp_path, capsys, _products(("手机通讯", "手机"), ("Black", "Navy Blue")))
+    doc = json.loads(out)
+    assert code == 0 and set(doc) == {"n", "n_unknown", "groups", "served"}
+    assert set(doc["served"]) == {"category_l1", "category_l2", "colour", "style"}  # the multi-label group too
+    assert all(set(g) >= set(SERVED_KEYS) for g in doc["served"].values())
+    assert "per_tag" in doc["served"]["style"] and doc["served"]["colour"]["n"] == 12
