@@ -11,6 +11,12 @@ tag-update with reason `retag` is emitted only where the merged tag set changed 
 activation but not marked sent re-sends the kept update, if no later kept update superseded it and it still carries
 the product's current tags (`streams.processor`'s rule for redeliveries); a consumer drops a repeat.
 
+A re-tag write also removes, in the same fenced write, the product's re-tag fields of every other model version its
+fence holds (`retag:<w>`, `sent:retag:<w>`, `emit:retag:<w>`), so they do not pile up with every version: the update it
+keeps is the product's newest. A write that keeps no update (its tags did not change) leaves the fields of the other
+version whose kept update is the newest: that update still marks older kept ones as superseded. So after a re-tag
+write a fence holds the re-tag fields of two versions at most.
+
 A product changed by a live event while its batch was being scored is skipped (its state is read again just before
 the write, and the write applies only while the product is still at the revision read); products of partitions
 another worker owns are skipped when `partitions` is given. With the worker's `locks`, a step holds its products from
@@ -51,6 +57,16 @@ def _tag_dicts(tags: Sequence[Tag]) -> list[dict[str, Any]]:
 
 def _tags(dicts: Sequence[dict[str, Any]] | None) -> list[Tag]:
     return [Tag(**d) for d in dicts or ()]
+
+
+def _retag_versions(fence: dict[str, str]) -> set[str]:
+    """The model versions whose re-tag fields (`retag:<v>`, `sent:retag:<v>`) a product's fence holds."""
+    return {f.removeprefix("sent:").removeprefix("retag:") for f in fence if f.startswith(("retag:", "sent:retag:"))}
+
+
+def _retag_fields(version: str) -> list[str]:
+    """Every fence field a re-tag run for `version` writes."""
+    return [f"retag:{version}", f"sent:retag:{version}", f"emit:retag:{version}"]
 
 
 def product_from_doc(pid: str, doc: dict[str, str]) -> ProductChange | None:
@@ -266,6 +282,7 @@ class Retagger:
             emitted.append(payload)
         if not writes:
             return []
+        await self._drop_other_versions(model.version, writes, emitted, fresh)
         results = await self.store.apply(writes)
         for write, payload, result in zip(writes, emitted, results, strict=True):
             if result.conflict:
@@ -276,6 +293,31 @@ class Retagger:
                     out.updates.append((write.product_id.encode(), payload))
                     stats.updates += 1
         return [w.product_id for w, r in zip(writes, results, strict=True) if r.applied]
+
+    async def _drop_other_versions(
+        self, version: str, writes: list[Write], emitted: list[bytes | None], fresh: dict[str, ProductState]
+    ) -> None:
+        """Add to each write the removal of its product's re-tag fields of other versions than `version` (the fence
+        read at the revision the write expects, so exactly those it holds then). A write keeping no update of its own
+        leaves the fields of the other version whose kept update is the newest (one more read): removing that update
+        would let an older kept one pass for the product's latest, and be re-sent after it on a redelivery."""
+        others = {w.product_id: _retag_versions(fresh[w.product_id].fence) - {version} for w in writes}
+        quiet = [
+            (w.product_id, f"retag:{v}")
+            for w, payload in zip(writes, emitted, strict=True)
+            if payload is None
+            for v in sorted(others[w.product_id])
+        ]
+        newest: dict[str, tuple[int, str]] = {}  # product -> (emit_time, version) of its newest other kept update
+        for (pid, field), raw in (await self.store.stored_emits(quiet) if quiet else {}).items():
+            if raw is not None:
+                emit_time = orjson.loads(raw)["emit_time"]
+                if pid not in newest or emit_time > newest[pid][0]:
+                    newest[pid] = (emit_time, field.removeprefix("retag:"))
+        for w in writes:
+            keep = newest[w.product_id][1] if w.product_id in newest else None
+            fields = [f for v in sorted(others[w.product_id]) if v != keep for f in _retag_fields(v)]
+            w.ops.hdel(ProductKeys(self.store.prefix, w.product_id).fence, fields)
 
     async def _resend(
         self, pids: list[str], fresh: dict[str, ProductState], fence: str, run_offset: int, out: BatchOutput

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +19,10 @@ from streams.model_cli import build_request, send_request, workers_key
 from streams.processor import BatchOutput
 from streams.retag import Retagger
 from streams.settings import WorkerSettings
-from streams.state import RedisStateStore
+from streams.state import RedisStateStore, StateStore
+from tagstream.stack import StackSettings
 from tests.events import upsert
+from tests.unit.test_retag_fields import a_version_that_changes_no_tag, later_clock, three_versions_in_turn
 from tests.unit.test_validate import TITLES, real_bundle
 
 pytestmark = pytest.mark.integration
@@ -111,3 +115,24 @@ def test_a_resumed_retag_sends_the_updates_a_stopped_run_wrote_but_never_deliver
         assert m["model_version"] == b and m["source"]["offset"] == offset
         wire = {k: v for k, v in m.items() if not k.startswith("_")}
         assert wire == orjson.loads(kept[(m["product_id"], f"retag:{b}")] or b"{}")  # the kept update itself
+
+
+@pytest.mark.parametrize("scenario", [three_versions_in_turn, a_version_that_changes_no_tag])
+def test_a_redis_fence_keeps_the_retag_fields_of_the_last_versions_only(
+    stack: StackSettings, monkeypatch: pytest.MonkeyPatch, scenario: Callable[[StateStore], Awaitable[None]]
+) -> None:
+    """The re-tag field scenarios of tests/unit/test_retag_fields.py through state.lua on the real Redis."""
+    later_clock(monkeypatch)
+
+    async def main() -> None:
+        prefix = f"rf{uuid.uuid4().hex[:8]}"
+        store = RedisStateStore.from_url(stack.redis_url, prefix)
+        try:
+            await scenario(store)
+        finally:
+            keys = [key async for key in store.client.scan_iter(match=f"{prefix}:*", count=1000)]
+            if keys:
+                await store.client.delete(*keys)
+            await store.close()
+
+    asyncio.run(main())
