@@ -1,37 +1,78 @@
-"""The topics of tagstream, declared once with their schemas, and their creation on the broker."""
+"""The topics of tagstream, declared once with their schemas and configs, and their creation on the broker."""
 
 from __future__ import annotations
 
-import contextlib
+import asyncio
 import logging
+import time
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import TopicAlreadyExistsError
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+from aiokafka.errors import for_code
 
 from streams.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
 
+KEEP_FOREVER = -1  # `retention.ms` / `retention.bytes`: no limit
+UNKNOWN_TOPIC_OR_PARTITION = 3  # Kafka error code: the broker does not know the topic (yet)
+TOPIC_ALREADY_EXISTS = 36  # Kafka error code: another process created the topic meanwhile
+DESCRIBE_WAIT_S = 10.0  # how long a topic another process just created may stay unknown to the broker
+DYNAMIC_TOPIC_CONFIG = 1  # DescribeConfigs `config_source` of a config set on the topic itself
+
 
 @dataclass(frozen=True, slots=True)
 class TopicSpec:
-    """A logical topic: its name (before the prefix), the schema of its values and whether it is keyed by product."""
+    """A logical topic: its name (before the prefix), the schema of its values, whether it is keyed by product, and
+    the configs tagstream sets on it (None: the broker's default)."""
 
     name: str
     schema: str
     by_product: bool
-    max_message_bytes: int | None = None  # the topic's `max.message.bytes` (None: the broker's default)
+    max_message_bytes: int | None = None  # `max.message.bytes`
+    cleanup_policy: str | None = None  # `cleanup.policy` ("compact": each key's latest record stays)
+    retention_ms: int | None = None  # `retention.ms` (KEEP_FOREVER: no time limit)
+    retention_bytes: int | None = None  # `retention.bytes` (KEEP_FOREVER: no size limit)
+
+    @property
+    def configs(self) -> dict[str, str]:
+        """The topic configs tagstream declares for this topic, as the broker names and spells them."""
+        values = {
+            "max.message.bytes": self.max_message_bytes,
+            "cleanup.policy": self.cleanup_policy,
+            "retention.ms": self.retention_ms,
+            "retention.bytes": self.retention_bytes,
+        }
+        return {name: str(value) for name, value in values.items() if value is not None}
 
 
+# Inputs keep the broker's retention (deleted after `log.retention.hours`).
 PRODUCTS = TopicSpec("products", "product-change", by_product=True)
 BEHAVIOR = TopicSpec("behavior", "click", by_product=True)
-TAG_UPDATES = TopicSpec("tag-updates", "tag-update", by_product=True)
-MODEL_UPDATES = TopicSpec("model-updates", "model-update", by_product=False)
+# The record of every product's tags that subscribers bootstrap from: compacted, so each product's latest update
+# stays however old it is (every update is keyed by its product id: a record without a key would be refused).
+TAG_UPDATES = TopicSpec("tag-updates", "tag-update", by_product=True, cleanup_policy="compact")
+# A worker folds the whole request history at start: every record is kept, in order (not compacted: requests share
+# keys, and the fold needs all of them).
+MODEL_UPDATES = TopicSpec(
+    "model-updates", "model-update", by_product=False, retention_ms=KEEP_FOREVER, retention_bytes=KEEP_FOREVER
+)
 # A dead letter carries the bad event's key and value as base64 (4/3 of their size) and must fit whatever an input
-# topic accepted (the broker's default message.max.bytes, ~1 MB): so its topic takes records up to 4 MiB.
+# topic accepted (the broker's default message.max.bytes, ~1 MB): so its topic takes records up to 4 MiB. Dead
+# letters are kept until an operator deletes them.
 DEAD_LETTER_MAX_BYTES = 4 * 2**20
-DEAD_LETTER = TopicSpec("dead-letter", "dead-letter", by_product=False, max_message_bytes=DEAD_LETTER_MAX_BYTES)
+DEAD_LETTER = TopicSpec(
+    "dead-letter",
+    "dead-letter",
+    by_product=False,
+    max_message_bytes=DEAD_LETTER_MAX_BYTES,
+    retention_ms=KEEP_FOREVER,
+    retention_bytes=KEEP_FOREVER,
+)
+# Best-effort diagnostics for operators: the broker's retention.
 TAG_SHADOW_DIFFS = TopicSpec("tag-shadow-diffs", "shadow-diff", by_product=True)
 
 TOPICS: tuple[TopicSpec, ...] = (PRODUCTS, BEHAVIOR, TAG_UPDATES, MODEL_UPDATES, DEAD_LETTER, TAG_SHADOW_DIFFS)
@@ -42,26 +83,89 @@ def partitions_of(spec: TopicSpec, settings: WorkerSettings) -> int:
     return settings.partitions if spec.by_product else 1
 
 
+def configs_to_set(declared: Mapping[str, str], entries: Iterable[Sequence[Any]]) -> dict[str, str] | None:
+    """The configs to give an existing topic whose DescribeConfigs entries (name, value, read_only, source, …) are
+    `entries`: None when it has every declared config set on itself; else its other topic-level configs with the
+    declared ones over them (AlterConfigs replaces all of a topic's configs, so those are sent too)."""
+    own = {str(e[0]): str(e[1]) for e in entries if e[3] == DYNAMIC_TOPIC_CONFIG}
+    if all(own.get(name) == value for name, value in declared.items()):
+        return None
+    return {**own, **declared}
+
+
 async def ensure_topics(settings: WorkerSettings) -> list[str]:
-    """Create every missing topic with its partition count; return the names created."""
+    """Create every missing topic with its partition count and configs, set the declared configs on existing topics
+    that lack them (one log line per topic changed); return the names created. A refusal raises its KafkaError."""
     admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, client_id="tagstream-admin")
     await admin.start()
     try:
         existing = set(await admin.list_topics())
         wanted = [
-            NewTopic(
-                settings.topic(spec.name),
-                partitions_of(spec, settings),
-                1,
-                topic_configs={"max.message.bytes": str(spec.max_message_bytes)} if spec.max_message_bytes else None,
-            )
+            NewTopic(settings.topic(spec.name), partitions_of(spec, settings), 1, topic_configs=spec.configs or None)
             for spec in TOPICS
             if settings.topic(spec.name) not in existing
         ]
+        created: list[str] = []
         if wanted:
-            with contextlib.suppress(TopicAlreadyExistsError):
-                await admin.create_topics(wanted)
-            log.info("created topics: %s", ", ".join(t.name for t in wanted))
-        return [t.name for t in wanted]
+            response = await admin.create_topics(wanted)
+            refused: list[Exception] = []
+            for name, code, message, *_ in response.topic_errors:
+                if code == TOPIC_ALREADY_EXISTS:
+                    existing.add(name)  # created meanwhile by another process: checked below like the others
+                elif code:
+                    refused.append(for_code(code)(f"creating topic {name}: {message}"))
+                else:
+                    created.append(name)
+            if created:
+                log.info("created topics: %s", ", ".join(created))
+            if refused:
+                raise refused[0]
+        await _align_configs(admin, {settings.topic(s.name): s.configs for s in TOPICS if s.configs}, existing)
+        return created
     finally:
         await admin.close()
+
+
+async def _describe(admin: AIOKafkaAdminClient, names: list[str]) -> dict[str, list[Sequence[Any]]]:
+    """The DescribeConfigs entries of each topic. One another process just created can be unknown to the broker for
+    a moment: it is asked again for up to DESCRIBE_WAIT_S."""
+    deadline = time.monotonic() + DESCRIBE_WAIT_S
+    entries: dict[str, list[Sequence[Any]]] = {}
+    todo = names
+    while todo:
+        responses = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, name) for name in todo])
+        todo = []
+        for response in responses:
+            for code, message, _type, name, found in response.resources:
+                if code == UNKNOWN_TOPIC_OR_PARTITION and time.monotonic() < deadline:
+                    todo.append(name)
+                elif code:
+                    raise for_code(code)(f"reading the configs of topic {name}: {message}")
+                else:
+                    entries[name] = found
+        if todo:
+            await asyncio.sleep(0.1)
+    return entries
+
+
+async def _align_configs(admin: AIOKafkaAdminClient, declared: dict[str, dict[str, str]], existing: set[str]) -> None:
+    """Give each existing topic of `declared` (full name → configs) the declared configs it does not have."""
+    names = [name for name in declared if name in existing]
+    if not names:
+        return
+    changes: dict[str, tuple[dict[str, str], dict[str, str]]] = {}
+    for name, entries in (await _describe(admin, names)).items():
+        configs = configs_to_set(declared[name], entries)
+        if configs is not None:
+            changes[name] = (configs, {str(e[0]): str(e[1]) for e in entries})
+    if not changes:
+        return
+    [response] = await admin.alter_configs(
+        [ConfigResource(ConfigResourceType.TOPIC, name, configs) for name, (configs, _) in changes.items()]
+    )
+    for code, message, _type, name in response.resources:
+        if code:
+            raise for_code(code)(f"changing the configs of topic {name}: {message}")
+        configs, before = changes[name]
+        shown = (f"{k}={v}" + (f" (was {before.get(k)})" if before.get(k) != v else "") for k, v in configs.items())
+        log.warning("changed the configs of topic %s: %s", name, ", ".join(shown))

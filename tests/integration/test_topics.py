@@ -1,0 +1,176 @@
+"""`ensure_topics` (the worker at start, `tagstream topics`) against the real broker: topics keep what SPEC.md §1 says
+they keep, topics made before that are brought to it, and a topic the broker refuses is one error line."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+
+import pytest
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+
+from streams.settings import WorkerSettings
+from streams.topics import DEAD_LETTER_MAX_BYTES, DYNAMIC_TOPIC_CONFIG, TOPICS, ensure_topics, partitions_of
+from tagstream.stack import StackSettings
+from tests.integration.conftest import REPO
+
+pytestmark = pytest.mark.integration
+
+WEEK_MS = str(7 * 24 * 3600 * 1000)  # the broker's retention (log.retention.hours=168)
+KEPT = ("cleanup.policy", "retention.ms", "retention.bytes", "max.message.bytes", "segment.ms")
+
+
+@pytest.fixture
+def settings(stack: StackSettings) -> Iterator[WorkerSettings]:
+    """Settings with a fresh topic prefix; its topics are deleted afterwards."""
+    prefix = f"t{uuid.uuid4().hex[:10]}-"
+    yield WorkerSettings(
+        kafka_bootstrap=stack.kafka_bootstrap, redis_url=stack.redis_url, topic_prefix=prefix, partitions=2
+    )
+
+    async def delete() -> None:
+        admin = AIOKafkaAdminClient(bootstrap_servers=stack.kafka_bootstrap)
+        await admin.start()
+        try:
+            mine = [t for t in await admin.list_topics() if t.startswith(prefix)]
+            if mine:
+                await admin.delete_topics(mine)
+        finally:
+            await admin.close()
+
+    asyncio.run(delete())
+
+
+async def describe(settings: WorkerSettings) -> dict[str, dict[str, tuple[str, bool]]]:
+    """Logical topic → config → (value, set on the topic itself), for the configs of KEPT. A topic just created can be
+    unknown to the broker for a moment: asked again for up to 30 s."""
+    names = {settings.topic(spec.name): spec.name for spec in TOPICS}
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+    await admin.start()
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            [response] = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, n) for n in names])
+            if all(r[0] == 0 for r in response.resources) or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.1)
+    finally:
+        await admin.close()
+    out = {}
+    for code, message, _type, name, entries in response.resources:
+        assert code == 0, (name, code, message)
+        out[names[name]] = {e[0]: (e[1], e[3] == DYNAMIC_TOPIC_CONFIG) for e in entries if e[0] in KEPT}
+    return out
+
+
+def kept(configs: dict[str, tuple[str, bool]]) -> dict[str, str]:
+    """What a topic keeps: its cleanup policy and retention."""
+    return {k: configs[k][0] for k in ("cleanup.policy", "retention.ms", "retention.bytes")}
+
+
+def test_new_topics_keep_what_spec_says(settings: WorkerSettings) -> None:
+    """model-updates and dead-letter keep every record, tag-updates is compacted, the others keep the broker's week."""
+    created = asyncio.run(ensure_topics(settings))
+    assert sorted(created) == sorted(settings.topic(spec.name) for spec in TOPICS)
+    configs = asyncio.run(describe(settings))
+    forever = {"cleanup.policy": "delete", "retention.ms": "-1", "retention.bytes": "-1"}
+    week = {"cleanup.policy": "delete", "retention.ms": WEEK_MS, "retention.bytes": "-1"}
+    assert kept(configs["model-updates"]) == forever
+    assert kept(configs["dead-letter"]) == forever
+    assert configs["dead-letter"]["max.message.bytes"] == (str(DEAD_LETTER_MAX_BYTES), True)
+    assert configs["tag-updates"]["cleanup.policy"] == ("compact", True)
+    for name in ("products", "behavior", "tag-shadow-diffs"):  # the broker's defaults, not set on the topic
+        assert kept(configs[name]) == week and not any(own for _v, own in configs[name].values()), name
+    assert asyncio.run(ensure_topics(settings)) == []  # a second run: nothing to create
+    assert asyncio.run(describe(settings)) == configs
+
+
+def test_two_workers_starting_at_once_each_report_only_the_topics_they_created(settings: WorkerSettings) -> None:
+    """Concurrent `ensure_topics` calls (workers started together) both succeed; each topic is created once, with
+    its configs."""
+
+    async def both() -> tuple[list[str], list[str]]:
+        return await asyncio.gather(ensure_topics(settings), ensure_topics(settings))
+
+    first, second = asyncio.run(both())
+    assert sorted(first + second) == sorted(settings.topic(spec.name) for spec in TOPICS)
+    configs = asyncio.run(describe(settings))
+    assert kept(configs["model-updates"])["retention.ms"] == "-1"
+    assert configs["tag-updates"]["cleanup.policy"] == ("compact", True)
+
+
+def test_topics_made_with_the_old_defaults_are_fixed_and_keep_their_own_configs(
+    settings: WorkerSettings, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Topics created as before (the broker's defaults; dead-letter with its max.message.bytes, model-updates with an
+    operator's segment.ms) get the declared configs and keep their own, one log line per topic changed."""
+
+    async def create_as_before() -> None:
+        admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+        await admin.start()
+        try:
+            own = {
+                "dead-letter": {"max.message.bytes": str(DEAD_LETTER_MAX_BYTES)},
+                "model-updates": {"segment.ms": "3600000"},
+            }
+            topics = [
+                NewTopic(settings.topic(s.name), partitions_of(s, settings), 1, topic_configs=own.get(s.name))
+                for s in TOPICS
+            ]
+            response = await admin.create_topics(topics)
+            assert all(code == 0 for _name, code, *_ in response.topic_errors), response
+        finally:
+            await admin.close()
+
+    asyncio.run(create_as_before())
+    before = asyncio.run(describe(settings))
+    assert kept(before["model-updates"])["retention.ms"] == WEEK_MS  # the finding: a restart 7 days on lost the model
+    assert before["tag-updates"]["cleanup.policy"][0] == "delete"
+
+    with caplog.at_level(logging.INFO, logger="streams.topics"):
+        assert asyncio.run(ensure_topics(settings)) == []
+    changed = [r.getMessage() for r in caplog.records if r.name == "streams.topics"]
+    assert sorted(line.split(":")[0] for line in changed) == sorted(
+        f"changed the configs of topic {settings.topic(name)}"
+        for name in ("tag-updates", "model-updates", "dead-letter")
+    ), changed
+    assert any("retention.ms=-1 (was 604800000)" in line for line in changed), changed
+
+    after = asyncio.run(describe(settings))
+    forever = {"cleanup.policy": "delete", "retention.ms": "-1", "retention.bytes": "-1"}
+    assert kept(after["model-updates"]) == forever
+    assert after["model-updates"]["segment.ms"] == ("3600000", True)  # an operator's own config stays
+    assert kept(after["dead-letter"]) == forever
+    assert after["dead-letter"]["max.message.bytes"] == (str(DEAD_LETTER_MAX_BYTES), True)
+    assert after["tag-updates"]["cleanup.policy"] == ("compact", True)
+    for name in ("products", "behavior", "tag-shadow-diffs"):
+        assert after[name] == before[name], name
+
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="streams.topics"):
+        asyncio.run(ensure_topics(settings))  # the next worker start: nothing left to change
+    assert [r.getMessage() for r in caplog.records if r.name == "streams.topics"] == []
+
+
+def test_a_topic_the_broker_refuses_is_one_error_line_and_nothing_is_reported_created(stack: StackSettings) -> None:
+    """`tagstream topics` with a prefix Kafka cannot name a topic with fails in one line naming the topic."""
+    env = {**os.environ, "TAGSTREAM_KAFKA_BOOTSTRAP": stack.kafka_bootstrap, "TAGSTREAM_TOPIC_PREFIX": "no spaces-"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "tagstream.cli", "topics"],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode != 0 and "created" not in proc.stdout, (proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stderr
+    [line] = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
+    assert line.startswith("tagstream topics: error: could not create topics") and "no spaces-" in line, line
