@@ -218,9 +218,8 @@ def merge_tags(
 
     A catalog tag's group replaces the model's tags of that group (group names compared by `group_key`: a model
     trained on `gender` or `baseColour` and a catalog sending `Gender` or `colour` name one group). With `labels`,
-    model tags whose
-    parent tag was dropped that way are dropped too (so no child is left without its parent). On a repeated tag
-    name, catalog wins over behaviour, which wins over model.
+    model tags whose parent tag was dropped that way are dropped too (so no child is left without its parent). On a
+    repeated tag name, catalog wins over behaviour, which wins over model.
     """
     catalog, behaviour = list(catalog), list(behaviour)
     overridden = {group_key(t.group) for t in catalog}
