@@ -31,7 +31,7 @@ import platform
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -95,16 +95,31 @@ def linear_baseline_scores(
     return out
 
 
+HEADLINE = ("n", "accuracy", "micro_f1", "macro_f1", "weighted_f1")
+
+
 def group_report(
-    scores: np.ndarray, targets: np.ndarray, tags: list[str], *, intervals: bool = False
+    scores: np.ndarray,
+    targets: np.ndarray,
+    tags: list[str],
+    *,
+    intervals: bool = False,
+    unknown: Sequence[str | None] | None = None,
 ) -> dict[str, Any]:
     """Headline top-1 figures of one group; with `intervals`, the 95 % bootstrap intervals of its macro and weighted
-    F1 over the test products (`training.evaluate.f1_intervals`)."""
-    from training.evaluate import GroupPredictions, evaluate_group, f1_intervals
+    F1 over the test products (`training.evaluate.f1_intervals`). With `unknown` (each product's label the model
+    cannot output, or None), those products count as misses, as `tagstream evaluate` and the training report count
+    them (`n_unknown`), and `known_only` keeps the figures over the other products (the earlier sessions' reading)."""
+    from training.evaluate import GroupPredictions, evaluate_group, f1_intervals, with_unknown_as_misses
 
-    predictions = GroupPredictions.from_scores(targets, scores, tags, None)
+    known = GroupPredictions.from_scores(targets, scores, tags, None)
+    predictions = known if unknown is None else with_unknown_as_misses(known, unknown)
     r = evaluate_group(predictions)
-    out = {k: r.get(k) for k in ("n", "accuracy", "micro_f1", "macro_f1", "weighted_f1")}
+    out = {k: r.get(k) for k in HEADLINE}
+    if unknown is not None:
+        out["n_unknown"] = sum(t is not None for t in unknown)
+        k = evaluate_group(known)
+        out["known_only"] = {key: k.get(key) for key in HEADLINE}
     if intervals:
         ci = f1_intervals(predictions)
         out.update(macro_f1_ci95=ci["macro_f1"], weighted_f1_ci95=ci["weighted_f1"])
@@ -144,6 +159,7 @@ def run_split(
 ) -> dict[str, Any]:
     """Fit on split.train (+validation), evaluate top-1 on split.test for the model and the baseline; with
     `leaf_by_top_level`, also the leaf's figures per top-level category (`by_top_level`)."""
+    from training.evaluate import unknown_labels
     from training.model import round_embeddings
     from training.train import featurize, fit, predict_keras
 
@@ -156,6 +172,7 @@ def run_split(
     scores = predict_keras(res.models.scores, x_test)
     t_model = time.perf_counter() - t0
     y_test = label_map.encode(test_p)
+    unknown = unknown_labels(label_map, test_p)
     slices = label_map.slices()
     out: dict[str, Any] = {
         "sizes": split.sizes(),
@@ -168,7 +185,7 @@ def run_split(
     for g in groups:
         s, e = slices[g]
         tags = [lab.tag for lab in label_map.labels[s:e]]
-        out["model"][g] = group_report(scores[:, s:e], y_test.targets[g], tags, intervals=True)
+        out["model"][g] = group_report(scores[:, s:e], y_test.targets[g], tags, intervals=True, unknown=unknown[g])
     leaf_parts = None
     if leaf_by_top_level:
         start, end = slices["category_leaf"]
@@ -186,7 +203,7 @@ def run_split(
         for g in groups:
             s, e = slices[g]
             tags = [lab.tag for lab in label_map.labels[s:e]]
-            out["baseline"][g] = group_report(base[g], y_test.targets[g], tags, intervals=True)
+            out["baseline"][g] = group_report(base[g], y_test.targets[g], tags, intervals=True, unknown=unknown[g])
         if leaf_parts is not None:
             out["baseline_by_top_level"] = leaf_parts(base["category_leaf"])
     print(f"[{name}] done in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
@@ -253,6 +270,17 @@ def _settings(sets: Sequence[str]) -> TrainerSettings:
 def _row(name: str, metric: str, model: float | None, base: float | None, target: float | None) -> str:
     f = lambda x: "   -  " if x is None else f"{x:6.4f}"  # noqa: E731
     return f"{name:<28} {metric:<12} {f(model)} {f(base)} {f(target)}"
+
+
+def _known_only(run: Mapping[str, Any], group: str, metric: str) -> str:
+    """The row's figures over the products whose label the model knows (before the twenty-second session, the
+    headline), when some test products carry a label it cannot output."""
+    model = run["model"][group]
+    if not model.get("n_unknown"):
+        return ""
+    base = run["baseline"].get(group, {}).get("known_only", {}).get(metric)
+    shown = f"{model['known_only'][metric]:.4f}" + (f" / {base:.4f}" if base is not None else "")
+    return f"  ({model['n_unknown']} unknown; without them {shown})"
 
 
 def _span(interval: Sequence[float] | None) -> str:
@@ -330,6 +358,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     r["baseline"].get(g, {}).get(metric),
                     TARGETS.get(f"{run}.{g}.{metric}"),
                 )
+                + _known_only(r, g, metric)
             )
     print("95 % bootstrap intervals over the test products (model; baseline):")
     for run, metric, groups in (
