@@ -14,7 +14,7 @@ any other keyword gets no fast path, nor does one msgspec cannot express (float 
 of untyped values). Integers outside int64 always take the slow path: orjson reads some of them as floats.
 
 Patterns are checked with `re.search`, as fastjsonschema checks them, but with every end anchor `$` written `\\Z`
-(`_end_anchored`): Python's `$` also matches before a final "\\n", which the validator refuses ("p1\\n" is no
+(`end_anchored`): Python's `$` also matches before a final "\\n", which the validator refuses ("p1\\n" is no
 product id).
 """
 
@@ -54,7 +54,7 @@ class UnsupportedSchema(ValueError):
 _PATTERN_TOKEN = re.compile(r"\\.|\[\^?\]?(?:\\.|[^\\\]])*\]|\$", re.DOTALL)
 
 
-def _end_anchored(pattern: str) -> str:
+def end_anchored(pattern: str) -> str:
     """`pattern` with each `$` anchor (not escaped, not in a character class) written `\\Z`, so that it matches
     only at the very end of the string, never before a final "\\n"."""
     return _PATTERN_TOKEN.sub(lambda m: r"\Z" if m[0] == "$" else m[0], pattern)
@@ -63,7 +63,7 @@ def _end_anchored(pattern: str) -> str:
 def _meta(spec: dict[str, Any]) -> msgspec.Meta | None:
     kw: dict[str, Any] = {}
     if "pattern" in spec:
-        kw["pattern"] = _end_anchored(spec["pattern"])
+        kw["pattern"] = end_anchored(spec["pattern"])
     if "minLength" in spec:
         kw["min_length"] = spec["minLength"]
     if "maxLength" in spec:
@@ -111,7 +111,7 @@ def _field_type(name: str, spec: dict[str, Any]) -> Any:
         if "propertyNames" in spec:
             if set(spec["propertyNames"]) - _NOT_CHECKED != {"pattern"}:
                 raise UnsupportedSchema(f"{name}: propertyNames {spec['propertyNames']!r}")
-            key = Annotated[str, msgspec.Meta(pattern=_end_anchored(spec["propertyNames"]["pattern"]))]
+            key = Annotated[str, msgspec.Meta(pattern=end_anchored(spec["propertyNames"]["pattern"]))]
         values = spec.get("additionalProperties", {})
         if not isinstance(values, dict):
             raise UnsupportedSchema(f"{name}: additionalProperties {values!r}")

@@ -12,7 +12,7 @@ from typing import Any
 import fastjsonschema
 import orjson
 
-from schemas.fast import fast_decoder
+from schemas.fast import end_anchored, fast_decoder
 from tagstream.errors import EventDecodeError, SchemaValidationError
 
 SCHEMA_DIR = Path(__file__).resolve().parent
@@ -49,7 +49,8 @@ def _explain(exc: fastjsonschema.JsonSchemaValueException) -> str:
     if exc.rule != "propertyNames" or not isinstance(names, dict) or not isinstance(exc.value, dict):
         return exc.message
     pattern = names.get("pattern")
-    bad = [k for k in exc.value if not isinstance(k, str) or pattern is None or not re.search(pattern, k)]
+    anchored = end_anchored(pattern) if isinstance(pattern, str) else None  # `$` not before a final "\n"
+    bad = [k for k in exc.value if not isinstance(k, str) or anchored is None or not re.search(anchored, k)]
     rule = names.get("description") or f"names must match {pattern}"
     shown = ", ".join(repr(k) for k in bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
     return f"{exc.name} has the refused key{'s' if len(bad) > 1 else ''} {shown}: {rule}"

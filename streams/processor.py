@@ -32,7 +32,7 @@ from serving.behaviour import (
     next_check_at,
 )
 from serving.bundle import LabelMap
-from serving.decoding import catalog_tags, diff_tags, merge_tags
+from serving.decoding import catalog_tags, diff_tags, group_key, merge_tags
 from streams.locks import Hold, ProductLocks
 from streams.privacy import UserHasher
 from streams.state import (
@@ -219,11 +219,14 @@ class InputDecoder:
 
     decode_value: Callable[[bytes | None], Any]  # the schema-checked decode; EventDecodeError when it fails
     time_field: str  # the event's time, checked against the clock
+    check: Callable[[Any], None] | None = None  # what the schema cannot say; raises EventDecodeError
 
     def decode(self, value: bytes | None, now: int, ahead_ms: int) -> Any:
-        """The event; EventDecodeError when it does not decode or its time is more than `ahead_ms` after `now`
-        (0: no check)."""
+        """The event; EventDecodeError when it does not decode, fails `check`, or its time is more than `ahead_ms`
+        after `now` (0: no check)."""
         ev = self.decode_value(value)
+        if self.check is not None:
+            self.check(ev)
         if ahead_ms and (at := getattr(ev, self.time_field)) > now + ahead_ms:
             raise EventTimeError(
                 f"{self.time_field} {at} is more than {ahead_ms} ms ahead of the worker's clock ({now}): not "
@@ -232,9 +235,22 @@ class InputDecoder:
         return ev
 
 
+def one_group_per_attribute(ev: ProductChange) -> None:
+    """EventDecodeError when two attribute names of a product change name one tag group (`gender` and `Gender`,
+    `color` and `colour`): the group's tags are exclusive, and training refuses such a catalog too."""
+    seen: dict[str, str] = {}
+    for name in ev.attributes or {}:
+        first = seen.setdefault(group_key(name), name)
+        if first != name:
+            raise EventDecodeError(
+                f"attributes {first!r} and {name!r} name one tag group (names are compared ignoring case and width, "
+                "and baseColour/color mean colour): send one of them"
+            )
+
+
 # per logical input topic
 INPUT_DECODERS = {
-    "products": InputDecoder(ProductChange.decode, "updated_at"),
+    "products": InputDecoder(ProductChange.decode, "updated_at", one_group_per_attribute),
     "behavior": InputDecoder(BehaviorEvent.decode, "ts"),
 }
 

@@ -20,18 +20,20 @@ import time
 import uuid
 from collections import Counter, deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import orjson
 
+from serving.decoding import tag_prefix
 from streams.cli import positive_rate
 from tagstream.errors import ConfigError, StackError
 from tagstream.synth import product_change_event
 
 if TYPE_CHECKING:
+    from training.catalog import CatalogProduct
     from training.settings import TrainerSettings
 
 DEMO_START_MS = 1_764_316_800_000  # event time the replayed behaviour starts at
@@ -333,6 +335,27 @@ async def _delete_topics(bootstrap: str, names: list[str]) -> None:
         await admin.close()
 
 
+def _sendable(products: list[CatalogProduct], console: Any) -> list[CatalogProduct]:
+    """The catalog without the attributes whose names product-change events cannot carry (the schema refuses them:
+    a change with one is dead-lettered whole), said in one line; the model still predicts those groups."""
+    from training.cleaning import unsendable_attributes
+
+    unsendable = unsendable_attributes(products)
+    if not unsendable:
+        return products
+    names = ", ".join(f"{name!r} ({n} products)" for name, n in sorted(unsendable.items()))
+    console.print(
+        f"not sent as catalog attributes (product-change events cannot carry these names; the model predicts them): "
+        f"{names}",
+        style="yellow",
+        markup=False,
+    )
+    return [
+        replace(p, attributes={k: v for k, v in p.attributes.items() if tag_prefix(k) not in unsendable})
+        for p in products
+    ]
+
+
 def run_demo(args: argparse.Namespace) -> int:
     """Run the demo end to end; prints the summary and writes it to WORKDIR/summary.json."""
     from rich.console import Console
@@ -407,8 +430,9 @@ def run_demo(args: argparse.Namespace) -> int:
             products, args.events, DEMO_START_MS, seed=args.seed, duration_ms=3 * 3_600_000, bursts=bursts
         )
         titles = {p.product_id: p.title for p in products}
+        sendable = _sendable(products, console)
         with LiveView(titles, enabled=not args.no_live) as view:
-            asyncio.run(_replay_and_watch(settings, products, behaviour, args.rate, view, summary))
+            asyncio.run(_replay_and_watch(settings, sendable, behaviour, args.rate, view, summary))
     finally:
         if worker is not None:
             worker.terminate()

@@ -181,8 +181,8 @@ class DataReport:
             names = ", ".join(f"{name!r} ({n} products)" for name, n in sorted(unsendable.items()))
             self.warnings.append(
                 f"attributes {names}: product-change events cannot carry these names (the schema's attribute name "
-                "pattern refuses them), so catalog values can never replace the model's tags of these groups; "
-                "rename them in the catalog for catalogs to override them"
+                "pattern refuses them: a change that carries one is dead-lettered whole), so the model predicts these "
+                "groups but a catalog can never send their values; rename them in the catalog to send them"
             )
         for warning in self.warnings:
             log.warning("%s: %s", self.path or "catalog", warning)

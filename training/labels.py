@@ -207,6 +207,7 @@ class LabelMap:
     labels: list[Label]
     support: dict[str, int] = field(default_factory=dict)
     _by_tag: dict[str, int] = field(default_factory=dict, repr=False)
+    _by_key: dict[tuple[str, str], int] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         names = [g.name for g in self.groups]
@@ -222,6 +223,17 @@ class LabelMap:
         for i, lab in enumerate(self.labels):
             if lab.index != i:
                 raise DataError(f"label {lab.tag} has index {lab.index}, expected {i}")
+        # attribute labels by (group key, value): a catalog and a map (an older bundle's: `Colour:Red` in group
+        # `Colour`) may spell one attribute differently; the worker compares the groups by `group_key` too
+        self._by_key = {
+            (group_key(lab.group), lab.value): lab.index for lab in self.labels if lab.group not in CATEGORY_GROUPS
+        }
+
+    def _attribute_label(self, group: str, tag: str) -> Label | None:
+        """The map's label of a product's attribute tag (`product_labels`' group and tag), however either spells
+        the attribute's name."""
+        index = self._by_key.get((group_key(group), tag[len(group) + 1 :]))
+        return None if index is None else self.labels[index]
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -263,11 +275,15 @@ class LabelMap:
                 break  # a level the map does not know ends the path
             out[g].append(tag)
         for g, tag in labels:
-            # the map's group of the tag, matched by `attribute_group`: a map (or an older bundle's, which named the
-            # group as its catalog spelled it: `color`) and a catalog may spell one colour group differently
-            lab = self.labels[self._by_tag[tag]] if tag in self._by_tag else None
-            if lab is not None and g not in CATEGORY_GROUPS and attribute_group(lab.group) == g:
-                out[lab.group].append(tag)
+            # the map's label of the tag, matched by `group_key` and value: a map (or an older bundle's, which named
+            # the group as its catalog spelled it: `color`, `Colour`) and a catalog may spell one attribute differently
+            if g in CATEGORY_GROUPS or g == TAGS_GROUP:
+                if g == TAGS_GROUP and tag in self._by_tag:
+                    out[g].append(tag)
+                continue
+            lab = self._attribute_label(g, tag)
+            if lab is not None:
+                out[lab.group].append(lab.tag)
         if TAGS_GROUP in names:
             out.setdefault(TAGS_GROUP, [])
         return out
@@ -276,12 +292,15 @@ class LabelMap:
         """Exclusive group → per product, the tag it carries in that group that the map does not know (a label below
         the minimum support or unseen in training: the model cannot output it), None when it carries none or a known
         one. `encode` leaves such products unlabelled; evaluation counts them as misses."""
-        exclusive = {attribute_group(g.name): g.name for g in self.groups if g.kind == "exclusive"}
+        exclusive = {group_key(g.name): g.name for g in self.groups if g.kind == "exclusive"}
         out: dict[str, list[str | None]] = {g: [None] * len(products) for g in exclusive.values()}
         for i, p in enumerate(products):
             for g, tag in product_labels(p, exclude_attributes=(), include_tags=False):
-                group = exclusive.get(g)  # the map's name of the group (see `product_tags`)
-                lab = self.labels[self._by_tag[tag]] if tag in self._by_tag else None
+                group = exclusive.get(group_key(g))  # the map's name of the group (see `product_tags`)
+                if g in CATEGORY_GROUPS:
+                    lab = self.labels[self._by_tag[tag]] if tag in self._by_tag else None
+                else:
+                    lab = self._attribute_label(g, tag)
                 if group is not None and (lab is None or lab.group != group):
                     out[group][i] = tag
         return out

@@ -211,6 +211,7 @@ def _data_html(data: Mapping[str, Any]) -> str:
         f"<p>repaired:</p><ul>{repaired or '<li>none</li>'}</ul>"
         f"<p>duplicates: {html.escape(dup)}</p><p>labels per level: {n_labels}</p>"
         f"<p>title length: {html.escape(tl)}</p>"
+        + "".join(f'<p class="warning">warning: {html.escape(str(w))}</p>' for w in data.get("warnings") or ())
     )
 
 

@@ -93,7 +93,11 @@ def test_myntra_base_colour_still_trains_the_group_colour(tmp_path: Path) -> Non
 
 
 def _evaluate(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], spelling: str, bundle_group: str = "colour"
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    spelling: str,
+    bundle_group: str = "colour",
+    bundle_prefix: str = "colour",
 ) -> tuple[dict[str, Any], list[str]]:
     """(JSON, "tagstream " stderr lines) of `tagstream evaluate --json` of a tiny bundle (labels: tests.tinymodel.
     DEFAULT_LABELS, the colour group renamed `bundle_group`) on 12 products that carry a colour it knows under the
@@ -103,7 +107,8 @@ def _evaluate(
     from tests.models import featurizer_files
     from tests.tinymodel import DEFAULT_LABELS, make_bundle
 
-    labels = json.loads(json.dumps(DEFAULT_LABELS).replace('"colour"', json.dumps(bundle_group)))
+    text = json.dumps(DEFAULT_LABELS).replace('"colour"', json.dumps(bundle_group))
+    labels = json.loads(text.replace('"colour:', f'"{bundle_prefix}:'))  # an older bundle's tag prefix
     featurizer = Featurizer.fit(
         [CatalogProduct(f"f{i}", f"Navy Blue shirt {i}") for i in range(6)],
         FeaturizerConfig(hash_bits=10, max_features=32, min_df=1),
@@ -153,6 +158,17 @@ def test_a_bundle_that_named_its_group_color_still_evaluates_every_spelling(
     doc, err = _evaluate(tmp_path, capsys, spelling, bundle_group="color")
     assert doc["n_unknown"]["color"] == 0 and doc["groups"]["color"]["accuracy"] is not None
     assert not any("color" in line for line in err), err
+
+
+@pytest.mark.parametrize("spelling", ["colour", "Colour", "COLOR", "baseColour"])
+def test_a_bundle_that_named_its_group_and_tags_Colour_still_evaluates_every_spelling(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], spelling: str
+) -> None:
+    # bundles trained before the twenty-second session on a catalog spelling `Colour` have the group `Colour` and
+    # the tags `Colour:X`; a catalog's `colour` now makes `colour:X`, which must still match them
+    doc, err = _evaluate(tmp_path, capsys, spelling, bundle_group="Colour", bundle_prefix="Colour")
+    assert doc["n_unknown"]["Colour"] == 0 and doc["groups"]["Colour"]["accuracy"] is not None
+    assert not any("Colour" in line for line in err), err
 
 
 # ---------------------------------------------------------------- free tags that look like other tags
@@ -249,9 +265,13 @@ def test_the_data_report_warns_once_of_attribute_names_events_cannot_carry(
     assert f"{long_name!r} (3 products), 'fit type' (3 products), '材质' (4 products)" in warning
     assert "'fit_type'" not in warning and "'color'" not in warning and "'colour'" not in warning
     assert "product-change events cannot carry these names" in warning
-    assert "catalog values can never replace the model's tags of these groups" in warning
+    assert "a change that carries one is dead-lettered whole" in warning
+    assert "a catalog can never send their values" in warning
     assert [r.getMessage() for r in caplog.records if r.name == "training.cleaning"] == [f"{catalog}: {warning}"]
     assert res.report.to_dict()["warnings"] == [warning] and f"- warning: {warning}" in res.report.to_markdown()
+    from training.report import _data_html
+
+    assert "a change that carries one is dead-lettered whole" in _data_html(res.report.to_dict())  # report.html
 
     lm = build_label_map(res.products, min_support=1)  # a warning, not a refusal: the groups are still learned
     assert {"材质", "fit type", "fit_type", "colour"} <= set(lm.group_names)

@@ -367,6 +367,26 @@ async def test_a_product_change_with_an_attribute_named_like_a_category_group_is
     assert any(key.startswith("t:{ok}") for key in keys) and not any(key.startswith("t:{bad}") for key in keys)
 
 
+@pytest.mark.parametrize(
+    "attributes",
+    [{"gender": "Men", "Gender": "Women"}, {"gender": "Men", "GENDER": "Men"}, {"color": "Red", "colour": "Green"}],
+)
+async def test_a_product_change_naming_one_attribute_twice_is_dead_lettered_not_given_two_values(
+    processor: Processor, attributes: dict[str, str]
+) -> None:
+    feed = Feed()
+    out = await processor.process_products(
+        feed("products", upsert("p", "Levis Men Black Jeans", attributes=attributes))
+    )
+    assert out.updates == [] and out.applied == 0
+    [letter] = [orjson.loads(v) for _, v in out.dead_letters]
+    first, second = attributes
+    assert (
+        letter["error_type"] == "EventDecodeError"
+        and f"{first!r} and {second!r} name one tag group" in letter["reason"]
+    )
+
+
 async def test_user_ids_never_reach_the_state_store_in_clear(processor: Processor) -> None:
     feed = Feed()
     await processor.process_behaviour(feed("behavior", behaviour("p", "alice@example.com", T0)))

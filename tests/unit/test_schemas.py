@@ -124,3 +124,9 @@ def test_an_attribute_named_like_a_built_in_group_is_refused_by_name_as_training
     # names that only contain or extend a reserved one are attributes like any other
     ok = {"categoryName": "a", "category_l3": "b", "tagsline": "c", "subCategory": "d", "colour": "Red"}
     assert decode_event("product-change", _upsert_with(ok))["attributes"] == ok
+
+
+def test_a_refused_attribute_key_ending_in_a_newline_is_named() -> None:
+    with pytest.raises(SchemaValidationError) as info:
+        decode_event("product-change", _upsert_with({"gender": "Men", "colour\n": "Red"}))
+    assert "refused key 'colour\\n'" in str(info.value)
