@@ -284,7 +284,8 @@ def _show(value: bytes | None) -> str:
 
 async def _latest(settings: WorkerSettings, name: str, limit: int) -> list[bytes | None]:
     """The last `limit` messages already on topic `name`, over all its partitions (by timestamp, then partition and
-    offset): at most `limit` read from the end of each partition."""
+    offset): the last `limit` of each partition. A compacted topic (`tag-updates`) has gaps in its offsets, so a
+    partition's window is widened from its end until it holds `limit` messages or reaches the partition's start."""
     from aiokafka import AIOKafkaConsumer
 
     consumer = AIOKafkaConsumer(name, bootstrap_servers=settings.kafka_bootstrap, enable_auto_commit=False)
@@ -294,17 +295,29 @@ async def _latest(settings: WorkerSettings, name: str, limit: int) -> list[bytes
         tps = sorted(consumer.assignment())
         ends = await consumer.end_offsets(tps)
         starts = await consumer.beginning_offsets(tps)
-        todo = {tp for tp in tps if ends[tp] > starts[tp]}
         for tp in tps:
-            consumer.seek(tp, max(starts[tp], ends[tp] - limit))
-        while todo:
-            for tp, batch in (await consumer.getmany(*todo, timeout_ms=1000)).items():
-                records += [(r.timestamp, r.partition, r.offset, r.value) for r in batch if r.offset < ends[tp]]
-            todo = {tp for tp in todo if await consumer.position(tp) < ends[tp]}
+            back = limit
+            while ends[tp] > starts[tp]:
+                first = max(starts[tp], ends[tp] - back)
+                got = await _read_range(consumer, tp, first, ends[tp])
+                if len(got) >= limit or first == starts[tp]:
+                    records += got[-limit:]
+                    break
+                back *= 4
     finally:
         await consumer.stop()
     records.sort(key=lambda r: r[:3])
     return [r[3] for r in records[-limit:]]
+
+
+async def _read_range(consumer: Any, tp: Any, first: int, end: int) -> list[tuple[int, int, int, bytes | None]]:
+    """(timestamp, partition, offset, value) of partition `tp`'s messages from offset `first` up to `end`."""
+    consumer.seek(tp, first)
+    out: list[tuple[int, int, int, bytes | None]] = []
+    while await consumer.position(tp) < end:
+        batch = (await consumer.getmany(tp, timeout_ms=1000)).get(tp, [])
+        out += [(r.timestamp, r.partition, r.offset, r.value) for r in batch if r.offset < end]
+    return out
 
 
 async def _tail(settings: WorkerSettings, topic: str, limit: int | None, latest: bool = False) -> None:

@@ -774,8 +774,9 @@ class ModelHolder:
         }
 
     def close(self) -> None:
-        """Stop the validation thread and process."""
+        """Stop the validation thread and process (killed: a validation stuck on an unresponsive file system would
+        otherwise keep the worker from exiting, its pool's exit handler waiting for the child)."""
         if self._validator is not None:
             self._validator.shutdown(wait=False, cancel_futures=True)
             self._validator = None
-        self._drop_pool()
+        self._drop_pool(kill=True)

@@ -258,15 +258,18 @@ async def read_answers(settings: WorkerSettings, *, after: int = -1) -> list[Mod
 
 def parse_status(raw: bytes | str) -> dict[str, Any]:
     """A worker's status as stored in `<prefix>:workers`, or `{UNREADABLE: reason}` when the value is not JSON, not
-    an object, or has a `reported_at` that is not a number (`tagstream model status` shows it so; never pruned)."""
+    an object, or has no `reported_at` or one that is not a number (`tagstream model status` shows it so; never
+    pruned)."""
     try:
         status = json.loads(raw)
     except ValueError as exc:  # UnicodeDecodeError included
         return {UNREADABLE: f"not JSON: {exc}"}
     if not isinstance(status, dict):
         return {UNREADABLE: f"not a JSON object but {type(status).__name__}"}
-    at = status.get("reported_at")
-    if at is not None and (isinstance(at, bool) or not isinstance(at, int | float) or not math.isfinite(at)):
+    if "reported_at" not in status:  # every worker writes it
+        return {UNREADABLE: "no reported_at"}
+    at = status["reported_at"]
+    if isinstance(at, bool) or not isinstance(at, int | float) or not math.isfinite(at):
         return {UNREADABLE: f"reported_at is not a number: {at!r}"}
     return status
 

@@ -278,10 +278,15 @@ class ModelUpdatesAgent:
     # ------------------------------------------------------------------------------------------ diffs and status
 
     async def _publish_loop(self) -> None:
+        # the status is written at least every STATUS_EVERY_S (the other workers' retention check and `--wait`
+        # count on it), however long the shadow flush interval is
+        flushed = time.monotonic()
         while True:
-            await asyncio.sleep(self.settings.shadow_flush_interval)
+            await asyncio.sleep(min(self.settings.shadow_flush_interval, STATUS_EVERY_S / 2))
             try:
-                await self.flush_diffs()
+                if time.monotonic() - flushed >= self.settings.shadow_flush_interval:
+                    flushed = time.monotonic()
+                    await self.flush_diffs()
                 await self._write_status()
             except asyncio.CancelledError:
                 raise

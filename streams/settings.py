@@ -46,8 +46,9 @@ class WorkerSettings(BaseSettings):
         allow_inf_nan=False,
         description="A worker status in `<prefix>:workers` not reported for this long (s) is removed by the running "
         "workers when they write theirs (a killed worker cannot remove its own), and `tagstream model status` no "
-        "longer lists a worker known only by an answer this old. More than 3 × the 5 s status interval, so the status "
-        "of a live worker is never removed.",
+        "longer lists a worker known only by an answer this old. More than 3 × the 5 s status interval: a live worker "
+        "writes its status every 5 s, so only one that reports nothing for longer than the retention less 5 s "
+        "(stopped, or paused) loses its status, until its next report.",
     )
     user_hash_key: SecretStr = Field(
         SecretStr(DEV_USER_HASH_KEY), description="Key of the HMAC that replaces user ids before Redis or logs."
@@ -238,8 +239,8 @@ class WorkerSettings(BaseSettings):
     def _retention_above_liveness(cls, value: float) -> float:
         if not value > LIVE_WITHIN_S:
             raise ValueError(
-                f"must be more than {LIVE_WITHIN_S:g} s (3 × the {STATUS_EVERY_S:g} s status interval), so that a live "
-                "worker's status is never removed"
+                f"must be more than {LIVE_WITHIN_S:g} s (3 × the {STATUS_EVERY_S:g} s status interval), so that a "
+                "worker's status is removed only after several status writes it missed"
             )
         return value
 

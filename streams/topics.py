@@ -95,7 +95,7 @@ def configs_to_set(declared: Mapping[str, str], entries: Iterable[Sequence[Any]]
 
 async def ensure_topics(settings: WorkerSettings) -> list[str]:
     """Create every missing topic with its partition count and configs, set the declared configs on existing topics
-    that lack them (one log line per topic changed); return the names created. A refusal raises its KafkaError."""
+    whose values differ (one log line per topic changed); return the names created. A refusal raises its KafkaError."""
     admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, client_id="tagstream-admin")
     await admin.start()
     try:

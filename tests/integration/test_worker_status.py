@@ -99,6 +99,7 @@ def test_a_status_retention_a_live_worker_could_miss_is_one_config_error(
         (b"null", "not a JSON object"),
         (b'{"active": "m", "reported_at": "yesterday"}', "reported_at is not a number"),
         (b'{"active": "m", "reported_at": true}', "reported_at is not a number"),
+        (b'{"active": "m"}', "no reported_at"),
     ],
 )
 def test_a_status_that_is_not_a_workers_json_is_unreadable_and_never_stale(raw: bytes, reason: str) -> None:
