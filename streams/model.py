@@ -427,6 +427,7 @@ class ModelHolder:
         self.settings = settings
         self.isolated = settings.model_isolated_validation if isolated is None else isolated
         self._pool: ProcessPoolExecutor | None = None
+        self._closed = False  # `close`d: a validation process that dies then is not replaced
         self.executor = executor
         self.worker_id = settings.worker_id
         self.active: BundleModel | None = None
@@ -579,7 +580,7 @@ class ModelHolder:
                 raise
             except BrokenProcessPool as exc:
                 self._drop_pool()  # a new child next time
-                if not retried:
+                if not retried and not self._closed:
                     retried = True
                     log.warning("the validation process had died; validating %s in a new one", event.model_version)
                     continue
@@ -776,6 +777,7 @@ class ModelHolder:
     def close(self) -> None:
         """Stop the validation thread and process (killed: a validation stuck on an unresponsive file system would
         otherwise keep the worker from exiting, its pool's exit handler waiting for the child)."""
+        self._closed = True
         if self._validator is not None:
             self._validator.shutdown(wait=False, cancel_futures=True)
             self._validator = None

@@ -792,3 +792,25 @@ async def test_a_validation_that_does_not_finish_in_time_is_refused_and_its_proc
         assert holder.get().version == bundles["b"].name  # type: ignore[union-attr]
     finally:
         holder.close()
+
+
+async def test_closing_the_holder_during_a_stuck_validation_ends_its_process(bundles: dict[str, Path]) -> None:
+    from dataclasses import replace
+
+    holder = await holder_with(bundles, isolated=True)
+    pool = holder._pool
+    assert pool is not None
+    children = list(pool._processes.values())  # type: ignore[attr-defined]
+    holder._policy = replace(POLICY, latency_runs=10**9, timeout_s=600.0)  # a validation that would not end
+    pending = asyncio.create_task(holder.handle(request("activate", bundles["b"])))
+    for _ in range(600):  # until the child is busy with it (bounded)
+        if holder._validator is not None and holder._validator._work_queue.qsize() == 0:  # type: ignore[attr-defined]
+            break
+        await asyncio.sleep(0.01)
+    holder.close()  # the worker stops (SIGTERM): before, its exit waited for the child forever
+    for child in children:
+        child.join(60)
+        assert not child.is_alive()
+    outcome = await asyncio.wait_for(pending, 60)
+    assert outcome.answer is not None and outcome.answer.kind == "model-rejected"
+    assert holder._pool is None and holder.get().version == bundles["a"].name  # type: ignore[union-attr]
