@@ -798,15 +798,15 @@ async def test_closing_the_holder_during_a_stuck_validation_ends_its_process(bun
     from dataclasses import replace
 
     holder = await holder_with(bundles, isolated=True)
-    pool = holder._pool
-    assert pool is not None
-    children = list(pool._processes.values())  # type: ignore[attr-defined]
     holder._policy = replace(POLICY, latency_runs=10**9, timeout_s=600.0)  # a validation that would not end
     pending = asyncio.create_task(holder.handle(request("activate", bundles["b"])))
-    for _ in range(600):  # until the child is busy with it (bounded)
-        if holder._validator is not None and holder._validator._work_queue.qsize() == 0:  # type: ignore[attr-defined]
+    for _ in range(6000):  # until the validation is in the child process (bounded: 60 s)
+        pool = holder._pool
+        if pool is not None and pool._pending_work_items:  # type: ignore[attr-defined]
             break
         await asyncio.sleep(0.01)
+    assert pool is not None and pool._pending_work_items  # type: ignore[attr-defined]
+    children = list(pool._processes.values())  # type: ignore[attr-defined]
     holder.close()  # the worker stops (SIGTERM): before, its exit waited for the child forever
     for child in children:
         child.join(60)
