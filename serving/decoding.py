@@ -48,7 +48,7 @@ __all__ = [
 # trainer's labels and the worker's catalog tags both name tags with `attribute_tag`). Names are looked up ignoring
 # case and width (`tag_prefix`): `COLOR` and `BaseColour` are `colour` too.
 TAG_PREFIXES = {"baseColour": "colour", "basecolour": "colour", "color": "colour", "Color": "colour"}
-_PREFIX_BY_KEY = {normalize_text(name): prefix for k, v in TAG_PREFIXES.items() for name, prefix in ((k, v), (v, v))}
+_PREFIX_BY_KEY = {normalize_text(name): v for k, v in TAG_PREFIXES.items() for name in (k, v)}
 
 
 @lru_cache(maxsize=4096)

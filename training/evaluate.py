@@ -54,21 +54,9 @@ __all__ = [
 
 # The figures of a served group kept by `evaluate_served(full=False)` (`tagstream evaluate --json`'s "served"); the
 # multi-label group keeps its `per_tag` figures too.
-SERVED_KEYS = (
-    "n",
-    "n_unknown",
-    "accuracy",
-    "coverage",
-    "micro_precision",
-    "micro_recall",
-    "micro_f1",
-    "macro_precision",
-    "macro_recall",
-    "macro_f1",
-    "weighted_precision",
-    "weighted_recall",
-    "weighted_f1",
-)
+AVERAGED_METRICS = tuple(f"{avg}_{m}" for avg in ("micro", "macro", "weighted") for m in ("precision", "recall", "f1"))
+HEADLINE_METRICS = ("accuracy", "coverage", *AVERAGED_METRICS)  # a group's figures the report tables show
+SERVED_KEYS = ("n", "n_unknown", *HEADLINE_METRICS)
 
 
 @dataclass
@@ -185,6 +173,39 @@ def _f1(p: np.ndarray, r: np.ndarray) -> np.ndarray:
     return _safe_div(2 * p * r, p + r)
 
 
+def _averages(
+    support: np.ndarray,
+    predicted: np.ndarray,
+    tp: np.ndarray,
+    prec: np.ndarray,
+    rec: np.ndarray,
+    f1: np.ndarray,
+    present: np.ndarray,
+) -> dict[str, Any]:
+    """Micro, macro and weighted precision, recall and F1 (`AVERAGED_METRICS`, None when no tag is present) from the
+    per-tag counts and figures, over the tags `present` (true or predicted at least once); and `n_tags_present`."""
+    out: dict[str, Any] = dict.fromkeys(AVERAGED_METRICS)
+    if present.any():
+        micro_p = float(tp.sum() / predicted.sum()) if predicted.sum() else 0.0
+        micro_r = float(tp.sum() / support.sum()) if support.sum() else 0.0
+        w = support[present] / support.sum() if support.sum() else np.zeros(int(present.sum()))
+        out.update(
+            {
+                "micro_precision": _r(micro_p),
+                "micro_recall": _r(micro_r),
+                "micro_f1": _r(_f1(np.array([micro_p]), np.array([micro_r]))[0]),
+                "macro_precision": _r(prec[present].mean()),
+                "macro_recall": _r(rec[present].mean()),
+                "macro_f1": _r(f1[present].mean()),
+                "weighted_precision": _r((prec[present] * w).sum()),
+                "weighted_recall": _r((rec[present] * w).sum()),
+                "weighted_f1": _r((f1[present] * w).sum()),
+            }
+        )
+    out["n_tags_present"] = int(present.sum())
+    return out
+
+
 def _r(x: float) -> float:
     return round(float(x), 6)
 
@@ -289,25 +310,8 @@ def evaluate_group(
         return out
     hit = yt == yp
     support, predicted, tp, prec, rec, f1, present = _per_tag(yt, yp, k)
-    micro_p = float(tp.sum() / predicted.sum()) if predicted.sum() else 0.0
-    micro_r = float(tp.sum() / support.sum())
-    w = support[present] / support.sum()
-    out.update(
-        {
-            "accuracy": _r(hit.mean()),
-            "coverage": _r((yp >= 0).mean()),
-            "micro_precision": _r(micro_p),
-            "micro_recall": _r(micro_r),
-            "micro_f1": _r(_f1(np.array([micro_p]), np.array([micro_r]))[0]),
-            "macro_precision": _r(prec[present].mean()),
-            "macro_recall": _r(rec[present].mean()),
-            "macro_f1": _r(f1[present].mean()),
-            "weighted_precision": _r((prec[present] * w).sum()),
-            "weighted_recall": _r((rec[present] * w).sum()),
-            "weighted_f1": _r((f1[present] * w).sum()),
-            "n_tags_present": int(present.sum()),
-        }
-    )
+    out.update({"accuracy": _r(hit.mean()), "coverage": _r((yp >= 0).mean())})
+    out.update(_averages(support, predicted, tp, prec, rec, f1, present))
     out["per_tag"] = {
         g.labels[i]: {
             "precision": _r(prec[i]),
@@ -402,27 +406,7 @@ def evaluate_multilabel(g: MultiLabelPredictions) -> dict[str, Any]:
     f1 = _f1(prec, rec)
     present = (support > 0) | (predicted > 0)
     out.update({"accuracy": _r((g.y_true == g.y_pred).all(axis=1).mean()), "coverage": _r(g.y_pred.any(axis=1).mean())})
-    keys = [f"{avg}_{m}" for avg in ("micro", "macro", "weighted") for m in ("precision", "recall", "f1")]
-    if not present.any():
-        out.update(dict.fromkeys(keys))
-    else:
-        micro_p = float(tp.sum() / predicted.sum()) if predicted.sum() else 0.0
-        micro_r = float(tp.sum() / support.sum()) if support.sum() else 0.0
-        w = support[present] / support.sum() if support.sum() else np.zeros(int(present.sum()))
-        out.update(
-            {
-                "micro_precision": _r(micro_p),
-                "micro_recall": _r(micro_r),
-                "micro_f1": _r(_f1(np.array([micro_p]), np.array([micro_r]))[0]),
-                "macro_precision": _r(prec[present].mean()),
-                "macro_recall": _r(rec[present].mean()),
-                "macro_f1": _r(f1[present].mean()),
-                "weighted_precision": _r((prec[present] * w).sum()),
-                "weighted_recall": _r((rec[present] * w).sum()),
-                "weighted_f1": _r((f1[present] * w).sum()),
-            }
-        )
-    out["n_tags_present"] = int(present.sum())
+    out.update(_averages(support, predicted, tp, prec, rec, f1, present))
     out["per_tag"] = {
         g.labels[i]: {
             "precision": _r(prec[i]),

@@ -23,22 +23,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from training.cleaning import DataReport
+from training.evaluate import HEADLINE_METRICS
 
 __all__ = ["HEADLINE_METRICS", "ReportFiles", "write_report"]
 
-HEADLINE_METRICS = (
-    "accuracy",
-    "coverage",
-    "micro_precision",
-    "micro_recall",
-    "micro_f1",
-    "macro_precision",
-    "macro_recall",
-    "macro_f1",
-    "weighted_precision",
-    "weighted_recall",
-    "weighted_f1",
-)
 
 _ABOUT = (
     "<p><b>top-1</b>: each group's best-scored label, thresholds ignored (the model against the same-run baseline). "
