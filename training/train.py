@@ -452,7 +452,19 @@ def train(
     log.info(
         "training on %d products (%d val, %d test), %d labels", len(train_p), len(val_p), len(test_p), len(label_map)
     )
-    result = fit(train_p, val_p, settings, label_map=label_map, progress=progress)
+    eval_p = test_p or val_p
+    baseline = None
+    if settings.baseline:  # beside the fit, which leaves part of the second core idle
+        from training.baseline import BaselineJob
+
+        baseline = BaselineJob(train_p, eval_p, label_map)
+    try:
+        result = fit(train_p, val_p, settings, label_map=label_map, progress=progress)
+        base_scores = baseline.result() if baseline is not None else None
+    except BaseException:
+        if baseline is not None:
+            baseline.cancel()
+        raise
     fz, models = result.featurizer, result.models
     from training.model import round_embeddings
 
@@ -462,7 +474,6 @@ def train(
         on_fit(result)
 
     # scores on test (evaluated below, once the shipped thresholds are known)
-    eval_p = test_p or val_p
     x_eval = featurize(fz, eval_p, progress=progress)
     eval_scores = predict_keras(models.scores, x_eval)
     metrics: dict[str, Any] = {
@@ -471,11 +482,6 @@ def train(
         "history": result.history,
         "settings": json.loads(settings.model_dump_json(exclude={"signing_key_path"})),
     }
-    base_scores = None
-    if settings.baseline:
-        from training.baseline import baseline_scores
-
-        base_scores = baseline_scores(train_p, eval_p, label_map)
 
     # export + parity on ≥ parity_samples rows (test, validation, then train rows)
     t_exp = time.perf_counter()
