@@ -279,3 +279,21 @@ def poll(check: Any, what: str, timeout: float = 60) -> None:
             return
         time.sleep(0.2)
     pytest.fail(f"not seen within {timeout:g}s: {what}")
+
+
+def test_a_worker_reports_its_status_every_few_seconds_whatever_its_shadow_flush_interval(
+    stream_env: StreamEnv,
+) -> None:
+    # Other workers remove a status not reported for the retention, and `model ... --wait` reads it: a worker whose
+    # shadow diffs are flushed once a minute still writes its status every STATUS_EVERY_S (5 s).
+    se = stream_env
+    key = workers_key(se.settings.redis_prefix)
+    client = se.redis()
+    se.start_worker(TAGSTREAM_WORKER_ID="w-slow-flush", TAGSTREAM_SHADOW_FLUSH_INTERVAL="60")
+    poll(lambda: client.hexists(key, "w-slow-flush"), "the worker's first status")
+    first = json.loads(client.hget(key, "w-slow-flush") or "")["reported_at"]
+    poll(
+        lambda: json.loads(client.hget(key, "w-slow-flush") or "{}").get("reported_at", first) >= first + 8_000,
+        "two more status writes within 30 s",
+        timeout=30,
+    )
