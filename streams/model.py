@@ -16,6 +16,7 @@ import asyncio
 import gc
 import logging
 import multiprocessing
+import os
 import threading
 import time
 from collections import Counter, deque
@@ -514,7 +515,10 @@ class ModelHolder:
     def _process_pool(self) -> ProcessPoolExecutor:
         if self._pool is None:
             self._pool = ProcessPoolExecutor(
-                max_workers=1, mp_context=multiprocessing.get_context("spawn"), initializer=child_init
+                max_workers=1,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=child_init,
+                initargs=(os.getpid(),),
             )
         return self._pool
 

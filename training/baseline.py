@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -253,8 +254,14 @@ def baseline_scores(
     return out
 
 
-def _scores_to(conn: Any, train: Sequence[CatalogProduct], products: Sequence[CatalogProduct], label_map: Any) -> None:
-    """The child process of a `BaselineJob`: ("ok", scores) or ("error", the exception) through `conn`."""
+def _scores_to(
+    conn: Any, parent_pid: int, train: Sequence[CatalogProduct], products: Sequence[CatalogProduct], label_map: Any
+) -> None:
+    """The child process of a `BaselineJob`: ("ok", scores) or ("error", the exception) through `conn`; it ends
+    itself if the trainer `parent_pid` is killed meanwhile."""
+    from tagstream.processes import exit_with_parent
+
+    exit_with_parent(parent_pid)
     try:
         conn.send(("ok", baseline_scores(train, products, label_map)))
     except BaseException as exc:  # everything goes back to the trainer, which raises it
@@ -276,7 +283,9 @@ class BaselineJob:
         ctx = multiprocessing.get_context("spawn")  # not fork: TensorFlow's threads may be running already
         self._conn, child = ctx.Pipe(duplex=False)
         self._process = ctx.Process(
-            target=_scores_to, args=(child, list(train), list(products), label_map), name="tagstream-baseline"
+            target=_scores_to,
+            args=(child, os.getpid(), list(train), list(products), label_map),
+            name="tagstream-baseline",
         )
         self._process.daemon = True
         self._process.start()
