@@ -98,3 +98,7 @@ class ExportError(TagstreamError):
 
 class ParityError(ExportError):
     """The exported ONNX model's outputs differ from Keras beyond tolerance or flip decisions."""
+
+
+class BaselineProcessError(TagstreamError):
+    """The same-run baseline's process ended without an answer (killed, out of memory, cancelled)."""

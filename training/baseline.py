@@ -254,73 +254,112 @@ def baseline_scores(
     return out
 
 
-def _scores_to(
-    conn: Any, parent_pid: int, train: Sequence[CatalogProduct], products: Sequence[CatalogProduct], label_map: Any
-) -> None:
-    """The child process of a `BaselineJob`: ("ok", scores) or ("error", the exception) through `conn`; it ends
-    itself if the trainer `parent_pid` is killed meanwhile."""
+def _serve_scores(parent_pid: int) -> None:
+    """The child process of a `BaselineJob` (`python -c`): reads (train, products, label_map) pickled on stdin, writes
+    ("ok", scores, "") or ("error", exception, traceback) pickled on stdout. Anything else written to stdout goes to
+    stderr, and the child ends with the trainer `parent_pid`."""
+    import pickle
+    import sys
+    import traceback
+
     from tagstream.processes import exit_with_parent
 
     exit_with_parent(parent_pid)
+    answers = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)  # a library's print cannot corrupt the answer
+    sys.stdout = sys.stderr
     try:
-        conn.send(("ok", baseline_scores(train, products, label_map)))
-    except BaseException as exc:  # everything goes back to the trainer, which raises it
-        conn.send(("error", exc))
-    finally:
-        conn.close()
+        train, products, label_map = pickle.load(sys.stdin.buffer)
+        answer: tuple[str, Any, str] = ("ok", baseline_scores(train, products, label_map), "")
+    except Exception as exc:
+        answer = ("error", exc, traceback.format_exc())
+    try:
+        data = pickle.dumps(answer, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception:  # an exception that does not pickle: its text
+        data = pickle.dumps(("error", RuntimeError(repr(answer[1])), answer[2]))
+    with answers:
+        answers.write(data)
 
 
 class BaselineJob:
     """`baseline_scores` in a process of its own, started before the model's fit and collected after it.
 
     The fit (TensorFlow) keeps about 1.3 of 2 cores busy; the baseline (~40 s on JD, one core) runs beside it
-    instead of after it. `result()` returns its scores or raises what it raised; `cancel()` stops it.
+    instead of after it. The child is a plain `python -c` process fed through its stdin and stdout, not a
+    multiprocessing one: that would import the caller's `__main__` again (a script without a main guard would train
+    in the child too). Ctrl-C is the trainer's to handle (the child has a process group of its own and is killed by
+    `cancel()`).
+    `result()` returns the scores or raises the baseline's own error (its traceback in the child as a note), or
+    `BaselineProcessError` when the child ended without an answer.
     """
 
     def __init__(self, train: Sequence[CatalogProduct], products: Sequence[CatalogProduct], label_map: Any) -> None:
-        import multiprocessing
+        import subprocess
+        import sys
+        import threading
 
-        ctx = multiprocessing.get_context("spawn")  # not fork: TensorFlow's threads may be running already
-        self._conn, child = ctx.Pipe(duplex=False)
-        self._process = ctx.Process(
-            target=_scores_to,
-            args=(child, os.getpid(), list(train), list(products), label_map),
-            name="tagstream-baseline",
+        code = f"from training.baseline import _serve_scores; _serve_scores({os.getpid()})"
+        path = os.pathsep.join(p for p in sys.path if p)  # what this process imports from, scripts' paths included
+        self._process = subprocess.Popen(
+            [sys.executable, "-c", code],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env={**os.environ, "PYTHONPATH": path},
+            process_group=0,  # a terminal's Ctrl-C is the trainer's to handle: it cancels the child
         )
-        self._process.daemon = True
-        self._process.start()
-        child.close()
+        self._cancelled = False
+        payload = (list(train), list(products), label_map)
+        self._sender = threading.Thread(target=self._send, args=(payload,), name="baseline-input", daemon=True)
+        self._sender.start()
+
+    def _send(self, payload: Any) -> None:
+        import pickle
+
+        stdin = self._process.stdin
+        assert stdin is not None
+        try:
+            with stdin:
+                pickle.dump(payload, stdin, protocol=pickle.HIGHEST_PROTOCOL)
+        except (OSError, ValueError):  # the child is gone (or cancelled): result() says so
+            pass
+
+    @property
+    def running(self) -> bool:
+        """Whether the baseline's process is still running."""
+        return self._process.poll() is None
 
     def result(self) -> np.ndarray:
-        """The baseline's scores (waits for them); raises the baseline's own error, or `RuntimeError` if the
-        process ended without an answer (killed, out of memory, cancelled)."""
-        if self._conn.closed:
-            raise RuntimeError("the baseline process ended without scores (cancelled)")
+        """The baseline's scores (waits for them)."""
+        import pickle
+
+        from tagstream.errors import BaselineProcessError
+
+        stdout = self._process.stdout
+        if self._cancelled or stdout is None:
+            raise BaselineProcessError("the baseline process was cancelled")
         try:
-            status, value = self._conn.recv()
-        except EOFError:
-            self._process.join()
-            raise RuntimeError(
-                f"the baseline process ended without scores (exit code {self._process.exitcode})"
-            ) from None
+            with stdout:
+                status, value, trace = pickle.load(stdout)
+        except (EOFError, OSError, pickle.UnpicklingError, ValueError):
+            code = self._process.wait()
+            raise BaselineProcessError(f"the baseline process ended without scores (exit code {code})") from None
         finally:
-            self._conn.close()
-        self._process.join()
+            self._sender.join()
+        self._process.wait()
         if status == "error":
+            value.add_note(f"in the baseline process:\n{trace}")
             raise value
         return value
 
     def cancel(self) -> None:
         """Stop the baseline (the fit failed or was interrupted)."""
-        if self._process.is_alive():
+        self._cancelled = True
+        if self._process.poll() is None:
             self._process.kill()
-        self._process.join()
-        self._conn.close()
-
-    @property
-    def running(self) -> bool:
-        """Whether the baseline's process is still running."""
-        return self._process.is_alive()
+        self._process.wait()
+        self._sender.join()
+        if self._process.stdout is not None:
+            self._process.stdout.close()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

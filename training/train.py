@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from serving.featurizer import FEATURIZER_VERSION, FeatureBatch, Featurizer
-from tagstream.errors import ConfigError, DataError
+from tagstream.errors import BaselineProcessError, ConfigError, DataError
 from training.catalog import CatalogProduct
 from training.labels import LabelMap, LabelMatrix, build_label_map
 from training.settings import TrainerSettings, writable_dir
@@ -329,6 +329,20 @@ def fit(
     )
 
 
+def _baseline_result(
+    job: Any, train_p: Sequence[CatalogProduct], eval_p: Sequence[CatalogProduct], label_map: LabelMap
+) -> np.ndarray:
+    """The background baseline's scores; when its process ended without any (killed, out of memory), the baseline
+    trained here instead, so the run still reports it."""
+    from training.baseline import baseline_scores
+
+    try:
+        return job.result()
+    except BaselineProcessError as exc:
+        log.warning("%s; training the baseline in this process instead", exc)
+        return baseline_scores(train_p, eval_p, label_map)
+
+
 def _refit(
     models: Any,
     x_train: FeatureBatch,
@@ -460,7 +474,7 @@ def train(
         baseline = BaselineJob(train_p, eval_p, label_map)
     try:
         result = fit(train_p, val_p, settings, label_map=label_map, progress=progress)
-        base_scores = baseline.result() if baseline is not None else None
+        base_scores = _baseline_result(baseline, train_p, eval_p, label_map) if baseline is not None else None
     except BaseException:
         if baseline is not None:
             baseline.cancel()

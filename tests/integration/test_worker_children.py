@@ -25,5 +25,5 @@ def test_a_killed_workers_validation_process_ends_by_itself(stream_env: StreamEn
         time.sleep(0.2)
     assert any("spawn_main" in " ".join(c.cmdline()) for c in children), [c.cmdline() for c in children]
     worker.kill9()
-    gone, alive = psutil.wait_procs(children, timeout=30)
+    _, alive = psutil.wait_procs(children, timeout=30)
     assert not alive, [(c.pid, c.cmdline()) for c in alive]
