@@ -381,7 +381,7 @@ class _BundleScorer:
 _child_active: dict[tuple[str, str], _BundleScorer] = {}
 
 
-def child_init(parent_pid: int | None = None, niceness: int = 10) -> None:
+def child_init(parent_pid: int, niceness: int = 10) -> None:
     """Initializer of the validation process: a lower CPU priority, so that on a busy machine the worker's own
     threads win the cores and validation takes the slack; and it ends itself once the worker `parent_pid` is gone (a
     SIGKILLed worker runs no exit handler to stop it)."""
@@ -389,8 +389,7 @@ def child_init(parent_pid: int | None = None, niceness: int = 10) -> None:
 
     with contextlib.suppress(OSError, AttributeError):
         os.nice(niceness)
-    if parent_pid is not None:
-        exit_with_parent(parent_pid)
+    exit_with_parent(parent_pid)
 
 
 def warm_up() -> bool:
