@@ -254,10 +254,10 @@ def baseline_scores(
     return out
 
 
-def _serve_scores(parent_pid: int) -> None:
+def _serve_scores(parent_pid: int, niceness: int = 0) -> None:
     """The child process of a `BaselineJob` (`python -c`): reads (train, products, label_map) pickled on stdin, writes
     ("ok", scores, "") or ("error", exception, traceback) pickled on stdout. Anything else written to stdout goes to
-    stderr, and the child ends with the trainer `parent_pid`."""
+    stderr, the child runs `niceness` below the trainer's priority and ends with the trainer `parent_pid`."""
     import pickle
     import sys
     import traceback
@@ -265,6 +265,7 @@ def _serve_scores(parent_pid: int) -> None:
     from tagstream.processes import exit_with_parent
 
     exit_with_parent(parent_pid)
+    os.nice(niceness)
     answers = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)  # a library's print cannot corrupt the answer
     sys.stdout = sys.stderr
@@ -285,20 +286,23 @@ class BaselineJob:
     """`baseline_scores` in a process of its own, started before the model's fit and collected after it.
 
     The fit (TensorFlow) keeps about 1.3 of 2 cores busy; the baseline (~40 s on JD, one core) runs beside it
-    instead of after it. The child is a plain `python -c` process fed through its stdin and stdout, not a
-    multiprocessing one: that would import the caller's `__main__` again (a script without a main guard would train
-    in the child too). Ctrl-C is the trainer's to handle (the child has a process group of its own and is killed by
-    `cancel()`).
+    instead of after it, at `niceness` (default 19): on the CPU the fit leaves idle, not on a core one of
+    TensorFlow's two threads is waiting for (an op split over both threads ends with its slower half). The child is
+    a plain `python -c` process fed through its stdin and stdout, not a multiprocessing one: that would import the
+    caller's `__main__` again (a script without a main guard would train in the child too). Ctrl-C is the trainer's
+    to handle (the child has a process group of its own and is killed by `cancel()`).
     `result()` returns the scores or raises the baseline's own error (its traceback in the child as a note), or
     `BaselineProcessError` when the child ended without an answer.
     """
 
-    def __init__(self, train: Sequence[CatalogProduct], products: Sequence[CatalogProduct], label_map: Any) -> None:
+    def __init__(
+        self, train: Sequence[CatalogProduct], products: Sequence[CatalogProduct], label_map: Any, *, niceness: int = 19
+    ) -> None:
         import subprocess
         import sys
         import threading
 
-        code = f"from training.baseline import _serve_scores; _serve_scores({os.getpid()})"
+        code = f"from training.baseline import _serve_scores; _serve_scores({os.getpid()}, {int(niceness)})"
         path = os.pathsep.join(p for p in sys.path if p)  # what this process imports from, scripts' paths included
         self._process = subprocess.Popen(
             [sys.executable, "-c", code],

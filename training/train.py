@@ -259,6 +259,7 @@ def fit(
     configure_tensorflow(settings.threads)
     import keras
 
+    from training.batches import keras_batches
     from training.model import LazyAdam, build_models, class_weights, make_loss
 
     cfg = model_config(settings)
@@ -290,15 +291,24 @@ def fit(
         ]
     else:
         callbacks = [_best_f1_weights(models, x_val, y_val, label_map, patience=settings.patience)]
+    train_batches = keras_batches(
+        x_train.as_inputs(),
+        y_train.y,
+        n_outputs=n_out,
+        batch_size=settings.batch_size,
+        shuffle=True,
+        seed=settings.seed,
+    )
+    val_batches = keras_batches(
+        x_val.as_inputs(), y_val.y, n_outputs=n_out, batch_size=settings.batch_size, shuffle=False, seed=settings.seed
+    )
     t1 = time.perf_counter()
     with keras_progress_to_stderr():
         hist = models.train.fit(
-            x_train.as_inputs(),
-            [y_train.y] * n_out,
-            validation_data=(x_val.as_inputs(), [y_val.y] * n_out),
-            batch_size=settings.batch_size,
+            train_batches,
+            validation_data=val_batches,
             epochs=settings.epochs,
-            shuffle=True,
+            shuffle=False,  # keras_batches shuffles (Keras only warns about datasets)
             callbacks=callbacks,
             verbose=(1 if sys.stderr.isatty() else 2) if progress else 0,
         )
@@ -359,6 +369,8 @@ def _refit(
     import keras
     from keras import ops
 
+    from training.batches import keras_batches
+
     class RestartedCosine(keras.optimizers.schedules.LearningRateSchedule):
         def __init__(self, initial: float, start: int, steps: int, alpha: float = 0.05) -> None:
             self.initial, self.start, self.steps, self.alpha = initial, start, steps, alpha
@@ -376,15 +388,19 @@ def _refit(
         settings.learning_rate * settings.refit_lr_factor, int(opt.iterations.numpy()), steps
     )
     models.train.compile(optimizer=opt, loss=models.train.loss)  # re-trace the train step with the new schedule
-    n_out = len(models.train.outputs)
-    y_all = np.concatenate([y_train.y, y_val.y])
+    batches = keras_batches(
+        FeatureBatch.concat([x_train, x_val]).as_inputs(),
+        np.concatenate([y_train.y, y_val.y]),
+        n_outputs=len(models.train.outputs),
+        batch_size=settings.batch_size,
+        shuffle=True,
+        seed=settings.seed + 1,
+    )
     with keras_progress_to_stderr():
         hist = models.train.fit(
-            FeatureBatch.concat([x_train, x_val]).as_inputs(),
-            [y_all] * n_out,
-            batch_size=settings.batch_size,
+            batches,
             epochs=settings.refit_epochs,
-            shuffle=True,
+            shuffle=False,  # keras_batches shuffles
             verbose=(1 if sys.stderr.isatty() else 2) if progress else 0,
         )
     return [float(v) for v in hist.history["loss"]]
