@@ -49,3 +49,22 @@ def test_a_refitted_model_exports_and_passes_the_parity_gate(tmp_path: Path) -> 
     assert len(metrics["history"]["refit_loss"]) == 1 and metrics["timings"]["refit_s"] > 0
     assert metrics["parity"]["max_abs_diff"] <= settings.parity_atol and metrics["parity"]["decision_flips"] == 0
     assert metrics["top1"]["groups"]["category_leaf"]["accuracy"] > 0.8, metrics["top1"]
+
+
+def test_the_same_seed_trains_the_same_model_and_another_seed_another() -> None:
+    # the fits' batches come from training.batches (a seeded shuffle per epoch), the refit's too
+    from training.settings import TrainerSettings
+    from training.splits import stratified_split
+    from training.train import featurize, fit
+
+    sp = stratified_split(synthetic_products(240), validation=0.2, test=0.0, seed=0)
+    runs = [
+        fit(sp.train, sp.validation, TrainerSettings(**{**TINY, "epochs": 2}, refit_epochs=1, seed=s), progress=False)
+        for s in (5, 5, 6)
+    ]
+    x_val = featurize(runs[0].featurizer, sp.validation, progress=False)
+    first, again, other = (r.predict(x_val) for r in runs)
+    assert runs[0].history["loss"] == runs[1].history["loss"]
+    assert runs[0].history["refit_loss"] == runs[1].history["refit_loss"]
+    np.testing.assert_array_equal(first, again)
+    assert not np.allclose(first, other, atol=1e-3)
