@@ -1,9 +1,9 @@
 """The Keras fits' input pipelines (tf.data, imports TensorFlow: training only).
 
 Keras builds its own tf.data pipeline from numpy arrays, with tf.data's autotuning on. Deleting an autotuned iterator
-waits for the autotuning thread, which sleeps for a period that doubles up to a minute: measured on the JD training
-set, one epoch's iterator in three or so took 8–10 s to delete, with the process idle (`UnboundedThreadPool::
-LogicalThreadWrapper::~LogicalThreadWrapper` under `IteratorResource::~IteratorResource`). A fit deletes one
+can wait seconds for one of tf.data's background threads: measured on the JD training set, one epoch's iterator in
+three or so took 7–10 s to delete, with the process idle (py-spy: `UnboundedThreadPool::LogicalThreadWrapper::
+~LogicalThreadWrapper` under `IteratorResource::~IteratorResource`); never with autotuning off. A fit deletes one
 iterator per epoch for the training data and one for the validation data, so a JD training lost up to a minute and
 its epoch times looked twice as noisy as they were. These pipelines do the same work with autotuning off.
 """
