@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import contextlib
 import hashlib
 import io
 import json
@@ -67,7 +66,7 @@ from tagstream.errors import (
     ScoringError,
     ValidationTimeoutError,
 )
-from tagstream.processes import exit_with_parent
+from tagstream.processes import background_child
 
 __all__ = [
     "LabelledProduct",
@@ -385,11 +384,7 @@ def child_init(parent_pid: int, niceness: int = 10) -> None:
     """Initializer of the validation process: a lower CPU priority, so that on a busy machine the worker's own
     threads win the cores and validation takes the slack; and it ends itself once the worker `parent_pid` is gone (a
     SIGKILLed worker runs no exit handler to stop it)."""
-    import os
-
-    with contextlib.suppress(OSError, AttributeError):
-        os.nice(niceness)
-    exit_with_parent(parent_pid)
+    background_child(parent_pid, niceness)
 
 
 def warm_up() -> bool:

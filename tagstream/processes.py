@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
 
-__all__ = ["exit_with_parent"]
+__all__ = ["background_child", "exit_with_parent"]
+
+
+def background_child(parent_pid: int, niceness: int) -> None:
+    """Set up a helper process tagstream starts: `niceness` below its priority (the parent's own threads win the
+    cores, the helper takes the slack) and ended once `parent_pid` is gone (a SIGKILLed parent runs no exit handler
+    to stop it)."""
+    with contextlib.suppress(OSError, AttributeError):  # AttributeError: no os.nice on this platform
+        os.nice(niceness)
+    exit_with_parent(parent_pid)
 
 
 def exit_with_parent(parent_pid: int, every_s: float = 1.0) -> None:

@@ -254,7 +254,7 @@ def baseline_scores(
     return out
 
 
-def _serve_scores(parent_pid: int, niceness: int = 0) -> None:
+def _serve_scores(parent_pid: int, niceness: int) -> None:
     """The child process of a `BaselineJob` (`python -c`): reads (train, products, label_map) pickled on stdin, writes
     ("ok", scores, "") or ("error", exception, traceback) pickled on stdout. Anything else written to stdout goes to
     stderr, the child runs `niceness` below the trainer's priority and ends with the trainer `parent_pid`."""
@@ -262,10 +262,9 @@ def _serve_scores(parent_pid: int, niceness: int = 0) -> None:
     import sys
     import traceback
 
-    from tagstream.processes import exit_with_parent
+    from tagstream.processes import background_child
 
-    exit_with_parent(parent_pid)
-    os.nice(niceness)
+    background_child(parent_pid, niceness)
     answers = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)  # a library's print cannot corrupt the answer
     sys.stdout = sys.stderr
