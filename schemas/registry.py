@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable
+from decimal import Decimal
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -75,15 +76,26 @@ def _integer_fields(name: str) -> tuple[str, ...]:
     )
 
 
-def _refuse_inexact_integers(name: str, obj: dict[str, Any]) -> None:
-    """orjson reads an integer beyond 2^64, or one written with a fraction or an exponent, as a float: from 2^53 on
-    that float may not be the number written (`9007199254740993.0` reads as ...992), so it is refused, not changed."""
-    for field in _integer_fields(name):
-        value = obj.get(field)
-        if isinstance(value, float) and abs(value) >= EXACT_INTEGER:
+def _refuse_inexact_integers(name: str, obj: dict[str, Any], raw: bytes) -> None:
+    """orjson reads an integer beyond 2^64, or one written with a fraction or an exponent, as a float. From 2^53 on
+    that float may not be the number written (`9007199254740993.0` reads as ...992); below it, a fraction too small
+    for a float (`5.000000000000000000001` reads as 5.0) would pass as an integer. Both are refused, not changed."""
+    floats = [f for f in _integer_fields(name) if isinstance(obj.get(f), float)]
+    if not floats:
+        return
+    for field in floats:
+        if abs(obj[field]) >= EXACT_INTEGER:
             raise SchemaValidationError(
                 f"{name}: {field} is an integer from 2^53 on written with a fraction or an exponent, or beyond 2^64: "
                 "it cannot be read exactly (write it as a plain integer within 64 bits)"
+            )
+    written = json.loads(raw, parse_float=Decimal)  # the numbers as written (only here: an integer written as a float)
+    for field in floats:
+        value = written.get(field) if isinstance(written, dict) else None
+        if isinstance(value, Decimal) and value != value.to_integral_value():
+            raise SchemaValidationError(
+                f"{name}: {field} must be an integer: {value} has a fraction (a float would read it as "
+                f"{obj[field]:.17g})"
             )
 
 
@@ -102,7 +114,7 @@ def decode_event(name: str, raw: bytes | None) -> dict[str, Any]:
     if not isinstance(obj, dict):
         raise EventDecodeError(f"{name}: expected a JSON object, got {type(obj).__name__}")
     validate(name, obj)
-    _refuse_inexact_integers(name, obj)
+    _refuse_inexact_integers(name, obj, raw)
     return obj
 
 

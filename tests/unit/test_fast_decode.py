@@ -174,6 +174,19 @@ def test_an_integer_that_cannot_be_read_exactly_is_refused_not_changed(written: 
     assert BehaviorEvent.decode(exact).ts == 2**53 - 1  # below 2^53 the float is the number written
 
 
+@pytest.mark.parametrize(
+    "written", ["5.000000000000000000001", "1764316805123.0000000000000001", "4.9999999999999999999e0"]
+)
+def test_an_integer_with_a_fraction_too_small_for_a_float_is_refused(written: str) -> None:
+    # each reads as a whole float (5.0, 1764316805123.0, 5.0) and used to be taken as that integer
+    raw = f'{{"schema_version":1,"event_type":"view","product_id":"p","user_id":"u","ts":{written}}}'.encode()
+    with pytest.raises(TagstreamError, match=r"click: ts must be an integer: .* has a fraction"):
+        BehaviorEvent.decode(raw)
+    for whole in ("5.000000000000000000000", "5e0", "50E-1"):  # integers, however written
+        raw = f'{{"schema_version":1,"event_type":"view","product_id":"p","user_id":"u","ts":{whole}}}'.encode()
+        assert BehaviorEvent.decode(raw).ts == 5
+
+
 def test_a_bad_event_gets_the_schema_validators_message() -> None:
     raw = orjson.dumps({"schema_version": 1, "event_type": "view", "product_id": "p", "user_id": "", "ts": 1})
     with pytest.raises(TagstreamError, match=r"click: data\.user_id must be longer than or equal to 1 characters"):
