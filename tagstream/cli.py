@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one subcommand; a TagstreamError prints one clear line and exits 2."""
+    """Run one subcommand; a TagstreamError prints one clear line and exits 2, Ctrl-C one line and exits 130."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
@@ -51,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     except TagstreamError as exc:
         print(f"tagstream {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # after every `finally` on the way (a half-written bundle is gone)
+        print(f"tagstream {args.command}: interrupted (Ctrl-C)", file=sys.stderr)
         return 130
 
 

@@ -244,7 +244,12 @@ def test_every_prints_each_cycle_as_it_ends_writes_its_report_and_keeps_the_gate
     assert (reports / Path(second["bundle"]).name / "report.html").is_file()
 
 
-def test_sigterm_while_the_bundle_is_written_leaves_no_temp_directory(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("signame", "code", "said"), [("SIGTERM", 143, "terminated (SIGTERM)"), ("SIGINT", 130, "interrupted (Ctrl-C)")]
+)
+def test_a_stop_while_the_bundle_is_written_leaves_no_temp_directory_and_says_so(
+    tmp_path: Path, signame: str, code: int, said: str
+) -> None:
     catalog = tmp_path / "catalog.jsonl"
     write_jsonl(generate_catalog(200, seed=5), catalog)
     out = tmp_path / "models"
@@ -256,7 +261,7 @@ def test_sigterm_while_the_bundle_is_written_leaves_no_temp_directory(tmp_path: 
         "    save = kw['featurizer_files']\n"
         "    def save_then_sigterm(directory):\n"
         "        names = save(directory)\n"
-        "        os.kill(os.getpid(), signal.SIGTERM)  # `docker stop` with the bundle half written\n"
+        f"        os.kill(os.getpid(), signal.{signame})  # `docker stop` or Ctrl-C with the bundle half written\n"
         "        return names\n"
         "    return write(registry, **{**kw, 'featurizer_files': save_then_sigterm})\n"
         "serving.bundle.write_bundle = mid_write\n"
@@ -271,9 +276,10 @@ def test_sigterm_while_the_bundle_is_written_leaves_no_temp_directory(tmp_path: 
         timeout=600,
         env={**os.environ, **TINY_ENV, "TAGSTREAM_EPOCHS": "1"},
     )
-    # before: killed (-15) with a hidden .tmp-* directory left in the registry for good
-    assert run.returncode == 143, run.stderr[-3000:]
-    assert list(out.iterdir()) == [] and "terminated (SIGTERM)" in run.stderr and "Traceback" not in run.stderr
+    # before: SIGTERM killed it (-15) with a hidden .tmp-* directory left in the registry for good; Ctrl-C exited 130
+    # without a word
+    assert run.returncode == code, run.stderr[-3000:]
+    assert list(out.iterdir()) == [] and f"tagstream train: {said}" in run.stderr and "Traceback" not in run.stderr
 
 
 def test_demo_refuses_zero_rate_and_zero_epochs_before_starting_anything(
