@@ -46,7 +46,8 @@ else (`12,50`, `1_000`, `₹220`, `-5`) is `bad_price`.
 Lines end at LF, with any CRs before it (a `\\r\\r\\n` file is numbered as an editor shows it); a lone CR inside a
 line is text (so a stray one does not renumber the lines, which are JD's ids). A file with more lone CRs than LFs
 (old Mac line ends, perhaps with a stray LF) is split at CR, CRLF and LF alike. Blank lines are neither rows nor
-malformed: they are counted in `DataReport.blank_lines`.
+malformed: they are counted in `DataReport.blank_lines` (a blank line inside a quoted BigBasket field is part of
+the field, not counted).
 """
 
 from __future__ import annotations
@@ -162,9 +163,10 @@ def _split_lines(data: bytes) -> list[bytes]:
     return lines
 
 
-def _lines(path: Path, data: bytes, report: DataReport) -> Lines:
+def _lines(path: Path, data: bytes, report: DataReport, *, keep_blank: bool = False) -> Lines:
     """Decode line by line (so a bad byte names its line); blank lines are counted apart (`blank_lines`), never
-    as rows."""
+    as rows. With `keep_blank` they are yielded too, for a reader that knows whether one is inside a quoted field
+    (text) or between records (then it counts it)."""
     if data.startswith(b"\xef\xbb\xbf"):
         data = data[3:]
     for i, raw in enumerate(_split_lines(data), 1):
@@ -176,7 +178,7 @@ def _lines(path: Path, data: bytes, report: DataReport) -> Lines:
             report.rows_read += 1
             report.skip(i, "not_utf8", str(e))
             continue
-        if not line.strip():
+        if not keep_blank and not line.strip():
             report.blank_lines += 1
             continue
         yield i, line
@@ -454,14 +456,23 @@ def _ends_in_quotes(line: str, in_quotes: bool) -> bool:
     return in_quotes
 
 
-def _csv_records(lines: Lines, unterminated: set[int], max_lines: int = _MAX_RECORD_LINES) -> Lines:
+def _skip_blank(lines: Lines, report: DataReport) -> Lines:
+    """`lines` without its blank lines, which are counted (`blank_lines`)."""
+    for item in lines:
+        if item[1].strip():
+            yield item
+        else:
+            report.blank_lines += 1
+
+
+def _csv_records(lines: Lines, unterminated: set[int], report: DataReport, max_lines: int = _MAX_RECORD_LINES) -> Lines:
     """Physical lines → BigBasket CSV records, joining the lines of a quoted field that spans them (the real file
     has two such titles). The lines are joined only when the quote closes within `max_lines` lines and the result
     parses as one row. A line that starts a record of its own (`<index>,`) ends the search, unless it closes the
     quote and the opening line has too few fields to be a record (`"Pack of` + `12, Red",…`). Else the first line
     is yielded alone and added to `unterminated` (the parser skips it as `unterminated_quote`) and the lines after
     it are read again as records of their own, so every physical line is kept or skipped by line number, never
-    swallowed."""
+    swallowed. A blank line is text inside a quoted field, and counted as blank (`blank_lines`) between records."""
     queue: deque[tuple[int, str]] = deque()
     source = iter(lines)
 
@@ -469,6 +480,9 @@ def _csv_records(lines: Lines, unterminated: set[int], max_lines: int = _MAX_REC
         return queue.popleft() if queue else next(source, None)
 
     while (item := pull()) is not None:
+        if not item[1].strip():
+            report.blank_lines += 1
+            continue
         if not _ends_in_quotes(item[1], False):
             yield item
             continue
@@ -501,8 +515,8 @@ def _one_row(text: str) -> bool:
 
 
 def _load_bigbasket(path: Path, report: DataReport) -> Iterator[tuple[int, CatalogProduct]]:
-    lines = _lines(path, _read_bytes(path), report)
-    _header(path, lines, _BB_HEADER, "bigbasket")
+    lines = _lines(path, _read_bytes(path), report, keep_blank=True)  # a quoted field may hold a blank line
+    _header(path, _skip_blank(lines, report), _BB_HEADER, "bigbasket")
     unterminated: set[int] = set()
 
     def parse(i: int, text: str) -> CatalogProduct:
@@ -517,7 +531,7 @@ def _load_bigbasket(path: Path, report: DataReport) -> Iterator[tuple[int, Catal
             raise _Malformed("bad_csv_quoting", str(e)) from None
         return _parse_bigbasket(row)
 
-    yield from _rows(path, _csv_records(lines, unterminated), report, parse)
+    yield from _rows(path, _csv_records(lines, unterminated, report), report, parse)
 
 
 # ---------------------------------------------------------------- jsonl

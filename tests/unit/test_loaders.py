@@ -220,6 +220,19 @@ def test_bigbasket_a_quote_that_never_closes_skips_only_its_own_line(tmp_path: P
     assert skipped == {(6, "unterminated_quote"), (9, "bad_csv_quoting")}  # file lines: header = 1, row 2 = 2-3
 
 
+def test_bigbasket_a_blank_line_inside_a_quoted_title_is_part_of_it(tmp_path: Path) -> None:
+    # before: blank lines were dropped before records were put together: the three inside the titles were taken out
+    # of their fields and counted as blank lines between records (7 in the data report instead of 4)
+    path = _bb(tmp_path, {3: '"Gift Hamper\n\n  \nDiwali Special"', 6: '"Tea\n\nBags"'})
+    path.write_text("\n\n" + path.read_text() + "\n\n", encoding="utf-8")  # blank lines between records, too
+    res = load_catalog(path, "bigbasket")
+    r = res.report
+    by_id = {p.product_id: p.title for p in res.products}
+    assert sorted(by_id) == [f"bigbasket-{i}" for i in range(1, 9)] and not r.skipped
+    assert by_id["bigbasket-3"] == "Gift Hamper Diwali Special" and by_id["bigbasket-6"] == "Tea Bags"
+    assert r.rows_read == 8 and r.blank_lines == 4  # the 2 before the header and the 2 at the end, none inside
+
+
 def test_jsonl_values_of_the_wrong_type_are_skipped_with_their_line(tmp_path: Path) -> None:
     import json
 
