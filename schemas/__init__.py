@@ -1,6 +1,7 @@
 """JSON Schemas of tagstream's topics and the typed records checked against them."""
 
 from schemas.records import (
+    TICK_KEY,
     BehaviorEvent,
     DeadLetter,
     ModelUpdate,
@@ -9,11 +10,13 @@ from schemas.records import (
     SourceRef,
     Tag,
     TagUpdate,
+    WindowTick,
 )
 from schemas.registry import SCHEMA_NAMES, decode_event, encode_event, load_schema, validate
 
 __all__ = [
     "SCHEMA_NAMES",
+    "TICK_KEY",
     "BehaviorEvent",
     "DeadLetter",
     "ModelUpdate",
@@ -22,6 +25,7 @@ __all__ = [
     "SourceRef",
     "Tag",
     "TagUpdate",
+    "WindowTick",
     "decode_event",
     "encode_event",
     "load_schema",

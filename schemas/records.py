@@ -113,6 +113,33 @@ class BehaviorEvent:
         return validate(self.SCHEMA, out)
 
 
+TICK_KEY = b"{tick}"  # the key of a WindowTick on the behaviour topic: braces are never in a product id
+
+
+@dataclass(frozen=True, slots=True)
+class WindowTick:
+    """A control record on the behaviour topic (key `TICK_KEY`): the partition's event time reaches `ts`."""
+
+    ts: int
+    worker_id: str
+
+    SCHEMA = "tick"
+
+    @classmethod
+    def from_dict(cls, obj: dict[str, Any]) -> WindowTick:
+        """Build from an already validated dict."""
+        return cls(int(obj["ts"]), obj["worker_id"])
+
+    @classmethod
+    def decode(cls, raw: bytes | None) -> WindowTick:
+        """Decode and validate a message value."""
+        return cls.from_dict(decode_event(cls.SCHEMA, raw))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The schema-valid wire form."""
+        return validate(self.SCHEMA, {"schema_version": 1, **asdict(self)})
+
+
 @dataclass(frozen=True, slots=True)
 class Tag:
     """One current tag of a product with its score and where it came from."""

@@ -18,7 +18,7 @@ from tagstream.errors import EventDecodeError, SchemaValidationError
 
 SCHEMA_DIR = Path(__file__).resolve().parent
 SCHEMA_VERSION = 1
-SCHEMA_NAMES = ("product-change", "click", "tag-update", "model-update", "dead-letter", "shadow-diff")
+SCHEMA_NAMES = ("product-change", "click", "tick", "tag-update", "model-update", "dead-letter", "shadow-diff")
 
 
 @cache

@@ -25,6 +25,7 @@ from streams.model import ModelHolder
 from streams.processor import BatchOutput, InMessage, Processor, now_ms
 from streams.settings import DEV_USER_HASH_KEY, WorkerSettings
 from streams.state import RedisStateStore, StateStore
+from streams.ticks import Ticker
 from streams.topics import (
     BEHAVIOR,
     DEAD_LETTER,
@@ -183,6 +184,18 @@ class Worker:
         if settings.fetch_batches:
             self.app.batched_topics = frozenset(settings.topic(spec.name) for spec in (PRODUCTS, BEHAVIOR))
             self.app.max_buffered_records = settings.max_buffered_records
+        self.ticker = (
+            Ticker(
+                self.topics[BEHAVIOR.name].get_topic_name(),
+                idle_ms=int(settings.tick_idle_s * 1000),
+                live_ms=int(settings.tick_live_s * 1000),
+                worker_id=settings.worker_id,
+                store=self._store,
+                send=self._send_one,
+            )
+            if settings.tick_idle_s > 0
+            else None
+        )
         self._define_agents()
         self.app.on_before_shutdown.connect(self._log_figures_at_shutdown)
 
@@ -226,6 +239,27 @@ class Worker:
                 )
             return self._processor
 
+    async def _store(self) -> StateStore:
+        return (await self.processor()).store
+
+    async def _send_one(self, topic: str, partition: int, key: bytes, value: bytes) -> None:
+        """Produce one record to a given partition and wait until Kafka has it (acks=all)."""
+        delivered = await self.app.producer.send(topic, key, value, partition=partition, timestamp=None, headers=None)
+        await delivered
+
+    async def tick_quiet_partitions(self) -> list[int]:
+        """A window tick to each behaviour partition this worker owns that needs one (`streams.ticks`); a failure
+        is logged, and the next check tries again."""
+        if self.ticker is None:
+            return []
+        topic = self.ticker.topic
+        owned = [tp.partition for tp in self.app.consumer.assignment() if tp.topic == topic]
+        try:
+            return await self.ticker.check(owned, now_ms())
+        except Exception as exc:  # Redis or Kafka away for a moment: the partitions stay quiet until the next check
+            log.warning("window ticks: %s: %s", type(exc).__name__, exc)
+            return []
+
     # ----------------------------------------------------------------- agents
     def _define_agents(self) -> None:
         app, topics = self.app, self.topics
@@ -237,6 +271,12 @@ class Worker:
         @app.agent(topics[BEHAVIOR.name], name="tagstream.behavior", concurrency=1)
         async def behavior(stream: faust.StreamT) -> None:
             await self._run_batches(stream, self._behaviour_steps)
+
+        if self.ticker is not None:
+
+            @app.timer(max(0.5, min(self.settings.tick_idle_s / 4, 15.0)))
+            async def tick_quiet_partitions() -> None:
+                await self.tick_quiet_partitions()
 
         @app.timer(10.0)
         async def log_stats() -> None:
@@ -346,7 +386,10 @@ class Worker:
         """Process a batch and enqueue its updates; returns their delivery futures and the batch's output."""
         if messages:
             topic = messages[0].topic.removeprefix(self.settings.topic_prefix)
-            self.stats.arrival.count(topic, now_ms(), (m.timestamp_ms for m in messages))
+            now = now_ms()
+            self.stats.arrival.count(topic, now, (m.timestamp_ms for m in messages))
+            if self.ticker is not None and topic == BEHAVIOR.name:
+                self.ticker.saw({m.partition for m in messages}, now)
         prepared = await prepare(messages)
         # Effects are computed and their updates enqueued while the batch holds its products, so a product's updates
         # reach the topic in the order its state changed, whichever agent produced them; a batch waits only for

@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 import orjson
 from redis.exceptions import RedisError
 
-from schemas import BehaviorEvent, DeadLetter, ProductChange, SourceRef, Tag, TagUpdate
+from schemas import TICK_KEY, BehaviorEvent, DeadLetter, ProductChange, SourceRef, Tag, TagUpdate, WindowTick
 from serving.behaviour import (
     BehaviourConfig,
     WindowCounts,
@@ -168,14 +168,15 @@ class PreparedProducts:
 
 @dataclass(slots=True)
 class PreparedBehaviour:
-    """A behaviour batch decoded before its products are held: dead letters so far and the decoded events."""
+    """A behaviour batch decoded before its products are held: dead letters so far and the decoded events (and
+    window ticks, the control records that move a partition's event time)."""
 
     out: BatchOutput
-    items: list[tuple[InMessage, BehaviorEvent]]
+    items: list[tuple[InMessage, BehaviorEvent | WindowTick]]
     product_ids: set[str] = field(init=False)  # the products the batch's events are about
 
     def __post_init__(self) -> None:
-        self.product_ids = {ev.product_id for _, ev in self.items}
+        self.product_ids = {ev.product_id for _, ev in self.items if type(ev) is BehaviorEvent}
 
 
 class ScoringModel:
@@ -253,6 +254,7 @@ INPUT_DECODERS = {
     "products": InputDecoder(ProductChange.decode, "updated_at", one_group_per_attribute),
     "behavior": InputDecoder(BehaviorEvent.decode, "ts"),
 }
+TICK_DECODER = InputDecoder(WindowTick.decode, "ts")  # a behaviour-topic record keyed TICK_KEY
 
 _E = TypeVar("_E")
 
@@ -465,14 +467,16 @@ class Processor:
         )
 
     def _decode_all(
-        self, messages: Sequence[InMessage], decoder: InputDecoder, out: BatchOutput
+        self, messages: Sequence[InMessage], decoder: InputDecoder, out: BatchOutput, *, ticks: bool = False
     ) -> list[tuple[InMessage, Any]]:
-        """The decoded events; the others (bad bytes, schema violations, a time too far ahead) as dead letters."""
+        """The decoded events (with `ticks`, a record keyed TICK_KEY as a WindowTick); the others (bad bytes, schema
+        violations, a time too far ahead) as dead letters."""
         good = []
         now = now_ms()
         for msg in messages:
             try:
-                good.append((msg, decoder.decode(msg.value, now, self.max_event_ahead_ms)))
+                use = TICK_DECODER if ticks and msg.key == TICK_KEY else decoder
+                good.append((msg, use.decode(msg.value, now, self.max_event_ahead_ms)))
             except EventDecodeError as exc:
                 out.dead_letters.append(dead_letter(msg, exc))
         return good
@@ -801,7 +805,7 @@ class Processor:
     async def prepare_behaviour(self, messages: Sequence[InMessage]) -> PreparedBehaviour:
         """Decode a behaviour batch (bad events become dead letters), which names the products it needs to hold."""
         out = BatchOutput()
-        return PreparedBehaviour(out, self._decode_all(messages, INPUT_DECODERS["behavior"], out))
+        return PreparedBehaviour(out, self._decode_all(messages, INPUT_DECODERS["behavior"], out, ticks=True))
 
     async def process_behaviour(
         self, messages: Sequence[InMessage], prepared: PreparedBehaviour | None = None, hold: Hold | None = None
@@ -846,11 +850,14 @@ class Processor:
         return out
 
     async def _process_behaviour(
-        self, items: list[tuple[InMessage, BehaviorEvent]], hold: Hold, swept: list[tuple[bytes, bytes]]
+        self, items: list[tuple[InMessage, Any]], hold: Hold, swept: list[tuple[bytes, bytes]]
     ) -> BatchOutput:
         out = BatchOutput()
         if not items:
             return out
+        ticks = [(msg, ev) for msg, ev in items if type(ev) is WindowTick]
+        if ticks:
+            items = [(msg, ev) for msg, ev in items if type(ev) is not WindowTick]
         latest: dict[str, int] = {}
         for _, ev in items:
             latest[ev.product_id] = max(latest.get(ev.product_id, 0), ev.ts)
@@ -865,6 +872,15 @@ class Processor:
             by_partition[key] = max(by_partition.get(key, 0), ev.ts)
             last_offsets[key] = msg.offset  # a partition's messages come in offset order
             touched.setdefault(key, set()).add(ev.product_id)
+        redelivered_from: dict[tuple[str, int], int] = {}  # the first redelivered offset of each partition
+        for msg, tick in ticks:  # a tick moves its partition's clock as an event would, for no product
+            key = (msg.topic, msg.partition)
+            by_partition[key] = max(by_partition.get(key, 0), tick.ts)
+            last_offsets[key] = max(last_offsets.get(key, -1), msg.offset)
+            touched.setdefault(key, set())
+            # a tick applies nothing itself, so nothing fences it: its batch's sweeps made before a restart, if any,
+            # are found by their offset (none for a tick seen the first time) and their updates sent again
+            redelivered_from[key] = min(redelivered_from.get(key, msg.offset), msg.offset)
         if self.cache is None:
             states, due_before = await self._states(sorted(latest), now=wanted), {}
         else:  # the products already due at the batch's watermarks, to expire with its writes (see _early_sweeps)
@@ -880,13 +896,13 @@ class Processor:
         fences = [msg.fence_field for msg, _ in items]  # built once per message
         last = {(ev.product_id, fence): i for i, ((_, ev), fence) in enumerate(zip(items, fences, strict=True))}
         evaluate: list[_Evaluation] = []
-        redelivered_from: dict[tuple[str, int], int] = {}  # the first redelivered offset of each partition
         for i, (msg, ev) in enumerate(items):
             state = states[ev.product_id]
             fence = fences[i]
             if msg.offset <= state.applied_offset(fence):
                 redelivered.setdefault((ev.product_id, fence), msg.offset)
-                redelivered_from.setdefault((msg.topic, msg.partition), msg.offset)  # offset order: the first
+                tp = (msg.topic, msg.partition)
+                redelivered_from[tp] = min(redelivered_from.get(tp, msg.offset), msg.offset)
                 continue
             user = self._hash_user(ev.user_id)
             users = batch_users.setdefault(ev.product_id, set())

@@ -196,6 +196,22 @@ class WorkerSettings(BaseSettings):
         "6,000 events/s (streams/gcwatch.py). Each must be at least 1 (0 would turn collection off).",
     )
     score_delta: float = Field(0.05, ge=0, le=1, description="A score move larger than this re-emits the tags.")
+    tick_idle_s: float = Field(
+        60.0,
+        ge=0,
+        allow_inf_nan=False,
+        description="A behaviour partition this worker owns that has had no record for this long (s) gets a window "
+        "tick (schemas/tick.v1.json) with the wall-clock time, when a product's behaviour tags there are due by then: "
+        "its event time moves on and tags whose windows passed turn off, as an event would do. 0 = no ticks (a "
+        "quiet partition keeps its tags until its next event).",
+    )
+    tick_live_s: float = Field(
+        3600.0,
+        gt=0,
+        allow_inf_nan=False,
+        description="Ticks only move a partition whose event time is at most this far (s) behind the wall clock: a "
+        "live stream, not a replay of older events (whose windows must follow the replayed times only).",
+    )
     max_event_ahead_ms: int = Field(
         86_400_000,
         ge=0,

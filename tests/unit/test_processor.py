@@ -11,7 +11,7 @@ import orjson
 import pytest
 from redis.exceptions import ResponseError
 
-from schemas import ProductChange, Tag, validate
+from schemas import TICK_KEY, ProductChange, Tag, WindowTick, validate
 from serving.bundle import LabelMap
 from streams.features import product_features
 from streams.model import BundleModel, ShadowScoring, ShadowStats
@@ -117,6 +117,66 @@ async def test_a_click_burst_turns_trending_on_and_it_expires_with_event_time(pr
     later = await processor.process_behaviour(feed("behavior", behaviour("other", "u1", T0 + 3 * 3_600_000)))
     expired = [u for u in updates(later) if u["product_id"] == "hot"]
     assert expired and expired[0]["reason"] == "window-expired" and "trending" in expired[0]["removed"]
+
+
+def tick(offset: int, ts: int, partition: int = 0, value: bytes | None = None) -> InMessage:
+    """A window tick on the behaviour topic, as a worker writes one to a quiet partition."""
+    raw = value if value is not None else orjson.dumps(WindowTick(ts, "w1").to_dict())
+    return InMessage("behavior", partition, offset, TICK_KEY, raw)
+
+
+@pytest.mark.parametrize("cache", [0, 100])
+async def test_a_tick_on_a_quiet_partition_expires_its_tags_and_a_restart_re_sends_the_expiry(
+    model: BundleModel, cache: int
+) -> None:
+    store = MemoryStateStore("t")
+    burst = [
+        InMessage("behavior", 0, i, b"a", orjson.dumps(behaviour("a", f"u{i % 9}", T0 + i * 5000))) for i in range(30)
+    ]
+    worker = Processor(store, user_hash_key=b"secret", model_provider=lambda: model, state_cache=cache)
+    assert any("trending" in u["added"] for u in updates(await worker.process_behaviour(burst)))
+    # the partition gets no event: a tick two hours of event time later turns trending off, as an event would
+    out = await worker.process_behaviour([tick(30, T0 + 2 * 3_600_000)])
+    [expired] = updates(out)
+    assert expired["product_id"] == "a" and expired["reason"] == "window-expired"
+    assert expired["removed"] == ["trending"] and expired["source"] == {
+        "topic": "behavior",
+        "partition": 0,
+        "offset": 30,
+    }
+    assert out.dead_letters == [] and out.applied == 0
+    state = (await store.read(["a"]))["a"]
+    assert state.tags is not None and "trending" not in {t["tag"] for t in state.tags["tags"]}
+    # the worker died before the update reached Kafka: its successor gets the tick again and sends it again
+    successor = Processor(store, user_hash_key=b"secret", model_provider=lambda: model, state_cache=cache)
+    assert updates(await successor.process_behaviour([tick(30, T0 + 2 * 3_600_000)])) == [expired]
+    # a later tick is no redelivery: nothing to send
+    assert updates(await successor.process_behaviour([tick(31, T0 + 3 * 3_600_000)])) == []
+
+
+async def test_a_tick_inside_a_batch_of_events_moves_only_its_own_partitions_clock(processor: Processor) -> None:
+    feed = Feed()
+    burst = [behaviour("a", f"u{i % 9}", T0 + i * 5000) for i in range(30)]
+    await processor.process_behaviour(feed("behavior", *burst, partition=1))
+    late = T0 + 2 * 3_600_000
+    batch = [tick(0, late, partition=0), *feed("behavior", behaviour("b", "u1", T0 + 200_000), partition=1)]
+    out = await processor.process_behaviour(batch)
+    assert [u["product_id"] for u in updates(out) if u["reason"] == "window-expired"] == []  # a's partition: 1
+    assert out.applied == 1
+    swept = await processor.process_behaviour([tick(1, late, partition=1)])
+    assert [(u["product_id"], u["removed"]) for u in updates(swept)] == [("a", ["trending"])]
+
+
+async def test_a_bad_tick_is_dead_lettered_and_an_event_keyed_like_a_tick_is_read_as_a_tick(
+    processor: Processor,
+) -> None:
+    clicks = orjson.dumps(behaviour("p", "u1", T0))
+    out = await processor.process_behaviour(
+        [tick(0, T0, value=b'{"schema_version": 1, "ts": -5}'), tick(1, T0, value=clicks)]
+    )
+    assert out.updates == [] and len(out.dead_letters) == 2
+    reasons = [orjson.loads(v)["reason"] for _, v in out.dead_letters]
+    assert all(r.startswith("tick:") for r in reasons), reasons
 
 
 class SweepCountingStore(MemoryStateStore):

@@ -16,6 +16,7 @@ from schemas import (
     ProductChange,
     ShadowDiff,
     TagUpdate,
+    WindowTick,
     decode_event,
     load_schema,
     validate,
@@ -25,6 +26,7 @@ from tagstream.errors import EventDecodeError, SchemaValidationError
 RECORDS = {
     "product-change": ProductChange,
     "click": BehaviorEvent,
+    "tick": WindowTick,
     "tag-update": TagUpdate,
     "model-update": ModelUpdate,
     "dead-letter": DeadLetter,
