@@ -253,8 +253,8 @@ class Worker:
         if self.ticker is None:
             return []
         topic = self.ticker.topic
-        owned = [tp.partition for tp in self.app.consumer.assignment() if tp.topic == topic]
         try:
+            owned = [tp.partition for tp in self.app.consumer.assignment() if tp.topic == topic]
             return await self.ticker.check(owned, now_ms())
         except Exception as exc:  # Redis or Kafka away for a moment: the partitions stay quiet until the next check
             log.warning("window ticks: %s: %s", type(exc).__name__, exc)

@@ -14,6 +14,7 @@ from typing import Any
 
 import orjson
 
+from schemas import TICK_KEY
 from streams.model_cli import kafka_errors
 from streams.settings import WorkerSettings
 from streams.topics import ensure_topics
@@ -316,7 +317,7 @@ async def _read_range(consumer: Any, tp: Any, first: int, end: int) -> list[tupl
     out: list[tuple[int, int, int, bytes | None]] = []
     while await consumer.position(tp) < end:
         batch = (await consumer.getmany(tp, timeout_ms=1000)).get(tp, [])
-        out += [(r.timestamp, r.partition, r.offset, r.value) for r in batch if r.offset < end]
+        out += [(r.timestamp, r.partition, r.offset, r.value) for r in batch if r.offset < end and r.key != TICK_KEY]
     return out
 
 
@@ -339,6 +340,8 @@ async def _tail(settings: WorkerSettings, topic: str, limit: int | None, latest:
             return
         consumer.subscribe([name])
         async for msg in consumer:
+            if msg.key == TICK_KEY:  # a worker's window tick: a control record, not an event
+                continue
             sys.stdout.write(_show(msg.value) + "\n")
             sys.stdout.flush()
             seen += 1
@@ -403,7 +406,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.set_defaults(func=_replay_cmd)
 
-    p = subparsers.add_parser("tail", help="print a topic's messages (e.g. tag-updates, dead-letter)")
+    p = subparsers.add_parser(
+        "tail",
+        help="print a topic's messages (e.g. tag-updates, dead-letter); the workers' window ticks on behavior (key "
+        "{tick}) are not printed",
+    )
     p.add_argument("topic", help="logical topic name: tag-updates, dead-letter, model-updates, ...")
     p.add_argument(
         "-n",

@@ -38,6 +38,8 @@ class WorkerSettings(BaseSettings):
     )
     worker_id: str = Field(
         default_factory=lambda: f"worker@{socket.gethostname()}:{os.getpid()}",
+        min_length=1,
+        max_length=256,
         description="Name of this worker in model events and `tagstream model status`; unique per worker process "
         "(the default names the host and the process id).",
     )
@@ -201,16 +203,17 @@ class WorkerSettings(BaseSettings):
         ge=0,
         allow_inf_nan=False,
         description="A behaviour partition this worker owns that has had no record for this long (s) gets a window "
-        "tick (schemas/tick.v1.json) with the wall-clock time, when a product's behaviour tags there are due by then: "
-        "its event time moves on and tags whose windows passed turn off, as an event would do. 0 = no ticks (a "
-        "quiet partition keeps its tags until its next event).",
+        "tick (schemas/tick.v1.json): its event time plus the wall time since it last rose, when a product's "
+        "behaviour tags there are due by then. Its event time moves on and tags whose windows passed turn off, as an "
+        "event would do. 0 = no ticks (a quiet partition keeps its tags until its next event).",
     )
     tick_live_s: float = Field(
         3600.0,
         gt=0,
         allow_inf_nan=False,
-        description="Ticks only move a partition whose event time is at most this far (s) behind the wall clock: a "
-        "live stream, not a replay of older events (whose windows must follow the replayed times only).",
+        description="Ticks only move a partition that was live when its event time last rose: the wall clock was "
+        "at most this far (s) past the event time it rose to. A replay of older events is further behind, and its "
+        "windows follow the replayed times only.",
     )
     max_event_ahead_ms: int = Field(
         86_400_000,

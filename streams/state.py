@@ -9,8 +9,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import time
 from collections import OrderedDict, defaultdict
-from collections.abc import Collection, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, Protocol
@@ -299,6 +300,8 @@ class StateStore(Protocol):
 
     async def due_lists(self, watermarks: dict[tuple[str, int], int]) -> dict[tuple[str, int], list[str]]: ...
 
+    async def watermark_raised(self, topic: str, partition: int) -> tuple[int, int | None]: ...
+
     async def swept_since(self, offsets: dict[tuple[str, int], int]) -> dict[tuple[str, int], list[str]]: ...
 
     async def apply(self, writes: list[Write]) -> list[WriteResult]: ...
@@ -328,10 +331,17 @@ def _decode_tags(raw: bytes | str | None) -> dict[str, Any] | None:
     return orjson.loads(raw) if raw else None
 
 
+# Raise a partition's watermark (never lower it); when it rises, note the wall time (ms) it rose at (window ticks)
 _WATERMARK_LUA = (
     "local v = redis.call('HGET', KEYS[1], ARGV[1]); "
-    "if (not v) or tonumber(v) < tonumber(ARGV[2]) then redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end"
+    "if (not v) or tonumber(v) < tonumber(ARGV[2]) then "
+    "redis.call('HSET', KEYS[1], ARGV[1], ARGV[2], ARGV[1] .. ':raised_at', ARGV[3]) end"
 )
+
+
+def wall_ms() -> int:
+    """Wall-clock time in epoch milliseconds."""
+    return time.time_ns() // 1_000_000
 
 
 DUE_LIMIT = 1000  # products one due list names at most (the rest stay due for the next batch)
@@ -455,9 +465,13 @@ class _Pipeline:
 class RedisStateStore:
     """State in Redis: one pipelined round trip to read a batch, one to write it (Lua, offset-fenced)."""
 
-    def __init__(self, client: aioredis.Redis, prefix: str, max_backoff: float = 5.0) -> None:
+    def __init__(
+        self, client: aioredis.Redis, prefix: str, max_backoff: float = 5.0, clock: Callable[[], int] = wall_ms
+    ) -> None:
+        """`clock`: the wall clock (epoch ms) noted when a watermark rises."""
         self.client = client
         self.prefix = prefix
+        self.clock = clock
         self.max_backoff = max_backoff
         self._script = _Script("state.lua")
         self._read_script = _Script("read.lua")
@@ -660,13 +674,23 @@ class RedisStateStore:
         )
         return int(value) if value else 0
 
+    async def watermark_raised(self, topic: str, partition: int) -> tuple[int, int | None]:
+        """A partition's watermark (0 if none) and the wall time (ms) it last rose at (None in a store written
+        before that was kept)."""
+        field = f"{topic}:{partition}"
+        value, at = await self._retry(
+            "watermark", lambda: self.client.hmget(watermark_key(self.prefix), [field, f"{field}:raised_at"])
+        )
+        return (int(value) if value else 0), (int(at) if at else None)
+
     def _queue_end_batch(self, pipe: list[tuple[Any, ...]], partitions: EndBatch) -> None:
         """After a behaviour batch, per (topic, partition): raise the watermark (never lowers it), update the active
         index and list the products due at the watermark — four replies each (`_due_lists` reads them)."""
         for topic, partition in partitions:
             watermark, entries = partitions[(topic, partition)]
             key = active_key(self.prefix, topic, partition)
-            pipe.append(("EVAL", _WATERMARK_LUA, 1, watermark_key(self.prefix), f"{topic}:{partition}", watermark))
+            field = f"{topic}:{partition}"
+            pipe.append(("EVAL", _WATERMARK_LUA, 1, watermark_key(self.prefix), field, watermark, self.clock()))
             add = {pid: due for pid, due in entries.items() if due is not None}
             drop = [pid for pid, due in entries.items() if due is None]
             pipe.append(("ZADD", key, *_score_members(add)) if add else ("ECHO", "0"))
@@ -686,8 +710,9 @@ class RedisStateStore:
 class MemoryStateStore:
     """The same state semantics as RedisStateStore, in process memory (for the agents' test harness)."""
 
-    def __init__(self, prefix: str = "ts") -> None:
+    def __init__(self, prefix: str = "ts", clock: Callable[[], int] = wall_ms) -> None:
         self.prefix = prefix
+        self.clock = clock
         self.hashes: dict[str, dict[str, str]] = defaultdict(dict)
         self.strings: dict[str, str] = {}
         self.hlls: dict[str, set[str]] = defaultdict(set)
@@ -838,10 +863,19 @@ class MemoryStateStore:
             due[(topic, partition)] = await self.due(topic, partition, watermark)
         return due
 
-    async def set_watermark(self, topic: str, partition: int, ts: int) -> None:
-        """Raise a partition's watermark to `ts`."""
+    async def watermark_raised(self, topic: str, partition: int) -> tuple[int, int | None]:
+        """A partition's watermark (0 if none) and the wall time (ms) it last rose at (None if never)."""
         h = self.hashes[watermark_key(self.prefix)]
-        h[f"{topic}:{partition}"] = str(max(ts, int(h.get(f"{topic}:{partition}", 0))))
+        at = h.get(f"{topic}:{partition}:raised_at")
+        return int(h.get(f"{topic}:{partition}", 0)), (int(at) if at else None)
+
+    async def set_watermark(self, topic: str, partition: int, ts: int) -> None:
+        """Raise a partition's watermark to `ts` (noting the wall time it rose at)."""
+        h = self.hashes[watermark_key(self.prefix)]
+        field = f"{topic}:{partition}"
+        if ts > int(h.get(field, 0)) or field not in h:
+            h[field] = str(ts)
+            h[f"{field}:raised_at"] = str(self.clock())
 
     async def close(self) -> None:
         """Nothing to close."""

@@ -4,8 +4,14 @@ A behaviour partition's clock is the newest event time it carried, so on a parti
 tags would stay on until its next event. The worker that owns such a partition writes a tick into it: a record with
 the wall-clock time that the behaviour agent reads like any other record of the partition. Its batch moves the
 partition's clock and expires what is due with the usual offset-fenced writes, and a restart that gets the tick again
-sends those updates again. A partition gets a tick only when it has been quiet for `idle_ms`, its clock is at most
-`live_ms` behind the wall clock (a live stream, not a replay of older events) and a product there is due by then.
+sends those updates again.
+
+A partition gets a tick when this worker has had no record of it for `idle_ms`, it was live when its event time last
+rose (the rise's wall time, kept beside the watermark in Redis, was at most `live_ms` after the event time it rose to:
+not a replay of older events) and a product there is due by the tick's time. That time is the partition's event time
+plus the wall time since it last rose: event time goes on at the wall clock's pace from where the stream left it, so
+neither a quiet spell nor an outage, however long, makes a live partition look like a replay, and the time does not
+depend on how this host's clock compares with the producers'.
 """
 
 from __future__ import annotations
@@ -64,16 +70,19 @@ class Ticker:
         store = await self._store()
         ticked = []
         for partition in quiet:
-            clock = await store.get_watermark(self.topic, partition)
-            if not 0 < clock < now or now - clock > self.live_ms:
-                continue  # no event yet, a clock ahead of this one, or a replay of older events
-            due = await store.due_lists({(self.topic, partition): now})
+            clock, raised_at = await store.watermark_raised(self.topic, partition)
+            if clock <= 0 or raised_at is None or raised_at - clock > self.live_ms:
+                continue  # no event yet (or none since ticks came), or a replay of older events
+            at = clock + now - raised_at
+            if at <= clock:
+                continue  # no wall time has passed since it rose (or this host's clock is behind that worker's)
+            due = await store.due_lists({(self.topic, partition): at})
             if not due.get((self.topic, partition)):
                 continue  # nothing would change: no record needed
-            value = orjson.dumps(WindowTick(now, self.worker_id).to_dict())
+            value = orjson.dumps(WindowTick(at, self.worker_id).to_dict())
             await self._send(self.topic, partition, TICK_KEY, value)
             self._seen[partition] = now
             self.sent += 1
             ticked.append(partition)
-            log.info("tick at %d sent to quiet partition %s/%d (event time %d)", now, self.topic, partition, clock)
+            log.info("tick at %d sent to quiet partition %s/%d (event time %d)", at, self.topic, partition, clock)
         return ticked

@@ -15,6 +15,7 @@ import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
+from schemas import TICK_KEY, WindowTick
 from tests.events import behaviour, upsert
 from tests.integration.conftest import REPO, StreamEnv
 
@@ -126,12 +127,16 @@ async def _produce(se: StreamEnv, topic: str, messages: list[tuple[bytes, bytes 
         await producer.stop()
 
 
-def test_tail_prints_null_for_a_tombstone_and_goes_on(make_stream_env: Any) -> None:
+def test_tail_prints_null_for_a_tombstone_and_goes_on_past_window_ticks(make_stream_env: Any) -> None:
     se = make_stream_env(partitions=1)
-    asyncio.run(_produce(se, "behavior", [(b"rp-a", None, T0), (b"rp-b", b'{"after": 1}', T0 + 1)]))
+    tick = orjson.dumps(WindowTick(T0, "w1").to_dict())
+    messages = [(b"rp-a", None, T0), (TICK_KEY, tick, T0 + 1), (b"rp-b", b'{"after": 1}', T0 + 2)]
+    asyncio.run(_produce(se, "behavior", messages))
     code, out, err = run_cli(se, "tail", "behavior", "-n", "2")
     assert code == 0 and "Traceback" not in err, err
-    assert out.splitlines() == ["null", '{"after": 1}']
+    assert out.splitlines() == ["null", '{"after": 1}']  # a worker's tick is no event: not printed
+    code, out, err = run_cli(se, "tail", "behavior", "-n", "2", "--latest")
+    assert code == 0 and out.splitlines() == ["null", '{"after": 1}'], err
 
 
 def test_tail_latest_prints_the_last_messages_over_all_partitions(stream_env: StreamEnv) -> None:

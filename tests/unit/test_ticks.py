@@ -26,10 +26,12 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> BundleModel:
 
 
 class Partitions:
-    """The behaviour topic as the ticker sees it: a processor reading each partition, the records sent to it."""
+    """The behaviour topic as the ticker sees it: a processor reading each partition (at wall time `wall`), and the
+    records sent to it."""
 
     def __init__(self, model: BundleModel) -> None:
-        self.store = MemoryStateStore("t")
+        self.wall = T0
+        self.store = MemoryStateStore("t", clock=lambda: self.wall)
         self.processor = Processor(self.store, user_hash_key=b"secret", model_provider=lambda: model)
         self.offsets: dict[int, int] = {}
         self.sent: list[tuple[str, int, bytes, bytes]] = []
@@ -46,15 +48,16 @@ class Partitions:
         self.offsets[partition] = offset + 1
         return InMessage("behavior", partition, offset, key, value)
 
-    async def clicks(self, partition: int, product: str, start: int, n: int = 30) -> list[dict]:
-        events = [behaviour(product, f"u{i % 9}", start + i * 5000) for i in range(n)]
+    async def clicks(self, partition: int, product: str, start: int, n: int = 30, users: int = 9) -> list[dict]:
+        """`n` clicks from `start` on, 5 s apart, read `lag` ms after the last one was made."""
+        events = [behaviour(product, f"u{i % users}", start + i * 5000) for i in range(n)]
         out = await self.processor.process_behaviour(
             [self.message(partition, product.encode(), orjson.dumps(e)) for e in events]
         )
         return [orjson.loads(v) for _, v in out.updates]
 
     async def read_back(self) -> list[dict]:
-        """The worker consuming what the ticker sent since the last read_back."""
+        """The worker consuming what the ticker sent since the last read_back (at wall time `wall`)."""
         updates = []
         fresh, self.read = self.sent[self.read :], len(self.sent)
         for _, partition, key, value in fresh:
@@ -68,55 +71,77 @@ def ticker(parts: Partitions, idle_ms: int = 60_000, live_ms: int = HOUR) -> Tic
     return Ticker("behavior", idle_ms=idle_ms, live_ms=live_ms, worker_id="w1", store=parts.get_store, send=parts.send)
 
 
-async def test_a_quiet_partition_gets_a_tick_that_turns_its_trending_tags_off(model: BundleModel) -> None:
+def removed(updates: list[dict]) -> list[tuple[str, list[str]]]:
+    return [(u["product_id"], u["removed"]) for u in updates if u["reason"] == "window-expired"]
+
+
+async def test_a_quiet_partition_gets_ticks_until_its_trending_and_hot_tags_are_off(model: BundleModel) -> None:
     parts = Partitions(model)
-    assert any("trending" in u["added"] for u in await parts.clicks(0, "a", T0))
-    assert any("trending" in u["added"] for u in await parts.clicks(1, "b", T0))
-    t = ticker(parts, live_ms=4 * HOUR)
-    clock = T0 + 29 * 5000  # both partitions' event time: their last click
-    # the worker was assigned both at `clock` and keeps hearing from partition 1 only
-    assert await t.check([0, 1], clock) == []
-    t.saw([1], clock + 2 * HOUR - 10_000)
-    assert await t.check([0, 1], clock + 2 * HOUR) == [0]  # quiet for two hours, trending is due
+    clock = T0 + 299 * 5000  # the burst's last click
+    parts.wall = clock + 2000  # read two seconds after it was made: a live stream
+    added = [t for u in await parts.clicks(0, "a", T0, n=300, users=60) for t in u["added"]]
+    assert {"trending", "hot"} <= set(added)
+    await parts.clicks(1, "b", T0)
+    t = ticker(parts)
+    assert await t.check([0, 1], parts.wall) == []  # just assigned: quiet from now on
+    t.saw([1], parts.wall + 2 * HOUR - 10_000)  # partition 1 keeps getting records
+    now = parts.wall + 2 * HOUR
+    assert await t.check([0, 1], now) == [0]
     [(topic, partition, key, value)] = parts.sent
     assert (topic, partition, key) == ("behavior", 0, TICK_KEY)
+    # event time goes on from the partition's own at the wall clock's pace: two hours after it last rose
     assert WindowTick.decode(value) == WindowTick(clock + 2 * HOUR, "w1")
-    [expired] = await parts.read_back()
-    assert (expired["product_id"], expired["reason"], expired["removed"]) == ("a", "window-expired", ["trending"])
-    # 0 just ticked, 1 heard from lately: no tick
-    assert await t.check([0, 1], clock + 2 * HOUR + 30_000) == []
-    # an hour on: 0 is quiet but has nothing due any more; 1 has been quiet for an hour, its trending is due
-    assert await t.check([0, 1], clock + 3 * HOUR) == [1] and len(parts.sent) == 2 and t.sent == 2
-    assert [(u["product_id"], u["removed"]) for u in await parts.read_back()] == [("b", ["trending"])]
+    parts.wall = now + 100
+    assert removed(await parts.read_back()) == [("a", ["trending"])]
+    # hot needs its 24 h window to pass: the partition stays quiet, far longer than an hour behind the wall clock,
+    # and still gets the tick that turns hot off (before: an hour behind, it counted as a replay and got none)
+    now = parts.wall + 23 * HOUR
+    assert await t.check([0], now) == [0]
+    parts.wall = now + 100
+    assert removed(await parts.read_back()) == [("a", ["hot"])]
+    assert await t.check([0], now + 30 * HOUR) == [] and t.sent == 2  # nothing left on: no more ticks
 
 
-async def test_no_tick_for_a_replay_of_older_events_or_a_partition_without_events(model: BundleModel) -> None:
+async def test_no_tick_for_a_replay_of_older_events(model: BundleModel) -> None:
     parts = Partitions(model)
-    await parts.clicks(0, "a", T0)
-    t = ticker(parts, live_ms=HOUR)
-    assert await t.check([0, 1], T0) == []
-    # the partition's event time is three hours behind the wall clock: a replay, whose windows follow its own times
-    assert await t.check([0, 1], T0 + 3 * HOUR) == [] and parts.sent == []
-    # the same quiet partition, with event time closer to the wall clock than live_ms: a live stream
-    assert await ticker(parts, live_ms=4 * HOUR).check([0, 1], T0 + 3 * HOUR) == []  # first check: seen now
-    t4 = ticker(parts, live_ms=4 * HOUR)
-    t4.saw([0, 1], T0)
-    assert await t4.check([0, 1], T0 + 3 * HOUR) == [0]  # partition 1 never had an event: no clock to move
+    parts.wall = T0 + 3 * HOUR  # events of three hours ago read now: a replay, whose windows follow its own times
+    assert any("trending" in u["added"] for u in await parts.clicks(0, "a", T0))
+    t = ticker(parts)
+    t.saw([0, 1], parts.wall)
+    assert await t.check([0, 1], parts.wall + 2 * HOUR) == [] and parts.sent == []
+    # the same with the replay read within live_ms of its times: live, and then the partition gets its tick
+    lenient = ticker(parts, live_ms=4 * HOUR)
+    lenient.saw([0, 1], parts.wall)
+    assert await lenient.check([0, 1], parts.wall + 2 * HOUR) == [0]  # partition 1 never had an event: no tick
+
+
+async def test_after_an_outage_a_new_worker_ticks_a_partition_left_quiet(model: BundleModel) -> None:
+    parts = Partitions(model)
+    parts.wall = T0 + 29 * 5000 + 1000
+    assert any("trending" in u["added"] for u in await parts.clicks(0, "a", T0))
+    # the worker stopped; another starts five hours later and owns the partition, still quiet
+    successor = ticker(parts)
+    restart = parts.wall + 5 * HOUR
+    assert await successor.check([0], restart) == []  # just assigned
+    assert await successor.check([0], restart + 60_000) == [0]
+    parts.wall = restart + 60_100
+    assert removed(await parts.read_back()) == [("a", ["trending"])]
 
 
 async def test_no_tick_when_nothing_is_due_and_a_revoked_partition_is_forgotten(model: BundleModel) -> None:
     parts = Partitions(model)
+    parts.wall = T0 + 20_000
     updates = await parts.clicks(0, "calm", T0, n=3)  # too few clicks for any behaviour tag
     assert not any(u.get("added") for u in updates if u["reason"] == "behaviour")
     t = ticker(parts)
-    t.saw([0], T0)
-    assert await t.check([0], T0 + HOUR // 2) == [] and parts.sent == []
+    t.saw([0], parts.wall)
+    assert await t.check([0], parts.wall + HOUR // 2) == [] and parts.sent == []
     # revoked, then assigned again: quiet only from its new assignment on
-    assert await t.check([], T0 + HOUR // 2) == []
+    assert await t.check([], parts.wall + HOUR // 2) == []
+    parts.wall = T0 + HOUR // 2 + 29 * 5000 + 1000
     await parts.clicks(0, "a", T0 + HOUR // 2)
-    clock = T0 + HOUR // 2 + 29 * 5000
-    assert await t.check([0], clock + HOUR // 2) == []
-    assert await t.check([0], clock + HOUR // 2 + 60_000) == [0]
+    assert await t.check([0], parts.wall + HOUR // 2) == []
+    assert await t.check([0], parts.wall + HOUR // 2 + 60_000) == [0]
 
 
 def test_ticks_are_on_by_default_and_zero_turns_them_off(tmp_path: Path) -> None:
@@ -126,3 +151,13 @@ def test_ticks_are_on_by_default_and_zero_turns_them_off(tmp_path: Path) -> None
     off = Worker(WorkerSettings(data_dir=tmp_path, tick_idle_s=0), capture_output=True)
     assert on.ticker is not None and on.ticker.idle_ms == 60_000 and on.ticker.topic == on.settings.topic("behavior")
     assert off.ticker is None
+
+
+@pytest.mark.parametrize("worker_id", ["", "w" * 257])
+def test_a_worker_id_a_tick_cannot_carry_is_refused_at_start(worker_id: str) -> None:
+    # before: accepted, and every tick then failed its schema (ticks silently off, a warning at every check)
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="worker_id"):
+        WorkerSettings(worker_id=worker_id)
+    assert WindowTick(T0, WorkerSettings(worker_id="w" * 256).worker_id).to_dict()["worker_id"] == "w" * 256
