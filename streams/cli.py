@@ -283,7 +283,7 @@ def _show(value: bytes | None) -> str:
     return "null" if value is None else value.decode("utf-8", "replace")
 
 
-async def _latest(settings: WorkerSettings, name: str, limit: int) -> list[bytes | None]:
+async def _latest(settings: WorkerSettings, name: str, limit: int, skip_ticks: bool = False) -> list[bytes | None]:
     """The last `limit` messages already on topic `name`, over all its partitions (by timestamp, then partition and
     offset): the last `limit` of each partition. A compacted topic (`tag-updates`) has gaps in its offsets, so a
     partition's window is widened from its end until it holds `limit` messages or reaches the partition's start."""
@@ -300,7 +300,7 @@ async def _latest(settings: WorkerSettings, name: str, limit: int) -> list[bytes
             back = limit
             while ends[tp] > starts[tp]:
                 first = max(starts[tp], ends[tp] - back)
-                got = await _read_range(consumer, tp, first, ends[tp])
+                got = await _read_range(consumer, tp, first, ends[tp], skip_ticks)
                 if len(got) >= limit or first == starts[tp]:
                     records += got[-limit:]
                     break
@@ -311,13 +311,20 @@ async def _latest(settings: WorkerSettings, name: str, limit: int) -> list[bytes
     return [r[3] for r in records[-limit:]]
 
 
-async def _read_range(consumer: Any, tp: Any, first: int, end: int) -> list[tuple[int, int, int, bytes | None]]:
-    """(timestamp, partition, offset, value) of partition `tp`'s messages from offset `first` up to `end`."""
+async def _read_range(
+    consumer: Any, tp: Any, first: int, end: int, skip_ticks: bool = False
+) -> list[tuple[int, int, int, bytes | None]]:
+    """(timestamp, partition, offset, value) of partition `tp`'s messages from offset `first` up to `end` (without
+    the workers' window ticks, with `skip_ticks`)."""
     consumer.seek(tp, first)
     out: list[tuple[int, int, int, bytes | None]] = []
     while await consumer.position(tp) < end:
         batch = (await consumer.getmany(tp, timeout_ms=1000)).get(tp, [])
-        out += [(r.timestamp, r.partition, r.offset, r.value) for r in batch if r.offset < end and r.key != TICK_KEY]
+        out += [
+            (r.timestamp, r.partition, r.offset, r.value)
+            for r in batch
+            if r.offset < end and not (skip_ticks and r.key == TICK_KEY)
+        ]
     return out
 
 
@@ -329,18 +336,19 @@ async def _tail(settings: WorkerSettings, topic: str, limit: int | None, latest:
     try:
         await consumer.start()
         name = settings.topic(topic)
+        skip_ticks = topic == "behavior"  # the workers' window ticks: control records, not events
         if name not in await consumer.topics():  # else aiokafka logs "not found" ten times a second, forever
             raise ConfigError(
                 f"no topic {name} (TAGSTREAM_TOPIC_PREFIX={settings.topic_prefix!r}; see `tagstream topics`)"
             )
         if latest and limit is not None:
-            for value in await _latest(settings, name, limit):
+            for value in await _latest(settings, name, limit, skip_ticks):
                 sys.stdout.write(_show(value) + "\n")
             sys.stdout.flush()
             return
         consumer.subscribe([name])
         async for msg in consumer:
-            if msg.key == TICK_KEY:  # a worker's window tick: a control record, not an event
+            if skip_ticks and msg.key == TICK_KEY:
                 continue
             sys.stdout.write(_show(msg.value) + "\n")
             sys.stdout.flush()

@@ -39,6 +39,7 @@ from streams.state import (
     ActiveIndex,
     EndBatch,
     Ops,
+    ProducedAt,
     ProductKeys,
     ProductState,
     StateCache,
@@ -518,6 +519,7 @@ class Processor:
         sweeps: _Sweeps | None = None,
         swept: list[tuple[bytes, bytes]] | None = None,
         new_until: ActiveIndex | None = None,
+        produced_at: ProducedAt | None = None,
     ) -> dict[tuple[str, int], list[str]]:
         """Write every product's effects (one fenced call each) — and, with `end_batch`, the batch's watermarks and
         active index in the same round trip, returning the due lists, and the `sweeps` of products that were due
@@ -536,7 +538,7 @@ class Processor:
         elif end_batch is None:
             results = await self.store.apply(writes)
         else:
-            results, due = await self.store.apply_and_end_batch(writes, end_batch)
+            results, due = await self.store.apply_and_end_batch(writes, end_batch, produced_at)
         if sweeps is not None and swept is not None:
             watermarks = {tp: wm for tp, (wm, _) in (end_batch or {}).items()}
             await self._settle_sweeps(sweeps.writes, sweeps.emitted, results[len(groups) :], watermarks, swept)
@@ -867,15 +869,18 @@ class Processor:
         by_partition: dict[tuple[str, int], int] = {}
         last_offsets: dict[tuple[str, int], int] = {}
         touched: dict[tuple[str, int], set[str]] = {}
+        produced: dict[tuple[str, int], int] = {}  # the Kafka timestamp of the record with the partition's newest time
         for msg, ev in items:
             key = (msg.topic, msg.partition)
-            by_partition[key] = max(by_partition.get(key, 0), ev.ts)
+            if ev.ts >= by_partition.get(key, 0):
+                by_partition[key], produced[key] = ev.ts, msg.timestamp_ms
             last_offsets[key] = msg.offset  # a partition's messages come in offset order
             touched.setdefault(key, set()).add(ev.product_id)
         redelivered_from: dict[tuple[str, int], int] = {}  # the first redelivered offset of each partition
         for msg, tick in ticks:  # a tick moves its partition's clock as an event would, for no product
             key = (msg.topic, msg.partition)
-            by_partition[key] = max(by_partition.get(key, 0), tick.ts)
+            if tick.ts >= by_partition.get(key, 0):
+                by_partition[key], produced[key] = tick.ts, msg.timestamp_ms
             last_offsets[key] = max(last_offsets.get(key, -1), msg.offset)
             touched.setdefault(key, set())
             # a tick applies nothing itself, so nothing fences it: its batch's sweeps made before a restart, if any,
@@ -935,7 +940,10 @@ class Processor:
             sweeps, index = early
             for tp, entries in index.items():
                 end[tp][1].update(entries)
-        due = await self._finish(groups, redelivered, states, out, end_batch=end, sweeps=sweeps, swept=swept)
+        produced_at = {tp: at for tp, at in produced.items() if at > 0}
+        due = await self._finish(
+            groups, redelivered, states, out, end_batch=end, sweeps=sweeps, swept=swept, produced_at=produced_at
+        )
         if any(due.values()):
             due = {tp: pids for tp, pids in due.items() if pids}
             await self._expire(due, by_partition, swept, hold, last_offsets)

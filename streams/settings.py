@@ -203,7 +203,8 @@ class WorkerSettings(BaseSettings):
         ge=0,
         allow_inf_nan=False,
         description="A behaviour partition this worker owns that has had no record for this long (s) gets a window "
-        "tick (schemas/tick.v1.json): its event time plus the wall time since it last rose, when a product's "
+        "tick (schemas/tick.v1.json): its event time plus the time since the record that raised it was produced (its "
+        "Kafka timestamp), when a product's "
         "behaviour tags there are due by then. Its event time moves on and tags whose windows passed turn off, as an "
         "event would do. 0 = no ticks (a quiet partition keeps its tags until its next event).",
     )
@@ -211,9 +212,9 @@ class WorkerSettings(BaseSettings):
         3600.0,
         gt=0,
         allow_inf_nan=False,
-        description="Ticks only move a partition that was live when its event time last rose: the wall clock was "
-        "at most this far (s) past the event time it rose to. A replay of older events is further behind, and its "
-        "windows follow the replayed times only.",
+        description="Ticks only move a partition that was live when its event time last rose: the record that "
+        "raised it was produced (its Kafka timestamp) at most this long (s) after the event time it carried. A replay "
+        "of older events is produced later than that, and its windows follow the replayed times only.",
     )
     max_event_ahead_ms: int = Field(
         86_400_000,

@@ -307,7 +307,7 @@ class StateStore(Protocol):
     async def apply(self, writes: list[Write]) -> list[WriteResult]: ...
 
     async def apply_and_end_batch(
-        self, writes: list[Write], end_batch: EndBatch
+        self, writes: list[Write], end_batch: EndBatch, produced_at: ProducedAt | None = None
     ) -> tuple[list[WriteResult], dict[tuple[str, int], list[str]]]: ...
 
     async def apply_and_index(
@@ -331,12 +331,25 @@ def _decode_tags(raw: bytes | str | None) -> dict[str, Any] | None:
     return orjson.loads(raw) if raw else None
 
 
-# Raise a partition's watermark (never lower it); when it rises, note the wall time (ms) it rose at (window ticks)
+# Raise a partition's watermark (never lower it); when it rises, keep `<watermark>:<produced_at>` beside it (the
+# Kafka timestamp of the record that raised it, for window ticks), or drop that pair when the time is not known
 _WATERMARK_LUA = (
     "local v = redis.call('HGET', KEYS[1], ARGV[1]); "
     "if (not v) or tonumber(v) < tonumber(ARGV[2]) then "
-    "redis.call('HSET', KEYS[1], ARGV[1], ARGV[2], ARGV[1] .. ':raised_at', ARGV[3]) end"
+    "redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]); "
+    "if ARGV[3] == '' then redis.call('HDEL', KEYS[1], ARGV[1] .. ':raised') "
+    "else redis.call('HSET', KEYS[1], ARGV[1] .. ':raised', ARGV[2] .. ':' .. ARGV[3]) end end"
 )
+ProducedAt = dict[tuple[str, int], int]  # per partition: the Kafka timestamp (ms) of the record with its newest time
+
+
+def _raised_at(watermark: int, pair: str | None) -> int | None:
+    """The produced-at time kept with `watermark` in a `<watermark>:<produced_at>` pair; None when the pair belongs
+    to another watermark (raised since by a worker that keeps none) or there is none."""
+    if not pair:
+        return None
+    kept, _, at = pair.partition(":")
+    return int(at) if kept == str(watermark) and at.isdigit() else None
 
 
 def wall_ms() -> int:
@@ -615,10 +628,12 @@ class RedisStateStore:
         return {tp: list(r) for tp, r in zip(offsets, replies, strict=True)}
 
     async def apply_and_end_batch(
-        self, writes: list[Write], end_batch: EndBatch
+        self, writes: list[Write], end_batch: EndBatch, produced_at: ProducedAt | None = None
     ) -> tuple[list[WriteResult], dict[tuple[str, int], list[str]]]:
-        """`apply(writes)` then `end_batch(end_batch)`, in the same round trip."""
-        return await self._apply(writes, end_batch)
+        """`apply(writes)` then `end_batch(end_batch)`, in the same round trip; `produced_at`: per partition, the
+        Kafka timestamp of the record with its newest event time (kept with a watermark it raises; the store's clock
+        where it is missing)."""
+        return await self._apply(writes, end_batch, produced_at=produced_at)
 
     async def apply_and_index(
         self, writes: list[Write], index: ActiveIndex, *, earlier_only: bool = False
@@ -634,6 +649,7 @@ class RedisStateStore:
         end_batch: EndBatch | None,
         index: ActiveIndex | None = None,
         earlier_only: bool = False,
+        produced_at: ProducedAt | None = None,
     ) -> tuple[list[WriteResult], dict[tuple[str, int], list[str]]]:
         # Every round trip counts: a socket write costs ~0.25 ms of system time on this machine's loopback.
         def queue(pipe: list[tuple[Any, ...]]) -> None:
@@ -644,7 +660,7 @@ class RedisStateStore:
                     pipe, w.ops.keys, [w.fence_field, w.offset, emit, orjson.dumps(w.ops.ops), w.stored_offset, expect]
                 )
             if end_batch:
-                self._queue_end_batch(pipe, end_batch)
+                self._queue_end_batch(pipe, end_batch, produced_at or {})
             for (topic, partition), entries in (index or {}).items():
                 self._queue_index(pipe, active_key(self.prefix, topic, partition), entries, earlier_only)
             for (topic, partition), swept in _swept_by_partition(writes).items():
@@ -675,22 +691,24 @@ class RedisStateStore:
         return int(value) if value else 0
 
     async def watermark_raised(self, topic: str, partition: int) -> tuple[int, int | None]:
-        """A partition's watermark (0 if none) and the wall time (ms) it last rose at (None in a store written
-        before that was kept)."""
+        """A partition's watermark (0 if none) and when the record that raised it was produced (its Kafka
+        timestamp, ms; None when not known: raised by a worker that keeps none, or none kept yet)."""
         field = f"{topic}:{partition}"
-        value, at = await self._retry(
-            "watermark", lambda: self.client.hmget(watermark_key(self.prefix), [field, f"{field}:raised_at"])
+        value, pair = await self._retry(
+            "watermark", lambda: self.client.hmget(watermark_key(self.prefix), [field, f"{field}:raised"])
         )
-        return (int(value) if value else 0), (int(at) if at else None)
+        watermark = int(value) if value else 0
+        return watermark, _raised_at(watermark, pair)
 
-    def _queue_end_batch(self, pipe: list[tuple[Any, ...]], partitions: EndBatch) -> None:
+    def _queue_end_batch(self, pipe: list[tuple[Any, ...]], partitions: EndBatch, produced_at: ProducedAt) -> None:
         """After a behaviour batch, per (topic, partition): raise the watermark (never lowers it), update the active
         index and list the products due at the watermark — four replies each (`_due_lists` reads them)."""
         for topic, partition in partitions:
             watermark, entries = partitions[(topic, partition)]
             key = active_key(self.prefix, topic, partition)
             field = f"{topic}:{partition}"
-            pipe.append(("EVAL", _WATERMARK_LUA, 1, watermark_key(self.prefix), field, watermark, self.clock()))
+            at = produced_at.get((topic, partition)) or self.clock()
+            pipe.append(("EVAL", _WATERMARK_LUA, 1, watermark_key(self.prefix), field, watermark, at))
             add = {pid: due for pid, due in entries.items() if due is not None}
             drop = [pid for pid, due in entries.items() if due is None]
             pipe.append(("ZADD", key, *_score_members(add)) if add else ("ECHO", "0"))
@@ -761,10 +779,10 @@ class MemoryStateStore:
         return users
 
     async def apply_and_end_batch(
-        self, writes: list[Write], end_batch: EndBatch
+        self, writes: list[Write], end_batch: EndBatch, produced_at: ProducedAt | None = None
     ) -> tuple[list[WriteResult], dict[tuple[str, int], list[str]]]:
-        """`apply(writes)` then `end_batch(end_batch)`."""
-        return await self.apply(writes), await self.end_batch(end_batch)
+        """`apply(writes)` then `end_batch(end_batch, produced_at)`."""
+        return await self.apply(writes), await self.end_batch(end_batch, produced_at)
 
     async def apply_and_index(
         self, writes: list[Write], index: ActiveIndex, *, earlier_only: bool = False
@@ -854,28 +872,31 @@ class MemoryStateStore:
         """Newest event time seen on a partition (0 if none)."""
         return int(self.hashes[watermark_key(self.prefix)].get(f"{topic}:{partition}", 0))
 
-    async def end_batch(self, partitions: EndBatch) -> dict[tuple[str, int], list[str]]:
+    async def end_batch(
+        self, partitions: EndBatch, produced_at: ProducedAt | None = None
+    ) -> dict[tuple[str, int], list[str]]:
         """Watermarks, active index and due lists of every partition (RedisStateStore._queue_end_batch)."""
         due = {}
         for (topic, partition), (watermark, entries) in partitions.items():
-            await self.set_watermark(topic, partition, watermark)
+            await self.set_watermark(topic, partition, watermark, (produced_at or {}).get((topic, partition)))
             await self.index_active(topic, partition, entries)
             due[(topic, partition)] = await self.due(topic, partition, watermark)
         return due
 
     async def watermark_raised(self, topic: str, partition: int) -> tuple[int, int | None]:
-        """A partition's watermark (0 if none) and the wall time (ms) it last rose at (None if never)."""
+        """A partition's watermark (0 if none) and when the record that raised it was produced (None if unknown)."""
         h = self.hashes[watermark_key(self.prefix)]
-        at = h.get(f"{topic}:{partition}:raised_at")
-        return int(h.get(f"{topic}:{partition}", 0)), (int(at) if at else None)
+        watermark = int(h.get(f"{topic}:{partition}", 0))
+        return watermark, _raised_at(watermark, h.get(f"{topic}:{partition}:raised"))
 
-    async def set_watermark(self, topic: str, partition: int, ts: int) -> None:
-        """Raise a partition's watermark to `ts` (noting the wall time it rose at)."""
+    async def set_watermark(self, topic: str, partition: int, ts: int, produced_at: int | None = None) -> None:
+        """Raise a partition's watermark to `ts`, keeping with it when the record that raised it was produced
+        (`produced_at`, else the store's clock)."""
         h = self.hashes[watermark_key(self.prefix)]
         field = f"{topic}:{partition}"
         if ts > int(h.get(field, 0)) or field not in h:
             h[field] = str(ts)
-            h[f"{field}:raised_at"] = str(self.clock())
+            h[f"{field}:raised"] = f"{ts}:{produced_at or self.clock()}"
 
     async def close(self) -> None:
         """Nothing to close."""

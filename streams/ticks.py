@@ -7,11 +7,12 @@ partition's clock and expires what is due with the usual offset-fenced writes, a
 sends those updates again.
 
 A partition gets a tick when this worker has had no record of it for `idle_ms`, it was live when its event time last
-rose (the rise's wall time, kept beside the watermark in Redis, was at most `live_ms` after the event time it rose to:
-not a replay of older events) and a product there is due by the tick's time. That time is the partition's event time
-plus the wall time since it last rose: event time goes on at the wall clock's pace from where the stream left it, so
-neither a quiet spell nor an outage, however long, makes a live partition look like a replay, and the time does not
-depend on how this host's clock compares with the producers'.
+rose (the record that raised it was produced, by its Kafka timestamp kept beside the watermark in Redis, at most
+`live_ms` after the event time it carried: not a replay of older events) and a product there is due by the tick's
+time. That time is the partition's event time plus the time since that record was produced: event time goes on at
+the wall clock's pace from where the stream left it. Both are production times, so a quiet spell, a late read or an
+outage does not make a live partition look like a replay (a tick read late carries its own production time). The
+elapsed time compares this worker's clock with the producer's: clocks must agree.
 """
 
 from __future__ import annotations
@@ -70,12 +71,12 @@ class Ticker:
         store = await self._store()
         ticked = []
         for partition in quiet:
-            clock, raised_at = await store.watermark_raised(self.topic, partition)
-            if clock <= 0 or raised_at is None or raised_at - clock > self.live_ms:
-                continue  # no event yet (or none since ticks came), or a replay of older events
-            at = clock + now - raised_at
+            clock, produced_at = await store.watermark_raised(self.topic, partition)
+            if clock <= 0 or produced_at is None or produced_at - clock > self.live_ms:
+                continue  # no event yet (or none read by a worker that keeps its time), or a replay of older events
+            at = clock + now - produced_at
             if at <= clock:
-                continue  # no wall time has passed since it rose (or this host's clock is behind that worker's)
+                continue  # no time has passed since it was produced (or this host's clock is behind the producer's)
             due = await store.due_lists({(self.topic, partition): at})
             if not due.get((self.topic, partition)):
                 continue  # nothing would change: no record needed

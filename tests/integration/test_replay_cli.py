@@ -137,6 +137,10 @@ def test_tail_prints_null_for_a_tombstone_and_goes_on_past_window_ticks(make_str
     assert out.splitlines() == ["null", '{"after": 1}']  # a worker's tick is no event: not printed
     code, out, err = run_cli(se, "tail", "behavior", "-n", "2", "--latest")
     assert code == 0 and out.splitlines() == ["null", '{"after": 1}'], err
+    # a dead letter keeps its message's key, a bad tick's too: on other topics nothing is skipped
+    asyncio.run(_produce(se, "dead-letter", [(TICK_KEY, b'{"reason": "bad tick"}', T0)]))
+    code, out, err = run_cli(se, "tail", "dead-letter", "-n", "1")
+    assert code == 0 and out.splitlines() == ['{"reason": "bad tick"}'], err
 
 
 def test_tail_latest_prints_the_last_messages_over_all_partitions(stream_env: StreamEnv) -> None:

@@ -557,7 +557,7 @@ async def test_behaviour_lanes_end_in_the_state_and_updates_of_one_lane(model: B
 
     results = []
     for lanes in (1, 3):
-        store = MemoryStateStore("t", clock=lambda: T0)  # the wall time a watermark rose at: the same in both runs
+        store = MemoryStateStore("t", clock=lambda: T0)  # time kept with a watermark (no Kafka timestamps here)
         processor = Processor(
             store, user_hash_key=b"secret", model_provider=lambda: model, behaviour_lanes=lanes, lane_min_events=1
         )

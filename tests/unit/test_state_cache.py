@@ -61,7 +61,7 @@ def _batches(seed: int) -> list[tuple[str, list[InMessage]]]:
 
 
 async def _run(model: BundleModel, state_cache: int, seed: int) -> tuple[list[Any], dict[str, Any], Processor]:
-    store = MemoryStateStore("t", clock=lambda: T0)  # the wall time a watermark rose at: the same in both runs
+    store = MemoryStateStore("t", clock=lambda: T0)  # time kept with a watermark (no Kafka timestamps here)
     processor = Processor(store, user_hash_key=b"k", model_provider=lambda: model, state_cache=state_cache)
     sent = []
     for topic, batch in _batches(seed):

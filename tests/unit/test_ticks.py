@@ -34,25 +34,34 @@ class Partitions:
         self.store = MemoryStateStore("t", clock=lambda: self.wall)
         self.processor = Processor(self.store, user_hash_key=b"secret", model_provider=lambda: model)
         self.offsets: dict[int, int] = {}
-        self.sent: list[tuple[str, int, bytes, bytes]] = []
+        self.sent: list[tuple[str, int, bytes, bytes, int]] = []
         self.read = 0
+        self.sending_at = 0  # the Kafka timestamp a sent record gets (0: none, the store's clock stands in)
 
     async def get_store(self) -> MemoryStateStore:
         return self.store
 
     async def send(self, topic: str, partition: int, key: bytes, value: bytes) -> None:
-        self.sent.append((topic, partition, key, value))
+        self.sent.append((topic, partition, key, value, self.sending_at))
 
-    def message(self, partition: int, key: bytes, value: bytes) -> InMessage:
+    def message(self, partition: int, key: bytes, value: bytes, produced_at: int = 0) -> InMessage:
         offset = self.offsets.get(partition, 0)
         self.offsets[partition] = offset + 1
-        return InMessage("behavior", partition, offset, key, value)
+        return InMessage("behavior", partition, offset, key, value, produced_at)
 
-    async def clicks(self, partition: int, product: str, start: int, n: int = 30, users: int = 9) -> list[dict]:
-        """`n` clicks from `start` on, 5 s apart, read `lag` ms after the last one was made."""
+    async def clicks(
+        self, partition: int, product: str, start: int, n: int = 30, users: int = 9, produced_lag: int | None = None
+    ) -> list[dict]:
+        """`n` clicks from `start` on, 5 s apart (produced `produced_lag` ms after they happened; None: records
+        without a Kafka timestamp), read at wall time `wall`."""
         events = [behaviour(product, f"u{i % users}", start + i * 5000) for i in range(n)]
         out = await self.processor.process_behaviour(
-            [self.message(partition, product.encode(), orjson.dumps(e)) for e in events]
+            [
+                self.message(
+                    partition, product.encode(), orjson.dumps(e), 0 if produced_lag is None else e["ts"] + produced_lag
+                )
+                for e in events
+            ]
         )
         return [orjson.loads(v) for _, v in out.updates]
 
@@ -60,8 +69,8 @@ class Partitions:
         """The worker consuming what the ticker sent since the last read_back (at wall time `wall`)."""
         updates = []
         fresh, self.read = self.sent[self.read :], len(self.sent)
-        for _, partition, key, value in fresh:
-            out = await self.processor.process_behaviour([self.message(partition, key, value)])
+        for _, partition, key, value, produced_at in fresh:
+            out = await self.processor.process_behaviour([self.message(partition, key, value, produced_at)])
             assert out.dead_letters == []
             updates += [orjson.loads(v) for _, v in out.updates]
         return updates
@@ -87,7 +96,7 @@ async def test_a_quiet_partition_gets_ticks_until_its_trending_and_hot_tags_are_
     t.saw([1], parts.wall + 2 * HOUR - 10_000)  # partition 1 keeps getting records
     now = parts.wall + 2 * HOUR
     assert await t.check([0, 1], now) == [0]
-    [(topic, partition, key, value)] = parts.sent
+    [(topic, partition, key, value, _)] = parts.sent
     assert (topic, partition, key) == ("behavior", 0, TICK_KEY)
     # event time goes on from the partition's own at the wall clock's pace: two hours after it last rose
     assert WindowTick.decode(value) == WindowTick(clock + 2 * HOUR, "w1")
@@ -142,6 +151,37 @@ async def test_no_tick_when_nothing_is_due_and_a_revoked_partition_is_forgotten(
     await parts.clicks(0, "a", T0 + HOUR // 2)
     assert await t.check([0], parts.wall + HOUR // 2) == []
     assert await t.check([0], parts.wall + HOUR // 2 + 60_000) == [0]
+
+
+async def test_a_stream_read_late_is_no_replay_and_its_ticks_go_on_after_an_outage(model: BundleModel) -> None:
+    # before: "live" was judged by when the worker read the records, so a burst read two hours late (workers down)
+    # counted as a replay and got no tick, and so did a partition whose last tick was read after an outage
+    parts = Partitions(model)
+    clock = T0 + 29 * 5000
+    parts.wall = clock + 2 * HOUR  # produced a second after each click, read two hours later
+    assert any("trending" in u["added"] for u in await parts.clicks(0, "a", T0, produced_lag=1000))
+    t = ticker(parts)
+    t.saw([0], parts.wall)
+    now = parts.wall + 60_000
+    parts.sending_at = now
+    assert await t.check([0], now) == [0]
+    assert WindowTick.decode(parts.sent[-1][3]).ts == clock + (now - (clock + 1000))
+    parts.wall = now + 3 * HOUR  # the tick is read after a three-hour outage: still the stream's own time
+    assert removed(await parts.read_back()) == [("a", ["trending"])]
+    assert await parts.store.watermark_raised("behavior", 0) == (clock + now - clock - 1000, now)
+
+
+async def test_a_watermark_raised_by_a_worker_that_keeps_no_time_gets_no_tick(model: BundleModel) -> None:
+    # a worker from before ticks raises the watermark and leaves the time kept for an older one: that time is not
+    # used (before: a tick hours ahead of the stream, and trending off a minute after it came on)
+    parts = Partitions(model)
+    parts.wall = T0 + 29 * 5000 + 1000
+    assert any("trending" in u["added"] for u in await parts.clicks(0, "a", T0))
+    parts.store.hashes["t:watermark"]["behavior:0"] = str(T0 + 6 * HOUR)  # what an older worker's script writes
+    assert await parts.store.watermark_raised("behavior", 0) == (T0 + 6 * HOUR, None)
+    t = ticker(parts)
+    t.saw([0], parts.wall)
+    assert await t.check([0], parts.wall + 7 * HOUR) == [] and parts.sent == []
 
 
 def test_ticks_are_on_by_default_and_zero_turns_them_off(tmp_path: Path) -> None:
