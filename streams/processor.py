@@ -869,18 +869,21 @@ class Processor:
         by_partition: dict[tuple[str, int], int] = {}
         last_offsets: dict[tuple[str, int], int] = {}
         touched: dict[tuple[str, int], set[str]] = {}
-        produced: dict[tuple[str, int], int] = {}  # the Kafka timestamp of the record with the partition's newest time
+        # per partition, the smallest (Kafka timestamp - event time) of the batch's records: how live the stream was
+        lag: dict[tuple[str, int], int] = {}
         for msg, ev in items:
             key = (msg.topic, msg.partition)
-            if ev.ts >= by_partition.get(key, 0):
-                by_partition[key], produced[key] = ev.ts, msg.timestamp_ms
+            by_partition[key] = max(by_partition.get(key, 0), ev.ts)
+            if msg.timestamp_ms > 0 and (late := msg.timestamp_ms - ev.ts) < lag.get(key, late + 1):
+                lag[key] = late
             last_offsets[key] = msg.offset  # a partition's messages come in offset order
             touched.setdefault(key, set()).add(ev.product_id)
         redelivered_from: dict[tuple[str, int], int] = {}  # the first redelivered offset of each partition
         for msg, tick in ticks:  # a tick moves its partition's clock as an event would, for no product
             key = (msg.topic, msg.partition)
-            if tick.ts >= by_partition.get(key, 0):
-                by_partition[key], produced[key] = tick.ts, msg.timestamp_ms
+            by_partition[key] = max(by_partition.get(key, 0), tick.ts)
+            if msg.timestamp_ms > 0 and (late := msg.timestamp_ms - tick.ts) < lag.get(key, late + 1):
+                lag[key] = late
             last_offsets[key] = max(last_offsets.get(key, -1), msg.offset)
             touched.setdefault(key, set())
             # a tick applies nothing itself, so nothing fences it: its batch's sweeps made before a restart, if any,
@@ -940,7 +943,7 @@ class Processor:
             sweeps, index = early
             for tp, entries in index.items():
                 end[tp][1].update(entries)
-        produced_at = {tp: at for tp, at in produced.items() if at > 0}
+        produced_at = {tp: by_partition[tp] + late for tp, late in lag.items()}  # as if its newest record was that live
         due = await self._finish(
             groups, redelivered, states, out, end_batch=end, sweeps=sweeps, swept=swept, produced_at=produced_at
         )

@@ -331,16 +331,16 @@ def _decode_tags(raw: bytes | str | None) -> dict[str, Any] | None:
     return orjson.loads(raw) if raw else None
 
 
-# Raise a partition's watermark (never lower it); when it rises, keep `<watermark>:<produced_at>` beside it (the
-# Kafka timestamp of the record that raised it, for window ticks), or drop that pair when the time is not known
+# Raise a partition's watermark (never lower it); when it rises, keep `<watermark>:<produced_at>` beside it (when
+# the batch that raised it was produced, for window ticks)
 _WATERMARK_LUA = (
     "local v = redis.call('HGET', KEYS[1], ARGV[1]); "
     "if (not v) or tonumber(v) < tonumber(ARGV[2]) then "
-    "redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]); "
-    "if ARGV[3] == '' then redis.call('HDEL', KEYS[1], ARGV[1] .. ':raised') "
-    "else redis.call('HSET', KEYS[1], ARGV[1] .. ':raised', ARGV[2] .. ':' .. ARGV[3]) end end"
+    "redis.call('HSET', KEYS[1], ARGV[1], ARGV[2], ARGV[1] .. ':raised', ARGV[2] .. ':' .. ARGV[3]) end"
 )
-ProducedAt = dict[tuple[str, int], int]  # per partition: the Kafka timestamp (ms) of the record with its newest time
+# Per partition: when a batch's newest event time was produced, by its records' Kafka timestamps: the newest time
+# plus the smallest (timestamp - event time) of its records (the liveliest record of the batch speaks for it)
+ProducedAt = dict[tuple[str, int], int]
 
 
 def _raised_at(watermark: int, pair: str | None) -> int | None:

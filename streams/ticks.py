@@ -2,17 +2,18 @@
 
 A behaviour partition's clock is the newest event time it carried, so on a partition with no traffic the behaviour
 tags would stay on until its next event. The worker that owns such a partition writes a tick into it: a record with
-the wall-clock time that the behaviour agent reads like any other record of the partition. Its batch moves the
+an event time that the behaviour agent reads like any other record of the partition. Its batch moves the
 partition's clock and expires what is due with the usual offset-fenced writes, and a restart that gets the tick again
 sends those updates again.
 
 A partition gets a tick when this worker has had no record of it for `idle_ms`, it was live when its event time last
-rose (the record that raised it was produced, by its Kafka timestamp kept beside the watermark in Redis, at most
-`live_ms` after the event time it carried: not a replay of older events) and a product there is due by the tick's
-time. That time is the partition's event time plus the time since that record was produced: event time goes on at
-the wall clock's pace from where the stream left it. Both are production times, so a quiet spell, a late read or an
-outage does not make a live partition look like a replay (a tick read late carries its own production time). The
-elapsed time compares this worker's clock with the producer's: clocks must agree.
+rose (the batch that raised it had a record produced, by its Kafka timestamp, at most `live_ms` after its event time;
+kept beside the watermark in Redis: not a replay of older events) and a product there is due by the tick's time.
+That time is the partition's event time plus the time since then: event time goes on at the wall clock's pace from
+where the stream left it. Both are production times, so a quiet spell, a late read or an outage does not make a live
+partition look like a replay (a tick read late carries its own production time); a batch of late-produced records
+alone (an offline client's upload) does, until the next live one. The elapsed time compares this worker's clock with
+the producers' (or the broker's, on a topic with LogAppendTime): clocks must agree.
 """
 
 from __future__ import annotations
@@ -60,8 +61,8 @@ class Ticker:
             self._seen[partition] = now
 
     async def check(self, owned: Iterable[int], now: int) -> list[int]:
-        """Send a tick at `now` to every owned partition that needs one; returns those partitions. A partition seen
-        the first time counts as active now (a worker that just got it waits `idle_ms` before its first tick)."""
+        """At wall time `now`, send a tick to every owned partition that needs one; returns those partitions. A
+        partition seen the first time counts as active now (a worker that just got it waits `idle_ms` first)."""
         owned = sorted(set(owned))
         for partition in set(self._seen) - set(owned):
             del self._seen[partition]  # revoked: another worker owns it

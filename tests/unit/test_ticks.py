@@ -171,6 +171,26 @@ async def test_a_stream_read_late_is_no_replay_and_its_ticks_go_on_after_an_outa
     assert await parts.store.watermark_raised("behavior", 0) == (clock + now - clock - 1000, now)
 
 
+async def test_a_batch_is_as_live_as_its_liveliest_record(model: BundleModel) -> None:
+    # before: the Kafka timestamp of the record with the newest time stood for the batch, so one late upload (an
+    # offline client's) among live clicks made the partition a replay, and equal times depended on record order
+    parts = Partitions(model)
+    clock = T0 + 29 * 5000
+    parts.wall = clock + 2000
+    live = [behaviour("a", f"u{i % 9}", T0 + i * 5000) for i in range(30)]
+    late = behaviour("b", "offline", clock)  # as new as the newest click, uploaded two hours later
+    batch = [parts.message(0, e["product_id"].encode(), orjson.dumps(e), e["ts"] + 1000) for e in live]
+    batch.append(parts.message(0, b"b", orjson.dumps(late), clock + 2 * HOUR))
+    assert any(
+        "trending" in u["added"]
+        for u in (orjson.loads(v) for _, v in (await parts.processor.process_behaviour(batch)).updates)
+    )
+    assert await parts.store.watermark_raised("behavior", 0) == (clock, clock + 1000)
+    t = ticker(parts)
+    t.saw([0], parts.wall)
+    assert await t.check([0], parts.wall + 2 * HOUR) == [0]
+
+
 async def test_a_watermark_raised_by_a_worker_that_keeps_no_time_gets_no_tick(model: BundleModel) -> None:
     # a worker from before ticks raises the watermark and leaves the time kept for an older one: that time is not
     # used (before: a tick hours ahead of the stream, and trending off a minute after it came on)
