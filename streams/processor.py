@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
-import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -46,6 +45,7 @@ from streams.state import (
     StateStore,
     Write,
     WriteResult,
+    now_ms,
     sweep_partition,
 )
 from streams.windows import GRANULARITIES, event_fields, live_buckets, stale_fields, window_sums
@@ -55,11 +55,6 @@ log = logging.getLogger(__name__)
 PRUNE_EVERY_MS = GRANULARITIES[0].width_ms
 USERS_DECIDE_KEPT = 4096  # products remembered as ones whose unique users decide a tag
 CONFLICT_ATTEMPTS = 3  # a batch whose write found a product changed by another writer is processed again, so often
-
-
-def now_ms() -> int:
-    """Wall-clock time in epoch milliseconds."""
-    return time.time_ns() // 1_000_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -857,7 +852,27 @@ class Processor:
         out = BatchOutput()
         if not items:
             return out
-        ticks = [(msg, ev) for msg, ev in items if type(ev) is WindowTick]
+        by_partition: dict[tuple[str, int], int] = {}
+        last_offsets: dict[tuple[str, int], int] = {}
+        touched: dict[tuple[str, int], set[str]] = {}
+        # per partition, the smallest (Kafka timestamp - event time) of the batch's records: how live the stream was
+        lag: dict[tuple[str, int], int] = {}
+        redelivered_from: dict[tuple[str, int], int] = {}  # the first redelivered offset of each partition
+        ticks = False
+        for msg, ev in items:  # a tick moves its partition's clock as an event does, for no product
+            key = (msg.topic, msg.partition)
+            by_partition[key] = max(by_partition.get(key, 0), ev.ts)
+            if msg.timestamp_ms > 0 and (late := msg.timestamp_ms - ev.ts) < lag.get(key, late + 1):
+                lag[key] = late
+            last_offsets[key] = msg.offset  # a partition's messages come in offset order
+            products = touched.setdefault(key, set())
+            if type(ev) is WindowTick:
+                # a tick applies nothing itself, so nothing fences it: its batch's sweeps made before a restart, if
+                # any, are found by their offset (none for a tick seen the first time) and their updates sent again
+                redelivered_from.setdefault(key, msg.offset)
+                ticks = True
+            else:
+                products.add(ev.product_id)
         if ticks:
             items = [(msg, ev) for msg, ev in items if type(ev) is not WindowTick]
         latest: dict[str, int] = {}
@@ -866,29 +881,6 @@ class Processor:
         # Unique users are counted only where they decide a tag: with the read for products where they did lately
         # (hot products near a threshold), after it for the others that turn out to need them.
         wanted = {pid: at for pid, at in latest.items() if pid in self._users_decide}
-        by_partition: dict[tuple[str, int], int] = {}
-        last_offsets: dict[tuple[str, int], int] = {}
-        touched: dict[tuple[str, int], set[str]] = {}
-        # per partition, the smallest (Kafka timestamp - event time) of the batch's records: how live the stream was
-        lag: dict[tuple[str, int], int] = {}
-        for msg, ev in items:
-            key = (msg.topic, msg.partition)
-            by_partition[key] = max(by_partition.get(key, 0), ev.ts)
-            if msg.timestamp_ms > 0 and (late := msg.timestamp_ms - ev.ts) < lag.get(key, late + 1):
-                lag[key] = late
-            last_offsets[key] = msg.offset  # a partition's messages come in offset order
-            touched.setdefault(key, set()).add(ev.product_id)
-        redelivered_from: dict[tuple[str, int], int] = {}  # the first redelivered offset of each partition
-        for msg, tick in ticks:  # a tick moves its partition's clock as an event would, for no product
-            key = (msg.topic, msg.partition)
-            by_partition[key] = max(by_partition.get(key, 0), tick.ts)
-            if msg.timestamp_ms > 0 and (late := msg.timestamp_ms - tick.ts) < lag.get(key, late + 1):
-                lag[key] = late
-            last_offsets[key] = max(last_offsets.get(key, -1), msg.offset)
-            touched.setdefault(key, set())
-            # a tick applies nothing itself, so nothing fences it: its batch's sweeps made before a restart, if any,
-            # are found by their offset (none for a tick seen the first time) and their updates sent again
-            redelivered_from[key] = min(redelivered_from.get(key, msg.offset), msg.offset)
         if self.cache is None:
             states, due_before = await self._states(sorted(latest), now=wanted), {}
         else:  # the products already due at the batch's watermarks, to expire with its writes (see _early_sweeps)
@@ -910,7 +902,7 @@ class Processor:
             if msg.offset <= state.applied_offset(fence):
                 redelivered.setdefault((ev.product_id, fence), msg.offset)
                 tp = (msg.topic, msg.partition)
-                redelivered_from[tp] = min(redelivered_from.get(tp, msg.offset), msg.offset)
+                redelivered_from[tp] = min(redelivered_from.get(tp, msg.offset), msg.offset)  # a tick's may be set
                 continue
             user = self._hash_user(ev.user_id)
             users = batch_users.setdefault(ev.product_id, set())

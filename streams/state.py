@@ -352,7 +352,7 @@ def _raised_at(watermark: int, pair: str | None) -> int | None:
     return int(at) if kept == str(watermark) and at.isdigit() else None
 
 
-def wall_ms() -> int:
+def now_ms() -> int:
     """Wall-clock time in epoch milliseconds."""
     return time.time_ns() // 1_000_000
 
@@ -479,7 +479,7 @@ class RedisStateStore:
     """State in Redis: one pipelined round trip to read a batch, one to write it (Lua, offset-fenced)."""
 
     def __init__(
-        self, client: aioredis.Redis, prefix: str, max_backoff: float = 5.0, clock: Callable[[], int] = wall_ms
+        self, client: aioredis.Redis, prefix: str, max_backoff: float = 5.0, clock: Callable[[], int] = now_ms
     ) -> None:
         """`clock`: the wall clock (epoch ms) noted when a watermark rises."""
         self.client = client
@@ -728,7 +728,7 @@ class RedisStateStore:
 class MemoryStateStore:
     """The same state semantics as RedisStateStore, in process memory (for the agents' test harness)."""
 
-    def __init__(self, prefix: str = "ts", clock: Callable[[], int] = wall_ms) -> None:
+    def __init__(self, prefix: str = "ts", clock: Callable[[], int] = now_ms) -> None:
         self.prefix = prefix
         self.clock = clock
         self.hashes: dict[str, dict[str, str]] = defaultdict(dict)

@@ -163,10 +163,15 @@ def _split_lines(data: bytes) -> list[bytes]:
     return lines
 
 
-def _lines(path: Path, data: bytes, report: DataReport, *, keep_blank: bool = False) -> Lines:
+def _lines(path: Path, data: bytes, report: DataReport) -> Lines:
     """Decode line by line (so a bad byte names its line); blank lines are counted apart (`blank_lines`), never
-    as rows. With `keep_blank` they are yielded too, for a reader that knows whether one is inside a quoted field
-    (text) or between records (then it counts it)."""
+    as rows."""
+    return _skip_blank(_decoded_lines(path, data, report), report)
+
+
+def _decoded_lines(path: Path, data: bytes, report: DataReport) -> Lines:
+    """Every line decoded, blank ones included (for a reader that knows whether one is inside a quoted field or
+    between records); a line that is not UTF-8 is skipped as `not_utf8` (on line 1: the whole file is refused)."""
     if data.startswith(b"\xef\xbb\xbf"):
         data = data[3:]
     for i, raw in enumerate(_split_lines(data), 1):
@@ -177,9 +182,6 @@ def _lines(path: Path, data: bytes, report: DataReport, *, keep_blank: bool = Fa
                 raise _error(path, 1, f"not UTF-8 text ({e.reason} at byte {e.start})") from None
             report.rows_read += 1
             report.skip(i, "not_utf8", str(e))
-            continue
-        if not keep_blank and not line.strip():
-            report.blank_lines += 1
             continue
         yield i, line
 
@@ -515,7 +517,7 @@ def _one_row(text: str) -> bool:
 
 
 def _load_bigbasket(path: Path, report: DataReport) -> Iterator[tuple[int, CatalogProduct]]:
-    lines = _lines(path, _read_bytes(path), report, keep_blank=True)  # a quoted field may hold a blank line
+    lines = _decoded_lines(path, _read_bytes(path), report)  # a quoted field may hold a blank line
     _header(path, _skip_blank(lines, report), _BB_HEADER, "bigbasket")
     unterminated: set[int] = set()
 
