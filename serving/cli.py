@@ -95,7 +95,7 @@ def run_lookup(args: argparse.Namespace) -> int:
     from aiohttp import web
     from redis.exceptions import RedisError
 
-    from serving.http import PING_TIMEOUT_S, create_app, state_format
+    from serving.http import FEATURES_TIMEOUT_S, PING_TIMEOUT_S, create_app, state_format
 
     settings = load_settings(
         http_port=args.port, http_host=args.host, redis_url=args.redis_url, redis_prefix=args.redis_prefix
@@ -105,14 +105,25 @@ def run_lookup(args: argparse.Namespace) -> int:
 
     prefix = settings.redis_prefix
     client = _redis_client(settings)
-    # The store's options are those of RedisStateStore.from_url, on a bounded pool like the tags client's.
-    store = RedisStateStore(_redis_client(settings, decode_responses=True, health_check_interval=30), prefix)
-    app = create_app(client, prefix, features=lambda pid: product_features(store, pid))
+    # The store's options are those of RedisStateStore.from_url, on a bounded pool like the tags client's, which its
+    # round trips take their connections from; a request tries Redis twice, not until it answers as a worker does.
+    store = RedisStateStore(
+        _redis_client(settings, decode_responses=True, health_check_interval=30), prefix, retries=1, pooled=True
+    )
+    app = create_app(
+        client,
+        prefix,
+        features=lambda pid: product_features(store, pid),
+        features_timeout=settings.redis_pool_timeout + FEATURES_TIMEOUT_S,
+    )
 
     async def check_prefix(_: web.Application) -> None:
         try:
             found = await asyncio.wait_for(state_format(client.hget, prefix), PING_TIMEOUT_S)
         except (TimeoutError, OSError, RedisError) as exc:  # /healthz will say so, requests get 503
+            if str(exc).startswith("WRONGTYPE"):
+                log.error('%s:meta is not a hash (%s): /healthz answers state_format "corrupt"', prefix, exc)
+                return
             log.warning("could not read %s:meta from Redis: %s", prefix, str(exc) or type(exc).__name__)
             return
         if found is None:

@@ -4,7 +4,8 @@
 The state is the JSON string at `<prefix>:{<product_id>}:tags` (SPEC §3) written by the worker; the response is that
 object with `product_id` added. Stored state the worker would not have written (a value that does not parse, a key
 of another type) answers 500 "corrupt ...". `GET /healthz` answers 200 when Redis answers, 503 otherwise; its
-`state_format` is the state format the workers wrote under the prefix (`<prefix>:meta`), null when none did.
+`state_format` is the state format the workers wrote under the prefix (`<prefix>:meta`), null when none did,
+"corrupt" when that key is not a hash. Every answer, errors included, is JSON.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import logging
 import re
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
+from urllib.parse import unquote
 
 import orjson
 from aiohttp import web
@@ -24,8 +26,8 @@ log = logging.getLogger(__name__)
 
 PRODUCT_ID_RE = re.compile(r"[^{}\s]{1,128}")  # as in the event schemas; fullmatch: "p1\n" is no product id
 PING_TIMEOUT_S = 2.0
-# The features read goes through the state store, which retries Redis until it answers (right for the worker's
-# writes, not for an HTTP client waiting): past this, the answer is 503.
+# The longest a features read may take (waiting for a pooled connection, then its round trips) before the answer
+# is 503; the lookup adds its pool wait to it.
 FEATURES_TIMEOUT_S = 5.0
 
 
@@ -40,6 +42,7 @@ HGet = Callable[[str, str], Awaitable[bytes | str | None]]  # a client's `hget(n
 REDIS = web.AppKey("redis", TagStore)
 FEATURES = web.AppKey("features", FeatureReader)
 PREFIX = web.AppKey("prefix", str)
+FEATURES_TIMEOUT = web.AppKey("features_timeout", float)
 _REDIS_ERRORS: tuple[type[BaseException], ...] = (OSError, TimeoutError, ConnectionError)
 try:  # redis is a dependency, but the HTTP layer only needs `get`
     from redis.exceptions import RedisError
@@ -65,6 +68,19 @@ def _wrong_type(exc: BaseException) -> bool:
     return str(exc).startswith("WRONGTYPE")
 
 
+def _product_id(request: web.Request) -> str | web.Response:
+    """The product id of the path, or the 400 answer for a malformed one (an id percent-encoded from bytes that
+    are not UTF-8 included: aiohttp would leave `%FF` as those three characters, naming another product)."""
+    raw = request.rel_url.raw_parts[2] if len(request.rel_url.raw_parts) > 2 else ""
+    try:
+        product_id = unquote(raw, errors="strict")
+    except UnicodeDecodeError:
+        return _json({"error": "invalid product id: not UTF-8", "product_id": raw}, status=400)
+    if not PRODUCT_ID_RE.fullmatch(product_id):
+        return _json({"error": "invalid product id", "product_id": product_id}, status=400)
+    return product_id
+
+
 def _corrupt(what: str, product_id: str, reason: object) -> web.Response:
     """500 {"error": "corrupt <what>", "product_id": ...}, logged with `reason`."""
     log.error("%s of %s is corrupt: %s", what, product_id, reason)
@@ -74,9 +90,9 @@ def _corrupt(what: str, product_id: str, reason: object) -> web.Response:
 async def get_tags(request: web.Request) -> web.Response:
     """The product's tag state, 404 when there is none, 400 for a malformed id, 500 when it is corrupt, 503 when Redis
     fails."""
-    product_id = request.match_info["product_id"]
-    if not PRODUCT_ID_RE.fullmatch(product_id):
-        return _json({"error": "invalid product id", "product_id": product_id}, status=400)
+    product_id = _product_id(request)
+    if isinstance(product_id, web.Response):
+        return product_id
     try:
         raw = await request.app[REDIS].get(tags_key(request.app[PREFIX], product_id))
     except _REDIS_ERRORS as exc:
@@ -98,11 +114,11 @@ async def get_tags(request: web.Request) -> web.Response:
 async def get_features(request: web.Request) -> web.Response:
     """The product's behaviour windows, 404 when nothing is known of it, 400 for a malformed id, 500 when its state is
     corrupt, 503 on Redis failure."""
-    product_id = request.match_info["product_id"]
-    if not PRODUCT_ID_RE.fullmatch(product_id):
-        return _json({"error": "invalid product id", "product_id": product_id}, status=400)
+    product_id = _product_id(request)
+    if isinstance(product_id, web.Response):
+        return product_id
     try:
-        features = await asyncio.wait_for(request.app[FEATURES](product_id), FEATURES_TIMEOUT_S)
+        features = await asyncio.wait_for(request.app[FEATURES](product_id), request.app[FEATURES_TIMEOUT])
     except ValueError as exc:  # a stored number or JSON value that does not parse
         return _corrupt("product state", product_id, exc)
     except (TimeoutError, *_REDIS_ERRORS) as exc:
@@ -135,16 +151,41 @@ async def healthz(request: web.Request) -> web.Response:
             elif ping is not None:
                 await ping()
     except (TimeoutError, *_REDIS_ERRORS) as exc:
-        return _json({"status": "unavailable", "redis": str(exc) or type(exc).__name__}, status=503)
+        if not _wrong_type(exc):
+            return _json({"status": "unavailable", "redis": str(exc) or type(exc).__name__}, status=503)
+        # Redis answers and lookups work: the meta key is what is wrong (the lookup logs it at start too)
+        log.error("%s:meta is not a hash: %s", request.app[PREFIX], exc)
+        body["state_format"] = "corrupt"
     return _json(body)
 
 
-def create_app(redis_client: TagStore, prefix: str = "ts", features: FeatureReader | None = None) -> web.Application:
+@web.middleware
+async def json_errors(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> Any:
+    """aiohttp's own answers (no such route, a method not allowed) as JSON like every other answer."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        response = _json({"error": exc.reason.lower()}, status=exc.status)
+        if allow := exc.headers.get("Allow"):
+            response.headers["Allow"] = allow
+        return response
+
+
+def create_app(
+    redis_client: TagStore,
+    prefix: str = "ts",
+    features: FeatureReader | None = None,
+    features_timeout: float = FEATURES_TIMEOUT_S,
+) -> web.Application:
     """The lookup application over a `redis.asyncio` client (or anything with an async `get`); `features` reads a
-    product's behaviour windows (the features route exists only with it)."""
-    app = web.Application()
+    product's behaviour windows (the features route exists only with it), answering 503 past `features_timeout`
+    seconds."""
+    app = web.Application(middlewares=[json_errors])
     app[REDIS] = redis_client
     app[PREFIX] = prefix
+    app[FEATURES_TIMEOUT] = features_timeout
     app.router.add_get("/products/{product_id:[^/]+}/tags", get_tags)
     if features is not None:
         app[FEATURES] = features

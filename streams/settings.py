@@ -27,7 +27,7 @@ class WorkerSettings(BaseSettings):
         SecretStr("redis://127.0.0.1:6379/0"),
         description="Redis URL: redis://, rediss:// or unix:// (may hold a password, hence secret).",
     )
-    redis_prefix: str = Field("ts", description="Prefix of every Redis key (SPEC.md §3).")
+    redis_prefix: str = Field("ts", min_length=1, description="Prefix of every Redis key (SPEC.md §3).")
     topic_prefix: str = Field("", description="Prefix of every topic name; tests use a fresh one per test.")
     partitions: int = Field(4, ge=1, description="Partitions of the products, behavior and tag-updates topics.")
     app_id: str = Field("tagstream-worker", description="Faust app id = Kafka consumer group of the agents.")

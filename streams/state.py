@@ -422,9 +422,12 @@ class _Pipeline:
     per command and reply, on hundreds per batch; this is the one place the store needs that speed (other calls use
     the client). One caller's round trips run in order; concurrent callers' may interleave in Redis."""
 
-    def __init__(self, client: aioredis.Redis, timeout: float = 30.0, size: int = 4) -> None:
+    def __init__(self, client: aioredis.Redis, timeout: float = 30.0, size: int = 4, pooled: bool = False) -> None:
+        """`pooled`: take each round trip's connection from the client's pool (bounded and waited for as the pool
+        says) instead of keeping `size` connections of its own."""
         self._client = client
         self._timeout = timeout
+        self._pooled = pooled
         self._idle: list[aioredis.Connection] = []
         self._slots = asyncio.Semaphore(size)
 
@@ -433,39 +436,50 @@ class _Pipeline:
         after every reply was read, so the connection stays usable."""
         if not commands:
             return []
+        if self._pooled:
+            pool = self._client.connection_pool
+            conn = await pool.get_connection()
+            try:
+                replies = await self._round_trip(conn, commands)
+            except BaseException:
+                await conn.disconnect()
+                raise
+            finally:
+                await pool.release(conn)
+            return _raise_error_reply(replies)
         async with self._slots:
             conn = self._idle.pop() if self._idle else None
             try:
                 if conn is None:
                     conn = self._client.connection_pool.make_connection()
                     await conn.connect()
-                try:
-                    packed = b"".join([hiredis.pack_command(c) for c in commands])
-                except TypeError as exc:
-                    raise DataError(str(exc)) from exc
-                await conn.send_packed_command(packed, check_health=False)
-                stream = conn._reader  # the replies are parsed here, not by the connection
-                if stream is None:
-                    raise ConnectionError("Redis connection not open")
-                parser = hiredis.Reader(encoding="utf-8")
-                replies: list[Any] = []
-                async with asyncio.timeout(self._timeout):
-                    while len(replies) < len(commands):
-                        data = await stream.read(1 << 17)
-                        if not data:
-                            raise ConnectionError("Redis closed the connection")
-                        parser.feed(data)
-                        while (reply := parser.gets()) is not False:
-                            replies.append(reply)
+                replies = await self._round_trip(conn, commands)
             except BaseException:
                 if conn is not None:
                     await conn.disconnect()
                 raise
             self._idle.append(conn)
-        for reply in replies:
-            if isinstance(reply, hiredis.ReplyError):
-                message = str(reply)
-                raise NoScriptError(message) if message.startswith("NOSCRIPT") else ResponseError(message)
+        return _raise_error_reply(replies)
+
+    async def _round_trip(self, conn: aioredis.Connection, commands: list[tuple[Any, ...]]) -> list[Any]:
+        try:
+            packed = b"".join([hiredis.pack_command(c) for c in commands])
+        except TypeError as exc:
+            raise DataError(str(exc)) from exc
+        await conn.send_packed_command(packed, check_health=False)
+        stream = conn._reader  # the replies are parsed here, not by the connection
+        if stream is None:
+            raise ConnectionError("Redis connection not open")
+        parser = hiredis.Reader(encoding="utf-8")
+        replies: list[Any] = []
+        async with asyncio.timeout(self._timeout):
+            while len(replies) < len(commands):
+                data = await stream.read(1 << 17)
+                if not data:
+                    raise ConnectionError("Redis closed the connection")
+                parser.feed(data)
+                while (reply := parser.gets()) is not False:
+                    replies.append(reply)
         return replies
 
     async def close(self) -> None:
@@ -475,21 +489,41 @@ class _Pipeline:
             await conn.disconnect()
 
 
+def _raise_error_reply(replies: list[Any]) -> list[Any]:
+    """`replies`, or the first Redis error reply among them raised (NOSCRIPT as NoScriptError)."""
+    for reply in replies:
+        if isinstance(reply, hiredis.ReplyError):
+            message = str(reply)
+            raise NoScriptError(message) if message.startswith("NOSCRIPT") else ResponseError(message)
+    return replies
+
+
 class RedisStateStore:
     """State in Redis: one pipelined round trip to read a batch, one to write it (Lua, offset-fenced)."""
 
     def __init__(
-        self, client: aioredis.Redis, prefix: str, max_backoff: float = 5.0, clock: Callable[[], int] = now_ms
+        self,
+        client: aioredis.Redis,
+        prefix: str,
+        max_backoff: float = 5.0,
+        clock: Callable[[], int] = now_ms,
+        *,
+        retries: int | None = None,
+        pooled: bool = False,
     ) -> None:
-        """`clock`: the wall clock (epoch ms) noted when a watermark rises."""
+        """`clock`: the wall clock (epoch ms) noted when a watermark rises. `retries`: how often a failed round trip
+        is tried again (None: until Redis answers, as a worker's writes must; a reader answering a client gives up
+        sooner). `pooled`: round trips take their connections from the client's pool, within its limit and wait
+        (a worker keeps a few connections of its own instead)."""
         self.client = client
         self.prefix = prefix
         self.clock = clock
         self.max_backoff = max_backoff
+        self.retries = retries
         self._script = _Script("state.lua")
         self._read_script = _Script("read.lua")
         self._users_script = _Script("users.lua")
-        self._pipe = _Pipeline(client)
+        self._pipe = _Pipeline(client, pooled=pooled)
 
     @classmethod
     def from_url(cls, url: str, prefix: str, max_backoff: float = 5.0) -> RedisStateStore:
@@ -514,13 +548,16 @@ class RedisStateStore:
             return await self._retry(what, run)
 
     async def _retry(self, what: str, fn: Any) -> Any:
-        """Run `fn()` until it succeeds, backing off exponentially up to `max_backoff` between attempts."""
+        """Run `fn()` until it succeeds (or `retries` times more), backing off exponentially up to `max_backoff`
+        between attempts."""
         delay = 0.05
         attempt = 0
         while True:
             try:
                 return await fn()
             except _RETRYABLE as exc:
+                if self.retries is not None and attempt >= self.retries:
+                    raise
                 attempt += 1
                 log.warning("redis %s failed (attempt %d): %s; retrying in %.2fs", what, attempt, exc, delay)
                 await asyncio.sleep(delay)

@@ -47,6 +47,8 @@ def _redis_url_problem(url: str) -> str | None:
             return "the path must be a database number such as /0"
     if options.get("db", 0) < 0:
         return "the database number must be 0 or more"
+    if (problem := _range_problem(options)) is not None:
+        return problem
     connection_class = options.pop("connection_class", Connection)
     for pool_option in ("max_connections", "timeout"):  # taken by the connection pool, not the connection
         options.pop(pool_option, None)
@@ -57,6 +59,25 @@ def _redis_url_problem(url: str) -> str | None:
         return f"unknown option {m.group(1)!r}" if m else "an option redis-py does not know"
     except (ValueError, RedisError):
         return "an option value that redis-py refuses"
+    return None
+
+
+# options redis-py parses as numbers but does not bound: a negative socket timeout passes its parser and then fails
+# every command ("Timeout writing to socket"); the pool options would override the lookup's checked settings
+_POSITIVE_OPTIONS = ("socket_timeout", "socket_connect_timeout", "timeout")
+_NON_NEGATIVE_OPTIONS = ("health_check_interval",)
+
+
+def _range_problem(options: dict[str, Any]) -> str | None:
+    """A numeric URL option out of its range, or None."""
+    for name in _POSITIVE_OPTIONS:
+        if (value := options.get(name)) is not None and value <= 0:
+            return f"the option {name} must be more than 0"
+    for name in _NON_NEGATIVE_OPTIONS:
+        if (value := options.get(name)) is not None and value < 0:
+            return f"the option {name} must be 0 or more"
+    if (value := options.get("max_connections")) is not None and value < 1:
+        return "the option max_connections must be 1 or more"
     return None
 
 

@@ -40,11 +40,18 @@ def _get(url: str) -> tuple[int, Any]:
         return err.code, json.loads(err.read())
 
 
-def _start_lookup(stream_env: StreamEnv) -> tuple[subprocess.Popen[bytes], str, dict[str, Any]]:
-    """`tagstream lookup` on a free port with the test's settings, once it answers; its URL and first /healthz."""
+def _start_lookup(
+    stream_env: StreamEnv, healthy: bool = True, **extra_env: str
+) -> tuple[subprocess.Popen[bytes], str, dict[str, Any]]:
+    """`tagstream lookup` on a free port with the test's settings (and `extra_env`; its log piped), once it answers;
+    its URL and first /healthz (asserted healthy unless `healthy` is False)."""
     port = _free_port()
-    env = {**os.environ, **stream_env.env}
-    server = subprocess.Popen([sys.executable, "-m", "tagstream.cli", "lookup", "--port", str(port)], env=env, cwd=REPO)
+    env = {**os.environ, **stream_env.env, **extra_env}
+    with (stream_env.tmp / f"lookup-{port}.log").open("wb") as log:  # a pipe would fill up and stall the server
+        server = subprocess.Popen(
+            [sys.executable, "-m", "tagstream.cli", "lookup", "--port", str(port)], env=env, cwd=REPO, stderr=log
+        )
+    server.log_path = log.name  # type: ignore[attr-defined]
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 30
     while True:
@@ -56,8 +63,16 @@ def _start_lookup(stream_env: StreamEnv) -> tuple[subprocess.Popen[bytes], str, 
                 server.terminate()
                 pytest.fail("lookup server did not start")
             time.sleep(0.2)
-    assert status == 200 and health["status"] == "ok"
+    if healthy:
+        assert status == 200 and health["status"] == "ok"
     return server, base, health
+
+
+def _stop(server: subprocess.Popen[bytes]) -> str:
+    """Stop the lookup; its log."""
+    server.terminate()
+    server.wait(timeout=10)
+    return Path(server.log_path).read_text(errors="replace")  # type: ignore[attr-defined]
 
 
 def test_lookup_serves_current_tags_and_features(stream_env: StreamEnv, tmp_path: Path) -> None:
@@ -93,8 +108,7 @@ def test_lookup_serves_current_tags_and_features(stream_env: StreamEnv, tmp_path
         assert _get(f"{base}/products/nobody/tags")[0] == 404
         assert _get(f"{base}/products/nobody/features")[0] == 404
     finally:
-        server.terminate()
-        server.wait(timeout=10)
+        _stop(server)
 
 
 async def _burst(urls: list[str]) -> Counter[tuple[str, int]]:
@@ -122,9 +136,10 @@ def test_a_burst_of_concurrent_requests_is_answered_not_refused(stream_env: Stre
         paths = ["/products/burst-1/tags", "/healthz", "/products/burst-1/features"]
         answers = asyncio.run(_burst([f"{base}{path}" for path in paths for _ in range(200)]))
         assert answers == Counter({("tags", 200): 200, ("healthz", 200): 200, ("features", 200): 200})
+        status, features = _get(f"{base}/products/burst-1/features")
+        assert status == 200 and features["as_of"] is None  # no behaviour event yet: no clock (was 0, 1970)
     finally:
-        server.terminate()
-        server.wait(timeout=10)
+        _stop(server)
 
 
 def test_corrupt_state_is_a_json_500_naming_the_product(stream_env: StreamEnv) -> None:
@@ -136,6 +151,9 @@ def test_corrupt_state_is_a_json_500_naming_the_product(stream_env: StreamEnv) -
     redis.set(f"{prefix}:{{text}}:tags", "hello")  # not JSON
     redis.hset(f"{prefix}:{{hash}}:tags", "a", "b")  # a hash where the worker writes a string
     redis.set(f"{prefix}:{{string}}:beh", "x")  # a string where the worker writes a hash
+    for product_id, tags in [("list", "[1]"), ("swept", '{"swept_at": {}}')]:  # JSON, but not what a worker writes
+        redis.set(f"{prefix}:{{{product_id}}}:tags", tags)
+        redis.hset(f"{prefix}:{{{product_id}}}:doc", mapping={"first_seen": "1", "deleted": "0"})
     server, base, _ = _start_lookup(stream_env)
     try:
         for product_id, route in [
@@ -146,10 +164,53 @@ def test_corrupt_state_is_a_json_500_naming_the_product(stream_env: StreamEnv) -
             ("hash", "features"),
             ("hash", "tags"),
             ("string", "features"),
+            ("list", "features"),  # these two were a text/plain 500 with a traceback in the log
+            ("swept", "features"),
         ]:
             status, body = _get(f"{base}/products/{product_id}/{route}")  # JSON, or _get raises
             assert (status, body["product_id"], body["error"].split()[0]) == (500, product_id, "corrupt"), route
         assert _get(f"{base}/healthz")[0] == 200
     finally:
-        server.terminate()
-        server.wait(timeout=10)
+        _stop(server)
+
+
+def test_features_keep_within_the_connection_limit_and_wait_for_a_connection(stream_env: StreamEnv) -> None:
+    # /features used 4 pipeline connections of its own, whatever TAGSTREAM_REDIS_MAX_CONNECTIONS said, and answered
+    # 503 once its own wait ran out while Redis was fine.
+    prefix = stream_env.settings.redis_prefix
+    redis = stream_env.redis()
+    redis.hset(f"{prefix}:{{pool-1}}:doc", mapping={"first_seen": "1", "deleted": "0"})
+    redis.hset(f"{prefix}:{{pool-1}}:beh", mapping={"last_ts": str(T0), "m:5881056:view": "3"})
+    redis.set(f"{prefix}:{{pool-1}}:tags", json.dumps({"tags": [], "model_version": None, "updated_at": 1}))
+    name = f"lookup-{prefix}"  # every connection the lookup opens carries it
+    url = stream_env.settings.redis_url.get_secret_value()
+    server, base, _ = _start_lookup(
+        stream_env,
+        TAGSTREAM_REDIS_URL=f"{url}{'&' if '?' in url else '?'}client_name={name}",
+        TAGSTREAM_REDIS_MAX_CONNECTIONS="2",
+        TAGSTREAM_REDIS_POOL_TIMEOUT="30",
+    )
+    try:
+        paths = ["/products/pool-1/features", "/products/pool-1/tags"]
+        answers = asyncio.run(_burst([f"{base}{path}" for path in paths for _ in range(150)]))
+        assert answers == Counter({("features", 200): 150, ("tags", 200): 150})
+        opened = [c for c in redis.client_list() if c.get("name") == name]
+        assert 1 <= len(opened) <= 4  # two clients of at most 2 connections each
+    finally:
+        _stop(server)
+
+
+def test_with_redis_down_features_answer_503_at_once_naming_the_cause(stream_env: StreamEnv) -> None:
+    # The features read retried Redis for 5 s per request, logged 7 warnings, and then said only "TimeoutError".
+    server, base, health = _start_lookup(
+        stream_env, healthy=False, TAGSTREAM_REDIS_URL=f"redis://127.0.0.1:{_free_port()}/0"
+    )
+    try:
+        assert health["status"] == "unavailable"
+        status, body = _get(f"{base}/products/p1/features")
+        assert status == 503 and body == {"error": "state store unavailable"}
+    finally:
+        log = _stop(server)
+    assert log.count("retrying") <= 1  # one retry at most per request
+    failed = [line for line in log.splitlines() if "feature lookup of p1 failed" in line]
+    assert len(failed) == 1 and "connecting to 127.0.0.1" in failed[0], log

@@ -53,8 +53,10 @@ MakeClient = Callable[..., Awaitable[TestClient]]
 async def make_client() -> AsyncIterator[MakeClient]:
     clients: list[TestClient] = []
 
-    async def make(store: MemoryStore, prefix: str = "ts", features: FeatureReader | None = None) -> TestClient:
-        client = TestClient(TestServer(create_app(store, prefix, features)))
+    async def make(
+        store: MemoryStore, prefix: str = "ts", features: FeatureReader | None = None, features_timeout: float = 5.0
+    ) -> TestClient:
+        client = TestClient(TestServer(create_app(store, prefix, features, features_timeout)))
         await client.start_server()
         clients.append(client)
         return client
@@ -120,14 +122,12 @@ async def test_store_failure_is_503(make_client: MakeClient) -> None:
     assert (await client.get("/products/p1/tags")).status == 503
 
 
-async def test_a_features_read_that_never_ends_is_503(make_client: MakeClient, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("serving.http.FEATURES_TIMEOUT_S", 0.2)
-
-    async def features(product_id: str) -> dict[str, Any] | None:  # the store retrying a Redis that is down
+async def test_a_features_read_that_never_ends_is_503(make_client: MakeClient) -> None:
+    async def features(product_id: str) -> dict[str, Any] | None:  # a Redis that never answers
         await asyncio.sleep(3600)
         return None
 
-    client = await make_client(MemoryStore(), features=features)
+    client = await make_client(MemoryStore(), features=features, features_timeout=0.2)
     resp = await client.get("/products/p1/features")
     assert resp.status == 503 and (await resp.json())["error"] == "state store unavailable"
 
@@ -205,6 +205,53 @@ async def test_healthz_says_whether_a_worker_wrote_state_under_the_prefix(make_c
     assert (await (await make_client(store, prefix="shop")).get("/healthz")).status == 503
 
 
+async def test_healthz_names_a_meta_key_of_another_type_corrupt_since_redis_answers(make_client: MakeClient) -> None:
+    from redis.exceptions import ResponseError
+
+    class WrongMeta(MetaStore):
+        async def hget(self, name: str, key: str) -> bytes | None:
+            raise ResponseError(WRONGTYPE)
+
+    store = WrongMeta({})
+    store.data["ts:{p1}:tags"] = b'{"tags": []}'
+    client = await make_client(store)
+    resp = await client.get("/healthz")  # was 503 "unavailable", though every lookup works
+    assert resp.status == 200 and await resp.json() == {"status": "ok", "state_format": "corrupt"}
+    assert (await client.get("/products/p1/tags")).status == 200
+
+
+async def test_an_id_percent_encoded_from_bytes_that_are_not_utf8_is_400_not_another_product(
+    make_client: MakeClient,
+) -> None:
+    asked: list[str] = []
+
+    async def features(product_id: str) -> dict[str, Any] | None:
+        asked.append(product_id)
+        return {"product_id": product_id}
+
+    store = MemoryStore({"ts:{%FF}:tags": b'{"tags": []}', "ts:{\u00e9}:tags": b'{"tags": []}'})
+    client = await make_client(store, features=features)
+    for route in ("tags", "features"):  # aiohttp leaves %FF as those three characters: the product "%FF"
+        resp = await client.get(f"/products/%FF/{route}")
+        body = await resp.json()
+        assert resp.status == 400 and body == {"error": "invalid product id: not UTF-8", "product_id": "%FF"}
+    assert store.asked == [] and asked == []
+    assert (await client.get("/products/%25FF/tags")).status == 200  # the id "%FF", written as it should be
+    assert (await client.get("/products/%C3%A9/tags")).status == 200  # é in UTF-8
+    assert store.asked == ["ts:{%FF}:tags", "ts:{\u00e9}:tags"]
+
+
+async def test_unknown_routes_and_methods_answer_json(make_client: MakeClient) -> None:
+    client = await make_client(MemoryStore({"ts:{p1}:tags": b'{"tags": []}'}))
+    for path in ("/nope", "/products/p1/tags/", "/products/p1"):
+        resp = await client.get(path)
+        assert (resp.status, resp.headers["Content-Type"].split(";")[0]) == (404, "application/json"), path
+        assert await resp.json() == {"error": "not found"}
+    resp = await client.post("/products/p1/tags")
+    assert resp.status == 405 and await resp.json() == {"error": "method not allowed"}
+    assert "GET" in resp.headers["Allow"]
+
+
 # ------------------------------------------------------------------------------------------------ settings, command
 
 
@@ -234,6 +281,39 @@ def test_the_redis_pool_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TAGSTREAM_REDIS_MAX_CONNECTIONS", "0")
     with pytest.raises(ConfigError, match="redis_max_connections"):
         load_settings()
+
+
+@pytest.mark.parametrize(
+    ("option", "problem"),
+    [
+        ("socket_timeout=-1", "socket_timeout must be more than 0"),  # every command failed: "Timeout writing"
+        ("socket_timeout=0", "socket_timeout must be more than 0"),
+        ("socket_connect_timeout=0", "socket_connect_timeout must be more than 0"),
+        ("timeout=0", "timeout must be more than 0"),  # the pool's: it overrode TAGSTREAM_REDIS_POOL_TIMEOUT
+        ("max_connections=0", "max_connections must be 1 or more"),
+        ("health_check_interval=-1", "health_check_interval must be 0 or more"),
+    ],
+)
+def test_a_redis_url_option_out_of_range_is_refused_at_load(
+    monkeypatch: pytest.MonkeyPatch, option: str, problem: str
+) -> None:
+    monkeypatch.setenv("TAGSTREAM_REDIS_URL", f"redis://:hunter2@127.0.0.1:6379/0?{option}")
+    with pytest.raises(ConfigError, match=problem) as err:
+        load_settings()
+    assert "hunter2" not in str(err.value)
+    monkeypatch.setenv("TAGSTREAM_REDIS_URL", "redis://127.0.0.1:6379/0?socket_timeout=2.5&health_check_interval=0")
+    assert load_settings().redis_url.get_secret_value().endswith("socket_timeout=2.5&health_check_interval=0")
+
+
+def test_the_worker_refuses_the_empty_prefix_the_lookup_refuses(monkeypatch: pytest.MonkeyPatch) -> None:
+    from streams.settings import WorkerSettings
+    from tagstream.settings import load_settings as load_service_settings
+
+    monkeypatch.setenv("TAGSTREAM_REDIS_PREFIX", "")
+    with pytest.raises(ConfigError, match="redis_prefix"):
+        load_settings()
+    with pytest.raises(ConfigError, match="redis_prefix"):  # it wrote ":{p}:tags", which the lookup cannot serve
+        load_service_settings(WorkerSettings, "worker")
 
 
 def _run_lookup(monkeypatch: pytest.MonkeyPatch, host: str, fail: OSError | None = None) -> list[Any]:
