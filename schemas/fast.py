@@ -7,7 +7,7 @@ field), and a message it refuses goes through orjson and the validator, so the s
 is the one reported.
 
 The compiler covers the keywords the event schemas use: `type` (one type, or one type and null), `const`, `enum`,
-`pattern`, `minLength`, `maxLength`, `minimum`, `items`, `maxItems`, `propertyNames.pattern`,
+`pattern`, `minLength`, `maxLength`, `minimum`, `items`, `maxItems`, `maxProperties`, `propertyNames.pattern`,
 `additionalProperties` (false at the top, a schema inside objects), `required`, and `if`/`then` of the form
 "if property P is the constant C (or absent: `properties` holds then too), then these are required". A schema with
 any other keyword gets no fast path, nor does one msgspec cannot express (float or beyond-int64 literals, an object
@@ -43,6 +43,7 @@ _FIELD = {
     "maxItems",
     "propertyNames",
     "additionalProperties",
+    "maxProperties",
 } | _NOT_CHECKED
 
 
@@ -116,6 +117,8 @@ def _field_type(name: str, spec: dict[str, Any]) -> Any:
         if not isinstance(values, dict):
             raise UnsupportedSchema(f"{name}: additionalProperties {values!r}")
         base = dict[key, _field_type(f"{name}{{}}", values)]  # type: ignore[misc,valid-type]
+        if "maxProperties" in spec:
+            base = Annotated[base, msgspec.Meta(max_length=spec["maxProperties"])]
     else:
         raise UnsupportedSchema(f"{name}: type {kind!r}")
     return base | None if nullable else base

@@ -34,27 +34,54 @@ def _validator(name: str) -> Callable[[Any], Any]:
     return fastjsonschema.compile(load_schema(name))
 
 
+MAX_REASON_CHARS = 1000  # an error's wording; the event itself is kept whole beside it (a dead letter's value_b64)
+_MAX_KEY_CHARS = 40  # a refused key as an error quotes it
+
+
+def bounded(text: str, limit: int = MAX_REASON_CHARS) -> str:
+    """`text` cut to `limit` characters, saying how many more there were (an error quoting an event's content can
+    be longer than the event: a 1 MB event's keys quoted made a dead letter over the producer's 4 MiB limit)."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}… ({len(text) - limit} more characters)"
+
+
 def validate(name: str, obj: Any) -> dict[str, Any]:
-    """Check `obj` against schema `name`; raise SchemaValidationError naming the failing field."""
+    """Check `obj` against schema `name`; raise SchemaValidationError naming the failing field (in at most
+    MAX_REASON_CHARS characters)."""
     try:
         _validator(name)(obj)
     except fastjsonschema.JsonSchemaValueException as exc:
-        raise SchemaValidationError(f"{name}: {_explain(exc)}") from None
+        raise SchemaValidationError(bounded(f"{name}: {_explain(exc)}")) from None
     return obj
 
 
+def _keys(keys: list[Any]) -> str:
+    """A few of `keys`, each cut short, and how many more."""
+    shown = []
+    for k in keys[:3]:
+        text = repr(k)
+        shown.append(text if len(text) <= _MAX_KEY_CHARS else f"{text[:_MAX_KEY_CHARS]}…")
+    return ", ".join(shown) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+
+
 def _explain(exc: fastjsonschema.JsonSchemaValueException) -> str:
-    """The validator's message; for a refused object key, which key and the rule it breaks (the validator only says
-    "must be named by propertyName definition")."""
-    names = (exc.definition or {}).get("propertyNames") if isinstance(exc.definition, dict) else None
+    """The validator's message; for a refused object key, which keys (a few) and the rule they break (the validator
+    says only "must be named by propertyName definition", or lists every unknown key whole)."""
+    definition = exc.definition if isinstance(exc.definition, dict) else {}
+    if exc.rule == "additionalProperties" and isinstance(exc.value, dict):
+        known = definition.get("properties") or {}
+        unknown = [k for k in exc.value if k not in known]
+        if unknown:
+            return f"{exc.name} has the unknown key{'s' if len(unknown) > 1 else ''} {_keys(unknown)}"
+    names = definition.get("propertyNames")
     if exc.rule != "propertyNames" or not isinstance(names, dict) or not isinstance(exc.value, dict):
         return exc.message
     pattern = names.get("pattern")
     anchored = end_anchored(pattern) if isinstance(pattern, str) else None  # `$` not before a final "\n"
     bad = [k for k in exc.value if not isinstance(k, str) or anchored is None or not re.search(anchored, k)]
     rule = names.get("description") or f"names must match {pattern}"
-    shown = ", ".join(repr(k) for k in bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
-    return f"{exc.name} has the refused key{'s' if len(bad) > 1 else ''} {shown}: {rule}"
+    return f"{exc.name} has the refused key{'s' if len(bad) > 1 else ''} {_keys(bad)}: {rule}"
 
 
 @cache
@@ -67,12 +94,14 @@ EXACT_INTEGER = 2**53  # below it every integer is a float too, and no other int
 
 @cache
 def _integer_fields(name: str) -> tuple[str, ...]:
-    """The top-level properties schema `name` types as integers."""
+    """The top-level properties schema `name` types as integers, or whose constant is one."""
     props = load_schema(name).get("properties") or {}
     return tuple(
         field
         for field, spec in props.items()
-        if spec.get("type") == "integer" or (isinstance(spec.get("type"), list) and "integer" in spec["type"])
+        if spec.get("type") == "integer"
+        or (isinstance(spec.get("type"), list) and "integer" in spec["type"])
+        or (type(spec.get("const")) is int)  # `schema_version: 1.0000000000000000001` is no 1
     )
 
 
@@ -110,12 +139,22 @@ def decode_event(name: str, raw: bytes | None) -> dict[str, Any]:
     try:
         obj = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
-        raise EventDecodeError(f"{name}: not UTF-8 JSON: {exc}") from None
+        raise EventDecodeError(f"{name}: {_not_json(raw, exc)}") from None
     if not isinstance(obj, dict):
         raise EventDecodeError(f"{name}: expected a JSON object, got {type(obj).__name__}")
     validate(name, obj)
     _refuse_inexact_integers(name, obj, raw)
     return obj
+
+
+def _not_json(raw: bytes, exc: orjson.JSONDecodeError) -> str:
+    """Why `raw` is no JSON text: where its UTF-8 breaks (orjson says "surrogates not allowed" for any bad byte), or
+    the parser's message."""
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as bad:
+        return f"not UTF-8: byte 0x{raw[bad.start]:02x} at offset {bad.start} ({bad.reason})"
+    return bounded(f"not JSON: {exc}")
 
 
 def encode_event(obj: dict[str, Any]) -> bytes:

@@ -279,8 +279,18 @@ def _replay_cmd(args: argparse.Namespace) -> int:
 
 
 def _show(value: bytes | None) -> str:
-    """A message value as one output line: a record with no value (a tombstone) prints as `null`."""
-    return "null" if value is None else value.decode("utf-8", "replace")
+    """A message value as one output line: a record with no value (a tombstone) prints as `null`. A value with line
+    breaks (pretty-printed JSON from another producer) prints as compact JSON, or, when it is no JSON, with its
+    breaks escaped (`\\n`, `\\r`)."""
+    if value is None:
+        return "null"
+    text = value.decode("utf-8", "replace")
+    if "\n" not in text and "\r" not in text:
+        return text
+    try:
+        return orjson.dumps(orjson.loads(value)).decode()
+    except orjson.JSONDecodeError:
+        return text.replace("\n", "\\n").replace("\r", "\\r")
 
 
 async def _latest(settings: WorkerSettings, name: str, limit: int, skip_ticks: bool = False) -> list[bytes | None]:

@@ -21,6 +21,7 @@ import orjson
 from redis.exceptions import RedisError
 
 from schemas import TICK_KEY, BehaviorEvent, DeadLetter, ProductChange, SourceRef, Tag, TagUpdate, WindowTick
+from schemas.registry import bounded
 from serving.behaviour import (
     BehaviourConfig,
     WindowCounts,
@@ -200,7 +201,7 @@ async def score_in_steps(model: ScoringModel, products: Sequence[ProductChange],
 def dead_letter(msg: InMessage, exc: BaseException) -> tuple[bytes | None, bytes]:
     """A dead-letter record keeping the whole message, the reason and where it came from."""
     record = DeadLetter(
-        reason=str(exc) or type(exc).__name__,
+        reason=bounded(str(exc) or type(exc).__name__),  # the whole message is in value_b64
         error_type=type(exc).__name__,
         source=msg.source,
         key_b64=base64.b64encode(msg.key).decode() if msg.key is not None else None,

@@ -383,6 +383,28 @@ def test_a_bad_event_of_almost_a_megabyte_is_dead_lettered_whole(stream_env: Str
     assert {u["product_id"] for u in done} == {"good-0", "good-1"}
 
 
+def test_an_invalid_event_whose_error_would_quote_a_megabyte_is_dead_lettered_and_the_worker_goes_on(
+    stream_env: StreamEnv, bundle: Path
+) -> None:
+    # The reason used to quote every unknown key (escaped: ~6x the event): a 4.4 MB dead letter, over the producer's
+    # limit, crashed the worker at the same offset at every restart.
+    worker = stream_env.start_worker(TAGSTREAM_MODEL_PATH=str(bundle))
+    keys = {"\x7f" * 40 + f"{i:06d}": 1 for i in range(19_000)}  # DEL: one byte raw, "\\x7f" quoted
+    bad = orjson.dumps({**behaviour("p-big", "u1", T0), **keys})
+    assert 900_000 < len(bad) < 1_000_000
+    sent = stream_env.produce("behavior", [bad, behaviour("p-ok", "u1", T0 + 1)])
+    [dead] = stream_env.consume("dead-letter", lambda m: len(m) >= 1)
+    assert base64.b64decode(dead["value_b64"]) == bad and dead["source"]["offset"] == sent[0][1]
+    assert "unknown keys" in dead["reason"] and "and 18997 more" in dead["reason"] and len(dead["reason"]) < 1100
+    stream_env.produce("products", [upsert("p-ok", "Nike Women Red Shoes")])
+    after = stream_env.consume("tag-updates", lambda m: any(u["product_id"] == "p-ok" for u in m))
+    assert any(u["product_id"] == "p-ok" for u in after) and worker.proc.poll() is None
+    deadline, key = time.monotonic() + 30, f"{stream_env.settings.redis_prefix}:{{p-ok}}:beh"
+    while (last := stream_env.redis().hget(key, "last_ts")) is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert last == str(T0 + 1)  # the event after the bad one was applied
+
+
 def test_a_worker_whose_agent_fails_stops_and_commits_nothing_past_the_failure(
     stream_env: StreamEnv, bundle: Path
 ) -> None:

@@ -250,7 +250,27 @@ def test_replay_refuses_a_file_that_is_not_jsonl_naming_the_first_bad_line_and_t
     path.write_text("1,2268318,2520377,pv,1511544070\n1,2333346,2520771,pv,1511561733\n")
     assert main(["replay", str(path), "--topic", "behavior"]) == 2
     line = only_error_line(capsys, "replay")
-    assert f"error: {path}:1: click: not UTF-8 JSON" in line and "0 over the size limit, 2 invalid, of 2" in line
+    assert f"error: {path}:1: click: not JSON" in line and "0 over the size limit, 2 invalid, of 2" in line
+
+
+@pytest.mark.usefixtures("replay_offline")
+def test_replay_names_a_huge_bad_line_in_a_short_error_line(capsys: pytest.CaptureFixture[str], tmp_path) -> None:
+    # the error quoted every unknown key: a 700 KB line printed a 2.8-million-character error line
+    event = {"schema_version": 1, "event_type": "view", "product_id": "p", "user_id": "u", "ts": 1764316805123}
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(orjson.dumps({**event, **{"\x7f" * 60 + str(i): 1 for i in range(10_000)}}) + b"\n")
+    assert path.stat().st_size > 600_000
+    assert main(["replay", str(path), "--topic", "behavior"]) == 2
+    line = only_error_line(capsys, "replay")
+    assert f"{path}:1: click: data has the unknown keys" in line and "and 9997 more" in line and len(line) < 1000
+
+
+def test_tail_prints_each_message_on_one_line() -> None:
+    from streams.cli import _show
+
+    assert _show(b'{\n  "product_id": "p1",\r\n  "n": 1\n}') == '{"product_id":"p1","n":1}'  # pretty JSON, compact
+    assert _show(b"not\njson\r") == "not\\njson\\r"  # no JSON: its breaks escaped
+    assert _show(b'{"a": 1}') == '{"a": 1}' and _show(None) == "null"  # one line already: as it is
 
 
 def test_replay_check_judges_each_line_as_the_worker_decodes_it(tmp_path) -> None:

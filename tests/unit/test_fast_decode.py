@@ -4,6 +4,7 @@ error."""
 
 from __future__ import annotations
 
+import base64
 import itertools
 import json
 from typing import Any
@@ -293,3 +294,53 @@ def test_a_schema_msgspec_cannot_express_does_not_break_decoding(spec: dict[str,
     schema = {"type": "object", "additionalProperties": False, "properties": {"v": spec}}
     for value in values:
         assert _fast_agrees_with_validator(schema, _dumps({"v": value})), value
+
+
+@pytest.mark.parametrize("count", [100, 101])
+def test_a_product_change_takes_at_most_100_attributes_on_either_path(count: int) -> None:
+    # Each attribute becomes a tag, written twice in the product's tag update: 16,000 one-letter attributes (a
+    # 197 KB event the schema took) made a 1.2 MB update the broker refused, and the worker stopped at it for good.
+    schema = load_schema("product-change")
+    event = {**schema["examples"][0], "attributes": {f"a{i}": "x" for i in range(count)}}
+    raw = _dumps(event)
+    assert _fast_agrees_with_validator(schema, raw)
+    if count <= 100:
+        assert fast_decoder("product-change", schema)(raw) is not None
+        assert len(ProductChange.decode(raw).attributes or {}) == count
+    else:
+        with pytest.raises(TagstreamError, match=r"attributes must contain less than or equal to 100 properties"):
+            ProductChange.decode(raw)
+
+
+def test_schema_version_written_with_a_fraction_is_refused_like_any_integer() -> None:
+    base = '{{"schema_version":{v},"event_type":"view","product_id":"p","user_id":"u","ts":5}}'
+    with pytest.raises(TagstreamError, match=r"click: schema_version must be an integer: .* has a fraction"):
+        BehaviorEvent.decode(base.format(v="1.0000000000000000001").encode())
+    assert BehaviorEvent.decode(base.format(v="1.0").encode()).ts == 5  # a zero fraction is still 1
+
+
+def test_an_error_quoting_the_event_stays_short_and_names_a_few_keys() -> None:
+    # the validator listed every unknown key, escaped: a 1 MB event gave a 2.8-million-character error
+    event = {"schema_version": 1, "event_type": "view", "product_id": "p", "user_id": "u", "ts": 5}
+    raw = _dumps({**event, **{"\x7f" * 100 + str(i): 1 for i in range(5000)}})
+    with pytest.raises(TagstreamError) as err:
+        BehaviorEvent.decode(raw)
+    message = str(err.value)
+    assert message.startswith("click: data has the unknown keys '\\x7f") and message.endswith("and 4997 more")
+    assert len(message) < 300
+
+
+def test_a_dead_letters_reason_is_cut_short_and_its_event_kept_whole() -> None:
+    from streams.processor import InMessage, dead_letter
+
+    value = b"x" * 300_000
+    _, record = dead_letter(InMessage("behavior", 0, 7, b"k", value, 1), RuntimeError("y" * 300_000))
+    letter = orjson.loads(record)
+    assert len(letter["reason"]) < 1100 and letter["reason"].endswith("… (299000 more characters)")
+    assert base64.b64decode(letter["value_b64"]) == value
+
+
+def test_bytes_that_are_not_utf8_are_named_with_their_offset() -> None:
+    raw = b'{"schema_version":1,"event_type":"view","product_id":"p\xff","user_id":"u","ts":5}'
+    with pytest.raises(TagstreamError, match=r"click: not UTF-8: byte 0xff at offset 55 \(invalid start byte\)"):
+        BehaviorEvent.decode(raw)  # orjson's own words: "surrogates not allowed"
