@@ -4,7 +4,8 @@ A bundle is a directory named by its model version inside a registry directory. 
 calls; `load_bundle` is what every worker calls before it lets a model near a session: it checks the manifest, the
 sha256 of every file, the optional Ed25519 signature, the ONNX graph (checker, no external data, opset and operator
 domains, sizes, input/output names, dtypes and shapes against the featurizer's L/K and the label map's T), the label
-map, the thresholds and the golden rows, and raises `ModelRejectedError` carrying *every* reason it found.
+map, the thresholds, the featurizer's asset files (each listed in the manifest) and the golden rows, and raises
+`ModelRejectedError` with the reasons it found (the first `MAX_REASONS` of them and a count of the others).
 
 No TensorFlow here: only onnx, numpy and cryptography.
 """
@@ -22,7 +23,7 @@ import shutil
 import stat
 import tempfile
 import zipfile
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import cached_property
@@ -41,6 +42,8 @@ if TYPE_CHECKING:  # the featurizer is another module's; imported lazily by Mode
     from serving.featurizer import Featurizer
 
 __all__ = [
+    "MAX_REASONS",
+    "MAX_REASON_CHARS",
     "BundleLimits",
     "GoldenSet",
     "Label",
@@ -48,11 +51,14 @@ __all__ = [
     "LabelMap",
     "ModelBundle",
     "Thresholds",
+    "capped",
+    "featurizer_assets",
     "list_versions",
     "load_bundle",
     "load_signing_key",
     "load_verify_key",
     "read_manifest_bytes",
+    "read_regular_file",
     "write_bundle",
 ]
 
@@ -83,6 +89,13 @@ BATCH_DIM = "N"
 TOKEN_DIM = "L"
 VERSION_RE = re.compile(r"^(\d{8}T\d{6}Z)-([0-9a-f]{8})$")
 _SAFE_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
+# A refusal keeps its first MAX_REASONS reasons, each cut at MAX_REASON_CHARS, and counts the others (`capped`): a
+# bundle with 50,000 broken labels gave a 2.9 MB model-rejected answer, over Kafka's message limit.
+MAX_REASONS = 20
+MAX_REASON_CHARS = 500
+_MORE_REASONS_RE = re.compile(r"… and (\d+) more reasons?")
+# The featurizer's asset files when featurizer.json names none (what `serving.featurizer.Featurizer.load` reads).
+_DEFAULT_ASSETS = {"idf": "idf.npy"}
 # Operators whose constant shape-like argument decides how much memory they allocate.
 _SHAPE_ARG_OPS = {"ConstantOfShape": 0, "Expand": 1, "Tile": 1, "Reshape": 1}
 
@@ -155,7 +168,7 @@ class LabelMap:
         reasons: list[str] = []
         parsed = _parse_labels(obj, reasons, DEFAULT_LIMITS)
         if parsed is None or reasons:
-            raise ModelRejectedError(reasons or ["labels.json: invalid"])
+            raise ModelRejectedError(capped(reasons) or ["labels.json: invalid"])
         return parsed
 
     def to_json(self) -> dict[str, Any]:
@@ -237,10 +250,16 @@ class ModelBundle:
     @cached_property
     def featurizer(self) -> Featurizer:
         """The bundle's featurizer, loaded on first use with `serving.featurizer.Featurizer.load(path)`, each of its
-        files checked against the manifest's sha256 as it is read (FeaturizerError if one changed since)."""
+        files checked against the manifest's sha256 as it is read (FeaturizerError if one changed since), unless
+        `use_featurizer` gave it."""
         from serving.featurizer import Featurizer
 
         return Featurizer.load(self.path, sha256=self.manifest.get("files") or {})
+
+    def use_featurizer(self, featurizer: Featurizer) -> None:
+        """Make `featurizer` (built from bytes already checked against the manifest) this bundle's, so its files are
+        not read again."""
+        self.__dict__["featurizer"] = featurizer  # the cached_property's slot
 
 
 # --------------------------------------------------------------------------------------------------- keys
@@ -478,6 +497,22 @@ def _is_safe_name(name: str) -> bool:
 # --------------------------------------------------------------------------------------------------- loading
 
 
+def capped(reasons: Sequence[str], limit: int = MAX_REASONS, chars: int = MAX_REASON_CHARS) -> list[str]:
+    """The first `limit` reasons, each cut at `chars` characters, and one more counting the others: what a refusal
+    carries into an error line, a model-rejected answer or a worker's status. Capping a capped list again keeps its
+    count of the others."""
+    kept = list(reasons)
+    more = 0
+    counted = _MORE_REASONS_RE.fullmatch(kept[-1]) if kept else None
+    if counted:
+        more, kept = int(counted.group(1)), kept[:-1]
+    more += max(0, len(kept) - limit)
+    out = [r if len(r) <= chars else f"{r[: chars - 1]}…" for r in kept[:limit]]
+    if more:
+        out.append(f"… and {more} more reason{'s' if more != 1 else ''}")
+    return out
+
+
 def load_bundle(
     path: str | Path,
     *,
@@ -485,7 +520,7 @@ def load_bundle(
     expected_sha256: str | None = None,
     limits: BundleLimits = DEFAULT_LIMITS,
 ) -> ModelBundle:
-    """Validate the bundle at `path` and return it; raise ModelRejectedError listing every reason otherwise.
+    """Validate the bundle at `path` and return it; raise ModelRejectedError with its reasons otherwise (`capped`).
 
     With `verify_key`, an unsigned or wrongly signed bundle is refused (without one, `manifest.sig` is not
     looked at). With `expected_sha256` (from a model-update request), the manifest bytes must hash to it.
@@ -502,14 +537,14 @@ def load_bundle(
     if not isinstance(manifest, dict):
         if manifest is not None:
             reasons.append("manifest.json: not a JSON object")
-        raise ModelRejectedError(reasons)
+        raise ModelRejectedError(capped(reasons))
     for name in MANIFEST_FIELDS:
         if name not in manifest:
             reasons.append(f"manifest.json: missing field {name!r}")
     if "format_version" in manifest and manifest["format_version"] != FORMAT_VERSION:
         reasons.append(f"manifest.json: format_version {manifest['format_version']!r} is not {FORMAT_VERSION}")
 
-    contents = _check_files(root, manifest.get("files"), limits, reasons)
+    contents = _check_files(root, manifest["files"], limits, reasons) if "files" in manifest else {}
 
     labels_obj = _parse_json(contents.get("labels.json"), "labels.json", reasons)
     labels = _parse_labels(labels_obj, reasons, limits) if labels_obj is not None else None
@@ -517,6 +552,8 @@ def load_bundle(
     thresholds = _parse_thresholds(thresholds_obj, labels, reasons) if thresholds_obj is not None else None
     featurizer_spec = _parse_json(contents.get("featurizer.json"), "featurizer.json", reasons)
     dims = _featurizer_dims(featurizer_spec, manifest, reasons) if featurizer_spec is not None else None
+    if isinstance(featurizer_spec, dict):
+        _check_featurizer_assets(featurizer_spec, manifest.get("files"), reasons)
     L, K = dims if dims else (None, None)
     T = labels.T if labels else None
     metrics = _parse_json(contents.get("metrics.json"), "metrics.json", reasons)
@@ -529,7 +566,7 @@ def load_bundle(
         _check_onnx(onnx_bytes, manifest, L, K, T, limits, reasons)
 
     if reasons:
-        raise ModelRejectedError(reasons)
+        raise ModelRejectedError(capped(reasons))
     assert labels and thresholds and golden and onnx_bytes is not None and isinstance(featurizer_spec, dict)
     return ModelBundle(
         path=root,
@@ -564,6 +601,16 @@ def read_manifest_bytes(path: str | Path, limits: BundleLimits = DEFAULT_LIMITS)
         hint = f"; pass a bundle directory such as {root / versions[-1]}" if versions else ""
         raise ModelRejectedError([f"{root}: not a model bundle ({MANIFEST_FILE} missing){hint}"])
     raise ModelRejectedError([f"{root}: {reason}" for reason in reasons])
+
+
+def read_regular_file(path: Path, limit: int) -> bytes:
+    """The bytes of the regular file `path` of at most `limit` bytes, read without blocking on a FIFO or device
+    (`_read_limited`); ModelRejectedError naming the file otherwise."""
+    reasons: list[str] = []
+    data = _read_limited(path, limit, reasons)
+    if data is None:
+        raise ModelRejectedError(reasons)
+    return data
 
 
 def _read_limited(path: Path, limit: int, reasons: list[str]) -> bytes | None:
@@ -628,8 +675,7 @@ def _check_files(root: Path, files: Any, limits: BundleLimits, reasons: list[str
     """Check that the manifest lists exactly the bundle's regular files with right sha256; return their bytes."""
     contents: dict[str, bytes] = {}
     if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
-        if files is not None:
-            reasons.append("manifest.json: 'files' is not an object of file name to sha256")
+        reasons.append("manifest.json: 'files' is not an object of file name to sha256")
         return contents
     present = {}
     for entry in root.iterdir():
@@ -811,6 +857,33 @@ def _featurizer_dims(spec: Any, manifest: Mapping[str, Any], reasons: list[str])
     if not dims_ok:
         return None
     return int(L), len(numeric)  # type: ignore[arg-type]
+
+
+def featurizer_assets(spec: Mapping[str, Any]) -> dict[str, str] | None:
+    """The asset files a featurizer spec names, role → file name, as `serving.featurizer.Featurizer.load` reads
+    them (`idf.npy` when it names none; a list names files without roles, each its own role); None when `assets`
+    is neither an object nor a list of file names."""
+    assets = spec.get("assets", _DEFAULT_ASSETS)
+    if isinstance(assets, dict) and all(isinstance(v, str) for v in assets.values()):
+        return {**_DEFAULT_ASSETS, **assets}
+    if isinstance(assets, list) and all(isinstance(v, str) for v in assets):
+        return {name: name for name in assets}
+    return None
+
+
+def _check_featurizer_assets(spec: Mapping[str, Any], files: Any, reasons: list[str]) -> None:
+    """Every asset file featurizer.json names must be a file of the bundle (listed in the manifest): else the bundle
+    loads here and every worker refuses it when its featurizer reads the file."""
+    assets = featurizer_assets(spec)
+    if assets is None:
+        reasons.append(f"featurizer.json: assets {spec.get('assets')!r} is not an object of asset to file name")
+        return
+    listed = files if isinstance(files, dict) else {}
+    for role, name in sorted(assets.items()):
+        if name not in listed:
+            reasons.append(f"featurizer.json: asset {role!r} is {name!r}, a file the manifest does not list")
+    if spec.get("known_only") and spec.get("version") != "hashtfidf-1" and "known" not in assets:
+        reasons.append("featurizer.json: known_only is set but no 'known' asset is named")
 
 
 def _check_golden(
@@ -1059,7 +1132,7 @@ def _check_onnx_graph(
         if (
             not isinstance(man_inputs, dict)
             or {
-                k: [v[0], _norm_shape(list(v[1]))] if isinstance(v, list) and len(v) == 2 else v
+                k: [v[0], _norm_shape(v[1])] if isinstance(v, list) and len(v) == 2 and isinstance(v[1], list) else v
                 for k, v in man_inputs.items()
             }
             != expected

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
+import stat
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Executor
@@ -140,13 +142,17 @@ class OnnxScorer:
         """Like `load`, but ONNX Runtime reads `model.onnx` from the bundle directory itself, so no copy of the
         model's bytes is held beside the session being built (one model size less at peak). The file is opened
         once and hashed again through the same descriptor after the session exists: ModelLoadError unless it still
-        has `expected_sha256` (the hash the validation checked)."""
+        has `expected_sha256` (the hash the validation checked) or is no regular file (opened without blocking, so a
+        FIFO or device put in its place is refused instead of blocking the reader for good)."""
         path = bundle.path / MODEL_FILE
         try:
-            fh = open(path, "rb")  # noqa: SIM115 - kept open across session creation and the re-hash
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
         except OSError as exc:
             raise ModelLoadError(f"{bundle.model_version}: cannot open {path}: {exc}") from None
+        fh = os.fdopen(fd, "rb")  # kept open across session creation and the re-hash
         with fh:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise ModelLoadError(f"{bundle.model_version}: {path} is not a regular file")
             # hashed before (nothing unvalidated reaches ONNX Runtime) and after (nothing changed meanwhile)
             if _sha256_of(fh) != expected_sha256:
                 raise ModelLoadError(f"{bundle.model_version}: {MODEL_FILE} changed while its session was created")

@@ -12,14 +12,15 @@ Stages, in order; the first failing stage raises `ModelRejectedError` with every
    featurized products score end to end (featurizer → session → decoder).
 4. **latency** — the median `predict` latency at batch 1 and 64 is within budget.
 5. **quality** — with a labelled golden set, the candidate's micro-F1 may not drop more than `max_quality_drop`
-   below the active model's.
+   below the active model's. The active model's tags on the golden set come from the model as the worker holds it
+   (`ActiveFigures`, scored where it is loaded), never from its bundle directory, which may be gone by then.
 
 Everything here is CPU-bound and blocking. Parsing and checking an ONNX graph holds the GIL for tens of ms, which
 would stall a worker's event loop even from another thread, so a worker runs the stages in a child process
 (`validate_isolated`: spawn, one long-lived process) and then only re-opens the validated bytes in its own process
-(`open_validated`: sha256 of every file again — hashing releases the GIL —, small JSON files, the featurizer, whose
-files are checked once more as it reads them, the ONNX Runtime session, whose creation releases the GIL, and one more
-canary run on the golden rows).
+(`open_validated`: sha256 of every file again — hashing releases the GIL —, regular files only, read without blocking
+on a FIFO or device; small JSON files; the featurizer, built from those checked bytes; the ONNX Runtime session, whose
+creation releases the GIL; and one more canary run on the golden rows).
 """
 
 from __future__ import annotations
@@ -53,14 +54,18 @@ from serving.bundle import (
     LabelMap,
     ModelBundle,
     Thresholds,
+    featurizer_assets,
     load_bundle,
     load_verify_key,
+    read_regular_file,
 )
 from serving.decoding import TagDecoder
+from serving.featurizer import Featurizer
 from serving.scorer import LatencyStats, OnnxScorer
 from tagstream.errors import (
     BundleError,
     ConfigError,
+    FeaturizerError,
     ModelLoadError,
     ModelRejectedError,
     ScoringError,
@@ -69,6 +74,7 @@ from tagstream.errors import (
 from tagstream.processes import background_child
 
 __all__ = [
+    "ActiveFigures",
     "LabelledProduct",
     "QualityReport",
     "TagScorer",
@@ -108,6 +114,24 @@ class LabelledProduct:
 
     product: ProductChange
     tags: frozenset[str]
+
+
+@dataclass(frozen=True, slots=True)
+class ActiveFigures:
+    """The active model's tags on the labelled golden set (and the tags it can emit), scored where that model is
+    loaded: a validation process compares a candidate with them and never re-reads the active model's bundle."""
+
+    version: str
+    tags: tuple[frozenset[str], ...]  # one per golden product, in the golden set's order
+    vocab: frozenset[str]
+
+    @classmethod
+    def of(cls, active: TagScorer, golden_set: Sequence[LabelledProduct]) -> ActiveFigures:
+        """Score the golden set's products with `active`."""
+        rows = active.score([lp.product for lp in golden_set])
+        decoder = getattr(active, "decoder", None)
+        vocab = frozenset(x.tag for x in decoder.labels.labels) if decoder is not None else frozenset()
+        return cls(active.version, tuple(frozenset(t.tag for t in row) for row in rows), vocab)
 
 
 @dataclass(frozen=True, slots=True)
@@ -288,9 +312,10 @@ def validate_bundle(
     expected_version: str | None = None,
     signature: str | None = None,
     policy: ValidationPolicy | None = None,
-    active: TagScorer | None = None,
+    active: TagScorer | ActiveFigures | None = None,
 ) -> ValidatedBundle:
-    """Run every stage on the bundle at `path`; return it with a loaded scorer or raise ModelRejectedError."""
+    """Run every stage on the bundle at `path`; return it with a loaded scorer or raise ModelRejectedError. The
+    quality stage compares the candidate with `active` (the model it would replace, or its `ActiveFigures`)."""
     policy = policy or ValidationPolicy()
     # 1. integrity
     bundle = load_bundle(path, verify_key=policy.verify_key, expected_sha256=expected_sha256, limits=policy.limits)
@@ -339,16 +364,13 @@ def validate_bundle(
     quality = None
     if policy.golden_set:
         gold = [lp.tags for lp in policy.golden_set]
-        vocab = set(bundle.labels.by_tag)
-        active_tags: list[set[str]] | None = None
-        if active is not None:
-            active_tags = [{t.tag for t in row} for row in active.score(products)]
-            decoder = getattr(active, "decoder", None)
-            if decoder is not None:
-                vocab |= {x.tag for x in decoder.labels.labels}
+        figures = active
+        if figures is not None and not isinstance(figures, ActiveFigures):
+            figures = ActiveFigures.of(figures, policy.golden_set)
+        vocab = set(bundle.labels.by_tag) | (figures.vocab if figures is not None else set())
         cand_f1 = micro_f1(candidate_tags, gold, vocab)
-        act_f1 = micro_f1(active_tags, gold, vocab) if active_tags is not None else None
-        quality = QualityReport(len(products), cand_f1, act_f1, getattr(active, "version", None))
+        act_f1 = micro_f1([set(t) for t in figures.tags], gold, vocab) if figures is not None else None
+        quality = QualityReport(len(products), cand_f1, act_f1, figures.version if figures is not None else None)
         if act_f1 is not None and act_f1 - cand_f1 > policy.max_quality_drop + 1e-12:
             reasons.append(
                 f"quality: micro-F1 {cand_f1:.4f} vs the active model's {act_f1:.4f} on {len(products)} golden "
@@ -362,22 +384,6 @@ def validate_bundle(
 
 
 # --------------------------------------------------------------------------------------------------- isolated
-
-
-class _BundleScorer:
-    """A bundle's whole scoring path (the active model as the child process sees it, for the quality stage)."""
-
-    def __init__(self, bundle: ModelBundle, scorer: OnnxScorer) -> None:
-        self.version = bundle.model_version
-        self.bundle = bundle
-        self.scorer = scorer
-        self.decoder = TagDecoder.from_bundle(bundle)
-
-    def score(self, products: Sequence[Any]) -> list[list[Tag]]:
-        return self.decoder.decode(self.scorer.predict(self.bundle.featurizer.transform(products)))
-
-
-_child_active: dict[tuple[str, str], _BundleScorer] = {}
 
 
 def child_init(parent_pid: int, niceness: int = 10) -> None:
@@ -399,30 +405,19 @@ def _child_validate(
     signature: str | None,
     policy: ValidationPolicy,
     verify_key_raw: bytes | None,
-    active: tuple[str, str] | None,
+    active: ActiveFigures | None,
 ) -> ValidationReport:
-    """Runs in the child process: every stage; the active model (path, sha256) is loaded once and cached."""
+    """Runs in the child process: every stage, the quality stage against the active model's figures."""
     if verify_key_raw is not None:
         policy = replace(policy, verify_key=load_verify_key(verify_key_raw))
     try:
-        active_model = None
-        if active is not None and policy.golden_set:
-            active_model = _child_active.get(active)
-            if active_model is None:
-                bundle = load_bundle(active[0], expected_sha256=active[1], limits=policy.limits)
-                scorer = OnnxScorer(
-                    intra_op_num_threads=policy.intra_op_threads, inter_op_num_threads=policy.inter_op_threads
-                )
-                scorer.load(bundle)
-                _child_active.clear()
-                active_model = _child_active[active] = _BundleScorer(bundle, scorer)
         v = validate_bundle(
             path,
             expected_sha256=expected_sha256,
             expected_version=expected_version,
             signature=signature,
             policy=policy,
-            active=active_model,
+            active=active,
         )
     except ModelRejectedError as exc:
         return ValidationReport(reasons=tuple(exc.reasons))
@@ -445,10 +440,11 @@ def validate_isolated(
     expected_version: str | None = None,
     signature: str | None = None,
     policy: ValidationPolicy | None = None,
-    active: ModelBundle | None = None,
+    active: ActiveFigures | None = None,
 ) -> ValidationReport:
     """`validate_bundle` in `executor` (a spawn ProcessPoolExecutor); blocks until the child answers, at most
-    `policy.timeout_s`: then ValidationTimeoutError (the child is still busy: its owner must end it)."""
+    `policy.timeout_s`: then ValidationTimeoutError (the child is still busy: its owner must end it). `active`: the
+    figures of the model the candidate would replace, for the quality stage."""
     policy = policy or ValidationPolicy()
     raw = (
         policy.verify_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
@@ -463,7 +459,7 @@ def validate_isolated(
         signature,
         replace(policy, verify_key=None),
         raw,
-        (str(active.path), active.sha256) if active is not None else None,
+        active,
     )
     try:
         return future.result(timeout=policy.timeout_s)
@@ -478,20 +474,41 @@ def validate_isolated(
 
 
 def _reread(path: Path, name: str, expected: str | None, limit: int) -> bytes:
+    """A validated file again: a regular file of at most `limit` bytes (never blocking on a FIFO or device put in its
+    place) with the sha256 `expected`."""
     try:
-        data = (path / name).read_bytes()
-    except OSError as exc:
-        raise ModelRejectedError([f"{name}: unreadable after validation ({exc})"]) from None
-    if len(data) > limit or expected is None or hashlib.sha256(data).hexdigest() != expected:
+        data = read_regular_file(path / name, limit)
+    except ModelRejectedError as exc:
+        raise ModelRejectedError([f"{name}: unreadable after validation ({'; '.join(exc.reasons)})"]) from None
+    if expected is None or hashlib.sha256(data).hexdigest() != expected:
         raise ModelRejectedError([f"{name}: changed after validation"])
     return data
+
+
+def _featurizer_of(spec: Any, data: Mapping[str, bytes]) -> Featurizer:
+    """The featurizer of a spec and its asset files' bytes (already checked: nothing is read again)."""
+    assets = featurizer_assets(spec) if isinstance(spec, dict) else None
+    if assets is None or "idf" not in assets:
+        raise FeaturizerError("featurizer.json names no 'idf' asset")
+    arrays = {}
+    for role in ("idf", "known"):  # what `Featurizer.load` reads
+        if role not in assets:
+            continue
+        if assets[role] not in data:
+            raise FeaturizerError(f"asset {role!r} {assets[role]!r} is not a file of the bundle")
+        try:
+            arrays[role] = np.load(io.BytesIO(data[assets[role]]), allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise FeaturizerError(f"cannot read {assets[role]}: {exc}") from None
+    return Featurizer.from_spec(spec, arrays["idf"], arrays.get("known"))
 
 
 def open_validated(
     path: str | Path, report: ValidationReport, policy: ValidationPolicy | None = None
 ) -> ValidatedBundle:
     """Re-open a bundle a child process validated (`report`): the same bytes, checked by sha256, a session, and the
-    canary once more. Raises ModelRejectedError when anything changed since."""
+    canary once more. Raises ModelRejectedError when anything changed since, or is no regular file now. Every file is
+    read once, checked, and used from those bytes (the featurizer too)."""
     policy = policy or ValidationPolicy()
     if report.reasons or report.sha256 is None:
         raise ModelRejectedError(list(report.reasons) or ["not validated"])
@@ -527,8 +544,8 @@ def open_validated(
     )
     if bundle.model_version != report.model_version:
         raise ModelRejectedError(["manifest.json: changed after validation"])
-    try:  # load it now, not on the first batch; it checks its files' sha256 again as it reads them
-        bundle.featurizer  # noqa: B018
+    try:  # built now, not on the first batch, from the bytes just checked
+        bundle.use_featurizer(_featurizer_of(bundle.featurizer_spec, data))
     except Exception as exc:
         raise ModelRejectedError([f"featurizer: cannot be loaded ({exc})"]) from None
     scorer = OnnxScorer(intra_op_num_threads=policy.intra_op_threads, inter_op_num_threads=policy.inter_op_threads)

@@ -13,35 +13,39 @@ publishing diffs) is `streams.models_agent`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import multiprocessing
 import os
 import threading
 import time
+import weakref
 from collections import Counter, deque
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 from schemas import ModelUpdate, ShadowDiff, Tag
-from serving.bundle import LabelMap, ModelBundle, load_bundle
+from serving.bundle import LabelMap, ModelBundle, capped, load_bundle
 from serving.decoding import TagDecoder
 from serving.featurizer import Featurizer
 from serving.scorer import OnnxScorer
 from serving.validate import (
+    ActiveFigures,
     ValidatedBundle,
     ValidationPolicy,
+    ValidationReport,
     child_init,
     open_validated,
     validate_bundle,
     validate_isolated,
     warm_up,
 )
-from streams.model_cli import ANSWER_KINDS, shadow_stopped_reason
+from streams.model_cli import ANSWER_KINDS, rollback_unchanged_reason, shadow_stopped_reason
 from streams.settings import WorkerSettings
 from tagstream.errors import ModelRejectedError, ValidationTimeoutError
 
@@ -231,18 +235,40 @@ class ShadowScoring:
 # A slot of (active, previous, shadow): a loaded model, or in a start-up fold the offset of the request whose bundle
 # it holds (not loaded yet).
 _Slot = BundleModel | int
-_Models = tuple[_Slot | None, _Slot | None, _Slot | None]
+
+
+class _Models(NamedTuple):
+    """A worker's (active, previous, shadow) slots, and whether its active model came from a rollback: a rollback
+    naming no version then changes nothing (sent twice, it does not return to the model the first one left)."""
+
+    active: _Slot | None
+    previous: _Slot | None
+    shadow: _Slot | None
+    rolled_back: bool = False
+
+    @property
+    def slots(self) -> tuple[_Slot | None, _Slot | None, _Slot | None]:
+        """(active, previous, shadow)."""
+        return self.active, self.previous, self.shadow
+
+
+def _resolved(uri: str | None) -> Path | None:
+    """The absolute path a request's bundle_uri names; None when it names none (absent, a NUL byte, a symlink
+    loop): such a request is refused by validation, like any bundle that cannot be read."""
+    if uri is None:
+        return None
+    try:
+        return Path(uri).resolve()
+    except (ValueError, OSError, RuntimeError):
+        return None
 
 
 def _same_bundle(model: BundleModel | None, event: ModelUpdate) -> bool:
     """Whether `event` names the bundle `model` was loaded from (version, sha256 and path)."""
-    return (
-        model is not None
-        and model.version == event.model_version
-        and model.bundle.sha256 == event.sha256
-        and event.bundle_uri is not None
-        and Path(event.bundle_uri).resolve() == Path(model.bundle.path).resolve()
-    )
+    if model is None or model.version != event.model_version or model.bundle.sha256 != event.sha256:
+        return False
+    path = _resolved(event.bundle_uri)
+    return path is not None and path == _resolved(str(model.bundle.path))
 
 
 def _loaded(slot: _Slot | None) -> BundleModel | None:
@@ -259,6 +285,7 @@ class _Step:
     after: _Models
     offset: int = -1
     reasons: tuple[str, ...] | None = None  # refused, and why
+    unchanged: tuple[str, ...] | None = None  # answered with the active model, nothing changed (and why)
     swapped: bool = False  # the active model changed
     entered: bool = False  # the request's bundle entered a slot (activate, shadow)
     stopped: _Slot | None = None  # the shadow a shadow request without a bundle stopped
@@ -274,10 +301,11 @@ class _Rules:
         self.slots: dict[int, int] = {}  # request offset -> its bundle's slot
         first: dict[tuple[str, str, Path, str | None], int] = {}
         for offset, event in self.requests.items():
-            if event.sha256 is None or event.bundle_uri is None:
+            path = _resolved(event.bundle_uri)
+            if event.sha256 is None or path is None:
                 self.slots[offset] = offset
             else:
-                key = (event.model_version, event.sha256, Path(event.bundle_uri).resolve(), event.signature)
+                key = (event.model_version, event.sha256, path, event.signature)
                 self.slots[offset] = first.setdefault(key, offset)
 
     def version(self, slot: _Slot) -> str:
@@ -289,14 +317,10 @@ class _Rules:
         if not isinstance(slot, int):
             return _same_bundle(slot, event)
         held = self.requests[slot]
-        return (
-            held.model_version == event.model_version
-            and held.sha256 is not None
-            and held.sha256 == event.sha256
-            and held.bundle_uri is not None
-            and event.bundle_uri is not None
-            and Path(event.bundle_uri).resolve() == Path(held.bundle_uri).resolve()
-        )
+        if held.model_version != event.model_version or held.sha256 is None or held.sha256 != event.sha256:
+            return False
+        path = _resolved(event.bundle_uri)
+        return path is not None and path == _resolved(held.bundle_uri)
 
     def needs_bundle(self, models: _Models, event: ModelUpdate) -> bool:
         """Whether applying `event` to `models` needs its bundle validated."""
@@ -309,7 +333,7 @@ class _Rules:
     ) -> _Step:
         """The step `event` makes from `models`; `bundle`: its validated bundle (when `needs_bundle`), unless
         `refused` gives why the bundle was refused."""
-        active, previous, shadow = models
+        active, previous, shadow, rolled_back = models
 
         def refuse(*reasons: str) -> _Step:
             return _Step(models, models, reasons=reasons)
@@ -322,38 +346,45 @@ class _Rules:
             if refused is not None:
                 return refuse(*refused)
             if bundle is None:
-                return _Step(models, models)  # already active
+                return _Step(models, models, unchanged=())  # already active
             new, old = swap(bundle)
             if shadow is not None and self.version(shadow) == self.version(bundle):
                 shadow = None  # the shadow is now active
-            return _Step(models, (new, old, shadow), swapped=True, entered=True)
+            return _Step(models, _Models(new, old, shadow), swapped=True, entered=True)
         if kind == "shadow":
             if event.bundle_uri is None:  # no bundle: stop the shadow (`tagstream model shadow --off`)
                 if shadow is None:
                     return refuse("shadow: no shadow model to stop")
                 if event.model_version not in (ANY_SHADOW, self.version(shadow)):
                     return refuse(f"shadow: the shadow model is {self.version(shadow)}, not {event.model_version}")
-                return _Step(models, (active, previous, None), stopped=shadow)
+                return _Step(models, models._replace(shadow=None), stopped=shadow)
             if active is None:
                 return refuse("shadow: no active model to compare with")
             if refused is not None:
                 return refuse(*refused)
             assert bundle is not None
-            return _Step(models, (active, previous, bundle), entered=True)
+            return _Step(models, models._replace(shadow=bundle), entered=True)
         if kind == "promote":
             if shadow is None:
                 return refuse("promote: no shadow model")
             if event.model_version not in (ANY_SHADOW, self.version(shadow)):
                 return refuse(f"promote: the shadow model is {self.version(shadow)}, not {event.model_version}")
-            return _Step(models, (*swap(shadow), None), swapped=True)
+            return _Step(models, _Models(*swap(shadow), None), swapped=True)
         if kind == "rollback":
+            # Back to the previous model: the one named, or (naming none) the one before the active model unless a
+            # rollback made that one active: then the previous model is the one rolled back from, and a rollback
+            # sent again (a retry) must not return to it.
+            named = event.model_version != ANY_PREVIOUS
+            if previous is not None and (self.version(previous) == event.model_version or not (named or rolled_back)):
+                if shadow is not None and self.version(shadow) == self.version(previous):
+                    shadow = None  # it would shadow itself
+                return _Step(models, _Models(*swap(previous), shadow, rolled_back=True), swapped=True)
+            if active is not None and (self.version(active) == event.model_version or (not named and rolled_back)):
+                left = self.version(previous) if not named and previous is not None else None
+                return _Step(models, models, unchanged=(rollback_unchanged_reason(self.version(active), left),))
             if previous is None:
                 return refuse("rollback: no previous model")
-            if event.model_version not in (ANY_PREVIOUS, self.version(previous)):
-                return refuse(f"rollback: the previous model is {self.version(previous)}, not {event.model_version}")
-            if shadow is not None and self.version(shadow) == self.version(previous):
-                shadow = None  # it would shadow itself
-            return _Step(models, (*swap(previous), shadow), swapped=True)
+            return refuse(f"rollback: the previous model is {self.version(previous)}, not {event.model_version}")
         return _Step(models, models)  # answers
 
     def _next(self, models: _Models, offset: int, invalid: dict[int, tuple[str, ...]]) -> _Step:
@@ -377,7 +408,7 @@ class _Rules:
         """The requests whose bundles are still to be validated (not in `valid`): those in the final slots, and every
         other one assumed valid whose refusal would change the final state (from its step on, the fold without it
         never meets the fold with it; they meet after about two more swaps)."""
-        needed = {slot for slot in steps[-1].after if isinstance(slot, int)} if steps else set()
+        needed = {slot for slot in steps[-1].after.slots if isinstance(slot, int)} if steps else set()
         for i, step in enumerate(steps):
             slot = self.slots[step.offset]
             if not step.entered or slot in needed or slot in valid:
@@ -402,6 +433,37 @@ class _Rules:
 
 
 # --------------------------------------------------------------------------------------------------- the holder
+
+_T = TypeVar("_T")
+
+
+def _in_daemon_thread(fn: Callable[..., _T], *args: Any) -> asyncio.Future[_T]:
+    """`fn(*args)` in a new daemon thread, its outcome in an asyncio future: a call stuck on an unresponsive file
+    system can be given up on (`asyncio.wait_for`) and never keeps the process from exiting, as an executor's
+    thread would."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[_T] = loop.create_future()
+
+    def settle(result: Any, error: BaseException | None) -> None:
+        if future.done():  # given up on meanwhile
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+
+    def run() -> None:
+        result: Any = None
+        error: BaseException | None = None
+        try:
+            result = fn(*args)
+        except BaseException as exc:
+            error = exc
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
+            loop.call_soon_threadsafe(settle, result, error)
+
+    threading.Thread(target=run, name="tagstream-reopen", daemon=True).start()
+    return future
 
 
 @dataclass(frozen=True, slots=True)
@@ -434,10 +496,12 @@ class ModelHolder:
         self.active: BundleModel | None = None
         self.previous: BundleModel | None = None
         self.shadow: BundleModel | None = None
+        self.rolled_back = False  # the active model came from a rollback (`_Models.rolled_back`)
         self.shadow_stats: ShadowStats | None = None
         self.shadow_buffer: deque[ShadowDiff] = deque(maxlen=settings.shadow_buffer_max)
         self._policy = policy
         self._validator: ThreadPoolExecutor | None = None
+        self._figures: tuple[weakref.ref[BundleModel], ActiveFigures] | None = None  # `_active_figures`' last
         self._start_lock: asyncio.Lock | None = None
         self._initial_loaded = False
         self._initial_error: BaseException | None = None  # why the configured model could not be loaded
@@ -539,7 +603,29 @@ class ModelHolder:
             raise
         return BundleModel.from_validated(open_validated(path, report, self.policy))
 
-    def _validate(self, event: ModelUpdate, active: BundleModel | None) -> BundleModel:
+    def _active_figures(self, active: BundleModel | None) -> ActiveFigures | None:
+        """The tags `active` gives the labelled golden set (None without one), scored here, where it is loaded, once
+        per model: validation compares candidates with them and never reloads the active model from its bundle
+        directory, which may be gone by then. A model that cannot score them is not compared with (logged)."""
+        golden = self.policy.golden_set
+        if active is None or not golden:
+            return None
+        if self._figures is not None and self._figures[0]() is active:
+            return self._figures[1]
+        try:
+            figures = ActiveFigures.of(active, golden)
+        except Exception as exc:
+            log.warning(
+                "the active model %s cannot score the golden set (%s): candidates are not compared with it",
+                active.version,
+                exc,
+            )
+            return None
+        self._figures = (weakref.ref(active), figures)
+        return figures
+
+    def _validate(self, event: ModelUpdate, active: BundleModel | None) -> ValidationReport | ValidatedBundle:
+        """Every stage: in the child process when isolated (its report; `_reopen` then opens the bundle here)."""
         if not event.bundle_uri:
             raise ModelRejectedError(["request: no bundle_uri"])
         args = {
@@ -547,14 +633,46 @@ class ModelHolder:
             "expected_version": event.model_version,
             "signature": event.signature,
             "policy": self.policy,
+            "active": self._active_figures(active),
         }
         if self.isolated:
-            report = validate_isolated(
-                self._process_pool(), event.bundle_uri, active=active.bundle if active else None, **args
+            return validate_isolated(self._process_pool(), event.bundle_uri, **args)
+        return validate_bundle(event.bundle_uri, **args)
+
+    async def _reopen(self, event: ModelUpdate, report: ValidationReport) -> ValidatedBundle:
+        """`open_validated` (the files again, the featurizer, the session) within the validation time limit, in a
+        thread of its own: a file system that stops answering after the child's checks gets the bundle refused
+        instead of stopping every later model update (the thread is left behind; a daemon, it never keeps the
+        worker from exiting)."""
+        if report.reasons:
+            raise ModelRejectedError(list(report.reasons))
+        assert event.bundle_uri is not None
+        timeout = self.policy.timeout_s
+        try:
+            return await asyncio.wait_for(
+                _in_daemon_thread(open_validated, event.bundle_uri, report, self.policy), timeout
             )
-            validated = open_validated(event.bundle_uri, report, self.policy)
-        else:
-            validated = validate_bundle(event.bundle_uri, active=active, **args)
+        except TimeoutError:
+            log.error("re-opening %s did not finish in time: its thread is left behind", event.model_version)
+            raise ValidationTimeoutError(
+                [
+                    f"re-opening the validated bundle did not finish within {timeout:g} s "
+                    "(TAGSTREAM_MODEL_VALIDATION_TIMEOUT_S): a bundle on an unresponsive file system?"
+                ]
+            ) from None
+        except ModelRejectedError:
+            raise
+        except Exception as exc:  # anything unexpected is a refusal, never a crash
+            log.exception("re-opening %s failed unexpectedly", event.model_version)
+            raise ModelRejectedError([f"validation failed: {type(exc).__name__}: {exc}"]) from None
+
+    async def validate(self, event: ModelUpdate, active: BundleModel | None) -> BundleModel:
+        """Validate the request's bundle (child process, then `_reopen` opens it here) against the model it would
+        replace (`active`, for the quality stage); raise ModelRejectedError. A validation process found dead (killed,
+        out of memory) is replaced and the bundle validated once more before it is refused."""
+        validated = await self._run_stages(event, active)
+        if isinstance(validated, ValidationReport):
+            validated = await self._reopen(event, validated)
         log.info(
             "model %s validated: canary max diff %.2g, median latency %s ms%s",
             validated.model_version,
@@ -566,10 +684,8 @@ class ModelHolder:
         )
         return BundleModel.from_validated(validated)
 
-    async def validate(self, event: ModelUpdate, active: BundleModel | None) -> BundleModel:
-        """Validate the request's bundle (child process, then a thread re-opens it) against the model it would
-        replace (`active`, for the quality stage); raise ModelRejectedError. A validation process found dead (killed,
-        out of memory) is replaced and the bundle validated once more before it is refused."""
+    async def _run_stages(self, event: ModelUpdate, active: BundleModel | None) -> ValidationReport | ValidatedBundle:
+        """`_validate` in the validation thread, a dead validation process replaced once."""
         if self._validator is None:
             self._validator = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tagstream-validate")
         retried = False
@@ -629,6 +745,7 @@ class ModelHolder:
         )
 
     def _reject(self, request: ModelUpdate, reasons: Sequence[str]) -> Outcome:
+        reasons = capped(reasons)  # the answer must fit a Kafka message, and the status stays small
         self.rejections += 1
         answer = self._answer("model-rejected", request.model_version, request, reasons)
         self.last_rejection = answer
@@ -670,7 +787,7 @@ class ModelHolder:
     async def handle(self, event: ModelUpdate) -> Outcome:
         """Apply one model-update request (answers from workers are ignored); returns the answer to publish."""
         rules = _Rules()
-        models: _Models = (self.active, self.previous, self.shadow)
+        models = _Models(self.active, self.previous, self.shadow, self.rolled_back)
         bundle: BundleModel | None = None
         refused: tuple[str, ...] | None = None
         if rules.needs_bundle(models, event):
@@ -681,7 +798,12 @@ class ModelHolder:
         step = rules.apply(models, event, bundle, refused)
         if step.reasons is not None:
             return self._reject(event, step.reasons)
-        active, previous, shadow = (_loaded(slot) for slot in step.after)
+        if step.unchanged is not None and self.active is not None:
+            if event.kind == "activate":  # already active
+                return Outcome(self._answer("model-activated", self.active.version, event))
+            log.info("%s on %s: %s", event.kind, self.worker_id, "; ".join(step.unchanged))
+            return Outcome(self._activated_answer(self.active, step.unchanged))
+        active, previous, shadow = (_loaded(slot) for slot in step.after.slots)
         if isinstance(step.stopped, BundleModel):
             self.set_shadow(None)
             return self._shadow_stopped(event, step.stopped.version)
@@ -689,7 +811,7 @@ class ModelHolder:
             assert active is not None
             # reference assignments: batches in flight keep the model they started with (sessions are never
             # unloaded explicitly, only dropped)
-            self.active, self.previous = active, previous
+            self.active, self.previous, self.rolled_back = active, previous, step.after.rolled_back
             settle_heap()
             if shadow is not None or self.shadow is not None:
                 self.set_shadow(shadow)  # cleared (it became active), or compared with the new active model
@@ -699,8 +821,6 @@ class ModelHolder:
             self.set_shadow(shadow)
             log.info("model %s in shadow beside %s on %s", shadow.version, self.active.version, self.worker_id)
             return Outcome(None, changed=True)
-        if event.kind == "activate" and self.active is not None:
-            return Outcome(self._answer("model-activated", self.active.version, event))  # already active
         return Outcome(None)
 
     async def restore(self, history: Sequence[tuple[int, ModelUpdate]]) -> int | None:
@@ -715,7 +835,7 @@ class ModelHolder:
         that changed the active model (None when none did)."""
         requests = {offset: event for offset, event in history if event.kind not in ANSWER_KINDS}
         rules = _Rules(requests)
-        initial: _Models = (self.active, self.previous, self.shadow)
+        initial = _Models(self.active, self.previous, self.shadow, self.rolled_back)
         invalid: dict[int, tuple[str, ...]] = {}
         loaded: dict[int, BundleModel] = {}
         while True:
@@ -738,11 +858,12 @@ class ModelHolder:
             if step.reasons is not None:
                 self._reject(requests[step.offset], step.reasons)
         self.swaps += sum(step.swapped for step in steps)
-        active, previous, shadow = (loaded[slot] if isinstance(slot, int) else slot for slot in final)
+        active, previous, shadow = (loaded[slot] if isinstance(slot, int) else slot for slot in final.slots)
         for offset, unused in loaded.items():
-            if offset not in final:  # validated only because the fold's result depended on it: never served
+            if offset not in final.slots:  # validated only because the fold's result depended on it: never served
                 unused.unload()
-        if (active, previous, shadow) != initial:
+        self.rolled_back = final.rolled_back
+        if (active, previous, shadow) != initial.slots:
             self.active, self.previous = active, previous
             if shadow is not self.shadow:
                 self.set_shadow(shadow)

@@ -54,6 +54,7 @@ __all__ = [
     "read_answers",
     "read_status",
     "register",
+    "rollback_unchanged_reason",
     "send_model_update",
     "send_request",
     "shadow_started",
@@ -110,6 +111,18 @@ def stops_shadow(request: ModelUpdate) -> bool:
 def shadow_stopped_reason(version: str) -> str:
     """The reason of a worker's answer to a shadow stop (a `model-activated` of its active model)."""
     return f"shadow: {version} stopped"
+
+
+def rollback_unchanged_reason(active: str, rolled_back_from: str | None = None) -> str:
+    """The reason of a worker's answer to a rollback that changes nothing (a `model-activated` of its active model):
+    `active` is the version the rollback named, or a rollback naming none already made it active, leaving
+    `rolled_back_from`."""
+    if rolled_back_from is None:
+        return f"rollback: {active} is already active"
+    return (
+        f"rollback: {active} is already active, rolled back from {rolled_back_from} (`tagstream model rollback "
+        f"--version {rolled_back_from}` returns to it)"
+    )
 
 
 def build_request(
@@ -355,7 +368,8 @@ def answer_fits(request: ModelUpdate, answer: ModelUpdate, before: Mapping[str, 
 
     A refusal repeats the request's model version, bundle and sha256 (promote and rollback refusals name their kind
     first); an activation names the version made active: the bundle's for activate, the worker's shadow for promote
-    and its previous model for rollback (unless the request names one). A shadow accepted gets no answer."""
+    and its previous model for rollback (unless the request names one), or, for a rollback that changes nothing, its
+    active model with the reason why (`rollback_unchanged_reason`). A shadow accepted gets no answer."""
     if request.kind not in ("activate", "shadow", "promote", "rollback"):
         return False
     if answer.kind == "model-rejected":
@@ -372,6 +386,14 @@ def answer_fits(request: ModelUpdate, answer: ModelUpdate, before: Mapping[str, 
     if stops_shadow(request):  # the active model, the reason naming the shadow stopped
         stopped = request.model_version if request.model_version != ANY_SHADOW else (before or {}).get("shadow")
         return stopped is not None and answer.reasons == (shadow_stopped_reason(stopped),)
+    if request.kind == "rollback" and answer.reasons:  # nothing to roll back: the active model it named, or had
+        target = request.model_version if request.model_version != ANY_VERSION["rollback"] else None
+        active = target or (before or {}).get("active")
+        return (
+            active == answer.model_version
+            and len(answer.reasons) == 1
+            and answer.reasons[0].startswith(rollback_unchanged_reason(answer.model_version))
+        )
     if request.kind == "shadow" or answer.reasons:
         return False
     if request.kind == "activate":
@@ -437,6 +459,21 @@ def _print_last_answer(last: Mapping[str, Any] | None) -> None:
     if last:
         extra = f": {'; '.join(last['reasons'])}" if last["reasons"] else ""
         print(f"  last answer: {last['kind']} {last['model_version']} at {_when(last['at'])}{extra}")
+
+
+def _print_rejections(status: Mapping[str, Any]) -> None:
+    """How many requests a worker refused and why it refused the last (its status may come from an older worker that
+    kept every reason: they are capped here too)."""
+    from serving.bundle import capped
+
+    count, last = status.get("rejections"), status.get("last_rejected")
+    if not count:
+        return
+    line = f"  refused:  {count} request{'s' if count != 1 else ''}"
+    if isinstance(last, dict):
+        reasons = capped([str(r) for r in last.get("reasons") or []])
+        line += f", the last {last.get('model_version')}" + (f": {'; '.join(reasons)}" if reasons else "")
+    print(line)
 
 
 def _prune(args: argparse.Namespace, settings: WorkerSettings) -> int:
@@ -511,6 +548,7 @@ def _status(args: argparse.Namespace) -> int:
         print(f"  shadow:   {st.get('shadow') or '-'}")
         print(f"  updated:  {_when(st.get('at'))} (reported {_when(st.get('reported_at'))})")
         _print_last_answer(last)
+        _print_rejections(st)
         shadow = st.get("shadow_stats")
         if shadow:
             agreement = shadow["agreement"]
@@ -609,7 +647,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--wait", type=float, default=0.0, metavar="S", help="wait up to S seconds for answers")
     s.set_defaults(func=_request("promote"))
 
-    s = sub.add_parser("rollback", help="return every worker to its previous model")
-    s.add_argument("--version", help="only if the previous model is this version")
+    s = sub.add_parser(
+        "rollback",
+        help="return every worker to its previous model (a worker a rollback already returned does nothing: run "
+        "again, it does not undo the first; --version V returns to V)",
+    )
+    s.add_argument(
+        "--version", help="only to this version: the previous model (nothing to do where it is already active)"
+    )
     s.add_argument("--wait", type=float, default=0.0, metavar="S", help="wait up to S seconds for answers")
     s.set_defaults(func=_request("rollback"))

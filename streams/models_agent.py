@@ -2,10 +2,11 @@
 
 `install(worker, holder)` (called by `ModelHolder.attach`) registers one Faust app task that runs, per worker:
 
-- a consumer of `model-updates` with **no consumer group** (aiokafka, every partition assigned, read from the
-  beginning): the backlog's requests emitted before this worker started are folded into the (active, previous,
-  shadow) they lead to and applied at once, without answering (`ModelHolder.restore`: only the bundles that state
-  needs are validated), so a (re)started worker converges to the last activated model; requests emitted after it
+- a consumer of `model-updates` with **no consumer group** (aiokafka, its one partition assigned, read from the
+  beginning; a topic with more partitions stops the worker, since Kafka orders records only within one): the
+  backlog's requests emitted before this worker started are folded into the (active, previous, shadow) they lead to
+  and applied at once, without answering (`ModelHolder.restore`: only the bundles that state needs are validated),
+  so a (re)started worker converges to the last activated model; requests emitted after it
   started are answered even from the backlog. Then `holder.caught_up` is set and the worker announces its active
   model; live requests are validated off the event loop and answered with `model-activated` / `model-rejected`
   (worker_id, reasons); a malformed event goes to `dead-letter` (history written before this worker started is only
@@ -34,7 +35,7 @@ from schemas import ModelUpdate
 from streams.model import ModelHolder
 from streams.model_cli import ANSWER_KINDS, PRUNE_STATUS_LUA, STATUS_EVERY_S, stale_statuses, workers_key
 from streams.processor import BatchOutput, InMessage, dead_letter
-from streams.topics import MODEL_UPDATES, PRODUCTS, TAG_SHADOW_DIFFS
+from streams.topics import MODEL_UPDATES, PRODUCTS, TAG_SHADOW_DIFFS, model_updates_partitions_error
 from tagstream.errors import EventDecodeError
 
 if TYPE_CHECKING:
@@ -142,6 +143,10 @@ class ModelUpdatesAgent:
         await consumer.start()
         try:
             tps = await self._assignment(consumer)
+            if len(tps) != 1:  # `tagstream topics` and `worker` refuse it too: it would misorder the history
+                error = model_updates_partitions_error(self.topic, len(tps))
+                log.error("%s", error)
+                raise error
             begin = await consumer.beginning_offsets(tps)
             end = await consumer.end_offsets(tps)
             # Only partitions that still hold records are replayed: retention may have deleted every record of one

@@ -14,6 +14,7 @@ from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import for_code
 
 from streams.settings import WorkerSettings
+from tagstream.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,9 @@ BEHAVIOR = TopicSpec("behavior", "click", by_product=True)
 # stays however old it is (every update is keyed by its product id: a record without a key would be refused).
 TAG_UPDATES = TopicSpec("tag-updates", "tag-update", by_product=True, cleanup_policy="compact")
 # A worker folds the whole request history at start: every record is kept, in order (not compacted: requests share
-# keys, and the fold needs all of them).
+# keys, and the fold needs all of them). One partition: Kafka orders records only within a partition, and requests
+# are keyed by model name or `tagstream-control`, so with more they would be folded out of order
+# (`_check_one_partition`).
 MODEL_UPDATES = TopicSpec(
     "model-updates", "model-update", by_product=False, retention_ms=KEEP_FOREVER, retention_bytes=KEEP_FOREVER
 )
@@ -83,6 +86,14 @@ def partitions_of(spec: TopicSpec, settings: WorkerSettings) -> int:
     return settings.partitions if spec.by_product else 1
 
 
+def model_updates_partitions_error(topic: str, partitions: int) -> ConfigError:
+    """The error for a model-updates topic with other than one partition (a worker refuses to start on it)."""
+    return ConfigError(
+        f"topic {topic} has {partitions} partitions, but model-updates must have exactly 1 (workers apply its "
+        "requests in their order, which Kafka keeps only within a partition): recreate it with 1 partition"
+    )
+
+
 def configs_to_set(declared: Mapping[str, str], entries: Iterable[Sequence[Any]]) -> dict[str, str] | None:
     """The configs to give an existing topic whose DescribeConfigs entries (name, value, read_only, source, …) are
     `entries`: None when it has every declared config set on itself; else its other topic-level configs with the
@@ -95,7 +106,8 @@ def configs_to_set(declared: Mapping[str, str], entries: Iterable[Sequence[Any]]
 
 async def ensure_topics(settings: WorkerSettings) -> list[str]:
     """Create every missing topic with its partition count and configs, set the declared configs on existing topics
-    whose values differ (one log line per topic changed); return the names created. A refusal raises its KafkaError."""
+    whose values differ (one log line per topic changed); return the names created. A refusal raises its KafkaError;
+    an existing model-updates topic with other than one partition, ConfigError."""
     admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, client_id="tagstream-admin")
     await admin.start()
     try:
@@ -120,10 +132,30 @@ async def ensure_topics(settings: WorkerSettings) -> list[str]:
                 log.info("created topics: %s", ", ".join(created))
             if refused:
                 raise refused[0]
+        model_updates = settings.topic(MODEL_UPDATES.name)
+        if model_updates in existing:
+            await _check_one_partition(admin, model_updates)
         await _align_configs(admin, {settings.topic(s.name): s.configs for s in TOPICS if s.configs}, existing)
         return created
     finally:
         await admin.close()
+
+
+async def _check_one_partition(admin: AIOKafkaAdminClient, name: str) -> None:
+    """Raise ConfigError when the existing topic `name` does not have exactly one partition. One another process just
+    created can be unknown to the broker for a moment: it is asked again for up to DESCRIBE_WAIT_S."""
+    deadline = time.monotonic() + DESCRIBE_WAIT_S
+    while True:
+        [topic] = await admin.describe_topics([name])
+        code = topic["error_code"]
+        if code == UNKNOWN_TOPIC_OR_PARTITION and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+            continue
+        if code:
+            raise for_code(code)(f"reading the partitions of topic {name}")
+        if len(topic["partitions"]) != 1:
+            raise model_updates_partitions_error(name, len(topic["partitions"]))
+        return
 
 
 async def _describe(admin: AIOKafkaAdminClient, names: list[str]) -> dict[str, list[Sequence[Any]]]:

@@ -18,6 +18,7 @@ from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
 from streams.settings import WorkerSettings
 from streams.topics import DEAD_LETTER_MAX_BYTES, DYNAMIC_TOPIC_CONFIG, TOPICS, ensure_topics, partitions_of
+from tagstream.errors import ConfigError
 from tagstream.stack import StackSettings
 from tests.integration.conftest import REPO
 
@@ -174,3 +175,50 @@ def test_a_topic_the_broker_refuses_is_one_error_line_and_nothing_is_reported_cr
     assert "Traceback" not in proc.stderr
     [line] = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
     assert line.startswith("tagstream topics: error: could not create topics") and "no spaces-" in line, line
+
+
+def test_a_model_updates_topic_with_more_than_one_partition_is_refused_in_one_line(
+    settings: WorkerSettings, stack: StackSettings
+) -> None:
+    """Kafka orders records only within a partition, and requests are keyed by model name or `tagstream-control`: on
+    three partitions a restarted worker folded `activate B, activate C, rollback` into C active. `tagstream topics`
+    accepted such a topic without a word, and workers started on it."""
+    name = settings.topic("model-updates")
+
+    async def create() -> None:
+        admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+        await admin.start()
+        try:
+            response = await admin.create_topics([NewTopic(name, 3, 1)])
+            assert all(code == 0 for _name, code, *_ in response.topic_errors), response
+        finally:
+            await admin.close()
+
+    asyncio.run(create())
+    expected = (
+        f"topic {name} has 3 partitions, but model-updates must have exactly 1 (workers apply its requests in their "
+        "order, which Kafka keeps only within a partition): recreate it with 1 partition"
+    )
+    with pytest.raises(ConfigError) as info:
+        asyncio.run(ensure_topics(settings))
+    assert str(info.value) == expected
+    env = {
+        **os.environ,
+        "TAGSTREAM_KAFKA_BOOTSTRAP": stack.kafka_bootstrap,
+        "TAGSTREAM_REDIS_URL": stack.redis_url,
+        "TAGSTREAM_TOPIC_PREFIX": settings.topic_prefix,
+        "TAGSTREAM_REDIS_PREFIX": settings.topic_prefix.rstrip("-"),
+        "TAGSTREAM_PARTITIONS": "2",
+    }
+    for command in ("topics", "worker"):
+        proc = subprocess.run(
+            [sys.executable, "-m", "tagstream.cli", command],
+            env=env,
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, (proc.stdout, proc.stderr)
+        [line] = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
+        assert line == f"tagstream {command}: error: {expected}"

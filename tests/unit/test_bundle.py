@@ -445,3 +445,117 @@ def test_all_reasons_are_collected(bundle_dir: Path) -> None:
     assert has(reasons, "thresholds.json", "sha256 mismatch")
     assert has(reasons, "stray.txt", "not listed")
     assert has(reasons, "missing field 'created_at'")
+
+
+# ------------------------------------------------------------------------------------------------ refusals stay small
+
+
+def test_a_bundle_with_thousands_of_problems_is_refused_with_a_short_list(bundle_dir: Path) -> None:
+    """Every reason of 50,000 broken labels made a 2.9 MB refusal: too big for a Kafka answer or an error line."""
+    from serving.bundle import MAX_REASONS
+
+    labels = copy.deepcopy(DEFAULT_LABELS)
+    labels["labels"] = [
+        {"index": i, "tag": f"t{i}", "group": "nogroup", "value": "v", "parent": None} for i in range(50_000)
+    ]
+    tamper(bundle_dir, "labels.json", json.dumps(labels).encode())
+    reasons = rejected(bundle_dir)
+    assert len(reasons) == MAX_REASONS + 1 and reasons[-1].startswith("… and ")
+    assert reasons[-1] == f"… and {50_000 - MAX_REASONS} more reasons"  # the others are counted
+    assert has(reasons[:MAX_REASONS], "labels.json", "unknown group")
+    assert len("; ".join(reasons).encode()) < 20_000
+
+
+def test_capped_cuts_long_reasons_and_counts_the_rest() -> None:
+    from serving.bundle import MAX_REASON_CHARS, capped
+
+    assert capped(["a", "b"]) == ["a", "b"]
+    out = capped([f"r{i}" for i in range(25)], limit=3)
+    assert out == ["r0", "r1", "r2", "… and 22 more reasons"]
+    assert capped(out, limit=3) == out and capped(out, limit=2) == ["r0", "r1", "… and 23 more reasons"]
+    assert capped(["a", "b"], limit=1) == ["a", "… and 1 more reason"]
+    [long] = capped(["x" * 10_000])
+    assert len(long) == MAX_REASON_CHARS and long.endswith("…")
+
+
+# ------------------------------------------------------------------------------------------------ malformed manifests
+
+
+@pytest.mark.parametrize("shape", [5, None, {"n": 16}, "N,16"])
+def test_a_manifest_input_shape_that_is_not_a_list_is_a_reason_not_a_crash(bundle_dir: Path, shape: object) -> None:
+    """`"ids": ["int64", 5]` made load_bundle raise TypeError: `tagstream model activate` / `publish` showed a
+    traceback instead of one error line."""
+    rewrite_manifest(bundle_dir, mutate=lambda m: m["inputs"].update(ids=["int64", shape]))
+    assert has(rejected(bundle_dir), "manifest.json: inputs", "do not describe the model's")
+
+
+def test_a_manifest_files_null_is_a_reason_not_a_crash(bundle_dir: Path) -> None:
+    rewrite_manifest(bundle_dir, mutate=lambda m: m.update(files=None), fix_checksums=False)
+    assert has(rejected(bundle_dir), "manifest.json: 'files' is not an object")
+
+
+# ------------------------------------------------------------------------------------------------ featurizer assets
+
+
+def _real_bundle(registry: Path) -> Path:
+    from tests.unit.test_validate import real_bundle
+
+    return real_bundle(registry)
+
+
+def test_a_featurizer_asset_the_manifest_does_not_list_is_refused(registry: Path) -> None:
+    """featurizer.json names known.npy, the bundle has none and its manifest was re-hashed without it: load_bundle
+    (all `publish` checks) accepted it, and every worker refused it when its featurizer read the file."""
+    path = _real_bundle(registry)
+    spec = json.loads((path / "featurizer.json").read_bytes())
+    assert spec["assets"]["known"] == "known.npy" and spec["known_only"]
+    (path / "known.npy").chmod(0o644)
+    (path / "known.npy").unlink()
+    rewrite_manifest(path)  # consistent again, but without known.npy
+    assert has(rejected(path), "featurizer.json: asset 'known' is 'known.npy', a file the manifest does not list")
+
+
+@pytest.mark.parametrize(
+    ("assets", "fragment"),
+    [
+        ({"idf": "other.npy"}, "asset 'idf' is 'other.npy'"),
+        ({}, "known_only is set but no 'known' asset"),  # idf.npy by default, like the featurizer reads it
+        ("idf.npy", "is not an object of asset to file name"),
+        ({"idf": 5}, "is not an object of asset to file name"),
+    ],
+)
+def test_featurizer_assets_must_be_files_of_the_bundle(registry: Path, assets: object, fragment: str) -> None:
+    path = _real_bundle(registry)
+    spec = json.loads((path / "featurizer.json").read_bytes())
+    tamper(path, "featurizer.json", json.dumps({**spec, "assets": assets}).encode())
+    assert has(rejected(path), "featurizer.json", fragment)
+
+
+def test_a_real_bundle_names_only_files_it_has(registry: Path) -> None:
+    load_bundle(_real_bundle(registry))  # idf.npy and known.npy, both listed
+
+
+@pytest.mark.parametrize("command", [["model", "activate"], ["model", "shadow"], ["publish"]])
+@pytest.mark.parametrize("broken", ["input shape", "featurizer asset"])
+def test_commands_refuse_such_bundles_in_one_line(
+    registry: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], command: list[str], broken: str
+) -> None:
+    """`tagstream model activate|shadow` and `publish` check a bundle first: a traceback before (input shape), an
+    announcement of a bundle every worker refuses (featurizer asset)."""
+    from tagstream.cli import main
+
+    monkeypatch.setenv("TAGSTREAM_KAFKA_BOOTSTRAP", "127.0.0.1:1")  # nothing may be sent, whatever happens
+    path = _real_bundle(registry)
+    if broken == "input shape":
+        rewrite_manifest(path, mutate=lambda m: m["inputs"].update(ids=["int64", 5]))
+        expected = "manifest.json: inputs"
+    else:
+        (path / "known.npy").chmod(0o644)
+        (path / "known.npy").unlink()
+        rewrite_manifest(path)
+        expected = "featurizer.json: asset 'known' is 'known.npy', a file the manifest does not list"
+    assert main([*command, "--model", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    [line] = [line for line in err.splitlines() if line.startswith("tagstream ")]
+    assert line.startswith(f"tagstream {command[0]}: error: ") and expected in line, line

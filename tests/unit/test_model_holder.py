@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -543,6 +546,10 @@ HISTORIES = (
     "rollback onto the shadow",
     "shadow stopped",
     "promote and roll back",
+    "rollback twice",
+    "rollback twice, then back by name",
+    "activate between rollbacks",
+    "NUL byte in a bundle_uri",
 )
 
 
@@ -553,6 +560,8 @@ def _history(bundles: dict[str, Path], name: str) -> list[ModelUpdate]:
     stop = ModelUpdate(kind="shadow", model_version="shadow", emitted_at=1)
     missing = ModelUpdate(**_replace(b, bundle_uri=str(bundles["b"].parent / "gone")))  # type: ignore[arg-type]
     rollback, promote = request("rollback"), request("promote", version="shadow")
+    back_to = {x: request("rollback", version=bundles[x].name) for x in "bc"}
+    nul = ModelUpdate(**_replace(b, bundle_uri=f"{bundles['b']}\x00x"))  # type: ignore[arg-type]
     return {
         "alternating": [b, c, b, c, b, c, rollback],
         "refused last": [b, c, _bad(a)],
@@ -561,9 +570,13 @@ def _history(bundles: dict[str, Path], name: str) -> list[ModelUpdate]:
         "shadow then promote": [b, _bad(c), shadow_c, promote],
         # a refused activate of the shadow's version must not clear the shadow, even once it left every slot
         "refused shadow version": [shadow_c, _bad(c), b, a],
-        "rollback onto the shadow": [b, rollback, request("rollback", version="nope"), shadow_b, rollback],
+        "rollback onto the shadow": [b, rollback, request("rollback", version="nope"), shadow_b, back_to["b"]],
         "shadow stopped": [shadow_b, stop, c, stop],
         "promote and roll back": [shadow_b, promote, c, rollback, rollback],
+        "rollback twice": [b, rollback, rollback],
+        "rollback twice, then back by name": [b, c, rollback, rollback, back_to["c"], rollback, _bad(a), rollback],
+        "activate between rollbacks": [b, rollback, c, rollback],
+        "NUL byte in a bundle_uri": [nul, b, nul, rollback],
     }[name]
 
 
@@ -826,3 +839,240 @@ async def test_closing_the_holder_during_a_stuck_validation_ends_its_process(bun
     outcome = await asyncio.wait_for(pending, 60)
     assert outcome.answer is not None and outcome.answer.kind == "model-rejected"
     assert holder._pool is None and holder.get().version == bundles["a"].name  # type: ignore[union-attr]
+
+
+# --------------------------------------------------------------------------------------------------- review fixes
+
+
+async def test_a_model_updates_topic_with_more_than_one_partition_stops_the_worker(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Requests are keyed by model name or `tagstream-control`, so on several partitions a restarted worker folded
+    them out of order (and records sharing an offset overwrote each other)."""
+    import streams.models_agent as models_agent
+    from tagstream.errors import ConfigError
+
+    class TwoPartitions(FakeConsumer):
+        def assignment(self) -> set[TopicPartition]:
+            return {TopicPartition("model-updates", 0), TopicPartition("model-updates", 1)}
+
+    monkeypatch.setattr(models_agent, "AIOKafkaConsumer", TwoPartitions(0, 0, []))
+    settings = WorkerSettings(worker_id="w-1", model_catchup_timeout=600)
+    holder = ModelHolder(settings, policy=POLICY)
+    agent = models_agent.ModelUpdatesAgent(FakeWorker(settings), holder)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"^topic model-updates has 2 partitions, but model-updates must have "):
+        await asyncio.wait_for(agent._consume(), 30)
+    assert not holder.caught_up.is_set()
+
+
+async def test_a_bundle_uri_with_a_nul_byte_is_refused_live_and_in_the_history_of_a_restart(
+    bundles: dict[str, Path],
+) -> None:
+    """A schema-valid request whose bundle_uri holds a NUL byte was refused by a running worker but made every later
+    start crash (ValueError out of `restore`): the topic keeps it forever."""
+    a, b = bundles["a"].name, bundles["b"].name
+    raw = {**request("activate", bundles["b"]).to_dict(), "bundle_uri": f"{bundles['b']}\x00x"}
+    nul = ModelUpdate.decode(orjson.dumps(raw))  # not dead-lettered: the schema accepts it
+    holder = await holder_with(bundles)
+    live = (await holder.handle(nul)).answer
+    assert live is not None and live.kind == "model-rejected" and "not a bundle directory" in live.reasons[0]
+    active = holder.active
+    assert active is not None  # the same, naming the active model's version and sha256: compared with its path first
+    same = ModelUpdate(**_replace(nul, model_version=a, sha256=active.bundle.sha256))  # type: ignore[arg-type]
+    assert (await holder.handle(same)).answer.kind == "model-rejected"  # type: ignore[union-attr]
+
+    restarted = await holder_with(bundles)
+    history = [nul, same, request("activate", bundles["b"])]
+    assert await restarted.restore(list(enumerate(history))) == 2
+    assert _models(restarted) == (b, a, None) and restarted.rejections == 2
+
+
+async def test_a_rollback_sent_twice_does_not_return_to_the_model_it_left(bundles: dict[str, Path]) -> None:
+    """`rollback --wait` exits 1 when a worker is slow, the operator runs it again: every worker that had rolled
+    back went back to the bad model. Now the second rollback changes nothing, and its --wait counts the answer."""
+    settings = WorkerSettings()
+    a, b = bundles["a"].name, bundles["b"].name
+    holder = await holder_with(bundles)
+    activate_b = request("activate", bundles["b"])
+    await holder.handle(activate_b)  # the bad model
+    rollback, _ = build_request("rollback", settings)
+    before = holder.status()
+    first = (await holder.handle(rollback)).answer
+    assert first is not None and (first.kind, first.model_version) == ("model-activated", a)
+    assert answer_fits(rollback, first, before) and _models(holder) == (a, b, None)
+
+    before = holder.status()
+    again = await holder.handle(rollback)  # the retry
+    assert not again.changed and again.swapped_to is None and _models(holder) == (a, b, None)
+    answer = again.answer
+    assert answer is not None and (answer.kind, answer.model_version) == ("model-activated", a)
+    assert answer.reasons == (
+        f"rollback: {a} is already active, rolled back from {b} (`tagstream model rollback --version {b}` returns "
+        "to it)",
+    )
+    answer.to_dict()  # schema-valid
+    assert answer_fits(rollback, answer, before)  # the retry's --wait counts it: exit 0
+    assert not answer_fits(request("activate", bundles["a"]), answer, before)
+
+    named_a, _ = build_request("rollback", settings, version=a)  # the version already active: nothing to do
+    nothing = (await holder.handle(named_a)).answer
+    assert nothing is not None and nothing.reasons == (f"rollback: {a} is already active",)
+    assert answer_fits(named_a, nothing, holder.status()) and _models(holder) == (a, b, None)
+    back, _ = build_request("rollback", settings, version=b)  # asked for by name: back to the model left
+    assert (await holder.handle(back)).swapped_to == b and _models(holder) == (b, a, None)
+    assert holder.swaps == 3
+
+    restarted = await holder_with(bundles)  # a restart folds the same history to the same models
+    await restarted.restore(list(enumerate([activate_b, rollback, rollback])))
+    assert _models(restarted) == (a, b, None)
+
+
+BROKEN_LABELS = {
+    "format_version": 1,
+    "groups": [{"name": "g", "kind": "multi", "parent_group": None}],
+    "labels": [{"index": i, "tag": f"t{i}", "group": "nogroup", "value": "v", "parent": None} for i in range(50_000)],
+}
+
+
+async def test_a_refusal_of_a_bundle_with_thousands_of_problems_fits_a_kafka_message(
+    bundles: dict[str, Path], tmp_path: Path
+) -> None:
+    """50,000 broken labels gave a 2.9 MB model-rejected answer (never published: over Kafka's 1 MB) and a status of
+    the same size rewritten to Redis every 5 s."""
+    from serving.bundle import MAX_REASONS
+    from tests.tinymodel import tamper
+
+    bad = shutil.copytree(bundles["b"], tmp_path / bundles["b"].name)
+    tamper(bad, "labels.json", orjson.dumps(BROKEN_LABELS))
+    holder = await holder_with(bundles)
+    answer = (await holder.handle(request("activate", bad))).answer
+    assert answer is not None and answer.kind == "model-rejected"
+    assert len(answer.reasons) == MAX_REASONS + 1 and answer.reasons[-1] == f"… and {50_000 - MAX_REASONS} more reasons"
+    assert len(orjson.dumps(answer.to_dict())) < 50_000
+    assert len(orjson.dumps(holder.status())) < 50_000
+    assert holder.status()["last_rejected"]["reasons"] == list(answer.reasons)
+
+
+def test_model_status_shows_how_many_requests_a_worker_refused_and_why(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A refusal whose answer never reached the topic left `model status` silent: it showed no sign of it."""
+    import streams.model_cli as model_cli
+    from tagstream.cli import main
+
+    now = time.time_ns() // 1_000_000
+    reasons = [f"labels.json: label 't{i}' has unknown group 'nogroup'" for i in range(30)]  # an older worker's
+    status = {
+        "w-1": {"active": "m-1", "previous": None, "shadow": None, "at": now, "swaps": 0, "rejections": 2,
+                "last_rejected": {"model_version": "m-bad", "reasons": reasons}, "shadow_stats": None,
+                "reported_at": now},
+        "w-2": {"active": "m-1", "previous": None, "shadow": None, "at": now, "swaps": 0, "rejections": 0,
+                "last_rejected": None, "shadow_stats": None, "reported_at": now},
+    }  # fmt: skip
+
+    async def no_answers(settings: WorkerSettings, *, after: int = -1) -> list[ModelUpdate]:
+        return []
+
+    monkeypatch.setattr(model_cli, "read_status", lambda settings: status)
+    monkeypatch.setattr(model_cli, "read_answers", no_answers)
+    assert main(["model", "status"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    refused = [line for line in lines if line.startswith("  refused:")]
+    assert refused == [f"  refused:  2 requests, the last m-bad: {'; '.join(reasons[:20])}; … and 10 more reasons"]
+    assert lines.index(refused[0]) < lines.index("w-2")  # w-1's; w-2 refused nothing
+
+
+async def test_candidates_are_compared_with_the_active_model_after_its_bundle_directory_is_gone(
+    bundles: dict[str, Path], tmp_path: Path
+) -> None:
+    """With a golden set, the validation process reloaded the active model from its bundle directory: once that was
+    removed (a registry clean-up), every candidate was refused with the active bundle's reasons."""
+    from dataclasses import replace
+
+    from tests.unit.test_validate import golden_set_of
+
+    gone = shutil.copytree(bundles["a"], tmp_path / bundles["a"].name)
+    reference = await holder_with(bundles)
+    assert reference.active is not None
+    golden = tuple(golden_set_of(reference.active))  # a scores micro-F1 1.0 on it, b lower
+    settings = WorkerSettings(model_path=gone, worker_id="w-1")
+    holder = ModelHolder(settings, policy=replace(POLICY, golden_set=golden), isolated=True)
+    try:
+        await holder.start()
+        shutil.rmtree(gone)  # the worker keeps serving its model from memory
+        refused = (await holder.handle(request("activate", bundles["b"]))).answer
+        assert refused is not None and refused.kind == "model-rejected"
+        assert len(refused.reasons) == 1 and refused.reasons[0].startswith("quality: micro-F1 "), refused.reasons
+        holder._policy = replace(holder.policy, max_quality_drop=1.0)
+        accepted = (await holder.handle(request("activate", bundles["b"]))).answer
+        assert accepted is not None and accepted.kind == "model-activated", accepted.reasons
+    finally:
+        holder.close()
+
+
+def _unblock(fifo: Path) -> None:
+    """Let a reader blocked opening `fifo` go (it then reads nothing)."""
+    with contextlib.suppress(OSError):
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+
+
+@pytest.mark.parametrize("name", ["labels.json", "model.onnx"])
+async def test_a_file_made_a_fifo_after_the_validation_process_checked_it_is_refused_without_blocking(
+    bundles: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
+    """The worker re-reads a bundle after its validation process answered: a file that blocks then (a FIFO here, a
+    hung network mount alike) stopped the model-updates consumer for good."""
+    import streams.model as model_module
+
+    candidate = shutil.copytree(bundles["b"], tmp_path / bundles["b"].name)
+    real = model_module.validate_isolated
+
+    def validate_then_swap(*args: Any, **kwargs: Any) -> Any:
+        report = real(*args, **kwargs)  # the child read regular files
+        (candidate / name).chmod(0o644)
+        (candidate / name).unlink()
+        os.mkfifo(candidate / name)  # nobody writes it
+        return report
+
+    holder = await holder_with(bundles, isolated=True)
+    monkeypatch.setattr(model_module, "validate_isolated", validate_then_swap)
+    try:
+        outcome = await asyncio.wait_for(holder.handle(request("activate", candidate)), 60)
+        assert outcome.answer is not None and outcome.answer.kind == "model-rejected"
+        assert name in outcome.answer.reasons[0] and "not a regular file" in outcome.answer.reasons[0]
+        assert holder.get().version == bundles["a"].name  # type: ignore[union-attr]
+    finally:
+        _unblock(candidate / name)
+        holder.close()
+
+
+async def test_reopening_a_validated_bundle_is_bounded_by_the_validation_time_limit(
+    bundles: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """TAGSTREAM_MODEL_VALIDATION_TIMEOUT_S bounded only the validation process: a re-read hanging after it left
+    every later model update waiting."""
+    from dataclasses import replace
+
+    import streams.model as model_module
+
+    release = threading.Event()
+    real = model_module.open_validated
+
+    def hang_until_released(*args: Any) -> Any:
+        release.wait(120)  # a read stuck on a hung network mount
+        return real(*args)
+
+    holder = await holder_with(bundles, isolated=True)
+    monkeypatch.setattr(model_module, "open_validated", hang_until_released)
+    holder._policy = replace(POLICY, timeout_s=5.0)
+    try:
+        outcome = await asyncio.wait_for(holder.handle(request("activate", bundles["b"])), 60)
+        assert outcome.answer is not None and outcome.answer.kind == "model-rejected"
+        assert outcome.answer.reasons[0].startswith("re-opening the validated bundle did not finish within 5 s")
+        assert holder.get().version == bundles["a"].name  # type: ignore[union-attr]
+        release.set()  # the file system answers again: the next request is applied
+        again = await asyncio.wait_for(holder.handle(request("activate", bundles["b"])), 60)
+        assert again.answer is not None and again.answer.kind == "model-activated", again.answer.reasons
+    finally:
+        release.set()
+        holder.close()
