@@ -607,6 +607,14 @@ def _request(kind: str) -> Callable[[argparse.Namespace], int]:
     return run
 
 
+def wait_seconds(text: str) -> float:
+    """`--wait S`: a finite number of seconds, 0 or more (argparse turns the ValueError into a one-line usage error)."""
+    value = float(text)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(text)
+    return value
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add `model` with status, activate, shadow, promote and rollback."""
     p = subparsers.add_parser("model", help="hot swap, shadow, promote and roll back models of running workers")
@@ -629,7 +637,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     s = sub.add_parser("activate", help="validate and activate a bundle on every worker")
     s.add_argument("--model", required=True, help="bundle directory (a path every worker can read)")
-    s.add_argument("--wait", type=float, default=0.0, metavar="S", help="wait up to S seconds for answers")
+    s.add_argument("--wait", type=wait_seconds, default=0.0, metavar="S", help="wait up to S seconds for answers")
     s.set_defaults(func=_request("activate"))
 
     s = sub.add_parser(
@@ -639,12 +647,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     which.add_argument("--model", help="bundle directory (a path every worker can read)")
     which.add_argument("--off", action="store_true", help="stop the shadow model on every worker")
     s.add_argument("--version", help="with --off: only if the shadow is this version (default: whatever it is)")
-    s.add_argument("--wait", type=float, default=0.0, metavar="S", help="wait up to S seconds for answers")
+    s.add_argument("--wait", type=wait_seconds, default=0.0, metavar="S", help="wait up to S seconds for answers")
     s.set_defaults(func=_request("shadow"))
 
     s = sub.add_parser("promote", help="make the shadow model active on every worker")
     s.add_argument("--version", help="only if the shadow is this version (default: whatever shadow is set)")
-    s.add_argument("--wait", type=float, default=0.0, metavar="S", help="wait up to S seconds for answers")
+    s.add_argument("--wait", type=wait_seconds, default=0.0, metavar="S", help="wait up to S seconds for answers")
     s.set_defaults(func=_request("promote"))
 
     s = sub.add_parser(
@@ -655,5 +663,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument(
         "--version", help="only to this version: the previous model (nothing to do where it is already active)"
     )
-    s.add_argument("--wait", type=float, default=0.0, metavar="S", help="wait up to S seconds for answers")
+    s.add_argument("--wait", type=wait_seconds, default=0.0, metavar="S", help="wait up to S seconds for answers")
     s.set_defaults(func=_request("rollback"))

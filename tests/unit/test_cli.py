@@ -337,3 +337,16 @@ def test_demo_refuses_bad_counts_when_parsing(
     assert exc.value.code == 2
     assert f"argument {option}: " in capsys.readouterr().err.strip().splitlines()[-1]
     assert build_parser().parse_args(["demo", "--events", "0", "--limit", "50"]).events == 0
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-1"])
+def test_model_commands_refuse_a_wait_that_is_no_number_of_seconds(
+    capsys: pytest.CaptureFixture[str], value: str
+) -> None:
+    # `--wait nan` or `--wait -1` used to be taken: the command sent its request, then waited for nothing
+    with pytest.raises(SystemExit) as exit_:
+        main(["model", "rollback", "--wait", value])
+    assert (
+        exit_.value.code == 2 and f"argument --wait: invalid wait_seconds value: '{value}'" in capsys.readouterr().err
+    )
+    assert build_parser().parse_args(["model", "rollback", "--wait", "2.5"]).wait == 2.5
