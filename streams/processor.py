@@ -211,6 +211,11 @@ def dead_letter(msg: InMessage, exc: BaseException) -> tuple[bytes | None, bytes
     return msg.key, orjson.dumps(record.to_dict())
 
 
+# Event times before this are refused while the time checks are on: an epoch in seconds (1764316805) read as
+# milliseconds is January 1970, and would be counted in windows of 1970 and tag its product `new` at once.
+EARLIEST_EVENT_MS = 946_684_800_000  # 2000-01-01T00:00:00Z
+
+
 @dataclass(frozen=True, slots=True)
 class InputDecoder:
     """How the worker decodes an input topic's values (`replay` checks its lines with the same)."""
@@ -221,15 +226,22 @@ class InputDecoder:
 
     def decode(self, value: bytes | None, now: int, ahead_ms: int) -> Any:
         """The event; EventDecodeError when it does not decode, fails `check`, or its time is more than `ahead_ms`
-        after `now` (0: no check)."""
+        after `now` or before EARLIEST_EVENT_MS (0: no time check)."""
         ev = self.decode_value(value)
         if self.check is not None:
             self.check(ev)
-        if ahead_ms and (at := getattr(ev, self.time_field)) > now + ahead_ms:
-            raise EventTimeError(
-                f"{self.time_field} {at} is more than {ahead_ms} ms ahead of the worker's clock ({now}): not "
-                "milliseconds since the epoch? (TAGSTREAM_MAX_EVENT_AHEAD_MS)"
-            )
+        if ahead_ms:
+            at = getattr(ev, self.time_field)
+            if at > now + ahead_ms:
+                raise EventTimeError(
+                    f"{self.time_field} {at} is more than {ahead_ms} ms ahead of the worker's clock ({now}): not "
+                    "milliseconds since the epoch? (TAGSTREAM_MAX_EVENT_AHEAD_MS)"
+                )
+            if at < EARLIEST_EVENT_MS:
+                raise EventTimeError(
+                    f"{self.time_field} {at} is before 2000-01-01 ({EARLIEST_EVENT_MS} ms): seconds since the epoch, "
+                    "not milliseconds? (TAGSTREAM_MAX_EVENT_AHEAD_MS=0 turns the time checks off)"
+                )
         return ev
 
 

@@ -221,7 +221,8 @@ class WorkerSettings(BaseSettings):
         ge=0,
         description="An event whose time (a click's `ts`, a product change's `updated_at`) lies more than this far "
         "(ms) ahead of the worker's clock goes to the dead-letter topic: a time in microseconds, say, would move its "
-        "product's clock and its partition's watermark years ahead, which never come back. 0 = no check.",
+        "product's clock and its partition's watermark years ahead, which never come back. So does one before "
+        "2000-01-01 (a time in seconds). 0 = no time check.",
     )
     redis_retry_max_backoff: float = Field(5.0, gt=0, description="Longest wait between Redis retries (s).")
     session_timeout: float = Field(

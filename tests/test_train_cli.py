@@ -106,6 +106,7 @@ def test_train_prints_only_the_bundle_path_on_stdout_and_its_progress_on_stderr(
 
 
 NO_TOPICS = f"fixtrain-none-{uuid.uuid4().hex[:8]}-"  # a prefix no `tagstream topics` created
+NGRAMS_5_3 = {"TAGSTREAM_CHAR_NGRAM_MIN": "5", "TAGSTREAM_CHAR_NGRAM_MAX": "3"}
 
 
 @pytest.fixture
@@ -131,6 +132,13 @@ def tiny_catalog(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         # before: found out after each cycle's whole training
         (["--out", "{tmp}/models", "--every", "1s"], {"TAGSTREAM_TOPIC_PREFIX": NO_TOPICS}, "does not exist at"),
         (["--out", "{tmp}/models", "--every", "1s"], {"TAGSTREAM_KAFKA_BOOTSTRAP": "127.0.0.1:1"}, "could not reach"),
+        # before: found out once the catalog was read, without the variables' names (with --every: every cycle)
+        (["--out", "{tmp}/models"], NGRAMS_5_3, "TAGSTREAM_CHAR_NGRAM_MIN=5 is more than TAGSTREAM_CHAR_NGRAM_MAX=3"),
+        (
+            ["--out", "{tmp}/models", "--every", "1s"],
+            {**NGRAMS_5_3, "TAGSTREAM_TOPIC_PREFIX": NO_TOPICS},
+            "NGRAM_MIN=5",
+        ),
     ],
 )
 def test_train_reports_a_bad_output_path_key_or_setting_in_one_line_before_training(
@@ -157,6 +165,61 @@ def test_train_reports_a_bad_output_path_key_or_setting_in_one_line_before_train
     assert err[-1].startswith("tagstream train: error: ") and expected.format(file=afile) in err[-1], err[-3:]
     assert not any("loaded" in r.getMessage() for r in caplog.records)  # refused before reading the catalog
     assert not list(tmp_path.glob("models/2*"))  # and before training: no bundle
+
+
+@pytest.mark.parametrize(
+    ("flag", "inside"), [("--out", ""), ("--out", "/models"), ("--report", ""), ("--report", "/reports")]
+)
+def test_train_refuses_to_write_into_an_existing_bundle(
+    tiny_catalog: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], flag: str, inside: str
+) -> None:
+    from serving.bundle import load_bundle
+    from tagstream.cli import main
+    from tests.tinymodel import make_bundle
+
+    bundle = make_bundle(tmp_path / "registry")
+    out = ["--out", str(tmp_path / "registry")] if flag == "--report" else []
+    argv = ["train", "--catalog", str(tiny_catalog), "--format", "jsonl", *out, flag, f"{bundle}{inside}"]
+    code = main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    # before: the new bundle (or its report) was written inside the old one, which then no longer validated
+    assert code == 2 and err[-1].startswith(f"tagstream train: error: {flag} {bundle}{inside}: "), err[-3:]
+    assert f"the model bundle {bundle}, which nothing may be written into" in err[-1]
+    assert {p.name for p in bundle.iterdir()} == {*load_bundle(bundle).manifest["files"], "manifest.json"}
+
+
+@pytest.mark.parametrize(
+    ("env", "flag", "expected"),
+    [
+        ({}, [], True),
+        ({"TAGSTREAM_BASELINE": "false"}, [], False),
+        ({"TAGSTREAM_BASELINE": "true"}, ["--no-baseline"], False),
+    ],
+)
+def test_train_takes_the_baseline_setting_from_the_environment_unless_the_flag_is_given(
+    tiny_catalog: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    env: dict[str, str],
+    flag: list[str],
+    expected: bool,
+) -> None:
+    import training.train
+    from tagstream.cli import main
+    from tagstream.errors import ConfigError
+
+    seen: list[bool] = []
+
+    def train(products, settings, **kwargs):
+        seen.append(settings.baseline)
+        raise ConfigError("stop here: only the settings matter")
+
+    monkeypatch.setattr(training.train, "train", train)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    argv = ["train", "--catalog", str(tiny_catalog), "--format", "jsonl", "--out", str(tmp_path / "models"), *flag]
+    assert main(argv) == 2
+    assert seen == [expected]  # before: TAGSTREAM_BASELINE=false trained the baseline all the same
 
 
 @pytest.mark.parametrize("command", ["train", "evaluate"])
@@ -242,6 +305,48 @@ def test_every_prints_each_cycle_as_it_ends_writes_its_report_and_keeps_the_gate
     second = json.loads(again.stdout)
     assert second["current"] == str(bundle) and second["reasons"] != ["no current model"], second
     assert (reports / Path(second["bundle"]).name / "report.html").is_file()
+
+
+def test_sigterm_while_every_reads_model_updates_exits_143_with_one_line(
+    tiny_catalog: Path,
+    tmp_path: Path,
+    model_updates_topic: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import signal
+
+    import aiokafka
+
+    import training.train
+    from tagstream.cli import main
+    from tests.tinymodel import make_bundle
+
+    stopped: list[bool] = []
+    start, stop = aiokafka.AIOKafkaConsumer.start, aiokafka.AIOKafkaConsumer.stop
+
+    async def start_then_sigterm(self, *args, **kwargs):
+        await start(self, *args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)  # `docker stop` while the cycle reads model-updates
+
+    async def stop_and_note(self, *args, **kwargs):
+        await stop(self, *args, **kwargs)
+        stopped.append(True)
+
+    monkeypatch.setattr(aiokafka.AIOKafkaConsumer, "start", start_then_sigterm)
+    monkeypatch.setattr(aiokafka.AIOKafkaConsumer, "stop", stop_and_note)
+    monkeypatch.setattr(training.train, "train", lambda products, settings, *, registry, split: make_bundle(registry))
+    monkeypatch.setattr(training.train, "evaluate_bundle", lambda bundle, products: {"groups": {}})
+    monkeypatch.setenv("TAGSTREAM_TOPIC_PREFIX", model_updates_topic)
+    argv = ["train", "--catalog", str(tiny_catalog), "--format", "jsonl", "--out", str(tmp_path / "models")]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, "--every", "1h", "--cycles", "1"])
+    err = capsys.readouterr().err
+    # before: asyncio.CancelledError out of the consumer's stop, a traceback and exit 1
+    assert exit_info.value.code == 143
+    assert err.strip().splitlines()[-1] == "tagstream train: terminated (SIGTERM)" and "Traceback" not in err
+    assert stopped == [True]  # the consumer was stopped cleanly inside the loop
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 
 
 @pytest.mark.parametrize(

@@ -33,8 +33,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         help="train a tagger on a catalog and write a model bundle into a registry",
         description="Train on a catalog (stratified train/validation/test split), export to ONNX, check parity, "
         "write a bundle into --out. With --every, retrain periodically and publish a new model only when it is "
-        "not worse, on a fixed evaluation set, than the model the workers announce active on model-updates (else "
-        "the one last published). Settings: TAGSTREAM_* (training/settings.py).",
+        "not worse, on the products of a fixed evaluation set that neither model trained on, than the model the "
+        "workers announce active on model-updates (else the one last published). Settings: TAGSTREAM_* "
+        "(training/settings.py).",
     )
     p.add_argument("--catalog", type=Path, required=True, help="catalog file")
     p.add_argument("--format", choices=FORMATS, required=True, help="catalog format")
@@ -42,7 +43,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument("--epochs", type=int, default=None, help="most epochs (default: TAGSTREAM_EPOCHS or 5)")
     p.add_argument("--seed", type=int, default=None, help="seed (default: TAGSTREAM_SEED or 42)")
     p.add_argument(
-        "--no-baseline", dest="baseline", action="store_false", help="skip the same-run TF-IDF + linear baseline"
+        "--no-baseline",
+        dest="baseline",
+        action="store_false",
+        default=None,
+        help="skip the same-run TF-IDF + linear baseline (default: TAGSTREAM_BASELINE, else it is trained)",
     )
     p.add_argument(
         "--report",
@@ -169,6 +174,8 @@ def _run_train(args: argparse.Namespace) -> int:
     from training.settings import load_trainer_settings, writable_dir
 
     settings = load_trainer_settings(epochs=args.epochs, seed=args.seed, baseline=args.baseline)
+    if args.baseline is None and "baseline" not in settings.model_fields_set:  # neither the flag nor the variable
+        settings = settings.model_copy(update={"baseline": True})
     every = parse_duration(args.every) if args.every is not None else None
     if args.keep_refused is not None and every is None:
         raise ConfigError("--keep-refused goes with --every (a single run refuses no candidate)")
@@ -195,7 +202,7 @@ def _run_train(args: argparse.Namespace) -> int:
             if "bundle" in record and "result" in loaded:
                 bundle = Path(record["bundle"])
                 report_dir = Path(args.report or Path(registry) / "reports") / bundle.name
-                keys = ("cycle", "current", "current_from", "publish", "reasons", "error")
+                keys = ("cycle", "current", "current_from", "gate", "publish", "reasons", "error")
                 retrain = {k: record.get(k) for k in keys}
                 try:
                     html = _write_report(bundle, report_dir, loaded["result"].report, retrain=retrain)
@@ -253,11 +260,13 @@ def run_evaluate(args: argparse.Namespace) -> int:
     products = _load(args.catalog, args.format).products
     report = evaluate_bundle(args.model, products, at_thresholds=args.thresholds)
     missing = unevaluated_groups(report)
-    if len(missing) == len(report["groups"]):
+    multi = _multi_groups(args.model)
+    missing_tags = _free_tags_unevaluated(multi, report)
+    if len(missing) == len(report["groups"]) and len(missing_tags) == len(multi):
         raise DataError(
             f"{args.catalog}: none of its {len(products)} products has a label the model knows in any of the model's "
-            f"groups ({', '.join(missing) or 'none'}): nothing to evaluate (a catalog of other labels than the "
-            "model was trained on?)"
+            f"groups ({', '.join(missing + missing_tags) or 'none'}): nothing to evaluate (a catalog of other labels "
+            "than the model was trained on?)"
         )
     if missing:
         print(
@@ -275,7 +284,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     out = {
-        "n": report["n"],
+        "n": len(products),  # the top-1 report's own n is 0 for a model of free tags only (no exclusive group)
         "n_unknown": {g: r["n_unknown"] for g, r in report["groups"].items()},
         "groups": {g: {k: r.get(k) for k in HEADLINE} for g, r in report["groups"].items()},
         "served": report["served"]["groups"],
@@ -294,6 +303,24 @@ def run_evaluate(args: argparse.Namespace) -> int:
             print(f"{g:<18} {figures} {r['n']:>8} {r['n_unknown']:>8}")
         print(f"({out['n']} products)")
     return 0
+
+
+def _multi_groups(bundle: Path) -> dict[str, set[str]]:
+    """The multi-label groups (the free `tags`) of a bundle that loaded, with their tags."""
+    labels = json.loads((bundle / "labels.json").read_bytes())
+    multi = {g["name"] for g in labels["groups"] if g["kind"] == "multi"}
+    return {g: {lab["tag"] for lab in labels["labels"] if lab["group"] == g} for g in multi}
+
+
+def _free_tags_unevaluated(multi: dict[str, set[str]], report: dict[str, Any]) -> list[str]:
+    """The multi-label groups (`_multi_groups`) in which no product carries a tag the model knows: their `served`
+    figures count only tags it cannot emit, or none."""
+    served = report["served"]["groups"]
+    return sorted(
+        g
+        for g, tags in multi.items()
+        if not any(t in tags and r.get("support") for t, r in (served.get(g, {}).get("per_tag") or {}).items())
+    )
 
 
 def run_publish(args: argparse.Namespace) -> int:

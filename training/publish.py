@@ -6,21 +6,25 @@ No TensorFlow here: the loop calls `training.train.train`, which imports it when
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import functools
-import hashlib
 import json
 import logging
 import os
 import re
 import shutil
+import signal
+import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from types import FrameType
+from typing import Any, Literal, TypeVar
 
 from schemas.records import ModelUpdate
-from tagstream.errors import ConfigError, TagstreamError
+from tagstream.errors import BundleError, ConfigError, TagstreamError
 from training.catalog import CatalogProduct
 from training.settings import TrainerSettings
 
@@ -39,12 +43,14 @@ __all__ = [
     "publish_bundle",
     "read_model_updates",
     "record_publication",
+    "run_async",
     "send_model_update",
     "workers_active",
 ]
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
 PublishKind = Literal["activate", "shadow"]
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -63,6 +69,43 @@ def parse_duration(text: str) -> float:
     if seconds > MAX_DURATION_S:
         raise ConfigError(f"bad duration {text!r}: at most 366d")
     return seconds
+
+
+def run_async(coro: Coroutine[Any, Any, T]) -> T:
+    """`asyncio.run(coro)`, where a SIGTERM cancels `coro` (its `finally` blocks run inside the loop: a Kafka consumer
+    or producer stops cleanly) and is handed, once the loop has ended, to the SIGTERM handler installed before
+    (`tagstream train` then exits 143 with one line). Raising from a signal handler inside the loop instead turned
+    into a CancelledError traceback. Off the main thread, or with no Python handler installed, plain `asyncio.run`."""
+    previous = signal.getsignal(signal.SIGTERM)
+    if threading.current_thread() is not threading.main_thread() or not callable(previous):
+        return asyncio.run(coro)
+    received: list[int] = []
+
+    async def main() -> T:
+        task, loop = asyncio.current_task(), asyncio.get_running_loop()
+        assert task is not None
+
+        def cancel(signum: int, frame: FrameType | None) -> None:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM kills at once
+            received.append(signum)
+            task.cancel()
+            loop.call_soon_threadsafe(lambda: None)  # wake the loop if it waits in select()
+
+        signal.signal(signal.SIGTERM, cancel)
+        try:
+            return await coro
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+    try:
+        result = asyncio.run(main())
+    except BaseException:
+        if received:
+            previous(signal.SIGTERM, None)
+        raise
+    if received:
+        previous(signal.SIGTERM, None)
+    return result
 
 
 # --------------------------------------------------------------------------------------------------- publishing
@@ -85,8 +128,7 @@ def model_update_event(bundle_dir: str | Path, kind: PublishKind = "activate") -
         raise ConfigError(f"publish kind must be activate or shadow, got {kind!r}")
     path = Path(bundle_dir).resolve()
     bundle = load_bundle(path, verify_key=verify_key())
-    sig_file = path / SIGNATURE_FILE
-    signature = sig_file.read_text().strip() if sig_file.is_file() else None
+    signature = _signature(path / SIGNATURE_FILE)
     event = ModelUpdate(
         kind=kind,
         model_version=bundle.model_version,
@@ -99,6 +141,27 @@ def model_update_event(bundle_dir: str | Path, kind: PublishKind = "activate") -
     return event, bundle.model_name
 
 
+def _signature(sig_file: Path) -> str | None:
+    """The base64 text of a bundle's `manifest.sig` (SPEC §2: an Ed25519 signature, 64 bytes), None when there is
+    none; BundleError (one line) when it is not a regular file of that form, so that no garbage is announced."""
+    from serving.bundle import _read_limited
+
+    if not os.path.lexists(sig_file):
+        return None
+    problems: list[str] = []
+    data = _read_limited(sig_file, 4096, problems)
+    if data is None:
+        raise BundleError(f"{sig_file}: {'; '.join(problems)}")
+    try:
+        text = "".join(data.decode("ascii").split())
+        raw = base64.b64decode(text, validate=True)
+    except (UnicodeDecodeError, binascii.Error, ValueError):
+        raise BundleError(f"{sig_file}: not a base64 Ed25519 signature (not base64 text)") from None
+    if len(raw) != 64:
+        raise BundleError(f"{sig_file}: not a base64 Ed25519 signature ({len(raw)} bytes, not 64)")
+    return text
+
+
 async def send_model_update(event: ModelUpdate, key: str, settings: TrainerSettings) -> None:
     """Send one model-update event (acks=all, idempotent producer) keyed by the model name."""
     from streams.model_cli import send_model_update as send
@@ -109,7 +172,7 @@ async def send_model_update(event: ModelUpdate, key: str, settings: TrainerSetti
 def publish_bundle(bundle_dir: str | Path, kind: PublishKind, settings: TrainerSettings) -> ModelUpdate:
     """Validate and announce a bundle, and record it in its registry (`record_publication`); returns the event."""
     event, name = model_update_event(bundle_dir, kind)
-    asyncio.run(send_model_update(event, name, settings))
+    run_async(send_model_update(event, name, settings))
     log.info("published %s %s to %smodel-updates", kind, event.model_version, settings.topic_prefix)
     record_publication(bundle_dir, event)
     return event
@@ -229,7 +292,7 @@ def check_publishing(settings: TrainerSettings) -> None:
             finally:
                 await producer.stop()
 
-    asyncio.run(check())
+    run_async(check())
 
 
 def read_model_updates(settings: TrainerSettings, timeout_s: float = UPDATES_READ_TIMEOUT_S) -> list[ModelUpdate]:
@@ -272,7 +335,7 @@ def read_model_updates(settings: TrainerSettings, timeout_s: float = UPDATES_REA
         return [event for *_, event in read]
 
     try:
-        return asyncio.run(asyncio.wait_for(read(), timeout_s))
+        return run_async(asyncio.wait_for(read(), timeout_s))
     except TimeoutError:
         raise TagstreamError(f"could not read {topic} at {bootstrap} to its end within {timeout_s:g}s") from None
 
@@ -311,12 +374,10 @@ def eval_holdout(products: Sequence[CatalogProduct], fraction: float = 0.1) -> l
     """Stable membership of the fixed evaluation set: sha256 of the normalised title decides (the loaders' duplicate
     key, so each kept product has its own). Not the product id: cn-jd ids are line numbers (`jd-<line>`), and one
     row added or removed would move every later product in or out of the set, into the current model's training."""
-    from training.cleaning import normalize_text
+    from training.splits import title_digest
 
     cut = int(fraction * 2**32)
-    return [
-        int.from_bytes(hashlib.sha256(normalize_text(p.title).encode()).digest()[:4], "big") < cut for p in products
-    ]
+    return [int.from_bytes(title_digest(p)[:4], "big") < cut for p in products]
 
 
 @dataclass(frozen=True, slots=True)
@@ -327,6 +388,15 @@ class Comparison:
     reasons: tuple[str, ...]
 
 
+def _figure(group: Mapping[str, Any], metric: str) -> float | None:
+    """A group's `metric` in a report; 0.0 when products carry labels of the group but the model knows none of them
+    (`n_unknown` > 0 with nothing evaluated: every one of them is a miss); None when no product carries one."""
+    value = group.get(metric)
+    if value is None:
+        return 0.0 if group.get("n_unknown") else None
+    return float(value)
+
+
 def compare_reports(
     candidate: Mapping[str, Any],
     current: Mapping[str, Any] | None,
@@ -334,35 +404,119 @@ def compare_reports(
     metric: str = "weighted_f1",
     tolerance: float = 0.005,
 ) -> Comparison:
-    """Publish only if the candidate is not worse: it evaluates every group the current model evaluates (a group
-    it lost counts as worse), on each of them metric ≥ current − tolerance, and the mean over them ≥ the current
-    mean. No current model → publish. Reports are `{"groups": {name: {metric: value}}}` (evaluate_scores /
-    `tagstream evaluate --json`)."""
+    """Publish only if the candidate is not worse: it evaluates every group the current model is evaluated in (a
+    group it lost counts as worse), on each of them metric ≥ current − tolerance, and the mean over them ≥ the current
+    mean. In a group whose products all carry labels the current model does not know, the current model counts 0.
+    No current model → publish. A current model evaluated in no group of the evaluation set (none of its groups'
+    products carry a label of them) → the candidate is judged on its own: published when one of its figures (top-1
+    groups, or the free tags it serves) is above 0. Reports are `{"groups": {name: {metric, n_unknown}}, "served":
+    ...}` (evaluate_bundle / `tagstream evaluate --json`)."""
     if current is None:
         return Comparison(True, ("no current model",))
     cand_g = candidate.get("groups", {})
     cur_g = current.get("groups", {})
-    common = sorted(g for g in cur_g if g in cand_g and cur_g[g].get(metric) is not None)
-    if not common:
-        return Comparison(False, ("no group in common with the current model",))
-    reasons = []
+    cur = {g: f for g, r in cur_g.items() if (f := _figure(r, metric)) is not None}
+    if not cur:
+        return _judged_alone(candidate, metric)
+    reasons = [
+        f"{g}: the current model knows none of the labels of the {cur_g[g]['n_unknown']} products that carry one "
+        f"({metric} counted 0)"
+        for g in sorted(cur)
+        if cur_g[g].get(metric) is None
+    ]
     worse = False
-    for g in sorted(g for g in cur_g if g not in cand_g and cur_g[g].get(metric) is not None):
+    for g in sorted(set(cur) - set(cand_g)):
         worse = True
-        reasons.append(f"{g}: the current model has this group ({metric} {cur_g[g][metric]}), the candidate lacks it")
+        reasons.append(f"{g}: the current model has this group ({metric} {cur[g]}), the candidate lacks it")
+    common = sorted(set(cur) & set(cand_g))
+    new = {g: _figure(cand_g[g], metric) for g in common}
     for g in common:
-        new, old = cand_g[g].get(metric), cur_g[g][metric]
-        if new is None or new < old - tolerance:
+        if new[g] is None or new[g] < cur[g] - tolerance:  # type: ignore[operator]
             worse = True
-            reasons.append(f"{g}: {metric} {new} < {old} - {tolerance}")
-    new_mean = sum(float(cand_g[g].get(metric) or 0.0) for g in common) / len(common)
-    old_mean = sum(float(cur_g[g][metric]) for g in common) / len(common)
-    if new_mean < old_mean:
-        worse = True
-        reasons.append(f"mean {metric} {new_mean:.4f} < current {old_mean:.4f}")
-    if not worse:
-        reasons.append(f"mean {metric} {new_mean:.4f} ≥ current {old_mean:.4f}")
+            reasons.append(f"{g}: {metric} {new[g]} < {cur[g]} - {tolerance}")
+    if common:
+        new_mean = sum(new[g] or 0.0 for g in common) / len(common)
+        old_mean = sum(cur[g] for g in common) / len(common)
+        if new_mean < old_mean:
+            worse = True
+            reasons.append(f"mean {metric} {new_mean:.4f} < current {old_mean:.4f}")
+        elif not worse:
+            reasons.append(f"mean {metric} {new_mean:.4f} ≥ current {old_mean:.4f}")
     return Comparison(not worse, tuple(reasons))
+
+
+def _judged_alone(candidate: Mapping[str, Any], metric: str) -> Comparison:
+    """`compare_reports` when the current model is evaluated in no group: the candidate's own figures decide."""
+    from training.labels import TAGS_GROUP
+
+    figures = {g: float(v) for g, r in candidate.get("groups", {}).items() if (v := r.get(metric)) is not None}
+    served_tags = candidate.get("served", {}).get("groups", {}).get(TAGS_GROUP) or {}
+    if served_tags.get(metric) is not None:
+        figures[f"served {TAGS_GROUP}"] = float(served_tags[metric])
+    why = "no group in common with the current model (none of the evaluation products carries a label of its groups)"
+    if not any(v > 0 for v in figures.values()):
+        alone = ", ".join(f"{g} {v}" for g, v in sorted(figures.items())) or "no group"
+        return Comparison(False, (f"{why}, and the candidate scores no better than 0 on its own ({metric}: {alone})",))
+    alone = ", ".join(f"{g} {v}" for g, v in sorted(figures.items()))
+    return Comparison(True, (f"{why}: the candidate is judged on its own ({metric}: {alone})",))
+
+
+@dataclass(frozen=True, slots=True)
+class GateSet:
+    """The evaluation products a cycle compares the candidate and the current model on, and what the cycle's JSON
+    line says of them (`info`: `evaluation_set`, `compared_on`, `current_trained_on`, `fair`, and `note` when not
+    fair)."""
+
+    products: list[CatalogProduct]
+    info: dict[str, Any]
+
+
+def bundle_trained_on(bundle: Path) -> frozenset[int] | None:
+    """The keys (`training.splits.trained_on_key`) of the products `bundle` trained on, from its metrics.json
+    (`trained_on`, covered by the manifest); None when it keeps no such record (a bundle written before tagstream kept
+    one, or a file that cannot be read)."""
+    from training.splits import read_trained_on
+
+    try:
+        metrics = json.loads((bundle / "metrics.json").read_bytes())
+    except (OSError, ValueError):
+        return None
+    return read_trained_on(metrics.get("trained_on")) if isinstance(metrics, dict) else None
+
+
+def gate_set(
+    eval_set: Sequence[CatalogProduct], candidate: Path, current: Path | None, *, min_products: int
+) -> GateSet:
+    """The products of the fixed evaluation set neither the candidate nor the current model trained on (the
+    candidate never trains on the evaluation set; a model from a single `tagstream train` run, or from another
+    catalog, may have). The whole evaluation set instead, with a note, when the current bundle keeps no record of its
+    training products, or when it trained on some of the set and fewer than `min_products` others remain: that
+    comparison favours the current model, so a candidate published on it is still not worse."""
+    from training.splits import trained_on_key
+
+    products = list(eval_set)
+    info: dict[str, Any] = {"evaluation_set": len(products), "compared_on": len(products)}
+    if current is None:
+        return GateSet(products, {**info, "current_trained_on": None, "fair": True})
+    seen = bundle_trained_on(current)
+    if seen is None:
+        note = (
+            f"the current model {current.name} keeps no record of the products it trained on (a bundle written "
+            "before tagstream kept one): compared on the whole evaluation set, which it may have trained on"
+        )
+        return GateSet(products, {**info, "current_trained_on": None, "fair": False, "note": note})
+    keys = [trained_on_key(p) for p in products]
+    info["current_trained_on"] = sum(k in seen for k in keys)
+    seen = seen | (bundle_trained_on(candidate) or frozenset())
+    unseen = [p for p, k in zip(products, keys, strict=True) if k not in seen]
+    if len(unseen) < len(products) and len(unseen) < min_products:
+        note = (
+            f"only {len(unseen)} of the {len(products)} evaluation products are unseen by both models (the current "
+            f"model trained on {info['current_trained_on']}), fewer than TAGSTREAM_GATE_MIN_PRODUCTS={min_products}: "
+            "compared on the whole evaluation set, which favours the current model"
+        )
+        return GateSet(products, {**info, "fair": False, "note": note})
+    return GateSet(unseen, {**info, "compared_on": len(unseen), "fair": True})
 
 
 def periodic_retrain(
@@ -383,18 +537,21 @@ def periodic_retrain(
     on_cycle: Callable[[dict[str, Any]], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Every `every_s`: reload the catalog, train on all but the fixed evaluation set, evaluate the new and the
-    current bundle on that set, and publish the new one only when `compare_reports` says it is not worse.
+    current bundle on the products of that set neither trained on (`gate_set`: a bundle records its training
+    products in metrics.json `trained_on`), and publish the new one only when `compare_reports` says it is not worse.
 
     The current model at start is `current_model(registry, kind)` (a restart keeps the gate), then the last one
     published. With kind activate, each cycle first reads model-updates (`model_updates`) and compares with the model
     the workers announced active last (`workers_active`: an operator's activate or rollback counts) when its bundle
     is in the registry and loads; when the topic cannot be read, holds no such answer or names another bundle, with
     the trainer's own current model, as said in the log. When the current model cannot be evaluated any more
-    (removed, edited), the cycle compares with its last evaluation, if one was made. After each cycle, the candidates
-    the gate refused in this run beyond the newest `keep_refused` are removed from the registry, except those
-    published (`published.jsonl`), compared with or named on model-updates (an operator may run one); none in a cycle
-    that could not read those. Returns one record per cycle (for logs and tests): `current` and where it came from
-    (`current_from`: "model-updates", "published.jsonl", "newest in registry" or "published by this run"), `removed`.
+    (removed, edited), the cycle compares with its last evaluation, if one was made. A cycle that fails (bad data, a
+    full disk, or an unexpected error, logged with its traceback) publishes nothing, and the next one runs. After
+    each cycle, the candidates the gate refused in this run beyond the newest `keep_refused` are removed from the
+    registry, except those published (`published.jsonl`), compared with or named on model-updates (an operator may
+    run one); none in a cycle that could not read those. Returns one record per cycle (for logs and tests): `current`
+    and where it came from (`current_from`: "model-updates", "published.jsonl", "newest in registry" or "published
+    by this run"; in a failed cycle, the current model as known when it failed), `gate` (`GateSet.info`), `removed`.
     Each record is given to `on_decision` once the gate decided (before the removals) and to `on_cycle` as soon as
     its cycle ends. `publish`, `train_fn`, `evaluate_fn` default to the real ones (Kafka, training.train.train,
     training.train.evaluate_bundle), `model_updates` to `read_model_updates` when `publish` is the real one (with
@@ -423,6 +580,7 @@ def periodic_retrain(
         started = time.monotonic()
         cycle += 1
         record: dict[str, Any] = {"cycle": cycle}
+        record.update(current=None if current is None else str(current), current_from=current_from)
         named: set[str] | None = None if model_updates is not None else set()  # versions on model-updates
         try:
             products = load_products()
@@ -439,7 +597,6 @@ def periodic_retrain(
             )
             bundle = train_fn(rest + eval_set, settings, registry=registry, split=split)
             record["bundle"] = str(bundle)
-            report = evaluate_fn(bundle, eval_set)
             updates = None if model_updates is None else _read_updates(model_updates, cycle, current)
             if updates is not None:
                 named = {e.model_version for e in updates}
@@ -448,9 +605,15 @@ def periodic_retrain(
                 if running is not None:
                     current, current_from = running, "model-updates"
                     current_report = None  # its own evaluation, not the one of the model compared with before
+            record.update(current=None if current is None else str(current), current_from=current_from)
+            gate = gate_set(eval_set, bundle, current, min_products=settings.gate_min_products)
+            record["gate"] = gate.info
+            if "note" in gate.info:
+                log.warning("retrain cycle %d: %s", cycle, gate.info["note"])
+            report = evaluate_fn(bundle, gate.products)
             if current is not None:  # re-evaluate: the evaluation set may have grown with the catalog
                 try:
-                    current_report = evaluate_fn(current, eval_set)
+                    current_report = evaluate_fn(current, gate.products)
                 except (TagstreamError, OSError) as exc:
                     held_report = "comparing with its last evaluation" if current_report is not None else None
                     log.warning(
@@ -478,6 +641,9 @@ def periodic_retrain(
         except (TagstreamError, OSError) as exc:  # one failed cycle (bad data, a full disk, a key) is logged, not fatal
             record.update(error=str(exc), publish=False)
             log.error("retrain cycle %d failed: %s", cycle, exc)
+        except Exception as exc:  # a bug or a library's error: logged with its traceback, and the next cycle runs
+            record.update(error=f"{type(exc).__name__}: {exc}", publish=False)
+            log.exception("retrain cycle %d failed unexpectedly", cycle)
         if on_decision is not None:
             on_decision(record)
         compared = {Path(record["current"]).name} if record.get("current") else set()

@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
+from pydantic_core import PydanticCustomError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from serving.featurizer import FeaturizerConfig
@@ -14,7 +15,7 @@ from tagstream.errors import BundleError, ConfigError
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-__all__ = ["TrainerSettings", "load_trainer_settings", "writable_dir"]
+__all__ = ["TrainerSettings", "enclosing_bundle", "load_trainer_settings", "writable_dir"]
 
 
 class TrainerSettings(BaseSettings):
@@ -152,11 +153,32 @@ class TrainerSettings(BaseSettings):
         "bag; 3 digits ~1.15x, within 1e-6. The parity gate checks the result either way.",
     )
     baseline: bool = Field(False, description="Also fit the same-run TF-IDF + linear baseline into metrics.json.")
+    # `train --every`
+    gate_min_products: int = Field(
+        30,
+        ge=1,
+        description="`train --every`: the fewest evaluation products that neither the candidate nor the current "
+        "model trained on for a fair comparison. When the current model trained on some of the evaluation set and "
+        "fewer remain, both are compared on the whole set, which favours the current model (said in the cycle's "
+        "JSON line).",
+    )
     # runtime
     threads: int = Field(2, ge=1, description="TensorFlow intra-op threads (inter-op = 1..2).")
     # publish
     kafka_bootstrap: str = Field("127.0.0.1:9092", description="Kafka bootstrap servers for `publish`.")
     topic_prefix: str = Field("", description="Prefix of topic names (`<prefix>model-updates`).")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainerSettings:
+        """Settings that are each valid but conflict, refused when the settings load (before any catalog is read)."""
+        if self.char_ngram_min > self.char_ngram_max:
+            raise PydanticCustomError(
+                "conflicting_settings",
+                "TAGSTREAM_CHAR_NGRAM_MIN={lo} is more than TAGSTREAM_CHAR_NGRAM_MAX={hi} (the shortest character "
+                "n-gram must not be longer than the longest)",
+                {"lo": self.char_ngram_min, "hi": self.char_ngram_max},
+            )
+        return self
 
     def signing_key(self) -> Ed25519PrivateKey | None:
         """The Ed25519 key of `signing_key_path` (None when unset); ConfigError when it cannot be read or is not a
@@ -207,14 +229,29 @@ def load_trainer_settings(**overrides: Any) -> TrainerSettings:
     return load_settings(TrainerSettings, "trainer", **overrides)
 
 
+def enclosing_bundle(path: str | Path) -> Path | None:
+    """The model bundle `path` is or lies inside (a directory holding `manifest.json` and `model.onnx`), else None."""
+    for directory in (p := Path(path).resolve(), *p.parents):
+        if (directory / "manifest.json").is_file() and (directory / "model.onnx").is_file():
+            return directory
+    return None
+
+
 def writable_dir(path: str | Path, what: str) -> Path:
     """Create directory `path` (and its parents) now, so that a file in its place or a missing permission is a
-    ConfigError naming `what` (e.g. "--out") before training, not a traceback after it."""
+    ConfigError naming `what` (e.g. "--out") before training, not a traceback after it. A path that is or lies
+    inside a model bundle is refused: bundles are immutable, and one with anything added no longer validates."""
     import os
 
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise ConfigError(f"{what} {path}: exists and is not a directory")
+    if (bundle := enclosing_bundle(path)) is not None:
+        inside = "is" if bundle == path.resolve() else "lies inside"
+        raise ConfigError(
+            f"{what} {path}: {inside} the model bundle {bundle}, which nothing may be written into (bundles are "
+            f"immutable): give a directory outside it, e.g. its registry {bundle.parent}"
+        )
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

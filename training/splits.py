@@ -6,19 +6,76 @@ products of each part at hand. Everything is deterministic for a given seed.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import base64
+import hashlib
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from training.catalog import CatalogProduct
 
-__all__ = ["Split", "group_split", "leaf_label", "stratified_split"]
+__all__ = [
+    "TRAINED_ON_KEY",
+    "Split",
+    "group_split",
+    "leaf_label",
+    "read_trained_on",
+    "stratified_split",
+    "title_digest",
+    "trained_on_key",
+    "trained_on_record",
+]
+
+# How a bundle's metrics.json names the products it trained on (`trained_on_record`): the first 8 bytes of
+# `title_digest`, as big-endian unsigned integers.
+TRAINED_ON_KEY = "sha256(normalised title)[:8]"
 
 
 def leaf_label(p: CatalogProduct) -> str:
     """The full category path (unique leaf name), '' when the product has no category."""
     return "/".join(p.category_path)
+
+
+def title_digest(p: CatalogProduct) -> bytes:
+    """sha256 of the product's normalised title: the key of the fixed evaluation set of `train --every`
+    (`training.publish.eval_holdout`) and of a bundle's record of its training products (`trained_on_record`). It is
+    the loaders' duplicate key, so each kept product has its own; not the product id, which for cn-jd is a line
+    number."""
+    from training.cleaning import normalize_text
+
+    return hashlib.sha256(normalize_text(p.title).encode()).digest()
+
+
+def trained_on_record(products: Sequence[CatalogProduct]) -> dict[str, Any]:
+    """The record a bundle keeps (metrics.json `trained_on`, covered by its manifest) of the products it trained on
+    (train and validation: both shape the shipped weights): `{"key", "n", "hashes"}`, `hashes` the base64 of the
+    sorted distinct 8-byte keys (`TRAINED_ON_KEY`; 8 bytes a product, ~0.6 MB of JSON for 50,000 products)."""
+    keys = np.unique(np.array([trained_on_key(p) for p in products], dtype=np.uint64))
+    hashes = base64.b64encode(keys.astype(">u8").tobytes()).decode()
+    return {"key": TRAINED_ON_KEY, "n": len(keys), "hashes": hashes}
+
+
+def read_trained_on(record: Any) -> frozenset[int] | None:
+    """The keys of a `trained_on_record` (as read back from metrics.json); None when `record` is absent (a bundle
+    written before tagstream kept one) or not such a record."""
+    if not isinstance(record, Mapping) or record.get("key") != TRAINED_ON_KEY:
+        return None
+    if not isinstance(record.get("hashes"), str):
+        return None
+    try:
+        raw = base64.b64decode(record["hashes"], validate=True)
+    except ValueError:  # binascii.Error
+        return None
+    if len(raw) % 8:
+        return None
+    return frozenset(int(k) for k in np.frombuffer(raw, dtype=">u8"))
+
+
+def trained_on_key(p: CatalogProduct) -> int:
+    """A product's key in a `trained_on_record`."""
+    return int.from_bytes(title_digest(p)[:8], "big")
 
 
 @dataclass(frozen=True)

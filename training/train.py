@@ -44,6 +44,7 @@ __all__ = [
     "products_sha256",
     "train",
     "tune_thresholds",
+    "validation_score",
 ]
 
 log = logging.getLogger(__name__)
@@ -406,9 +407,18 @@ def _refit(
     return [float(v) for v in hist.history["loss"]]
 
 
+def validation_score(report: dict[str, Any]) -> float | None:
+    """The mean weighted F1 (top-1) of the exclusive groups of an `evaluate_scores` report that validation
+    evaluates: a group no validation product carries a label of (a rare attribute, a small catalog) has no figure and
+    is left out; None when no group has one (a catalog of free tags only)."""
+    figures = [g["weighted_f1"] for g in report["groups"].values() if g.get("weighted_f1") is not None]
+    return float(np.mean(figures)) if figures else None
+
+
 def _best_f1_weights(models: Any, x_val: Any, y_val: Any, label_map: LabelMap, *, patience: int) -> Any:
     """A Keras callback keeping the weights of the epoch with the best validation score — the mean weighted F1 of
-    the exclusive groups (top-1) — and stopping after `patience` epochs without improvement."""
+    the exclusive groups (top-1) that validation evaluates, or the lowest validation loss when it evaluates none (a
+    catalog of free tags only; `val_f1` 0.0) — and stopping after `patience` epochs without improvement."""
     import keras
 
     class BestF1Weights(keras.callbacks.Callback):
@@ -419,9 +429,9 @@ def _best_f1_weights(models: Any, x_val: Any, y_val: Any, label_map: LabelMap, *
             self.history: dict[str, list[float]] = {"val_f1": []}
 
         def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
-            rep = evaluate_scores(predict_keras(models.scores, x_val), y_val, label_map)
-            score = float(np.mean([g["weighted_f1"] for g in rep["groups"].values()]))
-            self.history["val_f1"].append(score)
+            f1 = validation_score(evaluate_scores(predict_keras(models.scores, x_val), y_val, label_map))
+            self.history["val_f1"].append(0.0 if f1 is None else f1)
+            score = f1 if f1 is not None else -float((logs or {}).get("val_loss", 0.0))
             if self.best is None or score > self.best[0]:
                 self.best = (score, [np.array(v.value) for v in self.model.trainable_variables])
                 self.wait = 0
@@ -458,7 +468,7 @@ def train(
     """
     from serving.bundle import Thresholds, write_bundle
     from training.export import check_parity, export_onnx
-    from training.splits import stratified_split
+    from training.splits import stratified_split, trained_on_record
 
     settings = settings or TrainerSettings()
     products = list(products)
@@ -509,6 +519,8 @@ def train(
     metrics: dict[str, Any] = {
         "split": {"train": len(train_p), "validation": len(val_p), "test": len(test_p)},
         "evaluated_on": "test" if test_p else "validation",
+        # which products shaped the weights, so that `train --every` compares models only on products neither saw
+        "trained_on": trained_on_record([*train_p, *val_p]),
         "history": result.history,
         "settings": json.loads(settings.model_dump_json(exclude={"signing_key_path"})),
     }

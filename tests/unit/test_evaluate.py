@@ -351,3 +351,55 @@ def test_evaluate_json_reports_the_served_tags_of_every_group(tmp_path: Path, ca
     assert set(doc["served"]) == {"category_l1", "category_l2", "colour", "style"}  # the multi-label group too
     assert all(set(g) >= set(SERVED_KEYS) for g in doc["served"].values())
     assert "per_tag" in doc["served"]["style"] and doc["served"]["colour"]["n"] == 12
+
+
+def _tags_only_bundle(registry: Path) -> Path:
+    """A tiny bundle over the real featurizer whose only group is the free `tags` (sale, eco), as training writes
+    for a catalog of free tags only."""
+    from schemas import ProductChange
+    from serving.featurizer import Featurizer, FeaturizerConfig
+    from tests.models import TITLES, featurizer_files
+    from tests.tinymodel import make_bundle
+
+    labels = {
+        "format_version": 1,
+        "groups": [{"name": "tags", "kind": "multi", "parent_group": None}],
+        "labels": [
+            {"index": i, "tag": tag, "group": "tags", "value": tag, "parent": None}
+            for i, tag in enumerate(["eco", "sale"])
+        ],
+    }
+    fit_on = [ProductChange("upsert", f"f{i}", 0, 0, title=t, price=1.0 + i) for i, t in enumerate(TITLES * 3)]
+    fz = Featurizer.fit(fit_on, FeaturizerConfig(hash_bits=10, max_features=32, min_df=1))
+    return make_bundle(
+        registry,
+        labels=labels,
+        thresholds={"format_version": 1, "default": 0.5, "per_tag": {}},
+        L=fz.max_features,
+        K=fz.n_numeric,
+        buckets=fz.n_buckets,
+        featurizer_files=featurizer_files(fz),
+    )
+
+
+def test_evaluate_a_model_of_free_tags_only_on_its_own_kind_of_catalog(tmp_path: Path, capsys) -> None:
+    from tagstream.cli import main
+    from tagstream.synth import write_jsonl
+
+    bundle = _tags_only_bundle(tmp_path / "registry")
+    catalog, other = tmp_path / "catalog.jsonl", tmp_path / "other.jsonl"
+    write_jsonl([CatalogProduct(f"t{i}", f"shirt {i}", tags=("sale" if i % 2 else "eco",)) for i in range(12)], catalog)
+    write_jsonl([CatalogProduct(f"o{i}", f"shirt {i}", tags=("vintage",)) for i in range(12)], other)
+    capsys.readouterr()
+    code = main(["evaluate", "--model", str(bundle), "--catalog", str(catalog), "--format", "jsonl", "--json"])
+    out, err = capsys.readouterr()
+    # before: "none of its 12 products has a label the model knows in any of the model's groups (none)", exit 2
+    assert code == 0, err
+    doc = json.loads(out)
+    assert doc["n"] == 12 and doc["groups"] == {} and doc["n_unknown"] == {}
+    tags = doc["served"]["tags"]
+    assert tags["n"] == 12 and tags["n_unknown"] == 0 and tags["accuracy"] is not None
+    assert {t: r["support"] for t, r in tags["per_tag"].items() if r["support"]} == {"eco": 6, "sale": 6}
+    # a catalog whose free tags the model does not know is still nothing to evaluate
+    assert main(["evaluate", "--model", str(bundle), "--catalog", str(other), "--format", "jsonl", "--json"]) == 2
+    assert "none of its 12 products has a label the model knows" in capsys.readouterr().err

@@ -753,6 +753,25 @@ async def test_an_event_time_far_ahead_of_the_clock_is_dead_lettered_and_changes
     assert await store.get_watermark("behavior", 0) == 0
 
 
+@pytest.mark.parametrize("topic", ["products", "behavior"])
+async def test_an_event_time_in_seconds_is_dead_lettered_and_changes_nothing(processor: Processor, topic: str) -> None:
+    # epoch seconds read as milliseconds are January 1970: counted in windows of 1970, and the product tagged `new`
+    store = processor.store
+    assert isinstance(store, MemoryStateStore)
+    feed = Feed()
+    seconds = T0 // 1000
+    if topic == "products":
+        out = await processor.process_products(feed(topic, upsert("p", "Levis Men Black Jeans", updated_at=seconds)))
+    else:
+        out = await processor.process_behaviour(feed(topic, behaviour("p", "u1", seconds)))
+    assert out.updates == [] and out.applied == 0
+    [(_, raw)] = out.dead_letters
+    letter = orjson.loads(raw)
+    assert letter["error_type"] == "EventTimeError" and "before 2000-01-01" in letter["reason"]
+    assert "seconds since the epoch, not milliseconds?" in letter["reason"]
+    assert not any(key.startswith("t:{p}") for key in (*store.hashes, *store.strings, *store.hlls))
+
+
 async def test_a_new_product_nobody_looked_at_is_new_for_its_first_week_then_not(processor: Processor) -> None:
     feed = Feed()
     out = await processor.process_products(feed("products", upsert("p", "Levis Men Black Jeans", updated_at=T0)))

@@ -224,3 +224,238 @@ def test_publish_refuses_a_bundle_whose_signature_the_configured_verify_key_refu
         model_update_event(bundle)
     monkeypatch.delenv("TAGSTREAM_MODEL_VERIFY_KEY")
     assert model_update_event(bundle)[1] == "other-tagger"  # without the key, as the workers without it
+
+
+# ---------------------------------------------------------------- a cycle that fails unexpectedly
+
+
+def test_an_unexpected_error_in_a_cycle_is_logged_with_its_traceback_and_the_next_cycle_runs(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    products = [CatalogProduct(f"p{i}", f"title {i}", category_path=("A", f"B{i % 3}")) for i in range(60)]
+    made: list[Path] = []
+
+    def train_fn(products, settings, *, registry, split) -> Path:
+        made.append(registry / f"c{len(made)}")
+        if len(made) == 2:
+            raise KeyError("weighted_f1")  # as a group missing from the validation split raised during the fit
+        return made[-1]
+
+    published: list[Path] = []
+    with caplog.at_level(logging.ERROR, logger="training.publish"):
+        records = periodic_retrain(
+            lambda: products,
+            TrainerSettings(),
+            every_s=0.0,
+            registry=tmp_path,
+            max_cycles=3,
+            publish=published.append,
+            train_fn=train_fn,
+            evaluate_fn=lambda bundle, eval_set: {"groups": {"category_l2": {"weighted_f1": 0.5}}},
+            sleep=lambda s: None,
+        )
+    # before: the KeyError ended `train --every` (a traceback, exit 1) before any JSON line of the failed cycle
+    assert [r["cycle"] for r in records] == [1, 2, 3]
+    assert records[1]["publish"] is False and records[1]["error"] == "KeyError: 'weighted_f1'"
+    assert records[2]["publish"] is True and published == [made[0], made[2]]
+    failed = [r for r in caplog.records if "retrain cycle 2 failed" in r.getMessage()]
+    assert len(failed) == 1 and failed[0].exc_info is not None and "Traceback" in caplog.text
+
+
+def test_a_failed_cycle_still_names_the_current_model_and_where_it_came_from(tmp_path: Path) -> None:
+    products = [CatalogProduct(f"p{i}", f"title {i}", category_path=("A", f"B{i % 3}")) for i in range(60)]
+    calls: list[int] = []
+
+    def train_fn(products, settings, *, registry, split) -> Path:
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return registry / f"d{len(calls)}"
+
+    records = periodic_retrain(
+        lambda: products,
+        TrainerSettings(),
+        every_s=0.0,
+        registry=tmp_path,
+        max_cycles=2,
+        publish=lambda bundle: None,
+        train_fn=train_fn,
+        evaluate_fn=lambda bundle, eval_set: {"groups": {"category_l2": {"weighted_f1": 0.5}}},
+        sleep=lambda s: None,
+    )
+    # before: the failed cycle's JSON line had neither `current` nor `current_from`
+    assert "No space left" in records[1]["error"]
+    assert records[1]["current"] == str(tmp_path / "d1")
+    assert records[1]["current_from"] == "published by this run"
+
+
+# ---------------------------------------------------------------- a fair gate: products neither model trained on
+
+
+def _published_bundle_trained_on(registry: Path, trained_on: list[CatalogProduct] | None) -> Path:
+    """A valid bundle recorded in the registry's published.jsonl whose metrics.json records `trained_on` (None: no
+    record, as a bundle written before tagstream kept one)."""
+    import json
+
+    from tests.models import featurized_bundle
+    from tests.tinymodel import tamper
+    from training.publish import model_update_event, record_publication
+    from training.splits import trained_on_record
+
+    bundle = featurized_bundle(registry)
+    if trained_on is not None:
+        tamper(bundle, "metrics.json", json.dumps({"trained_on": trained_on_record(trained_on)}).encode())
+    record_publication(bundle, model_update_event(bundle)[0])
+    return bundle
+
+
+GATE_PRODUCTS = [CatalogProduct(f"p{i}", f"gate title {i}", category_path=("A", f"B{i % 3}")) for i in range(600)]
+
+
+def _gate_cycle(registry: Path, current_saw: set[str], settings: TrainerSettings) -> tuple[dict, dict[str, list]]:
+    """One `periodic_retrain` cycle over GATE_PRODUCTS against the published current model, which scores 1.0 on the
+    products it trained on (`current_saw`, by title: it learnt them) and 0.5 on the others; the candidate scores 0.7
+    everywhere. Returns the cycle's record and the titles each model was evaluated on."""
+    seen: dict[str, list] = {}
+
+    def evaluate_fn(bundle: Path, products) -> dict:
+        seen[bundle.name] = [p.title for p in products]
+        if bundle.name == "cand":
+            return {"groups": {"category_l2": {"weighted_f1": 0.7, "n_unknown": 0}}}
+        score = sum(1.0 if p.title in current_saw else 0.5 for p in products) / max(1, len(products))
+        return {"groups": {"category_l2": {"weighted_f1": round(score, 4), "n_unknown": 0}}}
+
+    records = periodic_retrain(
+        lambda: GATE_PRODUCTS,
+        settings,
+        every_s=0.0,
+        registry=registry,
+        max_cycles=1,
+        publish=lambda bundle: None,
+        train_fn=lambda products, settings, *, registry, split: registry / "cand",
+        evaluate_fn=evaluate_fn,
+        sleep=lambda s: None,
+    )
+    return records[0], seen
+
+
+def test_the_gate_compares_on_evaluation_products_neither_model_trained_on(tmp_path: Path) -> None:
+    held = eval_holdout(GATE_PRODUCTS)
+    eval_set = [p for p, h in zip(GATE_PRODUCTS, held, strict=True) if h]
+    rest = [p for p, h in zip(GATE_PRODUCTS, held, strict=True) if not h]
+    learnt = eval_set[: len(eval_set) // 2]  # a single `tagstream train` run trains on most of the evaluation set
+    current = _published_bundle_trained_on(tmp_path, rest + learnt)
+    record, seen = _gate_cycle(tmp_path, {p.title for p in rest + learnt}, TrainerSettings(gate_min_products=10))
+    unseen = {p.title for p in eval_set[len(learnt) :]}
+    # before: both were scored on the whole evaluation set, where the current model had learnt half the products
+    # (0.75 against the candidate's 0.7), and the candidate was refused
+    assert record["current"] == str(current) and record["publish"] is True, record
+    assert set(seen["cand"]) == unseen and set(seen[current.name]) == unseen
+    assert record["gate"] == {
+        "evaluation_set": len(eval_set),
+        "compared_on": len(unseen),
+        "current_trained_on": len(learnt),
+        "fair": True,
+    }
+
+
+def test_too_few_products_unseen_by_both_models_is_said_and_compared_on_the_whole_set(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    held = eval_holdout(GATE_PRODUCTS)
+    eval_set = [p for p, h in zip(GATE_PRODUCTS, held, strict=True) if h]
+    learnt = eval_set[:-3]
+    _published_bundle_trained_on(tmp_path, learnt)
+    with caplog.at_level(logging.WARNING, logger="training.publish"):
+        record, seen = _gate_cycle(tmp_path, {p.title for p in learnt}, TrainerSettings(gate_min_products=30))
+    gate = record["gate"]
+    assert gate["compared_on"] == gate["evaluation_set"] == len(eval_set) and gate["current_trained_on"] == len(learnt)
+    assert (
+        gate["fair"] is False and "only 3 of the" in gate["note"] and "TAGSTREAM_GATE_MIN_PRODUCTS=30" in gate["note"]
+    )
+    assert len(seen["cand"]) == len(eval_set)  # the whole set, which favours the current model: refused here
+    assert record["publish"] is False and "only 3 of the" in caplog.text
+
+
+def test_a_current_bundle_without_a_training_record_is_compared_on_the_whole_set_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    current = _published_bundle_trained_on(tmp_path, None)
+    with caplog.at_level(logging.WARNING, logger="training.publish"):
+        record, seen = _gate_cycle(tmp_path, set(), TrainerSettings())
+    assert record["current"] == str(current) and record["publish"] is True
+    assert record["gate"]["fair"] is False and record["gate"]["current_trained_on"] is None
+    assert "keeps no record of the products it trained on" in record["gate"]["note"]
+    assert len(seen["cand"]) == record["gate"]["evaluation_set"] and "keeps no record" in caplog.text
+
+
+def test_a_bundle_records_the_products_it_trained_on_in_its_manifested_metrics() -> None:
+    from training.publish import bundle_trained_on
+    from training.splits import read_trained_on, trained_on_key, trained_on_record
+
+    record = trained_on_record(GATE_PRODUCTS[:100])
+    assert record["n"] == 100 and len(record["hashes"]) < 100 * 12  # 8 bytes a product, base64
+    assert read_trained_on(record) == {trained_on_key(p) for p in GATE_PRODUCTS[:100]}
+    assert read_trained_on(None) is None and bundle_trained_on(Path("/nonexistent")) is None
+
+
+# ---------------------------------------------------------------- a current model that knows none of the labels
+
+
+def test_a_current_model_that_knows_none_of_the_catalogs_labels_does_not_block_every_candidate(tmp_path: Path) -> None:
+    from tests.models import featurized_bundle
+    from training.train import evaluate_bundle
+
+    # the taxonomy was renamed: the current model (labels: tests.tinymodel.DEFAULT_LABELS) knows none of them
+    renamed = [
+        CatalogProduct(
+            f"r{i}", f"product {i}", category_path=("New Phones", "New Mobiles"), attributes={"colour": "Jet"}
+        )
+        for i in range(12)
+    ]
+    current = evaluate_bundle(featurized_bundle(tmp_path), renamed)
+    assert all(g.get("weighted_f1") is None and g["n_unknown"] == 12 for g in current["groups"].values())
+    candidate = {"groups": {g: {"weighted_f1": 0.6, "n_unknown": 0} for g in current["groups"]}}
+    decision = compare_reports(candidate, current)
+    # before: "no group in common with the current model", refused at every cycle, forever
+    assert decision.publish, decision.reasons
+    assert any("knows none of the labels of the 12 products" in r for r in decision.reasons), decision.reasons
+
+
+def test_a_candidate_is_judged_on_its_own_when_the_current_model_is_evaluated_in_no_group() -> None:
+    # a catalog of free tags only: no exclusive group at all, only the served free tags
+    current = {"groups": {}, "served": {"groups": {"tags": {"weighted_f1": 0.9}}}}
+    good = {"groups": {}, "served": {"groups": {"tags": {"weighted_f1": 0.4}}}}
+    # before: "no group in common with the current model": after the first publication, none ever again
+    assert compare_reports(good, current).publish
+    assert "judged on its own" in compare_reports(good, current).reasons[0]
+    useless = {"groups": {}, "served": {"groups": {"tags": {"weighted_f1": 0.0}}}}
+    assert not compare_reports(useless, current).publish
+    assert not compare_reports({"groups": {}}, current).publish
+
+
+@pytest.mark.parametrize(
+    ("signature", "said"),
+    [
+        (b"\xff\xfe garbage", "not base64 text"),  # before: UnicodeDecodeError, a traceback and exit 1
+        (b"c2lnbmF0dXJl\n", "9 bytes, not 64"),  # before: announced as it was
+    ],
+)
+def test_publish_refuses_a_manifest_signature_that_is_no_signature_in_one_line(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    signature: bytes,
+    said: str,
+) -> None:
+    from tagstream.cli import main
+    from tests.tinymodel import make_bundle
+
+    bundle = make_bundle(tmp_path / "registry")
+    (bundle / "manifest.sig").write_bytes(signature)
+    monkeypatch.setenv("TAGSTREAM_KAFKA_BOOTSTRAP", "127.0.0.1:1")  # nothing is sent: refused before Kafka
+    code = main(["publish", "--model", str(bundle)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "Traceback" not in err[0], err
+    assert err[0].startswith("tagstream publish: error: ") and "manifest.sig: not a base64 Ed25519 signature" in err[0]
+    assert said in err[0]
