@@ -24,7 +24,7 @@ from types import FrameType
 from typing import Any, Literal, TypeVar
 
 from schemas.records import ModelUpdate
-from tagstream.errors import BundleError, ConfigError, TagstreamError
+from tagstream.errors import BundleError, ConfigError, ModelRejectedError, TagstreamError
 from training.catalog import CatalogProduct
 from training.settings import TrainerSettings
 
@@ -144,14 +144,14 @@ def model_update_event(bundle_dir: str | Path, kind: PublishKind = "activate") -
 def _signature(sig_file: Path) -> str | None:
     """The base64 text of a bundle's `manifest.sig` (SPEC §2: an Ed25519 signature, 64 bytes), None when there is
     none; BundleError (one line) when it is not a regular file of that form, so that no garbage is announced."""
-    from serving.bundle import _read_limited
+    from serving.bundle import read_regular_file
 
     if not os.path.lexists(sig_file):
         return None
-    problems: list[str] = []
-    data = _read_limited(sig_file, 4096, problems)
-    if data is None:
-        raise BundleError(f"{sig_file}: {'; '.join(problems)}")
+    try:
+        data = read_regular_file(sig_file, 4096)
+    except ModelRejectedError as exc:
+        raise BundleError(f"{sig_file}: {'; '.join(exc.reasons)}") from None
     try:
         text = "".join(data.decode("ascii").split())
         raw = base64.b64decode(text, validate=True)
