@@ -49,8 +49,16 @@ from streams.state import (
     now_ms,
     sweep_partition,
 )
+from streams.topics import TAG_UPDATE_MAX_BYTES
 from streams.windows import GRANULARITIES, event_fields, live_buckets, stale_fields, window_sums
-from tagstream.errors import EventDecodeError, EventTimeError, StateConflictError, StateError, TagstreamError
+from tagstream.errors import (
+    EventDecodeError,
+    EventTimeError,
+    OutputTooLargeError,
+    StateConflictError,
+    StateError,
+    TagstreamError,
+)
 
 log = logging.getLogger(__name__)
 PRUNE_EVERY_MS = GRANULARITIES[0].width_ms
@@ -460,7 +468,13 @@ class Processor:
             emit_time=now_ms(),
             deleted=bool(tag_state.get("deleted")),
         )
-        return orjson.dumps(update.to_dict(check=False))
+        payload = orjson.dumps(update.to_dict(check=False))
+        if len(payload) > TAG_UPDATE_MAX_BYTES:  # checked before anything is written: the event is dead-lettered
+            raise OutputTooLargeError(
+                f"the tag update of {state.product_id} would be {len(payload)} bytes ({len(merged)} tags), over the "
+                f"{TAG_UPDATE_MAX_BYTES} the tag-updates topic takes"
+            )
+        return payload
 
     def _merge(self, tag_state: dict[str, Any]) -> list[Tag]:
         """The tag state's merged tags; with the active model's label map, so a catalog attribute that replaces a

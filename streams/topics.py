@@ -56,6 +56,9 @@ BEHAVIOR = TopicSpec("behavior", "click", by_product=True)
 # The record of every product's tags that subscribers bootstrap from: compacted, so each product's latest update
 # stays however old it is (every update is keyed by its product id: a record without a key would be refused).
 TAG_UPDATES = TopicSpec("tag-updates", "tag-update", by_product=True, cleanup_policy="compact")
+# The largest tag update a worker sends: the broker's default max.message.bytes (1,048,588) less room for the record's
+# key and headers. A larger one would be refused at every redelivery and stop the worker; its event is dead-lettered.
+TAG_UPDATE_MAX_BYTES = 1_000_000
 # A worker folds the whole request history at start: every record is kept, in order (not compacted: requests share
 # keys, and the fold needs all of them). One partition: Kafka orders records only within a partition, and requests
 # are keyed by model name or `tagstream-control`, so with more they would be folded out of order

@@ -48,6 +48,10 @@ class EventTimeError(EventDecodeError):
     """An event's time lies further ahead of the worker's clock than `TAGSTREAM_MAX_EVENT_AHEAD_MS` allows."""
 
 
+class OutputTooLargeError(TagstreamError):
+    """An event's tag update would be larger than the tag-updates topic takes."""
+
+
 class StateError(TagstreamError):
     """Redis state could not be read or written (after bounded retries)."""
 

@@ -18,7 +18,7 @@ from streams.model import BundleModel, ShadowScoring, ShadowStats
 from streams.processor import InMessage, Processor
 from streams.settings import WorkerSettings
 from streams.state import MemoryStateStore, Ops, ProductKeys, ProductState, Write
-from tagstream.errors import StateError
+from tagstream.errors import OutputTooLargeError, StateError
 from tests.events import behaviour, delete, upsert
 from tests.models import featurized_bundle
 from tests.tinymodel import DEFAULT_LABELS
@@ -751,6 +751,27 @@ async def test_an_event_time_far_ahead_of_the_clock_is_dead_lettered_and_changes
     assert letter["source"] == {"topic": topic, "partition": 0, "offset": 0}
     assert not any(key.startswith("t:{p}") for key in (*store.hashes, *store.strings, *store.hlls))
     assert await store.get_watermark("behavior", 0) == 0
+
+
+async def test_a_change_whose_tag_update_the_topic_could_not_take_is_dead_lettered_and_writes_nothing(
+    processor: Processor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a tag update over the topic's limit was refused by the broker at every redelivery and stopped the worker
+    monkeypatch.setattr("streams.processor.TAG_UPDATE_MAX_BYTES", 2_000)
+    store = processor.store
+    assert isinstance(store, MemoryStateStore)
+    feed = Feed()
+    big = upsert("big", "Levis Men Black Jeans", attributes={f"a{i}": "x" * 40 for i in range(30)}, updated_at=T0)
+    small = upsert("small", "Nike Women Red Shoes", updated_at=T0)
+    messages = feed("products", big, small)
+    with pytest.raises(OutputTooLargeError, match=r"the tag update of big would be \d+ bytes \(\d+ tags\), over"):
+        await processor.process_products(messages)
+    out = await processor.process_each(messages, processor.process_products)  # what the agent does next
+    [(_, raw)] = out.dead_letters
+    letter = orjson.loads(raw)
+    assert letter["error_type"] == "OutputTooLargeError" and letter["source"]["offset"] == 0
+    assert [u["product_id"] for u in updates(out)] == ["small"]
+    assert not any(key.startswith("t:{big}") for key in (*store.hashes, *store.strings))
 
 
 @pytest.mark.parametrize("topic", ["products", "behavior"])
