@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from tagstream.errors import ConfigError
 from tagstream.synth import generate_catalog, write_jsonl
 
 pytestmark = pytest.mark.slow
@@ -186,6 +187,22 @@ def test_train_refuses_to_write_into_an_existing_bundle(
     assert code == 2 and err[-1].startswith(f"tagstream train: error: {flag} {bundle}{inside}: "), err[-3:]
     assert f"the model bundle {bundle}, which nothing may be written into" in err[-1]
     assert {p.name for p in bundle.iterdir()} == {*load_bundle(bundle).manifest["files"], "manifest.json"}
+
+
+def test_a_directory_that_only_looks_like_a_bundle_or_a_symlink_loop_gets_the_usual_answers(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from training.settings import writable_dir
+
+    app = tmp_path / "app"  # a web app's manifest.json beside an ONNX file: was "lies inside the model bundle"
+    app.mkdir()
+    (app / "manifest.json").write_text("{}")
+    (app / "model.onnx").write_bytes(b"onnx")
+    assert writable_dir(app / "models", "--out") == app / "models" and (app / "models").is_dir()
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)  # was a RuntimeError traceback from Path.resolve()
+    with pytest.raises(ConfigError, match=r"--out .*loop"):
+        writable_dir(loop / "models", "--out")
 
 
 @pytest.mark.parametrize(

@@ -407,8 +407,9 @@ def compare_reports(
     """Publish only if the candidate is not worse: it evaluates every group the current model is evaluated in (a
     group it lost counts as worse), on each of them metric ≥ current − tolerance, and the mean over them ≥ the current
     mean. In a group whose products all carry labels the current model does not know, the current model counts 0.
-    No current model → publish. A current model evaluated in no group of the evaluation set (none of its groups'
-    products carry a label of them) → the candidate is judged on its own: published when one of its figures (top-1
+    No current model → publish. A group the current model knows none of the labels of, which the candidate lacks,
+    is no loss. A current model evaluated in no group of the evaluation set: their served free tags are compared
+    (same rule), and without those the candidate is judged on its own: published when one of its figures (top-1
     groups, or the free tags it serves) is above 0. Reports are `{"groups": {name: {metric, n_unknown}}, "served":
     ...}` (evaluate_bundle / `tagstream evaluate --json`)."""
     if current is None:
@@ -417,7 +418,13 @@ def compare_reports(
     cur_g = current.get("groups", {})
     cur = {g: f for g, r in cur_g.items() if (f := _figure(r, metric)) is not None}
     if not cur:
-        return _judged_alone(candidate, metric)
+        cur_served, cand_served = _served_tags(current, metric), _served_tags(candidate, metric)
+        if cur_served is None:
+            return _judged_alone(candidate, metric)
+        # a catalog of free tags only: the tags each model serves are what there is to compare
+        if cand_served is None or cand_served < cur_served - tolerance:
+            return Comparison(False, (f"served tags: {metric} {cand_served} < {cur_served} - {tolerance}",))
+        return Comparison(True, (f"served tags: {metric} {cand_served} ≥ {cur_served} - {tolerance}",))
     reasons = [
         f"{g}: the current model knows none of the labels of the {cur_g[g]['n_unknown']} products that carry one "
         f"({metric} counted 0)"
@@ -426,6 +433,10 @@ def compare_reports(
     ]
     worse = False
     for g in sorted(set(cur) - set(cand_g)):
+        if cur[g] == 0.0 and cur_g[g].get(metric) is None:  # neither model tags this group: no loss
+            cur.pop(g)
+            reasons.append(f"{g}: neither model knows the labels its products carry (not compared)")
+            continue
         worse = True
         reasons.append(f"{g}: the current model has this group ({metric} {cur[g]}), the candidate lacks it")
     common = sorted(set(cur) & set(cand_g))
@@ -443,6 +454,14 @@ def compare_reports(
         elif not worse:
             reasons.append(f"mean {metric} {new_mean:.4f} ≥ current {old_mean:.4f}")
     return Comparison(not worse, tuple(reasons))
+
+
+def _served_tags(report: Mapping[str, Any], metric: str) -> float | None:
+    """A report's `metric` of the free tags it serves (`served.groups.tags`), None when it has none."""
+    from training.labels import TAGS_GROUP
+
+    value = (report.get("served", {}).get("groups", {}).get(TAGS_GROUP) or {}).get(metric)
+    return None if value is None else float(value)
 
 
 def _judged_alone(candidate: Mapping[str, Any], metric: str) -> Comparison:

@@ -230,9 +230,16 @@ def load_trainer_settings(**overrides: Any) -> TrainerSettings:
 
 
 def enclosing_bundle(path: str | Path) -> Path | None:
-    """The model bundle `path` is or lies inside (a directory holding `manifest.json` and `model.onnx`), else None."""
-    for directory in (p := Path(path).resolve(), *p.parents):
-        if (directory / "manifest.json").is_file() and (directory / "model.onnx").is_file():
+    """The model bundle `path` is or lies inside (a directory holding every file a bundle must have, SPEC §2), else
+    None; None too for a path that cannot be resolved (a symlink loop: creating it then says why)."""
+    from serving.bundle import MANIFEST_FILE, REQUIRED_FILES
+
+    try:
+        resolved = Path(path).resolve()
+    except (OSError, RuntimeError):
+        return None
+    for directory in (resolved, *resolved.parents):
+        if all((directory / name).is_file() for name in (MANIFEST_FILE, *REQUIRED_FILES)):
             return directory
     return None
 

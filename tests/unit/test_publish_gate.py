@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -422,16 +423,36 @@ def test_a_current_model_that_knows_none_of_the_catalogs_labels_does_not_block_e
     assert any("knows none of the labels of the 12 products" in r for r in decision.reasons), decision.reasons
 
 
-def test_a_candidate_is_judged_on_its_own_when_the_current_model_is_evaluated_in_no_group() -> None:
-    # a catalog of free tags only: no exclusive group at all, only the served free tags
+def test_on_a_catalog_of_free_tags_only_the_served_tags_are_compared() -> None:
+    # no exclusive group at all, only the served free tags: "no group in common with the current model" refused
+    # every candidate after the first publication; then a candidate at 0.4 replaced a current model at 0.9
     current = {"groups": {}, "served": {"groups": {"tags": {"weighted_f1": 0.9}}}}
+    worse = {"groups": {}, "served": {"groups": {"tags": {"weighted_f1": 0.4}}}}
+    decision = compare_reports(worse, current)
+    assert not decision.publish and decision.reasons == ("served tags: weighted_f1 0.4 < 0.9 - 0.005",)
+    assert compare_reports({"groups": {}, "served": {"groups": {"tags": {"weighted_f1": 0.897}}}}, current).publish
+    assert not compare_reports({"groups": {}}, current).publish  # serves no free tag any more
+
+
+def test_a_candidate_is_judged_on_its_own_when_the_current_model_is_evaluated_in_nothing() -> None:
+    current: dict[str, Any] = {"groups": {}, "served": {"groups": {}}}
     good = {"groups": {}, "served": {"groups": {"tags": {"weighted_f1": 0.4}}}}
-    # before: "no group in common with the current model": after the first publication, none ever again
     assert compare_reports(good, current).publish
     assert "judged on its own" in compare_reports(good, current).reasons[0]
     useless = {"groups": {}, "served": {"groups": {"tags": {"weighted_f1": 0.0}}}}
     assert not compare_reports(useless, current).publish
-    assert not compare_reports({"groups": {}}, current).publish
+
+
+def test_a_group_neither_model_knows_the_labels_of_is_no_loss() -> None:
+    # the current model knows none of the colours the products carry (counted 0), and the candidate dropped the
+    # group (every value too rare to learn): that was "the candidate lacks it", refused at every cycle
+    current = {"groups": {"gender": {"weighted_f1": 0.8}, "colour": {"weighted_f1": None, "n_unknown": 12}}}
+    candidate = {"groups": {"gender": {"weighted_f1": 0.82}}}
+    decision = compare_reports(candidate, current)
+    assert decision.publish, decision.reasons
+    assert "colour: neither model knows the labels its products carry (not compared)" in decision.reasons
+    known = {"groups": {"gender": {"weighted_f1": 0.8}, "colour": {"weighted_f1": 0.5}}}
+    assert not compare_reports(candidate, known).publish  # a group the current model does tag still counts
 
 
 @pytest.mark.parametrize(
