@@ -46,6 +46,16 @@ def test_train_writes_a_bundle_a_baseline_and_a_report(tmp_path: Path) -> None:
         assert {"accuracy", "micro_f1", "macro_f1", "weighted_f1", "per_tag"} <= set(metrics["top1"]["groups"][group])
         assert 0 <= metrics["baseline"]["groups"][group]["weighted_f1"] <= 1
     assert metrics["parity"]["max_abs_diff"] <= 1e-4
+    # none of the products `train --every`'s gate compares models on shaped its weights (they are its test part)
+    from training.loaders import load_catalog
+    from training.publish import eval_holdout
+    from training.splits import read_trained_on, trained_on_key
+
+    products = load_catalog(catalog, "jsonl").products
+    gate = {trained_on_key(p) for p, held in zip(products, eval_holdout(products), strict=True) if held}
+    trained_on = read_trained_on(metrics["trained_on"])
+    assert gate and trained_on and not gate & trained_on
+    assert metrics["split"]["test"] == len(gate)
     report = out / "reports" / bundle.name
     html = (report / "report.html").read_text()
     pngs = sorted(p.name for p in report.glob("*.png"))

@@ -371,13 +371,10 @@ def check_keep_refused(n: int) -> int:
 
 
 def eval_holdout(products: Sequence[CatalogProduct], fraction: float = 0.1) -> list[bool]:
-    """Stable membership of the fixed evaluation set: sha256 of the normalised title decides (the loaders' duplicate
-    key, so each kept product has its own). Not the product id: cn-jd ids are line numbers (`jd-<line>`), and one
-    row added or removed would move every later product in or out of the set, into the current model's training."""
-    from training.splits import title_digest
+    """Stable membership of the fixed evaluation set (`training.splits.in_holdout`)."""
+    from training.splits import in_holdout
 
-    cut = int(fraction * 2**32)
-    return [int.from_bytes(title_digest(p)[:4], "big") < cut for p in products]
+    return in_holdout(products, fraction)
 
 
 @dataclass(frozen=True, slots=True)

@@ -122,7 +122,13 @@ class TrainerSettings(BaseSettings):
     batch_size: int = Field(256, ge=8, description="Training batch size.")
     seed: int = Field(42, description="Seed of splits, initialisation, dropout and shuffling.")
     validation_fraction: float = Field(0.1, gt=0, lt=0.5, description="Stratified validation share.")
-    test_fraction: float = Field(0.1, ge=0, lt=0.5, description="Stratified test share (metrics.json).")
+    test_fraction: float = Field(
+        0.1,
+        ge=0,
+        lt=0.5,
+        description="Test share (metrics.json): the products whose title hash falls in it (`training.splits."
+        "in_holdout`), so that at 0.1 or more it holds the fixed evaluation set of `train --every`.",
+    )
     # thresholds / export
     precision_floor: float = Field(0.8, ge=0, le=1, description="Per-tag thresholds: best F1 with precision ≥ this.")
     min_threshold_positives: int = Field(5, ge=1, description="Tags with fewer validation positives keep default.")

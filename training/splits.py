@@ -20,6 +20,8 @@ __all__ = [
     "TRAINED_ON_KEY",
     "Split",
     "group_split",
+    "holdout_split",
+    "in_holdout",
     "leaf_label",
     "read_trained_on",
     "stratified_split",
@@ -151,6 +153,32 @@ def stratified_split(
         parts[2].extend(idx[:n_te].tolist())
         parts[1].extend(idx[n_te : n_te + n_va].tolist())
         parts[0].extend(idx[n_te + n_va :].tolist())
+    return _split(len(products), parts, products)
+
+
+def in_holdout(products: Sequence[CatalogProduct], fraction: float = 0.1) -> list[bool]:
+    """Stable membership of the fixed evaluation set: the first 4 bytes of `title_digest` decide (the loaders'
+    duplicate key, so each kept product has its own). Not the product id: cn-jd ids are line numbers (`jd-<line>`),
+    and one row added or removed would move every later product in or out of the set. A larger `fraction` holds every
+    product a smaller one holds."""
+    cut = int(fraction * 2**32)
+    return [int.from_bytes(title_digest(p)[:4], "big") < cut for p in products]
+
+
+def holdout_split(
+    products: Sequence[CatalogProduct], *, validation: float = 0.1, test: float = 0.1, seed: int = 0
+) -> Split:
+    """The fixed evaluation set (`in_holdout` at `test`) as the test part, train and validation stratified from the
+    rest: what `tagstream train` trains on, as `train --every` does, so that no model it ships has seen the products
+    the `--every` gate compares models on (at its default 10 %)."""
+    held = in_holdout(products, test) if test > 0 else [False] * len(products)
+    rest = [i for i, h in enumerate(held) if not h]
+    inner = stratified_split([products[i] for i in rest], validation=validation, test=0.0, seed=seed)
+    parts = [
+        [rest[int(i)] for i in inner.train_idx],
+        [rest[int(i)] for i in inner.validation_idx],
+        [i for i, h in enumerate(held) if h],
+    ]
     return _split(len(products), parts, products)
 
 

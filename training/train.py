@@ -463,12 +463,13 @@ def train(
 ) -> Path:
     """Train, evaluate, export, parity-check and write a bundle into the registry; returns the bundle directory.
 
-    `split` (a `training.splits.Split`) overrides the stratified split; `data_sha256` the hash of the products.
-    `on_fit` sees the fitted result once its tables hold the values the bundle ships.
+    `split` (a `training.splits.Split`) overrides the default one (`holdout_split`: the test part is the fixed
+    evaluation set of `train --every`, train and validation stratified from the rest); `data_sha256` the hash of the
+    products. `on_fit` sees the fitted result once its tables hold the values the bundle ships.
     """
     from serving.bundle import Thresholds, write_bundle
     from training.export import check_parity, export_onnx
-    from training.splits import stratified_split, trained_on_record
+    from training.splits import holdout_split, trained_on_record
 
     settings = settings or TrainerSettings()
     products = list(products)
@@ -479,8 +480,8 @@ def train(
     signing_key = settings.signing_key()
     t0 = time.perf_counter()
     label_map = build_label_map(products, min_support=settings.min_support)
-    if split is None:
-        split = stratified_split(
+    if split is None:  # the test part is the fixed evaluation set `train --every` compares models on
+        split = holdout_split(
             products,
             validation=settings.validation_fraction,
             test=settings.test_fraction,

@@ -400,6 +400,19 @@ def test_a_bundle_records_the_products_it_trained_on_in_its_manifested_metrics()
     assert read_trained_on(None) is None and bundle_trained_on(Path("/nonexistent")) is None
 
 
+def test_a_plain_train_holds_out_the_products_the_every_gate_compares_on() -> None:
+    # `tagstream train` split 80/10/10 at random: its model trained on ~90 % of the gate's evaluation set, so the
+    # README's flow (train, publish, then --every) was compared on the whole set, in the current model's favour
+    from training.splits import holdout_split
+
+    split = holdout_split(GATE_PRODUCTS, validation=0.1, test=0.1, seed=0)
+    held = eval_holdout(GATE_PRODUCTS)
+    assert sorted(split.test_idx.tolist()) == [i for i, h in enumerate(held) if h] and len(split.test_idx) > 0
+    shaped = {*split.train_idx.tolist(), *split.validation_idx.tolist()}
+    assert not shaped & set(split.test_idx.tolist()) and len(shaped) + len(split.test_idx) == len(GATE_PRODUCTS)
+    assert len(split.validation_idx) > 0
+
+
 # ---------------------------------------------------------------- a current model that knows none of the labels
 
 
