@@ -861,13 +861,11 @@ def _featurizer_dims(spec: Any, manifest: Mapping[str, Any], reasons: list[str])
 
 def featurizer_assets(spec: Mapping[str, Any]) -> dict[str, str] | None:
     """The asset files a featurizer spec names, role → file name, as `serving.featurizer.Featurizer.load` reads
-    them (`idf.npy` when it names none; a list names files without roles, each its own role); None when `assets`
-    is neither an object nor a list of file names."""
+    them (`idf.npy` when it names none); None when `assets` is not an object of file names (a list, say, which the
+    featurizer cannot read: every worker would refuse the bundle)."""
     assets = spec.get("assets", _DEFAULT_ASSETS)
     if isinstance(assets, dict) and all(isinstance(v, str) for v in assets.values()):
         return {**_DEFAULT_ASSETS, **assets}
-    if isinstance(assets, list) and all(isinstance(v, str) for v in assets):
-        return {name: name for name in assets}
     return None
 
 

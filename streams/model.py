@@ -238,13 +238,11 @@ _Slot = BundleModel | int
 
 
 class _Models(NamedTuple):
-    """A worker's (active, previous, shadow) slots, and whether its active model came from a rollback: a rollback
-    naming no version then changes nothing (sent twice, it does not return to the model the first one left)."""
+    """A worker's (active, previous, shadow) slots."""
 
     active: _Slot | None
     previous: _Slot | None
     shadow: _Slot | None
-    rolled_back: bool = False
 
     @property
     def slots(self) -> tuple[_Slot | None, _Slot | None, _Slot | None]:
@@ -333,7 +331,7 @@ class _Rules:
     ) -> _Step:
         """The step `event` makes from `models`; `bundle`: its validated bundle (when `needs_bundle`), unless
         `refused` gives why the bundle was refused."""
-        active, previous, shadow, rolled_back = models
+        active, previous, shadow = models
 
         def refuse(*reasons: str) -> _Step:
             return _Step(models, models, reasons=reasons)
@@ -371,20 +369,20 @@ class _Rules:
                 return refuse(f"promote: the shadow model is {self.version(shadow)}, not {event.model_version}")
             return _Step(models, _Models(*swap(shadow), None), swapped=True)
         if kind == "rollback":
-            # Back to the previous model: the one named, or (naming none) the one before the active model unless a
-            # rollback made that one active: then the previous model is the one rolled back from, and a rollback
-            # sent again (a retry) must not return to it.
+            # Back to the previous model (the one named, if named). Naming none, it swaps active and previous each
+            # time, as it always has: the stored history of every worker is folded by this rule. `tagstream model
+            # rollback` therefore names the previous model the workers report, and a rollback naming the model
+            # already active changes nothing, so a retry does not return to the model it left.
             named = event.model_version != ANY_PREVIOUS
-            if previous is not None and (self.version(previous) == event.model_version or not (named or rolled_back)):
-                if shadow is not None and self.version(shadow) == self.version(previous):
-                    shadow = None  # it would shadow itself
-                return _Step(models, _Models(*swap(previous), shadow, rolled_back=True), swapped=True)
-            if active is not None and (self.version(active) == event.model_version or (not named and rolled_back)):
-                left = self.version(previous) if not named and previous is not None else None
-                return _Step(models, models, unchanged=(rollback_unchanged_reason(self.version(active), left),))
+            if named and active is not None and self.version(active) == event.model_version:
+                return _Step(models, models, unchanged=(rollback_unchanged_reason(self.version(active)),))
             if previous is None:
                 return refuse("rollback: no previous model")
-            return refuse(f"rollback: the previous model is {self.version(previous)}, not {event.model_version}")
+            if named and self.version(previous) != event.model_version:
+                return refuse(f"rollback: the previous model is {self.version(previous)}, not {event.model_version}")
+            if shadow is not None and self.version(shadow) == self.version(previous):
+                shadow = None  # it would shadow itself
+            return _Step(models, _Models(*swap(previous), shadow), swapped=True)
         return _Step(models, models)  # answers
 
     def _next(self, models: _Models, offset: int, invalid: dict[int, tuple[str, ...]]) -> _Step:
@@ -496,7 +494,6 @@ class ModelHolder:
         self.active: BundleModel | None = None
         self.previous: BundleModel | None = None
         self.shadow: BundleModel | None = None
-        self.rolled_back = False  # the active model came from a rollback (`_Models.rolled_back`)
         self.shadow_stats: ShadowStats | None = None
         self.shadow_buffer: deque[ShadowDiff] = deque(maxlen=settings.shadow_buffer_max)
         self._policy = policy
@@ -787,7 +784,7 @@ class ModelHolder:
     async def handle(self, event: ModelUpdate) -> Outcome:
         """Apply one model-update request (answers from workers are ignored); returns the answer to publish."""
         rules = _Rules()
-        models = _Models(self.active, self.previous, self.shadow, self.rolled_back)
+        models = _Models(self.active, self.previous, self.shadow)
         bundle: BundleModel | None = None
         refused: tuple[str, ...] | None = None
         if rules.needs_bundle(models, event):
@@ -811,7 +808,7 @@ class ModelHolder:
             assert active is not None
             # reference assignments: batches in flight keep the model they started with (sessions are never
             # unloaded explicitly, only dropped)
-            self.active, self.previous, self.rolled_back = active, previous, step.after.rolled_back
+            self.active, self.previous = active, previous
             settle_heap()
             if shadow is not None or self.shadow is not None:
                 self.set_shadow(shadow)  # cleared (it became active), or compared with the new active model
@@ -835,7 +832,7 @@ class ModelHolder:
         that changed the active model (None when none did)."""
         requests = {offset: event for offset, event in history if event.kind not in ANSWER_KINDS}
         rules = _Rules(requests)
-        initial = _Models(self.active, self.previous, self.shadow, self.rolled_back)
+        initial = _Models(self.active, self.previous, self.shadow)
         invalid: dict[int, tuple[str, ...]] = {}
         loaded: dict[int, BundleModel] = {}
         while True:
@@ -862,7 +859,6 @@ class ModelHolder:
         for offset, unused in loaded.items():
             if offset not in final.slots:  # validated only because the fold's result depended on it: never served
                 unused.unload()
-        self.rolled_back = final.rolled_back
         if (active, previous, shadow) != initial.slots:
             self.active, self.previous = active, previous
             if shadow is not self.shadow:

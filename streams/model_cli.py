@@ -54,6 +54,7 @@ __all__ = [
     "read_answers",
     "read_status",
     "register",
+    "rollback_target",
     "rollback_unchanged_reason",
     "send_model_update",
     "send_request",
@@ -113,16 +114,24 @@ def shadow_stopped_reason(version: str) -> str:
     return f"shadow: {version} stopped"
 
 
-def rollback_unchanged_reason(active: str, rolled_back_from: str | None = None) -> str:
-    """The reason of a worker's answer to a rollback that changes nothing (a `model-activated` of its active model):
-    `active` is the version the rollback named, or a rollback naming none already made it active, leaving
-    `rolled_back_from`."""
-    if rolled_back_from is None:
-        return f"rollback: {active} is already active"
-    return (
-        f"rollback: {active} is already active, rolled back from {rolled_back_from} (`tagstream model rollback "
-        f"--version {rolled_back_from}` returns to it)"
-    )
+def rollback_unchanged_reason(active: str) -> str:
+    """The reason of a worker's answer to a rollback naming the version it has active already (a `model-activated`
+    of that model): nothing to do."""
+    return f"rollback: {active} is already active"
+
+
+def rollback_target(live: Mapping[str, Mapping[str, Any]]) -> tuple[str | None, str]:
+    """The version `tagstream model rollback` without `--version` names: the previous model every live worker
+    reports (`live`: `live_workers`' first part), so that sending it again changes nothing where it is active
+    already. None, with why, when they report none or several: the request then names none, and each worker swaps
+    its active and previous models (sent twice, it swaps back)."""
+    previous = {st.get("previous") for st in live.values() if UNREADABLE not in st}
+    if len(previous) == 1 and (version := next(iter(previous))):
+        return version, f"the previous model every live worker reports ({len(live)})"
+    if not live:
+        return None, "no live worker reports its models"
+    shown = ", ".join(sorted(str(v) for v in previous))
+    return None, f"the live workers report different previous models ({shown})"
 
 
 def build_request(
@@ -573,8 +582,15 @@ def _request(kind: str) -> Callable[[argparse.Namespace], int]:
         settings = load_settings(WorkerSettings, "worker")
         model = Path(args.model) if getattr(args, "model", None) else None
         off = getattr(args, "off", False)
-        event, key = build_request(kind, settings, model=model, version=getattr(args, "version", None), off=off)
-        live, stale = live_workers(read_status(settings)) if args.wait else ({}, {})
+        version = getattr(args, "version", None)
+        live, stale = live_workers(read_status(settings)) if args.wait or kind == "rollback" else ({}, {})
+        if kind == "rollback" and version is None:
+            version, why = rollback_target(live)
+            if version is not None:
+                print(f"rollback to {version}: {why}")
+            else:
+                print(f"rollback naming no version ({why}): each worker swaps its active and previous models")
+        event, key = build_request(kind, settings, model=model, version=version, off=off)
         topic = settings.topic("model-updates")
         offset = asyncio.run(send_request(settings, event, key))
         print(f"sent {kind}{' --off' if off else ''} {event.model_version} to {topic} at offset {offset}")
@@ -657,11 +673,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     s = sub.add_parser(
         "rollback",
-        help="return every worker to its previous model (a worker a rollback already returned does nothing: run "
-        "again, it does not undo the first; --version V returns to V)",
+        help="return every worker to its previous model: the one the live workers report, named, so that running it "
+        "again changes nothing (a worker with that model active answers so); --version V returns to V",
     )
     s.add_argument(
-        "--version", help="only to this version: the previous model (nothing to do where it is already active)"
+        "--version",
+        help="only to this version: the previous model (nothing to do where it is already active; default: the "
+        "previous model every live worker reports)",
     )
     s.add_argument("--wait", type=wait_seconds, default=0.0, metavar="S", help="wait up to S seconds for answers")
     s.set_defaults(func=_request("rollback"))

@@ -522,6 +522,7 @@ def test_a_featurizer_asset_the_manifest_does_not_list_is_refused(registry: Path
         ({}, "known_only is set but no 'known' asset"),  # idf.npy by default, like the featurizer reads it
         ("idf.npy", "is not an object of asset to file name"),
         ({"idf": 5}, "is not an object of asset to file name"),
+        (["idf.npy", "known.npy"], "is not an object of asset to file name"),  # accepted, then refused by every worker
     ],
 )
 def test_featurizer_assets_must_be_files_of_the_bundle(registry: Path, assets: object, fragment: str) -> None:

@@ -24,7 +24,7 @@ from aiokafka import TopicPartition
 from schemas import ModelUpdate, ProductChange, TagUpdate
 from serving.validate import ValidationPolicy
 from streams.model import BundleModel, ModelHolder, ShadowDiff, ShadowScoring, diff_model_tags
-from streams.model_cli import answer_fits, build_request, shadow_started
+from streams.model_cli import answer_fits, build_request, rollback_target, shadow_started
 from streams.processor import BatchOutput, InMessage, Processor
 from streams.retag import Retagger, product_from_doc
 from streams.settings import WorkerSettings
@@ -889,42 +889,49 @@ async def test_a_bundle_uri_with_a_nul_byte_is_refused_live_and_in_the_history_o
 
 async def test_a_rollback_sent_twice_does_not_return_to_the_model_it_left(bundles: dict[str, Path]) -> None:
     """`rollback --wait` exits 1 when a worker is slow, the operator runs it again: every worker that had rolled
-    back went back to the bad model. Now the second rollback changes nothing, and its --wait counts the answer."""
+    back went back to the bad model. The command now names the previous model the workers report, and a rollback
+    naming the model already active changes nothing (its --wait counts the answer). One naming none still swaps, as
+    the stored history of every worker has always been folded."""
     settings = WorkerSettings()
     a, b = bundles["a"].name, bundles["b"].name
     holder = await holder_with(bundles)
     activate_b = request("activate", bundles["b"])
     await holder.handle(activate_b)  # the bad model
-    rollback, _ = build_request("rollback", settings)
+    version, why = rollback_target({"w1": holder.status()})
+    assert version == a and why == "the previous model every live worker reports (1)"
+    rollback, _ = build_request("rollback", settings, version=version)
     before = holder.status()
     first = (await holder.handle(rollback)).answer
     assert first is not None and (first.kind, first.model_version) == ("model-activated", a)
     assert answer_fits(rollback, first, before) and _models(holder) == (a, b, None)
 
     before = holder.status()
-    again = await holder.handle(rollback)  # the retry
+    again = await holder.handle(rollback)  # the retry: the same request
     assert not again.changed and again.swapped_to is None and _models(holder) == (a, b, None)
     answer = again.answer
     assert answer is not None and (answer.kind, answer.model_version) == ("model-activated", a)
-    assert answer.reasons == (
-        f"rollback: {a} is already active, rolled back from {b} (`tagstream model rollback --version {b}` returns "
-        "to it)",
-    )
+    assert answer.reasons == (f"rollback: {a} is already active",)
     answer.to_dict()  # schema-valid
     assert answer_fits(rollback, answer, before)  # the retry's --wait counts it: exit 0
     assert not answer_fits(request("activate", bundles["a"]), answer, before)
-
-    named_a, _ = build_request("rollback", settings, version=a)  # the version already active: nothing to do
-    nothing = (await holder.handle(named_a)).answer
-    assert nothing is not None and nothing.reasons == (f"rollback: {a} is already active",)
-    assert answer_fits(named_a, nothing, holder.status()) and _models(holder) == (a, b, None)
     back, _ = build_request("rollback", settings, version=b)  # asked for by name: back to the model left
     assert (await holder.handle(back)).swapped_to == b and _models(holder) == (b, a, None)
-    assert holder.swaps == 3
 
+    plain, _ = build_request("rollback", settings)  # naming none: a swap each time, as before
+    assert (await holder.handle(plain)).swapped_to == a and (await holder.handle(plain)).swapped_to == b
+    assert holder.swaps == 5
+    history = [activate_b, rollback, rollback, back, plain, plain]
     restarted = await holder_with(bundles)  # a restart folds the same history to the same models
-    await restarted.restore(list(enumerate([activate_b, rollback, rollback])))
-    assert _models(restarted) == (a, b, None)
+    await restarted.restore(list(enumerate(history)))
+    assert _models(restarted) == _models(holder) == (b, a, None)
+
+
+def test_the_rollback_command_names_the_previous_model_only_when_every_live_worker_reports_the_same() -> None:
+    assert rollback_target({"w1": {"previous": "v1"}, "w2": {"previous": "v1"}})[0] == "v1"
+    version, why = rollback_target({"w1": {"previous": "v1"}, "w2": {"previous": "v2"}})
+    assert version is None and why == "the live workers report different previous models (v1, v2)"
+    assert rollback_target({"w1": {"previous": None}})[0] is None
+    assert rollback_target({}) == (None, "no live worker reports its models")
 
 
 BROKEN_LABELS = {
