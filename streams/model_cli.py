@@ -583,9 +583,13 @@ def _request(kind: str) -> Callable[[argparse.Namespace], int]:
         model = Path(args.model) if getattr(args, "model", None) else None
         off = getattr(args, "off", False)
         version = getattr(args, "version", None)
-        live, stale = live_workers(read_status(settings)) if args.wait or kind == "rollback" else ({}, {})
+        live, stale = live_workers(read_status(settings)) if args.wait else ({}, {})
         if kind == "rollback" and version is None:
-            version, why = rollback_target(live)
+            try:
+                reported = live if args.wait else live_workers(read_status(settings))[0]
+                version, why = rollback_target(reported)
+            except StateError as exc:  # Redis down: the workers are told to roll back all the same
+                version, why = None, str(exc)
             if version is not None:
                 print(f"rollback to {version}: {why}")
             else:

@@ -109,7 +109,7 @@ def make_featurizer_spec(*, L: int = 16, K: int = 2, buckets: int = 64) -> dict[
         "hashing": {"buckets": buckets, "seed": 0},
         "max_features": L,
         "numeric": [{"name": f"num{i}", "mean": 0.0, "std": 1.0} for i in range(K)],
-        "assets": ["idf.npy"],
+        "assets": {"idf": "idf.npy"},
     }
 
 
