@@ -466,9 +466,8 @@ def _judged_alone(candidate: Mapping[str, Any], metric: str) -> Comparison:
     from training.labels import TAGS_GROUP
 
     figures = {g: float(v) for g, r in candidate.get("groups", {}).items() if (v := r.get(metric)) is not None}
-    served_tags = candidate.get("served", {}).get("groups", {}).get(TAGS_GROUP) or {}
-    if served_tags.get(metric) is not None:
-        figures[f"served {TAGS_GROUP}"] = float(served_tags[metric])
+    if (served := _served_tags(candidate, metric)) is not None:
+        figures[f"served {TAGS_GROUP}"] = served
     why = "no group in common with the current model (none of the evaluation products carries a label of its groups)"
     if not any(v > 0 for v in figures.values()):
         alone = ", ".join(f"{g} {v}" for g, v in sorted(figures.items())) or "no group"
@@ -573,7 +572,7 @@ def periodic_retrain(
     training.train.evaluate_bundle), `model_updates` to `read_model_updates` when `publish` is the real one (with
     another `publish` and no `model_updates`, no topic is read).
     """
-    from training.splits import Split, stratified_split
+    from training.splits import holdout_split
 
     check_keep_refused(keep_refused)
     if train_fn is None or evaluate_fn is None:
@@ -600,18 +599,11 @@ def periodic_retrain(
         named: set[str] | None = None if model_updates is not None else set()  # versions on model-updates
         try:
             products = load_products()
-            held = eval_holdout(products)
-            eval_set = [p for p, h in zip(products, held, strict=True) if h]
-            rest = [p for p, h in zip(products, held, strict=True) if not h]
-            inner = stratified_split(rest, validation=settings.validation_fraction, test=0.0, seed=settings.seed)
-            # train/validation from the rest; the fixed evaluation set is the test part
-            split = Split(
-                train_idx=inner.train_idx,
-                validation_idx=inner.validation_idx,
-                test_idx=_append_idx(len(rest), len(eval_set)),
-                products=rest + eval_set,
-            )
-            bundle = train_fn(rest + eval_set, settings, registry=registry, split=split)
+            # the fixed evaluation set is the test part, train/validation are stratified from the rest (as a plain
+            # `train` splits, at the gate's fraction)
+            split = holdout_split(products, validation=settings.validation_fraction, seed=settings.seed)
+            eval_set = split.test
+            bundle = train_fn(products, settings, registry=registry, split=split)
             record["bundle"] = str(bundle)
             updates = None if model_updates is None else _read_updates(model_updates, cycle, current)
             if updates is not None:
@@ -778,8 +770,3 @@ def _remove_bundle(bundle: Path) -> bool:
         log.warning("%s left the registry, but deleting %s failed: %s", bundle, trash, exc)
     return True
 
-
-def _append_idx(n_rest: int, n_eval: int):
-    import numpy as np
-
-    return np.arange(n_rest, n_rest + n_eval, dtype=np.int64)

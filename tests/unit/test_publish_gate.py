@@ -55,10 +55,28 @@ def test_the_gate_refuses_a_candidate_that_lost_a_group_the_current_model_has() 
     assert compare_reports({"groups": {"category_l1": {"weighted_f1": 0.90}}}, unevaluated).publish
 
 
+def _cycles_of(registry: Path, train_fn, cycles: int) -> tuple[list[dict], list[Path]]:
+    """`periodic_retrain` over 60 products with `train_fn` and every bundle evaluated alike (category_l2 0.5): its
+    records and what it published."""
+    products = [CatalogProduct(f"p{i}", f"title {i}", category_path=("A", f"B{i % 3}")) for i in range(60)]
+    published: list[Path] = []
+    records = periodic_retrain(
+        lambda: products,
+        TrainerSettings(),
+        every_s=0.0,
+        registry=registry,
+        max_cycles=cycles,
+        publish=published.append,
+        train_fn=train_fn,
+        evaluate_fn=lambda bundle, eval_set: {"groups": {"category_l2": {"weighted_f1": 0.5}}},
+        sleep=lambda s: None,
+    )
+    return records, published
+
+
 def test_a_cycle_that_fails_with_an_os_error_is_logged_and_the_loop_goes_on(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    products = [CatalogProduct(f"p{i}", f"title {i}", category_path=("A", f"B{i % 3}")) for i in range(60)]
     calls: list[int] = []
 
     def train_fn(products, settings, *, registry, split) -> Path:
@@ -67,19 +85,8 @@ def test_a_cycle_that_fails_with_an_os_error_is_logged_and_the_loop_goes_on(
             raise FileNotFoundError(2, "No such file or directory", "/nonexistent")
         return tmp_path / f"b{len(calls)}"
 
-    published: list[Path] = []
     with caplog.at_level(logging.ERROR, logger="training.publish"):
-        records = periodic_retrain(
-            lambda: products,
-            TrainerSettings(),
-            every_s=0.0,
-            registry=tmp_path,
-            max_cycles=2,
-            publish=published.append,
-            train_fn=train_fn,
-            evaluate_fn=lambda bundle, eval_set: {"groups": {"category_l2": {"weighted_f1": 0.5}}},
-            sleep=lambda s: None,
-        )
+        records, published = _cycles_of(tmp_path, train_fn, 2)
     assert "/nonexistent" in records[0]["error"] and records[0]["publish"] is False
     assert records[1]["publish"] is True and published == [tmp_path / "b2"]
     assert "retrain cycle 1 failed" in caplog.text
@@ -233,7 +240,6 @@ def test_publish_refuses_a_bundle_whose_signature_the_configured_verify_key_refu
 def test_an_unexpected_error_in_a_cycle_is_logged_with_its_traceback_and_the_next_cycle_runs(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    products = [CatalogProduct(f"p{i}", f"title {i}", category_path=("A", f"B{i % 3}")) for i in range(60)]
     made: list[Path] = []
 
     def train_fn(products, settings, *, registry, split) -> Path:
@@ -242,19 +248,8 @@ def test_an_unexpected_error_in_a_cycle_is_logged_with_its_traceback_and_the_nex
             raise KeyError("weighted_f1")  # as a group missing from the validation split raised during the fit
         return made[-1]
 
-    published: list[Path] = []
     with caplog.at_level(logging.ERROR, logger="training.publish"):
-        records = periodic_retrain(
-            lambda: products,
-            TrainerSettings(),
-            every_s=0.0,
-            registry=tmp_path,
-            max_cycles=3,
-            publish=published.append,
-            train_fn=train_fn,
-            evaluate_fn=lambda bundle, eval_set: {"groups": {"category_l2": {"weighted_f1": 0.5}}},
-            sleep=lambda s: None,
-        )
+        records, published = _cycles_of(tmp_path, train_fn, 3)
     # before: the KeyError ended `train --every` (a traceback, exit 1) before any JSON line of the failed cycle
     assert [r["cycle"] for r in records] == [1, 2, 3]
     assert records[1]["publish"] is False and records[1]["error"] == "KeyError: 'weighted_f1'"
@@ -264,7 +259,6 @@ def test_an_unexpected_error_in_a_cycle_is_logged_with_its_traceback_and_the_nex
 
 
 def test_a_failed_cycle_still_names_the_current_model_and_where_it_came_from(tmp_path: Path) -> None:
-    products = [CatalogProduct(f"p{i}", f"title {i}", category_path=("A", f"B{i % 3}")) for i in range(60)]
     calls: list[int] = []
 
     def train_fn(products, settings, *, registry, split) -> Path:
@@ -273,17 +267,7 @@ def test_a_failed_cycle_still_names_the_current_model_and_where_it_came_from(tmp
             raise OSError(28, "No space left on device")
         return registry / f"d{len(calls)}"
 
-    records = periodic_retrain(
-        lambda: products,
-        TrainerSettings(),
-        every_s=0.0,
-        registry=tmp_path,
-        max_cycles=2,
-        publish=lambda bundle: None,
-        train_fn=train_fn,
-        evaluate_fn=lambda bundle, eval_set: {"groups": {"category_l2": {"weighted_f1": 0.5}}},
-        sleep=lambda s: None,
-    )
+    records, _ = _cycles_of(tmp_path, train_fn, 2)
     # before: the failed cycle's JSON line had neither `current` nor `current_from`
     assert "No space left" in records[1]["error"]
     assert records[1]["current"] == str(tmp_path / "d1")
