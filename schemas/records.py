@@ -21,6 +21,11 @@ class SourceRef:
     partition: int
     offset: int
 
+    @classmethod
+    def from_dict(cls, obj: dict[str, Any]) -> SourceRef:
+        """Build from an already validated dict (integers written 5.0 read as int)."""
+        return cls(obj["topic"], int(obj["partition"]), int(obj["offset"]))
+
 
 @dataclass(frozen=True, slots=True)
 class ProductChange:
@@ -177,9 +182,9 @@ class TagUpdate:
             removed=tuple(obj["removed"]),
             model_version=obj["model_version"],
             reason=obj["reason"],
-            source=SourceRef(**obj["source"]),
-            event_time=obj["event_time"],
-            emit_time=obj["emit_time"],
+            source=SourceRef.from_dict(obj["source"]),
+            event_time=int(obj["event_time"]),  # JSON Schema integers may be written 5.0 (a float here)
+            emit_time=int(obj["emit_time"]),
             deleted=obj["deleted"],
         )
 
@@ -266,10 +271,10 @@ class DeadLetter:
         return cls(
             reason=obj["reason"],
             error_type=obj["error_type"],
-            source=SourceRef(**obj["source"]),
+            source=SourceRef.from_dict(obj["source"]),
             key_b64=obj["key_b64"],
             value_b64=obj["value_b64"],
-            failed_at=obj["failed_at"],
+            failed_at=int(obj["failed_at"]),
         )
 
     @classmethod
@@ -310,7 +315,7 @@ class ShadowDiff:
             added=tuple(obj["added"]),
             removed=tuple(obj["removed"]),
             agreement=float(obj["agreement"]),
-            emitted_at=obj["emitted_at"],
+            emitted_at=int(obj["emitted_at"]),
             active_tags=tuple(obj.get("active_tags") or ()),
             shadow_tags=tuple(obj.get("shadow_tags") or ()),
             worker_id=obj.get("worker_id"),

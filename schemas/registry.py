@@ -92,39 +92,58 @@ def _fast_decoder(name: str) -> Callable[[bytes], dict[str, Any] | None] | None:
 EXACT_INTEGER = 2**53  # below it every integer is a float too, and no other integer reads as the same float
 
 
-@cache
-def _integer_fields(name: str) -> tuple[str, ...]:
-    """The top-level properties schema `name` types as integers, or whose constant is one."""
-    props = load_schema(name).get("properties") or {}
-    return tuple(
-        field
-        for field, spec in props.items()
-        if spec.get("type") == "integer"
-        or (isinstance(spec.get("type"), list) and "integer" in spec["type"])
-        or (type(spec.get("const")) is int)  # `schema_version: 1.0000000000000000001` is no 1
+def _is_integer(spec: dict[str, Any]) -> bool:
+    kind = spec.get("type")
+    return (
+        kind == "integer"
+        or (isinstance(kind, list) and "integer" in kind)
+        or type(spec.get("const")) is int  # `schema_version: 1.0000000000000000001` is no 1
     )
+
+
+def _integer_paths(props: dict[str, Any], prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    paths: list[tuple[str, ...]] = []
+    for field, spec in props.items():
+        if _is_integer(spec):
+            paths.append((*prefix, field))
+        elif isinstance(spec.get("properties"), dict):  # a nested object: tag-update's and dead-letter's `source`
+            paths += _integer_paths(spec["properties"], (*prefix, field))
+    return paths
+
+
+@cache
+def _integer_fields(name: str) -> tuple[tuple[str, ...], ...]:
+    """The paths of the properties schema `name` types as integers, or whose constant is one (nested objects'
+    properties included)."""
+    return tuple(_integer_paths(load_schema(name).get("properties") or {}))
+
+
+def _at(obj: Any, path: tuple[str, ...]) -> Any:
+    for field in path:
+        obj = obj.get(field) if isinstance(obj, dict) else None
+    return obj
 
 
 def _refuse_inexact_integers(name: str, obj: dict[str, Any], raw: bytes) -> None:
     """orjson reads an integer beyond 2^64, or one written with a fraction or an exponent, as a float. From 2^53 on
     that float may not be the number written (`9007199254740993.0` reads as ...992); below it, a fraction too small
     for a float (`5.000000000000000000001` reads as 5.0) would pass as an integer. Both are refused, not changed."""
-    floats = [f for f in _integer_fields(name) if isinstance(obj.get(f), float)]
+    floats = [path for path in _integer_fields(name) if isinstance(_at(obj, path), float)]
     if not floats:
         return
-    for field in floats:
-        if abs(obj[field]) >= EXACT_INTEGER:
+    for path in floats:
+        if abs(_at(obj, path)) >= EXACT_INTEGER:
             raise SchemaValidationError(
-                f"{name}: {field} is an integer from 2^53 on written with a fraction or an exponent, or beyond 2^64: "
-                "it cannot be read exactly (write it as a plain integer within 64 bits)"
+                f"{name}: {'.'.join(path)} is an integer from 2^53 on written with a fraction or an exponent, or "
+                "beyond 2^64: it cannot be read exactly (write it as a plain integer within 64 bits)"
             )
     written = json.loads(raw, parse_float=Decimal)  # the numbers as written (only here: an integer written as a float)
-    for field in floats:
-        value = written.get(field) if isinstance(written, dict) else None
+    for path in floats:
+        value = _at(written, path)
         if isinstance(value, Decimal) and value != value.to_integral_value():
             raise SchemaValidationError(
-                f"{name}: {field} must be an integer: {value} has a fraction (a float would read it as "
-                f"{obj[field]:.17g})"
+                f"{name}: {'.'.join(path)} must be an integer: {value} has a fraction (a float would read it as "
+                f"{_at(obj, path):.17g})"
             )
 
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import faust
 import mode
+from aiokafka.errors import KafkaError
 
 from streams.arrival import ArrivalAges
 from streams.gcwatch import GcPauses
@@ -37,6 +38,7 @@ from streams.topics import (
     partitions_of,
 )
 from streams.transport import RecordBatchMessage, TagstreamTransport
+from tagstream.errors import StateLostError
 
 log = logging.getLogger(__name__)
 
@@ -81,14 +83,61 @@ class TagstreamApp(faust.App):
         return TagstreamTransport(self.conf.broker_producer, self)
 
 
+async def committed_input_offsets(settings: WorkerSettings) -> dict[str, int]:
+    """The offsets the worker's consumer group has committed on its input topics (products, behavior), by
+    `topic:partition`; partitions at offset 0 or without a commit are left out."""
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, client_id="tagstream-state-check")
+    await admin.start()
+    try:
+        offsets = await admin.list_consumer_group_offsets(settings.app_id)
+    finally:
+        await admin.close()
+    inputs = {settings.topic(PRODUCTS.name), settings.topic(BEHAVIOR.name)}
+    return {f"{tp.topic}:{tp.partition}": m.offset for tp, m in offsets.items() if tp.topic in inputs and m.offset > 0}
+
+
+async def check_state_not_lost(store: RedisStateStore, settings: WorkerSettings) -> None:
+    """StateLostError when Redis holds no state under the worker's prefix while its consumer group has committed
+    offsets on the input topics: what those events built is gone (a Redis restarted without persistence, a flushed
+    database, another TAGSTREAM_REDIS_PREFIX), and the worker would resume after them on an empty store, taking every
+    product's next change for its first."""
+    if not await store.holds_state():
+        await refuse_if_offsets_committed(settings)
+
+
+async def refuse_if_offsets_committed(settings: WorkerSettings) -> None:
+    """StateLostError when the worker's consumer group has committed offsets on the input topics (the store was
+    found empty)."""
+    committed = await committed_input_offsets(settings)
+    if not committed:
+        return
+    shown = ", ".join(f"{where} at {offset}" for where, offset in sorted(committed.items())[:3])
+    more = f" and {len(committed) - 3} more" if len(committed) > 3 else ""
+    raise StateLostError(
+        f"Redis holds no tagstream state under prefix {settings.redis_prefix!r} (no {settings.redis_prefix}:meta), "
+        f"but consumer group {settings.app_id!r} has committed offsets ({shown}{more}): the state those events built "
+        "was lost, and resuming would apply only what comes after them. Restore Redis (its append-only file), or "
+        "rebuild the state by replaying the topics: reset the group's offsets to the earliest "
+        f"(kafka-consumer-groups.sh --bootstrap-server {settings.kafka_bootstrap} --group {settings.app_id} "
+        "--reset-offsets --to-earliest --all-topics --execute) or start with a new TAGSTREAM_APP_ID"
+    )
+
+
 async def check_state_store(settings: WorkerSettings, wait_s: float = 5.0) -> None:
     """Before a worker starts: the Redis store holds a state format this worker reads (StateError otherwise, so the
-    refusal is one line instead of a crash inside the agents). A Redis that does not answer within `wait_s` is left
-    for the worker, which waits for it."""
+    refusal is one line instead of a crash inside the agents), and was not lost (`check_state_not_lost`). A Redis
+    that does not answer within `wait_s` is left for the worker, which waits for it and checks both then."""
     store = RedisStateStore.from_url(
         settings.redis_url.get_secret_value(), settings.redis_prefix, settings.redis_retry_max_backoff
     )
     try:
+        if not await asyncio.wait_for(store.holds_state(), wait_s):
+            try:
+                await asyncio.wait_for(refuse_if_offsets_committed(settings), wait_s)
+            except (KafkaError, TimeoutError) as exc:
+                log.warning("Kafka did not answer (%r): the worker checks its group's offsets once it reaches it", exc)
         await asyncio.wait_for(store.check_format(), wait_s)
     except TimeoutError:
         log.warning("Redis did not answer within %gs: its state format is checked once the worker reaches it", wait_s)
@@ -222,6 +271,7 @@ class Worker:
                 log.info("event loop: %s", type(asyncio.get_running_loop()).__module__)
                 store = self._store_factory()
                 if isinstance(store, RedisStateStore):
+                    await check_state_not_lost(store, self.settings)
                     await store.check_format()
                 await self.models.start()
                 self._processor = Processor(
@@ -442,8 +492,8 @@ class Worker:
         pending = []
         for key, value in out.updates:
             pending.append(await send(updates, key, value, partition=None, timestamp=None, headers=None))
-        for key, value in out.dead_letters:
-            pending.append(await send(dead, key, value, partition=None, timestamp=None, headers=None))
+        for key, value, headers in out.dead_letters:
+            pending.append(await send(dead, key, value, partition=None, timestamp=None, headers=headers))
         return pending
 
     async def _delivered(self, pending: list[Any], out: BatchOutput) -> None:
@@ -463,7 +513,10 @@ class Worker:
 def _in_messages(message: Any) -> list[InMessage]:
     """The records a Faust message carries: a `RecordBatchMessage`'s records, or the message itself."""
     if isinstance(message, RecordBatchMessage):
-        return [InMessage(r.topic, r.partition, r.offset, r.key, r.value, r.timestamp or 0) for r in message.records]
+        return [
+            InMessage(r.topic, r.partition, r.offset, r.key, r.value, r.timestamp or 0, r.headers)
+            for r in message.records
+        ]
     return [
         InMessage(
             message.topic,
@@ -472,5 +525,6 @@ def _in_messages(message: Any) -> list[InMessage]:
             message.key,
             message.value,
             int((message.timestamp or 0) * 1000),
+            list(message.headers or ()),
         )
     ]

@@ -266,7 +266,9 @@ class ModelUpdatesAgent:
             log.warning("model-updates offset %d ignored: %s", record.offset, exc)
             return
         log.warning("model-updates offset %d dead-lettered: %s", record.offset, exc)
-        msg = InMessage(record.topic, record.partition, record.offset, record.key, record.value, record.timestamp)
+        msg = InMessage(
+            record.topic, record.partition, record.offset, record.key, record.value, record.timestamp, record.headers
+        )
         try:
             await self.worker.publish(BatchOutput(dead_letters=[dead_letter(msg, exc)]))
         except Exception:

@@ -15,7 +15,7 @@ import logging
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import orjson
 from redis.exceptions import RedisError
@@ -76,6 +76,7 @@ class InMessage:
     key: bytes | None
     value: bytes | None
     timestamp_ms: int = 0
+    headers: Headers = ()
 
     @property
     def fence_field(self) -> str:
@@ -88,12 +89,25 @@ class InMessage:
         return SourceRef(self.topic, self.partition, self.offset)
 
 
+Headers = Sequence[tuple[str, bytes]]  # Kafka record headers, in order
+SOURCE_TIMESTAMP_HEADER = "tagstream-source-timestamp"  # a dead letter's source record's Kafka timestamp (ms, decimal)
+
+
+class DeadLetterRecord(NamedTuple):
+    """A dead letter as produced: the source's key, the `dead-letter` JSON, and the source's headers followed by
+    SOURCE_TIMESTAMP_HEADER."""
+
+    key: bytes | None
+    value: bytes
+    headers: list[tuple[str, bytes]]
+
+
 @dataclass(slots=True)
 class BatchOutput:
-    """What one batch produced: tag updates to publish (key, value) and dead letters (key, value)."""
+    """What one batch produced: tag updates to publish (key, value) and dead letters."""
 
     updates: list[tuple[bytes, bytes]] = field(default_factory=list)
-    dead_letters: list[tuple[bytes | None, bytes]] = field(default_factory=list)
+    dead_letters: list[DeadLetterRecord] = field(default_factory=list)
     applied: int = 0
     redelivered: int = 0
 
@@ -206,8 +220,9 @@ async def score_in_steps(model: ScoringModel, products: Sequence[ProductChange],
     return tags
 
 
-def dead_letter(msg: InMessage, exc: BaseException) -> tuple[bytes | None, bytes]:
-    """A dead-letter record keeping the whole message, the reason and where it came from."""
+def dead_letter(msg: InMessage, exc: BaseException) -> DeadLetterRecord:
+    """A dead-letter record keeping the whole message (key, value, headers and Kafka timestamp), the reason and where
+    it came from."""
     record = DeadLetter(
         reason=bounded(str(exc) or type(exc).__name__),  # the whole message is in value_b64
         error_type=type(exc).__name__,
@@ -216,7 +231,8 @@ def dead_letter(msg: InMessage, exc: BaseException) -> tuple[bytes | None, bytes
         value_b64=base64.b64encode(msg.value).decode() if msg.value is not None else None,
         failed_at=now_ms(),
     )
-    return msg.key, orjson.dumps(record.to_dict())
+    headers = [*msg.headers, (SOURCE_TIMESTAMP_HEADER, str(msg.timestamp_ms).encode())]
+    return DeadLetterRecord(msg.key, orjson.dumps(record.to_dict()), headers)
 
 
 # Event times before this are refused while the time checks are on: an epoch in seconds (1764316805) read as

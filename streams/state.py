@@ -563,6 +563,10 @@ class RedisStateStore:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.max_backoff)
 
+    async def holds_state(self) -> bool:
+        """Whether the keyspace holds tagstream state (`<prefix>:meta` exists: the first worker writes it)."""
+        return bool(await self._retry("holds_state", lambda: self.client.exists(f"{self.prefix}:meta")))
+
     async def check_format(self) -> None:
         """Write the state format on an empty keyspace; refuse to run on another format."""
 

@@ -19,6 +19,7 @@ __all__ = [
     "StackError",
     "StateConflictError",
     "StateError",
+    "StateLostError",
     "TagstreamError",
     "ValidationTimeoutError",
 ]
@@ -54,6 +55,10 @@ class OutputTooLargeError(TagstreamError):
 
 class StateError(TagstreamError):
     """Redis state could not be read or written (after bounded retries)."""
+
+
+class StateLostError(StateError):
+    """Redis holds no state while the worker's consumer group has committed offsets: the state was lost."""
 
 
 class StateConflictError(StateError):

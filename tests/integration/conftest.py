@@ -57,9 +57,12 @@ class StreamEnv:
         self.workers.append(proc)
         return proc
 
-    def produce(self, topic: str, events: list[Any]) -> list[tuple[int, int]]:
-        """Send events (dicts are JSON-encoded, bytes sent raw) keyed by product_id; returns (partition, offset)."""
-        return asyncio.run(produce(self.settings, topic, events))
+    def produce(
+        self, topic: str, events: list[Any], headers: list[tuple[str, bytes]] | None = None
+    ) -> list[tuple[int, int]]:
+        """Send events (dicts are JSON-encoded, bytes sent raw) keyed by product_id, each with `headers`; returns
+        (partition, offset)."""
+        return asyncio.run(produce(self.settings, topic, events, headers))
 
     def consume(
         self, topic: str, until: Callable[[list[dict[str, Any]]], bool], timeout: float = 60.0
@@ -174,7 +177,9 @@ def _encode(event: Any) -> tuple[bytes | None, bytes]:
     return (key.encode() if isinstance(key, str) else None), orjson.dumps(event)
 
 
-async def produce(settings: WorkerSettings, topic: str, events: list[Any]) -> list[tuple[int, int]]:
+async def produce(
+    settings: WorkerSettings, topic: str, events: list[Any], headers: list[tuple[str, bytes]] | None = None
+) -> list[tuple[int, int]]:
     """Send events to a logical topic with an idempotent acks=all producer; return (partition, offset) of each."""
     producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all", enable_idempotence=True)
     await producer.start()
@@ -182,17 +187,26 @@ async def produce(settings: WorkerSettings, topic: str, events: list[Any]) -> li
         futures = []
         for event in events:
             key, value = _encode(event)
-            futures.append(await producer.send(settings.topic(topic), value, key=key))
+            futures.append(await producer.send(settings.topic(topic), value, key=key, headers=headers))
         metas = await asyncio.gather(*futures)
         return [(m.partition, m.offset) for m in metas]
     finally:
         await producer.stop()
 
 
+def _loads(value: bytes | None) -> dict[str, Any]:
+    """A consumed value as JSON; a value that is not JSON (what a test sent to be dead-lettered) as `_raw`."""
+    try:
+        return dict(orjson.loads(value or b"null") or {})
+    except (orjson.JSONDecodeError, TypeError, ValueError):
+        return {"_raw": value}
+
+
 async def consume(
     settings: WorkerSettings, topic: str, until: Callable[[list[dict[str, Any]]], bool], timeout: float
 ) -> list[dict[str, Any]]:
-    """Read a logical topic from its start until `until(messages)` holds."""
+    """Read a logical topic from its start until `until(messages)` holds; each message also carries its
+    `_partition`, `_offset`, `_timestamp` and `_headers` (a list of [name, value as text])."""
     consumer = AIOKafkaConsumer(
         settings.topic(topic), bootstrap_servers=settings.kafka_bootstrap, auto_offset_reset="earliest"
     )
@@ -203,7 +217,16 @@ async def consume(
         while time.monotonic() < deadline:
             batches = await consumer.getmany(timeout_ms=500)
             for records in batches.values():
-                seen += [orjson.loads(r.value) | {"_partition": r.partition, "_offset": r.offset} for r in records]
+                seen += [
+                    _loads(r.value)
+                    | {
+                        "_partition": r.partition,
+                        "_offset": r.offset,
+                        "_timestamp": r.timestamp,
+                        "_headers": [[name, value.decode(errors="replace")] for name, value in r.headers],
+                    }
+                    for r in records
+                ]
             if until(seen):
                 return seen
     finally:

@@ -10,7 +10,8 @@ from pathlib import Path
 import psutil
 import pytest
 import redis
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from tagstream.stack import StackSettings, StackStatus, stack_down, stack_status, stack_up
 from tests.kafka import fresh_topic
@@ -53,6 +54,39 @@ async def round_trip(bootstrap: str) -> None:
         finally:
             await consumer.stop()
         assert got == [b"value-0", b"value-1", b"value-2"]
+
+
+async def commit_offset(bootstrap: str, topic: str, group: str) -> None:
+    """Produce one record to a new one-partition `topic` and commit past it as consumer group `group`."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(topic, 1, 1)])
+    finally:
+        await admin.close()
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    await producer.start()
+    try:
+        await producer.send_and_wait(topic, b"v", key=b"k")
+    finally:
+        await producer.stop()
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        consumer.assign([TopicPartition(topic, 0)])
+        await consumer.commit({TopicPartition(topic, 0): 1})
+    finally:
+        await consumer.stop()
+
+
+async def committed_offsets(bootstrap: str, group: str) -> dict[tuple[str, int], int]:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        offsets = await admin.list_consumer_group_offsets(group)
+    finally:
+        await admin.close()
+    return {(tp.topic, tp.partition): m.offset for tp, m in offsets.items()}
 
 
 def redis_ping(port: int) -> bool:
@@ -135,6 +169,10 @@ async def test_second_stack_up_down_and_restart(tmp_path: Path) -> None:
         assert stack_up(settings).started == ()
         await round_trip(settings.kafka_bootstrap)
         assert redis_ping(redis_port)
+        await commit_offset(settings.kafka_bootstrap, "kept", "kept-group")
+        client = redis.Redis(host="127.0.0.1", port=redis_port, socket_timeout=5)
+        client.hset("kept:meta", "state_format", "7")  # a worker's state and its group's offsets, written together
+        client.close()
 
         assert sorted(stack_down(settings)) == ["kafka", "redis"]
         for pid in first_pids.values():
@@ -151,6 +189,11 @@ async def test_second_stack_up_down_and_restart(tmp_path: Path) -> None:
         assert again.up and set(again.started) == {"kafka", "redis"}
         assert (settings.state_dir / "kafka" / "cluster.id").read_text() == cluster_id
         await round_trip(settings.kafka_bootstrap)
+        # Redis keeps its data (append-only file) as Kafka keeps the group's offsets: a worker resumes on its state
+        client = redis.Redis(host="127.0.0.1", port=redis_port, socket_timeout=5, decode_responses=True)
+        assert client.hgetall("kept:meta") == {"state_format": "7"}
+        client.close()
+        assert await committed_offsets(settings.kafka_bootstrap, "kept-group") == {("kept", 0): 1}
     finally:
         stack_down(settings)
     assert not stack_status(settings).up

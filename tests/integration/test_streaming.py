@@ -163,8 +163,9 @@ def test_delete_emits_the_removal(stream_env: StreamEnv, bundle: Path) -> None:
 def test_bad_events_go_to_the_dead_letter_topic_and_good_ones_still_flow(stream_env: StreamEnv, bundle: Path) -> None:
     stream_env.start_worker(TAGSTREAM_MODEL_PATH=str(bundle))
     missing_title = {"schema_version": 1, "op": "upsert", "product_id": "bad-2", "updated_at": 1, "version": 1}
+    trace = [("traceparent", b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"), ("origin", b"catalog")]
     product_sent = stream_env.produce(
-        "products", [b"\xff\xfe not json", missing_title, upsert("good-1", "Levis Men Black Jeans")]
+        "products", [b"\xff\xfe not json", missing_title, upsert("good-1", "Levis Men Black Jeans")], headers=trace
     )
     bad_click = behaviour("good-1", "u1", -5)
     stream_env.produce("behavior", [bad_click, behaviour("good-1", "u1", T0)])
@@ -175,6 +176,12 @@ def test_bad_events_go_to_the_dead_letter_topic_and_good_ones_still_flow(stream_
     raw = [d for d in dead if d["error_type"] == "EventDecodeError"]
     assert len(raw) == 1 and base64.b64decode(raw[0]["value_b64"]) == b"\xff\xfe not json"
     assert raw[0]["source"]["offset"] == product_sent[0][1]
+    sources = stream_env.consume("products", lambda m: len(m) >= 3)
+    [source] = [m for m in sources if m.get("_raw") == b"\xff\xfe not json"]
+    # the source record's headers, in order, then its Kafka timestamp: nothing of the record is lost
+    assert raw[0]["_headers"] == [[k, v.decode()] for k, v in trace] + [
+        ["tagstream-source-timestamp", str(source["_timestamp"])]
+    ]
     schema = [d for d in dead if d["error_type"] == "SchemaValidationError"]
     assert len(schema) == 2
     assert any("title" in d["reason"] for d in schema)
@@ -508,3 +515,37 @@ def test_sending_a_model_update_to_a_prefix_without_topics_fails_at_once_in_one_
     assert "not found in cluster metadata" not in done.stderr, f"{done.stderr.count(chr(10))} lines"
     assert len(errors) == 1 and f"topic {prefix}model-updates does not exist" in errors[0], done.stderr[-2000:]
     assert "`tagstream topics` creates it" in errors[0]
+
+
+def test_a_worker_refuses_to_resume_on_a_redis_that_lost_its_state_and_a_new_group_rebuilds_it(
+    stream_env: StreamEnv, bundle: Path
+) -> None:
+    from streams.app import committed_input_offsets
+
+    settings = stream_env.settings
+    worker = stream_env.start_worker(TAGSTREAM_MODEL_PATH=str(bundle))
+    stream_env.produce("products", [upsert("kept-1", "Levis Men Black Jeans", attributes={"colour": "Black"})])
+    stream_env.consume("tag-updates", lambda m: any(u["product_id"] == "kept-1" for u in m))
+    deadline = time.monotonic() + 30
+    while not asyncio.run(committed_input_offsets(settings)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    worker.stop()
+    client = stream_env.redis()
+    client.delete(*client.scan_iter(f"{settings.redis_prefix}:*"))  # a Redis restarted without persistence
+
+    env = {**os.environ, **stream_env.env, "TAGSTREAM_MODEL_PATH": str(bundle)}
+    refused = subprocess.run(
+        [sys.executable, "-m", "tagstream.cli", "worker"], env=env, cwd=REPO, capture_output=True, timeout=120
+    )
+    err = refused.stderr.decode()
+    assert refused.returncode != 0 and "Traceback" not in err, err[-3000:]
+    assert f"Redis holds no tagstream state under prefix {settings.redis_prefix!r}" in err
+    assert f"consumer group {settings.app_id!r} has committed offsets ({settings.topic('products')}:" in err
+    assert list(client.scan_iter(f"{settings.redis_prefix}:*")) == []  # nothing written: the next start refuses too
+
+    # the remedy the error names: a new consumer group replays the topics into the empty store
+    stream_env.start_worker(TAGSTREAM_MODEL_PATH=str(bundle), TAGSTREAM_APP_ID=f"{settings.app_id}-rebuilt")
+    deadline = time.monotonic() + 60
+    while not client.exists(f"{settings.redis_prefix}:{{kept-1}}:doc") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert client.hget(f"{settings.redis_prefix}:{{kept-1}}:doc", "version") == "1"

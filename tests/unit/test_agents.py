@@ -36,7 +36,7 @@ async def test_product_agent_publishes_tags_and_dead_letters(worker: Worker) -> 
         await agent.put(key=b"p2", value=b"not json at all")
         await _until(lambda: worker.stats.consumed == 2)  # put() returns once the stream took it, not processed it
     updates = [orjson.loads(v) for _, v in worker.captured["tag-updates"]]
-    dead = [orjson.loads(v) for _, v in worker.captured["dead-letter"]]
+    dead = [orjson.loads(v) for _, v, _ in worker.captured["dead-letter"]]
     assert [u["product_id"] for u in updates] == ["p1"]
     assert "colour:Red" in {t["tag"] for t in updates[0]["tags"]}
     assert updates[0]["model_version"] == (await worker.processor()).model_provider().version
@@ -101,7 +101,7 @@ def _steps(process: Callable[..., Any]) -> Callable[[], Any]:
 class _FakeEvent:
     def __init__(self, offset: int) -> None:
         self.message = SimpleNamespace(
-            topic="behavior", partition=0, offset=offset, key=b"k", value=b"{}", timestamp=1.0
+            topic="behavior", partition=0, offset=offset, key=b"k", value=b"{}", timestamp=1.0, headers=[]
         )
 
 
@@ -167,7 +167,14 @@ def _fetched(offsets: range) -> SimpleNamespace:
     """An event carrying a RecordBatchMessage: the records one fetch returned for partition 0."""
     records = [
         SimpleNamespace(
-            topic="behavior", partition=0, offset=o, key=b"k", value=b"{}", timestamp=1000 + o, timestamp_type=0
+            topic="behavior",
+            partition=0,
+            offset=o,
+            key=b"k",
+            value=b"{}",
+            timestamp=1000 + o,
+            timestamp_type=0,
+            headers=[],
         )
         for o in offsets
     ]
@@ -254,6 +261,6 @@ async def test_a_batch_that_fails_is_retried_one_message_at_a_time_and_only_the_
     ]
     _, out = await worker._process_batch(messages, processor.process_products, processor.prepare_products)
     assert sorted(orjson.loads(v)["product_id"] for _, v in out.updates) == ["p1", "p3"]
-    [(key, dead)] = out.dead_letters
+    [(key, dead, _)] = out.dead_letters
     assert key == b"p2" and orjson.loads(dead)["error_type"] == "RuntimeError"
     assert len(processor.locks) == 0  # every product released

@@ -188,6 +188,29 @@ def test_an_integer_with_a_fraction_too_small_for_a_float_is_refused(written: st
         assert BehaviorEvent.decode(raw).ts == 5
 
 
+def test_the_integer_rules_hold_inside_nested_objects_and_records_read_ints() -> None:
+    from schemas import TagUpdate
+
+    update = {
+        "schema_version": 1, "product_id": "p", "tags": [], "added": [], "removed": [], "model_version": None,
+        "reason": "product-upsert", "source": {"topic": "products", "partition": 0, "offset": 7},
+        "event_time": 5, "emit_time": 6, "deleted": False,
+    }  # fmt: skip
+    raw = orjson.dumps(update).replace(b'"offset":7', b'"offset":9007199254740993.0')
+    with pytest.raises(TagstreamError, match=r"tag-update: source\.offset is an integer from 2\^53 on"):
+        TagUpdate.decode(raw)
+    raw = orjson.dumps(update).replace(b'"partition":0', b'"partition":5.000000000000000000001')
+    with pytest.raises(TagstreamError, match=r"tag-update: source\.partition must be an integer: .* has a fraction"):
+        TagUpdate.decode(raw)
+    written = orjson.dumps({**update, "event_time": 5.0, "source": {**update["source"], "offset": 7.0}})
+    read = TagUpdate.decode(written)
+    assert (
+        type(read.event_time) is int
+        and type(read.source.offset) is int
+        and read == TagUpdate.decode(orjson.dumps(update))
+    )
+
+
 def test_a_bad_event_gets_the_schema_validators_message() -> None:
     raw = orjson.dumps({"schema_version": 1, "event_type": "view", "product_id": "p", "user_id": "", "ts": 1})
     with pytest.raises(TagstreamError, match=r"click: data\.user_id must be longer than or equal to 1 characters"):
@@ -334,7 +357,7 @@ def test_a_dead_letters_reason_is_cut_short_and_its_event_kept_whole() -> None:
     from streams.processor import InMessage, dead_letter
 
     value = b"x" * 300_000
-    _, record = dead_letter(InMessage("behavior", 0, 7, b"k", value, 1), RuntimeError("y" * 300_000))
+    _, record, _ = dead_letter(InMessage("behavior", 0, 7, b"k", value, 1), RuntimeError("y" * 300_000))
     letter = orjson.loads(record)
     assert len(letter["reason"]) < 1100 and letter["reason"].endswith("… (299000 more characters)")
     assert base64.b64decode(letter["value_b64"]) == value

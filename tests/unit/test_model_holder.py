@@ -432,7 +432,7 @@ class FakeConsumer:
             self.next = self.end
             return {}
         batch = [
-            SimpleNamespace(topic=self.tp.topic, partition=0, key=b"k", value=v, offset=o, timestamp=ts)
+            SimpleNamespace(topic=self.tp.topic, partition=0, key=b"k", value=v, offset=o, timestamp=ts, headers=[])
             for o, v, ts in self.records
         ]
         self.records.clear()
@@ -704,7 +704,7 @@ async def test_malformed_model_updates_go_to_the_dead_letter_topic(monkeypatch: 
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-    dead = [DeadLetter.decode(v) for out in worker.published for _, v in out.dead_letters]
+    dead = [DeadLetter.decode(v) for out in worker.published for _, v, _ in out.dead_letters]
     assert [(d.source.topic, d.source.offset) for d in dead] == [("model-updates", 1), ("model-updates", 2)]
     assert base64.b64decode(dead[1].value_b64 or "") == records[2][1]  # the raw bytes, kept whole
     assert "extra" in dead[1].reason and dead[0].error_type == "EventDecodeError"

@@ -15,10 +15,10 @@ from schemas import TICK_KEY, ProductChange, Tag, WindowTick, validate
 from serving.bundle import LabelMap
 from streams.features import product_features
 from streams.model import BundleModel, ShadowScoring, ShadowStats
-from streams.processor import InMessage, Processor
+from streams.processor import InMessage, Processor, dead_letter
 from streams.settings import WorkerSettings
 from streams.state import MemoryStateStore, Ops, ProductKeys, ProductState, Write
-from tagstream.errors import OutputTooLargeError, StateError
+from tagstream.errors import EventDecodeError, OutputTooLargeError, StateError
 from tests.events import behaviour, delete, upsert
 from tests.models import featurized_bundle
 from tests.tinymodel import DEFAULT_LABELS
@@ -175,7 +175,7 @@ async def test_a_bad_tick_is_dead_lettered_and_an_event_keyed_like_a_tick_is_rea
         [tick(0, T0, value=b'{"schema_version": 1, "ts": -5}'), tick(1, T0, value=clicks)]
     )
     assert out.updates == [] and len(out.dead_letters) == 2
-    reasons = [orjson.loads(v)["reason"] for _, v in out.dead_letters]
+    reasons = [orjson.loads(v)["reason"] for _, v, _ in out.dead_letters]
     assert all(r.startswith("tick:") for r in reasons), reasons
 
 
@@ -402,9 +402,17 @@ async def test_bad_messages_become_dead_letters_and_the_rest_is_applied(processo
     msgs = feed("products", b"{not json", upsert("ok", "Levis Men Black Jeans"), {"schema_version": 1, "op": "x"})
     out = await processor.process_products(msgs)
     assert [orjson.loads(u)["product_id"] for _, u in out.updates] == ["ok"]
-    dead = [orjson.loads(v) for _, v in out.dead_letters]
+    dead = [orjson.loads(v) for _, v, _ in out.dead_letters]
     assert [d["source"]["offset"] for d in dead] == [0, 2]
     assert dead[0]["error_type"] == "EventDecodeError" and dead[1]["error_type"] == "SchemaValidationError"
+
+
+def test_a_dead_letter_keeps_its_source_records_headers_and_kafka_timestamp() -> None:
+    headers = [("traceparent", b"00-ab-cd-01"), ("origin", b"\xff binary"), ("origin", b"twice")]
+    msg = InMessage("products", 3, 17, b"p-1", b"{not json", 1_764_316_800_123, headers)
+    key, value, sent = dead_letter(msg, EventDecodeError("not JSON"))
+    assert key == b"p-1" and orjson.loads(value)["source"] == {"topic": "products", "partition": 3, "offset": 17}
+    assert sent == [*headers, ("tagstream-source-timestamp", b"1764316800123")]
 
 
 async def test_a_product_change_with_an_attribute_named_like_a_category_group_is_dead_lettered_by_name(
@@ -420,7 +428,7 @@ async def test_a_product_change_with_an_attribute_named_like_a_category_group_is
     )
     out = await processor.process_products(msgs)
     assert [orjson.loads(u)["product_id"] for _, u in out.updates] == ["ok"]
-    [letter] = [orjson.loads(v) for _, v in out.dead_letters]
+    [letter] = [orjson.loads(v) for _, v, _ in out.dead_letters]
     assert letter["error_type"] == "SchemaValidationError" and "'Category_L1'" in letter["reason"]
     assert letter["source"]["offset"] == 0
     keys = (*store.hashes, *store.strings)
@@ -439,7 +447,7 @@ async def test_a_product_change_naming_one_attribute_twice_is_dead_lettered_not_
         feed("products", upsert("p", "Levis Men Black Jeans", attributes=attributes))
     )
     assert out.updates == [] and out.applied == 0
-    [letter] = [orjson.loads(v) for _, v in out.dead_letters]
+    [letter] = [orjson.loads(v) for _, v, _ in out.dead_letters]
     first, second = attributes
     assert (
         letter["error_type"] == "EventDecodeError"
@@ -753,7 +761,7 @@ async def test_an_event_time_in_other_units_is_dead_lettered_and_changes_nothing
     else:
         out = await processor.process_behaviour(feed(topic, behaviour("p", "u1", at)))
     assert out.updates == [] and out.applied == 0
-    [(_, raw)] = out.dead_letters
+    [(_, raw, _)] = out.dead_letters
     letter = orjson.loads(raw)
     assert letter["error_type"] == "EventTimeError" and all(fragment in letter["reason"] for fragment in said)
     assert letter["source"] == {"topic": topic, "partition": 0, "offset": 0}
@@ -775,7 +783,7 @@ async def test_a_change_whose_tag_update_the_topic_could_not_take_is_dead_letter
     with pytest.raises(OutputTooLargeError, match=r"the tag update of big would be \d+ bytes \(\d+ tags\), over"):
         await processor.process_products(messages)
     out = await processor.process_each(messages, processor.process_products)  # what the agent does next
-    [(_, raw)] = out.dead_letters
+    [(_, raw, _)] = out.dead_letters
     letter = orjson.loads(raw)
     assert letter["error_type"] == "OutputTooLargeError" and letter["source"]["offset"] == 0
     assert [u["product_id"] for u in updates(out)] == ["small"]

@@ -183,7 +183,7 @@ def test_redis_conf(settings: StackSettings) -> None:
     assert lines["bind"] == "127.0.0.1"
     assert lines["port"] == "26379"
     assert lines["save"] == '""'
-    assert lines["appendonly"] == "no"
+    assert lines["appendonly"] == "yes" and lines["appendfsync"] == "everysec"  # state survives a restart
     assert lines["daemonize"] == "no"
     assert lines["logfile"] == f'"{settings.state_dir / "redis" / "redis.log"}"'
     assert "$" not in text
@@ -317,7 +317,12 @@ def test_compose_kafka_is_in_step_with_the_scripted_one(settings: StackSettings)
     for key, value in properties(stack._server_properties(settings)).items():
         if key not in host_specific:
             assert env.get("KAFKA_" + key.upper().replace(".", "_")) == value, key
-    assert services["redis"]["image"].startswith("redis:7")
+    redis_service = services["redis"]
+    assert redis_service["image"].startswith("redis:7")
+    # both keep their data across restarts, in step with the scripted stack (a worker resumes on its state)
+    assert redis_service["command"][redis_service["command"].index("--appendonly") + 1] == "yes"
+    assert [v.split(":")[1] for v in redis_service["volumes"]] == ["/data"]
+    assert [v.split(":")[1] for v in kafka["volumes"]] == [env["KAFKA_LOG_DIRS"]]
     for name in ("worker", "trainer"):
         worker_env = services[name]["environment"]
         assert worker_env["TAGSTREAM_KAFKA_BOOTSTRAP"] == "kafka:9092"

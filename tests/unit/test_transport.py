@@ -105,7 +105,9 @@ def _consumer(committed: int | None) -> FastConsumer:
 
 def _batch(offsets: range) -> RecordBatchMessage:
     records = [
-        SimpleNamespace(topic="behavior", partition=0, offset=o, key=None, value=b"{}", timestamp=5, timestamp_type=0)
+        SimpleNamespace(
+            topic="behavior", partition=0, offset=o, key=None, value=b"{}", timestamp=5, timestamp_type=0, headers=[]
+        )
         for o in offsets
     ]
     return RecordBatchMessage(TOPIC_TP, records, generation_id=1)
