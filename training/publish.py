@@ -769,4 +769,3 @@ def _remove_bundle(bundle: Path) -> bool:
     except OSError as exc:
         log.warning("%s left the registry, but deleting %s failed: %s", bundle, trash, exc)
     return True
-
