@@ -1,4 +1,4 @@
-"""Subcommands of the streaming side: `worker`, `topics`, `replay`, `tail`."""
+"""Subcommands of the streaming side: `worker`, `topics`, `replay`, `tail`, `redrive`."""
 
 from __future__ import annotations
 
@@ -380,6 +380,38 @@ def _tail_cmd(args: argparse.Namespace) -> int:
     return 0
 
 
+def _redrive_cmd(args: argparse.Namespace) -> int:
+    from streams.redrive import redrive
+
+    if args.from_offset is not None and args.to_offset is not None and args.to_offset < args.from_offset:
+        raise ConfigError(f"--to-offset {args.to_offset} is before --from-offset {args.from_offset}")
+    settings = load_settings(WorkerSettings, "worker")
+    with kafka_errors("redrive dead letters", settings.kafka_bootstrap):
+        result = asyncio.run(
+            redrive(
+                settings,
+                from_offset=args.from_offset,
+                to_offset=args.to_offset,
+                sources=args.source or ("products", "behavior"),
+                error_types=args.error_type or (),
+                dry_run=args.dry_run,
+            )
+        )
+    sys.stdout.write(orjson.dumps(result.to_dict()).decode() + "\n")
+    return 0
+
+
+def offset(text: str) -> int:
+    """argparse type of an offset: an integer ≥ 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be ≥ 0, got {value}")
+    return value
+
+
 def positive_rate(text: str) -> float:
     """argparse type of a `--rate`: a finite number of events per second above 0."""
     try:
@@ -392,7 +424,7 @@ def positive_rate(text: str) -> float:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add `worker`, `topics`, `replay` and `tail`."""
+    """Add `worker`, `topics`, `replay`, `tail` and `redrive`."""
     p = subparsers.add_parser("worker", help="run a streaming worker (settings from TAGSTREAM_* variables)")
     p.add_argument("--model", help="model bundle directory (overrides TAGSTREAM_MODEL_PATH)")
     p.add_argument("--loglevel", default="info", choices=["debug", "info", "warning", "error"])
@@ -445,3 +477,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="with -n N: the last N messages already on the topic (all partitions, by timestamp), then stop",
     )
     p.set_defaults(func=_tail_cmd)
+
+    p = subparsers.add_parser(
+        "redrive",
+        help="send dead-lettered events back to the topic they came from (once their cause is fixed); prints one "
+        "JSON line with what was sent and skipped, and next_offset, where the next run should start",
+    )
+    p.add_argument("--source", action="append", choices=["products", "behavior"], help="only letters from this topic")
+    p.add_argument(
+        "--error-type",
+        action="append",
+        metavar="NAME",
+        help="only letters of this error type (e.g. EventTimeError; repeatable; default: every type)",
+    )
+    p.add_argument("--from-offset", type=offset, metavar="N", help="first dead-letter offset (default: the first)")
+    p.add_argument(
+        "--to-offset", type=offset, metavar="N", help="stop before this dead-letter offset (default: the end now)"
+    )
+    p.add_argument("--dry-run", action="store_true", help="only count what would be sent")
+    p.set_defaults(func=_redrive_cmd)

@@ -13,7 +13,7 @@ from tagstream.errors import TagstreamError
 # time (training imports it inside its commands), so `tagstream worker` never loads it.
 COMMAND_MODULES = (
     "tagstream.stack",  # stack up | down | status
-    "streams.cli",  # worker, topics, replay, tail
+    "streams.cli",  # worker, topics, replay, tail, redrive
     "streams.model_cli",  # model status | rollback | promote
     "serving.cli",  # lookup (HTTP tag lookup)
     "training.cli",  # train, evaluate, publish

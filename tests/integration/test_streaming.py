@@ -549,3 +549,45 @@ def test_a_worker_refuses_to_resume_on_a_redis_that_lost_its_state_and_a_new_gro
     while not client.exists(f"{settings.redis_prefix}:{{kept-1}}:doc") and time.monotonic() < deadline:
         time.sleep(0.2)
     assert client.hget(f"{settings.redis_prefix}:{{kept-1}}:doc", "version") == "1"
+
+
+def test_redrive_sends_the_selected_dead_letters_back_once_their_cause_is_fixed(
+    stream_env: StreamEnv, bundle: Path
+) -> None:
+    ahead = int(time.time() * 1000) + 3_600_000  # an hour ahead: refused while the time check allows 1 s
+    worker = stream_env.start_worker(TAGSTREAM_MODEL_PATH=str(bundle), TAGSTREAM_MAX_EVENT_AHEAD_MS="1000")
+    trace = [("traceparent", b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")]
+    early = upsert("early-1", "Levis Men Black Jeans", updated_at=ahead)
+    stream_env.produce("products", [early, {"schema_version": 1, "op": "upsert", "product_id": "x"}], headers=trace)
+    dead = stream_env.consume("dead-letter", lambda m: len(m) >= 2)
+    assert sorted(d["error_type"] for d in dead) == ["EventTimeError", "SchemaValidationError"]
+    worker.stop()
+    # the cause fixed (the producer's clock, say; here the check is turned off), the letters are sent back
+    stream_env.start_worker(TAGSTREAM_MODEL_PATH=str(bundle), TAGSTREAM_MAX_EVENT_AHEAD_MS="0")
+    env = {**os.environ, **stream_env.env}
+    cmd = [sys.executable, "-m", "tagstream.cli", "redrive", "--error-type", "EventTimeError"]
+
+    def run(*extra: str) -> dict[str, Any]:
+        done = subprocess.run([*cmd, *extra], env=env, cwd=REPO, capture_output=True, timeout=60)
+        assert done.returncode == 0, done.stderr.decode()[-2000:]
+        return orjson.loads(done.stdout)
+
+    planned = run("--dry-run")
+    assert planned == {
+        "first_offset": 0,
+        "next_offset": 2,
+        "dry_run": True,
+        "would_send": {"products": 1},
+        "skipped": {"error type not selected": 1},
+    }
+    sent = run()
+    assert sent["sent"] == {"products": 1} and sent["next_offset"] == 2
+    [update] = [u for u in stream_env.consume("tag-updates", lambda m: len(m) >= 1) if u["product_id"] == "early-1"]
+    assert update["event_time"] == ahead
+    [again] = [m for m in stream_env.consume("products", lambda m: len(m) >= 3) if m.get("updated_at") == ahead][1:]
+    dl_topic = stream_env.settings.topic("dead-letter")
+    [letter] = [d["_offset"] for d in dead if d["error_type"] == "EventTimeError"]
+    assert again["_headers"] == [[k, v.decode()] for k, v in trace] + [
+        ["tagstream-redriven-from", f"{dl_topic}:{letter}"]
+    ]
+    assert run("--from-offset", str(sent["next_offset"]))["sent"] == {}  # the next run starts after them

@@ -1,0 +1,50 @@
+"""Which dead letters `tagstream redrive` sends back, and as what (no services)."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+
+from streams.processor import InMessage, dead_letter
+from streams.redrive import Resend, plan_resend
+from streams.settings import WorkerSettings
+from tagstream.errors import EventDecodeError, EventTimeError
+
+SETTINGS = WorkerSettings(topic_prefix="t1.")
+
+
+def _letter(topic: str = "t1.products", exc: Exception | None = None, value: bytes | None = b'{"a":1}') -> tuple:
+    msg = InMessage(topic, 2, 40, b"p-1", value, 1_764_316_800_000, [("traceparent", b"00-ab-cd-01")])
+    return dead_letter(msg, exc or EventTimeError("ahead"))
+
+
+def test_a_letter_is_sent_back_whole_to_its_source_with_where_it_was() -> None:
+    _, value, headers = _letter()
+    plan = plan_resend(value, headers, 7, SETTINGS)
+    sent_headers = [("traceparent", b"00-ab-cd-01"), ("tagstream-redriven-from", b"t1.dead-letter:7")]
+    # the source's Kafka timestamp header is not sent on: the new record has its own
+    assert plan == Resend("products", b"p-1", b'{"a":1}', sent_headers)
+
+
+@pytest.mark.parametrize(
+    ("letter", "kwargs", "reason"),
+    [
+        (_letter(topic="t1.model-updates"), {}, "not an input topic"),
+        (_letter(topic="t2.products"), {}, "not an input topic"),  # another prefix's topic
+        (_letter(topic="t1.behavior"), {"sources": ["products"]}, "source not selected"),
+        (_letter(exc=EventDecodeError("bad")), {"error_types": ["EventTimeError"]}, "error type not selected"),
+        (_letter(value=None), {}, "no value"),
+    ],
+)
+def test_letters_not_selected_are_skipped_with_the_reason(letter: tuple, kwargs: dict, reason: str) -> None:
+    _, value, headers = letter
+    assert plan_resend(value, headers, 0, SETTINGS, **kwargs) == reason
+
+
+@pytest.mark.parametrize(
+    "value",
+    [b"not json", orjson.dumps({"schema_version": 1}), None, orjson.loads(_letter()[1]) | {"value_b64": "%%"}],
+)
+def test_a_record_that_is_not_a_dead_letter_is_unreadable(value: object) -> None:
+    raw = orjson.dumps(value) if isinstance(value, dict) else value
+    assert plan_resend(raw, [], 0, SETTINGS) == "unreadable"  # type: ignore[arg-type]
