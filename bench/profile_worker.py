@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import BENCH_USER_HASH_KEY, SHARED_DATA, clear_redis, event_stream, load_products
+from streams.settings import WorkerSettings
 
 
 def batches_of(items: list[Any], prefix: str, batch: int, partitions: int) -> list[tuple[str, list[Any]]]:
@@ -61,7 +62,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     items = event_stream(products, args.events, args.product_share, 7)
     redis_prefix = f"bench-prof-{uuid.uuid4().hex[:6]}"
     batches = batches_of(items, "bench-prof-", args.batch, 4)
-    store = RedisStateStore.from_url(args.redis_url, redis_prefix)
+    store = RedisStateStore.from_url(args.redis_url, redis_prefix, behaviour_ttl_ms=int(args.behaviour_ttl_s * 1000))
     await store.check_format()
     processor = Processor(
         store,
@@ -129,6 +130,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         },
         "batch": args.batch,
         "state_cache": None if cache is None else {"size": cache.size, **kept_states(cache)},
+        "conflicts": processor.conflicts,  # batches processed again: another writer, or counters that expired
         "profile": None if args.no_profile else str(out / "profile.txt"),
         "note": "no profiler" if args.no_profile else "profiler overhead included",
     }
@@ -178,6 +180,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lanes", type=int, default=2, help="concurrent lanes of partitions per behaviour batch")
     p.add_argument("--lane-min-events", type=int, default=128, help="events per behaviour lane at least")
     p.add_argument("--state-cache", type=int, default=10_000, help="product states kept between batches (0 = none)")
+    p.add_argument(
+        "--behaviour-ttl-s",
+        type=int,
+        default=WorkerSettings().behaviour_ttl_s,
+        help="time to live of the behaviour keys (s; 0 = none), as TAGSTREAM_BEHAVIOUR_TTL_S",
+    )
     args = p.parse_args(argv)
     sys.stdout.write("RESULT " + json.dumps(asyncio.run(run(args))) + "\n")
     return 0

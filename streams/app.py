@@ -181,7 +181,10 @@ class Worker:
         self.models = model_holder or ModelHolder(settings, self.executor)
         self._store_factory = store_factory or (
             lambda: RedisStateStore.from_url(
-                settings.redis_url.get_secret_value(), settings.redis_prefix, settings.redis_retry_max_backoff
+                settings.redis_url.get_secret_value(),
+                settings.redis_prefix,
+                settings.redis_retry_max_backoff,
+                behaviour_ttl_ms=settings.behaviour_ttl_s * 1000,
             )
         )
         self._processor: Processor | None = None

@@ -50,7 +50,7 @@ from streams.state import (
     sweep_partition,
 )
 from streams.topics import TAG_UPDATE_MAX_BYTES
-from streams.windows import GRANULARITIES, event_fields, live_buckets, stale_fields, window_sums
+from streams.windows import GRANULARITIES, event_fields, hll_buckets, live_buckets, stale_fields, window_sums
 from tagstream.errors import (
     EventDecodeError,
     EventTimeError,
@@ -423,7 +423,9 @@ class Processor:
         round trip on the revision its first leaves)."""
         expect: dict[str, int] = {}
         for w in writes:
-            w.expect_rev = expect[w.product_id] = expect.get(w.product_id, states[w.product_id].rev - 1) + 1
+            state = states[w.product_id]
+            w.expect_rev = expect[w.product_id] = expect.get(w.product_id, state.rev - 1) + 1
+            w.expect_counters = state.stored_counters
 
     def _keep_applied(self, writes: list[Write], results: list[WriteResult], states: dict[str, ProductState]) -> None:
         """Keep every product whose writes all applied (or that had none) in the cache. Raises StateConflictError
@@ -996,6 +998,9 @@ class Processor:
         previous = beh.get("last_ts", 0)
         fields = event_fields(ev.ts, ev.event_type)
         live = None if ev.ts >= previous else live_buckets(ev.ts, previous)  # in order: in every window
+        for i, name in enumerate(fields):  # a bucket's first counter makes its HyperLogLog: it gets the time to live
+            if name not in beh and (live is None or live[i]):
+                ops.expire(keys.hll(*hll_buckets(ev.ts)[i]))
         if live is None or all(live):
             ops.add_user(ev.ts, user)
         else:
@@ -1009,6 +1014,7 @@ class Processor:
         beh["last_ts"] = ev.ts
         ops.hset_field(keys.beh, "last_ts", ev.ts)
         if ev.ts // PRUNE_EVERY_MS != previous // PRUNE_EVERY_MS:  # buckets leave windows only at bucket edges
+            ops.expire(keys.beh)  # the counters live on for the time to live after the product's clock moved
             self._prune(beh, keys, ops, ev.ts)
         return ev.ts
 

@@ -130,6 +130,14 @@ class WorkerSettings(BaseSettings):
         description="With fetch_batches: fetching pauses while this many records wait in the agents' buffers "
         "(bounds a backlog's memory: ~10 MB of events).",
     )
+    behaviour_ttl_s: int = Field(
+        8 * 86_400,
+        ge=0,
+        description="A product's behaviour counters and unique-user HyperLogLogs expire this long (wall clock) after "
+        "its last behaviour event wrote them, so products no one looks at any more do not keep their counters in "
+        "Redis for ever. At least 7 days (the longest window: by then every count has left its windows, as long as "
+        "event time keeps up with the clock); 0 = never expire.",
+    )
     state_cache: int = Field(
         10_000,
         ge=0,
@@ -262,6 +270,16 @@ class WorkerSettings(BaseSettings):
             raise ValueError(
                 f"must be more than {LIVE_WITHIN_S:g} s (3 × the {STATUS_EVERY_S:g} s status interval), so that a "
                 "worker's status is removed only after several status writes it missed"
+            )
+        return value
+
+    @field_validator("behaviour_ttl_s")
+    @classmethod
+    def _ttl_beyond_the_longest_window(cls, value: int) -> int:
+        if 0 < value < 7 * 86_400:
+            raise ValueError(
+                f"must be 0 (never expire) or at least 604800 s (7 days, the longest window), got {value}: counters "
+                "still in a window would vanish"
             )
         return value
 

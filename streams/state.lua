@@ -4,14 +4,20 @@
 -- ARGV[1] = fence field ("<topic>:<partition>", "sweep:<topic>:<partition>", "retag:<version>"),
 -- ARGV[2] = the first offset of the effect (the stored offset must be below it), ARGV[3] = emit JSON to keep for
 -- re-sending ("" = keep the stored one), ARGV[4] = ops JSON, ARGV[5] = the last offset (stored as the new fence),
--- ARGV[6] = the product's revision the ops were computed from ("" or absent = any):
+-- ARGV[6] = the product's revision the ops were computed from ("" or absent = any), ARGV[7] = the time to live (ms)
+-- of the behaviour keys `pexpire` names (P:{pid}:beh and the HyperLogLogs; "" or 0 = none), ARGV[8] = "1" when the state
+-- the ops were computed from had behaviour counters: then P:{pid}:beh must exist (else it expired since) ({2, rev}):
 --   ["hincrby", k, field, n, field, n, ...] | ["hset", k, field, value, ...] | ["hdel", k, field, ...]
---   | ["set", k, value] | ["del", k] | ["pfadd", k, element, ...]        (k = index into KEYS)
+--   | ["set", k, value] | ["del", k] | ["pfadd", k, element, ...] | ["pexpire", k] (k = index into KEYS; PEXPIRE
+--   by ARGV[7], nothing when it is 0: the worker names a behaviour key when it makes it, and P:{pid}:beh again each
+--   time the product's clock crosses a 5-minute edge)
 -- Every applied write adds 1 to the fence's `rev` field (absent = 0), so a state read or kept at revision r is
 -- current exactly while `rev` is r.
 -- Returns {1, new_rev} when applied, {0, stored_offset, stored_emit_json} when already applied (a no-op),
--- {2, rev} when the product's revision is not ARGV[6] (another write came between; nothing applied).
+-- {2, rev} when the product's revision is not ARGV[6] (another write came between) or its counters expired (ARGV[8]):
+-- nothing applied.
 local fence = KEYS[1]
+local beh = string.sub(fence, 1, #fence - 5) .. 'beh'
 local field = ARGV[1]
 local stored = redis.call('HGET', fence, field)
 if stored and tonumber(stored) >= tonumber(ARGV[2]) then
@@ -21,6 +27,10 @@ local rev = tonumber(redis.call('HGET', fence, 'rev') or '0')
 if ARGV[6] and ARGV[6] ~= '' and rev ~= tonumber(ARGV[6]) then
   return {2, rev}
 end
+if ARGV[8] == '1' and redis.call('EXISTS', beh) == 0 then
+  return {2, rev}
+end
+local ttl = tonumber(ARGV[7] or '') or 0
 for _, op in ipairs(cjson.decode(ARGV[4])) do
   local name = op[1]
   local key = KEYS[op[2]]
@@ -36,6 +46,8 @@ for _, op in ipairs(cjson.decode(ARGV[4])) do
     redis.call('DEL', key)
   elseif name == 'pfadd' then
     redis.call('PFADD', key, unpack(op, 3))
+  elseif name == 'pexpire' then
+    if ttl > 0 then redis.call('PEXPIRE', key, ttl) end
   else
     return redis.error_reply('tagstream: unknown op ' .. tostring(name))
   end

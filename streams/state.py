@@ -86,6 +86,12 @@ class ProductState:
     fence: dict[str, str] = field(default_factory=dict)  # the offsets: `emit:` fields are read by `stored_emits`
     # Approximate unique users per window ("h1", "h24", "d7") at the time asked for; empty when not counted.
     users: dict[str, int] = field(default_factory=dict)
+    # Whether Redis held behaviour counters for the product when this state was read or last written (`beh` changes
+    # as a batch applies events): a write computed from them is applied only while they exist (they may expire).
+    stored_counters: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.stored_counters = bool(self.beh)
 
     def applied_offset(self, fence_field: str) -> int:
         """Last offset applied from `fence_field` (`<topic>:<partition>`), -1 if none."""
@@ -116,6 +122,7 @@ class Ops:
         self._set: dict[int, str] = {}
         self._del: set[int] = set()
         self._pfadd: dict[int, set[str]] = {}
+        self._expire: set[int] = set()
 
     @property
     def keys(self) -> list[str]:
@@ -180,9 +187,13 @@ class Ops:
         """Delete a key."""
         self._del.add(self._k(key))
 
+    def expire(self, key: str) -> None:
+        """Give a behaviour key the store's time to live again (`behaviour_ttl_ms`; none when it is 0), last."""
+        self._expire.add(self._k(key))
+
     @property
     def ops(self) -> list[list[Any]]:
-        """The op list the Lua script applies, in order: adds, counters, fields, strings, then deletions."""
+        """The op list the Lua script applies, in order: adds, counters, fields, strings, deletions, then expiries."""
         self._flush_users()
         out: list[list[Any]] = []
         out += [["pfadd", k, *sorted(v)] for k, v in self._pfadd.items()]
@@ -199,6 +210,7 @@ class Ops:
         out += [["set", k, v] for k, v in self._set.items()]
         out += [["hdel", k, *sorted(v)] for k, v in self._hdel.items()]
         out += [["del", k] for k in sorted(self._del)]
+        out += [["pexpire", k] for k in sorted(self._expire)]
         return out
 
 
@@ -239,6 +251,7 @@ class StateCache:
         if rev is not None:
             state.fence["rev"] = str(rev)
         state.users = {}
+        state.stored_counters = bool(state.beh)  # as Redis holds it now
         self._states[state.product_id] = state
         self._states.move_to_end(state.product_id)
         while len(self._states) > self.size:
@@ -266,6 +279,8 @@ class Write:
     emit: bytes | None = None
     last_offset: int | None = None
     expect_rev: int | None = None  # apply only while the product is at this revision (None: at any)
+    # computed from a state with behaviour counters: apply only while P:{pid}:beh exists (it may have expired since)
+    expect_counters: bool = False
     swept_by: int | None = None  # a window-expiry write: the last offset of its batch in the swept partition
 
     @property
@@ -510,12 +525,15 @@ class RedisStateStore:
         *,
         retries: int | None = None,
         pooled: bool = False,
+        behaviour_ttl_ms: int = 0,
     ) -> None:
         """`clock`: the wall clock (epoch ms) noted when a watermark rises. `retries`: how often a failed round trip
         is tried again (None: until Redis answers, as a worker's writes must; a reader answering a client gives up
         sooner). `pooled`: round trips take their connections from the client's pool, within its limit and wait
-        (a worker keeps a few connections of its own instead)."""
+        (a worker keeps a few connections of its own instead). `behaviour_ttl_ms`: the time to live every write gives
+        the behaviour keys it writes (0: they never expire)."""
         self.client = client
+        self.behaviour_ttl_ms = behaviour_ttl_ms
         self.prefix = prefix
         self.clock = clock
         self.max_backoff = max_backoff
@@ -526,10 +544,10 @@ class RedisStateStore:
         self._pipe = _Pipeline(client, pooled=pooled)
 
     @classmethod
-    def from_url(cls, url: str, prefix: str, max_backoff: float = 5.0) -> RedisStateStore:
+    def from_url(cls, url: str, prefix: str, max_backoff: float = 5.0, *, behaviour_ttl_ms: int = 0) -> RedisStateStore:
         """Connect lazily to `url`."""
         client = aioredis.from_url(url, decode_responses=True, health_check_interval=30)
-        return cls(client, prefix, max_backoff)
+        return cls(client, prefix, max_backoff, behaviour_ttl_ms=behaviour_ttl_ms)
 
     async def _pipelined(self, what: str, queue: Any) -> list[Any]:
         """Run the commands `queue(pipe)` adds in one round trip (retried); on NOSCRIPT (Redis restarted or its
@@ -693,13 +711,14 @@ class RedisStateStore:
         produced_at: ProducedAt | None = None,
     ) -> tuple[list[WriteResult], dict[tuple[str, int], list[str]]]:
         # Every round trip counts: a socket write costs ~0.25 ms of system time on this machine's loopback.
+        ttl = self.behaviour_ttl_ms
+
         def queue(pipe: list[tuple[Any, ...]]) -> None:
             for w in writes:
                 emit = w.emit or b""
                 expect = "" if w.expect_rev is None else w.expect_rev
-                self._script.queue(
-                    pipe, w.ops.keys, [w.fence_field, w.offset, emit, orjson.dumps(w.ops.ops), w.stored_offset, expect]
-                )
+                args = [w.fence_field, w.offset, emit, orjson.dumps(w.ops.ops), w.stored_offset, expect, ttl]
+                self._script.queue(pipe, w.ops.keys, [*args, 1 if w.expect_counters else 0])
             if end_batch:
                 self._queue_end_batch(pipe, end_batch, produced_at or {})
             for (topic, partition), entries in (index or {}).items():
@@ -845,7 +864,8 @@ class MemoryStateStore:
                 results.append(WriteResult(False, emit.encode() if emit else None))
                 continue
             rev = int(fence.get("rev", 0))
-            if w.expect_rev is not None and rev != w.expect_rev:
+            beh = w.ops.keys[0].removesuffix("fence") + "beh"
+            if (w.expect_rev is not None and rev != w.expect_rev) or (w.expect_counters and not self.hashes.get(beh)):
                 results.append(WriteResult(False, rev=rev, conflict=True))
                 continue
             for op in w.ops.ops:
@@ -867,6 +887,8 @@ class MemoryStateStore:
                     self.hlls.pop(key, None)
                 elif name == "pfadd":
                     self.hlls[key].update(args)
+                elif name == "pexpire":
+                    pass  # no clock-driven expiry in memory
             fence[w.fence_field] = str(w.stored_offset)
             fence["rev"] = str(rev + 1)
             if w.emit:

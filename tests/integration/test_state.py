@@ -233,6 +233,52 @@ def test_a_write_computed_from_an_older_revision_is_refused_whole(stack: StackSe
     asyncio.run(main())
 
 
+def test_behaviour_keys_expire_and_a_kept_state_whose_counters_expired_is_read_again(stack: StackSettings) -> None:
+    day_ms = 86_400_000
+
+    async def main() -> None:
+        prefix = f"st{uuid.uuid4().hex[:8]}"
+        client = aioredis.from_url(stack.redis_url, decode_responses=True)
+        store = RedisStateStore(client, prefix, behaviour_ttl_ms=8 * day_ms)
+        processor = Processor(store, user_hash_key=b"k", state_cache=100)
+        keys = ProductKeys(prefix, "e1")
+
+        def views(offset: int, n: int, at: int = T0) -> list[InMessage]:
+            events = [behaviour("e1", f"u{offset + i}", at + offset * 1000 + i, "view") for i in range(n)]
+            return [InMessage("behavior", 0, offset + i, b"e1", orjson.dumps(e)) for i, e in enumerate(events)]
+
+        try:
+            await processor.process_products([InMessage("products", 0, 0, b"e1", orjson.dumps(upsert("e1", "t")))])
+            await processor.process_behaviour(views(0, 3))
+            hlls = [k async for k in client.scan_iter(f"{prefix}:{{e1}}:uu:*")]
+            assert len(hlls) == len(GRANULARITIES)
+            for key in [keys.beh, *hlls]:  # what behaviour writes expires 8 days after the product's last event
+                assert 7 * day_ms < await client.pttl(key) <= 8 * day_ms, key
+            for key in (keys.doc, keys.tags, keys.fence):  # the product's tags and fences never do
+                assert await client.pttl(key) == -1, key
+            # the counters' time to live starts again when the product's clock crosses a 5-minute edge, not at each
+            # event (one Redis call per product and edge)
+            await client.pexpire(keys.beh, 100_000)
+            await processor.process_behaviour(views(3, 1))
+            assert 0 < await client.pttl(keys.beh) <= 100_000
+            await processor.process_behaviour(views(4, 1, at=T0 + 6 * 60_000))
+            assert await client.pttl(keys.beh) > 7 * day_ms
+
+            hlls = [k async for k in client.scan_iter(f"{prefix}:{{e1}}:uu:*")]
+            await client.delete(keys.beh, *hlls)  # the product was idle past its time to live: Redis dropped them
+            await processor.process_behaviour(views(10, 1, at=T0 + 6 * 60_000))
+            stored = (await store.read(["e1"]))["e1"].beh
+            assert sum(v for k, v in stored.items() if k.startswith("d:")) == 1  # counted afresh, not on top of 3
+            assert processor.conflicts == 1  # the kept state (3 views) was refused and read again
+            [kept] = processor.cache.take(["e1"]).values()  # type: ignore[union-attr]
+            assert kept.beh == stored  # the worker's kept state is what Redis holds
+        finally:
+            await _clear(client, prefix)
+            await store.close()
+
+    asyncio.run(main())
+
+
 def test_the_store_reloads_its_scripts_after_redis_flushed_them(stack: StackSettings) -> None:
     async def main() -> None:
         prefix = f"sl{uuid.uuid4().hex[:8]}"

@@ -16,6 +16,7 @@ COMMANDS = [["topics"], ["tail", "tag-updates"], ["replay", "events.jsonl", "--t
     [
         ("TAGSTREAM_BATCH_MAX", "0", "batch_max"),  # out of range
         ("TAGSTREAM_GC_THRESHOLDS", "10000,10,10", "TAGSTREAM_GC_THRESHOLDS"),  # a list setting that is not JSON
+        ("TAGSTREAM_BEHAVIOUR_TTL_S", "3600", "at least 604800 s (7 days, the longest window)"),  # counts would vanish
     ],
 )
 @pytest.mark.parametrize("command", COMMANDS)
