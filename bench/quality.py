@@ -394,7 +394,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 )
                 + _known_only(r, g, metric)
             )
-    print("95 % bootstrap intervals over the test products (model; baseline):")
+    spans = []
     for run, metric, groups in (
         ("jd", "weighted_f1", ("category_leaf",)),
         ("jd-naive", "weighted_f1", ("category_leaf",)),
@@ -405,7 +405,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             for g in groups:
                 model_ci = results[run]["model"][g][f"{metric}_ci95"]
                 base_ci = results[run]["baseline"].get(g, {}).get(f"{metric}_ci95")
-                print(f"  {run}.{g} {metric}: {_span(model_ci)}; {_span(base_ci)}")
+                spans.append(f"  {run}.{g} {metric}: {_span(model_ci)}; {_span(base_ci)}")
+    if spans:  # only the runs that split products into a test part have intervals
+        print("95 % bootstrap intervals over the test products (model; baseline):")
+        print("\n".join(spans))
     for run in ("jd", "jd-naive", "jd-ood"):
         if run in results:
             r = results[run]

@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -66,7 +67,8 @@ def build_bundles(root: Path, hash_bits: int, dim: int) -> tuple[Path, Path, Fea
     for seed in (0, 1):
         model = make_model(L=L, K=K, buckets=B, dim=dim, seed=seed)
         paths.append(
-            make_bundle(root / f"m{seed}", model=model, L=L, K=K, buckets=B, featurizer_spec=fz.spec, seed=seed)
+            # the featurizer's own files: its spec names known.npy (known_only), which a spec alone would lack
+            make_bundle(root / f"m{seed}", model=model, L=L, K=K, buckets=B, featurizer_files=fz.save, seed=seed)
         )
     return paths[0], paths[1], fz
 
@@ -122,7 +124,15 @@ def summary(values: np.ndarray) -> dict[str, float | int]:
 
 
 async def bench(args: argparse.Namespace) -> dict[str, Any]:
+    """Run the measurement over two bundles in a temporary directory (deleted afterwards); returns the result."""
     tmp = Path(tempfile.mkdtemp(prefix="tagstream-swap-"))
+    try:
+        return await _bench(args, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+async def _bench(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     a, b, fz = build_bundles(tmp, args.hash_bits, args.dim)
     onnx_mb = (a / "model.onnx").stat().st_size / 2**20
     prefix = f"bench-swap-{uuid.uuid4().hex[:8]}"
@@ -212,6 +222,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         "python": platform.python_version(),
         "machine": platform.machine(),
         "validation": "child process" if holder.isolated else "thread",
+        "redis_prefix": prefix,
         "model": {"onnx_mb": round(onnx_mb, 2), "hash_bits": args.hash_bits, "dim": args.dim, "L": fz.max_features},
         "load": {"batch": args.batch, "events": stats["events"], "events_per_s": None},
         "swaps": {

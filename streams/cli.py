@@ -36,7 +36,7 @@ def _worker(args: argparse.Namespace) -> int:
     if args.model:
         overrides["model_path"] = Path(args.model)
     settings = load_settings(WorkerSettings, "worker", **overrides)
-    if settings.model_path is not None:  # the worker validates it fully at start; a wrong path fails here, in a line
+    if settings.model_path is not None:  # a wrong path fails here, in a line, before Kafka and Redis are asked
         read_manifest_bytes(settings.model_path)
     from streams.app import Worker, check_state_store
     from streams.eventloop import use_event_loop
@@ -45,6 +45,7 @@ def _worker(args: argparse.Namespace) -> int:
     _ensure_topics(settings)
     asyncio.run(check_state_store(settings))  # a store of another format: one line here, not a crash in the agents
     worker = Worker(settings)
+    worker.models.preload()  # a bundle that fails validation: one line here, not a crash in the agents
     worker.gc.install()
     import faust
 
@@ -252,7 +253,7 @@ async def _replay(
 def _replay_cmd(args: argparse.Namespace) -> int:
     path = Path(args.file)
     if not path.is_file():
-        raise ConfigError(f"no such file: {path}")
+        raise ConfigError(f"not a regular file: {path}" if path.exists() else f"no such file: {path}")
     settings = load_settings(WorkerSettings, "worker")
     _ensure_topics(settings)
     name = settings.topic(args.topic)

@@ -551,6 +551,18 @@ class ModelHolder:
             self._initial_loaded = True
             settle_heap()  # the worker's long-lived objects (imports, model) leave the collector's generations
 
+    def preload(self) -> None:
+        """Load the bundle named in the settings before the worker's event loop runs (`tagstream worker`), so a
+        bundle that cannot be loaded is one error line (its TagstreamError) instead of a crash inside the agents;
+        `load_initial` then finds it loaded."""
+        if self.settings.model_path is None or self._initial_loaded:
+            return
+        self.active = self._load_initial(self.settings.model_path)
+        self.updated_at = now_ms()
+        log.info("model %s loaded from %s", self.active.version, self.settings.model_path)
+        self._initial_loaded = True
+        settle_heap()
+
     async def start(self) -> None:
         """Load the configured bundle, then wait (bounded) until the model-updates backlog has been applied, so a
         (re)started worker scores with the last activated model from its first batch."""

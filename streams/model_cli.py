@@ -197,7 +197,8 @@ def no_topic(topic: str, bootstrap: str) -> ConfigError:
 
 async def send_model_update(bootstrap: str, topic: str, event: ModelUpdate, key: bytes) -> int:
     """Send one model-update event (acks=all, idempotent producer); returns its offset. Raises TagstreamError when
-    Kafka fails or the topic does not exist (checked first: a send to a missing topic retries for ~40 s).
+    Kafka fails or the topic does not exist (checked first: a send to a missing topic retries for ~40 s), and
+    ConfigError when it has more than one partition (workers refuse such a topic).
     `tagstream model` requests and `tagstream publish` both send through it."""
     from aiokafka import AIOKafkaProducer
 
@@ -205,8 +206,13 @@ async def send_model_update(bootstrap: str, topic: str, event: ModelUpdate, key:
     with kafka_errors(f"publish to {topic}", bootstrap):
         try:
             await producer.start()
-            if topic not in (await producer.client.fetch_all_metadata()).topics():
+            metadata = await producer.client.fetch_all_metadata()
+            if topic not in metadata.topics():
                 raise no_topic(topic, bootstrap)
+            if len(partitions := metadata.partitions_for_topic(topic) or set()) != 1:
+                from streams.topics import model_updates_partitions_error
+
+                raise model_updates_partitions_error(topic, len(partitions))  # no worker would fold what it sent
             meta = await producer.send_and_wait(topic, orjson.dumps(event.to_dict()), key=key)
             return meta.offset
         finally:
@@ -262,6 +268,57 @@ def _decode_answers(batches: Mapping[Any, list[Any]]) -> list[ModelUpdate]:
             if event.kind in ANSWER_KINDS:
                 out.append(event)
     return out
+
+
+async def last_request(settings: WorkerSettings, window: int = 256) -> tuple[int, ModelUpdate] | None:
+    """The newest request on model-updates (not a worker's answer) and its offset; None when there is none. Read
+    backwards from the end in widening windows (answers from many workers can follow a request)."""
+    async with _answers_consumer(settings, -1) as consumer:
+        [tp] = sorted(consumer.assignment())  # model-updates has one partition (streams.topics)
+        first = (await consumer.beginning_offsets([tp]))[tp]
+        end = (await consumer.end_offsets([tp]))[tp]
+        start = end
+        while start > first:
+            start = max(first, start - window)
+            consumer.seek(tp, start)
+            found: tuple[int, ModelUpdate] | None = None
+            deadline = time.monotonic() + READ_TIMEOUT_S
+            while await consumer.position(tp) < end:
+                if time.monotonic() > deadline:
+                    raise TagstreamError(f"could not read {settings.topic('model-updates')}")
+                for r in (await consumer.getmany(tp, timeout_ms=300)).get(tp, []):
+                    if r.offset >= end:
+                        break
+                    try:
+                        event = ModelUpdate.decode(r.value)
+                    except EventDecodeError:
+                        continue
+                    if event.kind not in ANSWER_KINDS:
+                        found = (r.offset, event)
+            if found is not None:
+                return found
+            end, window = start, window * 4
+        return None
+
+
+def retry_of_last_rollback(
+    last: tuple[int, ModelUpdate] | None, topic: str, live: Mapping[str, Mapping[str, Any]] | None
+) -> tuple[str, str] | None:
+    """The version a plain `tagstream model rollback` names again, and why, when the newest request on model-updates
+    (`last`) is a rollback naming one that a live worker has active (`live`; None: unknown, Redis down): a retry
+    (after a `--wait` that timed out) must not undo it where it is done. None otherwise (the previous model the
+    workers report is named)."""
+    if last is None:
+        return None
+    offset, request = last
+    if request.kind != "rollback" or request.model_version == ANY_VERSION["rollback"]:
+        return None
+    if live is not None and not any(st.get("active") == request.model_version for st in live.values()):
+        return None  # refused everywhere, or not applied yet (the workers' previous model is then that version)
+    return request.model_version, (
+        f"the newest request on {topic} (offset {offset}) is a rollback to it; sent again it changes nothing where "
+        "it is done (to go elsewhere: --version V or `model activate`)"
+    )
 
 
 async def read_answers(settings: WorkerSettings, *, after: int = -1) -> list[ModelUpdate]:
@@ -585,11 +642,12 @@ def _request(kind: str) -> Callable[[argparse.Namespace], int]:
         version = getattr(args, "version", None)
         live, stale = live_workers(read_status(settings)) if args.wait else ({}, {})
         if kind == "rollback" and version is None:
+            last, topic = asyncio.run(last_request(settings)), settings.topic("model-updates")
             try:
                 reported = live if args.wait else live_workers(read_status(settings))[0]
-                version, why = rollback_target(reported)
+                version, why = retry_of_last_rollback(last, topic, reported) or rollback_target(reported)
             except StateError as exc:  # Redis down: the workers are told to roll back all the same
-                version, why = None, str(exc)
+                version, why = retry_of_last_rollback(last, topic, None) or (None, str(exc))
             if version is not None:
                 print(f"rollback to {version}: {why}")
             else:

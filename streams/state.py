@@ -592,7 +592,15 @@ class RedisStateStore:
             await self.client.hsetnx(f"{self.prefix}:meta", "state_format", STATE_FORMAT)
             return await self.client.hget(f"{self.prefix}:meta", "state_format")
 
-        found = int(await self._retry("check_format", run))
+        meta = f"{self.prefix}:meta"
+        try:
+            written = await self._retry("check_format", run)
+        except ResponseError as exc:  # WRONGTYPE: the key is not a hash
+            raise StateError(f"{meta} is not tagstream's state hash ({exc}): another program's key?") from None
+        try:
+            found = int(written)
+        except (TypeError, ValueError):
+            raise StateError(f"{meta} holds state_format {written!r}, not a format number (corrupt)") from None
         if found in UPGRADABLE_FORMATS:
             await self._retry(
                 "upgrade_format", lambda: self.client.hset(f"{self.prefix}:meta", "state_format", STATE_FORMAT)

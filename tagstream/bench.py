@@ -557,7 +557,7 @@ def run_bench(args: argparse.Namespace) -> int:
     cache = (
         Path(args.cache).resolve() if args.cache else out / ("model-cache-smoke" if cfg.smoke_model else "model-cache")
     )
-    only = set(args.only.split(",")) if args.only else None
+    only = set(args.only) if args.only else None
 
     def want(section: str) -> bool:
         return only is None or section in only
@@ -770,6 +770,31 @@ def _fractions(text: str) -> tuple[float, ...]:
     return fractions
 
 
+SECTIONS = ("stream", "naive", "scoring", "featurizer")  # what `--only` can name
+
+
+def _runs(text: str) -> int:
+    """`--runs`: an integer ≥ 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be ≥ 1, got {value}")
+    return value
+
+
+def _sections(text: str) -> frozenset[str]:
+    """`--only`: comma-separated names out of SECTIONS (at least one)."""
+    names = {part.strip() for part in text.split(",") if part.strip()}
+    unknown = sorted(names - set(SECTIONS))
+    if unknown or not names:
+        plural = "s" if len(unknown) > 1 else ""
+        what = f"unknown section{plural} {', '.join(map(repr, unknown))}" if unknown else "no section named"
+        raise argparse.ArgumentTypeError(f"{what}; the sections are {','.join(SECTIONS)}")
+    return frozenset(names)
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add `bench`."""
     p = subparsers.add_parser(
@@ -782,7 +807,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--smoke", action="store_true", help="CI variant: tiny sizes, one run, generated catalog (~1.5 min on 2 cores)"
     )
-    p.add_argument("--runs", type=int, help="runs of each measurement (default 3; median and spread reported)")
+    p.add_argument("--runs", type=_runs, help="runs of each measurement (default 3; median and spread reported)")
     p.add_argument(
         "--cache", help="model cache directory (default OUT/model-cache; OUT/model-cache-smoke with --smoke)"
     )
@@ -802,7 +827,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--product-share", type=float, help="share of product upserts in the mix (default 0.05)")
     p.add_argument("--partitions", type=int, help="partitions of the product topics (default 4)")
     p.add_argument("--synthetic", action="store_true", help="generated catalog even when ../shared/data exists")
-    p.add_argument("--only", help="comma-separated sections: stream,naive,scoring,featurizer")
+    p.add_argument("--only", type=_sections, help=f"comma-separated sections: {','.join(SECTIONS)}")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="bench model training setting")
     p.add_argument("--keep-topics", action="store_true", help="do not delete the bench topics at the end")
     p.add_argument(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 from tagstream.errors import TagstreamError
@@ -40,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one subcommand; a TagstreamError prints one clear line and exits 2, Ctrl-C one line and exits 130."""
+    """Run one subcommand; a TagstreamError prints one clear line and exits 2, Ctrl-C one line and exits 130, a
+    reader that closed the output pipe (`| head`) nothing and exits 141."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
@@ -54,6 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # after every `finally` on the way (a half-written bundle is gone)
         print(f"tagstream {args.command}: interrupted (Ctrl-C)", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `tagstream tail ... | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush does not fail again
+        return 141  # as a command a SIGPIPE stopped (128 + 13)
 
 
 if __name__ == "__main__":

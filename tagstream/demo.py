@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import re
 import subprocess
 import sys
 import time
@@ -38,6 +39,14 @@ if TYPE_CHECKING:
 
 DEMO_START_MS = 1_764_316_800_000  # event time the replayed behaviour starts at
 MIN_PRODUCTS = 50  # the demo trains on its catalog: fewer products are refused
+WORKER_START_S = 90.0  # longest wait for the worker to be ready, on top of its bounded model-updates catch-up
+
+# Worker log lines (streams/app.py, streams/model.py, streams/models_agent.py) that say its agents can score.
+FAUST_READY = b"[^Worker]: Ready"  # Faust: the worker is started, its partitions assigned
+# the configured model loaded (in Faust's log format, or tagstream's before Faust starts), or none configured
+MODEL_LOADED = re.compile(rb"[\]:] model \S+ loaded from |[\]:] no model configured \(TAGSTREAM_MODEL_PATH\)")
+# `ModelHolder.start`'s bounded wait for the model-updates backlog is over (applied, or scoring without it)
+BACKLOG_DONE = (b"model-updates backlog applied", b"model-updates backlog not applied within")
 
 
 @dataclass
@@ -160,6 +169,36 @@ class LiveView:
                 f"{latency:.1f}" if latency is not None else "",
             )
         return table
+
+
+def worker_ready(log: bytes, *, model_updates: bool) -> bool:
+    """Whether the worker's log says it can score: Faust is ready, the configured model is loaded and (when it
+    consumes model-updates) the backlog applied or its bounded wait over. Faust's "Ready" alone comes before the
+    model may be loaded: a replay started then measures the worker's start, not the stream."""
+    if FAUST_READY not in log or not MODEL_LOADED.search(log):
+        return False
+    return not model_updates or any(line in log for line in BACKLOG_DONE)
+
+
+def wait_for_worker(
+    log_path: Path,
+    worker: subprocess.Popen[bytes],
+    *,
+    model_updates: bool,
+    timeout: float,
+    sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
+) -> None:
+    """Return once `worker_ready` says so of the worker's log; StackError when the worker exits first or is not
+    ready within `timeout` seconds."""
+    deadline = clock() + timeout
+    while not worker_ready(log_path.read_bytes(), model_updates=model_updates):
+        if (code := worker.poll()) is not None:
+            raise StackError(f"the worker exited (status {code}) before it was ready; see {log_path}")
+        if clock() > deadline:
+            awaited = "its model-updates backlog applied" if model_updates else "its model loaded"
+            raise StackError(f"the worker was not ready ({awaited}) within {timeout:.0f} s; see {log_path}")
+        sleep(0.2)
 
 
 async def group_lag(settings: Any) -> int:
@@ -364,19 +403,19 @@ def run_demo(args: argparse.Namespace) -> int:
     from streams.topics import ensure_topics
     from tagstream.stack import StackSettings, stack_up
     from tagstream.synth import Burst, generate_behaviour
+    from training.settings import writable_dir
 
-    trainer_settings = _trainer_settings(args)  # a bad setting fails here, before the stack starts
-    console = Console()
-    console.rule("tagstream demo")
-    stack = StackSettings()
-    status = stack_up(stack)
-    console.print(f"stack: {status.describe() if hasattr(status, 'describe') else status}")
-
-    work = Path(args.workdir or Path.cwd() / "runs" / f"demo-{time.strftime('%Y%m%d-%H%M%S')}")
-    work.mkdir(parents=True, exist_ok=True)
+    # A bad setting or catalog fails first, before the workdir is made or the stack started.
+    trainer_settings = _trainer_settings(args)
     products = _load_catalog(args)
     if len(products) < MIN_PRODUCTS:
         raise ConfigError(f"the catalog has {len(products)} products; the demo needs at least {MIN_PRODUCTS}")
+    stack = StackSettings()  # a bad stack setting too
+    work = writable_dir(args.workdir or Path.cwd() / "runs" / f"demo-{time.strftime('%Y%m%d-%H%M%S')}", "--workdir")
+    console = Console()
+    console.rule("tagstream demo")
+    status = stack_up(stack)
+    console.print(f"stack: {status.describe() if hasattr(status, 'describe') else status}")
     console.print(f"catalog: {len(products)} products ({'generated' if not args.catalog else args.catalog})")
 
     summary = DemoSummary()
@@ -416,12 +455,12 @@ def run_demo(args: argparse.Namespace) -> int:
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
-        deadline = time.monotonic() + 90
-        while b"Ready" not in log_path.read_bytes():
-            if worker.poll() is not None or time.monotonic() > deadline:
-                raise StackError(f"the worker did not start; see {log_path}")
-            time.sleep(0.2)
-        console.print(f"worker up (log: {log_path}); replaying at {args.rate:.0f} events/s ...")
+        # the worker's model-updates catch-up is bounded by TAGSTREAM_MODEL_CATCHUP_TIMEOUT: the wait is longer
+        catchup = settings.model_catchup_timeout if settings.model_updates_enabled else 0.0
+        wait_for_worker(
+            log_path, worker, model_updates=settings.model_updates_enabled, timeout=WORKER_START_S + catchup
+        )
+        console.print(f"worker ready (log: {log_path}); replaying at {args.rate:.0f} events/s ...")
 
         rng = np.random.default_rng(args.seed)
         hot = [products[int(i)].product_id for i in rng.choice(len(products), size=3, replace=False)]

@@ -9,6 +9,7 @@ import argparse
 import contextlib
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -118,6 +119,21 @@ def _check_catalog(path: Path) -> None:
         raise DataError(f"no such file: {path}")
 
 
+def _check_output_dir(path: Path, what: str) -> None:
+    """`writable_dir`'s checks of an output directory, made without creating it (a ConfigError naming `what`): it is
+    created once the catalog has loaded."""
+    from training.settings import enclosing_bundle, writable_dir
+
+    if path.exists() or enclosing_bundle(path) is not None:
+        writable_dir(path, what)  # it exists (nothing is created) or it is refused before anything is
+        return
+    ancestor = next((a for a in path.parents if a.exists() or a.is_symlink()), None)
+    if ancestor is None or not ancestor.is_dir():
+        raise ConfigError(f"{what} {path}: cannot create the directory ({ancestor} is not a directory)")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ConfigError(f"{what} {path}: cannot create the directory ({ancestor} is not writable)")
+
+
 @contextlib.contextmanager
 def _sigterm_exits() -> Iterator[None]:
     """SIGTERM (`docker stop`, a service manager) ends the command as Ctrl-C does, through every `finally` (a
@@ -180,16 +196,22 @@ def _run_train(args: argparse.Namespace) -> int:
     if args.keep_refused is not None and every is None:
         raise ConfigError("--keep-refused goes with --every (a single run refuses no candidate)")
     keep_refused = check_keep_refused(KEEP_REFUSED if args.keep_refused is None else args.keep_refused)
-    # everything that would fail only at the end is checked before the catalog is read and a model trained
-    registry = writable_dir(args.out or settings.model_registry, "--out" if args.out else "TAGSTREAM_MODEL_REGISTRY")
+    # everything that would fail only at the end is checked before the catalog is read and a model trained; the
+    # output directories are created only once the catalog has loaded, so a command refused on its input leaves none
+    registry = Path(args.out or settings.model_registry)
+    outputs = [(registry, "--out" if args.out else "TAGSTREAM_MODEL_REGISTRY")]
     if args.report:
-        writable_dir(args.report, "--report")
+        outputs.append((Path(args.report), "--report"))
+    for path, what in outputs:
+        _check_output_dir(path, what)
     settings.signing_key()
     _check_catalog(args.catalog)
     if every is not None:
         from training.publish import check_publishing, periodic_retrain
 
         check_publishing(settings)
+        for path, what in outputs:  # each cycle reads the catalog anew: a bad one fails that cycle only
+            writable_dir(path, what)
         loaded: dict[str, Any] = {}
 
         def load() -> list[Any]:
@@ -229,6 +251,8 @@ def _run_train(args: argparse.Namespace) -> int:
     from training.train import file_sha256, train
 
     loaded_once = _load(args.catalog, args.format)
+    for path, what in outputs:
+        writable_dir(path, what)
     bundle = train(
         loaded_once.products,
         settings,

@@ -106,8 +106,8 @@ def _one_line(text: str) -> str:
 
 
 def _error(path: Path, line: int, message: str) -> DataError:
-    """The one-line `DataError` `<file>: line <n>: <message>` (line 0: the file as a whole)."""
-    return DataError(_one_line(f"{path}: line {line}: {message}"))
+    """The one-line `DataError` `<file>: line <n>: <message>`; line 0 is the file as a whole: `<file>: <message>`."""
+    return DataError(_one_line(f"{path}: line {line}: {message}" if line > 0 else f"{path}: {message}"))
 
 
 class _Malformed(Exception):
@@ -143,9 +143,9 @@ def _read_bytes(path: Path) -> bytes:
     try:
         return path.read_bytes()
     except FileNotFoundError:
-        raise _error(path, 0, "file not found") from None
+        raise DataError(_one_line(f"no such file: {path}")) from None  # as `tagstream train` / `evaluate` say it
     except IsADirectoryError:
-        raise _error(path, 0, "is a directory, expected a file") from None
+        raise _error(path, 0, "is a directory, not a catalog file") from None
     except OSError as e:
         raise _error(path, 0, f"cannot read: {e}") from None
 

@@ -322,6 +322,36 @@ def test_hot_swap_under_load_rollback_and_a_late_worker_converges(
     assert report["w-2"]["last_answer"]["model_version"] == c
 
 
+def test_model_rollback_run_again_after_it_was_applied_changes_nothing(
+    make_stream_env: Any, bundles: dict[str, Path]
+) -> None:
+    a, b = bundles["a"].name, bundles["b"].name
+    se = make_stream_env()
+    start(se, "w-r", TAGSTREAM_MODEL_PATH=str(bundles["a"]))
+    wait_answers(se, "w-r", 1)
+    offset = send(se, request("activate", bundles["b"]))
+    assert wait_answers(se, "w-r", 1, after=offset)[0]["model_version"] == b
+    env = {**os.environ, **se.env}
+
+    def rollback() -> str:
+        done = subprocess.run(
+            [sys.executable, "-m", "tagstream.cli", "model", "rollback", "--wait", "30"],
+            env=env, cwd=REPO, capture_output=True, text=True, timeout=90,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr[-2000:]
+        return done.stdout
+
+    first = rollback()
+    assert first.startswith(f"rollback to {a}: the previous model every live worker reports (1)"), first
+    assert wait_status(se, "w-r", lambda st: st["active"] == a)["previous"] == b
+    # the operator runs it again (a retry): the worker, back on a, stays there instead of returning to b
+    again = rollback()
+    assert again.startswith(f"rollback to {a}: the newest request on {se.settings.topic('model-updates')}"), again
+    assert f"rollback: {a} is already active" in again  # the worker's answer
+    status = redis_status(se, "w-r")
+    assert status is not None and (status["active"], status["previous"]) == (a, b)
+
+
 def test_shadow_diffs_match_an_offline_comparison_then_promote(
     make_stream_env: Any, bundles: dict[str, Path], models: dict[str, BundleModel]
 ) -> None:

@@ -395,9 +395,20 @@ def test_a_restart_re_sends_the_window_expiries_a_redis_store_recorded(stack: St
     asyncio.run(main())
 
 
-def test_a_worker_on_a_store_of_another_format_refuses_to_start_in_one_line(stream_env: Any) -> None:
+@pytest.mark.parametrize(
+    ("meta", "named"),
+    [
+        ({"state_format": "1"}, "state format 1"),
+        ({"state_format": "abc"}, "holds state_format 'abc', not a format number (corrupt)"),
+        ("a string", "is not tagstream's state hash (WRONGTYPE"),  # the lookup's healthz says "corrupt"
+    ],
+)
+def test_a_worker_on_a_store_of_another_format_refuses_to_start_in_one_line(
+    stream_env: Any, meta: dict[str, str] | str, named: str
+) -> None:
     client = stream_env.redis()
-    client.hset(f"{stream_env.settings.redis_prefix}:meta", "state_format", 1)
+    key = f"{stream_env.settings.redis_prefix}:meta"
+    client.hset(key, mapping=meta) if isinstance(meta, dict) else client.set(key, meta)
     done = subprocess.run(
         [sys.executable, "-m", "tagstream.cli", "worker"],
         env={**os.environ, **stream_env.env},
@@ -408,4 +419,4 @@ def test_a_worker_on_a_store_of_another_format_refuses_to_start_in_one_line(stre
     assert done.returncode == 2, done.stderr[-3000:]
     assert "Traceback" not in done.stderr and "crash" not in done.stderr, done.stderr[-3000:]
     [line] = done.stderr.strip().splitlines()
-    assert line.startswith("tagstream worker: error: ") and "state format 1" in line, line
+    assert line.startswith("tagstream worker: error: ") and named in line, line

@@ -490,6 +490,40 @@ def test_tail_prints_a_topics_records_and_refuses_one_that_does_not_exist(stream
     assert wrong.returncode == 2 and b"no topic" in wrong.stderr and b"Traceback" not in wrong.stderr
 
 
+def test_a_worker_given_a_bundle_that_fails_validation_refuses_to_start_in_one_line(
+    stream_env: StreamEnv, bundle: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    tampered = tmp_path / "tampered"
+    shutil.copytree(bundle, tampered)
+    with (tampered / "thresholds.json").open("a") as f:
+        f.write(" ")
+    env = {**os.environ, **stream_env.env, "TAGSTREAM_MODEL_PATH": str(tampered)}
+    done = subprocess.run(
+        [sys.executable, "-m", "tagstream.cli", "worker"], env=env, cwd=REPO, capture_output=True, timeout=120
+    )
+    err = done.stderr.decode()
+    assert done.returncode == 2 and "Traceback" not in err and "crash" not in err, err[-3000:]
+    [line] = [x for x in err.splitlines() if "error" in x.lower()]
+    assert line.startswith("tagstream worker: error: ") and "thresholds.json: sha256 mismatch" in line, line
+
+
+def test_tail_into_a_pipe_its_reader_closes_stops_quietly(stream_env: StreamEnv) -> None:
+    # ~250 KB of output: more than a pipe holds, so tail is still writing when head has gone
+    stream_env.produce("behavior", [behaviour(f"p-{i}", "u1", T0 + i) for i in range(2000)])
+    env = {**os.environ, **stream_env.env}
+    done = subprocess.run(
+        ["bash", "-c", f"{sys.executable} -m tagstream.cli tail -n 2000 behavior | head -1; exit ${{PIPESTATUS[0]}}"],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        timeout=60,
+    )
+    assert len(done.stdout.splitlines()) == 1 and b"Traceback" not in done.stderr, done.stderr[-2000:]
+    assert done.returncode == 141  # as `yes | head` ends: what a shell script with pipefail expects
+
+
 @pytest.mark.parametrize("command", [["publish"], ["model", "activate"]])
 def test_sending_a_model_update_to_a_prefix_without_topics_fails_at_once_in_one_line(
     stack: Any, bundle: Path, command: list[str]
@@ -515,6 +549,37 @@ def test_sending_a_model_update_to_a_prefix_without_topics_fails_at_once_in_one_
     assert "not found in cluster metadata" not in done.stderr, f"{done.stderr.count(chr(10))} lines"
     assert len(errors) == 1 and f"topic {prefix}model-updates does not exist" in errors[0], done.stderr[-2000:]
     assert "`tagstream topics` creates it" in errors[0]
+
+
+@pytest.mark.parametrize("command", [["publish"], ["model", "activate"]])
+def test_sending_a_model_update_to_a_topic_with_two_partitions_is_refused_in_one_line(
+    stack: Any, bundle: Path, command: list[str]
+) -> None:
+    from aiokafka.admin import NewTopic
+
+    prefix = f"t{uuid.uuid4().hex[:10]}-"
+    topic = f"{prefix}model-updates"
+
+    async def create() -> None:
+        admin = AIOKafkaAdminClient(bootstrap_servers=stack.kafka_bootstrap)
+        await admin.start()
+        try:
+            await admin.create_topics([NewTopic(topic, 2, 1)])
+        finally:
+            await admin.close()
+
+    asyncio.run(create())
+    published = bundle.parent / "published.jsonl"
+    before = published.read_text() if published.exists() else ""
+    env = {**os.environ, "TAGSTREAM_KAFKA_BOOTSTRAP": stack.kafka_bootstrap, "TAGSTREAM_TOPIC_PREFIX": prefix}
+    done = subprocess.run(
+        [sys.executable, "-m", "tagstream.cli", *command, "--model", str(bundle)],
+        env=env, cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    errors = [line for line in done.stderr.splitlines() if line.startswith("tagstream ")]
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert len(errors) == 1 and f"topic {topic} has 2 partitions, but model-updates must have exactly 1" in errors[0]
+    assert (published.read_text() if published.exists() else "") == before  # nothing recorded as published
 
 
 def test_a_worker_refuses_to_resume_on_a_redis_that_lost_its_state_and_a_new_group_rebuilds_it(

@@ -16,6 +16,7 @@ EXPECTED = {
     "topics",
     "replay",
     "tail",
+    "redrive",
     "lookup",
     "train",
     "evaluate",
@@ -41,6 +42,9 @@ def test_a_tagstream_error_is_one_clear_line_and_exit_2(capsys: pytest.CaptureFi
     assert code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("tagstream replay: error: no such file")
+    assert main(["replay", str(tmp_path), "--topic", "products"]) == 2  # a directory is there, but is no file
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last == f"tagstream replay: error: not a regular file: {tmp_path}"
 
 
 UNREACHABLE = {"TAGSTREAM_REDIS_URL": "redis://127.0.0.1:1/0", "TAGSTREAM_KAFKA_BOOTSTRAP": "127.0.0.1:1"}

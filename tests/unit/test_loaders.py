@@ -74,7 +74,7 @@ def test_wrong_format_and_missing_file_raise_data_error(tmp_path: Path) -> None:
     myn = write(tmp_path, "styles.csv", MYNTRA)
     with pytest.raises(DataError, match=r"styles.csv: line 1: bad_category_id"):
         load_catalog(myn, "cn-jd")
-    with pytest.raises(DataError, match="file not found"):
+    with pytest.raises(DataError, match=r"^no such file: .*nope\.csv$"):
         load_catalog(tmp_path / "nope.csv", "cn-jd")
     with pytest.raises(DataError, match="unknown format"):
         load_catalog(jd, "xml")
@@ -420,14 +420,14 @@ def test_myntra_zip_that_is_corrupt_truncated_encrypted_or_unsupported_is_one_li
     }
     for name, data in cases.items():
         (tmp_path / name).write_bytes(data)
-        with pytest.raises(DataError, match=rf"{name}: line 0: corrupt or truncated zip") as e:
+        with pytest.raises(DataError, match=rf"{name}: corrupt or truncated zip") as e:
             load_catalog(tmp_path / name, "myntra")
         _one_line_error(e)
     encrypted = _patch_zip(_zip(tmp_path, {"styles.csv": text}, "enc.zip"), 6, 8, 0x1)
-    with pytest.raises(DataError, match=r"line 0: zip member 'styles.csv' is encrypted") as e:
+    with pytest.raises(DataError, match=r"enc\.zip: zip member 'styles.csv' is encrypted") as e:
         load_catalog(encrypted, "myntra")
     unsupported = _patch_zip(_zip(tmp_path, {"styles.csv": text}, "method.zip"), 8, 10, 99)
-    with pytest.raises(DataError, match=r"line 0: zip member uses an unsupported compression method") as e:
+    with pytest.raises(DataError, match=r"method\.zip: zip member uses an unsupported compression method") as e:
         load_catalog(unsupported, "myntra")
 
 
@@ -622,3 +622,19 @@ def test_duplicate_ids_count_only_against_rows_that_are_kept(tmp_path: Path) -> 
     res = load_catalog(_jsonl(tmp_path, *rows), "jsonl")
     assert [p.title for p in res.products[:3]] == ["Real A", "Real B", "Real C"]
     assert _skips(res) == {1: "empty_title", 2: "empty_title", 3: "empty_category_level", 7: "duplicate_product_id"}
+
+
+def test_a_whole_file_error_names_the_file_without_a_line_number(tmp_path: Path) -> None:
+    """Before: "<file>: line 0: ..." for errors of the file as a whole."""
+    empty = tmp_path / "empty.jsonl"
+    empty.write_bytes(b"")
+    cases = [
+        (empty, "jsonl", f"{empty}: no product rows (0 rows read)"),
+        (empty, "xml", f"{empty}: unknown format 'xml' (choose from bigbasket, cn-jd, jsonl, myntra)"),
+        (tmp_path, "jsonl", f"{tmp_path}: is a directory, not a catalog file"),
+        (tmp_path / "nope.jsonl", "jsonl", f"no such file: {tmp_path / 'nope.jsonl'}"),  # as `train` says it
+    ]
+    for path, fmt, expected in cases:
+        with pytest.raises(DataError) as e:
+            load_catalog(path, fmt)
+        assert str(e.value) == expected

@@ -934,6 +934,23 @@ def test_the_rollback_command_names_the_previous_model_only_when_every_live_work
     assert rollback_target({}) == (None, "no live worker reports its models")
 
 
+def test_a_plain_rollback_names_again_the_version_the_newest_rollback_named_while_a_worker_has_it_active() -> None:
+    from schemas import ModelUpdate
+    from streams.model_cli import retry_of_last_rollback
+
+    def req(kind: str, version: str) -> tuple[int, ModelUpdate]:
+        return 7, ModelUpdate(kind=kind, model_version=version, emitted_at=1)  # type: ignore[arg-type]
+
+    done, slow = {"active": "v1", "previous": "v2"}, {"active": "v2", "previous": "v1"}
+    version, why = retry_of_last_rollback(req("rollback", "v1"), "mu", {"w1": done, "w2": slow}) or (None, "")
+    assert version == "v1" and why.startswith("the newest request on mu (offset 7) is a rollback to it")
+    assert retry_of_last_rollback(req("rollback", "v1"), "mu", None) is not None  # Redis down: a retry all the same
+    assert retry_of_last_rollback(req("rollback", "v9"), "mu", {"w1": done}) is None  # refused: not active anywhere
+    assert retry_of_last_rollback(req("rollback", "previous"), "mu", {"w1": done}) is None  # it named no version
+    assert retry_of_last_rollback(req("activate", "v1"), "mu", {"w1": done}) is None
+    assert retry_of_last_rollback(None, "mu", {"w1": done}) is None
+
+
 BROKEN_LABELS = {
     "format_version": 1,
     "groups": [{"name": "g", "kind": "multi", "parent_group": None}],
