@@ -383,13 +383,13 @@ def load_click_log(path: str | Path, fmt: str) -> ClickLog:
     """
     path = Path(path)
     if fmt not in _CLICK_FORMATS:
-        raise DataError(f"{path}: line 0: unknown click log format {fmt!r} (choose from {sorted(_CLICK_FORMATS)})")
+        raise DataError(f"{path}: unknown click log format {fmt!r} (choose from {sorted(_CLICK_FORMATS)})")
     delim, header, parse = _CLICK_FORMATS[fmt]
     log = ClickLog(path=str(path), fmt=fmt, events=[])
     try:
         f = path.open(encoding="utf-8", newline="")
     except OSError as e:
-        raise DataError(f"{path}: line 0: cannot open: {e}") from e
+        raise DataError(f"{path}: cannot open: {e}") from e
     with f:
         reader = csv.reader(f, delimiter=delim)
         first = True
@@ -426,7 +426,7 @@ def load_click_log(path: str | Path, fmt: str) -> ClickLog:
             prev_user, prev_ts = e["user_id"], e["ts"]
     log.events.sort(key=lambda e: e["ts"])
     if not log.events:
-        raise DataError(f"{path}: line 0: no events read")
+        raise DataError(f"{path}: no events read")
     return log
 
 

@@ -120,8 +120,9 @@ def test_load_click_logs_and_map_to_catalog(tmp_path: Path) -> None:
 
 
 def test_click_log_errors(tmp_path: Path) -> None:
-    with pytest.raises(DataError, match="cannot open"):
+    with pytest.raises(DataError, match=r"missing.csv: cannot open") as whole:
         load_click_log(tmp_path / "missing.csv", "taobao")
+    assert "line 0" not in str(whole.value)  # an error of the whole file names no line
     yc = tmp_path / "yc.txt"
     yc.write_text("SessionId\tItemId\tTime\n1\t2\t3\n")
     with pytest.raises(DataError, match=r"line 1: header"):
