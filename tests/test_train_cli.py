@@ -387,6 +387,7 @@ def test_a_stop_while_the_bundle_is_written_leaves_no_temp_directory_and_says_so
     out = tmp_path / "models"
     hook = (
         "import os, signal, sys\n"
+        "signal.signal(signal.SIGINT, signal.default_int_handler)\n"  # as in a terminal, even if the runner ignores it
         "import serving.bundle\n"
         "write = serving.bundle.write_bundle\n"
         "def mid_write(registry, **kw):\n"
