@@ -48,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if not args.verbose and args.command != "worker":  # a worker's log keeps the client's joins and assignments
+        logging.getLogger("aiokafka").setLevel(logging.WARNING)  # `tail ... 2>&1`: records, not client chatter
     try:
         return int(args.func(args) or 0)
     except TagstreamError as exc:

@@ -486,6 +486,7 @@ def test_tail_prints_a_topics_records_and_refuses_one_that_does_not_exist(stream
     tail = [sys.executable, "-m", "tagstream.cli", "tail", "-n", "1"]
     done = subprocess.run([*tail, "behavior"], env=env, cwd=REPO, capture_output=True, timeout=60)
     assert done.returncode == 0 and orjson.loads(done.stdout)["product_id"] == "p-tail"
+    assert b"INFO aiokafka" not in done.stderr  # `tail ... 2>&1` shows records, not the client's chatter
     wrong = subprocess.run([*tail, "behaviour"], env=env, cwd=REPO, capture_output=True, timeout=60)
     assert wrong.returncode == 2 and b"no topic" in wrong.stderr and b"Traceback" not in wrong.stderr
 
