@@ -85,7 +85,9 @@ class TagstreamApp(faust.App):
 
 async def committed_input_offsets(settings: WorkerSettings) -> dict[str, int]:
     """The offsets the worker's consumer group has committed on its input topics (products, behavior), by
-    `topic:partition`; partitions at offset 0 or without a commit are left out."""
+    `topic:partition`, where they are past the partition's first offset: a partition without a commit, or whose
+    commit is at (or before) its first record, as after a reset to the earliest, has applied nothing still there."""
+    from aiokafka import AIOKafkaConsumer
     from aiokafka.admin import AIOKafkaAdminClient
 
     admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, client_id="tagstream-state-check")
@@ -95,7 +97,16 @@ async def committed_input_offsets(settings: WorkerSettings) -> dict[str, int]:
     finally:
         await admin.close()
     inputs = {settings.topic(PRODUCTS.name), settings.topic(BEHAVIOR.name)}
-    return {f"{tp.topic}:{tp.partition}": m.offset for tp, m in offsets.items() if tp.topic in inputs and m.offset > 0}
+    committed = {tp: m.offset for tp, m in offsets.items() if tp.topic in inputs and m.offset > 0}
+    if not committed:
+        return {}
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        first = await consumer.beginning_offsets(list(committed))  # retention moves them up
+    finally:
+        await consumer.stop()
+    return {f"{tp.topic}:{tp.partition}": at for tp, at in committed.items() if at > first[tp]}
 
 
 async def check_state_not_lost(store: RedisStateStore, settings: WorkerSettings) -> None:
@@ -128,7 +139,8 @@ async def refuse_if_offsets_committed(settings: WorkerSettings) -> None:
 async def check_state_store(settings: WorkerSettings, wait_s: float = 5.0) -> None:
     """Before a worker starts: the Redis store holds a state format this worker reads (StateError otherwise, so the
     refusal is one line instead of a crash inside the agents), and was not lost (`check_state_not_lost`). A Redis
-    that does not answer within `wait_s` is left for the worker, which waits for it and checks both then."""
+    that does not answer within `wait_s` is left for the worker, which waits for it and checks both then; so is an
+    empty store while Kafka does not answer (its format is not written here, so the worker's own check still runs)."""
     store = RedisStateStore.from_url(
         settings.redis_url.get_secret_value(), settings.redis_prefix, settings.redis_retry_max_backoff
     )
@@ -136,8 +148,9 @@ async def check_state_store(settings: WorkerSettings, wait_s: float = 5.0) -> No
         if not await asyncio.wait_for(store.holds_state(), wait_s):
             try:
                 await asyncio.wait_for(refuse_if_offsets_committed(settings), wait_s)
-            except (KafkaError, TimeoutError) as exc:
+            except (KafkaError, TimeoutError) as exc:  # the format is not written: the worker checks both later
                 log.warning("Kafka did not answer (%r): the worker checks its group's offsets once it reaches it", exc)
+                return
         await asyncio.wait_for(store.check_format(), wait_s)
     except TimeoutError:
         log.warning("Redis did not answer within %gs: its state format is checked once the worker reaches it", wait_s)

@@ -1015,6 +1015,8 @@ class Processor:
         ops.hset_field(keys.beh, "last_ts", ev.ts)
         if ev.ts // PRUNE_EVERY_MS != previous // PRUNE_EVERY_MS:  # buckets leave windows only at bucket edges
             ops.expire(keys.beh)  # the counters live on for the time to live after the product's clock moved
+            for code, bucket in hll_buckets(ev.ts):  # and the current buckets' HyperLogLogs (made before it was on)
+                ops.expire(keys.hll(code, bucket))
             self._prune(beh, keys, ops, ev.ts)
         return ev.ts
 

@@ -259,10 +259,12 @@ def test_behaviour_keys_expire_and_a_kept_state_whose_counters_expired_is_read_a
             # the counters' time to live starts again when the product's clock crosses a 5-minute edge, not at each
             # event (one Redis call per product and edge)
             await client.pexpire(keys.beh, 100_000)
+            day_hll = keys.hll("d", T0 // day_ms)
+            await client.persist(day_hll)  # as one made before the time to live was turned on
             await processor.process_behaviour(views(3, 1))
-            assert 0 < await client.pttl(keys.beh) <= 100_000
+            assert 0 < await client.pttl(keys.beh) <= 100_000 and await client.pttl(day_hll) == -1
             await processor.process_behaviour(views(4, 1, at=T0 + 6 * 60_000))
-            assert await client.pttl(keys.beh) > 7 * day_ms
+            assert await client.pttl(keys.beh) > 7 * day_ms and await client.pttl(day_hll) > 7 * day_ms
 
             hlls = [k async for k in client.scan_iter(f"{prefix}:{{e1}}:uu:*")]
             await client.delete(keys.beh, *hlls)  # the product was idle past its time to live: Redis dropped them
@@ -420,3 +422,45 @@ def test_a_worker_on_a_store_of_another_format_refuses_to_start_in_one_line(
     assert "Traceback" not in done.stderr and "crash" not in done.stderr, done.stderr[-3000:]
     [line] = done.stderr.strip().splitlines()
     assert line.startswith("tagstream worker: error: ") and named in line, line
+
+
+def test_an_empty_store_stays_unwritten_when_kafka_does_not_answer_the_start_check(stream_env: Any) -> None:
+    from streams.app import check_state_store
+
+    down = stream_env.settings.model_copy(update={"kafka_bootstrap": "127.0.0.1:1"})
+    asyncio.run(check_state_store(down, wait_s=3))
+    # the format is not written, so the worker's own check (with Kafka) still finds an empty store and asks Kafka
+    assert not stream_env.redis().exists(f"{stream_env.settings.redis_prefix}:meta")
+
+
+def test_a_group_reset_to_the_earliest_after_retention_is_no_lost_state(stream_env: Any) -> None:
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+    from aiokafka.admin import AIOKafkaAdminClient
+    from aiokafka.admin.records_to_delete import RecordsToDelete
+
+    from streams.app import committed_input_offsets
+
+    settings = stream_env.settings
+    tp = TopicPartition(settings.topic("products"), 0)
+    stream_env.produce("products", [upsert(f"k{i}", "t") for i in range(40)])
+
+    async def main() -> tuple[dict[str, int], dict[str, int]]:
+        consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, group_id=settings.app_id)
+        admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+        await consumer.start()
+        await admin.start()
+        try:
+            consumer.assign([tp])
+            end = (await consumer.end_offsets([tp]))[tp]
+            await consumer.commit({tp: end})  # a worker applied everything
+            consumed = await committed_input_offsets(settings)
+            await admin.delete_records({tp: RecordsToDelete(end - 1)})  # retention removed all but the last
+            await consumer.commit({tp: end - 1})  # `kafka-consumer-groups.sh --reset-offsets --to-earliest`
+            return consumed, await committed_input_offsets(settings)
+        finally:
+            await admin.close()
+            await consumer.stop()
+
+    consumed, after_reset = asyncio.run(main())
+    assert list(consumed) == [f"{tp.topic}:0"]  # a lost store would be refused
+    assert after_reset == {}  # the remedy the refusal names: the worker replays what is left into the empty store
