@@ -399,6 +399,9 @@ def _redrive_cmd(args: argparse.Namespace) -> int:
             )
         )
     sys.stdout.write(orjson.dumps(result.to_dict()).decode() + "\n")
+    if result.error is not None:
+        print(f"tagstream redrive: error: stopped at {result.error}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -14,7 +14,7 @@ import base64
 import logging
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple, TypeVar
 
 import orjson
@@ -49,7 +49,7 @@ from streams.state import (
     now_ms,
     sweep_partition,
 )
-from streams.topics import TAG_UPDATE_MAX_BYTES
+from streams.topics import DEAD_LETTER_MAX_BYTES, TAG_UPDATE_MAX_BYTES
 from streams.windows import GRANULARITIES, event_fields, hll_buckets, live_buckets, stale_fields, window_sums
 from tagstream.errors import (
     EventDecodeError,
@@ -91,6 +91,8 @@ class InMessage:
 
 Headers = Sequence[tuple[str, bytes]]  # Kafka record headers, in order
 SOURCE_TIMESTAMP_HEADER = "tagstream-source-timestamp"  # a dead letter's source record's Kafka timestamp (ms, decimal)
+HEADERS_DROPPED_HEADER = "tagstream-headers-dropped"  # how many source headers a too large dead letter left out
+DEAD_LETTER_MARGIN_BYTES = 64 * 1024  # room for the record batch's own bytes
 
 
 class DeadLetterRecord(NamedTuple):
@@ -231,8 +233,37 @@ def dead_letter(msg: InMessage, exc: BaseException) -> DeadLetterRecord:
         value_b64=base64.b64encode(msg.value).decode() if msg.value is not None else None,
         failed_at=now_ms(),
     )
-    headers = [*msg.headers, (SOURCE_TIMESTAMP_HEADER, str(msg.timestamp_ms).encode())]
-    return DeadLetterRecord(msg.key, orjson.dumps(record.to_dict()), headers)
+    stamp = (SOURCE_TIMESTAMP_HEADER, str(msg.timestamp_ms).encode())
+    headers = [*msg.headers, stamp]
+    value = orjson.dumps(record.to_dict())
+    # The source topic's limit counts compressed bytes: an event with megabytes of compressible headers or value can
+    # make a dead letter over its topic's limit, which the producer would refuse at every redelivery. What does not
+    # fit is left out, and the reason says so (the event is still at its source until retention removes it).
+    budget = DEAD_LETTER_MAX_BYTES - DEAD_LETTER_MARGIN_BYTES
+    if _record_size(msg.key, value, headers) > budget:
+        dropped = sum(len(k) + len(v) for k, v in msg.headers)
+        headers = [stamp, (HEADERS_DROPPED_HEADER, str(len(msg.headers)).encode())]
+        left_out = f"[its {len(msg.headers)} headers ({dropped} bytes) were left out: too large]"
+        record = replace(record, reason=f"{record.reason} {left_out}")
+        value = orjson.dumps(record.to_dict())
+        if _record_size(msg.key, value, headers) > budget:
+            size = len(msg.value or b"")
+            record = replace(
+                record,
+                key_b64=None,
+                value_b64=None,
+                reason=f"{record.reason} [its value ({size} bytes) was left out: too large for the dead-letter topic; "
+                f"it is at {msg.topic}:{msg.partition}@{msg.offset} until retention removes it]",
+            )
+            value = orjson.dumps(record.to_dict())
+            key = msg.key if msg.key is None or len(msg.key) < budget // 4 else None
+            return DeadLetterRecord(key, value, headers)
+    return DeadLetterRecord(msg.key, value, headers)
+
+
+def _record_size(key: bytes | None, value: bytes, headers: Sequence[tuple[str, bytes]]) -> int:
+    """Bytes a record takes before compression (close enough to the producer's own estimate)."""
+    return len(key or b"") + len(value) + sum(len(k) + len(v) + 8 for k, v in headers) + 64
 
 
 # Event times before this are refused while the time checks are on: an epoch in seconds (1764316805) read as

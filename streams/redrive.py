@@ -8,7 +8,8 @@ to its source topic, adding `tagstream-redriven-from` (`<dead-letter topic>:<off
 dead-lettered again, with that header: nothing is lost either way.
 
 Every run re-sends every letter it selects, and a behaviour event sent twice is counted twice: a run prints
-`next_offset`, where the next run should start (`--from-offset`).
+`next_offset`, where the next run should start (`--from-offset`). Letters are sent one at a time; one the broker
+refuses stops the run there, with `error` in the line and `next_offset` at that letter (all before it were sent).
 """
 
 from __future__ import annotations
@@ -49,16 +50,20 @@ class RedriveResult:
     dry_run: bool
     sent: Counter[str] = field(default_factory=Counter)  # by logical source topic
     skipped: Counter[str] = field(default_factory=Counter)  # by reason
+    error: str | None = None  # why the letter at next_offset could not be sent (the run stopped there)
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON line `tagstream redrive` prints."""
-        return {
+        """The JSON line `tagstream redrive` prints (`error` only when a send was refused)."""
+        out: dict[str, Any] = {
             "first_offset": self.first_offset,
             "next_offset": self.next_offset,
             "dry_run": self.dry_run,
             "sent" if not self.dry_run else "would_send": dict(sorted(self.sent.items())),
             "skipped": dict(sorted(self.skipped.items())),
         }
+        if self.error is not None:
+            out["error"] = self.error
+        return out
 
 
 def plan_resend(
@@ -94,6 +99,19 @@ def plan_resend(
     return Resend(topic, key, event, [*kept, (REDRIVEN_FROM_HEADER, where)])
 
 
+async def _partitions(settings: WorkerSettings, name: str) -> int:
+    """How many partitions topic `name` has."""
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, client_id="tagstream-redrive")
+    await admin.start()
+    try:
+        [topic] = await admin.describe_topics([name])
+    finally:
+        await admin.close()
+    return len(topic["partitions"])
+
+
 async def redrive(
     settings: WorkerSettings,
     *,
@@ -106,6 +124,7 @@ async def redrive(
     """Send the selected dead letters in [from_offset (default: the topic's first), to_offset (default: its end at
     the start of the run)) back to their source topics (`plan_resend`); with `dry_run`, only count them."""
     from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+    from aiokafka.errors import KafkaError
 
     name = settings.topic(DEAD_LETTER.name)
     consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, enable_auto_commit=False)
@@ -116,13 +135,19 @@ async def redrive(
             raise ConfigError(
                 f"no topic {name} (TAGSTREAM_TOPIC_PREFIX={settings.topic_prefix!r}; see `tagstream topics`)"
             )
+        partitions = await _partitions(settings, name)
+        if partitions != 1:  # offsets name letters only within one partition
+            raise ConfigError(
+                f"topic {name} has {partitions} partitions; redrive reads a one-partition dead-letter topic, as "
+                "`tagstream topics` creates it"
+            )
         tp = TopicPartition(name, 0)
         consumer.assign([tp])
         start = (await consumer.beginning_offsets([tp]))[tp]
         end = (await consumer.end_offsets([tp]))[tp]
-        first = max(start, from_offset if from_offset is not None else start)
-        stop = min(end, to_offset) if to_offset is not None else end
-        result = RedriveResult(first_offset=first, next_offset=max(first, stop), dry_run=dry_run)
+        first = min(end, max(start, from_offset if from_offset is not None else start))
+        stop = max(first, min(end, to_offset) if to_offset is not None else end)
+        result = RedriveResult(first_offset=first, next_offset=stop, dry_run=dry_run)
         if first >= stop:
             return result
         if not dry_run:
@@ -130,11 +155,11 @@ async def redrive(
                 bootstrap_servers=settings.kafka_bootstrap,
                 acks="all",
                 enable_idempotence=True,
+                compression_type="gzip",  # as the event may have been, when its topic took it
                 max_request_size=DEAD_LETTER_MAX_BYTES,
             )
             await producer.start()
         consumer.seek(tp, first)
-        pending = []
         while await consumer.position(tp) < stop:
             for record in (await consumer.getmany(tp, timeout_ms=1000)).get(tp, []):
                 if record.offset >= stop:
@@ -146,12 +171,15 @@ async def redrive(
                     result.skipped[plan] += 1
                     continue
                 if producer is not None:
-                    pending.append(
-                        await producer.send(settings.topic(plan.topic), plan.value, key=plan.key, headers=plan.headers)
-                    )
+                    try:  # one at a time: a refusal stops the run at this letter, all before it sent
+                        await producer.send_and_wait(
+                            settings.topic(plan.topic), plan.value, key=plan.key, headers=plan.headers
+                        )
+                    except KafkaError as exc:
+                        result.next_offset = record.offset
+                        result.error = f"dead letter {record.offset} to {settings.topic(plan.topic)}: {exc!r}"
+                        return result
                 result.sent[plan.topic] += 1
-        for delivery in pending:
-            await delivery  # raises the first refusal: the run is then reported as failed
         return result
     finally:
         if producer is not None:

@@ -617,6 +617,31 @@ def test_a_worker_refuses_to_resume_on_a_redis_that_lost_its_state_and_a_new_gro
     assert client.hget(f"{settings.redis_prefix}:{{kept-1}}:doc", "version") == "1"
 
 
+def test_an_invalid_event_with_megabytes_of_compressed_headers_is_dead_lettered_and_the_worker_goes_on(
+    stream_env: StreamEnv, bundle: Path
+) -> None:
+    async def send_compressed() -> None:
+        producer = AIOKafkaProducer(
+            bootstrap_servers=stream_env.settings.kafka_bootstrap, compression_type="gzip", max_request_size=64 * 2**20
+        )
+        await producer.start()
+        try:  # ~5 KB on the wire, 5 MiB of headers once read: over the dead-letter topic's 4 MiB
+            headers = [(f"h{i}", b"\0" * 2**20) for i in range(5)]
+            topic = stream_env.settings.topic("products")
+            await producer.send_and_wait(topic, b'{"not": "a product"}', key=b"p-big", headers=headers)
+        finally:
+            await producer.stop()
+
+    asyncio.run(send_compressed())
+    worker = stream_env.start_worker(TAGSTREAM_MODEL_PATH=str(bundle))
+    stream_env.produce("products", [upsert("after-big", "Levis Men Black Jeans")])
+    [letter] = stream_env.consume("dead-letter", lambda m: len(m) >= 1)
+    assert letter["value_b64"] and "its 5 headers (5242890 bytes) were left out: too large" in letter["reason"]
+    assert ["tagstream-headers-dropped", "5"] in letter["_headers"]
+    assert any(u["product_id"] == "after-big" for u in stream_env.consume("tag-updates", lambda m: len(m) >= 1))
+    assert worker.proc.poll() is None  # before: refused at every redelivery, the worker stopped for good
+
+
 def test_redrive_sends_the_selected_dead_letters_back_once_their_cause_is_fixed(
     stream_env: StreamEnv, bundle: Path
 ) -> None:
@@ -657,3 +682,71 @@ def test_redrive_sends_the_selected_dead_letters_back_once_their_cause_is_fixed(
         ["tagstream-redriven-from", f"{dl_topic}:{letter}"]
     ]
     assert run("--from-offset", str(sent["next_offset"]))["sent"] == {}  # the next run starts after them
+
+
+def test_redrive_stops_at_a_letter_the_broker_refuses_and_says_where_to_go_on(stream_env: StreamEnv) -> None:
+    settings = stream_env.settings
+
+    def letter(topic: str, value: bytes) -> bytes:
+        return orjson.dumps(
+            {
+                "schema_version": 1, "reason": "x", "error_type": "EventTimeError",
+                "source": {"topic": settings.topic(topic), "partition": 0, "offset": 5},
+                "key_b64": base64.b64encode(b"p1").decode(), "value_b64": base64.b64encode(value).decode(),
+                "failed_at": T0,
+            }
+        )  # fmt: skip
+
+    click = orjson.dumps(behaviour("p1", "u1", T0))
+    compressible = orjson.dumps(upsert("p1", "a" * 1_500_000))  # over the products topic's 1 MiB unless compressed
+    incompressible = base64.b64encode(os.urandom(1_200_000))  # over it however it is sent
+
+    async def write_letters() -> None:
+        producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, max_request_size=8 * 2**20)
+        await producer.start()
+        try:
+            big = [("products", compressible), ("products", incompressible)]
+            for topic, value in [("behavior", click), *big, ("behavior", click)]:
+                await producer.send_and_wait(settings.topic("dead-letter"), letter(topic, value))
+        finally:
+            await producer.stop()
+
+    asyncio.run(write_letters())
+    env = {**os.environ, **stream_env.env}
+    cmd = [sys.executable, "-m", "tagstream.cli", "redrive"]
+    done = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, timeout=120)
+    line = orjson.loads(done.stdout)
+    assert done.returncode == 2 and b"Traceback" not in done.stderr, done.stderr[-2000:]
+    # the compressible 1.5 MB event went back (compressed, as its producer may have sent it); the run stopped at the
+    # refused one, all before it sent and nothing after it, and says where the next run starts
+    assert line["sent"] == {"behavior": 1, "products": 1} and line["next_offset"] == 2
+    assert line["error"].startswith(f"dead letter 2 to {settings.topic('products')}: ")
+    assert done.stderr.decode().startswith("tagstream redrive: error: stopped at dead letter 2")
+    skip_it = subprocess.run([*cmd, "--from-offset", "3"], env=env, cwd=REPO, capture_output=True, timeout=120)
+    assert orjson.loads(skip_it.stdout)["sent"] == {"behavior": 1}
+    past_end = subprocess.run([*cmd, "--from-offset", "50"], env=env, cwd=REPO, capture_output=True, timeout=120)
+    assert orjson.loads(past_end.stdout)["next_offset"] == 4  # where the topic ends: no letter is skipped later
+
+
+def test_redrive_refuses_a_dead_letter_topic_of_several_partitions_in_one_line(stack: Any) -> None:
+    prefix = f"t{uuid.uuid4().hex[:10]}-"
+
+    async def create() -> None:
+        from aiokafka.admin import NewTopic
+
+        admin = AIOKafkaAdminClient(bootstrap_servers=stack.kafka_bootstrap)
+        await admin.start()
+        try:
+            await admin.create_topics([NewTopic(f"{prefix}dead-letter", 3, 1)])
+        finally:
+            await admin.close()
+
+    asyncio.run(create())
+    env = {**os.environ, "TAGSTREAM_KAFKA_BOOTSTRAP": stack.kafka_bootstrap, "TAGSTREAM_TOPIC_PREFIX": prefix}
+    cmd = [sys.executable, "-m", "tagstream.cli", "redrive"]
+    done = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "Traceback" not in done.stderr and done.stdout == ""
+    assert done.stderr.strip() == (
+        f"tagstream redrive: error: topic {prefix}dead-letter has 3 partitions; redrive reads a one-partition "
+        "dead-letter topic, as `tagstream topics` creates it"
+    )

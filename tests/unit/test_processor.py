@@ -415,6 +415,25 @@ def test_a_dead_letter_keeps_its_source_records_headers_and_kafka_timestamp() ->
     assert sent == [*headers, ("tagstream-source-timestamp", b"1764316800123")]
 
 
+def test_a_dead_letter_too_large_for_its_topic_leaves_out_headers_then_the_value_and_says_so() -> None:
+    from schemas import DeadLetter
+    from streams.topics import DEAD_LETTER_MAX_BYTES
+
+    # compressed on the wire, an event can carry megabytes its topic accepted: the letter must still fit its topic
+    big_headers = [(f"h{i}", b"\0" * 2**20) for i in range(5)]
+    msg = InMessage("products", 1, 9, b"p-1", b"{not json", 1_764_316_800_123, big_headers)
+    _, value, headers = dead_letter(msg, EventDecodeError("not JSON"))
+    letter = DeadLetter.decode(value)
+    assert headers == [("tagstream-source-timestamp", b"1764316800123"), ("tagstream-headers-dropped", b"5")]
+    assert letter.value_b64 is not None and "its 5 headers (5242890 bytes) were left out: too large" in letter.reason
+    huge = InMessage("products", 1, 10, b"p-1", b"x" * (4 * 2**20), 1, big_headers)
+    _, value, headers = dead_letter(huge, EventDecodeError("not JSON"))
+    letter = DeadLetter.decode(value)
+    assert letter.value_b64 is None and len(value) + sum(len(v) for _, v in headers) < DEAD_LETTER_MAX_BYTES
+    assert "its value (4194304 bytes) was left out" in letter.reason
+    assert "it is at products:1@10 until retention removes it" in letter.reason
+
+
 async def test_a_product_change_with_an_attribute_named_like_a_category_group_is_dead_lettered_by_name(
     processor: Processor,
 ) -> None:
