@@ -18,6 +18,7 @@ from schemas import TICK_KEY
 from streams.model_cli import kafka_errors
 from streams.settings import WorkerSettings
 from streams.topics import ensure_topics
+from tagstream.cli import int_at_least
 from tagstream.errors import ConfigError, EventDecodeError, TagstreamError
 from tagstream.settings import load_settings
 
@@ -405,17 +406,6 @@ def _redrive_cmd(args: argparse.Namespace) -> int:
     return 0
 
 
-def offset(text: str) -> int:
-    """argparse type of an offset: an integer ≥ 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be ≥ 0, got {value}")
-    return value
-
-
 def positive_rate(text: str) -> float:
     """argparse type of a `--rate`: a finite number of events per second above 0."""
     try:
@@ -494,9 +484,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="NAME",
         help="only letters of this error type (e.g. EventTimeError; repeatable; default: every type)",
     )
-    p.add_argument("--from-offset", type=offset, metavar="N", help="first dead-letter offset (default: the first)")
     p.add_argument(
-        "--to-offset", type=offset, metavar="N", help="stop before this dead-letter offset (default: the end now)"
+        "--from-offset", type=int_at_least(0), metavar="N", help="first dead-letter offset (default: the first)"
+    )
+    p.add_argument(
+        "--to-offset",
+        type=int_at_least(0),
+        metavar="N",
+        help="stop before this dead-letter offset (default: the end now)",
     )
     p.add_argument("--dry-run", action="store_true", help="only count what would be sent")
     p.set_defaults(func=_redrive_cmd)

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple, TypeVar
 
 import orjson
+from aiokafka.record.default_records import DefaultRecordBatchBuilder
 from redis.exceptions import RedisError
 
 from schemas import TICK_KEY, BehaviorEvent, DeadLetter, ProductChange, SourceRef, Tag, TagUpdate, WindowTick
@@ -240,13 +241,13 @@ def dead_letter(msg: InMessage, exc: BaseException) -> DeadLetterRecord:
     # make a dead letter over its topic's limit, which the producer would refuse at every redelivery. What does not
     # fit is left out, and the reason says so (the event is still at its source until retention removes it).
     budget = DEAD_LETTER_MAX_BYTES - DEAD_LETTER_MARGIN_BYTES
-    if _record_size(msg.key, value, headers) > budget:
+    if DefaultRecordBatchBuilder.estimate_size_in_bytes(msg.key, value, headers) > budget:
         dropped = sum(len(k) + len(v) for k, v in msg.headers)
         headers = [stamp, (HEADERS_DROPPED_HEADER, str(len(msg.headers)).encode())]
         left_out = f"[its {len(msg.headers)} headers ({dropped} bytes) were left out: too large]"
         record = replace(record, reason=f"{record.reason} {left_out}")
         value = orjson.dumps(record.to_dict())
-        if _record_size(msg.key, value, headers) > budget:
+        if DefaultRecordBatchBuilder.estimate_size_in_bytes(msg.key, value, headers) > budget:
             size = len(msg.value or b"")
             record = replace(
                 record,
@@ -259,11 +260,6 @@ def dead_letter(msg: InMessage, exc: BaseException) -> DeadLetterRecord:
             key = msg.key if msg.key is None or len(msg.key) < budget // 4 else None
             return DeadLetterRecord(key, value, headers)
     return DeadLetterRecord(msg.key, value, headers)
-
-
-def _record_size(key: bytes | None, value: bytes, headers: Sequence[tuple[str, bytes]]) -> int:
-    """Bytes a record takes before compression (close enough to the producer's own estimate)."""
-    return len(key or b"") + len(value) + sum(len(k) + len(v) + 8 for k, v in headers) + 64
 
 
 # Event times before this are refused while the time checks are on: an epoch in seconds (1764316805) read as

@@ -24,7 +24,7 @@ from typing import Any
 from schemas import DeadLetter
 from streams.processor import SOURCE_TIMESTAMP_HEADER
 from streams.settings import WorkerSettings
-from streams.topics import BEHAVIOR, DEAD_LETTER, DEAD_LETTER_MAX_BYTES, PRODUCTS
+from streams.topics import BEHAVIOR, DEAD_LETTER, DEAD_LETTER_MAX_BYTES, PRODUCTS, partition_count
 from tagstream.errors import ConfigError, TagstreamError
 
 REDRIVEN_FROM_HEADER = "tagstream-redriven-from"
@@ -106,10 +106,9 @@ async def _partitions(settings: WorkerSettings, name: str) -> int:
     admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, client_id="tagstream-redrive")
     await admin.start()
     try:
-        [topic] = await admin.describe_topics([name])
+        return await partition_count(admin, name)
     finally:
         await admin.close()
-    return len(topic["partitions"])
 
 
 async def redrive(

@@ -145,8 +145,14 @@ async def ensure_topics(settings: WorkerSettings) -> list[str]:
 
 
 async def _check_one_partition(admin: AIOKafkaAdminClient, name: str) -> None:
-    """Raise ConfigError when the existing topic `name` does not have exactly one partition. One another process just
-    created can be unknown to the broker for a moment: it is asked again for up to DESCRIBE_WAIT_S."""
+    """Raise ConfigError when the existing topic `name` does not have exactly one partition."""
+    if (partitions := await partition_count(admin, name)) != 1:
+        raise model_updates_partitions_error(name, partitions)
+
+
+async def partition_count(admin: AIOKafkaAdminClient, name: str) -> int:
+    """How many partitions the existing topic `name` has. One another process just created can be unknown to the
+    broker for a moment: it is asked again for up to DESCRIBE_WAIT_S."""
     deadline = time.monotonic() + DESCRIBE_WAIT_S
     while True:
         [topic] = await admin.describe_topics([name])
@@ -156,9 +162,7 @@ async def _check_one_partition(admin: AIOKafkaAdminClient, name: str) -> None:
             continue
         if code:
             raise for_code(code)(f"reading the partitions of topic {name}")
-        if len(topic["partitions"]) != 1:
-            raise model_updates_partitions_error(name, len(topic["partitions"]))
-        return
+        return len(topic["partitions"])
 
 
 async def _describe(admin: AIOKafkaAdminClient, names: list[str]) -> dict[str, list[Sequence[Any]]]:

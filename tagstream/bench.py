@@ -39,6 +39,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from tagstream.cli import int_at_least
 from tagstream.errors import StackError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -773,17 +774,6 @@ def _fractions(text: str) -> tuple[float, ...]:
 SECTIONS = ("stream", "naive", "scoring", "featurizer")  # what `--only` can name
 
 
-def _runs(text: str) -> int:
-    """`--runs`: an integer ≥ 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be ≥ 1, got {value}")
-    return value
-
-
 def _sections(text: str) -> frozenset[str]:
     """`--only`: comma-separated names out of SECTIONS (at least one)."""
     names = {part.strip() for part in text.split(",") if part.strip()}
@@ -807,7 +797,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--smoke", action="store_true", help="CI variant: tiny sizes, one run, generated catalog (~1.5 min on 2 cores)"
     )
-    p.add_argument("--runs", type=_runs, help="runs of each measurement (default 3; median and spread reported)")
+    p.add_argument(
+        "--runs", type=int_at_least(1), help="runs of each measurement (default 3; median and spread reported)"
+    )
     p.add_argument(
         "--cache", help="model cache directory (default OUT/model-cache; OUT/model-cache-smoke with --smoke)"
     )

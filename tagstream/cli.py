@@ -7,6 +7,7 @@ import importlib
 import logging
 import os
 import sys
+from collections.abc import Callable
 
 from tagstream.errors import TagstreamError
 
@@ -21,6 +22,21 @@ COMMAND_MODULES = (
     "tagstream.demo",  # demo
     "tagstream.bench",  # bench
 )
+
+
+def int_at_least(low: int, why: str = "") -> Callable[[str], int]:
+    """argparse type of an integer option that must be at least `low` (`why` is said when it is not)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be ≥ {low}{why}, got {value}")
+        return value
+
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:

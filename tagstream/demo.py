@@ -30,6 +30,7 @@ import orjson
 
 from serving.decoding import tag_prefix
 from streams.cli import positive_rate
+from tagstream.cli import int_at_least
 from tagstream.errors import ConfigError, StackError
 from tagstream.synth import product_change_event
 
@@ -521,27 +522,12 @@ def _print_summary(console: Any, result: dict[str, Any], work: Path) -> None:
     console.print(f"summary written to {work / 'summary.json'}; stop the stack with `tagstream stack down`")
 
 
-def _int_at_least(low: int, why: str = "") -> Callable[[str], int]:
-    """argparse type of an integer option that must be at least `low` (`why` is said when it is not)."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be at least {low}{why}, got {text!r}")
-        return value
-
-    return parse
-
-
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add `demo`."""
     p = subparsers.add_parser("demo", help="run the whole loop locally: stack, training, worker, replay, summary")
     p.add_argument("--catalog", help="catalog file to train on and replay (default: a generated one)")
     p.add_argument("--format", default="jsonl", choices=["cn-jd", "myntra", "bigbasket", "jsonl"])
-    at_least_products = _int_at_least(MIN_PRODUCTS, " (the demo trains a model on the catalog)")
+    at_least_products = int_at_least(MIN_PRODUCTS, " (the demo trains a model on the catalog)")
     p.add_argument(
         "--limit", type=at_least_products, default=3000, help=f"at most this many catalog products (≥ {MIN_PRODUCTS})"
     )
@@ -550,7 +536,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--events",
-        type=_int_at_least(0),
+        type=int_at_least(0),
         default=12000,
         help="background behaviour events to replay (three bursts of 120 events each come on top)",
     )

@@ -58,6 +58,13 @@ def test_the_gate_refuses_a_candidate_that_lost_a_group_the_current_model_has() 
 def _cycles_of(registry: Path, train_fn, cycles: int) -> tuple[list[dict], list[Path]]:
     """`periodic_retrain` over 60 products with `train_fn` and every bundle evaluated alike (category_l2 0.5): its
     records and what it published."""
+    alike = {"groups": {"category_l2": {"weighted_f1": 0.5}}}
+    return _periodic(registry, cycles, train_fn, lambda bundle, eval_set: alike)
+
+
+def _periodic(registry: Path, cycles: int, train_fn, evaluate_fn, **kw) -> tuple[list[dict], list[Path]]:
+    """`periodic_retrain` over 60 products, every cycle at once, with `train_fn` and `evaluate_fn`: its records and
+    what it published."""
     products = [CatalogProduct(f"p{i}", f"title {i}", category_path=("A", f"B{i % 3}")) for i in range(60)]
     published: list[Path] = []
     records = periodic_retrain(
@@ -68,8 +75,9 @@ def _cycles_of(registry: Path, train_fn, cycles: int) -> tuple[list[dict], list[
         max_cycles=cycles,
         publish=published.append,
         train_fn=train_fn,
-        evaluate_fn=lambda bundle, eval_set: {"groups": {"category_l2": {"weighted_f1": 0.5}}},
+        evaluate_fn=evaluate_fn,
         sleep=lambda s: None,
+        **kw,
     )
     return records, published
 
@@ -107,7 +115,6 @@ def _fake_cycles(
     bundle name; a bundle not in it, or named in `gone_after` from that cycle on, is refused as missing)."""
     from tagstream.errors import ModelRejectedError
 
-    products = [CatalogProduct(f"p{i}", f"title {i}", category_path=("A", f"B{i % 3}")) for i in range(60)]
     made: list[Path] = []
     gone: set[str] = set()
 
@@ -121,20 +128,7 @@ def _fake_cycles(
             raise ModelRejectedError([f"{bundle}: not a bundle directory (no such directory)"])
         return {"groups": {"category_l1": {"weighted_f1": quality[bundle.name]}}}
 
-    published: list[Path] = []
-    records = periodic_retrain(
-        lambda: products,
-        TrainerSettings(),
-        every_s=0.0,
-        registry=registry,
-        max_cycles=cycles,
-        publish=published.append,
-        train_fn=train_fn,
-        evaluate_fn=evaluate_fn,
-        sleep=lambda s: None,
-        **({"on_cycle": on_cycle} if on_cycle else {}),
-    )
-    return records, published
+    return _periodic(registry, cycles, train_fn, evaluate_fn, **({"on_cycle": on_cycle} if on_cycle else {}))
 
 
 def _registry_of_two(tmp_path: Path) -> tuple[Path, Path, Path]:
