@@ -38,7 +38,7 @@ from streams.topics import (
     partitions_of,
 )
 from streams.transport import RecordBatchMessage, TagstreamTransport
-from tagstream.errors import StateLostError
+from tagstream.errors import StateLostError, TopicsRecreatedError
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +136,65 @@ async def refuse_if_offsets_committed(settings: WorkerSettings) -> None:
     )
 
 
+async def reused_input_offsets(applied: dict[str, int], settings: WorkerSettings) -> dict[str, tuple[int, int | None]]:
+    """The input partitions (`topic:partition` of products, behavior) from which Redis has applied an offset their
+    topic has not reached: `{where: (applied offset, the partition's end offset, None when it does not exist)}`.
+    A partition's end never moves back (retention and deleted records move its start), so these partitions were
+    deleted and made again since (or this is another Kafka cluster)."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    inputs = {settings.topic(PRODUCTS.name), settings.topic(BEHAVIOR.name)}
+    mine = {}
+    for where, offset in applied.items():
+        topic, _, partition = where.rpartition(":")
+        if topic in inputs and partition.isdigit():
+            mine[TopicPartition(topic, int(partition))] = offset
+    if not mine:
+        return {}
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, client_id="tagstream-state-check")
+    await admin.start()
+    try:  # an unknown topic has no partitions
+        described = await admin.describe_topics(sorted({tp.topic for tp in mine}))
+    finally:
+        await admin.close()
+    partitions = {t["topic"]: {p["partition"] for p in t["partitions"]} for t in described}
+    exist = [tp for tp in mine if tp.partition in partitions.get(tp.topic, set())]
+    ends: dict[Any, int] = {}
+    if exist:
+        consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, enable_auto_commit=False)
+        await consumer.start()
+        try:
+            ends = await consumer.end_offsets(exist)
+        finally:
+            await consumer.stop()
+    return {
+        f"{tp.topic}:{tp.partition}": (offset, ends.get(tp))
+        for tp, offset in mine.items()
+        if tp not in ends or offset >= ends[tp]
+    }
+
+
+async def refuse_if_topics_recreated(store: RedisStateStore, settings: WorkerSettings) -> None:
+    """TopicsRecreatedError when Redis holds state applied from input offsets Kafka's topics have not reached: their
+    new events would be taken for redeliveries of the old ones (fenced out, so never applied)."""
+    reused = await reused_input_offsets(await store.applied_offsets(), settings)
+    if not reused:
+        return
+    shown = ", ".join(
+        f"{where} applied up to {applied}, " + (f"which ends at {end}" if end is not None else "which does not exist")
+        for where, (applied, end) in sorted(reused.items())[:3]
+    )
+    more = f" and {len(reused) - 3} more" if len(reused) > 3 else ""
+    raise TopicsRecreatedError(
+        f"Redis holds tagstream state under prefix {settings.redis_prefix!r} from offsets Kafka "
+        f"({settings.kafka_bootstrap}) has not reached ({shown}{more}): the topics were deleted and made again (or "
+        "this is another Kafka cluster), and their new events would be taken for ones already applied and skipped. "
+        "The state belongs to the old topics: start on a new TAGSTREAM_REDIS_PREFIX (or delete the old prefix's keys) "
+        "and send the catalog again"
+    )
+
+
 async def check_state_store(settings: WorkerSettings, wait_s: float = 5.0) -> None:
     """Before a worker starts: the Redis store holds a state format this worker reads (StateError otherwise, so the
     refusal is one line instead of a crash inside the agents), and was not lost (`check_state_not_lost`). A Redis
@@ -151,6 +210,11 @@ async def check_state_store(settings: WorkerSettings, wait_s: float = 5.0) -> No
             except (KafkaError, TimeoutError) as exc:  # the format is not written: the worker checks both later
                 log.warning("Kafka did not answer (%r): the worker checks its group's offsets once it reaches it", exc)
                 return
+        else:
+            try:
+                await asyncio.wait_for(refuse_if_topics_recreated(store, settings), wait_s)
+            except (KafkaError, TimeoutError) as exc:  # the worker checks again when it first uses the store
+                log.warning("Kafka did not answer (%r): the worker checks its topics' offsets once it reaches it", exc)
         await asyncio.wait_for(store.check_format(), wait_s)
     except TimeoutError:
         log.warning("Redis did not answer within %gs: its state format is checked once the worker reaches it", wait_s)
@@ -288,6 +352,7 @@ class Worker:
                 store = self._store_factory()
                 if isinstance(store, RedisStateStore):
                     await check_state_not_lost(store, self.settings)
+                    await refuse_if_topics_recreated(store, self.settings)
                     await store.check_format()
                 await self.models.start()
                 self._processor = Processor(

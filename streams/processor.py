@@ -54,6 +54,7 @@ from streams.topics import DEAD_LETTER_MAX_BYTES, TAG_UPDATE_MAX_BYTES
 from streams.windows import GRANULARITIES, event_fields, hll_buckets, live_buckets, stale_fields, window_sums
 from tagstream.errors import (
     EventDecodeError,
+    EventKeyError,
     EventTimeError,
     OutputTooLargeError,
     StateConflictError,
@@ -221,6 +222,18 @@ async def score_in_steps(model: ScoringModel, products: Sequence[ProductChange],
             await asyncio.sleep(0)
         tags += model.score(products[start : start + step])
     return tags
+
+
+def key_error(key: bytes | None, product_id: str) -> EventKeyError:
+    """The error of an event whose record key is not its product id (`None`: the record has no key)."""
+    why = (
+        f"a product's events must be keyed by its product_id ({product_id!r}, UTF-8), so that they all reach one "
+        "partition and are applied in order"
+    )
+    if key is None:
+        return EventKeyError(f"the record has no key: {why}")
+    shown = key[:100].decode("utf-8", "backslashreplace") + ("…" if len(key) > 100 else "")
+    return EventKeyError(f"the record's key {shown!r} is not its product_id: {why}")
 
 
 def dead_letter(msg: InMessage, exc: BaseException) -> DeadLetterRecord:
@@ -543,8 +556,13 @@ class Processor:
         now = now_ms()
         for msg in messages:
             try:
-                use = TICK_DECODER if ticks and msg.key == TICK_KEY else decoder
-                good.append((msg, use.decode(msg.value, now, self.max_event_ahead_ms)))
+                if ticks and msg.key == TICK_KEY:
+                    good.append((msg, TICK_DECODER.decode(msg.value, now, self.max_event_ahead_ms)))
+                    continue
+                event = decoder.decode(msg.value, now, self.max_event_ahead_ms)
+                if msg.key != event.product_id.encode():
+                    raise key_error(msg.key, event.product_id)
+                good.append((msg, event))
             except EventDecodeError as exc:
                 out.dead_letters.append(dead_letter(msg, exc))
         return good
@@ -559,7 +577,8 @@ class Processor:
         group = groups.get((product_id, fence))
         if group is None:
             keys = ProductKeys(self.store.prefix, product_id)
-            group = groups[(product_id, fence)] = _Group(keys, Write(product_id, fence, msg.offset, Ops(keys)))
+            write = Write(product_id, fence, msg.offset, Ops(keys), input_fence=True)
+            group = groups[(product_id, fence)] = _Group(keys, write)
         return group
 
     @staticmethod

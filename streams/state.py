@@ -70,6 +70,11 @@ def sweep_partition(fence_field: str) -> tuple[str, int]:
     return topic, int(partition)
 
 
+def offsets_key(prefix: str) -> str:
+    """Hash `<topic>:<partition>` → the last offset a batch applied from that input partition."""
+    return f"{prefix}:offsets"
+
+
 def watermark_key(prefix: str) -> str:
     """Hash `<topic>:<partition>` → newest event time seen."""
     return f"{prefix}:watermark"
@@ -282,6 +287,8 @@ class Write:
     # computed from a state with behaviour counters: apply only while P:{pid}:beh exists (it may have expired since)
     expect_counters: bool = False
     swept_by: int | None = None  # a window-expiry write: the last offset of its batch in the swept partition
+    # a write of events consumed from an input partition (its fence field names it): the store records the offset
+    input_fence: bool = False
 
     @property
     def stored_offset(self) -> int:
@@ -339,6 +346,15 @@ def _swept_by_partition(writes: list[Write]) -> dict[tuple[str, int], dict[str, 
     for w in writes:
         if w.swept_by is not None:
             out.setdefault(sweep_partition(w.fence_field), {})[w.product_id] = w.swept_by
+    return out
+
+
+def _input_offsets(writes: list[Write]) -> dict[str, int]:
+    """The last offset of each input partition (`<topic>:<partition>`) the writes carry events of."""
+    out: dict[str, int] = {}
+    for w in writes:
+        if w.input_fence and out.get(w.fence_field, -1) < w.stored_offset:
+            out[w.fence_field] = w.stored_offset
     return out
 
 
@@ -581,6 +597,18 @@ class RedisStateStore:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.max_backoff)
 
+    async def applied_offsets(self) -> dict[str, int]:
+        """The last offset a batch applied from each input partition (`<topic>:<partition>`; SPEC.md §3)."""
+        raw = await self._retry("applied offsets", lambda: self.client.hgetall(offsets_key(self.prefix)))
+        out = {}
+        for where, offset in raw.items():
+            try:
+                out[where] = int(offset)
+            except ValueError:
+                key = offsets_key(self.prefix)
+                raise StateError(f"{key}[{where}] is {offset!r}, not an offset (corrupt)") from None
+        return out
+
     async def holds_state(self) -> bool:
         """Whether the keyspace holds tagstream state (`<prefix>:meta` exists: the first worker writes it)."""
         return bool(await self._retry("holds_state", lambda: self.client.exists(f"{self.prefix}:meta")))
@@ -735,6 +763,9 @@ class RedisStateStore:
                 key = swept_key(self.prefix, topic, partition)
                 pipe.append(("ZADD", key, *_score_members(swept)))
                 pipe.append(("ZREMRANGEBYSCORE", key, "-inf", f"({max(swept.values()) - SWEPT_KEEP_OFFSETS}"))
+            applied = _input_offsets(writes)  # last: the replies before it are read by position
+            if applied:
+                pipe.append(("HSET", offsets_key(self.prefix), *(x for pair in applied.items() for x in pair)))
 
         replies = await self._pipelined("apply", queue) if writes or end_batch or index else []
         results = [_write_result(r) for r in replies[: len(writes)]]
@@ -908,6 +939,7 @@ class MemoryStateStore:
             oldest = max(swept.values()) - SWEPT_KEEP_OFFSETS
             for pid in [p for p, offset in zset.items() if offset < oldest]:
                 del zset[pid]
+        self.hashes[offsets_key(self.prefix)].update({f: str(o) for f, o in _input_offsets(writes).items()})
         return results
 
     async def swept_since(self, offsets: dict[tuple[str, int], int]) -> dict[tuple[str, int], list[str]]:

@@ -7,6 +7,7 @@ __all__ = [
     "ConfigError",
     "DataError",
     "EventDecodeError",
+    "EventKeyError",
     "EventTimeError",
     "ExportError",
     "FeaturizerError",
@@ -21,6 +22,7 @@ __all__ = [
     "StateError",
     "StateLostError",
     "TagstreamError",
+    "TopicsRecreatedError",
     "ValidationTimeoutError",
 ]
 
@@ -49,6 +51,10 @@ class EventTimeError(EventDecodeError):
     """An event's time lies further ahead of the worker's clock than `TAGSTREAM_MAX_EVENT_AHEAD_MS` allows."""
 
 
+class EventKeyError(EventDecodeError):
+    """An event's Kafka key is not its product id, so its product's events would not all reach one partition."""
+
+
 class OutputTooLargeError(TagstreamError):
     """An event's tag update would be larger than the tag-updates topic takes."""
 
@@ -59,6 +65,10 @@ class StateError(TagstreamError):
 
 class StateLostError(StateError):
     """Redis holds no state while the worker's consumer group has committed offsets: the state was lost."""
+
+
+class TopicsRecreatedError(StateError):
+    """Redis holds state applied from input offsets Kafka's topics have not reached: the topics were made again."""
 
 
 class StateConflictError(StateError):

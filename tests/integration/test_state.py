@@ -38,8 +38,8 @@ def _messages() -> tuple[list[InMessage], list[InMessage]]:
     products = [upsert(f"s{i}", f"title {i}", attributes={"colour": "Blue"}) for i in range(5)] + [delete("s3")]
     clicks = [behaviour(f"s{i % 5}", f"user{i % 11}", T0 + i * 40_000, "view") for i in range(300)]
     clicks += [behaviour("s1", f"burst{i}", T0 + 300 * 40_000 + i * 500) for i in range(40)]
-    pm = [InMessage("products", 0, i, None, orjson.dumps(e)) for i, e in enumerate(products)]
-    bm = [InMessage("behavior", 0, i, None, orjson.dumps(e)) for i, e in enumerate(clicks)]
+    pm = [InMessage("products", 0, i, e["product_id"].encode(), orjson.dumps(e)) for i, e in enumerate(products)]
+    bm = [InMessage("behavior", 0, i, e["product_id"].encode(), orjson.dumps(e)) for i, e in enumerate(clicks)]
     return pm, bm
 
 
@@ -332,7 +332,9 @@ def test_concurrent_behaviour_lanes_on_redis_end_as_one_lane(stack: StackSetting
         for i in range(800):  # 16 products over 4 partitions; offsets count per partition
             pid, part = f"q{i % 16}", (i % 16) % 4
             out.append(
-                InMessage("behavior", part, i // 4, None, orjson.dumps(behaviour(pid, f"u{i % 13}", T0 + i * 3000)))
+                InMessage(
+                    "behavior", part, i // 4, pid.encode(), orjson.dumps(behaviour(pid, f"u{i % 13}", T0 + i * 3000))
+                )
             )
         return out
 

@@ -607,6 +607,67 @@ def test_a_worker_refuses_to_resume_on_a_redis_that_lost_its_state_and_a_new_gro
     assert client.hget(f"{settings.redis_prefix}:{{kept-1}}:doc", "version") == "1"
 
 
+async def _delete_input_topics(settings: WorkerSettings) -> None:
+    """Delete the products and behavior topics and wait until the broker no longer lists them."""
+    names = [settings.topic("products"), settings.topic("behavior")]
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+    await admin.start()
+    try:
+        await admin.delete_topics(names)
+        deadline = time.monotonic() + 30
+        while set(names) & set(await admin.list_topics()) and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+    finally:
+        await admin.close()
+
+
+def test_a_worker_refuses_a_redis_state_applied_from_topics_that_were_deleted_and_made_again(
+    stream_env: StreamEnv, bundle: Path
+) -> None:
+    from streams.app import reused_input_offsets
+    from streams.state import RedisStateStore
+
+    settings = stream_env.settings
+    worker = stream_env.start_worker(TAGSTREAM_MODEL_PATH=str(bundle))
+    first = [upsert(f"old-{i}", "Levis Men Black Jeans") for i in range(4)]
+    stream_env.produce("products", first)
+    stream_env.produce("behavior", [behaviour("old-0", "u1", T0)])
+    stream_env.consume("tag-updates", lambda m: {u["product_id"] for u in m} >= {e["product_id"] for e in first})
+    worker.stop()
+
+    async def applied() -> dict[str, int]:
+        store = RedisStateStore.from_url(settings.redis_url.get_secret_value(), settings.redis_prefix)
+        try:
+            return await store.applied_offsets()
+        finally:
+            await store.close()
+
+    offsets = asyncio.run(applied())
+    assert {w.rpartition(":")[0] for w in offsets} == {settings.topic("products"), settings.topic("behavior")}
+    assert asyncio.run(reused_input_offsets(offsets, settings)) == {}  # the same topics: a restart is fine
+
+    asyncio.run(_delete_input_topics(settings))  # the topics are made again, Redis kept
+    env = {**os.environ, **stream_env.env, "TAGSTREAM_MODEL_PATH": str(bundle)}
+    refused = subprocess.run(
+        [sys.executable, "-m", "tagstream.cli", "worker"], env=env, cwd=REPO, capture_output=True, timeout=120
+    )
+    err = refused.stderr.decode()
+    assert refused.returncode == 2 and "Traceback" not in err, err[-3000:]
+    assert f"Redis holds tagstream state under prefix {settings.redis_prefix!r} from offsets Kafka" in err
+    assert f"{settings.topic('products')}:" in err and "which ends at 0" in err
+    assert "start on a new TAGSTREAM_REDIS_PREFIX" in err
+
+    # the remedy the error names: a new prefix takes the new topics' events from their first offset
+    stream_env.start_worker(TAGSTREAM_MODEL_PATH=str(bundle), TAGSTREAM_REDIS_PREFIX=f"{settings.redis_prefix}-new")
+    stream_env.produce("products", [upsert("new-0", "Nike Women Red Running Shoes")])
+    client = stream_env.redis()
+    deadline = time.monotonic() + 60
+    while not client.exists(f"{settings.redis_prefix}-new:{{new-0}}:doc") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert client.hget(f"{settings.redis_prefix}-new:{{new-0}}:doc", "version") == "1"
+    client.delete(*client.scan_iter(f"{settings.redis_prefix}-new:*"))
+
+
 def test_an_invalid_event_with_megabytes_of_compressed_headers_is_dead_lettered_and_the_worker_goes_on(
     stream_env: StreamEnv, bundle: Path
 ) -> None:

@@ -407,6 +407,38 @@ async def test_bad_messages_become_dead_letters_and_the_rest_is_applied(processo
     assert dead[0]["error_type"] == "EventDecodeError" and dead[1]["error_type"] == "SchemaValidationError"
 
 
+@pytest.mark.parametrize("topic", ["products", "behavior"])
+async def test_an_event_not_keyed_by_its_product_id_is_dead_lettered_and_changes_nothing(
+    processor: Processor, topic: str
+) -> None:
+    event = upsert("p1", "Levis Men Black Jeans") if topic == "products" else behaviour("p1", "u1", T0)
+    value = orjson.dumps(event)
+    msgs = [InMessage(topic, 0, 0, None, value), InMessage(topic, 0, 1, b"p2", value)]
+    process = processor.process_products if topic == "products" else processor.process_behaviour
+    out = await process(msgs)
+    dead = [orjson.loads(v) for _, v, _ in out.dead_letters]
+    assert [d["error_type"] for d in dead] == ["EventKeyError", "EventKeyError"]
+    assert "has no key" in dead[0]["reason"] and "keyed by its product_id ('p1'" in dead[0]["reason"]
+    assert "key 'p2' is not its product_id" in dead[1]["reason"]
+    assert [k for k, _, _ in out.dead_letters] == [None, b"p2"]  # the records are kept whole
+    assert out.applied == 0 and not out.updates
+    store = processor.store
+    assert isinstance(store, MemoryStateStore)
+    assert not any("p1" in key or "p2" in key for key in store.hashes)
+    keyed = await process([InMessage(topic, 0, 2, b"p1", value)])  # the same event keyed right is applied
+    assert keyed.applied == 1 and not keyed.dead_letters
+
+
+async def test_the_store_records_the_last_offset_applied_from_each_input_partition(processor: Processor) -> None:
+    feed = Feed()
+    await processor.process_products(feed("products", upsert("p1", "Levis Men Black Jeans"), upsert("p2", "Nike")))
+    clicks = [behaviour("p1", f"u{i}", T0 + i * 3_600_000) for i in range(3)]
+    await processor.process_behaviour(feed("behavior", *clicks, partition=3))
+    store = processor.store
+    assert isinstance(store, MemoryStateStore)
+    assert store.hashes["t:offsets"] == {"products:0": "1", "behavior:3": "2"}
+
+
 def test_a_dead_letter_keeps_its_source_records_headers_and_kafka_timestamp() -> None:
     headers = [("traceparent", b"00-ab-cd-01"), ("origin", b"\xff binary"), ("origin", b"twice")]
     msg = InMessage("products", 3, 17, b"p-1", b"{not json", 1_764_316_800_123, headers)
