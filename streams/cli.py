@@ -158,7 +158,8 @@ def check_replay_file(path: Path, topic: str, limit: int, ahead_ms: int = 0) -> 
 
 async def _message_limit(settings: WorkerSettings, topic: str) -> int:
     """The most bytes one replayed record may take: the producer's max request size, or the topic's
-    `max.message.bytes` (a one-record batch) if it is lower."""
+    `max.message.bytes` (a one-record batch) if it is lower. A topic that does not exist yet has no entry: the
+    topics a worker makes keep the broker's limit (above the producer's) or declare a larger one."""
     from aiokafka.admin import AIOKafkaAdminClient
     from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
@@ -196,23 +197,32 @@ class ReplayProgress:
         return f"{self.sent} events already sent (through {path}:{self.last_line}); running it again resends them"
 
 
-async def _replay(
-    path: Path,
-    topic: str,
-    settings: WorkerSettings,
-    progress: ReplayProgress,
-    rate: float | None = None,
-    send_invalid: bool = False,
-) -> ReplayCheck:
-    """Check every line of `path` (nothing is sent if one is refused), then send them, at `rate` events/s if given
-    (as fast as the producer allows otherwise). Returns the check."""
-    from aiokafka import AIOKafkaProducer
-
+async def _check_replay(
+    path: Path, topic: str, settings: WorkerSettings, send_invalid: bool
+) -> tuple[ReplayCheck, int]:
+    """Check every line of `path` (ConfigError naming the first bad line when one is refused); returns the check and
+    the size limit it was checked against."""
     limit = await _message_limit(settings, topic)
     check = check_replay_file(path, topic, limit, settings.max_event_ahead_ms)
     refusal = check.refusal(send_invalid)
     if refusal is not None:
         raise ConfigError(refusal)
+    return check, limit
+
+
+async def _replay(
+    path: Path,
+    topic: str,
+    settings: WorkerSettings,
+    progress: ReplayProgress,
+    limit: int,
+    rate: float | None = None,
+    send_invalid: bool = False,
+) -> None:
+    """Send the lines of `path` (checked by `_check_replay` against `limit`), at `rate` events/s if given (as fast
+    as the producer allows otherwise), counting them in `progress`."""
+    from aiokafka import AIOKafkaProducer
+
     producer = AIOKafkaProducer(
         bootstrap_servers=settings.kafka_bootstrap,
         acks="all",
@@ -248,7 +258,6 @@ async def _replay(
         await producer.stop()
     if failures:
         raise failures[0]
-    return check
 
 
 def _replay_cmd(args: argparse.Namespace) -> int:
@@ -256,13 +265,15 @@ def _replay_cmd(args: argparse.Namespace) -> int:
     if not path.is_file():
         raise ConfigError(f"not a regular file: {path}" if path.exists() else f"no such file: {path}")
     settings = load_settings(WorkerSettings, "worker")
-    _ensure_topics(settings)
     name = settings.topic(args.topic)
+    with kafka_errors(f"read the message size limit of {name}", settings.kafka_bootstrap):
+        check, limit = asyncio.run(_check_replay(path, args.topic, settings, args.send_invalid))
+    _ensure_topics(settings)  # only for a file that is sent: a refused one leaves no topic behind
     progress = ReplayProgress()
     try:
         with kafka_errors(f"send to {name}", settings.kafka_bootstrap):
-            check = asyncio.run(
-                _replay(path, args.topic, settings, progress, rate=args.rate, send_invalid=args.send_invalid)
+            asyncio.run(
+                _replay(path, args.topic, settings, progress, limit, rate=args.rate, send_invalid=args.send_invalid)
             )
     except KeyboardInterrupt:
         print(f"tagstream replay: interrupted: {progress.describe(path)}", file=sys.stderr)

@@ -186,3 +186,31 @@ def test_tail_latest_prints_the_last_messages_of_a_compacted_topic(make_stream_e
     code, out, err = run_cli(se, "tail", "tag-updates", "-n", "5", "--latest")
     assert code == 0, err
     assert out.splitlines() == [r.value.decode() for r in left[-5:]]
+
+
+async def _topic_names(bootstrap: str) -> set[str]:
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        return set(await admin.list_topics())
+    finally:
+        await admin.close()
+
+
+def test_replay_of_a_refused_file_makes_no_topic_and_a_good_file_makes_them(
+    stream_env: StreamEnv, tmp_path: Path
+) -> None:
+    prefix = f"{stream_env.settings.topic_prefix}new-"  # topics no one has made yet
+    fresh = StreamEnv(stream_env.settings, {**stream_env.env, "TAGSTREAM_TOPIC_PREFIX": prefix}, stream_env.tmp)
+    bootstrap = stream_env.settings.kafka_bootstrap
+    bad = write_lines(tmp_path / "bad.jsonl", [orjson.dumps(upsert("rn-0", "Roadster")), b'{"op": "upsert"}'])
+    code, _, err = run_cli(fresh, "replay", str(bad), "--topic", "products")
+    assert code == 2 and f"{bad}:2: " in error_line(err)
+    assert not {t for t in asyncio.run(_topic_names(bootstrap)) if t.startswith(prefix)}  # before: all six made
+
+    good = write_lines(tmp_path / "good.jsonl", [orjson.dumps(upsert("rn-0", "Roadster Men Blue Jeans"))])
+    code, out, err = run_cli(fresh, "replay", str(good), "--topic", "products")
+    assert code == 0 and out.startswith(f"sent 1 events to {prefix}products"), err
+    assert f"{prefix}products" in asyncio.run(_topic_names(bootstrap))

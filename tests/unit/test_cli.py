@@ -156,7 +156,7 @@ def test_worker_refuses_a_model_path_that_is_no_bundle_before_faust_starts(
     ("argv", "action"),
     [
         (["topics"], "could not create topics at"),
-        (["replay", "events.jsonl", "--topic", "products"], "could not create topics at"),
+        (["replay", "events.jsonl", "--topic", "products"], "could not read the message size limit of products at"),
         (["tail", "tag-updates", "-n", "1"], "could not read tag-updates at"),
         (["worker"], "could not create topics at"),
     ],
