@@ -35,6 +35,7 @@ from streams.topics import (
     PRODUCTS,
     TAG_UPDATES,
     TOPICS,
+    partition_count,
     partitions_of,
 )
 from streams.transport import RecordBatchMessage, TagstreamTransport
@@ -136,62 +137,95 @@ async def refuse_if_offsets_committed(settings: WorkerSettings) -> None:
     )
 
 
-async def reused_input_offsets(applied: dict[str, int], settings: WorkerSettings) -> dict[str, tuple[int, int | None]]:
-    """The input partitions (`topic:partition` of products, behavior) from which Redis has applied an offset their
-    topic has not reached: `{where: (applied offset, the partition's end offset, None when it does not exist)}`.
-    A partition's end never moves back (retention and deleted records move its start), so these partitions were
-    deleted and made again since (or this is another Kafka cluster)."""
+TOPICS_CHECK_S = 30.0  # longest a worker's start waits for Kafka to say whether it holds the records Redis applied
+
+
+async def reused_input_offsets(applied: dict[str, tuple[int, int | None]], settings: WorkerSettings) -> dict[str, str]:
+    """The input partitions (`topic:partition` of products, behavior) whose records Redis applied are not the ones
+    Kafka holds now, each with why: the offset applied lies at or past the partition's end, or the partition does not
+    exist, or the record at that offset has another Kafka timestamp than the one applied. `applied`: offset and
+    timestamp (None: unknown) per partition, as `P:offsets` keeps them. A partition's end moves back only when its
+    topic is deleted and made again, or when the broker loses the end of its log (an unclean leader election, a
+    crash before it reached the disk); retention and deleted records move its start."""
     from aiokafka import AIOKafkaConsumer, TopicPartition
     from aiokafka.admin import AIOKafkaAdminClient
+    from aiokafka.errors import UnknownTopicOrPartitionError
 
     inputs = {settings.topic(PRODUCTS.name), settings.topic(BEHAVIOR.name)}
-    mine = {}
-    for where, offset in applied.items():
+    mine: dict[Any, tuple[int, int | None]] = {}
+    for where, at in applied.items():
         topic, _, partition = where.rpartition(":")
         if topic in inputs and partition.isdigit():
-            mine[TopicPartition(topic, int(partition))] = offset
+            mine[TopicPartition(topic, int(partition))] = at
     if not mine:
         return {}
     admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, client_id="tagstream-state-check")
     await admin.start()
-    try:  # an unknown topic has no partitions
-        described = await admin.describe_topics(sorted({tp.topic for tp in mine}))
+    counts = {}
+    try:
+        for topic in sorted({tp.topic for tp in mine}):
+            try:  # asked again while the broker does not know it yet (just made); another error is raised
+                counts[topic] = await partition_count(admin, topic)
+            except UnknownTopicOrPartitionError:
+                counts[topic] = 0
     finally:
         await admin.close()
-    partitions = {t["topic"]: {p["partition"] for p in t["partitions"]} for t in described}
-    exist = [tp for tp in mine if tp.partition in partitions.get(tp.topic, set())]
-    ends: dict[Any, int] = {}
+    reused = {}
+    exist = []
+    for tp, (offset, _) in mine.items():
+        if tp.partition < counts[tp.topic]:
+            exist.append(tp)
+        else:
+            reused[tp] = f"applied up to {offset}, which does not exist"
     if exist:
         consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, enable_auto_commit=False)
         await consumer.start()
         try:
             ends = await consumer.end_offsets(exist)
+            starts = await consumer.beginning_offsets(exist)
+            check = {}
+            for tp in exist:
+                offset, timestamp = mine[tp]
+                if offset >= ends[tp]:
+                    reused[tp] = f"applied up to {offset}, which ends at {ends[tp]}"
+                elif timestamp is not None and offset >= starts[tp]:  # else retention removed it: nothing to compare
+                    check[tp] = (offset, timestamp)
+            for tp, found in (await _timestamps_at(consumer, {tp: o for tp, (o, _) in check.items()})).items():
+                offset, timestamp = check[tp]
+                if found is not None and found != timestamp:
+                    reused[tp] = f"whose record at {offset} was produced at {found}, not at {timestamp} as applied"
         finally:
             await consumer.stop()
-    return {
-        f"{tp.topic}:{tp.partition}": (offset, ends.get(tp))
-        for tp, offset in mine.items()
-        if tp not in ends or offset >= ends[tp]
-    }
+    return {f"{tp.topic}:{tp.partition}": why for tp, why in reused.items()}
+
+
+async def _timestamps_at(consumer: Any, offsets: dict[Any, int]) -> dict[Any, int | None]:
+    """The Kafka timestamp of the record at each partition's offset (None when no record is there: a gap)."""
+    out: dict[Any, int | None] = {}
+    if not offsets:
+        return out
+    consumer.assign(list(offsets))
+    for tp, offset in offsets.items():
+        consumer.seek(tp, offset)
+        records = (await consumer.getmany(tp, timeout_ms=5000, max_records=1)).get(tp, [])
+        out[tp] = records[0].timestamp if records and records[0].offset == offset else None
+    return out
 
 
 async def refuse_if_topics_recreated(store: RedisStateStore, settings: WorkerSettings) -> None:
-    """TopicsRecreatedError when Redis holds state applied from input offsets Kafka's topics have not reached: their
-    new events would be taken for redeliveries of the old ones (fenced out, so never applied)."""
+    """TopicsRecreatedError when the records Redis applied are not the ones Kafka's input topics hold now: their new
+    events would be taken for redeliveries of the old ones (fenced out, so never applied)."""
     reused = await reused_input_offsets(await store.applied_offsets(), settings)
     if not reused:
         return
-    shown = ", ".join(
-        f"{where} applied up to {applied}, " + (f"which ends at {end}" if end is not None else "which does not exist")
-        for where, (applied, end) in sorted(reused.items())[:3]
-    )
+    shown = ", ".join(f"{where} {why}" for where, why in sorted(reused.items())[:3])
     more = f" and {len(reused) - 3} more" if len(reused) > 3 else ""
     raise TopicsRecreatedError(
-        f"Redis holds tagstream state under prefix {settings.redis_prefix!r} from offsets Kafka "
-        f"({settings.kafka_bootstrap}) has not reached ({shown}{more}): the topics were deleted and made again (or "
-        "this is another Kafka cluster), and their new events would be taken for ones already applied and skipped. "
-        "The state belongs to the old topics: start on a new TAGSTREAM_REDIS_PREFIX (or delete the old prefix's keys) "
-        "and send the catalog again"
+        f"Redis holds tagstream state under prefix {settings.redis_prefix!r} applied from records Kafka "
+        f"({settings.kafka_bootstrap}) no longer holds ({shown}{more}): the topics were deleted and made again (or "
+        "this is another Kafka cluster, or the broker lost the end of its logs in a crash), and their new events "
+        "would be taken for ones already applied and skipped. The state belongs to the old records: start on a new "
+        "TAGSTREAM_REDIS_PREFIX (or delete the old prefix's keys) and send the catalog again"
     )
 
 
@@ -212,7 +246,7 @@ async def check_state_store(settings: WorkerSettings, wait_s: float = 5.0) -> No
                 return
         else:
             try:
-                await asyncio.wait_for(refuse_if_topics_recreated(store, settings), wait_s)
+                await asyncio.wait_for(refuse_if_topics_recreated(store, settings), TOPICS_CHECK_S)
             except (KafkaError, TimeoutError) as exc:  # the worker checks again when it first uses the store
                 log.warning("Kafka did not answer (%r): the worker checks its topics' offsets once it reaches it", exc)
         await asyncio.wait_for(store.check_format(), wait_s)
@@ -254,6 +288,7 @@ class Worker:
         if settings.user_hash_key.get_secret_value() == DEV_USER_HASH_KEY:
             log.warning("TAGSTREAM_USER_HASH_KEY is the development default; set a secret key in production")
         self.stats = WorkerStats()
+        self._logged_counters: tuple[int, ...] = ()  # the counters `log_stats` last logged
         self.executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tagstream-model")  # model loads
         self.models = model_holder or ModelHolder(settings, self.executor)
         self._store_factory = store_factory or (
@@ -340,6 +375,38 @@ class Worker:
         if self.gc.installed:
             log.info(self.gc.summary())
 
+    def log_stats(self) -> bool:
+        """Log the worker's counters and figures (every 10 s) when they changed since the last time: an idle worker
+        logs nothing. Returns whether it logged."""
+        stats = self.stats
+        counters = (stats.consumed, stats.batches, stats.updates, stats.dead_letters, stats.redelivered)
+        if not stats.batches or counters == self._logged_counters:
+            return False
+        self._logged_counters = counters
+        mean = sum(stats.batch_sizes) / max(len(stats.batch_sizes), 1)
+        log.info(
+            "consumed %d in %d batches (mean of last %d: %.1f), %d tag updates, %d dead letters, %d redelivered",
+            stats.consumed,
+            stats.batches,
+            len(stats.batch_sizes),
+            mean,
+            stats.updates,
+            stats.dead_letters,
+            stats.redelivered,
+        )
+        self._log_run_figures()
+        processor = self._processor
+        if processor is not None and processor.cache is not None:
+            cache = processor.cache
+            looked = cache.hits + cache.misses
+            log.info(
+                "state cache: %d products kept, %.1f%% of reads kept, %d batches redone after a conflict",
+                len(cache),
+                100 * cache.hits / looked if looked else 0.0,
+                processor.conflicts,
+            )
+        return True
+
     async def _log_figures_at_shutdown(self, app: faust.App, **kwargs: Any) -> None:
         self._log_run_figures()  # the whole run's: benchmarks read these last lines
 
@@ -352,7 +419,10 @@ class Worker:
                 store = self._store_factory()
                 if isinstance(store, RedisStateStore):
                     await check_state_not_lost(store, self.settings)
-                    await refuse_if_topics_recreated(store, self.settings)
+                    try:
+                        await asyncio.wait_for(refuse_if_topics_recreated(store, self.settings), TOPICS_CHECK_S)
+                    except (KafkaError, TimeoutError) as exc:  # a guard: the worker runs on without it
+                        log.warning("could not check that Kafka holds the records Redis applied (%r)", exc)
                     await store.check_format()
                 await self.models.start()
                 self._processor = Processor(
@@ -411,31 +481,7 @@ class Worker:
 
         @app.timer(10.0)
         async def log_stats() -> None:
-            stats = self.stats
-            if stats.batches:
-                mean = sum(stats.batch_sizes) / max(len(stats.batch_sizes), 1)
-                log.info(
-                    "consumed %d in %d batches (mean of last %d: %.1f), %d tag updates, %d dead letters, "
-                    "%d redelivered",
-                    stats.consumed,
-                    stats.batches,
-                    len(stats.batch_sizes),
-                    mean,
-                    stats.updates,
-                    stats.dead_letters,
-                    stats.redelivered,
-                )
-                self._log_run_figures()
-                processor = self._processor
-                if processor is not None and processor.cache is not None:
-                    cache = processor.cache
-                    looked = cache.hits + cache.misses
-                    log.info(
-                        "state cache: %d products kept, %.1f%% of reads kept, %d batches redone after a conflict",
-                        len(cache),
-                        100 * cache.hits / looked if looked else 0.0,
-                        processor.conflicts,
-                    )
+            self.log_stats()
 
         @app.on_partitions_revoked.connect
         async def forget_kept_states(app: faust.App, revoked: Any, **kwargs: Any) -> None:

@@ -607,6 +607,10 @@ def _status(args: argparse.Namespace) -> int:
             print(f"{w} (unreadable status: {st[UNREADABLE]})")
             _print_last_answer(last)
             continue
+        if w not in workers:  # known by its answers only: stopped cleanly, or its status pruned
+            print(f"{w} (stopped: no status; its last answer within TAGSTREAM_WORKER_STATUS_RETENTION_S)")
+            _print_last_answer(last)
+            continue
         active = st.get("active") or (last["model_version"] if last and last["kind"] == "model-activated" else None)
         print(w if w in live else f"{w} (not reporting: stopped?)")
         print(f"  active:   {active or '-'}")

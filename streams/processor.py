@@ -585,6 +585,7 @@ class Processor:
     def _record(group: _Group, state: ProductState, msg: InMessage, fence: str, payload: bytes | None) -> None:
         group.events += 1
         group.write.last_offset = msg.offset
+        group.write.last_timestamp = msg.timestamp_ms
         state.fence[fence] = str(msg.offset)
         if payload is not None:
             Processor._attach(group, payload)

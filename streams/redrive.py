@@ -4,8 +4,9 @@ A dead letter keeps its event whole (SPEC.md §1): the key and value as base64, 
 own. `redrive` reads a range of the `dead-letter` topic (its one partition, up to the end it has when the run
 starts, so letters the workers write meanwhile are not read again), picks the letters of the input topics
 (`products`, `behavior`) whose error type and source are selected, and produces each event with its key and headers
-to its source topic, adding `tagstream-redriven-from` (`<dead-letter topic>:<offset>`). An event that fails again is
-dead-lettered again, with that header: nothing is lost either way.
+to its source topic, adding `tagstream-redriven-from` (`<dead-letter topic>:<offset>`). An event dead-lettered for its
+key (`EventKeyError`) is sent keyed by its `product_id` instead, where its product's events go. An event that fails
+again is dead-lettered again, with that header: nothing is lost either way.
 
 Every run re-sends every letter it selects, and a behaviour event sent twice is counted twice: a run prints
 `next_offset`, where the next run should start (`--from-offset`). Letters are sent one at a time; one the broker
@@ -21,11 +22,13 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
+
 from schemas import DeadLetter
 from streams.processor import SOURCE_TIMESTAMP_HEADER
 from streams.settings import WorkerSettings
 from streams.topics import BEHAVIOR, DEAD_LETTER, DEAD_LETTER_MAX_BYTES, PRODUCTS, partition_count
-from tagstream.errors import ConfigError, TagstreamError
+from tagstream.errors import ConfigError, EventKeyError, TagstreamError
 
 REDRIVEN_FROM_HEADER = "tagstream-redriven-from"
 INPUT_TOPICS = (PRODUCTS.name, BEHAVIOR.name)
@@ -39,6 +42,7 @@ class Resend:
     key: bytes | None
     value: bytes
     headers: list[tuple[str, bytes]]
+    rekeyed: bool = False  # an EventKeyError letter: sent keyed by its event's product_id instead of its own key
 
 
 @dataclass(slots=True)
@@ -51,6 +55,7 @@ class RedriveResult:
     sent: Counter[str] = field(default_factory=Counter)  # by logical source topic
     skipped: Counter[str] = field(default_factory=Counter)  # by reason
     error: str | None = None  # why the letter at next_offset could not be sent (the run stopped there)
+    rekeyed: int = 0  # EventKeyError letters sent keyed by their product_id
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON line `tagstream redrive` prints (`error` only when a send was refused)."""
@@ -61,6 +66,8 @@ class RedriveResult:
             "sent" if not self.dry_run else "would_send": dict(sorted(self.sent.items())),
             "skipped": dict(sorted(self.skipped.items())),
         }
+        if self.rekeyed:
+            out["rekeyed"] = self.rekeyed
         if self.error is not None:
             out["error"] = self.error
         return out
@@ -96,7 +103,19 @@ def plan_resend(
         return "no value"
     kept = [(k, v) for k, v in headers if k != SOURCE_TIMESTAMP_HEADER]
     where = f"{settings.topic(DEAD_LETTER.name)}:{offset}".encode()
+    product_id = _product_id(event) if letter.error_type == EventKeyError.__name__ else None
+    if product_id is not None:  # its own key was the error: sent where its product's events go
+        return Resend(topic, product_id.encode(), event, [*kept, (REDRIVEN_FROM_HEADER, where)], rekeyed=True)
     return Resend(topic, key, event, [*kept, (REDRIVEN_FROM_HEADER, where)])
+
+
+def _product_id(event: bytes) -> str | None:
+    """The `product_id` of an event's JSON, if it is a string."""
+    try:
+        found = orjson.loads(event).get("product_id")
+    except (orjson.JSONDecodeError, AttributeError):
+        return None
+    return found if isinstance(found, str) else None
 
 
 async def _partitions(settings: WorkerSettings, name: str) -> int:
@@ -179,6 +198,7 @@ async def redrive(
                         result.error = f"dead letter {record.offset} to {settings.topic(plan.topic)}: {exc!r}"
                         return result
                 result.sent[plan.topic] += 1
+                result.rekeyed += plan.rekeyed
         return result
     finally:
         if producer is not None:

@@ -13,19 +13,22 @@
 --   time the product's clock crosses a 5-minute edge)
 -- Every applied write adds 1 to the fence's `rev` field (absent = 0), so a state read or kept at revision r is
 -- current exactly while `rev` is r.
--- Returns {1, new_rev} when applied, {0, stored_offset, stored_emit_json} when already applied (a no-op),
--- {2, rev} when the product's revision is not ARGV[6] (another write came between) or its counters expired (ARGV[8]):
--- nothing applied.
+-- Returns {2, rev} when the product's revision is not ARGV[6] (another write came between) or its counters expired
+-- (ARGV[8]): nothing applied; else {0, stored_offset, stored_emit_json} when already applied (a no-op), {1, new_rev}
+-- when applied.
 local fence = KEYS[1]
 local beh = string.sub(fence, 1, #fence - 5) .. 'beh'
 local field = ARGV[1]
-local stored = redis.call('HGET', fence, field)
-if stored and tonumber(stored) >= tonumber(ARGV[2]) then
-  return {0, stored, redis.call('HGET', fence, 'emit:' .. field) or ''}
-end
+-- The revision is checked first: a write computed from an older revision may cover offsets another writer applied
+-- meanwhile (an old owner's batch finishing after a rebalance) and others it did not; only a fresh read can tell
+-- which of its events are new, so it is a conflict, never a whole no-op.
 local rev = tonumber(redis.call('HGET', fence, 'rev') or '0')
 if ARGV[6] and ARGV[6] ~= '' and rev ~= tonumber(ARGV[6]) then
   return {2, rev}
+end
+local stored = redis.call('HGET', fence, field)
+if stored and tonumber(stored) >= tonumber(ARGV[2]) then
+  return {0, stored, redis.call('HGET', fence, 'emit:' .. field) or ''}
 end
 if ARGV[8] == '1' and redis.call('EXISTS', beh) == 0 then
   return {2, rev}

@@ -289,6 +289,7 @@ class Write:
     swept_by: int | None = None  # a window-expiry write: the last offset of its batch in the swept partition
     # a write of events consumed from an input partition (its fence field names it): the store records the offset
     input_fence: bool = False
+    last_timestamp: int = 0  # with input_fence: the Kafka timestamp (ms) of the record at stored_offset (0: none)
 
     @property
     def stored_offset(self) -> int:
@@ -349,13 +350,32 @@ def _swept_by_partition(writes: list[Write]) -> dict[tuple[str, int], dict[str, 
     return out
 
 
-def _input_offsets(writes: list[Write]) -> dict[str, int]:
-    """The last offset of each input partition (`<topic>:<partition>`) the writes carry events of."""
-    out: dict[str, int] = {}
+def _input_offsets(writes: list[Write]) -> dict[str, tuple[int, int]]:
+    """The last offset of each input partition (`<topic>:<partition>`) the writes carry events of, with the Kafka
+    timestamp of its record."""
+    out: dict[str, tuple[int, int]] = {}
     for w in writes:
-        if w.input_fence and out.get(w.fence_field, -1) < w.stored_offset:
-            out[w.fence_field] = w.stored_offset
+        if w.input_fence and out.get(w.fence_field, (-1, 0))[0] < w.stored_offset:
+            out[w.fence_field] = (w.stored_offset, w.last_timestamp)
     return out
+
+
+# P:offsets keeps each partition's highest offset: a late batch of a worker that lost the partition, or a write
+# refused by its fence, never lowers it. ARGV = (field, offset, "<offset>:<timestamp>") triples.
+_OFFSETS_LUA = (
+    "for i = 1, #ARGV, 3 do "
+    "local v = redis.call('HGET', KEYS[1], ARGV[i]); "
+    "local at = v and tonumber(string.match(v, '^%d+')); "
+    "if (not at) or at < tonumber(ARGV[i + 1]) then redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 2]) end "
+    "end return 0"
+)
+
+
+def parse_applied_offset(value: str) -> tuple[int, int | None]:
+    """A `P:offsets` value, `<offset>:<timestamp>` (or an offset alone), as (offset, timestamp or None);
+    ValueError when it is neither."""
+    offset, sep, timestamp = value.partition(":")
+    return int(offset), (int(timestamp) if sep and int(timestamp) > 0 else None)
 
 
 def _decode_tags(raw: bytes | str | None) -> dict[str, Any] | None:
@@ -597,16 +617,20 @@ class RedisStateStore:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.max_backoff)
 
-    async def applied_offsets(self) -> dict[str, int]:
-        """The last offset a batch applied from each input partition (`<topic>:<partition>`; SPEC.md §3)."""
-        raw = await self._retry("applied offsets", lambda: self.client.hgetall(offsets_key(self.prefix)))
+    async def applied_offsets(self) -> dict[str, tuple[int, int | None]]:
+        """The highest offset a batch applied from each input partition (`<topic>:<partition>`), with its record's
+        Kafka timestamp when known (SPEC.md §3)."""
+        key = offsets_key(self.prefix)
+        try:
+            raw = await self._retry("applied offsets", lambda: self.client.hgetall(key))
+        except ResponseError as exc:  # WRONGTYPE: the key is not a hash
+            raise StateError(f"{key} is not tagstream's offsets hash ({exc}): another program's key?") from None
         out = {}
-        for where, offset in raw.items():
+        for where, value in raw.items():
             try:
-                out[where] = int(offset)
+                out[where] = parse_applied_offset(value)
             except ValueError:
-                key = offsets_key(self.prefix)
-                raise StateError(f"{key}[{where}] is {offset!r}, not an offset (corrupt)") from None
+                raise StateError(f"{key}[{where}] is {value!r}, not an offset and timestamp (corrupt)") from None
         return out
 
     async def holds_state(self) -> bool:
@@ -765,7 +789,8 @@ class RedisStateStore:
                 pipe.append(("ZREMRANGEBYSCORE", key, "-inf", f"({max(swept.values()) - SWEPT_KEEP_OFFSETS}"))
             applied = _input_offsets(writes)  # last: the replies before it are read by position
             if applied:
-                pipe.append(("HSET", offsets_key(self.prefix), *(x for pair in applied.items() for x in pair)))
+                args = [x for f, (o, ts) in applied.items() for x in (f, o, f"{o}:{ts}")]
+                pipe.append(("EVAL", _OFFSETS_LUA, 1, offsets_key(self.prefix), *args))
 
         replies = await self._pipelined("apply", queue) if writes or end_batch or index else []
         results = [_write_result(r) for r in replies[: len(writes)]]
@@ -897,14 +922,17 @@ class MemoryStateStore:
         results = []
         for w in writes:
             fence = self.hashes[w.ops.keys[0]]
+            rev = int(fence.get("rev", 0))
+            if w.expect_rev is not None and rev != w.expect_rev:  # first, as state.lua: the write may be partly new
+                results.append(WriteResult(False, rev=rev, conflict=True))
+                continue
             stored = fence.get(w.fence_field)
             if stored is not None and int(stored) >= w.offset:
                 emit = fence.get(f"emit:{w.fence_field}")
                 results.append(WriteResult(False, emit.encode() if emit else None))
                 continue
-            rev = int(fence.get("rev", 0))
             beh = w.ops.keys[0].removesuffix("fence") + "beh"
-            if (w.expect_rev is not None and rev != w.expect_rev) or (w.expect_counters and not self.hashes.get(beh)):
+            if w.expect_counters and not self.hashes.get(beh):
                 results.append(WriteResult(False, rev=rev, conflict=True))
                 continue
             for op in w.ops.ops:
@@ -939,7 +967,10 @@ class MemoryStateStore:
             oldest = max(swept.values()) - SWEPT_KEEP_OFFSETS
             for pid in [p for p, offset in zset.items() if offset < oldest]:
                 del zset[pid]
-        self.hashes[offsets_key(self.prefix)].update({f: str(o) for f, o in _input_offsets(writes).items()})
+        kept = self.hashes[offsets_key(self.prefix)]
+        for where, (offset, timestamp) in _input_offsets(writes).items():
+            if where not in kept or parse_applied_offset(kept[where])[0] < offset:
+                kept[where] = f"{offset}:{timestamp}"
         return results
 
     async def swept_since(self, offsets: dict[tuple[str, int], int]) -> dict[tuple[str, int], list[str]]:

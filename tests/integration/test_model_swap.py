@@ -495,8 +495,10 @@ def test_wait_skips_stopped_workers_and_sees_an_accepted_shadow(make_stream_env:
     code, out = run_cli(se, "model", "status")
     assert code == 0, out
     lines = out.splitlines()
-    assert "w-old (not reporting: stopped?)" in lines and "w-gone (not reporting: stopped?)" in lines
-    assert "w-new" in lines
+    assert "w-gone (not reporting: stopped?)" in lines and "w-new" in lines
+    # stopped cleanly (its status removed): not shown as a worker running a model, only with its last answer
+    at = lines.index("w-old (stopped: no status; its last answer within TAGSTREAM_WORKER_STATUS_RETENTION_S)")
+    assert lines[at + 1].startswith("  last answer: model-activated")
 
 
 def cli_behind(se: StreamEnv, worker: Any, earlier: ModelUpdate, key: bytes, *args: str) -> tuple[int, str]:

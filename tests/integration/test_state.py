@@ -224,8 +224,13 @@ def test_a_write_computed_from_an_older_revision_is_refused_whole(stack: StackSe
             state = (await store.read(["p1"]))["p1"]
             assert state.doc == {"title": "second"} and state.beh == {"d:1:view": 2} and state.rev == 2
             assert state.applied_offset("products:0") == 1  # the refused write left no trace, not even its offset
-            [redelivered] = await store.apply([write(1, "again", 0)])  # an applied offset: a no-op, revision or not
+            # an applied offset computed from an older revision: refused (only a fresh read tells what is new)
+            [stale_again] = await store.apply([write(1, "again", 0)])
+            assert stale_again.conflict and not stale_again.applied
+            [redelivered] = await store.apply([write(1, "again", 2)])  # at the current revision: a no-op
             assert not redelivered.applied and not redelivered.conflict
+            [any_rev] = await store.apply([write(1, "again", None)])  # no revision asked: a no-op
+            assert not any_rev.applied and not any_rev.conflict
         finally:
             await _clear(client, prefix)
             await store.close()
@@ -466,3 +471,43 @@ def test_a_group_reset_to_the_earliest_after_retention_is_no_lost_state(stream_e
     consumed, after_reset = asyncio.run(main())
     assert list(consumed) == [f"{tp.topic}:0"]  # a lost store would be refused
     assert after_reset == {}  # the remedy the refusal names: the worker replays what is left into the empty store
+
+
+@pytest.mark.parametrize("kept", [0, 100])
+def test_an_old_owners_batch_landing_between_the_new_owners_read_and_write_loses_no_event(
+    stack: StackSettings, kept: int
+) -> None:
+    """After a rebalance the old owner of a partition may still finish its in-flight batch while the new owner
+    processes the same offsets and more, from the committed offset: every event is counted once."""
+
+    async def main() -> None:
+        prefix = f"st{uuid.uuid4().hex[:8]}"
+        old_store, new_store = (RedisStateStore.from_url(stack.redis_url, prefix) for _ in range(2))
+        old_owner = Processor(old_store, user_hash_key=b"k", state_cache=kept)
+        new_owner = Processor(new_store, user_hash_key=b"k", state_cache=kept)
+        events = [behaviour("r1", f"u{i}", T0 + i * 1000, "view") for i in range(10)]
+        views = [InMessage("behavior", 0, i, b"r1", orjson.dumps(e)) for i, e in enumerate(events)]
+        try:
+            await old_owner.process_products([InMessage("products", 0, 0, b"r1", orjson.dumps(upsert("r1", "t")))])
+            write = new_store.apply_and_end_batch
+
+            async def old_owner_lands_first(*args: Any, **kwargs: Any) -> Any:
+                new_store.apply_and_end_batch = write  # type: ignore[method-assign]  # once
+                assert (await old_owner.process_behaviour(views[:5])).applied == 5  # offsets 0..4
+                return await write(*args, **kwargs)
+
+            new_store.apply_and_end_batch = old_owner_lands_first  # type: ignore[method-assign]
+            out = await new_owner.process_behaviour(views)  # read, then (after the old owner's write) write 0..9
+            assert out.applied == 5 and new_owner.conflicts == 1  # offsets 5..9, after a second pass
+            state = (await new_store.read(["r1"]))["r1"]
+            assert state.applied_offset("behavior:0") == 9
+            day_views = sum(v for k, v in state.beh.items() if k.startswith("d:") and k.endswith(":view"))
+            assert day_views == 10  # before: 5, and offsets 5..9 were acknowledged, never counted
+        finally:
+            keys = [k async for k in new_store.client.scan_iter(f"{prefix}:*")]
+            if keys:
+                await new_store.client.delete(*keys)
+            await old_store.close()
+            await new_store.close()
+
+    asyncio.run(main())

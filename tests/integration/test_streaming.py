@@ -22,6 +22,7 @@ from aiokafka.partitioner import DefaultPartitioner
 from schemas import ProductChange, validate
 from streams.model import BundleModel
 from streams.settings import WorkerSettings
+from streams.topics import ensure_topics
 from tests.events import behaviour, delete, upsert
 from tests.integration.conftest import REPO, StreamEnv
 from tests.models import featurized_bundle
@@ -644,17 +645,27 @@ def test_a_worker_refuses_a_redis_state_applied_from_topics_that_were_deleted_an
 
     offsets = asyncio.run(applied())
     assert {w.rpartition(":")[0] for w in offsets} == {settings.topic("products"), settings.topic("behavior")}
+    assert all(ts is not None for _, ts in offsets.values())  # each with its record's Kafka timestamp
     assert asyncio.run(reused_input_offsets(offsets, settings)) == {}  # the same topics: a restart is fine
+    products = settings.topic("products")
+    beyond = {f"{products}:{settings.partitions}": (0, None), f"other-{products}:0": (10**9, None)}  # other's: no
+    assert asyncio.run(reused_input_offsets(beyond, settings)) == {
+        f"{products}:{settings.partitions}": "applied up to 0, which does not exist"
+    }
 
     asyncio.run(_delete_input_topics(settings))  # the topics are made again, Redis kept
+    asyncio.run(ensure_topics(settings))
+    assert any("which ends at 0" in why for why in asyncio.run(reused_input_offsets(offsets, settings)).values())
+    stream_env.produce("products", first)  # the catalog sent again before a worker starts: the same offsets reached
+    stream_env.produce("behavior", [behaviour("old-0", "u1", T0)])
     env = {**os.environ, **stream_env.env, "TAGSTREAM_MODEL_PATH": str(bundle)}
     refused = subprocess.run(
         [sys.executable, "-m", "tagstream.cli", "worker"], env=env, cwd=REPO, capture_output=True, timeout=120
     )
     err = refused.stderr.decode()
     assert refused.returncode == 2 and "Traceback" not in err, err[-3000:]
-    assert f"Redis holds tagstream state under prefix {settings.redis_prefix!r} from offsets Kafka" in err
-    assert f"{settings.topic('products')}:" in err and "which ends at 0" in err
+    assert f"Redis holds tagstream state under prefix {settings.redis_prefix!r} applied from records Kafka" in err
+    assert f"{products}:" in err and "was produced at" in err and "not at" in err
     assert "start on a new TAGSTREAM_REDIS_PREFIX" in err
 
     # the remedy the error names: a new prefix takes the new topics' events from their first offset

@@ -237,7 +237,9 @@ def test_status_shows_unreadable_statuses_and_not_workers_whose_last_answer_expi
     assert any(line.startswith("w-bad (unreadable status: not JSON: ") for line in lines), out
     assert any(line.startswith("w-bytes (unreadable status: not JSON: ") for line in lines), out
     assert "w-list (unreadable status: not a JSON object but list)" in lines
-    assert "w-live" in lines and "w-stopped (not reporting: stopped?)" in lines
+    assert "w-live" in lines  # and a worker known by its answer only, with that answer (no model shown as running)
+    stopped = lines.index("w-stopped (stopped: no status; its last answer within TAGSTREAM_WORKER_STATUS_RETENTION_S)")
+    assert lines[stopped + 1].startswith("  last answer: model-activated m-1")
     assert "w-long-gone" not in out  # its last answer is older than the status retention
 
     code, out = run(monkeypatch, capsys, se, "model", "status", "--json")

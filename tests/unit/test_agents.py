@@ -264,3 +264,20 @@ async def test_a_batch_that_fails_is_retried_one_message_at_a_time_and_only_the_
     [(key, dead, _)] = out.dead_letters
     assert key == b"p2" and orjson.loads(dead)["error_type"] == "RuntimeError"
     assert len(processor.locks) == 0  # every product released
+
+
+async def test_an_idle_worker_logs_its_counters_once_not_every_ten_seconds(
+    worker: Worker, caplog: pytest.LogCaptureFixture
+) -> None:
+    assert not worker.log_stats()  # nothing consumed yet
+    async with worker.products_agent.test_context() as agent:
+        await agent.put(key=b"p1", value=orjson.dumps(upsert("p1", "Nike Women Red Shoes")))
+        await _until(lambda: worker.stats.consumed == 1)
+    with caplog.at_level("INFO", logger="streams.app"):
+        assert worker.log_stats()
+        assert not worker.log_stats() and not worker.log_stats()  # idle since: before, the same lines every 10 s
+    assert sum("consumed 1 in 1 batches" in r.getMessage() for r in caplog.records) == 1
+    async with worker.products_agent.test_context() as agent:
+        await agent.put(key=b"p2", value=orjson.dumps(upsert("p2", "Levis Men Black Jeans")))
+        await _until(lambda: worker.stats.consumed == 2)
+    assert worker.log_stats()  # something happened: logged again

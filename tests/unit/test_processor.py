@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -436,7 +437,30 @@ async def test_the_store_records_the_last_offset_applied_from_each_input_partiti
     await processor.process_behaviour(feed("behavior", *clicks, partition=3))
     store = processor.store
     assert isinstance(store, MemoryStateStore)
-    assert store.hashes["t:offsets"] == {"products:0": "1", "behavior:3": "2"}
+    assert store.hashes["t:offsets"] == {"products:0": "1:0", "behavior:3": "2:0"}  # offset:Kafka timestamp
+    late = feed("behavior", behaviour("p1", "u9", T0), partition=3)
+    late[0] = replace(late[0], offset=1, timestamp_ms=T0)  # a late batch of a worker that lost the partition
+    await processor.process_behaviour(late)
+    assert store.hashes["t:offsets"]["behavior:3"] == "2:0"  # the highest offset is kept
+
+
+async def test_a_write_partly_covering_offsets_another_worker_applied_is_processed_again(model: BundleModel) -> None:
+    store = MemoryStateStore("t")  # shared by an old owner finishing a batch and the partition's new owner
+    old_owner, new_owner = (Processor(store, user_hash_key=b"k", model_provider=lambda: model) for _ in range(2))
+    events = [behaviour("r1", f"u{i}", T0 + i, "view") for i in range(10)]
+    views = [InMessage("behavior", 0, i, b"r1", orjson.dumps(e)) for i, e in enumerate(events)]
+    read = store.read
+
+    async def old_owner_writes_after_the_read(*args: Any, **kwargs: Any) -> Any:
+        store.read = read  # type: ignore[method-assign]
+        states = await read(*args, **kwargs)
+        await old_owner.process_behaviour(views[:5])
+        return states
+
+    store.read = old_owner_writes_after_the_read  # type: ignore[method-assign]
+    assert (await new_owner.process_behaviour(views)).applied == 5 and new_owner.conflicts == 1
+    day = [v for k, v in store.hashes["t:{r1}:beh"].items() if k.startswith("d:") and k.endswith(":view")]
+    assert day == ["10"]
 
 
 def test_a_dead_letter_keeps_its_source_records_headers_and_kafka_timestamp() -> None:

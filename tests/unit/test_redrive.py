@@ -48,3 +48,17 @@ def test_letters_not_selected_are_skipped_with_the_reason(letter: tuple, kwargs:
 def test_a_record_that_is_not_a_dead_letter_is_unreadable(value: object) -> None:
     raw = orjson.dumps(value) if isinstance(value, dict) else value
     assert plan_resend(raw, [], 0, SETTINGS) == "unreadable"  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("key", [None, b"p-2"])
+def test_a_letter_dead_lettered_for_its_key_is_sent_keyed_by_its_product_id(key: bytes | None) -> None:
+    from streams.processor import key_error
+
+    event = b'{"product_id": "p-1", "a": 1}'
+    msg = InMessage("t1.behavior", 0, 3, key, event, 1_764_316_800_000)
+    _, value, headers = dead_letter(msg, key_error(key, "p-1"))
+    plan = plan_resend(value, headers, 9, SETTINGS)
+    assert isinstance(plan, Resend) and plan.rekeyed  # as it was, it would be dead-lettered again at every redrive
+    assert (plan.topic, plan.key, plan.value) == ("behavior", b"p-1", event)
+    other = plan_resend(*_letter()[1:], 9, SETTINGS)  # any other error: its own key, whole
+    assert isinstance(other, Resend) and other.key == b"p-1" and not other.rekeyed
