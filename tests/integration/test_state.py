@@ -431,6 +431,33 @@ def test_a_worker_on_a_store_of_another_format_refuses_to_start_in_one_line(
     assert line.startswith("tagstream worker: error: ") and named in line, line
 
 
+@pytest.mark.parametrize(
+    ("offsets", "named"),
+    [
+        ("a string", "is not tagstream's offsets hash (WRONGTYPE"),
+        ({"x-products:0": "abc"}, "[x-products:0] is 'abc', not an offset and timestamp (corrupt)"),
+    ],
+)
+def test_a_worker_on_a_store_with_corrupt_applied_offsets_refuses_to_start_in_one_line(
+    stream_env: Any, offsets: dict[str, str] | str, named: str
+) -> None:
+    client = stream_env.redis()
+    prefix = stream_env.settings.redis_prefix
+    client.hset(f"{prefix}:meta", "state_format", 3)
+    key = f"{prefix}:offsets"
+    client.hset(key, mapping=offsets) if isinstance(offsets, dict) else client.set(key, offsets)
+    done = subprocess.run(
+        [sys.executable, "-m", "tagstream.cli", "worker"],
+        env={**os.environ, **stream_env.env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    [line] = done.stderr.strip().splitlines()
+    assert line.startswith(f"tagstream worker: error: {key}") and named in line, line
+
+
 def test_an_empty_store_stays_unwritten_when_kafka_does_not_answer_the_start_check(stream_env: Any) -> None:
     from streams.app import check_state_store
 
