@@ -159,7 +159,7 @@ def check_replay_file(path: Path, topic: str, limit: int, ahead_ms: int = 0) -> 
 async def _message_limit(settings: WorkerSettings, topic: str) -> int:
     """The most bytes one replayed record may take: the producer's max request size, or the topic's
     `max.message.bytes` (a one-record batch) if it is lower. A topic that does not exist yet has no entry: the
-    topics a worker makes keep the broker's limit (above the producer's) or declare a larger one."""
+    products and behavior topics a worker makes keep the broker's `message.max.bytes`, read instead."""
     from aiokafka.admin import AIOKafkaAdminClient
     from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
@@ -167,19 +167,26 @@ async def _message_limit(settings: WorkerSettings, topic: str) -> int:
     await admin.start()
     try:
         name = settings.topic(topic)
-        responses = await admin.describe_configs(
-            [ConfigResource(ConfigResourceType.TOPIC, name, {"max.message.bytes": None})]
-        )
+        wanted = ConfigResource(ConfigResourceType.TOPIC, name, {"max.message.bytes": None})
+        limits = _config_values(await admin.describe_configs([wanted]), "max.message.bytes")
+        if not limits:  # not made yet: it will have the broker's limit
+            broker = str((await admin.describe_cluster())["brokers"][0]["node_id"])
+            wanted = ConfigResource(ConfigResourceType.BROKER, broker, {"message.max.bytes": None})
+            limits = _config_values(await admin.describe_configs([wanted]), "message.max.bytes")
     finally:
         await admin.close()
-    limits = [
+    return min([REPLAY_MAX_REQUEST_BYTES, *limits])
+
+
+def _config_values(responses: list[Any], name: str) -> list[int]:
+    """The integer values of config `name` in DescribeConfigs responses."""
+    return [
         int(entry[1])
         for response in responses
         for resource in response.resources
         for entry in resource[4]
-        if entry[0] == "max.message.bytes" and str(entry[1]).isdigit()
+        if entry[0] == name and str(entry[1]).isdigit()
     ]
-    return min([REPLAY_MAX_REQUEST_BYTES, *limits])
 
 
 @dataclass

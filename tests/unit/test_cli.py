@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import orjson
 import pytest
@@ -354,3 +356,31 @@ def test_model_commands_refuse_a_wait_that_is_no_number_of_seconds(
         exit_.value.code == 2 and f"argument --wait: invalid wait_seconds value: '{value}'" in capsys.readouterr().err
     )
     assert build_parser().parse_args(["model", "rollback", "--wait", "2.5"]).wait == 2.5
+
+
+def test_replay_checks_a_topic_not_made_yet_against_the_brokers_message_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    import aiokafka.admin
+
+    from streams.cli import _message_limit
+    from streams.settings import WorkerSettings
+
+    class Admin:  # a broker whose message.max.bytes (500,000) is below the producer's 1 MiB, no such topic yet
+        def __init__(self, **kwargs: object) -> None:
+            pass
+
+        async def start(self) -> None:
+            pass
+
+        async def close(self) -> None:
+            pass
+
+        async def describe_cluster(self) -> dict:
+            return {"brokers": [{"node_id": 7}]}
+
+        async def describe_configs(self, resources: list) -> list:
+            [resource] = resources
+            entries = [("message.max.bytes", "500000")] if resource.name == "7" else []  # the topic: none
+            return [SimpleNamespace(resources=[(3 if entries == [] else 0, "", 0, resource.name, entries)])]
+
+    monkeypatch.setattr(aiokafka.admin, "AIOKafkaAdminClient", Admin)
+    assert asyncio.run(_message_limit(WorkerSettings(), "products")) == 500_000  # before: 1,048,576
