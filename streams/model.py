@@ -324,7 +324,12 @@ class _Rules:
         """Whether applying `event` to `models` needs its bundle validated."""
         if event.kind == "activate":
             return not self.same_bundle(models[0], event)
-        return event.kind == "shadow" and event.bundle_uri is not None and models[0] is not None
+        return (
+            event.kind == "shadow"
+            and event.bundle_uri is not None
+            and models[0] is not None
+            and event.model_version != self.version(models[0])  # refused unread: the active model's own version
+        )
 
     def apply(
         self, models: _Models, event: ModelUpdate, bundle: _Slot | None, refused: tuple[str, ...] | None
@@ -358,6 +363,8 @@ class _Rules:
                 return _Step(models, models._replace(shadow=None), stopped=shadow)
             if active is None:
                 return refuse("shadow: no active model to compare with")
+            if event.model_version == self.version(active):  # promoted, it would fill both active and previous
+                return refuse(f"shadow: {event.model_version} is the active model")
             if refused is not None:
                 return refuse(*refused)
             assert bundle is not None

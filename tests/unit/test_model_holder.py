@@ -1100,3 +1100,21 @@ async def test_reopening_a_validated_bundle_is_bounded_by_the_validation_time_li
     finally:
         release.set()
         holder.close()
+
+
+async def test_a_shadow_of_the_active_model_is_refused_so_one_version_never_fills_two_slots(
+    bundles: dict[str, Path],
+) -> None:
+    a = bundles["a"].name
+    holder = await holder_with(bundles)  # a active
+    shadow_a = request("shadow", bundles["a"])
+    refused = (await holder.handle(shadow_a)).answer
+    assert refused is not None and refused.kind == "model-rejected"
+    assert refused.reasons == (f"shadow: {a} is the active model",) and holder.shadow is None
+    promote = request("promote")
+    nothing = (await holder.handle(promote)).answer
+    assert nothing is not None and nothing.reasons == ("promote: no shadow model",)
+    assert holder.status()["active"] == a and holder.status()["previous"] is None  # before: a and a
+    restarted = await holder_with(bundles)  # a restart folds the same history to the same slots
+    await restarted.restore([(0, shadow_a), (1, promote)])
+    assert restarted.status()["active"] == a and restarted.status()["previous"] is None
