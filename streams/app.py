@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,7 +35,7 @@ from streams.topics import (
     PRODUCTS,
     TAG_UPDATES,
     TOPICS,
-    partition_count,
+    partition_counts,
     partitions_of,
 )
 from streams.transport import RecordBatchMessage, TagstreamTransport
@@ -110,6 +110,13 @@ async def committed_input_offsets(settings: WorkerSettings) -> dict[str, int]:
     return {f"{tp.topic}:{tp.partition}": at for tp, at in committed.items() if at > first[tp]}
 
 
+def _a_few(items: Iterable[str], n: int = 3) -> str:
+    """The first `n` items, comma-separated, and how many more there are."""
+    items = list(items)
+    more = f" and {len(items) - n} more" if len(items) > n else ""
+    return ", ".join(items[:n]) + more
+
+
 async def check_state_not_lost(store: RedisStateStore, settings: WorkerSettings) -> None:
     """StateLostError when Redis holds no state under the worker's prefix while its consumer group has committed
     offsets on the input topics: what those events built is gone (a Redis restarted without persistence, a flushed
@@ -125,11 +132,10 @@ async def refuse_if_offsets_committed(settings: WorkerSettings) -> None:
     committed = await committed_input_offsets(settings)
     if not committed:
         return
-    shown = ", ".join(f"{where} at {offset}" for where, offset in sorted(committed.items())[:3])
-    more = f" and {len(committed) - 3} more" if len(committed) > 3 else ""
+    shown = _a_few(f"{where} at {offset}" for where, offset in sorted(committed.items()))
     raise StateLostError(
         f"Redis holds no tagstream state under prefix {settings.redis_prefix!r} (no {settings.redis_prefix}:meta), "
-        f"but consumer group {settings.app_id!r} has committed offsets ({shown}{more}): the state those events built "
+        f"but consumer group {settings.app_id!r} has committed offsets ({shown}): the state those events built "
         "was lost, and resuming would apply only what comes after them. Restore Redis (its append-only file), or "
         "rebuild the state by replaying the topics: reset the group's offsets to the earliest "
         f"(kafka-consumer-groups.sh --bootstrap-server {settings.kafka_bootstrap} --group {settings.app_id} "
@@ -148,8 +154,6 @@ async def reused_input_offsets(applied: dict[str, tuple[int, int | None]], setti
     topic is deleted and made again, or when the broker loses the end of its log (an unclean leader election, a
     crash before it reached the disk); retention and deleted records move its start."""
     from aiokafka import AIOKafkaConsumer, TopicPartition
-    from aiokafka.admin import AIOKafkaAdminClient
-    from aiokafka.errors import UnknownTopicOrPartitionError
 
     inputs = {settings.topic(PRODUCTS.name), settings.topic(BEHAVIOR.name)}
     mine: dict[Any, tuple[int, int | None]] = {}
@@ -159,17 +163,7 @@ async def reused_input_offsets(applied: dict[str, tuple[int, int | None]], setti
             mine[TopicPartition(topic, int(partition))] = at
     if not mine:
         return {}
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, client_id="tagstream-state-check")
-    await admin.start()
-    counts = {}
-    try:
-        for topic in sorted({tp.topic for tp in mine}):
-            try:  # asked again while the broker does not know it yet (just made); another error is raised
-                counts[topic] = await partition_count(admin, topic)
-            except UnknownTopicOrPartitionError:
-                counts[topic] = 0
-    finally:
-        await admin.close()
+    counts = await partition_counts(settings.kafka_bootstrap, (tp.topic for tp in mine), "tagstream-state-check")
     reused = {}
     exist = []
     for tp, (offset, _) in mine.items():
@@ -218,22 +212,22 @@ async def refuse_if_topics_recreated(store: RedisStateStore, settings: WorkerSet
     reused = await reused_input_offsets(await store.applied_offsets(), settings)
     if not reused:
         return
-    shown = ", ".join(f"{where} {why}" for where, why in sorted(reused.items())[:3])
-    more = f" and {len(reused) - 3} more" if len(reused) > 3 else ""
+    shown = _a_few(f"{where} {why}" for where, why in sorted(reused.items()))
     raise TopicsRecreatedError(
         f"Redis holds tagstream state under prefix {settings.redis_prefix!r} applied from records Kafka "
-        f"({settings.kafka_bootstrap}) no longer holds ({shown}{more}): the topics were deleted and made again (or "
+        f"({settings.kafka_bootstrap}) no longer holds ({shown}): the topics were deleted and made again (or "
         "this is another Kafka cluster, or the broker lost the end of its logs in a crash), and their new events "
         "would be taken for ones already applied and skipped. The state belongs to the old records: start on a new "
         "TAGSTREAM_REDIS_PREFIX (or delete the old prefix's keys) and send the catalog again"
     )
 
 
-async def check_state_store(settings: WorkerSettings, wait_s: float = 5.0) -> None:
+async def check_state_store(settings: WorkerSettings, wait_s: float = 5.0) -> bool:
     """Before a worker starts: the Redis store holds a state format this worker reads (StateError otherwise, so the
-    refusal is one line instead of a crash inside the agents), and was not lost (`check_state_not_lost`). A Redis
-    that does not answer within `wait_s` is left for the worker, which waits for it and checks both then; so is an
-    empty store while Kafka does not answer (its format is not written here, so the worker's own check still runs)."""
+    refusal is one line instead of a crash inside the agents), was not lost (`check_state_not_lost`) and was applied
+    from the records Kafka holds (`refuse_if_topics_recreated`). Returns whether every check ran: a Redis that does
+    not answer within `wait_s`, or a Kafka that does not answer, leaves them to the worker, which runs them when it
+    first uses its store (an empty store's format is then not written here, so the worker's own check still runs)."""
     store = RedisStateStore.from_url(
         settings.redis_url.get_secret_value(), settings.redis_prefix, settings.redis_retry_max_backoff
     )
@@ -241,17 +235,20 @@ async def check_state_store(settings: WorkerSettings, wait_s: float = 5.0) -> No
         if not await asyncio.wait_for(store.holds_state(), wait_s):
             try:
                 await asyncio.wait_for(refuse_if_offsets_committed(settings), wait_s)
-            except (KafkaError, TimeoutError) as exc:  # the format is not written: the worker checks both later
+            except (KafkaError, TimeoutError) as exc:
                 log.warning("Kafka did not answer (%r): the worker checks its group's offsets once it reaches it", exc)
-                return
+                return False
         else:
             try:
                 await asyncio.wait_for(refuse_if_topics_recreated(store, settings), TOPICS_CHECK_S)
-            except (KafkaError, TimeoutError) as exc:  # the worker checks again when it first uses the store
+            except (KafkaError, TimeoutError) as exc:
                 log.warning("Kafka did not answer (%r): the worker checks its topics' offsets once it reaches it", exc)
+                return False
         await asyncio.wait_for(store.check_format(), wait_s)
+        return True
     except TimeoutError:
         log.warning("Redis did not answer within %gs: its state format is checked once the worker reaches it", wait_s)
+        return False
     finally:
         await store.close()
 
@@ -279,10 +276,13 @@ class Worker:
         store_factory: Callable[[], StateStore] | None = None,
         model_holder: ModelHolder | None = None,
         capture_output: bool = False,
+        store_checked: bool = False,
     ) -> None:
         """`capture_output=True` keeps the tag updates and dead letters in `self.captured` instead of sending them
-        (the in-memory harness: `agent.test_context()` with a MemoryStateStore needs no broker at all)."""
+        (the in-memory harness: `agent.test_context()` with a MemoryStateStore needs no broker at all).
+        `store_checked`: `check_state_store` ran every check just before, so the worker does not repeat them."""
         self.settings = settings
+        self.store_checked = store_checked
         self.capture_output = capture_output
         self.captured: dict[str, list[tuple[bytes | None, bytes]]] = {TAG_UPDATES.name: [], DEAD_LETTER.name: []}
         if settings.user_hash_key.get_secret_value() == DEV_USER_HASH_KEY:
@@ -417,7 +417,7 @@ class Worker:
             if self._processor is None:
                 log.info("event loop: %s", type(asyncio.get_running_loop()).__module__)
                 store = self._store_factory()
-                if isinstance(store, RedisStateStore):
+                if isinstance(store, RedisStateStore) and not self.store_checked:
                     await check_state_not_lost(store, self.settings)
                     try:
                         await asyncio.wait_for(refuse_if_topics_recreated(store, self.settings), TOPICS_CHECK_S)

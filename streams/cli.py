@@ -44,8 +44,8 @@ def _worker(args: argparse.Namespace) -> int:
 
     use_event_loop(settings.event_loop)  # before Faust creates the app's loop
     _ensure_topics(settings)
-    asyncio.run(check_state_store(settings))  # a store of another format: one line here, not a crash in the agents
-    worker = Worker(settings)
+    # a store of another format, lost or from other topics: one line here, not a crash in the agents
+    worker = Worker(settings, store_checked=asyncio.run(check_state_store(settings)))
     worker.models.preload()  # a bundle that fails validation: one line here, not a crash in the agents
     worker.gc.install()
     import faust

@@ -27,7 +27,7 @@ import orjson
 from schemas import DeadLetter
 from streams.processor import SOURCE_TIMESTAMP_HEADER
 from streams.settings import WorkerSettings
-from streams.topics import BEHAVIOR, DEAD_LETTER, DEAD_LETTER_MAX_BYTES, PRODUCTS, partition_count
+from streams.topics import BEHAVIOR, DEAD_LETTER, DEAD_LETTER_MAX_BYTES, PRODUCTS, partition_counts
 from tagstream.errors import ConfigError, EventKeyError, TagstreamError
 
 REDRIVEN_FROM_HEADER = "tagstream-redriven-from"
@@ -118,18 +118,6 @@ def _product_id(event: bytes) -> str | None:
     return found if isinstance(found, str) else None
 
 
-async def _partitions(settings: WorkerSettings, name: str) -> int:
-    """How many partitions topic `name` has."""
-    from aiokafka.admin import AIOKafkaAdminClient
-
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, client_id="tagstream-redrive")
-    await admin.start()
-    try:
-        return await partition_count(admin, name)
-    finally:
-        await admin.close()
-
-
 async def redrive(
     settings: WorkerSettings,
     *,
@@ -153,7 +141,7 @@ async def redrive(
             raise ConfigError(
                 f"no topic {name} (TAGSTREAM_TOPIC_PREFIX={settings.topic_prefix!r}; see `tagstream topics`)"
             )
-        partitions = await _partitions(settings, name)
+        partitions = (await partition_counts(settings.kafka_bootstrap, [name], "tagstream-redrive"))[name]
         if partitions != 1:  # offsets name letters only within one partition
             raise ConfigError(
                 f"topic {name} has {partitions} partitions; redrive reads a one-partition dead-letter topic, as "

@@ -71,7 +71,7 @@ def sweep_partition(fence_field: str) -> tuple[str, int]:
 
 
 def offsets_key(prefix: str) -> str:
-    """Hash `<topic>:<partition>` → the last offset a batch applied from that input partition."""
+    """Hash `<topic>:<partition>` → `<offset>:<timestamp>`, the highest offset applied from that input partition."""
     return f"{prefix}:offsets"
 
 
@@ -374,8 +374,8 @@ _OFFSETS_LUA = (
 def parse_applied_offset(value: str) -> tuple[int, int | None]:
     """A `P:offsets` value, `<offset>:<timestamp>` (or an offset alone), as (offset, timestamp or None);
     ValueError when it is neither."""
-    offset, sep, timestamp = value.partition(":")
-    return int(offset), (int(timestamp) if sep and int(timestamp) > 0 else None)
+    offset, _, timestamp = value.partition(":")
+    return int(offset), int(timestamp or 0) or None
 
 
 def _decode_tags(raw: bytes | str | None) -> dict[str, Any] | None:

@@ -165,6 +165,24 @@ async def partition_count(admin: AIOKafkaAdminClient, name: str) -> int:
         return len(topic["partitions"])
 
 
+async def partition_counts(bootstrap: str, names: Iterable[str], client_id: str) -> dict[str, int]:
+    """How many partitions each topic has (0 for one the broker does not have), asked by one admin client."""
+    from aiokafka.errors import UnknownTopicOrPartitionError
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, client_id=client_id)
+    await admin.start()
+    counts = {}
+    try:
+        for name in sorted(set(names)):
+            try:
+                counts[name] = await partition_count(admin, name)
+            except UnknownTopicOrPartitionError:
+                counts[name] = 0
+    finally:
+        await admin.close()
+    return counts
+
+
 async def _describe(admin: AIOKafkaAdminClient, names: list[str]) -> dict[str, list[Sequence[Any]]]:
     """The DescribeConfigs entries of each topic. One another process just created can be unknown to the broker for
     a moment: it is asked again for up to DESCRIBE_WAIT_S."""

@@ -404,6 +404,17 @@ def test_a_restart_re_sends_the_window_expiries_a_redis_store_recorded(stack: St
     asyncio.run(main())
 
 
+def _start_worker(stream_env: Any) -> subprocess.CompletedProcess[str]:
+    """`tagstream worker` with the test's settings, run until it exits (these are refused at start)."""
+    return subprocess.run(
+        [sys.executable, "-m", "tagstream.cli", "worker"],
+        env={**os.environ, **stream_env.env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
 @pytest.mark.parametrize(
     ("meta", "named"),
     [
@@ -418,13 +429,7 @@ def test_a_worker_on_a_store_of_another_format_refuses_to_start_in_one_line(
     client = stream_env.redis()
     key = f"{stream_env.settings.redis_prefix}:meta"
     client.hset(key, mapping=meta) if isinstance(meta, dict) else client.set(key, meta)
-    done = subprocess.run(
-        [sys.executable, "-m", "tagstream.cli", "worker"],
-        env={**os.environ, **stream_env.env},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    done = _start_worker(stream_env)
     assert done.returncode == 2, done.stderr[-3000:]
     assert "Traceback" not in done.stderr and "crash" not in done.stderr, done.stderr[-3000:]
     [line] = done.stderr.strip().splitlines()
@@ -446,13 +451,7 @@ def test_a_worker_on_a_store_with_corrupt_applied_offsets_refuses_to_start_in_on
     client.hset(f"{prefix}:meta", "state_format", 3)
     key = f"{prefix}:offsets"
     client.hset(key, mapping=offsets) if isinstance(offsets, dict) else client.set(key, offsets)
-    done = subprocess.run(
-        [sys.executable, "-m", "tagstream.cli", "worker"],
-        env={**os.environ, **stream_env.env},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    done = _start_worker(stream_env)
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
     [line] = done.stderr.strip().splitlines()
     assert line.startswith(f"tagstream worker: error: {key}") and named in line, line
