@@ -415,9 +415,17 @@ def _redrive_cmd(args: argparse.Namespace) -> int:
                 sources=args.source or ("products", "behavior"),
                 error_types=args.error_type or (),
                 dry_run=args.dry_run,
+                again=args.again,
             )
         )
     sys.stdout.write(orjson.dumps(result.to_dict()).decode() + "\n")
+    if missing := sorted(set(args.error_type or ()) - set(result.error_types)):
+        seen = ", ".join(f"{name} ({n})" for name, n in sorted(result.error_types.items())) or "none"
+        print(
+            f"tagstream redrive: warning: no letter in [{result.first_offset}, {result.next_offset}) has error type "
+            f"{', '.join(missing)}; the error types of the input topics' letters there: {seen}",
+            file=sys.stderr,
+        )
     if result.error is not None:
         print(f"tagstream redrive: error: stopped at {result.error}", file=sys.stderr)
         return 2
@@ -492,8 +500,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     p = subparsers.add_parser(
         "redrive",
-        help="send dead-lettered events back to the topic they came from (once their cause is fixed); prints one "
-        "JSON line with what was sent and skipped, and next_offset, where the next run should start",
+        help="send dead-lettered events back to the topic they came from (once their cause is fixed), each event "
+        "once; prints one JSON line with what was sent and skipped, and next_offset, where the run stopped",
     )
     p.add_argument("--source", action="append", choices=["products", "behavior"], help="only letters from this topic")
     p.add_argument(
@@ -512,4 +520,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="stop before this dead-letter offset (default: the end now)",
     )
     p.add_argument("--dry-run", action="store_true", help="only count what would be sent")
+    p.add_argument(
+        "--again",
+        action="store_true",
+        help="also send letters whose event a run sent back already (recorded in Redis; by default skipped)",
+    )
     p.set_defaults(func=_redrive_cmd)

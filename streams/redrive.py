@@ -8,9 +8,14 @@ to its source topic, adding `tagstream-redriven-from` (`<dead-letter topic>:<off
 key (`EventKeyError`) is sent keyed by its `product_id` instead, where its product's events go. An event that fails
 again is dead-lettered again, with that header: nothing is lost either way.
 
-Every run re-sends every letter it selects, and a behaviour event sent twice is counted twice: a run prints
-`next_offset`, where the next run should start (`--from-offset`). Letters are sent one at a time; one the broker
-refuses stops the run there, with `error` in the line and `next_offset` at that letter (all before it were sent).
+An event is sent back once: its letter's `source` (topic, partition, offset) names it, and the Redis hash
+`<prefix>:redriven` (SPEC.md §3) records each one sent, after the broker acknowledged it. A letter of an event sent
+already, by an earlier run or earlier in this one (a worker that restarted before committing dead-letters the same
+event again), is skipped, so running the same command twice counts no click twice; `again` sends such letters anyway.
+An event sent back that fails again gets a letter of its own source (where it was sent), which a later run sends.
+Letters are sent one at a time; one the broker refuses stops the run there, with `error` in the line and
+`next_offset` at that letter (all before it were sent). A run stopped between a send and its record in Redis (a
+crash, Redis gone) sends that one event again next time: at least once, never lost.
 """
 
 from __future__ import annotations
@@ -28,10 +33,18 @@ from schemas import DeadLetter
 from streams.processor import SOURCE_TIMESTAMP_HEADER
 from streams.settings import WorkerSettings
 from streams.topics import BEHAVIOR, DEAD_LETTER, DEAD_LETTER_MAX_BYTES, PRODUCTS, partition_counts
-from tagstream.errors import ConfigError, EventKeyError, TagstreamError
+from tagstream.errors import ConfigError, EventKeyError, StateError, TagstreamError
 
 REDRIVEN_FROM_HEADER = "tagstream-redriven-from"
 INPUT_TOPICS = (PRODUCTS.name, BEHAVIOR.name)
+ALREADY_SENT = "event already sent back"  # the skip reason of a letter whose event a run sent
+REDIS_TIMEOUT_S = 5.0
+
+
+def redriven_key(redis_prefix: str) -> str:
+    """The Redis hash of the events redrive sent back: `<topic>:<partition>:<offset>` of the event's source record →
+    `<dead-letter topic>:<offset>` of the letter it was sent from (SPEC.md §3)."""
+    return f"{redis_prefix}:redriven"
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +56,7 @@ class Resend:
     value: bytes
     headers: list[tuple[str, bytes]]
     rekeyed: bool = False  # an EventKeyError letter: sent keyed by its event's product_id instead of its own key
+    source: str = ""  # the event's source record, `<topic>:<partition>:<offset>`: what names it across letters
 
 
 @dataclass(slots=True)
@@ -56,6 +70,7 @@ class RedriveResult:
     skipped: Counter[str] = field(default_factory=Counter)  # by reason
     error: str | None = None  # why the letter at next_offset could not be sent (the run stopped there)
     rekeyed: int = 0  # EventKeyError letters sent keyed by their product_id
+    error_types: Counter[str] = field(default_factory=Counter)  # of the readable letters of input topics read
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON line `tagstream redrive` prints (`error` only when a send was refused)."""
@@ -81,9 +96,11 @@ def plan_resend(
     *,
     sources: Collection[str] = INPUT_TOPICS,
     error_types: Collection[str] = (),
+    seen_types: Counter[str] | None = None,
 ) -> Resend | str:
     """The event a dead-letter record at `offset` holds, to send again; or why it is skipped (one short reason:
-    `unreadable`, `not an input topic`, `source not selected`, `error type not selected`, `no value`)."""
+    `unreadable`, `not an input topic`, `source not selected`, `error type not selected`, `no value`). The error
+    type of a readable letter of an input topic is counted in `seen_types`."""
     try:
         letter = DeadLetter.decode(value)
         key = base64.b64decode(letter.key_b64, validate=True) if letter.key_b64 is not None else None
@@ -95,6 +112,8 @@ def plan_resend(
     topic = name[len(prefix) :] if name.startswith(prefix) else name
     if topic not in INPUT_TOPICS or not name.startswith(prefix):
         return "not an input topic"
+    if seen_types is not None:
+        seen_types[letter.error_type] += 1
     if topic not in sources:
         return "source not selected"
     if error_types and letter.error_type not in error_types:
@@ -103,10 +122,12 @@ def plan_resend(
         return "no value"
     kept = [(k, v) for k, v in headers if k != SOURCE_TIMESTAMP_HEADER]
     where = f"{settings.topic(DEAD_LETTER.name)}:{offset}".encode()
+    source = f"{name}:{letter.source.partition}:{letter.source.offset}"
     product_id = _product_id(event) if letter.error_type == EventKeyError.__name__ else None
     if product_id is not None:  # its own key was the error: sent where its product's events go
-        return Resend(topic, product_id.encode(), event, [*kept, (REDRIVEN_FROM_HEADER, where)], rekeyed=True)
-    return Resend(topic, key, event, [*kept, (REDRIVEN_FROM_HEADER, where)])
+        rekeyed = [*kept, (REDRIVEN_FROM_HEADER, where)]
+        return Resend(topic, product_id.encode(), event, rekeyed, rekeyed=True, source=source)
+    return Resend(topic, key, event, [*kept, (REDRIVEN_FROM_HEADER, where)], source=source)
 
 
 def _product_id(event: bytes) -> str | None:
@@ -126,16 +147,34 @@ async def redrive(
     sources: Collection[str] = INPUT_TOPICS,
     error_types: Collection[str] = (),
     dry_run: bool = False,
+    again: bool = False,
 ) -> RedriveResult:
     """Send the selected dead letters in [from_offset (default: the topic's first), to_offset (default: its end at
-    the start of the run)) back to their source topics (`plan_resend`); with `dry_run`, only count them."""
+    the start of the run)) back to their source topics (`plan_resend`), each event once (`<prefix>:redriven`; with
+    `again`, also events sent by earlier runs); with `dry_run`, only count them. StateError when Redis, where the
+    events sent are recorded, does not answer."""
+    import redis.asyncio as aioredis
     from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
     from aiokafka.errors import KafkaError
+    from redis.exceptions import RedisError
 
     name = settings.topic(DEAD_LETTER.name)
+    sent_key = redriven_key(settings.redis_prefix)
+    store = aioredis.from_url(
+        settings.redis_url.get_secret_value(),
+        socket_connect_timeout=REDIS_TIMEOUT_S,
+        socket_timeout=REDIS_TIMEOUT_S,
+    )
     consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, enable_auto_commit=False)
     producer = None
     try:
+        try:
+            await store.ping()
+        except RedisError as exc:
+            raise StateError(
+                f"could not reach Redis ({exc}): redrive records there ({sent_key}) the events it sent back, so that "
+                "no run sends one twice; see TAGSTREAM_REDIS_URL"
+            ) from exc
         await consumer.start()
         if name not in await consumer.topics():
             raise ConfigError(
@@ -166,15 +205,38 @@ async def redrive(
             )
             await producer.start()
         consumer.seek(tp, first)
+        this_run: set[str] = set()  # the events this run sent (or, dry, would send)
         while await consumer.position(tp) < stop:
+            planned: list[tuple[int, Resend]] = []
             for record in (await consumer.getmany(tp, timeout_ms=1000)).get(tp, []):
                 if record.offset >= stop:
                     break
                 plan = plan_resend(
-                    record.value, record.headers, record.offset, settings, sources=sources, error_types=error_types
+                    record.value,
+                    record.headers,
+                    record.offset,
+                    settings,
+                    sources=sources,
+                    error_types=error_types,
+                    seen_types=result.error_types,
                 )
                 if isinstance(plan, str):
                     result.skipped[plan] += 1
+                else:
+                    planned.append((record.offset, plan))
+            if not planned:
+                continue
+            try:
+                earlier = (
+                    [False] * len(planned) if again else await store.hmget(sent_key, [p.source for _, p in planned])
+                )
+            except RedisError as exc:
+                result.next_offset = planned[0][0]
+                result.error = f"dead letter {planned[0][0]}: could not read {sent_key} from Redis: {exc}"
+                return result
+            for (offset, plan), sent_before in zip(planned, earlier, strict=True):
+                if sent_before or plan.source in this_run:
+                    result.skipped[ALREADY_SENT] += 1
                     continue
                 if producer is not None:
                     try:  # one at a time: a refusal stops the run at this letter, all before it sent
@@ -182,9 +244,21 @@ async def redrive(
                             settings.topic(plan.topic), plan.value, key=plan.key, headers=plan.headers
                         )
                     except KafkaError as exc:
-                        result.next_offset = record.offset
-                        result.error = f"dead letter {record.offset} to {settings.topic(plan.topic)}: {exc!r}"
+                        result.next_offset = offset
+                        result.error = f"dead letter {offset} to {settings.topic(plan.topic)}: {exc!r}"
                         return result
+                    try:
+                        await store.hset(sent_key, plan.source, f"{name}:{offset}")
+                    except RedisError as exc:  # sent, not recorded: a run from here would send it once more
+                        result.sent[plan.topic] += 1
+                        result.rekeyed += plan.rekeyed
+                        result.next_offset = offset + 1
+                        result.error = (
+                            f"dead letter {offset} was sent to {settings.topic(plan.topic)} but could not be "
+                            f"recorded in {sent_key} ({exc}): a run including it sends it again"
+                        )
+                        return result
+                this_run.add(plan.source)
                 result.sent[plan.topic] += 1
                 result.rekeyed += plan.rekeyed
         return result
@@ -192,3 +266,4 @@ async def redrive(
         if producer is not None:
             await producer.stop()
         await consumer.stop()
+        await store.aclose()

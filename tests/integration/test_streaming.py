@@ -735,6 +735,21 @@ def test_redrive_sends_the_selected_dead_letters_back_once_their_cause_is_fixed(
     }
     sent = run()
     assert sent["sent"] == {"products": 1} and sent["next_offset"] == 2
+    # the same command again sends nothing: the event was sent back (recorded in Redis), and would count twice
+    assert run() == {
+        "first_offset": 0,
+        "next_offset": 2,
+        "dry_run": False,
+        "sent": {},
+        "skipped": {"error type not selected": 1, "event already sent back": 1},
+    }
+    assert run("--dry-run", "--again")["would_send"] == {"products": 1}  # unless asked to
+    typo = subprocess.run([*cmd, "--error-type", "EventTimeErorr", "--dry-run"], env=env, cwd=REPO, capture_output=True)
+    assert typo.returncode == 0 and orjson.loads(typo.stdout)["would_send"] == {}
+    assert typo.stderr.decode().strip() == (
+        "tagstream redrive: warning: no letter in [0, 2) has error type EventTimeErorr; the error types of the "
+        "input topics' letters there: EventTimeError (1), SchemaValidationError (1)"
+    )
     [update] = [u for u in stream_env.consume("tag-updates", lambda m: len(m) >= 1) if u["product_id"] == "early-1"]
     assert update["event_time"] == ahead
     [again] = [m for m in stream_env.consume("products", lambda m: len(m) >= 3) if m.get("updated_at") == ahead][1:]
@@ -749,11 +764,11 @@ def test_redrive_sends_the_selected_dead_letters_back_once_their_cause_is_fixed(
 def test_redrive_stops_at_a_letter_the_broker_refuses_and_says_where_to_go_on(stream_env: StreamEnv) -> None:
     settings = stream_env.settings
 
-    def letter(topic: str, value: bytes) -> bytes:
+    def letter(topic: str, value: bytes, offset: int) -> bytes:
         return orjson.dumps(
             {
                 "schema_version": 1, "reason": "x", "error_type": "EventTimeError",
-                "source": {"topic": settings.topic(topic), "partition": 0, "offset": 5},
+                "source": {"topic": settings.topic(topic), "partition": 0, "offset": offset},
                 "key_b64": base64.b64encode(b"p1").decode(), "value_b64": base64.b64encode(value).decode(),
                 "failed_at": T0,
             }
@@ -768,8 +783,8 @@ def test_redrive_stops_at_a_letter_the_broker_refuses_and_says_where_to_go_on(st
         await producer.start()
         try:
             big = [("products", compressible), ("products", incompressible)]
-            for topic, value in [("behavior", click), *big, ("behavior", click)]:
-                await producer.send_and_wait(settings.topic("dead-letter"), letter(topic, value))
+            for source, (topic, value) in enumerate([("behavior", click), *big, ("behavior", click)]):
+                await producer.send_and_wait(settings.topic("dead-letter"), letter(topic, value, source))
         finally:
             await producer.stop()
 
@@ -788,6 +803,45 @@ def test_redrive_stops_at_a_letter_the_broker_refuses_and_says_where_to_go_on(st
     assert orjson.loads(skip_it.stdout)["sent"] == {"behavior": 1}
     past_end = subprocess.run([*cmd, "--from-offset", "50"], env=env, cwd=REPO, capture_output=True, timeout=120)
     assert orjson.loads(past_end.stdout)["next_offset"] == 4  # where the topic ends: no letter is skipped later
+
+
+def test_redrive_sends_an_event_dead_lettered_twice_once(stream_env: StreamEnv) -> None:
+    """A worker that restarts before committing dead-letters the same events again: each is sent back once."""
+    settings = stream_env.settings
+    clicks = {offset: orjson.dumps(behaviour("p1", f"u{offset}", T0 + offset)) for offset in (7, 8)}
+
+    def letter(offset: int) -> bytes:
+        return orjson.dumps(
+            {
+                "schema_version": 1, "reason": "x", "error_type": "EventTimeError",
+                "source": {"topic": settings.topic("behavior"), "partition": 1, "offset": offset},
+                "key_b64": base64.b64encode(b"p1").decode(),
+                "value_b64": base64.b64encode(clicks[offset]).decode(), "failed_at": T0,
+            }
+        )  # fmt: skip
+
+    async def write_letters() -> None:
+        producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap)
+        await producer.start()
+        try:
+            for offset in (7, 8, 7):  # the third: offset 7 dead-lettered again after a restart
+                await producer.send_and_wait(settings.topic("dead-letter"), letter(offset))
+        finally:
+            await producer.stop()
+
+    asyncio.run(write_letters())
+    env = {**os.environ, **stream_env.env}
+    done = subprocess.run([sys.executable, "-m", "tagstream.cli", "redrive"], env=env, cwd=REPO, capture_output=True)
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    line = orjson.loads(done.stdout)
+    assert line["sent"] == {"behavior": 2} and line["skipped"] == {"event already sent back": 1}
+    sent = stream_env.consume("behavior", lambda m: len(m) >= 2)
+    assert sorted(orjson.dumps({k: v for k, v in m.items() if not k.startswith("_")}) for m in sent) == sorted(
+        clicks.values()
+    )
+    recorded = stream_env.redis().hgetall(f"{settings.redis_prefix}:redriven")
+    dl_topic, events = settings.topic("dead-letter"), settings.topic("behavior")
+    assert recorded == {f"{events}:1:7": f"{dl_topic}:0", f"{events}:1:8": f"{dl_topic}:1"}
 
 
 def test_redrive_refuses_a_dead_letter_topic_of_several_partitions_in_one_line(stack: Any) -> None:

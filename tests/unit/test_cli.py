@@ -384,3 +384,13 @@ def test_replay_checks_a_topic_not_made_yet_against_the_brokers_message_limit(mo
 
     monkeypatch.setattr(aiokafka.admin, "AIOKafkaAdminClient", Admin)
     assert asyncio.run(_message_limit(WorkerSettings(), "products")) == 500_000  # before: 1,048,576
+
+
+@pytest.mark.usefixtures("kafka_down")
+def test_redrive_refuses_in_one_line_when_redis_where_it_records_what_it_sent_is_unreachable(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("TAGSTREAM_REDIS_URL", UNREACHABLE["TAGSTREAM_REDIS_URL"])
+    assert main(["redrive", "--dry-run"]) == 2
+    line = only_error_line(capsys, "redrive")
+    assert "could not reach Redis" in line and ":redriven" in line and "TAGSTREAM_REDIS_URL" in line

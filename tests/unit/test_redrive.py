@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 import orjson
 import pytest
 
@@ -23,7 +25,8 @@ def test_a_letter_is_sent_back_whole_to_its_source_with_where_it_was() -> None:
     plan = plan_resend(value, headers, 7, SETTINGS)
     sent_headers = [("traceparent", b"00-ab-cd-01"), ("tagstream-redriven-from", b"t1.dead-letter:7")]
     # the source's Kafka timestamp header is not sent on: the new record has its own
-    assert plan == Resend("products", b"p-1", b'{"a":1}', sent_headers)
+    # named by its source record: letters of one event (dead-lettered again after a restart) name the same one
+    assert plan == Resend("products", b"p-1", b'{"a":1}', sent_headers, source="t1.products:2:40")
 
 
 @pytest.mark.parametrize(
@@ -38,7 +41,10 @@ def test_a_letter_is_sent_back_whole_to_its_source_with_where_it_was() -> None:
 )
 def test_letters_not_selected_are_skipped_with_the_reason(letter: tuple, kwargs: dict, reason: str) -> None:
     _, value, headers = letter
-    assert plan_resend(value, headers, 0, SETTINGS, **kwargs) == reason
+    seen: Counter[str] = Counter()
+    assert plan_resend(value, headers, 0, SETTINGS, **kwargs, seen_types=seen) == reason
+    # error types are counted for the letters of input topics (a typed --error-type is checked against them)
+    assert seen == (Counter() if reason == "not an input topic" else Counter([orjson.loads(value)["error_type"]]))
 
 
 @pytest.mark.parametrize(
