@@ -56,13 +56,32 @@ def validate(name: str, obj: Any) -> dict[str, Any]:
     return obj
 
 
+def _quoted(key: Any) -> str:
+    """`key` quoted (repr), at most _MAX_KEY_CHARS characters: a longer one is cut inside its quotes, never inside an
+    escape, and marked `…` before its closing quote (`'k000xxx…'`)."""
+    text = repr(key)
+    if len(text) <= _MAX_KEY_CHARS:
+        return text
+    if not isinstance(key, str):
+        return f"{text[: _MAX_KEY_CHARS - 1]}…"
+    cut = key[: _MAX_KEY_CHARS - 3]
+    while len(text := repr(cut)) > _MAX_KEY_CHARS - 1:  # its escapes (`\x7f`) make the repr longer than the key
+        cut = cut[:-1]
+    return f"{text[:-1]}…{text[-1]}"
+
+
 def _keys(keys: list[Any]) -> str:
     """A few of `keys`, each cut short, and how many more."""
-    shown = []
-    for k in keys[:3]:
-        text = repr(k)
-        shown.append(text if len(text) <= _MAX_KEY_CHARS else f"{text[:_MAX_KEY_CHARS]}…")
-    return ", ".join(shown) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+    return ", ".join(_quoted(k) for k in keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+
+
+_JSON_TYPES = {type(None): "null", bool: "boolean", int: "number", float: "number", str: "string", list: "array"}
+
+
+def json_type(value: Any) -> str:
+    """The JSON name of a decoded value's type (`null`, `boolean`, `number`, `string`, `array`, `object`), as errors
+    about JSON input name it (not Python's `NoneType`, `list`, `str`)."""
+    return "object" if isinstance(value, dict) else _JSON_TYPES.get(type(value), type(value).__name__)
 
 
 def _explain(exc: fastjsonschema.JsonSchemaValueException) -> str:
@@ -160,7 +179,7 @@ def decode_event(name: str, raw: bytes | None) -> dict[str, Any]:
     except orjson.JSONDecodeError as exc:
         raise EventDecodeError(f"{name}: {_not_json(raw, exc)}") from None
     if not isinstance(obj, dict):
-        raise EventDecodeError(f"{name}: expected a JSON object, got {type(obj).__name__}")
+        raise EventDecodeError(f"{name}: expected a JSON object, got {json_type(obj)}")
     validate(name, obj)
     _refuse_inexact_integers(name, obj, raw)
     return obj

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
+import re
 import sys
 import time
 from collections.abc import Iterator
@@ -39,6 +41,8 @@ def _worker(args: argparse.Namespace) -> int:
     settings = load_settings(WorkerSettings, "worker", **overrides)
     if settings.model_path is not None:  # a wrong path fails here, in a line, before Kafka and Redis are asked
         read_manifest_bytes(settings.model_path)
+        # absolute, as `publish` and `model activate` name bundles: the worker's answers name it so
+        settings = settings.model_copy(update={"model_path": settings.model_path.resolve()})
     from streams.app import Worker, check_state_store
     from streams.eventloop import use_event_loop
 
@@ -298,19 +302,33 @@ def _replay_cmd(args: argparse.Namespace) -> int:
     return 0
 
 
+# What `tail` never writes to a terminal as is: C0 controls (ESC, BEL, line breaks, tab), DEL, C1 controls (CSI
+# U+009B, ...), the Unicode line and paragraph separators and the bidirectional controls (they reorder what follows).
+_UNSHOWN = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+_NAMED_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape(match: re.Match[str]) -> str:
+    """The visible escape of one control character: `\\n`, `\\r`, `\\t`, else `\\xHH` or `\\uHHHH`."""
+    char = match.group()
+    code = ord(char)
+    return _NAMED_ESCAPES.get(char) or (f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
+
+
 def _show(value: bytes | None) -> str:
-    """A message value as one output line: a record with no value (a tombstone) prints as `null`. A value with line
-    breaks (pretty-printed JSON from another producer) prints as compact JSON, or, when it is no JSON, with its
-    breaks escaped (`\\n`, `\\r`)."""
+    """A message value as one line that is safe to print to a terminal: a record with no value (a tombstone) prints
+    as `null`; a value with line breaks (pretty-printed JSON from another producer) prints as compact JSON; control
+    characters left (`_UNSHOWN`: ESC, BEL, CSI, breaks in a value that is no JSON, ...) print escaped, as `\\x1b`,
+    `\\n`, `\\u202e`, so a producer cannot retitle, clear or recolour the operator's terminal."""
     if value is None:
         return "null"
     text = value.decode("utf-8", "replace")
-    if "\n" not in text and "\r" not in text:
+    if not _UNSHOWN.search(text):
         return text
-    try:
-        return orjson.dumps(orjson.loads(value)).decode()
-    except orjson.JSONDecodeError:
-        return text.replace("\n", "\\n").replace("\r", "\\r")
+    if "\n" in text or "\r" in text:
+        with contextlib.suppress(orjson.JSONDecodeError):
+            text = orjson.dumps(orjson.loads(value)).decode()
+    return _UNSHOWN.sub(_escape, text)
 
 
 async def _latest(settings: WorkerSettings, name: str, limit: int, skip_ticks: bool = False) -> list[bytes | None]:

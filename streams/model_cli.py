@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from schemas import ModelUpdate
+from schemas.registry import json_type
 from streams.settings import LIVE_WITHIN_S, STATUS_EVERY_S, WorkerSettings
 from tagstream.errors import ConfigError, EventDecodeError, StateError, TagstreamError
 from tagstream.settings import load_settings
@@ -120,17 +121,30 @@ def rollback_unchanged_reason(active: str) -> str:
     return f"rollback: {active} is already active"
 
 
+NO_PREVIOUS_MODEL = "model rollback: no live worker reports a previous model to roll back to"
+
+
 def rollback_target(live: Mapping[str, Mapping[str, Any]]) -> tuple[str | None, str]:
     """The version `tagstream model rollback` without `--version` names: the previous model every live worker
     reports (`live`: `live_workers`' first part), so that sending it again changes nothing where it is active
-    already. None, with why, when they report none or several: the request then names none, and each worker swaps
-    its active and previous models (sent twice, it swaps back)."""
-    previous = {st.get("previous") for st in live.values() if UNREADABLE not in st}
+    already. None, with why, when they report none (no live worker) or several, naming the workers that have none:
+    the request then names none, and each worker swaps its active and previous models (sent twice, it swaps back).
+    ConfigError (NO_PREVIOUS_MODEL) when live workers report their models and none has a previous one: every worker
+    would refuse the request."""
+    readable = {w: st for w, st in live.items() if UNREADABLE not in st}
+    previous = {st.get("previous") for st in readable.values()}
     if len(previous) == 1 and (version := next(iter(previous))):
         return version, f"the previous model every live worker reports ({len(live)})"
-    if not live:
+    if not readable:
         return None, "no live worker reports its models"
-    shown = ", ".join(sorted(str(v) for v in previous))
+    if previous == {None}:
+        if len(readable) == len(live):
+            raise ConfigError(NO_PREVIOUS_MODEL)
+        unreadable = ", ".join(sorted(w for w in live if w not in readable))
+        return None, f"no live worker reports a previous model, but the status of {unreadable} is unreadable"
+    shown = ", ".join(sorted(v for v in previous if v))
+    if none := sorted(w for w, st in readable.items() if not st.get("previous")):
+        shown += f"; none on {', '.join(none)}"
     return None, f"the live workers report different previous models ({shown})"
 
 
@@ -344,7 +358,7 @@ def parse_status(raw: bytes | str) -> dict[str, Any]:
     except ValueError as exc:  # UnicodeDecodeError included
         return {UNREADABLE: f"not JSON: {exc}"}
     if not isinstance(status, dict):
-        return {UNREADABLE: f"not a JSON object but {type(status).__name__}"}
+        return {UNREADABLE: f"not a JSON object but {json_type(status)}"}
     if "reported_at" not in status:  # every worker writes it
         return {UNREADABLE: "no reported_at"}
     at = status["reported_at"]

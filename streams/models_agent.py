@@ -81,7 +81,8 @@ class ModelUpdatesAgent:
         # the backlog's requests emitted before this worker started, applied at once (`ModelHolder.restore`)
         self._history: list[tuple[int, ModelUpdate]] | None = []
         self._status_dirty = True
-        self._status_at = 0.0
+        self._status_at = 0.0  # when the status was last written, or a write last failed
+        self._status_failed = False  # the last write failed: the next waits for the interval, changed or not
         self._pruned_at = float("-inf")
 
     # ------------------------------------------------------------------------------------------ main
@@ -215,7 +216,7 @@ class ModelUpdatesAgent:
                     kind="model-activated",
                     model_version=active.version,
                     emitted_at=time.time_ns() // 1_000_000,
-                    bundle_uri=str(active.bundle.path),
+                    bundle_uri=str(active.bundle.path.resolve()),  # absolute, as publish and activate send it
                     sha256=active.bundle.sha256,
                     worker_id=self.holder.worker_id,
                 ),
@@ -316,8 +317,11 @@ class ModelUpdatesAgent:
         return len(pending)
 
     async def _write_status(self, *, force: bool = False) -> None:
+        """Write this worker's status when `force`d, changed or due (every STATUS_EVERY_S). After a failed write
+        (Redis down) a change waits for the next interval too: one retry, and one warning, per STATUS_EVERY_S."""
         now = time.monotonic()
-        if not (force or self._status_dirty or now - self._status_at >= STATUS_EVERY_S) or self.redis is None:
+        due = now - self._status_at >= STATUS_EVERY_S
+        if not (force or due or (self._status_dirty and not self._status_failed)) or self.redis is None:
             return
         status = self.holder.status()
         if self.retagger is not None:
@@ -325,9 +329,10 @@ class ModelUpdatesAgent:
         try:
             await self.redis.hset(workers_key(self.settings.redis_prefix), self.holder.worker_id, orjson.dumps(status))
         except Exception as exc:  # Redis down: the answers on the topic still tell the story
-            log.warning("could not write the worker status to Redis: %s", exc)
+            log.warning("could not write the worker status to Redis (tried again in %g s): %s", STATUS_EVERY_S, exc)
+            self._status_at, self._status_failed = now, True
             return
-        self._status_dirty = False
+        self._status_dirty = self._status_failed = False
         self._status_at = now
         if now - self._pruned_at >= STATUS_EVERY_S:
             self._pruned_at = now

@@ -549,6 +549,25 @@ def _raise_error_reply(replies: list[Any]) -> list[Any]:
     return replies
 
 
+def format_refusal(meta: str, found: int) -> str:
+    """Why a worker refuses a store of state format `found` it neither writes nor upgrades, and the remedy (SPEC.md
+    §3): keep it with the workers of its format, or build a new one under a new prefix (and consumer group, or the
+    new empty store is refused as lost state)."""
+    fresh = (
+        "or start on a new TAGSTREAM_REDIS_PREFIX with a new TAGSTREAM_APP_ID (a new consumer group rebuilds the "
+        "state from what the topics still hold; SPEC.md §3)"
+    )
+    if found > STATE_FORMAT:
+        return (
+            f"Redis holds state format {found} ({meta}), newer than this worker's format {STATE_FORMAT}: run the "
+            f"tagstream version that wrote it, {fresh}"
+        )
+    return (
+        f"Redis holds state format {found} ({meta}), which this worker (format {STATE_FORMAT}) does not read: drain "
+        f"it with the workers of format {found}, {fresh}"
+    )
+
+
 class RedisStateStore:
     """State in Redis: one pipelined round trip to read a batch, one to write it (Lua, offset-fenced)."""
 
@@ -661,7 +680,7 @@ class RedisStateStore:
                 "state format %d upgraded to %d (stop every older worker first, SPEC.md §3)", found, STATE_FORMAT
             )
         elif found != STATE_FORMAT:
-            raise StateError(f"Redis holds state format {found}, this worker writes format {STATE_FORMAT}")
+            raise StateError(format_refusal(meta, found))
 
     async def read(
         self, product_ids: list[str], now: dict[str, int] | None = None, *, counters: bool = True

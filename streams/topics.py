@@ -110,11 +110,16 @@ def configs_to_set(declared: Mapping[str, str], entries: Iterable[Sequence[Any]]
 async def ensure_topics(settings: WorkerSettings) -> list[str]:
     """Create every missing topic with its partition count and configs, set the declared configs on existing topics
     whose values differ (one log line per topic changed); return the names created. A refusal raises its KafkaError;
-    an existing model-updates topic with other than one partition, ConfigError."""
+    an existing model-updates topic with other than one partition, ConfigError, before any topic is created or
+    changed (one another process creates meanwhile is checked once it exists)."""
     admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, client_id="tagstream-admin")
     await admin.start()
     try:
         existing = set(await admin.list_topics())
+        model_updates = settings.topic(MODEL_UPDATES.name)
+        checked = model_updates in existing
+        if checked:
+            await _check_one_partition(admin, model_updates)
         wanted = [
             NewTopic(settings.topic(spec.name), partitions_of(spec, settings), 1, topic_configs=spec.configs or None)
             for spec in TOPICS
@@ -135,8 +140,7 @@ async def ensure_topics(settings: WorkerSettings) -> list[str]:
                 log.info("created topics: %s", ", ".join(created))
             if refused:
                 raise refused[0]
-        model_updates = settings.topic(MODEL_UPDATES.name)
-        if model_updates in existing:
+        if model_updates in existing and not checked:  # created meanwhile by another process
             await _check_one_partition(admin, model_updates)
         await _align_configs(admin, {settings.topic(s.name): s.configs for s in TOPICS if s.configs}, existing)
         return created

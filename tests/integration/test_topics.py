@@ -222,3 +222,35 @@ def test_a_model_updates_topic_with_more_than_one_partition_is_refused_in_one_li
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, (proc.stdout, proc.stderr)
         [line] = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
         assert line == f"tagstream {command}: error: {expected}"
+
+
+def test_a_refused_model_updates_topic_leaves_no_other_topic_made(
+    settings: WorkerSettings, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With a 2-partition model-updates already there, `tagstream topics` created the other five topics first and
+    only then refused: the error line left a half-made topic set behind."""
+    from tagstream.cli import main
+
+    name = settings.topic("model-updates")
+
+    async def create_and_list(new: list[NewTopic]) -> list[str]:
+        admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+        await admin.start()
+        try:
+            if new:
+                response = await admin.create_topics(new)
+                assert all(code == 0 for _name, code, *_ in response.topic_errors), response
+            return sorted(t for t in await admin.list_topics() if t.startswith(settings.topic_prefix))
+        finally:
+            await admin.close()
+
+    assert asyncio.run(create_and_list([NewTopic(name, 2, 1)])) == [name]
+    monkeypatch.setenv("TAGSTREAM_KAFKA_BOOTSTRAP", settings.kafka_bootstrap)
+    monkeypatch.setenv("TAGSTREAM_TOPIC_PREFIX", settings.topic_prefix)
+    assert main(["topics"]) == 2
+    out = capsys.readouterr()
+    assert out.out == "" and out.err.splitlines() == [
+        f"tagstream topics: error: topic {name} has 2 partitions, but model-updates must have exactly 1 (workers "
+        "apply its requests in their order, which Kafka keeps only within a partition): recreate it with 1 partition"
+    ]
+    assert asyncio.run(create_and_list([])) == [name]  # nothing else made

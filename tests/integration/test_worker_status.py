@@ -95,8 +95,8 @@ def test_a_status_retention_a_live_worker_could_miss_is_one_config_error(
     [
         (b"{not json", "not JSON"),
         (b"\xff\xfe", "not JSON"),
-        (b"[1, 2]", "not a JSON object"),
-        (b"null", "not a JSON object"),
+        (b"[1, 2]", "not a JSON object but array"),
+        (b"null", "not a JSON object but null"),
         (b'{"active": "m", "reported_at": "yesterday"}', "reported_at is not a number"),
         (b'{"active": "m", "reported_at": true}', "reported_at is not a number"),
         (b'{"active": "m"}', "no reported_at"),
@@ -193,7 +193,7 @@ def test_status_prune_removes_stale_statuses_and_prints_them(
         key,
         mapping={"w-killed": status(killed), "w-quiet": status(quiet), "w-live": status(now), "w-bad": "[1, 2]"},
     )
-    kept_bad = "kept w-bad: unreadable status (not a JSON object but list)"
+    kept_bad = "kept w-bad: unreadable status (not a JSON object but array)"
 
     code, out = run(monkeypatch, capsys, se, "model", "status", "--prune")  # the retention: 3600 s
     assert (code, out.splitlines()) == (0, [f"removed w-killed: last reported {when(killed)}", kept_bad])
@@ -202,7 +202,7 @@ def test_status_prune_removes_stale_statuses_and_prints_them(
     code, out = run(monkeypatch, capsys, se, "model", "status", "--prune", "--older-than", "60", "--json")
     assert code == 0 and json.loads(out) == {
         "removed": {"w-quiet": quiet},
-        "unreadable": {"w-bad": "not a JSON object but list"},
+        "unreadable": {"w-bad": "not a JSON object but array"},
     }
     assert workers(se) == {"w-live", "w-bad"}  # a live worker's status is never removed
 
@@ -223,7 +223,7 @@ def test_status_shows_unreadable_statuses_and_not_workers_whose_last_answer_expi
     # A request with --wait does not wait for them, and says why.
     code, out = run(monkeypatch, capsys, se, "model", "rollback", "--wait", "30")
     assert code == 0, out
-    assert "not waiting for w-list: its status is unreadable (not a JSON object but list)" in out.splitlines()
+    assert "not waiting for w-list: its status is unreadable (not a JSON object but array)" in out.splitlines()
     assert "no worker reported its status in the last 15s: no answer to wait for" in out
 
     client.hset(key, "w-live", status(now, active="m-1"))
@@ -236,7 +236,7 @@ def test_status_shows_unreadable_statuses_and_not_workers_whose_last_answer_expi
     lines = out.splitlines()
     assert any(line.startswith("w-bad (unreadable status: not JSON: ") for line in lines), out
     assert any(line.startswith("w-bytes (unreadable status: not JSON: ") for line in lines), out
-    assert "w-list (unreadable status: not a JSON object but list)" in lines
+    assert "w-list (unreadable status: not a JSON object but array)" in lines
     assert "w-live" in lines  # and a worker known by its answer only, with that answer (no model shown as running)
     stopped = lines.index("w-stopped (stopped: no status; its last answer within TAGSTREAM_WORKER_STATUS_RETENTION_S)")
     assert lines[stopped + 1].startswith("  last answer: model-activated m-1")
@@ -245,7 +245,7 @@ def test_status_shows_unreadable_statuses_and_not_workers_whose_last_answer_expi
     code, out = run(monkeypatch, capsys, se, "model", "status", "--json")
     report: dict[str, Any] = json.loads(out)
     assert code == 0 and set(report) == {"w-bad", "w-list", "w-bytes", "w-live", "w-stopped"}
-    assert report["w-list"] == {"unreadable": "not a JSON object but list", "last_answer": None}
+    assert report["w-list"] == {"unreadable": "not a JSON object but array", "last_answer": None}
     assert report["w-live"]["active"] == "m-1"
 
 

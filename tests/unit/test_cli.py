@@ -279,6 +279,21 @@ def test_tail_prints_each_message_on_one_line() -> None:
     assert _show(b'{"a": 1}') == '{"a": 1}' and _show(None) == "null"  # one line already: as it is
 
 
+def test_tail_prints_control_characters_escaped_not_to_the_terminal() -> None:
+    """A producer's value retitled (OSC), rang (BEL) and cleared (CSI 2J) the terminal of the operator tailing it."""
+    from streams.cli import _show
+
+    assert _show(b"\x1b]0;x\x07\x1b[2J") == "\\x1b]0;x\\x07\\x1b[2J"
+    assert _show("\u009b31mred\x7f\x00".encode()) == "\\x9b31mred\\x7f\\x00"  # C1 CSI, DEL, NUL
+    assert _show("a\tb\u2028c\u202eevil".encode()) == "a\\tb\\u2028c\\u202eevil"  # tab, line separator, bidi
+    pretty = '{\n  "title": "\u009b2J\\u001b[2J"\n}'.encode()  # JSON with line breaks: compact, its C1 escaped too
+    assert _show(pretty) == '{"title":"\\x9b2J\\u001b[2J"}'
+    assert _show("naïve — 東京 🎉 10\u00a0kg".encode()) == "naïve — 東京 🎉 10\u00a0kg"  # printable text: as it is
+    for raw in (b"\x1b]0;x\x07\x1b[2J", "\u009b\r\n\x85".encode(), b"\xff\x1b"):
+        line = _show(raw)
+        assert line.isprintable() and "\\" in line, line  # one line, nothing a terminal acts on
+
+
 def test_replay_check_judges_each_line_as_the_worker_decodes_it(tmp_path) -> None:
     from streams.cli import REPLAY_MAX_REQUEST_BYTES, check_replay_file
 

@@ -132,3 +132,28 @@ def test_a_refused_attribute_key_ending_in_a_newline_is_named() -> None:
     with pytest.raises(SchemaValidationError) as info:
         decode_event("product-change", _upsert_with({"gender": "Men", "colour\n": "Red"}))
     assert "refused key 'colour\\n'" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("raw", "named"),
+    [(b"null", "null"), (b"[1]", "array"), (b'"x"', "string"), (b"1.5", "number"), (b"true", "boolean")],
+)
+def test_an_event_that_is_no_json_object_is_named_by_its_json_type(raw: bytes, named: str) -> None:
+    """The reason said `got NoneType`, `got list`, `got str`: Python's names for what the producer wrote as JSON."""
+    with pytest.raises(EventDecodeError) as refused:
+        decode_event("click", raw)
+    assert str(refused.value) == f"click: expected a JSON object, got {named}"
+
+
+def test_unknown_keys_cut_short_keep_their_closing_quote() -> None:
+    """The cut dropped each long key's closing quote: `has the unknown keys 'k000xxxx…, 'k001xxxx…, … and 47 more`."""
+    event = {"schema_version": 1, "event_type": "view", "product_id": "p", "user_id": "u", "ts": 5}
+    long_keys = {f"k{i:03d}" + "x" * 60: 1 for i in range(50)}
+    with pytest.raises(SchemaValidationError) as refused:
+        decode_event("click", orjson.dumps({**event, **long_keys, "\x7f" * 60: 1}))
+    message = str(refused.value)
+    assert message.startswith("click: data has the unknown keys 'k000xxx") and message.endswith(" and 48 more")
+    shown = message.removeprefix("click: data has the unknown keys ").removesuffix(" and 48 more").split(", ")
+    assert len(shown) == 3
+    for key in shown:
+        assert key.startswith("'k") and key.endswith("…'") and key.count("'") == 2 and len(key) <= 40, key
