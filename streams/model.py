@@ -411,16 +411,25 @@ class _Rules:
 
     def needed(self, steps: list[_Step], invalid: dict[int, tuple[str, ...]], valid: Collection[int]) -> set[int]:
         """The requests whose bundles are still to be validated (not in `valid`): those in the final slots, and every
-        other one assumed valid whose refusal would change the final state (from its step on, the fold without it
-        never meets the fold with it; they meet after about two more swaps)."""
+        other one assumed valid unless its refusal cannot change the final state whatever the other unchecked bundles
+        turn out to be: from its step on, the fold without it meets the fold with it (they meet after about two more
+        swaps) before either consults another bundle not yet checked. Two refused bundles can each leave the result
+        as it is alone and change it together; such a pair is never skipped."""
         needed = {slot for slot in steps[-1].after.slots if isinstance(slot, int)} if steps else set()
         for i, step in enumerate(steps):
             slot = self.slots[step.offset]
             if not step.entered or slot in needed or slot in valid:
                 continue
+            refused = {**invalid, slot: ("",)}
             models = step.before  # the request refused: nothing changed
             for later in steps[i + 1 :]:
-                models = self._next(models, later.offset, invalid).after
+                event = self.requests[later.offset]
+                other = self.slots[later.offset]
+                unchecked = other != slot and other not in valid and other not in invalid
+                if unchecked and (self.needs_bundle(later.before, event) or self.needs_bundle(models, event)):
+                    needed.add(slot)  # its outcome would depend on another unchecked bundle
+                    break
+                models = self._next(models, later.offset, refused).after
                 if models == later.after:
                     break
             else:

@@ -29,6 +29,7 @@ from streams.processor import BatchOutput, InMessage, Processor
 from streams.retag import Retagger, product_from_doc
 from streams.settings import WorkerSettings
 from streams.state import MemoryStateStore, Write, WriteResult
+from tagstream.errors import ConfigError
 from tests.events import upsert
 from tests.unit.test_validate import TITLES, real_bundle
 
@@ -550,6 +551,7 @@ HISTORIES = (
     "rollback twice, then back by name",
     "activate between rollbacks",
     "NUL byte in a bundle_uri",
+    "two refused activations, then back by name twice",
 )
 
 
@@ -560,7 +562,7 @@ def _history(bundles: dict[str, Path], name: str) -> list[ModelUpdate]:
     stop = ModelUpdate(kind="shadow", model_version="shadow", emitted_at=1)
     missing = ModelUpdate(**_replace(b, bundle_uri=str(bundles["b"].parent / "gone")))  # type: ignore[arg-type]
     rollback, promote = request("rollback"), request("promote", version="shadow")
-    back_to = {x: request("rollback", version=bundles[x].name) for x in "bc"}
+    back_to = {x: request("rollback", version=bundles[x].name) for x in "abc"}
     nul = ModelUpdate(**_replace(b, bundle_uri=f"{bundles['b']}\x00x"))  # type: ignore[arg-type]
     return {
         "alternating": [b, c, b, c, b, c, rollback],
@@ -577,6 +579,17 @@ def _history(bundles: dict[str, Path], name: str) -> list[ModelUpdate]:
         "rollback twice, then back by name": [b, c, rollback, rollback, back_to["c"], rollback, _bad(a), rollback],
         "activate between rollbacks": [b, rollback, c, rollback],
         "NUL byte in a bundle_uri": [nul, b, nul, rollback],
+        # either refused activation alone changes nothing the fold ends with, both together decide it (a review found
+        # the restarted worker back on c, the model rolled back from)
+        "two refused activations, then back by name twice": [
+            _bad(b),
+            _bad(c),
+            shadow_b,
+            promote,
+            back_to["a"],
+            c,
+            back_to["a"],
+        ],
     }[name]
 
 
@@ -708,6 +721,79 @@ async def test_malformed_model_updates_go_to_the_dead_letter_topic(monkeypatch: 
     assert [(d.source.topic, d.source.offset) for d in dead] == [("model-updates", 1), ("model-updates", 2)]
     assert base64.b64decode(dead[1].value_b64 or "") == records[2][1]  # the raw bytes, kept whole
     assert "extra" in dead[1].reason and dead[0].error_type == "EventDecodeError"
+
+
+async def test_the_start_time_answer_names_the_bundle_by_its_absolute_path(
+    monkeypatch: pytest.MonkeyPatch, bundles: dict[str, Path]
+) -> None:
+    """`tagstream worker --model models/<version>` announced `"bundle_uri": "models/<version>"`, as typed: a path
+    that names nothing for a reader elsewhere, and unlike the absolute ones `publish` and `model activate` send."""
+    import streams.models_agent as models_agent
+
+    monkeypatch.chdir(bundles["a"].parent.parent)
+    typed = Path(bundles["a"].parent.name, bundles["a"].name)  # relative, as typed
+    monkeypatch.setattr(models_agent, "AIOKafkaConsumer", FakeConsumer(0, 0, []))
+    settings = WorkerSettings(worker_id="w-1", model_path=typed, model_catchup_timeout=600)
+    holder = ModelHolder(settings, policy=POLICY)
+    await holder.load_initial()
+    worker = FakeWorker(settings)
+    agent = models_agent.ModelUpdatesAgent(worker, holder)  # type: ignore[arg-type]
+    task = asyncio.create_task(agent._consume())
+    try:
+        await asyncio.wait_for(holder.caught_up.wait(), 10)
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    [(_key, value)] = worker.topics["model-updates"].sent
+    answer = ModelUpdate.decode(value)
+    assert (answer.kind, answer.model_version) == ("model-activated", bundles["a"].name)
+    assert answer.bundle_uri == str(bundles["a"].resolve())
+
+
+class DownRedis:
+    """A Redis client whose every status write fails (Redis unreachable); counts the writes tried."""
+
+    def __init__(self) -> None:
+        self.tried = 0
+        self.up = False
+
+    async def hset(self, key: str, field: str, value: bytes) -> int:
+        self.tried += 1
+        if not self.up:
+            raise ConnectionError("Error 111 connecting to 127.0.0.1:1. Connection refused.")
+        return 1
+
+
+async def test_a_status_write_redis_refuses_is_retried_and_logged_once_per_status_interval(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With Redis down, the worker warned "could not write the worker status to Redis" twice a second (at every
+    turn of its publish loop), not once per status interval."""
+    import streams.models_agent as models_agent
+
+    clock = [1000.0]
+    monkeypatch.setattr(models_agent, "time", SimpleNamespace(monotonic=lambda: clock[0], time_ns=time.time_ns))
+    settings = WorkerSettings(worker_id="w-1")
+    agent = models_agent.ModelUpdatesAgent(FakeWorker(settings), ModelHolder(settings, policy=POLICY))  # type: ignore[arg-type]
+    redis = DownRedis()
+    agent.redis = redis  # type: ignore[assignment]
+    monkeypatch.setattr(agent, "prune_statuses", lambda: asyncio.sleep(0))
+    for _ in range(25):  # 12 s of the publish loop's turns, every 0.5 s, the status changed meanwhile
+        agent._status_dirty = True
+        await agent._write_status()
+        clock[0] += 0.5
+    warned = [r for r in caplog.records if "could not write the worker status" in r.message]
+    assert redis.tried == len(warned) == 3  # at 0, 5 and 10 s
+    assert "tried again in 5 s" in warned[0].message
+    redis.up = True
+    await agent._write_status()  # 12.5 s: not due yet
+    clock[0] += 2.5
+    await agent._write_status()  # 15 s: written
+    assert redis.tried == 4 and not agent._status_dirty
+    agent._status_dirty = True  # Redis up: a change is written at once again
+    await agent._write_status()
+    assert redis.tried == 5
 
 
 # --------------------------------------------------------------------------------------------------- lifecycle fixes
@@ -930,8 +1016,43 @@ def test_the_rollback_command_names_the_previous_model_only_when_every_live_work
     assert rollback_target({"w1": {"previous": "v1"}, "w2": {"previous": "v1"}})[0] == "v1"
     version, why = rollback_target({"w1": {"previous": "v1"}, "w2": {"previous": "v2"}})
     assert version is None and why == "the live workers report different previous models (v1, v2)"
-    assert rollback_target({"w1": {"previous": None}})[0] is None
+    version, why = rollback_target({"w1": {"previous": "v1"}, "w2": {"previous": None}, "w3": {"previous": None}})
+    assert version is None and why == "the live workers report different previous models (v1; none on w2, w3)"
+    with pytest.raises(ConfigError) as refused:
+        rollback_target({"w1": {"previous": None}, "w2": {"previous": None}})
+    assert str(refused.value) == "model rollback: no live worker reports a previous model to roll back to"
     assert rollback_target({}) == (None, "no live worker reports its models")
+
+
+def test_a_rollback_no_live_worker_can_do_is_refused_in_one_line_and_not_sent(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With one live worker that had no previous model, `model rollback` said "the live workers report different
+    previous models (None)", sent the request, which the worker refused, and exited 1."""
+    import streams.model_cli as model_cli
+    from tagstream.cli import main
+
+    now = time.time_ns() // 1_000_000
+    status = {"w-1": {"active": "m-1", "previous": None, "shadow": None, "at": now, "reported_at": now}}
+    sent: list[ModelUpdate] = []
+
+    async def no_request(settings: WorkerSettings) -> None:
+        return None
+
+    async def send(settings: WorkerSettings, event: ModelUpdate, key: bytes) -> int:
+        sent.append(event)
+        return 0
+
+    monkeypatch.setattr(model_cli, "read_status", lambda settings: status)
+    monkeypatch.setattr(model_cli, "last_request", no_request)
+    monkeypatch.setattr(model_cli, "send_request", send)
+    for argv in (["model", "rollback"], ["model", "rollback", "--wait", "5"]):
+        assert main(argv) == 2
+        out = capsys.readouterr()
+        assert out.out == "" and out.err.splitlines() == [
+            "tagstream model: error: model rollback: no live worker reports a previous model to roll back to"
+        ]
+    assert sent == []
 
 
 def test_a_plain_rollback_names_again_the_version_the_newest_rollback_named_while_a_worker_has_it_active() -> None:
