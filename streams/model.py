@@ -262,11 +262,13 @@ def _resolved(uri: str | None) -> Path | None:
 
 
 def _same_bundle(model: BundleModel | None, event: ModelUpdate) -> bool:
-    """Whether `event` names the bundle `model` was loaded from (version, sha256 and path)."""
+    """Whether `event` names the bundle `model` was loaded from: its version and manifest sha256 (which covers every
+    file), wherever it lies now. A copy of the active bundle in another directory is that bundle: activated, it would
+    fill both the active and the previous slot with one version and forget the model to roll back to. A bundle_uri
+    that is no path (a NUL byte) names no bundle."""
     if model is None or model.version != event.model_version or model.bundle.sha256 != event.sha256:
         return False
-    path = _resolved(event.bundle_uri)
-    return path is not None and path == _resolved(str(model.bundle.path))
+    return _resolved(event.bundle_uri) is not None
 
 
 def _loaded(slot: _Slot | None) -> BundleModel | None:
@@ -311,14 +313,14 @@ class _Rules:
         return self.requests[slot].model_version if isinstance(slot, int) else slot.version
 
     def same_bundle(self, slot: _Slot | None, event: ModelUpdate) -> bool:
-        """Whether `event` names the bundle in `slot` (an activate of it is answered, not applied again)."""
+        """Whether `event` names the bundle in `slot` (an activate of it is answered, not applied again): the same
+        version and manifest sha256, in any directory (`_same_bundle`)."""
         if not isinstance(slot, int):
             return _same_bundle(slot, event)
         held = self.requests[slot]
         if held.model_version != event.model_version or held.sha256 is None or held.sha256 != event.sha256:
             return False
-        path = _resolved(event.bundle_uri)
-        return path is not None and path == _resolved(held.bundle_uri)
+        return _resolved(event.bundle_uri) is not None
 
     def needs_bundle(self, models: _Models, event: ModelUpdate) -> bool:
         """Whether applying `event` to `models` needs its bundle validated."""

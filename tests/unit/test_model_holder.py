@@ -1239,3 +1239,23 @@ async def test_a_shadow_of_the_active_model_is_refused_so_one_version_never_fill
     restarted = await holder_with(bundles)  # a restart folds the same history to the same slots
     await restarted.restore([(0, shadow_a), (1, promote)])
     assert restarted.status()["active"] == a and restarted.status()["previous"] is None
+
+
+async def test_a_copy_of_the_active_bundle_in_another_directory_is_the_active_model(
+    bundles: dict[str, Path], tmp_path: Path
+) -> None:
+    """Activating the active bundle copied elsewhere (a registry moved or mirrored) swapped it in as new: active and
+    previous became one version and the model to roll back to was forgotten. Live and after a restart's fold."""
+    copy = shutil.copytree(bundles["b"], tmp_path / "mirror" / bundles["b"].name)
+    history = [request("activate", bundles["b"]), request("activate", copy), request("rollback")]
+    live = await holder_with(bundles)
+    outcomes = [await live.handle(event) for event in history[:2]]
+    assert outcomes[1].answer is not None and outcomes[1].answer.kind == "model-activated"
+    assert outcomes[1].swapped_to is None  # answered, not swapped in again
+    a, b = bundles["a"].name, bundles["b"].name
+    assert _models(live) == (b, a, None)
+    await live.handle(history[2])
+    assert _models(live) == (a, b, None)  # the rollback still goes back to a
+    folded = await holder_with(bundles)
+    await folded.restore(list(enumerate(history)))
+    assert _models(folded) == (a, b, None)
