@@ -5,6 +5,19 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+JSONL_KEYS = (
+    "product_id",
+    "title",
+    "category_path",
+    "attributes",
+    "tags",
+    "description",
+    "brand",
+    "price",
+    "currency",
+    "source",
+)  # the keys of a product `--format jsonl` reads (`CatalogProduct.to_json`); `training.loaders` names any other
+
 
 @dataclass(frozen=True, slots=True)
 class CatalogProduct:

@@ -38,7 +38,7 @@ from typing import Any
 
 from schemas import load_schema
 from serving.featurizer import normalize_text as _featurizer_normalize
-from training.catalog import CatalogProduct
+from training.catalog import JSONL_KEYS, CatalogProduct
 from training.labels import (
     CATEGORY_GROUPS,
     DEFAULT_EXCLUDE,
@@ -46,6 +46,7 @@ from training.labels import (
     TAGS_GROUP,
     attribute_group,
     attribute_key,
+    is_excluded,
     product_labels,
 )
 
@@ -102,11 +103,17 @@ def unsendable_attributes(products: Iterable[CatalogProduct]) -> dict[str, int]:
     for p in products:
         for name, value in p.attributes.items():
             group = attribute_group(name)
-            if name in DEFAULT_EXCLUDE or not (value and value.strip()) or attribute_key(name) in reserved:
+            if not (value and value.strip()) or is_excluded(name) or attribute_key(name) in reserved:
                 continue
             if not pattern.search(group):
                 out[group] += 1
     return dict(out)
+
+
+def _quote(text: str, limit: int = 40) -> str:
+    """A key as a warning names it: repr-like, cut short."""
+    shown = repr(text)
+    return shown if len(shown) <= limit else shown[: limit - 1] + "…"
 
 
 def label_signature(p: CatalogProduct) -> tuple[Any, ...]:
@@ -128,6 +135,7 @@ class DataReport:
     rows_kept: int = 0
     blank_lines: int = 0  # empty or white-space-only lines: neither rows nor malformed
     skipped: Counter[str] = field(default_factory=Counter)
+    first_skipped: dict[str, int] = field(default_factory=dict)  # reason -> the first line skipped for it
     repaired: Counter[str] = field(default_factory=Counter)
     examples: list[dict[str, Any]] = field(default_factory=list)
     duplicates_exact: int = 0
@@ -139,11 +147,13 @@ class DataReport:
     label_counts: dict[str, dict[str, int]] = field(default_factory=dict)
     title_length: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)  # what training keeps but a user should know (`finish`)
+    unknown_keys: Counter[str] = field(default_factory=Counter)  # JSONL: keys tagstream does not read -> rows
     max_examples: int = 5
 
     def skip(self, line: int, reason: str, detail: str = "") -> None:
         """Count a skipped row under `reason`, keeping the first few examples (line number + reason)."""
         self.skipped[reason] += 1
+        self.first_skipped[reason] = min(line, self.first_skipped.get(reason, line))
         self._example(line, reason, detail, "skipped")
 
     def repair(self, line: int, reason: str, detail: str = "") -> None:
@@ -161,6 +171,19 @@ class DataReport:
         """Rows skipped for any reason (malformed, empty title, duplicates)."""
         return sum(self.skipped.values())
 
+    def skipped_summary(self) -> str | None:
+        """One line for the console when rows were skipped (malformed, merged or dropped as duplicates): `N of M rows
+        skipped: <reason> <count> (first at line L); …`, most frequent reason first; None when none was."""
+        if not self.skipped:
+            return None
+        reasons = "; ".join(
+            f"{reason} {n:,} (first at line {self.first_skipped[reason]})"
+            if reason in self.first_skipped
+            else f"{reason} {n:,}"
+            for reason, n in self.skipped.most_common()
+        )
+        return f"{self.rows_skipped:,} of {self.rows_read:,} rows skipped: {reasons}"
+
     def finish(self, products: list[CatalogProduct]) -> None:
         """Fill label counts per group, title length stats and `warnings` from the kept products.
 
@@ -177,6 +200,21 @@ class DataReport:
         order = first + sorted(set(counts) - set(first) - set(last)) + last
         self.label_counts = {k: dict(counts[k].most_common()) for k in order}
         self.warnings = []
+        if self.unknown_keys:
+            keys = ", ".join(f"{_quote(k)} ({n:,})" for k, n in self.unknown_keys.most_common())
+            self.warnings.append(
+                f"unknown keys ignored: {keys}; the keys a JSONL catalog's products may have are "
+                f"{', '.join(JSONL_KEYS)}"
+            )
+        excluded: Counter[str] = Counter(
+            name for p in products for name, value in p.attributes.items() if value.strip() and is_excluded(name)
+        )
+        if excluded:
+            names = ", ".join(f"{name!r} ({n:,} products)" for name, n in sorted(excluded.items()))
+            self.warnings.append(
+                f"attributes {names} not trained: {', '.join(DEFAULT_EXCLUDE)} (in any case) is listing metadata, "
+                "not a property of the product to tag"
+            )
         if unsendable := unsendable_attributes(products):
             names = ", ".join(f"{name!r} ({n} products)" for name, n in sorted(unsendable.items()))
             self.warnings.append(

@@ -102,12 +102,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.set_defaults(func=run_publish)
 
 
-def _load(path: Path, fmt: str):
+def _load(path: Path, fmt: str, command: str, *, every: bool = False):
+    """Load a catalog (`training.loaders.load_catalog`); when rows were skipped, one warning line on stderr naming
+    the counts by reason (`DataReport.skipped_summary`), logged instead in a `--every` cycle."""
     from training.loaders import load_catalog
 
     _check_catalog(path)
     result = load_catalog(path, fmt)
     log.info("loaded %d products from %s (%s)", len(result.products), path, fmt)
+    if (skipped := result.report.skipped_summary()) is not None:
+        if every:
+            log.warning("%s: %s", path, skipped)
+        else:
+            print(f"tagstream {command}: warning: {path}: {skipped}", file=sys.stderr)
     return result
 
 
@@ -162,6 +169,10 @@ def _write_report(bundle: Path, report_dir: Path, data: Any, **extra: Any) -> Pa
     from training.report import write_report
 
     metrics = json.loads((bundle / "metrics.json").read_text())
+    from training.cleaning import DataReport
+
+    if isinstance(data, DataReport):  # with the label groups the model left out (one label, too little support)
+        data.warnings.extend(w for w in metrics.get("label_warnings") or () if w not in data.warnings)
     try:
         files = write_report(
             report_dir,
@@ -215,7 +226,7 @@ def _run_train(args: argparse.Namespace) -> int:
         loaded: dict[str, Any] = {}
 
         def load() -> list[Any]:
-            loaded["result"] = result = _load(args.catalog, args.format)
+            loaded["result"] = result = _load(args.catalog, args.format, "train", every=True)
             return result.products
 
         def on_decision(record: dict[str, Any]) -> None:
@@ -250,7 +261,7 @@ def _run_train(args: argparse.Namespace) -> int:
         return 0
     from training.train import file_sha256, train
 
-    loaded_once = _load(args.catalog, args.format)
+    loaded_once = _load(args.catalog, args.format, "train")
     for path, what in outputs:
         writable_dir(path, what)
     bundle = train(
@@ -281,8 +292,14 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
     if not args.model.is_dir():
         raise ConfigError(f"--model {args.model} is not a bundle directory")
-    products = _load(args.catalog, args.format).products
+    products = _load(args.catalog, args.format, "evaluate").products
     report = evaluate_bundle(args.model, products, at_thresholds=args.thresholds)
+    if seen := _trained_on(args.model, products):
+        print(
+            f"tagstream evaluate: warning: {seen:,} of {len(products):,} products were in the model's training data: "
+            "the figures are optimistic",
+            file=sys.stderr,
+        )
     missing = unevaluated_groups(report)
     multi = _multi_groups(args.model)
     missing_tags = _free_tags_unevaluated(multi, report)
@@ -327,6 +344,16 @@ def run_evaluate(args: argparse.Namespace) -> int:
             print(f"{g:<18} {figures} {r['n']:>8} {r['n_unknown']:>8}")
         print(f"({out['n']} products)")
     return 0
+
+
+def _trained_on(bundle: Path, products: list[Any]) -> int:
+    """How many of `products` the bundle trained on (its metrics.json `trained_on`: train and validation products,
+    by normalised title); 0 when it keeps no such record."""
+    from training.publish import bundle_trained_on
+    from training.splits import trained_on_key
+
+    seen = bundle_trained_on(bundle)
+    return 0 if not seen else sum(trained_on_key(p) in seen for p in products)
 
 
 def _multi_groups(bundle: Path) -> dict[str, set[str]]:

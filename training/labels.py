@@ -40,11 +40,15 @@ categories a dropped level also unlabels the deeper levels of that product (a le
 with fewer than 2 labels is dropped (with a warning), except a category level above a deeper level of 2 labels or
 more: its one label is the parent of those, so a catalog of a single top-level category still learns (and tags) its
 sub-categories, each product's path starting with that category (a softmax over one label always scores 1).
-Attributes in ``exclude_attributes`` (``year`` by default) are not tagged.
+Attributes in ``exclude_attributes`` (``year`` by default), compared ignoring case and width (`is_excluded`), are
+not tagged (the data report names them). `build_label_map` says which groups it left out, and why, in
+`LabelMap.warnings` (the data report's warnings, through metrics.json `label_warnings`); a catalog with no label at
+all is refused with that said.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from collections import Counter, defaultdict
@@ -75,6 +79,7 @@ __all__ = [
     "category_tags",
     "check_attribute_names",
     "check_tag_names",
+    "is_excluded",
     "product_labels",
 ]
 
@@ -112,11 +117,22 @@ def product_labels(
     out += [
         (attribute_group(name), attribute_tag(name, value))
         for name, value in p.attributes.items()
-        if name not in exclude_attributes and value and value.strip()
+        if value and value.strip() and not is_excluded(name, exclude_attributes)
     ]
     if include_tags:
         out += [(TAGS_GROUP, t) for t in dict.fromkeys(p.tags)]
     return out
+
+
+@functools.lru_cache(maxsize=4096)
+def _key(name: str) -> str:
+    return group_key(name)
+
+
+def is_excluded(name: str, exclude_attributes: Sequence[str] = DEFAULT_EXCLUDE) -> bool:
+    """Whether attribute `name` is one of `exclude_attributes`, compared as attribute names are (`attribute_key`:
+    ignoring case, width and spaces): ``Year`` and ``YEAR`` are ``year``."""
+    return bool(exclude_attributes) and _key(name) in {_key(e) for e in exclude_attributes}
 
 
 def attribute_group(name: str) -> str:
@@ -141,7 +157,7 @@ def check_attribute_names(
     keys: dict[str, str] = {}
     for p in products:
         for name, value in p.attributes.items():
-            if name in exclude_attributes or not (value and value.strip()):
+            if not (value and value.strip()) or is_excluded(name, exclude_attributes):
                 continue
             key = keys.get(name) or keys.setdefault(name, attribute_key(name))
             first, pid, n = names.get(key, (name, p.product_id, 0))
@@ -206,6 +222,8 @@ class LabelMap:
     groups: list[LabelGroup]
     labels: list[Label]
     support: dict[str, int] = field(default_factory=dict)
+    # what `build_label_map` left out that a user should know (a group of one label, or of none with enough support)
+    warnings: list[str] = field(default_factory=list)
     _by_tag: dict[str, int] = field(default_factory=dict, repr=False)
     _by_key: dict[tuple[str, str], int] = field(default_factory=dict, repr=False)
 
@@ -380,12 +398,22 @@ def build_label_map(
     support: dict[str, int] = {}
 
     single: list[str] = []  # groups dropped for having one label: what the error says when nothing is left
+    dropped: list[str] = []  # why each group of the catalog is not in the map (`LabelMap.warnings`)
 
     def add_group(group: LabelGroup, items: list[tuple[str, str, str | None, int]], *, min_labels: int = 2) -> None:
         if len(items) < min_labels:
             if len(items) == 1:
                 single.append(f"{group.name}: {items[0][0]} on {items[0][3]} products")
-                log.warning("label group %s dropped: its only label is %s, nothing to learn", group.name, items[0][0])
+                dropped.append(
+                    f"label group {group.name} dropped: its only label is {items[0][0]} (on {items[0][3]} products), "
+                    "nothing to learn"
+                )
+            else:
+                dropped.append(
+                    f"label group {group.name} dropped: none of its labels is on TAGSTREAM_MIN_SUPPORT={min_support} "
+                    "products or more"
+                )
+            log.warning("%s", dropped[-1])
             return
         groups.append(group)
         for tag, value, parent, count in items:
@@ -394,6 +422,11 @@ def build_label_map(
 
     levels: list[list[tuple[str, str, str | None, int]]] = []
     kept: set[str] = set()
+    if not any(cat_counts) and not any(counts.values()) and not tag_count:
+        raise DataError(
+            f"the catalog has no labels: none of its {len(products)} products has a category path, an attribute or a "
+            "free tag (in JSONL the keys category_path, attributes and tags; see the log for keys it ignored)"
+        )
     for depth, cat_count in enumerate(cat_counts, start=1):
         items = []
         for tag, count in sorted(cat_count.items()):
@@ -405,6 +438,12 @@ def build_label_map(
                 continue
             items.append((tag, path[-1], parent, count))
         if not items:
+            if cat_count:
+                dropped.append(
+                    f"label group {CATEGORY_GROUPS[depth - 1]} dropped: none of its labels is on "
+                    f"TAGSTREAM_MIN_SUPPORT={min_support} products or more under a kept parent"
+                )
+                log.warning("%s", dropped[-1])
             break  # a level without labels ends the hierarchy
         levels.append(items)
         kept.update(t for t, *_ in items)
@@ -429,6 +468,12 @@ def build_label_map(
             for tag, value, parent, count in items:
                 labels.append(Label(len(labels), tag, TAGS_GROUP, value, parent))
                 support[tag] = count
+        elif tag_count:
+            dropped.append(
+                f"label group {TAGS_GROUP} dropped: none of its free tags is on TAGSTREAM_MIN_SUPPORT={min_support} "
+                "products or more"
+            )
+            log.warning("%s", dropped[-1])
     if not labels and single:
         raise DataError(
             f"nothing to learn: every label group reaching the minimum support of {min_support} products has a "
@@ -436,4 +481,4 @@ def build_label_map(
         )
     if not labels:
         raise DataError(f"no label reaches the minimum support of {min_support} products")
-    return LabelMap(groups, labels, support)
+    return LabelMap(groups, labels, support, dropped)

@@ -38,7 +38,9 @@ Formats (product ids are `<format prefix>-<source id>` so they satisfy the event
   (or a non-empty `A|B` string), `attributes` not an object or a value in it, `description`, `brand`, `currency`,
   `source` that is not a string or a number (`bad_<field>`), `tags` not a list of strings, a price that is not a
   number ≥ 0 or a string of one. null (or an absent key) is "absent"; `false`, `""`, `[]` for an object are not.
-  A line nested too deeply or with an integer of more than 4300 digits is `invalid_json`.
+  A line nested too deeply or with an integer of more than 4300 digits is `invalid_json`. Keys other than
+  `JSONL_KEYS` are ignored and named, with how many rows carry each, in one data-report warning (a misspelt
+  `categories` would otherwise train a model without categories, silently).
 
 Prices (BigBasket, JSONL strings) are decimals with commas only as thousands separators (`1,250.50`); anything
 else (`12,50`, `1_000`, `₹220`, `-5`) is `bad_price`.
@@ -62,17 +64,17 @@ import reprlib
 import sys
 import zipfile
 import zlib
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tagstream.errors import DataError
-from training.catalog import CatalogProduct
+from training.catalog import JSONL_KEYS, CatalogProduct
 from training.cleaning import DataReport, clean_label, clean_products, clean_text
 
-__all__ = ["LOADERS", "LoadResult", "load_catalog", "parse_jd_line"]
+__all__ = ["JSONL_KEYS", "LOADERS", "LoadResult", "load_catalog", "parse_jd_line"]
 
 _PRODUCT_ID_RE = re.compile(r"[^{}\s]{1,128}")  # the whole id: fullmatch (`$` would let a final newline through)
 _BREADCRUMB_RE = re.compile(r"^[^<>,]{1,40}>[^>]")
@@ -644,8 +646,10 @@ def _json_text(obj: dict[str, Any], key: str) -> str | None:
     return text
 
 
-def _parse_jsonl(line: str) -> CatalogProduct:
+def _parse_jsonl(line: str, unknown_keys: Counter[str] | None = None) -> CatalogProduct:
     obj = _json_object(line)
+    if unknown_keys is not None:
+        unknown_keys.update(k for k in obj if k not in JSONL_KEYS)
     product = CatalogProduct(
         product_id=_json_id(obj.get("product_id")),
         title=_json_title(obj.get("title")),
@@ -665,7 +669,7 @@ def _parse_jsonl(line: str) -> CatalogProduct:
 
 def _load_jsonl(path: Path, report: DataReport) -> Iterator[tuple[int, CatalogProduct]]:
     lines = _lines(path, _read_bytes(path), report)
-    yield from _rows(path, lines, report, lambda i, line: _parse_jsonl(line))
+    yield from _rows(path, lines, report, lambda i, line: _parse_jsonl(line, report.unknown_keys))
 
 
 LOADERS: dict[str, Parser] = {

@@ -32,8 +32,10 @@ __all__ = [
     "KEEP_REFUSED",
     "PUBLISHED_FILE",
     "Comparison",
+    "bundle_labels",
     "check_keep_refused",
     "check_publishing",
+    "check_republished",
     "compare_reports",
     "current_model",
     "eval_holdout",
@@ -121,13 +123,15 @@ def verify_key() -> Any:
 
 def model_update_event(bundle_dir: str | Path, kind: PublishKind = "activate") -> tuple[ModelUpdate, str]:
     """Validate the bundle (load_bundle; with TAGSTREAM_MODEL_VERIFY_KEY set, its signature too, as the workers
-    will) and build its schema-valid model-update event; returns (event, model name)."""
+    will; refused when changed since its registry recorded it published: `check_republished`) and build its
+    schema-valid model-update event; returns (event, model name)."""
     from serving.bundle import SIGNATURE_FILE, load_bundle
 
     if kind not in ("activate", "shadow"):
         raise ConfigError(f"publish kind must be activate or shadow, got {kind!r}")
     path = Path(bundle_dir).resolve()
     bundle = load_bundle(path, verify_key=verify_key())
+    check_republished(path, bundle.model_version, bundle.sha256)
     signature = _signature(path / SIGNATURE_FILE)
     event = ModelUpdate(
         kind=kind,
@@ -224,7 +228,9 @@ def _publications(registry: Path) -> list[dict[str, Any]]:
 def current_model(registry: str | Path, kind: PublishKind = "activate") -> Path | None:
     """The model `train --every` compares its first candidate with when it starts: the newest bundle still valid in
     the registry among those it records as published with `kind` (`published.jsonl`); when it records none, the
-    newest valid bundle (said in a log line: it may be one that was never published); None in an empty registry."""
+    newest valid bundle (said in a log line: it may be one that was never published); None in an empty registry. A
+    bundle whose sha256 is not the one `published.jsonl` records for its version (changed in place after it was
+    published) is never taken (a warning)."""
     return _current_model(Path(registry), kind)[0]
 
 
@@ -242,14 +248,16 @@ def _current_model(registry: Path, kind: PublishKind) -> tuple[Path | None, str 
         for e in entries
         if e.get("kind") == kind and isinstance(e.get("model_version"), str) and VERSION_RE.match(e["model_version"])
     ]
+    recorded = _recorded_sha256(entries)
     for version in dict.fromkeys(reversed(published)):
-        if _bundle_sha256(registry / version) is not None:
+        if _unchanged_since_published(registry / version, recorded):
             log.info(
                 "current model: %s, the last bundle of %s published (%s) that is still valid", version, registry, kind
             )
             return registry / version, PUBLISHED_FILE
+    tried = set(published)  # each said once in the log
     for version in reversed(list_versions(registry)):
-        if _bundle_sha256(registry / version) is not None:
+        if version not in tried and _unchanged_since_published(registry / version, recorded):
             log.info(
                 "current model: %s, the newest valid bundle in %s (%s names no bundle published as %s that is still "
                 "valid, so it may be one that was never published)",
@@ -260,6 +268,51 @@ def _current_model(registry: Path, kind: PublishKind) -> tuple[Path | None, str 
             )
             return registry / version, "newest in registry"
     return None, None
+
+
+def _recorded_sha256(entries: Sequence[Mapping[str, Any]]) -> dict[str, set[str]]:
+    """model_version → the sha256s `published.jsonl` records it published with."""
+    out: dict[str, set[str]] = {}
+    for e in entries:
+        if isinstance(version := e.get("model_version"), str) and isinstance(sha := e.get("sha256"), str):
+            out.setdefault(version, set()).add(sha)
+    return out
+
+
+def _unchanged_since_published(bundle: Path, recorded: Mapping[str, set[str]]) -> bool:
+    """Whether `bundle` loads and, when `published.jsonl` records its version, with the sha256 recorded (a bundle
+    rewritten in place after it was published is skipped as the current model, said in the log)."""
+    sha256 = _bundle_sha256(bundle)
+    if sha256 is None:
+        return False
+    other = sorted(recorded.get(bundle.name, set()) - {sha256})
+    if other:
+        log.warning(
+            "skipping %s as the current model: it was published with sha256 %s and has %s now (changed after it was "
+            "published)",
+            bundle,
+            ", ".join(other),
+            sha256,
+        )
+        return False
+    return True
+
+
+def check_republished(bundle_dir: Path, version: str, sha256: str) -> None:
+    """BundleError (one line) when the registry's `published.jsonl` records `version` published with another sha256
+    than the bundle has now: it was changed in place after it was published, and the workers would take it for the
+    model they already know under that version. An unreadable record is a warning."""
+    path = bundle_dir.parent / PUBLISHED_FILE
+    try:
+        recorded = _recorded_sha256(_publications(bundle_dir.parent)).get(version, set())
+    except (OSError, UnicodeDecodeError) as exc:
+        log.warning("cannot read %s to check %s was not changed since it was published: %s", path, version, exc)
+        return
+    if other := sorted(recorded - {sha256}):
+        raise BundleError(
+            f"{bundle_dir}: {path} records {version} published with sha256 {', '.join(other)}, but it has sha256 "
+            f"{sha256} now: the bundle was changed after it was published; train a new bundle instead"
+        )
 
 
 def check_publishing(settings: TrainerSettings) -> None:
@@ -400,57 +453,150 @@ def compare_reports(
     *,
     metric: str = "weighted_f1",
     tolerance: float = 0.005,
+    max_labels_lost: float = 0.2,
 ) -> Comparison:
-    """Publish only if the candidate is not worse: it evaluates every group the current model is evaluated in (a
-    group it lost counts as worse), on each of them metric ≥ current − tolerance, and the mean over them ≥ the current
-    mean. In a group whose products all carry labels the current model does not know, the current model counts 0.
-    No current model → publish. A group the current model knows none of the labels of, which the candidate lacks,
-    is no loss. A current model evaluated in no group of the evaluation set: their served free tags are compared
-    (same rule), and without those the candidate is judged on its own: published when one of its figures (top-1
-    groups, or the free tags it serves) is above 0. Reports are `{"groups": {name: {metric, n_unknown}}, "served":
-    ...}` (evaluate_bundle / `tagstream evaluate --json`)."""
+    """Publish only if the candidate is not worse than the current model. It is worse when:
+
+    - it lacks a group the current model is evaluated in, or (with both reports' `labels`, the groups and tags of
+      each bundle's labels.json: `bundle_labels`) a group the current model has, evaluated or not (a catalog that
+      lost a column);
+    - (with `labels`) in a group both have, it lacks more than `max_labels_lost` of the current model's labels (a
+      catalog that lost rows: TAGSTREAM_GATE_MAX_LABELS_LOST);
+    - in a group, its top-1 `metric` < current − tolerance, or the mean over the groups < the current mean;
+    - in a group, what it serves at its thresholds (`served`: `metric`, and `coverage` in exclusive groups) <
+      current − tolerance (a group it does not serve counts 0).
+
+    In a group whose products all carry labels the current model does not know, the current model counts 0, and
+    such a group the candidate lacks, or lacks labels of, is no loss. No current model → publish. A current model
+    evaluated in no group of the evaluation set: the rules on labels and served figures still apply (free tags
+    only), and with no served free tags either the candidate is judged on its own: published when one of its figures
+    (top-1 groups, or the free tags it serves) is above 0. Reports are `{"groups": {name: {metric, n_unknown}},
+    "served": {"groups": ...}, "labels": {group: [tag, ...]}}` (evaluate_bundle, plus `labels` in `periodic_retrain`);
+    a report without `labels` skips the rules on labels."""
     if current is None:
         return Comparison(True, ("no current model",))
     cand_g = candidate.get("groups", {})
     cur_g = current.get("groups", {})
     cur = {g: f for g, r in cur_g.items() if (f := _figure(r, metric)) is not None}
-    if not cur:
-        cur_served, cand_served = _served_tags(current, metric), _served_tags(candidate, metric)
-        if cur_served is None:
-            return _judged_alone(candidate, metric)
-        # a catalog of free tags only: the tags each model serves are what there is to compare
-        if cand_served is None or cand_served < cur_served - tolerance:
-            return Comparison(False, (f"served tags: {metric} {cand_served} < {cur_served} - {tolerance}",))
-        return Comparison(True, (f"served tags: {metric} {cand_served} ≥ {cur_served} - {tolerance}",))
-    reasons = [
+    evaluated = bool(cur)  # in some group of the evaluation set
+    unknown_only = {g for g in cur if cur_g[g].get(metric) is None}  # the current model knows none of their labels
+    notes = [
         f"{g}: the current model knows none of the labels of the {cur_g[g]['n_unknown']} products that carry one "
         f"({metric} counted 0)"
-        for g in sorted(cur)
-        if cur_g[g].get(metric) is None
+        for g in sorted(unknown_only)
     ]
-    worse = False
+    worse: list[str] = []
+    lacking: set[str] = set()  # group keys the candidate lacks, already said
     for g in sorted(set(cur) - set(cand_g)):
-        if cur[g] == 0.0 and cur_g[g].get(metric) is None:  # neither model tags this group: no loss
+        if g in unknown_only:  # neither model tags this group: no loss
             cur.pop(g)
-            reasons.append(f"{g}: neither model knows the labels its products carry (not compared)")
+            notes.append(f"{g}: neither model knows the labels its products carry (not compared)")
             continue
-        worse = True
-        reasons.append(f"{g}: the current model has this group ({metric} {cur[g]}), the candidate lacks it")
+        lacking.add(_group_key(g))
+        worse.append(f"{g}: the current model has this group ({metric} {cur[g]}), the candidate lacks it")
+    skip = lacking | {_group_key(g) for g in unknown_only}
+    worse += _labels_lost(candidate.get("labels"), current.get("labels"), max_labels_lost, skip, lacking)
     common = sorted(set(cur) & set(cand_g))
     new = {g: _figure(cand_g[g], metric) for g in common}
     for g in common:
         if new[g] is None or new[g] < cur[g] - tolerance:  # type: ignore[operator]
-            worse = True
-            reasons.append(f"{g}: {metric} {new[g]} < {cur[g]} - {tolerance}")
+            worse.append(f"{g}: {metric} {new[g]} < {cur[g]} - {tolerance}")
+    worse += _served_worse(candidate, current, (metric, "coverage"), tolerance, lacking | skip)
+    ok: list[str] = []
     if common:
         new_mean = sum(new[g] or 0.0 for g in common) / len(common)
         old_mean = sum(cur[g] for g in common) / len(common)
         if new_mean < old_mean:
-            worse = True
-            reasons.append(f"mean {metric} {new_mean:.4f} < current {old_mean:.4f}")
-        elif not worse:
-            reasons.append(f"mean {metric} {new_mean:.4f} ≥ current {old_mean:.4f}")
-    return Comparison(not worse, tuple(reasons))
+            worse.append(f"mean {metric} {new_mean:.4f} < current {old_mean:.4f}")
+        else:
+            ok.append(f"mean {metric} {new_mean:.4f} ≥ current {old_mean:.4f}")
+    elif not evaluated:
+        cur_served = _served_tags(current, metric)
+        if cur_served is None:
+            return _judged_alone(candidate, metric) if not worse else Comparison(False, (*worse, *notes))
+        # a catalog of free tags only: the tags each model serves are what there is to compare (`_served_worse`)
+        if not worse:
+            ok.append(f"served tags: {metric} {_served_tags(candidate, metric)} ≥ {cur_served} - {tolerance}")
+    if worse:
+        return Comparison(False, (*notes, *worse))
+    return Comparison(True, (*notes, *ok))
+
+
+def _group_key(name: str) -> str:
+    """What two reports' group names are compared by (`serving.decoding.group_key`: `Colour` and `colour` alike)."""
+    from serving.decoding import group_key
+
+    return group_key(name)
+
+
+def _label_id(group: str, tag: str) -> str:
+    """What a label is compared by across two bundles: the tag for categories and free tags, the value for an
+    attribute (an older bundle may spell the group `Colour`, a newer one `colour`)."""
+    from training.labels import CATEGORY_GROUPS, TAGS_GROUP
+
+    return tag if group in (*CATEGORY_GROUPS, TAGS_GROUP) else tag[len(group) + 1 :]
+
+
+def _labels_lost(
+    candidate: Mapping[str, Sequence[str]] | None,
+    current: Mapping[str, Sequence[str]] | None,
+    max_lost: float,
+    skip: set[str],
+    lacking: set[str],
+) -> list[str]:
+    """The reasons a candidate is worse by its label set (`compare_reports`): a group of the current model it lacks
+    (its key added to `lacking`), or more than `max_lost` of the current model's labels lost in a group. Groups whose
+    key is in `skip` are not looked at; nothing without both label sets."""
+    if not candidate or not current:
+        return []
+    cand = {_group_key(g): {_label_id(g, t) for t in tags} for g, tags in candidate.items()}
+    reasons = []
+    for g, tags in sorted(current.items()):
+        key, have = _group_key(g), {_label_id(g, t) for t in tags}
+        if key in skip or not have:
+            continue
+        if key not in cand:
+            lacking.add(key)
+            reasons.append(f"{g}: the current model has this group ({len(have)} labels), the candidate lacks it")
+            continue
+        lost = sorted(have - cand[key])
+        if len(lost) > max_lost * len(have):
+            reasons.append(
+                f"{g}: the candidate lacks {len(lost)} of the current model's {len(have)} labels "
+                f"({len(lost) / len(have):.0%}, more than TAGSTREAM_GATE_MAX_LABELS_LOST={max_lost:g}; e.g. "
+                f"{', '.join(lost[:3])}): has the catalog lost rows or values?"
+            )
+    return reasons
+
+
+def _served_worse(
+    candidate: Mapping[str, Any],
+    current: Mapping[str, Any],
+    metrics: Sequence[str],
+    tolerance: float,
+    skip: set[str],
+) -> list[str]:
+    """The reasons a candidate serves worse than the current model (`compare_reports`): in a group where the current
+    model has a served figure, the candidate's is lower by more than `tolerance` (missing counts 0); `coverage` in
+    exclusive groups only (the multi-label group's, which keeps `per_tag`, counts products given any free tag, where
+    none may be due). Groups whose key is in
+    `skip` (a lacking group already said, one the current model knows none of the labels of) are not looked at."""
+    cur_s = current.get("served", {}).get("groups", {})
+    cand_s = {_group_key(g): r for g, r in candidate.get("served", {}).get("groups", {}).items()}
+    reasons = []
+    for g, r in sorted(cur_s.items()):
+        key = _group_key(g)
+        if key in skip:
+            continue
+        for m in metrics:
+            if m == "coverage" and "per_tag" in r:  # free tags: serving fewer where none is due is no loss
+                continue
+            if (old := r.get(m)) is None:  # no product carries a label of it, or only ones the model does not know
+                continue
+            new = _figure(cand_s[key], m) if key in cand_s else None  # a group not served counts 0
+            if (new or 0.0) < float(old) - tolerance:
+                reasons.append(f"served {g}: {m} {new} < {old} - {tolerance}")
+    return reasons
 
 
 def _served_tags(report: Mapping[str, Any], metric: str) -> float | None:
@@ -474,6 +620,25 @@ def _judged_alone(candidate: Mapping[str, Any], metric: str) -> Comparison:
         return Comparison(False, (f"{why}, and the candidate scores no better than 0 on its own ({metric}: {alone})",))
     alone = ", ".join(f"{g} {v}" for g, v in sorted(figures.items()))
     return Comparison(True, (f"{why}: the candidate is judged on its own ({metric}: {alone})",))
+
+
+def bundle_labels(bundle: Path) -> dict[str, list[str]] | None:
+    """A bundle's label groups and their tags (its labels.json: `{group: [tag, ...]}`, every group, the free tags
+    too), what the gate compares label sets by; None when it cannot be read as such."""
+    try:
+        obj = json.loads((bundle / "labels.json").read_bytes())
+        out: dict[str, list[str]] = {g["name"]: [] for g in obj["groups"]}
+        for label in obj["labels"]:
+            out[label["group"]].append(label["tag"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return out
+
+
+def _with_labels(report: Mapping[str, Any], bundle: Path) -> Mapping[str, Any]:
+    """`report` with the bundle's label sets (`bundle_labels`) under `labels`, for `compare_reports`."""
+    labels = bundle_labels(bundle)
+    return report if labels is None else {**report, "labels": labels}
 
 
 @dataclass(frozen=True, slots=True)
@@ -618,10 +783,10 @@ def periodic_retrain(
             record["gate"] = gate.info
             if "note" in gate.info:
                 log.warning("retrain cycle %d: %s", cycle, gate.info["note"])
-            report = evaluate_fn(bundle, gate.products)
+            report = _with_labels(evaluate_fn(bundle, gate.products), bundle)
             if current is not None:  # re-evaluate: the evaluation set may have grown with the catalog
                 try:
-                    current_report = evaluate_fn(current, gate.products)
+                    current_report = _with_labels(evaluate_fn(current, gate.products), current)
                 except (TagstreamError, OSError) as exc:
                     held_report = "comparing with its last evaluation" if current_report is not None else None
                     log.warning(
@@ -633,7 +798,7 @@ def periodic_retrain(
                     if current_report is None:
                         current = current_from = None
             record.update(current=None if current is None else str(current), current_from=current_from)
-            decision = compare_reports(report, current_report)
+            decision = compare_reports(report, current_report, max_labels_lost=settings.gate_max_labels_lost)
             record.update(publish=decision.publish, reasons=list(decision.reasons))
             if decision.publish:
                 publish(bundle)

@@ -168,6 +168,14 @@ class TrainerSettings(BaseSettings):
         "fewer remain, both are compared on the whole set, which favours the current model (said in the cycle's "
         "JSON line).",
     )
+    gate_max_labels_lost: float = Field(
+        0.2,
+        ge=0,
+        le=1,
+        description="`train --every`: the largest share of the current model's labels in one group (categories, "
+        "each attribute, the free tags) a candidate may lack and still be published; a candidate that lacks a whole "
+        "group of the current model is refused too (a catalog that lost a column or rows). 1 turns the share off.",
+    )
     # runtime
     threads: int = Field(2, ge=1, description="TensorFlow intra-op threads (inter-op = 1..2).")
     # publish

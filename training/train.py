@@ -29,7 +29,7 @@ import numpy as np
 from serving.featurizer import FEATURIZER_VERSION, FeatureBatch, Featurizer
 from tagstream.errors import BaselineProcessError, ConfigError, DataError
 from training.catalog import CatalogProduct
-from training.labels import LabelMap, LabelMatrix, build_label_map
+from training.labels import LabelMap, LabelMatrix, build_label_map, check_attribute_names, check_tag_names
 from training.settings import TrainerSettings, writable_dir
 
 if TYPE_CHECKING:
@@ -479,7 +479,8 @@ def train(
     registry = writable_dir(registry if registry is not None else settings.model_registry, "registry")
     signing_key = settings.signing_key()
     t0 = time.perf_counter()
-    label_map = build_label_map(products, min_support=settings.min_support)
+    check_attribute_names(products)  # names a worker could not tell apart are refused wherever they are
+    check_tag_names(products)
     if split is None:  # the test part is the fixed evaluation set `train --every` compares models on
         split = holdout_split(
             products,
@@ -490,6 +491,9 @@ def train(
     train_p, val_p, test_p = split.train, split.validation, split.test
     if not val_p:
         raise ConfigError("the split has no validation products")
+    # the labels of the products that shape the model: a label only the held-out test part carries is one the model
+    # cannot have learnt, counted as unknown (a miss, `n_unknown`) in the evaluation
+    label_map = build_label_map([*train_p, *val_p], min_support=settings.min_support)
     log.info(
         "training on %d products (%d val, %d test), %d labels", len(train_p), len(val_p), len(test_p), len(label_map)
     )
@@ -522,6 +526,9 @@ def train(
         "evaluated_on": "test" if test_p else "validation",
         # which products shaped the weights, so that `train --every` compares models only on products neither saw
         "trained_on": trained_on_record([*train_p, *val_p]),
+        # label groups of the catalog the model does not have (one label, too little support): the data report's
+        # warnings (`tagstream train` adds them to its report)
+        "label_warnings": list(label_map.warnings),
         "history": result.history,
         "settings": json.loads(settings.model_dump_json(exclude={"signing_key_path"})),
     }
@@ -554,6 +561,9 @@ def train(
     metrics.update(held_out_metrics(eval_scores, eval_p, label_map, shipped, baseline=base_scores))
     if extra_metrics:
         metrics.update(extra_metrics)
+    if isinstance(data := metrics.get("data_report"), dict) and label_map.warnings:
+        said = list(data.get("warnings") or ())
+        metrics["data_report"] = {**data, "warnings": said + [w for w in label_map.warnings if w not in said]}
     metrics["timings"] = {**result.timings, "export_parity_s": t_exp, "total_s": time.perf_counter() - t0}
 
     golden_n = min(64, len(x_par))
