@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import cached_property
 from pathlib import Path
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -53,6 +54,7 @@ __all__ = [
     "Thresholds",
     "capped",
     "featurizer_assets",
+    "golden_inputs",
     "list_versions",
     "load_bundle",
     "load_signing_key",
@@ -207,6 +209,26 @@ class GoldenSet:
     weights: np.ndarray  # float32 [G, L]
     numeric: np.ndarray  # float32 [G, K]
     scores: np.ndarray  # float32 [G, T]
+    # the products the rows were featurized from (GOLDEN_INPUT_FIELDS), when the bundle has them (`inputs`)
+    inputs: tuple[Mapping[str, Any], ...] | None = None
+
+
+# What the featurizer reads of a product: a golden row's `inputs` entry keeps these (absent ones left out).
+GOLDEN_INPUT_FIELDS = ("title", "description", "brand", "category_hints", "price")
+
+
+def golden_inputs(products: Sequence[Any]) -> list[dict[str, Any]]:
+    """The featurizer's fields of these products (objects or mappings), for a bundle's golden `inputs`."""
+    out = []
+    for p in products:
+        get = p.get if isinstance(p, Mapping) else (lambda name, p=p: getattr(p, name, None))
+        row = {}
+        for name in GOLDEN_INPUT_FIELDS:
+            value = get(name)
+            if value is not None and value != "" and value != ():
+                row[name] = list(value) if name == "category_hints" else value
+        out.append(row)
+    return out
 
 
 @dataclass(frozen=True)
@@ -485,6 +507,14 @@ def _golden_bytes(golden: GoldenSet | Mapping[str, np.ndarray]) -> bytes:
         }
     except KeyError as exc:
         raise BundleError(f"write_bundle: golden lacks array {exc}") from None
+    try:
+        inputs = get("inputs")
+    except (KeyError, AttributeError):
+        inputs = None
+    if inputs is not None:
+        if len(inputs) != len(arrays["ids"]):
+            raise BundleError(f"write_bundle: {len(inputs)} golden inputs for {len(arrays['ids'])} golden rows")
+        arrays["inputs"] = np.asarray([json.dumps(dict(row), ensure_ascii=False) for row in inputs], dtype=np.str_)
     buf = io.BytesIO()
     np.savez(buf, **arrays)  # type: ignore[arg-type]
     return buf.getvalue()
@@ -898,6 +928,7 @@ def _check_golden(
             return None
         with np.load(io.BytesIO(data), allow_pickle=False) as npz:
             arrays = {k: npz[k] for k in ("ids", "weights", "numeric", "scores") if k in npz.files}
+            raw_inputs = npz["inputs"] if "inputs" in npz.files else None
     except Exception as exc:  # zipfile.BadZipFile, ValueError, OSError
         reasons.append(f"golden.npz: unreadable ({exc})")
         return None
@@ -932,9 +963,32 @@ def _check_golden(
         reasons.append("golden.npz: scores are not all finite probabilities in [0, 1]")
     if len(reasons) > before:
         return None
+    inputs = None
+    if raw_inputs is not None:
+        inputs = _golden_inputs(raw_inputs, len(scores), reasons)
+        if inputs is None:
+            return None
     for a in arrays.values():
         a.setflags(write=False)
-    return GoldenSet(**arrays)
+    return GoldenSet(**arrays, inputs=inputs)
+
+
+def _golden_inputs(raw: np.ndarray, rows: int, reasons: list[str]) -> tuple[Mapping[str, Any], ...] | None:
+    """golden.npz `inputs`: one JSON object of GOLDEN_INPUT_FIELDS per golden row (None, with a reason, if not)."""
+    if raw.dtype.kind != "U" or raw.ndim != 1 or len(raw) != rows:
+        reasons.append(f"golden.npz: inputs is {raw.dtype}{list(raw.shape)}, expected {rows} JSON strings")
+        return None
+    out = []
+    for i, text in enumerate(raw.tolist()):
+        try:
+            row = json.loads(text)
+        except ValueError:
+            row = None
+        if not isinstance(row, dict) or not set(row) <= set(GOLDEN_INPUT_FIELDS):
+            reasons.append(f"golden.npz: inputs[{i}] is not a JSON object of {', '.join(GOLDEN_INPUT_FIELDS)}")
+            return None
+        out.append(MappingProxyType(row))
+    return tuple(out)
 
 
 # --------------------------------------------------------------------------------------------------- ONNX checks

@@ -8,8 +8,11 @@ Stages, in order; the first failing stage raises `ModelRejectedError` with every
    dimension limits, I/O names, dtypes and shapes against the featurizer's L/K and the label map's T), labels,
    thresholds, golden rows; the request's model_version must be the manifest's.
 2. **session** — the featurizer loads and ONNX Runtime creates a session.
-3. **canary** — the golden rows score within `canary_atol` of the recorded scores (NaN/inf refused); a few
-   featurized products score end to end (featurizer → session → decoder).
+3. **canary** — the bundle's featurizer reproduces the golden rows' features from the products they were made of
+   (bundles that keep them, golden.npz `inputs`): a featurizer.json or asset from another training run (another
+   hashing seed, vocabulary or idf) would feed the model features it never learnt; the golden rows score within
+   `canary_atol` of the recorded scores (NaN/inf refused); a few featurized products score end to end (featurizer →
+   session → decoder).
 4. **latency** — the median `predict` latency at batch 1 and 64 is within budget.
 5. **quality** — with a labelled golden set, the candidate's micro-F1 may not drop more than `max_quality_drop`
    below the active model's. The active model's tags on the golden set come from the model as the worker holds it
@@ -81,6 +84,7 @@ __all__ = [
     "ValidatedBundle",
     "ValidationPolicy",
     "ValidationReport",
+    "check_golden_features",
     "child_init",
     "load_golden_set",
     "micro_f1",
@@ -305,6 +309,32 @@ def _tags_of(bundle: ModelBundle, scorer: OnnxScorer, products: Sequence[Any]) -
     return [{t.tag for t in row} for row in rows]
 
 
+def check_golden_features(bundle: ModelBundle, featurizer: Featurizer) -> None:
+    """ModelRejectedError unless `featurizer` turns the golden rows' products (`GoldenSet.inputs`) into the features
+    the rows hold: the same ids, weights and numeric features (float32 rounding aside). Bundles written without the
+    products are not checked."""
+    golden = bundle.golden
+    if golden.inputs is None:
+        return
+    try:
+        got = featurizer.transform(golden.inputs)
+    except (FeaturizerError, ValueError, TypeError) as exc:
+        raise ModelRejectedError([f"featurizer: cannot featurize the golden products ({exc})"]) from None
+    differ = ~(
+        (got.ids == golden.ids).all(axis=1)
+        & np.isclose(got.weights, golden.weights, rtol=1e-5, atol=1e-6).all(axis=1)
+        & np.isclose(got.numeric, golden.numeric, rtol=1e-5, atol=1e-6).all(axis=1)
+    )
+    if differ.any():
+        raise ModelRejectedError(
+            [
+                f"featurizer: does not reproduce the features of {int(differ.sum())} of {len(differ)} golden rows "
+                f"(first: row {int(np.flatnonzero(differ)[0])}): featurizer.json or its assets are not the ones the "
+                "model was trained with"
+            ]
+        )
+
+
 def validate_bundle(
     path: str | Path,
     *,
@@ -342,7 +372,8 @@ def validate_bundle(
     except ModelLoadError as exc:
         raise ModelRejectedError([f"session: {exc}"]) from None
 
-    # 3. canary: golden rows, then products through the whole path
+    # 3. canary: the featurizer against the golden rows, the golden rows, then products through the whole path
+    check_golden_features(bundle, featurizer)
     canary = scorer.check_golden(bundle, atol=policy.canary_atol)
     products = [lp.product for lp in policy.golden_set] or [
         ProductChange("upsert", f"smoke-{i}", 0, 0, title=t, brand="brand", price=9.9)

@@ -135,6 +135,12 @@ def test_train_export_bundle_score_and_parity_gate(tmp_path: Path, capsys: pytes
     scorer.load(bundle)
     assert scorer.check_golden(bundle) <= 1e-4
     fz = bundle.featurizer
+    # the golden rows keep the products they were made of, and the bundle's featurizer makes them again
+    from serving.validate import check_golden_features
+
+    assert bundle.golden.inputs is not None and len(bundle.golden.inputs) == len(bundle.golden.ids)
+    assert all(row.get("title") for row in bundle.golden.inputs)
+    check_golden_features(bundle, fz)
     scores = scorer.predict(fz.transform([{"title": "5G 全网通 手机 双卡 黑色 官方"}]))
     assert scores.shape == (1, bundle.T) and np.all((scores >= 0) & (scores <= 1))
     labels = json.loads((bundle_dir / "labels.json").read_text())

@@ -16,7 +16,7 @@ import base64
 import hashlib
 import io
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
@@ -220,6 +220,8 @@ def make_bundle(
     created_at: datetime = FIXED_TIME,
     model_name: str = "tiny",
     validate: bool = True,
+    golden_features: Any = None,
+    golden_inputs: Sequence[Mapping[str, Any]] | None = None,
 ) -> Path:
     """Write a complete bundle into `registry_dir` and return its directory.
 
@@ -228,12 +230,15 @@ def make_bundle(
     `featurizer_spec` replaces the minimal featurizer.json (written with an all-ones idf.npy); `featurizer_files`
     replaces both and is passed to write_bundle as is (e.g. a real `Featurizer(...).save`, whose L/K/buckets must
     then be the ones given here). The minimal featurizer.json is NOT loadable by `Featurizer.load`.
-    `validate=False` writes without validating (for deliberately broken bundles).
+    `validate=False` writes without validating (for deliberately broken bundles). `golden_features` (a FeatureBatch)
+    replaces the random golden rows, `golden_inputs` are the products they were featurized from (golden.npz `inputs`).
     """
     if model is None:
         model = make_model(labels=labels, L=L, K=K, buckets=buckets, opset=opset, seed=seed)
     onnx_bytes = model if isinstance(model, bytes) else model.SerializeToString()
-    golden_in = make_feature_batch(golden_rows, L=L, K=K, buckets=buckets, seed=seed + 100)
+    golden_in = golden_features
+    if golden_in is None:
+        golden_in = make_feature_batch(golden_rows, L=L, K=K, buckets=buckets, seed=seed + 100)
     scores = run_model(onnx_bytes, golden_in) if golden_scores is None else golden_scores
     if featurizer_files is None:
         spec = dict(featurizer_spec) if featurizer_spec is not None else make_featurizer_spec(L=L, K=K, buckets=buckets)
@@ -250,7 +255,13 @@ def make_bundle(
         thresholds=thresholds,
         featurizer_files=featurizer_files,
         metrics={"format_version": 1, "model": {"micro_f1": 0.5}, "baseline": {"micro_f1": 0.3}},
-        golden={"ids": golden_in.ids, "weights": golden_in.weights, "numeric": golden_in.numeric, "scores": scores},
+        golden={
+            "ids": golden_in.ids,
+            "weights": golden_in.weights,
+            "numeric": golden_in.numeric,
+            "scores": scores,
+            **({"inputs": golden_inputs} if golden_inputs is not None else {}),
+        },
         meta={"model_name": model_name, "training_data_sha256": "0" * 64},
         signing_key=signing_key,
         created_at=created_at,

@@ -467,7 +467,7 @@ def train(
     evaluation set of `train --every`, train and validation stratified from the rest); `data_sha256` the hash of the
     products. `on_fit` sees the fitted result once its tables hold the values the bundle ships.
     """
-    from serving.bundle import Thresholds, write_bundle
+    from serving.bundle import Thresholds, golden_inputs, write_bundle
     from training.export import check_parity, export_onnx
     from training.splits import holdout_split, trained_on_record
 
@@ -572,6 +572,7 @@ def train(
         "weights": x_par.weights[:golden_n],
         "numeric": x_par.numeric[:golden_n],
         "scores": keras_par[:golden_n],
+        "inputs": golden_inputs(pool[:golden_n]),  # validation checks the bundle's featurizer against them
     }
     try:
         bundle = write_bundle(

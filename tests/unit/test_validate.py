@@ -25,7 +25,7 @@ from onnx.external_data_helper import set_external_data
 
 import serving.validate
 from schemas import ProductChange
-from serving.bundle import DEFAULT_LIMITS
+from serving.bundle import DEFAULT_LIMITS, load_bundle
 from serving.featurizer import Featurizer, FeaturizerConfig
 from serving.validate import (
     LabelledProduct,
@@ -416,3 +416,29 @@ def test_parse_verify_key_forms(tmp_path: Path, key: Ed25519PrivateKey) -> None:
         assert got == raw
     with pytest.raises(ConfigError):
         parse_verify_key("not a key")
+
+
+def _bundle_with_golden_products(root: Path, seed: int | None = None) -> Path:
+    """A bundle whose golden rows are real products featurized by its featurizer, kept as golden `inputs`; with
+    `seed`, its featurizer.json then names another hashing seed (assembled from another training run, say)."""
+    from serving.bundle import golden_inputs
+
+    products = golden_products(16)
+    files = featurizer_files(featurizer())
+    shipped = load_bundle(real_bundle(root / "first", featurizer_files=files)).featurizer  # as a bundle loads it
+    if seed is not None:
+        spec = json.loads(files["featurizer.json"])
+        spec["hashing"]["seed"] = seed
+        files["featurizer.json"] = json.dumps(spec).encode()
+    rows = shipped.transform(products)
+    return real_bundle(root, featurizer_files=files, golden_features=rows, golden_inputs=golden_inputs(products))
+
+
+def test_a_bundle_whose_featurizer_does_not_make_its_golden_rows_is_refused(tmp_path: Path) -> None:
+    """Its ONNX model would score features it never learnt: every tag wrong, yet the canary on stored rows passed."""
+    good = validate_bundle(_bundle_with_golden_products(tmp_path / "good"))
+    assert good.bundle.golden.inputs is not None and len(good.bundle.golden.inputs) == 16
+    with pytest.raises(ModelRejectedError) as refused:
+        validate_bundle(_bundle_with_golden_products(tmp_path / "other-seed", seed=777))
+    [reason] = refused.value.reasons
+    assert reason.startswith("featurizer: does not reproduce the features of ") and "16 golden rows" in reason
