@@ -648,8 +648,19 @@ def _status(args: argparse.Namespace) -> int:
                 print(f"    removed: {shadow['removed']}")
         retag = st.get("retag")
         if retag:
-            print(f"  retag {retag['model_version']}: {retag['scored']} scored, {retag['updates']} updates")
+            print(f"  retag {retag['model_version']}: {_retag_line(retag)}")
     return 0
+
+
+def _retag_line(retag: dict[str, Any]) -> str:
+    """A re-tag run's progress in `model status`: running or finished, the partitions it covers, its counts."""
+    parts = retag.get("partitions")
+    covers = "every products partition" if parts is None else f"products partitions {', '.join(map(str, parts))}"
+    state = "finished" if retag.get("finished_at") else "running"
+    return (
+        f"{state}, {covers}: {retag.get('scored', 0)} scored, {retag.get('skipped_current', 0)} already at it, "
+        f"{retag.get('updates', 0)} updates"
+    )
 
 
 def _request(kind: str) -> Callable[[argparse.Namespace], int]:

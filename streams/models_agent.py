@@ -60,6 +60,12 @@ def install(worker: Worker, holder: ModelHolder) -> ModelUpdatesAgent | None:
         await agent.run()
 
     worker.app.task(tagstream_models)
+
+    @worker.app.on_partitions_assigned.connect
+    async def retag_gained_partitions(app: Any, assigned: Any, **kwargs: Any) -> None:
+        # products partitions taken over after a swap may never have been re-tagged with the active model
+        agent.on_partitions_assigned()
+
     return agent
 
 
@@ -75,6 +81,9 @@ class ModelUpdatesAgent:
         self._prune_script: AsyncScript | None = None
         self.retag_task: asyncio.Task[Any] | None = None
         self.retagger: Retagger | None = None
+        # the active model's re-tag: its version, the request offset fencing its writes, the products partitions it
+        # covers (None: all); a rebalance that gives this worker others runs it again (`on_partitions_assigned`)
+        self._retag: tuple[str, int, frozenset[int] | None] | None = None
         self.handled = 0
         self.started_ms = time.time_ns() // 1_000_000
         self._replayed_swap: int | None = None  # offset of the backlog's last request that swapped the model
@@ -359,6 +368,27 @@ class ModelUpdatesAgent:
 
     # ------------------------------------------------------------------------------------------ re-tag
 
+    def on_partitions_assigned(self) -> None:
+        """After a rebalance: when this worker now owns products partitions its re-tag of the active model did not
+        cover, run that re-tag again over all it owns. The worker that had them may have stopped before re-tagging
+        them, or before it even applied the model (a restart re-tags only the partitions owned then), and nothing
+        else would ever re-tag them: their products kept the replaced model's tags until their next upsert.
+        Products already at the active model are skipped (one read each); writes are fenced by the same request
+        offset, so none is written twice."""
+        if self._retag is None or not self.settings.retag_on_swap or self.holder.active is None:
+            return
+        version, run_offset, covered = self._retag
+        if version != self.holder.active.version or covered is None:
+            return
+        owned = self._assigned_partitions()
+        if owned is None or not owned <= covered:
+            log.info(
+                "re-tag with %s again: products partitions %s gained since it started",
+                version,
+                "unknown" if owned is None else sorted(owned - covered),
+            )
+            self._start_retag(run_offset)
+
     def _start_retag(self, run_offset: int) -> None:
         from streams.retag import Retagger
 
@@ -367,6 +397,8 @@ class ModelUpdatesAgent:
         model = self.holder.active
         if model is None:
             return
+        partitions = self._assigned_partitions()
+        self._retag = (model.version, run_offset, None if partitions is None else frozenset(partitions))
 
         async def run() -> None:
             processor = await self.worker.processor()
@@ -377,7 +409,7 @@ class ModelUpdatesAgent:
                 score_delta=self.settings.score_delta,
                 publish=self.worker.publish,
                 topic=self.settings.topic(MODEL_UPDATES.name),
-                partitions=self._assigned_partitions(),
+                partitions=partitions,
                 partition_count=self.settings.partitions,
                 on_written=processor.cache.discard if processor.cache is not None else None,
                 locks=self.worker.locks,

@@ -108,6 +108,7 @@ class RetagStats:
     skipped_other_partition: int = 0
     started_at: int = 0
     finished_at: int | None = None
+    partitions: list[int] | None = None  # the products partitions it covers (None: every one)
 
     def to_json(self) -> dict[str, Any]:
         """Plain dict."""
@@ -168,7 +169,8 @@ class Retagger:
 
     async def run(self, model: ScoringModel, run_offset: int) -> RetagStats:
         """Re-tag every stored product with `model`; `run_offset` fences the writes (see the module docstring)."""
-        self.stats = stats = RetagStats(model.version, started_at=_now_ms())
+        covered = None if self.partitions is None else sorted(self.partitions)
+        self.stats = stats = RetagStats(model.version, started_at=_now_ms(), partitions=covered)
         started = time.monotonic()
         chunk: list[str] = []
         async for pid in self._product_ids():

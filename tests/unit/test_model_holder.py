@@ -1259,3 +1259,70 @@ async def test_a_copy_of_the_active_bundle_in_another_directory_is_the_active_mo
     folded = await holder_with(bundles)
     await folded.restore(list(enumerate(history)))
     assert _models(folded) == (a, b, None)
+
+
+async def test_a_worker_that_takes_over_products_partitions_after_a_swap_re_tags_them(
+    monkeypatch: pytest.MonkeyPatch, bundles: dict[str, Path]
+) -> None:
+    """A re-tag covers the partitions owned when it starts: a worker that stopped before re-tagging its partitions
+    (or before applying the model) left their products on the replaced model for good, since the one taking them over
+    never looked at them. Now a rebalance that gives a worker partitions its re-tag did not cover runs it again."""
+    import streams.models_agent as models_agent
+    import streams.retag
+
+    runs: list[tuple[str, int, frozenset[int] | None]] = []
+
+    class RecordingRetagger:
+        def __init__(self, store: Any, *, partitions: set[int] | None, **kwargs: Any) -> None:
+            self.partitions = partitions
+            self.stats = SimpleNamespace(to_json=dict)
+
+        async def run(self, model: BundleModel, run_offset: int) -> Any:
+            runs.append((model.version, run_offset, None if self.partitions is None else frozenset(self.partitions)))
+            return self.stats
+
+    monkeypatch.setattr(streams.retag, "Retagger", RecordingRetagger)
+    settings = WorkerSettings(worker_id="w-1", model_path=bundles["a"], retag_on_swap=True, partitions=4)
+    worker = FakeWorker(settings)
+    owned: set[int] = {0, 1}
+    topic = settings.topic("products")
+
+    async def processor() -> Any:
+        return SimpleNamespace(store=None, cache=None)
+
+    worker.processor = processor  # type: ignore[attr-defined]
+    worker.locks = None  # type: ignore[attr-defined]
+    worker.app = SimpleNamespace(consumer=SimpleNamespace(assignment=lambda: {TopicPartition(topic, p) for p in owned}))  # type: ignore[attr-defined]
+    holder = await holder_with(bundles)
+    agent = models_agent.ModelUpdatesAgent(worker, holder)  # type: ignore[arg-type]
+
+    async def rebalance(to: set[int]) -> None:
+        owned.clear()
+        owned.update(to)
+        agent.on_partitions_assigned()
+        if agent.retag_task is not None:
+            await agent.retag_task
+
+    await rebalance({0, 1})  # no re-tag yet: nothing to run again
+    assert runs == []
+    agent._start_retag(7)  # the swap at model-updates offset 7
+    await agent.retag_task  # type: ignore[misc]
+    a = bundles["a"].name
+    assert runs == [(a, 7, frozenset({0, 1}))]
+    await rebalance({0, 1})
+    await rebalance({1})  # only lost one: the rest was covered
+    assert len(runs) == 1
+    await rebalance({1, 2, 3})  # took over 2 and 3 (their worker stopped): the same re-tag, over all it owns now
+    assert runs[1:] == [(a, 7, frozenset({1, 2, 3}))]
+    holder.active = await holder.validate(request("activate", bundles["b"]), None)  # another model, not re-tagged
+    await rebalance({0, 1, 2, 3})
+    assert len(runs) == 2
+
+
+def test_model_status_says_whether_a_re_tag_finished_and_which_partitions_it_covers() -> None:
+    from streams.model_cli import _retag_line
+
+    running = {"model_version": "v2", "scored": 3, "skipped_current": 2, "updates": 1, "partitions": [1, 2]}
+    assert _retag_line(running) == "running, products partitions 1, 2: 3 scored, 2 already at it, 1 updates"
+    done = {**running, "partitions": None, "finished_at": 1_764_316_800_000}
+    assert _retag_line(done) == "finished, every products partition: 3 scored, 2 already at it, 1 updates"
