@@ -411,32 +411,49 @@ class _Rules:
             models = step.after
         return steps
 
-    def needed(self, steps: list[_Step], invalid: dict[int, tuple[str, ...]], valid: Collection[int]) -> set[int]:
-        """The requests whose bundles are still to be validated (not in `valid`): those in the final slots, and every
-        other one assumed valid unless its refusal cannot change the final state whatever the other unchecked bundles
-        turn out to be: from its step on, the fold without it meets the fold with it (they meet after about two more
-        swaps) before either consults another bundle not yet checked. Two refused bundles can each leave the result
-        as it is alone and change it together; such a pair is never skipped."""
-        needed = {slot for slot in steps[-1].after.slots if isinstance(slot, int)} if steps else set()
-        for i, step in enumerate(steps):
-            slot = self.slots[step.offset]
-            if not step.entered or slot in needed or slot in valid:
-                continue
-            refused = {**invalid, slot: ("",)}
-            models = step.before  # the request refused: nothing changed
-            for later in steps[i + 1 :]:
-                event = self.requests[later.offset]
-                other = self.slots[later.offset]
-                unchecked = other != slot and other not in valid and other not in invalid
-                if unchecked and (self.needs_bundle(later.before, event) or self.needs_bundle(models, event)):
-                    needed.add(slot)  # its outcome would depend on another unchecked bundle
-                    break
-                models = self._next(models, later.offset, refused).after
-                if models == later.after:
-                    break
-            else:
-                needed.add(slot)
-        return needed
+    def needed(
+        self, initial: _Models, steps: list[_Step], invalid: dict[int, tuple[str, ...]], valid: Collection[int]
+    ) -> set[int]:
+        """The requests whose bundles are to be validated next (none once the result is certain): first the bundles
+        the fold ends with (it serves them, and they decide most of what came before); then, while the fold could
+        end in more than one state depending on the bundles not checked yet, the newest of those it consults. The
+        unchecked bundles are never judged one at a time: two refused ones can each leave the result as it is and
+        change it together (`reachable_ends`)."""
+        known = set(valid) | set(invalid)
+        final = {slot for slot in steps[-1].after.slots if isinstance(slot, int)} if steps else set()
+        if todo := final - known:
+            return todo
+        ends, newest = self.reachable_ends(initial, invalid, known)
+        return set() if len(ends) == 1 or newest is None else {newest}
+
+    def reachable_ends(
+        self, initial: _Models, invalid: dict[int, tuple[str, ...]], known: set[int], most: int = 256
+    ) -> tuple[set[_Models], int | None]:
+        """The states the fold can end in, over every outcome of the bundles not in `known` (valid or refused), and
+        the newest of those bundles it consults. Outcomes are branched on only where a bundle is consulted, branches
+        ending in one state merge, and a bundle consulted more than once keeps its outcome along a branch. Past
+        `most` branches the search stops (ends as found so far, and the newest bundle consulted by then)."""
+        repeated = {slot for slot, n in Counter(self.slots.values()).items() if n > 1}
+        branches: set[tuple[_Models, frozenset[tuple[int, bool]]]] = {(initial, frozenset())}
+        newest: int | None = None
+        newest_at = -1  # the offset where `newest` was last consulted
+        for offset, event in self.requests.items():
+            slot = self.slots[offset]
+            after: set[tuple[_Models, frozenset[tuple[int, bool]]]] = set()
+            for models, assumed in branches:
+                if not self.needs_bundle(models, event) or slot in known:
+                    after.add((self._next(models, offset, invalid).after, assumed))
+                    continue
+                if offset > newest_at:
+                    newest, newest_at = slot, offset
+                outcomes = [ok for ok in (True, False) if (slot, not ok) not in assumed]
+                for ok in outcomes:
+                    step = self.apply(models, event, slot if ok else None, None if ok else ("unchecked",))
+                    after.add((step.after, assumed | {(slot, ok)} if slot in repeated else assumed))
+            branches = after
+            if len(branches) > most:
+                break
+        return {models for models, _ in branches}, newest
 
     def replaced(self, steps: list[_Step]) -> dict[int, _Slot | None]:
         """Each slot's bundle → the active model when it first entered a slot (a candidate's quality is compared
@@ -867,7 +884,7 @@ class ModelHolder:
         loaded: dict[int, BundleModel] = {}
         while True:
             steps = rules.fold(initial, invalid)
-            todo = sorted(rules.needed(steps, invalid, loaded) - set(loaded))
+            todo = sorted(rules.needed(initial, steps, invalid, loaded) - set(loaded))
             if not todo:
                 break
             replaced = rules.replaced(steps)

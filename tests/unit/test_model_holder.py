@@ -555,6 +555,11 @@ HISTORIES = (
 )
 
 
+# histories whose end does not depend on some refused bundle, which a restart therefore never checks: the refusals it
+# counts are those of the fold, which takes such a bundle as valid
+COUNTS_AS_FOLDED = {"two refused activations, then back by name twice"}
+
+
 def _history(bundles: dict[str, Path], name: str) -> list[ModelUpdate]:
     """Model-updates histories (requests in offset order), bundle a being the worker's configured model."""
     a, b, c = (request("activate", bundles[x]) for x in "abc")
@@ -625,11 +630,13 @@ async def test_a_restart_folds_the_history_into_the_state_the_sequence_reaches(
             last_swap = offset
     assert await folded.restore(history) == last_swap
     assert _models(folded) == _models(sequential)
+    assert len(at_once) <= len(one_by_one)
+    if len(at_once) < len(one_by_one) and name in COUNTS_AS_FOLDED:
+        return  # a bundle the result does not depend on is not checked: its requests count as the fold judged them
     assert (folded.rejections, folded.swaps) == (sequential.rejections, sequential.swaps)
     assert (folded.last_rejection and folded.last_rejection.reasons) == (
         sequential.last_rejection and sequential.last_rejection.reasons
     )
-    assert len(at_once) <= len(one_by_one)
     if folded.active is not None:
         assert len(folded.active.score(products(2))) == 2  # loaded, scoring
 
@@ -1326,3 +1333,17 @@ def test_model_status_says_whether_a_re_tag_finished_and_which_partitions_it_cov
     assert _retag_line(running) == "running, products partitions 1, 2: 3 scored, 2 already at it, 1 updates"
     done = {**running, "partitions": None, "finished_at": 1_764_316_800_000}
     assert _retag_line(done) == "finished, every products partition: 3 scored, 2 already at it, 1 updates"
+
+
+async def test_a_restart_validates_only_the_last_two_of_many_different_bundles(
+    bundles: dict[str, Path], tmp_path: Path
+) -> None:
+    """Every `train --every` cycle publishes a new bundle: a restart after N of them validates the two it ends with,
+    not N (each a 100 MB model loaded at once)."""
+    published = [real_bundle(tmp_path / str(i), seed=10 + i) for i in range(24)]
+    history = list(enumerate(request("activate", path) for path in published))
+    holder = await holder_with(bundles)
+    validated = _count_validations(holder)
+    await holder.restore(history)
+    assert _models(holder) == (published[-1].name, published[-2].name, None)
+    assert sorted(validated) == sorted([published[-1].name, published[-2].name])
