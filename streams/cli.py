@@ -309,25 +309,25 @@ _NAMED_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
 
 def _escape(match: re.Match[str]) -> str:
-    """The visible escape of one control character: `\\n`, `\\r`, `\\t`, else `\\xHH` or `\\uHHHH`."""
+    """The visible escape of one control character: `\\n`, `\\r`, `\\t`, else `\\u00HH` or `\\uHHHH` (JSON's own
+    escapes, so that a JSON value stays valid JSON)."""
     char = match.group()
-    code = ord(char)
-    return _NAMED_ESCAPES.get(char) or (f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
+    return _NAMED_ESCAPES.get(char) or f"\\u{ord(char):04x}"
 
 
 def _show(value: bytes | None) -> str:
     """A message value as one line that is safe to print to a terminal: a record with no value (a tombstone) prints
-    as `null`; a value with line breaks (pretty-printed JSON from another producer) prints as compact JSON; control
-    characters left (`_UNSHOWN`: ESC, BEL, CSI, breaks in a value that is no JSON, ...) print escaped, as `\\x1b`,
-    `\\n`, `\\u202e`, so a producer cannot retitle, clear or recolour the operator's terminal."""
+    as `null`; a JSON value with control characters (pretty-printed JSON from another producer, a tab between its
+    tokens, ESC in a string) prints as compact JSON, still valid (`| jq` reads it); control characters left
+    (`_UNSHOWN`: DEL, C1 such as CSI, line separators, bidi controls, or anything in a value that is no JSON) print
+    escaped, as `\\u001b`, `\\n`, `\\u202e`, so a producer cannot retitle, clear or recolour the operator's terminal."""
     if value is None:
         return "null"
     text = value.decode("utf-8", "replace")
     if not _UNSHOWN.search(text):
         return text
-    if "\n" in text or "\r" in text:
-        with contextlib.suppress(orjson.JSONDecodeError):
-            text = orjson.dumps(orjson.loads(value)).decode()
+    with contextlib.suppress(orjson.JSONDecodeError):  # orjson escapes C0 controls in strings, and adds no whitespace
+        text = orjson.dumps(orjson.loads(value)).decode()
     return _UNSHOWN.sub(_escape, text)
 
 
@@ -541,6 +541,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--again",
         action="store_true",
-        help="also send letters whose event a run sent back already (recorded in Redis; by default skipped)",
+        help="also send letters whose event an earlier run sent back or claimed (recorded in Redis; by default "
+        "skipped), overwriting that record; within this run each event is still sent once",
     )
     p.set_defaults(func=_redrive_cmd)

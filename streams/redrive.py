@@ -9,23 +9,31 @@ key (`EventKeyError`) is sent keyed by its `product_id` instead, where its produ
 again is dead-lettered again, with that header: nothing is lost either way.
 
 An event is sent back once: its letter's `source` (topic, partition, offset) names it, and the Redis hash
-`<prefix>:redriven` (SPEC.md §3) records each one sent, after the broker acknowledged it. A letter of an event sent
-already, by an earlier run or earlier in this one (a worker that restarted before committing dead-letters the same
-event again), is skipped, so running the same command twice counts no click twice; `again` sends such letters anyway.
+`<prefix>:redriven` (SPEC.md §3) records it. Before a send, the run claims the event (`HSETNX` `pending:<run-id>`);
+once the broker acknowledged it, the record becomes the letter's `<dead-letter topic>:<offset>`. A letter of an event
+sent already, by an earlier run or earlier in this one (a worker that restarted before committing dead-letters the same
+event again), is skipped as `event already sent back`, so running the same command twice counts no click twice; one
+whose event another run claimed (a run going on at the same time, or one that stopped between its send and its
+record: a crash, Redis gone, a broker timeout) is skipped as `claimed by another run, send in doubt`, so two runs at
+once send no event twice either. `again` resends events sent or claimed by earlier runs (overwriting their record);
+within one run each event is still sent once. A dry run reads the records and writes none.
 An event sent back that fails again gets a letter of its own source (where it was sent), which a later run sends.
 Letters are sent one at a time; one the broker refuses stops the run there, with `error` in the line and
-`next_offset` at that letter (all before it were sent). A run stopped between a send and its record in Redis (a
-crash, Redis gone) sends that one event again next time: at least once, never lost.
+`next_offset` at that letter (all before it were sent; `skipped` and the error types count only the letters before
+it). A refusal that may still have been appended (a timeout) leaves the event claimed: in doubt, sent again only with
+`again`; never lost, never sent twice unless asked to.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
+import uuid
 from collections import Counter
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 
@@ -38,13 +46,89 @@ from tagstream.errors import ConfigError, EventKeyError, StateError, TagstreamEr
 REDRIVEN_FROM_HEADER = "tagstream-redriven-from"
 INPUT_TOPICS = (PRODUCTS.name, BEHAVIOR.name)
 ALREADY_SENT = "event already sent back"  # the skip reason of a letter whose event a run sent
+# the skip reason of a letter whose event another run claimed (`pending:<run-id>`) and has not recorded as sent: that
+# run is sending it now, or it stopped not knowing whether the broker took it (a crash, Redis gone, a timeout)
+IN_DOUBT = "claimed by another run, send in doubt"
+PENDING = "pending:"  # `<prefix>:redriven` value of an event a run claimed, before the broker acknowledged it
 REDIS_TIMEOUT_S = 5.0
 
 
 def redriven_key(redis_prefix: str) -> str:
     """The Redis hash of the events redrive sent back: `<topic>:<partition>:<offset>` of the event's source record →
-    `<dead-letter topic>:<offset>` of the letter it was sent from (SPEC.md §3)."""
+    `<dead-letter topic>:<offset>` of the letter it was sent from, or `pending:<run-id>` while that run sends it
+    (SPEC.md §3)."""
     return f"{redis_prefix}:redriven"
+
+
+def skip_reason(recorded: bytes | str | None) -> str | None:
+    """Why a letter is not sent whose event `<prefix>:redriven` records as `recorded` (None: not recorded, send it):
+    `ALREADY_SENT` for a completed send, `IN_DOUBT` for another run's claim."""
+    if recorded is None:
+        return None
+    text = recorded.decode() if isinstance(recorded, bytes) else recorded
+    return IN_DOUBT if text.startswith(PENDING) else ALREADY_SENT
+
+
+def in_doubt(exc: Exception) -> bool:
+    """Whether a send that raised `exc` may still have been appended (a timeout, a connection lost, an error after
+    the append): then its claim stays; a refusal (too large, not authorized, ...) appended nothing."""
+    from aiokafka.errors import KafkaTimeoutError
+
+    return bool(getattr(exc, "retriable", False)) or isinstance(exc, KafkaTimeoutError)
+
+
+class _Hashes(Protocol):  # the few calls of redis.asyncio.Redis that Claims makes
+    async def hmget(self, name: str, keys: list[str]) -> list[Any]: ...
+    async def hget(self, name: str, key: str) -> Any: ...
+    async def hset(self, name: str, key: str, value: str) -> Any: ...
+    async def hsetnx(self, name: str, key: str, value: str) -> Any: ...
+    async def eval(self, script: str, numkeys: int, *args: str) -> Any: ...
+
+
+_RELEASE = "if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then return redis.call('HDEL', KEYS[1], ARGV[1]) end"
+
+
+@dataclass(slots=True)
+class Claims:
+    """One run's hold on the events it sends, in `<prefix>:redriven` (`key`): before a send it claims the event
+    (`HSETNX` `pending:<run_id>`), so that a run going on at the same time skips it; after the broker acknowledged it,
+    `record` writes the letter's `<dead_letter_topic>:<offset>`. With `again`, a claim or record of another run is
+    overwritten; with `dry_run`, nothing is written (and with both, nothing is read)."""
+
+    store: _Hashes
+    key: str
+    dead_letter_topic: str
+    run_id: str
+    dry_run: bool = False
+    again: bool = False
+    known: dict[str, Any] = field(default_factory=dict)  # what `read` found, by source
+
+    async def read(self, sources: list[str]) -> None:
+        """Read the records of a batch's events at once (one round trip; `claim` checks again before a send)."""
+        self.known = {}
+        if sources and not self.again:
+            self.known = dict(zip(sources, await self.store.hmget(self.key, sources), strict=True))
+
+    async def claim(self, source: str) -> str | None:
+        """Claim the event `source` for this run (dry: only check): None when this run sends it, else why not."""
+        if self.again:
+            if not self.dry_run:
+                await self.store.hset(self.key, source, PENDING + self.run_id)
+            return None
+        reason = skip_reason(self.known.get(source))
+        if reason is not None or self.dry_run:
+            return reason
+        if await self.store.hsetnx(self.key, source, PENDING + self.run_id):
+            return None
+        return skip_reason(await self.store.hget(self.key, source)) or IN_DOUBT  # another run came first
+
+    async def record(self, source: str, offset: int) -> None:
+        """The broker acknowledged the event `source`, sent from the letter at `offset`."""
+        await self.store.hset(self.key, source, f"{self.dead_letter_topic}:{offset}")
+
+    async def release(self, source: str) -> None:
+        """Drop this run's claim of an event the broker refused for sure (still this run's: not another's record)."""
+        await self.store.eval(_RELEASE, 1, self.key, source, PENDING + self.run_id)
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,8 +234,9 @@ async def redrive(
     again: bool = False,
 ) -> RedriveResult:
     """Send the selected dead letters in [from_offset (default: the topic's first), to_offset (default: its end at
-    the start of the run)) back to their source topics (`plan_resend`), each event once (`<prefix>:redriven`; with
-    `again`, also events sent by earlier runs); with `dry_run`, only count them. StateError when Redis, where the
+    the start of the run)) back to their source topics (`plan_resend`), each event once (claimed and recorded in
+    `<prefix>:redriven`; with `again`, also events sent or claimed by earlier runs; within the run, still once); with
+    `dry_run`, only count them (reading the records, writing none). StateError when Redis, where the
     events sent are recorded, does not answer."""
     import redis.asyncio as aioredis
     from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -205,12 +290,14 @@ async def redrive(
             )
             await producer.start()
         consumer.seek(tp, first)
+        run = Claims(store, sent_key, name, run_id=uuid.uuid4().hex, dry_run=dry_run, again=again)
         this_run: set[str] = set()  # the events this run sent (or, dry, would send)
         while await consumer.position(tp) < stop:
-            planned: list[tuple[int, Resend]] = []
+            read: list[tuple[int, Resend | str, Counter[str]]] = []  # counted once the run passes their offsets
             for record in (await consumer.getmany(tp, timeout_ms=1000)).get(tp, []):
                 if record.offset >= stop:
                     break
+                seen: Counter[str] = Counter()
                 plan = plan_resend(
                     record.value,
                     record.headers,
@@ -218,25 +305,30 @@ async def redrive(
                     settings,
                     sources=sources,
                     error_types=error_types,
-                    seen_types=result.error_types,
+                    seen_types=seen,
                 )
-                if isinstance(plan, str):
-                    result.skipped[plan] += 1
-                else:
-                    planned.append((record.offset, plan))
-            if not planned:
-                continue
+                read.append((record.offset, plan, seen))
+            unread: RedisError | None = None
             try:
-                earlier = (
-                    [False] * len(planned) if again else await store.hmget(sent_key, [p.source for _, p in planned])
-                )
-            except RedisError as exc:
-                result.next_offset = planned[0][0]
-                result.error = f"dead letter {planned[0][0]}: could not read {sent_key} from Redis: {exc}"
-                return result
-            for (offset, plan), sent_before in zip(planned, earlier, strict=True):
-                if sent_before or plan.source in this_run:
-                    result.skipped[ALREADY_SENT] += 1
+                await run.read([p.source for _, p, _ in read if isinstance(p, Resend) and p.source not in this_run])
+            except RedisError as exc:  # the run stops at the batch's first letter to send
+                unread = exc
+            for offset, plan, seen in read:
+                if isinstance(plan, str) or plan.source in this_run:
+                    result.skipped[plan if isinstance(plan, str) else ALREADY_SENT] += 1
+                    result.error_types.update(seen)
+                    continue
+                try:
+                    if unread is not None:
+                        raise unread
+                    reason = await run.claim(plan.source)
+                except RedisError as exc:
+                    result.next_offset = offset
+                    result.error = f"dead letter {offset}: could not read or claim its event in {sent_key}: {exc}"
+                    return result
+                if reason is not None:
+                    result.skipped[reason] += 1
+                    result.error_types.update(seen)
                     continue
                 if producer is not None:
                     try:  # one at a time: a refusal stops the run at this letter, all before it sent
@@ -246,21 +338,30 @@ async def redrive(
                     except KafkaError as exc:
                         result.next_offset = offset
                         result.error = f"dead letter {offset} to {settings.topic(plan.topic)}: {exc!r}"
+                        if in_doubt(exc):  # its claim stays
+                            result.error += (
+                                f"; the broker may have taken it: a later run skips it ({IN_DOUBT}); --again sends it"
+                            )
+                        else:  # refused for sure: a run from here sends it
+                            with contextlib.suppress(RedisError):
+                                await run.release(plan.source)
                         return result
                     try:
-                        await store.hset(sent_key, plan.source, f"{name}:{offset}")
-                    except RedisError as exc:  # sent, not recorded: a run from here would send it once more
+                        await run.record(plan.source, offset)
+                    except RedisError as exc:  # sent, not recorded: its claim stays
                         result.sent[plan.topic] += 1
                         result.rekeyed += plan.rekeyed
+                        result.error_types.update(seen)
                         result.next_offset = offset + 1
                         result.error = (
                             f"dead letter {offset} was sent to {settings.topic(plan.topic)} but could not be "
-                            f"recorded in {sent_key} ({exc}): a run including it sends it again"
+                            f"recorded in {sent_key} ({exc}): a later run skips it ({IN_DOUBT}); --again sends it"
                         )
                         return result
                 this_run.add(plan.source)
                 result.sent[plan.topic] += 1
                 result.rekeyed += plan.rekeyed
+                result.error_types.update(seen)
         return result
     finally:
         if producer is not None:

@@ -791,14 +791,28 @@ def test_redrive_stops_at_a_letter_the_broker_refuses_and_says_where_to_go_on(st
     asyncio.run(write_letters())
     env = {**os.environ, **stream_env.env}
     cmd = [sys.executable, "-m", "tagstream.cli", "redrive"]
-    done = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, timeout=120)
+    types = ["--error-type", "EventTimeError", "--error-type", "EventKeyError"]
+    done = subprocess.run([*cmd, *types], env=env, cwd=REPO, capture_output=True, timeout=120)
     line = orjson.loads(done.stdout)
     assert done.returncode == 2 and b"Traceback" not in done.stderr, done.stderr[-2000:]
     # the compressible 1.5 MB event went back (compressed, as its producer may have sent it); the run stopped at the
     # refused one, all before it sent and nothing after it, and says where the next run starts
     assert line["sent"] == {"behavior": 1, "products": 1} and line["next_offset"] == 2
     assert line["error"].startswith(f"dead letter 2 to {settings.topic('products')}: ")
-    assert done.stderr.decode().startswith("tagstream redrive: error: stopped at dead letter 2")
+    warning, error = done.stderr.decode().splitlines()
+    assert error.startswith("tagstream redrive: error: stopped at dead letter 2")
+    # the letters counted are those before next_offset only (the whole batch was: EventTimeError (4))
+    assert warning.endswith("no letter in [0, 2) has error type EventKeyError; the error types of the input topics' "
+                            "letters there: EventTimeError (2)")  # fmt: skip
+    # the refused event was not taken: its claim is released, so a run from next_offset tries it again
+    recorded = stream_env.redis().hgetall(f"{settings.redis_prefix}:redriven")
+    dl_topic = settings.topic("dead-letter")
+    assert recorded == {
+        f"{settings.topic('behavior')}:0:0": f"{dl_topic}:0",
+        f"{settings.topic('products')}:0:1": f"{dl_topic}:1",
+    }
+    again = subprocess.run([*cmd, "--from-offset", "2"], env=env, cwd=REPO, capture_output=True, timeout=120)
+    assert again.returncode == 2 and orjson.loads(again.stdout)["next_offset"] == 2  # refused again, not skipped
     skip_it = subprocess.run([*cmd, "--from-offset", "3"], env=env, cwd=REPO, capture_output=True, timeout=120)
     assert orjson.loads(skip_it.stdout)["sent"] == {"behavior": 1}
     past_end = subprocess.run([*cmd, "--from-offset", "50"], env=env, cwd=REPO, capture_output=True, timeout=120)
@@ -842,6 +856,69 @@ def test_redrive_sends_an_event_dead_lettered_twice_once(stream_env: StreamEnv) 
     recorded = stream_env.redis().hgetall(f"{settings.redis_prefix}:redriven")
     dl_topic, events = settings.topic("dead-letter"), settings.topic("behavior")
     assert recorded == {f"{events}:1:7": f"{dl_topic}:0", f"{events}:1:8": f"{dl_topic}:1"}
+
+
+def test_redrive_skips_an_event_another_run_claimed_until_sent_again_with_again(stream_env: StreamEnv) -> None:
+    """Two runs at once both sent every event (each read the records before either wrote one); an event claimed by
+    another run, still sending it or stopped before recording it, is skipped as in doubt, and `--again` sends it."""
+    settings = stream_env.settings
+    clicks = {offset: orjson.dumps(behaviour("p1", f"u{offset}", T0 + offset)) for offset in (3, 4)}
+
+    def letter(offset: int) -> bytes:
+        return orjson.dumps(
+            {
+                "schema_version": 1, "reason": "x", "error_type": "EventTimeError",
+                "source": {"topic": settings.topic("behavior"), "partition": 0, "offset": offset},
+                "key_b64": base64.b64encode(b"p1").decode(),
+                "value_b64": base64.b64encode(clicks[offset]).decode(), "failed_at": T0,
+            }
+        )  # fmt: skip
+
+    async def write_letters() -> None:
+        producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap)
+        await producer.start()
+        try:
+            for offset in (3, 4):
+                await producer.send_and_wait(settings.topic("dead-letter"), letter(offset))
+        finally:
+            await producer.stop()
+
+    asyncio.run(write_letters())
+    key, events, dl_topic = (
+        f"{settings.redis_prefix}:redriven",
+        settings.topic("behavior"),
+        settings.topic("dead-letter"),
+    )
+    store = stream_env.redis()
+    store.hset(key, f"{events}:0:3", "pending:x")  # claimed by another run (going on, or stopped before its record)
+    env = {**os.environ, **stream_env.env}
+    cmd = [sys.executable, "-m", "tagstream.cli", "redrive"]
+
+    def run(*extra: str) -> dict[str, Any]:
+        done = subprocess.run([*cmd, *extra], env=env, cwd=REPO, capture_output=True, timeout=60)
+        assert done.returncode == 0, done.stderr.decode()[-2000:]
+        return orjson.loads(done.stdout)
+
+    in_doubt = {"claimed by another run, send in doubt": 1}
+    assert run("--dry-run") == {
+        "first_offset": 0, "next_offset": 2, "dry_run": True, "would_send": {"behavior": 1}, "skipped": in_doubt,
+    }  # fmt: skip
+    assert store.hgetall(key) == {f"{events}:0:3": "pending:x"}  # a dry run writes nothing
+    first = run()
+    assert first["sent"] == {"behavior": 1} and first["skipped"] == in_doubt
+    assert store.hgetall(key) == {f"{events}:0:3": "pending:x", f"{events}:0:4": f"{dl_topic}:1"}
+    assert run() == {
+        "first_offset": 0,
+        "next_offset": 2,
+        "dry_run": False,
+        "sent": {},
+        "skipped": {**in_doubt, "event already sent back": 1},
+    }
+    assert run("--again", "--from-offset", "0", "--to-offset", "1")["sent"] == {"behavior": 1}  # resent, overwritten
+    assert store.hgetall(key) == {f"{events}:0:3": f"{dl_topic}:0", f"{events}:0:4": f"{dl_topic}:1"}
+    assert run()["skipped"] == {"event already sent back": 2}
+    sent = stream_env.consume("behavior", lambda m: len(m) >= 2)
+    assert sorted(m["user_id"] for m in sent) == ["u3", "u4"]  # each once
 
 
 def test_redrive_refuses_a_dead_letter_topic_of_several_partitions_in_one_line(stack: Any) -> None:

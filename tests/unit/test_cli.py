@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -283,15 +284,40 @@ def test_tail_prints_control_characters_escaped_not_to_the_terminal() -> None:
     """A producer's value retitled (OSC), rang (BEL) and cleared (CSI 2J) the terminal of the operator tailing it."""
     from streams.cli import _show
 
-    assert _show(b"\x1b]0;x\x07\x1b[2J") == "\\x1b]0;x\\x07\\x1b[2J"
-    assert _show("\u009b31mred\x7f\x00".encode()) == "\\x9b31mred\\x7f\\x00"  # C1 CSI, DEL, NUL
+    assert _show(b"\x1b]0;x\x07\x1b[2J") == "\\u001b]0;x\\u0007\\u001b[2J"
+    assert _show("\u009b31mred\x7f\x00".encode()) == "\\u009b31mred\\u007f\\u0000"  # C1 CSI, DEL, NUL
     assert _show("a\tb\u2028c\u202eevil".encode()) == "a\\tb\\u2028c\\u202eevil"  # tab, line separator, bidi
     pretty = '{\n  "title": "\u009b2J\\u001b[2J"\n}'.encode()  # JSON with line breaks: compact, its C1 escaped too
-    assert _show(pretty) == '{"title":"\\x9b2J\\u001b[2J"}'
+    assert _show(pretty) == '{"title":"\\u009b2J\\u001b[2J"}'
     assert _show("naïve — 東京 🎉 10\u00a0kg".encode()) == "naïve — 東京 🎉 10\u00a0kg"  # printable text: as it is
     for raw in (b"\x1b]0;x\x07\x1b[2J", "\u009b\r\n\x85".encode(), b"\xff\x1b"):
         line = _show(raw)
         assert line.isprintable() and "\\" in line, line  # one line, nothing a terminal acts on
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        {"title": "Shirt \u0096 blue", "d": "a\u007fb"},  # C1 (cp1252 mojibake of "–") and DEL in strings
+        {"a": "\x1b[2J\u2028\u202e\x85", "n": [1, 2.5, None, True]},  # ESC, line separator, bidi, C1 NEL
+    ],
+)
+def test_tail_prints_a_json_value_with_control_characters_as_valid_json(value: dict) -> None:
+    """`tail | jq` broke: C1 and DEL were escaped as `\\xHH`, which JSON has not."""
+    from streams.cli import _show
+
+    line = _show(orjson.dumps(value))
+    assert json.loads(line) == value and line.isprintable()
+
+
+def test_tail_prints_a_json_value_with_a_tab_between_its_tokens_as_valid_json() -> None:
+    """A tab between tokens (no line break) was printed as `\\t` outside any string: no JSON any more."""
+    from streams.cli import _show
+
+    for raw in (b'{"a":\t1}', b'{"a":\t"x\\u0007",\t"b":\t[1,\t2]}\t'):
+        line = _show(raw)
+        assert json.loads(line) == json.loads(raw) and line.isprintable(), line
+    assert _show(b"not\tjson\x07") == "not\\tjson\\u0007"  # no JSON: escaped, visible, on one line
 
 
 def test_replay_check_judges_each_line_as_the_worker_decodes_it(tmp_path) -> None:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
+from typing import Any
 
 import orjson
 import pytest
 
 from streams.processor import InMessage, dead_letter
-from streams.redrive import Resend, plan_resend
+from streams.redrive import ALREADY_SENT, IN_DOUBT, Claims, Resend, in_doubt, plan_resend, skip_reason
 from streams.settings import WorkerSettings
 from tagstream.errors import EventDecodeError, EventTimeError
 
@@ -68,3 +70,95 @@ def test_a_letter_dead_lettered_for_its_key_is_sent_keyed_by_its_product_id(key:
     assert (plan.topic, plan.key, plan.value) == ("behavior", b"p-1", event)
     other = plan_resend(*_letter()[1:], 9, SETTINGS)  # any other error: its own key, whole
     assert isinstance(other, Resend) and other.key == b"p-1" and not other.rekeyed
+
+
+class _Hash:
+    """The few Redis hash calls `Claims` makes, on one dict (bytes values, as redis-py returns them)."""
+
+    def __init__(self) -> None:
+        self.fields: dict[str, bytes] = {}
+
+    async def hmget(self, name: str, keys: list[str]) -> list[Any]:
+        return [self.fields.get(k) for k in keys]
+
+    async def hget(self, name: str, key: str) -> Any:
+        return self.fields.get(key)
+
+    async def hset(self, name: str, key: str, value: str) -> int:
+        self.fields[key] = value.encode()
+        return 1
+
+    async def hsetnx(self, name: str, key: str, value: str) -> int:
+        if key in self.fields:
+            return 0
+        self.fields[key] = value.encode()
+        return 1
+
+    async def eval(self, script: str, numkeys: int, key: str, source: str, value: str) -> int:
+        return int(self.fields.get(source) == value.encode() and self.fields.pop(source) is not None)
+
+
+def _claims(store: _Hash, run_id: str, **kwargs: bool) -> Claims:
+    return Claims(store, "t1:redriven", "t1.dead-letter", run_id, **kwargs)  # type: ignore[arg-type]
+
+
+def test_two_runs_at_once_send_an_event_once() -> None:
+    """Both runs read the batch before either sent (HMGET, then HSET after each send): both sent every event."""
+    store = _Hash()
+
+    async def go() -> list[str | None]:
+        one, two = _claims(store, "r1"), _claims(store, "r2")
+        await one.read(["t1.behavior:0:7"])
+        await two.read(["t1.behavior:0:7"])  # not sent yet when both read
+        got = [await one.claim("t1.behavior:0:7"), await two.claim("t1.behavior:0:7")]
+        await one.record("t1.behavior:0:7", 3)
+        third = _claims(store, "r3")
+        await third.read(["t1.behavior:0:7"])
+        return [*got, await third.claim("t1.behavior:0:7")]
+
+    assert asyncio.run(go()) == [None, IN_DOUBT, ALREADY_SENT]
+    assert store.fields == {"t1.behavior:0:7": b"t1.dead-letter:3"}
+
+
+def test_an_event_left_claimed_is_in_doubt_until_sent_again_with_again() -> None:
+    store = _Hash()
+    store.fields["t1.products:1:4"] = b"pending:crashed"  # a run stopped between its send and its record
+
+    async def go() -> list[str | None]:
+        got = []
+        for kwargs in ({}, {"dry_run": True}, {"dry_run": True, "again": True}):
+            run = _claims(store, "r1", **kwargs)
+            await run.read(["t1.products:1:4"])
+            got.append(await run.claim("t1.products:1:4"))
+        assert store.fields == {"t1.products:1:4": b"pending:crashed"}  # a dry run writes nothing
+        again = _claims(store, "r2", again=True)
+        got.append(await again.claim("t1.products:1:4"))
+        assert store.fields == {"t1.products:1:4": b"pending:r2"}  # claimed anew: a crash now leaves it in doubt
+        await again.record("t1.products:1:4", 9)
+        return got
+
+    assert asyncio.run(go()) == [IN_DOUBT, IN_DOUBT, None, None]
+    assert store.fields == {"t1.products:1:4": b"t1.dead-letter:9"}
+
+
+def test_a_claim_is_released_only_by_its_run_and_only_when_the_broker_refused_for_sure() -> None:
+    from aiokafka.errors import KafkaTimeoutError, MessageSizeTooLargeError, RequestTimedOutError
+
+    store = _Hash()
+
+    async def go() -> None:
+        one = _claims(store, "r1")
+        assert await one.claim("s") is None
+        await _claims(store, "r2").release("s")  # not its claim
+        assert store.fields == {"s": b"pending:r1"}
+        await one.release("s")
+        assert store.fields == {}
+
+    asyncio.run(go())
+    assert not in_doubt(MessageSizeTooLargeError())  # refused: nothing appended, a run from there sends it
+    assert in_doubt(RequestTimedOutError()) and in_doubt(KafkaTimeoutError())  # may have been appended
+    assert (skip_reason(None), skip_reason(b"pending:x"), skip_reason("t1.dead-letter:3")) == (
+        None,
+        IN_DOUBT,
+        ALREADY_SENT,
+    )
