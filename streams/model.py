@@ -843,8 +843,8 @@ class ModelHolder:
         if step.reasons is not None:
             return self._reject(event, step.reasons)
         if step.unchanged is not None and self.active is not None:
-            if event.kind == "activate":  # already active
-                return Outcome(self._answer("model-activated", self.active.version, event))
+            if event.kind == "activate":  # already active (maybe a copy elsewhere): the answer names the bundle loaded
+                return Outcome(self._activated_answer(self.active))
             log.info("%s on %s: %s", event.kind, self.worker_id, "; ".join(step.unchanged))
             return Outcome(self._activated_answer(self.active, step.unchanged))
         active, previous, shadow = (_loaded(slot) for slot in step.after.slots)

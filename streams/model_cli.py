@@ -656,7 +656,9 @@ def _retag_line(retag: dict[str, Any]) -> str:
     """A re-tag run's progress in `model status`: running or finished, the partitions it covers, its counts."""
     parts = retag.get("partitions")
     covers = "every products partition" if parts is None else f"products partitions {', '.join(map(str, parts))}"
-    state = "finished" if retag.get("finished_at") else "running"
+    state = (
+        "finished" if retag.get("finished_at") else f"failed ({retag['error']})" if retag.get("error") else "running"
+    )
     return (
         f"{state}, {covers}: {retag.get('scored', 0)} scored, {retag.get('skipped_current', 0)} already at it, "
         f"{retag.get('updates', 0)} updates"

@@ -32,7 +32,7 @@ import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 
 from schemas import ModelUpdate
-from streams.model import ModelHolder
+from streams.model import BundleModel, ModelHolder
 from streams.model_cli import ANSWER_KINDS, PRUNE_STATUS_LUA, STATUS_EVERY_S, stale_statuses, workers_key
 from streams.processor import BatchOutput, InMessage, dead_letter
 from streams.topics import MODEL_UPDATES, PRODUCTS, TAG_SHADOW_DIFFS, model_updates_partitions_error
@@ -79,7 +79,8 @@ class ModelUpdatesAgent:
         self.topic = self.settings.topic(MODEL_UPDATES.name)
         self.redis: aioredis.Redis | None = None
         self._prune_script: AsyncScript | None = None
-        self.retag_task: asyncio.Task[Any] | None = None
+        self.retag_task: asyncio.Task[Any] | None = None  # the newest re-tag run
+        self._retag_tasks: set[asyncio.Task[Any]] = set()  # every re-tag run not ended (one per partitions gained)
         self.retagger: Retagger | None = None
         # the active model's re-tag: its version, the request offset fencing its writes, the products partitions it
         # covers (None: all); a rebalance that gives this worker others runs it again (`on_partitions_assigned`)
@@ -109,10 +110,10 @@ class ModelUpdatesAgent:
             ]
             await asyncio.gather(*tasks)
         finally:
-            for task in [*tasks, self.retag_task]:
+            for task in [*tasks, *self._retag_tasks]:
                 if task is not None:
                     task.cancel()
-            for task in [*tasks, self.retag_task]:
+            for task in [*tasks, *self._retag_tasks]:
                 if task is not None:
                     with contextlib.suppress(asyncio.CancelledError, Exception):
                         await task
@@ -225,7 +226,7 @@ class ModelUpdatesAgent:
                     kind="model-activated",
                     model_version=active.version,
                     emitted_at=time.time_ns() // 1_000_000,
-                    bundle_uri=str(active.bundle.path.resolve()),  # absolute, as publish and activate send it
+                    bundle_uri=str(active.bundle.path),  # absolute: `tagstream worker` resolves --model at start
                     sha256=active.bundle.sha256,
                     worker_id=self.holder.worker_id,
                 ),
@@ -369,63 +370,95 @@ class ModelUpdatesAgent:
     # ------------------------------------------------------------------------------------------ re-tag
 
     def on_partitions_assigned(self) -> None:
-        """After a rebalance: when this worker now owns products partitions its re-tag of the active model did not
-        cover, run that re-tag again over all it owns. The worker that had them may have stopped before re-tagging
-        them, or before it even applied the model (a restart re-tags only the partitions owned then), and nothing
-        else would ever re-tag them: their products kept the replaced model's tags until their next upsert.
-        Products already at the active model are skipped (one read each); writes are fenced by the same request
-        offset, so none is written twice."""
+        """After a rebalance: re-tag, with the active model, the products partitions this worker now owns that its
+        re-tag of that model did not cover. The worker that had them may have stopped before re-tagging them, or
+        before it even applied the model (a restart re-tags only the partitions owned then), and nothing else would
+        ever re-tag them: their products kept the replaced model's tags until their next upsert. The gained
+        partitions get a run of their own beside any still going; products already at the active model are skipped
+        (one read each), and writes are fenced by the same request offset, so none is written twice."""
         if self._retag is None or not self.settings.retag_on_swap or self.holder.active is None:
             return
         version, run_offset, covered = self._retag
         if version != self.holder.active.version or covered is None:
             return
         owned = self._assigned_partitions()
-        if owned is None or not owned <= covered:
+        gained = None if owned is None else owned - covered  # None: the assignment cannot be read, so every one
+        if gained is None or gained:
             log.info(
-                "re-tag with %s again: products partitions %s gained since it started",
+                "re-tag with %s: products partitions %s gained since it started",
                 version,
-                "unknown" if owned is None else sorted(owned - covered),
+                "(unknown: every one)" if gained is None else sorted(gained),
             )
-            self._start_retag(run_offset)
+            self._start_retag(run_offset, gained=gained, extend=True)
 
-    def _start_retag(self, run_offset: int) -> None:
-        from streams.retag import Retagger
-
-        if self.retag_task is not None and not self.retag_task.done():
-            self.retag_task.cancel()
+    def _start_retag(self, run_offset: int, *, gained: set[int] | None = None, extend: bool = False) -> None:
+        """Re-tag the stored products of the partitions this worker owns with the active model, fenced by the
+        request at `run_offset` (a new activation: the runs of the one before are cancelled); with `extend`, only
+        the `gained` partitions (None: every one), as one more run of the same activation."""
         model = self.holder.active
         if model is None:
             return
-        partitions = self._assigned_partitions()
-        self._retag = (model.version, run_offset, None if partitions is None else frozenset(partitions))
+        if extend:
+            partitions = gained
+            before = self._retag[2] if self._retag is not None else frozenset()
+            covered = None if partitions is None or before is None else set(before) | partitions
+        else:
+            for task in self._retag_tasks:
+                task.cancel()
+            partitions = covered = self._assigned_partitions()
+        self._retag = (model.version, run_offset, None if covered is None else frozenset(covered))
+        if partitions is not None and not partitions:
+            return  # owns no products partition now: a rebalance that gives it some re-tags them
+        task = asyncio.create_task(self._retag_run(model, run_offset, partitions), name="tagstream-retag")
+        self.retag_task = task
+        self._retag_tasks.add(task)
+        task.add_done_callback(lambda done: self._retag_ended(done, model.version, run_offset, partitions))
 
-        async def run() -> None:
-            processor = await self.worker.processor()
-            self.retagger = Retagger(
-                processor.store,
-                rate=self.settings.retag_rate,
-                batch=self.settings.retag_batch,
-                score_delta=self.settings.score_delta,
-                publish=self.worker.publish,
-                topic=self.settings.topic(MODEL_UPDATES.name),
-                partitions=partitions,
-                partition_count=self.settings.partitions,
-                on_written=processor.cache.discard if processor.cache is not None else None,
-                locks=self.worker.locks,
-            )
-            stats = await self.retagger.run(model, run_offset)
+    async def _retag_run(self, model: BundleModel, run_offset: int, partitions: set[int] | None) -> None:
+        from streams.retag import Retagger
+
+        processor = await self.worker.processor()
+        self.retagger = retagger = Retagger(
+            processor.store,
+            rate=self.settings.retag_rate,
+            batch=self.settings.retag_batch,
+            score_delta=self.settings.score_delta,
+            publish=self.worker.publish,
+            topic=self.settings.topic(MODEL_UPDATES.name),
+            partitions=partitions,
+            partition_count=self.settings.partitions,
+            on_written=processor.cache.discard if processor.cache is not None else None,
+            locks=self.worker.locks,
+        )
+        try:
+            stats = await retagger.run(model, run_offset)
+        except Exception as exc:
+            retagger.stats.error = repr(exc)
+            raise
+        finally:
             self._status_dirty = True
-            log.info("re-tag with %s done: %s", model.version, stats.to_json())
+        log.info("re-tag with %s done: %s", model.version, stats.to_json())
 
-        self.retag_task = asyncio.create_task(run(), name="tagstream-retag")
+    def _retag_ended(self, task: asyncio.Task[Any], version: str, run_offset: int, partitions: set[int] | None) -> None:
+        """A re-tag run ended: one that failed no longer counts as covering its partitions (the next rebalance or
+        restart re-tags them)."""
+        self._retag_tasks.discard(task)
+        if task.cancelled() or (exc := task.exception()) is None:
+            return
+        log.error(
+            "re-tag with %s failed: %r; its partitions are re-tagged at the next rebalance or restart", version, exc
+        )
+        if self._retag is not None and self._retag[:2] == (version, run_offset):
+            covered = self._retag[2]
+            left = frozenset() if partitions is None or covered is None else covered - frozenset(partitions)
+            self._retag = (version, run_offset, left)
 
     def _assigned_partitions(self) -> set[int] | None:
-        """Partitions of `products` this worker owns (None when unknown: then every product is re-tagged)."""
+        """Partitions of `products` this worker owns, maybe none (None when the assignment cannot be read: then
+        every product is re-tagged)."""
         products = self.settings.topic(PRODUCTS.name)
         try:
             assignment = self.worker.app.consumer.assignment()
         except Exception:
             return None
-        parts = {tp.partition for tp in assignment if tp.topic == products}
-        return parts or None
+        return {tp.partition for tp in assignment if tp.topic == products}

@@ -109,6 +109,7 @@ class RetagStats:
     started_at: int = 0
     finished_at: int | None = None
     partitions: list[int] | None = None  # the products partitions it covers (None: every one)
+    error: str | None = None  # why it stopped before finishing
 
     def to_json(self) -> dict[str, Any]:
         """Plain dict."""

@@ -249,6 +249,13 @@ class WorkerSettings(BaseSettings):
         # path, not Path("") == Path(".") (the current directory).
         return None if isinstance(value, str) and not value.strip() else value
 
+    @field_validator("model_path", mode="after")
+    @classmethod
+    def _absolute_model_path(cls, value: Path | None) -> Path | None:
+        # the worker names its first bundle by this path in its answers, as `publish` and `model activate` name
+        # theirs: absolute (from the working directory; no file system access, so nothing can block here)
+        return value.absolute() if value is not None else None
+
     @field_validator("user_hash_key", mode="before")
     @classmethod
     def _empty_key_is_unset(cls, value: object) -> object:

@@ -1258,6 +1258,7 @@ async def test_a_copy_of_the_active_bundle_in_another_directory_is_the_active_mo
     live = await holder_with(bundles)
     outcomes = [await live.handle(event) for event in history[:2]]
     assert outcomes[1].answer is not None and outcomes[1].answer.kind == "model-activated"
+    assert outcomes[1].answer.bundle_uri == str(bundles["b"])  # the bundle it scores with, not the copy
     assert outcomes[1].swapped_to is None  # answered, not swapped in again
     a, b = bundles["a"].name, bundles["b"].name
     assert _models(live) == (b, a, None)
@@ -1273,19 +1274,23 @@ async def test_a_worker_that_takes_over_products_partitions_after_a_swap_re_tags
 ) -> None:
     """A re-tag covers the partitions owned when it starts: a worker that stopped before re-tagging its partitions
     (or before applying the model) left their products on the replaced model for good, since the one taking them over
-    never looked at them. Now a rebalance that gives a worker partitions its re-tag did not cover runs it again."""
+    never looked at them. Now a rebalance that gives a worker partitions its re-tag did not cover re-tags those; a
+    worker left with none re-tags nothing; a run that failed no longer counts as covering its partitions."""
     import streams.models_agent as models_agent
     import streams.retag
 
     runs: list[tuple[str, int, frozenset[int] | None]] = []
+    failing: set[int] = set()
 
     class RecordingRetagger:
         def __init__(self, store: Any, *, partitions: set[int] | None, **kwargs: Any) -> None:
             self.partitions = partitions
-            self.stats = SimpleNamespace(to_json=dict)
+            self.stats = SimpleNamespace(to_json=dict, error=None)
 
         async def run(self, model: BundleModel, run_offset: int) -> Any:
             runs.append((model.version, run_offset, None if self.partitions is None else frozenset(self.partitions)))
+            if self.partitions and self.partitions & failing:
+                raise ConnectionError("Redis went away")
             return self.stats
 
     monkeypatch.setattr(streams.retag, "Retagger", RecordingRetagger)
@@ -1299,31 +1304,43 @@ async def test_a_worker_that_takes_over_products_partitions_after_a_swap_re_tags
 
     worker.processor = processor  # type: ignore[attr-defined]
     worker.locks = None  # type: ignore[attr-defined]
-    worker.app = SimpleNamespace(consumer=SimpleNamespace(assignment=lambda: {TopicPartition(topic, p) for p in owned}))  # type: ignore[attr-defined]
+    assignment = SimpleNamespace(assignment=lambda: {TopicPartition(topic, p) for p in owned})
+    worker.app = SimpleNamespace(consumer=assignment)  # type: ignore[attr-defined]
     holder = await holder_with(bundles)
     agent = models_agent.ModelUpdatesAgent(worker, holder)  # type: ignore[arg-type]
+
+    async def settled() -> None:
+        while agent._retag_tasks:
+            await asyncio.gather(*agent._retag_tasks, return_exceptions=True)
+            await asyncio.sleep(0)
 
     async def rebalance(to: set[int]) -> None:
         owned.clear()
         owned.update(to)
         agent.on_partitions_assigned()
-        if agent.retag_task is not None:
-            await agent.retag_task
+        await settled()
 
     await rebalance({0, 1})  # no re-tag yet: nothing to run again
     assert runs == []
     agent._start_retag(7)  # the swap at model-updates offset 7
-    await agent.retag_task  # type: ignore[misc]
+    await settled()
     a = bundles["a"].name
     assert runs == [(a, 7, frozenset({0, 1}))]
     await rebalance({0, 1})
     await rebalance({1})  # only lost one: the rest was covered
     assert len(runs) == 1
-    await rebalance({1, 2, 3})  # took over 2 and 3 (their worker stopped): the same re-tag, over all it owns now
-    assert runs[1:] == [(a, 7, frozenset({1, 2, 3}))]
+    failing.add(2)
+    await rebalance({1, 2, 3})  # took over 2 and 3 (their worker stopped): the same re-tag, for those; it fails
+    assert runs[1:] == [(a, 7, frozenset({2, 3}))]
+    failing.clear()
+    await rebalance({1, 2, 3})  # nothing gained, but 2 and 3 were never re-tagged: they are now
+    assert runs[2:] == [(a, 7, frozenset({2, 3}))]
+    await rebalance({1, 2, 3})
+    await rebalance(set())  # more workers than partitions: none left, nothing re-tagged
+    assert len(runs) == 3
     holder.active = await holder.validate(request("activate", bundles["b"]), None)  # another model, not re-tagged
     await rebalance({0, 1, 2, 3})
-    assert len(runs) == 2
+    assert len(runs) == 3
 
 
 def test_model_status_says_whether_a_re_tag_finished_and_which_partitions_it_covers() -> None:
