@@ -56,7 +56,7 @@ def validate(name: str, obj: Any) -> dict[str, Any]:
     return obj
 
 
-def _quoted(key: Any) -> str:
+def quoted(key: Any) -> str:
     """`key` quoted (repr), at most _MAX_KEY_CHARS characters: a longer one is cut inside its quotes, never inside an
     escape, and marked `…` before its closing quote (`'k000xxx…'`)."""
     text = repr(key)
@@ -72,7 +72,7 @@ def _quoted(key: Any) -> str:
 
 def _keys(keys: list[Any]) -> str:
     """A few of `keys`, each cut short, and how many more."""
-    return ", ".join(_quoted(k) for k in keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+    return ", ".join(quoted(k) for k in keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
 
 
 _JSON_TYPES = {type(None): "null", bool: "boolean", int: "number", float: "number", str: "string", list: "array"}

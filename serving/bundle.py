@@ -217,8 +217,9 @@ class GoldenSet:
 GOLDEN_INPUT_FIELDS = ("title", "description", "brand", "category_hints", "price")
 
 
-def golden_inputs(products: Sequence[Any]) -> list[dict[str, Any]]:
-    """The featurizer's fields of these products (objects or mappings), for a bundle's golden `inputs`."""
+def golden_inputs(products: Sequence[Any], description_chars: int | None = None) -> list[dict[str, Any]]:
+    """The featurizer's fields of these products (objects or mappings), for a bundle's golden `inputs`; a
+    description cut to `description_chars`, all the featurizer reads of it (`2 × max_description_chars`)."""
     out = []
     for p in products:
         get = p.get if isinstance(p, Mapping) else (lambda name, p=p: getattr(p, name, None))
@@ -227,6 +228,8 @@ def golden_inputs(products: Sequence[Any]) -> list[dict[str, Any]]:
             value = get(name)
             if value is not None and value != "" and value != ():
                 row[name] = list(value) if name == "category_hints" else value
+        if description_chars is not None and isinstance(row.get("description"), str):
+            row["description"] = row["description"][:description_chars]
         out.append(row)
     return out
 
@@ -514,7 +517,9 @@ def _golden_bytes(golden: GoldenSet | Mapping[str, np.ndarray]) -> bytes:
     if inputs is not None:
         if len(inputs) != len(arrays["ids"]):
             raise BundleError(f"write_bundle: {len(inputs)} golden inputs for {len(arrays['ids'])} golden rows")
-        arrays["inputs"] = np.asarray([json.dumps(dict(row), ensure_ascii=False) for row in inputs], dtype=np.str_)
+        # one UTF-8 JSON array (a numpy string array would be UTF-32, every row padded to the longest)
+        text = json.dumps([dict(row) for row in inputs], ensure_ascii=False).encode()
+        arrays["inputs"] = np.frombuffer(text, dtype=np.uint8)
     buf = io.BytesIO()
     np.savez(buf, **arrays)  # type: ignore[arg-type]
     return buf.getvalue()
@@ -974,16 +979,20 @@ def _check_golden(
 
 
 def _golden_inputs(raw: np.ndarray, rows: int, reasons: list[str]) -> tuple[Mapping[str, Any], ...] | None:
-    """golden.npz `inputs`: one JSON object of GOLDEN_INPUT_FIELDS per golden row (None, with a reason, if not)."""
-    if raw.dtype.kind != "U" or raw.ndim != 1 or len(raw) != rows:
-        reasons.append(f"golden.npz: inputs is {raw.dtype}{list(raw.shape)}, expected {rows} JSON strings")
+    """golden.npz `inputs`: the UTF-8 bytes of a JSON array with one object of GOLDEN_INPUT_FIELDS per golden row
+    (None, with a reason, if not)."""
+    try:
+        if raw.dtype != np.uint8 or raw.ndim != 1:
+            raise ValueError(f"{raw.dtype}{list(raw.shape)}, not bytes")
+        listed = json.loads(raw.tobytes().decode())
+    except (ValueError, UnicodeDecodeError) as exc:
+        reasons.append(f"golden.npz: inputs is no UTF-8 JSON array ({exc})")
+        return None
+    if not isinstance(listed, list) or len(listed) != rows:
+        reasons.append(f"golden.npz: inputs holds {len(listed) if isinstance(listed, list) else 'no'} rows, not {rows}")
         return None
     out = []
-    for i, text in enumerate(raw.tolist()):
-        try:
-            row = json.loads(text)
-        except ValueError:
-            row = None
+    for i, row in enumerate(listed):
         if not isinstance(row, dict) or not set(row) <= set(GOLDEN_INPUT_FIELDS):
             reasons.append(f"golden.npz: inputs[{i}] is not a JSON object of {', '.join(GOLDEN_INPUT_FIELDS)}")
             return None

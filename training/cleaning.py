@@ -37,6 +37,7 @@ from functools import cache
 from typing import Any
 
 from schemas import load_schema
+from schemas.registry import quoted
 from serving.featurizer import normalize_text as _featurizer_normalize
 from training.catalog import JSONL_KEYS, CatalogProduct
 from training.labels import (
@@ -108,12 +109,6 @@ def unsendable_attributes(products: Iterable[CatalogProduct]) -> dict[str, int]:
             if not pattern.search(group):
                 out[group] += 1
     return dict(out)
-
-
-def _quote(text: str, limit: int = 40) -> str:
-    """A key as a warning names it: repr-like, cut short."""
-    shown = repr(text)
-    return shown if len(shown) <= limit else shown[: limit - 1] + "…"
 
 
 def label_signature(p: CatalogProduct) -> tuple[Any, ...]:
@@ -201,7 +196,7 @@ class DataReport:
         self.label_counts = {k: dict(counts[k].most_common()) for k in order}
         self.warnings = []
         if self.unknown_keys:
-            keys = ", ".join(f"{_quote(k)} ({n:,})" for k, n in self.unknown_keys.most_common())
+            keys = ", ".join(f"{quoted(k)} ({n:,})" for k, n in self.unknown_keys.most_common())
             self.warnings.append(
                 f"unknown keys ignored: {keys}; the keys a JSONL catalog's products may have are "
                 f"{', '.join(JSONL_KEYS)}"

@@ -129,10 +129,15 @@ def _key(name: str) -> str:
     return group_key(name)
 
 
+@functools.lru_cache(maxsize=64)
+def _excluded_keys(exclude_attributes: tuple[str, ...]) -> frozenset[str]:
+    return frozenset(_key(e) for e in exclude_attributes)
+
+
 def is_excluded(name: str, exclude_attributes: Sequence[str] = DEFAULT_EXCLUDE) -> bool:
     """Whether attribute `name` is one of `exclude_attributes`, compared as attribute names are (`attribute_key`:
     ignoring case, width and spaces): ``Year`` and ``YEAR`` are ``year``."""
-    return bool(exclude_attributes) and _key(name) in {_key(e) for e in exclude_attributes}
+    return bool(exclude_attributes) and _key(name) in _excluded_keys(tuple(exclude_attributes))
 
 
 def attribute_group(name: str) -> str:
@@ -378,14 +383,20 @@ def build_label_map(
     min_support: int = 5,
     exclude_attributes: Sequence[str] = DEFAULT_EXCLUDE,
     include_tags: bool = True,
+    names_checked: bool = False,
+    catalog_size: int | None = None,
 ) -> LabelMap:
-    """The label map of a catalog (see the module doc for groups, names and minimum support)."""
+    """The label map of a catalog (see the module doc for groups, names and minimum support). `names_checked`: the
+    caller already ran `check_attribute_names` (with `exclude_attributes`) and `check_tag_names` on these products or
+    more (a catalog of which they are the training part), so they are not run again. `catalog_size`: how many
+    products the catalog has when `products` are only part of it, what the error of a catalog without labels says."""
     products = list(products)
     if not products:
         raise DataError("cannot build labels from no products")
-    check_attribute_names(products, exclude_attributes)
-    if include_tags:
-        check_tag_names(products)
+    if not names_checked:
+        check_attribute_names(products, exclude_attributes)
+        if include_tags:
+            check_tag_names(products)
     counts: dict[str, Counter[str]] = defaultdict(Counter)
     for p in products:
         for group, tag in product_labels(p, exclude_attributes=exclude_attributes, include_tags=include_tags):
@@ -423,9 +434,14 @@ def build_label_map(
     levels: list[list[tuple[str, str, str | None, int]]] = []
     kept: set[str] = set()
     if not any(cat_counts) and not any(counts.values()) and not tag_count:
+        which = (
+            f"its {len(products)} products"
+            if catalog_size is None or catalog_size == len(products)
+            else f"the {len(products)} products it trains on (training and validation; {catalog_size} in the catalog)"
+        )
         raise DataError(
-            f"the catalog has no labels: none of its {len(products)} products has a category path, an attribute or a "
-            "free tag (in JSONL the keys category_path, attributes and tags; see the log for keys it ignored)"
+            f"the catalog has no labels: none of {which} has a category path, an attribute or a free tag (in JSONL "
+            "the keys category_path, attributes and tags; see the log for keys it ignored)"
         )
     for depth, cat_count in enumerate(cat_counts, start=1):
         items = []

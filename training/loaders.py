@@ -64,7 +64,7 @@ import reprlib
 import sys
 import zipfile
 import zlib
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -646,10 +646,10 @@ def _json_text(obj: dict[str, Any], key: str) -> str | None:
     return text
 
 
-def _parse_jsonl(line: str, unknown_keys: Counter[str] | None = None) -> CatalogProduct:
+def _parse_jsonl(line: str, unknown_keys: list[str] | None = None) -> CatalogProduct:
+    """A JSONL row; `unknown_keys` is set to its keys tagstream does not read once it parsed (the caller counts them
+    when the row is kept)."""
     obj = _json_object(line)
-    if unknown_keys is not None:
-        unknown_keys.update(k for k in obj if k not in JSONL_KEYS)
     product = CatalogProduct(
         product_id=_json_id(obj.get("product_id")),
         title=_json_title(obj.get("title")),
@@ -664,12 +664,17 @@ def _parse_jsonl(line: str, unknown_keys: Counter[str] | None = None) -> Catalog
     )
     if "\\u" in line:  # only a `\u` escape makes a lone surrogate (the line was decoded from strict UTF-8)
         _check_unicode(product)
+    if unknown_keys is not None:
+        unknown_keys[:] = [k for k in obj if k not in JSONL_KEYS]
     return product
 
 
 def _load_jsonl(path: Path, report: DataReport) -> Iterator[tuple[int, CatalogProduct]]:
     lines = _lines(path, _read_bytes(path), report)
-    yield from _rows(path, lines, report, lambda i, line: _parse_jsonl(line, report.unknown_keys))
+    unknown: list[str] = []  # of the row parsed last: counted only when it is kept (not a malformed row)
+    for i, product in _rows(path, lines, report, lambda i, line: _parse_jsonl(line, unknown)):
+        report.unknown_keys.update(unknown)
+        yield i, product
 
 
 LOADERS: dict[str, Parser] = {

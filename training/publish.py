@@ -230,12 +230,19 @@ def current_model(registry: str | Path, kind: PublishKind = "activate") -> Path 
     the registry among those it records as published with `kind` (`published.jsonl`); when it records none, the
     newest valid bundle (said in a log line: it may be one that was never published); None in an empty registry. A
     bundle whose sha256 is not the one `published.jsonl` records for its version (changed in place after it was
-    published) is never taken (a warning)."""
-    return _current_model(Path(registry), kind)[0]
+    published) is never taken (a warning): the one published before it that is unchanged is. BundleError when every
+    bundle recorded as published with `kind` that still loads was changed so (`train --every` refuses to publish
+    then: neither no model nor a bundle never published stands in for the one published)."""
+    path, _, changed = _current_model(Path(registry), kind)
+    if changed is not None:
+        raise BundleError(changed)
+    return path
 
 
-def _current_model(registry: Path, kind: PublishKind) -> tuple[Path | None, str | None]:
-    """`current_model` and where it came from: "published.jsonl" or "newest in registry" (None with no model)."""
+def _current_model(registry: Path, kind: PublishKind) -> tuple[Path | None, str | None, str | None]:
+    """`current_model` and where it came from: "published.jsonl" or "newest in registry" (None with no model); the
+    third is, instead of a model, why there is none to compare with although one was published (each bundle
+    published was changed after it was published): the cycles refuse to publish, with it as their error."""
     from serving.bundle import VERSION_RE, list_versions
 
     try:
@@ -249,12 +256,25 @@ def _current_model(registry: Path, kind: PublishKind) -> tuple[Path | None, str 
         if e.get("kind") == kind and isinstance(e.get("model_version"), str) and VERSION_RE.match(e["model_version"])
     ]
     recorded = _recorded_sha256(entries)
+    changed: list[str] = []  # published versions changed in place since, newest first
     for version in dict.fromkeys(reversed(published)):
-        if _unchanged_since_published(registry / version, recorded):
+        if _unchanged_since_published(registry / version, recorded, changed):
             log.info(
-                "current model: %s, the last bundle of %s published (%s) that is still valid", version, registry, kind
+                "current model: %s, the last bundle of %s published (%s) that is still valid%s",
+                version,
+                registry,
+                kind,
+                f" and unchanged (not {', '.join(changed)}: changed after it was published)" if changed else "",
             )
-            return registry / version, PUBLISHED_FILE
+            return registry / version, PUBLISHED_FILE, None
+    if changed:  # not a bundle never published (a refused candidate kept by --keep-refused), nor no model at all
+        why = (
+            f"the current model {changed[0]} was changed after it was published (its sha256 is not the one "
+            f"{registry / PUBLISHED_FILE} records) and no other bundle published as {kind} is unchanged, so there is "
+            "no model to compare candidates with: publish a candidate by hand (tagstream publish --model DIR)"
+        )
+        log.warning("%s", why)
+        return None, None, why
     tried = set(published)  # each said once in the log
     for version in reversed(list_versions(registry)):
         if version not in tried and _unchanged_since_published(registry / version, recorded):
@@ -266,8 +286,8 @@ def _current_model(registry: Path, kind: PublishKind) -> tuple[Path | None, str 
                 PUBLISHED_FILE,
                 kind,
             )
-            return registry / version, "newest in registry"
-    return None, None
+            return registry / version, "newest in registry", None
+    return None, None, None
 
 
 def _recorded_sha256(entries: Sequence[Mapping[str, Any]]) -> dict[str, set[str]]:
@@ -279,9 +299,12 @@ def _recorded_sha256(entries: Sequence[Mapping[str, Any]]) -> dict[str, set[str]
     return out
 
 
-def _unchanged_since_published(bundle: Path, recorded: Mapping[str, set[str]]) -> bool:
+def _unchanged_since_published(
+    bundle: Path, recorded: Mapping[str, set[str]], changed: list[str] | None = None
+) -> bool:
     """Whether `bundle` loads and, when `published.jsonl` records its version, with the sha256 recorded (a bundle
-    rewritten in place after it was published is skipped as the current model, said in the log)."""
+    rewritten in place after it was published is skipped as the current model, said in the log, and its version
+    added to `changed`)."""
     sha256 = _bundle_sha256(bundle)
     if sha256 is None:
         return False
@@ -294,6 +317,8 @@ def _unchanged_since_published(bundle: Path, recorded: Mapping[str, set[str]]) -
             ", ".join(other),
             sha256,
         )
+        if changed is not None:
+            changed.append(bundle.name)
         return False
     return True
 
@@ -468,11 +493,13 @@ def compare_reports(
 
     In a group whose products all carry labels the current model does not know, the current model counts 0, and
     such a group the candidate lacks, or lacks labels of, is no loss. No current model → publish. A current model
-    evaluated in no group of the evaluation set: the rules on labels and served figures still apply (free tags
-    only), and with no served free tags either the candidate is judged on its own: published when one of its figures
-    (top-1 groups, or the free tags it serves) is above 0. Reports are `{"groups": {name: {metric, n_unknown}},
-    "served": {"groups": ...}, "labels": {group: [tag, ...]}}` (evaluate_bundle, plus `labels` in `periodic_retrain`);
-    a report without `labels` skips the rules on labels."""
+    that knows none of the labels the evaluation products carry (evaluated in no group, or only in groups whose
+    labels it does not know, and serving no free tag: another catalog's model) is not compared by its label set (the
+    rules on `labels` are skipped); evaluated in no group, it is compared by the free tags both serve (a catalog of
+    free tags only: the rules on labels apply), and with none served the candidate is judged on its own: published
+    when one of its figures (top-1 groups, or the free tags it serves) is above 0. Reports are
+    `{"groups": {name: {metric, n_unknown}}, "served": {"groups": ...}, "labels": {group: [tag, ...]}}`
+    (evaluate_bundle, plus `labels` in `periodic_retrain`); a report without `labels` skips the rules on labels."""
     if current is None:
         return Comparison(True, ("no current model",))
     cand_g = candidate.get("groups", {})
@@ -480,6 +507,10 @@ def compare_reports(
     cur = {g: f for g, r in cur_g.items() if (f := _figure(r, metric)) is not None}
     evaluated = bool(cur)  # in some group of the evaluation set
     unknown_only = {g for g in cur if cur_g[g].get(metric) is None}  # the current model knows none of their labels
+    # another catalog's model: it knows none of the labels the evaluation products carry (every group it is evaluated
+    # in is one of those, or there is none, and it serves no free tag), so its label set says nothing of what this
+    # catalog lost
+    foreign = unknown_only == set(cur) and _served_tags(current, metric) is None
     notes = [
         f"{g}: the current model knows none of the labels of the {cur_g[g]['n_unknown']} products that carry one "
         f"({metric} counted 0)"
@@ -495,7 +526,13 @@ def compare_reports(
         lacking.add(_group_key(g))
         worse.append(f"{g}: the current model has this group ({metric} {cur[g]}), the candidate lacks it")
     skip = lacking | {_group_key(g) for g in unknown_only}
-    worse += _labels_lost(candidate.get("labels"), current.get("labels"), max_labels_lost, skip, lacking)
+    if not foreign:
+        worse += _labels_lost(candidate.get("labels"), current.get("labels"), max_labels_lost, skip, lacking)
+    elif candidate.get("labels") and current.get("labels"):
+        notes.append(
+            "labels: the current model knows none of the labels the evaluation products carry (another catalog's "
+            "model?): the label sets are not compared"
+        )
     common = sorted(set(cur) & set(cand_g))
     new = {g: _figure(cand_g[g], metric) for g in common}
     for g in common:
@@ -721,8 +758,10 @@ def periodic_retrain(
     products in metrics.json `trained_on`), and publish the new one only when `compare_reports` says it is not worse.
 
     The current model at start is `current_model(registry, kind)` (a restart keeps the gate), then the last one
-    published. With kind activate, each cycle first reads model-updates (`model_updates`) and compares with the model
-    the workers announced active last (`workers_active`: an operator's activate or rollback counts) when its bundle
+    published; when every bundle published was changed in place since, each cycle refuses to publish (its record has
+    `error`) until the workers announce a model of the registry or a bundle is published by hand. With kind
+    activate, each cycle first reads model-updates (`model_updates`) and compares with the model the workers
+    announced active last (`workers_active`: an operator's activate or rollback counts) when its bundle
     is in the registry and loads; when the topic cannot be read, holds no such answer or names another bundle, with
     the trainer's own current model, as said in the log. When the current model cannot be evaluated any more
     (removed, edited), the cycle compares with its last evaluation, if one was made. A cycle that fails (bad data, a
@@ -749,7 +788,7 @@ def periodic_retrain(
         model_updates = functools.partial(read_model_updates, settings)
     publish = publish or (lambda b: publish_bundle(b, kind, settings))
     every_s = min(every_s, MAX_DURATION_S)
-    current, current_from = _current_model(registry, kind)
+    current, current_from, changed = _current_model(registry, kind)
     if kind != "activate":
         log.info("--kind %s: each candidate is compared with the last %s published, not the workers' model", kind, kind)
     current_report: Mapping[str, Any] | None = None
@@ -776,9 +815,14 @@ def periodic_retrain(
             if kind == "activate" and updates is not None:
                 running = _workers_model(updates, registry, current, cycle)
                 if running is not None:
-                    current, current_from = running, "model-updates"
+                    current, current_from, changed = running, "model-updates", None
                     current_report = None  # its own evaluation, not the one of the model compared with before
+            if changed is not None:  # the model published was changed in place: one published by hand since?
+                current, current_from, changed = _current_model(registry, kind)
             record.update(current=None if current is None else str(current), current_from=current_from)
+            if changed is not None:  # no model to compare with is not "no current model → publish"
+                refused.append(bundle)  # kept (--keep-refused), for an operator to publish by hand
+                raise BundleError(changed)
             gate = gate_set(eval_set, bundle, current, min_products=settings.gate_min_products)
             record["gate"] = gate.info
             if "note" in gate.info:
@@ -802,7 +846,7 @@ def periodic_retrain(
             record.update(publish=decision.publish, reasons=list(decision.reasons))
             if decision.publish:
                 publish(bundle)
-                current, current_report, current_from = bundle, report, "published by this run"
+                current, current_report, current_from, changed = bundle, report, "published by this run", None
             else:
                 refused.append(bundle)
             log.info(

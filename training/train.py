@@ -493,7 +493,9 @@ def train(
         raise ConfigError("the split has no validation products")
     # the labels of the products that shape the model: a label only the held-out test part carries is one the model
     # cannot have learnt, counted as unknown (a miss, `n_unknown`) in the evaluation
-    label_map = build_label_map([*train_p, *val_p], min_support=settings.min_support)
+    label_map = build_label_map(
+        [*train_p, *val_p], min_support=settings.min_support, names_checked=True, catalog_size=len(products)
+    )
     log.info(
         "training on %d products (%d val, %d test), %d labels", len(train_p), len(val_p), len(test_p), len(label_map)
     )
@@ -572,7 +574,8 @@ def train(
         "weights": x_par.weights[:golden_n],
         "numeric": x_par.numeric[:golden_n],
         "scores": keras_par[:golden_n],
-        "inputs": golden_inputs(pool[:golden_n]),  # validation checks the bundle's featurizer against them
+        # validation checks the bundle's featurizer against them
+        "inputs": golden_inputs(pool[:golden_n], description_chars=2 * fz.config.max_description_chars),
     }
     try:
         bundle = write_bundle(

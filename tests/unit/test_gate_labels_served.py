@@ -53,6 +53,35 @@ def test_a_candidate_that_lost_most_of_a_groups_labels_is_refused_with_the_count
     assert compare_reports(_report(apparel_only), _report(LABELS), max_labels_lost=0.9).publish
 
 
+def test_a_model_of_another_catalog_is_not_compared_by_its_label_set() -> None:
+    # the reviewer's repro: the current model comes from another catalog, so the candidate is judged on its own
+    cur: dict[str, Any] = {
+        "groups": {},
+        "labels": {"category_l1": ["shoes", "bags"], "colour": ["colour:red", "colour:blue"], "tags": []},
+    }
+    cand = {
+        "groups": {"category_l1": {"weighted_f1": 0.8, "n_unknown": 0}},
+        "labels": {"category_l1": ["phones", "laptops"], "tags": []},
+    }
+    decision = compare_reports(cand, cur)
+    # before: refused, "category_l1: the candidate lacks 2 of …" and "colour: … the candidate lacks it"
+    assert decision.publish, decision.reasons
+    assert "the candidate is judged on its own" in decision.reasons[0]
+    assert not compare_reports({**cand, "groups": {"category_l1": {"weighted_f1": 0.0}}}, cur).publish
+    # evaluated only in groups whose labels it does not know: the figures are compared, the label sets are not
+    cur["groups"] = {"category_l1": {"weighted_f1": None, "n_unknown": 50}}
+    decision = compare_reports(cand, cur)
+    assert decision.publish, decision.reasons
+    assert not any(r.startswith(("colour:", "category_l1: the candidate lacks")) for r in decision.reasons)
+    assert any("the label sets are not compared" in r for r in decision.reasons), decision.reasons
+    # a current model that knows some of the catalog's labels keeps the rules
+    cur["groups"]["gender"] = {"weighted_f1": 0.5, "n_unknown": 0}
+    cand["groups"]["gender"] = {"weighted_f1": 0.9, "n_unknown": 0}
+    cand["labels"]["gender"] = cur["labels"]["gender"] = ["gender:Men", "gender:Women"]
+    assert any(r.startswith("colour: ") for r in compare_reports(cand, cur).reasons)
+    assert not compare_reports(cand, cur).publish
+
+
 def test_the_share_of_labels_a_candidate_may_lose_is_a_setting(monkeypatch: pytest.MonkeyPatch) -> None:
     from tagstream.errors import ConfigError
     from training.settings import load_trainer_settings
@@ -170,10 +199,69 @@ def test_publish_refuses_a_bundle_changed_since_it_was_published(
 def test_the_gate_does_not_take_a_bundle_changed_since_it_was_published_as_the_current_model(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    from tagstream.errors import BundleError
+    from tests.models import featurized_bundle
     from training.publish import current_model
 
     registry = tmp_path / "registry"
     bundle, old = _published_then_changed(registry)
-    with caplog.at_level(logging.WARNING, logger="training.publish"):
-        assert current_model(registry) is None  # before: the changed bundle, "still valid"
+    featurized_bundle(registry, seed=3)  # never published: as a candidate kept by --keep-refused
+    with caplog.at_level(logging.WARNING, logger="training.publish"), pytest.raises(BundleError) as refused:
+        current_model(registry)  # before: None ("no current model → publish"), or the newest bundle, never published
     assert f"skipping {bundle} as the current model: it was published with sha256 {old}" in caplog.text
+    assert f"the current model {bundle.name} was changed after it was published" in str(refused.value)
+    assert "publish a candidate by hand" in str(refused.value)
+
+
+def test_the_gate_falls_back_to_the_bundle_published_before_the_one_changed_in_place(tmp_path: Path) -> None:
+    from tests.models import featurized_bundle
+    from training.publish import current_model, model_update_event, record_publication
+
+    registry = tmp_path / "registry"
+    earlier = featurized_bundle(registry, seed=5)
+    record_publication(earlier, model_update_event(earlier)[0])
+    _published_then_changed(registry)
+    featurized_bundle(registry, seed=6)  # never published: not taken either
+    # before: the changed bundle, then (once it was skipped) the newest bundle in the registry
+    assert current_model(registry) == earlier
+
+
+def test_every_refuses_to_publish_while_the_only_published_bundle_is_changed_until_one_is_published_by_hand(
+    tmp_path: Path,
+) -> None:
+    from tests.models import featurized_bundle
+    from training.publish import model_update_event, record_publication
+
+    registry = tmp_path / "registry"
+    changed, _ = _published_then_changed(registry)
+    products = [CatalogProduct(f"p{i}", f"title {i}", category_path=("A", f"B{i % 3}")) for i in range(60)]
+    made: list[Path] = []
+
+    def train_fn(products: Any, settings: Any, *, registry: Path, split: Any) -> Path:
+        made.append(featurized_bundle(registry, seed=10 + len(made)))
+        return made[-1]
+
+    def by_hand(record: dict[str, Any]) -> None:  # the operator publishes the first candidate after cycle 1
+        if record["cycle"] == 1:
+            record_publication(made[0], model_update_event(made[0])[0])
+
+    published: list[Path] = []
+    records = periodic_retrain(
+        lambda: products,
+        TrainerSettings(),
+        every_s=0.0,
+        registry=registry,
+        max_cycles=2,
+        publish=published.append,
+        train_fn=train_fn,
+        evaluate_fn=lambda bundle, eval_set: {"groups": {"category_l1": {"weighted_f1": 0.5, "n_unknown": 0}}},
+        sleep=lambda s: None,
+        on_cycle=by_hand,
+    )
+    # before: "no current model" and the first candidate was published whatever its figures
+    assert records[0]["publish"] is False and records[0]["current"] is None, records[0]
+    assert f"the current model {changed.name} was changed after it was published" in records[0]["error"]
+    assert "publish a candidate by hand" in records[0]["error"]
+    assert made[0].is_dir()  # kept for the operator
+    assert records[1]["current"] == str(made[0]) and records[1]["current_from"] == "published.jsonl", records[1]
+    assert "error" not in records[1] and records[1]["publish"] is True and published == [made[1]]

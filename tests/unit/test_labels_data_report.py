@@ -68,6 +68,68 @@ def test_train_refuses_a_jsonl_catalog_without_labels_in_one_line(tmp_path: Path
     assert len(err) == 1 and "the catalog has no labels" in err[0], err
 
 
+def test_a_long_unknown_key_is_cut_short_keeping_its_closing_quote(tmp_path: Path) -> None:
+    rows = [{"product_id": f"p{i}", "title": f"shirt {i}", "tags": ["x"], "k" + "x" * 60: 1} for i in range(3)]
+    [warning] = load_catalog(_jsonl(tmp_path / "c.jsonl", rows), "jsonl").report.warnings
+    shown = warning.removeprefix("unknown keys ignored: ").split(" (3); ")[0]
+    # before: `'kxxxxxxxxx…` (the cut dropped the closing quote)
+    assert shown.startswith("'kxxx") and shown.endswith("…'") and len(shown) <= 40, shown
+
+
+def test_unknown_keys_of_a_row_skipped_as_malformed_are_not_counted(tmp_path: Path) -> None:
+    rows: list[dict[str, Any]] = [
+        {"product_id": f"p{i}", "title": f"shirt {i}", "tags": ["x"], "categories": ["A"]} for i in range(5)
+    ]
+    rows += [{"product_id": "bad", "categories": ["A"], "colour": "Red"}]  # no title: skipped
+    rows += [{"product_id": "p0", "title": "again", "categories": ["A"], "size": "M"}]  # a second p0: skipped
+    result = load_catalog(_jsonl(tmp_path / "c.jsonl", rows), "jsonl")
+    assert result.report.rows_skipped == 2 and len(result.products) == 5
+    # before: "'categories' (7), 'colour' (1), 'size' (1)"
+    assert result.report.unknown_keys == {"categories": 5}
+
+
+def test_whether_an_attribute_is_excluded_does_not_fold_the_excluded_names_at_every_call(monkeypatch) -> None:
+    from training import labels
+
+    folded: list[str] = []
+    key = labels._key
+
+    def counting(name: str) -> str:
+        folded.append(name)
+        return key(name)
+
+    monkeypatch.setattr(labels, "_key", counting)
+    exclude = ["Year", "Launch Date", "SKU"]
+    assert [labels.is_excluded(n, exclude) for _ in range(100) for n in ("colour", "YEAR", "sku")] == [
+        False,
+        True,
+        True,
+    ] * 100
+    # before: each call folded the 3 excluded names again (1,200 calls)
+    assert len(folded) <= 300 + len(exclude)
+
+
+def test_train_checks_the_catalogs_names_once_and_says_its_size_when_it_has_no_labels(
+    tmp_path: Path, monkeypatch
+) -> None:
+    from training import labels
+    from training import train as train_module
+
+    calls: list[str] = []
+    for module in (labels, train_module):
+        for name in ("check_attribute_names", "check_tag_names"):
+            real = getattr(module, name)
+            monkeypatch.setattr(module, name, lambda *a, _n=name, _f=real, **k: (calls.append(_n), _f(*a, **k))[1])
+    products = [_product(i, attributes={"colour": " "}) for i in range(100)]
+    with pytest.raises(DataError) as caught:
+        train_module.train(products, TrainerSettings(baseline=False), registry=tmp_path, progress=False)
+    # before: each check ran twice (on the catalog, then again on its training part)
+    assert sorted(calls) == ["check_attribute_names", "check_tag_names"]
+    # before: "none of its 90 products" (the training and validation parts only)
+    assert "the catalog has no labels: none of the " in str(caught.value)
+    assert "products it trains on (training and validation; 100 in the catalog)" in str(caught.value)
+
+
 # ---------------------------------------------------------------- `year`, in any case
 
 

@@ -418,12 +418,12 @@ def test_parse_verify_key_forms(tmp_path: Path, key: Ed25519PrivateKey) -> None:
         parse_verify_key("not a key")
 
 
-def _bundle_with_golden_products(root: Path, seed: int | None = None) -> Path:
+def _bundle_with_golden_products(root: Path, seed: int | None = None, products: list[Any] | None = None) -> Path:
     """A bundle whose golden rows are real products featurized by its featurizer, kept as golden `inputs`; with
     `seed`, its featurizer.json then names another hashing seed (assembled from another training run, say)."""
     from serving.bundle import golden_inputs
 
-    products = golden_products(16)
+    products = products or golden_products(16)
     files = featurizer_files(featurizer())
     shipped = load_bundle(real_bundle(root / "first", featurizer_files=files)).featurizer  # as a bundle loads it
     if seed is not None:
@@ -431,7 +431,8 @@ def _bundle_with_golden_products(root: Path, seed: int | None = None) -> Path:
         spec["hashing"]["seed"] = seed
         files["featurizer.json"] = json.dumps(spec).encode()
     rows = shipped.transform(products)
-    return real_bundle(root, featurizer_files=files, golden_features=rows, golden_inputs=golden_inputs(products))
+    inputs = golden_inputs(products, description_chars=2 * shipped.config.max_description_chars)
+    return real_bundle(root, featurizer_files=files, golden_features=rows, golden_inputs=inputs)
 
 
 def test_a_bundle_whose_featurizer_does_not_make_its_golden_rows_is_refused(tmp_path: Path) -> None:
@@ -442,3 +443,15 @@ def test_a_bundle_whose_featurizer_does_not_make_its_golden_rows_is_refused(tmp_
         validate_bundle(_bundle_with_golden_products(tmp_path / "other-seed", seed=777))
     [reason] = refused.value.reasons
     assert reason.startswith("featurizer: does not reproduce the features of ") and "16 golden rows" in reason
+
+
+def test_a_golden_product_with_a_long_description_keeps_what_the_featurizer_reads_and_the_bundle_small(
+    tmp_path: Path,
+) -> None:
+    """Golden inputs were a UTF-32 array padded to the longest row, descriptions whole: one scraped 300,000-character
+    description made golden.npz 73 MiB, over the bundle's file limit, so training wrote a bundle nothing could load."""
+    products = golden_products(16)
+    products[3] = ProductChange("upsert", "long", 0, 0, title=TITLES[0], description="长描述 " * 100_000, price=2.0)
+    bundle = validate_bundle(_bundle_with_golden_products(tmp_path, products=products)).bundle
+    assert (bundle.path / "golden.npz").stat().st_size < 200_000
+    assert len(bundle.golden.inputs[3]["description"]) == 2 * bundle.featurizer.config.max_description_chars
