@@ -21,12 +21,15 @@ from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from schemas.records import ModelUpdate
-from tagstream.errors import BundleError, ConfigError, ModelRejectedError, TagstreamError
+from tagstream.errors import BundleError, ConfigError, FeaturizerError, ModelRejectedError, TagstreamError
 from training.catalog import CatalogProduct
 from training.settings import TrainerSettings
+
+if TYPE_CHECKING:
+    from serving.bundle import ModelBundle
 
 __all__ = [
     "KEEP_REFUSED",
@@ -132,6 +135,7 @@ def model_update_event(bundle_dir: str | Path, kind: PublishKind = "activate") -
     path = Path(bundle_dir).resolve()
     bundle = load_bundle(path, verify_key=verify_key())
     check_republished(path, bundle.model_version, bundle.sha256)
+    _check_featurizer(bundle)
     signature = _signature(path / SIGNATURE_FILE)
     event = ModelUpdate(
         kind=kind,
@@ -143,6 +147,17 @@ def model_update_event(bundle_dir: str | Path, kind: PublishKind = "activate") -
     )
     event.to_dict()  # schema check now, not at send time
     return event, bundle.model_name
+
+
+def _check_featurizer(bundle: ModelBundle) -> None:
+    """BundleError (one line) when the bundle's featurizer does not make its golden rows again, as the workers'
+    validation would refuse it (`serving.validate.check_golden_features`): said here, before it is announced."""
+    from serving.validate import check_golden_features
+
+    try:
+        check_golden_features(bundle, bundle.featurizer)
+    except (ModelRejectedError, FeaturizerError) as exc:
+        raise BundleError(f"{bundle.path}: {exc}") from None
 
 
 def _signature(sig_file: Path) -> str | None:

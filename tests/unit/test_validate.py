@@ -455,3 +455,15 @@ def test_a_golden_product_with_a_long_description_keeps_what_the_featurizer_read
     bundle = validate_bundle(_bundle_with_golden_products(tmp_path, products=products)).bundle
     assert (bundle.path / "golden.npz").stat().st_size < 200_000
     assert len(bundle.golden.inputs[3]["description"]) == 2 * bundle.featurizer.config.max_description_chars
+
+
+def test_publish_refuses_a_bundle_whose_featurizer_does_not_make_its_golden_rows(tmp_path: Path) -> None:
+    """Announced, it would be refused by every worker; `tagstream publish` says why at once, in one line."""
+    from tagstream.errors import BundleError
+    from training.publish import model_update_event
+
+    event, _ = model_update_event(_bundle_with_golden_products(tmp_path / "good"))
+    assert event.kind == "activate"
+    bad = _bundle_with_golden_products(tmp_path / "other-seed", seed=777)
+    with pytest.raises(BundleError, match=r"featurizer: does not reproduce the features of 16 of 16 golden rows"):
+        model_update_event(bad)
