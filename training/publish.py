@@ -24,7 +24,14 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from schemas.records import ModelUpdate
-from tagstream.errors import BundleError, ConfigError, FeaturizerError, ModelRejectedError, TagstreamError
+from tagstream.errors import (
+    BundleError,
+    ConfigError,
+    DataError,
+    FeaturizerError,
+    ModelRejectedError,
+    TagstreamError,
+)
 from training.catalog import CatalogProduct
 from training.settings import TrainerSettings
 
@@ -816,8 +823,10 @@ def periodic_retrain(
         record: dict[str, Any] = {"cycle": cycle}
         record.update(current=None if current is None else str(current), current_from=current_from)
         named: set[str] | None = None if model_updates is not None else set()  # versions on model-updates
+        loaded = False
         try:
             products = load_products()
+            loaded = True
             # the fixed evaluation set is the test part, train/validation are stratified from the rest (as a plain
             # `train` splits, at the gate's fraction)
             split = holdout_split(products, validation=settings.validation_fraction, seed=settings.seed)
@@ -871,6 +880,8 @@ def periodic_retrain(
                 "; ".join(decision.reasons),
             )
         except (TagstreamError, OSError) as exc:  # one failed cycle (bad data, a full disk, a key) is logged, not fatal
+            if cycle == 1 and not loaded and isinstance(exc, DataError):
+                raise  # a catalog that does not load at the start (a wrong --format) would fail every cycle
             record.update(error=str(exc), publish=False)
             log.error("retrain cycle %d failed: %s", cycle, exc)
         except Exception as exc:  # a bug or a library's error: logged with its traceback, and the next cycle runs

@@ -471,3 +471,33 @@ def test_publish_refuses_a_manifest_signature_that_is_no_signature_in_one_line(
     assert code == 2 and len(err) == 1 and "Traceback" not in err[0], err
     assert err[0].startswith("tagstream publish: error: ") and "manifest.sig: not a base64 Ed25519 signature" in err[0]
     assert said in err[0]
+
+
+def test_a_catalog_that_does_not_load_at_the_start_of_every_ends_the_command_but_later_a_cycle_only(
+    tmp_path: Path,
+) -> None:
+    """A wrong --format made every cycle fail, every 6 h, and the command never said so but in its logs."""
+    from tagstream.errors import DataError
+
+    products = [CatalogProduct(f"p{i}", f"title {i}", category_path=("A", f"B{i % 3}")) for i in range(60)]
+    loads: list[int] = []
+
+    def load(fail_at: int) -> list[CatalogProduct]:
+        loads.append(1)
+        if len(loads) == fail_at:
+            raise DataError("line 1: the first data row does not parse as 'jsonl'; wrong --format?")
+        return products
+
+    def run(fail_at: int) -> list[dict]:
+        loads.clear()
+        return periodic_retrain(
+            lambda: load(fail_at), TrainerSettings(), every_s=0.0, registry=tmp_path / str(fail_at), max_cycles=2,
+            publish=lambda bundle: None, train_fn=lambda ps, st, *, registry, split: registry / f"b{len(loads)}",
+            evaluate_fn=lambda bundle, eval_set: {"groups": {"category_l2": {"weighted_f1": 0.5}}},
+            sleep=lambda s: None,
+        )  # fmt: skip
+
+    with pytest.raises(DataError, match="wrong --format"):
+        run(fail_at=1)
+    later = run(fail_at=2)  # the file being rewritten, say: that cycle fails, the next one runs
+    assert "wrong --format" in later[1]["error"] and len(later) == 2
