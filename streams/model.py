@@ -939,6 +939,7 @@ class ModelHolder:
                 else None
             ),
             "shadow_stats": self.shadow_stats.to_json() if self.shadow_stats else None,
+            "caught_up": self.caught_up.is_set(),  # false while it replays the model-updates history
             "reported_at": now_ms(),
         }
 

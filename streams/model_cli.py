@@ -138,6 +138,9 @@ def rollback_target(live: Mapping[str, Mapping[str, Any]]) -> tuple[str | None, 
     if not readable:
         return None, "no live worker reports its models"
     if previous == {None}:
+        replaying = sorted(w for w, st in readable.items() if st.get("caught_up") is False)
+        if replaying:  # a restarted worker reports its models once it has folded the history
+            return None, f"no live worker reports a previous model yet; {', '.join(replaying)} still replaying"
         if len(readable) == len(live):
             raise ConfigError(NO_PREVIOUS_MODEL)
         unreadable = ", ".join(sorted(w for w in live if w not in readable))

@@ -1062,6 +1062,20 @@ def test_a_rollback_no_live_worker_can_do_is_refused_in_one_line_and_not_sent(
     assert sent == []
 
 
+def test_a_rollback_is_not_refused_while_a_restarted_worker_still_replays_the_history() -> None:
+    """Right after a fleet-wide restart every worker reported no previous model until it had folded the history, and
+    `model rollback` was refused though each would have one a moment later."""
+    from streams.model_cli import NO_PREVIOUS_MODEL
+
+    now = time.time_ns() // 1_000_000
+    replaying = {"w-1": {"active": "m-1", "previous": None, "caught_up": False, "reported_at": now}}
+    version, why = rollback_target(replaying)
+    assert version is None and why.endswith("w-1 still replaying")
+    with pytest.raises(ConfigError, match=NO_PREVIOUS_MODEL):
+        rollback_target({"w-1": {**replaying["w-1"], "caught_up": True}})
+    assert ModelHolder(WorkerSettings(worker_id="w"), policy=POLICY).status()["caught_up"] is False
+
+
 def test_a_plain_rollback_names_again_the_version_the_newest_rollback_named_while_a_worker_has_it_active() -> None:
     from schemas import ModelUpdate
     from streams.model_cli import retry_of_last_rollback
