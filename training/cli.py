@@ -62,7 +62,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         metavar="DURATION",
         help="retrain periodically, e.g. 6h, 30m (at most 366d); prints one JSON line per cycle",
     )
-    p.add_argument("--kind", choices=("activate", "shadow"), default="activate", help="with --every: publish kind")
+    p.add_argument("--kind", choices=("activate", "shadow"), help="with --every: publish kind (default activate)")
     p.add_argument(
         "--keep-refused",
         type=int,
@@ -206,6 +206,8 @@ def _run_train(args: argparse.Namespace) -> int:
     every = parse_duration(args.every) if args.every is not None else None
     if args.keep_refused is not None and every is None:
         raise ConfigError("--keep-refused goes with --every (a single run refuses no candidate)")
+    if args.kind is not None and every is None:
+        raise ConfigError("--kind goes with --every (a single run publishes nothing: `tagstream publish --kind`)")
     keep_refused = check_keep_refused(KEEP_REFUSED if args.keep_refused is None else args.keep_refused)
     # everything that would fail only at the end is checked before the catalog is read and a model trained; the
     # output directories are created only once the catalog has loaded, so a command refused on its input leaves none
@@ -252,7 +254,7 @@ def _run_train(args: argparse.Namespace) -> int:
             settings,
             every_s=every,
             registry=registry,
-            kind=args.kind,
+            kind=args.kind or "activate",
             max_cycles=args.cycles,
             keep_refused=keep_refused,
             on_decision=on_decision,

@@ -255,6 +255,7 @@ def test_a_negative_keep_refused_is_one_error_line_before_anything_runs(
     for extra, expected in [
         (["--every", "1h", "--keep-refused", "-1"], "--keep-refused must be 0 or more (the refused candidates kept)"),
         (["--keep-refused", "2"], "--keep-refused goes with --every"),
+        (["--kind", "shadow"], "--kind goes with --every"),  # was silently ignored: nothing published
     ]:
         code = main([*base, *extra, "--cycles", "1"])
         err = capsys.readouterr().err.strip().splitlines()
