@@ -401,6 +401,7 @@ def build_label_map(
     for p in products:
         for group, tag in product_labels(p, exclude_attributes=exclude_attributes, include_tags=include_tags):
             counts[group][tag] += 1
+    near = _case_or_width_twins(counts)
     tag_count = counts.pop(TAGS_GROUP, Counter())
     cat_counts = [counts.pop(g, Counter()) for g in CATEGORY_GROUPS]
 
@@ -497,4 +498,23 @@ def build_label_map(
         )
     if not labels:
         raise DataError(f"no label reaches the minimum support of {min_support} products")
-    return LabelMap(groups, labels, support, dropped)
+    return LabelMap(groups, labels, support, dropped + near)
+
+
+def _case_or_width_twins(counts: dict[str, Counter[str]]) -> list[str]:
+    """A warning per label group whose labels include some that differ only in case or width (`Blue`, `blue`,
+    `Ｂｌｕｅ`): they are separate labels, which the catalog may not mean (the model then splits their products)."""
+    import unicodedata
+
+    out = []
+    for group in sorted(counts):
+        same: defaultdict[str, list[str]] = defaultdict(list)
+        for tag in counts[group]:
+            same[unicodedata.normalize("NFKC", tag).casefold()].append(tag)
+        twins = [sorted(tags) for tags in same.values() if len(tags) > 1]
+        if twins:
+            shown = "; ".join(" / ".join(tags) for tags in sorted(twins)[:3])
+            more = f" and {len(twins) - 3} more" if len(twins) > 3 else ""
+            out.append(f"label group {group}: labels differing only in case or width are separate: {shown}{more}")
+            log.warning("%s", out[-1])
+    return out

@@ -230,3 +230,15 @@ def test_the_readmes_jsonl_example_loads_as_the_readme_says(tmp_path: Path) -> N
     assert first.category_path == ("Apparel", "Topwear", "Shirts") and first.tags == ("casual",)
     assert second.product_id == "2" and second.attributes == {"capacity_mah": "20000"}
     assert len(second.category_path) == 3
+
+
+def test_labels_that_differ_only_in_case_or_width_are_named_in_a_warning() -> None:
+    """`Blue`, `blue` and `Ｂｌｕｅ` became three colour classes, their products split between them, unsaid."""
+    colours = ["Blue", "blue", "Ｂｌｕｅ", "Red"]
+    products = [_product(i, category_path=(f"A{i % 2}",), attributes={"colour": colours[i % 4]}) for i in range(40)]
+    label_map = build_label_map(products, min_support=1)
+    [warning] = [w for w in label_map.warnings if "case or width" in w]
+    twins = "colour:Blue / colour:blue / colour:Ｂｌｕｅ"
+    assert warning == f"label group colour: labels differing only in case or width are separate: {twins}"
+    distinct = [p for p in products if p.attributes["colour"] in ("Blue", "Red")]
+    assert not [w for w in build_label_map(distinct, min_support=1).warnings if "case or width" in w]
