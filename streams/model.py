@@ -262,13 +262,18 @@ def _resolved(uri: str | None) -> Path | None:
 
 
 def _same_bundle(model: BundleModel | None, event: ModelUpdate) -> bool:
-    """Whether `event` names the bundle `model` was loaded from: its version and manifest sha256 (which covers every
-    file), wherever it lies now. A copy of the active bundle in another directory is that bundle: activated, it would
-    fill both the active and the previous slot with one version and forget the model to roll back to. A bundle_uri
-    that is no path (a NUL byte) names no bundle."""
+    """Whether `event` names the bundle `model` was loaded from (version, sha256 and path)."""
     if model is None or model.version != event.model_version or model.bundle.sha256 != event.sha256:
         return False
-    return _resolved(event.bundle_uri) is not None
+    path = _resolved(event.bundle_uri)
+    return path is not None and path == _resolved(str(model.bundle.path))
+
+
+def _same_content(model: BundleModel | None, event: ModelUpdate) -> bool:
+    """Whether `event` names a bundle with `model`'s version and manifest sha256 (which covers every file), in any
+    directory: once validated, a copy of the active bundle is answered as already active (swapped in, it filled
+    both the active and the previous slot with one version and forgot the model to roll back to)."""
+    return model is not None and model.version == event.model_version and model.bundle.sha256 == event.sha256
 
 
 def _loaded(slot: _Slot | None) -> BundleModel | None:
@@ -313,14 +318,20 @@ class _Rules:
         return self.requests[slot].model_version if isinstance(slot, int) else slot.version
 
     def same_bundle(self, slot: _Slot | None, event: ModelUpdate) -> bool:
-        """Whether `event` names the bundle in `slot` (an activate of it is answered, not applied again): the same
-        version and manifest sha256, in any directory (`_same_bundle`)."""
+        """Whether `event` names the bundle in `slot` (an activate of it is answered, not applied again)."""
         if not isinstance(slot, int):
             return _same_bundle(slot, event)
-        held = self.requests[slot]
-        if held.model_version != event.model_version or held.sha256 is None or held.sha256 != event.sha256:
+        if not self.same_content(slot, event):
             return False
-        return _resolved(event.bundle_uri) is not None
+        path = _resolved(event.bundle_uri)
+        return path is not None and path == _resolved(self.requests[slot].bundle_uri)
+
+    def same_content(self, slot: _Slot | None, event: ModelUpdate) -> bool:
+        """Whether `event` names a bundle of the version and manifest sha256 of the one in `slot` (`_same_content`)."""
+        if not isinstance(slot, int):
+            return _same_content(slot, event)
+        held = self.requests[slot]
+        return held.model_version == event.model_version and held.sha256 is not None and held.sha256 == event.sha256
 
     def needs_bundle(self, models: _Models, event: ModelUpdate) -> bool:
         """Whether applying `event` to `models` needs its bundle validated."""
@@ -350,8 +361,9 @@ class _Rules:
         if kind == "activate":
             if refused is not None:
                 return refuse(*refused)
-            if bundle is None:
-                return _Step(models, models, unchanged=())  # already active
+            copy = self.same_content(active, event) and _resolved(event.bundle_uri) is not None
+            if bundle is None or copy:
+                return _Step(models, models, unchanged=())  # already active (or a valid copy of it elsewhere)
             new, old = swap(bundle)
             if shadow is not None and self.version(shadow) == self.version(bundle):
                 shadow = None  # the shadow is now active
@@ -844,6 +856,8 @@ class ModelHolder:
             return self._reject(event, step.reasons)
         if step.unchanged is not None and self.active is not None:
             if event.kind == "activate":  # already active (maybe a copy elsewhere): the answer names the bundle loaded
+                if bundle is not None:
+                    bundle.unload()  # the copy, validated: never served
                 return Outcome(self._activated_answer(self.active))
             log.info("%s on %s: %s", event.kind, self.worker_id, "; ".join(step.unchanged))
             return Outcome(self._activated_answer(self.active, step.unchanged))

@@ -1281,6 +1281,14 @@ async def test_a_copy_of_the_active_bundle_in_another_directory_is_the_active_mo
     folded = await holder_with(bundles)
     await folded.restore(list(enumerate(history)))
     assert _models(folded) == (a, b, None)
+    # a copy whose files no longer match its manifest is validated first: refused with why, not taken as the active one
+    broken = shutil.copytree(bundles["a"], tmp_path / "broken" / bundles["a"].name)
+    labels = broken / "labels.json"
+    labels.chmod(0o644)
+    labels.write_bytes(labels.read_bytes() + b" ")
+    refused = (await live.handle(request("activate", broken))).answer
+    assert refused is not None and refused.kind == "model-rejected" and "labels.json" in " ".join(refused.reasons)
+    assert _models(live) == (a, b, None)
 
 
 async def test_a_worker_that_takes_over_products_partitions_after_a_swap_re_tags_them(
