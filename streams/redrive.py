@@ -156,6 +156,17 @@ class RedriveResult:
     rekeyed: int = 0  # EventKeyError letters sent keyed by their product_id
     error_types: Counter[str] = field(default_factory=Counter)  # of the readable letters of input topics read
 
+    def count_sent(self, plan: Resend, seen: Counter[str]) -> None:
+        """A letter whose event this run sent (or, dry, would send); `seen`: its error type."""
+        self.sent[plan.topic] += 1
+        self.rekeyed += plan.rekeyed
+        self.error_types.update(seen)
+
+    def count_skipped(self, reason: str, seen: Counter[str]) -> None:
+        """A letter skipped for `reason`; `seen`: its error type, if it is a readable letter of an input topic."""
+        self.skipped[reason] += 1
+        self.error_types.update(seen)
+
     def to_dict(self) -> dict[str, Any]:
         """The JSON line `tagstream redrive` prints (`error` only when a send was refused)."""
         out: dict[str, Any] = {
@@ -315,8 +326,7 @@ async def redrive(
                 unread = exc
             for offset, plan, seen in read:
                 if isinstance(plan, str) or plan.source in this_run:
-                    result.skipped[plan if isinstance(plan, str) else ALREADY_SENT] += 1
-                    result.error_types.update(seen)
+                    result.count_skipped(plan if isinstance(plan, str) else ALREADY_SENT, seen)
                     continue
                 try:
                     if unread is not None:
@@ -327,8 +337,7 @@ async def redrive(
                     result.error = f"dead letter {offset}: could not read or claim its event in {sent_key}: {exc}"
                     return result
                 if reason is not None:
-                    result.skipped[reason] += 1
-                    result.error_types.update(seen)
+                    result.count_skipped(reason, seen)
                     continue
                 if producer is not None:
                     try:  # one at a time: a refusal stops the run at this letter, all before it sent
@@ -349,9 +358,7 @@ async def redrive(
                     try:
                         await run.record(plan.source, offset)
                     except RedisError as exc:  # sent, not recorded: its claim stays
-                        result.sent[plan.topic] += 1
-                        result.rekeyed += plan.rekeyed
-                        result.error_types.update(seen)
+                        result.count_sent(plan, seen)
                         result.next_offset = offset + 1
                         result.error = (
                             f"dead letter {offset} was sent to {settings.topic(plan.topic)} but could not be "
@@ -359,9 +366,7 @@ async def redrive(
                         )
                         return result
                 this_run.add(plan.source)
-                result.sent[plan.topic] += 1
-                result.rekeyed += plan.rekeyed
-                result.error_types.update(seen)
+                result.count_sent(plan, seen)
         return result
     finally:
         if producer is not None:

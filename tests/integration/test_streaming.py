@@ -761,34 +761,40 @@ def test_redrive_sends_the_selected_dead_letters_back_once_their_cause_is_fixed(
     assert run("--from-offset", str(sent["next_offset"]))["sent"] == {}  # the next run starts after them
 
 
-def test_redrive_stops_at_a_letter_the_broker_refuses_and_says_where_to_go_on(stream_env: StreamEnv) -> None:
-    settings = stream_env.settings
+def letter(settings: WorkerSettings, topic: str, partition: int, offset: int, value: bytes) -> bytes:
+    """A dead letter (EventTimeError) of the event `value`, keyed p1, from `topic` partition/offset."""
+    return orjson.dumps(
+        {
+            "schema_version": 1, "reason": "x", "error_type": "EventTimeError",
+            "source": {"topic": settings.topic(topic), "partition": partition, "offset": offset},
+            "key_b64": base64.b64encode(b"p1").decode(), "value_b64": base64.b64encode(value).decode(),
+            "failed_at": T0,
+        }
+    )  # fmt: skip
 
-    def letter(topic: str, value: bytes, offset: int) -> bytes:
-        return orjson.dumps(
-            {
-                "schema_version": 1, "reason": "x", "error_type": "EventTimeError",
-                "source": {"topic": settings.topic(topic), "partition": 0, "offset": offset},
-                "key_b64": base64.b64encode(b"p1").decode(), "value_b64": base64.b64encode(value).decode(),
-                "failed_at": T0,
-            }
-        )  # fmt: skip
 
-    click = orjson.dumps(behaviour("p1", "u1", T0))
-    compressible = orjson.dumps(upsert("p1", "a" * 1_500_000))  # over the products topic's 1 MiB unless compressed
-    incompressible = base64.b64encode(os.urandom(1_200_000))  # over it however it is sent
+def write_letters(settings: WorkerSettings, letters: list[bytes]) -> None:
+    """Write these dead letters, in order, to the dead-letter topic."""
 
-    async def write_letters() -> None:
+    async def write() -> None:
         producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, max_request_size=8 * 2**20)
         await producer.start()
         try:
-            big = [("products", compressible), ("products", incompressible)]
-            for source, (topic, value) in enumerate([("behavior", click), *big, ("behavior", click)]):
-                await producer.send_and_wait(settings.topic("dead-letter"), letter(topic, value, source))
+            for value in letters:
+                await producer.send_and_wait(settings.topic("dead-letter"), value)
         finally:
             await producer.stop()
 
-    asyncio.run(write_letters())
+    asyncio.run(write())
+
+
+def test_redrive_stops_at_a_letter_the_broker_refuses_and_says_where_to_go_on(stream_env: StreamEnv) -> None:
+    settings = stream_env.settings
+    click = orjson.dumps(behaviour("p1", "u1", T0))
+    compressible = orjson.dumps(upsert("p1", "a" * 1_500_000))  # over the products topic's 1 MiB unless compressed
+    incompressible = base64.b64encode(os.urandom(1_200_000))  # over it however it is sent
+    events = [("behavior", click), ("products", compressible), ("products", incompressible), ("behavior", click)]
+    write_letters(settings, [letter(settings, topic, 0, source, value) for source, (topic, value) in enumerate(events)])
     env = {**os.environ, **stream_env.env}
     cmd = [sys.executable, "-m", "tagstream.cli", "redrive"]
     types = ["--error-type", "EventTimeError", "--error-type", "EventKeyError"]
@@ -823,27 +829,8 @@ def test_redrive_sends_an_event_dead_lettered_twice_once(stream_env: StreamEnv) 
     """A worker that restarts before committing dead-letters the same events again: each is sent back once."""
     settings = stream_env.settings
     clicks = {offset: orjson.dumps(behaviour("p1", f"u{offset}", T0 + offset)) for offset in (7, 8)}
-
-    def letter(offset: int) -> bytes:
-        return orjson.dumps(
-            {
-                "schema_version": 1, "reason": "x", "error_type": "EventTimeError",
-                "source": {"topic": settings.topic("behavior"), "partition": 1, "offset": offset},
-                "key_b64": base64.b64encode(b"p1").decode(),
-                "value_b64": base64.b64encode(clicks[offset]).decode(), "failed_at": T0,
-            }
-        )  # fmt: skip
-
-    async def write_letters() -> None:
-        producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap)
-        await producer.start()
-        try:
-            for offset in (7, 8, 7):  # the third: offset 7 dead-lettered again after a restart
-                await producer.send_and_wait(settings.topic("dead-letter"), letter(offset))
-        finally:
-            await producer.stop()
-
-    asyncio.run(write_letters())
+    # the third: offset 7 dead-lettered again after a restart
+    write_letters(settings, [letter(settings, "behavior", 1, offset, clicks[offset]) for offset in (7, 8, 7)])
     env = {**os.environ, **stream_env.env}
     done = subprocess.run([sys.executable, "-m", "tagstream.cli", "redrive"], env=env, cwd=REPO, capture_output=True)
     assert done.returncode == 0, done.stderr.decode()[-2000:]
@@ -863,27 +850,7 @@ def test_redrive_skips_an_event_another_run_claimed_until_sent_again_with_again(
     another run, still sending it or stopped before recording it, is skipped as in doubt, and `--again` sends it."""
     settings = stream_env.settings
     clicks = {offset: orjson.dumps(behaviour("p1", f"u{offset}", T0 + offset)) for offset in (3, 4)}
-
-    def letter(offset: int) -> bytes:
-        return orjson.dumps(
-            {
-                "schema_version": 1, "reason": "x", "error_type": "EventTimeError",
-                "source": {"topic": settings.topic("behavior"), "partition": 0, "offset": offset},
-                "key_b64": base64.b64encode(b"p1").decode(),
-                "value_b64": base64.b64encode(clicks[offset]).decode(), "failed_at": T0,
-            }
-        )  # fmt: skip
-
-    async def write_letters() -> None:
-        producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap)
-        await producer.start()
-        try:
-            for offset in (3, 4):
-                await producer.send_and_wait(settings.topic("dead-letter"), letter(offset))
-        finally:
-            await producer.stop()
-
-    asyncio.run(write_letters())
+    write_letters(settings, [letter(settings, "behavior", 0, offset, clicks[offset]) for offset in (3, 4)])
     key, events, dl_topic = (
         f"{settings.redis_prefix}:redriven",
         settings.topic("behavior"),

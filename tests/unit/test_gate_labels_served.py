@@ -10,9 +10,8 @@ from typing import Any
 
 import pytest
 
-from training.catalog import CatalogProduct
-from training.publish import compare_reports, periodic_retrain
-from training.settings import TrainerSettings
+from tests.unit.test_publish_gate import _periodic
+from training.publish import compare_reports
 
 FIGURES = {"category_l1": {"weighted_f1": 0.8, "n_unknown": 0}, "gender": {"weighted_f1": 0.9, "n_unknown": 0}}
 LABELS = {
@@ -137,24 +136,15 @@ def test_every_refuses_a_candidate_trained_on_a_catalog_that_lost_the_colour_col
         for g in current_labels["groups"]
         if g["name"] != "colour"
     }
-    products = [CatalogProduct(f"p{i}", f"title {i}", category_path=("A", f"B{i % 3}")) for i in range(60)]
 
     def evaluate_fn(bundle: Path, eval_set: Any) -> dict[str, Any]:
         better = 0.9 if bundle.name == "cand" else 0.7
         return {"groups": {"category_l1": {"weighted_f1": better, "n_unknown": 0}}}
 
-    published: list[Path] = []
-    records = periodic_retrain(
-        lambda: products,
-        TrainerSettings(),
-        every_s=0.0,
-        registry=tmp_path,
-        max_cycles=1,
-        publish=published.append,
-        train_fn=lambda products, settings, *, registry, split: _bundle_with_labels(registry / "cand", kept),
-        evaluate_fn=evaluate_fn,
-        sleep=lambda s: None,
-    )
+    def train_fn(products: Any, settings: Any, *, registry: Path, split: Any) -> Path:
+        return _bundle_with_labels(registry / "cand", kept)
+
+    records, published = _periodic(tmp_path, 1, train_fn, evaluate_fn)
     assert records[0]["current"] == str(current)
     # before: published ("mean weighted_f1 0.9000 ≥ current 0.7000"), and the workers stopped tagging colour
     assert records[0]["publish"] is False and published == []
@@ -234,7 +224,6 @@ def test_every_refuses_to_publish_while_the_only_published_bundle_is_changed_unt
 
     registry = tmp_path / "registry"
     changed, _ = _published_then_changed(registry)
-    products = [CatalogProduct(f"p{i}", f"title {i}", category_path=("A", f"B{i % 3}")) for i in range(60)]
     made: list[Path] = []
 
     def train_fn(products: Any, settings: Any, *, registry: Path, split: Any) -> Path:
@@ -245,19 +234,8 @@ def test_every_refuses_to_publish_while_the_only_published_bundle_is_changed_unt
         if record["cycle"] == 1:
             record_publication(made[0], model_update_event(made[0])[0])
 
-    published: list[Path] = []
-    records = periodic_retrain(
-        lambda: products,
-        TrainerSettings(),
-        every_s=0.0,
-        registry=registry,
-        max_cycles=2,
-        publish=published.append,
-        train_fn=train_fn,
-        evaluate_fn=lambda bundle, eval_set: {"groups": {"category_l1": {"weighted_f1": 0.5, "n_unknown": 0}}},
-        sleep=lambda s: None,
-        on_cycle=by_hand,
-    )
+    alike = {"groups": {"category_l1": {"weighted_f1": 0.5, "n_unknown": 0}}}
+    records, published = _periodic(registry, 2, train_fn, lambda bundle, eval_set: alike, on_cycle=by_hand)
     # before: "no current model" and the first candidate was published whatever its figures
     assert records[0]["publish"] is False and records[0]["current"] is None, records[0]
     assert f"the current model {changed.name} was changed after it was published" in records[0]["error"]

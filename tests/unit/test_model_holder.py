@@ -702,6 +702,17 @@ class FakeWorker:
         self.published.append(out)
 
 
+async def _consume_until_caught_up(agent: Any, holder: ModelHolder) -> None:
+    """Run the model-updates agent's consumer until its holder caught up with the history, then stop it."""
+    task = asyncio.create_task(agent._consume())
+    try:
+        await asyncio.wait_for(holder.caught_up.wait(), 10)
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+
 async def test_malformed_model_updates_go_to_the_dead_letter_topic(monkeypatch: pytest.MonkeyPatch) -> None:
     import streams.models_agent as models_agent
     from schemas import DeadLetter
@@ -717,13 +728,7 @@ async def test_malformed_model_updates_go_to_the_dead_letter_topic(monkeypatch: 
     holder = ModelHolder(settings, policy=POLICY)
     worker = FakeWorker(settings)
     agent = models_agent.ModelUpdatesAgent(worker, holder)  # type: ignore[arg-type]
-    task = asyncio.create_task(agent._consume())
-    try:
-        await asyncio.wait_for(holder.caught_up.wait(), 10)
-    finally:
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
+    await _consume_until_caught_up(agent, holder)
     dead = [DeadLetter.decode(v) for out in worker.published for _, v, _ in out.dead_letters]
     assert [(d.source.topic, d.source.offset) for d in dead] == [("model-updates", 1), ("model-updates", 2)]
     assert base64.b64decode(dead[1].value_b64 or "") == records[2][1]  # the raw bytes, kept whole
@@ -745,13 +750,7 @@ async def test_the_start_time_answer_names_the_bundle_by_its_absolute_path(
     await holder.load_initial()
     worker = FakeWorker(settings)
     agent = models_agent.ModelUpdatesAgent(worker, holder)  # type: ignore[arg-type]
-    task = asyncio.create_task(agent._consume())
-    try:
-        await asyncio.wait_for(holder.caught_up.wait(), 10)
-    finally:
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
+    await _consume_until_caught_up(agent, holder)
     [(_key, value)] = worker.topics["model-updates"].sent
     answer = ModelUpdate.decode(value)
     assert (answer.kind, answer.model_version) == ("model-activated", bundles["a"].name)
