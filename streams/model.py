@@ -647,11 +647,11 @@ class ModelHolder:
         return self._process_pool().submit(warm_up) if self.isolated else None
 
     def _load_initial(self, path: Path) -> BundleModel:
-        """The configured bundle. When isolated, it is validated in the child process like a model update (the ONNX
+        """The configured bundle, validated like a model update. When isolated, in the child process (the ONNX
         checker and its copies of the model stay there) and its session reads the checked file itself, so the worker
         never holds the model's bytes beside the session being built (peak RSS: about two model sizes less)."""
         if not self.isolated:
-            return BundleModel.load(path, self.settings, self.policy.verify_key)
+            return BundleModel.from_validated(validate_bundle(path, policy=self.policy))
         try:
             report = validate_isolated(self._process_pool(), path, policy=self.policy)
         except ValidationTimeoutError:

@@ -66,14 +66,21 @@ log = logging.getLogger(__name__)
 
 _CONTROL_RE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b-\u200f\u2028\u2029\ufeff]")
 _SPACE_RE = re.compile(r"\s+")
+# Characters that show nothing and break no word (soft hyphen, word joiner, variation selectors, Hangul fillers, tag
+# characters): removed, so a title made only of them is empty.
+_INVISIBLE_RE = re.compile(
+    "[\u00ad\u034f\u061c\u115f\u1160\u17b4\u17b5\u180b-\u180f\u2060-\u2064\u206a-\u206f\u3164\ufe00-\ufe0f"
+    "\uffa0\U000e0000-\U000e0fff]"
+)
 
 
 def clean_text(s: str | None) -> str:
-    """NFKC (full → half width), control characters removed, white space collapsed and stripped; case kept."""
+    """NFKC (full → half width), control and invisible characters removed, white space collapsed and stripped; case
+    kept."""
     if not s:
         return ""
     s = unicodedata.normalize("NFKC", s)
-    s = _CONTROL_RE.sub(" ", s)
+    s = _INVISIBLE_RE.sub("", _CONTROL_RE.sub(" ", s))
     return _SPACE_RE.sub(" ", s).strip()
 
 

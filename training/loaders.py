@@ -21,7 +21,8 @@ Formats (product ids are `<format prefix>-<source id>` so they satisfy the event
   (a second site name inside) are skipped (`concatenated_records`). The breadcrumb repeats the category, so it is
   never used (not even as description). `source` = merchant (`\\N`/empty → None). Product id: `jd-<line>`.
 - `myntra`: `styles.csv.zip` (or plain `styles.csv`) with exactly the header `_MYNTRA_HEADER`; title = columns
-  10..end (unquoted commas). A zip must hold one `styles.csv`, else exactly one `.csv`. A row whose title holds the
+  10..end (unquoted commas); a file re-saved with quoted fields (all, or those holding commas) is read as CSV. A
+  zip must hold one `styles.csv`, else exactly one `.csv`. A row whose title holds the
   start of another record (a lost line break: `…<id>,<gender>,<3 levels>,<colour>,<season>,<year>,…`) is skipped
   (`concatenated_records`). category_path = masterCategory|subCategory|articleType; attributes `gender`, `colour`
   (baseColour), `season`, `usage` (`NA`/empty → absent). `year` is dropped: listing metadata, not a property of the
@@ -373,8 +374,23 @@ def _glued_record(f: list[str]) -> bool:
     )
 
 
+def _myntra_fields(line: str) -> list[str]:
+    """A row's fields: split at every comma (the original file quotes nothing, and a title may hold commas), or, in
+    a file re-saved with quotes (a field starting with `"`, every field or only those holding commas), read as CSV
+    when that gives the 10 columns."""
+    text = line.rstrip("\r\n")
+    if text.startswith('"') or ',"' in text:
+        try:
+            quoted = next(csv.reader([text]))
+        except csv.Error:
+            quoted = []
+        if len(quoted) == len(_MYNTRA_HEADER):
+            return quoted
+    return text.split(",")
+
+
 def _parse_myntra(i: int, line: str, report: DataReport) -> CatalogProduct:
-    f = line.rstrip("\r\n").split(",")
+    f = _myntra_fields(line)
     if len(f) < 10:
         raise _Malformed("too_few_fields", f"{len(f)} fields, need 10", structural=True)
     if not f[0].strip().isdigit():

@@ -123,6 +123,31 @@ def test_myntra_plain_and_zip(tmp_path: Path) -> None:
         assert res.report.repaired["unquoted_comma_in_title"] == 1
 
 
+@pytest.mark.parametrize("quoting", ["all", "minimal"])
+def test_myntra_re_saved_with_quoted_fields_loads_like_the_original(tmp_path: Path, quoting: str) -> None:
+    """A styles.csv opened and saved again (pandas, a spreadsheet) quotes its fields: every row was refused as a
+    bad id with no word of quoting. Quoted fields read as CSV; a quoted title keeps its commas and quotes."""
+    import csv
+    import io
+
+    out = io.StringIO()
+    writer = csv.writer(out, quoting=csv.QUOTE_ALL if quoting == "all" else csv.QUOTE_MINIMAL, lineterminator="\n")
+    writer.writerows(line.split(",", 9) for line in MYNTRA[:4])  # the header, and titles with commas and quotes
+    path = tmp_path / "styles.csv"
+    path.write_text(out.getvalue(), encoding="utf-8")
+    res = load_catalog(path, "myntra")
+    by_id = {p.product_id: p for p in res.products}
+    assert by_id["myntra-23124"].title == "Converse Liv,Laugh,Love Flip-flops"
+    assert by_id["myntra-7491"].title == "Nike Women's EM Tempo 3.5\" Pink Short"
+    assert by_id["myntra-7491"].attributes == {
+        "gender": "Women",
+        "colour": "Pink",
+        "season": "Summer",
+        "usage": "Sports",
+    }
+    assert res.report.skipped == Counter() and res.report.repaired == Counter()
+
+
 def test_bigbasket_quoted_fields_and_prices(tmp_path: Path) -> None:
     rows = [
         "index,product,category,sub_category,brand,sale_price,market_price,type,rating,,",
@@ -293,6 +318,20 @@ def test_cleaning_normalises_and_dedupes() -> None:
     assert report.skipped["duplicate_conflict_merged"] == 2
     assert report.skipped["empty_title"] == 1 and report.skipped["empty_category_level"] == 1
     assert report.duplicate_conflicts_resolved == 1 and report.duplicate_conflicts_dropped == 1
+
+
+def test_a_title_made_only_of_invisible_characters_is_an_empty_title() -> None:
+    """Word joiners, soft hyphens and variation selectors show nothing: such a title was trained on as a product with
+    no words. It is skipped as empty; the same characters inside a title are removed without splitting words."""
+    rows = [
+        (1, CatalogProduct("p-1", "\u2060\u00ad\ufe0f", category_path=("A",))),
+        (2, CatalogProduct("p-2", "\u3164", category_path=("A",))),
+        (3, CatalogProduct("p-3", "co\u00adoperative Cotton\u2060 Shirt", category_path=("A",))),
+    ]
+    report = DataReport()
+    out = clean_products(rows, report)
+    assert [q.title for q in out] == ["cooperative Cotton Shirt"]
+    assert report.skipped["empty_title"] == 2
 
 
 def test_attribute_majority() -> None:

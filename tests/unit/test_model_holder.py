@@ -72,6 +72,26 @@ async def test_no_model_configured_gives_none() -> None:
     assert holder.get() is None
 
 
+@pytest.mark.parametrize("isolated", [False, True], ids=["in-process", "child-process"])
+async def test_the_configured_model_is_validated_like_an_update(tmp_path: Path, isolated: bool) -> None:
+    """With isolated validation off, the worker started on a bundle whose model no longer gives its golden scores
+    (its files re-hashed into the manifest): it tagged with it. Both ways it now refuses to start, saying why."""
+    import numpy as np
+
+    from tagstream.errors import ModelRejectedError
+
+    good = real_bundle(tmp_path / "good", seed=0)
+    clean = np.load(good / "golden.npz")["scores"]
+    bad = real_bundle(tmp_path / "bad", seed=0, golden_scores=np.clip(clean + 0.05, 0.0, 1.0))
+    holder = ModelHolder(WorkerSettings(model_path=bad, worker_id="w-1"), policy=POLICY, isolated=isolated)
+    try:
+        with pytest.raises(ModelRejectedError, match=r"golden: max \|score - golden\|"):
+            await holder.start()
+        assert holder.get() is None
+    finally:
+        holder.close()
+
+
 async def test_activate_swaps_and_keeps_the_previous(bundles: dict[str, Path]) -> None:
     holder = await holder_with(bundles)
     old = holder.get()

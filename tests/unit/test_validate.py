@@ -26,7 +26,7 @@ from onnx.external_data_helper import set_external_data
 import serving.validate
 from schemas import ProductChange
 from serving.bundle import DEFAULT_LIMITS, load_bundle
-from serving.featurizer import Featurizer, FeaturizerConfig
+from serving.featurizer import FeatureBatch, Featurizer, FeaturizerConfig
 from serving.validate import (
     LabelledProduct,
     ValidationPolicy,
@@ -443,6 +443,42 @@ def test_a_bundle_whose_featurizer_does_not_make_its_golden_rows_is_refused(tmp_
         validate_bundle(_bundle_with_golden_products(tmp_path / "other-seed", seed=777))
     [reason] = refused.value.reasons
     assert reason.startswith("featurizer: does not reproduce the features of ") and "16 golden rows" in reason
+
+
+def test_golden_rows_that_differ_only_by_a_tie_at_the_top_l_cut_pass_and_any_other_change_is_refused(
+    tmp_path: Path,
+) -> None:
+    """Another numpy build may break a near-tie at the top-L cut the other way, or order equal weights otherwise: a
+    good bundle was refused for it. Any feature of another weight, or in a row that was never cut, still refuses."""
+    from serving.bundle import golden_inputs
+
+    products = golden_products(4)
+    products[0] = ProductChange("upsert", "long", 0, 0, title=TITLES[0], description=" ".join(TITLES) * 3, price=2.0)
+    products[1] = ProductChange("upsert", "short", 0, 0, title="Tee", price=2.0)
+    files = featurizer_files(featurizer())
+    shipped = load_bundle(real_bundle(tmp_path / "first", featurizer_files=files)).featurizer
+    rows = shipped.transform(products)
+    assert (rows.ids[0] != 0).all() and not (rows.ids[1] != 0).all()  # row 0 was cut to L features, row 1 not
+    inputs = golden_inputs(products, description_chars=2 * shipped.config.max_description_chars)
+    unused = int(next(i for i in range(1, shipped.n_buckets) if i not in set(rows.ids.ravel().tolist())))
+
+    def bundle_with(name: str, row: int, position: int | None) -> Path:
+        ids, weights = rows.ids.copy(), rows.weights.copy()
+        ids[row] = ids[row][::-1]  # the same features in another order
+        weights[row] = weights[row][::-1]
+        if position is not None:
+            ids[row, position] = unused
+        golden = FeatureBatch(ids, weights, rows.numeric)
+        return real_bundle(tmp_path / name, featurizer_files=files, golden_features=golden, golden_inputs=inputs)
+
+    cut = int(np.argmin(rows.weights[0][::-1]))
+    top = int(np.argmax(rows.weights[0][::-1]))
+    assert not np.isclose(rows.weights[0].max(), rows.weights[0].min(), rtol=1e-4)
+    validate_bundle(bundle_with("reordered", 0, None))
+    validate_bundle(bundle_with("tie-at-cut", 0, cut))
+    for name, row, position in (("heavy-feature", 0, top), ("uncut-row", 1, 0)):
+        with pytest.raises(ModelRejectedError, match=r"does not reproduce the features of 1 of 4 golden rows"):
+            validate_bundle(bundle_with(name, row, position))
 
 
 def test_a_golden_product_with_a_long_description_keeps_what_the_featurizer_reads_and_the_bundle_small(
