@@ -367,3 +367,15 @@ def test_bytes_that_are_not_utf8_are_named_with_their_offset() -> None:
     raw = b'{"schema_version":1,"event_type":"view","product_id":"p\xff","user_id":"u","ts":5}'
     with pytest.raises(TagstreamError, match=r"click: not UTF-8: byte 0xff at offset 55 \(invalid start byte\)"):
         BehaviorEvent.decode(raw)  # orjson's own words: "surrogates not allowed"
+
+
+def test_a_name_repeated_in_an_object_keeps_its_last_value_on_either_path() -> None:
+    """SPEC §1: not refused; the last value counts, at the top level and in `attributes`, whichever path decodes it."""
+    raw = (
+        b'{"schema_version":1,"op":"upsert","product_id":"p1","title":"first","updated_at":1,"version":1,'
+        b'"attributes":{"colour":"Red","colour":"Blue"},"title":"last"}'
+    )
+    slow = b'{"schema_version":1.0,' + raw[len(b'{"schema_version":1,') :]  # a zero fraction: the validator's path
+    for event in (raw, slow):
+        obj = schemas.registry.decode_event("product-change", event)
+        assert obj["title"] == "last" and obj["attributes"] == {"colour": "Blue"}
