@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -46,6 +47,8 @@ def test_train_writes_a_bundle_a_baseline_and_a_report(tmp_path: Path) -> None:
         assert {"accuracy", "micro_f1", "macro_f1", "weighted_f1", "per_tag"} <= set(metrics["top1"]["groups"][group])
         assert 0 <= metrics["baseline"]["groups"][group]["weighted_f1"] <= 1
     assert metrics["parity"]["max_abs_diff"] <= 1e-4
+    manifest = json.loads((bundle / "manifest.json").read_text())  # SPEC §2: the catalog file's sha256
+    assert manifest["training_data_sha256"] == hashlib.sha256(catalog.read_bytes()).hexdigest()
     # none of the products `train --every`'s gate compares models on shaped its weights (they are its test part)
     from training.loaders import load_catalog
     from training.publish import eval_holdout
@@ -323,6 +326,11 @@ def test_every_prints_each_cycle_as_it_ends_writes_its_report_and_keeps_the_gate
     first = json.loads(line)
     assert first["cycle"] == 1 and first["publish"] is True, (line, stderr[-2000:])
     bundle = Path(first["bundle"])
+    from training.loaders import load_catalog
+    from training.train import products_sha256
+
+    manifest = json.loads((bundle / "manifest.json").read_text())  # SPEC §2: the cleaned products' canonical JSONL
+    assert manifest["training_data_sha256"] == products_sha256(load_catalog(catalog, "jsonl").products)
     # before: no report at all with --every, and --report was ignored
     assert first["report"] == str(reports / bundle.name / "report.html") and Path(first["report"]).is_file()
     assert code == 143 and "Traceback" not in stderr and "terminated (SIGTERM)" in stderr
