@@ -73,13 +73,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
 def _redis_client(settings: LookupSettings, **options: Any) -> aioredis.Redis:
     """A `redis.asyncio.Redis` on a pool of at most `redis_max_connections` where a request waits up to
     `redis_pool_timeout` for a free connection (redis-py's default pool fails at once past 100 connections, which
-    turned a burst of requests into 503s); `options` as for `from_url` (options in the URL win)."""
+    turned a burst of requests into 503s); `options` as for `from_url` (options in the URL win).
+
+    A pooled connection Redis closed (a restart) is replaced, not used: a command that fails on a connection error
+    disconnects it and runs once more on a new one, and the pool checks a connection it hands out (EOF, unread data)
+    and reconnects it. A pool built with `from_url` gets neither by itself: its connections have no retry (the
+    client's default retry is given only to a pool the client builds), and redis-py skips the check while
+    maintenance notifications are on (their default, "auto"; they are for Redis Enterprise / Cloud endpoints). So
+    after a restart each pooled connection answered one request 503, up to `redis_max_connections` of them."""
     import redis.asyncio as aioredis
+    from redis.asyncio.retry import Retry
+    from redis.backoff import NoBackoff
+    from redis.maint_notifications import MaintNotificationsConfig
 
     pool = aioredis.BlockingConnectionPool.from_url(
         settings.redis_url.get_secret_value(),
         max_connections=settings.redis_max_connections,
         timeout=settings.redis_pool_timeout,
+        retry=Retry(NoBackoff(), 1),  # on ConnectionError and TimeoutError: Redis tried twice, at once
+        maint_notifications_config=MaintNotificationsConfig(enabled=False),
         **options,
     )
     return aioredis.Redis.from_pool(pool)
@@ -95,7 +107,14 @@ def run_lookup(args: argparse.Namespace) -> int:
     from aiohttp import web
     from redis.exceptions import RedisError
 
-    from serving.http import FEATURES_TIMEOUT_S, PING_TIMEOUT_S, create_app, state_format
+    from serving.http import (
+        FEATURES_TIMEOUT_S,
+        PING_TIMEOUT_S,
+        STATE_SEEN,
+        create_app,
+        install_json_protocol_errors,
+        state_format,
+    )
 
     settings = load_settings(
         http_port=args.port, http_host=args.host, redis_url=args.redis_url, redis_prefix=args.redis_prefix
@@ -126,6 +145,7 @@ def run_lookup(args: argparse.Namespace) -> int:
                 return
             log.warning("could not read %s:meta from Redis: %s", prefix, str(exc) or type(exc).__name__)
             return
+        app[STATE_SEEN].state_format = found  # its loss is told apart from a prefix never written (/healthz)
         if found is None:
             log.warning(
                 "no worker has written state under the prefix %s (no %s:meta): every product is 404 until one does; "
@@ -139,6 +159,7 @@ def run_lookup(args: argparse.Namespace) -> int:
         await store.close()
 
     app.on_startup.append(check_prefix)
+    install_json_protocol_errors()  # a request aiohttp cannot parse (a line over 8190 bytes) answers JSON too
     app.on_cleanup.append(close_client)
     address = _url_address(settings.http_host, settings.http_port)
     try:  # run_app calls `print` once it listens

@@ -4,7 +4,8 @@ A product becomes three arrays (SPEC §2 model inputs):
 
 - ``ids`` int64 ``[N, L]``: hash buckets of its features, 0 = padding;
 - ``weights`` float32 ``[N, L]``: sublinear TF × IDF, L2-normalised per row after the top-L cut (0 for padding);
-- ``numeric`` float32 ``[N, K]``: a few dense signals standardised with the mean/std saved at fit time.
+- ``numeric`` float32 ``[N, K]``: a few dense signals, each clipped to the range its training products spanned
+  (min/max saved at fit time; none in featurizers fitted before them) and standardised with the mean/std saved then.
 
 Features, each hashed in its own namespace so that equal strings of different kinds do not collide on purpose:
 character n-grams of the title (with a space at each end, so the n-grams see word and title boundaries; works for
@@ -321,6 +322,8 @@ class Featurizer:
         numeric_std: np.ndarray,
         n_docs: int = 0,
         known: np.ndarray | None = None,
+        numeric_min: np.ndarray | None = None,
+        numeric_max: np.ndarray | None = None,
     ) -> None:
         config.validate()
         nb = 1 << config.hash_bits
@@ -334,6 +337,18 @@ class Featurizer:
         self.numeric_std = np.asarray(numeric_std, dtype=np.float32).reshape(k)
         if np.any(self.numeric_std <= 0):
             raise FeaturizerError("numeric std must be > 0")
+        # Raw (before standardisation) float64 range of each numeric field over the training products; transform
+        # clips to it. None (featurizers fitted before the bounds were saved): no clipping.
+        self.numeric_min: np.ndarray | None = None
+        self.numeric_max: np.ndarray | None = None
+        if (numeric_min is None) != (numeric_max is None):
+            raise FeaturizerError("numeric min and max must be given together")
+        if numeric_min is not None and numeric_max is not None:
+            lo = np.asarray(numeric_min, dtype=np.float64).reshape(k)
+            hi = np.asarray(numeric_max, dtype=np.float64).reshape(k)
+            if not (np.all(np.isfinite(lo)) and np.all(np.isfinite(hi)) and np.all(lo <= hi)):
+                raise FeaturizerError("numeric min/max must be finite with min <= max")
+            self.numeric_min, self.numeric_max = lo, hi
         if config.known_only:
             if known is None:
                 raise FeaturizerError("known_only needs the known feature hashes")
@@ -352,7 +367,7 @@ class Featurizer:
 
     @classmethod
     def fit(cls, products: Iterable[Any], config: FeaturizerConfig | None = None) -> Featurizer:
-        """IDF over hash buckets and numeric mean/std, computed on these (training) products."""
+        """IDF over hash buckets and numeric mean/std/min/max, computed on these (training) products."""
         config = config or FeaturizerConfig()
         config.validate()
         products = list(products)
@@ -379,7 +394,10 @@ class Featurizer:
         mean = numeric.mean(axis=0)
         std = numeric.std(axis=0)
         std[std < 1e-6] = 1.0
-        return cls(config, idf, mean, std, n_docs=n, known=known)
+        # The raw float64 values transform computes for these same products (per row, whatever the batch), so
+        # clipping to their min/max leaves every training product's features exactly as they are.
+        lo, hi = numeric.min(axis=0), numeric.max(axis=0)
+        return cls(config, idf, mean, std, n_docs=n, known=known, numeric_min=lo, numeric_max=hi)
 
     # -- transforming ---------------------------------------------------------------------------------------------
 
@@ -411,6 +429,8 @@ class Featurizer:
             keep = self._known_set.contains(features)
             rows, features = rows[keep], features[keep]
         buckets = _buckets(features, self.config)
+        if self.numeric_min is not None:  # out-of-range signals (a price of 1e308) count as the training extremes
+            numeric = np.clip(numeric, self.numeric_min, self.numeric_max)
         numeric = ((numeric - self.numeric_mean) / self.numeric_std).astype(np.float32)
         key, counts = _unique_counts(rows * nb + buckets.astype(np.int64))
         r = key // nb
@@ -473,12 +493,20 @@ class Featurizer:
             "sublinear_tf": c.sublinear_tf,
             "min_df": c.min_df,
             "n_docs": self.n_docs,
-            "numeric": [
-                {"name": name, "mean": float(m), "std": float(s)}
-                for name, m, s in zip(NUMERIC_FIELDS, self.numeric_mean, self.numeric_std, strict=True)
-            ],
+            "numeric": self._numeric_spec(),
             "assets": {"idf": IDF_FILE, **({"known": KNOWN_FILE} if self.known is not None else {})},
         }
+
+    def _numeric_spec(self) -> list[dict[str, Any]]:
+        """One entry per numeric field: name, mean, std, and (when fitted with them) the raw min/max clipped to."""
+        fields = [
+            {"name": name, "mean": float(m), "std": float(s)}
+            for name, m, s in zip(NUMERIC_FIELDS, self.numeric_mean, self.numeric_std, strict=True)
+        ]
+        if self.numeric_min is not None and self.numeric_max is not None:
+            for f, lo, hi in zip(fields, self.numeric_min, self.numeric_max, strict=True):
+                f["min"], f["max"] = float(lo), float(hi)  # float64: JSON keeps them exactly
+        return fields
 
     def save(self, directory: str | Path) -> list[str]:
         """Write featurizer.json, idf.npy and (known_only) known.npy into `directory`; returns the names written."""
@@ -494,7 +522,8 @@ class Featurizer:
     @classmethod
     def from_spec(cls, spec: Mapping[str, Any], idf: np.ndarray, known: np.ndarray | None = None) -> Featurizer:
         """Rebuild from a featurizer.json dict, the IDF array and the known feature hashes (FeaturizerError when they
-        do not fit). Version 1 specs (no known-feature filter) are read too."""
+        do not fit). Version 1 specs (no known-feature filter) are read too, and specs without numeric min/max
+        (written before them) featurize as they did: no clipping."""
         try:
             if spec["version"] not in READABLE_VERSIONS:
                 raise FeaturizerError(f"unsupported featurizer version {spec['version']!r}")
@@ -520,11 +549,25 @@ class Featurizer:
             )
             mean = [float(f["mean"]) for f in spec["numeric"]]
             std = [float(f["std"]) for f in spec["numeric"]]
+            bounded = ["min" in f or "max" in f for f in spec["numeric"]]
+            if any(bounded) and not all("min" in f and "max" in f for f in spec["numeric"]):
+                raise FeaturizerError("numeric min/max must be given for every numeric field or for none")
+            lo = [float(f["min"]) for f in spec["numeric"]] if any(bounded) else None
+            hi = [float(f["max"]) for f in spec["numeric"]] if any(bounded) else None
         except (KeyError, TypeError, ValueError) as exc:
             raise FeaturizerError(f"invalid featurizer spec: {exc!r}") from exc
         if known is not None and len(known) != spec.get("n_known"):
             raise FeaturizerError(f"known.npy holds {len(known)} hashes, featurizer.json says {spec.get('n_known')}")
-        return cls(config, idf, mean, std, n_docs=int(spec.get("n_docs", 0)), known=known)
+        return cls(
+            config,
+            idf,
+            mean,
+            std,
+            n_docs=int(spec.get("n_docs", 0)),
+            known=known,
+            numeric_min=lo,
+            numeric_max=hi,
+        )
 
     @classmethod
     def load(cls, directory: str | Path, sha256: Mapping[str, str] | None = None) -> Featurizer:

@@ -5,7 +5,10 @@ The state is the JSON string at `<prefix>:{<product_id>}:tags` (SPEC §3) writte
 object with `product_id` added. Stored state the worker would not have written (a value that does not parse, a key
 of another type) answers 500 "corrupt ...". `GET /healthz` answers 200 when Redis answers, 503 otherwise; its
 `state_format` is the state format the workers wrote under the prefix (`<prefix>:meta`), null when none did,
-"corrupt" when that key is not a hash. Every answer, errors included, is JSON.
+"corrupt" when that key is not a hash. When `<prefix>:meta` is missing although the workers' state was there (this
+lookup read it before, or keys a worker writes after it exist) the state was lost (Redis restarted without its data,
+flushed): 503 "state lost". Every answer, errors included, is JSON (`install_json_protocol_errors` makes
+aiohttp's own answers to requests it cannot parse JSON too).
 """
 
 from __future__ import annotations
@@ -14,13 +17,15 @@ import asyncio
 import logging
 import re
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from http import HTTPStatus
 from typing import Any, Protocol
 from urllib.parse import unquote
 
 import orjson
-from aiohttp import web
+from aiohttp import web, web_protocol
 
-__all__ = ["create_app", "state_format", "tags_key"]
+__all__ = ["create_app", "install_json_protocol_errors", "state_format", "tags_key"]
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +48,18 @@ REDIS = web.AppKey("redis", TagStore)
 FEATURES = web.AppKey("features", FeatureReader)
 PREFIX = web.AppKey("prefix", str)
 FEATURES_TIMEOUT = web.AppKey("features_timeout", float)
+
+
+@dataclass
+class StateSeen:
+    """What this lookup knows of the workers' state under its prefix: the state format it last read from
+    `<prefix>:meta` (None until it read one), and whether it logged that the state is lost."""
+
+    state_format: int | str | None = None
+    lost_logged: bool = False
+
+
+STATE_SEEN = web.AppKey("state_seen", StateSeen)
 _REDIS_ERRORS: tuple[type[BaseException], ...] = (OSError, TimeoutError, ConnectionError)
 try:  # redis is a dependency, but the HTTP layer only needs `get`
     from redis.exceptions import RedisError
@@ -139,23 +156,56 @@ async def state_format(hget: HGet, prefix: str) -> int | str | None:
     return int(text) if text is not None and text.isdecimal() else text
 
 
+async def state_lost(store: Any, prefix: str, seen: StateSeen) -> str | None:
+    """Why the workers' state under `prefix` was lost, given that `<prefix>:meta` is missing; None when nothing says
+    any was there (no worker has written state under the prefix: a new or mistyped one). Lost: this lookup read a
+    state format there before (no round trip), or a key only a worker's batches write, after `<prefix>:meta`, exists
+    (`<prefix>:offsets`, `<prefix>:watermark`: one EXISTS, O(1); a store without `exists` is not asked). Product keys
+    are not looked for: finding one would take a SCAN of the keyspace. Raises what the store raises."""
+    meta = f"{prefix}:meta"
+    if seen.state_format is not None:
+        return f"{meta} is missing though this lookup read state format {seen.state_format} there"
+    exists = getattr(store, "exists", None)
+    if exists is not None:
+        names = (f"{prefix}:offsets", f"{prefix}:watermark")
+        if await exists(*names):
+            return f"{meta} is missing while keys a worker writes after it exist ({' or '.join(names)})"
+    return None
+
+
 async def healthz(request: web.Request) -> web.Response:
     """200 {"status": "ok", "state_format": F} when Redis answers the read of F (a store without `hget`: a PING, and
-    no F), else 503."""
-    hget, ping = getattr(request.app[REDIS], "hget", None), getattr(request.app[REDIS], "ping", None)
+    no F); 503 {"status": "state lost", …} when F is missing though the workers' state was there (`state_lost`);
+    else 503 {"status": "unavailable", …}."""
+    store, prefix, seen = request.app[REDIS], request.app[PREFIX], request.app[STATE_SEEN]
+    hget, ping = getattr(store, "hget", None), getattr(store, "ping", None)
     body: dict[str, Any] = {"status": "ok"}
+    lost = None
     try:
         async with asyncio.timeout(PING_TIMEOUT_S):
             if hget is not None:
-                body["state_format"] = await state_format(hget, request.app[PREFIX])
+                found = body["state_format"] = await state_format(hget, prefix)
+                if found is None:
+                    lost = await state_lost(store, prefix, seen)
+                else:
+                    seen.state_format, seen.lost_logged = found, False
             elif ping is not None:
                 await ping()
     except (TimeoutError, *_REDIS_ERRORS) as exc:
         if not _wrong_type(exc):
             return _json({"status": "unavailable", "redis": str(exc) or type(exc).__name__}, status=503)
         # Redis answers and lookups work: the meta key is what is wrong (the lookup logs it at start too)
-        log.error("%s:meta is not a hash: %s", request.app[PREFIX], exc)
+        log.error("%s:meta is not a hash: %s", prefix, exc)
         body["state_format"] = "corrupt"
+    if lost is not None:
+        reason = (
+            f"{lost}: Redis lost the workers' state (restarted without its data, or flushed), and lookups answer "
+            "404 for products it held; restore Redis, or rebuild the state (SPEC.md §3)"
+        )
+        if not seen.lost_logged:
+            log.error("tagstream state under prefix %s lost: %s", prefix, reason)
+            seen.lost_logged = True
+        return _json({"status": "state lost", "state_format": None, "reason": reason}, status=503)
     return _json(body)
 
 
@@ -186,9 +236,42 @@ def create_app(
     app[REDIS] = redis_client
     app[PREFIX] = prefix
     app[FEATURES_TIMEOUT] = features_timeout
+    app[STATE_SEEN] = StateSeen()
     app.router.add_get("/products/{product_id:[^/]+}/tags", get_tags)
     if features is not None:
         app[FEATURES] = features
         app.router.add_get("/products/{product_id:[^/]+}/features", get_features)
     app.router.add_get("/healthz", healthz)
     return app
+
+
+_plain_handle_error = web_protocol.RequestHandler.handle_error
+
+
+def _json_handle_error(
+    self: web_protocol.RequestHandler,
+    request: web.BaseRequest,
+    status: int = 500,
+    exc: BaseException | None = None,
+    message: str | None = None,
+) -> web.StreamResponse:
+    """aiohttp's answer to a request it could not parse (a request line or header over its 8190-byte limit, a
+    malformed request: 400) or to an exception of a handler (500), as JSON: it logs as before and closes the
+    connection."""
+    _plain_handle_error(self, request, status, exc, message)  # logs; raises when a response was sent already
+    try:
+        error = HTTPStatus(status).phrase.lower()
+    except ValueError:
+        error = "error"
+    body: dict[str, Any] = {"error": error}
+    if status == 400 and message:
+        body["reason"] = message[:200]
+    response = _json(body, status=status)
+    response.force_close()
+    return response
+
+
+def install_json_protocol_errors() -> None:
+    """Make aiohttp's answers to requests it cannot parse, and to exceptions of handlers, JSON (they are built by its
+    protocol handler, before and outside the application's middlewares). Process-wide: for `tagstream lookup`."""
+    web_protocol.RequestHandler.handle_error = _json_handle_error  # type: ignore[method-assign]

@@ -18,6 +18,7 @@ from typing import Any
 import faust
 import mode
 from aiokafka.errors import KafkaError
+from redis.exceptions import OutOfMemoryError
 
 from streams.arrival import ArrivalAges
 from streams.gcwatch import GcPauses
@@ -39,7 +40,7 @@ from streams.topics import (
     partitions_of,
 )
 from streams.transport import RecordBatchMessage, TagstreamTransport
-from tagstream.errors import StateLostError, TopicsRecreatedError
+from tagstream.errors import StateError, StateLostError, TopicsRecreatedError
 
 log = logging.getLogger(__name__)
 
@@ -137,12 +138,35 @@ async def refuse_if_offsets_committed(settings: WorkerSettings) -> None:
         f"Redis holds no tagstream state under prefix {settings.redis_prefix!r} (no {settings.redis_prefix}:meta), "
         f"but consumer group {settings.app_id!r} has committed offsets ({shown}): the state those events built "
         "was lost, and resuming would apply only what comes after them. Restore Redis (its append-only file), or "
-        "rebuild the state by replaying the topics: reset the group's offsets to the earliest "
-        f"(kafka-consumer-groups.sh --bootstrap-server {settings.kafka_bootstrap} --group {settings.app_id} "
-        "--reset-offsets --to-earliest --all-topics --execute) or start with a new TAGSTREAM_APP_ID"
+        "rebuild the state by replaying the topics into an empty prefix: start with a new TAGSTREAM_APP_ID (a new "
+        "consumer group reads the topics from the start) and a new TAGSTREAM_REDIS_PREFIX (the lookup too), or "
+        f"delete the keys under {settings.redis_prefix!r} first (keys a worker wrote after the loss would fence "
+        "the replayed events out)"
     )
 
 
+async def refuse_if_redis_evicts(store: RedisStateStore) -> None:
+    """StateError when Redis may evict keys: counters, fences and product records would vanish silently (clicks
+    lost, or counted twice once a fence is gone)."""
+    problem = await store.eviction_problem()
+    if problem:
+        raise StateError(
+            f"Redis may evict tagstream's state ({problem}): counters, offset fences and product records would be "
+            "lost without a word (clicks lost, or counted twice). Set maxmemory-policy noeviction (SPEC.md §3)"
+        )
+
+
+def state_lost_while_running(settings: WorkerSettings) -> StateLostError:
+    """The error a running worker stops with when `<prefix>:meta` vanished under it."""
+    return StateLostError(
+        f"Redis lost tagstream's state under prefix {settings.redis_prefix!r} while this worker ran "
+        f"({settings.redis_prefix}:meta is gone: Redis restarted without its data, flushed, or evicted): writing on "
+        "would leave wrong counters and tags. The worker stops; see the error it gives at its next start"
+    )
+
+
+STATE_WATCH_S = 1.0  # how often a running worker checks that its Redis state is still there
+EVICTION_CHECK_EVERY = 30  # state watches between two checks of Redis's eviction policy
 TOPICS_CHECK_S = 30.0  # longest a worker's start waits for Kafka to say whether it holds the records Redis applied
 
 
@@ -245,6 +269,7 @@ async def check_state_store(settings: WorkerSettings, wait_s: float = 5.0) -> bo
                 log.warning("Kafka did not answer (%r): the worker checks its topics' offsets once it reaches it", exc)
                 return False
         await asyncio.wait_for(store.check_format(), wait_s)
+        await asyncio.wait_for(refuse_if_redis_evicts(store), wait_s)
         return True
     except TimeoutError:
         log.warning("Redis did not answer within %gs: its state format is checked once the worker reaches it", wait_s)
@@ -261,6 +286,7 @@ class WorkerStats:
     updates: int = 0
     dead_letters: int = 0
     redelivered: int = 0
+    stale: int = 0  # product changes ignored: a lower version than the one applied
     batches: int = 0
     batch_sizes: list[int] = field(default_factory=list)
     arrival: ArrivalAges = field(default_factory=ArrivalAges)  # record ages when their batch starts, per topic
@@ -300,6 +326,7 @@ class Worker:
             )
         )
         self._processor: Processor | None = None
+        self._state_watches = 0  # checks made by `watch_state_store`
         self._ready_lock = asyncio.Lock()
         self.locks = ProductLocks()  # products held by the batches in progress (shared with the processor)
         self.gc = GcPauses(settings.gc_thresholds)  # installed by `tagstream worker` (process-wide)
@@ -379,13 +406,14 @@ class Worker:
         """Log the worker's counters and figures (every 10 s) when they changed since the last time: an idle worker
         logs nothing. Returns whether it logged."""
         stats = self.stats
-        counters = (stats.consumed, stats.batches, stats.updates, stats.dead_letters, stats.redelivered)
+        counters = (stats.consumed, stats.batches, stats.updates, stats.dead_letters, stats.redelivered, stats.stale)
         if not stats.batches or counters == self._logged_counters:
             return False
         self._logged_counters = counters
         mean = sum(stats.batch_sizes) / max(len(stats.batch_sizes), 1)
         log.info(
-            "consumed %d in %d batches (mean of last %d: %.1f), %d tag updates, %d dead letters, %d redelivered",
+            "consumed %d in %d batches (mean of last %d: %.1f), %d tag updates, %d dead letters, %d redelivered, "
+            "%d stale product changes ignored (a lower version than the one applied)",
             stats.consumed,
             stats.batches,
             len(stats.batch_sizes),
@@ -393,6 +421,7 @@ class Worker:
             stats.updates,
             stats.dead_letters,
             stats.redelivered,
+            stats.stale,
         )
         self._log_run_figures()
         processor = self._processor
@@ -424,6 +453,7 @@ class Worker:
                     except (KafkaError, TimeoutError) as exc:  # a guard: the worker runs on without it
                         log.warning("could not check that Kafka holds the records Redis applied (%r)", exc)
                     await store.check_format()
+                    await refuse_if_redis_evicts(store)
                 await self.models.start()
                 self._processor = Processor(
                     store,
@@ -447,6 +477,25 @@ class Worker:
         """Produce one record to a given partition and wait until Kafka has it (acks=all)."""
         delivered = await self.app.producer.send(topic, key, value, partition=partition, timestamp=None, headers=None)
         await delivered
+
+    async def watch_state_store(self) -> StateError | None:
+        """Why the worker must stop writing to its Redis store, checked every STATE_WATCH_S once it runs: its state
+        vanished (`<prefix>:meta` gone), or (every EVICTION_CHECK_EVERY checks) Redis was set to evict keys. None
+        when all is well or Redis does not answer (the write path retries and logs that)."""
+        store = self._processor.store if self._processor is not None else None
+        if not isinstance(store, RedisStateStore):
+            return None
+        self._state_watches += 1
+        try:
+            if not await asyncio.wait_for(store.client.exists(f"{store.prefix}:meta"), STATE_WATCH_S):
+                return state_lost_while_running(self.settings)
+            if self._state_watches % EVICTION_CHECK_EVERY == 0:
+                await asyncio.wait_for(refuse_if_redis_evicts(store), STATE_WATCH_S)
+        except StateError as exc:
+            return exc
+        except Exception as exc:  # Redis away or loading: nothing is known
+            log.debug("state watch: %s: %s", type(exc).__name__, exc)
+        return None
 
     async def tick_quiet_partitions(self) -> list[int]:
         """A window tick to each behaviour partition this worker owns that needs one (`streams.ticks`); a failure
@@ -482,6 +531,13 @@ class Worker:
         @app.timer(10.0)
         async def log_stats() -> None:
             self.log_stats()
+
+        @app.timer(STATE_WATCH_S)
+        async def watch_state_store() -> None:
+            problem = await self.watch_state_store()
+            if problem is not None:
+                log.error("%s", problem)
+                await app.crash(problem)
 
         @app.on_partitions_revoked.connect
         async def forget_kept_states(app: faust.App, revoked: Any, **kwargs: Any) -> None:
@@ -574,6 +630,13 @@ class Worker:
         async with self.locks.hold(prepared.product_ids) as hold:
             try:
                 out = await process(messages, prepared, hold)
+            except OutOfMemoryError as exc:  # no event's fault: stop, unacknowledged, instead of retrying each
+                error = StateError(
+                    f"Redis is full ({exc}): the worker stops; its batch was not acknowledged and is applied when the "
+                    "worker starts again on a Redis with room (raise its maxmemory or free memory)"
+                )
+                log.error("%s", error)
+                raise error from None
             except Exception:
                 if not self.settings.dead_letter_all_errors:
                     raise
@@ -630,6 +693,7 @@ class Worker:
         self.stats.updates += len(out.updates)
         self.stats.dead_letters += len(out.dead_letters)
         self.stats.redelivered += out.redelivered
+        self.stats.stale += out.stale
 
     @property
     def model_updates_topic(self) -> faust.TopicT:

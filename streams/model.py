@@ -103,10 +103,15 @@ class BundleModel:
         return cls(validated.bundle, validated.scorer)
 
     def score(self, products: Sequence[Any]) -> list[list[Tag]]:
-        """Featurize and score a batch in one ONNX call, then decode each row's tags."""
+        """Featurize and score a batch in one ONNX call, then decode each row's tags. A product with no text feature
+        the model knows (a title of spaces, invisible characters or unknown symbols) gets none: its scores would be
+        the model's priors, which training never learnt from (it skips empty titles)."""
         if not products:
             return []
-        return self.decoder.decode(self.scorer.predict(self.featurizer.transform(products)))
+        features = self.featurizer.transform(products)
+        rows = self.decoder.decode(self.scorer.predict(features))
+        blank = ~(features.ids != 0).any(axis=1)
+        return [[] if no_text else row for row, no_text in zip(rows, blank.tolist(), strict=True)]
 
     def unload(self) -> None:
         """Release the ONNX session."""

@@ -114,6 +114,7 @@ class BatchOutput:
     dead_letters: list[DeadLetterRecord] = field(default_factory=list)
     applied: int = 0
     redelivered: int = 0
+    stale: int = 0  # product changes ignored: a lower version than the one applied
 
 
 @dataclass(slots=True)
@@ -404,7 +405,7 @@ class Processor:
         lane_min_events: int = 128,
         state_cache: int = 0,
         locks: ProductLocks | None = None,
-        max_event_ahead_ms: int = 86_400_000,
+        max_event_ahead_ms: int = 900_000,
         behaviour_topic: str = "behavior",
     ) -> None:
         """Upserts are scored on the event loop, `score_step` at a time (`score_in_steps`; 64 rows: ~3 ms);
@@ -749,6 +750,7 @@ class Processor:
                 continue
             tags_for_event = model_tags.get(i) if ev.op == "upsert" and model is not None else None
             group = self._group(groups, msg, ev.product_id, fence)
+            out.stale += ev.version < int(state.doc.get("version", -1))  # `_apply_product` ignores it
             payload = self._apply_product(state, group.keys, group.write.ops, msg, ev, tags_for_event, model)
             self._record(group, state, msg, fence, payload)
             if _is_on(state.tags, "new"):

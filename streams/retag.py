@@ -3,19 +3,20 @@
 SCAN `<prefix>:{*}:doc`, take small batches, re-score the products whose stored tags come from another model
 version, and write the new model tags through the same offset-fenced Lua path as live events: fence field
 `retag:<model_version>`, offset = the model-updates offset of the request that made the model active (monotonic;
-a second run for the same activation — another worker, a restart — writes nothing a run before it wrote). A
-tag-update with reason `retag` is emitted only where the merged tag set changed (or a score moved more than
-`score_delta`), and kept with the write (`emit:retag:<model_version>`); once delivered, the product's fence field
-`sent:retag:<model_version>` is set to the same offset. A run stopped between a write and its update's delivery
-(SIGTERM, a crash) would leave the product's new tags unpublished: so a run that finds a product written for the same
-activation but not marked sent re-sends the kept update, if no later kept update superseded it and it still carries
-the product's current tags (`streams.processor`'s rule for redeliveries); a consumer drops a repeat.
+a second run for the same activation — another worker, a restart — writes nothing a run before it wrote). Every
+re-tag write changes the product's stored `model_version`, so every one emits a tag-update with reason `retag` naming
+the new version, also where the merged tag set is the same and no score moved more than `score_delta` (its `added`
+and `removed` are then empty): else the topic's last update of such a product would keep naming the retired model,
+and disagree with the stored tags. It is kept with the write (`emit:retag:<model_version>`); once delivered, the
+product's fence field `sent:retag:<model_version>` is set to the same offset. A run stopped between a write and its
+update's delivery (SIGTERM, a crash) would leave the product's new tags unpublished: so a run that finds a product
+written for the same activation but not marked sent re-sends the kept update, if no later kept update superseded it
+and it still carries the product's current tags (`streams.processor`'s rule for redeliveries); a consumer drops a
+repeat.
 
 A re-tag write also removes, in the same fenced write, the product's re-tag fields of every other model version its
 fence holds (`retag:<w>`, `sent:retag:<w>`, `emit:retag:<w>`), so they do not pile up with every version: the update it
-keeps is the product's newest. A write that keeps no update (its tags did not change) leaves the fields of the other
-version whose kept update is the newest: that update still marks older kept ones as superseded. So after a re-tag
-write a fence holds the re-tag fields of two versions at most.
+keeps is the product's newest. So after a re-tag write a fence holds the re-tag fields of its own version only.
 
 A product changed by a live event while its batch was being scored is skipped (its state is read again just before
 the write, and the write applies only while the product is still at the revision read); products of partitions
@@ -101,7 +102,8 @@ class RetagStats:
     scanned: int = 0
     scored: int = 0
     written: int = 0
-    updates: int = 0
+    updates: int = 0  # one per product written (its stored model_version changed): `version_only` + tag changes
+    version_only: int = 0  # of `updates`, those whose tags stayed within `score_delta`: sent to name the new version
     skipped_current: int = 0
     resent: int = 0  # kept updates of products an earlier run for the same activation wrote, sent again
     skipped_raced: int = 0
@@ -248,7 +250,8 @@ class Retagger:
         the products written."""
         stats = self.stats
         writes: list[Write] = []
-        emitted: list[bytes | None] = []
+        # per write: its update, and whether its tags stayed within `score_delta` (an update naming the version only)
+        emitted: list[tuple[bytes, bool]] = []
         for (state, _product), model_tags in zip(todo, scored, strict=True):
             pid = state.product_id
             if fresh[pid].tags != state.tags or fresh[pid].doc != state.doc:
@@ -261,65 +264,48 @@ class Retagger:
             merged = merge_tags(_tags(model_dicts), catalog, behaviour, labels=model.labels)
             added, removed, changed = diff_tags(old, merged, self.score_delta)
             tag_state.update(model=model_dicts, model_version=model.version, tags=_tag_dicts(merged))
-            payload = None
-            if changed:
-                now = _now_ms()
-                update = TagUpdate(
-                    product_id=pid,
-                    tags=tuple(merged),
-                    added=tuple(added),
-                    removed=tuple(removed),
-                    model_version=model.version,
-                    reason="retag",
-                    source=SourceRef(self.topic, 0, run_offset),  # the request that made the model active
-                    event_time=now,
-                    emit_time=now,
-                    deleted=False,
-                )
-                payload = orjson.dumps(update.to_dict())
+            # sent even when no tag changed beyond the delta: the stored model_version did (see the module docstring)
+            now = _now_ms()
+            update = TagUpdate(
+                product_id=pid,
+                tags=tuple(merged),
+                added=tuple(added),
+                removed=tuple(removed),
+                model_version=model.version,
+                reason="retag",
+                source=SourceRef(self.topic, 0, run_offset),  # the request that made the model active
+                event_time=now,
+                emit_time=now,
+                deleted=False,
+            )
+            payload = orjson.dumps(update.to_dict())
             keys = ProductKeys(self.store.prefix, pid)
             ops = Ops(keys)
             ops.set(keys.tags, orjson.dumps(tag_state))
             # applied only while the product is still at the revision just read: a live write in between wins
             writes.append(Write(pid, f"retag:{model.version}", run_offset, ops, payload, expect_rev=fresh[pid].rev))
-            emitted.append(payload)
+            emitted.append((payload, not changed))
         if not writes:
             return []
-        await self._drop_other_versions(model.version, writes, emitted, fresh)
+        self._drop_other_versions(model.version, writes, fresh)
         results = await self.store.apply(writes)
-        for write, payload, result in zip(writes, emitted, results, strict=True):
+        for write, (payload, version_only), result in zip(writes, emitted, results, strict=True):
             if result.conflict:
                 stats.skipped_raced += 1
             elif result.applied:
                 stats.written += 1
-                if payload is not None:
-                    out.updates.append((write.product_id.encode(), payload))
-                    stats.updates += 1
+                out.updates.append((write.product_id.encode(), payload))
+                stats.updates += 1
+                stats.version_only += version_only
         return [w.product_id for w, r in zip(writes, results, strict=True) if r.applied]
 
-    async def _drop_other_versions(
-        self, version: str, writes: list[Write], emitted: list[bytes | None], fresh: dict[str, ProductState]
-    ) -> None:
+    def _drop_other_versions(self, version: str, writes: list[Write], fresh: dict[str, ProductState]) -> None:
         """Add to each write the removal of its product's re-tag fields of other versions than `version` (the fence
-        read at the revision the write expects, so exactly those it holds then). A write keeping no update of its own
-        leaves the fields of the other version whose kept update is the newest (one more read): removing that update
-        would let an older kept one pass for the product's latest, and be re-sent after it on a redelivery."""
-        others = {w.product_id: _retag_versions(fresh[w.product_id].fence) - {version} for w in writes}
-        quiet = [
-            (w.product_id, f"retag:{v}")
-            for w, payload in zip(writes, emitted, strict=True)
-            if payload is None
-            for v in sorted(others[w.product_id])
-        ]
-        newest: dict[str, tuple[int, str]] = {}  # product -> (emit_time, version) of its newest other kept update
-        for (pid, field), raw in (await self.store.stored_emits(quiet) if quiet else {}).items():
-            if raw is not None:
-                emit_time = orjson.loads(raw)["emit_time"]
-                if pid not in newest or emit_time > newest[pid][0]:
-                    newest[pid] = (emit_time, field.removeprefix("retag:"))
+        read at the revision the write expects, so exactly those it holds then). Every re-tag write keeps an update of
+        its own, the product's newest, so no other version's kept update is needed to mark older ones superseded."""
         for w in writes:
-            keep = newest[w.product_id][1] if w.product_id in newest else None
-            fields = [f for v in sorted(others[w.product_id]) if v != keep for f in _retag_fields(v)]
+            others = sorted(_retag_versions(fresh[w.product_id].fence) - {version})
+            fields = [f for v in others for f in _retag_fields(v)]
             w.ops.hdel(ProductKeys(self.store.prefix, w.product_id).fence, fields)
 
     async def _resend(
@@ -341,7 +327,7 @@ class Retagger:
         for pid in pids:
             raw = stored.get((pid, fence))
             if raw is None:
-                continue  # its write changed no tag: nothing was to be sent
+                continue  # written by a version of this module that kept no update where no tag changed
             update = orjson.loads(raw)
             if update["source"]["offset"] == run_offset and _still_current(update, fresh[pid].tags, latest[pid]):
                 out.updates.append((pid.encode(), raw))

@@ -225,12 +225,14 @@ class WorkerSettings(BaseSettings):
         "of older events is produced later than that, and its windows follow the replayed times only.",
     )
     max_event_ahead_ms: int = Field(
-        86_400_000,
+        900_000,
         ge=0,
         description="An event whose time (a click's `ts`, a product change's `updated_at`) lies more than this far "
-        "(ms) ahead of the worker's clock goes to the dead-letter topic: a time in microseconds, say, would move its "
-        "product's clock and its partition's watermark years ahead, which never come back. So does one before "
-        "2000-01-01 (a time in seconds). 0 = no time check.",
+        "(ms) ahead of the worker's clock goes to the dead-letter topic: it would move its partition's watermark "
+        "ahead, and with it every product's windows there (one click 23 h ahead turned `trending` off across its "
+        "partition for a day); a time in microseconds would move them years ahead. So does one before 2000-01-01 "
+        "(a time in seconds). Default 15 minutes: clock skew, not a producer writing local time as UTC. 0 = no "
+        "time check.",
     )
     redis_retry_max_backoff: float = Field(5.0, gt=0, description="Longest wait between Redis retries (s).")
     session_timeout: float = Field(

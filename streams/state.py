@@ -19,7 +19,15 @@ from typing import Any, Protocol
 import hiredis
 import orjson
 import redis.asyncio as aioredis
-from redis.exceptions import BusyLoadingError, ConnectionError, DataError, NoScriptError, ResponseError, TimeoutError
+from redis.exceptions import (
+    BusyLoadingError,
+    ConnectionError,
+    DataError,
+    NoScriptError,
+    OutOfMemoryError,
+    ResponseError,
+    TimeoutError,
+)
 
 from streams.windows import FINEST_MS, GRANULARITIES, hll_buckets, window_buckets
 from tagstream.errors import StateError
@@ -33,6 +41,13 @@ EndBatch = dict[tuple[str, int], tuple[int, dict[str, int | None]]]
 # Per (topic, partition): {product_id: when its behaviour tags next need a look, None = nothing active}
 ActiveIndex = dict[tuple[str, int], dict[str, int | None]]
 _RETRYABLE = (ConnectionError, TimeoutError, BusyLoadingError, ConnectionResetError, OSError)
+
+
+def _refused(key: str, what: str, exc: ResponseError) -> str:
+    """Why Redis refused a command on tagstream's `key`: full (OOM), or (WRONGTYPE) another program's key."""
+    if isinstance(exc, OutOfMemoryError):
+        return f"Redis is full ({exc}): raise its maxmemory or free memory, then start the worker again"
+    return f"{key} is not tagstream's {what} ({exc}): another program's key?"
 
 
 class ProductKeys:
@@ -541,11 +556,16 @@ class _Pipeline:
 
 
 def _raise_error_reply(replies: list[Any]) -> list[Any]:
-    """`replies`, or the first Redis error reply among them raised (NOSCRIPT as NoScriptError)."""
+    """`replies`, or the first Redis error reply among them raised (NOSCRIPT as NoScriptError, OOM as
+    OutOfMemoryError, as redis-py raises them)."""
     for reply in replies:
         if isinstance(reply, hiredis.ReplyError):
             message = str(reply)
-            raise NoScriptError(message) if message.startswith("NOSCRIPT") else ResponseError(message)
+            if message.startswith("NOSCRIPT"):
+                raise NoScriptError(message)
+            if message.startswith("OOM "):
+                raise OutOfMemoryError(message.removeprefix("OOM "))
+            raise ResponseError(message)
     return replies
 
 
@@ -642,8 +662,8 @@ class RedisStateStore:
         key = offsets_key(self.prefix)
         try:
             raw = await self._retry("applied offsets", lambda: self.client.hgetall(key))
-        except ResponseError as exc:  # WRONGTYPE: the key is not a hash
-            raise StateError(f"{key} is not tagstream's offsets hash ({exc}): another program's key?") from None
+        except ResponseError as exc:
+            raise StateError(_refused(key, "offsets hash", exc)) from None
         out = {}
         for where, value in raw.items():
             try:
@@ -656,6 +676,19 @@ class RedisStateStore:
         """Whether the keyspace holds tagstream state (`<prefix>:meta` exists: the first worker writes it)."""
         return bool(await self._retry("holds_state", lambda: self.client.exists(f"{self.prefix}:meta")))
 
+    async def eviction_problem(self) -> str | None:
+        """Why this Redis may evict tagstream's keys (a `maxmemory` with a `maxmemory-policy` other than
+        `noeviction`), or None; None too when `INFO memory` is not allowed (a managed Redis may forbid it: logged)."""
+        try:
+            info = await self._retry("info memory", lambda: self.client.info("memory"))
+        except ResponseError as exc:
+            log.warning("cannot read Redis's eviction policy (INFO memory: %s); it must be noeviction", exc)
+            return None
+        policy, limit = str(info.get("maxmemory_policy", "noeviction")), int(info.get("maxmemory", 0) or 0)
+        if limit > 0 and policy != "noeviction":
+            return f"maxmemory-policy is {policy} with maxmemory {limit} bytes"
+        return None
+
     async def check_format(self) -> None:
         """Write the state format on an empty keyspace; refuse to run on another format."""
 
@@ -666,8 +699,8 @@ class RedisStateStore:
         meta = f"{self.prefix}:meta"
         try:
             written = await self._retry("check_format", run)
-        except ResponseError as exc:  # WRONGTYPE: the key is not a hash
-            raise StateError(f"{meta} is not tagstream's state hash ({exc}): another program's key?") from None
+        except ResponseError as exc:
+            raise StateError(_refused(meta, "state hash", exc)) from None
         try:
             found = int(written)
         except (TypeError, ValueError):

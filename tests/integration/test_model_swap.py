@@ -5,7 +5,8 @@
 - a good model swapped under live load with no event failed or lost, versions switching once per partition;
 - rollback, and a worker started later converging to the last activated model;
 - shadow scoring whose diffs match an offline comparison of the two models, then promote;
-- re-tag of the stored catalog after a swap, emitting `retag` updates only where tags changed;
+- re-tag of the stored catalog after a swap, emitting a `retag` update naming the new model for every product, tags
+  changed or not;
 - a worker starting on a model-updates topic that retention emptied;
 - `tagstream model ... --wait`: stopped workers, an accepted shadow, answers to earlier requests;
 - two workers with default ids on one host, and a shadow stopped for good.
@@ -397,7 +398,7 @@ def test_shadow_diffs_match_an_offline_comparison_then_promote(
     assert status["shadow"] is None and status["previous"] == a
 
 
-def test_retag_after_a_swap_updates_only_changed_products(
+def test_retag_after_a_swap_updates_every_product_naming_the_new_model(
     make_stream_env: Any, bundles: dict[str, Path], models: dict[str, BundleModel]
 ) -> None:
     b = bundles["b"].name
@@ -423,21 +424,25 @@ def test_retag_after_a_swap_updates_only_changed_products(
     offset = send(se, request("activate", bundles["b"]))
     wait_answers(se, "w-r", 1, after=offset)
     seen = se.consume(
-        "tag-updates", lambda m: expected <= {u["product_id"] for u in m if u["reason"] == "retag"}, timeout=60
+        "tag-updates", lambda m: pids <= {u["product_id"] for u in m if u["reason"] == "retag"}, timeout=60
     )
     status = wait_status(se, "w-r", lambda s: (s.get("retag") or {}).get("finished_at") is not None)
     seen = se.consume("tag-updates", lambda m: len(m) >= len(seen), timeout=10)
     retags = [u for u in seen if u["reason"] == "retag"]
-    assert {u["product_id"] for u in retags} == expected and len(retags) == len(expected)
+    # every product's stored model version changed: each gets one update naming b, its tags changed or not (§1)
+    assert {u["product_id"] for u in retags} == pids and len(retags) == len(pids)
+    assert all(u["added"] == u["removed"] == [] for u in retags if u["product_id"] not in expected)
     # each re-tag update names the request that made the model active: its own identity (SPEC.md §1)
     assert all(
         u["model_version"] == b and (u["source"]["partition"], u["source"]["offset"]) == (0, offset) for u in retags
     )
-    assert status["retag"]["scored"] == 40 and status["retag"]["updates"] == len(expected)
+    assert status["retag"]["scored"] == status["retag"]["updates"] == 40
+    assert status["retag"]["version_only"] == 40 - len(expected)
     r = se.redis()
+    last = {u["product_id"]: u for u in seen}
     for pid in pids:
         stored = orjson.loads(r.get(f"{se.settings.redis_prefix}:{{{pid}}}:tags"))
-        assert stored["model_version"] == b
+        assert stored["model_version"] == b and last[pid]["tags"] == stored["tags"], pid  # the truth to keep
 
 
 def test_a_worker_starts_scoring_when_retention_emptied_model_updates(

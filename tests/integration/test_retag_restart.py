@@ -22,7 +22,11 @@ from streams.settings import WorkerSettings
 from streams.state import RedisStateStore, StateStore
 from tagstream.stack import StackSettings
 from tests.events import upsert
-from tests.unit.test_retag_fields import a_version_that_changes_no_tag, later_clock, three_versions_in_turn
+from tests.unit.test_retag_fields import (
+    a_version_that_moves_no_score_beyond_the_delta,
+    later_clock,
+    three_versions_in_turn,
+)
 from tests.unit.test_validate import TITLES, real_bundle
 
 pytestmark = pytest.mark.integration
@@ -84,7 +88,7 @@ def test_a_resumed_retag_sends_the_updates_a_stopped_run_wrote_but_never_deliver
 
     kept = asyncio.run(stopped_run())
     changed = {pid for (pid, _), raw in kept.items() if raw is not None}
-    assert changed  # products whose tags b changed: Redis has b's tags, the topic a's
+    assert changed == pids  # every product written keeps an update naming b: Redis has b's tags, the topic a's
     r = se.redis()
 
     def redis_tags(pid: str) -> dict[str, Any]:
@@ -107,7 +111,7 @@ def test_a_resumed_retag_sends_the_updates_a_stopped_run_wrote_but_never_deliver
     last = _last_updates(seen, pids)
     for pid in pids:
         current = redis_tags(pid)
-        assert [t["tag"] for t in last[pid]["tags"]] == [t["tag"] for t in current["tags"]], pid
+        assert last[pid]["tags"] == current["tags"] and last[pid]["model_version"] == b, pid
     assert status["active"] == b and status["retag"]["resent"] == len(changed) and status["retag"]["written"] == 0
     resent = [m for m in seen if m["reason"] == "retag"]
     assert len(resent) == len(changed)  # each once
@@ -117,7 +121,7 @@ def test_a_resumed_retag_sends_the_updates_a_stopped_run_wrote_but_never_deliver
         assert wire == orjson.loads(kept[(m["product_id"], f"retag:{b}")] or b"{}")  # the kept update itself
 
 
-@pytest.mark.parametrize("scenario", [three_versions_in_turn, a_version_that_changes_no_tag])
+@pytest.mark.parametrize("scenario", [three_versions_in_turn, a_version_that_moves_no_score_beyond_the_delta])
 def test_a_redis_fence_keeps_the_retag_fields_of_the_last_versions_only(
     stack: StackSettings, monkeypatch: pytest.MonkeyPatch, scenario: Callable[[StateStore], Awaitable[None]]
 ) -> None:

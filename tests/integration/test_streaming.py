@@ -608,6 +608,33 @@ def test_a_worker_refuses_to_resume_on_a_redis_that_lost_its_state_and_a_new_gro
     assert client.hget(f"{settings.redis_prefix}:{{kept-1}}:doc", "version") == "1"
 
 
+def test_a_running_worker_whose_redis_loses_its_state_stops_instead_of_writing_on(
+    stream_env: StreamEnv, bundle: Path
+) -> None:
+    """Redis restarted without its data under a running worker: it wrote on into the empty store (counters ~26 %
+    low, category tags gone from updates) without a word. It now stops within seconds, and its next start refuses."""
+    settings = stream_env.settings
+    worker = stream_env.start_worker(TAGSTREAM_MODEL_PATH=str(bundle))
+    stream_env.produce("products", [upsert("kept-1", "Levis Men Black Jeans")])
+    stream_env.consume("tag-updates", lambda m: any(u["product_id"] == "kept-1" for u in m))
+    client = stream_env.redis()
+    client.delete(*client.scan_iter(f"{settings.redis_prefix}:*"))  # flushed, or restarted without its AOF
+    stream_env.produce("products", [upsert("after-1", "Nike Running Shoes")])
+    deadline = time.monotonic() + 30
+    while worker.proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert worker.proc.returncode not in (None, 0), worker.log()[-3000:]
+    assert f"Redis lost tagstream's state under prefix {settings.redis_prefix!r} while this worker ran" in worker.log()
+
+    env = {**os.environ, **stream_env.env, "TAGSTREAM_MODEL_PATH": str(bundle)}
+    again = subprocess.run(
+        [sys.executable, "-m", "tagstream.cli", "worker"], env=env, cwd=REPO, capture_output=True, timeout=120
+    )
+    err = again.stderr.decode()
+    assert again.returncode == 2 and "Traceback" not in err, err[-3000:]
+    assert "Redis holds no tagstream state" in err and "a new TAGSTREAM_REDIS_PREFIX" in err
+
+
 async def _delete_input_topics(settings: WorkerSettings) -> None:
     """Delete the products and behavior topics and wait until the broker no longer lists them."""
     names = [settings.topic("products"), settings.topic("behavior")]

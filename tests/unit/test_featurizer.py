@@ -290,3 +290,116 @@ def test_unseen_buckets_dropped_with_min_df() -> None:
     assert f.idf[0] == 0
     fb = f.transform([{"title": "zzqx qqzz"}])  # nothing of it seen in training
     assert (fb.ids > 0).sum() == 0
+
+
+# -- numeric bounds: each raw numeric signal is clipped to the range of the training products -----------------------
+
+MAX_PRICE = max(p.price for p in TRAIN if p.price is not None)  # p2, 6999
+
+
+def _without_bounds(f: Featurizer) -> Featurizer:
+    """The same featurizer as fitted before the bounds were saved (mean/std only)."""
+    return Featurizer(f.config, f.idf, f.numeric_mean, f.numeric_std, n_docs=f.n_docs, known=f.known)
+
+
+@pytest.mark.parametrize("price", [1e308, 1e30, 1e6, MAX_PRICE * 1.01])
+def test_price_beyond_training_range_counts_as_the_largest_training_price(fz: Featurizer, price: float) -> None:
+    top = TRAIN[1]
+    assert top.price == MAX_PRICE
+    at_max = fz.transform([{"title": top.title, "price": MAX_PRICE}])
+    huge = fz.transform([{"title": top.title, "price": price}])
+    np.testing.assert_array_equal(huge.numeric, at_max.numeric)
+    np.testing.assert_array_equal(huge.numeric, fz.transform([top]).numeric)
+    np.testing.assert_array_equal(huge.numeric, fz.transform_one({"title": top.title, "price": price}).numeric)
+    assert np.all(np.isfinite(huge.numeric)) and np.all(np.abs(huge.numeric) < 10)
+    np.testing.assert_array_equal(huge.ids, at_max.ids)
+
+
+def test_numeric_bounds_are_the_raw_training_extremes(fz: Featurizer) -> None:
+    assert fz.numeric_min is not None and fz.numeric_max is not None
+    assert fz.numeric_min.dtype == np.float64 and fz.numeric_max.dtype == np.float64
+    assert fz.numeric_max[0] == np.log1p(MAX_PRICE)
+    assert fz.numeric_min[0] == 0.0  # p4 has no price: log_price 0, has_price 0
+    assert (fz.numeric_min[1], fz.numeric_max[1]) == (0.0, 1.0)
+    # each bound is some training product's standardised value: features of training products span exactly it
+    train = fz.transform(TRAIN).numeric
+    expect_lo = ((fz.numeric_min - fz.numeric_mean) / fz.numeric_std).astype(np.float32)
+    expect_hi = ((fz.numeric_max - fz.numeric_mean) / fz.numeric_std).astype(np.float32)
+    np.testing.assert_array_equal(train.min(axis=0), expect_lo)
+    np.testing.assert_array_equal(train.max(axis=0), expect_hi)
+
+
+def test_training_products_features_unchanged_by_the_clip() -> None:
+    # many products with awkward prices and titles: not one bit of their numeric features moves
+    rng = np.random.default_rng(7)
+    words = ["navy", "blue", "shirt", "手机", "黑色", "watch", "500mg", "华为", "men", "women"]
+    train = [
+        CatalogProduct(
+            f"r{i}",
+            " ".join(rng.choice(words, int(rng.integers(0, 9)))),
+            price=None if i % 13 == 0 else float(rng.uniform(0, 1) * 10.0 ** rng.integers(-3, 9)),
+        )
+        for i in range(400)
+    ]
+    fitted = Featurizer.fit(train, CONFIG)
+    assert fitted.numeric_min is not None
+    plain = _without_bounds(fitted)
+    expected = plain.transform(train).numeric
+    np.testing.assert_array_equal(fitted.transform(train).numeric, expected)
+    np.testing.assert_array_equal(fitted.transform(train[::-1]).numeric, expected[::-1])  # other batches
+    for i in (0, 1, 13, 399):
+        np.testing.assert_array_equal(fitted.transform_one(train[i]).numeric[0], expected[i])
+    # and after a save/load (the bounds as JSON numbers)
+    with_json = Featurizer.from_spec(json.loads(json.dumps(fitted.spec)), fitted.idf, fitted.known)
+    np.testing.assert_array_equal(with_json.transform(train).numeric, expected)
+    # a price beyond the training range is clipped
+    top = max(train, key=lambda p: -1.0 if p.price is None else p.price)
+    beyond = fitted.transform([{"title": top.title, "price": 1e308}]).numeric
+    np.testing.assert_array_equal(beyond, fitted.transform([top]).numeric)
+    assert not np.array_equal(plain.transform([{"title": top.title, "price": 1e308}]).numeric, beyond)
+
+
+def test_spec_round_trips_the_numeric_bounds(fz: Featurizer, tmp_path) -> None:
+    fz.save(tmp_path)
+    spec = json.loads((tmp_path / "featurizer.json").read_text())
+    for f, lo, hi in zip(spec["numeric"], fz.numeric_min, fz.numeric_max, strict=True):
+        assert set(f) == {"name", "mean", "std", "min", "max"}
+        assert (f["min"], f["max"]) == (float(lo), float(hi))
+    loaded = Featurizer.load(tmp_path)
+    assert loaded.numeric_min is not None and loaded.numeric_max is not None
+    np.testing.assert_array_equal(loaded.numeric_min, fz.numeric_min)
+    np.testing.assert_array_equal(loaded.numeric_max, fz.numeric_max)
+    assert loaded.spec == fz.spec
+    rows = [*TRAIN, {"title": "x", "price": 1e308}, {"title": "y", "price": 1e30}]
+    np.testing.assert_array_equal(loaded.transform(rows).numeric, fz.transform(rows).numeric)
+    # min/max on some fields only, or not numbers: refused
+    broken = json.loads(json.dumps(spec))
+    del broken["numeric"][0]["max"]
+    with pytest.raises(FeaturizerError, match="min/max"):
+        Featurizer.from_spec(broken, fz.idf, fz.known)
+    broken = json.loads(json.dumps(spec))
+    broken["numeric"][2]["min"] = broken["numeric"][2]["max"] + 1
+    with pytest.raises(FeaturizerError, match="min <= max"):
+        Featurizer.from_spec(broken, fz.idf, fz.known)
+    broken["numeric"][2]["min"] = "low"
+    with pytest.raises(FeaturizerError):
+        Featurizer.from_spec(broken, fz.idf, fz.known)
+
+
+def test_old_spec_without_bounds_loads_and_does_not_clip(fz: Featurizer, tmp_path) -> None:
+    fz.save(tmp_path)
+    spec = json.loads((tmp_path / "featurizer.json").read_text())
+    assert all("min" in f and "max" in f for f in spec["numeric"])
+    for f in spec["numeric"]:  # as written before the bounds were saved
+        del f["min"], f["max"]
+    (tmp_path / "featurizer.json").write_text(json.dumps(spec))
+    old = Featurizer.load(tmp_path)
+    assert old.numeric_min is None and old.numeric_max is None
+    assert old.spec == _without_bounds(fz).spec and all(set(f) == {"name", "mean", "std"} for f in old.spec["numeric"])
+    rows = [*TRAIN, {"title": TRAIN[1].title, "price": 1e308}, {"title": TRAIN[1].title, "price": 1e6}]
+    got = old.transform(rows).numeric
+    np.testing.assert_array_equal(got[: len(TRAIN)], fz.transform(TRAIN).numeric)
+    m, s = spec["numeric"][0]["mean"], spec["numeric"][0]["std"]
+    np.testing.assert_allclose(got[-2, 0], (np.log1p(1e308) - m) / s, rtol=1e-6)  # unclipped, as before
+    np.testing.assert_allclose(got[-1, 0], (np.log1p(1e6) - m) / s, rtol=1e-6)
+    assert got[-2, 0] > fz.transform([{"title": "x", "price": 1e308}]).numeric[0, 0]  # the new spec clips

@@ -220,6 +220,82 @@ async def test_healthz_names_a_meta_key_of_another_type_corrupt_since_redis_answ
     assert (await client.get("/products/p1/tags")).status == 200
 
 
+class LosableStore(MetaStore):
+    """A MetaStore with `exists` over its hashes and strings (what /healthz asks when `<prefix>:meta` is missing)."""
+
+    async def exists(self, *names: str) -> int:
+        return sum(name in self.hashes or name in self.data for name in names)
+
+
+async def test_healthz_reports_the_state_lost_when_meta_vanishes_under_the_lookup(
+    make_client: MakeClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Redis restarted without its data under a running system: /healthz said 200 {"state_format": null}, as for a
+    # prefix no worker ever wrote, while every lookup answered 404.
+    store = LosableStore({"ts:meta": {"state_format": b"3"}})
+    client = await make_client(store)
+    resp = await client.get("/healthz")
+    assert resp.status == 200 and await resp.json() == {"status": "ok", "state_format": 3}
+    store.hashes.clear()  # the loss
+    with caplog.at_level("ERROR", logger="serving.http"):
+        for _ in range(2):
+            resp = await client.get("/healthz")
+            body = await resp.json()
+            assert resp.status == 503 and (body["status"], body["state_format"]) == ("state lost", None)
+            assert "ts:meta is missing though this lookup read state format 3 there" in body["reason"]
+    assert caplog.text.count("state under prefix ts lost") == 1  # logged once, not at every probe
+    store.hashes["ts:meta"] = {"state_format": b"3"}  # rebuilt by a worker
+    assert (await client.get("/healthz")).status == 200
+
+
+async def test_healthz_reports_the_state_lost_when_worker_keys_exist_without_meta(make_client: MakeClient) -> None:
+    # A lookup started after the loss: the keys a worker writes after <prefix>:meta are there again (its batches).
+    store = LosableStore({"shop:offsets": {"products:0": b"7:1764316805123"}})
+    resp = await (await make_client(store, prefix="shop")).get("/healthz")
+    body = await resp.json()
+    assert resp.status == 503 and body["status"] == "state lost"
+    assert "shop:meta is missing while keys a worker writes after it exist" in body["reason"]
+    typo = await (await make_client(store, prefix="shpo")).get("/healthz")  # nothing under it: not lost
+    assert typo.status == 200 and await typo.json() == {"status": "ok", "state_format": None}
+    store.down = True
+    resp = await (await make_client(store, prefix="shop")).get("/healthz")
+    assert resp.status == 503 and (await resp.json())["status"] == "unavailable"
+
+
+async def _raw_request(client: TestClient, request: bytes) -> tuple[int, str, bytes]:
+    """Send `request` as it is; the answer's status, content type and body."""
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    writer.write(request)
+    await writer.drain()
+    answer = await reader.read()  # the server closes the connection after an error
+    writer.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    headers = dict(line.split(": ", 1) for line in lines[1:])
+    return int(lines[0].split()[1]), headers.get("Content-Type", ""), body
+
+
+async def test_a_request_line_or_header_over_aiohttps_limit_answers_json(
+    make_client: MakeClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # aiohttp answers a request it cannot parse itself, before the app's middlewares: that was a text/plain 400.
+    from aiohttp import web_protocol
+
+    monkeypatch.setattr(web_protocol.RequestHandler, "handle_error", web_protocol.RequestHandler.handle_error)
+    _run_lookup(monkeypatch, "127.0.0.1")  # `tagstream lookup` installs the JSON answers
+    client = await make_client(MemoryStore({"ts:{p1}:tags": b'{"tags": []}'}))
+    long_path = b"/products/" + b"p" * 9000 + b"/tags"
+    for request in (
+        b"GET " + long_path + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"GET /products/p1/tags HTTP/1.1\r\nHost: x\r\nX-Big: " + b"v" * 9000 + b"\r\n\r\n",
+        b"NOT HTTP\r\n\r\n",
+    ):
+        status, content_type, body = await _raw_request(client, request)
+        assert (status, content_type.split(";")[0]) == (400, "application/json"), request[:40]
+        assert json.loads(body)["error"] == "bad request"
+    assert (await client.get("/products/p1/tags")).status == 200
+
+
 async def test_an_id_percent_encoded_from_bytes_that_are_not_utf8_is_400_not_another_product(
     make_client: MakeClient,
 ) -> None:
@@ -319,9 +395,11 @@ def test_the_worker_refuses_the_empty_prefix_the_lookup_refuses(monkeypatch: pyt
 def _run_lookup(monkeypatch: pytest.MonkeyPatch, host: str, fail: OSError | None = None) -> list[Any]:
     """`tagstream lookup --host HOST --port 8081` with aiohttp's run_app replaced: it reports listening (or raises
     `fail`) and returns; the apps it was given."""
-    from aiohttp import web
+    from aiohttp import web, web_protocol
 
     apps: list[Any] = []
+    # run_lookup makes aiohttp's own error answers JSON, process-wide: undone after the test
+    monkeypatch.setattr(web_protocol.RequestHandler, "handle_error", web_protocol.RequestHandler.handle_error)
 
     def run_app(app: web.Application, *, print: Callable[[str], None], **kwargs: Any) -> None:
         apps.append(app)

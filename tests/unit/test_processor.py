@@ -69,13 +69,23 @@ async def test_an_upsert_emits_the_model_and_catalog_tags(processor: Processor, 
     assert update["model_version"] == model.version and update["source"]["offset"] == 0
 
 
+@pytest.mark.parametrize("title", ["   ", "\u200b", "!!! ??? ...", "\U0001f642\U0001f642"])
+async def test_a_title_with_no_text_the_model_knows_gets_catalog_tags_only(processor: Processor, title: str) -> None:
+    """Spaces, a zero-width space, punctuation or emoji: the model's priors were published as confident tags."""
+    out = await processor.process_products(Feed()("products", upsert("blank", title, attributes={"colour": "Red"})))
+    [update] = updates(out)
+    assert not [t for t in update["tags"] if t["origin"] == "model"] and update["model_version"] is not None
+    assert ("colour:Red", "catalog") in [(t["tag"], t["origin"]) for t in update["tags"]]
+
+
 async def test_an_unchanged_upsert_emits_nothing_and_a_stale_version_is_ignored(processor: Processor) -> None:
     feed = Feed()
     await processor.process_products(feed("products", upsert("p1", "Levis Men Black Jeans", version=5)))
     again = await processor.process_products(feed("products", upsert("p1", "Levis Men Black Jeans", version=6)))
     assert again.updates == [] and again.applied == 1
     stale = await processor.process_products(feed("products", upsert("p1", "Totally different", version=4)))
-    assert stale.updates == []
+    assert stale.updates == [] and stale.dead_letters == []
+    assert stale.stale == 1 and again.stale == 0  # counted in the worker's stats line (was only an INFO line)
     state = (await processor.store.read(["p1"]))["p1"]
     assert state.doc["title"] == "Levis Men Black Jeans" and state.doc["version"] == "6"
 
@@ -752,10 +762,10 @@ async def test_a_redelivered_update_is_not_sent_again_after_a_later_one_that_cha
     clock = iter(range(T0, T0 + 10**6))
     monkeypatch.setattr("streams.processor.now_ms", lambda: next(clock))  # emit times one ms apart
     feed = Feed()
-    await processor.process_products(feed("products", upsert("p6", "Jeans")))
+    await processor.process_products(feed("products", upsert("p6", "Levis Men Blue Jeans")))
     burst = feed("behavior", *[behaviour("p6", f"u{i % 9}", T0 + i * 5000) for i in range(30)])
     assert any("trending" in u["added"] for u in updates(await processor.process_behaviour(burst)))
-    change = feed("products", upsert("p6", "Black Jeans", version=2))
+    change = feed("products", upsert("p6", "Levis Men Black Jeans", version=2))
     [rescored] = updates(await processor.process_products(change))
     assert rescored["added"] == [] and rescored["removed"] == []  # only scores changed
 
@@ -780,10 +790,10 @@ async def test_a_paused_worker_does_not_resend_an_update_another_worker_has_supe
     store = Racing("t")
     paused, owner = (Processor(store, user_hash_key=b"secret", model_provider=lambda: model) for _ in range(2))
     feed = Feed()
-    await owner.process_products(feed("products", upsert("p7", "Jeans")))
+    await owner.process_products(feed("products", upsert("p7", "Levis Men Blue Jeans")))
     burst = feed("behavior", *[behaviour("p7", f"u{i % 9}", T0 + i * 5000) for i in range(30)])
     assert any("trending" in u["added"] for u in updates(await owner.process_behaviour(burst)))
-    change = feed("products", upsert("p7", "Black Jeans", version=2))
+    change = feed("products", upsert("p7", "Levis Men Black Jeans", version=2))
     sent: list[dict[str, Any]] = []
 
     async def the_owner_applies_it_and_then_an_expiry() -> None:
@@ -820,14 +830,17 @@ async def test_an_event_older_than_its_windows_writes_only_the_buckets_it_can_st
     ("at", "said"),
     [
         (T0 * 1000, [str(T0 * 1000), "ahead of the worker's clock"]),  # microseconds: year 57,000
+        # a producer's clock 23 h ahead (local time written as UTC): its partition's windows would follow it for a day
+        (T0 + 23 * 3_600_000, [str(T0 + 23 * 3_600_000), "ahead of the worker's clock"]),
         # epoch seconds read as milliseconds are January 1970: counted in windows of 1970, and the product tagged new
         (T0 // 1000, ["before 2000-01-01", "seconds since the epoch, not milliseconds?"]),
     ],
-    ids=["microseconds", "seconds"],
+    ids=["microseconds", "23-hours-ahead", "seconds"],
 )
 async def test_an_event_time_in_other_units_is_dead_lettered_and_changes_nothing(
-    processor: Processor, topic: str, at: int, said: list[str]
+    processor: Processor, topic: str, at: int, said: list[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr("streams.processor.now_ms", lambda: T0)  # the worker's clock
     store = processor.store
     assert isinstance(store, MemoryStateStore)
     feed = Feed()

@@ -1,5 +1,6 @@
 """Re-tag fence fields (no services): a product's fence keeps the re-tag fields of the last versions only, not one
-set per model version ever activated (SPEC.md §3)."""
+set per model version ever activated (SPEC.md §3); a re-tag sends every product it writes an update naming the new
+model version, even when no score moved beyond the delta (SPEC.md §1)."""
 
 from __future__ import annotations
 
@@ -150,35 +151,118 @@ async def test_a_fence_keeps_the_retag_fields_of_the_last_version_only() -> None
     await three_versions_in_turn(MemoryStateStore("t"))
 
 
-async def a_version_that_changes_no_tag(store: StateStore) -> None:
-    """v3 moves no score beyond the delta, so its write keeps no update: v2's kept update is still the product's
-    newest, and it keeps a redelivered upsert's older update from being sent again after it; v4's write, which keeps
-    one, leaves v4's fields only."""
+def last_per_product(topic: Sequence[bytes]) -> dict[str, dict[str, Any]]:
+    """Each product's last update on a topic of tag updates (in order): the truth a consumer keeps (SPEC.md §1)."""
+    return {u["product_id"]: u for u in map(orjson.loads, topic)}
+
+
+async def check_topic(store: StateStore, topic: Sequence[bytes], version: str) -> None:
+    """Each product's last update on `topic` names `version` and carries the tags it stores, scores included."""
+    last = last_per_product(topic)
+    states = await store.read(PIDS, counters=False)
+    for pid in PIDS:
+        tags = states[pid].tags
+        assert tags is not None and tags["model_version"] == version, pid
+        assert last[pid]["model_version"] == version and last[pid]["tags"] == tags["tags"], pid
+
+
+def sent_by(published: Sequence[BatchOutput]) -> list[bytes]:
+    """The updates of a re-tag run's steps, in the order it published them."""
+    return [raw for out in published for _, raw in out.updates]
+
+
+async def a_version_that_moves_no_score_beyond_the_delta(store: StateStore) -> None:
+    """v3 moves every score by less than the delta and changes no tag name: its write still changes each product's
+    stored model version, so it sends each product one update naming v3 (empty `added` / `removed`), kept like any
+    other, and the topic's last update per product is the stored tags; its fence keeps v3's fields only, and v3's
+    kept update is the newest, so a redelivered upsert's older update is not sent again after it. v4, again within
+    the delta, stopped before delivering, is resent whole by the run resumed; v5 changes the tags."""
     processor = await upsert_catalog(store, NamedModel("v0", ["x"], 0.9))
+    topic: list[bytes] = []
     for offset, model in enumerate((NamedModel("v1", ["y"]), NamedModel("v2", ["x"], 0.5)), start=1):
-        stats = await retag(store, model, offset, [])
+        published: list[BatchOutput] = []
+        stats = await retag(store, model, offset, published)
         assert stats.updates == len(PIDS)  # v2: the upserts' tag names, at another score
-    stats = await retag(store, NamedModel("v3", ["x"], 0.52), 3, [])
-    assert stats.written == len(PIDS) and stats.updates == 0
+        topic += sent_by(published)
+
+    v3 = NamedModel("v3", ["x"], 0.52)
+    published = []
+    stats = await retag(store, v3, 3, published)
+    assert stats.written == stats.updates == len(PIDS)
+    sent = sent_by(published)
+    assert sorted(orjson.loads(raw)["product_id"] for raw in sent) == PIDS  # one update per product
+    for update in map(TagUpdate.decode, sent):
+        assert update.model_version == "v3" and update.reason == "retag" and update.source.offset == 3
+        assert update.added == update.removed == ()
+    await check_tags(store, v3, {orjson.loads(raw)["product_id"]: raw for raw in sent})
+    topic += sent
+    await check_topic(store, topic, "v3")
+    assert stats.version_only == len(PIDS)  # no tag changed beyond the delta: sent to name v3 alone
     for pid in PIDS:
         fence = await fence_fields(store, pid)
-        assert retag_fields(fence) == of("v2") | {"retag:v3"}, pid  # v1's are gone
+        assert retag_fields(fence) == of("v3") and fence["sent:retag:v3"] == "3", pid  # v2's are gone
 
     redelivered = await processor.process_products(
         [InMessage("products", 0, 0, b"p0", orjson.dumps(upsert("p0", "title 0")))]
     )
-    assert redelivered.redelivered == 1 and redelivered.updates == []  # v0's update would undo v2's scores
+    assert redelivered.redelivered == 1 and redelivered.updates == []  # v0's update would undo v3's
 
-    published: list[BatchOutput] = []
-    stats = await retag(store, NamedModel("v4", ["z"]), 4, published)
-    assert stats.updates == len(PIDS)
-    await check_tags(
-        store, NamedModel("v4", ["z"]), {pid.decode(): raw for out in published for pid, raw in out.updates}
-    )
+    # v4, within the delta of v3 too: the worker stops before delivering; the resumed run sends every kept update
+    v4 = NamedModel("v4", ["x"], 0.54)
+    with pytest.raises(Stopped):
+        await retag(store, v4, 4, batch=len(PIDS))
+    kept = await store.stored_emits([(pid, "retag:v4") for pid in PIDS])
+    published = []
+    stats = await retag(store, v4, 4, published)
+    resent = {orjson.loads(raw)["product_id"]: raw for raw in sent_by(published)}
+    assert stats.written == stats.updates == 0 and stats.resent == stats.skipped_current == len(PIDS)
+    assert resent == {pid: kept[(pid, "retag:v4")] for pid in PIDS}  # byte for byte
+    topic += sent_by(published)
+    await check_topic(store, topic, "v4")
     for pid in PIDS:
         assert retag_fields(await fence_fields(store, pid)) == of("v4"), pid
+    published = []
+    stats = await retag(store, v4, 4, published)  # delivered now: nothing sent again
+    assert stats.skipped_current == len(PIDS) and stats.resent == stats.updates == 0 and not published
+
+    v5 = NamedModel("v5", ["z"])
+    published = []
+    stats = await retag(store, v5, 5, published)
+    assert stats.updates == len(PIDS) and stats.version_only == 0
+    await check_tags(store, v5, {orjson.loads(raw)["product_id"]: raw for raw in sent_by(published)})
+    await check_topic(store, topic + sent_by(published), "v5")
+    for pid in PIDS:
+        assert retag_fields(await fence_fields(store, pid)) == of("v5"), pid
 
 
-async def test_a_retag_that_changes_no_tag_keeps_the_newest_other_update(monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_a_retag_within_the_delta_still_sends_every_product_the_new_model_version(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     later_clock(monkeypatch)
-    await a_version_that_changes_no_tag(MemoryStateStore("t"))
+    await a_version_that_moves_no_score_beyond_the_delta(MemoryStateStore("t"))
+
+
+class ScoreByProduct(NamedModel):
+    """A model giving every product the free tag `x`, at the score `scores` names for it (else `score`)."""
+
+    def __init__(self, version: str, scores: dict[str, float], score: float) -> None:
+        super().__init__(version, ["x"], score)
+        self.scores = scores
+
+    def score(self, products: Sequence[Any]) -> list[list[Tag]]:
+        return [[Tag("x", "tags", self.scores.get(p.product_id, self.tag_score), "model")] for p in products]
+
+
+async def test_a_retag_counts_the_updates_that_only_name_the_new_version(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Half the catalog moves beyond the delta, half within it: every product gets an update naming the new model
+    (`updates`), and `version_only` counts those the delta alone would have kept quiet."""
+    later_clock(monkeypatch)
+    store = MemoryStateStore("t")
+    await upsert_catalog(store, NamedModel("v0", ["x"], 0.9))
+    moved = {pid: 0.5 for pid in PIDS[:3]}
+    published: list[BatchOutput] = []
+    stats = await retag(store, ScoreByProduct("v1", moved, 0.88), 1, published, batch=2)
+    updates = [TagUpdate.decode(raw) for raw in sent_by(published)]
+    assert sorted(u.product_id for u in updates) == PIDS and {u.model_version for u in updates} == {"v1"}
+    assert stats.scored == stats.written == stats.updates == len(PIDS) and stats.version_only == len(PIDS) - 3
+    assert {u.product_id: u.tags[0].score for u in updates} == {pid: moved.get(pid, 0.88) for pid in PIDS}

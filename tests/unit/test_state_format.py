@@ -56,3 +56,22 @@ async def test_the_format_this_worker_writes_and_the_one_it_upgrades_are_accepte
         client = MetaClient(found)
         await RedisStateStore(client, "shop").check_format()  # type: ignore[arg-type]
         assert client.meta["state_format"] == str(STATE_FORMAT)
+
+
+class FullClient(MetaClient):
+    """A Redis at its maxmemory with noeviction: every write is refused with OOM."""
+
+    async def hsetnx(self, key: str, field: str, value: object) -> int:
+        from redis.exceptions import OutOfMemoryError
+
+        raise OutOfMemoryError("command not allowed when used memory > 'maxmemory'.")
+
+
+async def test_a_full_redis_is_named_full_not_another_programs_key() -> None:
+    """The worker blamed "another program's key?" when Redis was simply full."""
+    store = RedisStateStore(FullClient("3"), "shop", max_backoff=0.01)  # type: ignore[arg-type]
+    with pytest.raises(StateError) as refused:
+        await store.check_format()
+    message = str(refused.value)
+    assert message.startswith("Redis is full (command not allowed when used memory > 'maxmemory'.)")
+    assert "raise its maxmemory or free memory" in message and "another program" not in message
