@@ -665,6 +665,7 @@ def _retag_line(retag: dict[str, Any]) -> str:
     return (
         f"{state}, {covers}: {retag.get('scored', 0)} scored, {retag.get('skipped_current', 0)} already at it, "
         f"{retag.get('updates', 0)} updates"
+        + (f" ({retag['version_only']} naming the new model only)" if retag.get("version_only") else "")
     )
 
 

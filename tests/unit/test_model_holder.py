@@ -1391,6 +1391,8 @@ def test_model_status_says_whether_a_re_tag_finished_and_which_partitions_it_cov
     assert _retag_line(running) == "running, products partitions 1, 2: 3 scored, 2 already at it, 1 updates"
     done = {**running, "partitions": None, "finished_at": 1_764_316_800_000}
     assert _retag_line(done) == "finished, every products partition: 3 scored, 2 already at it, 1 updates"
+    quiet = {**done, "updates": 3, "version_only": 2}  # updates sent only to name the new model
+    assert _retag_line(quiet).endswith("3 updates (2 naming the new model only)")
 
 
 async def test_a_restart_validates_only_the_last_two_of_many_different_bundles(

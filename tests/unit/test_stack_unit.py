@@ -184,6 +184,7 @@ def test_redis_conf(settings: StackSettings) -> None:
     assert lines["port"] == "26379"
     assert lines["save"] == '""'
     assert lines["appendonly"] == "yes" and lines["appendfsync"] == "everysec"  # state survives a restart
+    assert lines["maxmemory-policy"] == "noeviction"  # and no key is ever evicted
     assert lines["daemonize"] == "no"
     assert lines["logfile"] == f'"{settings.state_dir / "redis" / "redis.log"}"'
     assert "$" not in text
@@ -306,6 +307,8 @@ def test_stackfiles_are_package_data() -> None:
 def test_compose_kafka_is_in_step_with_the_scripted_one(settings: StackSettings) -> None:
     import yaml
 
+    from streams.settings import WorkerSettings
+
     compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
     services = compose["services"]
     assert {"kafka", "redis", "worker", "trainer"} <= set(services)
@@ -320,11 +323,19 @@ def test_compose_kafka_is_in_step_with_the_scripted_one(settings: StackSettings)
     redis_service = services["redis"]
     assert redis_service["image"].startswith("redis:7")
     # both keep their data across restarts, in step with the scripted stack (a worker resumes on its state)
-    assert redis_service["command"][redis_service["command"].index("--appendonly") + 1] == "yes"
+    command = redis_service["command"]
+    assert command[command.index("--appendonly") + 1] == "yes"
+    assert command[command.index("--maxmemory-policy") + 1] == "noeviction"
     assert [v.split(":")[1] for v in redis_service["volumes"]] == ["/data"]
     assert [v.split(":")[1] for v in kafka["volumes"]] == [env["KAFKA_LOG_DIRS"]]
     for name in ("worker", "trainer"):
         worker_env = services[name]["environment"]
+        # a host's topic prefix comes with its Redis prefix and group, or the worker refuses the state
+        assert {"TAGSTREAM_TOPIC_PREFIX", "TAGSTREAM_REDIS_PREFIX", "TAGSTREAM_APP_ID"} <= set(worker_env)
+        fields = WorkerSettings.model_fields  # unset on the host: the settings' defaults, never an empty value
+        for name in ("redis_prefix", "app_id"):
+            variable = f"TAGSTREAM_{name.upper()}"
+            assert worker_env[variable] == f"${{{variable}:-{fields[name].default}}}"
         assert worker_env["TAGSTREAM_KAFKA_BOOTSTRAP"] == "kafka:9092"
         assert worker_env["TAGSTREAM_REDIS_URL"] == "redis://redis:6379/0"
     assert services["worker"]["command"][0] == "worker"
