@@ -645,10 +645,21 @@ class RedisStateStore:
         between attempts."""
         delay = 0.05
         attempt = 0
+        failing_since = 0.0
         while True:
             try:
-                return await fn()
+                result = await fn()
+                if attempt:  # the outage's end, for whoever read its warnings
+                    log.warning(
+                        "redis %s succeeded again after %d failed attempts (%.1f s)",
+                        what,
+                        attempt,
+                        time.monotonic() - failing_since,
+                    )
+                return result
             except _RETRYABLE as exc:
+                if not attempt:
+                    failing_since = time.monotonic()
                 if self.retries is not None and attempt >= self.retries:
                     raise
                 attempt += 1

@@ -585,6 +585,12 @@ def _wait_healthy(s: StackSettings, c: _Component, proc: subprocess.Popen[bytes]
                 f"{_tail(c.log_file) or _tail(c.out_file)}"
             )
         if time.monotonic() > deadline:
+            if proc is None:  # running before this call (still loading its data, say): not this call's to stop
+                raise StackError(
+                    f"{c.name} (pid {pid}, started before) is running but not healthy after "
+                    f"{s.stack_start_timeout:.0f} s; left running (a large append-only file or log takes time to "
+                    f"load); see {c.log_file}:\n{_tail(c.log_file) or _tail(c.out_file)}"
+                )
             _stop({c.name: pid}, s.stack_stop_timeout)
             c.pid_file.unlink(missing_ok=True)
             raise StackError(

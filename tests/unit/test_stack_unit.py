@@ -376,3 +376,21 @@ def test_a_port_held_by_another_process_is_reported(settings: StackSettings, tmp
         with pytest.raises(StackError, match=rf"cannot start redis: port {port} .* already in use by python"):
             stack_up(busy)
     assert not list(settings.state_dir.rglob("*.pid"))
+
+
+def test_a_component_running_before_up_but_slow_to_answer_is_left_running(
+    settings: StackSettings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A second `stack up` while Redis still loaded a large append-only file SIGTERMed it ("stopped it")."""
+    import sys
+
+    loading = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        monkeypatch.setitem(stack._HEALTH, "redis", lambda s: False)  # PING answers LOADING
+        slow = settings.model_copy(update={"stack_start_timeout": 0.3})
+        with pytest.raises(StackError, match=r"redis \(pid \d+, started before\) is running but not healthy") as err:
+            stack._wait_healthy(slow, stack._redis(slow), None, loading.pid)
+        assert "left running" in str(err.value) and loading.poll() is None
+    finally:
+        loading.kill()
+        loading.wait()

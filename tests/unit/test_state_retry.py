@@ -37,3 +37,6 @@ async def test_transient_errors_are_retried_until_the_call_succeeds(caplog: pyte
     # 0.05 + 0.1 + 0.1 + 0.1: exponential, capped at max_backoff
     assert 0.3 <= time.monotonic() - started < 2.0
     assert sum("retrying" in r.message for r in caplog.records) == 4
+    # and the outage's end is logged once (an operator saw only the retries, then silence)
+    [back] = [r.message for r in caplog.records if "succeeded again" in r.message]
+    assert back.startswith("redis watermark succeeded again after 4 failed attempts (")
