@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import unicodedata
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
@@ -234,6 +235,8 @@ def key_error(key: bytes | None, product_id: str) -> EventKeyError:
     if key is None:
         return EventKeyError(f"the record has no key: {why}")
     shown = key[:100].decode("utf-8", "backslashreplace") + ("…" if len(key) > 100 else "")
+    if unicodedata.normalize("NFC", shown) == unicodedata.normalize("NFC", product_id):  # they print alike
+        why += f"; they differ in Unicode normal form only: key {ascii(shown)}, product_id {ascii(product_id)}"
     return EventKeyError(f"the record's key {shown!r} is not its product_id: {why}")
 
 

@@ -440,6 +440,15 @@ async def test_an_event_not_keyed_by_its_product_id_is_dead_lettered_and_changes
     assert keyed.applied == 1 and not keyed.dead_letters
 
 
+async def test_a_key_that_differs_from_the_product_id_in_normal_form_only_is_named_so(processor: Processor) -> None:
+    """`café` keyed in NFD, its product_id in NFC: the reason showed two strings that print alike."""
+    value = orjson.dumps(upsert("caf\u00e9", "Levis Men Black Jeans"))
+    out = await processor.process_products([InMessage("products", 0, 0, "cafe\u0301".encode(), value)])
+    [(_, raw, _)] = out.dead_letters
+    reason = orjson.loads(raw)["reason"]
+    assert "they differ in Unicode normal form only: key 'cafe\\u0301', product_id 'caf\\xe9'" in reason
+
+
 async def test_the_store_records_the_last_offset_applied_from_each_input_partition(processor: Processor) -> None:
     feed = Feed()
     await processor.process_products(feed("products", upsert("p1", "Levis Men Black Jeans"), upsert("p2", "Nike")))
