@@ -236,7 +236,7 @@ def key_error(key: bytes | None, product_id: str) -> EventKeyError:
         return EventKeyError(f"the record has no key: {why}")
     shown = key[:100].decode("utf-8", "backslashreplace") + ("…" if len(key) > 100 else "")
     if unicodedata.normalize("NFC", shown) == unicodedata.normalize("NFC", product_id):  # they print alike
-        why += f"; they differ in Unicode normal form only: key {ascii(shown)}, product_id {ascii(product_id)}"
+        why += f"; they differ in Unicode normal form only: key {shown!a}, product_id {product_id!a}"
     return EventKeyError(f"the record's key {shown!r} is not its product_id: {why}")
 
 
