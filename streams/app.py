@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -163,6 +164,53 @@ def state_lost_while_running(settings: WorkerSettings) -> StateLostError:
         f"({settings.redis_prefix}:meta is gone: Redis restarted without its data, flushed, or evicted): writing on "
         "would leave wrong counters and tags. The worker stops; see the error it gives at its next start"
     )
+
+
+MISSING_TOPIC_LOG_EVERY_S = 10.0  # at most one line per missing topic this often (`MissingTopicFilter`)
+
+
+class MissingTopicFilter(logging.Filter):
+    """On aiokafka's `aiokafka.cluster` logger: its `Topic <name> not found in cluster metadata` ERROR, which a
+    producer waiting to deliver to a deleted topic repeats at every metadata retry (up to ~1,600 lines a second),
+    becomes one ERROR per topic at most every `every_s` naming the remedy; repeats in between are dropped."""
+
+    NOT_FOUND = "Topic %s not found in cluster metadata"
+
+    def __init__(self, every_s: float = MISSING_TOPIC_LOG_EVERY_S, clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__()
+        self.every_s = every_s
+        self.clock = clock
+        self._last: dict[str, float] = {}  # topic -> when its last line was let through
+        self.dropped: dict[str, int] = {}  # topic -> lines dropped since its last line
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg != self.NOT_FOUND or not isinstance(record.args, tuple) or len(record.args) != 1:
+            return True
+        topic = str(record.args[0])
+        now = self.clock()
+        last = self._last.get(topic)
+        if last is not None and now - last < self.every_s:
+            self.dropped[topic] = self.dropped.get(topic, 0) + 1
+            return False
+        self._last[topic] = now
+        dropped = self.dropped.pop(topic, 0)
+        record.msg = (
+            "Kafka has no topic %s (deleted, or never created): `tagstream topics` creates it. Until it exists, "
+            "nothing is read from it, and a batch that sends to it waits, unacknowledged (nothing is lost)%s"
+        )
+        record.args = (topic, f"; {dropped} repeats of this line left out" if dropped else "")
+        return True
+
+
+_missing_topic_filter = MissingTopicFilter()
+
+
+def install_missing_topic_filter() -> MissingTopicFilter:
+    """Put the process's `MissingTopicFilter` on aiokafka's cluster logger (once, however many workers)."""
+    logger = logging.getLogger("aiokafka.cluster")
+    if _missing_topic_filter not in logger.filters:
+        logger.addFilter(_missing_topic_filter)
+    return _missing_topic_filter
 
 
 STATE_WATCH_S = 1.0  # how often a running worker checks that its Redis state is still there
@@ -327,6 +375,12 @@ class Worker:
         )
         self._processor: Processor | None = None
         self._state_watches = 0  # checks made by `watch_state_store`
+        # Open while the input topics are known to hold the records Redis applied; closed from a rebalance until the
+        # new assignment's check (`check_inputs_after_rebalance`) passes: the agents wait for it before each batch.
+        self._inputs_checked = asyncio.Event()
+        self._inputs_checked.set()  # the first assignment: `processor` and `check_state_store` check at start
+        self._inputs_check: asyncio.Future[None] | None = None  # the running check of the latest assignment
+        self._missing_inputs: set[str] = set()  # input topics Kafka no longer lists (warned once each)
         self._ready_lock = asyncio.Lock()
         self.locks = ProductLocks()  # products held by the batches in progress (shared with the processor)
         self.gc = GcPauses(settings.gc_thresholds)  # installed by `tagstream worker` (process-wide)
@@ -349,6 +403,7 @@ class Worker:
             # A restarted process gets them again from the last commit, offset-fenced.
             agent_supervisor=mode.CrashingSupervisor,
             consumer_auto_offset_reset=settings.auto_offset_reset,
+            consumer_metadata_max_age_ms=int(settings.metadata_max_age_s * 1000),
             broker_session_timeout=settings.session_timeout,
             broker_heartbeat_interval=min(3.0, settings.session_timeout / 3),
             broker_commit_every=1000,
@@ -389,6 +444,7 @@ class Worker:
         )
         self._define_agents()
         self.app.on_before_shutdown.connect(self._log_figures_at_shutdown)
+        install_missing_topic_filter()
 
     def _log_run_figures(self) -> None:
         """Log the record ages at batch start, the agents' buffer high-water mark and, when installed, the
@@ -497,6 +553,70 @@ class Worker:
             log.debug("state watch: %s: %s", type(exc).__name__, exc)
         return None
 
+    def inputs_rebalancing(self) -> None:
+        """A rebalance began: no batch is processed until the next assignment's check passes."""
+        self._inputs_checked.clear()
+
+    def inputs_assigned(self, assigned: Any) -> asyncio.Future[None]:
+        """Partitions were assigned: close the gate (the agents wait before their next batch), warn of an input
+        topic Kafka no longer lists, and check again that the input topics hold the records Redis applied
+        (`check_inputs_after_rebalance`, run as a task: Faust's recovery resumes fetching without waiting for the
+        `on_partitions_assigned` handlers, so the gate, not the handler, keeps records of the new assignment out)."""
+        self._inputs_checked.clear()
+        if self._inputs_check is not None:
+            self._inputs_check.cancel()  # an older assignment's: this one's check replaces it
+        self._warn_of_missing_inputs()
+        self._inputs_check = asyncio.ensure_future(self.check_inputs_after_rebalance())
+        return self._inputs_check
+
+    def _warn_of_missing_inputs(self) -> None:
+        consumer = self.app.consumer
+        for spec in (PRODUCTS, BEHAVIOR):
+            name = self.settings.topic(spec.name)
+            try:
+                count = consumer.topic_partitions(name)
+            except Exception:  # a consumer not started: nothing known
+                continue
+            if count is None:
+                continue
+            if count == 0 and name not in self._missing_inputs:
+                self._missing_inputs.add(name)
+                log.warning(
+                    "input topic %s was deleted under this running worker: its events are not read until it exists "
+                    "again. The state in Redis was applied from its old records, so once this worker sees the topic "
+                    "made again (`tagstream topics`; within TAGSTREAM_METADATA_MAX_AGE_S, %gs) it stops with "
+                    "TopicsRecreatedError, as a worker starting on it refuses to, instead of taking the new events "
+                    "for ones already applied",
+                    name,
+                    self.settings.metadata_max_age_s,
+                )
+            elif count:
+                self._missing_inputs.discard(name)
+
+    async def check_inputs_after_rebalance(self) -> None:
+        """After a rebalance: the input topics still hold the records Redis applied (`refuse_if_topics_recreated`),
+        else the error is logged (one ERROR line) and the app crashes, the gate left closed so that no record of the
+        new topics is applied or acknowledged. Kafka not answering is a warning, as at start: the worker runs on."""
+        try:
+            store = (await asyncio.shield(self.processor())).store  # a newer assignment's cancel spares its start
+            if isinstance(store, RedisStateStore):
+                try:
+                    await asyncio.wait_for(refuse_if_topics_recreated(store, self.settings), TOPICS_CHECK_S)
+                except (KafkaError, TimeoutError) as exc:  # a guard: the worker runs on without it
+                    log.warning("could not check that Kafka holds the records Redis applied (%r)", exc)
+        except StateError as exc:
+            log.error("%s", exc)
+            await self.app.crash(exc)
+            return
+        except Exception as exc:  # the processor could not start: the agents, which start it too, fail with it
+            log.debug("input check after a rebalance: %s: %s", type(exc).__name__, exc)
+        self._inputs_checked.set()
+
+    async def _inputs_check_passed(self) -> None:
+        """Wait, before a batch, until the current assignment's input check passed (at once when it has)."""
+        if not self._inputs_checked.is_set():
+            await self._inputs_checked.wait()
+
     async def tick_quiet_partitions(self) -> list[int]:
         """A window tick to each behaviour partition this worker owns that needs one (`streams.ticks`); a failure
         is logged, and the next check tries again."""
@@ -542,8 +662,13 @@ class Worker:
         @app.on_partitions_revoked.connect
         async def forget_kept_states(app: faust.App, revoked: Any, **kwargs: Any) -> None:
             # another worker may own these products now: read them again (expect_rev would catch it anyway)
+            self.inputs_rebalancing()
             if self._processor is not None and self._processor.cache is not None:
                 self._processor.cache.clear()
+
+        @app.on_partitions_assigned.connect
+        async def check_inputs(app: faust.App, assigned: Any, **kwargs: Any) -> None:
+            self.inputs_assigned(assigned)
 
         self.products_agent = products
         self.behavior_agent = behavior
@@ -593,6 +718,7 @@ class Worker:
                 self.app.records_taken.set()
                 if len(messages) < batch_max and queue is not None and not queue.empty():
                     continue
+                await self._inputs_check_passed()  # not after a rebalance until the input topics are checked
                 for start in range(0, len(messages), batch_max):
                     chunk = messages[start : start + batch_max]
                     pending, out = await self._process_batch(chunk, process, prepare)

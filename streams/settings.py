@@ -239,6 +239,13 @@ class WorkerSettings(BaseSettings):
         10.0, gt=3, description="Kafka consumer session timeout (s): how soon a crashed worker's partitions move."
     )
     auto_offset_reset: str = Field("earliest", description="Where a new consumer group starts reading.")
+    metadata_max_age_s: float = Field(
+        300.0,
+        gt=0,
+        allow_inf_nan=False,
+        description="Kafka consumer metadata max age (s): how soon a running worker sees an input topic deleted or "
+        "made again (it then stops with TopicsRecreatedError) or new partitions, at the latest.",
+    )
     web_port: int | None = Field(None, description="Faust web port; None disables Faust's web server.")
     dead_letter_all_errors: bool = Field(
         True, description="Dead-letter an event whose processing raised an unexpected error (else crash)."
