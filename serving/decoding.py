@@ -194,8 +194,9 @@ def _segment_passes(
 
 def attribute_tag(name: str, value: str) -> str:
     """The tag of an attribute value: `<prefix>:<value>`, the prefix being the attribute name or its `TAG_PREFIXES`
-    entry (`color`, `COLOR` → `colour`)."""
-    return f"{tag_prefix(name)}:{value.strip()}"
+    entry (`color`, `COLOR` → `colour`), the value's white space (line breaks, tabs, runs of spaces) collapsed to one
+    space as training's labels are (`Red\nBlue` would otherwise be a tag with a line break in it)."""
+    return f"{tag_prefix(name)}:{' '.join(value.split())}"
 
 
 def catalog_tags(attributes: Mapping[str, str] | None) -> list[Tag]:
@@ -205,7 +206,7 @@ def catalog_tags(attributes: Mapping[str, str] | None) -> list[Tag]:
     for name, value in sorted((attributes or {}).items()):
         if not isinstance(name, str) or not isinstance(value, str):
             continue
-        name, value = name.strip(), value.strip()
+        name, value = name.strip(), " ".join(value.split())
         if name and value:
             out.append(Tag(tag=attribute_tag(name, value), group=tag_prefix(name), score=1.0, origin="catalog"))
     return out

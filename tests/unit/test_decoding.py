@@ -230,6 +230,9 @@ def test_catalog_tags() -> None:
         Tag("gender:Men", "gender", 1.0, "catalog"),
     ]
     assert catalog_tags(None) == []
+    # a value with a line break or a run of spaces: one tag without them, spelled as training spells its labels
+    [tag] = catalog_tags({"colour": "Red\nBlue\t  Mix \r\n"})
+    assert tag.tag == "colour:Red Blue Mix"
 
 
 def test_a_catalog_colour_has_the_tag_name_the_model_gives_it() -> None:
