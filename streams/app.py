@@ -245,8 +245,8 @@ async def reused_input_offsets(applied: dict[str, tuple[int, int | None]], setti
             reused[tp] = f"applied up to {offset}, which does not exist"
     if exist:
         consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, enable_auto_commit=False)
-        await consumer.start()
         try:
+            await consumer.start()  # inside: a check cancelled while it starts stops its client too
             ends = await consumer.end_offsets(exist)
             starts = await consumer.beginning_offsets(exist)
             check = {}
@@ -554,8 +554,11 @@ class Worker:
         return None
 
     def inputs_rebalancing(self) -> None:
-        """A rebalance began: no batch is processed until the next assignment's check passes."""
+        """A rebalance began: no batch is processed until the next assignment's check passes (an older check still
+        running is cancelled: it must not open the gate for the assignment to come)."""
         self._inputs_checked.clear()
+        if self._inputs_check is not None:
+            self._inputs_check.cancel()
 
     def inputs_assigned(self, assigned: Any) -> asyncio.Future[None]:
         """Partitions were assigned: close the gate (the agents wait before their next batch), warn of an input

@@ -103,9 +103,10 @@ class BundleModel:
         return cls(validated.bundle, validated.scorer)
 
     def score(self, products: Sequence[Any]) -> list[list[Tag]]:
-        """Featurize and score a batch in one ONNX call, then decode each row's tags. A product with no text feature
-        the model knows (a title of spaces, invisible characters or unknown symbols) gets none: its scores would be
-        the model's priors, which training never learnt from (it skips empty titles)."""
+        """Featurize and score a batch in one ONNX call, then decode each row's tags. A product with no feature the
+        model knows at all (a title of spaces, invisible characters or unknown symbols, and no known brand, hint or
+        description word) gets none: its scores would be the model's priors, which training never learnt from (it
+        skips empty titles)."""
         if not products:
             return []
         features = self.featurizer.transform(products)

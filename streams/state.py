@@ -613,6 +613,7 @@ class RedisStateStore:
         self.clock = clock
         self.max_backoff = max_backoff
         self.retries = retries
+        self._eviction_unreadable_logged = False  # `eviction_problem` warns of an unreadable policy once
         self._script = _Script("state.lua")
         self._read_script = _Script("read.lua")
         self._users_script = _Script("users.lua")
@@ -693,7 +694,9 @@ class RedisStateStore:
         try:
             info = await self._retry("info memory", lambda: self.client.info("memory"))
         except ResponseError as exc:
-            log.warning("cannot read Redis's eviction policy (INFO memory: %s); it must be noeviction", exc)
+            if not self._eviction_unreadable_logged:  # once: a running worker asks every 30 s
+                self._eviction_unreadable_logged = True
+                log.warning("cannot read Redis's eviction policy (INFO memory: %s); it must be noeviction", exc)
             return None
         policy, limit = str(info.get("maxmemory_policy", "noeviction")), int(info.get("maxmemory", 0) or 0)
         if limit > 0 and policy != "noeviction":

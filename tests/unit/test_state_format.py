@@ -75,3 +75,20 @@ async def test_a_full_redis_is_named_full_not_another_programs_key() -> None:
     message = str(refused.value)
     assert message.startswith("Redis is full (command not allowed when used memory > 'maxmemory'.)")
     assert "raise its maxmemory or free memory" in message and "another program" not in message
+
+
+class NoInfoClient(MetaClient):
+    """A managed Redis that refuses INFO (an ACL user without it)."""
+
+    async def info(self, section: str) -> dict[str, object]:
+        from redis.exceptions import NoPermissionError
+
+        raise NoPermissionError("this user has no permissions to run the 'info' command")
+
+
+async def test_an_unreadable_eviction_policy_is_warned_of_once(caplog: pytest.LogCaptureFixture) -> None:
+    """A running worker asks every 30 s: it logged the same warning ~2,900 times a day."""
+    store = RedisStateStore(NoInfoClient("3"), "shop")  # type: ignore[arg-type]
+    for _ in range(3):
+        assert await store.eviction_problem() is None
+    assert sum("cannot read Redis's eviction policy" in r.message for r in caplog.records) == 1

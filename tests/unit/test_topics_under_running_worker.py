@@ -149,6 +149,19 @@ async def test_a_newer_assignment_replaces_the_check_of_an_older_one(
     await asyncio.wait_for(worker._inputs_check_passed(), 1)
 
 
+async def test_a_check_still_running_when_the_next_rebalance_begins_never_opens_the_gate(
+    worker: Worker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """It would let records of the coming assignment through before that assignment's own check."""
+    release = asyncio.Event()
+    monkeypatch.setattr(app_module, "refuse_if_topics_recreated", _refusing(release, None))
+    older = worker.inputs_assigned(set())
+    worker.inputs_rebalancing()  # partitions revoked: the next assignment is on its way
+    release.set()
+    await asyncio.sleep(0.05)
+    assert older.cancelled() and not worker._inputs_checked.is_set()
+
+
 def test_a_deleted_input_topic_is_warned_of_once_naming_tagstream_topics(
     worker: Worker, caplog: pytest.LogCaptureFixture
 ) -> None:
