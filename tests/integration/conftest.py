@@ -4,11 +4,16 @@ worker processes (`tagstream worker`) that can be killed with SIGKILL."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -19,6 +24,8 @@ import orjson
 import pytest
 import redis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from streams.settings import WorkerSettings
 from streams.topics import ensure_topics
@@ -154,6 +161,12 @@ class WorkerProcess:
             time.sleep(0.2)
         pytest.fail(f"worker did not log {needle!r} within {timeout}s:\n{self.log()[-4000:]}")
 
+    def wait_exit(self, timeout: float) -> int | None:
+        """Its exit status once it exits, waiting up to `timeout` (None: still running then)."""
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            return self.proc.wait(timeout=timeout)
+        return None
+
     def kill9(self) -> None:
         """SIGKILL: no shutdown, no final commit."""
         self.proc.send_signal(signal.SIGKILL)
@@ -232,3 +245,72 @@ async def consume(
     finally:
         await consumer.stop()
     pytest.fail(f"condition not met on {settings.topic(topic)} within {timeout}s; saw {len(seen)}: {seen[-5:]}")
+
+
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 free right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http_get(url: str, timeout: float = 10) -> tuple[int, Any]:
+    """GET `url`: its status and JSON body, errors included."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+class OwnRedis:
+    """A redis-server on a free port with its append-only file in `data_dir`."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.port = free_port()
+        self.data_dir = data_dir
+        data_dir.mkdir(exist_ok=True)
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def client(self) -> redis.Redis:
+        """A client that fails at once when the server is down (redis-py's default retries with backoff)."""
+        return redis.Redis(port=self.port, decode_responses=True, retry=Retry(NoBackoff(), 0))
+
+    def start(self, *args: str) -> None:
+        """Start it (again), with `args` added to its command line (`--maxmemory-policy allkeys-lru`, say)."""
+        where = ["--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.data_dir)]
+        persist = ["--appendonly", "yes", "--save", "", "--logfile", str(self.data_dir / "redis.log")]
+        subprocess.run(["redis-server", *where, *persist, "--daemonize", "yes", *args], check=True)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                if self.client().ping():
+                    return
+            except redis.ConnectionError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        """Shut it down (its append-only file kept), once it no longer answers."""
+        with contextlib.suppress(redis.ConnectionError):
+            self.client().shutdown(nosave=True)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                self.client().ping()
+            except redis.ConnectionError:
+                return
+            time.sleep(0.05)
+        raise AssertionError("redis-server did not stop")
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[OwnRedis]:
+    server = OwnRedis(tmp_path / "redis")
+    server.start()
+    yield server
+    server.stop()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -19,25 +18,11 @@ import aiohttp
 import pytest
 
 from tests.events import behaviour, upsert
-from tests.integration.conftest import REPO, StreamEnv
+from tests.integration.conftest import REPO, StreamEnv, free_port, http_get
 from tests.models import featurized_bundle
 
 pytestmark = pytest.mark.integration
 T0 = 1_764_316_800_000
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _get(url: str) -> tuple[int, Any]:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as resp:
-            return resp.status, json.loads(resp.read())
-    except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read())
 
 
 def _start_lookup(
@@ -45,7 +30,7 @@ def _start_lookup(
 ) -> tuple[subprocess.Popen[bytes], str, dict[str, Any]]:
     """`tagstream lookup` on a free port with the test's settings (and `extra_env`; its log piped), once it answers;
     its URL and first /healthz (asserted healthy unless `healthy` is False)."""
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, **stream_env.env, **extra_env}
     with (stream_env.tmp / f"lookup-{port}.log").open("wb") as log:  # a pipe would fill up and stall the server
         server = subprocess.Popen(
@@ -56,7 +41,7 @@ def _start_lookup(
     deadline = time.monotonic() + 30
     while True:
         try:
-            status, health = _get(f"{base}/healthz")
+            status, health = http_get(f"{base}/healthz", timeout=5)
             break
         except (urllib.error.URLError, ConnectionError):
             if time.monotonic() > deadline:
@@ -90,7 +75,7 @@ def test_lookup_serves_current_tags_and_features(stream_env: StreamEnv, tmp_path
         # The features reflect every event once the worker has applied them.
         deadline = time.monotonic() + 30
         while True:
-            status, features = _get(f"{base}/products/lk-1/features")
+            status, features = http_get(f"{base}/products/lk-1/features", timeout=5)
             if (status == 200 and features["windows"]["h1"]["purchases"] == 1) or time.monotonic() > deadline:
                 break
             time.sleep(0.2)
@@ -99,14 +84,14 @@ def test_lookup_serves_current_tags_and_features(stream_env: StreamEnv, tmp_path
         assert h1["ctr"] == pytest.approx(5 / 20) and h1["conversion"] == pytest.approx(1 / 20)
         assert h1["unique_users"] == 6  # u0..u5 (HyperLogLog is exact at this size)
 
-        status, tags = _get(f"{base}/products/lk-1/tags")
+        status, tags = http_get(f"{base}/products/lk-1/tags", timeout=5)
         assert status == 200 and tags["product_id"] == "lk-1"
         assert "size:32" in {t["tag"] for t in tags["tags"]}
         first = next(u for u in updates if u["product_id"] == "lk-1")
         assert {t["tag"] for t in first["tags"] if t["origin"] != "behaviour"} <= {t["tag"] for t in tags["tags"]}
 
-        assert _get(f"{base}/products/nobody/tags")[0] == 404
-        assert _get(f"{base}/products/nobody/features")[0] == 404
+        assert http_get(f"{base}/products/nobody/tags", timeout=5)[0] == 404
+        assert http_get(f"{base}/products/nobody/features", timeout=5)[0] == 404
     finally:
         _stop(server)
 
@@ -136,7 +121,7 @@ def test_a_burst_of_concurrent_requests_is_answered_not_refused(stream_env: Stre
         paths = ["/products/burst-1/tags", "/healthz", "/products/burst-1/features"]
         answers = asyncio.run(_burst([f"{base}{path}" for path in paths for _ in range(200)]))
         assert answers == Counter({("tags", 200): 200, ("healthz", 200): 200, ("features", 200): 200})
-        status, features = _get(f"{base}/products/burst-1/features")
+        status, features = http_get(f"{base}/products/burst-1/features", timeout=5)
         assert status == 200 and features["as_of"] is None  # no behaviour event yet: no clock (was 0, 1970)
     finally:
         _stop(server)
@@ -167,9 +152,9 @@ def test_corrupt_state_is_a_json_500_naming_the_product(stream_env: StreamEnv) -
             ("list", "features"),  # these two were a text/plain 500 with a traceback in the log
             ("swept", "features"),
         ]:
-            status, body = _get(f"{base}/products/{product_id}/{route}")  # JSON, or _get raises
+            status, body = http_get(f"{base}/products/{product_id}/{route}", timeout=5)  # JSON, or _get raises
             assert (status, body["product_id"], body["error"].split()[0]) == (500, product_id, "corrupt"), route
-        assert _get(f"{base}/healthz")[0] == 200
+        assert http_get(f"{base}/healthz", timeout=5)[0] == 200
     finally:
         _stop(server)
 
@@ -203,11 +188,11 @@ def test_features_keep_within_the_connection_limit_and_wait_for_a_connection(str
 def test_with_redis_down_features_answer_503_at_once_naming_the_cause(stream_env: StreamEnv) -> None:
     # The features read retried Redis for 5 s per request, logged 7 warnings, and then said only "TimeoutError".
     server, base, health = _start_lookup(
-        stream_env, healthy=False, TAGSTREAM_REDIS_URL=f"redis://127.0.0.1:{_free_port()}/0"
+        stream_env, healthy=False, TAGSTREAM_REDIS_URL=f"redis://127.0.0.1:{free_port()}/0"
     )
     try:
         assert health["status"] == "unavailable"
-        status, body = _get(f"{base}/products/p1/features")
+        status, body = http_get(f"{base}/products/p1/features", timeout=5)
         assert status == 503 and body == {"error": "state store unavailable"}
     finally:
         log = _stop(server)

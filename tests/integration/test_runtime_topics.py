@@ -76,11 +76,9 @@ def test_a_running_worker_whose_behaviour_topic_is_made_again_stops_before_apply
     asyncio.run(ensure_topics(settings))  # `tagstream topics`
     se.produce("behavior", old + old)  # as many records and more: offsets reach past the old fences
 
-    deadline = time.monotonic() + 60
-    while worker.proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.2)
+    code = worker.wait_exit(60)
     log = worker.log()
-    assert worker.proc.returncode not in (None, 0), log[-4000:]
+    assert code not in (None, 0), log[-4000:]
     refused = f"Redis holds tagstream state under prefix {settings.redis_prefix!r} applied from records Kafka"
     errors = [line for line in log.splitlines() if f"[ERROR] {refused}" in line]  # then Faust's crash report
     assert len(errors) == 1, log[-4000:]

@@ -3,20 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
-import socket
 import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
-import redis
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
@@ -35,6 +31,7 @@ from streams.windows import GRANULARITIES
 from tagstream.errors import StateError
 from tagstream.stack import StackSettings
 from tests.events import behaviour, delete, upsert
+from tests.integration.conftest import OwnRedis
 
 pytestmark = pytest.mark.integration
 T0 = 1_764_316_800_000
@@ -545,67 +542,39 @@ def test_an_old_owners_batch_landing_between_the_new_owners_read_and_write_loses
     asyncio.run(main())
 
 
-@contextlib.contextmanager
-def own_redis(tmp_path: Path, *args: str) -> Iterator[redis.Redis]:
-    """A private redis-server on a free port (started with `args`), for tests that change its settings."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = subprocess.Popen(
-        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--dir", str(tmp_path), *args],
-        stdout=subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
-        client = redis.Redis(port=port)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            with contextlib.suppress(redis.ConnectionError):
-                if client.ping():
-                    break
-            time.sleep(0.1)
-        yield client
-    finally:
-        server.terminate()
-        server.wait(timeout=10)
-
-
 @pytest.mark.parametrize("policy", ["allkeys-lru", "volatile-lru"])
 def test_a_worker_refuses_a_redis_that_may_evict_its_keys(stream_env: Any, tmp_path: Path, policy: str) -> None:
     """With an evicting policy, clicks were lost (86 % with volatile-lru) or counted twice, without a warning."""
-    with own_redis(tmp_path, "--maxmemory", "64mb", "--maxmemory-policy", policy) as client:
-        stream_env.env["TAGSTREAM_REDIS_URL"] = (
-            f"redis://127.0.0.1:{client.connection_pool.connection_kwargs['port']}/0"
-        )
+    server = OwnRedis(tmp_path / "redis")
+    server.start("--maxmemory", "64mb", "--maxmemory-policy", policy)
+    try:
+        stream_env.env["TAGSTREAM_REDIS_URL"] = server.url
         done = _start_worker(stream_env)
+    finally:
+        server.stop()
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
     [line] = done.stderr.strip().splitlines()
     assert f"Redis may evict tagstream's state (maxmemory-policy is {policy} with maxmemory 67108864" in line
     assert "Set maxmemory-policy noeviction" in line
 
 
-def test_a_worker_whose_redis_fills_up_stops_naming_it_and_loses_nothing(stream_env: Any, tmp_path: Path) -> None:
+def test_a_worker_whose_redis_fills_up_stops_naming_it_and_loses_nothing(stream_env: Any, own_redis: OwnRedis) -> None:
     """Redis full (noeviction): the OOM was buried in five tracebacks of "retrying one at a time"."""
-    from tests.events import upsert
-
-    with own_redis(tmp_path) as client:
-        port = client.connection_pool.connection_kwargs["port"]
-        env = {"TAGSTREAM_REDIS_URL": f"redis://127.0.0.1:{port}/0"}
-        worker = stream_env.start_worker(**env)
-        client.config_set("maxmemory", 1)  # every write is refused from now on
-        stream_env.produce("products", [upsert("full-1", "Levis Men Black Jeans")])
-        deadline = time.monotonic() + 60
-        while worker.proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.2)
-        log = worker.log()
-        assert worker.proc.returncode not in (None, 0), log[-3000:]
-        assert "ERROR] Redis is full (command not allowed when used memory > 'maxmemory'." in log
-        assert "the worker stops; its batch was not acknowledged" in log
-        assert "retrying its messages one at a time" not in log
-        client.config_set("maxmemory", 0)
-        stream_env.start_worker(**env)  # the batch was not acknowledged: applied now
-        deadline = time.monotonic() + 60
-        while not client.exists(f"{stream_env.settings.redis_prefix}:{{full-1}}:doc") and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert client.exists(f"{stream_env.settings.redis_prefix}:{{full-1}}:doc")
-        stream_env.workers[-1].stop()
+    client = own_redis.client()
+    env = {"TAGSTREAM_REDIS_URL": own_redis.url}
+    worker = stream_env.start_worker(**env)
+    client.config_set("maxmemory", 1)  # every write is refused from now on
+    stream_env.produce("products", [upsert("full-1", "Levis Men Black Jeans")])
+    code = worker.wait_exit(60)
+    log = worker.log()
+    assert code not in (None, 0), log[-3000:]
+    assert "ERROR] Redis is full (command not allowed when used memory > 'maxmemory'." in log
+    assert "the worker stops; its batch was not acknowledged" in log
+    assert "retrying its messages one at a time" not in log
+    client.config_set("maxmemory", 0)
+    stream_env.start_worker(**env)  # the batch was not acknowledged: applied now
+    deadline = time.monotonic() + 60
+    while not client.exists(f"{stream_env.settings.redis_prefix}:{{full-1}}:doc") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert client.exists(f"{stream_env.settings.redis_prefix}:{{full-1}}:doc")
+    stream_env.workers[-1].stop()

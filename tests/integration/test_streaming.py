@@ -620,10 +620,8 @@ def test_a_running_worker_whose_redis_loses_its_state_stops_instead_of_writing_o
     client = stream_env.redis()
     client.delete(*client.scan_iter(f"{settings.redis_prefix}:*"))  # flushed, or restarted without its AOF
     stream_env.produce("products", [upsert("after-1", "Nike Running Shoes")])
-    deadline = time.monotonic() + 30
-    while worker.proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert worker.proc.returncode not in (None, 0), worker.log()[-3000:]
+    code = worker.wait_exit(30)
+    assert code not in (None, 0), worker.log()[-3000:]
     assert f"Redis lost tagstream's state under prefix {settings.redis_prefix!r} while this worker ran" in worker.log()
 
     env = {**os.environ, **stream_env.env, "TAGSTREAM_MODEL_PATH": str(bundle)}
