@@ -136,18 +136,30 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def kept_states(cache: Any) -> dict[str, Any]:
-    """How many states the cache holds, its hit rate, and the memory they take (tracemalloc of a deep copy)."""
-    import copy
-    import tracemalloc
+def deep_size(root: object) -> int:
+    """The bytes of every object reachable from `root` through dicts, lists, tuples, sets and slots, each once
+    (a deep copy measured with tracemalloc missed the strings, which a copy shares: 3 KB per state instead of 7.5)."""
+    seen: set[int] = set()
+    total, stack = 0, [root]
+    while stack:
+        obj = stack.pop()
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        total += sys.getsizeof(obj)
+        if isinstance(obj, dict):
+            stack += [*obj.keys(), *obj.values()]
+        elif isinstance(obj, (list, tuple, set)):
+            stack += list(obj)
+        elif hasattr(obj, "__slots__"):
+            stack += [getattr(obj, name) for name in obj.__slots__ if hasattr(obj, name)]
+    return total
 
+
+def kept_states(cache: Any) -> dict[str, Any]:
+    """How many states the cache holds, its hit rate, and the memory they take (every object they reach)."""
     states = list(cache._states.values())
-    tracemalloc.start()
-    before = tracemalloc.get_traced_memory()[0]
-    held = copy.deepcopy(states)
-    size = tracemalloc.get_traced_memory()[0] - before
-    tracemalloc.stop()
-    del held
+    size = deep_size(states)
     looked = cache.hits + cache.misses
     return {
         "kept": len(states),

@@ -679,8 +679,8 @@ def _parse_json(data: bytes | None, name: str, reasons: list[str]) -> Any:
         return None
     try:
         return json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
-        reasons.append(f"{name}: not UTF-8 JSON ({exc})")
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # RecursionError: nested deeper than Python goes
+        reasons.append(f"{name}: not UTF-8 JSON ({type(exc).__name__}: {exc})")
         return None
 
 
@@ -1068,8 +1068,10 @@ def _all_tensors(model: onnx.ModelProto) -> Iterable[tuple[str, onnx.TensorProto
                     yield f"{node.name or node.op_type}.{attr.name}", attr.t
                 for t in attr.tensors:
                     yield f"{node.name or node.op_type}.{attr.name}", t
-                if attr.HasField("sparse_tensor"):
-                    yield f"{node.name or node.op_type}.{attr.name}", attr.sparse_tensor.values
+                sparse = [attr.sparse_tensor] if attr.HasField("sparse_tensor") else []
+                for st in [*sparse, *attr.sparse_tensors]:
+                    yield f"{node.name or node.op_type}.{attr.name}", st.values
+                    yield f"{node.name or node.op_type}.{attr.name}", st.indices
 
 
 def _check_onnx(

@@ -43,6 +43,19 @@ class LookupSettings(BaseSettings):
         description="most Redis connections of each of the lookup's two clients (tags and /healthz; features); a "
         "request finding them all busy waits for one (TAGSTREAM_REDIS_MAX_CONNECTIONS)",
     )
+    http_max_connections: int = Field(
+        default=1000,
+        ge=1,
+        description="most client connections open at once; one more is answered 503 and closed at once (the limit "
+        "is lowered to what the process's open-file limit leaves beside the Redis connections) "
+        "(TAGSTREAM_HTTP_MAX_CONNECTIONS)",
+    )
+    http_idle_timeout: float = Field(
+        default=15.0,
+        gt=0,
+        description="seconds a client connection may stay open without a whole request (idle, or sending its "
+        "request slowly) before it is closed (TAGSTREAM_HTTP_IDLE_TIMEOUT)",
+    )
     redis_pool_timeout: float = Field(
         default=5.0,
         gt=0,
@@ -97,6 +110,26 @@ def _redis_client(settings: LookupSettings, **options: Any) -> aioredis.Redis:
     return aioredis.Redis.from_pool(pool)
 
 
+def _connection_limit(settings: LookupSettings) -> int:
+    """`http_max_connections`, lowered to what the open-file limit leaves beside both Redis pools (and a margin for
+    the process's other files), so that clients never exhaust the descriptors (logged when lowered)."""
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return settings.http_max_connections
+    room = max(16, soft - 2 * settings.redis_max_connections - 64)
+    if room < settings.http_max_connections:
+        log.warning(
+            "at most %d client connections (TAGSTREAM_HTTP_MAX_CONNECTIONS is %d, but the open-file limit is %d): "
+            "raise the limit (ulimit -n) for more",
+            room,
+            settings.http_max_connections,
+            soft,
+        )
+    return min(room, settings.http_max_connections)
+
+
 def _url_address(host: str, port: int) -> str:
     """`host:port` as in a URL: an IPv6 address in brackets."""
     return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
@@ -112,6 +145,7 @@ def run_lookup(args: argparse.Namespace) -> int:
         PING_TIMEOUT_S,
         STATE_SEEN,
         create_app,
+        install_connection_limit,
         install_json_protocol_errors,
         state_format,
     )
@@ -160,6 +194,7 @@ def run_lookup(args: argparse.Namespace) -> int:
 
     app.on_startup.append(check_prefix)
     install_json_protocol_errors()  # a request aiohttp cannot parse (a line over 8190 bytes) answers JSON too
+    install_connection_limit(_connection_limit(settings))
     app.on_cleanup.append(close_client)
     address = _url_address(settings.http_host, settings.http_port)
     try:  # run_app calls `print` once it listens
@@ -167,6 +202,7 @@ def run_lookup(args: argparse.Namespace) -> int:
             app,
             host=settings.http_host,
             port=settings.http_port,
+            keepalive_timeout=settings.http_idle_timeout,
             print=lambda _: log.info("tag lookup on http://%s (prefix %s)", address, prefix),
         )
     except OSError as exc:  # only the bind (address in use, not permitted, unknown host) gets out of run_app

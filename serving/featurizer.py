@@ -588,8 +588,9 @@ class Featurizer:
             assets = spec.get("assets", {})
             idf = np.load(io.BytesIO(read(assets.get("idf", IDF_FILE))), allow_pickle=False)
             known = np.load(io.BytesIO(read(assets["known"])), allow_pickle=False) if "known" in assets else None
-        except (OSError, ValueError, TypeError, AttributeError) as exc:
-            raise FeaturizerError(f"cannot read featurizer from {d}: {exc}") from exc
+        except (OSError, ValueError, TypeError, AttributeError, RecursionError, MemoryError) as exc:
+            # a JSON nested too deep, an .npy header claiming more memory than there is: refused, not a crash
+            raise FeaturizerError(f"cannot read featurizer from {d}: {type(exc).__name__}: {exc}") from None
         return cls.from_spec(spec, idf, known)
 
     def __repr__(self) -> str:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -25,7 +26,7 @@ from urllib.parse import unquote
 import orjson
 from aiohttp import web, web_protocol
 
-__all__ = ["create_app", "install_json_protocol_errors", "state_format", "tags_key"]
+__all__ = ["create_app", "install_connection_limit", "install_json_protocol_errors", "state_format", "tags_key"]
 
 log = logging.getLogger(__name__)
 
@@ -85,10 +86,15 @@ def _wrong_type(exc: BaseException) -> bool:
     return str(exc).startswith("WRONGTYPE")
 
 
+_BAD_ESCAPE_RE = re.compile(r"%(?![0-9A-Fa-f]{2})")
+
+
 def _product_id(request: web.Request) -> str | web.Response:
     """The product id of the path, or the 400 answer for a malformed one (an id percent-encoded from bytes that
     are not UTF-8 included: aiohttp would leave `%FF` as those three characters, naming another product)."""
     raw = request.rel_url.raw_parts[2] if len(request.rel_url.raw_parts) > 2 else ""
+    if _BAD_ESCAPE_RE.search(raw):  # `unquote` keeps `%zz` as it is: `/products/%zz` and `/products/%25zz` were one
+        return _json({"error": "invalid product id: % not followed by two hex digits", "product_id": raw}, status=400)
     try:
         product_id = unquote(raw, errors="strict")
     except UnicodeDecodeError:
@@ -275,3 +281,50 @@ def install_json_protocol_errors() -> None:
     """Make aiohttp's answers to requests it cannot parse, and to exceptions of handlers, JSON (they are built by its
     protocol handler, before and outside the application's middlewares). Process-wide: for `tagstream lookup`."""
     web_protocol.RequestHandler.handle_error = _json_handle_error  # type: ignore[method-assign]
+
+
+_BUSY_BODY = orjson.dumps({"error": "too many connections; try again"})
+_BUSY_ANSWER = (
+    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json; charset=utf-8\r\n"
+    b"Cache-Control: no-store\r\nRetry-After: 1\r\nConnection: close\r\n"
+    + f"Content-Length: {len(_BUSY_BODY)}\r\n\r\n".encode()
+    + _BUSY_BODY
+)
+_BUSY_LOG_EVERY_S = 10.0
+
+
+@dataclass
+class _ConnectionLimit:
+    most: int
+    refused: int = 0
+    logged_at: float = float("-inf")
+
+
+def install_connection_limit(most: int) -> None:
+    """Answer 503 and close every connection beyond `most` open ones at once, instead of holding it (idle or slow
+    clients held one file descriptor each until the process ran out, then aiohttp logged each failed accept; a
+    refusal is logged once per 10 s with a count). Process-wide, like `install_json_protocol_errors`."""
+    limit = _ConnectionLimit(most)
+    made = web_protocol.RequestHandler.connection_made
+    accept = getattr(made, "__wrapped__", made)  # installed twice (tests): the limit wraps aiohttp's own
+
+    def connection_made(self: web_protocol.RequestHandler, transport: Any) -> None:
+        manager = self._manager
+        if manager is not None and len(manager.connections) >= limit.most:
+            self._manager = None  # never registered: connection_lost does nothing
+            self._force_close = True  # data_received ignores anything the client sends
+            transport.write(_BUSY_ANSWER)
+            transport.close()
+            limit.refused += 1
+            if time.monotonic() - limit.logged_at >= _BUSY_LOG_EVERY_S:
+                limit.logged_at = time.monotonic()
+                log.warning(
+                    "%d connections open, the most TAGSTREAM_HTTP_MAX_CONNECTIONS allows: %d refused with 503 so far",
+                    limit.most,
+                    limit.refused,
+                )
+            return
+        accept(self, transport)
+
+    connection_made.__wrapped__ = accept  # type: ignore[attr-defined]
+    web_protocol.RequestHandler.connection_made = connection_made  # type: ignore[method-assign]

@@ -41,7 +41,7 @@ from streams.topics import (
     partitions_of,
 )
 from streams.transport import RecordBatchMessage, TagstreamTransport
-from tagstream.errors import StateError, StateLostError, TopicsRecreatedError
+from tagstream.errors import StateError, StateLostError, StoreMismatchError, TopicsRecreatedError
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +65,7 @@ class TagstreamApp(faust.App):
     fetch_min_bytes: int = 1  # aiokafka's defaults until the worker sets its own
     fetch_max_wait_ms: int = 1500  # what Faust passes
     fetch_idle_wait_ms: int = 0  # no long poll while idle until the worker sets it
+    commit_metadata: str = ""  # committed with every input offset once the worker knows its store (SPEC.md §3)
     consumer_thread: bool = True  # Faust's consumer thread until the worker sets it
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -86,11 +87,24 @@ class TagstreamApp(faust.App):
         return TagstreamTransport(self.conf.broker_producer, self)
 
 
-async def committed_input_offsets(settings: WorkerSettings) -> dict[str, int]:
-    """The offsets the worker's consumer group has committed on its input topics (products, behavior), by
-    `topic:partition`, where they are past the partition's first offset: a partition without a commit, or whose
-    commit is at (or before) its first record, as after a reset to the earliest, has applied nothing still there."""
-    from aiokafka import AIOKafkaConsumer
+COMMIT_METADATA_PREFIX = "tagstream-store:"
+
+
+def commit_metadata(store_id: str, redis_prefix: str) -> str:
+    """The metadata a worker commits with its input offsets: the Redis store its batches wrote (SPEC.md §3)."""
+    return f"{COMMIT_METADATA_PREFIX}{store_id}:{redis_prefix}"
+
+
+def committed_store(metadata: str | None) -> tuple[str, str] | None:
+    """(store id, Redis prefix) a commit's metadata names; None for a commit of an older worker or of a tool."""
+    if not metadata or not metadata.startswith(COMMIT_METADATA_PREFIX):
+        return None
+    store_id, _, prefix = metadata[len(COMMIT_METADATA_PREFIX) :].partition(":")
+    return store_id, prefix
+
+
+async def _input_commits(settings: WorkerSettings) -> dict[Any, Any]:
+    """The worker's consumer group's commits (offset and metadata) on its input topics, by TopicPartition."""
     from aiokafka.admin import AIOKafkaAdminClient
 
     admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, client_id="tagstream-state-check")
@@ -100,7 +114,16 @@ async def committed_input_offsets(settings: WorkerSettings) -> dict[str, int]:
     finally:
         await admin.close()
     inputs = {settings.topic(PRODUCTS.name), settings.topic(BEHAVIOR.name)}
-    committed = {tp: m.offset for tp, m in offsets.items() if tp.topic in inputs and m.offset > 0}
+    return {tp: m for tp, m in offsets.items() if tp.topic in inputs}
+
+
+async def committed_input_offsets(settings: WorkerSettings) -> dict[str, int]:
+    """The offsets the worker's consumer group has committed on its input topics (products, behavior), by
+    `topic:partition`, where they are past the partition's first offset: a partition without a commit, or whose
+    commit is at (or before) its first record, as after a reset to the earliest, has applied nothing still there."""
+    from aiokafka import AIOKafkaConsumer
+
+    committed = {tp: m.offset for tp, m in (await _input_commits(settings)).items() if m.offset > 0}
     if not committed:
         return {}
     consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, enable_auto_commit=False)
@@ -110,6 +133,32 @@ async def committed_input_offsets(settings: WorkerSettings) -> dict[str, int]:
     finally:
         await consumer.stop()
     return {f"{tp.topic}:{tp.partition}": at for tp, at in committed.items() if at > first[tp]}
+
+
+async def stores_of_the_group(settings: WorkerSettings) -> dict[str, tuple[str, str]]:
+    """The Redis store (id, prefix) each input partition's last commit by the worker's consumer group names, by
+    `topic:partition` (partitions committed by older workers, which name none, left out)."""
+    commits = await _input_commits(settings)
+    named = {f"{tp.topic}:{tp.partition}": committed_store(m.metadata) for tp, m in commits.items()}
+    return {where: store for where, store in named.items() if store is not None}
+
+
+async def refuse_if_group_writes_another_store(store_id: str, settings: WorkerSettings) -> None:
+    """StoreMismatchError when the worker's consumer group committed input offsets for another Redis store than
+    this worker's: its workers were given different TAGSTREAM_REDIS_URL or TAGSTREAM_REDIS_PREFIX values, and each
+    store holds only the events of the partitions its workers happened to own."""
+    others = {where: store for where, store in (await stores_of_the_group(settings)).items() if store[0] != store_id}
+    if not others:
+        return
+    prefixes = ", ".join(sorted({repr(prefix) for _, prefix in others.values()}))
+    raise StoreMismatchError(
+        f"consumer group {settings.app_id!r} has committed offsets for another Redis store (prefix {prefixes}; "
+        f"{_a_few(sorted(others))}) than this worker's (prefix {settings.redis_prefix!r}, store id {store_id}): the "
+        "group's workers write to different stores (their TAGSTREAM_REDIS_URL or TAGSTREAM_REDIS_PREFIX differ), so "
+        "each store lacks the events the others applied. Give every worker of the group the same TAGSTREAM_REDIS_URL "
+        "and TAGSTREAM_REDIS_PREFIX; to rebuild one complete store, start them with a new TAGSTREAM_APP_ID (a new "
+        "consumer group reads the topics from the start) and a new, empty TAGSTREAM_REDIS_PREFIX (the lookup too)"
+    )
 
 
 def _a_few(items: Iterable[str], n: int = 3) -> str:
@@ -135,10 +184,22 @@ async def refuse_if_offsets_committed(settings: WorkerSettings) -> None:
     if not committed:
         return
     shown = _a_few(f"{where} at {offset}" for where, offset in sorted(committed.items()))
+    stores = await stores_of_the_group(settings)
+    named = sorted({repr(prefix) for _, prefix in stores.values() if prefix != settings.redis_prefix})
+    if named:  # most likely a worker given another prefix or Redis than its group's
+        raise StateLostError(
+            f"Redis holds no tagstream state under prefix {settings.redis_prefix!r} (no "
+            f"{settings.redis_prefix}:meta), but consumer group {settings.app_id!r} has committed offsets ({shown}) "
+            f"for the store under prefix {', '.join(named)}: give this worker the TAGSTREAM_REDIS_URL and "
+            "TAGSTREAM_REDIS_PREFIX its group's other workers use. If that store is this one and it was lost, "
+            "restore Redis (its append-only file), or rebuild the state by replaying the topics: start with a new "
+            "TAGSTREAM_APP_ID and a new TAGSTREAM_REDIS_PREFIX"
+        )
     raise StateLostError(
         f"Redis holds no tagstream state under prefix {settings.redis_prefix!r} (no {settings.redis_prefix}:meta), "
         f"but consumer group {settings.app_id!r} has committed offsets ({shown}): the state those events built "
-        "was lost, and resuming would apply only what comes after them. Restore Redis (its append-only file), or "
+        "was lost, and resuming would apply only what comes after them. Restore Redis (its append-only file), check "
+        "that TAGSTREAM_REDIS_URL and TAGSTREAM_REDIS_PREFIX are the ones the state was written with, or "
         "rebuild the state by replaying the topics into an empty prefix: start with a new TAGSTREAM_APP_ID (a new "
         "consumer group reads the topics from the start) and a new TAGSTREAM_REDIS_PREFIX (the lookup too), or "
         f"delete the keys under {settings.redis_prefix!r} first (keys a worker wrote after the loss would fence "
@@ -318,6 +379,12 @@ async def check_state_store(settings: WorkerSettings, wait_s: float = 5.0) -> bo
                 return False
         await asyncio.wait_for(store.check_format(), wait_s)
         await asyncio.wait_for(refuse_if_redis_evicts(store), wait_s)
+        store_id = await asyncio.wait_for(store.store_id(), wait_s)
+        try:
+            await asyncio.wait_for(refuse_if_group_writes_another_store(store_id, settings), TOPICS_CHECK_S)
+        except (KafkaError, TimeoutError) as exc:
+            log.warning("Kafka did not answer (%r): the worker checks its group's store once it reaches it", exc)
+            return False
         return True
     except TimeoutError:
         log.warning("Redis did not answer within %gs: its state format is checked once the worker reaches it", wait_s)
@@ -357,6 +424,7 @@ class Worker:
         `store_checked`: `check_state_store` ran every check just before, so the worker does not repeat them."""
         self.settings = settings
         self.store_checked = store_checked
+        self.store_id: str | None = None  # the Redis store's id (`<prefix>:meta`), committed with the offsets
         self.capture_output = capture_output
         self.captured: dict[str, list[tuple[bytes | None, bytes]]] = {TAG_UPDATES.name: [], DEAD_LETTER.name: []}
         if settings.user_hash_key.get_secret_value() == DEV_USER_HASH_KEY:
@@ -510,6 +578,11 @@ class Worker:
                         log.warning("could not check that Kafka holds the records Redis applied (%r)", exc)
                     await store.check_format()
                     await refuse_if_redis_evicts(store)
+                if isinstance(store, RedisStateStore):
+                    self.store_id = await store.store_id()
+                    if not self.store_checked:
+                        await self._check_group_store(self.store_id)
+                    self.app.commit_metadata = commit_metadata(self.store_id, store.prefix)
                 await self.models.start()
                 self._processor = Processor(
                     store,
@@ -520,11 +593,19 @@ class Worker:
                     behaviour_lanes=self.settings.behaviour_lanes,
                     lane_min_events=self.settings.behaviour_lane_min_events,
                     state_cache=self.settings.state_cache,
+                    state_cache_bytes=int(self.settings.state_cache_mb * 2**20),
                     locks=self.locks,
                     max_event_ahead_ms=self.settings.max_event_ahead_ms,
                     behaviour_topic=self.settings.topic("behavior"),
                 )
             return self._processor
+
+    async def _check_group_store(self, store_id: str) -> None:
+        """`refuse_if_group_writes_another_store`; Kafka not answering is a warning (the next check runs it)."""
+        try:
+            await asyncio.wait_for(refuse_if_group_writes_another_store(store_id, self.settings), TOPICS_CHECK_S)
+        except (KafkaError, TimeoutError) as exc:  # a guard: the worker runs on without it
+            log.warning("could not check which store the consumer group's commits name (%r)", exc)
 
     async def _store(self) -> StateStore:
         return (await self.processor()).store
@@ -547,6 +628,8 @@ class Worker:
                 return state_lost_while_running(self.settings)
             if self._state_watches % EVICTION_CHECK_EVERY == 0:
                 await asyncio.wait_for(refuse_if_redis_evicts(store), STATE_WATCH_S)
+                if self.store_id is not None:  # workers of the group started together on different stores
+                    await asyncio.wait_for(refuse_if_group_writes_another_store(self.store_id, self.settings), 10.0)
         except StateError as exc:
             return exc
         except Exception as exc:  # Redis away or loading: nothing is known
@@ -607,6 +690,8 @@ class Worker:
                     await asyncio.wait_for(refuse_if_topics_recreated(store, self.settings), TOPICS_CHECK_S)
                 except (KafkaError, TimeoutError) as exc:  # a guard: the worker runs on without it
                     log.warning("could not check that Kafka holds the records Redis applied (%r)", exc)
+                if self.store_id is not None:
+                    await self._check_group_store(self.store_id)
         except StateError as exc:
             log.error("%s", exc)
             await self.app.crash(exc)

@@ -407,18 +407,20 @@ class Processor:
         behaviour_lanes: int = 2,
         lane_min_events: int = 128,
         state_cache: int = 0,
+        state_cache_bytes: int | None = None,
         locks: ProductLocks | None = None,
         max_event_ahead_ms: int = 900_000,
         behaviour_topic: str = "behavior",
     ) -> None:
-        """Upserts are scored on the event loop, `score_step` at a time (`score_in_steps`; 64 rows: ~3 ms);
-        behaviour batches run in up to `behaviour_lanes` concurrent lanes of partitions, one per `lane_min_events`
-        events of the batch at most. `state_cache` > 0 keeps that many products' states between batches
-        (`StateCache`): a batch reads from Redis only the products it does not hold. `locks`: the holds of products
-        being processed, shared with the worker (which holds a batch's products itself, to enqueue its updates in
-        the same hold). An event whose time is more than `max_event_ahead_ms` ahead of the wall clock (0: no check) is
-        dead-lettered. `behaviour_topic`: the behaviour topic's name, whose partition N holds the products of
-        product-change partition N (a new product's `new` tag is indexed there, to be expired by its window pass)."""
+        """Upserts are scored on the event loop, `score_step` at a time (`score_in_steps`; 64 rows: ~3 ms); behaviour
+        batches run in up to `behaviour_lanes` concurrent lanes of partitions, one per `lane_min_events` events of the
+        batch at most. `state_cache` > 0 keeps that many products' states between batches, taking about
+        `state_cache_bytes` at most (None: no such bound; `StateCache`): a batch reads from Redis only the products it
+        does not hold. `locks`: the holds of products being processed, shared with the worker (which holds a batch's
+        products itself, to enqueue its updates in the same hold). An event whose time is more than `max_event_ahead_ms`
+        ahead of the wall clock (0: no check) is dead-lettered. `behaviour_topic`: the behaviour topic's name, whose
+        partition N holds the products of product-change partition N (a new product's `new` tag is indexed there, to be
+        expired by its window pass)."""
         self.store = store
         self.user_hash_key = user_hash_key
         self._hash_user = UserHasher(user_hash_key)
@@ -436,7 +438,7 @@ class Processor:
         # Products whose unique users decided a behaviour tag lately (most recent last): counted with their read.
         self._users_decide: OrderedDict[str, None] = OrderedDict()
         self._seen_counts: dict[str, WindowCounts] = {}  # this batch's decoded windows, per product
-        self.cache = StateCache(state_cache) if state_cache > 0 else None
+        self.cache = StateCache(state_cache, state_cache_bytes) if state_cache > 0 else None
         self.conflicts = 0  # batches processed again because another writer changed one of their products
 
     # ------------------------------------------------------------------ state

@@ -143,8 +143,15 @@ class WorkerSettings(BaseSettings):
         ge=0,
         description="Products whose state the worker keeps between batches (most recently used), so a batch reads "
         "from Redis only the others; every write is fenced on the revision it was computed from, so a kept state "
-        "another writer changed is read again. About 3 KB per product on the bench mix. 0 = read every batch's "
-        "products.",
+        "another writer changed is read again. About 7.5 KB per product on the bench mix; at most "
+        "TAGSTREAM_STATE_CACHE_MB in all. 0 = read every batch's products.",
+    )
+    state_cache_mb: float = Field(
+        64.0,
+        gt=0,
+        description="Most memory the kept product states take, estimated from their fields, tags and strings (a "
+        "product with a 19,000-character description and 100 attributes takes ~100 KB): the least recently used "
+        "beyond it are dropped, whatever TAGSTREAM_STATE_CACHE allows.",
     )
     fetch_min_bytes: int = Field(
         32_768,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import secrets
 import time
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Collection, Iterable
@@ -20,6 +21,8 @@ import hiredis
 import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import (
+    AuthenticationError,
+    AuthorizationError,
     BusyLoadingError,
     ConnectionError,
     DataError,
@@ -234,17 +237,46 @@ class Ops:
         return out
 
 
+def approx_state_bytes(state: ProductState) -> int:
+    """A cheap estimate of the memory a kept product state takes (within about ±30 % on the bench mix and on
+    products with 19,000-character descriptions and 100 attributes): a fixed cost per hash field and per tag, plus
+    the length of its strings (the description, the `emit:` updates in its fence), so that a few very large products
+    weigh what they take (`StateCache`'s byte budget)."""
+    doc, fence, tags = state.doc, state.fence, state.tags
+    n = (
+        1000
+        + 120 * (len(doc) + len(state.beh) + len(fence))
+        + sum(map(len, doc.values()))
+        + sum(map(len, fence.values()))
+    )
+    if tags:
+        got = tags.get
+        n += 400 * (
+            len(got("tags") or ())
+            + len(got("model") or ())
+            + len(got("catalog") or ())
+            + len(got("behaviour_tags") or ())
+        )
+    return n
+
+
 class StateCache:
-    """Product states as this worker last read or wrote them, most recently used last, at most `size`.
+    """Product states as this worker last read or wrote them, most recently used last, at most `size` of them and
+    about `max_bytes` (`approx_state_bytes`; None: no bound): a product with a 19,000-character description and 100
+    attributes takes ~100 KB, thirteen times a product of the bench mix, so a count alone let 4,000 such products take
+    a gigabyte.
 
     A batch `take`s the states it needs (they are out of the cache while it mutates them) and `put`s back each one
     whose writes were all applied, at the revision they left. Everything else is dropped: a state whose write failed,
     conflicted or was never made is read from Redis next time. A kept state that another writer changed since is
     caught by the write's `expect_rev`, so the cache can be stale but never makes a write wrong."""
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, max_bytes: int | None = None) -> None:
         self.size = size
+        self.max_bytes = max_bytes
         self._states: OrderedDict[str, ProductState] = OrderedDict()
+        self._bytes: dict[str, int] = {}  # each kept state's estimate when it was put
+        self.bytes = 0  # their sum
         self.hits = 0
         self.misses = 0
 
@@ -262,29 +294,44 @@ class StateCache:
         looking ahead, not reading)."""
         pop = self._states.pop
         taken = {pid: state for pid in product_ids if (state := pop(pid, None)) is not None}
+        if taken:
+            forget = self._bytes.pop
+            self.bytes -= sum(forget(pid, 0) for pid in taken)
         self.hits += len(taken)
         return taken
 
     def put(self, state: ProductState, rev: int | None = None) -> None:
-        """Keep `state` (as Redis holds it, at revision `rev` if given), dropping the least recently used beyond size;
-        its unique-user counts are not kept (they are counted at a given time)."""
+        """Keep `state` (as Redis holds it, at revision `rev` if given), dropping the least recently used beyond the
+        size and the byte budget; its unique-user counts are not kept (they are counted at a given time)."""
         if rev is not None:
             state.fence["rev"] = str(rev)
         state.users = {}
         state.stored_counters = bool(state.beh)  # as Redis holds it now
-        self._states[state.product_id] = state
-        self._states.move_to_end(state.product_id)
+        pid = state.product_id
+        self._states[pid] = state
+        self._states.move_to_end(pid)
+        if self.max_bytes is not None:
+            weight = approx_state_bytes(state)
+            self.bytes += weight - self._bytes.get(pid, 0)
+            self._bytes[pid] = weight
+            while self.bytes > self.max_bytes and self._states:
+                dropped, _ = self._states.popitem(last=False)
+                self.bytes -= self._bytes.pop(dropped, 0)
         while len(self._states) > self.size:
-            self._states.popitem(last=False)
+            dropped, _ = self._states.popitem(last=False)
+            self.bytes -= self._bytes.pop(dropped, 0)
 
     def discard(self, product_ids: Iterable[str]) -> None:
         """Forget these products (another writer changed them)."""
         for pid in product_ids:
             self._states.pop(pid, None)
+            self.bytes -= self._bytes.pop(pid, 0)
 
     def clear(self) -> None:
         """Forget every product (partitions moved: others may write them now)."""
         self._states.clear()
+        self._bytes.clear()
+        self.bytes = 0
 
 
 @dataclass(slots=True)
@@ -658,6 +705,11 @@ class RedisStateStore:
                         time.monotonic() - failing_since,
                     )
                 return result
+            except (AuthenticationError, AuthorizationError) as exc:  # ConnectionErrors that no retry will mend
+                raise StateError(
+                    f"Redis refused tagstream's credentials ({exc}): set the user and password of TAGSTREAM_REDIS_URL "
+                    "(redis://USER:PASSWORD@HOST:PORT/DB) to ones this Redis accepts"
+                ) from exc
             except _RETRYABLE as exc:
                 if not attempt:
                     failing_since = time.monotonic()
@@ -728,6 +780,18 @@ class RedisStateStore:
             )
         elif found != STATE_FORMAT:
             raise StateError(format_refusal(meta, found))
+
+    async def store_id(self) -> str:
+        """This store's identity (`<prefix>:meta` field `store_id`, made by the first worker that asks): the same
+        store however Redis is reached (another host name, a restore from its append-only file), and another for
+        every other prefix or Redis. Workers commit it with their offsets (`streams.app.commit_metadata`)."""
+
+        async def run() -> Any:
+            await self.client.hsetnx(f"{self.prefix}:meta", "store_id", secrets.token_hex(8))
+            return await self.client.hget(f"{self.prefix}:meta", "store_id")
+
+        found = await self._retry("store_id", run)
+        return found.decode() if isinstance(found, bytes) else str(found)
 
     async def read(
         self, product_ids: list[str], now: dict[str, int] | None = None, *, counters: bool = True
@@ -925,6 +989,10 @@ class MemoryStateStore:
         self.strings: dict[str, str] = {}
         self.hlls: dict[str, set[str]] = defaultdict(set)
         self.zsets: dict[str, dict[str, int]] = defaultdict(dict)
+
+    async def store_id(self) -> str:
+        """This store's identity (one per store object, as `RedisStateStore.store_id` is one per Redis prefix)."""
+        return f"memory-{id(self):x}"
 
     async def read(
         self, product_ids: list[str], now: dict[str, int] | None = None, *, counters: bool = True

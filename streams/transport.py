@@ -27,6 +27,7 @@ import types
 from collections.abc import AsyncIterator, Callable, Coroutine, Generator
 from typing import Any, cast
 
+from aiokafka.structs import OffsetAndMetadata
 from faust.transport.consumer import CONSUMER_FETCHING
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TP, Message
@@ -133,6 +134,20 @@ class IdleLongPoll:
         return bool(got_records)
 
 
+def _committing_metadata(commit: Callable[..., Any], app: Any) -> Callable[..., Any]:
+    """aiokafka's `commit`, with the app's `commit_metadata` (the Redis store the worker writes) on every offset
+    Faust commits without metadata: a worker of the same group on another store sees it (`streams.app`)."""
+
+    async def commit_with_metadata(offsets: Any = None) -> Any:
+        metadata = getattr(app, "commit_metadata", "")
+        if metadata and offsets:
+            unnamed = [tp for tp, at in offsets.items() if isinstance(at, OffsetAndMetadata) and not at.metadata]
+            offsets = {**offsets, **{tp: OffsetAndMetadata(offsets[tp].offset, metadata) for tp in unnamed}}
+        return await commit(offsets)
+
+    return commit_with_metadata
+
+
 class BatchingConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
     """Faust's consumer thread with the app's `fetch_min_bytes` and `fetch_max_wait_ms` (Faust leaves aiokafka's
     fetch_min_bytes=1: the broker answers every fetch as soon as one record arrives, so at a steady rate the consumer
@@ -185,6 +200,7 @@ class BatchingConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
         # aiokafka hands these to its Fetcher when the consumer starts; the consumer is not started yet
         consumer._fetch_min_bytes = getattr(self.app, "fetch_min_bytes", consumer._fetch_min_bytes)
         consumer._fetch_max_wait_ms = getattr(self.app, "fetch_max_wait_ms", consumer._fetch_max_wait_ms)
+        consumer.commit = _committing_metadata(consumer.commit, self.app)
         return consumer
 
     async def on_start(self) -> None:

@@ -71,6 +71,10 @@ class TopicsRecreatedError(StateError):
     """Redis holds state applied from input offsets Kafka's topics have not reached: the topics were made again."""
 
 
+class StoreMismatchError(StateError):
+    """The worker's consumer group has committed offsets for another Redis store: the group's state is split."""
+
+
 class StateConflictError(StateError):
     """Another writer changed a product between a batch's read of its state and the batch's write."""
 

@@ -269,18 +269,21 @@ class OwnRedis:
     def __init__(self, data_dir: Path) -> None:
         self.port = free_port()
         self.data_dir = data_dir
+        self.password: str | None = None  # the default user's, once `start` was given `--requirepass`
         data_dir.mkdir(exist_ok=True)
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        return f"redis://{f':{self.password}@' if self.password else ''}127.0.0.1:{self.port}/0"
 
     def client(self) -> redis.Redis:
         """A client that fails at once when the server is down (redis-py's default retries with backoff)."""
-        return redis.Redis(port=self.port, decode_responses=True, retry=Retry(NoBackoff(), 0))
+        return redis.Redis(port=self.port, password=self.password, decode_responses=True, retry=Retry(NoBackoff(), 0))
 
     def start(self, *args: str) -> None:
         """Start it (again), with `args` added to its command line (`--maxmemory-policy allkeys-lru`, say)."""
+        if "--requirepass" in args:
+            self.password = args[args.index("--requirepass") + 1]
         where = ["--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.data_dir)]
         persist = ["--appendonly", "yes", "--save", "", "--logfile", str(self.data_dir / "redis.log")]
         subprocess.run(["redis-server", *where, *persist, "--daemonize", "yes", *args], check=True)

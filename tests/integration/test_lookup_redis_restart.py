@@ -24,10 +24,10 @@ from tests.integration.conftest import REPO, OwnRedis, free_port, http_get
 pytestmark = pytest.mark.integration
 
 
-def _start_lookup(own_redis: OwnRedis, tmp: Path) -> tuple[subprocess.Popen[bytes], str, Path]:
+def _start_lookup(own_redis: OwnRedis, tmp: Path, **extra: str) -> tuple[subprocess.Popen[bytes], str, Path]:
     """`tagstream lookup` over `own_redis` (prefix `ts`) on a free port, once it answers; its URL and log."""
     port = free_port()
-    env = {**os.environ, "TAGSTREAM_REDIS_URL": own_redis.url, "TAGSTREAM_REDIS_PREFIX": "ts"}
+    env = {**os.environ, "TAGSTREAM_REDIS_URL": own_redis.url, "TAGSTREAM_REDIS_PREFIX": "ts", **extra}
     log_path = tmp / f"lookup-{port}.log"
     with log_path.open("wb") as log:  # a pipe would fill up and stall the server
         server = subprocess.Popen(
@@ -153,3 +153,41 @@ def test_a_request_line_over_the_servers_limit_answers_json(own_redis: OwnRedis,
                 assert json.loads(err.read())["error"] == "bad request"
     finally:
         _stop(server)
+
+
+def test_connections_beyond_the_limit_get_503_at_once_and_idle_ones_are_closed(
+    own_redis: OwnRedis, tmp_path: Path
+) -> None:
+    """Idle or slow clients were held for 75 s each with no bound: 400 of them took every file descriptor (real
+    requests timed out) and aiohttp logged 50 MB of failed accepts in 40 s."""
+    import socket
+
+    _seed(own_redis.client())
+    server, base, log_path = _start_lookup(
+        own_redis, tmp_path, TAGSTREAM_HTTP_MAX_CONNECTIONS="4", TAGSTREAM_HTTP_IDLE_TIMEOUT="2"
+    )
+    port = int(base.rsplit(":", 1)[1])
+    idle: list[socket.socket] = []
+    try:
+        for _ in range(4):  # half a request each, as a slow client sends it
+            conn = socket.create_connection(("127.0.0.1", port), timeout=10)
+            conn.sendall(b"GET /products/r-1/tags HTTP/1.1\r\nHost: x\r\n")
+            idle.append(conn)
+        time.sleep(0.3)
+        busy = socket.create_connection(("127.0.0.1", port), timeout=10)
+        answer = busy.recv(4096)  # at once: no request needed
+        busy.close()
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 503") and b"application/json" in head, answer
+        assert json.loads(body) == {"error": "too many connections; try again"}
+        started = time.monotonic()
+        for conn in idle:  # closed by the server after the idle timeout, without an answer
+            assert conn.recv(4096) == b""
+        assert time.monotonic() - started < 10
+        assert http_get(f"{base}/products/r-1/tags")[0] == 200  # room again
+    finally:
+        for conn in idle:
+            conn.close()
+        _stop(server)
+    log = log_path.read_text()
+    assert "4 connections open, the most TAGSTREAM_HTTP_MAX_CONNECTIONS allows: 1 refused with 503 so far" in log

@@ -16,6 +16,7 @@ import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
+from streams.app import stores_of_the_group
 from streams.processor import InMessage, Processor
 from streams.state import (
     STATE_FORMAT,
@@ -558,6 +559,22 @@ def test_a_worker_refuses_a_redis_that_may_evict_its_keys(stream_env: Any, tmp_p
     assert "Set maxmemory-policy noeviction" in line
 
 
+def test_a_worker_with_a_wrong_redis_password_refuses_to_start_in_one_line(stream_env: Any, tmp_path: Path) -> None:
+    """A mistyped password was retried as a network error for ever, worded "Redis did not answer", while the worker
+    joined the group and held its partitions' events back, with no ERROR line."""
+    server = OwnRedis(tmp_path / "redis")
+    server.start("--requirepass", "the-right-one")
+    try:
+        stream_env.env["TAGSTREAM_REDIS_URL"] = server.url.replace("the-right-one", "a-wrong-one")
+        done = _start_worker(stream_env)
+    finally:
+        server.stop()
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    [line] = done.stderr.strip().splitlines()
+    assert line.startswith("tagstream worker: error: Redis refused tagstream's credentials (") and "wrong" not in line
+    assert "set the user and password of TAGSTREAM_REDIS_URL" in line
+
+
 def test_a_worker_whose_redis_fills_up_stops_naming_it_and_loses_nothing(stream_env: Any, own_redis: OwnRedis) -> None:
     """Redis full (noeviction): the OOM was buried in five tracebacks of "retrying one at a time"."""
     client = own_redis.client()
@@ -578,3 +595,83 @@ def test_a_worker_whose_redis_fills_up_stops_naming_it_and_loses_nothing(stream_
         time.sleep(0.2)
     assert client.exists(f"{stream_env.settings.redis_prefix}:{{full-1}}:doc")
     stream_env.workers[-1].stop()
+
+
+def _wait_for_commits(settings: Any, timeout: float = 60) -> dict[str, tuple[str, str]]:
+    """The stores the group's commits name, once every input partition's commit names one."""
+    deadline = time.monotonic() + timeout
+    while True:
+        stores = asyncio.run(stores_of_the_group(settings))
+        if len(stores) == 2 * settings.partitions or time.monotonic() > deadline:
+            return stores
+        time.sleep(0.3)
+
+
+def test_a_worker_given_another_redis_prefix_than_its_group_refuses_to_start_naming_the_groups(
+    stream_env: Any,
+) -> None:
+    """Workers of one group on two prefixes split its state silently: each store got the events of the partitions
+    its workers happened to own (a lookup on one answered 404 for 165 of 300 products)."""
+    settings, client = stream_env.settings, stream_env.redis()
+    stream_env.start_worker()
+    pids = [f"split-{i}" for i in range(12)]  # on both partitions
+    stream_env.produce("products", [upsert(pid, "Levis Men Black Jeans") for pid in pids])
+    stream_env.produce("behavior", [behaviour(pid, "u1", int(time.time() * 1000)) for pid in pids])
+    stores = _wait_for_commits(settings)
+    store_id = client.hget(f"{settings.redis_prefix}:meta", "store_id")
+    assert store_id and set(stores.values()) == {(store_id, settings.redis_prefix)}, stores
+
+    other = f"{settings.redis_prefix}-typo"
+    stream_env.env["TAGSTREAM_REDIS_PREFIX"] = other
+    try:
+        empty = _start_worker(stream_env)  # its prefix holds nothing: looks lost, but the group names its store
+        client.hset(f"{other}:meta", "state_format", "3")  # a prefix another deployment wrote
+        written = _start_worker(stream_env)
+    finally:
+        client.delete(*client.scan_iter(f"{other}:*"))
+    for done in (empty, written):
+        assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    [line] = empty.stderr.strip().splitlines()
+    assert f"Redis holds no tagstream state under prefix {other!r}" in line
+    assert f"for the store under prefix {settings.redis_prefix!r}: give this worker the TAGSTREAM_REDIS_URL" in line
+    [line] = written.stderr.strip().splitlines()
+    assert line.startswith(f"tagstream worker: error: consumer group {settings.app_id!r} has committed offsets for ")
+    assert f"another Redis store (prefix {settings.redis_prefix!r}; {settings.topic('behavior')}:0" in line
+    assert f"than this worker's (prefix {other!r}, store id " in line
+    assert int(client.hget(f"{settings.redis_prefix}:{{split-0}}:beh", "last_ts") or 0) > 0  # the group's store ran on
+
+
+def test_workers_of_one_group_started_together_on_two_redis_prefixes_never_split_it_silently(stream_env: Any) -> None:
+    """Started together, neither start can tell: the first commits of the other store stop a worker, after a
+    rebalance (before it writes anything of its new partitions) or at the running check every 30 s, so whichever
+    runs on has the group's commits all naming its own store."""
+    settings, client = stream_env.settings, stream_env.redis()
+    other = f"{settings.redis_prefix}-typo"
+    workers = [stream_env.start_worker(), stream_env.start_worker(TAGSTREAM_REDIS_PREFIX=other)]
+    prefixes = [settings.redis_prefix, other]
+    try:
+        deadline, stopped_at, round_ = time.monotonic() + 120, None, 0
+        # events until one stopped, then past one more running check of the survivor, if any
+        while time.monotonic() < deadline and (stopped_at is None or time.monotonic() < stopped_at + 35):
+            round_ += 1
+            now = int(time.time() * 1000)
+            stream_env.produce("behavior", [behaviour(f"both-{i}", f"u{round_}", now) for i in range(12)])
+            if stopped_at is None and any(w.proc.poll() is not None for w in workers):
+                stopped_at = time.monotonic()
+            if all(w.proc.poll() is not None for w in workers):
+                break
+            time.sleep(1)
+        running = [w.proc.poll() is None for w in workers]
+        stores = asyncio.run(stores_of_the_group(settings))
+        ids = [client.hget(f"{prefix}:meta", "store_id") for prefix in prefixes]
+    finally:
+        client.delete(*client.scan_iter(f"{other}:*"))
+    assert not all(running), "both workers ran on, each on its own store"
+    for worker, is_running, prefix, store_id, theirs in zip(
+        workers, running, prefixes, ids, reversed(prefixes), strict=True
+    ):
+        if is_running:  # the group's commits, all of them, name the store it writes: nothing went elsewhere
+            assert stores and {named for named, _ in stores.values()} == {store_id}, (prefix, stores)
+        else:
+            log = worker.log()
+            assert f"has committed offsets for another Redis store (prefix {theirs!r}; " in log, log[-3000:]

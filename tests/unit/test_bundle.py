@@ -316,6 +316,27 @@ def test_external_data(registry: Path) -> None:
     assert has(rejected(_bad_model_bundle(registry, model)), "dense_b", "external data")
 
 
+def test_a_sparse_constant_whose_indices_are_external_data_is_refused(registry: Path) -> None:
+    """The tensor walk missed a sparse constant's indices: only the ONNX checker stopped it, looking for the file
+    relative to the validating process's working directory."""
+    model = make_model()
+    values = helper.make_tensor("sv", TensorProto.FLOAT, [1], [1.0])
+    indices = helper.make_tensor("si", TensorProto.INT64, [1], np.zeros(1, np.int64).tobytes(), raw=True)
+    set_external_data(indices, location="../../etc/passwd")
+    indices.data_location = TensorProto.EXTERNAL
+    indices.ClearField("raw_data")
+    sparse = helper.make_sparse_tensor(values, indices, [4])
+    model.graph.node.insert(0, helper.make_node("Constant", [], ["unused"], name="sparse_c", sparse_value=sparse))
+    assert has(rejected(_bad_model_bundle(registry, model)), "sparse_c", "external data")
+
+
+@pytest.mark.parametrize("name", ["labels.json", "thresholds.json", "metrics.json"])
+def test_json_nested_deeper_than_python_parses_is_refused_with_a_reason(bundle_dir: Path, name: str) -> None:
+    """A RecursionError escaped the loader: `tagstream publish` crashed with a traceback instead of one line."""
+    tamper(bundle_dir, name, b"[" * 200_000 + b"]" * 200_000)
+    assert has(rejected(bundle_dir), name, "RecursionError")
+
+
 def test_unknown_operator_domain(registry: Path) -> None:
     model = make_model()
     last = next(n for n in model.graph.node if "scores" in n.output)

@@ -196,6 +196,22 @@ def test_load_rejects_mismatched_spec(fz: Featurizer, tmp_path) -> None:
         Featurizer.load(tmp_path / "missing")
 
 
+def test_load_refuses_an_idf_header_claiming_more_memory_than_there_is_or_json_nested_too_deep(
+    fz: Featurizer, tmp_path
+) -> None:
+    """A MemoryError (an .npy header declaring 2^34 floats) or RecursionError escaped: a traceback at publish."""
+    fz.save(tmp_path)
+    header = "{'descr': '<f4', 'fortran_order': False, 'shape': (17179869184,), }"
+    header += " " * (64 - (10 + len(header) + 1) % 64) + "\n"
+    (tmp_path / "idf.npy").write_bytes(b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header.encode())
+    with pytest.raises(FeaturizerError, match="cannot read featurizer"):
+        Featurizer.load(tmp_path)
+    fz.save(tmp_path)
+    (tmp_path / "featurizer.json").write_bytes(b'{"a":' * 100_000 + b"1" + b"}" * 100_000)
+    with pytest.raises(FeaturizerError, match="RecursionError"):
+        Featurizer.load(tmp_path)
+
+
 def test_features_unseen_in_training_are_dropped_even_on_a_trained_bucket() -> None:
     # 256 buckets: new n-grams land on buckets that training products filled
     titles = ["red phone case", "red phone zqx", "blue phone case"]

@@ -317,6 +317,18 @@ async def test_an_id_percent_encoded_from_bytes_that_are_not_utf8_is_400_not_ano
     assert store.asked == ["ts:{%FF}:tags", "ts:{\u00e9}:tags"]
 
 
+@pytest.mark.parametrize("raw_id", ["%zz", "p%", "p%4", "%%41"])
+async def test_a_percent_sign_not_followed_by_two_hex_digits_is_400_not_a_literal_id(
+    make_client: MakeClient, raw_id: str
+) -> None:
+    """`%zz` was taken as the id `%zz` as it is, so `/products/%zz` and `/products/%25zz` named one product."""
+    client = await make_client(MemoryStore({"ts:{%zz}:tags": b'{"tags": []}'}))
+    request = f"GET /products/{raw_id}/tags HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode()
+    status, _, body = await _raw_request(client, request)
+    assert status == 400 and json.loads(body)["error"] == "invalid product id: % not followed by two hex digits"
+    assert (await client.get("/products/%25zz/tags")).status == 200  # the id `%zz`, written as it must be
+
+
 async def test_unknown_routes_and_methods_answer_json(make_client: MakeClient) -> None:
     client = await make_client(MemoryStore({"ts:{p1}:tags": b'{"tags": []}'}))
     for path in ("/nope", "/products/p1/tags/", "/products/p1"):

@@ -8,6 +8,7 @@ from typing import Any
 import orjson
 import pytest
 
+from bench.profile_worker import deep_size
 from streams.model import BundleModel
 from streams.processor import CONFLICT_ATTEMPTS, InMessage, Processor
 from streams.settings import WorkerSettings
@@ -169,3 +170,35 @@ async def test_a_product_already_due_expires_with_the_next_batchs_own_write(kept
     assert expired and expired[0]["reason"] == "window-expired" and "trending" in expired[0]["removed"]
     # with its state kept, "hot" is swept in the batch's own write; without, in a pass of its own after it
     assert store.expiry_passes == (0 if kept else 1)
+
+
+async def test_kept_states_stay_within_their_memory_budget_however_large_the_products(model: BundleModel) -> None:
+    """The cache was bounded by count only: 4,000 products with 19,000-character descriptions and 100 attributes
+    took the worker from 247 MB to 1,042 MB (10,000 allowed: ~2 GB), against "about 3 KB per product"."""
+    from streams.state import approx_state_bytes
+
+    budget = 2 * 2**20
+    processor = Processor(
+        MemoryStateStore("m"), user_hash_key=b"k", model_provider=lambda: model, state_cache=10_000,
+        state_cache_bytes=budget,
+    )  # fmt: skip
+    attributes = {f"a{k}": f"value {k} " * 10 for k in range(100)}
+    big = [upsert(f"big-{i}", "Levis Men Black Jeans", description="long words " * 1700, attributes=attributes)
+           for i in range(100)]  # fmt: skip
+    small = [upsert(f"small-{i}", TITLES[i % 4]) for i in range(300)]
+    for i, chunk in enumerate([big[:50], small, big[50:]]):
+        messages = [InMessage("products", 0, 1000 * i + k, e["product_id"].encode(), orjson.dumps(e))
+                    for k, e in enumerate(chunk)]  # fmt: skip
+        await processor.process_products(messages)
+    cache = processor.cache
+    assert cache is not None
+    kept = list(cache._states.values())
+    assert 0 < cache.bytes <= budget and cache.bytes == sum(approx_state_bytes(s) for s in kept)
+    assert deep_size(kept) < 1.5 * budget  # what they really take
+    assert "big-99" in cache._states and "big-0" not in cache._states  # least recently used dropped first
+    heavy = deep_size(cache._states["big-99"])
+    assert 50_000 < heavy < 2 * approx_state_bytes(cache._states["big-99"]) < 4 * heavy  # the estimate is near
+    cache.take_kept(["big-99"])
+    assert cache.bytes == sum(approx_state_bytes(s) for s in cache._states.values())
+    cache.clear()
+    assert cache.bytes == 0
