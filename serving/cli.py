@@ -112,12 +112,21 @@ def _redis_client(settings: LookupSettings, **options: Any) -> aioredis.Redis:
 
 def _connection_limit(settings: LookupSettings) -> int:
     """`http_max_connections`, lowered to what the open-file limit leaves beside both Redis pools (and a margin for
-    the process's other files), so that clients never exhaust the descriptors (logged when lowered)."""
+    the process's other files), so that clients never exhaust the descriptors; the soft limit is raised first, as far
+    as the hard limit allows (logged when the connections are still lowered)."""
     import resource
 
-    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY:
         return settings.http_max_connections
+    needed = settings.http_max_connections + 2 * settings.redis_max_connections + 64
+    if soft < needed and (hard == resource.RLIM_INFINITY or soft < hard):  # a soft limit of 1024 is common
+        raised = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
+            soft = raised
+        except (ValueError, OSError) as exc:
+            log.debug("could not raise the open-file limit to %d: %s", raised, exc)
     room = max(16, soft - 2 * settings.redis_max_connections - 64)
     if room < settings.http_max_connections:
         log.warning(

@@ -88,6 +88,7 @@ class TagstreamApp(faust.App):
 
 
 COMMIT_METADATA_PREFIX = "tagstream-store:"
+GROUP_CHECK_S = 10.0  # longest a request of the check of the group's commits waits for Kafka
 
 
 def commit_metadata(store_id: str, redis_prefix: str) -> str:
@@ -103,13 +104,19 @@ def committed_store(metadata: str | None) -> tuple[str, str] | None:
     return store_id, prefix
 
 
-async def _input_commits(settings: WorkerSettings) -> dict[Any, Any]:
-    """The worker's consumer group's commits (offset and metadata) on its input topics, by TopicPartition."""
+async def _input_commits(settings: WorkerSettings, timeout_s: float = GROUP_CHECK_S) -> dict[Any, Any]:
+    """The worker's consumer group's commits (offset and metadata) on its input topics, by TopicPartition; a
+    KafkaError when Kafka does not answer a request within `timeout_s` (cancelled instead, aiokafka's client would
+    leave the connection it was bootstrapping from open: ~120 an hour at the 30 s check)."""
     from aiokafka.admin import AIOKafkaAdminClient
 
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, client_id="tagstream-state-check")
-    await admin.start()
-    try:
+    admin = AIOKafkaAdminClient(
+        bootstrap_servers=settings.kafka_bootstrap,
+        client_id="tagstream-state-check",
+        request_timeout_ms=max(1, int(timeout_s * 1000)),
+    )
+    try:  # a start cut short (a Kafka that never answers, the caller's timeout) closes its connections too
+        await admin.start()
         offsets = await admin.list_consumer_group_offsets(settings.app_id)
     finally:
         await admin.close()
@@ -127,18 +134,18 @@ async def committed_input_offsets(settings: WorkerSettings) -> dict[str, int]:
     if not committed:
         return {}
     consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, enable_auto_commit=False)
-    await consumer.start()
     try:
+        await consumer.start()
         first = await consumer.beginning_offsets(list(committed))  # retention moves them up
     finally:
         await consumer.stop()
     return {f"{tp.topic}:{tp.partition}": at for tp, at in committed.items() if at > first[tp]}
 
 
-async def stores_of_the_group(settings: WorkerSettings) -> dict[str, tuple[str, str]]:
+async def stores_of_the_group(settings: WorkerSettings, timeout_s: float = GROUP_CHECK_S) -> dict[str, tuple[str, str]]:
     """The Redis store (id, prefix) each input partition's last commit by the worker's consumer group names, by
     `topic:partition` (partitions committed by older workers, which name none, left out)."""
-    commits = await _input_commits(settings)
+    commits = await _input_commits(settings, timeout_s)
     named = {f"{tp.topic}:{tp.partition}": committed_store(m.metadata) for tp, m in commits.items()}
     return {where: store for where, store in named.items() if store is not None}
 
@@ -150,14 +157,19 @@ async def refuse_if_group_writes_another_store(store_id: str, settings: WorkerSe
     others = {where: store for where, store in (await stores_of_the_group(settings)).items() if store[0] != store_id}
     if not others:
         return
-    prefixes = ", ".join(sorted({repr(prefix) for _, prefix in others.values()}))
+    named = ", ".join(sorted({f"prefix {prefix!r}, store id {other}" for other, prefix in others.values()}))
+    same_prefix = any(prefix == settings.redis_prefix for _, prefix in others.values())
     raise StoreMismatchError(
-        f"consumer group {settings.app_id!r} has committed offsets for another Redis store (prefix {prefixes}; "
+        f"consumer group {settings.app_id!r} has committed offsets for another Redis store ({named}; "
         f"{_a_few(sorted(others))}) than this worker's (prefix {settings.redis_prefix!r}, store id {store_id}): the "
-        "group's workers write to different stores (their TAGSTREAM_REDIS_URL or TAGSTREAM_REDIS_PREFIX differ), so "
-        "each store lacks the events the others applied. Give every worker of the group the same TAGSTREAM_REDIS_URL "
-        "and TAGSTREAM_REDIS_PREFIX; to rebuild one complete store, start them with a new TAGSTREAM_APP_ID (a new "
-        "consumer group reads the topics from the start) and a new, empty TAGSTREAM_REDIS_PREFIX (the lookup too)"
+        "group's workers write to different stores (their TAGSTREAM_REDIS_URL or TAGSTREAM_REDIS_PREFIX differ"
+        + (", or this store lost its id: restored from a backup older than those commits" if same_prefix else "")
+        + "), so each store lacks the events the other applied. Give every worker of the group the TAGSTREAM_REDIS_URL "
+        "and TAGSTREAM_REDIS_PREFIX of the store that is to hold the state, then start the group again from the "
+        "earliest offsets: reset them (kafka-consumer-groups.sh --reset-offsets --to-earliest) or set a new "
+        "TAGSTREAM_APP_ID. The offset fences skip what that store applied, so nothing counts twice, and it takes "
+        "what the other store took, but for events of partitions it owned again after them; with a new, empty "
+        "TAGSTREAM_REDIS_PREFIX too, it is rebuilt whole"
     )
 
 
@@ -629,7 +641,9 @@ class Worker:
             if self._state_watches % EVICTION_CHECK_EVERY == 0:
                 await asyncio.wait_for(refuse_if_redis_evicts(store), STATE_WATCH_S)
                 if self.store_id is not None:  # workers of the group started together on different stores
-                    await asyncio.wait_for(refuse_if_group_writes_another_store(self.store_id, self.settings), 10.0)
+                    await asyncio.wait_for(
+                        refuse_if_group_writes_another_store(self.store_id, self.settings), 2 * GROUP_CHECK_S
+                    )
         except StateError as exc:
             return exc
         except Exception as exc:  # Redis away or loading: nothing is known

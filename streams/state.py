@@ -26,6 +26,7 @@ from redis.exceptions import (
     BusyLoadingError,
     ConnectionError,
     DataError,
+    NoPermissionError,
     NoScriptError,
     OutOfMemoryError,
     ResponseError,
@@ -47,10 +48,22 @@ _RETRYABLE = (ConnectionError, TimeoutError, BusyLoadingError, ConnectionResetEr
 
 
 def _refused(key: str, what: str, exc: ResponseError) -> str:
-    """Why Redis refused a command on tagstream's `key`: full (OOM), or (WRONGTYPE) another program's key."""
+    """Why Redis refused a command on tagstream's `key`: full (OOM), a user without the permission (NOPERM), or
+    (WRONGTYPE) another program's key."""
     if isinstance(exc, OutOfMemoryError):
         return f"Redis is full ({exc}): raise its maxmemory or free memory, then start the worker again"
+    if isinstance(exc, NoPermissionError):
+        return no_permission(exc)
     return f"{key} is not tagstream's {what} ({exc}): another program's key?"
+
+
+def no_permission(exc: BaseException) -> str:
+    """The one line for a Redis user that may not run a command tagstream needs."""
+    return (
+        f"Redis refused a command to tagstream's user ({exc}): the user of TAGSTREAM_REDIS_URL needs read, write and "
+        "scripting commands (EVALSHA, SCRIPT LOAD) on every key under TAGSTREAM_REDIS_PREFIX (e.g. "
+        "`ACL SETUSER <user> ~<prefix>:* +@read +@write +@scripting`)"
+    )
 
 
 class ProductKeys:
@@ -688,9 +701,10 @@ class RedisStateStore:
                 await self._retry("script load", lambda s=script: self.client.script_load(s.text))
             return await self._retry(what, run)
 
-    async def _retry(self, what: str, fn: Any) -> Any:
+    async def _retry(self, what: str, fn: Any, *, forbidden_ok: bool = False) -> Any:
         """Run `fn()` until it succeeds (or `retries` times more), backing off exponentially up to `max_backoff`
-        between attempts."""
+        between attempts. A command the user may not run is a StateError naming the permissions tagstream needs,
+        unless `forbidden_ok` (the caller does without it: NoPermissionError as redis-py raised it)."""
         delay = 0.05
         attempt = 0
         failing_since = 0.0
@@ -705,6 +719,10 @@ class RedisStateStore:
                         time.monotonic() - failing_since,
                     )
                 return result
+            except NoPermissionError as exc:  # a user that may not run it: no retry will mend that either
+                if forbidden_ok:
+                    raise
+                raise StateError(no_permission(exc)) from exc
             except (AuthenticationError, AuthorizationError) as exc:  # ConnectionErrors that no retry will mend
                 raise StateError(
                     f"Redis refused tagstream's credentials ({exc}): set the user and password of TAGSTREAM_REDIS_URL "
@@ -744,7 +762,7 @@ class RedisStateStore:
         """Why this Redis may evict tagstream's keys (a `maxmemory` with a `maxmemory-policy` other than
         `noeviction`), or None; None too when `INFO memory` is not allowed (a managed Redis may forbid it: logged)."""
         try:
-            info = await self._retry("info memory", lambda: self.client.info("memory"))
+            info = await self._retry("info memory", lambda: self.client.info("memory"), forbidden_ok=True)
         except ResponseError as exc:
             if not self._eviction_unreadable_logged:  # once: a running worker asks every 30 s
                 self._eviction_unreadable_logged = True
@@ -780,6 +798,8 @@ class RedisStateStore:
             )
         elif found != STATE_FORMAT:
             raise StateError(format_refusal(meta, found))
+        for script in (self._script, self._read_script, self._users_script):  # a user without scripting: said now
+            await self._retry("script load", lambda s=script: self.client.script_load(s.text))
 
     async def store_id(self) -> str:
         """This store's identity (`<prefix>:meta` field `store_id`, made by the first worker that asks): the same

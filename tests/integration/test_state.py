@@ -636,7 +636,9 @@ def test_a_worker_given_another_redis_prefix_than_its_group_refuses_to_start_nam
     assert f"for the store under prefix {settings.redis_prefix!r}: give this worker the TAGSTREAM_REDIS_URL" in line
     [line] = written.stderr.strip().splitlines()
     assert line.startswith(f"tagstream worker: error: consumer group {settings.app_id!r} has committed offsets for ")
-    assert f"another Redis store (prefix {settings.redis_prefix!r}; {settings.topic('behavior')}:0" in line
+    theirs = f"prefix {settings.redis_prefix!r}, store id {store_id}"
+    assert f"another Redis store ({theirs}; {settings.topic('behavior')}:0" in line
+    assert "start the group again from the earliest offsets" in line
     assert f"than this worker's (prefix {other!r}, store id " in line
     assert int(client.hget(f"{settings.redis_prefix}:{{split-0}}:beh", "last_ts") or 0) > 0  # the group's store ran on
 
@@ -674,4 +676,32 @@ def test_workers_of_one_group_started_together_on_two_redis_prefixes_never_split
             assert stores and {named for named, _ in stores.values()} == {store_id}, (prefix, stores)
         else:
             log = worker.log()
-            assert f"has committed offsets for another Redis store (prefix {theirs!r}; " in log, log[-3000:]
+            assert f"has committed offsets for another Redis store (prefix {theirs!r}, store id " in log, log[-3000:]
+
+
+@pytest.mark.parametrize(
+    "rules",
+    [
+        ["~*", "+@all", "-@scripting"],  # may not run the Lua scripts every batch uses
+        ["~someone-else:*", "+@all"],  # may not touch the prefix's keys
+    ],
+)
+def test_a_redis_user_without_a_permission_tagstream_needs_refuses_the_worker_in_one_line(
+    stream_env: Any, tmp_path: Path, rules: list[str]
+) -> None:
+    """A user without scripting started, then crashed at its first batch with six tracebacks (a crash loop under a
+    supervisor); one whose key pattern missed the prefix crashed with a traceback at start."""
+    server = OwnRedis(tmp_path / "redis")
+    server.start()
+    try:
+        server.client().acl_setuser("tagstream", enabled=True, passwords=["+pw"], reset_keys=True, commands=[])
+        server.client().execute_command("ACL", "SETUSER", "tagstream", *rules)
+        stream_env.env["TAGSTREAM_REDIS_URL"] = f"redis://tagstream:pw@127.0.0.1:{server.port}/0"
+        done = _start_worker(stream_env)
+    finally:
+        server.stop()
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    [line] = done.stderr.strip().splitlines()
+    assert line.startswith("tagstream worker: error: Redis refused a command to tagstream's user (")
+    assert "has no permissions to" in line  # what Redis said
+    assert "needs read, write and scripting commands" in line

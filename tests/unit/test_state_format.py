@@ -27,6 +27,9 @@ class MetaClient:
         self.meta[field] = str(value)
         return 0
 
+    async def script_load(self, source: str) -> str:
+        return "sha"
+
 
 async def refusal(state_format: str) -> str:
     store = RedisStateStore(MetaClient(state_format), "shop", max_backoff=0.01)  # type: ignore[arg-type]
