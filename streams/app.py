@@ -106,8 +106,8 @@ def committed_store(metadata: str | None) -> tuple[str, str] | None:
 
 async def _input_commits(settings: WorkerSettings, timeout_s: float = GROUP_CHECK_S) -> dict[Any, Any]:
     """The worker's consumer group's commits (offset and metadata) on its input topics, by TopicPartition; a
-    KafkaError when Kafka does not answer a request within `timeout_s` (cancelled instead, aiokafka's client would
-    leave the connection it was bootstrapping from open: ~120 an hour at the 30 s check)."""
+    KafkaError when Kafka does not answer a request within `timeout_s` (so the check ends by itself, its client
+    closed, rather than by its caller's cancel)."""
     from aiokafka.admin import AIOKafkaAdminClient
 
     admin = AIOKafkaAdminClient(
@@ -124,13 +124,16 @@ async def _input_commits(settings: WorkerSettings, timeout_s: float = GROUP_CHEC
     return {tp: m for tp, m in offsets.items() if tp.topic in inputs}
 
 
-async def committed_input_offsets(settings: WorkerSettings) -> dict[str, int]:
+async def committed_input_offsets(settings: WorkerSettings, commits: dict[Any, Any] | None = None) -> dict[str, int]:
     """The offsets the worker's consumer group has committed on its input topics (products, behavior), by
     `topic:partition`, where they are past the partition's first offset: a partition without a commit, or whose
-    commit is at (or before) its first record, as after a reset to the earliest, has applied nothing still there."""
+    commit is at (or before) its first record, as after a reset to the earliest, has applied nothing still there.
+    `commits`: the group's commits when the caller read them already (`_input_commits`)."""
     from aiokafka import AIOKafkaConsumer
 
-    committed = {tp: m.offset for tp, m in (await _input_commits(settings)).items() if m.offset > 0}
+    if commits is None:
+        commits = await _input_commits(settings)
+    committed = {tp: m.offset for tp, m in commits.items() if m.offset > 0}
     if not committed:
         return {}
     consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, enable_auto_commit=False)
@@ -145,7 +148,11 @@ async def committed_input_offsets(settings: WorkerSettings) -> dict[str, int]:
 async def stores_of_the_group(settings: WorkerSettings, timeout_s: float = GROUP_CHECK_S) -> dict[str, tuple[str, str]]:
     """The Redis store (id, prefix) each input partition's last commit by the worker's consumer group names, by
     `topic:partition` (partitions committed by older workers, which name none, left out)."""
-    commits = await _input_commits(settings, timeout_s)
+    return _stores_named(await _input_commits(settings, timeout_s))
+
+
+def _stores_named(commits: dict[Any, Any]) -> dict[str, tuple[str, str]]:
+    """`stores_of_the_group` of commits already read."""
     named = {f"{tp.topic}:{tp.partition}": committed_store(m.metadata) for tp, m in commits.items()}
     return {where: store for where, store in named.items() if store is not None}
 
@@ -192,11 +199,12 @@ async def check_state_not_lost(store: RedisStateStore, settings: WorkerSettings)
 async def refuse_if_offsets_committed(settings: WorkerSettings) -> None:
     """StateLostError when the worker's consumer group has committed offsets on the input topics (the store was
     found empty)."""
-    committed = await committed_input_offsets(settings)
+    commits = await _input_commits(settings)  # one read of the group's commits: their offsets and their stores
+    committed = await committed_input_offsets(settings, commits)
     if not committed:
         return
     shown = _a_few(f"{where} at {offset}" for where, offset in sorted(committed.items()))
-    stores = await stores_of_the_group(settings)
+    stores = _stores_named(commits)
     named = sorted({repr(prefix) for _, prefix in stores.values() if prefix != settings.redis_prefix})
     if named:  # most likely a worker given another prefix or Redis than its group's
         raise StateLostError(

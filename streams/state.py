@@ -48,16 +48,14 @@ _RETRYABLE = (ConnectionError, TimeoutError, BusyLoadingError, ConnectionResetEr
 
 
 def _refused(key: str, what: str, exc: ResponseError) -> str:
-    """Why Redis refused a command on tagstream's `key`: full (OOM), a user without the permission (NOPERM), or
-    (WRONGTYPE) another program's key."""
+    """Why Redis refused a command on tagstream's `key`: full (OOM), or (WRONGTYPE) another program's key (a user
+    without the permission is told so by `_retry`)."""
     if isinstance(exc, OutOfMemoryError):
         return f"Redis is full ({exc}): raise its maxmemory or free memory, then start the worker again"
-    if isinstance(exc, NoPermissionError):
-        return no_permission(exc)
     return f"{key} is not tagstream's {what} ({exc}): another program's key?"
 
 
-def no_permission(exc: BaseException) -> str:
+def _no_permission(exc: BaseException) -> str:
     """The one line for a Redis user that may not run a command tagstream needs."""
     return (
         f"Redis refused a command to tagstream's user ({exc}): the user of TAGSTREAM_REDIS_URL needs read, write and "
@@ -307,7 +305,7 @@ class StateCache:
         looking ahead, not reading)."""
         pop = self._states.pop
         taken = {pid: state for pid in product_ids if (state := pop(pid, None)) is not None}
-        if taken:
+        if taken and self._bytes:  # weighed only under a byte budget
             forget = self._bytes.pop
             self.bytes -= sum(forget(pid, 0) for pid in taken)
         self.hits += len(taken)
@@ -697,9 +695,14 @@ class RedisStateStore:
         try:
             return await self._retry(what, run)
         except NoScriptError:
-            for script in (self._script, self._read_script, self._users_script):
-                await self._retry("script load", lambda s=script: self.client.script_load(s.text))
+            await self._load_scripts()
             return await self._retry(what, run)
+
+    async def _load_scripts(self) -> None:
+        """Load the Lua scripts into Redis (after a restart or `SCRIPT FLUSH`; at start, where a user without
+        scripting is told so)."""
+        for script in (self._script, self._read_script, self._users_script):
+            await self._retry("script load", lambda s=script: self.client.script_load(s.text))
 
     async def _retry(self, what: str, fn: Any, *, forbidden_ok: bool = False) -> Any:
         """Run `fn()` until it succeeds (or `retries` times more), backing off exponentially up to `max_backoff`
@@ -722,7 +725,7 @@ class RedisStateStore:
             except NoPermissionError as exc:  # a user that may not run it: no retry will mend that either
                 if forbidden_ok:
                     raise
-                raise StateError(no_permission(exc)) from exc
+                raise StateError(_no_permission(exc)) from exc
             except (AuthenticationError, AuthorizationError) as exc:  # ConnectionErrors that no retry will mend
                 raise StateError(
                     f"Redis refused tagstream's credentials ({exc}): set the user and password of TAGSTREAM_REDIS_URL "
@@ -798,8 +801,7 @@ class RedisStateStore:
             )
         elif found != STATE_FORMAT:
             raise StateError(format_refusal(meta, found))
-        for script in (self._script, self._read_script, self._users_script):  # a user without scripting: said now
-            await self._retry("script load", lambda s=script: self.client.script_load(s.text))
+        await self._load_scripts()  # a user without scripting is told so now, not at its first batch
 
     async def store_id(self) -> str:
         """This store's identity (`<prefix>:meta` field `store_id`, made by the first worker that asks): the same
