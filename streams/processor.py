@@ -379,6 +379,15 @@ def _is_on(tag_state: dict[str, Any] | None, tag: str) -> bool:
     return isinstance(entry, dict) and bool(entry.get("on"))
 
 
+def _expire_if_unlisted(state: ProductState, keys: ProductKeys, ops: Ops) -> None:
+    """A product no catalog change named (behaviour events for an id the catalog never sent): its tags and fence
+    get the counters' time to live at each write, so that ids seen only in behaviour leave Redis with their counters
+    instead of staying for ever (its first catalog change removes it: `_apply_product`)."""
+    if "version" not in state.doc:
+        ops.expire(keys.tags)
+        ops.expire(keys.fence)
+
+
 def _empty_tag_state() -> dict[str, Any]:
     return {
         "tags": [],
@@ -815,7 +824,9 @@ class Processor:
         tag_state["updated_at"] = ev.updated_at
         state.tags = tag_state
         ops.hset(keys.doc, doc)
-        ops.set(keys.tags, orjson.dumps(tag_state))
+        ops.set(keys.tags, orjson.dumps(tag_state))  # a SET: the tags' time to live, if any, goes with it
+        if not known:  # clicks may have made its fence before the catalog named the product
+            ops.persist(keys.fence)
         return payload
 
     def _decide_new(self, tag_state: dict[str, Any], first_seen: int, now: int) -> None:
@@ -1007,6 +1018,8 @@ class Processor:
             users = batch_users.setdefault(ev.product_id, set())
             users.add(user)
             group = self._group(groups, msg, ev.product_id, fence)
+            if not group.events:
+                _expire_if_unlisted(state, group.keys, group.write.ops)
             now = self._apply_behaviour(state, group.keys, group.write.ops, ev, user)
             self._record(group, state, msg, fence, None)
             if last[(ev.product_id, fence)] == i:
@@ -1222,6 +1235,7 @@ class Processor:
                         tag_state["updated_at"] = max(int(tag_state.get("updated_at") or 0), now)
                     state.tags = tag_state
                     ops.set(keys.tags, orjson.dumps(tag_state))
+                    _expire_if_unlisted(state, keys, ops)
                     # fenced at the event time it looked at, but always past the last sweep's: a batch of late events
                     # looks at an earlier time than the one before, and a sweep the fence turned into a no-op would
                     # still move the product in the index (off it, with its tags left on in Redis)

@@ -135,7 +135,8 @@ class WorkerSettings(BaseSettings):
         ge=0,
         description="A product's behaviour counters and unique-user HyperLogLogs expire this long (wall clock) after "
         "its last behaviour event wrote them, so products no one looks at any more do not keep their counters in "
-        "Redis for ever. At least 7 days (the longest window: by then every count has left its windows, as long as "
+        "Redis for ever; so do the tags and offset fence of a product id no catalog change named yet. At least 7 "
+        "days (the longest window: by then every count has left its windows, as long as "
         "event time keeps up with the clock); 0 = never expire.",
     )
     state_cache: int = Field(

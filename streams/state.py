@@ -157,6 +157,7 @@ class Ops:
         self._del: set[int] = set()
         self._pfadd: dict[int, set[str]] = {}
         self._expire: set[int] = set()
+        self._persist: set[int] = set()
 
     @property
     def keys(self) -> list[str]:
@@ -222,12 +223,18 @@ class Ops:
         self._del.add(self._k(key))
 
     def expire(self, key: str) -> None:
-        """Give a behaviour key the store's time to live again (`behaviour_ttl_ms`; none when it is 0), last."""
+        """Give a key the store's time to live again (`behaviour_ttl_ms`; none when it is 0), last (the fence after
+        its own write)."""
         self._expire.add(self._k(key))
+
+    def persist(self, key: str) -> None:
+        """Remove a key's time to live (a product's fence at its first catalog change)."""
+        self._persist.add(self._k(key))
 
     @property
     def ops(self) -> list[list[Any]]:
-        """The op list the Lua script applies, in order: adds, counters, fields, strings, deletions, then expiries."""
+        """The op list the Lua script applies, in order: adds, counters, fields, strings, deletions, then times to
+        live."""
         self._flush_users()
         out: list[list[Any]] = []
         out += [["pfadd", k, *sorted(v)] for k, v in self._pfadd.items()]
@@ -244,6 +251,7 @@ class Ops:
         out += [["set", k, v] for k, v in self._set.items()]
         out += [["hdel", k, *sorted(v)] for k, v in self._hdel.items()]
         out += [["del", k] for k in sorted(self._del)]
+        out += [["persist", k] for k in sorted(self._persist)]
         out += [["pexpire", k] for k in sorted(self._expire)]
         return out
 
@@ -1110,7 +1118,7 @@ class MemoryStateStore:
                     self.hlls.pop(key, None)
                 elif name == "pfadd":
                     self.hlls[key].update(args)
-                elif name == "pexpire":
+                elif name in ("pexpire", "persist"):
                     pass  # no clock-driven expiry in memory
             fence[w.fence_field] = str(w.stored_offset)
             fence["rev"] = str(rev + 1)

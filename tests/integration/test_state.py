@@ -290,6 +290,71 @@ def test_behaviour_keys_expire_and_a_kept_state_whose_counters_expired_is_read_a
     asyncio.run(main())
 
 
+def test_a_product_only_clicked_leaves_redis_with_its_counters_until_the_catalog_names_it(
+    stack: StackSettings,
+) -> None:
+    day_ms = 86_400_000
+
+    async def main() -> None:
+        prefix = f"su{uuid.uuid4().hex[:8]}"
+        client = aioredis.from_url(stack.redis_url, decode_responses=True)
+        store = RedisStateStore(client, prefix, behaviour_ttl_ms=8 * day_ms)
+        processor = Processor(store, user_hash_key=b"k", state_cache=100)
+        keys = ProductKeys(prefix, "x1")
+        offset = 0
+
+        def clicks(n: int, at: int, spacing: int = 5000) -> list[InMessage]:
+            nonlocal offset
+            events = [behaviour("x1", f"u{i % 9}", at + i * spacing) for i in range(n)]
+            out = [InMessage("behavior", 0, offset + i, b"x1", orjson.dumps(e)) for i, e in enumerate(events)]
+            offset += n
+            return out
+
+        async def ttls() -> dict[str, int]:
+            return {name: await client.pttl(getattr(keys, name)) for name in ("doc", "beh", "tags", "fence")}
+
+        def expiring(found: dict[str, int], *names: str) -> bool:
+            return all(7 * day_ms < found[n] <= 8 * day_ms for n in names)
+
+        try:
+            # clicks on an id the catalog never sent: its tags and fence expire with its counters
+            await processor.process_behaviour(clicks(2, T0))
+            found = await ttls()
+            assert found["doc"] == -2 and expiring(found, "beh", "tags", "fence"), found
+            # a burst turns trending on (the tags are written again: a SET drops a key's time to live)
+            await client.pexpire(keys.tags, 100_000)
+            await client.pexpire(keys.fence, 100_000)
+            out = await processor.process_behaviour(clicks(30, T0 + 60_000))
+            assert any("trending" in orjson.loads(v)["added"] for _, v in out.updates)
+            assert expiring(await ttls(), "tags", "fence")
+            # the window-expiry pass that turns it off two hours of event time later (another product's click)
+            await client.pexpire(keys.tags, 100_000)
+            other = behaviour("x2", "u1", T0 + 3 * 3_600_000)
+            out = await processor.process_behaviour([InMessage("behavior", 0, offset, b"x2", orjson.dumps(other))])
+            offset += 1
+            assert [orjson.loads(v)["reason"] for k, v in out.updates if k == b"x1"] == ["window-expired"]
+            assert expiring(await ttls(), "tags", "fence")
+            # the catalog names it: its tags and fence stay from now on, its counters still expire
+            upserted = InMessage("products", 0, 0, b"x1", orjson.dumps(upsert("x1", "Blue shoes")))
+            await processor.process_products([upserted])
+            found = await ttls()
+            assert found["doc"] == found["tags"] == found["fence"] == -1 and expiring(found, "beh"), found
+            await processor.process_behaviour(clicks(3, T0 + 4 * 3_600_000))
+            found = await ttls()
+            assert found["tags"] == found["fence"] == -1 and expiring(found, "beh"), found
+            # without a time to live (TAGSTREAM_BEHAVIOUR_TTL_S=0) nothing expires
+            forever = Processor(RedisStateStore(client, prefix), user_hash_key=b"k")
+            event = behaviour("x3", "u1", T0 + 5 * 3_600_000)
+            await forever.process_behaviour([InMessage("behavior", 0, offset, b"x3", orjson.dumps(event))])
+            x3 = ProductKeys(prefix, "x3")
+            assert [await client.pttl(k) for k in (x3.beh, x3.tags, x3.fence)] == [-1, -1, -1]
+        finally:
+            await _clear(client, prefix)
+            await store.close()
+
+    asyncio.run(main())
+
+
 def test_the_store_reloads_its_scripts_after_redis_flushed_them(stack: StackSettings) -> None:
     async def main() -> None:
         prefix = f"sl{uuid.uuid4().hex[:8]}"
