@@ -2,6 +2,8 @@
 
 Stages, in order; the first failing stage raises `ModelRejectedError` with every reason it found:
 
+0. **place** — with `roots` set (`TAGSTREAM_MODEL_ROOTS`), the bundle directory, its symbolic links followed, must
+   be inside one of them: a request on `model-updates` can then name no other directory of the worker's machine.
 1. **integrity** — `load_bundle`: manifest sha256 against the request's, every file's sha256, the Ed25519 signature
    when a verification key is configured (unsigned or wrongly signed bundles are refused; a signature carried by the
    request must verify too), the ONNX graph (no external data, allowed opsets and operator domains, size and
@@ -162,6 +164,7 @@ class ValidationPolicy:
     intra_op_threads: int = 1
     inter_op_threads: int = 1
     timeout_s: float | None = 600.0  # longest a validation in its child process may take (None: no limit)
+    roots: tuple[Path, ...] = ()  # directories a bundle must be inside (symbolic links followed); () = anywhere
 
     @classmethod
     def from_settings(cls, settings: Any) -> ValidationPolicy:
@@ -177,6 +180,7 @@ class ValidationPolicy:
             intra_op_threads=settings.ort_intra_op_threads,
             inter_op_threads=settings.ort_inter_op_threads,
             timeout_s=settings.model_validation_timeout_s,
+            roots=tuple(settings.model_roots),
         )
 
 
@@ -363,6 +367,21 @@ def check_golden_features(bundle: ModelBundle, featurizer: Featurizer) -> None:
         )
 
 
+def check_place(path: str | Path, roots: Sequence[Path]) -> None:
+    """Raise ModelRejectedError unless the directory `path` names, its symbolic links followed, is inside one of
+    `roots` (their links followed too); nothing to check without roots."""
+    if not roots:
+        return
+    try:
+        where = Path(path).resolve()
+        inside = any(where.is_relative_to(root.resolve()) for root in roots)
+    except (ValueError, OSError, RuntimeError) as exc:  # a NUL byte, a symbolic link loop
+        raise ModelRejectedError([f"place: {str(path)!r} names no directory ({exc})"]) from None
+    if not inside:
+        shown = ", ".join(str(root) for root in roots)
+        raise ModelRejectedError([f"place: {where} is outside TAGSTREAM_MODEL_ROOTS ({shown})"])
+
+
 def validate_bundle(
     path: str | Path,
     *,
@@ -375,6 +394,7 @@ def validate_bundle(
     """Run every stage on the bundle at `path`; return it with a loaded scorer or raise ModelRejectedError. The
     quality stage compares the candidate with `active` (the model it would replace, or its `ActiveFigures`)."""
     policy = policy or ValidationPolicy()
+    check_place(path, policy.roots)
     # 1. integrity
     bundle = load_bundle(path, verify_key=policy.verify_key, expected_sha256=expected_sha256, limits=policy.limits)
     reasons: list[str] = []
@@ -571,6 +591,7 @@ def open_validated(
     policy = policy or ValidationPolicy()
     if report.reasons or report.sha256 is None:
         raise ModelRejectedError(list(report.reasons) or ["not validated"])
+    check_place(path, policy.roots)  # again: a link in its path may have moved since the child's check
     root = Path(path)
     limit = policy.limits.max_file_bytes
     manifest_bytes = _reread(root, MANIFEST_FILE, report.sha256, limit)

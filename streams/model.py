@@ -655,15 +655,17 @@ class ModelHolder:
     def _load_initial(self, path: Path) -> BundleModel:
         """The configured bundle, validated like a model update. When isolated, in the child process (the ONNX
         checker and its copies of the model stay there) and its session reads the checked file itself, so the worker
-        never holds the model's bytes beside the session being built (peak RSS: about two model sizes less)."""
+        never holds the model's bytes beside the session being built (peak RSS: about two model sizes less). The
+        operator named it: it may be outside TAGSTREAM_MODEL_ROOTS, which confine requests only."""
+        policy = replace(self.policy, roots=())
         if not self.isolated:
-            return BundleModel.from_validated(validate_bundle(path, policy=self.policy))
+            return BundleModel.from_validated(validate_bundle(path, policy=policy))
         try:
-            report = validate_isolated(self._process_pool(), path, policy=self.policy)
+            report = validate_isolated(self._process_pool(), path, policy=policy)
         except ValidationTimeoutError:
             self._drop_pool(kill=True)  # else the stuck child keeps the worker from exiting
             raise
-        return BundleModel.from_validated(open_validated(path, report, self.policy))
+        return BundleModel.from_validated(open_validated(path, report, policy))
 
     def _active_figures(self, active: BundleModel | None) -> ActiveFigures | None:
         """The tags `active` gives the labelled golden set (None without one), scored here, where it is loaded, once

@@ -166,11 +166,12 @@ def build_request(
         if version is not None:
             raise ConfigError(f"model {kind}: --version goes with --off, not --model")
         from serving.bundle import SIGNATURE_FILE, load_bundle
-        from serving.validate import parse_verify_key
+        from serving.validate import check_place, parse_verify_key
 
         if model is None:
             raise ConfigError(f"model {kind}: --model DIR is required")
         path = model.resolve()
+        check_place(path, settings.model_roots)  # as the workers would refuse it
         key = settings.model_verify_key
         bundle = load_bundle(path, verify_key=parse_verify_key(key.get_secret_value()) if key else None)
         sig = path / SIGNATURE_FILE

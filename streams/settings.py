@@ -59,6 +59,14 @@ class WorkerSettings(BaseSettings):
     model_verify_key: SecretStr | None = Field(
         None, description="Base64 Ed25519 public key; when set, unsigned or wrongly signed bundles are refused."
     )
+    model_roots: tuple[Path, ...] = Field(
+        (),
+        description="Directories (a JSON list of absolute paths) a model-updates request's bundle must be inside, "
+        "its symbolic links followed: a request naming another directory is refused (`place: ... is outside "
+        "TAGSTREAM_MODEL_ROOTS`), so whoever may write the topic cannot make workers load a bundle from anywhere "
+        "else on their machines. Empty (the default): any directory the worker can read. TAGSTREAM_MODEL_PATH, the "
+        "bundle loaded at start, is the operator's own choice and not checked.",
+    )
     model_updates_enabled: bool = Field(
         True, description="Consume model-updates (every worker reads all of it, no consumer group) and hot swap."
     )
@@ -272,6 +280,14 @@ class WorkerSettings(BaseSettings):
         # the worker names its first bundle by this path in its answers, as `publish` and `model activate` name
         # theirs: absolute (from the working directory; no file system access, so nothing can block here)
         return value.absolute() if value is not None else None
+
+    @field_validator("model_roots")
+    @classmethod
+    def _absolute_roots(cls, value: tuple[Path, ...]) -> tuple[Path, ...]:
+        relative = [str(root) for root in value if not root.is_absolute()]
+        if relative:
+            raise ValueError(f"every model root must be an absolute path, got {relative}")
+        return value
 
     @field_validator("user_hash_key", mode="before")
     @classmethod

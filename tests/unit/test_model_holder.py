@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -149,6 +150,43 @@ async def test_a_missing_bundle_uri_is_refused(bundles: dict[str, Path]) -> None
     holder = await holder_with(bundles)
     outcome = await holder.handle(ModelUpdate(kind="activate", model_version="x", emitted_at=1))
     assert outcome.answer is not None and outcome.answer.reasons == ("request: no bundle_uri",)
+
+
+@pytest.mark.parametrize("isolated", [False, True], ids=["in-process", "child-process"])
+async def test_model_roots_confine_the_bundles_requests_may_name(
+    bundles: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, isolated: bool
+) -> None:
+    registry = tmp_path / "registry"
+    registry.mkdir()
+    inside = Path(shutil.copytree(bundles["b"], registry / bundles["b"].name))
+    (registry / "elsewhere").symlink_to(bundles["c"], target_is_directory=True)  # a link out of the registry
+    monkeypatch.setenv("TAGSTREAM_MODEL_ROOTS", f'["{registry}"]')
+    settings = WorkerSettings(model_path=bundles["a"], worker_id="w-1")
+    assert settings.model_roots == (registry,)
+    policy = ValidationPolicy.from_settings(settings)
+    assert policy.roots == (registry,)
+    # the operator's own start-up bundle (outside the registry) loads; requests are confined
+    holder = ModelHolder(settings, policy=replace(POLICY, roots=policy.roots), isolated=isolated)
+    await holder.start()
+    try:
+        assert holder.get().version == bundles["a"].name  # type: ignore[union-attr]
+        for outside in (bundles["c"], registry / "elsewhere", registry / os.path.relpath(bundles["c"], registry)):
+            event = ModelUpdate(**_replace(request("activate", bundles["c"]), bundle_uri=str(outside)))  # type: ignore[arg-type]
+            refused = await holder.handle(event)
+            assert refused.answer is not None and refused.answer.kind == "model-rejected", outside
+            assert refused.answer.reasons == (
+                f"place: {bundles['c'].resolve()} is outside TAGSTREAM_MODEL_ROOTS ({registry})",
+            )
+        shadow = await holder.handle(request("shadow", bundles["c"]))  # every kind that loads a bundle
+        assert shadow.answer is not None and shadow.answer.kind == "model-rejected"
+        assert holder.get().version == bundles["a"].name and holder.rejections == 4  # type: ignore[union-attr]
+        done = await holder.handle(request("activate", inside))
+        assert done.answer is not None and done.answer.kind == "model-activated"
+        assert holder.get().version == inside.name  # type: ignore[union-attr]
+        back = await holder.handle(request("rollback", version=bundles["a"].name))  # to the start-up model, held
+        assert back.answer is not None and back.answer.kind == "model-activated"
+    finally:
+        holder.close()
 
 
 async def test_rollback_returns_to_the_previous_model(bundles: dict[str, Path]) -> None:
@@ -357,6 +395,24 @@ def test_cli_requests(bundles: dict[str, Path]) -> None:
     assert (event.kind, event.model_version) == ("rollback", "previous")
     event, _ = build_request("promote", settings, version="v1")
     assert (event.kind, event.model_version) == ("promote", "v1")
+
+
+@pytest.mark.parametrize("kind", ["activate", "shadow"])
+def test_a_model_request_for_a_bundle_outside_the_roots_is_refused_before_it_is_sent(
+    bundles: dict[str, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    kind: str,
+) -> None:
+    from tagstream.cli import main
+
+    monkeypatch.setenv("TAGSTREAM_MODEL_ROOTS", f'["{tmp_path}"]')
+    monkeypatch.setenv("TAGSTREAM_KAFKA_BOOTSTRAP", "127.0.0.1:9")  # refused before any broker is asked
+    assert main(["model", kind, "--model", str(bundles["b"])]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"place: {bundles['b'].resolve()} is outside TAGSTREAM_MODEL_ROOTS ({tmp_path})" in err
+    assert "\n" not in err and "Traceback" not in err
 
 
 def test_worker_installs_the_model_updates_task_unless_in_memory() -> None:

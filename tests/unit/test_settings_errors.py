@@ -17,6 +17,7 @@ COMMANDS = [["topics"], ["tail", "tag-updates"], ["replay", "events.jsonl", "--t
         ("TAGSTREAM_BATCH_MAX", "0", "batch_max"),  # out of range
         ("TAGSTREAM_GC_THRESHOLDS", "10000,10,10", "TAGSTREAM_GC_THRESHOLDS"),  # a list setting that is not JSON
         ("TAGSTREAM_BEHAVIOUR_TTL_S", "3600", "at least 604800 s (7 days, the longest window)"),  # counts would vanish
+        ("TAGSTREAM_MODEL_ROOTS", '["models"]', "every model root must be an absolute path"),  # relative to what?
     ],
 )
 @pytest.mark.parametrize("command", COMMANDS)
