@@ -140,7 +140,7 @@ def replay_lines(path: Path, topic: str, limit: int, ahead_ms: int = 0) -> Itera
         for line_no, line in enumerate(fh, 1):
             if not line.strip():
                 continue
-            value = line.rstrip(b"\n")
+            value = line.rstrip(b"\r\n")  # the line end, CRLF too, is no part of the event
             try:
                 key: bytes | None = decoder.decode(value, now, ahead_ms).product_id.encode()
                 problem, reason = None, ""
@@ -279,6 +279,10 @@ def _replay_cmd(args: argparse.Namespace) -> int:
     name = settings.topic(args.topic)
     with kafka_errors(f"read the message size limit of {name}", settings.kafka_bootstrap):
         check, limit = asyncio.run(_check_replay(path, args.topic, settings, args.send_invalid))
+    if not check.events:  # nothing to send: no topic made either
+        print(f"tagstream replay: warning: {path} has no events (empty, or blank lines only)", file=sys.stderr)
+        print(f"sent 0 events to {name}")
+        return 0
     _ensure_topics(settings)  # only for a file that is sent: a refused one leaves no topic behind
     progress = ReplayProgress()
     try:

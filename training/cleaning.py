@@ -139,6 +139,7 @@ class DataReport:
     skipped: Counter[str] = field(default_factory=Counter)
     first_skipped: dict[str, int] = field(default_factory=dict)  # reason -> the first line skipped for it
     repaired: Counter[str] = field(default_factory=Counter)
+    first_repaired: dict[str, int] = field(default_factory=dict)  # reason -> the first line repaired for it
     examples: list[dict[str, Any]] = field(default_factory=list)
     duplicates_exact: int = 0
     duplicate_conflicts_resolved: int = 0
@@ -161,6 +162,7 @@ class DataReport:
     def repair(self, line: int, reason: str, detail: str = "") -> None:
         """Count a row that was kept after a documented repair (e.g. title and breadcrumb swapped)."""
         self.repaired[reason] += 1
+        self.first_repaired[reason] = min(line, self.first_repaired.get(reason, line))
         self._example(line, reason, detail, "repaired")
 
     def _example(self, line: int, reason: str, detail: str, kind: str) -> None:
@@ -185,6 +187,21 @@ class DataReport:
             for reason, n in self.skipped.most_common()
         )
         return f"{self.rows_skipped:,} of {self.rows_read:,} rows skipped: {reasons}"
+
+    def labels_dropped_summary(self) -> str | None:
+        """One line for the console when kept products lost attribute labels: an attribute on which a product's
+        duplicate rows tie (`attribute_conflicts_dropped`), or two attribute names of one row that are equal once
+        cleaned and have different values (`attribute_name_conflict`); None when none did."""
+        parts = []
+        if self.attribute_conflicts_dropped:
+            named = ", ".join(f"{k} {n:,}" for k, n in self.attribute_conflicts_dropped.most_common())
+            parts.append(f"{named} (a product's duplicate rows tie on its value)")
+        if n := self.repaired.get("attribute_name_conflict", 0):
+            first = self.first_repaired["attribute_name_conflict"]
+            parts.append(
+                f"{n:,} rows with two attribute names equal once cleaned and different values (first at line {first})"
+            )
+        return "attribute labels dropped from kept products: " + "; ".join(parts) if parts else None
 
     def finish(self, products: list[CatalogProduct]) -> None:
         """Fill label counts per group, title length stats and `warnings` from the kept products.

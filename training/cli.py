@@ -104,17 +104,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
 
 def _load(path: Path, fmt: str, command: str, *, every: bool = False):
     """Load a catalog (`training.loaders.load_catalog`); when rows were skipped, one warning line on stderr naming
-    the counts by reason (`DataReport.skipped_summary`), logged instead in a `--every` cycle."""
+    the counts by reason (`DataReport.skipped_summary`), and one more when kept products lost attribute labels
+    (`labels_dropped_summary`); logged instead in a `--every` cycle."""
     from training.loaders import load_catalog
 
     _check_catalog(path)
     result = load_catalog(path, fmt)
     log.info("loaded %d products from %s (%s)", len(result.products), path, fmt)
-    if (skipped := result.report.skipped_summary()) is not None:
+    for line in (result.report.skipped_summary(), result.report.labels_dropped_summary()):
+        if line is None:
+            continue
         if every:
-            log.warning("%s: %s", path, skipped)
+            log.warning("%s: %s", path, line)
         else:
-            print(f"tagstream {command}: warning: {path}: {skipped}", file=sys.stderr)
+            print(f"tagstream {command}: warning: {path}: {line}", file=sys.stderr)
     return result
 
 
@@ -290,11 +293,17 @@ def _run_train(args: argparse.Namespace) -> int:
 def run_evaluate(args: argparse.Namespace) -> int:
     """`tagstream evaluate`."""
     from training.evaluate import unevaluated_groups
+    from training.labels import product_labels
     from training.train import evaluate_bundle
 
     if not args.model.is_dir():
         raise ConfigError(f"--model {args.model} is not a bundle directory")
     products = _load(args.catalog, args.format, "evaluate").products
+    if not any(product_labels(p) for p in products):
+        raise DataError(
+            f"{args.catalog}: the catalog has no labels: none of its {len(products)} products has a category path, "
+            "an attribute or a free tag (in JSONL the keys category_path, attributes and tags): nothing to evaluate"
+        )
     report = evaluate_bundle(args.model, products, at_thresholds=args.thresholds)
     if seen := _trained_on(args.model, products):
         print(
@@ -317,8 +326,11 @@ def run_evaluate(args: argparse.Namespace) -> int:
             "not evaluated (figures null)",
             file=sys.stderr,
         )
+    served_only = {g: r for g, r in report["served"]["groups"].items() if g not in report["groups"]}  # free tags
     unknown = [
-        f"{g} {r['n_unknown']} of {r['n']}" for g, r in report["groups"].items() if r.get("n") and r.get("n_unknown")
+        f"{g} {r['n_unknown']} of {r['n']}"
+        for g, r in {**report["groups"], **served_only}.items()
+        if r.get("n") and r.get("n_unknown")
     ]
     if unknown:
         print(

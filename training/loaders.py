@@ -85,6 +85,7 @@ _YEAR_RE = re.compile(r"\d{4}", re.ASCII)
 _NULLS = {"", "\\N", "$N", "NA", "N/A", "null", "None"}
 _KNOWN_SITES = {"京东商城", "1号店", "当当网", "亚马逊", "天猫", "淘宝网", "苏宁易购", "国美在线", "易迅网"}
 _MALFORMED_LIMIT = 0.5
+_FORMAT_PROBE_ROWS = 5  # the first data rows all without the format's shape: another format
 _MAX_RECORD_LINES = 5  # physical lines one quoted CSV record may span
 _BOOK_CRUMB_LEVELS = 3  # a breadcrumb in the title's place (book rows) has at least this many levels
 _ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
@@ -182,11 +183,24 @@ def _decoded_lines(path: Path, data: bytes, report: DataReport) -> Lines:
             line = raw.decode("utf-8")
         except UnicodeDecodeError as e:
             if i == 1:
-                raise _error(path, 1, f"not UTF-8 text ({e.reason} at byte {e.start})") from None
+                raise _error(path, 1, f"not UTF-8 text ({e.reason} at byte {e.start}){_compressed(data)}") from None
             report.rows_read += 1
             report.skip(i, "not_utf8", str(e))
             continue
         yield i, line
+
+
+def _compressed(data: bytes) -> str:
+    """A hint for a file that is compressed ("" when it does not look so)."""
+    if data.startswith(b"\x1f\x8b"):
+        return ": a gzip file; decompress it first (gunzip)"
+    if data.startswith(_ZIP_MAGIC):
+        return ": a zip archive; unpack it first (only --format myntra reads its zip itself)"
+    if data.startswith(b"\xfd7zXZ\x00"):
+        return ": an xz file; decompress it first (unxz)"
+    if data.startswith(b"BZh"):
+        return ": a bzip2 file; decompress it first (bunzip2)"
+    return ""
 
 
 def _texts(p: CatalogProduct) -> Iterator[tuple[str, str]]:
@@ -225,24 +239,36 @@ def _claim_id(p: CatalogProduct, holders: dict[str, CatalogProduct]) -> None:
 def _rows(
     path: Path, lines: Lines, report: DataReport, parse: Callable[[int, str], CatalogProduct]
 ) -> Iterator[tuple[int, CatalogProduct]]:
-    """Parse data lines; a malformed row is skipped, but a first data row without the format's shape means the file
-    is in another format (DataError)."""
+    """Parse data lines; a malformed row is skipped, but when the first data rows (`_FORMAT_PROBE_ROWS`, or all of a
+    shorter file) all lack the format's shape, the file is in another format (DataError naming the first). One bad
+    first row before good ones (a truncated line, a stray header) is skipped like any other."""
     holders: dict[str, CatalogProduct] = {}
-    for n, (i, line) in enumerate(lines):
+    shapeless: list[tuple[int, _Malformed]] = []  # the structural failures while every row so far was one
+    n = 0
+    for n, (i, line) in enumerate(lines, 1):
         report.rows_read += 1
         try:
             p = parse(i, line)
             _claim_id(p, holders)
         except _Malformed as m:
-            if n == 0 and m.structural:
-                detail = f": {m.detail}" if m.detail else ""
-                raise _error(
-                    path, i, f"{m.reason}{detail} (first data row does not parse as {report.fmt!r}; wrong --format?)"
-                ) from None
+            if m.structural and len(shapeless) == n - 1:
+                shapeless.append((i, m))
+                if len(shapeless) == _FORMAT_PROBE_ROWS:
+                    raise _wrong_format(path, report.fmt, shapeless) from None
             report.skip(i, m.reason, m.detail)
             continue
         report.rows_parsed += 1
         yield i, p
+    if shapeless and len(shapeless) == n:
+        raise _wrong_format(path, report.fmt, shapeless)
+
+
+def _wrong_format(path: Path, fmt: str, shapeless: list[tuple[int, _Malformed]]) -> DataError:
+    """The file's first data rows, all without the format's shape: it is in another format."""
+    i, m = shapeless[0]
+    detail = f": {m.detail}" if m.detail else ""
+    rows = "the only data row" if len(shapeless) == 1 else f"the first {len(shapeless)} data rows"
+    return _error(path, i, f"{m.reason}{detail} ({rows} do not parse as {fmt!r}; wrong --format?)")
 
 
 def _header(path: Path, lines: Lines, expected: list[str], fmt: str, *, exact: bool = False) -> None:
@@ -579,7 +605,8 @@ def _json_object(line: str) -> dict[str, Any]:
     try:
         obj = json.loads(line)
     except json.JSONDecodeError as e:
-        raise _Malformed("invalid_json", f"{e.msg} at column {e.colno}", structural=True) from None
+        at = "" if e.msg.endswith(" at") else " at"  # "Unterminated string starting at" names no place itself
+        raise _Malformed("invalid_json", f"{e.msg}{at} column {e.colno}", structural=True) from None
     except RecursionError:
         raise _Malformed("invalid_json", "nested too deeply") from None
     except ValueError as e:  # e.g. "Exceeds the limit (4300 digits) for integer string conversion: ..."
@@ -712,9 +739,11 @@ def load_catalog(path: str | Path, fmt: str, *, dedupe: bool = True, max_example
         ex = report.examples[0] if report.examples else {"line": 0, "reason": "", "detail": ""}
         why = f"{ex['reason']} {ex['detail']}".strip()
         raise _error(path, ex["line"], f"{why + ' — ' if why else ''}no product rows ({report.rows_read} rows read)")
-    malformed = report.rows_skipped
+    # rows repeating an id are well formed (an export appended twice): skipped and counted, never a wrong format
+    malformed = report.rows_skipped - report.skipped.get("duplicate_product_id", 0)
     if report.rows_read and malformed / report.rows_read > _MALFORMED_LIMIT:
-        ex = report.examples[0] if report.examples else {"line": 0, "reason": "?"}
+        bad = [e for e in report.examples if e["reason"] != "duplicate_product_id"]
+        ex = bad[0] if bad else {"line": 0, "reason": "?"}
         raise _error(
             path,
             ex["line"],

@@ -210,6 +210,12 @@ def test_replay_of_a_refused_file_makes_no_topic_and_a_good_file_makes_them(
     assert code == 2 and f"{bad}:2: " in error_line(err)
     assert not {t for t in asyncio.run(_topic_names(bootstrap)) if t.startswith(prefix)}  # before: all six made
 
+    empty = write_lines(tmp_path / "empty.jsonl", [b"", b"  "])  # nothing to send: said, and no topic made
+    code, out, err = run_cli(fresh, "replay", str(empty), "--topic", "products")
+    assert code == 0 and out.startswith(f"sent 0 events to {prefix}products")
+    assert f"warning: {empty} has no events" in err
+    assert not {t for t in asyncio.run(_topic_names(bootstrap)) if t.startswith(prefix)}
+
     good = write_lines(tmp_path / "good.jsonl", [orjson.dumps(upsert("rn-0", "Roadster Men Blue Jeans"))])
     code, out, err = run_cli(fresh, "replay", str(good), "--topic", "products")
     assert code == 0 and out.startswith(f"sent 1 events to {prefix}products"), err

@@ -341,6 +341,15 @@ def test_replay_check_judges_each_line_as_the_worker_decodes_it(tmp_path) -> Non
     assert check.refusal(send_invalid=False) is not None
 
 
+def test_replay_sends_a_crlf_files_events_without_their_line_ends(tmp_path) -> None:
+    from streams.cli import REPLAY_MAX_REQUEST_BYTES, replay_lines
+
+    path = tmp_path / "events.jsonl"
+    path.write_bytes(_upsert_line("jd-a") + b"\r\n" + _upsert_line("jd-b") + b"\r\n")
+    values = [line.value for line in replay_lines(path, "products", REPLAY_MAX_REQUEST_BYTES)]
+    assert values == [_upsert_line("jd-a"), _upsert_line("jd-b")]  # the bytes the catalog service would send
+
+
 def test_replay_check_refuses_an_event_time_the_worker_would_dead_letter(tmp_path) -> None:
     from streams.cli import REPLAY_MAX_REQUEST_BYTES, check_replay_file
 

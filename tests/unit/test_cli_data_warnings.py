@@ -96,3 +96,33 @@ def test_evaluate_warns_when_products_of_the_catalog_were_in_the_models_training
     unseen = _catalog(tmp_path / "u.jsonl", GOOD[9:], bad=0)
     assert main(["evaluate", "--model", str(bundle), "--catalog", str(unseen), "--format", "jsonl", "--json"]) == 0
     assert not any("training data" in line for line in _stderr_lines(capsys))
+
+
+def test_attribute_labels_dropped_from_kept_products_are_one_more_warning_line(tmp_path: Path, capsys) -> None:
+    from tagstream.cli import main
+    from tests.models import featurized_bundle
+
+    bundle = featurized_bundle(tmp_path / "registry")
+    tied = [  # the same title twice with two colours: the duplicates are merged and the tied colour dropped
+        {"product_id": "t1", "title": "Clothing shirt 0", "category_path": ["Clothing", "Shirts"], "attributes": a}
+        for a in ({"colour": "Black"}, {"colour": "Red"})
+    ]
+    tied[1]["product_id"] = "t2"
+    clash = {  # two names that clean to one ("colour"), with different values: the attribute is dropped
+        "product_id": "c1",
+        "title": "Clothing shirt 99",
+        "category_path": ["Clothing", "Shirts"],
+        "attributes": {"colour": "Black", "colour ": "Red"},
+    }
+    lines = [json.dumps(p.to_json(), ensure_ascii=False) for p in GOOD[1:]] + [json.dumps(r) for r in (*tied, clash)]
+    catalog = tmp_path / "c.jsonl"
+    catalog.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    capsys.readouterr()
+    assert main(["evaluate", "--model", str(bundle), "--catalog", str(catalog), "--format", "jsonl", "--json"]) == 0
+    warnings = [line for line in _stderr_lines(capsys) if "labels dropped" in line]
+    # before: only the data report of `train` said so; `evaluate` nowhere
+    assert warnings == [
+        f"tagstream evaluate: warning: {catalog}: attribute labels dropped from kept products: colour 1 (a product's "
+        "duplicate rows tie on its value); 1 rows with two attribute names equal once cleaned and different values "
+        "(first at line 14)"
+    ]

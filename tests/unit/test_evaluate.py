@@ -403,3 +403,26 @@ def test_evaluate_a_model_of_free_tags_only_on_its_own_kind_of_catalog(tmp_path:
     # a catalog whose free tags the model does not know is still nothing to evaluate
     assert main(["evaluate", "--model", str(bundle), "--catalog", str(other), "--format", "jsonl", "--json"]) == 2
     assert "none of its 12 products has a label the model knows" in capsys.readouterr().err
+
+
+def test_evaluate_counts_unknown_free_tags_on_stderr_too(tmp_path: Path, capsys) -> None:
+    from tagstream.cli import main
+    from tagstream.synth import write_jsonl
+
+    bundle = _tags_only_bundle(tmp_path / "registry")
+    catalog = tmp_path / "catalog.jsonl"
+    products = [CatalogProduct(f"t{i}", f"shirt {i}", tags=("sale" if i % 2 else "refurbished",)) for i in range(12)]
+    write_jsonl(products, catalog)
+    capsys.readouterr()
+    code = main(["evaluate", "--model", str(bundle), "--catalog", str(catalog), "--format", "jsonl", "--json"])
+    out, err = capsys.readouterr()
+    assert code == 0 and json.loads(out)["served"]["tags"]["n_unknown"] == 6
+    # before: the JSON had them, stderr said nothing
+    assert "counted as misses: tags 6 of 12" in err
+
+
+def test_evaluate_names_a_catalog_without_labels_as_such(tmp_path: Path, capsys) -> None:
+    code, out, err = _evaluate_cli(tmp_path, capsys, [CatalogProduct(f"n{i}", f"shirt {i}") for i in range(5)])
+    assert code == 2 and out == "" and len(err) == 1
+    # before: "... (a catalog of other labels than the model was trained on?)"
+    assert "the catalog has no labels: none of its 5 products has a category path, an attribute or a free tag" in err[0]

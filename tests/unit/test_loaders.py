@@ -615,11 +615,40 @@ def test_bad_value_in_the_first_data_row_is_a_skip_not_a_wrong_format(tmp_path: 
     ]:
         first = "{" + (value if "product_id" in value else f'"product_id": "f", {value}') + "}"
         assert _skips(load_catalog(_jsonl(tmp_path, first), "jsonl")) == {1: reason}, value
-    # the shape of the first row still tells a wrong --format
-    with pytest.raises(DataError, match=r"line 1: not_an_object: list \(first data row .*wrong --format\?\)"):
-        load_catalog(_jsonl(tmp_path, "[1, 2]"), "jsonl")
-    with pytest.raises(DataError, match=r"line 2: too_few_fields: 3 fields, need 10 \(first data row"):
-        load_catalog(write(tmp_path, "styles.csv", [MYNTRA[0], "1,Men,Apparel", *MYNTRA[1:4]]), "myntra")
+    # the shape of the first rows, all of them, still tells a wrong --format
+    with pytest.raises(DataError, match=r"line 1: not_an_object: list \(the only data row .*wrong --format\?\)"):
+        load_catalog(_jsonl(tmp_path, "[1, 2]", good=0), "jsonl")
+    shapeless = write(tmp_path, "styles.csv", [MYNTRA[0], *["1,Men,Apparel"] * 5, *MYNTRA[1:4]])
+    with pytest.raises(DataError, match=r"line 2: too_few_fields: 3 fields, need 10 \(the first 5 data rows do not"):
+        load_catalog(shapeless, "myntra")
+
+
+def test_one_shapeless_first_row_before_good_ones_is_skipped_not_a_wrong_format(tmp_path: Path) -> None:
+    good = [f'{{"product_id": "g{i}", "title": "Blue shirt {i}", "category_path": ["Apparel"]}}' for i in range(6)]
+    truncated = '{"product_id": "x1", "title": "bro'  # a partial write
+    result = load_catalog(_jsonl(tmp_path, truncated, *good, good=0), "jsonl")
+    assert len(result.products) == 6 and _skips(result) == {1: "invalid_json"}
+    [example] = result.report.examples
+    assert example["detail"] == "Unterminated string starting at column 31"  # not "starting at at"
+    shapeless = write(tmp_path, "styles.csv", [MYNTRA[0], "1,Men,Apparel", *MYNTRA[1:4]])
+    assert _skips(load_catalog(shapeless, "myntra")) == {2: "too_few_fields"}
+
+
+def test_a_catalog_appended_to_itself_loads_its_products_once(tmp_path: Path) -> None:
+    rows = [f'{{"product_id": "g{i}", "title": "Blue shirt {i}", "category_path": ["Apparel"]}}' for i in range(4)]
+    result = load_catalog(_jsonl(tmp_path, *rows, *rows, *rows, good=0), "jsonl")  # not "8 of 12 rows malformed"
+    assert [p.product_id for p in result.products] == ["g0", "g1", "g2", "g3"]
+    assert result.report.skipped == {"duplicate_product_id": 8}
+
+
+@pytest.mark.parametrize(
+    ("magic", "hint"),
+    [(b"\x1f\x8b\x08\x00", "a gzip file; decompress it first"), (b"PK\x03\x04\xff", "a zip archive; unpack it")],
+)
+def test_a_compressed_catalog_is_named_as_such(tmp_path: Path, magic: bytes, hint: str) -> None:
+    (tmp_path / "catalog.jsonl").write_bytes(magic + b"\xff\xfe" * 20)
+    with pytest.raises(DataError, match=rf"line 1: not UTF-8 text \(.*\): {hint}"):
+        load_catalog(tmp_path / "catalog.jsonl", "jsonl")
 
 
 def test_messages_and_details_are_one_short_line(tmp_path: Path) -> None:
