@@ -600,7 +600,12 @@ class ModelHolder:
                 self.updated_at = now_ms()
                 log.info("model %s loaded from %s", self.active.version, self.settings.model_path)
             elif self.active is None:
-                log.warning("no model configured (TAGSTREAM_MODEL_PATH): products get catalog and behaviour tags only")
+                log.warning(
+                    "no model configured (TAGSTREAM_MODEL_PATH): products get catalog and behaviour tags only%s",
+                    " until a model published on model-updates is applied (its history is read next)"
+                    if self.settings.model_updates_enabled
+                    else "",
+                )
             self._initial_loaded = True
             settle_heap()  # the worker's long-lived objects (imports, model) leave the collector's generations
 
@@ -935,7 +940,8 @@ class ModelHolder:
             self.updated_at = now_ms()
             settle_heap()
         log.info(
-            "model-updates history folded: %d requests, %d bundles validated, %d refused; active %s, previous %s, "
+            "model-updates history folded: %d requests, %d bundles validated, %d of them refused; active %s, "
+            "previous %s, "
             "shadow %s",
             len(requests),
             len(loaded) + len(invalid),

@@ -19,8 +19,9 @@ import argparse
 import asyncio
 import json
 import math
+import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -317,6 +318,26 @@ async def last_request(settings: WorkerSettings, window: int = 256) -> tuple[int
                 return found
             end, window = start, window * 4
         return None
+
+
+def rollback_from_answers(answers: Sequence[ModelUpdate], topic: str) -> tuple[str, str]:
+    """The version a plain `tagstream model rollback` names when no live worker reports its models (all stopped, or
+    Redis down): the model the workers' `model-activated` answers on model-updates (`answers`, in topic order) named
+    last before the one they name now, so that sending it twice returns there once. ConfigError when they name no
+    such model: the request would be a blind swap, undone by a retry."""
+    current = previous = None
+    for answer in answers:
+        if answer.kind == "model-activated" and answer.model_version != current:
+            current, previous = answer.model_version, current
+    if previous is None:
+        raise ConfigError(
+            f"model rollback: no live worker reports its models, and the workers' answers on {topic} name no model "
+            "active before the current one: name it with --version V (or `model activate --model DIR`)"
+        )
+    return previous, (
+        f"no live worker reports its models; the workers' answers on {topic} name {current} active now and {previous} "
+        "before it"
+    )
 
 
 def retry_of_last_rollback(
@@ -680,10 +701,21 @@ def _request(kind: str) -> Callable[[argparse.Namespace], int]:
         if kind == "rollback" and version is None:
             last, topic = asyncio.run(last_request(settings)), settings.topic("model-updates")
             try:
-                reported = live if args.wait else live_workers(read_status(settings))[0]
-                version, why = retry_of_last_rollback(last, topic, reported) or rollback_target(reported)
-            except StateError as exc:  # Redis down: the workers are told to roll back all the same
-                version, why = retry_of_last_rollback(last, topic, None) or (None, str(exc))
+                reported: Mapping[str, Mapping[str, Any]] | None = (
+                    live if args.wait else live_workers(read_status(settings))[0]
+                )
+            except StateError as exc:  # Redis down: the workers' answers on model-updates say where to go back to
+                print(
+                    f"tagstream model: warning: {exc}; the model to roll back to is read from {topic}", file=sys.stderr
+                )
+                reported = None
+            readable = reported is not None and any(UNREADABLE not in st for st in reported.values())
+            if readable:
+                version, why = retry_of_last_rollback(last, topic, reported) or rollback_target(reported or {})
+            else:  # every worker stopped, or Redis down: no blind swap, which a retry would undo
+                version, why = retry_of_last_rollback(last, topic, None) or rollback_from_answers(
+                    asyncio.run(read_answers(settings)), topic
+                )
             if version is not None:
                 print(f"rollback to {version}: {why}")
             else:
@@ -705,6 +737,12 @@ def _request(kind: str) -> Callable[[argparse.Namespace], int]:
         result = asyncio.run(wait_answers(settings, event, after=offset, before=live, timeout=args.wait))
         for a in result.answers:
             extra = f": {'; '.join(a.reasons)}" if a.reasons else ""
+            if (
+                kind == "activate"
+                and a.kind == "model-activated"
+                and live.get(a.worker_id, {}).get("active") == (a.model_version)
+            ):
+                extra += " (it was active already: nothing swapped)"
             print(f"{a.worker_id}: {a.kind} {a.model_version}{extra}")
         for w, st in sorted(result.shadowing.items()):
             print(f"{w}: shadow {st['shadow']} running beside {st.get('active') or '-'} (worker status)")

@@ -87,6 +87,25 @@ class DemoSummary:
         }
 
 
+DEFAULT_FORMAT = "jsonl"
+DEFAULT_LIMIT = 3000
+DEFAULT_PRODUCTS = 1500
+
+
+def _check_catalog_options(args: argparse.Namespace) -> None:
+    """`--format` and `--limit` go with `--catalog`, `--products` without it (ConfigError); fill the defaults."""
+    if args.catalog:
+        if args.products is not None:
+            raise ConfigError("--products sizes the generated catalog: it does not go with --catalog (--limit does)")
+        args.format = args.format or DEFAULT_FORMAT
+        args.limit = DEFAULT_LIMIT if args.limit is None else args.limit
+        return
+    given = [flag for flag, value in (("--format", args.format), ("--limit", args.limit)) if value is not None]
+    if given:
+        raise ConfigError(f"{' and '.join(given)} go with --catalog FILE (without it the demo generates its catalog)")
+    args.products = DEFAULT_PRODUCTS if args.products is None else args.products
+
+
 def _load_catalog(args: argparse.Namespace) -> list[Any]:
     if args.catalog:
         from training.loaders import load_catalog
@@ -326,6 +345,7 @@ async def _replay_and_watch(
 def cleanup_run(settings: Any) -> list[str]:
     """Delete what one demo run made on the stack: its topics, its Redis keys, its consumer group and its Faust
     directory (only names of this run's fresh tag, never anything else). Returns what could not be deleted."""
+    import logging
     import shutil
 
     from kafka.admin import KafkaAdminClient
@@ -335,6 +355,7 @@ def cleanup_run(settings: Any) -> list[str]:
 
     if not settings.app_id.startswith("tagstream-demo-") or not settings.redis_prefix.startswith("demo-"):
         raise ValueError(f"not a demo run: {settings.app_id!r}, {settings.redis_prefix!r}")
+    logging.getLogger("kafka").setLevel(logging.WARNING)  # its connection chatter would end the demo's output
     left: list[str] = []
     try:
         asyncio.run(_delete_topics(settings.kafka_bootstrap, [settings.topic(t.name) for t in TOPICS]))
@@ -407,6 +428,7 @@ def run_demo(args: argparse.Namespace) -> int:
     from training.settings import writable_dir
 
     # A bad setting or catalog fails first, before the workdir is made or the stack started.
+    _check_catalog_options(args)
     trainer_settings = _trainer_settings(args)
     products = _load_catalog(args)
     if len(products) < MIN_PRODUCTS:
@@ -471,7 +493,8 @@ def run_demo(args: argparse.Namespace) -> int:
         )
         titles = {p.product_id: p.title for p in products}
         sendable = _sendable(products, console)
-        with LiveView(titles, enabled=not args.no_live) as view:
+        # a live table redrawn into a file or pipe would be dumped there whole: only on a terminal
+        with LiveView(titles, enabled=not args.no_live and sys.stdout.isatty()) as view:
             asyncio.run(_replay_and_watch(settings, sendable, behaviour, args.rate, view, summary))
     finally:
         if worker is not None:
@@ -526,13 +549,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add `demo`."""
     p = subparsers.add_parser("demo", help="run the whole loop locally: stack, training, worker, replay, summary")
     p.add_argument("--catalog", help="catalog file to train on and replay (default: a generated one)")
-    p.add_argument("--format", default="jsonl", choices=["cn-jd", "myntra", "bigbasket", "jsonl"])
+    p.add_argument(
+        "--format",
+        choices=["cn-jd", "myntra", "bigbasket", "jsonl"],
+        help=f"the --catalog file's format (default {DEFAULT_FORMAT})",
+    )
     at_least_products = int_at_least(MIN_PRODUCTS, " (the demo trains a model on the catalog)")
     p.add_argument(
-        "--limit", type=at_least_products, default=3000, help=f"at most this many catalog products (≥ {MIN_PRODUCTS})"
+        "--limit",
+        type=at_least_products,
+        help=f"at most this many products of the --catalog file (≥ {MIN_PRODUCTS}; default {DEFAULT_LIMIT})",
     )
     p.add_argument(
-        "--products", type=at_least_products, default=1500, help=f"size of the generated catalog (≥ {MIN_PRODUCTS})"
+        "--products",
+        type=at_least_products,
+        help=f"size of the generated catalog, without --catalog (≥ {MIN_PRODUCTS}; default {DEFAULT_PRODUCTS})",
     )
     p.add_argument(
         "--events",
@@ -544,7 +575,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--epochs", type=int, default=8, help="training epochs")
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--workdir", help="where the model, logs and summary go (default: runs/demo-<time>)")
-    p.add_argument("--no-live", action="store_true", help="no live table (for logs and CI)")
+    p.add_argument("--no-live", action="store_true", help="no live table (for logs and CI; off too when stdout is not a terminal)")
     p.add_argument(
         "--keep",
         action="store_true",

@@ -221,7 +221,7 @@ def test_status_shows_unreadable_statuses_and_not_workers_whose_last_answer_expi
     topic = se.settings.topic("model-updates")
     poll(lambda: asyncio.run(broker_has(se, topic)), f"{topic} in the broker's metadata")  # just created
     # A request with --wait does not wait for them, and says why.
-    code, out = run(monkeypatch, capsys, se, "model", "rollback", "--wait", "30")
+    code, out = run(monkeypatch, capsys, se, "model", "rollback", "--version", "m-0", "--wait", "30")
     assert code == 0, out
     assert "not waiting for w-list: its status is unreadable (not a JSON object but array)" in out.splitlines()
     assert "no worker reported its status in the last 15s: no answer to wait for" in out

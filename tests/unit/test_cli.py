@@ -395,6 +395,29 @@ def test_demo_refuses_bad_counts_when_parsing(
     assert build_parser().parse_args(["demo", "--events", "0", "--limit", "50"]).events == 0
 
 
+@pytest.mark.parametrize(
+    ("argv", "said"),
+    [
+        (["--format", "myntra"], "--format go with --catalog FILE"),
+        (["--limit", "500"], "--limit go with --catalog FILE"),
+        (["--catalog", "c.jsonl", "--products", "500"], "--products sizes the generated catalog"),
+    ],
+)
+def test_demo_refuses_catalog_options_without_their_catalog_in_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path, argv: list[str], said: str
+) -> None:
+    import tagstream.stack
+
+    def no_stack(*a: object, **k: object) -> None:
+        raise AssertionError("the demo started the stack before checking its arguments")
+
+    monkeypatch.setattr(tagstream.stack, "stack_up", no_stack)
+    # before: silently ignored (a generated catalog trained and replayed as if --format myntra had been heard)
+    assert main(["demo", *argv, "--workdir", str(tmp_path / "d")]) == 2
+    assert said in only_error_line(capsys, "demo")
+    assert not (tmp_path / "d").exists()
+
+
 @pytest.mark.parametrize("value", ["nan", "inf", "-1"])
 def test_model_commands_refuse_a_wait_that_is_no_number_of_seconds(
     capsys: pytest.CaptureFixture[str], value: str

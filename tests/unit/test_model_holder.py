@@ -1137,6 +1137,80 @@ def test_a_rollback_no_live_worker_can_do_is_refused_in_one_line_and_not_sent(
     assert sent == []
 
 
+def test_a_rollback_with_every_worker_stopped_names_the_model_their_answers_had_before_and_a_retry_the_same(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With no live worker, `model rollback` sent a rollback naming no version: each worker swapped at its next
+    start, and a retry ("did it work?") swapped back."""
+    import streams.model_cli as model_cli
+    from tagstream.cli import main
+
+    def answer(version: str, worker: str = "w-1") -> ModelUpdate:
+        return ModelUpdate(kind="model-activated", model_version=version, emitted_at=1, worker_id=worker)
+
+    refused = ModelUpdate(kind="model-rejected", model_version="v9", emitted_at=1, worker_id="w-1", reasons=("x",))
+    history = [answer("v1"), answer("v1", "w-2"), answer("v2"), refused, answer("v2", "w-2"), answer("v2", "w-3")]
+    sent: list[ModelUpdate] = []
+
+    async def answers(settings: WorkerSettings, *, after: int = -1) -> list[ModelUpdate]:
+        return list(history)
+
+    async def last(settings: WorkerSettings) -> tuple[int, ModelUpdate] | None:
+        return (len(sent), sent[-1]) if sent else None
+
+    async def send(settings: WorkerSettings, event: ModelUpdate, key: bytes) -> int:
+        sent.append(event)
+        return len(sent)
+
+    monkeypatch.setattr(model_cli, "read_status", lambda settings: {})  # every worker stopped
+    monkeypatch.setattr(model_cli, "read_answers", answers)
+    monkeypatch.setattr(model_cli, "last_request", last)
+    monkeypatch.setattr(model_cli, "send_request", send)
+    for _ in range(2):  # the retry names the same model: at their next start the workers end on v1 either way
+        assert main(["model", "rollback"]) == 0
+        assert "rollback to v1: " in capsys.readouterr().out
+    assert [(e.kind, e.model_version) for e in sent] == [("rollback", "v1"), ("rollback", "v1")]
+    history[:] = [answer("v2")]  # no model before the current one: refused in one line, nothing sent
+    sent.clear()
+    assert main(["model", "rollback"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "name no model active before the current one: name it with --version V" in err and "\n" not in err
+    assert sent == []
+
+
+def test_activating_the_active_model_says_nothing_was_swapped(
+    bundles: dict[str, Path], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import streams.model_cli as model_cli
+    from tagstream.cli import main
+
+    version = bundles["a"].name
+    now = time.time_ns() // 1_000_000
+    status = {
+        "w-1": {"active": version, "previous": None, "shadow": None, "at": now, "reported_at": now},
+        "w-2": {"active": "older", "previous": None, "shadow": None, "at": now, "reported_at": now},
+    }
+
+    async def send(settings: WorkerSettings, event: ModelUpdate, key: bytes) -> int:
+        return 7
+
+    async def wait(settings: WorkerSettings, event: ModelUpdate, **kwargs: object) -> model_cli.WaitResult:
+        answers = [
+            ModelUpdate(kind="model-activated", model_version=version, emitted_at=1, worker_id=w, sha256=event.sha256)
+            for w in ("w-1", "w-2")
+        ]
+        return model_cli.WaitResult(answers=answers)
+
+    monkeypatch.setattr(model_cli, "read_status", lambda settings: status)
+    monkeypatch.setattr(model_cli, "send_request", send)
+    monkeypatch.setattr(model_cli, "wait_answers", wait)
+    assert main(["model", "activate", "--model", str(bundles["a"]), "--wait", "5"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    # before: both lines read as a swap
+    assert f"w-1: model-activated {version} (it was active already: nothing swapped)" in lines
+    assert f"w-2: model-activated {version}" in lines
+
+
 def test_a_rollback_is_not_refused_while_a_restarted_worker_still_replays_the_history() -> None:
     """Right after a fleet-wide restart every worker reported no previous model until it had folded the history, and
     `model rollback` was refused though each would have one a moment later."""
