@@ -575,7 +575,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--epochs", type=int, default=8, help="training epochs")
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--workdir", help="where the model, logs and summary go (default: runs/demo-<time>)")
-    p.add_argument("--no-live", action="store_true", help="no live table (for logs and CI; off too when stdout is not a terminal)")
+    p.add_argument(
+        "--no-live", action="store_true", help="no live table (for logs and CI; off too when stdout is not a terminal)"
+    )
     p.add_argument(
         "--keep",
         action="store_true",
