@@ -320,6 +320,32 @@ async def last_request(settings: WorkerSettings, window: int = 256) -> tuple[int
         return None
 
 
+def refused_by_every_live_worker(
+    kind: str, version: str | None, off: bool, live: Mapping[str, Mapping[str, Any]]
+) -> str | None:
+    """Why every live worker would refuse this promote, shadow stop or rollback to a named version, as they judge it
+    (`streams.model.ModelRules.apply`), from their reported models (`live`); None when one might take it, or when
+    that cannot be told: no live worker (they fold it at their start), an unreadable status, or a worker still
+    replaying the history. A refused request stays in the model-updates history, refused again at every start."""
+    statuses = list(live.values())
+    if not statuses or any(UNREADABLE in st or st.get("caught_up") is False for st in statuses):
+        return None
+    shadows = {st.get("shadow") for st in statuses}
+    if kind == "promote" or (kind == "shadow" and off):
+        what = "model promote" if kind == "promote" else "model shadow --off"
+        if shadows == {None}:
+            return f"{what}: no live worker runs a shadow model ({len(statuses)} report none)"
+        if version is not None and version != ANY_SHADOW and version not in shadows:
+            shown = ", ".join(sorted(v for v in shadows if v))
+            return f"{what}: no live worker runs {version} as its shadow model (they run {shown})"
+        return None
+    named = kind == "rollback" and version is not None and version != ANY_VERSION["rollback"]
+    if named and not any(version in (st.get("previous"), st.get("active")) for st in statuses):
+        shown = ", ".join(sorted({str(st.get("previous")) for st in statuses}))
+        return f"model rollback: no live worker has {version} as its previous or active model (previous: {shown})"
+    return None
+
+
 def rollback_from_answers(answers: Sequence[ModelUpdate], topic: str) -> tuple[str, str]:
     """The version a plain `tagstream model rollback` names when no live worker reports its models (all stopped, or
     Redis down): the model the workers' `model-activated` answers on model-updates (`answers`, in topic order) named
@@ -698,6 +724,13 @@ def _request(kind: str) -> Callable[[argparse.Namespace], int]:
         off = getattr(args, "off", False)
         version = getattr(args, "version", None)
         live, stale = live_workers(read_status(settings)) if args.wait else ({}, {})
+        if kind in ("promote", "rollback") or (kind == "shadow" and off):
+            try:
+                reporting = live if args.wait else live_workers(read_status(settings))[0]
+            except StateError:  # Redis down: the workers judge it
+                reporting = {}
+            if (refusal := refused_by_every_live_worker(kind, version, off, reporting)) is not None:
+                raise ConfigError(f"{refusal}: not sent")
         if kind == "rollback" and version is None:
             last, topic = asyncio.run(last_request(settings)), settings.topic("model-updates")
             try:

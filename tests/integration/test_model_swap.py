@@ -538,13 +538,14 @@ def test_wait_does_not_take_an_earlier_requests_answer(make_stream_env: Any, bun
     assert code == 0, out
     assert f"w-e: model-activated {b}\n" in out and "w-e: model-rejected no-such-version not counted" in out
 
-    # An earlier activation does not answer this rollback: its own refusal does.
+    # An earlier activation does not answer this rollback: its own refusal does (the worker reported a as its
+    # previous model when the rollback was sent; the activate of c, applied first, made it b)
     code, out = cli_behind(
         se, worker, request("activate", bundles["c"]), b"tiny",
-        "model", "rollback", "--version", "no-such-version", "--wait", "60",
+        "model", "rollback", "--version", a, "--wait", "60",
     )  # fmt: skip
     assert code == 1, out
-    assert f"w-e: model-rejected no-such-version: rollback: the previous model is {b}" in out
+    assert f"w-e: model-rejected {a}: rollback: the previous model is {b}" in out
     assert f"w-e: model-activated {c} not counted" in out
 
     # rollback to "previous": the answer names the worker's previous model when the request was sent (b)
@@ -605,8 +606,8 @@ def test_two_workers_with_default_ids_are_told_apart_and_a_stopped_shadow_stays_
     assert code == 0, out
     assert all(f"{w}: model-activated {a}: shadow: {b} stopped" in out for w in ids), out
     assert all(redis_status(se, w)["shadow"] is None for w in ids)  # type: ignore[index]
-    code, out = run_cli(se, "model", "shadow", "--off", "--wait", "60")
-    assert code == 1 and all(f"{w}: model-rejected shadow: shadow: no shadow model to stop" in out for w in ids), out
+    code, out = run_cli(se, "model", "shadow", "--off", "--wait", "60")  # every live worker would refuse it
+    assert code == 2 and "model shadow --off: no live worker runs a shadow model (2 report none): not sent" in out, out
 
     workers[0].stop()
     restarted = se.start_worker(TAGSTREAM_MODEL_PATH=str(bundles["a"]))

@@ -1211,6 +1211,37 @@ def test_activating_the_active_model_says_nothing_was_swapped(
     assert f"w-2: model-activated {version}" in lines
 
 
+def test_requests_every_live_worker_would_refuse_are_not_sent() -> None:
+    from streams.model_cli import UNREADABLE
+    from streams.model_cli import refused_by_every_live_worker as refused
+
+    plain = {"active": "v2", "previous": "v1", "shadow": None}
+    shadowing = {"active": "v2", "previous": "v1", "shadow": "v3"}
+    # before: sent, refused by every worker, and kept in the history (refused again at every start)
+    assert refused("promote", None, False, {"w1": plain, "w2": plain}) == (
+        "model promote: no live worker runs a shadow model (2 report none)"
+    )
+    assert (
+        refused("shadow", None, True, {"w1": plain})
+        == "model shadow --off: no live worker runs a shadow model (1 report none)"
+    )
+    assert "no live worker runs v9 as its shadow model (they run v3)" in str(
+        refused("promote", "v9", False, {"w": shadowing})
+    )
+    assert refused("rollback", "v9", False, {"w1": plain}) == (
+        "model rollback: no live worker has v9 as its previous or active model (previous: v1)"
+    )
+    # one worker may take it, or they cannot be judged: sent, as before
+    assert refused("promote", None, False, {"w1": plain, "w2": shadowing}) is None
+    assert refused("rollback", "v1", False, {"w1": plain}) is None
+    assert refused("rollback", "v2", False, {"w1": plain}) is None  # already active: answered, nothing changes
+    assert refused("rollback", None, False, {"w1": plain}) is None  # plain rollbacks: `rollback_target`
+    assert refused("promote", None, False, {}) is None  # no live worker: they fold it at their start
+    assert refused("promote", None, False, {"w1": {**plain, "caught_up": False}}) is None  # still replaying
+    assert refused("promote", None, False, {"w1": plain, "w2": {UNREADABLE: "not JSON"}}) is None
+    assert refused("shadow", None, False, {"w1": plain}) is None  # a shadow with a bundle: validated by the workers
+
+
 def test_a_rollback_is_not_refused_while_a_restarted_worker_still_replays_the_history() -> None:
     """Right after a fleet-wide restart every worker reported no previous model until it had folded the history, and
     `model rollback` was refused though each would have one a moment later."""
