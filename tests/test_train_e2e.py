@@ -110,6 +110,10 @@ def test_train_export_bundle_score_and_parity_gate(tmp_path: Path, capsys: pytes
     assert manifest["inputs"]["ids"] == ["int64", ["N", "L"]] and manifest["inputs"]["weights"][1] == ["N", "L"]
     metrics = json.loads((bundle_dir / "metrics.json").read_text())
     assert metrics["parity"]["max_abs_diff"] <= 1e-4 and metrics["parity"]["decision_flips"] == 0
+    assert metrics["parity"]["samples"] == 2000  # a small catalog too (before: as many as it had products)
+    # the shipped weights were refitted on training + validation: so was the baseline, and n_train counts both
+    fitted = len(split.train) + len(split.validation)
+    assert manifest["n_train"] == fitted and metrics["baseline"]["n_train"] == fitted
     assert metrics["top1"]["groups"]["category_leaf"]["accuracy"] > 0.8, metrics["top1"]
     # the report counts as `tagstream evaluate` does: the Purple products are misses, of the model and the baseline
     n_test = len(split.test)

@@ -29,6 +29,7 @@ from tagstream.errors import (
     ConfigError,
     DataError,
     FeaturizerError,
+    ModelLoadError,
     ModelRejectedError,
     TagstreamError,
 )
@@ -143,6 +144,7 @@ def model_update_event(bundle_dir: str | Path, kind: PublishKind = "activate") -
     bundle = load_bundle(path, verify_key=verify_key())
     check_republished(path, bundle.model_version, bundle.sha256)
     _check_featurizer(bundle)
+    _check_golden_scores(bundle)
     signature = _signature(path / SIGNATURE_FILE)
     event = ModelUpdate(
         kind=kind,
@@ -167,6 +169,23 @@ def _check_featurizer(bundle: ModelBundle) -> None:
         check_golden_features(bundle, bundle.featurizer)
     except (ModelRejectedError, FeaturizerError) as exc:
         raise BundleError(f"{bundle.path}: {exc}") from None
+
+
+def _check_golden_scores(bundle: ModelBundle) -> None:
+    """BundleError (one line) when the bundle's ONNX model does not give its golden rows' scores (within the workers'
+    default `TAGSTREAM_MODEL_CANARY_ATOL`, 1e-4), as their validation would refuse it: a model.onnx changed and its
+    manifest hashed again passes every checksum, not this."""
+    from serving.scorer import OnnxScorer
+
+    scorer = OnnxScorer(intra_op_num_threads=1, inter_op_num_threads=1)
+    try:
+        scorer.load(bundle)
+        scorer.check_golden(bundle, atol=1e-4)
+    except (ModelRejectedError, ModelLoadError) as exc:
+        reasons = "; ".join(exc.reasons) if isinstance(exc, ModelRejectedError) else str(exc)
+        raise BundleError(f"{bundle.path}: {reasons}") from None
+    finally:
+        scorer.unload()
 
 
 def _signature(sig_file: Path) -> str | None:

@@ -12,6 +12,7 @@ is what benchmarks and the periodic retrainer reuse.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -354,6 +355,28 @@ def _baseline_result(
         return baseline_scores(train_p, eval_p, label_map)
 
 
+def _parity_products(pool: Sequence[CatalogProduct], n: int, seed: int) -> list[CatalogProduct]:
+    """`n` products for the parity gate: the pool's first `n` (held-out ones first), and when the catalog has fewer,
+    as many more made of two of its products each (the titles, descriptions and attributes of both; seeded), so a
+    small catalog's model is still compared on `n` inputs its featurizer makes from that catalog's text."""
+    chosen = list(pool[:n])
+    if len(chosen) >= n or not pool:
+        return chosen
+    rng = np.random.default_rng(seed)
+    while len(chosen) < n:
+        a, b = (pool[int(i)] for i in rng.integers(0, len(pool), size=2))
+        chosen.append(
+            dataclasses.replace(
+                a,
+                product_id=f"parity-{len(chosen)}",
+                title=f"{a.title} {b.title}",
+                description=" ".join(d for d in (a.description, b.description) if d) or None,
+                attributes={**b.attributes, **a.attributes},
+            )
+        )
+    return chosen
+
+
 def _refit(
     models: Any,
     x_train: FeatureBatch,
@@ -500,14 +523,17 @@ def train(
         "training on %d products (%d val, %d test), %d labels", len(train_p), len(val_p), len(test_p), len(label_map)
     )
     eval_p = test_p or val_p
+    # the products the shipped weights are fitted on: the refit adds validation to training (never when validation
+    # is what is evaluated); the baseline is fitted on the same ones, so the two are compared on equal data
+    fitted_on = [*train_p, *val_p] if settings.refit_epochs > 0 and test_p else list(train_p)
     baseline = None
     if settings.baseline:  # beside the fit, which leaves part of the second core idle
         from training.baseline import BaselineJob
 
-        baseline = BaselineJob(train_p, eval_p, label_map)
+        baseline = BaselineJob(fitted_on, eval_p, label_map)
     try:
         result = fit(train_p, val_p, settings, label_map=label_map, progress=progress)
-        base_scores = _baseline_result(baseline, train_p, eval_p, label_map) if baseline is not None else None
+        base_scores = _baseline_result(baseline, fitted_on, eval_p, label_map) if baseline is not None else None
     except BaseException:
         if baseline is not None:
             baseline.cancel()
@@ -547,20 +573,22 @@ def train(
         bag_levels=settings.bag_levels,
     )
     pool = list(eval_p) + list(val_p) + list(train_p)
-    n_par = min(len(pool), max(settings.parity_samples, 2000))
-    x_par = featurize(fz, pool[:n_par], progress=False)
+    n_par = max(settings.parity_samples, 2000)
+    x_par = featurize(fz, _parity_products(pool, n_par, settings.seed), progress=False)
     keras_par = predict_keras(models.scores, x_par)
     tags = [lab.tag for lab in label_map.labels]
     th_vec = np.asarray([result.thresholds[t] for t in tags], dtype=np.float32)
     th_vec = clear_thresholds(th_vec, keras_par, eps=settings.parity_atol / 2)
     thresholds = {t: round(float(v), 6) for t, v in zip(tags, th_vec, strict=True)}
     th_vec = np.asarray([thresholds[t] for t in tags], dtype=np.float32)
-    parity = check_parity(onnx_bytes, keras_par, x_par, th_vec, atol=settings.parity_atol, min_samples=min(n_par, 2000))
+    parity = check_parity(onnx_bytes, keras_par, x_par, th_vec, atol=settings.parity_atol, min_samples=2000)
     metrics["parity"] = parity.to_json()
     t_exp = time.perf_counter() - t_exp
     # evaluate on test as `tagstream evaluate` does, the served tags at the shipped thresholds
     shipped = Thresholds(default=settings.default_threshold, per_tag=thresholds)
     metrics.update(held_out_metrics(eval_scores, eval_p, label_map, shipped, baseline=base_scores))
+    if "baseline" in metrics:  # fitted on the products the shipped weights were: compared on equal data
+        metrics["baseline"]["n_train"] = len(fitted_on)
     if extra_metrics:
         metrics.update(extra_metrics)
     if isinstance(data := metrics.get("data_report"), dict) and label_map.warnings:
@@ -590,7 +618,7 @@ def train(
                 "model_name": settings.model_name,
                 "training_data_sha256": data_sha256 or products_sha256(products),
                 "featurizer_version": FEATURIZER_VERSION,
-                "n_train": len(train_p),
+                "n_train": len(fitted_on),
                 "labels": len(label_map),
             },
             signing_key=signing_key,

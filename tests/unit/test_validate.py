@@ -503,3 +503,17 @@ def test_publish_refuses_a_bundle_whose_featurizer_does_not_make_its_golden_rows
     bad = _bundle_with_golden_products(tmp_path / "other-seed", seed=777)
     with pytest.raises(BundleError, match=r"featurizer: does not reproduce the features of 16 of 16 golden rows"):
         model_update_event(bad)
+
+
+def test_publish_refuses_a_bundle_whose_model_does_not_give_its_golden_scores(tmp_path: Path) -> None:
+    """A model.onnx changed and its manifest hashed again passed `tagstream publish` (every checksum holds) and was
+    announced; every worker then refused it. Publish now scores the golden rows, as the workers' canary does."""
+    from tagstream.errors import BundleError
+    from training.publish import model_update_event
+
+    good = real_bundle(tmp_path / "good", seed=0)
+    assert model_update_event(good)[0].kind == "activate"
+    clean = np.load(good / "golden.npz")["scores"]
+    bad = real_bundle(tmp_path / "bad", seed=0, golden_scores=np.clip(clean + 0.05, 0.0, 1.0))
+    with pytest.raises(BundleError, match=r"golden: max \|score - golden\| = 0\.05 > 0\.0001"):
+        model_update_event(bad)
