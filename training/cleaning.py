@@ -151,6 +151,11 @@ class DataReport:
     title_length: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)  # what training keeps but a user should know (`finish`)
     unknown_keys: Counter[str] = field(default_factory=Counter)  # JSONL: keys tagstream does not read -> rows
+    # field -> rows whose text cleaning changed it (full/half width, case of labels, white space, control characters)
+    normalised: Counter[str] = field(default_factory=Counter)
+    # field (or `attribute:<name>`) -> kept products without it (an attribute: of those of its catalog's products
+    # that lack it while others have it); filled by `finish`
+    missing: dict[str, int] = field(default_factory=dict)
     max_examples: int = 5
 
     def skip(self, line: int, reason: str, detail: str = "") -> None:
@@ -218,6 +223,7 @@ class DataReport:
         last = [TAGS_GROUP] if TAGS_GROUP in counts else []
         order = first + sorted(set(counts) - set(first) - set(last)) + last
         self.label_counts = {k: dict(counts[k].most_common()) for k in order}
+        self.missing = _missing(products)
         self.warnings = []
         if self.unknown_keys:
             keys = ", ".join(f"{quoted(k)} ({n:,})" for k, n in self.unknown_keys.most_common())
@@ -273,6 +279,8 @@ class DataReport:
                 "rows_dropped_in_conflicts": self.duplicate_rows_dropped,
                 "attribute_ties_dropped": dict(self.attribute_conflicts_dropped),
             },
+            "missing": dict(self.missing),
+            "normalised": dict(self.normalised.most_common()),
             "n_labels": {k: len(v) for k, v in self.label_counts.items()},
             "label_counts": self.label_counts,
             "title_length": self.title_length,
@@ -303,6 +311,10 @@ class DataReport:
             )
         )
         lines += [f"- warning: {w}" for w in self.warnings]
+        if self.missing:
+            lines.append("- kept products missing a value: " + ", ".join(f"{k} {v}" for k, v in self.missing.items()))
+        if self.normalised:
+            lines.append("- text normalised: " + ", ".join(f"{k} {v}" for k, v in self.normalised.most_common()))
         if self.title_length:
             tl = self.title_length
             lines.append(
@@ -356,6 +368,22 @@ def _majority(values: list[Any]) -> tuple[Any, bool]:
     return ranked[0][0], len(ranked) == 1 or ranked[0][1] > ranked[1][1]
 
 
+def _missing(products: list[CatalogProduct]) -> dict[str, int]:
+    """Kept products without each optional field, and without each attribute some other product has (absent, null or
+    empty in the file); only what some product lacks."""
+    out: Counter[str] = Counter()
+    names: Counter[str] = Counter()
+    for p in products:
+        out["category_path"] += not p.category_path
+        out["description"] += not p.description
+        out["brand"] += not p.brand
+        out["price"] += p.price is None
+        names.update(p.attributes.keys())
+    for name, n in sorted(names.items()):
+        out[f"attribute:{name}"] = len(products) - n
+    return {k: v for k, v in out.items() if v}
+
+
 def _resolve_conflict(members: list[CatalogProduct], report: DataReport) -> CatalogProduct | None:
     """Per-field majority over rows with one title: category path (tie → None), each attribute (tie → absent)."""
     path, ok = _majority([p.category_path for p in members])
@@ -379,6 +407,14 @@ def clean_products(
     cleaned: list[tuple[int, CatalogProduct]] = []
     for line, p in rows:
         q, conflicts = _clean_product(p)
+        if q.title != p.title:
+            report.normalised["title"] += 1
+        if q.description != p.description:
+            report.normalised["description"] += 1
+        if q.category_path != p.category_path:
+            report.normalised["category_path"] += 1
+        if q.attributes != p.attributes:
+            report.normalised["attributes"] += 1
         for name in conflicts:
             report.repair(line, "attribute_name_conflict", f"{name!r}: names equal once cleaned, with different values")
         if not q.title:

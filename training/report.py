@@ -4,7 +4,8 @@ figures of the tags serving emits beside them.
 Per exclusive group a table of the model's and the baseline's top-1 figures and the model's served ones; the
 multi-label free `tags` group, which has served figures only, gets them with a per-tag table. Plots (per exclusive
 group, from the model's top-1 report, else the baseline's): per-tag F1 against support (log x), PR curves of the 6
-largest tags, the most-confused pairs (bar chart), and the reliability diagram (model and baseline).
+largest tags, the most-confused pairs (bar chart), and the reliability diagram (model and baseline); tables of each
+group's figures, its per-tag precision / recall / F1 / support and its most-confused pairs.
 """
 
 from __future__ import annotations
@@ -166,6 +167,38 @@ def _table(
     return f"<table><tr><th>metric</th>{head}</tr>{rows}</table>"
 
 
+def _per_tag_html(g: Mapping[str, Any], base: Mapping[str, Any] | None) -> str:
+    """An exclusive group's per-tag table (model P/R/F1/support, the baseline's F1; largest support first) and its
+    most-confused pairs, folded away (a leaf level has hundreds of tags)."""
+    per_tag = sorted((g.get("per_tag") or {}).items(), key=lambda kv: (-kv[1]["support"], kv[0]))
+    if not per_tag:
+        return ""
+    base_tags = (base or {}).get("per_tag") or {}
+    rows = "".join(
+        f"<tr><td>{html.escape(t)}</td>"
+        + "".join(f"<td>{_fmt(v.get(k))}</td>" for k in ("precision", "recall", "f1", "support"))
+        + (f"<td>{_fmt((base_tags.get(t) or {}).get('f1'))}</td>" if base is not None else "")
+        + "</tr>"
+        for t, v in per_tag
+    )
+    head = "<tr><th>tag</th><th>precision</th><th>recall</th><th>F1</th><th>support</th>" + (
+        "<th>baseline F1</th></tr>" if base is not None else "</tr>"
+    )
+    out = f"<details><summary>per tag ({len(per_tag)} tags)</summary><table>{head}{rows}</table></details>"
+    pairs = g.get("confused_pairs") or []
+    if pairs:
+        cells = "".join(
+            f"<tr><td>{html.escape(p['true'])}</td><td>{html.escape(p['pred'])}</td>"
+            f"<td>{_fmt(p['count'])}</td><td>{_fmt(p.get('rate'))}</td></tr>"
+            for p in pairs
+        )
+        out += (
+            f"<details><summary>most-confused pairs ({len(pairs)})</summary><table><tr><th>true</th>"
+            f"<th>predicted</th><th>test rows</th><th>share of the true tag</th></tr>{cells}</table></details>"
+        )
+    return out
+
+
 def _multi_html(name: str, g: Mapping[str, Any]) -> str:
     """The served figures of a multi-label group and its per-tag table (largest support first)."""
     rows = "".join(f"<tr><td>{k}</td><td>{_fmt(g.get(k))}</td></tr>" for k in ("n", "n_unknown", *HEADLINE_METRICS))
@@ -190,6 +223,8 @@ def _data_html(data: Mapping[str, Any]) -> str:
     n_labels = ", ".join(f"{html.escape(k)} {v}" for k, v in (data.get("n_labels") or {}).items())
     tl = ", ".join(f"{k} {v}" for k, v in (data.get("title_length") or {}).items())
     dup = ", ".join(f"{k} {v}" for k, v in (data.get("duplicates") or {}).items())
+    missing = ", ".join(f"{k} {v}" for k, v in (data.get("missing") or {}).items()) or "none"
+    normalised = ", ".join(f"{k} {v}" for k, v in (data.get("normalised") or {}).items()) or "none"
     return (
         f"<p><code>{html.escape(str(data.get('path', '')))}</code> ({html.escape(str(data.get('format', '')))}): "
         f"rows read {data.get('rows_read')}, kept {data.get('rows_kept')}, skipped {data.get('rows_skipped')}"
@@ -198,6 +233,9 @@ def _data_html(data: Mapping[str, Any]) -> str:
         f"<p>skipped by reason:</p><ul>{skipped or '<li>none</li>'}</ul>"
         f"<p>repaired:</p><ul>{repaired or '<li>none</li>'}</ul>"
         f"<p>duplicates: {html.escape(dup)}</p><p>labels per level: {n_labels}</p>"
+        f"<p>kept products missing a value: {html.escape(missing)}</p>"
+        f"<p>rows whose text normalisation changed (width, white space, control characters): "
+        f"{html.escape(normalised)}</p>"
         f"<p>title length: {html.escape(tl)}</p>"
         + "".join(f'<p class="warning">warning: {html.escape(str(w))}</p>' for w in data.get("warnings") or ())
     )
@@ -272,6 +310,7 @@ def write_report(
         imgs = _plots(name, index, g, base, out, key)
         images += imgs
         parts.append(f"<h3>{html.escape(name)}</h3>" + _table(model, baseline, served, name))
+        parts.append(_per_tag_html(g, base))
         parts += [f"<img src='{html.escape(p.name)}' alt='{html.escape(p.stem)}'>" for p in imgs]
         if key.keys:
             parts.append("<p>plot keys: " + "; ".join(f"{k} = {html.escape(t)}" for t, k in key.keys.items()) + "</p>")

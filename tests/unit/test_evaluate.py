@@ -221,6 +221,14 @@ def test_baseline_beats_chance_with_the_same_report_shape(synth_split, tmp_path:
     assert {"support", "pr", "confused", "calibration"} <= kinds
     doc = json.loads(files.json.read_text(encoding="utf-8"))
     assert set(doc) >= {"model", "baseline", "data"} and "category_leaf" in page
+    # the per-tag figures and the most-confused pairs are in the page, not only in report.json (before: plots only)
+    colour = rep["groups"]["colour"]
+    tag, figures = max(colour["per_tag"].items(), key=lambda kv: kv[1]["support"])
+    f1, support = f"{figures['f1']:.3f}", figures["support"]
+    assert f"<tr><td>{tag}</td><td>{figures['precision']:.3f}</td><td>{figures['recall']:.3f}</td><td>{f1}</td>" in page
+    assert f"<td>{f1}</td><td>{support}</td><td>{f1}</td></tr>" in page  # the baseline's F1 beside it
+    if pair := (rep["groups"]["category_leaf"]["confused_pairs"] or [None])[0]:
+        assert f"<tr><td>{pair['true']}</td><td>{pair['pred']}</td><td>{pair['count']}</td>" in page
 
 
 def test_baseline_scores_in_label_map_layout(synth_split) -> None:

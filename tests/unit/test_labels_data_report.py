@@ -242,3 +242,22 @@ def test_labels_that_differ_only_in_case_or_width_are_named_in_a_warning() -> No
     assert warning == f"label group colour: labels differing only in case or width are separate: {twins}"
     distinct = [p for p in products if p.attributes["colour"] in ("Blue", "Red")]
     assert not [w for w in build_label_map(distinct, min_support=1).warnings if "case or width" in w]
+
+
+def test_the_data_report_counts_missing_values_and_normalised_text(tmp_path: Path) -> None:
+    from training.report import write_report
+
+    rows = [
+        {"product_id": "a", "title": "Ｂｌｕｅ  shirt", "category_path": ["Apparel"], "attributes": {"colour": "Blue"}},
+        {"product_id": "b", "title": "red shirt", "category_path": ["Apparel"], "brand": "Acme", "price": 5},
+        {"product_id": "c", "title": "green\tshirt ", "category_path": ["Apparel"], "attributes": {"colour": " Green"}},
+    ]
+    path = tmp_path / "c.jsonl"
+    path.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n", encoding="utf-8")
+    report = load_catalog(path, "jsonl").report
+    # before: none of this was counted (only derivable from the label counts)
+    assert report.missing == {"description": 3, "brand": 2, "price": 2, "attribute:colour": 1}
+    assert report.normalised == {"title": 2, "attributes": 1}
+    page = write_report(tmp_path / "rep", data=report).html.read_text(encoding="utf-8")
+    assert "kept products missing a value: description 3, brand 2, price 2, attribute:colour 1" in page
+    assert "normalisation changed (width, white space, control characters): title 2, attributes 1" in page
