@@ -380,12 +380,12 @@ def _is_on(tag_state: dict[str, Any] | None, tag: str) -> bool:
 
 
 def _expire_if_unlisted(state: ProductState, keys: ProductKeys, ops: Ops) -> None:
-    """A product no catalog change named (behaviour events for an id the catalog never sent): its tags and fence
-    get the counters' time to live at each write, so that ids seen only in behaviour leave Redis with their counters
-    instead of staying for ever (its first catalog change removes it: `_apply_product`)."""
+    """A product no catalog change named (behaviour events for an id the catalog never sent): at each write its tags
+    and fence get the time to live its counters have then, so that ids seen only in behaviour leave Redis with their
+    counters instead of staying for ever (its first catalog change removes it: `_apply_product`)."""
     if "version" not in state.doc:
-        ops.expire(keys.tags)
-        ops.expire(keys.fence)
+        ops.expire_with_counters(keys.tags)
+        ops.expire_with_counters(keys.fence)
 
 
 def _empty_tag_state() -> dict[str, Any]:

@@ -8,11 +8,12 @@
 -- of the behaviour keys `pexpire` names (P:{pid}:beh and the HyperLogLogs; "" or 0 = none), ARGV[8] = "1" when the state
 -- the ops were computed from had behaviour counters: then P:{pid}:beh must exist (else it expired since) ({2, rev}):
 --   ["hincrby", k, field, n, field, n, ...] | ["hset", k, field, value, ...] | ["hdel", k, field, ...]
---   | ["set", k, value] | ["del", k] | ["pfadd", k, element, ...] | ["pexpire", k] | ["persist", k] (k = index into
---   KEYS; PEXPIRE by ARGV[7], nothing when it is 0: the worker names a behaviour key when it makes it, and
---   P:{pid}:beh again each time the product's clock crosses a 5-minute edge; the tags and the fence (k = 1, given
---   its time to live after its own write below) of a product no catalog change named, at every write; PERSIST:
---   the fence at the product's first catalog change)
+--   | ["set", k, value] | ["del", k] | ["pfadd", k, element, ...] | ["pexpire", k] | ["pexpire_with_counters", k]
+--   | ["persist", k] (k = index into KEYS; PEXPIRE by ARGV[7], nothing when it is 0: the worker names a behaviour key
+--   when it makes it, and P:{pid}:beh again each time the product's clock crosses a 5-minute edge;
+--   pexpire_with_counters, after every other step (the fence's own write included): the time to live P:{pid}:beh
+--   has then (ARGV[7] when it has none), for the tags and the fence of a product no catalog change named, so that
+--   they expire with its counters; PERSIST: the fence at the product's first catalog change)
 -- Every applied write adds 1 to the fence's `rev` field (absent = 0), so a state read or kept at revision r is
 -- current exactly while `rev` is r.
 -- Returns {2, rev} when the product's revision is not ARGV[6] (another write came between) or its counters expired
@@ -36,7 +37,7 @@ if ARGV[8] == '1' and redis.call('EXISTS', beh) == 0 then
   return {2, rev}
 end
 local ttl = tonumber(ARGV[7] or '') or 0
-local expire_fence = false
+local with_counters = {}
 for _, op in ipairs(cjson.decode(ARGV[4])) do
   local name = op[1]
   local key = KEYS[op[2]]
@@ -53,7 +54,9 @@ for _, op in ipairs(cjson.decode(ARGV[4])) do
   elseif name == 'pfadd' then
     redis.call('PFADD', key, unpack(op, 3))
   elseif name == 'pexpire' then
-    if op[2] == 1 then expire_fence = true elseif ttl > 0 then redis.call('PEXPIRE', key, ttl) end
+    if ttl > 0 then redis.call('PEXPIRE', key, ttl) end
+  elseif name == 'pexpire_with_counters' then
+    with_counters[#with_counters + 1] = key
   elseif name == 'persist' then
     redis.call('PERSIST', key)
   else
@@ -64,7 +67,9 @@ redis.call('HSET', fence, field, ARGV[5], 'rev', rev + 1)
 if ARGV[3] ~= '' then
   redis.call('HSET', fence, 'emit:' .. field, ARGV[3])
 end
-if expire_fence and ttl > 0 then
-  redis.call('PEXPIRE', fence, ttl)
+if ttl > 0 and #with_counters > 0 then
+  local left = redis.call('PTTL', beh)
+  if left <= 0 then left = ttl end
+  for _, key in ipairs(with_counters) do redis.call('PEXPIRE', key, left) end
 end
 return {1, rev + 1}

@@ -158,6 +158,7 @@ class Ops:
         self._pfadd: dict[int, set[str]] = {}
         self._expire: set[int] = set()
         self._persist: set[int] = set()
+        self._with_counters: set[int] = set()
 
     @property
     def keys(self) -> list[str]:
@@ -223,9 +224,13 @@ class Ops:
         self._del.add(self._k(key))
 
     def expire(self, key: str) -> None:
-        """Give a key the store's time to live again (`behaviour_ttl_ms`; none when it is 0), last (the fence after
-        its own write)."""
+        """Give a behaviour key the store's time to live again (`behaviour_ttl_ms`; none when it is 0), last."""
         self._expire.add(self._k(key))
+
+    def expire_with_counters(self, key: str) -> None:
+        """Give a key the time to live the product's counters (P:{pid}:beh) have after the write (the store's when
+        they have none; nothing when it is 0): the tags and fence of a product no catalog change named."""
+        self._with_counters.add(self._k(key))
 
     def persist(self, key: str) -> None:
         """Remove a key's time to live (a product's fence at its first catalog change)."""
@@ -253,6 +258,7 @@ class Ops:
         out += [["del", k] for k in sorted(self._del)]
         out += [["persist", k] for k in sorted(self._persist)]
         out += [["pexpire", k] for k in sorted(self._expire)]
+        out += [["pexpire_with_counters", k] for k in sorted(self._with_counters)]
         return out
 
 
@@ -1118,7 +1124,7 @@ class MemoryStateStore:
                     self.hlls.pop(key, None)
                 elif name == "pfadd":
                     self.hlls[key].update(args)
-                elif name in ("pexpire", "persist"):
+                elif name in ("pexpire", "pexpire_with_counters", "persist"):
                     pass  # no clock-driven expiry in memory
             fence[w.fence_field] = str(w.stored_offset)
             fence["rev"] = str(rev + 1)

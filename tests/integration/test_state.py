@@ -327,13 +327,17 @@ def test_a_product_only_clicked_leaves_redis_with_its_counters_until_the_catalog
             out = await processor.process_behaviour(clicks(30, T0 + 60_000))
             assert any("trending" in orjson.loads(v)["added"] for _, v in out.updates)
             assert expiring(await ttls(), "tags", "fence")
-            # the window-expiry pass that turns it off two hours of event time later (another product's click)
+            # the window-expiry pass that turns it off two hours of event time later (another product's click): a
+            # write that does not renew the counters' time to live; the tags and fence keep theirs, not a fresh one
             await client.pexpire(keys.tags, 100_000)
+            await client.pexpire(keys.beh, 7 * day_ms + 3_600_000)  # as an hour after the product's last event
             other = behaviour("x2", "u1", T0 + 3 * 3_600_000)
             out = await processor.process_behaviour([InMessage("behavior", 0, offset, b"x2", orjson.dumps(other))])
             offset += 1
             assert [orjson.loads(v)["reason"] for k, v in out.updates if k == b"x1"] == ["window-expired"]
-            assert expiring(await ttls(), "tags", "fence")
+            found = await ttls()
+            # before: tags and fence got a fresh 8 days at the pass and outlived the counters by up to a week
+            assert found["beh"] - 1000 <= found["tags"] <= found["beh"] and found["fence"] == found["tags"], found
             # the catalog names it: its tags and fence stay from now on, its counters still expire
             upserted = InMessage("products", 0, 0, b"x1", orjson.dumps(upsert("x1", "Blue shoes")))
             await processor.process_products([upserted])
