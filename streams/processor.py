@@ -384,8 +384,7 @@ def _expire_if_unlisted(state: ProductState, keys: ProductKeys, ops: Ops) -> Non
     and fence get the time to live its counters have then, so that ids seen only in behaviour leave Redis with their
     counters instead of staying for ever (its first catalog change removes it: `_apply_product`)."""
     if "version" not in state.doc:
-        ops.expire_with_counters(keys.tags)
-        ops.expire_with_counters(keys.fence)
+        ops.follow_counters(always=not state.fence)  # a write that makes the fence gives it one
 
 
 def _empty_tag_state() -> dict[str, Any]:

@@ -158,12 +158,14 @@ class Ops:
         self._pfadd: dict[int, set[str]] = {}
         self._expire: set[int] = set()
         self._persist: set[int] = set()
-        self._with_counters: set[int] = set()
+        self._follow: str | None = None  # `follow_counters`
 
     @property
     def keys(self) -> list[str]:
         """The keys the ops name (KEYS of the script), the fence first."""
         self._flush_users()
+        if self._follow is not None:  # `ops` may name the tags (read in either order)
+            self._k(self._product.tags)
         return self._keys
 
     def _k(self, key: str) -> int:
@@ -227,10 +229,13 @@ class Ops:
         """Give a behaviour key the store's time to live again (`behaviour_ttl_ms`; none when it is 0), last."""
         self._expire.add(self._k(key))
 
-    def expire_with_counters(self, key: str) -> None:
-        """Give a key the time to live the product's counters (P:{pid}:beh) have after the write (the store's when
-        they have none; nothing when it is 0): the tags and fence of a product no catalog change named."""
-        self._with_counters.add(self._k(key))
+    def follow_counters(self, *, always: bool = False) -> None:
+        """Give the product's tags and fence the time to live its counters (P:{pid}:beh) have after the write (the
+        store's when they have none; nothing when it is 0): a product no catalog change named. Only when the write
+        can change one of those times to live: it renews the counters' (`expire` of P:{pid}:beh), sets the tags
+        (a SET drops a key's time to live), or `always` (it makes the fence); any other write leaves all three as
+        they were."""
+        self._follow = "always" if always else self._follow or "on-change"
 
     def persist(self, key: str) -> None:
         """Remove a key's time to live (a product's fence at its first catalog change)."""
@@ -258,7 +263,11 @@ class Ops:
         out += [["del", k] for k in sorted(self._del)]
         out += [["persist", k] for k in sorted(self._persist)]
         out += [["pexpire", k] for k in sorted(self._expire)]
-        out += [["pexpire_with_counters", k] for k in sorted(self._with_counters)]
+        if self._follow is not None:
+            product = self._product
+            beh, tags = self._index.get(product.beh), self._index.get(product.tags)
+            if self._follow == "always" or beh in self._expire or tags in self._set:
+                out += [["pexpire_with_counters", self._k(product.tags)], ["pexpire_with_counters", 1]]
         return out
 
 
