@@ -65,6 +65,20 @@ def test_train_writes_a_bundle_a_baseline_and_a_report(tmp_path: Path) -> None:
     assert pngs and all(name in html for name in pngs)
     assert "baseline" in html.lower() and "category_leaf" in html
     assert "baseline weighted_f1" in run.stderr
+    # the products the report evaluated on, beside it: `evaluate` on them gives the report's figures
+    held_out = report / "test.jsonl"
+    assert f"held-out products: {held_out}" in run.stderr
+    assert len(load_catalog(held_out, "jsonl").products) == metrics["split"]["test"]
+    command = ["evaluate", "--model", str(bundle), "--catalog", str(held_out), "--format", "jsonl", "--json"]
+    evaluated = subprocess.run(
+        [sys.executable, "-m", "tagstream.cli", *command],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    doc = json.loads(evaluated.stdout)
+    for group, figures in metrics["top1"]["groups"].items():
+        assert doc["groups"][group]["weighted_f1"] == pytest.approx(figures["weighted_f1"], abs=1e-6), group
 
 
 TINY_ENV = {

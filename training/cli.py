@@ -286,8 +286,31 @@ def _run_train(args: argparse.Namespace) -> int:
     report_dir = Path(args.report) if args.report else Path(registry) / "reports" / bundle.name
     html = _write_report(bundle, report_dir, loaded_once.report)
     print(f"report: {html}", file=sys.stderr)
+    held_out = _write_held_out(loaded_once.products, settings, report_dir)
+    print(
+        f"held-out products: {held_out} (`tagstream evaluate --model {bundle} --catalog {held_out} --format jsonl` "
+        "gives the report's figures)",
+        file=sys.stderr,
+    )
     print(bundle)
     return 0
+
+
+def _write_held_out(products: list[Any], settings: Any, report_dir: Path) -> Path:
+    """The products the report evaluated on (the run's test part: `training.splits.holdout_split`, as `train` split
+    them) as canonical JSONL, `report_dir/test.jsonl`, so that `tagstream evaluate` reproduces its figures."""
+    from tagstream.synth import write_jsonl
+    from training.splits import holdout_split
+
+    split = holdout_split(
+        products, validation=settings.validation_fraction, test=settings.test_fraction, seed=settings.seed
+    )
+    path = report_dir / "test.jsonl"
+    try:
+        write_jsonl(split.test or split.validation, path)  # `train` evaluates on validation when there is no test
+    except OSError as exc:
+        raise ConfigError(f"cannot write the held-out products into {report_dir}: {exc}") from exc
+    return path
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
