@@ -724,27 +724,24 @@ def _request(kind: str) -> Callable[[argparse.Namespace], int]:
         off = getattr(args, "off", False)
         version = getattr(args, "version", None)
         live, stale = live_workers(read_status(settings)) if args.wait else ({}, {})
+        reported: Mapping[str, Mapping[str, Any]] | None = live  # the live workers' statuses; None: Redis down
         if kind in ("promote", "rollback") or (kind == "shadow" and off):
             try:
-                reporting = live if args.wait else live_workers(read_status(settings))[0]
-            except StateError:  # Redis down: the workers judge it
-                reporting = {}
-            if (refusal := refused_by_every_live_worker(kind, version, off, reporting)) is not None:
+                reported = live if args.wait else live_workers(read_status(settings))[0]
+            except StateError as exc:  # Redis down: the workers judge the request
+                if kind == "rollback" and version is None:
+                    print(
+                        f"tagstream model: warning: {exc}; the model to roll back to is read from "
+                        f"{settings.topic('model-updates')}",
+                        file=sys.stderr,
+                    )
+                reported = None
+            if (refusal := refused_by_every_live_worker(kind, version, off, reported or {})) is not None:
                 raise ConfigError(f"{refusal}: not sent")
         if kind == "rollback" and version is None:
             last, topic = asyncio.run(last_request(settings)), settings.topic("model-updates")
-            try:
-                reported: Mapping[str, Mapping[str, Any]] | None = (
-                    live if args.wait else live_workers(read_status(settings))[0]
-                )
-            except StateError as exc:  # Redis down: the workers' answers on model-updates say where to go back to
-                print(
-                    f"tagstream model: warning: {exc}; the model to roll back to is read from {topic}", file=sys.stderr
-                )
-                reported = None
-            readable = reported is not None and any(UNREADABLE not in st for st in reported.values())
-            if readable:
-                version, why = retry_of_last_rollback(last, topic, reported) or rollback_target(reported or {})
+            if reported is not None and any(UNREADABLE not in st for st in reported.values()):
+                version, why = retry_of_last_rollback(last, topic, reported) or rollback_target(reported)
             else:  # every worker stopped, or Redis down: no blind swap, which a retry would undo
                 version, why = retry_of_last_rollback(last, topic, None) or rollback_from_answers(
                     asyncio.run(read_answers(settings)), topic
@@ -773,7 +770,7 @@ def _request(kind: str) -> Callable[[argparse.Namespace], int]:
             if (
                 kind == "activate"
                 and a.kind == "model-activated"
-                and live.get(a.worker_id, {}).get("active") == (a.model_version)
+                and live.get(a.worker_id, {}).get("active") == a.model_version
             ):
                 extra += " (it was active already: nothing swapped)"
             print(f"{a.worker_id}: {a.kind} {a.model_version}{extra}")
