@@ -200,6 +200,9 @@ class BatchingConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
         # aiokafka hands these to its Fetcher when the consumer starts; the consumer is not started yet
         consumer._fetch_min_bytes = getattr(self.app, "fetch_min_bytes", consumer._fetch_min_bytes)
         consumer._fetch_max_wait_ms = getattr(self.app, "fetch_max_wait_ms", consumer._fetch_max_wait_ms)
+        # only committed records: a transactional producer's aborted records never happened (Faust reads them
+        # unless it runs exactly-once itself); without transactions this changes nothing
+        consumer._isolation_level = "read_committed"
         consumer.commit = _committing_metadata(consumer.commit, self.app)
         return consumer
 
