@@ -39,9 +39,17 @@ from streams.topics import (
     TOPICS,
     partition_counts,
     partitions_of,
+    refuse_if_input_partitions_differ,
 )
 from streams.transport import RecordBatchMessage, TagstreamTransport
-from tagstream.errors import StateError, StateLostError, StoreMismatchError, TopicsRecreatedError
+from tagstream.errors import (
+    ConfigError,
+    DeliveryError,
+    StateError,
+    StateLostError,
+    StoreMismatchError,
+    TopicsRecreatedError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -445,6 +453,8 @@ class Worker:
         self.settings = settings
         self.store_checked = store_checked
         self.store_id: str | None = None  # the Redis store's id (`<prefix>:meta`), committed with the offsets
+        self._delivery_failed = False  # a batch's records were refused: the worker is stopping
+        self._crashing: asyncio.Future[None] | None = None  # the crash that stops it
         self.capture_output = capture_output
         self.captured: dict[str, list[tuple[bytes | None, bytes]]] = {TAG_UPDATES.name: [], DEAD_LETTER.name: []}
         if settings.user_hash_key.get_secret_value() == DEV_USER_HASH_KEY:
@@ -702,9 +712,10 @@ class Worker:
                 self._missing_inputs.discard(name)
 
     async def check_inputs_after_rebalance(self) -> None:
-        """After a rebalance: the input topics still hold the records Redis applied (`refuse_if_topics_recreated`),
-        else the error is logged (one ERROR line) and the app crashes, the gate left closed so that no record of the
-        new topics is applied or acknowledged. Kafka not answering is a warning, as at start: the worker runs on."""
+        """After a rebalance: the input topics still hold the records Redis applied (`refuse_if_topics_recreated`)
+        and have TAGSTREAM_PARTITIONS partitions each (`refuse_if_input_partitions_differ`), else the error is
+        logged (one ERROR line) and the app crashes, the gate left closed so that no record of the new topics (or
+        partitions) is applied or acknowledged. Kafka not answering is a warning, as at start: the worker runs on."""
         try:
             store = (await asyncio.shield(self.processor())).store  # a newer assignment's cancel spares its start
             if isinstance(store, RedisStateStore):
@@ -714,7 +725,11 @@ class Worker:
                     log.warning("could not check that Kafka holds the records Redis applied (%r)", exc)
                 if self.store_id is not None:
                     await self._check_group_store(self.store_id)
-        except StateError as exc:
+            try:  # partitions added to one input topic under running workers: they rebalance onto it
+                await asyncio.wait_for(refuse_if_input_partitions_differ(self.settings), TOPICS_CHECK_S)
+            except (KafkaError, TimeoutError) as exc:  # a guard: the worker runs on without it
+                log.warning("could not check the input topics' partition counts (%r)", exc)
+        except (StateError, ConfigError) as exc:
             log.error("%s", exc)
             await self.app.crash(exc)
             return
@@ -834,7 +849,9 @@ class Worker:
                     pending, out = await self._process_batch(chunk, process, prepare)
                     done = events if start + batch_max >= len(messages) else []
                     previous = inflight[-1] if inflight else None
-                    inflight.append(asyncio.ensure_future(self._settle(pending, out, done, manual, previous)))
+                    settled = asyncio.ensure_future(self._settle(pending, out, done, manual, previous))
+                    settled.add_done_callback(self._stop_if_undelivered)
+                    inflight.append(settled)
                     while inflight and (inflight[0].done() or len(inflight) > self.settings.max_inflight_batches):
                         await inflight.popleft()  # raises the delivery error of a failed batch
                 events, messages = [], []
@@ -845,6 +862,24 @@ class Worker:
                 waiting.cancel()  # unacknowledged: redelivered and fenced after a restart
             if queue in self.app.record_queues:
                 self.app.record_queues.remove(queue)  # a restarted agent registers its own; this one no longer drains
+
+    def _stop_if_undelivered(self, settled: asyncio.Future[None]) -> None:
+        """A batch whose updates or dead letters Kafka refused stops the worker at once, in one ERROR line: its agent
+        would only see the failure at its next event, and until then (for ever, on a quiet topic) it committed
+        nothing and said nothing. The batch is not acknowledged: the next start delivers it again."""
+        if settled.cancelled() or self._delivery_failed:
+            return
+        exc = settled.exception()
+        if exc is None or not isinstance(exc, KafkaError):
+            return
+        self._delivery_failed = True
+        error = DeliveryError(
+            f"Kafka refused a record of a batch's tag updates or dead letters ({type(exc).__name__}: {exc}); the "
+            "worker stops and its batch, not acknowledged, is delivered again at its next start (a record over a "
+            "topic's max.message.bytes: the next start sets the limits tagstream's topics need)"
+        )
+        log.error("%s", error)
+        self._crashing = asyncio.ensure_future(self.app.crash(error))
 
     async def _process_batch(
         self,

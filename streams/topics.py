@@ -55,26 +55,42 @@ PRODUCTS = TopicSpec("products", "product-change", by_product=True)
 BEHAVIOR = TopicSpec("behavior", "click", by_product=True)
 # The record of every product's tags that subscribers bootstrap from: compacted, so each product's latest update
 # stays however old it is (every update is keyed by its product id: a record without a key would be refused).
-TAG_UPDATES = TopicSpec("tag-updates", "tag-update", by_product=True, cleanup_policy="compact")
-# The largest tag update a worker sends: the broker's default max.message.bytes (1,048,588) less room for the record's
-# key and headers. A larger one would be refused at every redelivery and stop the worker; its event is dead-lettered.
+# Its max.message.bytes is declared too (Kafka's default), so that a limit an operator set lower (a valid product's
+# update can take hundreds of KB) is raised at the next start instead of refusing updates the worker has applied.
+TAG_UPDATES_MAX_MESSAGE_BYTES = 1_048_588
+TAG_UPDATES = TopicSpec(
+    "tag-updates",
+    "tag-update",
+    by_product=True,
+    cleanup_policy="compact",
+    max_message_bytes=TAG_UPDATES_MAX_MESSAGE_BYTES,
+)
+# The largest tag update a worker sends: the topic's max.message.bytes less room for the record's key and headers.
+# A larger one would be refused at every redelivery and stop the worker; its event is dead-lettered.
 TAG_UPDATE_MAX_BYTES = 1_000_000
 # A worker folds the whole request history at start: every record is kept, in order (not compacted: requests share
 # keys, and the fold needs all of them). One partition: Kafka orders records only within a partition, and requests
 # are keyed by model name or `tagstream-control`, so with more they would be folded out of order
-# (`_check_one_partition`).
+# (`_check_one_partition`). Declared `delete` (never compacted, whatever the broker's default or an operator's topic).
 MODEL_UPDATES = TopicSpec(
-    "model-updates", "model-update", by_product=False, retention_ms=KEEP_FOREVER, retention_bytes=KEEP_FOREVER
+    "model-updates",
+    "model-update",
+    by_product=False,
+    cleanup_policy="delete",
+    retention_ms=KEEP_FOREVER,
+    retention_bytes=KEEP_FOREVER,
 )
 # A dead letter carries the bad event's key and value as base64 (4/3 of their size) and must fit whatever an input
 # topic accepted (the broker's default message.max.bytes, ~1 MB): so its topic takes records up to 4 MiB. Dead
-# letters are kept until an operator deletes them.
+# letters are kept until an operator deletes them: never compacted (letters share keys, and a compacted topic refuses
+# the letter of an event that had no key).
 DEAD_LETTER_MAX_BYTES = 4 * 2**20
 DEAD_LETTER = TopicSpec(
     "dead-letter",
     "dead-letter",
     by_product=False,
     max_message_bytes=DEAD_LETTER_MAX_BYTES,
+    cleanup_policy="delete",
     retention_ms=KEEP_FOREVER,
     retention_bytes=KEEP_FOREVER,
 )
@@ -97,6 +113,35 @@ def model_updates_partitions_error(topic: str, partitions: int) -> ConfigError:
     )
 
 
+def input_partitions_error(settings: WorkerSettings, counts: Mapping[str, int]) -> ConfigError | None:
+    """The error when an existing input topic (full name → partition count; 0: not made yet) does not have
+    `TAGSTREAM_PARTITIONS` partitions, else None. A product's changes and clicks must land on the partitions of one
+    number, which one worker owns: its window-expiry passes run on the behavior partition of its products partition,
+    and re-tags pick a product's worker by that count (products on partitions behavior lacked kept `new` for ever)."""
+    wrong = {
+        name: n
+        for name, n in counts.items()
+        if n and n != settings.partitions and name in {settings.topic(PRODUCTS.name), settings.topic(BEHAVIOR.name)}
+    }
+    if not wrong:
+        return None
+    have = ", ".join(f"{name} has {n}" for name, n in sorted(wrong.items()))
+    return ConfigError(
+        f"{have} partitions, but TAGSTREAM_PARTITIONS is {settings.partitions}: the products and behavior topics "
+        "must both have TAGSTREAM_PARTITIONS partitions (a product's changes and clicks on partitions of one number); "
+        "add partitions to the other topic too (kafka-topics.sh --alter --partitions N) and set "
+        "TAGSTREAM_PARTITIONS=N"
+    )
+
+
+async def refuse_if_input_partitions_differ(settings: WorkerSettings, client_id: str = "tagstream-admin") -> None:
+    """Raise `input_partitions_error` when the input topics' partition counts differ from TAGSTREAM_PARTITIONS."""
+    names = [settings.topic(PRODUCTS.name), settings.topic(BEHAVIOR.name)]
+    error = input_partitions_error(settings, await partition_counts(settings.kafka_bootstrap, names, client_id))
+    if error is not None:
+        raise error
+
+
 def configs_to_set(declared: Mapping[str, str], entries: Iterable[Sequence[Any]]) -> dict[str, str] | None:
     """The configs to give an existing topic whose DescribeConfigs entries (name, value, read_only, source, …) are
     `entries`: None when it has every declared config set on itself; else its other topic-level configs with the
@@ -110,8 +155,9 @@ def configs_to_set(declared: Mapping[str, str], entries: Iterable[Sequence[Any]]
 async def ensure_topics(settings: WorkerSettings) -> list[str]:
     """Create every missing topic with its partition count and configs, set the declared configs on existing topics
     whose values differ (one log line per topic changed); return the names created. A refusal raises its KafkaError;
-    an existing model-updates topic with other than one partition, ConfigError, before any topic is created or
-    changed (one another process creates meanwhile is checked once it exists)."""
+    an existing model-updates topic with other than one partition, or an existing products or behavior topic with
+    other than TAGSTREAM_PARTITIONS, ConfigError, before any topic is created or changed (a model-updates another
+    process creates meanwhile is checked once it exists)."""
     admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, client_id="tagstream-admin")
     await admin.start()
     try:
@@ -120,6 +166,10 @@ async def ensure_topics(settings: WorkerSettings) -> list[str]:
         checked = model_updates in existing
         if checked:
             await _check_one_partition(admin, model_updates)
+        inputs = [settings.topic(spec.name) for spec in (PRODUCTS, BEHAVIOR) if settings.topic(spec.name) in existing]
+        error = input_partitions_error(settings, {name: await partition_count(admin, name) for name in inputs})
+        if error is not None:
+            raise error
         wanted = [
             NewTopic(settings.topic(spec.name), partitions_of(spec, settings), 1, topic_configs=spec.configs or None)
             for spec in TOPICS

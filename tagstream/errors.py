@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 __all__ = [
+    "BaselineProcessError",
     "BundleError",
     "ConfigError",
     "DataError",
+    "DeliveryError",
     "EventDecodeError",
     "EventKeyError",
     "EventTimeError",
@@ -14,6 +16,7 @@ __all__ = [
     "ModelLoadError",
     "ModelNotLoadedError",
     "ModelRejectedError",
+    "OutputTooLargeError",
     "ParityError",
     "SchemaValidationError",
     "ScoringError",
@@ -21,6 +24,7 @@ __all__ = [
     "StateConflictError",
     "StateError",
     "StateLostError",
+    "StoreMismatchError",
     "TagstreamError",
     "TopicsRecreatedError",
     "ValidationTimeoutError",
@@ -57,6 +61,10 @@ class EventKeyError(EventDecodeError):
 
 class OutputTooLargeError(TagstreamError):
     """An event's tag update would be larger than the tag-updates topic takes."""
+
+
+class DeliveryError(TagstreamError):
+    """Kafka refused a record the worker produced: its batch stays unacknowledged and the worker stops."""
 
 
 class StateError(TagstreamError):

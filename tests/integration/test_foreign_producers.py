@@ -32,16 +32,20 @@ def _has_update(pid: str) -> Any:
     return lambda messages: any(m.get("product_id") == pid for m in messages)
 
 
-async def _set_compression(env: StreamEnv, topic: str, codec: str) -> None:
-    """Set a topic's `compression.type`: the broker then stores (and serves) its records in that codec, whatever
-    the producer sent."""
+async def _set_config(env: StreamEnv, topic: str, configs: dict[str, str]) -> None:
+    """Give a topic these configs (its only topic-level ones), as an operator would."""
     admin = AIOKafkaAdminClient(bootstrap_servers=env.settings.kafka_bootstrap)
     await admin.start()
     try:
-        resource = ConfigResource(ConfigResourceType.TOPIC, env.settings.topic(topic), {"compression.type": codec})
-        await admin.alter_configs([resource])
+        await admin.alter_configs([ConfigResource(ConfigResourceType.TOPIC, env.settings.topic(topic), configs)])
     finally:
         await admin.close()
+
+
+async def _set_compression(env: StreamEnv, topic: str, codec: str) -> None:
+    """Set a topic's `compression.type`: the broker then stores (and serves) its records in that codec, whatever
+    the producer sent."""
+    await _set_config(env, topic, {"compression.type": codec})
 
 
 async def _send_compressed(env: StreamEnv, topic: str, events: list[dict[str, Any]], codec: str) -> None:
@@ -122,3 +126,48 @@ def test_events_of_an_aborted_transaction_are_never_applied(stream_env: StreamEn
     assert client.hmget(f"{prefix}:{{txn-both}}:doc", "title", "version") == ["Puma Men Blue Tshirt", "1"]
     assert client.exists(f"{prefix}:{{txn-aborted}}:tags") == 0
     assert client.exists(f"{prefix}:{{txn-aborted}}:doc") == 0
+
+
+def test_a_tag_update_kafka_refuses_stops_the_worker_at_once_and_its_next_start_delivers_it(
+    stream_env: StreamEnv, bundle: Path
+) -> None:
+    # an operator lowers tag-updates' max.message.bytes under a running worker; a valid product's update is larger
+    worker = stream_env.start_worker(TAGSTREAM_MODEL_PATH=str(bundle))
+    stream_env.produce("products", [upsert("small-1", "Levis Men Black Jeans")])
+    stream_env.consume("tag-updates", _has_update("small-1"))
+    asyncio.run(_set_config(stream_env, "tag-updates", {"cleanup.policy": "compact", "max.message.bytes": "20000"}))
+    big = upsert("big-1", "Nike Women Red Shoes", attributes={f"attr{i:03d}": "v" * 150 for i in range(100)})
+    stream_env.produce("products", [big])
+
+    # it stops on its own, with no further event to wake its agent, and says why in one line
+    assert worker.wait_exit(60) is not None, "the worker kept running with a batch Kafka refused"
+    log = worker.log()
+    assert "Kafka refused a record of a batch's tag updates or dead letters (MessageSizeTooLargeError" in log
+
+    # its next start sets the limit the topic needs and delivers the update it had applied
+    again = stream_env.start_worker(TAGSTREAM_MODEL_PATH=str(bundle))
+    [update] = [m for m in stream_env.consume("tag-updates", _has_update("big-1")) if m["product_id"] == "big-1"]
+    assert {"tag": "attr007:" + "v" * 150, "group": "attr007", "score": 1.0, "origin": "catalog"} in update["tags"]
+    assert f"changed the configs of topic {stream_env.settings.topic('tag-updates')}" in again.log()
+
+
+def test_partitions_added_to_an_input_topic_under_a_running_worker_stop_it_in_one_line(
+    stream_env: StreamEnv, bundle: Path
+) -> None:
+    # the worker rebalances onto the new partitions at its next metadata refresh
+    worker = stream_env.start_worker(TAGSTREAM_MODEL_PATH=str(bundle), TAGSTREAM_METADATA_MAX_AGE_S="1")
+
+    async def add_partitions() -> None:
+        from aiokafka.admin import NewPartitions
+
+        admin = AIOKafkaAdminClient(bootstrap_servers=stream_env.settings.kafka_bootstrap)
+        await admin.start()
+        try:
+            await admin.create_partitions({stream_env.settings.topic("products"): NewPartitions(total_count=4)})
+        finally:
+            await admin.close()
+
+    asyncio.run(add_partitions())
+    assert worker.wait_exit(90) is not None, "the worker ran on with products on 4 partitions and behavior on 2"
+    products = stream_env.settings.topic("products")
+    assert f"{products} has 4 partitions, but TAGSTREAM_PARTITIONS is 2" in worker.log()

@@ -17,7 +17,14 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
 from streams.settings import WorkerSettings
-from streams.topics import DEAD_LETTER_MAX_BYTES, DYNAMIC_TOPIC_CONFIG, TOPICS, ensure_topics, partitions_of
+from streams.topics import (
+    DEAD_LETTER_MAX_BYTES,
+    DYNAMIC_TOPIC_CONFIG,
+    TAG_UPDATES_MAX_MESSAGE_BYTES,
+    TOPICS,
+    ensure_topics,
+    partitions_of,
+)
 from tagstream.errors import ConfigError
 from tagstream.stack import StackSettings
 from tests.integration.conftest import REPO
@@ -160,6 +167,41 @@ def test_topics_made_with_the_old_defaults_are_fixed_and_keep_their_own_configs(
     assert [r.getMessage() for r in caplog.records if r.name == "streams.topics"] == []
 
 
+def test_topics_an_operator_made_compacted_or_with_a_low_limit_get_what_tagstream_needs(
+    settings: WorkerSettings,
+) -> None:
+    """A compacted model-updates loses the activate requests (their answers share the key): restarted workers came up
+    with no model. A compacted dead-letter refuses the letter of an event without a key (the worker crash-looped) and
+    keeps one letter per key. A tag-updates topic whose limit is below a valid product's update refused it."""
+
+    async def create_as_an_operator() -> None:
+        admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+        await admin.start()
+        try:
+            own = {
+                "model-updates": {"cleanup.policy": "compact"},
+                "dead-letter": {"cleanup.policy": "compact"},
+                "tag-updates": {"cleanup.policy": "compact", "max.message.bytes": "20000"},
+            }
+            topics = [
+                NewTopic(settings.topic(s.name), partitions_of(s, settings), 1, topic_configs=own.get(s.name))
+                for s in TOPICS
+            ]
+            response = await admin.create_topics(topics)
+            assert all(code == 0 for _name, code, *_ in response.topic_errors), response
+        finally:
+            await admin.close()
+
+    asyncio.run(create_as_an_operator())
+    assert asyncio.run(ensure_topics(settings)) == []
+    after = asyncio.run(describe(settings))
+    forever = {"cleanup.policy": "delete", "retention.ms": "-1", "retention.bytes": "-1"}
+    assert kept(after["model-updates"]) == forever
+    assert kept(after["dead-letter"]) == forever
+    assert after["tag-updates"]["cleanup.policy"] == ("compact", True)
+    assert after["tag-updates"]["max.message.bytes"] == (str(TAG_UPDATES_MAX_MESSAGE_BYTES), True)
+
+
 def test_a_topic_the_broker_refuses_is_one_error_line_and_nothing_is_reported_created(stack: StackSettings) -> None:
     """`tagstream topics` with a prefix Kafka cannot name a topic with fails in one line naming the topic."""
     env = {**os.environ, "TAGSTREAM_KAFKA_BOOTSTRAP": stack.kafka_bootstrap, "TAGSTREAM_TOPIC_PREFIX": "no spaces-"}
@@ -254,3 +296,40 @@ def test_a_refused_model_updates_topic_leaves_no_other_topic_made(
         "apply its requests in their order, which Kafka keeps only within a partition): recreate it with 1 partition"
     ]
     assert asyncio.run(create_and_list([])) == [name]  # nothing else made
+
+
+def test_input_topics_with_another_partition_count_are_refused_before_anything_is_made(
+    settings: WorkerSettings, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An operator's products topic with more partitions than behavior: its products on the extra partitions were
+    indexed for window passes on behavior partitions that do not exist, so their `new` tag never expired."""
+    from tagstream.cli import main
+
+    products = settings.topic("products")
+
+    async def create_and_list(new: list[NewTopic]) -> list[str]:
+        admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+        await admin.start()
+        try:
+            if new:
+                response = await admin.create_topics(new)
+                assert all(code == 0 for _name, code, *_ in response.topic_errors), response
+            return sorted(t for t in await admin.list_topics() if t.startswith(settings.topic_prefix))
+        finally:
+            await admin.close()
+
+    assert asyncio.run(create_and_list([NewTopic(products, 3, 1)])) == [products]
+    monkeypatch.setenv("TAGSTREAM_KAFKA_BOOTSTRAP", settings.kafka_bootstrap)
+    monkeypatch.setenv("TAGSTREAM_TOPIC_PREFIX", settings.topic_prefix)
+    monkeypatch.setenv("TAGSTREAM_PARTITIONS", "2")
+    assert main(["topics"]) == 2
+    out = capsys.readouterr()
+    assert out.out == "" and out.err.splitlines() == [
+        f"tagstream topics: error: {products} has 3 partitions, but TAGSTREAM_PARTITIONS is 2: the products and "
+        "behavior topics must both have TAGSTREAM_PARTITIONS partitions (a product's changes and clicks on partitions "
+        "of one number); add partitions to the other topic too (kafka-topics.sh --alter --partitions N) and set "
+        "TAGSTREAM_PARTITIONS=N"
+    ]
+    assert asyncio.run(create_and_list([])) == [products]  # nothing else made
+    monkeypatch.setenv("TAGSTREAM_PARTITIONS", "3")
+    assert main(["topics"]) == 0  # the setting the topic has: accepted
