@@ -788,6 +788,7 @@ class Processor:
             log.info("stale %s of %s: version %d < %d, ignored", ev.op, ev.product_id, ev.version, stored_version)
             return None
         tag_state = state.tags or _empty_tag_state()
+        scored_by = tag_state.get("model_version")  # the model the stored tags came from
         doc: dict[str, Any] = {"version": ev.version, "updated_at": ev.updated_at}
         if "first_seen" not in state.doc:
             doc["first_seen"] = ev.updated_at
@@ -817,9 +818,10 @@ class Processor:
             reason = "product-upsert"
         state.doc.update({k: str(v) for k, v in doc.items()})
         merged = self._merge(tag_state)
-        payload = self._update(
-            state, tag_state, merged, reason, msg.source, ev.updated_at, force=ev.op == "delete" or not known
-        )
+        # an update also when another model scored it, tags unchanged: the topic's last update names its tags' model
+        # (a swap's re-tag skips a product already at the active model, so no later update would)
+        force = ev.op == "delete" or not known or tag_state.get("model_version") != scored_by
+        payload = self._update(state, tag_state, merged, reason, msg.source, ev.updated_at, force=force)
         tag_state["updated_at"] = ev.updated_at
         state.tags = tag_state
         ops.hset(keys.doc, doc)

@@ -30,6 +30,12 @@ class WorkerSettings(BaseSettings):
     redis_prefix: str = Field("ts", min_length=1, description="Prefix of every Redis key (SPEC.md §3).")
     topic_prefix: str = Field("", description="Prefix of every topic name; tests use a fresh one per test.")
     partitions: int = Field(4, ge=1, description="Partitions of the products, behavior and tag-updates topics.")
+    replication_factor: int = Field(
+        -1,
+        ge=-1,
+        description="Replicas of each topic tagstream creates; -1: the cluster's `default.replication.factor` (1 on "
+        "the local stack and under docker-compose; set it, or that default, to 3 on a production cluster).",
+    )
     app_id: str = Field("tagstream-worker", description="Faust app id = Kafka consumer group of the agents.")
     data_dir: Path = Field(
         Path("~/.local/state/tagstream/faust"),

@@ -171,7 +171,7 @@ async def ensure_topics(settings: WorkerSettings) -> list[str]:
         if error is not None:
             raise error
         wanted = [
-            NewTopic(settings.topic(spec.name), partitions_of(spec, settings), 1, topic_configs=spec.configs or None)
+            _new_topic(settings.topic(spec.name), partitions_of(spec, settings), settings.replication_factor, spec)
             for spec in TOPICS
             if settings.topic(spec.name) not in existing
         ]
@@ -196,6 +196,14 @@ async def ensure_topics(settings: WorkerSettings) -> list[str]:
         return created
     finally:
         await admin.close()
+
+
+def _new_topic(name: str, partitions: int, replication_factor: int, spec: TopicSpec) -> NewTopic:
+    """A CreateTopics entry; replication factor -1 asks for the cluster's `default.replication.factor` (Kafka 2.4+),
+    which aiokafka's NewTopic does not accept in its constructor."""
+    topic = NewTopic(name, partitions, max(replication_factor, 1), topic_configs=spec.configs or None)
+    topic.replication_factor = replication_factor
+    return topic
 
 
 async def _check_one_partition(admin: AIOKafkaAdminClient, name: str) -> None:

@@ -333,3 +333,21 @@ def test_input_topics_with_another_partition_count_are_refused_before_anything_i
     assert asyncio.run(create_and_list([])) == [products]  # nothing else made
     monkeypatch.setenv("TAGSTREAM_PARTITIONS", "3")
     assert main(["topics"]) == 0  # the setting the topic has: accepted
+
+
+def test_topics_are_made_with_the_replication_factor_asked_for(
+    settings: WorkerSettings, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every topic was made with one replica whatever the cluster's default: on a production cluster tag-updates,
+    model-updates and the keep-forever dead letters would each have one copy. The default (-1) takes the cluster's
+    `default.replication.factor`; a factor the cluster cannot give is one error line."""
+    from tagstream.cli import main
+
+    monkeypatch.setenv("TAGSTREAM_KAFKA_BOOTSTRAP", settings.kafka_bootstrap)
+    monkeypatch.setenv("TAGSTREAM_TOPIC_PREFIX", settings.topic_prefix)
+    monkeypatch.setenv("TAGSTREAM_REPLICATION_FACTOR", "2")  # the local stack has one broker
+    assert main(["topics"]) == 2
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith("tagstream topics: error: could not create topics") and "replication factor of 2" in line
+    monkeypatch.delenv("TAGSTREAM_REPLICATION_FACTOR")
+    assert main(["topics"]) == 0

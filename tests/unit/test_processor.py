@@ -618,6 +618,35 @@ async def test_a_batch_prepared_before_a_swap_is_scored_again_by_the_new_model()
     assert new.scored == 3 and {t["tag"] for t in updates(out)[0]["tags"]} == {"model:v2", "new"}
 
 
+class _ShoeModel:
+    """A scoring model tagging every product as shoes, whatever its version."""
+
+    def __init__(self, version: str) -> None:
+        self.version = version
+
+    def score(self, products: Any) -> list[list[Tag]]:
+        return [[Tag("category:Shoes", "category_l1", 0.9, "model")] for _ in products]
+
+
+async def test_an_upsert_scored_by_another_model_with_the_same_tags_sends_an_update_naming_it() -> None:
+    """Found by an upgrade review: a product changed after a swap, whose tags the new model left as they were, kept
+    a last update naming the old model while its stored tags (and the lookup) named the new one; the swap's re-tag
+    then skipped it as already at the active model, so no update ever named the model its tags came from."""
+    active = [_ShoeModel("v1")]
+    processor = Processor(MemoryStateStore("t"), user_hash_key=b"k", model_provider=lambda: active[0])
+    feed = Feed()
+    [first] = updates(await processor.process_products(feed("products", upsert("p1", "Red shoes", version=1))))
+    assert first["model_version"] == "v1"
+    active[0] = _ShoeModel("v2")
+    [second] = updates(await processor.process_products(feed("products", upsert("p1", "Red shoes", version=2))))
+    assert second["model_version"] == "v2" and second["tags"] == first["tags"]
+    assert second["added"] == [] and second["removed"] == []
+    stored = (await processor.store.read(["p1"]))["p1"].tags
+    assert stored is not None and stored["model_version"] == "v2"
+    # the same model again: nothing to say
+    assert updates(await processor.process_products(feed("products", upsert("p1", "Red shoes", version=3)))) == []
+
+
 async def test_a_large_upsert_batch_is_scored_in_steps_that_let_other_tasks_run(model: BundleModel) -> None:
     calls: list[tuple[int, int]] = []  # (rows scored, ticks of the other task so far)
     ticks = 0

@@ -3,7 +3,14 @@ are brought to them."""
 
 from __future__ import annotations
 
-from streams.topics import DEAD_LETTER_MAX_BYTES, DYNAMIC_TOPIC_CONFIG, TOPICS, configs_to_set
+from streams.topics import (
+    DEAD_LETTER_MAX_BYTES,
+    DYNAMIC_TOPIC_CONFIG,
+    TAG_UPDATE_MAX_BYTES,
+    TAG_UPDATES_MAX_MESSAGE_BYTES,
+    TOPICS,
+    configs_to_set,
+)
 
 DEFAULT_CONFIG = 5  # DescribeConfigs `config_source` of a broker default
 
@@ -19,13 +26,20 @@ def test_each_topic_declares_what_spec_says_it_keeps() -> None:
     assert {spec.name: spec.configs for spec in TOPICS} == {
         "products": {},
         "behavior": {},
-        "tag-updates": {"cleanup.policy": "compact"},
-        "model-updates": {"retention.ms": "-1", "retention.bytes": "-1"},
-        "dead-letter": {"max.message.bytes": str(DEAD_LETTER_MAX_BYTES), "retention.ms": "-1", "retention.bytes": "-1"},
+        "tag-updates": {"cleanup.policy": "compact", "max.message.bytes": str(TAG_UPDATES_MAX_MESSAGE_BYTES)},
+        "model-updates": {"cleanup.policy": "delete", "retention.ms": "-1", "retention.bytes": "-1"},
+        "dead-letter": {
+            "max.message.bytes": str(DEAD_LETTER_MAX_BYTES),
+            "cleanup.policy": "delete",
+            "retention.ms": "-1",
+            "retention.bytes": "-1",
+        },
         "tag-shadow-diffs": {},
     }
     assert {spec.name for spec in TOPICS if spec.configs.get("cleanup.policy") == "compact"} == {"tag-updates"}
     assert all(spec.by_product for spec in TOPICS if spec.configs.get("cleanup.policy") == "compact")
+    # the largest tag update a worker sends fits the limit declared on its topic, with room for key and headers
+    assert TAG_UPDATE_MAX_BYTES < TAG_UPDATES_MAX_MESSAGE_BYTES
 
 
 def test_a_topic_made_with_the_old_defaults_gets_every_declared_config_and_keeps_its_own() -> None:
