@@ -18,7 +18,7 @@ from typing import Any
 
 import faust
 import mode
-from aiokafka.errors import KafkaError
+from aiokafka.errors import KafkaError, MessageSizeTooLargeError
 from redis.exceptions import OutOfMemoryError
 
 from streams.arrival import ArrivalAges
@@ -873,10 +873,12 @@ class Worker:
         if exc is None or not isinstance(exc, KafkaError):
             return
         self._delivery_failed = True
+        hint = ""
+        if isinstance(exc, MessageSizeTooLargeError):
+            hint = " (a record over its topic's max.message.bytes: the next start sets the limits tagstream needs)"
         error = DeliveryError(
             f"Kafka refused a record of a batch's tag updates or dead letters ({type(exc).__name__}: {exc}); the "
-            "worker stops and its batch, not acknowledged, is delivered again at its next start (a record over a "
-            "topic's max.message.bytes: the next start sets the limits tagstream's topics need)"
+            f"worker stops and its batch, not acknowledged, is delivered again at its next start{hint}"
         )
         log.error("%s", error)
         self._crashing = asyncio.ensure_future(self.app.crash(error))

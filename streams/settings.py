@@ -287,6 +287,13 @@ class WorkerSettings(BaseSettings):
         # theirs: absolute (from the working directory; no file system access, so nothing can block here)
         return value.absolute() if value is not None else None
 
+    @field_validator("replication_factor")
+    @classmethod
+    def _replicas(cls, value: int) -> int:
+        if value == 0:
+            raise ValueError("a topic needs at least 1 replica (-1: the cluster's default.replication.factor)")
+        return value
+
     @field_validator("model_roots")
     @classmethod
     def _absolute_roots(cls, value: tuple[Path, ...]) -> tuple[Path, ...]:

@@ -18,6 +18,7 @@ COMMANDS = [["topics"], ["tail", "tag-updates"], ["replay", "events.jsonl", "--t
         ("TAGSTREAM_GC_THRESHOLDS", "10000,10,10", "TAGSTREAM_GC_THRESHOLDS"),  # a list setting that is not JSON
         ("TAGSTREAM_BEHAVIOUR_TTL_S", "3600", "at least 604800 s (7 days, the longest window)"),  # counts would vanish
         ("TAGSTREAM_MODEL_ROOTS", '["models"]', "every model root must be an absolute path"),  # relative to what?
+        ("TAGSTREAM_REPLICATION_FACTOR", "0", "a topic needs at least 1 replica"),  # Kafka's refusal, named earlier
     ],
 )
 @pytest.mark.parametrize("command", COMMANDS)
