@@ -455,6 +455,7 @@ class Worker:
         self.store_id: str | None = None  # the Redis store's id (`<prefix>:meta`), committed with the offsets
         self._delivery_failed = False  # a batch's records were refused: the worker is stopping
         self._crashing: asyncio.Future[None] | None = None  # the crash that stops it
+        self._delivery_error: DeliveryError | None = None  # why, as logged
         self.capture_output = capture_output
         self.captured: dict[str, list[tuple[bytes | None, bytes]]] = {TAG_UPDATES.name: [], DEAD_LETTER.name: []}
         if settings.user_hash_key.get_secret_value() == DEV_USER_HASH_KEY:
@@ -853,15 +854,25 @@ class Worker:
                     settled.add_done_callback(self._stop_if_undelivered)
                     inflight.append(settled)
                     while inflight and (inflight[0].done() or len(inflight) > self.settings.max_inflight_batches):
-                        await inflight.popleft()  # raises the delivery error of a failed batch
+                        await self._settled(inflight.popleft())
                 events, messages = [], []
             while inflight:
-                await inflight.popleft()
+                await self._settled(inflight.popleft())
         finally:
             for waiting in inflight:
                 waiting.cancel()  # unacknowledged: redelivered and fenced after a restart
             if queue in self.app.record_queues:
                 self.app.record_queues.remove(queue)  # a restarted agent registers its own; this one no longer drains
+
+    async def _settled(self, settled: asyncio.Future[None]) -> None:
+        """Wait for a batch to settle; raises the delivery error of a failed batch: the `DeliveryError` that
+        `_stop_if_undelivered` logged, without Kafka's error again under it."""
+        try:
+            await settled
+        except KafkaError:
+            if self._delivery_error is not None:
+                raise self._delivery_error from None
+            raise
 
     def _stop_if_undelivered(self, settled: asyncio.Future[None]) -> None:
         """A batch whose updates or dead letters Kafka refused stops the worker at once, in one ERROR line: its agent
@@ -881,6 +892,7 @@ class Worker:
             f"worker stops and its batch, not acknowledged, is delivered again at its next start{hint}"
         )
         log.error("%s", error)
+        self._delivery_error = error
         self._crashing = asyncio.ensure_future(self.app.crash(error))
 
     async def _process_batch(

@@ -145,11 +145,17 @@ async def refuse_if_input_partitions_differ(settings: WorkerSettings, client_id:
 def configs_to_set(declared: Mapping[str, str], entries: Iterable[Sequence[Any]]) -> dict[str, str] | None:
     """The configs to give an existing topic whose DescribeConfigs entries (name, value, read_only, source, …) are
     `entries`: None when it has every declared config set on itself; else its other topic-level configs with the
-    declared ones over them (AlterConfigs replaces all of a topic's configs, so those are sent too)."""
+    declared ones over them (AlterConfigs replaces all of a topic's configs, so those are sent too). A
+    `max.message.bytes` set higher than declared is kept."""
     own = {str(e[0]): str(e[1]) for e in entries if e[3] == DYNAMIC_TOPIC_CONFIG}
-    if all(own.get(name) == value for name, value in declared.items()):
+    if all(own.get(name) == value or _higher_limit(name, own.get(name), value) for name, value in declared.items()):
         return None
-    return {**own, **declared}
+    return {**own, **{name: value for name, value in declared.items() if not _higher_limit(name, own.get(name), value)}}
+
+
+def _higher_limit(name: str, own: str | None, declared: str) -> bool:
+    """A `max.message.bytes` an operator set higher than the declared one: kept (tagstream needs at least its own)."""
+    return name == "max.message.bytes" and own is not None and own.isdigit() and int(own) > int(declared)
 
 
 async def ensure_topics(settings: WorkerSettings) -> list[str]:

@@ -332,9 +332,10 @@ class FastConsumer(faust_aiokafka.Consumer):
                         r_offset = get_read_offset(tp)
                         if r_offset is None or offset >= r_offset:
                             gap = first - (r_offset or 0)
-                            if gap > 1 and r_offset and acks_enabled_for(message.topic):
+                            if gap > 1 and r_offset is not None and acks_enabled_for(message.topic):
                                 # the missing offsets only (Faust's own call also covers `offset`, which would
-                                # let a commit pass it before it is acknowledged)
+                                # let a commit pass it before it is acknowledged); after offset 0 too (Faust skips
+                                # it as false): an aborted transaction there left a gap no commit would pass
                                 await self._add_gap(tp, r_offset + 1, first - 1)
                             if commit_every is not None and self._n_acked >= commit_every:
                                 self._n_acked = 0

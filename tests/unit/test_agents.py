@@ -18,6 +18,7 @@ from streams.processor import BatchOutput, InMessage
 from streams.settings import WorkerSettings
 from streams.state import MemoryStateStore
 from streams.transport import RecordBatchMessage
+from tagstream.errors import DeliveryError
 from tests.events import behaviour, upsert
 from tests.models import featurized_bundle
 
@@ -231,7 +232,7 @@ async def test_a_failed_delivery_stops_the_agent_and_leaves_its_batch_unacknowle
     gate.set()
     stream = _FakeStream([[_FakeEvent(0)], [_FakeEvent(1)]], gate)
     worker._enqueue = enqueue  # type: ignore[method-assign]
-    with pytest.raises(KafkaTimeoutError):
+    with pytest.raises(DeliveryError, match=r"Kafka refused a record .* \(KafkaTimeoutError: .*broker gone\)"):
         await worker._run_batches(stream, _steps(process))  # type: ignore[arg-type]
     assert stream.acked == []
     # its buffer no longer counts towards the records that hold fetching back (a restarted agent has its own)

@@ -65,3 +65,21 @@ def test_a_topic_with_its_declared_configs_is_left_alone_and_an_operators_value_
         entry("retention.ms", "1000", DYNAMIC_TOPIC_CONFIG),
     ]
     assert configs_to_set(declared, changed) == {"cleanup.policy": "compact", "retention.ms": "1000"}
+
+
+def test_a_limit_an_operator_raised_stays_and_a_lower_one_is_raised() -> None:
+    """A review found an operator's 5 MiB tag-updates limit lowered to the declared 1,048,588 at the first start:
+    tagstream needs at least its own limit, not at most."""
+    declared = {"cleanup.policy": "compact", "max.message.bytes": str(TAG_UPDATES_MAX_MESSAGE_BYTES)}
+    raised = [
+        entry("cleanup.policy", "compact", DYNAMIC_TOPIC_CONFIG),
+        entry("max.message.bytes", str(5 * 2**20), DYNAMIC_TOPIC_CONFIG),
+    ]
+    assert configs_to_set(declared, raised) is None
+    lowered = [raised[0], entry("max.message.bytes", "20000", DYNAMIC_TOPIC_CONFIG)]
+    assert configs_to_set(declared, lowered) == declared
+    raised_but_deleting = [entry("cleanup.policy", "delete", DYNAMIC_TOPIC_CONFIG), raised[1]]
+    assert configs_to_set(declared, raised_but_deleting) == {
+        "cleanup.policy": "compact",
+        "max.message.bytes": str(5 * 2**20),
+    }
