@@ -453,9 +453,8 @@ class Worker:
         self.settings = settings
         self.store_checked = store_checked
         self.store_id: str | None = None  # the Redis store's id (`<prefix>:meta`), committed with the offsets
-        self._delivery_failed = False  # a batch's records were refused: the worker is stopping
+        self._delivery_error: DeliveryError | None = None  # a batch's records were refused: why the worker stops
         self._crashing: asyncio.Future[None] | None = None  # the crash that stops it
-        self._delivery_error: DeliveryError | None = None  # why, as logged
         self.capture_output = capture_output
         self.captured: dict[str, list[tuple[bytes | None, bytes]]] = {TAG_UPDATES.name: [], DEAD_LETTER.name: []}
         if settings.user_hash_key.get_secret_value() == DEV_USER_HASH_KEY:
@@ -878,12 +877,11 @@ class Worker:
         """A batch whose updates or dead letters Kafka refused stops the worker at once, in one ERROR line: its agent
         would only see the failure at its next event, and until then (for ever, on a quiet topic) it committed
         nothing and said nothing. The batch is not acknowledged: the next start delivers it again."""
-        if settled.cancelled() or self._delivery_failed:
+        if settled.cancelled() or self._delivery_error is not None:
             return
         exc = settled.exception()
         if exc is None or not isinstance(exc, KafkaError):
             return
-        self._delivery_failed = True
         hint = ""
         if isinstance(exc, MessageSizeTooLargeError):
             hint = " (a record over its topic's max.message.bytes: the next start sets the limits tagstream needs)"

@@ -114,15 +114,11 @@ def model_updates_partitions_error(topic: str, partitions: int) -> ConfigError:
 
 
 def input_partitions_error(settings: WorkerSettings, counts: Mapping[str, int]) -> ConfigError | None:
-    """The error when an existing input topic (full name → partition count; 0: not made yet) does not have
+    """The error when an existing input topic (its full name → partition count; 0: not made yet) does not have
     `TAGSTREAM_PARTITIONS` partitions, else None. A product's changes and clicks must land on the partitions of one
     number, which one worker owns: its window-expiry passes run on the behavior partition of its products partition,
     and re-tags pick a product's worker by that count (products on partitions behavior lacked kept `new` for ever)."""
-    wrong = {
-        name: n
-        for name, n in counts.items()
-        if n and n != settings.partitions and name in {settings.topic(PRODUCTS.name), settings.topic(BEHAVIOR.name)}
-    }
+    wrong = {name: n for name, n in counts.items() if n and n != settings.partitions}
     if not wrong:
         return None
     have = ", ".join(f"{name} has {n}" for name, n in sorted(wrong.items()))
@@ -148,9 +144,10 @@ def configs_to_set(declared: Mapping[str, str], entries: Iterable[Sequence[Any]]
     declared ones over them (AlterConfigs replaces all of a topic's configs, so those are sent too). A
     `max.message.bytes` set higher than declared is kept."""
     own = {str(e[0]): str(e[1]) for e in entries if e[3] == DYNAMIC_TOPIC_CONFIG}
-    if all(own.get(name) == value or _higher_limit(name, own.get(name), value) for name, value in declared.items()):
+    wanted = {name: value for name, value in declared.items() if not _higher_limit(name, own.get(name), value)}
+    if all(own.get(name) == value for name, value in wanted.items()):
         return None
-    return {**own, **{name: value for name, value in declared.items() if not _higher_limit(name, own.get(name), value)}}
+    return {**own, **wanted}
 
 
 def _higher_limit(name: str, own: str | None, declared: str) -> bool:

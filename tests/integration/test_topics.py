@@ -78,6 +78,26 @@ async def describe(settings: WorkerSettings) -> dict[str, dict[str, tuple[str, b
     return out
 
 
+async def create_and_list(settings: WorkerSettings, new: list[NewTopic]) -> list[str]:
+    """Create `new` as an operator would (every creation must succeed); return the topics of this test's prefix."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+    await admin.start()
+    try:
+        if new:
+            response = await admin.create_topics(new)
+            assert all(code == 0 for _name, code, *_ in response.topic_errors), response
+        return sorted(t for t in await admin.list_topics() if t.startswith(settings.topic_prefix))
+    finally:
+        await admin.close()
+
+
+def every_topic(settings: WorkerSettings, own: dict[str, dict[str, str]]) -> list[NewTopic]:
+    """Every topic with its partition count and only the configs `own` gives it (logical name → configs)."""
+    return [
+        NewTopic(settings.topic(s.name), partitions_of(s, settings), 1, topic_configs=own.get(s.name)) for s in TOPICS
+    ]
+
+
 def kept(configs: dict[str, tuple[str, bool]]) -> dict[str, str]:
     """What a topic keeps: its cleanup policy and retention."""
     return {k: configs[k][0] for k in ("cleanup.policy", "retention.ms", "retention.bytes")}
@@ -120,24 +140,11 @@ def test_topics_made_with_the_old_defaults_are_fixed_and_keep_their_own_configs(
     """Topics created as before (the broker's defaults; dead-letter with its max.message.bytes, model-updates with an
     operator's segment.ms) get the declared configs and keep their own, one log line per topic changed."""
 
-    async def create_as_before() -> None:
-        admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
-        await admin.start()
-        try:
-            own = {
-                "dead-letter": {"max.message.bytes": str(DEAD_LETTER_MAX_BYTES)},
-                "model-updates": {"segment.ms": "3600000"},
-            }
-            topics = [
-                NewTopic(settings.topic(s.name), partitions_of(s, settings), 1, topic_configs=own.get(s.name))
-                for s in TOPICS
-            ]
-            response = await admin.create_topics(topics)
-            assert all(code == 0 for _name, code, *_ in response.topic_errors), response
-        finally:
-            await admin.close()
-
-    asyncio.run(create_as_before())
+    own = {
+        "dead-letter": {"max.message.bytes": str(DEAD_LETTER_MAX_BYTES)},
+        "model-updates": {"segment.ms": "3600000"},
+    }
+    asyncio.run(create_and_list(settings, every_topic(settings, own)))
     before = asyncio.run(describe(settings))
     assert kept(before["model-updates"])["retention.ms"] == WEEK_MS  # the finding: a restart 7 days on lost the model
     assert before["tag-updates"]["cleanup.policy"][0] == "delete"
@@ -174,25 +181,12 @@ def test_topics_an_operator_made_compacted_or_with_a_low_limit_get_what_tagstrea
     with no model. A compacted dead-letter refuses the letter of an event without a key (the worker crash-looped) and
     keeps one letter per key. A tag-updates topic whose limit is below a valid product's update refused it."""
 
-    async def create_as_an_operator() -> None:
-        admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
-        await admin.start()
-        try:
-            own = {
-                "model-updates": {"cleanup.policy": "compact"},
-                "dead-letter": {"cleanup.policy": "compact"},
-                "tag-updates": {"cleanup.policy": "compact", "max.message.bytes": "20000"},
-            }
-            topics = [
-                NewTopic(settings.topic(s.name), partitions_of(s, settings), 1, topic_configs=own.get(s.name))
-                for s in TOPICS
-            ]
-            response = await admin.create_topics(topics)
-            assert all(code == 0 for _name, code, *_ in response.topic_errors), response
-        finally:
-            await admin.close()
-
-    asyncio.run(create_as_an_operator())
+    own = {
+        "model-updates": {"cleanup.policy": "compact"},
+        "dead-letter": {"cleanup.policy": "compact"},
+        "tag-updates": {"cleanup.policy": "compact", "max.message.bytes": "20000"},
+    }
+    asyncio.run(create_and_list(settings, every_topic(settings, own)))
     assert asyncio.run(ensure_topics(settings)) == []
     after = asyncio.run(describe(settings))
     forever = {"cleanup.policy": "delete", "retention.ms": "-1", "retention.bytes": "-1"}
@@ -227,16 +221,7 @@ def test_a_model_updates_topic_with_more_than_one_partition_is_refused_in_one_li
     accepted such a topic without a word, and workers started on it."""
     name = settings.topic("model-updates")
 
-    async def create() -> None:
-        admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
-        await admin.start()
-        try:
-            response = await admin.create_topics([NewTopic(name, 3, 1)])
-            assert all(code == 0 for _name, code, *_ in response.topic_errors), response
-        finally:
-            await admin.close()
-
-    asyncio.run(create())
+    asyncio.run(create_and_list(settings, [NewTopic(name, 3, 1)]))
     expected = (
         f"topic {name} has 3 partitions, but model-updates must have exactly 1 (workers apply its requests in their "
         "order, which Kafka keeps only within a partition): recreate it with 1 partition"
@@ -275,18 +260,7 @@ def test_a_refused_model_updates_topic_leaves_no_other_topic_made(
 
     name = settings.topic("model-updates")
 
-    async def create_and_list(new: list[NewTopic]) -> list[str]:
-        admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
-        await admin.start()
-        try:
-            if new:
-                response = await admin.create_topics(new)
-                assert all(code == 0 for _name, code, *_ in response.topic_errors), response
-            return sorted(t for t in await admin.list_topics() if t.startswith(settings.topic_prefix))
-        finally:
-            await admin.close()
-
-    assert asyncio.run(create_and_list([NewTopic(name, 2, 1)])) == [name]
+    assert asyncio.run(create_and_list(settings, [NewTopic(name, 2, 1)])) == [name]
     monkeypatch.setenv("TAGSTREAM_KAFKA_BOOTSTRAP", settings.kafka_bootstrap)
     monkeypatch.setenv("TAGSTREAM_TOPIC_PREFIX", settings.topic_prefix)
     assert main(["topics"]) == 2
@@ -295,7 +269,7 @@ def test_a_refused_model_updates_topic_leaves_no_other_topic_made(
         f"tagstream topics: error: topic {name} has 2 partitions, but model-updates must have exactly 1 (workers "
         "apply its requests in their order, which Kafka keeps only within a partition): recreate it with 1 partition"
     ]
-    assert asyncio.run(create_and_list([])) == [name]  # nothing else made
+    assert asyncio.run(create_and_list(settings, [])) == [name]  # nothing else made
 
 
 def test_input_topics_with_another_partition_count_are_refused_before_anything_is_made(
@@ -307,18 +281,7 @@ def test_input_topics_with_another_partition_count_are_refused_before_anything_i
 
     products = settings.topic("products")
 
-    async def create_and_list(new: list[NewTopic]) -> list[str]:
-        admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
-        await admin.start()
-        try:
-            if new:
-                response = await admin.create_topics(new)
-                assert all(code == 0 for _name, code, *_ in response.topic_errors), response
-            return sorted(t for t in await admin.list_topics() if t.startswith(settings.topic_prefix))
-        finally:
-            await admin.close()
-
-    assert asyncio.run(create_and_list([NewTopic(products, 3, 1)])) == [products]
+    assert asyncio.run(create_and_list(settings, [NewTopic(products, 3, 1)])) == [products]
     monkeypatch.setenv("TAGSTREAM_KAFKA_BOOTSTRAP", settings.kafka_bootstrap)
     monkeypatch.setenv("TAGSTREAM_TOPIC_PREFIX", settings.topic_prefix)
     monkeypatch.setenv("TAGSTREAM_PARTITIONS", "2")
@@ -330,7 +293,7 @@ def test_input_topics_with_another_partition_count_are_refused_before_anything_i
         "of one number); add partitions to the other topic too (kafka-topics.sh --alter --partitions N) and set "
         "TAGSTREAM_PARTITIONS=N"
     ]
-    assert asyncio.run(create_and_list([])) == [products]  # nothing else made
+    assert asyncio.run(create_and_list(settings, [])) == [products]  # nothing else made
     monkeypatch.setenv("TAGSTREAM_PARTITIONS", "3")
     assert main(["topics"]) == 0  # the setting the topic has: accepted
 
