@@ -7,11 +7,12 @@ field), and a message it refuses goes through orjson and the validator, so the s
 is the one reported.
 
 The compiler covers the keywords the event schemas use: `type` (one type, or one type and null), `const`, `enum`,
-`pattern`, `minLength`, `maxLength`, `minimum`, `items`, `maxItems`, `maxProperties`, `propertyNames.pattern`,
-`additionalProperties` (false at the top, a schema inside objects), `required`, and `if`/`then` of the form
-"if property P is the constant C (or absent: `properties` holds then too), then these are required". A schema with
-any other keyword gets no fast path, nor does one msgspec cannot express (float or beyond-int64 literals, an object
-of untyped values). Integers outside int64 always take the slow path: orjson reads some of them as floats.
+`pattern`, `minLength`, `maxLength`, `minimum`, `maximum`, `items`, `maxItems`, `maxProperties`,
+`propertyNames.pattern`, `additionalProperties` (false at the top, a schema inside objects), `required`, and
+`if`/`then` of the form "if property P is the constant C (or absent: `properties` holds then too), then these are
+required". A schema with any other keyword gets no fast path, nor does one msgspec cannot express (float or
+beyond-int64 literals, an object of untyped values). Integers outside int64 always take the slow path: orjson reads
+some of them as floats.
 
 Patterns are checked with `re.search`, as fastjsonschema checks them, but with every end anchor `$` written `\\Z`
 (`end_anchored`): Python's `$` also matches before a final "\\n", which the validator refuses ("p1\\n" is no
@@ -39,6 +40,7 @@ _FIELD = {
     "minLength",
     "maxLength",
     "minimum",
+    "maximum",
     "items",
     "maxItems",
     "propertyNames",
@@ -73,6 +75,8 @@ def _meta(spec: dict[str, Any]) -> msgspec.Meta | None:
         kw["max_length"] = spec["maxItems"]
     if "minimum" in spec:
         kw["ge"] = spec["minimum"]
+    if "maximum" in spec:
+        kw["le"] = spec["maximum"]
     return msgspec.Meta(**kw) if kw else None
 
 
@@ -101,8 +105,8 @@ def _field_type(name: str, spec: dict[str, Any]) -> Any:
     elif kind == "integer":  # int64 only: integers beyond it take the slow path (orjson reads some as floats)
         base = _int64(spec)
     elif kind == "number":  # ints stay ints, as orjson leaves them (within int64)
-        low = {"ge": spec["minimum"]} if "minimum" in spec else {}
-        base = Union[_int64(spec), Annotated[float, msgspec.Meta(**low)] if low else float]  # noqa: UP007
+        bounds = {k: spec[key] for k, key in (("ge", "minimum"), ("le", "maximum")) if key in spec}
+        base = Union[_int64(spec), Annotated[float, msgspec.Meta(**bounds)] if bounds else float]  # noqa: UP007
     elif kind == "array":
         base = _constrained(list[_field_type(f"{name}[]", spec.get("items", {}))], spec)  # type: ignore[misc]
     elif kind == "object":
@@ -125,10 +129,12 @@ def _field_type(name: str, spec: dict[str, Any]) -> Any:
 
 
 def _int64(spec: dict[str, Any]) -> Any:
-    """An integer within int64 and at least the spec's `minimum` (rounded up: an integer is >= 0.5 when it is >= 1).
-    Below -2**63 (and above 2**64 - 1) orjson reads an integer as a float, which msgspec would read exactly."""
+    """An integer within int64, at least the spec's `minimum` (rounded up: an integer is >= 0.5 when it is >= 1) and at
+    most its `maximum` (rounded down). Below -2**63 (and above 2**64 - 1) orjson reads an integer as a float, which
+    msgspec would read exactly."""
     low = max(math.ceil(spec["minimum"]), _INT64_MIN) if "minimum" in spec else _INT64_MIN
-    return Annotated[int, msgspec.Meta(ge=low, le=_INT64_MAX)]
+    high = min(math.floor(spec["maximum"]), _INT64_MAX) if "maximum" in spec else _INT64_MAX
+    return Annotated[int, msgspec.Meta(ge=low, le=high)]
 
 
 def _conditional_required(schema: dict[str, Any]) -> Callable[[Any], bool]:

@@ -30,6 +30,13 @@ def load_schema(name: str, version: int = SCHEMA_VERSION) -> dict[str, Any]:
 
 
 @cache
+def product_id_pattern() -> re.Pattern[str]:
+    """The product id rule of the event schemas (one pattern in click, product-change and tag-update), compiled as
+    the workers' validators read it (`search`; `$` only at the very end)."""
+    return re.compile(end_anchored(load_schema("click")["properties"]["product_id"]["pattern"]))
+
+
+@cache
 def _validator(name: str) -> Callable[[Any], Any]:
     return fastjsonschema.compile(load_schema(name))
 
@@ -192,7 +199,13 @@ def _not_json(raw: bytes, exc: orjson.JSONDecodeError) -> str:
         raw.decode("utf-8")
     except UnicodeDecodeError as bad:
         return f"not UTF-8: byte 0x{raw[bad.start]:02x} at offset {bad.start} ({bad.reason})"
-    return bounded(f"not JSON: {exc}")
+    message = str(exc)
+    if "surrogate" in message:  # JSON text, but a string no UTF-8 can carry (RFC 8259 §8.2)
+        lone = "an escaped lone UTF-16 surrogate (\\ud800–\\udfff), which is no character"
+        return bounded(f"a string holds {lone} ({message})")
+    if "infinity when parsed as double" in message:
+        return bounded(f"a number beyond the range of a double (about ±1.8e308) ({message})")
+    return bounded(f"not JSON: {message}")
 
 
 def encode_event(obj: dict[str, Any]) -> bytes:

@@ -17,7 +17,8 @@ Rules (every tag is on/off with hysteresis: it turns on when its *enter* conditi
   hot_exit_interactions or U_24h < hot_exit_users.
 - **high-conversion**: rate = purchases_7d / views_7d. Enter: views_7d >= hc_min_views and rate >= hc_enter_rate.
   Exit: views_7d < hc_keep_views or rate < hc_exit_rate.
-- **new**: on exactly while first_seen <= now < first_seen + new_days (time alone decides it, no hysteresis).
+- **new**: on exactly while first_seen <= now < first_seen + new_days (time alone decides it, no hysteresis), never
+  decided at a time before its last switch (an event older than that leaves it as it is).
 
 State per tag: {"on": bool, "since": ms of the last change}. Behaviour tags have score 1.0 and group `behaviour`.
 """
@@ -203,8 +204,12 @@ def _new_entry(
     first_seen: int | None, now: int, previous_state: Mapping[str, Any] | None, config: BehaviourConfig
 ) -> tuple[bool, dict[str, Any] | None]:
     """Whether the product is new at `now` (first_seen <= now < first_seen + new_days: an event older than the
-    product is no sign of it being new), and its state entry (None when it has none and needs none)."""
+    product is no sign of it being new), and its state entry (None when it has none and needs none). Never decided
+    at a time before its last switch: an event older than that (a click before the product's first catalog change,
+    replayed late) leaves it as it is, as a later look would set it back."""
     was_new, since = _prev(previous_state, "new")
+    if since is not None and now < since:
+        return was_new, {"on": was_new, "since": since}
     is_new = first_seen is not None and first_seen <= now < first_seen + config.new_ms
     if is_new != was_new:
         return is_new, {"on": is_new, "since": now}
@@ -310,10 +315,10 @@ def next_check_at(
         times.append(_leaves_at(stats, window, now))
         if since is not None and since + config.min_dwell_ms > now:
             times.append(since + config.min_dwell_ms)
-    is_new, _ = _prev(state, "new")
+    is_new, since = _prev(state, "new")
     fs = counts.first_seen
-    if fs is not None and is_new:
-        times.append(fs + config.new_ms if fs <= now else now)  # before first_seen it is off already
+    if fs is not None and is_new:  # a look before its switch on leaves it on; one on before first_seen goes off now
+        times.append(fs + config.new_ms if fs <= now or (since is not None and now < since) else now)
     elif fs is not None and now < fs and config.new_ms > 0:
         times.append(fs)
     if not times:

@@ -26,11 +26,13 @@ from urllib.parse import unquote
 import orjson
 from aiohttp import web, web_protocol
 
+from schemas.registry import product_id_pattern
+
 __all__ = ["create_app", "install_connection_limit", "install_json_protocol_errors", "state_format", "tags_key"]
 
 log = logging.getLogger(__name__)
 
-PRODUCT_ID_RE = re.compile(r"[^{}\s]{1,128}")  # as in the event schemas; fullmatch: "p1\n" is no product id
+PRODUCT_ID_RE = product_id_pattern()  # the event schemas' rule: "p1\n" is no product id
 PING_TIMEOUT_S = 2.0
 # The longest a features read may take (waiting for a pooled connection, then its round trips) before the answer
 # is 503; the lookup adds its pool wait to it.

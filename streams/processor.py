@@ -52,7 +52,16 @@ from streams.state import (
     sweep_partition,
 )
 from streams.topics import DEAD_LETTER_MAX_BYTES, TAG_UPDATE_MAX_BYTES
-from streams.windows import GRANULARITIES, event_fields, hll_buckets, live_buckets, stale_fields, window_sums
+from streams.windows import (
+    FINEST_MS,
+    GRANULARITIES,
+    event_fields,
+    hll_buckets,
+    live_buckets,
+    stale_fields,
+    window_buckets,
+    window_sums,
+)
 from tagstream.errors import (
     EventDecodeError,
     EventKeyError,
@@ -135,9 +144,46 @@ class _Evaluation:
     group: _Group
     state: ProductState
     msg: InMessage
-    event_time: int  # the event's own time (the update's event_time)
-    now: int  # the product's event-time clock after it (windows are read at this time)
-    batch_users: int  # distinct users of the product in the batch so far
+    now: int  # the product's event-time clock after it: the tags are decided at this time (the update's event_time)
+    batch_users: BatchUsers | None  # the batch's users of the product not in its HyperLogLogs yet (None: they are)
+
+
+class BatchUsers:
+    """The hashed users a batch adds to one product's unique-user HyperLogLogs, by bucket: its write adds them to
+    Redis, so until then a window's unique users are the union of its stored HyperLogLogs and these."""
+
+    __slots__ = ("_finest", "_some")
+
+    def __init__(self) -> None:
+        self._finest: dict[int, set[str]] = {}  # finest bucket -> users of events counted in all their buckets
+        self._some: dict[tuple[str, int], set[str]] = {}  # (granularity, bucket) -> users of late events
+
+    def add(self, ts: int, user: str, live: tuple[bool, ...] | None = None) -> None:
+        """A user of an event at `ts`, added to every bucket of it, or to those `live` marks (a late event)."""
+        if live is None:
+            users = self._finest.get(ts // FINEST_MS)
+            if users is None:
+                users = self._finest[ts // FINEST_MS] = set()
+            users.add(user)
+            return
+        for bucket, keep in zip(hll_buckets(ts), live, strict=True):
+            if keep:
+                self._some.setdefault(bucket, set()).add(user)
+
+    def in_windows(self, now: int) -> list[set[str]]:
+        """Per window (GRANULARITIES order), the distinct users whose buckets are in it at event time `now`."""
+        out: list[set[str]] = []
+        for g in GRANULARITIES:
+            buckets = window_buckets(g, now)
+            users: set[str] = set()
+            for finest, those in self._finest.items():
+                if finest * FINEST_MS // g.width_ms in buckets:
+                    users |= those
+            for (code, bucket), those in self._some.items():
+                if code == g.code and bucket in buckets:
+                    users |= those
+            out.append(users)
+        return out
 
 
 @dataclass(slots=True)
@@ -842,43 +888,49 @@ class Processor:
         tag_state["behaviour_tags"] = _tag_dicts(tags)
 
     # --------------------------------------------------------------- behaviour
-    def _counts(self, state: ProductState, now: int, batch_users: int = 0) -> WindowCounts:
-        """Window counts at `now`; unique users = the stored HLL count (0 when not counted) plus this batch's
-        distinct users so far."""
-        return self._window_counts(state, now, batch_users)[0]
+    def _counts(self, state: ProductState, now: int) -> WindowCounts:
+        """Window counts at `now` with the stored unique users (0 when not counted): for the times windows change."""
+        return self._window_counts(state, now, None)[0]
 
     def _window_counts(
-        self, state: ProductState, now: int, batch_users: int, with_most: bool = False
+        self, state: ProductState, now: int, batch_users: BatchUsers | None
     ) -> tuple[WindowCounts, WindowCounts | None]:
-        """`_counts`, and with `with_most` the same counts with the most unique users there can be: one per event."""
-        h1, h24, d7 = window_sums(state.beh, now)
+        """Window counts at `now` with the fewest unique users there can be, and the same counts with the most when
+        they are not known exactly (else None). A window's users are the union of its stored HyperLogLogs
+        (`state.users`, counted or not) and the batch's users in it (`batch_users`, not written yet): at least the
+        larger of the two and at most their sum; uncounted stored users are at most one per interaction."""
+        sums = window_sums(state.beh, now)
         first_seen = int(state.doc["first_seen"]) if "first_seen" in state.doc else None
-        users = state.users
+        batch = [len(u) for u in batch_users.in_windows(now)] if batch_users is not None else [0, 0, 0]
+        stored = state.users
+        if stored:
+            fewest = [max(stored.get(g.window, 0), b) for g, b in zip(GRANULARITIES, batch, strict=True)]
+            most = [stored.get(g.window, 0) + b for g, b in zip(GRANULARITIES, batch, strict=True)]
+        else:  # one user per interaction, plus the batch's (the HyperLogLogs' estimates may be a little above)
+            fewest = batch
+            most = [s[0] + s[1] + s[2] + s[3] + b for s, b in zip(sums, batch, strict=True)]
         counts = WindowCounts(
-            now,
-            WindowStats(*h1[:4], users.get("h1", 0) + batch_users, h1[4]),
-            WindowStats(*h24[:4], users.get("h24", 0) + batch_users, h24[4]),
-            WindowStats(*d7[:4], users.get("d7", 0) + batch_users, d7[4]),
-            first_seen,
+            now, *(WindowStats(*s[:4], u, s[4]) for s, u in zip(sums, fewest, strict=True)), first_seen
         )
-        if not with_most:
+        if most == fewest:
             return counts, None
-        # one user per interaction, plus this batch's
-        most = [WindowStats(*s[:4], s[0] + s[1] + s[2] + s[3] + batch_users, s[4]) for s in (h1, h24, d7)]
-        return counts, WindowCounts(now, *most, first_seen)
+        return counts, WindowCounts(
+            now, *(WindowStats(*s[:4], u, s[4]) for s, u in zip(sums, most, strict=True)), first_seen
+        )
 
     def _behaviour_tags(
-        self, state: ProductState, tag_state: dict[str, Any], now: int, batch_users: int = 0
+        self, state: ProductState, tag_state: dict[str, Any], now: int, batch_users: BatchUsers | None = None
     ) -> WindowCounts | None:
         """Decode the behaviour tags into `tag_state`; return the window counts they were decoded from. When the
-        product's unique users were not counted (`state.users` empty), decide only if they cannot matter; otherwise
-        leave `tag_state` as it is and return None (count them and call again).
+        product's unique users are not known exactly (not counted, or counted before this batch's users, who may
+        have been seen before), decide only if they cannot matter; otherwise leave `tag_state` as it is and return
+        None (count them with the batch's users and call again).
 
         Every tag is monotone in the unique-user counts (enter needs users ≥ a level, exit happens below one), and the
-        counts lie between this batch's distinct users and the window's interactions (one user per event); when
-        both ends decode alike, so does the count. Most products are far from every threshold, so most batches skip
-        the `PFCOUNT`s (their unions of up to 24 HyperLogLogs were half of Redis's time per event)."""
-        counts, most = self._window_counts(state, now, batch_users, with_most=not state.users)
+        counts lie between the fewest and the most there can be (`_window_counts`); when both ends decode alike, so
+        does the count. Most products are far from every threshold, so most batches skip the `PFCOUNT`s (their
+        unions of up to 24 HyperLogLogs were half of Redis's time per event)."""
+        counts, most = self._window_counts(state, now, batch_users)
         previous = tag_state.get("behaviour") or {}
         if most is None:
             tags, new_state = decode_behaviour(counts, previous, self.behaviour)
@@ -905,9 +957,16 @@ class Processor:
             return None
         return self._update(state, tag_state, self._merge(tag_state), reason, source, event_time)
 
-    async def _count_users(self, states: dict[str, ProductState], now: dict[str, int]) -> None:
-        """Count the unique users of these products at `now[pid]` (one round trip) into their states."""
-        for pid, users in (await self.store.count_users(now)).items():
+    async def _count_users(
+        self,
+        states: dict[str, ProductState],
+        now: dict[str, int],
+        batch_users: dict[str, BatchUsers] | None = None,
+    ) -> None:
+        """Count the unique users of these products at `now[pid]` (one round trip) into their states: the union of
+        their HyperLogLogs and, for those in `batch_users`, the batch's users not written yet."""
+        batch = {pid: users.in_windows(now[pid]) for pid, users in (batch_users or {}).items() if pid in now}
+        for pid, users in (await self.store.count_users(now, batch)).items():
             states[pid].users = users
 
     async def prepare_behaviour(self, messages: Sequence[InMessage]) -> PreparedBehaviour:
@@ -998,7 +1057,7 @@ class Processor:
             states, due_before = await asyncio.gather(
                 self._states(sorted(latest), now=wanted), self.store.due_lists(by_partition)
             )
-        batch_users: dict[str, set[str]] = {}
+        batch_users: dict[str, BatchUsers] = {}
         groups: dict[tuple[str, str], _Group] = {}
         redelivered: dict[tuple[str, str], int] = {}
         # Counters change with every event, tags only need a look at a product's last event of the batch (its write
@@ -1016,22 +1075,24 @@ class Processor:
                 redelivered_from[tp] = min(redelivered_from.get(tp, msg.offset), msg.offset)  # a tick's may be set
                 continue
             user = self._hash_user(ev.user_id)
-            users = batch_users.setdefault(ev.product_id, set())
-            users.add(user)
+            users = batch_users.get(ev.product_id)
+            if users is None:
+                users = batch_users[ev.product_id] = BatchUsers()
             group = self._group(groups, msg, ev.product_id, fence)
             if not group.events:
                 _expire_if_unlisted(state, group.keys, group.write.ops)
-            now = self._apply_behaviour(state, group.keys, group.write.ops, ev, user)
+            now = self._apply_behaviour(state, group.keys, group.write.ops, ev, user, users)
             self._record(group, state, msg, fence, None)
             if last[(ev.product_id, fence)] == i:
-                evaluate.append(_Evaluation(group, state, msg, ev.ts, now, len(users)))
+                evaluate.append(_Evaluation(group, state, msg, now, users))
         undecided = [e for e in evaluate if not self._evaluate_behaviour(e)]
         if undecided:
             now_of: dict[str, int] = {}
             for e in undecided:
                 now_of[e.state.product_id] = max(now_of.get(e.state.product_id, 0), e.now)
-            await self._count_users(states, now_of)
+            await self._count_users(states, now_of, batch_users)
             for e in undecided:
+                e.batch_users = None  # counted with the rest: the union, exact
                 self._evaluate_behaviour(e)
             for pid in now_of:
                 self._users_decide[pid] = None
@@ -1057,10 +1118,13 @@ class Processor:
             await self._expire(due, by_partition, swept, hold, last_offsets)
         return out
 
-    def _apply_behaviour(self, state: ProductState, keys: ProductKeys, ops: Ops, ev: BehaviorEvent, user: str) -> int:
-        """Add one event to the product's counters and unique-user HyperLogLogs; return the product's event time.
-        An event older than the product's clock counts only in the buckets still in their windows there (one older
-        than every window writes nothing: its buckets would never be counted, nor deleted)."""
+    def _apply_behaviour(
+        self, state: ProductState, keys: ProductKeys, ops: Ops, ev: BehaviorEvent, user: str, batch_users: BatchUsers
+    ) -> int:
+        """Add one event to the product's counters and unique-user HyperLogLogs (and its user to `batch_users`);
+        return the product's event time. An event older than the product's clock counts only in the buckets still in
+        their windows there (one older than every window writes nothing: its buckets would never be counted, nor
+        deleted)."""
         beh = state.beh
         counters = ops.counters(keys.beh)
         previous = beh.get("last_ts", 0)
@@ -1071,9 +1135,11 @@ class Processor:
                 ops.expire(keys.hll(*hll_buckets(ev.ts)[i]))
         if live is None or all(live):
             ops.add_user(ev.ts, user)
+            batch_users.add(ev.ts, user)
         else:
             fields = tuple(name for name, keep in zip(fields, live, strict=True) if keep)
             ops.add_user_to(ev.ts, user, live)
+            batch_users.add(ev.ts, user, live)
         for name in fields:
             beh[name] = beh.get(name, 0) + 1
             counters[name] = counters.get(name, 0) + 1
@@ -1104,8 +1170,8 @@ class Processor:
         self._seen_counts[state.product_id] = counts
         if state.tags is not None and tag_state["behaviour_tags"] == before and tag_state["behaviour"] == before_state:
             return True  # the stored tag state stands: no rewrite of its JSON (most events of a busy product)
-        payload = self._behaviour_update(state, tag_state, before, "behaviour", e.msg.source, e.event_time)
-        tag_state["updated_at"] = max(int(tag_state.get("updated_at") or 0), e.event_time)
+        payload = self._behaviour_update(state, tag_state, before, "behaviour", e.msg.source, e.now)
+        tag_state["updated_at"] = max(int(tag_state.get("updated_at") or 0), e.now)
         state.tags = tag_state
         e.group.write.ops.set(e.group.keys.tags, orjson.dumps(tag_state))
         if payload is not None:

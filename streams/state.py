@@ -413,7 +413,9 @@ class StateStore(Protocol):
         self, product_ids: list[str], now: dict[str, int] | None = None, *, counters: bool = True
     ) -> dict[str, ProductState]: ...
 
-    async def count_users(self, now: dict[str, int]) -> dict[str, dict[str, int]]: ...
+    async def count_users(
+        self, now: dict[str, int], batch: dict[str, list[set[str]]] | None = None
+    ) -> dict[str, dict[str, int]]: ...
 
     async def stored_emits(self, fences: list[tuple[str, str]]) -> dict[tuple[str, str], bytes | None]: ...
 
@@ -883,14 +885,21 @@ class RedisStateStore:
         replies = await self._pipelined("stored emits", queue) if fences else []
         return {f: (v.encode() if v else None) for f, v in zip(fences, replies, strict=True)}
 
-    async def count_users(self, now: dict[str, int]) -> dict[str, dict[str, int]]:
+    async def count_users(
+        self, now: dict[str, int], batch: dict[str, list[set[str]]] | None = None
+    ) -> dict[str, dict[str, int]]:
         """Approximate unique users per window of each product at event time `now[pid]`, in one round trip
-        (users.lua: `PFCOUNT` over each window's bucket HyperLogLogs)."""
+        (users.lua: `PFCOUNT` over each window's bucket HyperLogLogs); with `batch[pid]`, per window (GRANULARITIES
+        order) hashed users counted with them: a batch's users its write has not added yet."""
         pids = list(now)
+        batch = batch or {}
 
         def queue(pipe: list[tuple[Any, ...]]) -> None:
             for pid in pids:
-                self._users_script.queue(pipe, [ProductKeys(self.prefix, pid).doc], _buckets(now[pid]))
+                args: list[Any] = _buckets(now[pid])
+                for users in batch.get(pid, ()):
+                    args += [len(users), *sorted(users)]
+                self._users_script.queue(pipe, [ProductKeys(self.prefix, pid).doc], args)
 
         replies = await self._pipelined("count users", queue) if pids else []
         return {pid: _users(r) for pid, r in zip(pids, replies, strict=True)}
@@ -1067,15 +1076,18 @@ class MemoryStateStore:
             out[(pid, fence_field)] = value.encode() if value else None
         return out
 
-    async def count_users(self, now: dict[str, int]) -> dict[str, dict[str, int]]:
-        """Exact unique users per window of each product at event time `now[pid]`."""
-        return {pid: self._users(pid, at) for pid, at in now.items()}
+    async def count_users(
+        self, now: dict[str, int], batch: dict[str, list[set[str]]] | None = None
+    ) -> dict[str, dict[str, int]]:
+        """Exact unique users per window of each product at event time `now[pid]` (with `batch[pid]`'s users)."""
+        batch = batch or {}
+        return {pid: self._users(pid, at, batch.get(pid)) for pid, at in now.items()}
 
-    def _users(self, product_id: str, now: int) -> dict[str, int]:
+    def _users(self, product_id: str, now: int, batch: list[set[str]] | None = None) -> dict[str, int]:
         keys = ProductKeys(self.prefix, product_id)
         users = {}
-        for g in GRANULARITIES:
-            seen: set[str] = set()
+        for i, g in enumerate(GRANULARITIES):
+            seen: set[str] = set(batch[i]) if batch else set()
             for b in window_buckets(g, now):
                 seen |= self.hlls.get(keys.hll(g.code, b), set())
             users[g.window] = len(seen)

@@ -71,13 +71,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from schemas.registry import product_id_pattern
 from tagstream.errors import DataError
 from training.catalog import JSONL_KEYS, CatalogProduct
 from training.cleaning import DataReport, clean_label, clean_products, clean_text
 
 __all__ = ["JSONL_KEYS", "LOADERS", "LoadResult", "load_catalog", "parse_jd_line"]
 
-_PRODUCT_ID_RE = re.compile(r"[^{}\s]{1,128}")  # the whole id: fullmatch (`$` would let a final newline through)
+_PRODUCT_ID_RE = product_id_pattern()  # the event schemas' rule
 _BREADCRUMB_RE = re.compile(r"^[^<>,]{1,40}>[^>]")
 _LINE_END_RE = re.compile(rb"\r*\n|\r")
 _PRICE_RE = re.compile(r"(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?", re.ASCII)

@@ -163,6 +163,17 @@ def test_redis_and_memory_stores_agree_and_redelivery_is_a_no_op(stack: StackSet
             for pid, users in counted.items():
                 for window, n in users.items():
                     assert abs(n - exact_users[pid][window]) <= max(1, 0.03 * exact_users[pid][window]), (pid, window)
+            # With a batch's users not written yet: their union with the stored ones (users stored already count
+            # once), and the temporary HyperLogLog is gone again.
+            day = [k for k in memory.hlls if k.startswith(f"{prefix}:{{s4}}:uu:d:")]
+            stored_users = sorted(set().union(*(memory.hlls[k] for k in day)))[:3]
+            batch = {"s4": [{*stored_users, "new-a", "new-b"}] * 3}
+            with_batch, exact_with = await redis_store.count_users(at, batch), await memory.count_users(at, batch)
+            assert len(stored_users) == 3 and exact_with["s4"]["d7"] == exact_users["s4"]["d7"] + 2
+            assert with_batch.keys() == {f"s{i}" for i in range(5)} and with_batch["s0"] == counted["s0"]
+            for window, n in with_batch["s4"].items():
+                assert abs(n - exact_with["s4"][window]) <= max(1, 0.03 * exact_with["s4"][window]), window
+            assert await client.exists(f"{prefix}:{{s4}}:uu:batch") == 0
         finally:
             await _clear(client, prefix)
             await client.aclose()

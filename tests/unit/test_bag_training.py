@@ -1,4 +1,4 @@
-"""A training step reads the embedding table by rows only (TensorFlow).
+"""A training step reads the embedding table by rows only, and its row gradient is the bag's gradient (TensorFlow).
 
 Once LazyAdam has updated rows of the table in place, TensorFlow keeps the variable in copy-on-read mode: every whole
 read of it (ReadVariableOp) copies the table. On the default model that is ~400 MB per step, and JD epochs took 1.7×
@@ -8,9 +8,10 @@ as long. The step must therefore gather the table's rows (ResourceGather) and wr
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 
-def _table_uses_in_a_train_step() -> tuple[set[str], float]:
+def _table_uses_in_a_train_step(training: bool) -> tuple[set[str], float]:
     import tensorflow as tf
 
     from training.model import LazyAdam, WeightedBag
@@ -26,7 +27,7 @@ def _table_uses_in_a_train_step() -> tuple[set[str], float]:
     @tf.function
     def step() -> tf.Tensor:
         with tf.GradientTape() as tape:
-            loss = tf.reduce_sum(tf.square(bag(ids, weights) - 1.0))
+            loss = tf.reduce_sum(tf.square(bag(ids, weights, training=training) - 1.0))
         grads = tape.gradient(loss, bag.trainable_variables)
         optimizer.apply(grads, bag.trainable_variables)
         return loss
@@ -46,8 +47,52 @@ def _table_uses_in_a_train_step() -> tuple[set[str], float]:
     return uses, changed
 
 
-def test_a_training_step_gathers_and_scatters_the_table_rows_and_never_reads_it_whole() -> None:
-    uses, changed = _table_uses_in_a_train_step()
+@pytest.mark.parametrize("training", [True, False])
+def test_a_training_step_gathers_and_scatters_the_table_rows_and_never_reads_it_whole(training: bool) -> None:
+    uses, changed = _table_uses_in_a_train_step(training)
     assert changed > 0  # the step did train the table
     assert "ReadVariableOp" not in uses, uses
     assert "ResourceGather" in uses and any(u.startswith("ResourceScatter") for u in uses), uses
+
+
+def _one_step(training: bool, dense_limit: int, monkeypatch: pytest.MonkeyPatch) -> tuple[np.ndarray, np.ndarray]:
+    """One LazyAdam step of a bag on ids repeated within and across products (padding 0 at weight 0): the table
+    after it, and the table's gradient as a dense array."""
+    import tensorflow as tf
+
+    import training.model as model
+    from training.model import LazyAdam, WeightedBag
+
+    monkeypatch.setattr(model, "ROW_GRADIENT_DENSE_LIMIT", dense_limit)
+    bag = WeightedBag(64, 5, seed=3, init_scale=0.5)
+    bag.build(None)
+    optimizer = LazyAdam(0.05, sparse_lr_multiplier=3.0)
+    optimizer.build(bag.trainable_variables)
+    rng = np.random.default_rng(7)
+    ids = rng.integers(1, 12, (9, 7))  # 11 rows for 63 tokens: every row repeats
+    ids[:, -2:] = 0
+    ids[0, :3] = 5  # one row three times in one product
+    weights = rng.random((9, 7)).astype(np.float32)
+    weights[:, -2:] = 0.0
+    target = tf.constant(rng.normal(size=(9, 5)), dtype=tf.float32)
+
+    @tf.function
+    def step() -> tf.Tensor:
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(tf.square(bag(tf.constant(ids), tf.constant(weights), training=training) - target))
+        grads = tape.gradient(loss, bag.trainable_variables)
+        optimizer.apply(grads, bag.trainable_variables)
+        return grads[0]
+
+    grad = step()
+    return bag.embeddings.numpy(), tf.convert_to_tensor(grad).numpy()
+
+
+@pytest.mark.parametrize("dense_limit", [1 << 24, 0], ids=["rows-by-products", "per-token"])
+def test_the_training_gradient_and_step_are_those_of_the_bag(dense_limit: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    table, grad = _one_step(True, dense_limit, monkeypatch)
+    reference_table, reference_grad = _one_step(False, dense_limit, monkeypatch)
+    assert np.abs(grad).max() > 0.1
+    np.testing.assert_allclose(grad, reference_grad, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(table, reference_table, rtol=1e-6, atol=1e-6)
+    assert np.abs(table[1:12] - table[1:12].mean()).max() > 0  # rows moved, differently

@@ -167,9 +167,16 @@ def test_new_is_off_for_an_event_older_than_the_product() -> None:
     assert "new" not in step(None, WindowCounts(now=first_seen - 1, first_seen=first_seen))[0]
     tags, state = step(state, WindowCounts(now=first_seen, first_seen=first_seen))
     assert "new" in tags and state["new"] == {"on": True, "since": first_seen}
-    # a late event from before first_seen turns it off again: time alone decides
+    # a late event from before its switch on (before first_seen) leaves it on: never decided at an earlier time
     tags, state = step(state, WindowCounts(now=T0, first_seen=first_seen))
-    assert "new" not in tags and state["new"] == {"on": False, "since": T0}
+    assert "new" in tags and state["new"] == {"on": True, "since": first_seen}
+    assert next_check_at(WindowCounts(now=T0, first_seen=first_seen), state) == first_seen + 7 * DAY_MS
+    # nor one older than its switch off
+    off_at = first_seen + 7 * DAY_MS
+    tags, state = step(state, WindowCounts(now=off_at, first_seen=first_seen))
+    assert "new" not in tags and state["new"] == {"on": False, "since": off_at}
+    tags, state = step(state, WindowCounts(now=off_at - HOUR_MS, first_seen=first_seen))
+    assert "new" not in tags and state["new"] == {"on": False, "since": off_at}
 
 
 def test_state_tolerates_garbage() -> None:

@@ -223,7 +223,7 @@ async def test_a_tag_past_its_minimum_dwell_is_swept_once_not_at_every_batch(mod
     assert store.sweeps["hot"] == 2
 
 
-async def test_a_tag_a_late_event_turned_on_again_is_still_swept_off(model: BundleModel) -> None:
+async def test_a_late_event_never_turns_new_on_again_after_a_pass_turned_it_off(model: BundleModel) -> None:
     store = MemoryStateStore("t")
     processor = Processor(store, user_hash_key=b"secret", model_provider=lambda: model)
     feed = Feed()
@@ -232,13 +232,32 @@ async def test_a_tag_a_late_event_turned_on_again_is_still_swept_off(model: Bund
     assert [u["added"] for u in updates(created) if "new" in u["added"]]
     swept = await processor.process_behaviour(feed("behavior", behaviour("q", "u2", new_ends + 1000)))
     assert [u["removed"] for u in updates(swept) if u["product_id"] == "p"] == [["new"]]
+    # at p's own clock it would still be new, but its switch off was decided later: it stays off, no flapping
     late = await processor.process_behaviour(feed("behavior", behaviour("p", "u3", new_ends - 1000)))
-    assert [u["added"] for u in updates(late)] == [["new"]]  # at p's own clock it is still new
-    # a batch whose events are older than the first sweep's: p is due, and its sweep must not be a no-op
+    assert updates(late) == []
     again = await processor.process_behaviour(feed("behavior", behaviour("q", "u4", new_ends + 500)))
-    assert [u["removed"] for u in updates(again) if u["product_id"] == "p"] == [["new"]]
+    assert [u for u in updates(again) if u["product_id"] == "p"] == []
     state = (await store.read(["p"]))["p"]
     assert state.tags is not None and "new" not in {t["tag"] for t in state.tags["tags"]}
+
+
+async def test_clicks_from_before_a_products_first_change_leave_it_new(model: BundleModel) -> None:
+    """A click log replayed after the catalog: a click older than the product's first change neither turns `new`
+    off nor drops the product from the looks that turn it off a week later."""
+    store = MemoryStateStore("t")
+    processor = Processor(store, user_hash_key=b"secret", model_provider=lambda: model)
+    feed = Feed()
+    day = 86_400_000
+    created = await processor.process_products(feed("products", upsert("p", "Levis Men Black Jeans", updated_at=T0)))
+    assert [u["added"] for u in updates(created) if "new" in u["added"]]
+    early = await processor.process_behaviour(feed("behavior", behaviour("p", "u1", T0 - 2 * 3_600_000)))
+    assert updates(early) == []
+    later = await processor.process_behaviour(feed("behavior", behaviour("q", "u2", T0 + day)))
+    assert [u for u in updates(later) if u["product_id"] == "p"] == []
+    state = (await store.read(["p"]))["p"]
+    assert state.tags is not None and "new" in {t["tag"] for t in state.tags["tags"]}
+    week = await processor.process_behaviour(feed("behavior", behaviour("q", "u3", T0 + 7 * day + 1000)))
+    assert [u["removed"] for u in updates(week) if u["product_id"] == "p"] == [["new"]]
 
 
 async def test_a_window_pass_records_the_clock_it_moved_the_windows_to(model: BundleModel) -> None:
@@ -356,9 +375,11 @@ class CountingStore(MemoryStateStore):
         self.read_with_users += sorted(now or {})
         return await super().read(product_ids, now, counters=counters)
 
-    async def count_users(self, now: dict[str, int]) -> dict[str, dict[str, int]]:
+    async def count_users(
+        self, now: dict[str, int], batch: dict[str, list[set[str]]] | None = None
+    ) -> dict[str, dict[str, int]]:
         self.counted += sorted(now)
-        return await super().count_users(now)
+        return await super().count_users(now, batch)
 
 
 @pytest.mark.parametrize(
@@ -377,11 +398,46 @@ async def test_unique_users_of_earlier_batches_decide_trending(
     out = await processor.process_behaviour(feed("behavior", *second))
     assert any("trending" in u["added"] for u in updates(out)) is trends
     assert store.counted == ["p"]  # counted once: in the second batch, where the users decided
-    # from then on its users come with its read (one round trip), and still decide: 4 new users make 5 (or 13)
+    # from then on its users come with its read, and still decide: 4 users make 5 (or 13) when they are new; the
+    # read's count (before the batch) and the batch's 4 users leave 4 to 5 (or 9 to 13) users, so the union of
+    # the two is counted (one more round trip) where that decides
     third = [behaviour("p", f"new{i % 4}", T0 + 40_000 + i * 1000) for i in range(8)]
     out = await processor.process_behaviour(feed("behavior", *third))
-    assert store.counted == ["p"] and store.read_with_users == ["p"]
+    assert store.read_with_users == ["p"]
+    assert store.counted == (["p"] if trends else ["p", "p"])
     assert any("trending" in u["added"] for u in updates(out)) is not trends
+
+
+async def test_users_of_earlier_batches_who_come_back_count_once(model: BundleModel) -> None:
+    """A window's unique users are the union of the users stored before a batch and the batch's own: four users
+    who view a product in two batches are four users (trending needs five), whatever the batches."""
+    store = CountingStore()
+    processor = Processor(store, user_hash_key=b"secret", model_provider=lambda: model)
+    feed = Feed()
+    for batch in range(4):  # 15 views of 4 users each time: 20+ interactions, a ratio far above 3
+        views = [behaviour("p", f"u{i % 4}", T0 + batch * 60_000 + i * 1000) for i in range(15)]
+        out = await processor.process_behaviour(feed("behavior", *views))
+        assert updates(out) == [], batch
+    state = (await store.read(["p"], now={"p": T0 + 240_000}))["p"]
+    assert state.users["h1"] == 4
+    # a fifth user, in the next batch, makes five
+    out = await processor.process_behaviour(feed("behavior", behaviour("p", "u4", T0 + 250_000)))
+    assert [u["added"] for u in updates(out)] == [["trending"]]
+
+
+async def test_hot_needs_its_unique_users_however_often_they_come_back(model: BundleModel) -> None:
+    """hot needs 200 interactions of 50 users in 24 h: 40 users viewing 220 times in two batches stay below it."""
+    store = CountingStore()
+    processor = Processor(store, user_hash_key=b"secret", model_provider=lambda: model)
+    feed = Feed()
+    hour = 3_600_000
+    for batch in range(2):  # an hour apart: trending's 1 h window never holds the ratio it needs twice
+        views = [behaviour("h", f"u{i % 40}", T0 + batch * 2 * hour + i * 1000) for i in range(110)]
+        out = await processor.process_behaviour(feed("behavior", *views))
+        assert not any("hot" in u["added"] for u in updates(out)), batch
+    more = [behaviour("h", f"v{i}", T0 + 2 * hour + 200_000 + i * 1000) for i in range(10)]  # 50 users in all
+    out = await processor.process_behaviour(feed("behavior", *more))
+    assert any("hot" in u["added"] for u in updates(out))
 
 
 async def test_unique_users_are_not_counted_for_products_far_from_every_threshold(
@@ -948,3 +1004,13 @@ async def test_a_new_products_upsert_never_delays_an_earlier_look_of_its_window_
     assert look < T0 + 86_400_000  # trending's window, well before new's week ends
     await processor.process_products(feed("products", upsert("hot", "Levis Men Blue Jeans", version=2, updated_at=T0)))
     assert store.zsets["t:active:behavior:0"]["hot"] == look
+
+
+async def test_a_behaviour_update_carries_the_time_its_tags_were_decided(processor: Processor) -> None:
+    """The product's clock (its newest event), not the time of a late event that happens to be its last message."""
+    feed = Feed()
+    views = [behaviour("p", f"u{i}", T0 + i * 1000) for i in range(25)]
+    late = behaviour("p", "u99", T0 - 50 * 60_000)
+    out = await processor.process_behaviour(feed("behavior", *views, late))
+    [update] = [u for u in updates(out) if "trending" in u["added"]]
+    assert update["event_time"] == T0 + 24_000 and update["source"]["offset"] == 25

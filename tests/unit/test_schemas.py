@@ -157,3 +157,82 @@ def test_unknown_keys_cut_short_keep_their_closing_quote() -> None:
     assert len(shown) == 3
     for key in shown:
         assert key.startswith("'k") and key.endswith("…'") and key.count("'") == 2 and len(key) <= 40, key
+
+
+# The schemas are a contract for other teams, who validate with standard validators: a pattern must mean the same in
+# ECMA-262 (JSON Schema's dialect: ajv, Java's validators) and in Python's `re` (the `jsonschema` package, the workers).
+ECMA_WHITE_SPACE = (
+    "\t\n\v\f\r \xa0\u1680" + "".join(map(chr, range(0x2000, 0x200B))) + "\u2028\u2029\u202f\u205f\u3000\ufeff"
+)
+PYTHON_WHITE_SPACE = "".join(c for c in map(chr, range(0x110000)) if c.isspace())
+
+
+def _click_for(product_id: str) -> dict[str, Any]:
+    return {"schema_version": 1, "event_type": "view", "product_id": product_id, "user_id": "u", "ts": 1764316800000}
+
+
+def test_the_product_id_rule_is_one_pattern_in_every_event_schema() -> None:
+    rules = {name: load_schema(name)["properties"]["product_id"] for name in ("click", "product-change", "tag-update")}
+    assert len({orjson.dumps(rule) for rule in rules.values()}) == 1
+
+
+def test_every_white_space_of_either_regex_dialect_is_refused_in_a_product_id_by_every_validator() -> None:
+    import jsonschema
+
+    standard = jsonschema.Draft202012Validator(load_schema("click"))
+    assert set(ECMA_WHITE_SPACE) - set(PYTHON_WHITE_SPACE) == {"\ufeff"}  # the dialects differ both ways
+    assert set(PYTHON_WHITE_SPACE) - set(ECMA_WHITE_SPACE) == {"\x1c", "\x1d", "\x1e", "\x1f", "\x85"}
+    for space in sorted(set(ECMA_WHITE_SPACE) | set(PYTHON_WHITE_SPACE)):
+        event = _click_for(f"a{space}b")
+        assert not standard.is_valid(event), repr(space)
+        with pytest.raises(SchemaValidationError):
+            decode_event("click", orjson.dumps(event))
+    for fine in ["p1", "中文-1", "a\u200bb", "a\x1bb", "x" * 128, "é"]:  # zero-width space and ESC are no white space
+        assert standard.is_valid(_click_for(fine)) and decode_event("click", orjson.dumps(_click_for(fine)))
+
+
+def test_a_final_line_break_is_refused_by_pythons_standard_validator_as_by_the_workers() -> None:
+    """Python's `$` matches before a final "\\n" too, so each pattern ends `$(?!\\n)`."""
+    import jsonschema
+
+    upsert = {"schema_version": 1, "op": "upsert", "product_id": "p", "title": "t", "updated_at": 1, "version": 1}
+    request = {"schema_version": 1, "kind": "activate", "model_version": "v1", "bundle_uri": "/m/v1", "emitted_at": 1}
+    cases = [
+        ("click", _click_for("p1\n")),
+        ("product-change", upsert | {"attributes": {"gender\n": "Men"}}),
+        ("product-change", upsert | {"currency": "USD\n"}),
+        ("model-update", request | {"sha256": "a" * 64 + "\n"}),
+    ]
+    for name, event in cases:
+        assert not jsonschema.Draft202012Validator(load_schema(name)).is_valid(event), event
+        with pytest.raises(SchemaValidationError):
+            validate(name, event)
+        without = orjson.loads(orjson.dumps(event).replace(b"\\n", b""))
+        assert jsonschema.Draft202012Validator(load_schema(name)).is_valid(without) and validate(name, without)
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [
+        (b'"title":"a\\udc00b"', "escaped lone UTF-16 surrogate"),
+        (b'"brand":"\\ud800"', "escaped lone UTF-16 surrogate"),
+        (b'"price":1e400', "beyond the range of a double"),
+        (b'"price":1' + b"0" * 400, "beyond the range of a double"),
+    ],
+)
+def test_json_a_decoder_cannot_carry_is_refused_saying_why(raw: bytes, reason: str) -> None:
+    event = b'{"schema_version":1,"op":"upsert","product_id":"p","title":"t","updated_at":1,"version":1,' + raw + b"}"
+    with pytest.raises(EventDecodeError) as info:
+        decode_event("product-change", event)
+    assert reason in str(info.value) and "not JSON" not in str(info.value)
+
+
+def test_a_price_beyond_a_double_is_refused_by_the_standard_validator_too() -> None:
+    import jsonschema
+
+    upsert = {"schema_version": 1, "op": "upsert", "product_id": "p", "title": "t", "updated_at": 1, "version": 1}
+    validator = jsonschema.Draft202012Validator(load_schema("product-change"))
+    assert not validator.is_valid(upsert | {"price": float("inf")})  # what Python's json reads 1e400 as
+    assert validator.is_valid(upsert | {"price": 1e300}) and decode_event(
+        "product-change", orjson.dumps(upsert | {"price": 1e300})
+    )
