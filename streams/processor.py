@@ -878,12 +878,9 @@ class Processor:
 
     def _decide_new(self, tag_state: dict[str, Any], first_seen: int, now: int) -> None:
         """Decide `new` at a product change's time (time alone decides it, so a product nobody looked at is new too);
-        not at a time before the tag's last change (a change older than the behaviour the tag was decided at)."""
-        previous = tag_state.get("behaviour") or {}
-        since = (previous.get("new") or {}).get("since")
-        if isinstance(since, int) and since > now:
-            return
-        tags, state = decode_new(first_seen, now, previous, self.behaviour)
+        `decode_new` leaves it as it is at a time before its last switch (a change older than the behaviour the tag
+        was decided at)."""
+        tags, state = decode_new(first_seen, now, tag_state.get("behaviour") or {}, self.behaviour)
         tag_state["behaviour"] = state
         tag_state["behaviour_tags"] = _tag_dicts(tags)
 
