@@ -53,13 +53,11 @@ from streams.state import (
 )
 from streams.topics import DEAD_LETTER_MAX_BYTES, TAG_UPDATE_MAX_BYTES
 from streams.windows import (
-    FINEST_MS,
     GRANULARITIES,
     event_fields,
     hll_buckets,
     live_buckets,
     stale_fields,
-    window_buckets,
     window_sums,
 )
 from tagstream.errors import (
@@ -145,45 +143,15 @@ class _Evaluation:
     state: ProductState
     msg: InMessage
     now: int  # the product's event-time clock after it: the tags are decided at this time (the update's event_time)
-    batch_users: BatchUsers | None  # the batch's users of the product not in its HyperLogLogs yet (None: they are)
+    batch_users: list[Ops] | None  # the product's writes in the batch: users its HyperLogLogs lack (None: counted)
 
 
-class BatchUsers:
-    """The hashed users a batch adds to one product's unique-user HyperLogLogs, by bucket: its write adds them to
-    Redis, so until then a window's unique users are the union of its stored HyperLogLogs and these."""
-
-    __slots__ = ("_finest", "_some")
-
-    def __init__(self) -> None:
-        self._finest: dict[int, set[str]] = {}  # finest bucket -> users of events counted in all their buckets
-        self._some: dict[tuple[str, int], set[str]] = {}  # (granularity, bucket) -> users of late events
-
-    def add(self, ts: int, user: str, live: tuple[bool, ...] | None = None) -> None:
-        """A user of an event at `ts`, added to every bucket of it, or to those `live` marks (a late event)."""
-        if live is None:
-            users = self._finest.get(ts // FINEST_MS)
-            if users is None:
-                users = self._finest[ts // FINEST_MS] = set()
-            users.add(user)
-            return
-        for bucket, keep in zip(hll_buckets(ts), live, strict=True):
-            if keep:
-                self._some.setdefault(bucket, set()).add(user)
-
-    def in_windows(self, now: int) -> list[set[str]]:
-        """Per window (GRANULARITIES order), the distinct users whose buckets are in it at event time `now`."""
-        out: list[set[str]] = []
-        for g in GRANULARITIES:
-            buckets = window_buckets(g, now)
-            users: set[str] = set()
-            for finest, those in self._finest.items():
-                if finest * FINEST_MS // g.width_ms in buckets:
-                    users |= those
-            for (code, bucket), those in self._some.items():
-                if code == g.code and bucket in buckets:
-                    users |= those
-            out.append(users)
-        return out
+def _batch_users(writes: list[Ops], now: int) -> list[set[str]]:
+    """Per window, the users a product's writes of this batch add to its HyperLogLogs in that window at `now`."""
+    out = writes[0].users_in_windows(now)
+    for ops in writes[1:]:  # events of one product from several partitions (a producer's own partitioner)
+        out = [a | b for a, b in zip(out, ops.users_in_windows(now), strict=True)]
+    return out
 
 
 @dataclass(slots=True)
@@ -890,7 +858,7 @@ class Processor:
         return self._window_counts(state, now, None)[0]
 
     def _window_counts(
-        self, state: ProductState, now: int, batch_users: BatchUsers | None
+        self, state: ProductState, now: int, batch_users: list[Ops] | None
     ) -> tuple[WindowCounts, WindowCounts | None]:
         """Window counts at `now` with the fewest unique users there can be, and the same counts with the most when
         they are not known exactly (else None). A window's users are the union of its stored HyperLogLogs
@@ -898,7 +866,7 @@ class Processor:
         larger of the two and at most their sum; uncounted stored users are at most one per interaction."""
         sums = window_sums(state.beh, now)
         first_seen = int(state.doc["first_seen"]) if "first_seen" in state.doc else None
-        batch = [len(u) for u in batch_users.in_windows(now)] if batch_users is not None else [0, 0, 0]
+        batch = [len(u) for u in _batch_users(batch_users, now)] if batch_users else [0, 0, 0]
         stored = state.users
         if stored:
             fewest = [max(stored.get(g.window, 0), b) for g, b in zip(GRANULARITIES, batch, strict=True)]
@@ -916,7 +884,7 @@ class Processor:
         )
 
     def _behaviour_tags(
-        self, state: ProductState, tag_state: dict[str, Any], now: int, batch_users: BatchUsers | None = None
+        self, state: ProductState, tag_state: dict[str, Any], now: int, batch_users: list[Ops] | None = None
     ) -> WindowCounts | None:
         """Decode the behaviour tags into `tag_state`; return the window counts they were decoded from. When the
         product's unique users are not known exactly (not counted, or counted before this batch's users, who may
@@ -958,11 +926,11 @@ class Processor:
         self,
         states: dict[str, ProductState],
         now: dict[str, int],
-        batch_users: dict[str, BatchUsers] | None = None,
+        batch_users: dict[str, list[Ops]] | None = None,
     ) -> None:
         """Count the unique users of these products at `now[pid]` (one round trip) into their states: the union of
         their HyperLogLogs and, for those in `batch_users`, the batch's users not written yet."""
-        batch = {pid: users.in_windows(now[pid]) for pid, users in (batch_users or {}).items() if pid in now}
+        batch = {pid: _batch_users(writes, now[pid]) for pid, writes in (batch_users or {}).items() if pid in now}
         for pid, users in (await self.store.count_users(now, batch)).items():
             states[pid].users = users
 
@@ -1054,7 +1022,7 @@ class Processor:
             states, due_before = await asyncio.gather(
                 self._states(sorted(latest), now=wanted), self.store.due_lists(by_partition)
             )
-        batch_users: dict[str, BatchUsers] = {}
+        batch_users: dict[str, list[Ops]] = {}  # each product's writes
         groups: dict[tuple[str, str], _Group] = {}
         redelivered: dict[tuple[str, str], int] = {}
         # Counters change with every event, tags only need a look at a product's last event of the batch (its write
@@ -1072,16 +1040,14 @@ class Processor:
                 redelivered_from[tp] = min(redelivered_from.get(tp, msg.offset), msg.offset)  # a tick's may be set
                 continue
             user = self._hash_user(ev.user_id)
-            users = batch_users.get(ev.product_id)
-            if users is None:
-                users = batch_users[ev.product_id] = BatchUsers()
             group = self._group(groups, msg, ev.product_id, fence)
             if not group.events:
                 _expire_if_unlisted(state, group.keys, group.write.ops)
-            now = self._apply_behaviour(state, group.keys, group.write.ops, ev, user, users)
+                batch_users.setdefault(ev.product_id, []).append(group.write.ops)
+            now = self._apply_behaviour(state, group.keys, group.write.ops, ev, user)
             self._record(group, state, msg, fence, None)
             if last[(ev.product_id, fence)] == i:
-                evaluate.append(_Evaluation(group, state, msg, now, users))
+                evaluate.append(_Evaluation(group, state, msg, now, batch_users[ev.product_id]))
         undecided = [e for e in evaluate if not self._evaluate_behaviour(e)]
         if undecided:
             now_of: dict[str, int] = {}
@@ -1115,13 +1081,10 @@ class Processor:
             await self._expire(due, by_partition, swept, hold, last_offsets)
         return out
 
-    def _apply_behaviour(
-        self, state: ProductState, keys: ProductKeys, ops: Ops, ev: BehaviorEvent, user: str, batch_users: BatchUsers
-    ) -> int:
-        """Add one event to the product's counters and unique-user HyperLogLogs (and its user to `batch_users`);
-        return the product's event time. An event older than the product's clock counts only in the buckets still in
-        their windows there (one older than every window writes nothing: its buckets would never be counted, nor
-        deleted)."""
+    def _apply_behaviour(self, state: ProductState, keys: ProductKeys, ops: Ops, ev: BehaviorEvent, user: str) -> int:
+        """Add one event to the product's counters and unique-user HyperLogLogs; return the product's event time.
+        An event older than the product's clock counts only in the buckets still in their windows there (one older
+        than every window writes nothing: its buckets would never be counted, nor deleted)."""
         beh = state.beh
         counters = ops.counters(keys.beh)
         previous = beh.get("last_ts", 0)
@@ -1132,11 +1095,9 @@ class Processor:
                 ops.expire(keys.hll(*hll_buckets(ev.ts)[i]))
         if live is None or all(live):
             ops.add_user(ev.ts, user)
-            batch_users.add(ev.ts, user)
         else:
             fields = tuple(name for name, keep in zip(fields, live, strict=True) if keep)
             ops.add_user_to(ev.ts, user, live)
-            batch_users.add(ev.ts, user, live)
         for name in fields:
             beh[name] = beh.get(name, 0) + 1
             counters[name] = counters.get(name, 0) + 1

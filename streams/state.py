@@ -38,6 +38,8 @@ from tagstream.errors import StateError
 
 log = logging.getLogger(__name__)
 
+_GRANULARITY_INDEX = {g.code: i for i, g in enumerate(GRANULARITIES)}
+
 STATE_FORMAT = 3
 UPGRADABLE_FORMATS = (2,)  # format 3 = format 2 + the fence's `rev`, absent (0) in a format-2 store
 # After a behaviour batch, per (topic, partition): (watermark, {product_id: next check time, None = none active})
@@ -192,6 +194,18 @@ class Ops:
     def _hll_users(self, code: str, bucket: int) -> set[str]:
         """The users to add to the product's HyperLogLog of that bucket."""
         return self._pfadd.setdefault(self._k(self._product.hll(code, bucket)), set())
+
+    def users_in_windows(self, now: int) -> list[set[str]]:
+        """Per window (GRANULARITIES order), the hashed users these ops add to the product's HyperLogLogs of the
+        buckets in that window at event time `now` (in Redis only once the write is applied)."""
+        self._flush_users()
+        out: list[set[str]] = [set() for _ in GRANULARITIES]
+        for index, users in self._pfadd.items():
+            _, code, bucket = self._keys[index - 1].rsplit(":", 2)
+            i = _GRANULARITY_INDEX[code]
+            if int(bucket) in window_buckets(GRANULARITIES[i], now):
+                out[i] |= users
+        return out
 
     def _flush_users(self) -> None:
         for finest, users in self._users.items():
