@@ -96,3 +96,41 @@ def test_the_training_gradient_and_step_are_those_of_the_bag(dense_limit: int, m
     np.testing.assert_allclose(grad, reference_grad, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(table, reference_table, rtol=1e-6, atol=1e-6)
     assert np.abs(table[1:12] - table[1:12].mean()).max() > 0  # rows moved, differently
+
+
+@pytest.mark.parametrize("decay", [0.0, 0.1])
+def test_lazy_adam_moves_only_the_batch_rows_and_by_adams_rule(decay: float) -> None:
+    """Three sparse steps (one with a row twice) against Adam written out in numpy: the rows of each step move by
+    Adam's bias-corrected rule on their own moments; the other rows and their moments stay as they were."""
+    import keras
+    import tensorflow as tf
+
+    from training.model import LazyAdam
+
+    rng = np.random.default_rng(5)
+    start = rng.normal(size=(10, 4)).astype(np.float32)
+    table = keras.Variable(start)
+    lr, multiplier, b1, b2, eps = 0.05, 2.0, 0.9, 0.999, 1e-7
+    optimizer = LazyAdam(lr, sparse_lr_multiplier=multiplier, sparse_weight_decay=decay, epsilon=eps)
+    optimizer.build([table])
+    steps = [np.array([1, 3, 3, 7]), np.array([3, 8]), np.array([1, 2, 8, 9])]
+
+    @tf.function
+    def apply(values: tf.Tensor, indices: tf.Tensor) -> None:
+        optimizer.apply([tf.IndexedSlices(values, indices, tf.constant([10, 4]))], [table])
+
+    w, m, v = start.astype(np.float64), np.zeros((10, 4)), np.zeros((10, 4))
+    for t, indices in enumerate(steps, start=1):
+        values = rng.normal(size=(len(indices), 4)).astype(np.float32)
+        apply(tf.constant(values), tf.constant(indices))
+        g = np.zeros((10, 4))
+        np.add.at(g, indices, values)
+        touched = np.unique(indices)
+        m[touched] = b1 * m[touched] + (1 - b1) * g[touched]
+        v[touched] = b2 * v[touched] + (1 - b2) * g[touched] ** 2
+        alpha = lr * multiplier * np.sqrt(1 - b2**t) / (1 - b1**t)
+        w[touched] -= alpha * m[touched] / (np.sqrt(v[touched]) + eps) + lr * multiplier * decay * w[touched]
+        np.testing.assert_allclose(table.numpy(), w, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(optimizer._momentums[0].numpy(), m, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(optimizer._velocities[0].numpy(), v, rtol=1e-4, atol=1e-9)
+    np.testing.assert_array_equal(table.numpy()[[0, 4, 5, 6]], start[[0, 4, 5, 6]])  # never in a batch
