@@ -205,19 +205,20 @@ class LazyAdam(keras.optimizers.Adam):
         super().__init__(*args, **kwargs)
         self.sparse_lr_multiplier = sparse_lr_multiplier
         self.sparse_weight_decay = sparse_weight_decay
-        self._row_scratch: list | None = None
+        self._row_scratch: dict[str, list] = {}
 
     def _scratch(self, dtype) -> list:
-        """Three variables of any shape (the rows of the table, m and v of one step), made once."""
+        """Three variables of any shape per dtype (the rows of the table, m and v of one step), made once."""
         import tensorflow as tf
 
-        if self._row_scratch is None:
+        key = tf.as_dtype(dtype).name
+        if key not in self._row_scratch:
             with tf.init_scope():
-                self._row_scratch = [
+                self._row_scratch[key] = [
                     tf.Variable(tf.zeros([0, 0], dtype), shape=tf.TensorShape(None), trainable=False, name=name)
                     for name in ("rows", "m_rows", "v_rows")
                 ]
-        return self._row_scratch
+        return self._row_scratch[key]
 
     def update_step(self, gradient, variable, learning_rate):
         import tensorflow as tf
