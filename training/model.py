@@ -241,11 +241,11 @@ class LazyAdam(keras.optimizers.Adam):
         i = self._get_variable_index(variable)
         targets = [_resource(variable), _resource(self._momentums[i]), _resource(self._velocities[i])]
         scratch = self._scratch(dtype)
-        for target, rows_of in zip(targets, scratch, strict=True):
-            taken = tf.gather(target, rows)
-            if target is targets[0] and self.sparse_weight_decay > 0:  # decoupled decay of the touched rows only
-                taken = taken * (1 - lr * self.sparse_weight_decay)
-            tf.raw_ops.AssignVariableOp(resource=rows_of.handle, value=taken, validate_shape=False)
+        taken = [tf.gather(target, rows) for target in targets]
+        if self.sparse_weight_decay > 0:  # decoupled decay of the touched rows only
+            taken[0] = taken[0] * (1 - lr * self.sparse_weight_decay)
+        for rows_of, value in zip(scratch, taken, strict=True):
+            tf.raw_ops.AssignVariableOp(resource=rows_of.handle, value=value, validate_shape=False)
         tf.raw_ops.ResourceApplyAdam(
             var=scratch[0].handle,
             m=scratch[1].handle,
