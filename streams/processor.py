@@ -52,14 +52,7 @@ from streams.state import (
     sweep_partition,
 )
 from streams.topics import DEAD_LETTER_MAX_BYTES, TAG_UPDATE_MAX_BYTES
-from streams.windows import (
-    GRANULARITIES,
-    event_fields,
-    hll_buckets,
-    live_buckets,
-    stale_fields,
-    window_sums,
-)
+from streams.windows import GRANULARITIES, event_fields, hll_buckets, live_buckets, stale_fields, window_sums
 from tagstream.errors import (
     EventDecodeError,
     EventKeyError,

@@ -33,12 +33,10 @@ from redis.exceptions import (
     TimeoutError,
 )
 
-from streams.windows import FINEST_MS, GRANULARITIES, hll_buckets, window_buckets
+from streams.windows import FINEST_MS, GRANULARITIES, GRANULARITY_INDEX, hll_buckets, window_buckets
 from tagstream.errors import StateError
 
 log = logging.getLogger(__name__)
-
-_GRANULARITY_INDEX = {g.code: i for i, g in enumerate(GRANULARITIES)}
 
 STATE_FORMAT = 3
 UPGRADABLE_FORMATS = (2,)  # format 3 = format 2 + the fence's `rev`, absent (0) in a format-2 store
@@ -202,7 +200,7 @@ class Ops:
         out: list[set[str]] = [set() for _ in GRANULARITIES]
         for index, users in self._pfadd.items():
             _, code, bucket = self._keys[index - 1].rsplit(":", 2)
-            i = _GRANULARITY_INDEX[code]
+            i = GRANULARITY_INDEX[code]
             if int(bucket) in window_buckets(GRANULARITIES[i], now):
                 out[i] |= users
         return out

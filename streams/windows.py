@@ -64,7 +64,7 @@ def window_buckets(g: Granularity, now: int) -> range:
     return range(now // g.width_ms - g.keep + 1, now // g.width_ms + 1)
 
 
-_GRANULARITY_INDEX = {g.code: i for i, g in enumerate(GRANULARITIES)}
+GRANULARITY_INDEX = {g.code: i for i, g in enumerate(GRANULARITIES)}
 _METRIC_INDEX = {m: i for i, m in enumerate(METRICS)}
 _PARSE_CACHE_SIZE = 1 << 16
 _NOT_SEEN = object()
@@ -77,9 +77,9 @@ def _parse(name: str) -> tuple[int, int, int] | None:
     path); this parses a name not seen yet and caches it (the cache is cleared when full)."""
     parts = name.split(":")
     parsed = None
-    if len(parts) == 3 and parts[0] in _GRANULARITY_INDEX:
+    if len(parts) == 3 and parts[0] in GRANULARITY_INDEX:
         try:
-            parsed = (_GRANULARITY_INDEX[parts[0]], int(parts[1]), _METRIC_INDEX.get(parts[2], -1))
+            parsed = (GRANULARITY_INDEX[parts[0]], int(parts[1]), _METRIC_INDEX.get(parts[2], -1))
         except ValueError:  # not a bucket number
             parsed = None
     if len(_parsed) >= _PARSE_CACHE_SIZE:

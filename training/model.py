@@ -79,6 +79,14 @@ class ModelConfig:
     group_weights: dict[str, float] = field(default_factory=dict)
 
 
+def _resource(variable):
+    """The TensorFlow resource variable behind a Keras variable; a TensorFlow variable or tensor as it is (a
+    `tf.Variable`'s own `value` is a method)."""
+    import tensorflow as tf
+
+    return variable if isinstance(variable, tf.Variable) else getattr(variable, "value", variable)
+
+
 def _take_rows(table, ids):
     """table[ids] along axis 0. On TensorFlow a plain `tf.gather`: `ops.take` first maps negative ids to the end of
     the table, which tf2onnx exports as 9 more nodes in front of the Gather (ONNX's Gather already does that, and
@@ -89,7 +97,7 @@ def _take_rows(table, ids):
 
     # from the resource variable itself (ResourceGather): a whole read (ReadVariableOp) copies the table at every
     # step once LazyAdam's row updates have put the variable in copy-on-read mode (~400 MB; JD epochs 1.7x slower)
-    return tf.gather(getattr(table, "value", table), ids, axis=0)
+    return tf.gather(_resource(table), ids, axis=0)
 
 
 # the dense [U, N] matrix of the row gradient is used up to this many entries (64 MB); larger batches sum [N·L, D]
@@ -112,7 +120,7 @@ def _bag_with_row_gradient(table, ids, weights):
     rows, pos = tf.unique(tf.reshape(ids, [-1]))
     # ResourceGather of the distinct rows: autodiff gives the table an IndexedSlices of the rows' gradient; a
     # tf.custom_gradient reading the variable itself would read it whole (IdentityN over a ReadVariableOp: a copy)
-    distinct = tf.gather(getattr(table, "value", table), rows)  # [U, D]
+    distinct = tf.gather(_resource(table), rows)  # [U, D]
     n, length = tf.shape(ids)[0], tf.shape(ids)[1]
     n_rows = tf.shape(rows)[0]
     pos = tf.reshape(pos, tf.stack([n, length]))
@@ -261,13 +269,6 @@ class LazyAdam(keras.optimizers.Adam):
         for target, rows_of in zip(targets, scratch, strict=True):
             target.scatter_update(tf.IndexedSlices(rows_of.read_value(), rows))
         return None
-
-
-def _resource(variable):
-    """The TensorFlow resource variable behind a Keras variable (or the variable itself)."""
-    import tensorflow as tf
-
-    return variable if isinstance(variable, tf.Variable) else variable.value
 
 
 @keras.saving.register_keras_serializable(package="tagstream")
