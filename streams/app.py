@@ -21,7 +21,7 @@ import mode
 from aiokafka.errors import KafkaError, MessageSizeTooLargeError
 from redis.exceptions import OutOfMemoryError
 
-from streams.arrival import ArrivalAges
+from streams.arrival import AT_FETCH, ArrivalAges
 from streams.gcwatch import GcPauses
 from streams.locks import ProductLocks
 from streams.model import ModelHolder
@@ -433,6 +433,7 @@ class WorkerStats:
     batches: int = 0
     batch_sizes: list[int] = field(default_factory=list)
     arrival: ArrivalAges = field(default_factory=ArrivalAges)  # record ages when their batch starts, per topic
+    fetched: ArrivalAges = field(default_factory=lambda: ArrivalAges(AT_FETCH))  # and when they were fetched
 
 
 class Worker:
@@ -545,8 +546,9 @@ class Worker:
         install_missing_topic_filter()
 
     def _log_run_figures(self) -> None:
-        """Log the record ages at batch start, the agents' buffer high-water mark and, when installed, the
-        collector's pauses, over the run so far."""
+        """Log the record ages at fetch and at batch start, the agents' buffer high-water mark and, when installed,
+        the collector's pauses, over the run so far."""
+        log.info(self.stats.fetched.summary())
         log.info(self.stats.arrival.summary())
         log.info(
             "agents' buffers held at most %d records before a fetch (bound %d)",
@@ -839,7 +841,11 @@ class Worker:
             process, prepare = await steps()
             async for event in manual.events():
                 events.append(event)
-                messages += _in_messages(event.message)
+                message = event.message
+                if isinstance(message, RecordBatchMessage):  # how old its records were when fetched
+                    topic = message.topic.removeprefix(self.settings.topic_prefix)
+                    self.stats.fetched.count(topic, message.fetched_ms, (r.timestamp or 0 for r in message.records))
+                messages += _in_messages(message)
                 self.app.records_taken.set()
                 if len(messages) < batch_max and queue is not None and not queue.empty():
                     continue

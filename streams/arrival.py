@@ -6,6 +6,12 @@ consumer and the agent's buffer. The rest of the event→tag latency is the work
 reads these figures from the worker's log next to the latency it measures end to end, so a latency figure can be
 split into "arrived late" and "processed slowly" (bench/RESULTS.md, thirteenth session).
 
+The same histogram is also kept for the age at fetch (Kafka timestamp → the worker's consumer hands the fetched records
+to Faust; records of fetched batches only, `streams.transport.RecordBatchMessage.fetched_ms`): between the two, the
+time a record waited in the worker's buffers while earlier batches were processed. A live latency that is old already
+at fetch is upstream (the producer, the broker, a busy machine delaying the fetch); one that grows after it is the
+worker's own backlog.
+
 Ages are counted in 1 ms bins from 0 to `MAX_MS` (older ones in the last bin), for the worker's whole run, so
 percentiles cost nothing per record but one list increment. A record with no timestamp is not counted; a timestamp
 from the future (a producer's clock ahead of this machine's) counts as age 0.
@@ -16,16 +22,22 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
-__all__ = ["ArrivalAges", "last_summary"]
+__all__ = ["AT_BATCH_START", "AT_FETCH", "ArrivalAges", "last_summary"]
 
 MAX_MS = 5_000
 PERCENTILES = (50, 99)
 
 
-class ArrivalAges:
-    """Per input topic: a histogram of record ages (ms) at the start of their batch."""
+AT_BATCH_START = "batch start"
+AT_FETCH = "fetch"
 
-    def __init__(self) -> None:
+
+class ArrivalAges:
+    """Per input topic: a histogram of record ages (ms) at one point of their way (`at`: the start of their batch, or
+    their fetch)."""
+
+    def __init__(self, at: str = AT_BATCH_START) -> None:
+        self.at = at
         self._bins: dict[str, list[int]] = {}
 
     def count(self, topic: str, now_ms: int, timestamps_ms: Iterable[int]) -> None:
@@ -62,16 +74,16 @@ class ArrivalAges:
         for topic in sorted(self._bins):
             p50, p99 = (self.percentile(topic, q) for q in PERCENTILES)
             parts.append(f"{topic} p50 {p50} ms p99 {p99} ms n {self.counted(topic)}")
-        return "record age at batch start: " + ("; ".join(parts) if parts else "none yet")
+        return f"record age at {self.at}: " + ("; ".join(parts) if parts else "none yet")
 
 
-_SUMMARY = re.compile(r"record age at batch start: (.*)")
 _PART = re.compile(r"(\S+) p50 (\d+) ms p99 (\d+) ms n (\d+)")
 
 
-def last_summary(log_text: str) -> dict[str, dict[str, int]] | None:
-    """The figures of the last `ArrivalAges.summary` line in a worker's log, per topic (None if it logged none)."""
-    found = _SUMMARY.findall(log_text)
+def last_summary(log_text: str, at: str = AT_BATCH_START) -> dict[str, dict[str, int]] | None:
+    """The figures of the last `ArrivalAges.summary` line for `at` in a worker's log, per topic (None if it logged
+    none)."""
+    found = re.findall(rf"record age at {re.escape(at)}: (.*)", log_text)
     if not found:
         return None
     return {topic: {"p50": int(p50), "p99": int(p99), "n": int(n)} for topic, p50, p99, n in _PART.findall(found[-1])}

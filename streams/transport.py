@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 import types
 from collections.abc import AsyncIterator, Callable, Coroutine, Generator
 from typing import Any, cast
@@ -77,9 +78,10 @@ class RecordBatchMessage(ConsumerMessage):
     """The records one fetch returned for one partition of a batched topic, as one Faust message.
 
     `offset`/`timestamp` are the last record's; `first_offset` is the first record's; `records` are the aiokafka
-    `ConsumerRecord`s in offset order (key, value and timestamp in ms undecoded). key and value are empty."""
+    `ConsumerRecord`s in offset order (key, value and timestamp in ms undecoded); `fetched_ms` is when the consumer
+    handed them to Faust (wall clock, ms). key and value are empty."""
 
-    __slots__ = ("first_offset", "records")
+    __slots__ = ("fetched_ms", "first_offset", "records")
 
     def __init__(self, tp: TP, records: list[Any], generation_id: int | None) -> None:
         last = records[-1]
@@ -100,6 +102,7 @@ class RecordBatchMessage(ConsumerMessage):
         )
         self.first_offset: int = records[0].offset
         self.records: list[Any] = records
+        self.fetched_ms: int = time.time_ns() // 1_000_000
 
 
 class IdleLongPoll:

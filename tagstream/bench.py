@@ -290,6 +290,7 @@ class StreamBench:
         `ceiling`, the worker is the Faust ceiling (bench/faust_ceiling.py: the same Faust loop, no processing, no
         updates): what consuming alone costs at this rate."""
         from bench.common import CpuWatch, clear_redis, start_worker
+        from streams.arrival import AT_FETCH
         from streams.arrival import last_summary as arrival_summary
         from streams.gcwatch import last_summary
         from streams.topics import ensure_topics
@@ -327,7 +328,11 @@ class StreamBench:
         gc_pauses = last_summary(log_text)  # the worker's last `gc:` line, logged at shutdown
         arrival = arrival_summary(log_text)  # its record ages at batch start, logged at shutdown
         result.update(
-            peak_rss_mb=round(worker.peak_mb, 1), tensorflow_libs=worker.tf_libs, gc=gc_pauses, arrival=arrival
+            peak_rss_mb=round(worker.peak_mb, 1),
+            tensorflow_libs=worker.tf_libs,
+            gc=gc_pauses,
+            arrival=arrival,
+            arrival_fetch=arrival_summary(log_text, AT_FETCH),  # and at fetch
         )
         return result
 

@@ -62,6 +62,11 @@ def test_bench_smoke_writes_every_section(stack: object, tmp_path: Path) -> None
     assert set(ages) == {"products", "behavior"}, ages
     assert all(0 <= a["p50"] <= a["p99"] and a["n"] > 0 for a in ages.values()), ages
     assert "Record age when the worker's batch starts" in md
+    # and how old they were when fetched: no record is older at its fetch than when its batch starts
+    fetched = result["latency"]["runs"][0]["arrival_fetch"]
+    assert {t: a["n"] for t, a in fetched.items()} == {t: a["n"] for t, a in ages.items()}, (fetched, ages)
+    assert all(fetched[t][q] <= ages[t][q] for t in ages for q in ("p50", "p99")), (fetched, ages)
+    assert "Record age when fetched" in md
     # the Faust loop alone paced at the same rate: what consuming costs there, and how late records arrive anyway
     ceiling = result["latency"]["faust_ceiling"]
     assert _number(ceiling["cores_busy"]["worker"]) and ceiling["arrival"]["behavior"]["n"] > 0

@@ -14,7 +14,8 @@ from aiokafka.errors import KafkaTimeoutError
 from faust.types import TP
 
 from streams.app import Worker
-from streams.processor import BatchOutput, InMessage
+from streams.arrival import AT_FETCH, last_summary
+from streams.processor import BatchOutput, InMessage, now_ms
 from streams.settings import WorkerSettings
 from streams.state import MemoryStateStore
 from streams.transport import RecordBatchMessage
@@ -164,8 +165,9 @@ async def test_batches_are_acknowledged_only_after_their_updates_are_delivered(w
     assert stream.acked == [0, 1, 2]
 
 
-def _fetched(offsets: range) -> SimpleNamespace:
-    """An event carrying a RecordBatchMessage: the records one fetch returned for partition 0."""
+def _fetched(offsets: range, produced_ms: int = 1000) -> SimpleNamespace:
+    """An event carrying a RecordBatchMessage: the records one fetch returned for partition 0 (record o produced at
+    `produced_ms` + o)."""
     records = [
         SimpleNamespace(
             topic="behavior",
@@ -173,7 +175,7 @@ def _fetched(offsets: range) -> SimpleNamespace:
             offset=o,
             key=b"k",
             value=b"{}",
-            timestamp=1000 + o,
+            timestamp=produced_ms + o,
             timestamp_type=0,
             headers=[],
         )
@@ -215,6 +217,28 @@ async def test_a_fetched_batch_is_processed_in_chunks_and_acknowledged_after_its
     gate.set()
     await running
     assert stream.acked == [19]  # the message (offset = its last record's) once, after all its chunks
+
+
+async def test_the_worker_tells_how_old_records_were_when_fetched_and_when_their_batch_started(worker: Worker) -> None:
+    # A latency that is there at the fetch already is upstream (producer, broker, a delayed fetch); what is added
+    # between the two is the time the records waited in the worker's buffers behind earlier batches.
+    now = now_ms()
+    fetched = _fetched(range(4), produced_ms=now - 3_000)  # records produced 3.0 s to 2.997 s ago
+    fetched.message.fetched_ms = now - 1_000  # and fetched 2 s later, a second ago
+
+    async def process(messages: Sequence[InMessage], prepared: object, hold: object) -> BatchOutput:
+        return BatchOutput()
+
+    gate = asyncio.Event()
+    gate.set()
+    await worker._run_batches(_FakeStream([[fetched]], gate), _steps(process))  # type: ignore[arg-type]
+    at_fetch, at_start = worker.stats.fetched, worker.stats.arrival
+    assert at_fetch.counted("behavior") == at_start.counted("behavior") == 4
+    assert [at_fetch.percentile("behavior", q) for q in (1, 50, 100)] == [1_997, 1_998, 2_000]
+    assert at_start.percentile("behavior", 1) >= 2_997  # type: ignore[operator]
+    logged = worker.stats.fetched.summary() + "\n" + worker.stats.arrival.summary()
+    assert last_summary(logged, AT_FETCH) == {"behavior": {"p50": 1_998, "p99": 2_000, "n": 4}}
+    assert last_summary(logged)["behavior"]["p50"] >= 2_998  # type: ignore[index]
 
 
 async def test_a_failed_delivery_stops_the_agent_and_leaves_its_batch_unacknowledged(worker: Worker) -> None:
