@@ -262,15 +262,19 @@ def markdown(result: dict[str, Any]) -> str:
             "median of its runs)",
             "",
             "| paced ev/s | × max | runs | matched updates | emit p50 | p99 | p99.9 | p50 ≤ 10 and p99 ≤ 50 ms | "
-            "worker cores busy |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "worker cores busy | record age p50 at fetch / at batch start (ms) |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for point in lat["by_load"]:
             e = point["emit_ms"]
+            ages = ", ".join(
+                f"{t} {_n(a['at_fetch'])} / {_n(a['at_batch_start'])}"
+                for t, a in (point.get("record_age_p50_ms") or {}).items()
+            )
             lines.append(
                 f"| {_n(point['rate'])} | {_n(point['fraction_of_max'], 2)} | {point['runs']} | "
                 f"{_n(point['matched_updates'])} | {_n(e['p50'], 1)} | {_n(e['p99'], 1)} | {_n(e['p99.9'], 1)} | "
-                f"{_n(point['meets_latency_targets'])} | {_n(point['worker_cores_busy'], 2)} |"
+                f"{_n(point['meets_latency_targets'])} | {_n(point['worker_cores_busy'], 2)} | {ages or '–'} |"
             )
     if nv:
         lines += [

@@ -743,10 +743,15 @@ def run_bench(args: argparse.Namespace) -> int:
 
 def _load_point(max_rate: float, rate: float, runs: list[dict[str, Any]]) -> dict[str, Any]:
     """One row of latency against load: the paced rate, its fraction of the maximum, the median over `runs` of the
-    emit latency quantiles and the worker's cores busy, and whether the medians meet both latency TARGETS."""
+    emit latency quantiles, of the worker's cores busy and of its records' p50 ages at fetch and at batch start per
+    input topic (where the latency was spent), and whether the medians meet both latency TARGETS."""
     from bench.common import spread
 
+    def age_p50(at: str, topic: str) -> float | None:
+        return spread(((r.get(at) or {}).get(topic) or {}).get("p50") for r in runs)["median"]
+
     emit = {q: spread(r["emit_ms"][q] for r in runs)["median"] for q in ("p50", "p99", "p99.9")}
+    topics = sorted({t for r in runs for t in (r.get("arrival") or {})})
     return {
         "rate": round(rate, 1),
         "fraction_of_max": round(rate / max_rate, 3),
@@ -757,6 +762,9 @@ def _load_point(max_rate: float, rate: float, runs: list[dict[str, Any]]) -> dic
         else emit["p50"] <= TARGETS["latency_p50_ms"][1] and emit["p99"] <= TARGETS["latency_p99_ms"][1],
         "matched_updates": sum(r["matched_updates"] for r in runs),
         "worker_cores_busy": spread((r.get("cores_busy") or {}).get("worker") for r in runs)["median"],
+        "record_age_p50_ms": {
+            t: {"at_fetch": age_p50("arrival_fetch", t), "at_batch_start": age_p50("arrival", t)} for t in topics
+        },
     }
 
 

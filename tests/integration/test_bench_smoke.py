@@ -77,6 +77,11 @@ def test_bench_smoke_writes_every_section(stack: object, tmp_path: Path) -> None
     assert points[0]["rate"] < points[1]["rate"] and all(p["matched_updates"] > 0 for p in points)
     assert all(_number(p["emit_ms"][q]) for p in points for q in ("p50", "p99", "p99.9"))
     assert all(isinstance(p["meets_latency_targets"], bool) for p in points)
+    # and where each point's latency was spent: its records' ages at fetch and when their batch started
+    for p in points:
+        ages_p50 = p["record_age_p50_ms"]
+        assert set(ages_p50) == {"products", "behavior"}, p
+        assert all(0 <= a["at_fetch"] <= a["at_batch_start"] for a in ages_p50.values()), p
     assert "Latency against load" in md
     assert _number(result["naive"]["events_per_s_at_mix"]["median"])
     assert _number(result["naive"]["product_event_us"]["median"])
