@@ -210,22 +210,23 @@ def markdown(result: dict[str, Any]) -> str:
                     f"{k}: n={v['n']}, p50 {_n(v['p50'], 1)}, p99 {_n(v['p99'], 1)} ms" for k, v in by_reason.items()
                 )
             )
-        arrivals = [run.get("arrival") for run in lat["runs"]]
-        if any(arrivals):
-            lines.append("")
-            lines.append(
+        for key, caption in (
+            (
+                "arrival",
                 "Record age when the worker's batch starts (Kafka timestamp → the agent takes it: the bench producer, "
                 "the broker, the fetch and Faust's consumer; the rest of the emit latency is the worker's own "
-                "processing; warm-up included), p50 / p99 ms: " + _per_run(arrivals, _ages)
-            )
-        fetched = [run.get("arrival_fetch") for run in lat["runs"]]
-        if any(fetched):
-            lines.append("")
-            lines.append(
+                "processing; warm-up included)",
+            ),
+            (
+                "arrival_fetch",
                 "Record age when fetched (Kafka timestamp → the worker's consumer hands the fetch to Faust: the bench "
                 "producer, the broker and the fetch; from there to the batch start above, the record waits in the "
-                "worker's buffers), p50 / p99 ms: " + _per_run(fetched, _ages)
-            )
+                "worker's buffers)",
+            ),
+        ):
+            ages_by_run = [run.get(key) for run in lat["runs"]]
+            if any(ages_by_run):
+                lines += ["", f"{caption}, p50 / p99 ms: " + _per_run(ages_by_run, _ages)]
         fc_paced = lat.get("faust_ceiling")
         if fc_paced:
             busy = fc_paced.get("cores_busy") or {}
