@@ -86,7 +86,7 @@ class TagDecoder:
                 depth[i] += 1
                 p = self._parent[p]
 
-        # Groups top-down, each with its labels (index order) and their parents (_ROOT in a group without parent).
+        # Groups top-down (a group after its parent group); a label's step is its group's place in that order.
         gdepth: dict[str, int] = {}
         for g in labels.groups:
             d, cur = 0, g.parent_group
@@ -94,29 +94,26 @@ class TagDecoder:
                 d += 1
                 cur = labels.group_by_name[cur].parent_group
             gdepth[g.name] = d
-        members: dict[str, list[int]] = {g.name: [] for g in labels.groups}
-        for x in labels.labels:
-            members[x.group].append(x.index)
-        self._steps: list[tuple[np.ndarray, np.ndarray, bool]] = []
-        for g in sorted(labels.groups, key=lambda g: gdepth[g.name]):
-            idx = np.array(members[g.name], dtype=np.int64)
-            if idx.size:
-                self._steps.append((idx, self._parent[idx], g.kind == "exclusive"))
+        steps = sorted(labels.groups, key=lambda g: gdepth[g.name])
+        step_of = {g.name: i for i, g in enumerate(steps)}
+        self._step_of: list[int] = [step_of[g] for g in self._groups]
+        self._step_exclusive: list[bool] = [g.kind == "exclusive" for g in steps]
+        self._step_has_parent: list[bool] = [g.parent_group is not None for g in steps]  # its labels have parents
 
-        # Path values, one pass per depth of parent (deepest first): every parent with children in an exclusive
-        # group, its children as one contiguous segment (a parent with two such groups gets a pass for each).
-        exclusive_kids: dict[tuple[int, str], list[int]] = {}
+        # Per label, for the row-by-row pass over the labels that pass (a few of the T in each row): its depth and
+        # parent, the exclusive child groups whose best passing path value multiplies its own (in group name
+        # order), and the slot (parent, group) its own path value competes for in its parent's.
+        self._depth: list[int] = depth.tolist()
+        self._parent_of: list[int] = self._parent.tolist()
+        self._slot: list[tuple[int, str] | None] = [None] * T
+        factor_groups: dict[int, set[str]] = {}
         for x in labels.labels:
             g = labels.group_by_name[x.group]
             if g.kind == "exclusive" and g.parent_group is not None and self._parent[x.index] != _ROOT:
-                exclusive_kids.setdefault((int(self._parent[x.index]), g.name), []).append(x.index)
-        self._path_passes = _segment_passes([(p, kids) for (p, _), kids in sorted(exclusive_kids.items())], depth)
-        # Score consistency: children before parents, deepest children first.
-        all_kids: dict[int, list[int]] = {}
-        for x in labels.labels:
-            if self._parent[x.index] != _ROOT:
-                all_kids.setdefault(int(self._parent[x.index]), []).append(x.index)
-        self._score_passes = _segment_passes(sorted(all_kids.items()), depth)
+                parent = int(self._parent[x.index])
+                self._slot[x.index] = (parent, g.name)
+                factor_groups.setdefault(parent, set()).add(g.name)
+        self._factors: list[tuple[str, ...]] = [tuple(sorted(factor_groups.get(i, ()))) for i in range(T)]
 
     @classmethod
     def from_bundle(cls, bundle: ModelBundle) -> TagDecoder:
@@ -124,72 +121,77 @@ class TagDecoder:
         return cls(bundle.labels, bundle.thresholds)
 
     def decode(self, scores: np.ndarray) -> list[list[Tag]]:
-        """Model tags for each row of a [N, T] scores matrix (whole-batch array steps: one per group and depth)."""
+        """Model tags for each row of a [N, T] scores matrix: one array comparison with the thresholds, then the rules
+        row by row over the labels that pass (a handful of the T: the per-call cost no longer grows with T)."""
         scores = np.asarray(scores, dtype=np.float32)
         if scores.ndim != 2 or scores.shape[1] != self.labels.T:
             raise ScoringError(f"decode: scores shape {list(scores.shape)}, expected [N, {self.labels.T}]")
         n = scores.shape[0]
-        passed = scores >= self._thr[None, :]
-        value = scores.astype(np.float64)
-        for parents, kids, starts in self._path_passes:
-            cand = np.maximum.reduceat(np.where(passed[:, kids], value[:, kids], -1.0), starts, axis=1)
-            value[:, parents] *= np.where(cand >= 0.0, cand, 1.0)
-        emitted = np.zeros((n, self.labels.T), dtype=bool)
-        rows = np.arange(n)
-        for idx, parent, exclusive in self._steps:
-            cand = passed[:, idx]
-            if parent[0] != _ROOT:  # a child group: only children of emitted parents
-                cand &= emitted[:, parent]
-            if exclusive:
-                pick = np.argmax(np.where(cand, value[:, idx], -np.inf), axis=1)
-                hit = cand[rows, pick]
-                emitted[rows[hit], idx[pick[hit]]] = True
+        rows, cols = np.nonzero(scores >= self._thr[None, :])  # row-major: each row's labels in index order
+        values = scores[rows, cols].tolist()
+        ends = np.cumsum(np.bincount(rows, minlength=n)).tolist()
+        cols_list = cols.tolist()
+        out: list[list[Tag]] = []
+        start = 0
+        for end in ends:
+            out.append(self._decode_passing(cols_list[start:end], values[start:end]) if end > start else [])
+            start = end
+        return out
+
+    def _decode_passing(self, passing: list[int], scores: list[float]) -> list[Tag]:
+        """One row's tags from its passing labels (index order) and their scores (the module docstring's rules)."""
+        depth, parent_of, slot, factors = self._depth, self._parent_of, self._slot, self._factors
+        score = dict(zip(passing, scores, strict=True))
+        # path values, deepest labels first: a label's value is final before it goes into its parent's
+        value: dict[int, float] = {}
+        best: dict[tuple[int, str], float] = {}
+        by_depth = sorted(passing, key=depth.__getitem__, reverse=True)
+        for x in by_depth:
+            v = score[x]
+            for group in factors[x]:
+                b = best.get((x, group))
+                if b is not None and b >= 0.0:  # (scores below 0, which no model gives, count as none passing)
+                    v *= b
+            value[x] = v
+            key = slot[x]
+            if key is not None and v > best.get(key, -1.0):
+                best[key] = v
+        # emission, groups top-down (a label of a child group only under an emitted parent)
+        by_step: dict[int, list[int]] = {}
+        step_of = self._step_of
+        for x in passing:
+            by_step.setdefault(step_of[x], []).append(x)
+        emitted: set[int] = set()
+        for step in sorted(by_step):
+            cands = by_step[step]
+            if self._step_has_parent[step]:
+                cands = [x for x in cands if parent_of[x] in emitted]
+            if not cands:
+                continue
+            if self._step_exclusive[step]:
+                pick = cands[0]
+                for x in cands[1:]:
+                    if value[x] > value[pick]:  # ties: the lowest index
+                        pick = x
+                emitted.add(pick)
             else:
-                emitted[:, idx] = cand
-        score = np.where(emitted, scores.astype(np.float64), -np.inf)
-        for parents, kids, starts in self._score_passes:
-            score[:, parents] = np.maximum(score[:, parents], np.maximum.reduceat(score[:, kids], starts, axis=1))
-        out: list[list[Tag]] = [[] for _ in range(n)]
+                emitted.update(cands)
+        # an emitted parent's score is at least its emitted children's (deepest first)
+        final = {x: score[x] for x in emitted}
+        for x in sorted(emitted, key=depth.__getitem__, reverse=True):
+            parent = parent_of[x]
+            if parent != _ROOT and final[x] > final[parent]:
+                final[parent] = final[x]
         tags, groups = self._tags, self._groups
-        where = np.nonzero(emitted)  # row-major: each row's tags in label index order
-        values = np.clip(score[where], 0.0, 1.0).tolist()
-        for r, i, x in zip(where[0].tolist(), where[1].tolist(), values, strict=True):
-            out[r].append(Tag(tag=tags[i], group=groups[i], score=round(x, 6), origin="model"))
+        out = []
+        for x in sorted(emitted):
+            v = final[x]
+            out.append(Tag(tags[x], groups[x], round(0.0 if v < 0.0 else 1.0 if v > 1.0 else v, 6), "model"))
         return out
 
     def decode_row(self, row: np.ndarray) -> list[Tag]:
         """Model tags of one score row [T]."""
         return self.decode(np.asarray(row, dtype=np.float32)[None, :])[0]
-
-
-def _segment_passes(
-    families: list[tuple[int, list[int]]], depth: np.ndarray
-) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """(parents, their children concatenated, segment starts) per pass, deepest parents first; a pass never repeats
-    a parent (one per depth, more only for a parent listed twice)."""
-    passes: list[list[tuple[int, list[int]]]] = []
-    by_depth: dict[int, list[list[tuple[int, list[int]]]]] = {}
-    for parent, kids in families:
-        bucket = by_depth.setdefault(int(depth[parent]), [])
-        for one in bucket:
-            if all(p != parent for p, _ in one):
-                one.append((parent, kids))
-                break
-        else:
-            bucket.append([(parent, kids)])
-    for d in sorted(by_depth, reverse=True):
-        passes += by_depth[d]
-    out = []
-    for one in passes:
-        sizes = [len(kids) for _, kids in one]
-        out.append(
-            (
-                np.array([p for p, _ in one], dtype=np.int64),
-                np.array([k for _, kids in one for k in kids], dtype=np.int64),
-                np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64),
-            )
-        )
-    return out
 
 
 def attribute_tag(name: str, value: str) -> str:

@@ -204,6 +204,21 @@ def test_batch_decoding_follows_the_rules_label_by_label(seed: int) -> None:
     assert any(len(tags) >= 5 for tags in got)
 
 
+@pytest.mark.parametrize("seed", [3, 4])
+def test_tied_scores_and_rows_where_nothing_passes_follow_the_rules(seed: int) -> None:
+    """Scores of one decimal (ties between path values: the lowest index wins) and rows in which no label passes."""
+    labels = _wide_labels(seed)
+    rng = np.random.default_rng(seed)
+    thresholds = Thresholds(default=0.5, per_tag={x.tag: 0.2 for x in labels.labels[::4]})
+    scores = np.round(rng.random((300, labels.T)), 1).astype(np.float32)
+    scores[::7] = 0.0  # nothing passes
+    got = TagDecoder(labels, thresholds).decode(scores)
+    for r in range(scores.shape[0]):
+        assert got[r] == _reference_decode(labels, thresholds, scores[r]), f"row {r}"
+    assert got[0] == [] and got[7] == []
+    assert sum(len(tags) for tags in got) > scores.shape[0]
+
+
 def test_decoded_tags_fit_the_tag_update_schema() -> None:
     tags = TagDecoder(LABELS, Thresholds()).decode_row(row(phone=1.0, handset=0.9999999, black=0.7))
     update = TagUpdate(
