@@ -293,15 +293,16 @@ def markdown(result: dict[str, Any]) -> str:
             "## Scoring alone (same model and inputs; 1 intra-op thread each; ms per call, median of runs)",
             "",
             "| batch | ONNX ms | Keras model(x) ms | Keras predict ms | ONNX rows/s | × vs model(x) | × vs predict | "
-            "worker scoring step (featurize+ONNX+decode) rows/s |",
-            "|---|---|---|---|---|---|---|---|",
+            "worker scoring step (featurize+ONNX+decode) rows/s | its featurize / decode ms |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for bs, r in sc.items():
+            parts = " / ".join(_n(r[k]["ms_per_call"]["median"], 3) if k in r else "–" for k in ("featurize", "decode"))
             lines.append(
                 f"| {bs} | {_s(r['onnx']['ms_per_call'], 3)} | {_s(r['keras_call']['ms_per_call'], 2)} | "
                 f"{_s(r['keras_predict']['ms_per_call'], 1)} | {_n(r['onnx']['rows_per_s'])} | "
                 f"{_n(r['speedup_vs_keras_call'], 1)} | {_n(r['speedup_vs_keras_predict'], 1)} | "
-                f"{_n(r['pipeline_onnx']['rows_per_s'])} |"
+                f"{_n(r['pipeline_onnx']['rows_per_s'])} | {parts} |"
             )
         lines.append("")
         lines.append(f"max |ONNX − Keras| on these inputs: {result['scoring'].get('max_abs_diff_onnx_vs_keras'):.2e}")

@@ -53,11 +53,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         x = feats.take(slice(0, bs))
         inputs = x.as_inputs()
         items = products[:bs]
+        scores = scorer.predict(x)
         engines = {
             "onnx": lambda x=x: scorer.predict(x),
             "keras_call": lambda inputs=inputs: np.asarray(model(inputs, training=False)),
             "keras_predict": lambda inputs=inputs, bs=bs: model.predict(inputs, batch_size=bs, verbose=0),
             "pipeline_onnx": lambda items=items: pipeline.score(items),
+            # the worker's scoring step's other two parts, to say where its time goes beside ONNX Runtime's
+            "featurize": lambda items=items: bundle.featurizer.transform(items),
+            "decode": lambda scores=scores: pipeline.decoder.decode(scores),
         }
         for fn in engines.values():  # warm up (graph tracing of predict, ORT arena)
             fn()
